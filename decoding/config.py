@@ -1,0 +1,34 @@
+"""Engine configuration: one frozen dataclass, validated once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str | None = None              # local folder or hub id; None = the embedded default model
+    dtype: str = "float32"
+    device: str = "cpu"
+    block_size: int = 16                  # tokens per KV block
+    num_kv_blocks: int | None = None      # None: as many as kv_cache_memory_gb holds
+    kv_cache_memory_gb: float = 1.0
+    max_num_seqs: int = 64                # sequences advanced in one step
+    max_num_batched_tokens: int = 512     # token budget of one step (decodes + prefill chunks)
+    max_model_len: int | None = None      # None: the model's own context length
+    seed: int = 0                         # seeds the generators of requests that bring no seed
+    show_progress: bool = True
+
+    def __post_init__(self):
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
+            raise ValueError(f"num_kv_blocks must be >= 2, got {self.num_kv_blocks}")
+        if self.kv_cache_memory_gb <= 0:
+            raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError("max_num_batched_tokens must be >= max_num_seqs")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")

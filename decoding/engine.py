@@ -1,0 +1,287 @@
+"""The offline engine: add requests, step, collect outputs.
+
+One step is: schedule -> run the model -> sample -> update. Everything else hangs off it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import time
+from dataclasses import dataclass, replace
+
+import torch
+from tqdm.auto import tqdm
+
+from decoding.block_manager import BlockManager, CacheUsage
+from decoding.config import EngineConfig
+from decoding.detokenizer import IncrementalDetokenizer, find_stop_string
+from decoding.outputs import RequestOutput
+from decoding.params import SamplingParams
+from decoding.runner import ModelRunner, StepLogits
+from decoding.sampler import Sampler, SamplingBatch
+from decoding.scheduler import Scheduler, SchedulerOutput
+from decoding.sequence import FinishReason, Request, RequestStatus, Sequence, TokenLogprob
+from models import load_model
+from models.attention import PagedKVCache
+
+Prompt = str | list[int]
+
+
+@dataclass
+class EngineCounters:
+    """Monotonic counters, read by benchmarks, tests and the metrics endpoint."""
+
+    num_steps: int = 0
+    num_prompt_tokens_computed: int = 0    # prefill work actually done (shared prompts count once)
+    num_generated_tokens: int = 0
+    num_preemptions: int = 0
+
+
+class Engine:
+    """Continuous-batching decoding over a paged KV cache.
+
+    >>> engine = Engine(model="path/to/hf-model")
+    >>> [out] = engine.generate("def fibonacci(n):", SamplingParams(max_tokens=32, temperature=0))
+    >>> out.outputs[0].text
+    """
+
+    def __init__(self, model: str | None = None, config: EngineConfig | None = None, **overrides):
+        config = config or EngineConfig()
+        self.config = replace(config, model=model or config.model, **overrides)
+        self.loaded = load_model(self.config.model, self.config.dtype, self.config.device,
+                                 show_progress=self.config.show_progress)
+        self.tokenizer = self.loaded.tokenizer
+        self.eos_token_ids = self.loaded.eos_token_ids
+        self.max_model_len = min(self.config.max_model_len or self.loaded.max_model_len, self.loaded.max_model_len)
+        self._init_cache()
+        self.scheduler = Scheduler(self.blocks, self.config.max_num_seqs, self.config.max_num_batched_tokens)
+        self.runner = ModelRunner(self.loaded.model, self.cache, self.loaded.device)
+        self.sampler = Sampler()
+        self.counters = EngineCounters()
+        self._requests: dict[str, Request] = {}
+        self._request_counter = itertools.count()
+        self._seq_counter = itertools.count()
+        self._seed_rng = random.Random(self.config.seed)
+
+    def _init_cache(self) -> None:
+        model, cfg = self.loaded.model, self.config
+        num_blocks = cfg.num_kv_blocks
+        if num_blocks is None:
+            per_block = PagedKVCache.bytes_per_block(model.num_layers, cfg.block_size, model.num_kv_heads,
+                                                     model.head_dim, model.dtype)
+            num_blocks = max(2, int(cfg.kv_cache_memory_gb * 2**30) // per_block)
+        self.cache = PagedKVCache(model.num_layers, num_blocks, cfg.block_size, model.num_kv_heads,
+                                  model.head_dim, model.dtype, self.loaded.device)
+        self.blocks = BlockManager(num_blocks, cfg.block_size)
+
+    # ---- requests ----------------------------------------------------------------------------
+    def make_request(self, prompt: Prompt, params: SamplingParams | None = None,
+                     request_id: str | None = None) -> Request:
+        """Validate and tokenize; raises ValueError saying what to fix. Does not touch engine state."""
+        params = params or SamplingParams()
+        if request_id is not None and request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        prompt_text, prompt_ids = self._tokenize(prompt)
+        self._check_fits(prompt_ids, params)
+        request = Request(request_id or f"req-{next(self._request_counter)}", prompt_text, prompt_ids, params)
+        for index in range(params.n):
+            seed = self._seed_rng.getrandbits(63) if params.seed is None else (params.seed * 1_000_003 + index) % 2**63
+            generator = torch.Generator().manual_seed(seed)
+            detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens)
+            request.seqs.append(Sequence(next(self._seq_counter), index, request, generator, detokenizer))
+        return request
+
+    def add(self, request: Request) -> str:
+        if request.req_id in self._requests:
+            raise ValueError(f"request id {request.req_id!r} is already in use")
+        self._requests[request.req_id] = request
+        self.scheduler.add(request)
+        return request.req_id
+
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        return self.add(self.make_request(prompt, params, request_id))
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its cache blocks; unknown or finished ids are ignored."""
+        request = self._requests.pop(request_id, None)
+        if request is None:
+            return None
+        for seq in request.seqs:
+            if not seq.is_finished:
+                seq.finish_reason = FinishReason.ABORT
+        self.scheduler.remove(request)
+        request.status = RequestStatus.FINISHED
+        return RequestOutput.of(request)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def cache_usage(self) -> CacheUsage:
+        return self.blocks.usage()
+
+    def _tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty")
+            return prompt, self.tokenizer(prompt).input_ids
+        if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) for t in prompt):
+            raise ValueError("a prompt must be a string or a list of token ids")
+        if not prompt:
+            raise ValueError("prompt is empty")
+        vocab = self.loaded.model.vocab_size
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        return None, list(prompt)
+
+    def _check_fits(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        prompt_len = len(prompt_ids)
+        if prompt_len >= self.max_model_len:
+            raise ValueError(f"prompt has {prompt_len} tokens, but the model's context length is "
+                             f"{self.max_model_len}; shorten the prompt")
+        if prompt_len + params.max_tokens > self.max_model_len:
+            raise ValueError(f"prompt ({prompt_len} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                             f"context length {self.max_model_len}; lower max_tokens to at most "
+                             f"{self.max_model_len - prompt_len}")
+        if params.n > self.config.max_num_seqs:
+            raise ValueError(f"n={params.n} exceeds max_num_seqs={self.config.max_num_seqs}")
+        # A request must fit the cache alone, or preemption could not guarantee progress. Each sample
+        # may copy the shared last prompt block once (copy-on-write), hence the +1.
+        blocks = self.blocks.blocks_for
+        worst = blocks(prompt_len) + params.n * (blocks(params.max_tokens) + 1)
+        usable = self.blocks.usage().num_blocks
+        if worst > usable:
+            raise ValueError(f"the request may need {worst} KV blocks but the cache has {usable}; lower n or "
+                             "max_tokens, or start the engine with a larger KV cache")
+
+    # ---- the engine step ---------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        self.counters.num_preemptions += len(sched.preempted)
+        if sched.is_empty:
+            return []
+        want_chunk = {s.seq.seq_id for s in sched.scheduled
+                      if s.seq.request.params.prompt_logprobs is not None and s.start < s.seq.prompt_len - 1}
+        logits = self.runner.execute(sched, want_chunk)
+        self._record_prompt_logprobs(sched, logits)
+        sampling_seqs, rows = self._advance(sched, logits)
+        touched = {s.seq.request.req_id: s.seq.request for s in sched.scheduled}
+        if sampling_seqs:
+            batch = SamplingBatch.from_sequences(sampling_seqs, self.loaded.model.vocab_size,
+                                                 self.eos_token_ids, self.loaded.device)
+            sampled = self.sampler(logits.last[rows], batch)
+            for seq, token, logprob in zip(sampling_seqs, sampled.token_ids, sampled.logprobs):
+                self._append_token(seq, token, logprob)
+        self.counters.num_steps += 1
+        return [self._finish_if_done(request) for request in touched.values()]
+
+    def _advance(self, sched: SchedulerOutput, logits: StepLogits) -> tuple[list[Sequence], torch.Tensor]:
+        """Mark the scheduled tokens computed, fork groups at the end of their prompt, and list which
+        sequences sample from which logits row."""
+        row_of = {seq_id: row for row, seq_id in enumerate(logits.last_seq_ids)}
+        sampling_seqs, rows = [], []
+        for item in sched.scheduled:
+            seq, request = item.seq, item.seq.request
+            if seq.num_computed < seq.prompt_len:
+                self.counters.num_prompt_tokens_computed += min(item.num_new_tokens, seq.prompt_len - seq.num_computed)
+            seq.num_computed += item.num_new_tokens
+            if request.needs_fork and seq.num_computed == request.prompt_len:
+                self._fork(request)
+            if item.reaches_end:
+                # Right after a group's shared prefill, every sample draws its first token from this row.
+                for target in request.seqs if seq is request.leader else [seq]:
+                    if not target.is_finished and target.num_computed == len(target.token_ids):
+                        sampling_seqs.append(target)
+                        rows.append(row_of[seq.seq_id])
+        return sampling_seqs, torch.tensor(rows, dtype=torch.long, device=self.loaded.device)
+
+    def _fork(self, request: Request) -> None:
+        leader = request.leader
+        for seq in request.seqs[1:]:
+            if not seq.is_finished:
+                seq.block_table = self.blocks.fork(leader.block_table, request.prompt_len)
+                seq.num_computed = request.prompt_len
+        if leader.is_finished:   # recomputed only to rebuild the shared prompt
+            self.blocks.free(leader.block_table)
+        request.is_forked = True
+
+    def _append_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> None:
+        request, params = seq.request, seq.request.params
+        seq.token_ids.append(token)
+        if logprob is not None:
+            seq.logprobs.append(logprob)
+        if request.first_token_time is None:
+            request.first_token_time = time.monotonic()
+        self.counters.num_generated_tokens += 1
+        new_text = seq.detokenizer.append(token)
+        if not params.ignore_eos and token in self.eos_token_ids:
+            self._finish(seq, FinishReason.STOP)
+        elif token in params.stop_token_ids:
+            self._finish(seq, FinishReason.STOP, token)
+        elif params.stop and new_text and seq.num_output_tokens >= params.min_tokens and \
+                (found := find_stop_string(seq.detokenizer.text, len(new_text), params.stop)):
+            index, stop = found
+            seq.detokenizer.text = seq.detokenizer.text[: index + (len(stop) if params.include_stop_str_in_output else 0)]
+            self._finish(seq, FinishReason.STOP, stop)
+        elif seq.num_output_tokens >= params.max_tokens or len(seq.token_ids) >= self.max_model_len:
+            self._finish(seq, FinishReason.LENGTH)
+
+    def _finish(self, seq: Sequence, reason: FinishReason, stop_reason: str | int | None = None) -> None:
+        seq.finish_reason = reason
+        seq.stop_reason = stop_reason
+        self.blocks.free(seq.block_table)
+
+    def _finish_if_done(self, request: Request) -> RequestOutput:
+        if request.is_finished and request.status is not RequestStatus.FINISHED:
+            self.scheduler.remove(request)
+            request.status = RequestStatus.FINISHED
+            self._requests.pop(request.req_id, None)
+        return RequestOutput.of(request)
+
+    def _record_prompt_logprobs(self, sched: SchedulerOutput, logits: StepLogits) -> None:
+        for item in sched.scheduled:
+            chunk = logits.chunk.get(item.seq.seq_id)
+            request = item.seq.request
+            if chunk is None or len(request.prompt_logprobs) > item.start:
+                continue   # recomputation after preemption: already recorded
+            if not request.prompt_logprobs:
+                request.prompt_logprobs.append(None)   # the first prompt token has no context
+            params = request.params
+            if params.logprobs_mode == "processed" and params.temperature > 0:
+                chunk = chunk / params.temperature
+            logprobs = torch.log_softmax(chunk, dim=-1)
+            end = min(item.start + item.num_new_tokens, request.prompt_len - 1)
+            targets = torch.tensor(request.prompt_token_ids[item.start + 1 : end + 1])
+            chosen = logprobs[: len(targets)].gather(1, targets.unsqueeze(1)).squeeze(1).tolist()
+            top = logprobs[: len(targets)].topk(params.prompt_logprobs, dim=-1) if params.prompt_logprobs else None
+            for i, value in enumerate(chosen):
+                alternatives = dict(zip(top.indices[i].tolist(), top.values[i].tolist())) if top is not None else None
+                request.prompt_logprobs.append(TokenLogprob(value, alternatives))
+
+    # ---- batch convenience -------------------------------------------------------------------
+    def generate(self, prompts: Prompt | list[Prompt], params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """Run prompts to completion; one RequestOutput per prompt, in order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(params_list)} SamplingParams")
+        requests = [self.make_request(p, sp) for p, sp in zip(prompts, params_list)]
+        ids = [self.add(r) for r in requests]
+        finished: dict[str, RequestOutput] = {}
+        progress = tqdm(total=len(ids), disable=not use_tqdm, desc="generating")
+        try:
+            while len(finished) < len(ids):
+                for out in self.step():
+                    if out.finished and out.request_id not in finished:
+                        finished[out.request_id] = out
+                        progress.update()
+        finally:
+            progress.close()
+            for request_id in ids:
+                if request_id not in finished:
+                    self.abort(request_id)
+        return [finished[i] for i in ids]

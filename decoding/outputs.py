@@ -1,0 +1,51 @@
+"""What the engine hands back: a snapshot of a request after a step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from decoding.sequence import Request, Sequence, TokenLogprob
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None      # one per generated token, when asked for
+    finish_reason: str | None                # "stop", "length", "abort", or None while running
+    stop_reason: str | int | None = None     # the stop string or stop token id that ended it
+
+    @classmethod
+    def of(cls, seq: Sequence) -> CompletionOutput:
+        wants_logprobs = seq.request.params.logprobs is not None
+        return cls(
+            index=seq.index,
+            text=seq.text,
+            token_ids=seq.output_token_ids,
+            logprobs=list(seq.logprobs) if wants_logprobs else None,
+            finish_reason=seq.finish_reason.value if seq.finish_reason else None,
+            stop_reason=seq.stop_reason,
+        )
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    prompt_logprobs: list[TokenLogprob | None] | None
+    outputs: list[CompletionOutput]
+    finished: bool
+
+    @classmethod
+    def of(cls, request: Request) -> RequestOutput:
+        wants_prompt_logprobs = request.params.prompt_logprobs is not None
+        return cls(
+            request_id=request.req_id,
+            prompt=request.prompt,
+            prompt_token_ids=request.prompt_token_ids,
+            prompt_logprobs=list(request.prompt_logprobs) if wants_prompt_logprobs else None,
+            outputs=[CompletionOutput.of(seq) for seq in request.seqs],
+            finished=request.is_finished,
+        )

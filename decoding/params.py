@@ -1,0 +1,91 @@
+"""Per-request sampling parameters, validated once when they are made."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+LogprobsMode = Literal["raw", "processed"]
+MAX_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What to generate for one prompt. Field names and defaults follow vLLM's `SamplingParams`.
+
+    `logprobs_mode`: `raw` reports log_softmax of the model's logits; `processed` reports the
+    distribution actually sampled from, after penalties, temperature and top-k/top-p/min-p truncation
+    (renormalised over the kept tokens). With temperature 0 the processed distribution uses T = 1.
+    """
+
+    n: int = 1
+    max_tokens: int = 16
+    min_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0                      # 0 or -1: no top-k truncation
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0     # HF semantics, over prompt and output tokens
+    presence_penalty: float = 0.0       # OpenAI semantics, over output tokens
+    frequency_penalty: float = 0.0
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    seed: int | None = None
+    logprobs: int | None = None         # top-N alternatives per generated token (0: the sampled one only)
+    prompt_logprobs: int | None = None
+    logprobs_mode: LogprobsMode = "processed"
+    skip_special_tokens: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        if self.top_k == -1:
+            object.__setattr__(self, "top_k", 0)
+        self._validate()
+
+    def _validate(self) -> None:
+        _require(isinstance(self.n, int) and self.n >= 1, f"n must be an integer >= 1, got {self.n!r}")
+        _require(isinstance(self.max_tokens, int) and self.max_tokens >= 1,
+                 f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        _require(isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens,
+                 f"min_tokens must be between 0 and max_tokens ({self.max_tokens}), got {self.min_tokens!r}")
+        _require(self.temperature >= 0, f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
+        _require(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
+        _require(isinstance(self.top_k, int) and self.top_k >= 0,
+                 f"top_k must be a positive integer, or 0 / -1 to disable it, got {self.top_k!r}")
+        _require(0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}")
+        _require(self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        _require(-2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
+        _require(-2 <= self.frequency_penalty <= 2,
+                 f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
+        _require(all(isinstance(s, str) and s for s in self.stop), "stop must be a list of non-empty strings")
+        _require(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+                 "stop_token_ids must be a list of non-negative token ids")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            _require(value is None or (isinstance(value, int) and 0 <= value <= MAX_LOGPROBS),
+                     f"{name} must be an integer between 0 and {MAX_LOGPROBS}, got {value!r}")
+        _require(self.logprobs_mode in ("raw", "processed"),
+                 f"logprobs_mode must be 'raw' or 'processed', got {self.logprobs_mode!r}")
+        _require(self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+
+    @property
+    def has_truncation(self) -> bool:
+        return self.top_k > 0 or self.top_p < 1 or self.min_p > 0
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)

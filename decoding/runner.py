@@ -1,0 +1,116 @@
+"""The model runner owns every tensor of a step: it packs the scheduled tokens, builds the attention
+metadata once, runs the native model over the paged cache and returns the logits the engine asked for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from decoding.scheduler import ScheduledSeq, SchedulerOutput
+from models.attention import NULL_BLOCK, AttentionMetadata, DecodeGroup, PagedKVCache, Segment, decode_mask, segment_mask
+from models.base import NativeCausalLM
+
+
+@dataclass
+class StepLogits:
+    """Logits of one step, float32.
+
+    `last` [num_reaching_end, vocab]: one row per scheduled sequence whose chunk reaches its last token,
+    in scheduling order. `chunk` maps a seq_id to [num_new_tokens, vocab] for sequences that asked
+    for prompt logprobs.
+    """
+
+    last: torch.Tensor
+    last_seq_ids: list[int]
+    chunk: dict[int, torch.Tensor]
+
+
+@dataclass
+class PackedBatch:
+    input_ids: torch.Tensor          # [T]
+    positions: torch.Tensor          # [T]
+    meta: AttentionMetadata
+    last_rows: torch.Tensor          # [N] rows whose logits pick the next token
+    first_row: dict[int, int]        # seq_id -> its first row in the packed batch
+
+
+class ModelRunner:
+    def __init__(self, model: NativeCausalLM, cache: PagedKVCache, device: torch.device):
+        self.model = model
+        self.cache = cache
+        self.device = device
+        self.block_size = cache.block_size
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput, want_chunk_logits: set[int]) -> StepLogits:
+        if sched.block_copies:
+            src, dst = zip(*sched.block_copies)
+            self.cache.copy_blocks(self._long(src), self._long(dst))
+        batch = self._prepare(sched.scheduled)
+        hidden = self.model.forward(batch.input_ids, batch.positions, self.cache, batch.meta)  # [T, hidden]
+        last = self.model.compute_logits(hidden[batch.last_rows]).float()                   # [N, vocab]
+        chunk = {}
+        for item in sched.scheduled:
+            if item.seq.seq_id in want_chunk_logits:
+                start = batch.first_row[item.seq.seq_id]
+                rows = hidden[start : start + item.num_new_tokens]
+                chunk[item.seq.seq_id] = self.model.compute_logits(rows).float()
+        last_ids = [s.seq.seq_id for s in sched.scheduled if s.reaches_end]
+        return StepLogits(last, last_ids, chunk)
+
+    # ---- input preparation -------------------------------------------------------------------
+    def _prepare(self, scheduled: list[ScheduledSeq]) -> PackedBatch:
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        last_rows: list[int] = []
+        first_row: dict[int, int] = {}
+        for item in scheduled:
+            seq, start, count = item.seq, item.start, item.num_new_tokens
+            first_row[seq.seq_id] = len(input_ids)
+            input_ids += seq.token_ids[start : start + count]
+            positions += range(start, start + count)
+            table = seq.block_table
+            slots += [table[p // self.block_size] * self.block_size + p % self.block_size
+                      for p in range(start, start + count)]
+            if item.reaches_end:
+                last_rows.append(len(input_ids) - 1)
+        decodes = [s for s in scheduled if s.num_new_tokens == 1]
+        chunks = scheduled[len(decodes):]
+        position_tensor = self._long(positions)
+        meta = AttentionMetadata(
+            slot_mapping=self._long(slots),
+            num_decode_tokens=len(decodes),
+            decode=self._decode_group(decodes) if decodes else None,
+            segments=[self._segment(item, first_row[item.seq.seq_id], position_tensor) for item in chunks],
+        )
+        return PackedBatch(self._long(input_ids), position_tensor, meta, self._long(last_rows), first_row)
+
+    def _decode_group(self, decodes: list[ScheduledSeq]) -> DecodeGroup:
+        tables = [s.seq.block_table for s in decodes]
+        width = max(len(t) for t in tables)
+        padded = [t + [NULL_BLOCK] * (width - len(t)) for t in tables]
+        context_lens = self._long([s.start + 1 for s in decodes])
+        group = DecodeGroup(self._long(padded), context_lens)
+        for window in self.model.attention_windows:
+            group.masks[window] = decode_mask(context_lens, width * self.block_size, window)
+        return group
+
+    def _segment(self, item: ScheduledSeq, row: int, positions: torch.Tensor) -> Segment:
+        start, count = item.start, item.num_new_tokens
+        seg = Segment(q_start=row, q_end=row + count, block_table=self._long(item.seq.block_table),
+                      context_len=start + count, fresh_causal=start == 0)
+        causal = None
+        for window in self.model.attention_windows:
+            if seg.fresh_causal and window is None:
+                seg.masks[window] = None
+                continue
+            if causal is None:
+                causal = torch.ones(count, count, dtype=torch.bool, device=self.device).tril_()
+            seg.masks[window] = segment_mask(start, positions[row : row + count], causal, window)
+        return seg
+
+    def _long(self, values) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)

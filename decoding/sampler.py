@@ -1,0 +1,168 @@
+"""Turn logits into tokens and logprobs, one row per sequence, each with its own parameters.
+
+Order of processing, as in HF's `generate`: penalties -> (min_tokens ban) -> temperature -> top-k ->
+top-p -> min-p. Temperature 0 rows take the argmax of the penalised logits. Every row draws its
+randomness from its own seeded generator, so a seeded request reproduces regardless of its neighbours.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from decoding.sequence import Sequence, TokenLogprob
+
+NEG_INF = float("-inf")
+
+
+@dataclass
+class SamplingBatch:
+    """Per-row sampling inputs, built from the sequences that sample this step."""
+
+    seqs: list[Sequence]
+    temperature: torch.Tensor            # [N]
+    top_k: torch.Tensor                  # [N], vocab size where disabled
+    top_p: torch.Tensor                  # [N]
+    min_p: torch.Tensor                  # [N]
+    greedy: torch.Tensor                 # [N] bool
+    banned: list[tuple[int, list[int]]]  # (row, token ids) banned before min_tokens is reached
+    any_penalty: bool
+    any_truncation: bool
+    all_greedy: bool
+    num_top_logprobs: int                # max top-N over rows; -1 when no row wants logprobs
+
+    @classmethod
+    def from_sequences(cls, seqs: list[Sequence], vocab_size: int, eos_token_ids: frozenset[int],
+                       device: torch.device) -> SamplingBatch:
+        params = [seq.request.params for seq in seqs]
+        banned = []
+        for row, (seq, p) in enumerate(zip(seqs, params)):
+            if seq.num_output_tokens < p.min_tokens:
+                ids = list(p.stop_token_ids) + ([] if p.ignore_eos else sorted(eos_token_ids))
+                banned.append((row, [i for i in ids if i < vocab_size]))
+        wants = [p.logprobs for p in params if p.logprobs is not None]
+        return cls(
+            seqs=seqs,
+            temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device),
+            top_k=torch.tensor([p.top_k if p.top_k > 0 else vocab_size for p in params], device=device),
+            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
+            min_p=torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device),
+            greedy=torch.tensor([p.is_greedy for p in params], device=device),
+            banned=banned,
+            any_penalty=any(p.has_penalties for p in params),
+            any_truncation=any(p.has_truncation for p in params),
+            all_greedy=all(p.is_greedy for p in params),
+            num_top_logprobs=max(wants) if wants else -1,
+        )
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[TokenLogprob | None]   # None for rows that did not ask for logprobs
+
+
+class Sampler:
+    def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+        """logits [N, vocab] float32 -> one token per row."""
+        raw_logits = logits
+        logits = self._penalise(logits, batch) if batch.any_penalty else logits
+        if batch.banned:
+            logits = logits.clone() if logits is raw_logits else logits
+            for row, ids in batch.banned:
+                logits[row, ids] = NEG_INF
+        needs_processed = batch.num_top_logprobs >= 0 or not batch.all_greedy
+        if not needs_processed:
+            tokens = logits.argmax(dim=-1)
+            return SamplerOutput(tokens.tolist(), [None] * len(batch.seqs))
+        scaled = logits / torch.where(batch.greedy, 1.0, batch.temperature).unsqueeze(1)
+        if batch.any_truncation:
+            scaled = self._truncate(scaled, batch)
+        processed_logprobs = torch.log_softmax(scaled, dim=-1)          # [N, vocab]
+        greedy_tokens = logits.argmax(dim=-1)
+        if batch.all_greedy:
+            tokens = greedy_tokens
+        else:
+            sampled = self._sample(processed_logprobs.exp(), batch)
+            tokens = torch.where(batch.greedy, greedy_tokens, sampled)
+        logprobs = self._logprobs(raw_logits, processed_logprobs, tokens, batch)
+        return SamplerOutput(tokens.tolist(), logprobs)
+
+    # ---- processing --------------------------------------------------------------------------
+    @staticmethod
+    def _penalise(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        logits = logits.clone()
+        num_rows, vocab = logits.shape
+        for row, seq in enumerate(batch.seqs):
+            p = seq.request.params
+            if not p.has_penalties:
+                continue
+            if p.repetition_penalty != 1:
+                seen = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.long, device=logits.device)
+                seen = seen[seen < vocab]
+                scores = logits[row, seen]
+                logits[row, seen] = torch.where(scores < 0, scores * p.repetition_penalty,
+                                                scores / p.repetition_penalty)
+            if (p.presence_penalty or p.frequency_penalty) and seq.num_output_tokens:
+                out = torch.tensor(seq.output_token_ids, dtype=torch.long, device=logits.device)
+                counts = torch.zeros(vocab, device=logits.device).scatter_add_(
+                    0, out.clamp(max=vocab - 1), torch.ones_like(out, dtype=torch.float32))
+                logits[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+        return logits
+
+    @staticmethod
+    def _truncate(scaled: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """Top-k, then top-p over the renormalised survivors, then min-p: masked tokens get -inf."""
+        sorted_logits, order = scaled.sort(dim=-1, descending=True)
+        rank = torch.arange(scaled.shape[-1], device=scaled.device).unsqueeze(0)
+        remove = rank >= batch.top_k.unsqueeze(1)
+        sorted_logits = sorted_logits.masked_fill(remove, NEG_INF)
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token once the mass strictly before it already reaches top_p (the first always stays).
+        mass_before = probs.cumsum(dim=-1) - probs
+        top_p = torch.where(batch.top_p >= 1, float("inf"), batch.top_p)  # top_p = 1 keeps even rounding dust
+        remove |= mass_before >= top_p.unsqueeze(1)
+        sorted_logits = sorted_logits.masked_fill(remove, NEG_INF)
+        probs = sorted_logits.softmax(dim=-1)
+        remove |= probs < (batch.min_p.unsqueeze(1) * probs[:, :1])
+        sorted_logits = sorted_logits.masked_fill(remove, NEG_INF)
+        return torch.empty_like(scaled).scatter_(1, order, sorted_logits)
+
+    @staticmethod
+    def _sample(probs: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """Inverse-CDF sampling with one uniform draw per row from that row's own generator."""
+        uniforms = torch.cat([torch.rand(1, generator=seq.generator) for seq in batch.seqs]).to(probs.device)
+        cdf = probs.cumsum(dim=-1)                                           # [N, vocab]
+        targets = (uniforms * cdf[:, -1]).unsqueeze(1)
+        # right=True never lands on a zero-probability token: its cdf equals its predecessor's.
+        tokens = torch.searchsorted(cdf, targets, right=True).squeeze(1)
+        return tokens.clamp_(max=probs.shape[-1] - 1)
+
+    @staticmethod
+    def _logprobs(raw_logits, processed_logprobs, tokens, batch: SamplingBatch) -> list[TokenLogprob | None]:
+        if batch.num_top_logprobs < 0:
+            return [None] * len(batch.seqs)
+        raw_rows = [i for i, s in enumerate(batch.seqs) if s.request.params.logprobs_mode == "raw"]
+        chosen = processed_logprobs
+        if raw_rows:
+            raw = torch.log_softmax(raw_logits, dim=-1)
+            use_raw = torch.zeros(len(batch.seqs), 1, dtype=torch.bool, device=raw.device)
+            use_raw[raw_rows] = True
+            chosen = torch.where(use_raw, raw, processed_logprobs)
+        token_logprobs = chosen.gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()
+        top_values, top_ids = (None, None)
+        if batch.num_top_logprobs > 0:
+            top = chosen.topk(batch.num_top_logprobs, dim=-1)
+            top_values, top_ids = top.values.tolist(), top.indices.tolist()
+        results: list[TokenLogprob | None] = []
+        for row, seq in enumerate(batch.seqs):
+            wanted = seq.request.params.logprobs
+            if wanted is None:
+                results.append(None)
+                continue
+            alternatives = None
+            if wanted > 0:
+                alternatives = dict(zip(top_ids[row][:wanted], top_values[row][:wanted]))
+            results.append(TokenLogprob(token_logprobs[row], alternatives))
+        return results

@@ -1,0 +1,182 @@
+"""Continuous batching: which sequences advance this step, by how many tokens.
+
+Every step runs under a token budget. Decodes go first so a long prompt never starves running
+requests; prefill chunks (and the re-prefill of preempted requests) take what is left; waiting requests
+are admitted last, first come first served. When blocks run out, the most recently admitted request is
+preempted: its blocks are freed and it is recomputed later, so the scheduler can never deadlock as long
+as one request alone fits the cache (the engine checks that on arrival).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from decoding.block_manager import BlockManager
+from decoding.sequence import Request, RequestStatus, Sequence
+
+
+@dataclass(frozen=True)
+class ScheduledSeq:
+    """Tokens [start, start + num_new_tokens) of `seq` are computed this step."""
+
+    seq: Sequence
+    start: int
+    num_new_tokens: int
+    # The chunk ends at the sequence's last known token, so its logits choose the next token.
+    reaches_end: bool
+
+    @classmethod
+    def of(cls, seq: Sequence, num_new_tokens: int) -> ScheduledSeq:
+        end = seq.num_computed + num_new_tokens
+        return cls(seq, seq.num_computed, num_new_tokens, end == len(seq.token_ids))
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq] = field(default_factory=list)   # single-token entries first
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        if max_num_batched_tokens < max_num_seqs:
+            raise ValueError("max_num_batched_tokens must be >= max_num_seqs so every running sequence can decode")
+        self.blocks = blocks
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+
+    # ---- queue management --------------------------------------------------------------------
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def remove(self, request: Request) -> None:
+        """Take a finished or aborted request out of the queues and free its blocks."""
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        for seq in request.seqs:
+            self.blocks.free(seq.block_table)
+
+    @property
+    def num_running_seqs(self) -> int:
+        return sum(len(r.active_seqs()) for r in self.running)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- one step ----------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        budget = self._schedule_decodes(out, budget)
+        budget = self._schedule_chunks(out, budget)
+        if not out.preempted:
+            self._admit_waiting(out, budget)
+        # Single-token entries first: the runner attends to them as one batched group.
+        out.scheduled.sort(key=lambda s: s.num_new_tokens != 1)
+        return out
+
+    def _schedule_decodes(self, out: SchedulerOutput, budget: int) -> int:
+        index = 0
+        while index < len(self.running):
+            request = self.running[index]
+            decodes = [seq for seq in request.active_seqs() if seq.num_uncomputed == 1]
+            if not decodes:
+                index += 1
+                continue
+            needed = sum(self._blocks_needed(seq, 1) for seq in decodes)
+            while needed > self.blocks.num_free_blocks and self.running[-1] is not request:
+                self._preempt(self.running[-1], out)
+            if needed > self.blocks.num_free_blocks:
+                self._preempt(request, out)
+                break
+            for seq in decodes:
+                self._append(out, seq, 1)
+            budget -= len(decodes)
+            index += 1
+        return budget
+
+    def _schedule_chunks(self, out: SchedulerOutput, budget: int) -> int:
+        scheduled_requests = {s.seq.request.req_id for s in out.scheduled}
+        for request in list(self.running):
+            for seq in request.active_seqs():
+                if budget <= 0 or request.status is not RequestStatus.RUNNING:
+                    return budget
+                wanted = min(self._chunk_limit(request, seq), budget)
+                if seq.num_uncomputed <= 1 or wanted <= 0:
+                    continue
+                # Make room by preempting later requests that have nothing scheduled this step.
+                while (self._blocks_needed(seq, wanted) > self.blocks.num_free_blocks
+                       and self.running[-1] is not request
+                       and self.running[-1].req_id not in scheduled_requests):
+                    self._preempt(self.running[-1], out)
+                fitting = self._fitting_tokens(seq, wanted)
+                if fitting > 0:
+                    self._append(out, seq, fitting)
+                    scheduled_requests.add(request.req_id)
+                    budget -= fitting
+        return budget
+
+    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        while self.waiting and budget > 0:
+            request = self.waiting[0]
+            if self.num_running_seqs + len(request.seqs) > self.max_num_seqs:
+                return
+            leader = request.leader
+            wanted = min(self._chunk_limit(request, leader), budget)
+            if self._blocks_needed(leader, wanted) > self.blocks.num_free_blocks:
+                return
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            self._append(out, leader, wanted)
+            budget -= wanted
+
+    # ---- helpers -----------------------------------------------------------------------------
+    def _chunk_limit(self, request: Request, seq: Sequence) -> int:
+        if request.needs_fork:
+            # The leader stops at the end of the prompt so the group can fork the shared blocks.
+            return request.prompt_len - seq.num_computed
+        return seq.num_uncomputed
+
+    def _blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
+        return self.blocks.num_blocks_to_append(seq.block_table, seq.num_computed, num_new_tokens)
+
+    def _fitting_tokens(self, seq: Sequence, wanted: int) -> int:
+        """The longest prefix of a chunk that fits in the free blocks."""
+        low, high = 0, wanted
+        while low < high:
+            mid = (low + high + 1) // 2
+            if self._blocks_needed(seq, mid) <= self.blocks.num_free_blocks:
+                low = mid
+            else:
+                high = mid - 1
+        return low
+
+    def _append(self, out: SchedulerOutput, seq: Sequence, num_new_tokens: int) -> None:
+        out.block_copies += self.blocks.append_slots(seq.block_table, seq.num_computed, num_new_tokens)
+        out.scheduled.append(ScheduledSeq.of(seq, num_new_tokens))
+
+    def _preempt(self, request: Request, out: SchedulerOutput) -> None:
+        """Free the request's cache and queue it for recomputation ahead of new arrivals."""
+        self.running.remove(request)
+        for seq in request.seqs:
+            self.blocks.free(seq.block_table)
+            seq.reset_cache_state()
+        request.is_forked = False
+        request.status = RequestStatus.WAITING
+        self.waiting.appendleft(request)
+        out.preempted.append(request)

@@ -1,0 +1,116 @@
+"""Requests and their sequences: plain Python state that the scheduler and engine drive."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from decoding.detokenizer import IncrementalDetokenizer
+from decoding.params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"        # not admitted yet, or preempted and waiting to be recomputed
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"
+    LENGTH = "length"
+    ABORT = "abort"
+
+
+@dataclass
+class TokenLogprob:
+    """The logprob of one chosen token and the top-N alternatives (token id -> logprob)."""
+
+    logprob: float
+    top: dict[int, float] | None = None
+
+
+class Sequence:
+    """One completion: the prompt plus its generated tokens, and where their KV lives."""
+
+    def __init__(self, seq_id: int, index: int, request: Request, generator: torch.Generator,
+                 detokenizer: IncrementalDetokenizer):
+        self.seq_id = seq_id
+        self.index = index                       # position within the request's n samples
+        self.request = request
+        self.token_ids: list[int] = list(request.prompt_token_ids)
+        self.num_computed = 0                    # leading tokens whose KV is in the cache
+        self.block_table: list[int] = []
+        self.finish_reason: FinishReason | None = None
+        self.stop_reason: str | int | None = None
+        self.logprobs: list[TokenLogprob] = []
+        self.generator = generator
+        self.detokenizer = detokenizer
+
+    @property
+    def prompt_len(self) -> int:
+        return self.request.prompt_len
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_len :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.prompt_len
+
+    @property
+    def num_uncomputed(self) -> int:
+        return len(self.token_ids) - self.num_computed
+
+    @property
+    def is_finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def text(self) -> str:
+        return self.detokenizer.text
+
+    def reset_cache_state(self) -> None:
+        """Forget the cache (after preemption): every token will be recomputed."""
+        self.num_computed = 0
+        self.block_table = []
+
+
+@dataclass
+class Request:
+    req_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float = field(default_factory=time.monotonic)
+    status: RequestStatus = RequestStatus.WAITING
+    seqs: list[Sequence] = field(default_factory=list)
+    # n > 1: the leader (seqs[0]) prefills the prompt alone, then the others fork its blocks.
+    is_forked: bool = False
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
+    first_token_time: float | None = None
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def needs_fork(self) -> bool:
+        return len(self.seqs) > 1 and not self.is_forked
+
+    @property
+    def leader(self) -> Sequence:
+        return self.seqs[0]
+
+    def active_seqs(self) -> list[Sequence]:
+        """The sequences the scheduler should advance this step."""
+        if self.needs_fork:
+            return [self.leader]
+        return [seq for seq in self.seqs if not seq.is_finished]
+
+    @property
+    def is_finished(self) -> bool:
+        return all(seq.is_finished for seq in self.seqs)

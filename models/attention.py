@@ -1,0 +1,158 @@
+"""Attention over the paged KV cache.
+
+The engine packs the new tokens of every scheduled sequence into one flat batch of T tokens. Single-token
+sequences (decodes) come first and attend together in one batched SDPA call over their gathered blocks;
+every other sequence (a prefill chunk, a run of draft tokens to verify, a Medusa tree) is a `Segment`
+with its own mask. The metadata is built once per step by the runner and shared by all layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+# Block 0 is never handed to a sequence: padded block-table entries point at it, and it stays zero so
+# padding can never inject NaN/inf into a masked-out attention product.
+NULL_BLOCK = 0
+
+
+class PagedKVCache:
+    """Pre-allocated keys and values: per layer [num_blocks, block_size, num_kv_heads, head_dim]."""
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
+                 head_dim: int, dtype: torch.dtype, device: torch.device | str):
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+
+    @staticmethod
+    def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
+                        dtype: torch.dtype) -> int:
+        return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
+
+    def write(self, layer: int, slots: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+        """slots [T] flat slot ids (block * block_size + offset); key/value [T, kv_heads, head_dim]."""
+        self.keys[layer].view(-1, *key.shape[1:]).index_copy_(0, slots, key)
+        self.values[layer].view(-1, *value.shape[1:]).index_copy_(0, slots, value)
+
+    def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy-on-write: duplicate whole blocks src[i] -> dst[i] in every layer."""
+        for cache in (*self.keys, *self.values):
+            cache.index_copy_(0, dst, cache.index_select(0, src))
+
+    def move_slots(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Move single token slots (the accepted path of a verified tree) in every layer."""
+        for cache in (*self.keys, *self.values):
+            flat = cache.view(-1, *cache.shape[2:])
+            flat.index_copy_(0, dst, flat.index_select(0, src))
+
+
+@dataclass
+class DecodeGroup:
+    """The single-token sequences of a step, attended in one batched call."""
+
+    block_tables: torch.Tensor                 # [B, max_blocks], padded with NULL_BLOCK
+    context_lens: torch.Tensor                 # [B] tokens visible to each query (including itself)
+    masks: dict[int | None, torch.Tensor | None] = field(default_factory=dict)  # window -> [B, 1, 1, C]
+
+
+@dataclass
+class Segment:
+    """A multi-token query of one sequence: rows [q_start, q_end) of the packed batch."""
+
+    q_start: int
+    q_end: int
+    block_table: torch.Tensor                  # [num_blocks] of this sequence
+    context_len: int                           # cached tokens + new tokens
+    # True when nothing is cached before the new tokens and they are plainly causal: attend to the
+    # fresh keys directly with is_causal, no gather and no explicit mask.
+    fresh_causal: bool
+    masks: dict[int | None, torch.Tensor | None] = field(default_factory=dict)  # window -> [n, C]
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor                 # [T] where each new token's key/value is written
+    num_decode_tokens: int
+    decode: DecodeGroup | None
+    segments: list[Segment]
+
+
+def decode_mask(context_lens: torch.Tensor, width: int, window: int | None) -> torch.Tensor | None:
+    """[B, 1, 1, width] bool: key index j is visible to the query at position context_len - 1."""
+    if window is None and bool((context_lens == width).all()):
+        return None
+    key_index = torch.arange(width, device=context_lens.device)[None, :]
+    visible = key_index < context_lens[:, None]
+    if window is not None:
+        visible &= key_index > (context_lens[:, None] - 1 - window)
+    return visible[:, None, None, :]
+
+
+def segment_mask(num_cached: int, query_positions: torch.Tensor, new_visibility: torch.Tensor,
+                 window: int | None) -> torch.Tensor:
+    """[n, num_cached + n] bool.
+
+    Every cached key is visible (subject to the window); among the new tokens, `new_visibility` [n, n]
+    says who sees whom (lower-triangular for a chunk, ancestors-only for a tree).
+    """
+    n = query_positions.shape[0]
+    device = query_positions.device
+    cached = torch.ones(n, num_cached, dtype=torch.bool, device=device)
+    mask = torch.cat((cached, new_visibility), dim=1)
+    if window is not None:
+        key_positions = torch.cat((torch.arange(num_cached, device=device), query_positions))
+        mask &= (query_positions[:, None] - key_positions[None, :]) < window
+    return mask
+
+
+def paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int,
+                    cache: PagedKVCache, meta: AttentionMetadata, scale: float,
+                    window: int | None = None) -> torch.Tensor:
+    """query [T, heads, d]; key/value [T, kv_heads, d] of the new tokens -> [T, heads * d]."""
+    cache.write(layer, meta.slot_mapping, key, value)
+    num_tokens, num_heads, head_dim = query.shape
+    if meta.decode is not None and not meta.segments:
+        return _decode_attention(query, layer, cache, meta.decode, scale, window).reshape(num_tokens, -1)
+    out = torch.empty_like(query)
+    if meta.decode is not None:
+        out[: meta.num_decode_tokens] = _decode_attention(
+            query[: meta.num_decode_tokens], layer, cache, meta.decode, scale, window)
+    for seg in meta.segments:
+        out[seg.q_start : seg.q_end] = _segment_attention(query, key, value, layer, cache, seg, scale, window)
+    return out.view(num_tokens, num_heads * head_dim)
+
+
+def _decode_attention(query, layer, cache, group: DecodeGroup, scale, window):
+    batch, num_blocks = group.block_tables.shape
+    width = num_blocks * cache.block_size
+    keys = cache.keys[layer][group.block_tables].view(batch, width, *cache.keys[layer].shape[2:])
+    values = cache.values[layer][group.block_tables].view(batch, width, *cache.values[layer].shape[2:])
+    out = F.scaled_dot_product_attention(
+        query.unsqueeze(2),                                       # [B, heads, 1, d]
+        keys.transpose(1, 2), values.transpose(1, 2),             # [B, kv_heads, C, d]
+        attn_mask=group.masks[window], scale=scale, enable_gqa=True,
+    )
+    return out.squeeze(2)                                         # [B, heads, d]
+
+
+def _segment_attention(query, key, value, layer, cache, seg: Segment, scale, window):
+    q = query[seg.q_start : seg.q_end].transpose(0, 1).unsqueeze(0)  # [1, heads, n, d]
+    mask = seg.masks[window]
+    if seg.fresh_causal and mask is None:
+        k = key[seg.q_start : seg.q_end].transpose(0, 1).unsqueeze(0)
+        v = value[seg.q_start : seg.q_end].transpose(0, 1).unsqueeze(0)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    else:
+        kv_shape = cache.keys[layer].shape[2:]
+        k = cache.keys[layer][seg.block_table].view(-1, *kv_shape)[: seg.context_len]
+        v = cache.values[layer][seg.block_table].view(-1, *kv_shape)[: seg.context_len]
+        out = F.scaled_dot_product_attention(
+            q, k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
+            attn_mask=mask, scale=scale, enable_gqa=True,
+        )
+    return out.squeeze(0).transpose(0, 1)                          # [n, heads, d]

@@ -1,0 +1,48 @@
+"""The contract between the engine and a native model implementation."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from models.attention import AttentionMetadata, PagedKVCache
+from models.layers import ParamSlot
+
+
+class NativeCausalLM(Protocol):
+    """A decoder-only LM that reads and writes the paged KV cache.
+
+    Tokens arrive packed: `input_ids` and `positions` are [T] over all scheduled sequences of a step.
+    """
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+    dtype: torch.dtype
+    # The distinct sliding windows of the layers (None = full attention); the runner builds one mask
+    # per window per step.
+    attention_windows: frozenset[int | None]
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: PagedKVCache,
+                meta: AttentionMetadata) -> torch.Tensor:
+        """-> final hidden states [T, hidden] (after the final norm)."""
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, hidden] -> logits [N, vocab]."""
+
+    def param_slots(self) -> dict[str, list[ParamSlot]]:
+        """HF checkpoint name -> where that tensor lives here (several places when weights are tied)."""
+
+
+def load_state_dict(model: NativeCausalLM, state_dict: dict[str, torch.Tensor]) -> None:
+    """Copy an HF state dict into a native model; every native slot must be covered."""
+    slots = model.param_slots()
+    missing = [name for name in slots if name not in state_dict]
+    if missing:
+        raise ValueError(f"checkpoint is missing parameters: {', '.join(missing[:5])}")
+    for name, places in slots.items():
+        for slot in places:
+            slot.copy_(state_dict[name])

@@ -1,0 +1,95 @@
+"""Building blocks shared by the native model implementations.
+
+Weights are stored transposed ([in, out]) because a batch-1 decode step on the CPU is a matrix-vector
+product that streams every weight once: `x @ W_t` over a contiguous [in, out] matrix reaches ~1.6x the
+memory bandwidth of `F.linear(x, W)` over [out, in] on the machines we measured (benchmarks/decode.py).
+Projections that read the same input (q/k/v, gate/up) are fused into one matrix for the same reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ParamSlot:
+    """Where one HF checkpoint tensor lives inside a native parameter.
+
+    `target` is a view into the native storage; `transpose` says the HF tensor is [out, in] and the
+    native view is [in, out]. Loading a checkpoint or a pushed weight update is one `copy_` per slot.
+    """
+
+    target: torch.Tensor
+    hf_shape: tuple[int, ...]
+    transpose: bool = False
+
+    def copy_(self, tensor: torch.Tensor) -> None:
+        source = tensor.t() if self.transpose else tensor
+        self.target.copy_(source.to(self.target.dtype))
+
+
+class FusedLinear(torch.nn.Module):
+    """One matrix for several projections of the same input, stored as [in, sum(out)]."""
+
+    def __init__(self, in_features: int, out_features: list[int], bias: list[bool], dtype, device):
+        super().__init__()
+        self.out_features = list(out_features)
+        total = sum(out_features)
+        self.weight_t = torch.nn.Parameter(
+            torch.empty(in_features, total, dtype=dtype, device=device), requires_grad=False
+        )
+        self.bias = None
+        if any(bias):
+            # A missing bias for one part of a fused matrix is a zero slice of the fused bias.
+            self.bias = torch.nn.Parameter(torch.zeros(total, dtype=dtype, device=device), requires_grad=False)
+        self._has_bias = list(bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, sum(out)]
+        if self.bias is None:
+            return x @ self.weight_t
+        return torch.addmm(self.bias, x, self.weight_t)
+
+    def slots(self, names: list[str], bias_names: list[str | None]) -> dict[str, ParamSlot]:
+        """Map the HF names of the fused parts (weight [out, in], bias [out]) onto slices of this matrix."""
+        slots: dict[str, ParamSlot] = {}
+        start = 0
+        for name, bias_name, width, has_bias in zip(names, bias_names, self.out_features, self._has_bias):
+            view = self.weight_t[:, start : start + width]
+            slots[name] = ParamSlot(view, (width, self.weight_t.shape[0]), transpose=True)
+            if has_bias and bias_name is not None:
+                slots[bias_name] = ParamSlot(self.bias[start : start + width], (width,))
+            start += width
+        return slots
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed exactly as HF's Llama/Qwen2/Mistral (float32 statistics, weight after the cast)."""
+    dtype = x.dtype
+    x32 = x.to(torch.float32)
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(dtype)
+
+
+class RotaryEmbedding:
+    """Rotary position embedding with HF's inverse frequencies and attention scaling."""
+
+    def __init__(self, inv_freq: torch.Tensor, attention_scaling: float):
+        self.inv_freq = inv_freq.to(torch.float32)
+        self.attention_scaling = attention_scaling
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [T] -> cos, sin [T, 1, head_dim], broadcast over heads."""
+        freqs = positions.to(torch.float32)[:, None] * self.inv_freq.to(positions.device)[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = (emb.cos() * self.attention_scaling).to(dtype)
+        sin = (emb.sin() * self.attention_scaling).to(dtype)
+        return cos.unsqueeze(1), sin.unsqueeze(1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, head_dim]; same rotate-half convention as HF."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin

@@ -1,0 +1,119 @@
+"""Native Llama-family decoder (Llama, Qwen2, Mistral) over the paged KV cache.
+
+Numerics follow HF's modeling code op for op (RMSNorm in float32, rotate-half RoPE, SDPA attention);
+only the matrix layout differs (see models/layers.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.activations import ACT2FN
+
+from models.attention import AttentionMetadata, PagedKVCache, paged_attention
+from models.layers import FusedLinear, ParamSlot, RotaryEmbedding, apply_rotary, rms_norm
+
+
+class LlamaLayer(torch.nn.Module):
+    def __init__(self, config, layer_idx: int, dtype, device, window: int | None):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.window = window
+        self.eps = config.rms_norm_eps
+        hidden, inter = config.hidden_size, config.intermediate_size
+        q_out, kv_out = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        qkv_bias = bool(getattr(config, "attention_bias", False)) or config.model_type == "qwen2"
+        mlp_bias = bool(getattr(config, "mlp_bias", False))
+        self.qkv = FusedLinear(hidden, [q_out, kv_out, kv_out], [qkv_bias] * 3, dtype, device)
+        o_bias = bool(getattr(config, "attention_bias", False)) and config.model_type != "qwen2"
+        self.o_proj = FusedLinear(q_out, [hidden], [o_bias], dtype, device)
+        self.gate_up = FusedLinear(hidden, [inter, inter], [mlp_bias] * 2, dtype, device)
+        self.down = FusedLinear(inter, [hidden], [mlp_bias], dtype, device)
+        self.input_norm = torch.nn.Parameter(torch.ones(hidden, dtype=dtype, device=device), requires_grad=False)
+        self.post_norm = torch.nn.Parameter(torch.ones(hidden, dtype=dtype, device=device), requires_grad=False)
+        self.act = ACT2FN[config.hidden_act]
+        self.scale = self.head_dim ** -0.5
+        self.intermediate_size = inter
+
+    def forward(self, x, cos, sin, cache: PagedKVCache, meta: AttentionMetadata):
+        num_tokens = x.shape[0]
+        qkv = self.qkv(rms_norm(x, self.input_norm, self.eps))
+        qk_width = (self.num_heads + self.num_kv_heads) * self.head_dim
+        # Rotate q and k in one call: they share cos/sin and sit side by side in the fused output.
+        qk = apply_rotary(qkv[:, :qk_width].view(num_tokens, -1, self.head_dim), cos, sin)
+        query, key = qk[:, : self.num_heads], qk[:, self.num_heads :]
+        value = qkv[:, qk_width:].view(num_tokens, self.num_kv_heads, self.head_dim)
+        attn = paged_attention(query, key, value, self.layer_idx, cache, meta, self.scale, self.window)
+        x = x + self.o_proj(attn)
+        gate_up = self.gate_up(rms_norm(x, self.post_norm, self.eps))
+        mlp = self.act(gate_up[:, : self.intermediate_size]) * gate_up[:, self.intermediate_size :]
+        return x + self.down(mlp)
+
+    def param_slots(self, prefix: str) -> dict[str, ParamSlot]:
+        attn, mlp = f"{prefix}.self_attn", f"{prefix}.mlp"
+        slots = self.qkv.slots([f"{attn}.{p}_proj.weight" for p in "qkv"], [f"{attn}.{p}_proj.bias" for p in "qkv"])
+        slots |= self.o_proj.slots([f"{attn}.o_proj.weight"], [f"{attn}.o_proj.bias"])
+        slots |= self.gate_up.slots([f"{mlp}.gate_proj.weight", f"{mlp}.up_proj.weight"],
+                                    [f"{mlp}.gate_proj.bias", f"{mlp}.up_proj.bias"])
+        slots |= self.down.slots([f"{mlp}.down_proj.weight"], [f"{mlp}.down_proj.bias"])
+        slots[f"{prefix}.input_layernorm.weight"] = ParamSlot(self.input_norm, tuple(self.input_norm.shape))
+        slots[f"{prefix}.post_attention_layernorm.weight"] = ParamSlot(self.post_norm, tuple(self.post_norm.shape))
+        return slots
+
+
+def _layer_windows(config) -> list[int | None]:
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return [window if kind == "sliding_attention" else None for kind in layer_types]
+    return [window] * config.num_hidden_layers
+
+
+class LlamaForCausalLM(torch.nn.Module):
+    def __init__(self, config, rotary: RotaryEmbedding, dtype: torch.dtype, device):
+        super().__init__()
+        self.config = config
+        self.dtype = dtype
+        self.num_layers = config.num_hidden_layers
+        self.hidden_size = config.hidden_size
+        self.vocab_size = config.vocab_size
+        windows = _layer_windows(config)
+        self.layers = torch.nn.ModuleList(
+            LlamaLayer(config, i, dtype, device, windows[i]) for i in range(self.num_layers))
+        self.num_kv_heads = self.layers[0].num_kv_heads
+        self.head_dim = self.layers[0].head_dim
+        self.attention_windows = frozenset(windows)
+        self.embed = torch.nn.Parameter(
+            torch.empty(config.vocab_size, config.hidden_size, dtype=dtype, device=device), requires_grad=False)
+        self.final_norm = torch.nn.Parameter(torch.ones(config.hidden_size, dtype=dtype, device=device), requires_grad=False)
+        self.lm_head = FusedLinear(config.hidden_size, [config.vocab_size], [False], dtype, device)
+        self.tied = bool(getattr(config, "tie_word_embeddings", False))
+        self.rotary = rotary
+        self.eps = config.rms_norm_eps
+
+    def forward(self, input_ids, positions, cache, meta):
+        x = self.embed[input_ids]
+        cos, sin = self.rotary.cos_sin(positions, self.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, cache, meta)
+        return rms_norm(x, self.final_norm, self.eps)
+
+    def compute_logits(self, hidden):
+        return self.lm_head(hidden)
+
+    def param_slots(self) -> dict[str, list[ParamSlot]]:
+        slots: dict[str, list[ParamSlot]] = {}
+        for i, layer in enumerate(self.layers):
+            for name, slot in layer.param_slots(f"model.layers.{i}").items():
+                slots[name] = [slot]
+        embed = ParamSlot(self.embed, tuple(self.embed.shape))
+        head = self.lm_head.slots(["lm_head.weight"], [None])["lm_head.weight"]
+        if self.tied:
+            slots["model.embed_tokens.weight"] = [embed, head]
+        else:
+            slots["model.embed_tokens.weight"] = [embed]
+            slots["lm_head.weight"] = [head]
+        slots["model.norm.weight"] = [ParamSlot(self.final_norm, tuple(self.final_norm.shape))]
+        return slots

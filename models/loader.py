@@ -1,0 +1,137 @@
+"""Load any supported HF causal LM (local folder or hub id) into a native paged-cache model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+from models.base import NativeCausalLM, load_state_dict
+from models.gpt2 import GPT2LMHeadModel
+from models.layers import RotaryEmbedding
+from models.llama import LlamaForCausalLM
+
+LLAMA_FAMILY = ("llama", "qwen2", "mistral")
+SUPPORTED_MODEL_TYPES = (*LLAMA_FAMILY, "gpt2")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# The embedded default model (models/default), used when no model is named.
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default" / "target"
+
+
+class ModelLoadError(ValueError):
+    """A model that cannot be served, with a message that says what to fix."""
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    path: str
+    model: NativeCausalLM
+    tokenizer: object
+    config: object
+    eos_token_ids: frozenset[int]
+    max_model_len: int
+    device: torch.device
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("device 'cuda' was requested but no CUDA device is available; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise ModelLoadError(f"device {str(device)!r} is not supported; use 'cpu' or 'cuda'")
+    return device
+
+
+def default_model_path() -> str:
+    if not (DEFAULT_MODEL_DIR / "config.json").exists():
+        raise ModelLoadError(
+            f"no model was named and the embedded default model is missing at {DEFAULT_MODEL_DIR}; "
+            "pass --model PATH_OR_HUB_ID")
+    return str(DEFAULT_MODEL_DIR)
+
+
+def _looks_local(name: str) -> bool:
+    """Hub ids are `name` or `org/name`; anything else is meant as a path on disk."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
+def _load_config(name: str):
+    if _looks_local(name) and not Path(name).expanduser().exists():
+        raise ModelLoadError(f"model path {name!r} does not exist")
+    try:
+        return AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(
+            f"could not load a model config from {name!r}: it is neither a folder with config.json nor a "
+            f"reachable hub id ({err.__class__.__name__}: {str(err).splitlines()[0]})") from err
+
+
+def _eos_token_ids(name: str, tokenizer, config) -> frozenset[int]:
+    ids: set[int] = set()
+    try:
+        generation = GenerationConfig.from_pretrained(name)
+        eos = generation.eos_token_id
+    except OSError:
+        eos = getattr(config, "eos_token_id", None)
+    if eos is not None:
+        ids.update(eos if isinstance(eos, list) else [eos])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    if not ids:
+        raise ModelLoadError(
+            f"the tokenizer of {name!r} has no EOS token and the model config names none; "
+            "set eos_token in tokenizer_config.json or eos_token_id in generation_config.json")
+    return frozenset(ids)
+
+
+def _build_native(hf_model, config, dtype, device) -> NativeCausalLM:
+    if config.model_type in LLAMA_FAMILY:
+        rotary_module = hf_model.model.rotary_emb
+        rotary = RotaryEmbedding(rotary_module.inv_freq.detach().clone(), float(rotary_module.attention_scaling))
+        native = LlamaForCausalLM(config, rotary, dtype, device)
+    else:
+        native = GPT2LMHeadModel(config, dtype, device)
+    load_state_dict(native, hf_model.state_dict())
+    return native.eval()
+
+
+def load_model(model: str | None = None, dtype: str | torch.dtype = "float32",
+               device: str | torch.device = "cpu", show_progress: bool = True) -> LoadedModel:
+    """Load tokenizer and weights of an HF causal LM; raise ModelLoadError with a fix on any problem."""
+    name = model or default_model_path()
+    torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
+    steps = tqdm(total=4, desc=f"loading {Path(name).name or name}", disable=not show_progress, unit="step")
+    config = _load_config(name)
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ModelLoadError(
+            f"architecture {config.model_type!r} of {name!r} is not supported; supported model types: "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    steps.update()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError, TypeError) as err:
+        raise ModelLoadError(f"could not load the tokenizer of {name!r}: {str(err).splitlines()[0]}") from err
+    eos_token_ids = _eos_token_ids(name, tokenizer, config)
+    steps.update()
+    hf_model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
+    steps.update()
+    with torch.inference_mode():
+        native = _build_native(hf_model, config, torch_dtype, torch_device)
+    del hf_model
+    steps.update()
+    steps.close()
+    max_len = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions")
+    return LoadedModel(name=name, path=name, model=native, tokenizer=tokenizer, config=config,
+                       eos_token_ids=eos_token_ids, max_model_len=int(max_len), device=torch_device)

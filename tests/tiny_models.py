@@ -1,0 +1,74 @@
+"""Tiny random HF models of real architectures, saved to disk so the real `from_pretrained` path runs."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                          MistralForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM)
+
+TRAINING_TEXT = [
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n",
+    "The quick brown fox jumps over the lazy dog. The dog sleeps; the fox runs away.",
+    "import os\nimport sys\n\nfor path in sys.argv[1:]:\n    print(os.path.exists(path))\n",
+    "class Stack:\n    def __init__(self):\n        self.items = []\n    def push(self, x):\n        self.items.append(x)\n",
+    "Prices rose 3.5% in 2024, while wages grew 4.1%: a modest gain for households. Ünïcödé ✓ 日本語",
+] * 20
+
+BOS, EOS, PAD = "<s>", "</s>", "<pad>"
+
+
+def build_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, BOS, EOS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(TRAINING_TEXT, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOS, pad_token=PAD)
+
+
+def _config(arch: str, vocab_size: int, tok: PreTrainedTokenizerFast):
+    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    if arch == "gpt2":
+        return GPT2Config(vocab_size=vocab_size, n_positions=256, n_embd=64, n_layer=2, n_head=4, **ids)
+    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **ids)
+    if arch == "llama":
+        return LlamaConfig(**common)
+    if arch == "qwen2":
+        return Qwen2Config(**common)
+    if arch == "mistral":
+        return MistralConfig(sliding_window=None, **common)
+    if arch == "mistral-sliding":
+        return MistralConfig(sliding_window=24, **common)
+    raise ValueError(arch)
+
+
+MODEL_CLASSES = {"llama": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM, "mistral": MistralForCausalLM,
+                 "mistral-sliding": MistralForCausalLM, "gpt2": GPT2LMHeadModel}
+
+
+def save_tiny_model(arch: str, folder: Path, seed: int = 0) -> Path:
+    """A random model of `arch` with a trained byte-level BPE tokenizer, saved as an HF folder."""
+    tokenizer = build_tokenizer()
+    torch.manual_seed(seed)
+    config = _config(arch, len(tokenizer), tokenizer)
+    model = MODEL_CLASSES[arch](config).eval()
+    # Random init gives near-uniform logits; sharpen them so greedy paths are not decided by noise.
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.mul_(4.0)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@functools.cache
+def hf_model(path: str):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
