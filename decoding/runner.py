@@ -93,7 +93,8 @@ class ModelRunner:
         width = max(len(t) for t in tables)
         padded = [t + [NULL_BLOCK] * (width - len(t)) for t in tables]
         context_lens = self._long([s.start + 1 for s in decodes])
-        group = DecodeGroup(self._long(padded), context_lens)
+        first_block = _first_of_run(tables[0]) if len(tables) == 1 else None
+        group = DecodeGroup(self._long(padded), context_lens, first_block)
         for window in self.model.attention_windows:
             group.masks[window] = decode_mask(context_lens, width * self.block_size, window)
         return group
@@ -101,7 +102,8 @@ class ModelRunner:
     def _segment(self, item: ScheduledSeq, row: int, positions: torch.Tensor) -> Segment:
         start, count = item.start, item.num_new_tokens
         seg = Segment(q_start=row, q_end=row + count, block_table=self._long(item.seq.block_table),
-                      context_len=start + count, fresh_causal=start == 0)
+                      context_len=start + count, first_block=_first_of_run(item.seq.block_table),
+                      fresh_causal=start == 0)
         causal = None
         for window in self.model.attention_windows:
             if seg.fresh_causal and window is None:
@@ -114,3 +116,11 @@ class ModelRunner:
 
     def _long(self, values) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
+
+
+def _first_of_run(block_table: list[int]) -> int | None:
+    """The first block when the table is a run of consecutive blocks (the common case for a lone sequence)."""
+    first = block_table[0]
+    if block_table[-1] - first == len(block_table) - 1 and block_table == list(range(first, first + len(block_table))):
+        return first
+    return None

@@ -57,6 +57,8 @@ class DecodeGroup:
 
     block_tables: torch.Tensor                 # [B, max_blocks], padded with NULL_BLOCK
     context_lens: torch.Tensor                 # [B] tokens visible to each query (including itself)
+    # Set when B == 1 and the blocks are consecutive: the keys are then a view of the cache, no gather.
+    first_block: int | None = None
     masks: dict[int | None, torch.Tensor | None] = field(default_factory=dict)  # window -> [B, 1, 1, C]
 
 
@@ -68,6 +70,7 @@ class Segment:
     q_end: int
     block_table: torch.Tensor                  # [num_blocks] of this sequence
     context_len: int                           # cached tokens + new tokens
+    first_block: int | None                    # set when the blocks are consecutive (read as a view)
     # True when nothing is cached before the new tokens and they are plainly causal: attend to the
     # fresh keys directly with is_causal, no gather and no explicit mask.
     fresh_causal: bool
@@ -130,8 +133,8 @@ def paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 def _decode_attention(query, layer, cache, group: DecodeGroup, scale, window):
     batch, num_blocks = group.block_tables.shape
     width = num_blocks * cache.block_size
-    keys = cache.keys[layer][group.block_tables].view(batch, width, *cache.keys[layer].shape[2:])
-    values = cache.values[layer][group.block_tables].view(batch, width, *cache.values[layer].shape[2:])
+    keys = _gather_blocks(cache.keys[layer], group.block_tables, group.first_block).view(batch, width, -1, query.shape[-1])
+    values = _gather_blocks(cache.values[layer], group.block_tables, group.first_block).view(batch, width, -1, query.shape[-1])
     out = F.scaled_dot_product_attention(
         query.unsqueeze(2),                                       # [B, heads, 1, d]
         keys.transpose(1, 2), values.transpose(1, 2),             # [B, kv_heads, C, d]
@@ -149,10 +152,18 @@ def _segment_attention(query, key, value, layer, cache, seg: Segment, scale, win
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
     else:
         kv_shape = cache.keys[layer].shape[2:]
-        k = cache.keys[layer][seg.block_table].view(-1, *kv_shape)[: seg.context_len]
-        v = cache.values[layer][seg.block_table].view(-1, *kv_shape)[: seg.context_len]
+        k = _gather_blocks(cache.keys[layer], seg.block_table, seg.first_block).view(-1, *kv_shape)[: seg.context_len]
+        v = _gather_blocks(cache.values[layer], seg.block_table, seg.first_block).view(-1, *kv_shape)[: seg.context_len]
         out = F.scaled_dot_product_attention(
             q, k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
             attn_mask=mask, scale=scale, enable_gqa=True,
         )
     return out.squeeze(0).transpose(0, 1)                          # [n, heads, d]
+
+
+def _gather_blocks(layer_cache: torch.Tensor, block_table: torch.Tensor, first_block: int | None) -> torch.Tensor:
+    """The blocks of a table, in order: a view when they are consecutive, else a gathered copy."""
+    if first_block is not None:
+        return layer_cache[first_block : first_block + block_table.numel()]
+    # index_select over the flattened table is ~3x faster than advanced indexing on the CPU.
+    return layer_cache.index_select(0, block_table.view(-1))

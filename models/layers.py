@@ -67,6 +67,9 @@ class FusedLinear(torch.nn.Module):
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm computed exactly as HF's Llama/Qwen2/Mistral (float32 statistics, weight after the cast)."""
     dtype = x.dtype
+    if dtype == torch.float32:
+        # Same arithmetic as below without the no-op casts; F.rms_norm is a slower composite on the CPU.
+        return x * torch.rsqrt(x.square().mean(-1, keepdim=True).add_(eps)) * weight
     x32 = x.to(torch.float32)
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x32.to(dtype)
@@ -80,16 +83,20 @@ class RotaryEmbedding:
         self.attention_scaling = attention_scaling
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [T] -> cos, sin [T, 1, head_dim], broadcast over heads."""
+        """positions [T] -> cos, signed sin [T, 1, head_dim], broadcast over heads.
+
+        The first half of sin is negated so that rotate_half(x) * sin == roll(x, half) * signed_sin,
+        which is exact (a sign flip) and saves three ops per layer.
+        """
         freqs = positions.to(torch.float32)[:, None] * self.inv_freq.to(positions.device)[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         cos = (emb.cos() * self.attention_scaling).to(dtype)
         sin = (emb.sin() * self.attention_scaling).to(dtype)
+        half = sin.shape[-1] // 2
+        sin[:, :half].neg_()
         return cos.unsqueeze(1), sin.unsqueeze(1)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, head_dim]; same rotate-half convention as HF."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, head_dim]; HF's rotate-half convention: x * cos + rotate_half(x) * sin."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin

@@ -94,7 +94,7 @@ class LlamaForCausalLM(torch.nn.Module):
         self.eps = config.rms_norm_eps
 
     def forward(self, input_ids, positions, cache, meta):
-        x = self.embed[input_ids]
+        x = self.embed.index_select(0, input_ids)
         cos, sin = self.rotary.cos_sin(positions, self.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, cache, meta)

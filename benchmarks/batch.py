@@ -1,0 +1,45 @@
+"""32 distinct prompts of 16-256 tokens, sampled: Gorgon's continuous batching vs HF `generate` on the
+left-padded batch, same model, same run."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from benchmarks.common import Timer, benchmark_model_path, parse_args, random_prompts, report
+from decoding import Engine, SamplingParams
+
+
+def main() -> None:
+    args = parse_args(__doc__)
+    path = benchmark_model_path(args.model)
+    num_prompts, new_tokens = 32, (64 if args.quick else 128)
+    engine = Engine(model=path, show_progress=False)
+    lengths = torch.randint(16, 257, (num_prompts,), generator=torch.Generator().manual_seed(0)).tolist()
+    prompts = random_prompts(num_prompts, lengths, engine.loaded.model.vocab_size)
+    params = SamplingParams(temperature=1.0, max_tokens=new_tokens, min_tokens=new_tokens, seed=0)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+    engine.generate(prompts[:2], SamplingParams(max_tokens=4))   # warm-up
+    with Timer() as ours:
+        engine.generate(prompts, params)
+
+    pad = engine.tokenizer.pad_token_id
+    width = max(lengths)
+    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.inference_mode(), Timer() as baseline:
+        hf.generate(input_ids, attention_mask=attention_mask, do_sample=True, temperature=1.0, top_k=0,
+                    top_p=1.0, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad)
+    total = num_prompts * new_tokens
+    report({
+        "benchmark": "batch", "model": path, "num_prompts": num_prompts, "prompt_tokens_min": min(lengths),
+        "prompt_tokens_max": max(lengths), "new_tokens": new_tokens,
+        "ours_tok_s": round(total / ours.seconds, 2), "baseline_tok_s": round(total / baseline.seconds, 2),
+        "ratio": round(baseline.seconds / ours.seconds, 3),
+        "baseline": "transformers generate(do_sample=True) on the left-padded batch, same model, same process",
+    }, args.json)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Shared helpers for the benchmarks: the benchmark model, timing, and the JSON result line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+# The fixed benchmark model used until a model is named or the embedded default exists.
+RANDOM_LLAMA = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
+                    intermediate_size=1536, vocab_size=8192, max_position_embeddings=2048)
+
+
+def parse_args(description: str, extra=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--model", default=None, help="HF folder or hub id (default: the embedded model, "
+                        "or a fixed random Llama when none is shipped)")
+    parser.add_argument("--quick", action="store_true", help="a shorter run (under a minute on 2 cores)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    if extra:
+        extra(parser)
+    return parser.parse_args()
+
+
+def benchmark_model_path(name: str | None) -> str:
+    """The model to measure: the one named, else the embedded default, else the fixed random Llama."""
+    if name:
+        return name
+    from models.loader import DEFAULT_MODEL_DIR
+    if (DEFAULT_MODEL_DIR / "config.json").exists():
+        return str(DEFAULT_MODEL_DIR)
+    folder = Path(tempfile.gettempdir()) / "gorgon-bench-random-llama"
+    if not (folder / "config.json").exists():
+        _save_random_llama(folder)
+    return str(folder)
+
+
+def _save_random_llama(folder: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    # A byte-level vocabulary of the right size; token identity does not matter for timing.
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
+    for ch in sorted(alphabet):
+        vocab[ch] = len(vocab)
+    merges = []
+    for a in sorted(alphabet):
+        for b in sorted(alphabet):
+            if len(vocab) >= RANDOM_LLAMA["vocab_size"]:
+                break
+            vocab[a + b] = len(vocab)
+            merges.append((a, b))
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    torch.manual_seed(0)
+    config = LlamaConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0, **RANDOM_LLAMA)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    fast.save_pretrained(folder)
+
+
+def random_prompts(num: int, lengths: list[int] | int, vocab_size: int, seed: int = 0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    lengths = [lengths] * num if isinstance(lengths, int) else lengths
+    # Skip the first ids so prompts never contain the special tokens.
+    return [torch.randint(3, vocab_size, (n,), generator=gen).tolist() for n in lengths]
+
+
+class Timer:
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start
+
+
+def report(result: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:>24}: {value}")
+    sys.stdout.flush()

@@ -1,0 +1,79 @@
+"""Batch-1 greedy decode: Gorgon vs HF `generate` on the same model in the same run.
+
+Also reports `roofline_frac`: tokens/s over (measured memory read bandwidth / weight bytes), the
+ceiling for batch-1 decoding, which must stream every weight once per token.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from benchmarks.common import Timer, benchmark_model_path, parse_args, random_prompts, report
+from decoding import Engine, SamplingParams
+
+
+def measure_read_bandwidth(num_bytes: int = 512 * 2**20, repeats: int = 5) -> float:
+    """Bytes per second for summing a buffer far larger than the caches (best of `repeats`)."""
+    buffer = torch.ones(num_bytes // 4)
+    buffer.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        with Timer() as t:
+            buffer.sum()
+        best = min(best, t.seconds)
+    return num_bytes / best
+
+
+def main() -> None:
+    args = parse_args(__doc__)
+    path = benchmark_model_path(args.model)
+    new_tokens, prompt_len = 128, 32
+    repeats = 2 if args.quick else 5
+    engine = Engine(model=path, show_progress=False)
+    prompt = random_prompts(1, prompt_len, engine.loaded.model.vocab_size)[0]
+    # min_tokens = max_tokens: both sides generate exactly 128 tokens (EOS is suppressed, as in HF's
+    # min_new_tokens), so the tokens can be compared one for one.
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, min_tokens=new_tokens)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    input_ids = torch.tensor([prompt])
+
+    def run_ours():
+        return engine.generate([prompt], params)[0].outputs[0].token_ids
+
+    def run_hf():
+        with torch.inference_mode():
+            out = hf.generate(input_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                              pad_token_id=engine.tokenizer.pad_token_id)
+        return out[0, prompt_len:].tolist()
+
+    ours_tokens, hf_tokens = run_ours(), run_hf()   # warm-up, and the identity check
+    ours_times, hf_times = [], []
+    for _ in range(repeats):   # interleaved so drift on a shared machine hits both sides alike
+        with Timer() as t:
+            run_ours()
+        ours_times.append(t.seconds)
+        with Timer() as t:
+            run_hf()
+        hf_times.append(t.seconds)
+    ours_tok_s = new_tokens / statistics.median(ours_times)
+    hf_tok_s = new_tokens / statistics.median(hf_times)
+    model = engine.loaded.model
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    if getattr(model, "tied", False):   # the transposed lm_head copy is streamed, the embedding is not
+        weight_bytes -= model.vocab_size * model.hidden_size * next(model.parameters()).element_size()
+    bandwidth = measure_read_bandwidth()
+    report({
+        "benchmark": "decode", "model": path, "batch": 1, "prompt_tokens": prompt_len, "new_tokens": new_tokens,
+        "ours_tok_s": round(ours_tok_s, 2), "baseline_tok_s": round(hf_tok_s, 2),
+        "ratio": round(ours_tok_s / hf_tok_s, 3), "identical": ours_tokens == hf_tokens,
+        "weight_mb": round(weight_bytes / 1e6, 1), "bandwidth_gb_s": round(bandwidth / 1e9, 2),
+        "roofline_frac": round(ours_tok_s / (bandwidth / weight_bytes), 3),
+        "baseline": "transformers generate(do_sample=False), same model, same process",
+    }, args.json)
+
+
+if __name__ == "__main__":
+    main()

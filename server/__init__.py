@@ -1,0 +1,1 @@
+"""Gorgon's command line and (later) HTTP server."""

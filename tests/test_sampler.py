@@ -1,0 +1,110 @@
+"""Sampler tests on hand-built logits."""
+
+import math
+
+import pytest
+import torch
+
+from decoding.params import SamplingParams
+from decoding.sampler import Sampler, SamplingBatch
+from decoding.sequence import Request, Sequence
+
+VOCAB = 8
+EOS = 7
+
+
+def make_seqs(params_list, output=(), seed=0):
+    seqs = []
+    for i, params in enumerate(params_list):
+        request = Request(f"r{i}", None, [1, 2, 3], params)
+        seq = Sequence(i, 0, request, torch.Generator().manual_seed(seed + i), detokenizer=None)
+        seq.token_ids += list(output)
+        request.seqs.append(seq)
+        seqs.append(seq)
+    return seqs
+
+
+def sample(logits, params_list, output=(), seed=0):
+    seqs = make_seqs(params_list, output, seed)
+    batch = SamplingBatch.from_sequences(seqs, VOCAB, frozenset({EOS}), torch.device("cpu"))
+    return Sampler()(logits, batch)
+
+
+LOGITS = torch.tensor([[0.5, 2.0, -1.0, 1.5, 0.0, -2.0, 1.0, 0.2]])
+
+
+def test_greedy_takes_the_argmax_and_processed_logprobs_are_log_softmax():
+    out = sample(LOGITS, [SamplingParams(temperature=0, logprobs=3)])
+    assert out.token_ids == [1]
+    expected = torch.log_softmax(LOGITS, -1)[0]
+    assert out.logprobs[0].logprob == pytest.approx(expected[1].item(), abs=1e-6)
+    assert list(out.logprobs[0].top) == [1, 3, 6]
+
+
+def test_processed_logprobs_use_temperature_and_raw_do_not():
+    processed = sample(LOGITS, [SamplingParams(temperature=0.5, logprobs=0, seed=1)])
+    raw = sample(LOGITS, [SamplingParams(temperature=0.5, logprobs=0, seed=1, logprobs_mode="raw")])
+    token = processed.token_ids[0]
+    assert raw.token_ids[0] == token
+    assert processed.logprobs[0].logprob == pytest.approx(torch.log_softmax(LOGITS / 0.5, -1)[0, token].item(), abs=1e-6)
+    assert raw.logprobs[0].logprob == pytest.approx(torch.log_softmax(LOGITS, -1)[0, token].item(), abs=1e-6)
+
+
+def test_top_k_top_p_min_p_truncate_and_renormalise():
+    logits = LOGITS.repeat(200, 1)
+    for params, allowed in [
+        (SamplingParams(top_k=2, logprobs=0), {1, 3}),
+        (SamplingParams(top_p=0.5, logprobs=0), {1, 3}),     # p(1) = 0.34 < 0.5, p(1)+p(3) = 0.55
+        (SamplingParams(min_p=0.5, logprobs=0), {1, 3}),     # p(3)/p(1) = 0.61, p(6)/p(1) = 0.37
+    ]:
+        out = sample(logits, [params] * 200)
+        assert set(out.token_ids) == allowed
+        probs = torch.softmax(LOGITS[0, sorted(allowed)], -1)
+        for token, lp in zip(out.token_ids, out.logprobs):
+            assert math.exp(lp.logprob) == pytest.approx(probs[sorted(allowed).index(token)].item(), abs=1e-5)
+
+
+def test_sampling_matches_the_distribution():
+    num = 20000
+    logits = LOGITS.repeat(num, 1)
+    out = sample(logits, [SamplingParams(temperature=1.0)] * num)
+    counts = torch.bincount(torch.tensor(out.token_ids), minlength=VOCAB).float() / num
+    expected = torch.softmax(LOGITS[0], -1)
+    # 5 standard deviations of a binomial frequency: fails by chance about once in 10^6 runs per token.
+    tolerance = 5 * torch.sqrt(expected * (1 - expected) / num)
+    assert torch.all((counts - expected).abs() <= tolerance + 1e-9), (counts, expected)
+
+
+def test_seeded_rows_reproduce_regardless_of_neighbours():
+    logits = torch.zeros(1, VOCAB)                   # uniform: every draw depends on the generator alone
+    params = SamplingParams(temperature=1.0)
+    draws_alone, draws_batched = [], []
+    for trial in range(20):
+        [alone] = make_seqs([params], seed=1000 + trial)
+        draws_alone += Sampler()(logits, SamplingBatch.from_sequences(
+            [alone], VOCAB, frozenset({EOS}), torch.device("cpu"))).token_ids
+        neighbour, same = make_seqs([params, params], seed=999 + trial)   # `same` gets seed 1000 + trial
+        draws_batched += Sampler()(logits.repeat(2, 1), SamplingBatch.from_sequences(
+            [neighbour, same], VOCAB, frozenset({EOS}), torch.device("cpu"))).token_ids[1:]
+    assert draws_alone == draws_batched
+    assert len(set(draws_alone)) > 1
+
+
+def test_min_tokens_bans_eos_and_stop_ids():
+    logits = torch.full((1, VOCAB), -5.0)
+    logits[0, EOS] = 10.0
+    logits[0, 4] = 9.0
+    params = SamplingParams(temperature=0, min_tokens=2, max_tokens=4, stop_token_ids=(4,))
+    out = sample(logits, [params])
+    assert out.token_ids[0] not in (EOS, 4)
+    assert sample(logits, [params], output=(5, 5)).token_ids == [EOS]
+
+
+def test_penalties():
+    logits = torch.tensor([[1.0, 1.0, 1.0, 1.0, -1.0, 0.0, 0.0, 0.0]])
+    # Token 0 was generated twice: frequency and presence push it below the others.
+    out = sample(logits, [SamplingParams(temperature=0, frequency_penalty=0.5, logprobs=0)], output=(0, 0))
+    assert out.token_ids[0] != 0
+    # Repetition penalty (HF): positive logits of seen tokens (prompt 1, 2, 3) are divided.
+    out = sample(logits, [SamplingParams(temperature=0, repetition_penalty=2.0)])
+    assert out.token_ids == [0]
