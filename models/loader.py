@@ -46,7 +46,10 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError as err:
+        raise ModelLoadError(f"device {str(device)!r} is not supported; use 'cpu' or 'cuda'") from err
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError("device 'cuda' was requested but no CUDA device is available; use --device cpu")
     if device.type not in ("cpu", "cuda"):
