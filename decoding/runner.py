@@ -11,6 +11,7 @@ import torch
 from decoding.scheduler import ScheduledSeq, SchedulerOutput
 from models.attention import NULL_BLOCK, AttentionMetadata, DecodeGroup, PagedKVCache, Segment, decode_mask, segment_mask
 from models.base import NativeCausalLM
+from models.cpu_allocator import keep_freed_memory
 
 
 @dataclass
@@ -42,6 +43,8 @@ class ModelRunner:
         self.cache = cache
         self.device = device
         self.block_size = cache.block_size
+        if device.type == "cpu":
+            keep_freed_memory()
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput, want_chunk_logits: set[int]) -> StepLogits:

@@ -1,0 +1,14 @@
+FROM python:3.11-slim
+WORKDIR /opt/gorgon
+# The CPU build of torch by default; build with --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu124
+# (or another CUDA index) for GPUs.
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+RUN pip install --no-cache-dir --index-url ${TORCH_INDEX} "torch>=2.5"
+COPY pyproject.toml README.md ./
+COPY decoding decoding
+COPY models models
+COPY server server
+RUN pip install --no-cache-dir .
+EXPOSE 8000
+ENTRYPOINT ["gorgon"]
+CMD ["generate", "def fibonacci(n):"]
