@@ -14,11 +14,11 @@ def main() -> None:
     args = parse_args(__doc__)
     path = benchmark_model_path(args.model)
     num_prompts, new_tokens = 32, (64 if args.quick else 128)
-    engine = Engine(model=path, show_progress=False)
+    engine = Engine(model=path, dtype=args.dtype, show_progress=False)
     lengths = torch.randint(16, 257, (num_prompts,), generator=torch.Generator().manual_seed(0)).tolist()
     prompts = random_prompts(num_prompts, lengths, engine.loaded.model.vocab_size)
     params = SamplingParams(temperature=1.0, max_tokens=new_tokens, min_tokens=new_tokens, seed=0)
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).eval()
 
     engine.generate(prompts[:2], SamplingParams(max_tokens=4))   # warm-up
     with Timer() as ours:
@@ -33,7 +33,7 @@ def main() -> None:
                     top_p=1.0, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad)
     total = num_prompts * new_tokens
     report({
-        "benchmark": "batch", "model": path, "num_prompts": num_prompts, "prompt_tokens_min": min(lengths),
+        "benchmark": "batch", "model": path, "dtype": args.dtype, "num_prompts": num_prompts, "prompt_tokens_min": min(lengths),
         "prompt_tokens_max": max(lengths), "new_tokens": new_tokens,
         "ours_tok_s": round(total / ours.seconds, 2), "baseline_tok_s": round(total / baseline.seconds, 2),
         "ratio": round(baseline.seconds / ours.seconds, 3),

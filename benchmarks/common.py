@@ -22,6 +22,8 @@ def parse_args(description: str, extra=None) -> argparse.Namespace:
                         "or a fixed random Llama when none is shipped)")
     parser.add_argument("--quick", action="store_true", help="a shorter run (under a minute on 2 cores)")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="weights and activations, for Gorgon and the HF baseline alike")
     if extra:
         extra(parser)
     return parser.parse_args()

@@ -32,12 +32,12 @@ def main() -> None:
     path = benchmark_model_path(args.model)
     new_tokens, prompt_len = 128, 32
     repeats = 2 if args.quick else 5
-    engine = Engine(model=path, show_progress=False)
+    engine = Engine(model=path, dtype=args.dtype, show_progress=False)
     prompt = random_prompts(1, prompt_len, engine.loaded.model.vocab_size)[0]
     # min_tokens = max_tokens: both sides generate exactly 128 tokens (EOS is suppressed, as in HF's
     # min_new_tokens), so the tokens can be compared one for one.
     params = SamplingParams(temperature=0, max_tokens=new_tokens, min_tokens=new_tokens)
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).eval()
     input_ids = torch.tensor([prompt])
 
     def run_ours():
@@ -66,7 +66,7 @@ def main() -> None:
         weight_bytes -= model.vocab_size * model.hidden_size * next(model.parameters()).element_size()
     bandwidth = measure_read_bandwidth()
     report({
-        "benchmark": "decode", "model": path, "batch": 1, "prompt_tokens": prompt_len, "new_tokens": new_tokens,
+        "benchmark": "decode", "model": path, "dtype": args.dtype, "batch": 1, "prompt_tokens": prompt_len, "new_tokens": new_tokens,
         "ours_tok_s": round(ours_tok_s, 2), "baseline_tok_s": round(hf_tok_s, 2),
         "ratio": round(ours_tok_s / hf_tok_s, 3), "identical": ours_tokens == hf_tokens,
         "weight_mb": round(weight_bytes / 1e6, 1), "bandwidth_gb_s": round(bandwidth / 1e9, 2),

@@ -14,10 +14,10 @@ def main() -> None:
     args = parse_args(__doc__)
     path = benchmark_model_path(args.model)
     n, prompt_len, new_tokens = 16, 128, (64 if args.quick else 128)
-    engine = Engine(model=path, show_progress=False)
+    engine = Engine(model=path, dtype=args.dtype, show_progress=False)
     prompt = random_prompts(1, prompt_len, engine.loaded.model.vocab_size)[0]
     params = SamplingParams(n=n, temperature=1.0, max_tokens=new_tokens, min_tokens=new_tokens, seed=0)
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).eval()
 
     engine.generate([prompt], SamplingParams(n=n, max_tokens=4, seed=1))   # warm-up
     prefill_before = engine.counters.num_prompt_tokens_computed
@@ -36,7 +36,7 @@ def main() -> None:
     total = n * new_tokens
     unshared_blocks = n * engine.blocks.blocks_for(prompt_len + new_tokens)
     report({
-        "benchmark": "group", "model": path, "n": n, "prompt_tokens": prompt_len, "new_tokens": new_tokens,
+        "benchmark": "group", "model": path, "dtype": args.dtype, "n": n, "prompt_tokens": prompt_len, "new_tokens": new_tokens,
         "ours_tok_s": round(total / ours.seconds, 2), "baseline_tok_s": round(total / baseline.seconds, 2),
         "ratio": round(baseline.seconds / ours.seconds, 3),
         "prompt_tokens_prefilled": prefilled, "peak_kv_blocks": peak_blocks,

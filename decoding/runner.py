@@ -35,6 +35,7 @@ class PackedBatch:
     meta: AttentionMetadata
     last_rows: torch.Tensor          # [N] rows whose logits pick the next token
     first_row: dict[int, int]        # seq_id -> its first row in the packed batch
+    last_seq_ids: list[int]          # the sequence of each row of last_rows
 
 
 class ModelRunner:
@@ -60,11 +61,12 @@ class ModelRunner:
                 start = batch.first_row[item.seq.seq_id]
                 rows = hidden[start : start + item.num_new_tokens]
                 chunk[item.seq.seq_id] = self.model.compute_logits(rows).float()
-        last_ids = [s.seq.seq_id for s in sched.scheduled if s.reaches_end]
-        return StepLogits(last, last_ids, chunk)
+        return StepLogits(last, batch.last_seq_ids, chunk)
 
     # ---- input preparation -------------------------------------------------------------------
     def _prepare(self, scheduled: list[ScheduledSeq]) -> PackedBatch:
+        # Single-token entries first: they attend as one batched group at the front of the batch.
+        scheduled = sorted(scheduled, key=lambda s: s.num_new_tokens != 1)
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -74,14 +76,17 @@ class ModelRunner:
             seq, start, count = item.seq, item.start, item.num_new_tokens
             first_row[seq.seq_id] = len(input_ids)
             input_ids += seq.token_ids[start : start + count]
-            positions += range(start, start + count)
+            if item.tree is None:
+                positions += range(start, start + count)
+            else:
+                positions += [start + depth for depth in item.tree.depths()]
             table = seq.block_table
             slots += [table[p // self.block_size] * self.block_size + p % self.block_size
                       for p in range(start, start + count)]
             if item.reaches_end:
                 last_rows.append(len(input_ids) - 1)
         decodes = [s for s in scheduled if s.num_new_tokens == 1]
-        chunks = scheduled[len(decodes):]
+        chunks = [s for s in scheduled if s.num_new_tokens != 1]
         position_tensor = self._long(positions)
         meta = AttentionMetadata(
             slot_mapping=self._long(slots),
@@ -89,7 +94,8 @@ class ModelRunner:
             decode=self._decode_group(decodes) if decodes else None,
             segments=[self._segment(item, first_row[item.seq.seq_id], position_tensor) for item in chunks],
         )
-        return PackedBatch(self._long(input_ids), position_tensor, meta, self._long(last_rows), first_row)
+        last_seq_ids = [s.seq.seq_id for s in scheduled if s.reaches_end]
+        return PackedBatch(self._long(input_ids), position_tensor, meta, self._long(last_rows), first_row, last_seq_ids)
 
     def _decode_group(self, decodes: list[ScheduledSeq]) -> DecodeGroup:
         tables = [s.seq.block_table for s in decodes]
@@ -106,15 +112,17 @@ class ModelRunner:
         start, count = item.start, item.num_new_tokens
         seg = Segment(q_start=row, q_end=row + count, block_table=self._long(item.seq.block_table),
                       context_len=start + count, first_block=_first_of_run(item.seq.block_table),
-                      fresh_causal=start == 0)
-        causal = None
+                      fresh_causal=start == 0 and item.tree is None)
+        visibility = None
         for window in self.model.attention_windows:
             if seg.fresh_causal and window is None:
                 seg.masks[window] = None
                 continue
-            if causal is None:
-                causal = torch.ones(count, count, dtype=torch.bool, device=self.device).tril_()
-            seg.masks[window] = segment_mask(start, positions[row : row + count], causal, window)
+            if visibility is None:
+                visibility = (torch.ones(count, count, dtype=torch.bool, device=self.device).tril_()
+                              if item.tree is None else
+                              torch.tensor(item.tree.visibility(), dtype=torch.bool, device=self.device))
+            seg.masks[window] = segment_mask(start, positions[row : row + count], visibility, window)
         return seg
 
     def _long(self, values) -> torch.Tensor:

@@ -27,6 +27,7 @@ class SamplingBatch:
     min_p: torch.Tensor                  # [N]
     greedy: torch.Tensor                 # [N] bool
     banned: list[tuple[int, list[int]]]  # (row, token ids) banned before min_tokens is reached
+    allowed: dict[int, torch.Tensor]     # row -> bool [vocab]: the only tokens a constraint permits
     any_penalty: bool
     any_truncation: bool
     all_greedy: bool
@@ -34,7 +35,7 @@ class SamplingBatch:
 
     @classmethod
     def from_sequences(cls, seqs: list[Sequence], vocab_size: int, eos_token_ids: frozenset[int],
-                       device: torch.device) -> SamplingBatch:
+                       device: torch.device, allowed: dict[int, torch.Tensor] | None = None) -> SamplingBatch:
         params = [seq.request.params for seq in seqs]
         banned = []
         for row, (seq, p) in enumerate(zip(seqs, params)):
@@ -50,6 +51,7 @@ class SamplingBatch:
             min_p=torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device),
             greedy=torch.tensor([p.is_greedy for p in params], device=device),
             banned=banned,
+            allowed=allowed or {},
             any_penalty=any(p.has_penalties for p in params),
             any_truncation=any(p.has_truncation for p in params),
             all_greedy=all(p.is_greedy for p in params),
@@ -68,10 +70,12 @@ class Sampler:
         """logits [N, vocab] float32 -> one token per row."""
         raw_logits = logits
         logits = self._penalise(logits, batch) if batch.any_penalty else logits
-        if batch.banned:
+        if batch.banned or batch.allowed:
             logits = logits.clone() if logits is raw_logits else logits
             for row, ids in batch.banned:
                 logits[row, ids] = NEG_INF
+            for row, mask in batch.allowed.items():   # mask width is the logits width, not the tokenizer's
+                logits[row].masked_fill_(~mask, NEG_INF)
         needs_processed = batch.num_top_logprobs >= 0 or not batch.all_greedy
         if not needs_processed:
             tokens = logits.argmax(dim=-1)

@@ -17,6 +17,35 @@ from decoding.sequence import Request, RequestStatus, Sequence
 
 
 @dataclass(frozen=True)
+class TokenTree:
+    """The new tokens of a step as a tree (speculative candidates) instead of a chain.
+
+    `parents[i]` is the index of new token i's parent among the new tokens, or -1 when it follows the
+    cached context directly. Parents come before children. Token i sits at position start + depth(i) and
+    sees only its ancestors and the cache; its key/value is stored at sequence index start + i until the
+    accepted path is compacted.
+    """
+
+    parents: tuple[int, ...]
+
+    def depths(self) -> list[int]:
+        depths: list[int] = []
+        for parent in self.parents:
+            depths.append(0 if parent < 0 else depths[parent] + 1)
+        return depths
+
+    def visibility(self) -> list[list[bool]]:
+        """[n, n]: row i is True at i and at each of its ancestors."""
+        n = len(self.parents)
+        rows = [[False] * n for _ in range(n)]
+        for i, parent in enumerate(self.parents):
+            if parent >= 0:
+                rows[i] = list(rows[parent])
+            rows[i][i] = True
+        return rows
+
+
+@dataclass(frozen=True)
 class ScheduledSeq:
     """Tokens [start, start + num_new_tokens) of `seq` are computed this step."""
 
@@ -25,6 +54,7 @@ class ScheduledSeq:
     num_new_tokens: int
     # The chunk ends at the sequence's last known token, so its logits choose the next token.
     reaches_end: bool
+    tree: TokenTree | None = None
 
     @classmethod
     def of(cls, seq: Sequence, num_new_tokens: int) -> ScheduledSeq:
@@ -34,7 +64,7 @@ class ScheduledSeq:
 
 @dataclass
 class SchedulerOutput:
-    scheduled: list[ScheduledSeq] = field(default_factory=list)   # single-token entries first
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
     block_copies: list[tuple[int, int]] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
 
@@ -85,8 +115,6 @@ class Scheduler:
         budget = self._schedule_chunks(out, budget)
         if not out.preempted:
             self._admit_waiting(out, budget)
-        # Single-token entries first: the runner attends to them as one batched group.
-        out.scheduled.sort(key=lambda s: s.num_new_tokens != 1)
         return out
 
     def _schedule_decodes(self, out: SchedulerOutput, budget: int) -> int:

@@ -177,3 +177,12 @@ def test_string_prompts_and_text(llama_engine):
     completion = out.outputs[0]
     assert out.prompt == "def fibonacci(n):"
     assert completion.text == llama_engine.tokenizer.decode(completion.token_ids, skip_special_tokens=True)
+
+
+def test_eos_stops_unless_ignored(llama_engine):
+    eos = llama_engine.tokenizer.eos_token_id
+    for ignore_eos, expected in [(False, "stop"), (True, None)]:
+        request = llama_engine.make_request(PROMPTS[0], SamplingParams(max_tokens=5, ignore_eos=ignore_eos))
+        seq = request.leader
+        llama_engine._append_token(seq, eos, None)
+        assert (seq.finish_reason.value if seq.finish_reason else None) == expected

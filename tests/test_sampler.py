@@ -108,3 +108,17 @@ def test_penalties():
     # Repetition penalty (HF): positive logits of seen tokens (prompt 1, 2, 3) are divided.
     out = sample(logits, [SamplingParams(temperature=0, repetition_penalty=2.0)])
     assert out.token_ids == [0]
+
+
+def test_allowed_token_masks_constrain_every_mode():
+    mask = torch.zeros(VOCAB, dtype=torch.bool)
+    mask[[0, 4]] = True
+    params = [SamplingParams(temperature=0, logprobs=0), SamplingParams(temperature=1.0, logprobs=0)] * 100
+    seqs = make_seqs(params)
+    batch = SamplingBatch.from_sequences(seqs, VOCAB, frozenset({EOS}), torch.device("cpu"),
+                                         allowed={row: mask for row in range(len(seqs))})
+    out = Sampler()(LOGITS.repeat(len(seqs), 1), batch)
+    assert set(out.token_ids) <= {0, 4} and out.token_ids[0] == 0
+    renormalised = torch.log_softmax(LOGITS[0, [0, 4]], -1)
+    for token, lp in zip(out.token_ids[1::2], out.logprobs[1::2]):
+        assert lp.logprob == pytest.approx(renormalised[[0, 4].index(token)].item(), abs=1e-6)

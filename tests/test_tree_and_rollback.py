@@ -1,0 +1,84 @@
+"""The cache supports tree-shaped verification, compaction of the accepted path and rollback, at the
+runner level (speculative decoding and Medusa build on these)."""
+
+import pytest
+import torch
+
+from decoding import Engine, SamplingParams
+from decoding.scheduler import ScheduledSeq, SchedulerOutput, TokenTree
+from tiny_models import hf_model
+
+PROMPT = [1, 17, 93, 4, 250, 61, 8, 120, 33]
+
+
+def hf_last_logits(path, token_ids):
+    with torch.no_grad():
+        return hf_model(path)(torch.tensor([token_ids])).logits[0, -1].float()
+
+
+def run(engine, item, want_chunk=True):
+    seq = item.seq
+    copies = engine.blocks.append_slots(seq.block_table, item.start, item.num_new_tokens)
+    out = engine.runner.execute(SchedulerOutput([item], copies), {seq.seq_id} if want_chunk else set())
+    seq.num_computed = item.start + item.num_new_tokens
+    return out
+
+
+@pytest.fixture
+def prefilled(model_dir):
+    def make(arch):
+        engine = Engine(model=model_dir(arch), show_progress=False, num_kv_blocks=64, block_size=4)
+        seq = engine.make_request(PROMPT, SamplingParams()).leader
+        run(engine, ScheduledSeq.of(seq, len(PROMPT)), want_chunk=False)
+        return engine, seq
+    return make
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "mistral-sliding"])
+def test_tree_verification_logits_equal_sequential_decoding_of_each_path(model_dir, prefilled, arch):
+    engine, seq = prefilled(arch)
+    tokens = [40, 41, 42, 43, 44]            # a -> (b -> d, c -> e)
+    tree = TokenTree(parents=(-1, 0, 0, 1, 2))
+    seq.token_ids += tokens
+    item = ScheduledSeq(seq, len(PROMPT), len(tokens), reaches_end=True, tree=tree)
+    logits = run(engine, item).chunk[seq.seq_id]                     # [5, vocab]
+    paths = {0: [40], 1: [40, 41], 2: [40, 42], 3: [40, 41, 43], 4: [40, 42, 44]}
+    for node, path in paths.items():
+        expected = hf_last_logits(model_dir(arch), PROMPT + path)
+        assert torch.allclose(logits[node], expected, atol=1e-4), node
+
+
+def test_compacting_the_accepted_path_then_rolling_back_matches_a_fresh_prefill(model_dir, prefilled):
+    engine, seq = prefilled("llama")
+    start = len(PROMPT)
+    seq.token_ids += [40, 41, 42, 43]
+    run(engine, ScheduledSeq(seq, start, 4, reaches_end=True, tree=TokenTree(parents=(-1, 0, 0, 2))))
+    # Accept the path a -> c -> d (new indices 0, 2, 3): move c and d down to sequence indices start+1, +2.
+    table, size = seq.block_table, engine.blocks.block_size
+
+    def slot(index):
+        return table[index // size] * size + index % size
+
+    engine.cache.move_slots(torch.tensor([slot(start + 2), slot(start + 3)]),
+                            torch.tensor([slot(start + 1), slot(start + 2)]))
+    seq.token_ids[start:] = [40, 42, 43]
+    engine.blocks.truncate(seq.block_table, start + 3)
+    seq.num_computed = start + 3
+    # Decode one more token from the compacted cache; it must see exactly PROMPT + a, c, d.
+    seq.token_ids.append(44)
+    logits = run(engine, ScheduledSeq.of(seq, 1)).last[0]
+    expected = hf_last_logits(model_dir("llama"), PROMPT + [40, 42, 43, 44])
+    assert torch.allclose(logits, expected, atol=1e-4)
+
+
+def test_rollback_of_rejected_tokens_matches_a_fresh_prefill(model_dir, prefilled):
+    engine, seq = prefilled("llama")
+    start = len(PROMPT)
+    seq.token_ids += [40, 41, 42, 43, 44, 45]                         # crosses a block boundary
+    run(engine, ScheduledSeq.of(seq, 6))
+    del seq.token_ids[start + 2 :]                                    # keep 2 of the 6
+    engine.blocks.truncate(seq.block_table, start + 2)
+    seq.num_computed = start + 2
+    seq.token_ids.append(50)
+    logits = run(engine, ScheduledSeq.of(seq, 1)).last[0]
+    assert torch.allclose(logits, hf_last_logits(model_dir("llama"), PROMPT + [40, 41, 50]), atol=1e-4)
