@@ -46,10 +46,10 @@ class LlamaLayer(torch.nn.Module):
         query, key = qk[:, : self.num_heads], qk[:, self.num_heads :]
         value = qkv[:, qk_width:].view(num_tokens, self.num_kv_heads, self.head_dim)
         attn = paged_attention(query, key, value, self.layer_idx, cache, meta, self.scale, self.window)
-        x = x + self.o_proj(attn)
+        x = self.o_proj.forward_residual(attn, x)
         gate_up = self.gate_up(rms_norm(x, self.post_norm, self.eps))
         mlp = self.act(gate_up[:, : self.intermediate_size]) * gate_up[:, self.intermediate_size :]
-        return x + self.down(mlp)
+        return self.down.forward_residual(mlp, x)
 
     def param_slots(self, prefix: str) -> dict[str, ParamSlot]:
         attn, mlp = f"{prefix}.self_attn", f"{prefix}.mlp"
