@@ -187,12 +187,14 @@ class Engine:
             if seq.num_computed < seq.prompt_len:
                 self.counters.num_prompt_tokens_computed += min(item.num_new_tokens, seq.prompt_len - seq.num_computed)
             seq.num_computed += item.num_new_tokens
-            if request.needs_fork and seq.num_computed == request.prompt_len:
+            forked_now = request.needs_fork and seq.num_computed == request.prompt_len
+            if forked_now:
                 self._fork(request)
             if item.reaches_end:
                 # Right after a group's shared prefill, every sample draws its first token from this row.
-                for target in request.seqs if seq is request.leader else [seq]:
-                    if not target.is_finished and target.num_computed == len(target.token_ids):
+                targets = [s for s in request.seqs if not s.is_finished] if forked_now else [seq]
+                for target in targets:
+                    if target.num_computed == len(target.token_ids):
                         sampling_seqs.append(target)
                         rows.append(row_of[seq.seq_id])
         return sampling_seqs, torch.tensor(rows, dtype=torch.long, device=self.loaded.device)

@@ -1,0 +1,1 @@
+"""Building the embedded default model family: corpus, tokenizer, training, evaluation."""
