@@ -11,4 +11,4 @@ COPY server server
 RUN pip install --no-cache-dir .
 EXPOSE 8000
 ENTRYPOINT ["gorgon"]
-CMD ["generate", "def fibonacci(n):"]
+CMD ["serve", "--host", "0.0.0.0"]

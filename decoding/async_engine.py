@@ -10,7 +10,6 @@ import asyncio
 import queue
 import threading
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 from decoding.engine import Engine, Prompt
 from decoding.outputs import RequestOutput
@@ -18,48 +17,68 @@ from decoding.params import SamplingParams
 from decoding.sequence import Request
 
 
-@dataclass
-class _Stream:
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
+class RequestStream:
+    """The per-step snapshots of one request. Leaving the iteration early (a client that disconnects)
+    aborts the request and frees its cache blocks."""
+
+    def __init__(self, front: AsyncEngine, request: Request, loop: asyncio.AbstractEventLoop):
+        self.request_id = request.req_id
+        self.prompt_token_ids = request.prompt_token_ids
+        self._front = front
+        self._loop = loop
+        self._queue: asyncio.Queue = asyncio.Queue()
 
     def put(self, item: RequestOutput | BaseException) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        finished = False
+        try:
+            while not finished:
+                item = await self._queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            self._front._streams.pop(self.request_id, None)
+            if not finished:
+                self._front.abort(self.request_id)
 
 
 class AsyncEngine:
     def __init__(self, engine: Engine):
         self.engine = engine
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._streams: dict[str, _Stream] = {}
+        self._streams: dict[str, RequestStream] = {}
+        # Each counter is written by one thread only (submitting loop / engine thread), so no lock.
+        self._num_submitted = 0
+        self._num_drained = 0
         self._wakeup = threading.Event()
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="gorgon-engine", daemon=True)
         self._thread.start()
 
-    async def generate(self, prompt: Prompt, params: SamplingParams | None = None,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Yield a snapshot after every step that touched the request; the last one has finished=True.
-
-        Invalid requests raise ValueError before anything is queued. Cancelling the consumer (a client
-        that disconnects) aborts the request and frees its cache blocks.
-        """
+    def submit(self, prompt: Prompt, params: SamplingParams | None = None,
+               request_id: str | None = None) -> RequestStream:
+        """Queue a request and return its stream. Invalid requests raise ValueError here, before
+        anything is queued. Must be called from a running event loop."""
         request = self.engine.make_request(prompt, params, request_id)
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        stream = RequestStream(self, request, asyncio.get_running_loop())
         self._streams[request.req_id] = stream
         self._submit(("add", request))
-        finished = False
-        try:
-            while not finished:
-                item = await stream.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
-        finally:
-            self._streams.pop(request.req_id, None)
-            if not finished:
-                self._submit(("abort", request.req_id))
+        return stream
+
+    async def generate(self, prompt: Prompt, params: SamplingParams | None = None,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Yield a snapshot after every step that touched the request; the last one has finished=True."""
+        async for output in self.submit(prompt, params, request_id):
+            yield output
+
+    @property
+    def num_pending(self) -> int:
+        """Requests submitted but not yet admitted to a running batch."""
+        return self._num_submitted - self._num_drained + len(self.engine.scheduler.waiting)
 
     def abort(self, request_id: str) -> None:
         self._submit(("abort", request_id))
@@ -71,6 +90,8 @@ class AsyncEngine:
 
     # ---- the engine thread -------------------------------------------------------------------
     def _submit(self, command: tuple) -> None:
+        if command[0] == "add":
+            self._num_submitted += 1
         self._commands.put(command)
         self._wakeup.set()
 
@@ -98,6 +119,7 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if kind == "add":
+                self._num_drained += 1
                 self._add(payload)
             else:
                 self.engine.abort(payload)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 
@@ -31,6 +32,32 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from decoding import Engine
+    from models import ModelLoadError
+    from server.app import ServerConfig, build_app
+
+    try:
+        engine = Engine(model=args.model, dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs,
+                        max_num_batched_tokens=max(args.max_num_batched_tokens, args.max_num_seqs),
+                        kv_cache_memory_gb=args.kv_cache_memory_gb)
+    except (ModelLoadError, ValueError) as err:
+        print(f"gorgon: error: {err}", file=sys.stderr)
+        return 2
+    name = args.served_model_name or args.model or "gorgon-default"
+    config = ServerConfig(served_model_name=name, api_key=args.api_key, max_queued=args.max_queued)
+    app = build_app(engine, config)
+    print(f"Gorgon serving {name!r} on http://{args.host}:{args.port} (OpenAI-compatible, /v1)", flush=True)
+    # On SIGTERM uvicorn stops accepting, lets in-flight requests finish (up to the grace period; then
+    # their streams are cancelled, which aborts them). Afterwards it re-raises the signal to whatever
+    # handler was installed before it: a no-op here, so a clean shutdown exits 0.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=30)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gorgon", description="Gorgon: decoding engine and inference server")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -44,6 +71,19 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-k", type=int, default=0)
     generate.add_argument("--seed", type=int, default=None)
     generate.set_defaults(handler=_generate)
+
+    serve = commands.add_parser("serve", help="run the OpenAI-compatible HTTP server")
+    _add_engine_args(serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (all but /health)")
+    serve.add_argument("--max-queued", type=int, default=256, help="waiting requests before new ones get 503")
+    serve.add_argument("--served-model-name", default=None)
+    serve.add_argument("--max-num-seqs", type=int, default=64)
+    serve.add_argument("--max-num-batched-tokens", type=int, default=512)
+    serve.add_argument("--kv-cache-memory-gb", type=float, default=1.0)
+    serve.add_argument("--log-level", default="info")
+    serve.set_defaults(handler=_serve)
     return parser
 
 

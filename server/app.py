@@ -1,0 +1,217 @@
+"""The OpenAI-compatible HTTP server: routes, streaming, auth, admission control."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from decoding import Engine, RequestOutput, SamplingParams
+from decoding.async_engine import AsyncEngine, RequestStream
+from server import responses
+from server.errors import APIError, handle_api_error, handle_validation_error
+from server.metrics import Metrics
+from server.protocol import ChatCompletionRequest, CompletionRequest
+
+VERSION = "0.1.0"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    served_model_name: str
+    api_key: str | None = None
+    max_queued: int = 256            # requests waiting for admission before new ones get 503
+    retry_after_s: int = 1
+
+
+class Server:
+    """Shared state of the routes: the engine front, metrics, configuration."""
+
+    def __init__(self, engine: Engine, config: ServerConfig):
+        self.engine = engine
+        self.front = AsyncEngine(engine)
+        self.metrics = Metrics(engine)
+        self.config = config
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.config.served_model_name:
+            raise APIError(404, f"model {model!r} does not exist; this server serves "
+                                f"{self.config.served_model_name!r}", param="model", code="model_not_found")
+
+    def submit(self, prompts: list, params: SamplingParams) -> list[RequestStream]:
+        if self.front.num_pending + len(prompts) > self.config.max_queued:
+            raise APIError(503, f"server is at capacity ({self.config.max_queued} requests queued); retry later",
+                           type_="server_overloaded", headers={"Retry-After": str(self.config.retry_after_s)})
+        streams = []
+        try:
+            for prompt in prompts:
+                streams.append(self.front.submit(prompt, params))
+        except ValueError as err:
+            for stream in streams:
+                self.front.abort(stream.request_id)
+            raise APIError(400, str(err)) from err
+        for stream in streams:
+            self.metrics.prompt_tokens.inc(len(stream.prompt_token_ids))
+        return streams
+
+    async def follow(self, streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Merge the snapshots of several requests, recording latency and token metrics on the way."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(index: int, stream: RequestStream) -> None:
+            try:
+                async for output in stream:
+                    await queue.put((index, output))
+            except BaseException as err:   # surfaced to the consumer below
+                await queue.put((index, err))
+
+        started = time.monotonic()
+        last_seen: dict[tuple[int, int], tuple[float, int]] = {}
+        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+        remaining = len(streams)
+        try:
+            while remaining:
+                index, item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise APIError(500, f"generation failed: {item}", type_="server_error")
+                self._observe(index, item, started, last_seen)
+                remaining -= item.finished
+                yield index, item
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    def _observe(self, index, output: RequestOutput, started: float, last_seen: dict) -> None:
+        now = time.monotonic()
+        for completion in output.outputs:
+            key = (index, completion.index)
+            before_time, before_count = last_seen.get(key, (None, 0))
+            new = len(completion.token_ids) - before_count
+            if new > 0:
+                if before_time is None:
+                    self.metrics.time_to_first_token.observe(now - started)
+                else:
+                    self.metrics.inter_token_latency.observe((now - before_time) / new)
+                self.metrics.generation_tokens.inc(new)
+                last_seen[key] = (now, len(completion.token_ids))
+            if output.finished:
+                self.metrics.request_success.labels(completion.finish_reason or "abort").inc()
+
+
+async def collect(server: Server, streams: list[RequestStream], request: Request) -> list[RequestOutput]:
+    """Run requests to completion; a client that goes away aborts them (and frees their blocks)."""
+    final: list[RequestOutput | None] = [None] * len(streams)
+
+    async def consume() -> None:
+        async for index, output in server.follow(streams):
+            if output.finished:
+                final[index] = output
+
+    task = asyncio.create_task(consume())
+    while not task.done():
+        await asyncio.wait({task}, timeout=0.25)
+        if not task.done() and await request.is_disconnected():
+            task.cancel()
+            raise APIError(499, "client disconnected")
+    task.result()
+    return final
+
+
+def sse(payload: dict | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+
+
+def build_app(engine: Engine, config: ServerConfig) -> FastAPI:
+    server = Server(engine, config)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        server.front.shutdown()
+
+    app = FastAPI(title="Gorgon", version=VERSION, lifespan=lifespan)
+    app.state.server = server
+    app.add_exception_handler(APIError, handle_api_error)
+    app.add_exception_handler(RequestValidationError, handle_validation_error)
+
+    @app.middleware("http")
+    async def require_api_key(request: Request, call_next):
+        if config.api_key and request.url.path != "/health":
+            if request.headers.get("authorization") != f"Bearer {config.api_key}":
+                return JSONResponse({"error": {"message": "missing or wrong API key: send 'Authorization: Bearer "
+                                               "<key>'", "type": "authentication_error", "param": None,
+                                               "code": "invalid_api_key"}}, status_code=401)
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        return {}
+
+    @app.get("/version")
+    async def version():
+        return {"version": VERSION}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(server.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": config.served_model_name, "object": "model",
+                                            "created": int(time.time()), "owned_by": "gorgon",
+                                            "max_model_len": engine.max_model_len}]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        server.check_model(body.model)
+        try:
+            prompts = body.prompts()
+            echo_logprobs = body.logprobs if body.echo else None
+            params = body.sampling_params(body.max_tokens or 16, body.logprobs, echo_logprobs)
+        except ValueError as err:
+            raise APIError(400, str(err)) from err
+        streams = server.submit(prompts, params)
+        view = responses.CompletionView(engine.tokenizer, config.served_model_name, body, streams)
+        if body.stream:
+            return StreamingResponse(stream_events(server, streams, view), media_type="text/event-stream")
+        return view.final(await collect(server, streams, request))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        server.check_model(body.model)
+        try:
+            prompt_ids = responses.chat_prompt_ids(engine.tokenizer, body.messages)
+            max_tokens = body.max_completion_tokens or body.max_tokens or engine.max_model_len - len(prompt_ids)
+            if body.top_logprobs is not None and not body.logprobs:
+                raise ValueError("top_logprobs requires logprobs: true")
+            params = body.sampling_params(max_tokens, (body.top_logprobs or 0) if body.logprobs else None)
+        except ValueError as err:
+            raise APIError(400, str(err)) from err
+        streams = server.submit([prompt_ids], params)
+        view = responses.ChatView(engine.tokenizer, config.served_model_name, body, streams)
+        if body.stream:
+            return StreamingResponse(stream_events(server, streams, view), media_type="text/event-stream")
+        return view.final(await collect(server, streams, request))
+
+    return app
+
+
+async def stream_events(server: Server, streams: list[RequestStream], view) -> AsyncIterator[str]:
+    """SSE in OpenAI's chunk format, ending with `data: [DONE]`. Leaving early aborts the requests."""
+    try:
+        async for index, output in server.follow(streams):
+            for chunk in view.deltas(index, output):
+                yield sse(chunk)
+        if view.include_usage:
+            yield sse(view.usage_chunk())
+    except APIError as err:
+        yield sse({"error": {"message": err.message, "type": err.type, "param": None, "code": err.code}})
+    yield sse("[DONE]")
+

@@ -1,0 +1,195 @@
+"""Turning engine snapshots into OpenAI response bodies and streaming chunks."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from decoding import RequestOutput
+from decoding.outputs import CompletionOutput
+from decoding.sequence import TokenLogprob
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def chat_prompt_ids(tokenizer, messages) -> list[int]:
+    if not tokenizer.chat_template:
+        raise ValueError("this model's tokenizer has no chat template; use /v1/completions instead")
+    conversation = [{"role": m.role, "content": m.text()} for m in messages]
+    text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+class _View:
+    """Bookkeeping shared by completions and chat: ids, usage, what each choice has streamed so far."""
+
+    object_name = ""
+    id_prefix = ""
+
+    def __init__(self, tokenizer, model_name: str, body, streams):
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.body = body
+        self.id = new_id(self.id_prefix)
+        self.created = int(time.time())
+        self.prompt_ids = [s.prompt_token_ids for s in streams]
+        self.include_usage = body.include_usage
+        stops = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
+        # Text that might be the start of a stop string is held back until it is known not to be one.
+        self.holdback = max((len(s) for s in stops), default=1) - 1
+        self.sent_text: dict[int, int] = {}
+        self.sent_tokens: dict[int, int] = {}
+        self.completion_tokens: dict[int, int] = {}
+
+    def choice_index(self, prompt_index: int, completion: CompletionOutput) -> int:
+        return prompt_index * self.body.n + completion.index
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def usage(self) -> dict:
+        prompt = sum(len(ids) for ids in self.prompt_ids)
+        completion = sum(self.completion_tokens.values())
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def usage_chunk(self) -> dict:
+        return {**self.header(), "choices": [], "usage": self.usage()}
+
+    def header(self) -> dict:
+        return {"id": self.id, "object": self.object_name, "created": self.created, "model": self.model_name}
+
+    def new_part(self, key: int, completion: CompletionOutput, finished: bool) -> tuple[str, list[int], int]:
+        """The text and tokens of `completion` not streamed yet (text held back near a possible stop)."""
+        self.completion_tokens[key] = len(completion.token_ids)
+        text_end = len(completion.text) if finished else max(0, len(completion.text) - self.holdback)
+        text_start = self.sent_text.get(key, 0)
+        token_start = self.sent_tokens.get(key, 0)
+        self.sent_text[key] = max(text_start, text_end)
+        self.sent_tokens[key] = len(completion.token_ids)
+        return completion.text[text_start:text_end], completion.token_ids[token_start:], token_start
+
+
+class CompletionView(_View):
+    object_name = "text_completion"
+    id_prefix = "cmpl"
+
+    def final(self, outputs: list[RequestOutput]) -> dict:
+        choices = []
+        for prompt_index, output in enumerate(outputs):
+            for completion in output.outputs:
+                key = self.choice_index(prompt_index, completion)
+                self.completion_tokens[key] = len(completion.token_ids)
+                text = completion.text
+                logprobs = self._logprobs(completion.token_ids, completion.logprobs)
+                if self.body.echo:
+                    text = self.tokenizer.decode(output.prompt_token_ids) + text
+                    if logprobs is not None and output.prompt_logprobs is not None:
+                        logprobs = self._merge(self._logprobs(output.prompt_token_ids, output.prompt_logprobs), logprobs)
+                choices.append(self._choice(key, text, logprobs, completion, output.prompt_token_ids))
+        choices.sort(key=lambda c: c["index"])
+        return {**self.header(), "choices": choices, "usage": self.usage()}
+
+    def deltas(self, prompt_index: int, output: RequestOutput) -> list[dict]:
+        chunks = []
+        for completion in output.outputs:
+            key = self.choice_index(prompt_index, completion)
+            first = key not in self.sent_tokens
+            text, tokens, start = self.new_part(key, completion, output.finished)
+            if self.body.echo and first:
+                text = self.tokenizer.decode(output.prompt_token_ids) + text
+            if not text and not tokens and not (output.finished and completion.finish_reason):
+                continue
+            logprobs = None
+            if completion.logprobs is not None:
+                logprobs = self._logprobs(tokens, completion.logprobs[start:])
+            chunks.append({**self.header(), "choices": [
+                self._choice(key, text, logprobs, completion, output.prompt_token_ids, tokens)]})
+        return chunks
+
+    def _choice(self, index, text, logprobs, completion: CompletionOutput, prompt_ids, token_ids=None) -> dict:
+        choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": completion.finish_reason,
+                  "stop_reason": completion.stop_reason}
+        if self.body.return_token_ids:
+            choice["token_ids"] = completion.token_ids if token_ids is None else token_ids
+            choice["prompt_token_ids"] = prompt_ids
+        return choice
+
+    def _logprobs(self, token_ids: list[int], logprobs: list[TokenLogprob | None] | None) -> dict | None:
+        if logprobs is None:
+            return None
+        tokens = [self.token_text(t) for t in token_ids]
+        offsets, offset = [], 0
+        for token in tokens:
+            offsets.append(offset)
+            offset += len(token)
+        return {
+            "tokens": tokens,
+            "token_logprobs": [lp.logprob if lp else None for lp in logprobs],
+            "top_logprobs": [({self.token_text(t): v for t, v in lp.top.items()} if lp and lp.top else None)
+                             for lp in logprobs],
+            "text_offset": offsets,
+        }
+
+    @staticmethod
+    def _merge(first: dict, second: dict) -> dict:
+        shift = sum(len(t) for t in first["tokens"])
+        merged = {key: first[key] + second[key] for key in ("tokens", "token_logprobs", "top_logprobs")}
+        merged["text_offset"] = first["text_offset"] + [o + shift for o in second["text_offset"]]
+        return merged
+
+
+class ChatView(_View):
+    object_name = "chat.completion"
+    id_prefix = "chatcmpl"
+
+    def final(self, outputs: list[RequestOutput]) -> dict:
+        [output] = outputs
+        choices = []
+        for completion in output.outputs:
+            self.completion_tokens[completion.index] = len(completion.token_ids)
+            choices.append({
+                "index": completion.index,
+                "message": {"role": "assistant", "content": completion.text},
+                "logprobs": self._logprobs(completion.token_ids, completion.logprobs),
+                "finish_reason": completion.finish_reason,
+            })
+        return {**self.header(), "choices": choices, "usage": self.usage()}
+
+    def deltas(self, prompt_index: int, output: RequestOutput) -> list[dict]:
+        chunks = []
+        for completion in output.outputs:
+            key = completion.index
+            if key not in self.sent_tokens:
+                chunks.append(self._chunk(key, {"role": "assistant", "content": ""}, None, None))
+            text, tokens, start = self.new_part(key, completion, output.finished)
+            logprobs = None
+            if completion.logprobs is not None and tokens:
+                logprobs = self._logprobs(tokens, completion.logprobs[start:])
+            if text or logprobs:
+                chunks.append(self._chunk(key, {"content": text}, logprobs, None))
+            if output.finished and completion.finish_reason:
+                chunks.append(self._chunk(key, {}, None, completion.finish_reason))
+        return chunks
+
+    def header(self) -> dict:
+        return {**super().header(), "object": "chat.completion.chunk" if self.body.stream else "chat.completion"}
+
+    def _chunk(self, index: int, delta: dict, logprobs, finish_reason) -> dict:
+        return {**self.header(), "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
+                                              "finish_reason": finish_reason}]}
+
+    def _entry(self, token_id: int, logprob: float) -> dict:
+        text = self.token_text(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    def _logprobs(self, token_ids: list[int], logprobs: list[TokenLogprob] | None) -> dict | None:
+        if logprobs is None:
+            return None
+        content = []
+        for token_id, lp in zip(token_ids, logprobs):
+            entry = self._entry(token_id, lp.logprob)
+            entry["top_logprobs"] = [self._entry(t, v) for t, v in (lp.top or {}).items()]
+            content.append(entry)
+        return {"content": content}
