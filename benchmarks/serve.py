@@ -1,0 +1,121 @@
+"""64 concurrent streaming completions (prompts of 16-512 tokens, 128 new tokens, sampled) against
+`gorgon serve` and against `transformers serve --continuous-batching` on the same model, one after the
+other, both on loopback. Reports generated tokens per second and time-to-first-token percentiles."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+import httpx
+import torch
+from transformers import AutoTokenizer
+
+from benchmarks.common import benchmark_model_path, parse_args, random_prompts, report
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_healthy(url: str, process: subprocess.Popen, timeout: float = 600) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}: {process.stdout.read()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"server at {url} did not become healthy in {timeout:.0f} s")
+
+
+async def one(client: httpx.AsyncClient, url: str, model: str, prompt: str, new_tokens: int, seed: int):
+    body = {"model": model, "prompt": prompt, "max_tokens": new_tokens, "temperature": 1.0, "stream": True,
+            "seed": seed}
+    started = time.perf_counter()
+    first, text = None, []
+    async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:500]!r}")
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            for choice in event.get("choices", []):
+                if choice.get("text"):
+                    first = first or time.perf_counter() - started
+                    text.append(choice["text"])
+    return first, "".join(text)
+
+
+async def drive(url: str, model: str, prompts: list[str], new_tokens: int, tokenizer) -> dict:
+    limits = httpx.Limits(max_connections=len(prompts) + 8)
+    async with httpx.AsyncClient(timeout=3600, limits=limits) as client:
+        started = time.perf_counter()
+        results = await asyncio.gather(*(one(client, url, model, p, new_tokens, i) for i, p in enumerate(prompts)))
+        seconds = time.perf_counter() - started
+    tokens = sum(len(tokenizer(text, add_special_tokens=False).input_ids) for _, text in results)
+    ttfts = sorted(t for t, _ in results if t is not None)
+    return {"tok_s": tokens / seconds, "seconds": seconds, "tokens": tokens,
+            "ttft_p50_s": statistics.median(ttfts), "ttft_p99_s": ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))]}
+
+
+def run_server(command: list[str], url: str, model: str, prompts, new_tokens, tokenizer) -> dict:
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_healthy(url, process)
+        asyncio.run(drive(url, model, prompts[:2], 4, tokenizer))            # warm-up
+        return asyncio.run(drive(url, model, prompts, new_tokens, tokenizer))
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def main() -> None:
+    args = parse_args(__doc__)
+    path = benchmark_model_path(args.model)
+    num, new_tokens = (16, 32) if args.quick else (64, 128)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    lengths = torch.randint(16, 513, (num,), generator=torch.Generator().manual_seed(0)).tolist()
+    prompts = [tokenizer.decode(ids) for ids in random_prompts(num, lengths, len(tokenizer))]
+    port = free_port()
+    ours = run_server([sys.executable, "-m", "server.cli", "serve", "--model", path, "--port", str(port),
+                       "--dtype", args.dtype, "--served-model-name", "bench", "--log-level", "warning"],
+                      f"http://127.0.0.1:{port}", "bench", prompts, new_tokens, tokenizer)
+    result = {"benchmark": "serve", "model": path, "dtype": args.dtype, "concurrent_requests": num,
+              "new_tokens": new_tokens, "ours_tok_s": round(ours["tok_s"], 2),
+              "ttft_p50_s": round(ours["ttft_p50_s"], 3), "ttft_p99_s": round(ours["ttft_p99_s"], 3)}
+    executable = shutil.which("transformers")
+    try:
+        if executable is None:
+            raise RuntimeError("the `transformers` command is not installed")
+        port = free_port()
+        baseline = run_server([executable, "serve", path, "--continuous-batching", "--port", str(port),
+                               "--host", "127.0.0.1", "--device", "cpu", "--dtype", args.dtype,
+                               "--log-level", "warning"],
+                              f"http://127.0.0.1:{port}", path, prompts, new_tokens, tokenizer)
+        result |= {"baseline_tok_s": round(baseline["tok_s"], 2), "ratio": round(ours["tok_s"] / baseline["tok_s"], 3),
+                   "baseline_ttft_p50_s": round(baseline["ttft_p50_s"], 3),
+                   "baseline_ttft_p99_s": round(baseline["ttft_p99_s"], 3)}
+    except Exception as err:   # report why the baseline could not run instead of hiding it
+        result |= {"baseline_tok_s": None, "ratio": None, "baseline_error": f"{err.__class__.__name__}: {err}"[:1000]}
+    result["baseline"] = "transformers serve --continuous-batching, same model, same machine, run after ours"
+    report(result, args.json)
+
+
+if __name__ == "__main__":
+    main()
