@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
 from models.attention import AttentionMetadata, PagedKVCache, paged_attention
-from models.layers import FusedLinear, ParamSlot
+from models.layers import FusedLinear, ParamSlot, embedding_slots, layer_slots
 
 
 def _conv1d_slots(linear: FusedLinear, prefix: str) -> dict[str, ParamSlot]:
@@ -100,18 +100,7 @@ class GPT2LMHeadModel(torch.nn.Module):
         return self.lm_head(hidden)
 
     def param_slots(self) -> dict[str, list[ParamSlot]]:
-        slots: dict[str, list[ParamSlot]] = {}
-        for i, layer in enumerate(self.layers):
-            for name, slot in layer.param_slots(f"transformer.h.{i}").items():
-                slots[name] = [slot]
-        for name, slot in self.ln_f.slots("transformer.ln_f").items():
-            slots[name] = [slot]
+        slots = layer_slots(self.layers, "transformer.h")
+        slots |= {name: [slot] for name, slot in self.ln_f.slots("transformer.ln_f").items()}
         slots["transformer.wpe.weight"] = [ParamSlot(self.wpe, tuple(self.wpe.shape))]
-        wte = ParamSlot(self.wte, tuple(self.wte.shape))
-        head = self.lm_head.slots(["lm_head.weight"], [None])["lm_head.weight"]
-        if self.tied:
-            slots["transformer.wte.weight"] = [wte, head]
-        else:
-            slots["transformer.wte.weight"] = [wte]
-            slots["lm_head.weight"] = [head]
-        return slots
+        return slots | embedding_slots("transformer.wte.weight", self.wte, self.lm_head, self.tied)

@@ -105,3 +105,17 @@ class RotaryEmbedding:
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """x [T, heads, head_dim]; HF's rotate-half convention: x * cos + rotate_half(x) * sin."""
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
+
+
+def embedding_slots(embed_name: str, embed: torch.Tensor, lm_head: FusedLinear, tied: bool) -> dict[str, list[ParamSlot]]:
+    """The input embedding and the output head: one checkpoint tensor feeding both when they are tied."""
+    embed_slot = ParamSlot(embed, tuple(embed.shape))
+    head_slot = lm_head.slots(["lm_head.weight"], [None])["lm_head.weight"]
+    if tied:
+        return {embed_name: [embed_slot, head_slot]}
+    return {embed_name: [embed_slot], "lm_head.weight": [head_slot]}
+
+
+def layer_slots(layers, prefix: str) -> dict[str, list[ParamSlot]]:
+    """Every decoder layer's slots under `prefix.{i}`."""
+    return {name: [slot] for i, layer in enumerate(layers) for name, slot in layer.param_slots(f"{prefix}.{i}").items()}

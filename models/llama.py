@@ -10,7 +10,7 @@ import torch
 from transformers.activations import ACT2FN
 
 from models.attention import AttentionMetadata, PagedKVCache, paged_attention
-from models.layers import FusedLinear, ParamSlot, RotaryEmbedding, apply_rotary, rms_norm
+from models.layers import FusedLinear, ParamSlot, RotaryEmbedding, apply_rotary, embedding_slots, layer_slots, rms_norm
 
 
 class LlamaLayer(torch.nn.Module):
@@ -104,16 +104,7 @@ class LlamaForCausalLM(torch.nn.Module):
         return self.lm_head(hidden)
 
     def param_slots(self) -> dict[str, list[ParamSlot]]:
-        slots: dict[str, list[ParamSlot]] = {}
-        for i, layer in enumerate(self.layers):
-            for name, slot in layer.param_slots(f"model.layers.{i}").items():
-                slots[name] = [slot]
-        embed = ParamSlot(self.embed, tuple(self.embed.shape))
-        head = self.lm_head.slots(["lm_head.weight"], [None])["lm_head.weight"]
-        if self.tied:
-            slots["model.embed_tokens.weight"] = [embed, head]
-        else:
-            slots["model.embed_tokens.weight"] = [embed]
-            slots["lm_head.weight"] = [head]
+        slots = layer_slots(self.layers, "model.layers")
+        slots |= embedding_slots("model.embed_tokens.weight", self.embed, self.lm_head, self.tied)
         slots["model.norm.weight"] = [ParamSlot(self.final_norm, tuple(self.final_norm.shape))]
         return slots
