@@ -9,12 +9,25 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+from collections import deque
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from decoding.engine import Engine, Prompt
+from decoding.weights import WeightUpdateError, validate_update
 from decoding.outputs import RequestOutput
 from decoding.params import SamplingParams
 from decoding.sequence import Request
+
+
+@dataclass
+class _PendingUpdate:
+    tensors: dict
+    version: int | None
+    policy: str
+    require_all: bool
+    loop: asyncio.AbstractEventLoop
+    done: asyncio.Future
 
 
 class RequestStream:
@@ -54,6 +67,7 @@ class AsyncEngine:
         # Each counter is written by one thread only (submitting loop / engine thread), so no lock.
         self._num_submitted = 0
         self._num_drained = 0
+        self._updates: deque[_PendingUpdate] = deque()
         self._wakeup = threading.Event()
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="gorgon-engine", daemon=True)
@@ -74,6 +88,22 @@ class AsyncEngine:
         """Yield a snapshot after every step that touched the request; the last one has finished=True."""
         async for output in self.submit(prompt, params, request_id):
             yield output
+
+    async def update_weights(self, tensors: dict, version: int | None = None, policy: str = "wait",
+                             require_all: bool = False) -> int:
+        """Swap weights between steps; returns the new weight version.
+
+        policy "wait": requests already started finish under the old weights while new ones are held
+        back, then the update applies. policy "abort": in-flight requests are aborted (finish_reason
+        "abort") and the update applies at once. A bad payload raises WeightUpdateError and changes nothing.
+        """
+        if policy not in ("wait", "abort"):
+            raise WeightUpdateError(f"policy must be 'wait' or 'abort', got {policy!r}")
+        validate_update(self.engine.loaded.model, tensors, require_all)
+        loop = asyncio.get_running_loop()
+        update = _PendingUpdate(tensors, version, policy, require_all, loop, loop.create_future())
+        self._submit(("weights", update))
+        return await update.done
 
     @property
     def num_pending(self) -> int:
@@ -98,6 +128,7 @@ class AsyncEngine:
     def _run(self) -> None:
         while not self._stopped:
             self._drain_commands()
+            self._apply_ready_update()
             if not self.engine.has_unfinished_requests():
                 self._wakeup.wait(timeout=1.0)
                 self._wakeup.clear()
@@ -121,8 +152,33 @@ class AsyncEngine:
             if kind == "add":
                 self._num_drained += 1
                 self._add(payload)
+            elif kind == "weights":
+                self._queue_update(payload)
             else:
-                self.engine.abort(payload)
+                self._abort(payload)
+
+    def _abort(self, request_id: str) -> None:
+        output = self.engine.abort(request_id)
+        stream = self._streams.get(request_id)
+        if output is not None and stream is not None:   # aborted by the server, not by its client
+            stream.put(output)
+
+    def _queue_update(self, update: _PendingUpdate) -> None:
+        if update.policy == "abort":
+            for request_id in self.engine.started_request_ids():
+                self._abort(request_id)
+        self._updates.append(update)
+        self.engine.scheduler.admission_paused = True
+
+    def _apply_ready_update(self) -> None:
+        while self._updates and not self.engine.has_started_requests():
+            update = self._updates.popleft()
+            try:
+                version = self.engine.update_weights(update.tensors, update.version, update.require_all)
+                update.loop.call_soon_threadsafe(update.done.set_result, version)
+            except Exception as err:
+                update.loop.call_soon_threadsafe(update.done.set_exception, err)
+        self.engine.scheduler.admission_paused = bool(self._updates)
 
     def _add(self, request: Request) -> None:
         try:

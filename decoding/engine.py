@@ -22,6 +22,7 @@ from decoding.runner import ModelRunner, StepLogits
 from decoding.sampler import Sampler, SamplingBatch
 from decoding.scheduler import Scheduler, SchedulerOutput
 from decoding.sequence import FinishReason, Request, RequestStatus, Sequence, TokenLogprob
+from decoding.weights import apply_update, validate_update
 from models import load_model
 from models.attention import PagedKVCache
 
@@ -63,6 +64,7 @@ class Engine:
         self._request_counter = itertools.count()
         self._seq_counter = itertools.count()
         self._seed_rng = random.Random(self.config.seed)
+        self.weight_version = 0
 
     def _init_cache(self) -> None:
         model, cfg = self.loaded.model, self.config
@@ -164,6 +166,9 @@ class Engine:
             return []
         want_chunk = {s.seq.seq_id for s in sched.scheduled
                       if s.seq.request.params.prompt_logprobs is not None and s.start < s.seq.prompt_len - 1}
+        for item in sched.scheduled:
+            if item.seq.request.weight_version is None:
+                item.seq.request.weight_version = self.weight_version
         logits = self.runner.execute(sched, want_chunk)
         self._record_prompt_logprobs(sched, logits)
         sampling_seqs, rows = self._advance(sched, logits)
@@ -261,6 +266,29 @@ class Engine:
             for i, value in enumerate(chosen):
                 alternatives = dict(zip(top.indices[i].tolist(), top.values[i].tolist())) if top is not None else None
                 request.prompt_logprobs.append(TokenLogprob(value, alternatives))
+
+    # ---- weights -----------------------------------------------------------------------------
+    def started_request_ids(self) -> list[str]:
+        """Requests admitted under the current weights that have not finished (running or preempted)."""
+        return [r.req_id for r in self._requests.values() if r.weight_version is not None]
+
+    def has_started_requests(self) -> bool:
+        return any(r.weight_version is not None for r in self._requests.values())
+
+    def update_weights(self, tensors: dict[str, torch.Tensor], version: int | None = None,
+                       require_all: bool = False) -> int:
+        """Validate every tensor, then copy them in and set (or bump) the weight version.
+
+        The caller makes sure no started request is in flight (AsyncEngine.update_weights waits for them
+        or aborts them), so every request is generated wholly under one version. There is no cross-request
+        prefix cache to flush: a group's shared prompt blocks live only as long as its request.
+        """
+        validate_update(self.loaded.model, tensors, require_all)
+        if self.has_started_requests():
+            raise RuntimeError("weights cannot change while requests are being generated")
+        apply_update(self.loaded.model, tensors)
+        self.weight_version = self.weight_version + 1 if version is None else version
+        return self.weight_version
 
     # ---- batch convenience -------------------------------------------------------------------
     def generate(self, prompts: Prompt | list[Prompt], params: SamplingParams | list[SamplingParams] | None = None,

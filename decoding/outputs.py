@@ -37,6 +37,7 @@ class RequestOutput:
     prompt_logprobs: list[TokenLogprob | None] | None
     outputs: list[CompletionOutput]
     finished: bool
+    weight_version: int | None = None
 
     @classmethod
     def of(cls, request: Request) -> RequestOutput:
@@ -48,4 +49,5 @@ class RequestOutput:
             prompt_logprobs=list(request.prompt_logprobs) if wants_prompt_logprobs else None,
             outputs=[CompletionOutput.of(seq) for seq in request.seqs],
             finished=request.is_finished,
+            weight_version=request.weight_version,
         )

@@ -86,6 +86,9 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        # While a weight update waits for in-flight requests, new requests are not admitted; preempted
+        # ones (already started under the current weights) still are.
+        self.admission_paused = False
 
     # ---- queue management --------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -161,6 +164,8 @@ class Scheduler:
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0:
             request = self.waiting[0]
+            if self.admission_paused and request.weight_version is None:
+                return
             if self.num_running_seqs + len(request.seqs) > self.max_num_seqs:
                 return
             leader = request.leader

@@ -92,6 +92,8 @@ class Request:
     is_forked: bool = False
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
     first_token_time: float | None = None
+    # The weights version the request was admitted under; it finishes under the same one.
+    weight_version: int | None = None
 
     @property
     def prompt_len(self) -> int:

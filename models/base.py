@@ -25,6 +25,8 @@ class NativeCausalLM(Protocol):
     # The distinct sliding windows of the layers (None = full attention); the runner builds one mask
     # per window per step.
     attention_windows: frozenset[int | None]
+    # Names a checkpoint may leave out (the head of a model whose head is tied to its embedding).
+    optional_param_names: frozenset[str]
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: PagedKVCache,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -40,9 +42,10 @@ class NativeCausalLM(Protocol):
 def load_state_dict(model: NativeCausalLM, state_dict: dict[str, torch.Tensor]) -> None:
     """Copy an HF state dict into a native model; every native slot must be covered."""
     slots = model.param_slots()
-    missing = [name for name in slots if name not in state_dict]
+    missing = [name for name in slots if name not in state_dict and name not in model.optional_param_names]
     if missing:
         raise ValueError(f"checkpoint is missing parameters: {', '.join(missing[:5])}")
     for name, places in slots.items():
-        for slot in places:
-            slot.copy_(state_dict[name])
+        if name in state_dict:
+            for slot in places:
+                slot.copy_(state_dict[name])

@@ -89,6 +89,7 @@ class GPT2LMHeadModel(torch.nn.Module):
         self.ln_f = LayerNorm(config.hidden_size, config.layer_norm_epsilon, dtype, device)
         self.lm_head = FusedLinear(config.hidden_size, [config.vocab_size], [False], dtype, device)
         self.tied = bool(getattr(config, "tie_word_embeddings", True))
+        self.optional_param_names = frozenset({"lm_head.weight"}) if self.tied else frozenset()
 
     def forward(self, input_ids, positions, cache, meta):
         x = self.wte[input_ids] + self.wpe[positions]

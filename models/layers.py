@@ -112,7 +112,8 @@ def embedding_slots(embed_name: str, embed: torch.Tensor, lm_head: FusedLinear, 
     embed_slot = ParamSlot(embed, tuple(embed.shape))
     head_slot = lm_head.slots(["lm_head.weight"], [None])["lm_head.weight"]
     if tied:
-        return {embed_name: [embed_slot, head_slot]}
+        # A trainer's state_dict() also names the tied head; it is accepted and lands in the same place.
+        return {embed_name: [embed_slot, head_slot], "lm_head.weight": [head_slot]}
     return {embed_name: [embed_slot], "lm_head.weight": [head_slot]}
 
 

@@ -90,6 +90,7 @@ class LlamaForCausalLM(torch.nn.Module):
         self.final_norm = torch.nn.Parameter(torch.ones(config.hidden_size, dtype=dtype, device=device), requires_grad=False)
         self.lm_head = FusedLinear(config.hidden_size, [config.vocab_size], [False], dtype, device)
         self.tied = bool(getattr(config, "tie_word_embeddings", False))
+        self.optional_param_names = frozenset({"lm_head.weight"}) if self.tied else frozenset()
         self.rotary = rotary
         self.eps = config.rms_norm_eps
 

@@ -11,14 +11,15 @@ from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from decoding import Engine, RequestOutput, SamplingParams
 from decoding.async_engine import AsyncEngine, RequestStream
 from server import responses
-from server.errors import APIError, handle_api_error, handle_validation_error
+from server.errors import APIError, error_response, handle_api_error, handle_validation_error
 from server.metrics import Metrics
 from server.protocol import ChatCompletionRequest, CompletionRequest
+from server.rl import add_rl_routes
 
 VERSION = "0.1.0"
 
@@ -27,6 +28,7 @@ VERSION = "0.1.0"
 class ServerConfig:
     served_model_name: str
     api_key: str | None = None
+    admin_key: str | None = None     # enables and guards the weight-update routes
     max_queued: int = 256            # requests waiting for admission before new ones get 503
     retry_after_s: int = 1
 
@@ -142,12 +144,18 @@ def build_app(engine: Engine, config: ServerConfig) -> FastAPI:
     app.add_exception_handler(RequestValidationError, handle_validation_error)
 
     @app.middleware("http")
-    async def require_api_key(request: Request, call_next):
-        if config.api_key and request.url.path != "/health":
-            if request.headers.get("authorization") != f"Bearer {config.api_key}":
-                return JSONResponse({"error": {"message": "missing or wrong API key: send 'Authorization: Bearer "
-                                               "<key>'", "type": "authentication_error", "param": None,
-                                               "code": "invalid_api_key"}}, status_code=401)
+    async def require_keys(request: Request, call_next):
+        path, auth = request.url.path, request.headers.get("authorization")
+        if request.method == "POST" and path.startswith("/v1/weights/"):
+            if not config.admin_key:
+                return error_response(403, "weight updates are disabled; start the server with --admin-key",
+                                      type_="permission_error")
+            if auth != f"Bearer {config.admin_key}":
+                return error_response(401, "missing or wrong admin key: send 'Authorization: Bearer <admin key>'",
+                                      type_="authentication_error", code="invalid_api_key")
+        elif config.api_key and path != "/health" and auth != f"Bearer {config.api_key}":
+            return error_response(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                                  type_="authentication_error", code="invalid_api_key")
         return await call_next(request)
 
     @app.get("/health")
@@ -200,6 +208,7 @@ def build_app(engine: Engine, config: ServerConfig) -> FastAPI:
             return StreamingResponse(stream_events(server, streams, view), media_type="text/event-stream")
         return view.final(await collect(server, streams, request))
 
+    add_rl_routes(app, server, collect)
     return app
 
 

@@ -47,7 +47,8 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"gorgon: error: {err}", file=sys.stderr)
         return 2
     name = args.served_model_name or args.model or "gorgon-default"
-    config = ServerConfig(served_model_name=name, api_key=args.api_key, max_queued=args.max_queued)
+    config = ServerConfig(served_model_name=name, api_key=args.api_key, admin_key=args.admin_key,
+                          max_queued=args.max_queued)
     app = build_app(engine, config)
     print(f"Gorgon serving {name!r} on http://{args.host}:{args.port} (OpenAI-compatible, /v1)", flush=True)
     # On SIGTERM uvicorn stops accepting, lets in-flight requests finish (up to the grace period; then
@@ -77,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (all but /health)")
+    serve.add_argument("--admin-key", default=None, help="enable weight updates, guarded by this key")
     serve.add_argument("--max-queued", type=int, default=256, help="waiting requests before new ones get 503")
     serve.add_argument("--served-model-name", default=None)
     serve.add_argument("--max-num-seqs", type=int, default=64)

@@ -94,3 +94,29 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+
+
+class RolloutRequest(_SamplingFields):
+    """Group rollouts for RL trainers: `n` completions per prompt, token ids and logprobs in TRL's shape."""
+
+    prompts: list[str | list[int] | list[ChatMessage]] = Field(min_length=1)
+    max_tokens: int = 16
+    top_logprobs: int | None = None
+
+
+class ScoreRequest(BaseModel):
+    """Teacher-forced logprobs of completion tokens given their prompts (PPO's old-policy / reference)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    sequences: list[list[int]] = Field(min_length=1)      # prompt + completion token ids
+    prompt_lens: list[int]                                 # where each completion starts
+    logprobs_mode: Literal["raw", "processed"] = "raw"
+    temperature: float = 1.0
+
+
+class WeightsLoadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: str
+    weight_version: int | None = None
+    policy: Literal["wait", "abort"] = "wait"

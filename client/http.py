@@ -1,0 +1,86 @@
+"""`GorgonClient`: rollouts, scoring and weight pushes over HTTP."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import httpx
+import torch
+from safetensors.torch import save as save_safetensors
+
+
+class GorgonError(RuntimeError):
+    """An error answered by the server, with its message."""
+
+
+class GorgonClient:
+    def __init__(self, base_url: str, api_key: str | None = None, admin_key: str | None = None,
+                 timeout: float = 600.0):
+        self._http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout)
+        self._api_headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._admin_headers = {"Authorization": f"Bearer {admin_key}"} if admin_key else {}
+
+    def rollouts(self, prompts: list, n: int = 1, **sampling) -> dict:
+        """`n` completions per prompt (strings, token-id lists or chat message lists), grouped by prompt:
+        prompt_ids, completion_ids, logprobs, finish_reasons, texts, weight_versions, weight_version."""
+        return self._post("/v1/rollouts", json={"prompts": prompts, "n": n, **sampling})
+
+    def score(self, sequences: list[list[int]], prompt_lens: list[int], logprobs_mode: str = "raw",
+              temperature: float = 1.0) -> list[list[float]]:
+        """Teacher-forced logprobs of each sequence's tokens after its prompt."""
+        body = {"sequences": sequences, "prompt_lens": prompt_lens, "logprobs_mode": logprobs_mode,
+                "temperature": temperature}
+        return self._post("/v1/score", json=body)["logprobs"]
+
+    def weight_version(self) -> int:
+        return self._get("/v1/weights/version")["weight_version"]
+
+    def load_weights(self, path: str, weight_version: int | None = None, policy: str = "wait") -> int:
+        """Have the server load an HF folder or .safetensors file from its own disk."""
+        body = {"path": path, "weight_version": weight_version, "policy": policy}
+        return self._post("/v1/weights/load", json=body, admin=True)["weight_version"]
+
+    def push_weights(self, weights: torch.nn.Module | Mapping[str, torch.Tensor], weight_version: int | None = None,
+                     policy: str = "wait") -> int:
+        """Send all (or some) named parameters as one safetensors body; returns the new weight version."""
+        state = weights.state_dict() if isinstance(weights, torch.nn.Module) else weights
+        params = {"policy": policy}
+        if weight_version is not None:
+            params["weight_version"] = weight_version
+        payload = save_safetensors(_without_aliases(state))
+        return self._post("/v1/weights/update", content=payload, params=params, admin=True,
+                          headers={"Content-Type": "application/octet-stream"})["weight_version"]
+
+    def close(self) -> None:
+        self._http.close()
+
+    # ---- plumbing ----------------------------------------------------------------------------
+    def _get(self, path: str) -> dict:
+        return self._check(self._http.get(path, headers=self._api_headers))
+
+    def _post(self, path: str, admin: bool = False, headers: dict | None = None, **kwargs) -> dict:
+        merged = {**(self._admin_headers if admin else self._api_headers), **(headers or {})}
+        return self._check(self._http.post(path, headers=merged, **kwargs))
+
+    @staticmethod
+    def _check(response: httpx.Response) -> dict:
+        if response.status_code >= 400:
+            try:
+                message = response.json()["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                message = response.text[:500]
+            raise GorgonError(f"HTTP {response.status_code}: {message}")
+        return response.json()
+
+
+def _without_aliases(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU copies, one per storage: tied parameters (an embedding shared with the head) appear once."""
+    seen: set[tuple[int, int]] = set()
+    tensors = {}
+    for name, tensor in state.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        if key in seen:
+            continue
+        seen.add(key)
+        tensors[name] = tensor.detach().to("cpu").contiguous()
+    return tensors

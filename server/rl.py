@@ -1,0 +1,111 @@
+"""Routes for RL trainers: group rollouts, teacher-forced scoring and weight sync."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import FastAPI, Request
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+
+from decoding import RequestOutput, SamplingParams
+from decoding.weights import WeightUpdateError, read_checkpoint
+from server.errors import APIError
+from server.protocol import RolloutRequest, ScoreRequest, WeightsLoadRequest
+from server.responses import chat_prompt_ids
+
+
+def _as_prompt(tokenizer, prompt):
+    """Strings and token ids pass through; a chat message list goes through the chat template."""
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        return prompt
+    return chat_prompt_ids(tokenizer, prompt)
+
+
+def rollout_body(outputs: list[RequestOutput], top_logprobs: int | None) -> dict:
+    """TRL's rollout_func shape: one entry per completion, grouped by prompt, prompts in order."""
+    body: dict[str, list] = {"prompt_ids": [], "completion_ids": [], "logprobs": [], "finish_reasons": [],
+                             "texts": [], "weight_versions": []}
+    if top_logprobs:
+        body["logprob_token_ids"], body["top_logprobs"] = [], []
+    for output in outputs:
+        for completion in output.outputs:
+            body["prompt_ids"].append(output.prompt_token_ids)
+            body["completion_ids"].append(completion.token_ids)
+            body["logprobs"].append([lp.logprob for lp in completion.logprobs])
+            body["finish_reasons"].append(completion.finish_reason)
+            body["texts"].append(completion.text)
+            body["weight_versions"].append(output.weight_version)
+            if top_logprobs:
+                body["logprob_token_ids"].append([list(lp.top) for lp in completion.logprobs])
+                body["top_logprobs"].append([list(lp.top.values()) for lp in completion.logprobs])
+    versions = set(body["weight_versions"])
+    # Each completion is generated wholly under one version; the call's version when they all agree.
+    body["weight_version"] = versions.pop() if len(versions) == 1 else None
+    return body
+
+
+def add_rl_routes(app: FastAPI, server, collect) -> None:
+    engine = server.engine
+
+    @app.post("/v1/rollouts")
+    async def rollouts(body: RolloutRequest, request: Request):
+        server.check_model(body.model)
+        if body.stream:
+            raise APIError(400, "rollouts are not streamed; drop 'stream'", param="stream")
+        try:
+            prompts = [_as_prompt(engine.tokenizer, p) for p in body.prompts]
+            params = body.sampling_params(body.max_tokens, body.top_logprobs or 0)
+        except ValueError as err:
+            raise APIError(400, str(err)) from err
+        outputs = await collect(server, server.submit(prompts, params), request)
+        return rollout_body(outputs, body.top_logprobs)
+
+    @app.post("/v1/score")
+    async def score(body: ScoreRequest, request: Request):
+        server.check_model(body.model)
+        if len(body.prompt_lens) != len(body.sequences):
+            raise APIError(400, "prompt_lens must have one entry per sequence", param="prompt_lens")
+        for index, (sequence, start) in enumerate(zip(body.sequences, body.prompt_lens)):
+            if not 1 <= start < len(sequence):
+                raise APIError(400, f"prompt_lens[{index}] must be between 1 and len(sequences[{index}]) - 1",
+                               param="prompt_lens")
+        try:
+            params = SamplingParams(max_tokens=1, prompt_logprobs=0, logprobs_mode=body.logprobs_mode,
+                                    temperature=body.temperature)
+        except ValueError as err:
+            raise APIError(400, str(err)) from err
+        outputs = await collect(server, server.submit(body.sequences, params), request)
+        return {"logprobs": [[lp.logprob for lp in out.prompt_logprobs[start:]]
+                             for out, start in zip(outputs, body.prompt_lens)],
+                "weight_versions": [out.weight_version for out in outputs]}
+
+    @app.get("/v1/weights/version")
+    async def weight_version():
+        return {"weight_version": engine.weight_version}
+
+    @app.post("/v1/weights/load")
+    async def load_weights(body: WeightsLoadRequest):
+        try:
+            tensors = await asyncio.to_thread(read_checkpoint, body.path)
+        except (WeightUpdateError, OSError, SafetensorError) as err:
+            raise APIError(400, f"could not read weights from {body.path!r}: {err}", param="path") from err
+        return await apply(tensors, body.weight_version, body.policy, require_all=True)
+
+    @app.post("/v1/weights/update")
+    async def update_weights(request: Request, weight_version: int | None = None, policy: str = "wait"):
+        payload = b"".join([chunk async for chunk in request.stream()])
+        try:
+            tensors = load_safetensors(payload)
+        except (SafetensorError, ValueError) as err:
+            raise APIError(400, f"the body is not a safetensors payload: {err}") from err
+        if not tensors:
+            raise APIError(400, "the safetensors payload holds no tensors")
+        return await apply(tensors, weight_version, policy, require_all=False)
+
+    async def apply(tensors, version, policy, require_all) -> dict:
+        try:
+            new_version = await server.front.update_weights(tensors, version, policy, require_all)
+        except WeightUpdateError as err:
+            raise APIError(400, str(err), param=err.param) from err
+        return {"weight_version": new_version, "num_parameters": len(tensors)}

@@ -1,0 +1,133 @@
+"""RL routes: group rollouts, logprob fidelity against a teacher-forced HF forward, scoring, weight sync."""
+
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+from safetensors.torch import save as save_safetensors
+from transformers import AutoModelForCausalLM
+
+from client import GorgonClient
+from client.http import GorgonError
+from test_server import start_server, stop_server
+
+PROMPTS = [[1, 5, 9, 33, 70], [1, 40, 41, 42, 43, 44, 45, 46, 47]]
+
+
+@pytest.fixture
+def live(llama_dir):
+    live = start_server(llama_dir, admin_key="admin")
+    live.rl = GorgonClient(live.url, admin_key="admin")
+    yield live
+    stop_server(live)
+
+
+def hf_logits(path, ids):
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float()
+
+
+def test_rollouts_are_grouped_and_share_the_prompt_prefill(live):
+    before = live.engine.counters.num_prompt_tokens_computed
+    out = live.rl.rollouts(PROMPTS, n=4, max_tokens=8, temperature=1.0, seed=3)
+    assert len(out["completion_ids"]) == 8 and out["prompt_ids"][:4] == [PROMPTS[0]] * 4
+    assert out["prompt_ids"][4:] == [PROMPTS[1]] * 4
+    assert all(len(lp) == len(ids) for lp, ids in zip(out["logprobs"], out["completion_ids"]))
+    assert out["weight_version"] == 0 and len(out["texts"]) == 8
+    # Each group's prompt was computed once, not four times.
+    assert live.engine.counters.num_prompt_tokens_computed - before == sum(len(p) for p in PROMPTS)
+    again = live.rl.rollouts(PROMPTS, n=4, max_tokens=8, temperature=1.0, seed=3)
+    assert again["completion_ids"] == out["completion_ids"]
+    assert len({tuple(c) for c in out["completion_ids"][:4]}) > 1       # distinct seeds inside a group
+
+
+@pytest.mark.parametrize("mode", ["processed", "raw"])
+def test_rollout_logprobs_equal_a_teacher_forced_forward(live, llama_dir, mode):
+    temperature = 0.8
+    out = live.rl.rollouts([PROMPTS[1]], n=2, max_tokens=12, temperature=temperature, seed=5, logprobs_mode=mode)
+    for prompt, completion, logprobs in zip(out["prompt_ids"], out["completion_ids"], out["logprobs"]):
+        logits = hf_logits(llama_dir, prompt + completion)
+        reference = torch.log_softmax(logits / temperature if mode == "processed" else logits, dim=-1)
+        for i, (token, logprob) in enumerate(zip(completion, logprobs)):
+            assert logprob == pytest.approx(reference[len(prompt) - 1 + i, token].item(), abs=1e-4)
+
+
+def test_processed_logprobs_with_top_k_are_the_renormalised_truncated_distribution(live, llama_dir):
+    out = live.rl.rollouts([PROMPTS[0]], n=3, max_tokens=6, temperature=1.0, top_k=5, seed=9)
+    for prompt, completion, logprobs in zip(out["prompt_ids"], out["completion_ids"], out["logprobs"]):
+        logits = hf_logits(llama_dir, prompt + completion)
+        for i, (token, logprob) in enumerate(zip(completion, logprobs)):
+            row = logits[len(prompt) - 1 + i]
+            top = row.topk(5)
+            assert token in top.indices.tolist()
+            expected = torch.log_softmax(top.values, -1)[top.indices.tolist().index(token)]
+            assert logprob == pytest.approx(expected.item(), abs=1e-4)
+
+
+def test_score_matches_a_teacher_forced_forward(live, llama_dir):
+    sequences = [PROMPTS[0] + [7, 8, 9], PROMPTS[1] + [100, 101]]
+    scores = live.rl.score(sequences, [len(PROMPTS[0]), len(PROMPTS[1])])
+    for sequence, start, logprobs in zip(sequences, [len(PROMPTS[0]), len(PROMPTS[1])], scores):
+        reference = torch.log_softmax(hf_logits(llama_dir, sequence), -1)
+        assert len(logprobs) == len(sequence) - start
+        for i, logprob in enumerate(logprobs):
+            assert logprob == pytest.approx(reference[start - 1 + i, sequence[start + i]].item(), abs=1e-4)
+
+
+def test_pushed_weights_change_generation_and_bad_payloads_change_nothing(live, llama_dir, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)
+    greedy = dict(max_tokens=10, temperature=0, min_tokens=10)
+    before = live.rl.rollouts([PROMPTS[0]], **greedy)["completion_ids"][0]
+    bad = {"model.layers.0.mlp.up_proj.weight": torch.zeros(3, 3)}
+    with pytest.raises(GorgonError, match="model.layers.0.mlp.up_proj.weight"):
+        live.rl.push_weights(bad)
+    with pytest.raises(GorgonError, match="unknown parameter 'nope'"):
+        live.rl.push_weights({"nope": torch.zeros(2)})
+    assert live.rl.weight_version() == 0
+    assert live.rl.rollouts([PROMPTS[0]], **greedy)["completion_ids"][0] == before
+
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.5)
+    assert live.rl.push_weights(model, weight_version=7) == 7
+    after = live.rl.rollouts([PROMPTS[0]], **greedy)
+    assert after["weight_version"] == 7
+    expected = model.generate(torch.tensor([PROMPTS[0]]), max_new_tokens=10, min_new_tokens=10, do_sample=False,
+                              pad_token_id=0)[0, len(PROMPTS[0]):].tolist()
+    assert after["completion_ids"][0] == expected
+    # Loading the original checkpoint from disk restores the original behaviour.
+    assert live.rl.load_weights(llama_dir) == 8
+    assert live.rl.rollouts([PROMPTS[0]], **greedy)["completion_ids"][0] == before
+
+
+def test_weight_routes_need_the_admin_key(live, llama_dir):
+    payload = save_safetensors({"model.norm.weight": torch.ones(64)})
+    assert httpx.post(f"{live.url}/v1/weights/update", content=payload).status_code == 401
+    assert httpx.post(f"{live.url}/v1/weights/load", json={"path": llama_dir}).status_code == 401
+    assert httpx.post(f"{live.url}/v1/weights/update", content=b"junk",
+                      headers={"Authorization": "Bearer admin"}).status_code == 400
+
+
+@pytest.mark.parametrize("policy", ["wait", "abort"])
+def test_updates_never_mix_versions_inside_a_rollout(live, policy):
+    results = {}
+
+    def long_rollout():
+        results["out"] = live.rl.rollouts([PROMPTS[0]], n=2, max_tokens=150, ignore_eos=True, seed=1)
+
+    thread = threading.Thread(target=long_rollout)
+    thread.start()
+    while not live.engine.has_started_requests():
+        time.sleep(0.01)
+    version = live.rl.push_weights({"model.norm.weight": torch.ones(64) * 1.01}, policy=policy)
+    thread.join()
+    out = results["out"]
+    assert version == 1 and out["weight_version"] == 0
+    if policy == "wait":
+        assert out["finish_reasons"] == ["length", "length"]
+    else:
+        assert out["finish_reasons"] == ["abort", "abort"]
+    assert live.rl.rollouts([PROMPTS[0]], max_tokens=2)["weight_version"] == 1
