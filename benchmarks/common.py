@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
+import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import torch
 
 # The fixed benchmark model used until a model is named or the embedded default exists.
@@ -91,3 +95,46 @@ def report(result: dict, as_json: bool) -> None:
         for key, value in result.items():
             print(f"{key:>24}: {value}")
     sys.stdout.flush()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_healthy(url: str, process: subprocess.Popen, timeout: float = 600) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}: {process.stdout.read()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"server at {url} did not become healthy in {timeout:.0f} s")
+
+
+@contextmanager
+def server_process(command: list[str], url: str):
+    """Run a server command until the block ends; waits for its /health first."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_healthy(url, process)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def gorgon_server(model: str, *extra_args: str):
+    """A `gorgon serve` subprocess on a free loopback port; the context yields its base URL."""
+    port = free_port()
+    command = [sys.executable, "-m", "server.cli", "serve", "--model", model, "--port", str(port),
+               "--log-level", "warning", *extra_args]
+    return server_process(command, f"http://127.0.0.1:{port}")

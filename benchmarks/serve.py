@@ -7,9 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import time
 
@@ -17,27 +15,7 @@ import httpx
 import torch
 from transformers import AutoTokenizer
 
-from benchmarks.common import benchmark_model_path, parse_args, random_prompts, report
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_healthy(url: str, process: subprocess.Popen, timeout: float = 600) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}: {process.stdout.read()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"server at {url} did not become healthy in {timeout:.0f} s")
+from benchmarks.common import benchmark_model_path, free_port, parse_args, random_prompts, report, server_process
 
 
 async def one(client: httpx.AsyncClient, url: str, model: str, prompt: str, new_tokens: int, seed: int):
@@ -72,17 +50,9 @@ async def drive(url: str, model: str, prompts: list[str], new_tokens: int, token
 
 
 def run_server(command: list[str], url: str, model: str, prompts, new_tokens, tokenizer) -> dict:
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        wait_healthy(url, process)
+    with server_process(command, url):
         asyncio.run(drive(url, model, prompts[:2], 4, tokenizer))            # warm-up
         return asyncio.run(drive(url, model, prompts, new_tokens, tokenizer))
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 def main() -> None:

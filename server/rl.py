@@ -94,9 +94,11 @@ def add_rl_routes(app: FastAPI, server, collect) -> None:
 
     @app.post("/v1/weights/update")
     async def update_weights(request: Request, weight_version: int | None = None, policy: str = "wait"):
-        payload = b"".join([chunk async for chunk in request.stream()])
+        payload = bytearray()
+        async for chunk in request.stream():
+            payload += chunk
         try:
-            tensors = load_safetensors(payload)
+            tensors = load_safetensors(bytes(payload))
         except (SafetensorError, ValueError) as err:
             raise APIError(400, f"the body is not a safetensors payload: {err}") from err
         if not tensors:

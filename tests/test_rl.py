@@ -131,3 +131,16 @@ def test_updates_never_mix_versions_inside_a_rollout(live, policy):
     else:
         assert out["finish_reasons"] == ["abort", "abort"]
     assert live.rl.rollouts([PROMPTS[0]], max_tokens=2)["weight_version"] == 1
+
+
+def test_streamed_safetensors_encoding_round_trips_through_the_official_reader():
+    from safetensors.torch import load
+
+    from client.http import _chunks, safetensors_header
+    tensors = {"a": torch.randn(3, 5), "b": torch.arange(7, dtype=torch.int64),
+               "c": torch.randn(2, 2).to(torch.bfloat16), "d": torch.randn(0)}
+    header, ordered = safetensors_header(tensors)
+    decoded = load(b"".join(_chunks(header, ordered)))
+    assert decoded.keys() == tensors.keys()
+    for name, tensor in tensors.items():
+        assert decoded[name].dtype == tensor.dtype and torch.equal(decoded[name], tensor)
