@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 import torch
 from tqdm.auto import tqdm
 
+from decoding.beam_requests import BeamRequests
 from decoding.block_manager import BlockManager, CacheUsage
 from decoding.config import EngineConfig
 from decoding.detokenizer import IncrementalDetokenizer, find_stop_string
@@ -59,6 +60,7 @@ class Engine:
         self.scheduler = Scheduler(self.blocks, self.config.max_num_seqs, self.config.max_num_batched_tokens)
         self.runner = ModelRunner(self.loaded.model, self.cache, self.loaded.device)
         self.sampler = Sampler()
+        self.beams = BeamRequests(self.blocks, self.tokenizer, self.stop_token_ids, self._new_sequence)
         self.counters = EngineCounters()
         self._requests: dict[str, Request] = {}
         self._request_counter = itertools.count()
@@ -88,11 +90,20 @@ class Engine:
         self._check_fits(prompt_ids, params)
         request = Request(request_id or f"req-{next(self._request_counter)}", prompt_text, prompt_ids, params)
         for index in range(params.n):
-            seed = self._seed_rng.getrandbits(63) if params.seed is None else (params.seed * 1_000_003 + index) % 2**63
-            generator = torch.Generator().manual_seed(seed)
-            detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens)
-            request.seqs.append(Sequence(next(self._seq_counter), index, request, generator, detokenizer))
+            request.seqs.append(self._new_sequence(request, index))
+        if params.use_beam_search and params.num_beams > 1:
+            self.beams.start(request, len(prompt_ids) + params.max_tokens)
         return request
+
+    def _new_sequence(self, request: Request, index: int) -> Sequence:
+        params = request.params
+        seed = self._seed_rng.getrandbits(63) if params.seed is None else (params.seed * 1_000_003 + index) % 2**63
+        detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params.skip_special_tokens)
+        return Sequence(next(self._seq_counter), index, request, torch.Generator().manual_seed(seed), detokenizer)
+
+    def stop_token_ids(self, request: Request) -> frozenset[int]:
+        params = request.params
+        return frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
 
     def add(self, request: Request) -> str:
         if request.req_id in self._requests:
@@ -147,12 +158,14 @@ class Engine:
             raise ValueError(f"prompt ({prompt_len} tokens) + max_tokens ({params.max_tokens}) exceeds the "
                              f"context length {self.max_model_len}; lower max_tokens to at most "
                              f"{self.max_model_len - prompt_len}")
-        if params.n > self.config.max_num_seqs:
-            raise ValueError(f"n={params.n} exceeds max_num_seqs={self.config.max_num_seqs}")
+        if max(params.n, params.num_beams) > self.config.max_num_seqs:
+            raise ValueError(f"n={params.n} / num_beams={params.num_beams} exceeds max_num_seqs="
+                             f"{self.config.max_num_seqs}")
         # A request must fit the cache alone, or preemption could not guarantee progress. Each sample
         # may copy the shared last prompt block once (copy-on-write), hence the +1.
         blocks = self.blocks.blocks_for
-        worst = blocks(prompt_len) + params.n * (blocks(params.max_tokens) + 1)
+        width = max(params.n, params.num_beams if params.use_beam_search else 1)
+        worst = blocks(prompt_len) + width * (blocks(params.max_tokens) + 1)
         usable = self.blocks.usage().num_blocks
         if worst > usable:
             raise ValueError(f"the request may need {worst} KV blocks but the cache has {usable}; lower n or "
@@ -173,6 +186,7 @@ class Engine:
         self._record_prompt_logprobs(sched, logits)
         sampling_seqs, rows = self._advance(sched, logits)
         touched = {s.seq.request.req_id: s.seq.request for s in sched.scheduled}
+        sampling_seqs, rows = self._advance_beams(sampling_seqs, rows, logits.last)
         if sampling_seqs:
             batch = SamplingBatch.from_sequences(sampling_seqs, self.loaded.model.vocab_size,
                                                  self.eos_token_ids, self.loaded.device)
@@ -203,6 +217,23 @@ class Engine:
                         sampling_seqs.append(target)
                         rows.append(row_of[seq.seq_id])
         return sampling_seqs, torch.tensor(rows, dtype=torch.long, device=self.loaded.device)
+
+    def _advance_beams(self, seqs: list[Sequence], rows: torch.Tensor, logits: torch.Tensor):
+        """Hand beam-search rows to their requests; return the rest for the sampler."""
+        if not any(seq.request.beam is not None for seq in seqs):
+            return seqs, rows
+        ready: dict[str, dict[int, int]] = {}
+        keep = []
+        for i, (seq, row) in enumerate(zip(seqs, rows.tolist())):
+            if seq.request.beam is not None:
+                ready.setdefault(seq.request.req_id, {})[seq.seq_id] = row
+            else:
+                keep.append(i)
+        for request_id, beam_rows in ready.items():
+            request = self._requests[request_id]
+            self.beams.advance(request, beam_rows, logits)
+            self.counters.num_generated_tokens += len(beam_rows)
+        return [seqs[i] for i in keep], rows[keep]
 
     def _fork(self, request: Request) -> None:
         leader = request.leader

@@ -15,6 +15,7 @@ class CompletionOutput:
     logprobs: list[TokenLogprob] | None      # one per generated token, when asked for
     finish_reason: str | None                # "stop", "length", "abort", or None while running
     stop_reason: str | int | None = None     # the stop string or stop token id that ended it
+    score: float | None = None               # beam search: sum of logprobs / generated_len ** length_penalty
 
     @classmethod
     def of(cls, seq: Sequence) -> CompletionOutput:
@@ -42,12 +43,20 @@ class RequestOutput:
     @classmethod
     def of(cls, request: Request) -> RequestOutput:
         wants_prompt_logprobs = request.params.prompt_logprobs is not None
+        if request.beam_results is not None:
+            outputs = [CompletionOutput(index=i, text=h.text, token_ids=h.token_ids,
+                                        logprobs=[TokenLogprob(lp) for lp in h.logprobs]
+                                        if request.params.logprobs is not None else None,
+                                        finish_reason=h.finish_reason, score=h.score)
+                       for i, h in enumerate(request.beam_results)]
+        else:
+            outputs = [CompletionOutput.of(seq) for seq in request.seqs]
         return cls(
             request_id=request.req_id,
             prompt=request.prompt,
             prompt_token_ids=request.prompt_token_ids,
             prompt_logprobs=list(request.prompt_logprobs) if wants_prompt_logprobs else None,
-            outputs=[CompletionOutput.of(seq) for seq in request.seqs],
+            outputs=outputs,
             finished=request.is_finished,
             weight_version=request.weight_version,
         )

@@ -37,6 +37,12 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     logprobs_mode: LogprobsMode = "processed"
     skip_special_tokens: bool = True
+    # Beam search, with HF generate's semantics. Deterministic: temperature must be 0.
+    use_beam_search: bool = False
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False          # True, False or "never"
+    num_return_sequences: int = 1
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -72,6 +78,26 @@ class SamplingParams:
         _require(self.logprobs_mode in ("raw", "processed"),
                  f"logprobs_mode must be 'raw' or 'processed', got {self.logprobs_mode!r}")
         _require(self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")
+        self._validate_beam_search()
+
+    def _validate_beam_search(self) -> None:
+        _require(isinstance(self.num_beams, int) and self.num_beams >= 1,
+                 f"num_beams must be an integer >= 1, got {self.num_beams!r}")
+        _require(self.early_stopping in (True, False, "never"),
+                 f"early_stopping must be true, false or \"never\", got {self.early_stopping!r}")
+        _require(isinstance(self.num_return_sequences, int) and 1 <= self.num_return_sequences <= self.num_beams,
+                 f"num_return_sequences must be between 1 and num_beams ({self.num_beams}), "
+                 f"got {self.num_return_sequences!r}")
+        if not self.use_beam_search:
+            _require(self.num_beams == 1, "num_beams > 1 needs use_beam_search=True")
+            return
+        _require(self.n == 1, "beam search returns num_return_sequences beams; set n=1 (n > 1 is for sampling)")
+        _require(self.temperature == 0, "beam search is deterministic: set temperature=0 (beam sampling is not "
+                                        "supported)")
+        _require(not self.has_truncation, "top_k, top_p and min_p do not apply to beam search; remove them")
+        _require(self.presence_penalty == 0 and self.frequency_penalty == 0,
+                 "presence_penalty and frequency_penalty are not supported with beam search; use "
+                 "repetition_penalty")
 
     @property
     def is_greedy(self) -> bool:

@@ -105,7 +105,7 @@ class Scheduler:
 
     @property
     def num_running_seqs(self) -> int:
-        return sum(len(r.active_seqs()) for r in self.running)
+        return sum(r.num_seqs_needed for r in self.running if not r.is_finished)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -166,7 +166,7 @@ class Scheduler:
             request = self.waiting[0]
             if self.admission_paused and request.weight_version is None:
                 return
-            if self.num_running_seqs + len(request.seqs) > self.max_num_seqs:
+            if self.num_running_seqs + request.num_seqs_needed > self.max_num_seqs:
                 return
             leader = request.leader
             wanted = min(self._chunk_limit(request, leader), budget)

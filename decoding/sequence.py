@@ -94,10 +94,17 @@ class Request:
     first_token_time: float | None = None
     # The weights version the request was admitted under; it finishes under the same one.
     weight_version: int | None = None
+    beam: object | None = None                 # BeamSearch state, for use_beam_search requests
+    beam_results: list | None = None           # the returned hypotheses once beam search is done
 
     @property
     def prompt_len(self) -> int:
         return len(self.prompt_token_ids)
+
+    @property
+    def num_seqs_needed(self) -> int:
+        """Sequences this request will run at once: its samples, or its beams."""
+        return max(len(self.seqs), self.params.num_beams if self.params.use_beam_search else 1)
 
     @property
     def needs_fork(self) -> bool:

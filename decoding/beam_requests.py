@@ -1,0 +1,90 @@
+"""Engine-side beam search: feed each beam request's logits to its `BeamSearch`, then re-point the
+beams' block tables at their parents' (fork + copy-on-write), so beams share every common block and a
+step never copies a whole sequence's cache."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from decoding.beam import BeamSearch, Hypothesis, process_log_probs
+from decoding.block_manager import BlockManager
+from decoding.detokenizer import find_stop_string
+from decoding.sequence import FinishReason, Request, Sequence
+
+
+class BeamRequests:
+    def __init__(self, blocks: BlockManager, tokenizer, stop_ids_of: Callable[[Request], frozenset[int]],
+                 new_sequence: Callable[[Request, int], Sequence]):
+        self.blocks = blocks
+        self.tokenizer = tokenizer
+        self.stop_ids_of = stop_ids_of
+        self.new_sequence = new_sequence
+
+    def start(self, request: Request, max_len: int) -> None:
+        params = request.params
+        stops = params.stop
+        request.beam = BeamSearch(
+            num_beams=params.num_beams, prompt_len=request.prompt_len, max_len=max_len,
+            stop_token_ids=self.stop_ids_of(request), length_penalty=params.length_penalty,
+            early_stopping=params.early_stopping,
+            hits_stop_string=(lambda tokens, token: self._completes_stop(tokens, token, stops)) if stops else None)
+
+    def advance(self, request: Request, ready: dict[int, int], logits: torch.Tensor) -> None:
+        """`ready` maps the seq_id of each beam whose logits this step computed to its row in `logits`."""
+        running = [seq for seq in request.seqs if not seq.is_finished]
+        if any(seq.seq_id not in ready for seq in running):
+            # Beams advance together. After a preemption they are recomputed separately; one that got
+            # there first forgets its last token's KV and computes it again with the others.
+            for seq in running:
+                if seq.seq_id in ready:
+                    seq.num_computed -= 1
+            return
+        params, beam = request.params, request.beam
+        generated = len(running[0].token_ids) - request.prompt_len
+        banned = sorted(self.stop_ids_of(request)) if generated < params.min_tokens else []
+        rows = torch.tensor([ready[seq.seq_id] for seq in running], device=logits.device)
+        log_probs = process_log_probs(logits[rows].cpu(), [s.token_ids for s in running],
+                                      params.repetition_penalty, banned)
+        if len(running) < beam.num_beams:     # the first step: every beam is the prompt
+            log_probs = log_probs[:1].expand(beam.num_beams, -1)
+        result = beam.step(log_probs)
+        self._reorder(request, running, result.parents)
+        if result.done:
+            self._finish(request)
+
+    def _reorder(self, request: Request, running: list[Sequence], parents: list[int]) -> None:
+        beam = request.beam
+        parent_seqs = [running[min(p, len(running) - 1)] for p in parents]
+        tables = [self.blocks.fork(p.block_table, p.num_computed) for p in parent_seqs]
+        computed = [p.num_computed for p in parent_seqs]
+        for seq in running:
+            self.blocks.free(seq.block_table)
+        while len(request.seqs) < beam.num_beams:
+            request.seqs.append(self.new_sequence(request, len(request.seqs)))
+        request.is_forked = True
+        for slot, seq in enumerate(request.seqs):
+            seq.block_table, seq.num_computed = tables[slot], computed[slot]
+            seq.token_ids = request.prompt_token_ids + beam.running_tokens[slot]
+
+    def _finish(self, request: Request) -> None:
+        params = request.params
+        request.beam_results = [self._with_text(h, params) for h in request.beam.best(params.num_return_sequences)]
+        for seq in request.seqs:
+            self.blocks.free(seq.block_table)
+            seq.finish_reason = FinishReason.STOP
+
+    def _with_text(self, hypothesis: Hypothesis, params) -> Hypothesis:
+        text = self.tokenizer.decode(hypothesis.token_ids, skip_special_tokens=params.skip_special_tokens)
+        found = find_stop_string(text, len(text), params.stop) if params.stop else None
+        if found:
+            index, stop = found
+            text = text[: index + (len(stop) if params.include_stop_str_in_output else 0)]
+        hypothesis.text = text
+        return hypothesis
+
+    def _completes_stop(self, tokens: list[int], token: int, stops: tuple[str, ...]) -> bool:
+        before = self.tokenizer.decode(tokens)
+        after = self.tokenizer.decode(tokens + [token])
+        return find_stop_string(after, max(1, len(after) - len(before)), stops) is not None
