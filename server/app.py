@@ -181,8 +181,7 @@ def build_app(engine: Engine, config: ServerConfig) -> FastAPI:
         server.check_model(body.model)
         try:
             prompts = body.prompts()
-            echo_logprobs = body.logprobs if body.echo else None
-            params = body.sampling_params(body.max_tokens or 16, body.logprobs, echo_logprobs)
+            params = body.completion_params()
         except ValueError as err:
             raise APIError(400, str(err)) from err
         streams = server.submit(prompts, params)

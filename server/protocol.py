@@ -62,6 +62,23 @@ class CompletionRequest(_SamplingFields):
     logprobs: int | None = None
     echo: bool = False
     return_token_ids: bool = False
+    # vLLM's convention: with use_beam_search, `n` is the beam width and all n beams are returned.
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    early_stopping: bool | Literal["never"] = False
+
+    def completion_params(self) -> SamplingParams:
+        logprobs = self.logprobs
+        prompt_logprobs = self.logprobs if self.echo else None
+        if not self.use_beam_search:
+            return self.sampling_params(self.max_tokens or 16, logprobs, prompt_logprobs)
+        if self.temperature not in (0, 1.0):
+            raise ValueError("beam search is deterministic; leave temperature out or set it to 0")
+        beam = self.model_copy(update={"n": 1, "temperature": 0.0})
+        params = beam.sampling_params(self.max_tokens or 16, logprobs, prompt_logprobs)
+        return SamplingParams(**{**params.__dict__, "use_beam_search": True, "num_beams": self.n,
+                                 "num_return_sequences": self.n, "length_penalty": self.length_penalty,
+                                 "early_stopping": self.early_stopping})
 
     def prompts(self) -> list[str | list[int]]:
         if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):

@@ -111,6 +111,8 @@ class CompletionView(_View):
     def _choice(self, index, text, logprobs, completion: CompletionOutput, prompt_ids, token_ids=None) -> dict:
         choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": completion.finish_reason,
                   "stop_reason": completion.stop_reason}
+        if completion.score is not None:
+            choice["score"] = completion.score
         if self.body.return_token_ids:
             choice["token_ids"] = completion.token_ids if token_ids is None else token_ids
             choice["prompt_token_ids"] = prompt_ids

@@ -213,3 +213,14 @@ def test_sigterm_stops_the_server_cleanly(llama_dir):
     finally:
         if process.poll() is None:
             os.kill(process.pid, signal.SIGKILL)
+
+
+def test_beam_search_over_http_uses_n_as_the_width(live):
+    out = live.client.completions.create(model="tiny", prompt=[1, 5, 9, 33], max_tokens=8, n=3,
+                                         extra_body={"use_beam_search": True, "length_penalty": 0.5,
+                                                     "early_stopping": "never"})
+    scores = [c.model_extra["score"] for c in out.choices]
+    assert len(out.choices) == 3 and scores == sorted(scores, reverse=True)
+    response = httpx.post(f"{live.url}/v1/completions", json={"model": "tiny", "prompt": "x", "n": 2,
+                                                               "use_beam_search": True, "temperature": 0.5})
+    assert response.status_code == 400 and "temperature" in response.json()["error"]["message"]
