@@ -8,6 +8,7 @@ nothing and the error names the offending parameter.
 from __future__ import annotations
 
 import json
+import struct
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -68,4 +69,41 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for shard in shards:
         tensors.update(load_file(path / shard))
+    return tensors
+
+
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_payload(buffer: bytearray) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors body as views into `buffer` (no copy; keep the buffer alive)."""
+    if len(buffer) < 8:
+        raise WeightUpdateError("the body is too short to be a safetensors payload")
+    (header_len,) = struct.unpack_from("<Q", buffer, 0)
+    if header_len > len(buffer) - 8:
+        raise WeightUpdateError("the safetensors header length runs past the end of the body")
+    try:
+        header = json.loads(bytes(buffer[8 : 8 + header_len]))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise WeightUpdateError(f"the safetensors header is not valid JSON: {err}") from err
+    header.pop("__metadata__", None)
+    base, tensors = 8 + header_len, {}
+    for name, info in header.items():
+        try:
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            shape, (start, end) = list(info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError) as err:
+            raise WeightUpdateError(f"tensor {name!r}: malformed safetensors entry", param=name) from err
+        numel = 1
+        for dim in shape:
+            numel *= dim
+        itemsize = torch.tensor([], dtype=dtype).element_size()
+        if not 0 <= start <= end <= len(buffer) - base or end - start != numel * itemsize:
+            raise WeightUpdateError(f"tensor {name!r}: data offsets do not match its shape and dtype", param=name)
+        if numel == 0:
+            tensors[name] = torch.empty(shape, dtype=dtype)
+        else:
+            tensors[name] = torch.frombuffer(buffer, dtype=dtype, count=numel, offset=base + start).view(shape)
     return tensors

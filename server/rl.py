@@ -6,10 +6,9 @@ import asyncio
 
 from fastapi import FastAPI, Request
 from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors
 
 from decoding import RequestOutput, SamplingParams
-from decoding.weights import WeightUpdateError, read_checkpoint
+from decoding.weights import WeightUpdateError, read_checkpoint, read_payload
 from server.errors import APIError
 from server.protocol import RolloutRequest, ScoreRequest, WeightsLoadRequest
 from server.responses import chat_prompt_ids
@@ -98,9 +97,9 @@ def add_rl_routes(app: FastAPI, server, collect) -> None:
         async for chunk in request.stream():
             payload += chunk
         try:
-            tensors = load_safetensors(bytes(payload))
-        except (SafetensorError, ValueError) as err:
-            raise APIError(400, f"the body is not a safetensors payload: {err}") from err
+            tensors = read_payload(payload)
+        except WeightUpdateError as err:
+            raise APIError(400, f"the body is not a valid safetensors payload: {err}") from err
         if not tensors:
             raise APIError(400, "the safetensors payload holds no tensors")
         return await apply(tensors, weight_version, policy, require_all=False)

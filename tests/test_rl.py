@@ -144,3 +144,15 @@ def test_streamed_safetensors_encoding_round_trips_through_the_official_reader()
     assert decoded.keys() == tensors.keys()
     for name, tensor in tensors.items():
         assert decoded[name].dtype == tensor.dtype and torch.equal(decoded[name], tensor)
+
+
+def test_the_server_reads_official_safetensors_payloads_and_rejects_malformed_ones():
+    from safetensors.torch import save
+
+    from decoding.weights import WeightUpdateError, read_payload
+    tensors = {"w": torch.randn(4, 3), "b": torch.randn(0), "h": torch.randn(5).to(torch.float16)}
+    decoded = read_payload(bytearray(save(tensors)))
+    assert all(torch.equal(decoded[k], v) for k, v in tensors.items())
+    for junk in (b"", b"\x08" + b"\x00" * 7 + b"not json", bytearray(save(tensors))[:-4]):
+        with pytest.raises(WeightUpdateError):
+            read_payload(bytearray(junk))
