@@ -65,8 +65,8 @@ class ModelRunner:
 
     # ---- input preparation -------------------------------------------------------------------
     def _prepare(self, scheduled: list[ScheduledSeq]) -> PackedBatch:
-        # Single-token entries first: they attend as one batched group at the front of the batch.
-        scheduled = sorted(scheduled, key=lambda s: s.num_new_tokens != 1)
+        # Single-token entries first, shortest context first: they attend in batched groups at the front.
+        scheduled = sorted(scheduled, key=lambda s: (s.num_new_tokens != 1, s.start if s.num_new_tokens == 1 else 0))
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -91,19 +91,29 @@ class ModelRunner:
         meta = AttentionMetadata(
             slot_mapping=self._long(slots),
             num_decode_tokens=len(decodes),
-            decode=self._decode_group(decodes) if decodes else None,
+            decode_groups=self._decode_groups(decodes),
             segments=[self._segment(item, first_row[item.seq.seq_id], position_tensor) for item in chunks],
         )
         last_seq_ids = [s.seq.seq_id for s in scheduled if s.reaches_end]
         return PackedBatch(self._long(input_ids), position_tensor, meta, self._long(last_rows), first_row, last_seq_ids)
 
-    def _decode_group(self, decodes: list[ScheduledSeq]) -> DecodeGroup:
+    def _decode_groups(self, decodes: list[ScheduledSeq]) -> list[DecodeGroup]:
+        """Split decodes (sorted by context length) where padding to the group's longest would waste
+        more than about a third of the gathered keys."""
+        groups, start = [], 0
+        for end in range(1, len(decodes) + 1):
+            if end == len(decodes) or len(decodes[end].seq.block_table) > 1.5 * len(decodes[start].seq.block_table) + 1:
+                groups.append(self._decode_group(decodes[start:end], start))
+                start = end
+        return groups
+
+    def _decode_group(self, decodes: list[ScheduledSeq], row: int) -> DecodeGroup:
         tables = [s.seq.block_table for s in decodes]
         width = max(len(t) for t in tables)
         padded = [t + [NULL_BLOCK] * (width - len(t)) for t in tables]
         context_lens = self._long([s.start + 1 for s in decodes])
         first_block = _first_of_run(tables[0]) if len(tables) == 1 else None
-        group = DecodeGroup(self._long(padded), context_lens, first_block)
+        group = DecodeGroup(row, row + len(decodes), self._long(padded), context_lens, first_block)
         for window in self.model.attention_windows:
             group.masks[window] = decode_mask(context_lens, width * self.block_size, window)
         return group

@@ -1,7 +1,8 @@
 """Attention over the paged KV cache.
 
 The engine packs the new tokens of every scheduled sequence into one flat batch of T tokens. Single-token
-sequences (decodes) come first and attend together in one batched SDPA call over their gathered blocks;
+sequences (decodes) come first, sorted by context length, and attend in a few batched SDPA calls over
+their gathered blocks, each call grouping similar lengths so little padding is gathered or attended;
 every other sequence (a prefill chunk, a run of draft tokens to verify, a Medusa tree) is a `Segment`
 with its own mask. The metadata is built once per step by the runner and shared by all layers.
 """
@@ -53,8 +54,11 @@ class PagedKVCache:
 
 @dataclass
 class DecodeGroup:
-    """The single-token sequences of a step, attended in one batched call."""
+    """Single-token sequences of similar context length, attended in one batched call: rows
+    [q_start, q_end) of the packed batch."""
 
+    q_start: int
+    q_end: int
     block_tables: torch.Tensor                 # [B, max_blocks], padded with NULL_BLOCK
     context_lens: torch.Tensor                 # [B] tokens visible to each query (including itself)
     # Set when B == 1 and the blocks are consecutive: the keys are then a view of the cache, no gather.
@@ -81,7 +85,7 @@ class Segment:
 class AttentionMetadata:
     slot_mapping: torch.Tensor                 # [T] where each new token's key/value is written
     num_decode_tokens: int
-    decode: DecodeGroup | None
+    decode_groups: list[DecodeGroup]
     segments: list[Segment]
 
 
@@ -119,12 +123,13 @@ def paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     """query [T, heads, d]; key/value [T, kv_heads, d] of the new tokens -> [T, heads * d]."""
     cache.write(layer, meta.slot_mapping, key, value)
     num_tokens, num_heads, head_dim = query.shape
-    if meta.decode is not None and not meta.segments:
-        return _decode_attention(query, layer, cache, meta.decode, scale, window).reshape(num_tokens, -1)
+    groups = meta.decode_groups
+    if len(groups) == 1 and not meta.segments:
+        return _decode_attention(query, layer, cache, groups[0], scale, window).reshape(num_tokens, -1)
     out = torch.empty_like(query)
-    if meta.decode is not None:
-        out[: meta.num_decode_tokens] = _decode_attention(
-            query[: meta.num_decode_tokens], layer, cache, meta.decode, scale, window)
+    for group in groups:
+        out[group.q_start : group.q_end] = _decode_attention(
+            query[group.q_start : group.q_end], layer, cache, group, scale, window)
     for seg in meta.segments:
         out[seg.q_start : seg.q_end] = _segment_attention(query, key, value, layer, cache, seg, scale, window)
     return out.view(num_tokens, num_heads * head_dim)
