@@ -142,7 +142,14 @@ def build_app(engine: Engine, config: ServerConfig) -> FastAPI:
     app.state.server = server
     app.add_exception_handler(APIError, handle_api_error)
     app.add_exception_handler(RequestValidationError, handle_validation_error)
+    _add_key_checks(app, config)
+    _add_info_routes(app, server)
+    _add_openai_routes(app, server)
+    add_rl_routes(app, server, collect)
+    return app
 
+
+def _add_key_checks(app: FastAPI, config: ServerConfig) -> None:
     @app.middleware("http")
     async def require_keys(request: Request, call_next):
         path, auth = request.url.path, request.headers.get("authorization")
@@ -157,6 +164,10 @@ def build_app(engine: Engine, config: ServerConfig) -> FastAPI:
             return error_response(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
                                   type_="authentication_error", code="invalid_api_key")
         return await call_next(request)
+
+
+def _add_info_routes(app: FastAPI, server: Server) -> None:
+    config, engine = server.config, server.engine
 
     @app.get("/health")
     async def health():
@@ -175,6 +186,10 @@ def build_app(engine: Engine, config: ServerConfig) -> FastAPI:
         return {"object": "list", "data": [{"id": config.served_model_name, "object": "model",
                                             "created": int(time.time()), "owned_by": "gorgon",
                                             "max_model_len": engine.max_model_len}]}
+
+
+def _add_openai_routes(app: FastAPI, server: Server) -> None:
+    config, engine = server.config, server.engine
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -206,9 +221,6 @@ def build_app(engine: Engine, config: ServerConfig) -> FastAPI:
         if body.stream:
             return StreamingResponse(stream_events(server, streams, view), media_type="text/event-stream")
         return view.final(await collect(server, streams, request))
-
-    add_rl_routes(app, server, collect)
-    return app
 
 
 async def stream_events(server: Server, streams: list[RequestStream], view) -> AsyncIterator[str]:

@@ -79,6 +79,12 @@ def add_rl_routes(app: FastAPI, server, collect) -> None:
                              for out, start in zip(outputs, body.prompt_lens)],
                 "weight_versions": [out.weight_version for out in outputs]}
 
+    add_weight_routes(app, server)
+
+
+def add_weight_routes(app: FastAPI, server) -> None:
+    engine = server.engine
+
     @app.get("/v1/weights/version")
     async def weight_version():
         return {"weight_version": engine.weight_version}
