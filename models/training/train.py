@@ -78,6 +78,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--init", type=Path, default=None, help="start from this HF model folder")
+    parser.add_argument("--teacher", type=Path, default=None,
+                        help="distil: match this model's next-token distribution (KL) instead of the data")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -89,7 +92,13 @@ def train(args: argparse.Namespace) -> None:
     log = open(args.out / "train.log", "a")
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     torch.manual_seed(args.seed)
-    model = LlamaForCausalLM(model_config(args.role, tokenizer)).to(args.device)
+    if args.init is not None:
+        model = LlamaForCausalLM.from_pretrained(args.init, dtype=torch.float32).to(args.device)
+    else:
+        model = LlamaForCausalLM(model_config(args.role, tokenizer)).to(args.device)
+    teacher = None
+    if args.teacher is not None:
+        teacher = LlamaForCausalLM.from_pretrained(args.teacher, dtype=torch.float32).to(args.device).eval()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     generator = torch.Generator().manual_seed(args.seed)
     step, seconds = 0, 0.0
@@ -115,7 +124,10 @@ def train(args: argparse.Namespace) -> None:
             group["lr"] = learning_rate(step, args.max_steps, args.lr, args.warmup)
         with torch.autocast(device_type=torch.device(args.device).type, dtype=torch.bfloat16):
             logits = model(inputs).logits
-        loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
+            if teacher is not None:
+                with torch.no_grad():
+                    teacher_logits = teacher(inputs).logits
+        loss = next_token_loss(logits, targets, teacher_logits if teacher is not None else None)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -135,6 +147,17 @@ def train(args: argparse.Namespace) -> None:
     save_final(args.out / "final", model, tokenizer)
     log.write(json.dumps({"event": "done", "step": step, "minutes": round(seconds / 60, 2)}) + "\n")
     log.close()
+
+
+def next_token_loss(logits, targets, teacher_logits=None):
+    """Cross-entropy on the data, or KL(teacher || student) when distilling: the student learns the
+    teacher's whole distribution, which is what makes its proposals acceptable to the teacher."""
+    logits = logits.float().view(-1, logits.shape[-1])
+    if teacher_logits is None:
+        return torch.nn.functional.cross_entropy(logits, targets.reshape(-1))
+    teacher_logprobs = torch.log_softmax(teacher_logits.float().view(-1, logits.shape[-1]), dim=-1)
+    return torch.nn.functional.kl_div(torch.log_softmax(logits, dim=-1), teacher_logprobs, log_target=True,
+                                      reduction="batchmean")
 
 
 def save_checkpoint(path: Path, model, optimizer, generator, step: int, seconds: float) -> None:
