@@ -11,10 +11,11 @@ from collections.abc import Iterator
 import httpx
 import torch
 
+from decoding.weights import SAFETENSORS_DTYPES
+
+SAFETENSORS_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
+
 CHUNK_BYTES = 1 << 20
-SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-                      torch.uint8: "U8", torch.bool: "BOOL"}
 
 
 class GorgonError(RuntimeError):
@@ -103,7 +104,7 @@ def safetensors_header(tensors: Mapping[str, torch.Tensor]) -> tuple[bytes, list
     entries, ordered, offset = {}, [], 0
     for name, tensor in tensors.items():
         size = tensor.numel() * tensor.element_size()
-        entries[name] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+        entries[name] = {"dtype": SAFETENSORS_CODES[tensor.dtype], "shape": list(tensor.shape),
                          "data_offsets": [offset, offset + size]}
         ordered.append(tensor)
         offset += size

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from decoding.sampler import apply_repetition_penalty
+
 NEG = -1.0e9
 
 
@@ -141,10 +143,7 @@ def process_log_probs(logits: torch.Tensor, token_histories: list[list[int]], re
     log_probs = torch.log_softmax(logits.float(), dim=-1)
     if repetition_penalty != 1.0:
         for row, history in enumerate(token_histories):
-            seen = torch.tensor(sorted(set(history)), dtype=torch.long)
-            seen = seen[seen < log_probs.shape[-1]]
-            values = log_probs[row, seen]
-            log_probs[row, seen] = torch.where(values < 0, values * repetition_penalty, values / repetition_penalty)
+            apply_repetition_penalty(log_probs[row], history, repetition_penalty)
     if banned_ids:
         log_probs[:, banned_ids] = float("-inf")
     return log_probs

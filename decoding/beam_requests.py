@@ -15,11 +15,11 @@ from decoding.sequence import FinishReason, Request, Sequence
 
 
 class BeamRequests:
-    def __init__(self, blocks: BlockManager, tokenizer, stop_ids_of: Callable[[Request], frozenset[int]],
+    def __init__(self, blocks: BlockManager, tokenizer, eos_token_ids: frozenset[int],
                  new_sequence: Callable[[Request, int], Sequence]):
         self.blocks = blocks
         self.tokenizer = tokenizer
-        self.stop_ids_of = stop_ids_of
+        self.eos_token_ids = eos_token_ids
         self.new_sequence = new_sequence
 
     def start(self, request: Request, max_len: int) -> None:
@@ -27,7 +27,7 @@ class BeamRequests:
         stops = params.stop
         request.beam = BeamSearch(
             num_beams=params.num_beams, prompt_len=request.prompt_len, max_len=max_len,
-            stop_token_ids=self.stop_ids_of(request), length_penalty=params.length_penalty,
+            stop_token_ids=params.stop_token_set(self.eos_token_ids), length_penalty=params.length_penalty,
             early_stopping=params.early_stopping,
             hits_stop_string=(lambda tokens, token: self._completes_stop(tokens, token, stops)) if stops else None)
 
@@ -43,7 +43,7 @@ class BeamRequests:
             return
         params, beam = request.params, request.beam
         generated = len(running[0].token_ids) - request.prompt_len
-        banned = sorted(self.stop_ids_of(request)) if generated < params.min_tokens else []
+        banned = sorted(beam.stop_token_ids) if generated < params.min_tokens else []
         rows = torch.tensor([ready[seq.seq_id] for seq in running], device=logits.device)
         log_probs = process_log_probs(logits[rows].cpu(), [s.token_ids for s in running],
                                       params.repetition_penalty, banned)

@@ -60,7 +60,7 @@ class Engine:
         self.scheduler = Scheduler(self.blocks, self.config.max_num_seqs, self.config.max_num_batched_tokens)
         self.runner = ModelRunner(self.loaded.model, self.cache, self.loaded.device)
         self.sampler = Sampler()
-        self.beams = BeamRequests(self.blocks, self.tokenizer, self.stop_token_ids, self._new_sequence)
+        self.beams = BeamRequests(self.blocks, self.tokenizer, self.eos_token_ids, self._new_sequence)
         self.counters = EngineCounters()
         self._requests: dict[str, Request] = {}
         self._request_counter = itertools.count()
@@ -100,10 +100,6 @@ class Engine:
         seed = self._seed_rng.getrandbits(63) if params.seed is None else (params.seed * 1_000_003 + index) % 2**63
         detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params.skip_special_tokens)
         return Sequence(next(self._seq_counter), index, request, torch.Generator().manual_seed(seed), detokenizer)
-
-    def stop_token_ids(self, request: Request) -> frozenset[int]:
-        params = request.params
-        return frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
 
     def add(self, request: Request) -> str:
         if request.req_id in self._requests:

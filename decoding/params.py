@@ -99,6 +99,10 @@ class SamplingParams:
                  "presence_penalty and frequency_penalty are not supported with beam search; use "
                  "repetition_penalty")
 
+    def stop_token_set(self, eos_token_ids: frozenset[int]) -> frozenset[int]:
+        """Token ids that end a sequence: stop_token_ids, plus the model's EOS unless ignore_eos."""
+        return frozenset(self.stop_token_ids) | (frozenset() if self.ignore_eos else eos_token_ids)
+
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0

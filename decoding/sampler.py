@@ -40,8 +40,7 @@ class SamplingBatch:
         banned = []
         for row, (seq, p) in enumerate(zip(seqs, params)):
             if seq.num_output_tokens < p.min_tokens:
-                ids = list(p.stop_token_ids) + ([] if p.ignore_eos else sorted(eos_token_ids))
-                banned.append((row, [i for i in ids if i < vocab_size]))
+                banned.append((row, sorted(i for i in p.stop_token_set(eos_token_ids) if i < vocab_size)))
         wants = [p.logprobs for p in params if p.logprobs is not None]
         return cls(
             seqs=seqs,
@@ -57,6 +56,15 @@ class SamplingBatch:
             all_greedy=all(p.is_greedy for p in params),
             num_top_logprobs=max(wants) if wants else -1,
         )
+
+
+def apply_repetition_penalty(scores: torch.Tensor, history: list[int], penalty: float) -> None:
+    """HF's rule, in place on one row [vocab]: scores of seen tokens are divided by the penalty when
+    positive and multiplied by it when negative (beam search applies it to log-probs, as HF does)."""
+    seen = torch.tensor(sorted(set(history)), dtype=torch.long, device=scores.device)
+    seen = seen[seen < scores.shape[-1]]
+    values = scores[seen]
+    scores[seen] = torch.where(values < 0, values * penalty, values / penalty)
 
 
 @dataclass
@@ -103,11 +111,7 @@ class Sampler:
             if not p.has_penalties:
                 continue
             if p.repetition_penalty != 1:
-                seen = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.long, device=logits.device)
-                seen = seen[seen < vocab]
-                scores = logits[row, seen]
-                logits[row, seen] = torch.where(scores < 0, scores * p.repetition_penalty,
-                                                scores / p.repetition_penalty)
+                apply_repetition_penalty(logits[row], seq.token_ids, p.repetition_penalty)
             if (p.presence_penalty or p.frequency_penalty) and seq.num_output_tokens:
                 out = torch.tensor(seq.output_token_ids, dtype=torch.long, device=logits.device)
                 counts = torch.zeros(vocab, device=logits.device).scatter_add_(
