@@ -12,6 +12,7 @@ from decoding.scheduler import ScheduledSeq, SchedulerOutput
 from models.attention import NULL_BLOCK, AttentionMetadata, DecodeGroup, PagedKVCache, Segment, decode_mask, segment_mask
 from models.base import NativeCausalLM
 from models.cpu_allocator import keep_freed_memory
+from models.kernels import native_decode_available
 
 
 @dataclass
@@ -44,6 +45,7 @@ class ModelRunner:
         self.cache = cache
         self.device = device
         self.block_size = cache.block_size
+        self.native_decode = native_decode_available(device, model.dtype)
         if device.type == "cpu":
             keep_freed_memory()
 
@@ -98,8 +100,13 @@ class ModelRunner:
         return PackedBatch(self._long(input_ids), position_tensor, meta, self._long(last_rows), first_row, last_seq_ids)
 
     def _decode_groups(self, decodes: list[ScheduledSeq]) -> list[DecodeGroup]:
-        """Split decodes (sorted by context length) where padding to the group's longest would waste
-        more than about a third of the gathered keys."""
+        """The native kernel takes every decode in one call (it reads only each table's own length).
+        Otherwise split decodes (sorted by context length) where padding to the group's longest would
+        waste more than about a third of the gathered keys."""
+        if not decodes:
+            return []
+        if self.native_decode:
+            return [self._decode_group(decodes, 0)]
         groups, start = [], 0
         for end in range(1, len(decodes) + 1):
             if end == len(decodes) or len(decodes[end].seq.block_table) > 1.5 * len(decodes[start].seq.block_table) + 1:
@@ -112,6 +119,8 @@ class ModelRunner:
         width = max(len(t) for t in tables)
         padded = [t + [NULL_BLOCK] * (width - len(t)) for t in tables]
         context_lens = self._long([s.start + 1 for s in decodes])
+        if self.native_decode:
+            return DecodeGroup(row, row + len(decodes), self._long(padded), context_lens, native=True)
         first_block = _first_of_run(tables[0]) if len(tables) == 1 else None
         group = DecodeGroup(row, row + len(decodes), self._long(padded), context_lens, first_block)
         for window in self.model.attention_windows:

@@ -1,10 +1,12 @@
 """Attention over the paged KV cache.
 
 The engine packs the new tokens of every scheduled sequence into one flat batch of T tokens. Single-token
-sequences (decodes) come first, sorted by context length, and attend in a few batched SDPA calls over
-their gathered blocks, each call grouping similar lengths so little padding is gathered or attended;
-every other sequence (a prefill chunk, a run of draft tokens to verify, a Medusa tree) is a `Segment`
-with its own mask. The metadata is built once per step by the runner and shared by all layers.
+sequences (decodes) come first, sorted by context length. On the CPU in float32 they attend in one call
+of the native kernel (models/kernels), which reads each sequence's blocks in place; elsewhere they
+attend in a few batched SDPA calls over their gathered blocks, each call grouping similar lengths so
+little padding is gathered or attended. Every other sequence (a prefill chunk, a run of draft tokens to
+verify, a Medusa tree) is a `Segment` with its own mask. The metadata is built once per step by the
+runner and shared by all layers.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from models.kernels import paged_decode_attention
 
 # Block 0 is never handed to a sequence: padded block-table entries point at it, and it stays zero so
 # padding can never inject NaN/inf into a masked-out attention product.
@@ -64,6 +68,7 @@ class DecodeGroup:
     # Set when B == 1 and the blocks are consecutive: the keys are then a view of the cache, no gather.
     first_block: int | None = None
     masks: dict[int | None, torch.Tensor | None] = field(default_factory=dict)  # window -> [B, 1, 1, C]
+    native: bool = False                       # attend with the native kernel (no gather, no masks)
 
 
 @dataclass
@@ -136,6 +141,9 @@ def paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 
 
 def _decode_attention(query, layer, cache, group: DecodeGroup, scale, window):
+    if group.native:
+        return paged_decode_attention(query, cache.keys[layer], cache.values[layer], group.block_tables,
+                                      group.context_lens, scale, window)
     batch, num_blocks = group.block_tables.shape
     width = num_blocks * cache.block_size
     keys = _gather_blocks(cache.keys[layer], group.block_tables, group.first_block).view(batch, width, -1, query.shape[-1])
