@@ -4,15 +4,7 @@ import pytest
 import torch
 
 from decoding import Engine, SamplingParams
-from tiny_models import hf_model
-
-PROMPTS = [[1, 5, 9, 33, 70, 12, 100], [1, 40, 41], list(range(3, 40)), [1, 300, 200, 100, 50, 25, 12, 6, 3]]
-
-
-def hf_greedy(path, prompt, new_tokens):
-    ids = hf_model(path).generate(torch.tensor([prompt]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                  do_sample=False, pad_token_id=0)
-    return ids[0, len(prompt):].tolist()
+from tiny_models import PROMPTS, hf_greedy, hf_model
 
 
 def hf_logits(path, token_ids):

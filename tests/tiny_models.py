@@ -75,3 +75,13 @@ def save_tiny_model(arch: str, folder: Path, seed: int = 0) -> Path:
 def hf_model(path: str):
     from transformers import AutoModelForCausalLM
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+# Token-id prompts of different lengths, for batched comparisons against HF.
+PROMPTS = [[1, 5, 9, 33, 70, 12, 100], [1, 40, 41], list(range(3, 40)), [1, 300, 200, 100, 50, 25, 12, 6, 3]]
+
+
+def hf_greedy(path: str, prompt: list[int], new_tokens: int) -> list[int]:
+    ids = hf_model(path).generate(torch.tensor([prompt]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                  do_sample=False, pad_token_id=0)
+    return ids[0, len(prompt):].tolist()
