@@ -18,6 +18,12 @@ class EngineConfig:
     max_model_len: int | None = None      # None: the model's own context length
     seed: int = 0                         # seeds the generators of requests that bring no seed
     show_progress: bool = True
+    # Speculative decoding: None (off), "draft" (a draft model) or "ngram" (prompt lookup).
+    speculative: str | None = None
+    draft_model: str | None = None        # None: the embedded default draft
+    num_speculative_tokens: int = 4       # draft tokens verified per step
+    prompt_lookup_max: int = 4            # n-gram sizes prompt lookup tries, longest first
+    prompt_lookup_min: int = 2
 
     def __post_init__(self):
         if self.block_size < 1:
@@ -30,5 +36,12 @@ class EngineConfig:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError("max_num_batched_tokens must be >= max_num_seqs")
+        if self.speculative not in (None, "draft", "ngram"):
+            raise ValueError(f"speculative must be 'draft', 'ngram' or None, got {self.speculative!r}")
+        if self.num_speculative_tokens < 1:
+            raise ValueError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise ValueError("prompt lookup needs 1 <= prompt_lookup_min <= prompt_lookup_max, got "
+                             f"{self.prompt_lookup_min} and {self.prompt_lookup_max}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")

@@ -23,9 +23,14 @@ from decoding.runner import ModelRunner, StepLogits
 from decoding.sampler import Sampler, SamplingBatch
 from decoding.scheduler import Scheduler, SchedulerOutput
 from decoding.sequence import FinishReason, Request, RequestStatus, Sequence, TokenLogprob
+from decoding.speculative.decoder import SpeculativeDecoding
+from decoding.speculative.draft import DraftModelProposer
+from decoding.speculative.ngram import NgramProposer
+from decoding.speculative.rejection import Verdict
 from decoding.weights import apply_update, validate_update
 from models import load_model
 from models.attention import PagedKVCache
+from models.loader import DEFAULT_DRAFT_DIR
 
 Prompt = str | list[int]
 
@@ -57,9 +62,11 @@ class Engine:
         self.eos_token_ids = self.loaded.eos_token_ids
         self.max_model_len = min(self.config.max_model_len or self.loaded.max_model_len, self.loaded.max_model_len)
         self._init_cache()
-        self.scheduler = Scheduler(self.blocks, self.config.max_num_seqs, self.config.max_num_batched_tokens)
         self.runner = ModelRunner(self.loaded.model, self.cache, self.loaded.device)
         self.sampler = Sampler()
+        self.speculation = self._init_speculation()
+        self.scheduler = Scheduler(self.blocks, self.config.max_num_seqs, self.config.max_num_batched_tokens,
+                                   lookahead=self.speculation.lookahead if self.speculation else None)
         self.beams = BeamRequests(self.blocks, self.tokenizer, self.eos_token_ids, self._new_sequence)
         self.counters = EngineCounters()
         self._requests: dict[str, Request] = {}
@@ -78,6 +85,25 @@ class Engine:
         self.cache = PagedKVCache(model.num_layers, num_blocks, cfg.block_size, model.num_kv_heads,
                                   model.head_dim, model.dtype, self.loaded.device)
         self.blocks = BlockManager(num_blocks, cfg.block_size)
+
+    def _init_speculation(self) -> SpeculativeDecoding | None:
+        cfg = self.config
+        if cfg.speculative is None:
+            return None
+        if cfg.speculative == "ngram":
+            proposer = NgramProposer(cfg.prompt_lookup_max, cfg.prompt_lookup_min)
+        else:
+            draft = load_model(cfg.draft_model or str(DEFAULT_DRAFT_DIR), cfg.dtype, cfg.device,
+                               show_progress=cfg.show_progress)
+            if draft.model.vocab_size != self.loaded.model.vocab_size:
+                raise ValueError(f"the draft model's vocabulary ({draft.model.vocab_size} tokens) differs from the "
+                                 f"target's ({self.loaded.model.vocab_size}); a draft must share the target's tokenizer")
+            # As many blocks as the target: the draft never shares a prompt between samples, and a draft
+            # that runs out of blocks only stops proposing for the sequences that do not fit.
+            proposer = DraftModelProposer(draft, self.blocks.num_blocks, cfg.block_size, self.sampler,
+                                          self.eos_token_ids)
+        return SpeculativeDecoding(proposer, cfg.num_speculative_tokens, self.max_model_len, self.sampler,
+                                   self.loaded.model.vocab_size, self.eos_token_ids, self.loaded.device)
 
     # ---- requests ----------------------------------------------------------------------------
     def make_request(self, prompt: Prompt, params: SamplingParams | None = None,
@@ -120,6 +146,8 @@ class Engine:
         for seq in request.seqs:
             if not seq.is_finished:
                 seq.finish_reason = FinishReason.ABORT
+            if self.speculation:
+                self.speculation.release(seq)
         self.scheduler.remove(request)
         request.status = RequestStatus.FINISHED
         return RequestOutput.of(request)
@@ -171,15 +199,20 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
         self.counters.num_preemptions += len(sched.preempted)
+        if self.speculation:
+            for request in sched.preempted:
+                for seq in request.seqs:
+                    self.speculation.release(seq)
         if sched.is_empty:
             return []
-        want_chunk = {s.seq.seq_id for s in sched.scheduled
-                      if s.seq.request.params.prompt_logprobs is not None and s.start < s.seq.prompt_len - 1}
+        chains = self.speculation.attach_drafts(sched) if self.speculation else []
+        want_prompt = {s.seq.seq_id for s in sched.scheduled
+                       if s.seq.request.params.prompt_logprobs is not None and s.start < s.seq.prompt_len - 1}
         for item in sched.scheduled:
             if item.seq.request.weight_version is None:
                 item.seq.request.weight_version = self.weight_version
-        logits = self.runner.execute(sched, want_chunk)
-        self._record_prompt_logprobs(sched, logits)
+        logits = self.runner.execute(sched, want_prompt | {chain.seq.seq_id for chain in chains})
+        self._record_prompt_logprobs(sched, logits, want_prompt)
         sampling_seqs, rows = self._advance(sched, logits)
         touched = {s.seq.request.req_id: s.seq.request for s in sched.scheduled}
         sampling_seqs, rows = self._advance_beams(sampling_seqs, rows, logits.last)
@@ -189,8 +222,22 @@ class Engine:
             sampled = self.sampler(logits.last[rows], batch)
             for seq, token, logprob in zip(sampling_seqs, sampled.token_ids, sampled.logprobs):
                 self._append_token(seq, token, logprob)
+        if chains:
+            for chain, verdict in zip(chains, self.speculation.verify(chains, logits)):
+                self._apply_verdict(chain.seq, verdict)
         self.counters.num_steps += 1
         return [self._finish_if_done(request) for request in touched.values()]
+
+    def _apply_verdict(self, seq: Sequence, verdict: Verdict) -> None:
+        """Keep the accepted prefix of a verified chain in the cache and append the emitted tokens."""
+        base = len(seq.token_ids)
+        seq.num_computed = base + verdict.num_accepted      # the last emitted token is not computed yet
+        self.blocks.truncate(seq.block_table, seq.num_computed)
+        for token, logprob in zip(verdict.token_ids, verdict.logprobs):
+            self._append_token(seq, token, logprob)
+            if seq.is_finished:
+                return
+        self.speculation.proposer.on_verified(seq, verdict.num_accepted)
 
     def _advance(self, sched: SchedulerOutput, logits: StepLogits) -> tuple[list[Sequence], torch.Tensor]:
         """Mark the scheduled tokens computed, fork groups at the end of their prompt, and list which
@@ -266,6 +313,8 @@ class Engine:
         seq.finish_reason = reason
         seq.stop_reason = stop_reason
         self.blocks.free(seq.block_table)
+        if self.speculation:
+            self.speculation.release(seq)
 
     def _finish_if_done(self, request: Request) -> RequestOutput:
         if request.is_finished and request.status is not RequestStatus.FINISHED:
@@ -274,9 +323,9 @@ class Engine:
             self._requests.pop(request.req_id, None)
         return RequestOutput.of(request)
 
-    def _record_prompt_logprobs(self, sched: SchedulerOutput, logits: StepLogits) -> None:
+    def _record_prompt_logprobs(self, sched: SchedulerOutput, logits: StepLogits, wanted: set[int]) -> None:
         for item in sched.scheduled:
-            chunk = logits.chunk.get(item.seq.seq_id)
+            chunk = logits.chunk.get(item.seq.seq_id) if item.seq.seq_id in wanted else None
             request = item.seq.request
             if chunk is None or len(request.prompt_logprobs) > item.start:
                 continue   # recomputation after preemption: already recorded

@@ -43,6 +43,9 @@ class SamplingParams:
     length_penalty: float = 1.0
     early_stopping: bool | str = False          # True, False or "never"
     num_return_sequences: int = 1
+    # Per-request opt-out of the engine's speculative decoding (which never changes what is generated,
+    # only how fast; opting out trades that speed for a steadier per-step latency).
+    speculative: bool = True
 
     def __post_init__(self):
         if isinstance(self.stop, str):

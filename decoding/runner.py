@@ -67,17 +67,25 @@ class ModelRunner:
 
     # ---- input preparation -------------------------------------------------------------------
     def _prepare(self, scheduled: list[ScheduledSeq]) -> PackedBatch:
-        # Single-token entries first, shortest context first: they attend in batched groups at the front.
-        scheduled = sorted(scheduled, key=lambda s: (s.num_new_tokens != 1, s.start if s.num_new_tokens == 1 else 0))
+        # Rows that attend like decodes come first, shortest context first: single tokens, and with the
+        # native kernel also each token of a draft chain (its own context length over the same blocks).
+        # Everything else (prefill chunks, trees, chains without the kernel) is a masked segment.
+        decode_like = [s.num_new_tokens == 1 or (self.native_decode and bool(s.draft_token_ids) and s.tree is None)
+                       for s in scheduled]
+        order = sorted(range(len(scheduled)), key=lambda i: (not decode_like[i], scheduled[i].start if decode_like[i] else 0))
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         last_rows: list[int] = []
         first_row: dict[int, int] = {}
-        for item in scheduled:
+        decode_rows: list[tuple[list[int], int]] = []      # (block table, context length) per decode row
+        chunks: list[ScheduledSeq] = []
+        for i in order:
+            item = scheduled[i]
             seq, start, count = item.seq, item.start, item.num_new_tokens
             first_row[seq.seq_id] = len(input_ids)
-            input_ids += seq.token_ids[start : start + count]
+            drafts = list(item.draft_token_ids)
+            input_ids += seq.token_ids[start : start + count - len(drafts)] + drafts
             if item.tree is None:
                 positions += range(start, start + count)
             else:
@@ -87,42 +95,44 @@ class ModelRunner:
                       for p in range(start, start + count)]
             if item.reaches_end:
                 last_rows.append(len(input_ids) - 1)
-        decodes = [s for s in scheduled if s.num_new_tokens == 1]
-        chunks = [s for s in scheduled if s.num_new_tokens != 1]
+            if decode_like[i]:
+                decode_rows += [(table, start + j + 1) for j in range(count)]
+            else:
+                chunks.append(item)
         position_tensor = self._long(positions)
         meta = AttentionMetadata(
             slot_mapping=self._long(slots),
-            num_decode_tokens=len(decodes),
-            decode_groups=self._decode_groups(decodes),
+            num_decode_tokens=len(decode_rows),
+            decode_groups=self._decode_groups(decode_rows),
             segments=[self._segment(item, first_row[item.seq.seq_id], position_tensor) for item in chunks],
         )
-        last_seq_ids = [s.seq.seq_id for s in scheduled if s.reaches_end]
+        last_seq_ids = [scheduled[i].seq.seq_id for i in order if scheduled[i].reaches_end]
         return PackedBatch(self._long(input_ids), position_tensor, meta, self._long(last_rows), first_row, last_seq_ids)
 
-    def _decode_groups(self, decodes: list[ScheduledSeq]) -> list[DecodeGroup]:
-        """The native kernel takes every decode in one call (it reads only each table's own length).
-        Otherwise split decodes (sorted by context length) where padding to the group's longest would
+    def _decode_groups(self, rows: list[tuple[list[int], int]]) -> list[DecodeGroup]:
+        """The native kernel takes every decode row in one call (it reads only each row's own length).
+        Otherwise split the rows (sorted by context length) where padding to the group's longest would
         waste more than about a third of the gathered keys."""
-        if not decodes:
+        if not rows:
             return []
         if self.native_decode:
-            return [self._decode_group(decodes, 0)]
+            return [self._decode_group(rows, 0)]
         groups, start = [], 0
-        for end in range(1, len(decodes) + 1):
-            if end == len(decodes) or len(decodes[end].seq.block_table) > 1.5 * len(decodes[start].seq.block_table) + 1:
-                groups.append(self._decode_group(decodes[start:end], start))
+        for end in range(1, len(rows) + 1):
+            if end == len(rows) or len(rows[end][0]) > 1.5 * len(rows[start][0]) + 1:
+                groups.append(self._decode_group(rows[start:end], start))
                 start = end
         return groups
 
-    def _decode_group(self, decodes: list[ScheduledSeq], row: int) -> DecodeGroup:
-        tables = [s.seq.block_table for s in decodes]
+    def _decode_group(self, rows: list[tuple[list[int], int]], first: int) -> DecodeGroup:
+        tables = [table for table, _ in rows]
         width = max(len(t) for t in tables)
         padded = [t + [NULL_BLOCK] * (width - len(t)) for t in tables]
-        context_lens = self._long([s.start + 1 for s in decodes])
+        context_lens = self._long([context for _, context in rows])
         if self.native_decode:
-            return DecodeGroup(row, row + len(decodes), self._long(padded), context_lens, native=True)
+            return DecodeGroup(first, first + len(rows), self._long(padded), context_lens, native=True)
         first_block = _first_of_run(tables[0]) if len(tables) == 1 else None
-        group = DecodeGroup(row, row + len(decodes), self._long(padded), context_lens, first_block)
+        group = DecodeGroup(first, first + len(rows), self._long(padded), context_lens, first_block)
         for window in self.model.attention_windows:
             group.masks[window] = decode_mask(context_lens, width * self.block_size, window)
         return group

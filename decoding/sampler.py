@@ -73,9 +73,34 @@ class SamplerOutput:
     logprobs: list[TokenLogprob | None]   # None for rows that did not ask for logprobs
 
 
+@dataclass
+class ProcessedLogits:
+    """Logits after each stage of the pipeline, one row per sequence."""
+
+    raw: torch.Tensor                    # [N, vocab] as the model produced them
+    penalised: torch.Tensor              # after penalties and bans; greedy rows take its argmax
+    logprobs: torch.Tensor | None        # log of the sampling distribution (temperature, truncation)
+
+
 class Sampler:
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         """logits [N, vocab] float32 -> one token per row."""
+        needs_processed = batch.num_top_logprobs >= 0 or not batch.all_greedy
+        processed = self.process(logits, batch, needs_processed)
+        greedy_tokens = processed.penalised.argmax(dim=-1)
+        if processed.logprobs is None:
+            return SamplerOutput(greedy_tokens.tolist(), [None] * len(batch.seqs))
+        if batch.all_greedy:
+            tokens = greedy_tokens
+        else:
+            sampled = self.sample(processed.logprobs.exp(), batch)
+            tokens = torch.where(batch.greedy, greedy_tokens, sampled)
+        return SamplerOutput(tokens.tolist(), self.logprobs(processed, tokens, batch))
+
+    def process(self, logits: torch.Tensor, batch: SamplingBatch, distribution: bool = True) -> ProcessedLogits:
+        """Penalties and bans, then (when `distribution`) temperature and truncation to the log of the
+        distribution a sampled row draws from. Speculative verification runs the same pipeline, so a
+        verified position is processed exactly as a plainly sampled one."""
         raw_logits = logits
         logits = self._penalise(logits, batch) if batch.any_penalty else logits
         if batch.banned or batch.allowed:
@@ -84,22 +109,12 @@ class Sampler:
                 logits[row, ids] = NEG_INF
             for row, mask in batch.allowed.items():   # mask width is the logits width, not the tokenizer's
                 logits[row].masked_fill_(~mask, NEG_INF)
-        needs_processed = batch.num_top_logprobs >= 0 or not batch.all_greedy
-        if not needs_processed:
-            tokens = logits.argmax(dim=-1)
-            return SamplerOutput(tokens.tolist(), [None] * len(batch.seqs))
+        if not distribution:
+            return ProcessedLogits(raw_logits, logits, None)
         scaled = logits / torch.where(batch.greedy, 1.0, batch.temperature).unsqueeze(1)
         if batch.any_truncation:
             scaled = self._truncate(scaled, batch)
-        processed_logprobs = torch.log_softmax(scaled, dim=-1)          # [N, vocab]
-        greedy_tokens = logits.argmax(dim=-1)
-        if batch.all_greedy:
-            tokens = greedy_tokens
-        else:
-            sampled = self._sample(processed_logprobs.exp(), batch)
-            tokens = torch.where(batch.greedy, greedy_tokens, sampled)
-        logprobs = self._logprobs(raw_logits, processed_logprobs, tokens, batch)
-        return SamplerOutput(tokens.tolist(), logprobs)
+        return ProcessedLogits(raw_logits, logits, torch.log_softmax(scaled, dim=-1))
 
     # ---- processing --------------------------------------------------------------------------
     @staticmethod
@@ -138,7 +153,7 @@ class Sampler:
         return torch.empty_like(scaled).scatter_(1, order, sorted_logits)
 
     @staticmethod
-    def _sample(probs: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    def sample(probs: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """Inverse-CDF sampling with one uniform draw per row from that row's own generator."""
         uniforms = torch.cat([torch.rand(1, generator=seq.generator) for seq in batch.seqs]).to(probs.device)
         cdf = probs.cumsum(dim=-1)                                           # [N, vocab]
@@ -148,9 +163,11 @@ class Sampler:
         return tokens.clamp_(max=probs.shape[-1] - 1)
 
     @staticmethod
-    def _logprobs(raw_logits, processed_logprobs, tokens, batch: SamplingBatch) -> list[TokenLogprob | None]:
+    def logprobs(processed: ProcessedLogits, tokens: torch.Tensor, batch: SamplingBatch) -> list[TokenLogprob | None]:
+        """The chosen token's logprob and the top-N, in each row's logprobs_mode."""
         if batch.num_top_logprobs < 0:
             return [None] * len(batch.seqs)
+        raw_logits, processed_logprobs = processed.raw, processed.logprobs
         raw_rows = [i for i, s in enumerate(batch.seqs) if s.request.params.logprobs_mode == "raw"]
         chosen = processed_logprobs
         if raw_rows:

@@ -10,6 +10,7 @@ as one request alone fits the cache (the engine checks that on arrival).
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from decoding.block_manager import BlockManager
@@ -55,11 +56,16 @@ class ScheduledSeq:
     # The chunk ends at the sequence's last known token, so its logits choose the next token.
     reaches_end: bool
     tree: TokenTree | None = None
+    # Speculative decoding: the last len(draft_token_ids) new tokens are proposals that follow the
+    # sequence's known tokens; the target scores all of them for verification.
+    draft_token_ids: tuple[int, ...] = ()
+    # Slots reserved past this step's tokens for the draft tokens a proposer may add.
+    num_lookahead: int = 0
 
     @classmethod
-    def of(cls, seq: Sequence, num_new_tokens: int) -> ScheduledSeq:
+    def of(cls, seq: Sequence, num_new_tokens: int, num_lookahead: int = 0) -> ScheduledSeq:
         end = seq.num_computed + num_new_tokens
-        return cls(seq, seq.num_computed, num_new_tokens, end == len(seq.token_ids))
+        return cls(seq, seq.num_computed, num_new_tokens, end == len(seq.token_ids), num_lookahead=num_lookahead)
 
 
 @dataclass
@@ -78,12 +84,16 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 lookahead: Callable[[Sequence], int] | None = None):
         if max_num_batched_tokens < max_num_seqs:
             raise ValueError("max_num_batched_tokens must be >= max_num_seqs so every running sequence can decode")
         self.blocks = blocks
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        # Speculative decoding: how many draft tokens a decoding sequence may add this step. Their slots
+        # and budget are reserved with the decode, so verification never runs out of blocks.
+        self.lookahead = lookahead
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         # While a weight update waits for in-flight requests, new requests are not admitted; preempted
@@ -121,6 +131,9 @@ class Scheduler:
         return out
 
     def _schedule_decodes(self, out: SchedulerOutput, budget: int) -> int:
+        num_decodes = sum(seq.num_uncomputed == 1 for r in self.running for seq in r.active_seqs())
+        # Draft tokens share what the decodes leave of the budget.
+        spare_per_seq = max(0, budget - num_decodes) // max(num_decodes, 1)
         index = 0
         while index < len(self.running):
             request = self.running[index]
@@ -128,15 +141,19 @@ class Scheduler:
             if not decodes:
                 index += 1
                 continue
-            needed = sum(self._blocks_needed(seq, 1) for seq in decodes)
+            extra = [min(self.lookahead(seq), spare_per_seq) if self.lookahead else 0 for seq in decodes]
+            needed = sum(self._blocks_needed(seq, 1 + e) for seq, e in zip(decodes, extra))
+            if needed > self.blocks.num_free_blocks and any(extra):
+                extra = [0] * len(decodes)            # no room to speculate: never preempt for drafts
+                needed = sum(self._blocks_needed(seq, 1) for seq in decodes)
             while needed > self.blocks.num_free_blocks and self.running[-1] is not request:
                 self._preempt(self.running[-1], out)
             if needed > self.blocks.num_free_blocks:
                 self._preempt(request, out)
                 break
-            for seq in decodes:
-                self._append(out, seq, 1)
-            budget -= len(decodes)
+            for seq, e in zip(decodes, extra):
+                self._append(out, seq, 1, e)
+            budget -= len(decodes) + sum(extra)
             index += 1
         return budget
 
@@ -199,9 +216,9 @@ class Scheduler:
                 high = mid - 1
         return low
 
-    def _append(self, out: SchedulerOutput, seq: Sequence, num_new_tokens: int) -> None:
-        out.block_copies += self.blocks.append_slots(seq.block_table, seq.num_computed, num_new_tokens)
-        out.scheduled.append(ScheduledSeq.of(seq, num_new_tokens))
+    def _append(self, out: SchedulerOutput, seq: Sequence, num_new_tokens: int, num_lookahead: int = 0) -> None:
+        out.block_copies += self.blocks.append_slots(seq.block_table, seq.num_computed, num_new_tokens + num_lookahead)
+        out.scheduled.append(ScheduledSeq.of(seq, num_new_tokens, num_lookahead))
 
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:
         """Free the request's cache and queue it for recomputation ahead of new arrivals."""

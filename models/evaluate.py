@@ -21,10 +21,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from models.loader import DEFAULT_MODEL_DIR
+from models.loader import DEFAULT_DRAFT_DIR, DEFAULT_MODEL_DIR
 from models.training.corpus import build, read_texts
 
-DEFAULT_DRAFT_DIR = DEFAULT_MODEL_DIR.parent / "draft"
 WINDOW = 256
 
 

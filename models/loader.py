@@ -19,6 +19,8 @@ SUPPORTED_MODEL_TYPES = (*LLAMA_FAMILY, "gpt2")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # The embedded default model (models/default), used when no model is named.
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default" / "target"
+# Its draft model: same tokenizer, speculative decoding's default proposer.
+DEFAULT_DRAFT_DIR = DEFAULT_MODEL_DIR.parent / "draft"
 
 
 class ModelLoadError(ValueError):

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 from decoding import Engine, SamplingParams
-from models.evaluate import DEFAULT_DRAFT_DIR
+from models.loader import DEFAULT_DRAFT_DIR
 from models.loader import DEFAULT_MODEL_DIR
 
 HELDOUT_PROMPT = "def fibonacci(n):\n"

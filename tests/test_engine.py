@@ -4,13 +4,7 @@ import pytest
 import torch
 
 from decoding import Engine, SamplingParams
-from tiny_models import PROMPTS, hf_greedy, hf_model
-
-
-def hf_logits(path, token_ids):
-    with torch.no_grad():
-        return hf_model(path)(torch.tensor([token_ids])).logits[0].float()   # [len, vocab]
-
+from tiny_models import PROMPTS, hf_greedy, hf_logits, hf_model
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "mistral-sliding", "gpt2"])
 def test_greedy_matches_hf_generate_on_a_batch_of_different_lengths(model_dir, arch):

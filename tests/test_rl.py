@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 from client import GorgonClient
 from client.http import GorgonError
 from test_server import start_server, stop_server
+from tiny_models import hf_logits
 
 PROMPTS = [[1, 5, 9, 33, 70], [1, 40, 41, 42, 43, 44, 45, 46, 47]]
 
@@ -22,12 +23,6 @@ def live(llama_dir):
     live.rl = GorgonClient(live.url, admin_key="admin")
     yield live
     stop_server(live)
-
-
-def hf_logits(path, ids):
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0].float()
 
 
 def test_rollouts_are_grouped_and_share_the_prompt_prefill(live):

@@ -81,6 +81,12 @@ def hf_model(path: str):
 PROMPTS = [[1, 5, 9, 33, 70, 12, 100], [1, 40, 41], list(range(3, 40)), [1, 300, 200, 100, 50, 25, 12, 6, 3]]
 
 
+def hf_logits(path: str, token_ids: list[int]) -> torch.Tensor:
+    """A full teacher-forced HF forward: [len, vocab] float32."""
+    with torch.no_grad():
+        return hf_model(path)(torch.tensor([token_ids])).logits[0].float()
+
+
 def hf_greedy(path: str, prompt: list[int], new_tokens: int) -> list[int]:
     ids = hf_model(path).generate(torch.tensor([prompt]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                   do_sample=False, pad_token_id=0)

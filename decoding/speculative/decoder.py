@@ -1,0 +1,81 @@
+"""Speculative decoding inside the engine step.
+
+The engine calls three hooks per step:
+
+1. `lookahead(seq)` while scheduling: how many draft slots a decoding sequence reserves (blocks and
+   token budget), so verification can never run out of cache.
+2. `attach_drafts(sched)` after scheduling: the proposer drafts tokens for the sequences that reserved
+   slots, and their decode entries become chains of 1 + k tokens for the target to score in the same
+   forward pass as every other request of the step.
+3. `verify(items, logits)` after the forward: the verifier decides what each chain keeps; the engine
+   appends the emitted tokens (stop strings, EOS and max_tokens apply token by token) and rolls the
+   target's cache back to the accepted prefix; the proposer rolls back its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from decoding.runner import StepLogits
+from decoding.sampler import Sampler
+from decoding.scheduler import ScheduledSeq, SchedulerOutput
+from decoding.sequence import Sequence
+from decoding.speculative.proposer import Proposal, Proposer, SpecCounters
+from decoding.speculative.rejection import Verdict, verify
+
+
+class SpeculativeDecoding:
+    def __init__(self, proposer: Proposer, num_tokens: int, max_model_len: int, sampler: Sampler,
+                 vocab_size: int, eos_token_ids: frozenset[int], device: torch.device):
+        self.proposer = proposer
+        self.num_tokens = num_tokens
+        self.max_model_len = max_model_len
+        self.sampler = sampler
+        self.vocab_size = vocab_size
+        self.eos_token_ids = eos_token_ids
+        self.device = device
+        self.counters = SpecCounters()
+        self._proposals: dict[int, Proposal] = {}
+
+    def lookahead(self, seq: Sequence) -> int:
+        request, params = seq.request, seq.request.params
+        if not params.speculative or request.beam is not None:
+            return 0
+        # The verified step emits up to k + 1 tokens: never draft past max_tokens or the context.
+        remaining = params.max_tokens - seq.num_output_tokens - 1
+        room = self.max_model_len - len(seq.token_ids) - 1
+        return max(0, min(self.num_tokens, remaining, room))
+
+    def attach_drafts(self, sched: SchedulerOutput) -> list[ScheduledSeq]:
+        """Draft for every entry that reserved slots; return the entries that now carry drafts."""
+        positions = [i for i, item in enumerate(sched.scheduled) if item.num_lookahead > 0]
+        if not positions:
+            return []
+        items = [sched.scheduled[i] for i in positions]
+        proposals = self.proposer.propose([item.seq for item in items], [item.num_lookahead for item in items])
+        chains = []
+        for i, item, proposal in zip(positions, items, proposals):
+            draft = proposal.token_ids[: item.num_lookahead]
+            if not draft:
+                continue
+            proposal = Proposal(draft, None if proposal.probs is None else proposal.probs[: len(draft)])
+            chain = replace(item, num_new_tokens=1 + len(draft), reaches_end=False, draft_token_ids=tuple(draft))
+            sched.scheduled[i] = chain
+            self._proposals[item.seq.seq_id] = proposal
+            chains.append(chain)
+        return chains
+
+    def verify(self, chains: list[ScheduledSeq], logits: StepLogits) -> list[Verdict]:
+        seqs = [chain.seq for chain in chains]
+        proposals = [self._proposals.pop(seq.seq_id) for seq in seqs]
+        rows = [logits.chunk[seq.seq_id] for seq in seqs]
+        verdicts = verify(self.sampler, seqs, proposals, rows, self.vocab_size, self.eos_token_ids, self.device)
+        for proposal, verdict in zip(proposals, verdicts):
+            self.counters.record(len(proposal.token_ids), verdict.num_accepted)
+        return verdicts
+
+    def release(self, seq: Sequence) -> None:
+        self._proposals.pop(seq.seq_id, None)
+        self.proposer.release(seq)

@@ -1,0 +1,123 @@
+"""A small draft model proposes tokens from its own paged KV cache.
+
+The draft keeps, per sequence, a block table in its own cache and how many of the sequence's tokens it
+has computed. Each proposal first catches up on the tokens the target accepted since the last one (the
+whole prompt the first time), then runs k - 1 single-token steps; all sequences that speculate advance
+together, one batched draft forward per drafted position. After verification the draft rolls back to
+the accepted prefix, exactly like the target.
+
+Draft tokens are drawn the way the request samples: the same penalties, temperature and truncation
+applied to the draft's logits (argmax for greedy requests), so q is as close to the target's p as the
+draft allows and acceptance stays high; `Proposal.probs` carries q for lossless verification.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from decoding.block_manager import BlockManager, NoFreeBlocksError
+from decoding.runner import ModelRunner
+from decoding.sampler import Sampler, SamplingBatch
+from decoding.scheduler import ScheduledSeq, SchedulerOutput
+from decoding.sequence import Sequence
+from decoding.speculative.proposer import Proposal
+from decoding.speculative.rejection import ExtendedSequence
+from models.attention import PagedKVCache
+from models.loader import LoadedModel
+
+
+@dataclass
+class DraftState:
+    """What the draft's cache holds for one target sequence (duck-types a Sequence for the runner)."""
+
+    seq_id: int
+    block_table: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    token_ids: list[int] = field(default_factory=list)   # the tokens of the current proposal round
+
+
+class DraftModelProposer:
+    def __init__(self, loaded: LoadedModel, num_blocks: int, block_size: int, sampler: Sampler,
+                 eos_token_ids: frozenset[int]):
+        model = loaded.model
+        self.model = model
+        self.max_model_len = loaded.max_model_len
+        self.cache = PagedKVCache(model.num_layers, num_blocks, block_size, model.num_kv_heads, model.head_dim,
+                                  model.dtype, loaded.device)
+        self.blocks = BlockManager(num_blocks, block_size)
+        self.runner = ModelRunner(model, self.cache, loaded.device)
+        self.device = loaded.device
+        self.sampler = sampler
+        self.eos_token_ids = eos_token_ids
+        self._states: dict[int, DraftState] = {}
+
+    def propose(self, seqs: list[Sequence], max_tokens: list[int]) -> list[Proposal]:
+        drafted: list[list[int]] = [[] for _ in seqs]
+        probs: list[list[torch.Tensor]] = [[] for _ in seqs]
+        limits = [min(k, self.max_model_len - len(seq.token_ids)) for seq, k in zip(seqs, max_tokens)]
+        for _ in range(max(limits, default=0)):
+            rows, items = [], []
+            for i, seq in enumerate(seqs):
+                if len(drafted[i]) >= limits[i]:
+                    continue
+                item = self._schedule(seq, drafted[i])
+                if item is None:            # the draft cache is full: this sequence stops drafting
+                    limits[i] = len(drafted[i])
+                    continue
+                rows.append(i)
+                items.append(item)
+            if not items:
+                break
+            logits = self.runner.execute(SchedulerOutput(scheduled=items), set())
+            for item in items:
+                item.seq.num_computed += item.num_new_tokens
+            row_of = {seq_id: r for r, seq_id in enumerate(logits.last_seq_ids)}
+            order = [row_of[item.seq.seq_id] for item in items]
+            tokens, dists = self._draw([seqs[i] for i in rows], [drafted[i] for i in rows], logits.last[order])
+            for i, token, dist in zip(rows, tokens, dists):
+                drafted[i].append(token)
+                if dist is not None:
+                    probs[i].append(dist)
+        return [Proposal(d, torch.stack(p) if p else None) for d, p in zip(drafted, probs)]
+
+    def _schedule(self, seq: Sequence, drafted: list[int]) -> ScheduledSeq | None:
+        state = self._states.get(seq.seq_id)
+        if state is None:
+            state = self._states[seq.seq_id] = DraftState(seq.seq_id)
+        state.token_ids = seq.token_ids + drafted
+        count = len(state.token_ids) - state.num_computed
+        try:
+            copies = self.blocks.append_slots(state.block_table, state.num_computed, count)
+        except NoFreeBlocksError:
+            return None
+        assert not copies, "draft blocks are never shared"
+        return ScheduledSeq(state, state.num_computed, count, reaches_end=True)
+
+    def _draw(self, seqs: list[Sequence], drafted: list[list[int]], logits: torch.Tensor):
+        """One draft token per row, drawn as the request samples; its distribution for sampled rows."""
+        views = [ExtendedSequence(seq, d) for seq, d in zip(seqs, drafted)]
+        batch = SamplingBatch.from_sequences(views, logits.shape[-1], self.eos_token_ids, self.device)
+        processed = self.sampler.process(logits.float(), batch, distribution=not batch.all_greedy)
+        tokens = processed.penalised.argmax(dim=-1)
+        if batch.all_greedy:
+            return tokens.tolist(), [None] * len(seqs)
+        dists = processed.logprobs.exp()
+        sampled = self.sampler.sample(dists, batch)
+        tokens = torch.where(batch.greedy, tokens, sampled).tolist()
+        return tokens, [None if seq.request.params.is_greedy else dists[r].cpu() for r, seq in enumerate(seqs)]
+
+    def on_verified(self, seq: Sequence, num_accepted: int) -> None:
+        """Keep the draft cache up to the accepted prefix: the catch-up of the next round starts there."""
+        state = self._states.get(seq.seq_id)
+        if state is None:
+            return
+        base = len(seq.token_ids) - num_accepted - 1        # the sequence's length before this round
+        state.num_computed = min(state.num_computed, base + num_accepted)
+        self.blocks.truncate(state.block_table, state.num_computed)
+
+    def release(self, seq: Sequence) -> None:
+        state = self._states.pop(seq.seq_id, None)
+        if state is not None:
+            self.blocks.free(state.block_table)

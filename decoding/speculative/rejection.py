@@ -1,0 +1,159 @@
+"""The verifier: which draft tokens the target keeps, and the token it adds.
+
+For each sequence the target scored its last token followed by k draft tokens, giving k + 1 rows of
+logits. Row j is processed exactly as the sampler would process it had the first j draft tokens been
+sampled for real (penalties see them, min_tokens counts them), so a verified position and a plainly
+sampled one follow the same distribution p_j.
+
+- Greedy rows keep draft token j while it equals argmax p_j; the first mismatch is replaced by the
+  target's argmax, and when all k are kept the target's argmax at row k is a bonus token. The output is
+  token-identical to plain greedy decoding.
+- Sampled rows use the speculative sampling rule (Leviathan et al. 2023; Chen et al. 2023): keep draft
+  token x ~ q_j with probability min(1, p_j(x) / q_j(x)); on the first rejection draw from the residual
+  norm(max(0, p_j - q_j)) and stop; when all are kept draw a bonus token from p_k. Each emitted token is
+  then distributed exactly as under p. A deterministic proposer has a one-hot q.
+
+Returned logprobs are the target's at each emitted position, in the request's logprobs_mode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from decoding.sampler import ProcessedLogits, Sampler, SamplingBatch
+from decoding.sequence import Sequence, TokenLogprob
+from decoding.speculative.proposer import Proposal
+
+
+class ExtendedSequence:
+    """A sequence seen as if `extra` draft tokens had already been appended: what the sampler reads
+    (penalty history, output length for min_tokens, the request's parameters, its generator)."""
+
+    __slots__ = ("request", "token_ids", "generator")
+
+    def __init__(self, seq: Sequence, extra: list[int]):
+        self.request = seq.request
+        self.token_ids = seq.token_ids + extra if extra else seq.token_ids
+        self.generator = seq.generator
+
+    @property
+    def prompt_len(self) -> int:
+        return self.request.prompt_len
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_len :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.prompt_len
+
+
+@dataclass
+class Verdict:
+    token_ids: list[int]                     # the kept draft tokens, then the target's own token
+    logprobs: list[TokenLogprob | None]      # one per emitted token
+    num_accepted: int                        # draft tokens kept
+
+
+def verify(sampler: Sampler, seqs: list[Sequence], proposals: list[Proposal], logits: list[torch.Tensor],
+           vocab_size: int, eos_token_ids: frozenset[int], device: torch.device) -> list[Verdict]:
+    """logits[i] [len(proposals[i].token_ids) + 1, vocab] are the target's rows for sequence i."""
+    views, owners = [], []
+    for i, (seq, proposal) in enumerate(zip(seqs, proposals)):
+        for j in range(len(proposal.token_ids) + 1):
+            views.append(ExtendedSequence(seq, proposal.token_ids[:j]))
+            owners.append(i)
+    batch = SamplingBatch.from_sequences(views, vocab_size, eos_token_ids, device)
+    processed = sampler.process(torch.cat(logits), batch, distribution=not batch.all_greedy or batch.num_top_logprobs >= 0)
+    greedy_tokens = processed.penalised.argmax(dim=-1).tolist()
+    probs = processed.logprobs.exp() if processed.logprobs is not None else None
+
+    emitted: list[list[int]] = []
+    accepted: list[int] = []
+    row = 0
+    for seq, proposal in zip(seqs, proposals):
+        k = len(proposal.token_ids)
+        if seq.request.params.is_greedy:
+            tokens, num_accepted = _verify_greedy(proposal.token_ids, greedy_tokens[row : row + k + 1])
+        else:
+            tokens, num_accepted = _verify_sampled(proposal, probs[row : row + k + 1], seq.generator)
+        emitted.append(tokens)
+        accepted.append(num_accepted)
+        row += k + 1
+
+    logprobs = _emitted_logprobs(sampler, processed, batch, proposals, emitted, device)
+    return [Verdict(tokens, lps, n) for tokens, lps, n in zip(emitted, logprobs, accepted)]
+
+
+def _verify_greedy(draft: list[int], target: list[int]) -> tuple[list[int], int]:
+    kept = 0
+    while kept < len(draft) and draft[kept] == target[kept]:
+        kept += 1
+    return draft[:kept] + [target[kept]], kept
+
+
+def _verify_sampled(proposal: Proposal, p: torch.Tensor, generator: torch.Generator) -> tuple[list[int], int]:
+    """p [k + 1, vocab]: the target's sampling distributions. Draws k + 1 uniforms whatever happens, so
+    a seeded request consumes its generator the same way every run."""
+    draft = torch.tensor(proposal.token_ids, dtype=torch.long, device=p.device)
+    k, vocab = len(proposal.token_ids), p.shape[-1]
+    if proposal.probs is None:
+        q = torch.zeros(k, vocab, dtype=p.dtype, device=p.device).scatter_(1, draft[:, None], 1.0)
+    else:
+        q = proposal.probs.to(device=p.device, dtype=p.dtype)
+    uniforms = torch.rand(1, k + 1, generator=generator, dtype=torch.float64).to(p.device)
+    tokens, num_accepted = rejection_sample(p[None], q[None], draft[None], uniforms)
+    kept = int(num_accepted[0])
+    return tokens[0, : kept + 1].tolist(), kept
+
+
+def rejection_sample(p: torch.Tensor, q: torch.Tensor, draft: torch.Tensor,
+                     uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The speculative sampling rule over a batch of independent chains.
+
+    p [B, k + 1, V] target distributions, q [B, k, V] draft distributions, draft [B, k] tokens drawn
+    from q, uniforms [B, k + 1] in [0, 1). Returns tokens [B, k + 1] (the kept drafts, then the final
+    token, then -1) and the number of drafts kept [B].
+    """
+    batch, k = draft.shape
+    rows = torch.arange(batch, device=p.device)
+    p_draft = p[:, :k].gather(2, draft[..., None]).squeeze(2).double()
+    q_draft = q.gather(2, draft[..., None]).squeeze(2).double()
+    rejected = uniforms[:, :k] * q_draft >= p_draft           # keep with probability min(1, p / q)
+    num_accepted = torch.where(rejected.any(dim=1), rejected.double().argmax(dim=1), torch.full_like(rows, k))
+    # The final token: from the residual max(0, p - q) at the first rejection, or from p_k (the bonus):
+    # a zero q after the last draft makes both one expression.
+    q_padded = torch.cat((q, torch.zeros_like(q[:, :1])), dim=1)
+    p_final = p[rows, num_accepted].double()
+    residual = (p_final - q_padded[rows, num_accepted].double()).clamp_(min=0.0)
+    empty = residual.sum(dim=1, keepdim=True) <= 0            # p == q up to rounding
+    residual = torch.where(empty, p_final, residual)
+    cdf = residual.cumsum(dim=1)
+    final = torch.searchsorted(cdf, (uniforms[:, k] * cdf[:, -1])[:, None], right=True).squeeze(1)
+    final = final.clamp_(max=p.shape[-1] - 1)
+    positions = torch.arange(k + 1, device=p.device)[None, :]
+    tokens = torch.cat((draft, torch.full_like(draft[:, :1], -1)), dim=1)
+    tokens = torch.where(positions < num_accepted[:, None], tokens, torch.full_like(tokens, -1))
+    tokens[rows, num_accepted] = final
+    return tokens, num_accepted
+
+
+def _emitted_logprobs(sampler: Sampler, processed: ProcessedLogits, batch: SamplingBatch,
+                      proposals: list[Proposal], emitted: list[list[int]], device) -> list[list[TokenLogprob | None]]:
+    if batch.num_top_logprobs < 0:
+        return [[None] * len(tokens) for tokens in emitted]
+    # Row j of a sequence scored the position of its j-th emitted token; rows past the last emitted
+    # token are scored against a placeholder and dropped.
+    chosen = []
+    for proposal, tokens in zip(proposals, emitted):
+        rows = len(proposal.token_ids) + 1
+        chosen += tokens + [0] * (rows - len(tokens))
+    all_logprobs = sampler.logprobs(processed, torch.tensor(chosen, dtype=torch.long, device=device), batch)
+    results, row = [], 0
+    for proposal, tokens in zip(proposals, emitted):
+        results.append(all_logprobs[row : row + len(tokens)])
+        row += len(proposal.token_ids) + 1
+    return results

@@ -1,0 +1,275 @@
+"""Speculative decoding: the rejection sampler's statistics, hand-built verdicts, and the engine end to end."""
+
+import math
+
+import pytest
+import torch
+
+from decoding import Engine, SamplingParams
+from decoding.sequence import FinishReason
+from decoding.speculative.proposer import Proposal
+from decoding.speculative.rejection import Verdict, rejection_sample, verify
+from models.loader import DEFAULT_DRAFT_DIR
+from tiny_models import PROMPTS, hf_greedy, hf_logits, save_tiny_model
+
+NEW_TOKENS = 24
+
+
+@pytest.fixture(scope="session")
+def other_llama_dir(tmp_path_factory):
+    """Same architecture and tokenizer as llama_dir, different weights: a draft that is often rejected."""
+    return str(save_tiny_model("llama", tmp_path_factory.mktemp("llama-draft"), seed=1))
+
+
+def spec_engine(target, draft=None, **overrides):
+    options = dict(show_progress=False, num_kv_blocks=256, block_size=4)
+    if draft is not None:
+        options |= dict(speculative="draft", draft_model=draft)
+    return Engine(model=target, **(options | overrides))
+
+
+# ---- the rejection sampler, statistically ------------------------------------------------------
+
+def _distributions(case: str, k: int, vocab: int, generator: torch.Generator):
+    p = torch.rand(k + 1, vocab, generator=generator).pow(2)
+    p /= p.sum(-1, keepdim=True)
+    if case == "equal":
+        q = p[:k].clone()
+    elif case == "disjoint":
+        p[:, :2] = 0
+        p /= p.sum(-1, keepdim=True)
+        q = torch.zeros(k, vocab)
+        q[:, :2] = 0.5
+    elif case == "one-hot":
+        q = torch.zeros(k, vocab)
+        q[torch.arange(k), torch.randint(vocab, (k,), generator=generator)] = 1.0
+    else:
+        q = torch.rand(k, vocab, generator=generator)
+        q /= q.sum(-1, keepdim=True)
+    return p.double(), q.double()
+
+
+@pytest.mark.parametrize("case", ["equal", "disjoint", "one-hot", "random"])
+def test_rejection_sampler_emits_the_target_distribution_at_every_position(case):
+    """With N chains, each emitted position's token frequencies must match p_j within 5 standard errors
+    (sqrt(p (1 - p) / n_j) for the n_j chains that reach position j), and the acceptance rate at each
+    position must match sum_x min(p_j(x), q_j(x))."""
+    num_chains, k, vocab = 200_000, 3, 5
+    generator = torch.Generator().manual_seed(["equal", "disjoint", "one-hot", "random"].index(case))
+    p, q = _distributions(case, k, vocab, generator)
+    draft = torch.stack([torch.multinomial(q[j].float(), num_chains, replacement=True, generator=generator)
+                         for j in range(k)], dim=1)                                  # [N, k], x_j ~ q_j
+    uniforms = torch.rand(num_chains, k + 1, generator=generator, dtype=torch.float64)
+    tokens, num_accepted = rejection_sample(p.expand(num_chains, -1, -1), q.expand(num_chains, -1, -1),
+                                            draft, uniforms)
+    acceptance = torch.minimum(p[:k], q).sum(-1)                # P(keep draft j | reached j)
+    for j in range(k + 1):        # position k is the bonus token
+        reached = num_accepted >= j
+        n = int(reached.sum())
+        expected_reach = float(acceptance[:j].prod()) * num_chains
+        if expected_reach < 1000:   # disjoint supports: nothing gets past the first position
+            assert n <= expected_reach + 5 * math.sqrt(expected_reach) + 1
+            continue
+        counts = torch.bincount(tokens[reached, j], minlength=vocab).double()
+        assert int(counts.sum()) == n
+        frequencies = counts / n
+        tolerance = 5 * torch.sqrt(p[j] * (1 - p[j]) / n) + 1e-9
+        assert bool(((frequencies - p[j]).abs() <= tolerance).all()), (j, frequencies, p[j])
+        if j < k:
+            expected = float(acceptance[j])
+            rate = float((num_accepted[reached] > j).double().mean())
+            assert abs(rate - expected) <= 5 * math.sqrt(max(expected * (1 - expected), 0) / n) + 1e-6
+
+
+def test_rejection_sampler_marks_the_end_of_each_chain():
+    p = torch.tensor([[[0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]]]).double()
+    q = torch.tensor([[[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]]).double()
+    tokens, accepted = rejection_sample(p, q, torch.tensor([[1, 0]]), torch.full((1, 3), 0.5, dtype=torch.float64))
+    assert accepted.tolist() == [1]
+    assert tokens.tolist() == [[1, 2, -1]]        # kept 1, rejected 0, drew 2 from the residual
+
+
+# ---- hand-built verdicts -----------------------------------------------------------------------
+
+def _greedy_rows(argmaxes: list[int], vocab: int) -> torch.Tensor:
+    rows = torch.zeros(len(argmaxes), vocab)
+    rows[torch.arange(len(argmaxes)), torch.tensor(argmaxes)] = 5.0
+    return rows
+
+
+@pytest.mark.parametrize("draft,target,emitted,kept", [
+    ([7, 8, 9], [7, 8, 9, 10], [7, 8, 9, 10], 3),     # all accepted, plus the bonus token
+    ([7, 8, 9], [3, 8, 9, 10], [3], 0),               # rejected at the first position
+    ([7, 8, 9], [7, 4, 9, 10], [7, 4], 1),            # rejected mid-way
+    ([], [11], [11], 0),                              # empty draft: a plain decode
+])
+def test_greedy_verdicts(llama_engine, draft, target, emitted, kept):
+    request = llama_engine.make_request([1, 2, 3], SamplingParams(temperature=0, max_tokens=8, logprobs=0))
+    vocab = llama_engine.loaded.model.vocab_size
+    seq = request.seqs[0]
+    [verdict] = verify(llama_engine.sampler, [seq], [Proposal(draft)], [_greedy_rows(target, vocab)], vocab,
+                       llama_engine.eos_token_ids, torch.device("cpu"))
+    assert verdict.token_ids == emitted and verdict.num_accepted == kept
+    expected = torch.log_softmax(_greedy_rows(target, vocab), -1)
+    for j, (token, logprob) in enumerate(zip(verdict.token_ids, verdict.logprobs)):
+        assert logprob.logprob == pytest.approx(float(expected[j, token]), abs=1e-6)
+
+
+def test_eos_inside_accepted_drafts_ends_the_sequence(llama_dir):
+    engine = spec_engine(llama_dir, llama_dir)
+    request = engine.make_request(PROMPTS[0], SamplingParams(temperature=0, max_tokens=10, min_tokens=1))
+    engine.add(request)
+    while request.seqs[0].num_output_tokens == 0:
+        engine.step()
+    seq, eos = request.seqs[0], min(engine.eos_token_ids)
+    assert not seq.is_finished
+    before = seq.num_output_tokens
+    seq.num_computed = len(seq.token_ids) + 3          # as if a 3-token chain had just been scored
+    engine._apply_verdict(seq, Verdict([40, eos, 41, 42], [None] * 4, num_accepted=3))
+    assert seq.finish_reason is FinishReason.STOP
+    assert seq.output_token_ids[before:] == [40, eos]   # nothing after EOS
+    assert engine._finish_if_done(request).outputs[0].finish_reason == "stop"   # what step() does last
+    assert not engine.has_unfinished_requests()
+    assert engine.cache_usage().num_used_blocks == 0
+    assert engine.speculation.proposer.blocks.num_free_blocks == engine.speculation.proposer.blocks.num_blocks - 1
+
+
+# ---- the engine, end to end --------------------------------------------------------------------
+
+@pytest.mark.parametrize("draft", ["same", "other"])
+def test_greedy_speculation_is_token_identical_on_a_batch(llama_dir, other_llama_dir, draft):
+    draft_dir = llama_dir if draft == "same" else other_llama_dir
+    engine = spec_engine(llama_dir, draft_dir, num_speculative_tokens=3)
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS)
+    outputs = engine.generate(PROMPTS, params)
+    for prompt, output in zip(PROMPTS, outputs):
+        assert output.outputs[0].token_ids == hf_greedy(llama_dir, prompt, NEW_TOKENS)
+    counters = engine.speculation.counters
+    assert counters.num_draft_tokens > 0
+    if draft == "same":
+        assert counters.num_accepted_tokens > 0.9 * counters.num_draft_tokens
+    else:
+        assert counters.num_accepted_tokens < counters.num_draft_tokens    # rejections were rolled back
+    assert engine.cache_usage().num_used_blocks == 0
+
+
+def test_cache_after_rollback_equals_a_fresh_prefill(llama_dir, other_llama_dir):
+    """A poor draft forces rollbacks nearly every step; each returned logprob is computed from the cache
+    that survived them and must equal a teacher-forced forward of the accepted sequence. Every proposal
+    must also equal the draft model's own greedy continuation, so the draft's cache rolled back too."""
+    engine = spec_engine(llama_dir, other_llama_dir, num_speculative_tokens=4)
+    proposer = engine.speculation.proposer
+    seen = []
+    propose = proposer.propose
+
+    def recording(seqs, max_tokens):
+        proposals = propose(seqs, max_tokens)
+        seen.extend((list(seq.token_ids), list(p.token_ids)) for seq, p in zip(seqs, proposals))
+        return proposals
+
+    proposer.propose = recording
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, logprobs=0,
+                            logprobs_mode="raw")
+    outputs = engine.generate(PROMPTS[:2], params)
+    counters = engine.speculation.counters
+    assert counters.num_accepted_tokens < counters.num_draft_tokens
+    for prompt, output in zip(PROMPTS[:2], outputs):
+        completion = output.outputs[0]
+        reference = torch.log_softmax(hf_logits(llama_dir, prompt + completion.token_ids), -1)
+        for i, (token, logprob) in enumerate(zip(completion.token_ids, completion.logprobs)):
+            assert logprob.logprob == pytest.approx(float(reference[len(prompt) - 1 + i, token]), abs=1e-4)
+    assert seen
+    for tokens, proposal in seen:
+        assert proposal == hf_greedy(other_llama_dir, tokens, len(proposal))
+
+
+def test_groups_stop_strings_and_max_tokens_mid_draft(llama_dir):
+    plain = spec_engine(llama_dir)
+    engine = spec_engine(llama_dir, llama_dir, num_speculative_tokens=4)
+    prompts = ["def add(a, b):", "class Stack:", "import os"]
+    reference = plain.generate(prompts, SamplingParams(temperature=0, max_tokens=30))
+    stop = reference[0].outputs[0].text[5:8]             # a stop string that greedy output will hit
+    cases = [SamplingParams(temperature=0, max_tokens=7),                  # 7 is not a multiple of k + 1
+             SamplingParams(temperature=0, max_tokens=30, stop=[stop]),
+             SamplingParams(temperature=0, max_tokens=13, n=3)]
+    for params in cases:
+        expected = plain.generate(prompts, params)
+        actual = engine.generate(prompts, params)
+        for a, b in zip(actual, expected):
+            for x, y in zip(a.outputs, b.outputs):
+                assert (x.token_ids, x.text, x.finish_reason) == (y.token_ids, y.text, y.finish_reason)
+    assert engine.speculation.counters.num_accepted_tokens > 0
+    assert engine.cache_usage().num_used_blocks == 0
+
+
+def test_sampled_speculation_returns_the_targets_logprobs_and_is_reproducible(llama_dir, other_llama_dir):
+    params = SamplingParams(temperature=0.8, top_k=50, max_tokens=NEW_TOKENS, logprobs=2, seed=11, n=2)
+    runs = []
+    for _ in range(2):
+        engine = spec_engine(llama_dir, other_llama_dir, num_speculative_tokens=3)
+        runs.append(engine.generate(PROMPTS[:2], params))
+        assert engine.speculation.counters.num_draft_tokens > 0
+    for first, second in zip(*runs):
+        assert [o.token_ids for o in first.outputs] == [o.token_ids for o in second.outputs]
+    for prompt, output in zip(PROMPTS[:2], runs[0]):
+        for completion in output.outputs:
+            logits = hf_logits(llama_dir, prompt + completion.token_ids) / 0.8
+            top = logits.topk(50, dim=-1)
+            truncated = torch.full_like(logits, float("-inf")).scatter_(1, top.indices, top.values)
+            reference = torch.log_softmax(truncated, -1)
+            for i, (token, logprob) in enumerate(zip(completion.token_ids, completion.logprobs)):
+                assert logprob.logprob == pytest.approx(float(reference[len(prompt) - 1 + i, token]), abs=1e-4)
+
+
+def test_sampled_speculation_with_an_identical_draft_accepts_nearly_everything(llama_dir):
+    engine = spec_engine(llama_dir, llama_dir, num_speculative_tokens=4)
+    engine.generate(PROMPTS, SamplingParams(temperature=1.0, max_tokens=NEW_TOKENS, seed=0))
+    counters = engine.speculation.counters
+    assert counters.num_draft_tokens > 0
+    assert counters.acceptance_rate > 0.95          # p == q: min(1, p/q) = 1 up to float rounding
+
+
+def test_ngram_proposer_is_token_identical_and_accepts(llama_dir):
+    # Greedy output of a random model soon repeats itself: prompt lookup then proposes the repeat.
+    engine = spec_engine(llama_dir, speculative="ngram", num_speculative_tokens=4, prompt_lookup_min=1)
+    params = SamplingParams(temperature=0, max_tokens=48, min_tokens=48)
+    outputs = engine.generate(PROMPTS, params)
+    for prompt, output in zip(PROMPTS, outputs):
+        assert output.outputs[0].token_ids == hf_greedy(llama_dir, prompt, 48)
+    counters = engine.speculation.counters
+    assert counters.num_draft_tokens > 0 and counters.num_accepted_tokens > 0
+
+
+def test_ngram_lookup_finds_the_latest_longest_match():
+    from decoding.speculative.ngram import NgramProposer
+    proposer = NgramProposer(max_ngram=3, min_ngram=1)
+    assert proposer.lookup([1, 2, 3, 9, 1, 2, 3, 8, 7, 1, 2, 3], 2) == [8, 7]
+    assert proposer.lookup([5, 6, 7], 3) == []
+    assert proposer.lookup([4, 1, 4], 5) == [1, 4]
+
+
+def test_per_request_opt_out(llama_dir):
+    engine = spec_engine(llama_dir, llama_dir)
+    engine.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=12, speculative=False))
+    assert engine.speculation.counters.num_drafts == 0
+    engine.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=12))
+    assert engine.speculation.counters.num_drafts > 0
+
+
+def test_configuration_errors(llama_dir):
+    with pytest.raises(ValueError, match="speculative must be"):
+        spec_engine(llama_dir, speculative="medusa-ish")
+    with pytest.raises(ValueError, match="num_speculative_tokens"):
+        spec_engine(llama_dir, speculative="ngram", num_speculative_tokens=0)
+    with pytest.raises(ValueError, match="vocabulary"):
+        spec_engine(llama_dir, str(DEFAULT_DRAFT_DIR))       # 8192 tokens against the tiny model's 384
+
+
+def test_default_model_with_its_draft_is_identical():
+    plain = Engine(show_progress=False)
+    engine = Engine(show_progress=False, speculative="draft")
+    prompts = ["def fibonacci(n):", "import os\n\ndef main():\n"]
+    params = SamplingParams(temperature=0, max_tokens=40)
+    for a, b in zip(engine.generate(prompts, params), plain.generate(prompts, params)):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+    assert engine.speculation.counters.num_accepted_tokens > 0
