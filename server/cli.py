@@ -11,6 +11,18 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="HF folder or hub id (default: the embedded model)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--speculative", choices=["draft", "ngram"], default=None,
+                        help="speculative decoding: a draft model, or prompt lookup (n-gram)")
+    parser.add_argument("--draft-model", default=None, help="draft model folder (default: the embedded draft)")
+    parser.add_argument("--num-speculative-tokens", type=int, default=4, help="draft tokens verified per step")
+    parser.add_argument("--prompt-lookup-max", type=int, default=4, help="longest n-gram prompt lookup matches")
+    parser.add_argument("--prompt-lookup-min", type=int, default=2, help="shortest n-gram prompt lookup matches")
+
+
+def _engine_options(args: argparse.Namespace) -> dict:
+    return dict(model=args.model, dtype=args.dtype, device=args.device, speculative=args.speculative,
+                draft_model=args.draft_model, num_speculative_tokens=args.num_speculative_tokens,
+                prompt_lookup_max=args.prompt_lookup_max, prompt_lookup_min=args.prompt_lookup_min)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -20,7 +32,7 @@ def _generate(args: argparse.Namespace) -> int:
     try:
         params = SamplingParams(n=args.n, max_tokens=args.max_tokens, temperature=args.temperature,
                                 top_p=args.top_p, top_k=args.top_k, seed=args.seed)
-        engine = Engine(model=args.model, dtype=args.dtype, device=args.device)
+        engine = Engine(**_engine_options(args))
         [output] = engine.generate(args.prompt, params)
     except (ModelLoadError, ValueError) as err:
         print(f"gorgon: error: {err}", file=sys.stderr)
@@ -40,7 +52,7 @@ def _serve(args: argparse.Namespace) -> int:
     from server.app import ServerConfig, build_app
 
     try:
-        engine = Engine(model=args.model, dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs,
+        engine = Engine(**_engine_options(args), max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=max(args.max_num_batched_tokens, args.max_num_seqs),
                         kv_cache_memory_gb=args.kv_cache_memory_gb)
     except (ModelLoadError, ValueError) as err:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from decoding import Engine
 
@@ -27,6 +28,32 @@ class Metrics:
         self.generation_tokens = Counter("gorgon:generation_tokens", "Tokens generated", registry=self.registry)
         self.request_success = Counter("gorgon:request_success", "Finished requests by finish reason",
                                        ["finished_reason"], registry=self.registry)
+        if engine.speculation is not None:
+            self.registry.register(SpeculationCollector(engine.speculation.counters))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class SpeculationCollector:
+    """Speculative decoding's counters, read from the engine at scrape time (vLLM's spec_decode names)."""
+
+    def __init__(self, counters):
+        self.counters = counters
+
+    def collect(self):
+        c = self.counters
+        yield CounterMetricFamily("gorgon:spec_decode_num_drafts", "Verified proposals", value=c.num_drafts)
+        yield CounterMetricFamily("gorgon:spec_decode_num_draft_tokens", "Draft tokens proposed and verified",
+                                  value=c.num_draft_tokens)
+        yield CounterMetricFamily("gorgon:spec_decode_num_accepted_tokens", "Draft tokens the target kept",
+                                  value=c.num_accepted_tokens)
+        per_position = CounterMetricFamily("gorgon:spec_decode_num_accepted_tokens_per_pos",
+                                           "Draft tokens kept, by position in the draft", labels=["position"])
+        for position, count in enumerate(c.accepted_per_position):
+            per_position.add_metric([str(position)], count)
+        yield per_position
+        yield GaugeMetricFamily("gorgon:spec_decode_acceptance_rate", "Accepted over drafted tokens",
+                                value=c.acceptance_rate)
+        yield GaugeMetricFamily("gorgon:spec_decode_mean_acceptance_length",
+                                "Tokens per verification: 1 + accepted / drafts", value=c.mean_acceptance_length)

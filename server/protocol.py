@@ -39,6 +39,8 @@ class _SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None   # OpenAI's end-user tag: accepted, not used
+    # Opt this request out of the server's speculative decoding (outputs are the same either way).
+    speculative: bool = True
 
     def sampling_params(self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
@@ -48,7 +50,7 @@ class _SamplingFields(BaseModel):
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty, stop=tuple(stop),
             stop_token_ids=tuple(self.stop_token_ids or ()), include_stop_str_in_output=self.include_stop_str_in_output,
             ignore_eos=self.ignore_eos, seed=self.seed, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
-            logprobs_mode=self.logprobs_mode,
+            logprobs_mode=self.logprobs_mode, speculative=self.speculative,
         )
 
     @property

@@ -27,8 +27,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(model_dir: str, **config) -> SimpleNamespace:
-    engine = Engine(model=model_dir, show_progress=False, num_kv_blocks=1024, block_size=4, max_num_seqs=64)
+def start_server(model_dir: str, engine_options: dict | None = None, **config) -> SimpleNamespace:
+    engine = Engine(model=model_dir, show_progress=False, num_kv_blocks=1024, block_size=4, max_num_seqs=64,
+                    **(engine_options or {}))
     app = build_app(engine, ServerConfig(served_model_name="tiny", **config))
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))

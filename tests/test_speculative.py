@@ -273,3 +273,37 @@ def test_default_model_with_its_draft_is_identical():
     for a, b in zip(engine.generate(prompts, params), plain.generate(prompts, params)):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
     assert engine.speculation.counters.num_accepted_tokens > 0
+
+
+# ---- over HTTP -----------------------------------------------------------------------------------
+
+def test_server_speculates_reports_metrics_and_honours_the_opt_out(llama_dir):
+    import httpx
+
+    from server.cli import build_parser
+    from test_server import start_server, stop_server
+
+    args = build_parser().parse_args(["serve", "--speculative", "draft", "--draft-model", llama_dir,
+                                      "--num-speculative-tokens", "3"])
+    assert (args.speculative, args.draft_model, args.num_speculative_tokens) == ("draft", llama_dir, 3)
+    plain = spec_engine(llama_dir)
+    expected = plain.generate(["def add(a, b):"], SamplingParams(temperature=0, max_tokens=20))[0].outputs[0].text
+    live = start_server(llama_dir, engine_options=dict(speculative="draft", draft_model=llama_dir,
+                                                       num_speculative_tokens=3))
+    try:
+        counters = live.engine.speculation.counters
+        opted_out = live.client.completions.create(model="tiny", prompt="def add(a, b):", max_tokens=20,
+                                                   temperature=0, extra_body={"speculative": False})
+        assert opted_out.choices[0].text == expected and counters.num_drafts == 0
+        out = live.client.completions.create(model="tiny", prompt="def add(a, b):", max_tokens=20, temperature=0)
+        assert out.choices[0].text == expected
+        assert counters.num_drafts > 0
+        metrics = httpx.get(f"{live.url}/metrics").text
+        values = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
+                  if line.startswith("gorgon:spec_decode")}
+        assert values["gorgon:spec_decode_num_drafts_total"] == counters.num_drafts
+        assert values["gorgon:spec_decode_num_accepted_tokens_total"] == counters.num_accepted_tokens > 0
+        assert values['gorgon:spec_decode_num_accepted_tokens_per_pos_total{position="0"}'] > 0
+        assert 1 < values["gorgon:spec_decode_mean_acceptance_length"] <= 4
+    finally:
+        stop_server(live)

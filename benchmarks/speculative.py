@@ -1,0 +1,128 @@
+"""Speculative decoding on the embedded target + draft: Gorgon's plain decode, Gorgon with the draft,
+and HF `generate(assistant_model=draft)` on the same pair in the same run; then prompt lookup (n-gram)
+on input-grounded prompts.
+
+Greedy, 128 new tokens (EOS suppressed so every run emits the same count), held-out prompts of the
+default model's corpus. Batch 1 runs the prompts one after another; batch 8 submits them together
+(HF's assisted generation takes one sequence at a time, so its batch-8 time is the same sequential run).
+`speedup` is over Gorgon's own plain decode; `ratio_vs_hf` over HF assisted generation with its
+default schedule for the number of assistant tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from benchmarks.common import Timer, benchmark_model_path, parse_args, report
+from decoding import Engine, SamplingParams
+from models.evaluate import heldout_texts
+from models.loader import DEFAULT_DRAFT_DIR
+
+PROMPT_TOKENS = 64
+
+
+def heldout_prompts(tokenizer, num: int, length: int) -> list[list[int]]:
+    """Windows from the middle of held-out files: code in progress, not license headers."""
+    from pathlib import Path
+    texts = heldout_texts(Path.home() / ".cache" / "gorgon" / "corpus")
+    prompts = []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        if len(ids) >= 4 * length:
+            middle = len(ids) // 2
+            prompts.append(ids[middle : middle + length])
+        if len(prompts) == num:
+            break
+    return prompts
+
+
+def grounded_prompts(tokenizer, num: int) -> list[list[int]]:
+    """A held-out function followed by its own first lines again: the continuation can copy the input,
+    the case prompt lookup is for (edits, extraction, quoting)."""
+    prompts = []
+    for window in heldout_prompts(tokenizer, num, 4 * PROMPT_TOKENS):
+        prompts.append(window + tokenizer("\n\n", add_special_tokens=False).input_ids + window[:PROMPT_TOKENS])
+    return prompts
+
+
+def timed_tokens(engine: Engine, prompts, params, batch: int):
+    """(seconds, token lists) for the prompts submitted `batch` at a time."""
+    tokens = []
+    with Timer() as t:
+        for start in range(0, len(prompts), batch):
+            tokens += [o.outputs[0].token_ids for o in engine.generate(prompts[start : start + batch], params)]
+    return t.seconds, tokens
+
+
+def counters_delta(engine: Engine, run):
+    before = (engine.speculation.counters.num_drafts, engine.speculation.counters.num_draft_tokens,
+              engine.speculation.counters.num_accepted_tokens)
+    result = run()
+    c = engine.speculation.counters
+    drafts, drafted, accepted = c.num_drafts - before[0], c.num_draft_tokens - before[1], c.num_accepted_tokens - before[2]
+    return result, {"acceptance_rate": round(accepted / max(drafted, 1), 3),
+                    "mean_acceptance_length": round(1 + accepted / max(drafts, 1), 3)}
+
+
+def main() -> None:
+    def extra(parser):
+        parser.add_argument("--draft", default=None, help="draft model folder (default: the embedded draft)")
+        parser.add_argument("--k", type=int, default=4, help="draft tokens per verification")
+
+    args = parse_args(__doc__, extra)
+    target = benchmark_model_path(args.model)
+    draft = args.draft or str(DEFAULT_DRAFT_DIR)
+    new_tokens = 64 if args.quick else 128
+    num_prompts = 2 if args.quick else 8
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, min_tokens=new_tokens)
+    common = dict(dtype=args.dtype, show_progress=False)
+    plain = Engine(model=target, **common)
+    spec = Engine(model=target, speculative="draft", draft_model=draft, num_speculative_tokens=args.k, **common)
+    ngram = Engine(model=target, speculative="ngram", num_speculative_tokens=args.k, **common)
+    prompts = heldout_prompts(plain.tokenizer, num_prompts, PROMPT_TOKENS)
+    dtype = getattr(torch, args.dtype)
+    hf_target = AutoModelForCausalLM.from_pretrained(target, dtype=dtype).eval()
+    hf_draft = AutoModelForCausalLM.from_pretrained(draft, dtype=dtype).eval()
+    pad = plain.tokenizer.pad_token_id
+
+    def hf_assisted():
+        tokens = []
+        with torch.inference_mode(), Timer() as t:
+            for prompt in prompts:
+                out = hf_target.generate(torch.tensor([prompt]), assistant_model=hf_draft, do_sample=False,
+                                         max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad)
+                tokens.append(out[0, len(prompt):].tolist())
+        return t.seconds, tokens
+
+    for engine in (plain, spec, ngram):                     # warm-up: kernels, allocator, draft cache
+        engine.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=8))
+    result = {"benchmark": "speculative", "model": target, "draft": draft, "dtype": args.dtype,
+              "num_speculative_tokens": args.k, "prompts": len(prompts), "prompt_tokens": PROMPT_TOKENS,
+              "new_tokens": new_tokens}
+    hf_seconds, hf_tokens = hf_assisted()
+    for batch in (1, 8):
+        plain_seconds, plain_tokens = timed_tokens(plain, prompts, params, batch)
+        (spec_seconds, spec_tokens), stats = counters_delta(spec, lambda: timed_tokens(spec, prompts, params, batch))
+        total = len(prompts) * new_tokens
+        result[f"batch{batch}"] = {
+            "identical": spec_tokens == plain_tokens,
+            "plain_tok_s": round(total / plain_seconds, 1), "spec_tok_s": round(total / spec_seconds, 1),
+            "hf_assisted_tok_s": round(total / hf_seconds, 1),
+            "speedup": round(plain_seconds / spec_seconds, 3), "ratio_vs_hf": round(hf_seconds / spec_seconds, 3),
+            **stats,
+        }
+    result["hf_assisted_identical"] = hf_tokens == plain_tokens
+    grounded = grounded_prompts(plain.tokenizer, num_prompts)
+    plain_seconds, plain_tokens = timed_tokens(plain, grounded, params, 1)
+    (ngram_seconds, ngram_tokens), stats = counters_delta(ngram, lambda: timed_tokens(ngram, grounded, params, 1))
+    result["ngram_grounded_batch1"] = {"identical": ngram_tokens == plain_tokens,
+                                       "speedup": round(plain_seconds / ngram_seconds, 3), **stats}
+    result |= {"identical": result["batch1"]["identical"], "speedup": result["batch1"]["speedup"],
+               "ratio_vs_hf": result["batch1"]["ratio_vs_hf"], "acceptance_rate": result["batch1"]["acceptance_rate"],
+               "mean_acceptance_length": result["batch1"]["mean_acceptance_length"]}
+    report(result, args.json)
+
+
+if __name__ == "__main__":
+    main()
