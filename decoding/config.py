@@ -18,12 +18,17 @@ class EngineConfig:
     max_model_len: int | None = None      # None: the model's own context length
     seed: int = 0                         # seeds the generators of requests that bring no seed
     show_progress: bool = True
-    # Speculative decoding: None (off), "draft" (a draft model) or "ngram" (prompt lookup).
+    # Speculative decoding: None (off), "draft" (a draft model), "ngram" (prompt lookup) or "medusa".
     speculative: str | None = None
     draft_model: str | None = None        # None: the embedded default draft
-    num_speculative_tokens: int = 4       # draft tokens verified per step
+    num_speculative_tokens: int = 4       # draft tokens verified per step (draft, ngram)
     prompt_lookup_max: int = 4            # n-gram sizes prompt lookup tries, longest first
     prompt_lookup_min: int = 2
+    medusa_heads: str | None = None       # None: the embedded default model's heads
+    medusa_choices: tuple[tuple[int, ...], ...] | None = None   # the candidate tree; None: the default
+    medusa_acceptance: str = "typical"    # sampled requests: "typical" (lossy) or "lossless"
+    typical_epsilon: float = 0.09         # typical acceptance: keep if p > min(epsilon, delta * exp(-H))
+    typical_delta: float = 0.3
 
     def __post_init__(self):
         if self.block_size < 1:
@@ -36,8 +41,10 @@ class EngineConfig:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError("max_num_batched_tokens must be >= max_num_seqs")
-        if self.speculative not in (None, "draft", "ngram"):
-            raise ValueError(f"speculative must be 'draft', 'ngram' or None, got {self.speculative!r}")
+        if self.speculative not in (None, "draft", "ngram", "medusa"):
+            raise ValueError(f"speculative must be 'draft', 'ngram', 'medusa' or None, got {self.speculative!r}")
+        if self.medusa_acceptance not in ("typical", "lossless"):
+            raise ValueError(f"medusa_acceptance must be 'typical' or 'lossless', got {self.medusa_acceptance!r}")
         if self.num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:

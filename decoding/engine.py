@@ -25,12 +25,14 @@ from decoding.scheduler import Scheduler, SchedulerOutput
 from decoding.sequence import FinishReason, Request, RequestStatus, Sequence, TokenLogprob
 from decoding.speculative.decoder import SpeculativeDecoding
 from decoding.speculative.draft import DraftModelProposer
+from decoding.speculative.medusa import MedusaProposer
 from decoding.speculative.ngram import NgramProposer
 from decoding.speculative.rejection import Verdict
 from decoding.weights import apply_update, validate_update
 from models import load_model
 from models.attention import PagedKVCache
-from models.loader import DEFAULT_DRAFT_DIR
+from models.loader import DEFAULT_DRAFT_DIR, DEFAULT_MEDUSA_DIR
+from models.medusa import MedusaHeads
 
 Prompt = str | list[int]
 
@@ -91,7 +93,14 @@ class Engine:
         if cfg.speculative is None:
             return None
         if cfg.speculative == "ngram":
-            proposer = NgramProposer(cfg.prompt_lookup_max, cfg.prompt_lookup_min)
+            proposer = NgramProposer(cfg.num_speculative_tokens, cfg.prompt_lookup_max, cfg.prompt_lookup_min)
+        elif cfg.speculative == "medusa":
+            model = self.loaded.model
+            heads = MedusaHeads.load(cfg.medusa_heads or DEFAULT_MEDUSA_DIR, model.dtype, self.loaded.device,
+                                     hidden_size=model.hidden_size, vocab_size=model.vocab_size)
+            proposer = MedusaProposer(heads, self.sampler, self.eos_token_ids, self.loaded.device, cfg.medusa_choices,
+                                      cfg.medusa_acceptance, (cfg.typical_epsilon, cfg.typical_delta))
+            self.runner.keep_hidden = True
         else:
             draft = load_model(cfg.draft_model or str(DEFAULT_DRAFT_DIR), cfg.dtype, cfg.device,
                                show_progress=cfg.show_progress)
@@ -100,9 +109,9 @@ class Engine:
                                  f"target's ({self.loaded.model.vocab_size}); a draft must share the target's tokenizer")
             # As many blocks as the target: the draft never shares a prompt between samples, and a draft
             # that runs out of blocks only stops proposing for the sequences that do not fit.
-            proposer = DraftModelProposer(draft, self.blocks.num_blocks, cfg.block_size, self.sampler,
-                                          self.eos_token_ids)
-        return SpeculativeDecoding(proposer, cfg.num_speculative_tokens, self.max_model_len, self.sampler,
+            proposer = DraftModelProposer(draft, cfg.num_speculative_tokens, self.blocks.num_blocks, cfg.block_size,
+                                          self.sampler, self.eos_token_ids)
+        return SpeculativeDecoding(proposer, self.max_model_len, self.sampler,
                                    self.loaded.model.vocab_size, self.eos_token_ids, self.loaded.device)
 
     # ---- requests ----------------------------------------------------------------------------
@@ -222,15 +231,27 @@ class Engine:
             sampled = self.sampler(logits.last[rows], batch)
             for seq, token, logprob in zip(sampling_seqs, sampled.token_ids, sampled.logprobs):
                 self._append_token(seq, token, logprob)
+            if logits.last_hidden is not None:
+                for seq, row in zip(sampling_seqs, rows.tolist()):
+                    if not seq.is_finished:
+                        self.speculation.observe(seq, logits.last_hidden[row])
         if chains:
             for chain, verdict in zip(chains, self.speculation.verify(chains, logits)):
                 self._apply_verdict(chain.seq, verdict)
+                if logits.chunk_hidden is not None and not chain.seq.is_finished:
+                    self.speculation.observe(chain.seq, logits.chunk_hidden[chain.seq.seq_id][verdict.last_row])
         self.counters.num_steps += 1
         return [self._finish_if_done(request) for request in touched.values()]
 
     def _apply_verdict(self, seq: Sequence, verdict: Verdict) -> None:
         """Keep the accepted prefix of a verified chain in the cache and append the emitted tokens."""
         base = len(seq.token_ids)
+        kept_rows = list(range(1, verdict.num_accepted + 1))
+        if verdict.rows != kept_rows:
+            # A tree's kept path sits at scattered slots: move it to the positions it now occupies.
+            start = base - 1
+            self.cache.move_slots(self._slots(seq, [start + r for r in verdict.rows]),
+                                  self._slots(seq, [start + r for r in kept_rows]))
         seq.num_computed = base + verdict.num_accepted      # the last emitted token is not computed yet
         self.blocks.truncate(seq.block_table, seq.num_computed)
         for token, logprob in zip(verdict.token_ids, verdict.logprobs):
@@ -308,6 +329,11 @@ class Engine:
             self._finish(seq, FinishReason.STOP, stop)
         elif seq.num_output_tokens >= params.max_tokens or len(seq.token_ids) >= self.max_model_len:
             self._finish(seq, FinishReason.LENGTH)
+
+    def _slots(self, seq: Sequence, positions: list[int]) -> torch.Tensor:
+        size = self.blocks.block_size
+        return torch.tensor([seq.block_table[p // size] * size + p % size for p in positions],
+                            dtype=torch.long, device=self.loaded.device)
 
     def _finish(self, seq: Sequence, reason: FinishReason, stop_reason: str | int | None = None) -> None:
         seq.finish_reason = reason

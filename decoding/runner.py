@@ -27,6 +27,9 @@ class StepLogits:
     last: torch.Tensor
     last_seq_ids: list[int]
     chunk: dict[int, torch.Tensor]
+    # Final hidden states of the same rows, kept when the runner is asked to (Medusa reads them).
+    last_hidden: torch.Tensor | None = None
+    chunk_hidden: dict[int, torch.Tensor] | None = None
 
 
 @dataclass
@@ -46,6 +49,7 @@ class ModelRunner:
         self.device = device
         self.block_size = cache.block_size
         self.native_decode = native_decode_available(device, model.dtype)
+        self.keep_hidden = False
         if device.type == "cpu":
             keep_freed_memory()
 
@@ -56,13 +60,17 @@ class ModelRunner:
             self.cache.copy_blocks(self._long(src), self._long(dst))
         batch = self._prepare(sched.scheduled)
         hidden = self.model.forward(batch.input_ids, batch.positions, self.cache, batch.meta)  # [T, hidden]
-        last = self.model.compute_logits(hidden[batch.last_rows]).float()                   # [N, vocab]
-        chunk = {}
+        last_hidden = hidden[batch.last_rows]
+        last = self.model.compute_logits(last_hidden).float()                               # [N, vocab]
+        chunk, chunk_hidden = {}, {}
         for item in sched.scheduled:
             if item.seq.seq_id in want_chunk_logits:
                 start = batch.first_row[item.seq.seq_id]
                 rows = hidden[start : start + item.num_new_tokens]
                 chunk[item.seq.seq_id] = self.model.compute_logits(rows).float()
+                chunk_hidden[item.seq.seq_id] = rows
+        if self.keep_hidden:
+            return StepLogits(last, batch.last_seq_ids, chunk, last_hidden, chunk_hidden)
         return StepLogits(last, batch.last_seq_ids, chunk)
 
     # ---- input preparation -------------------------------------------------------------------

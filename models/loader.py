@@ -21,6 +21,8 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default" / "target"
 # Its draft model: same tokenizer, speculative decoding's default proposer.
 DEFAULT_DRAFT_DIR = DEFAULT_MODEL_DIR.parent / "draft"
+# Its Medusa heads (published Medusa format).
+DEFAULT_MEDUSA_DIR = DEFAULT_MODEL_DIR.parent / "medusa"
 
 
 class ModelLoadError(ValueError):

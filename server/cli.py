@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
 
@@ -11,18 +12,33 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="HF folder or hub id (default: the embedded model)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--speculative", choices=["draft", "ngram"], default=None,
-                        help="speculative decoding: a draft model, or prompt lookup (n-gram)")
+    parser.add_argument("--speculative", choices=["draft", "ngram", "medusa"], default=None,
+                        help="speculative decoding: a draft model, prompt lookup (n-gram) or Medusa heads")
     parser.add_argument("--draft-model", default=None, help="draft model folder (default: the embedded draft)")
     parser.add_argument("--num-speculative-tokens", type=int, default=4, help="draft tokens verified per step")
     parser.add_argument("--prompt-lookup-max", type=int, default=4, help="longest n-gram prompt lookup matches")
     parser.add_argument("--prompt-lookup-min", type=int, default=2, help="shortest n-gram prompt lookup matches")
+    parser.add_argument("--medusa-heads", default=None, help="Medusa heads folder (default: the embedded model's)")
+    parser.add_argument("--medusa-choices", type=_choices, default=None,
+                        help="the candidate tree as JSON, e.g. '[[0], [1], [0, 0]]' (default: a tree tuned here)")
+    parser.add_argument("--medusa-acceptance", choices=["typical", "lossless"], default="typical",
+                        help="how sampled requests accept Medusa candidates (greedy ones are always exact)")
+
+
+def _choices(text: str) -> tuple[tuple[int, ...], ...]:
+    try:
+        paths = json.loads(text)
+        return tuple(tuple(int(i) for i in path) for path in paths)
+    except (ValueError, TypeError) as err:
+        raise argparse.ArgumentTypeError(f"expected a JSON list of lists of ints, got {text!r}") from err
 
 
 def _engine_options(args: argparse.Namespace) -> dict:
     return dict(model=args.model, dtype=args.dtype, device=args.device, speculative=args.speculative,
                 draft_model=args.draft_model, num_speculative_tokens=args.num_speculative_tokens,
-                prompt_lookup_max=args.prompt_lookup_max, prompt_lookup_min=args.prompt_lookup_min)
+                prompt_lookup_max=args.prompt_lookup_max, prompt_lookup_min=args.prompt_lookup_min,
+                medusa_heads=args.medusa_heads, medusa_choices=args.medusa_choices,
+                medusa_acceptance=args.medusa_acceptance)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -98,11 +114,26 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--kv-cache-memory-gb", type=float, default=1.0)
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(handler=_serve)
+
+    train = commands.add_parser("train", help="train add-ons for a model")
+    kinds = train.add_subparsers(dest="kind", required=True)
+    medusa = kinds.add_parser("medusa", add_help=False, help="Medusa heads for any HF causal LM (backbone frozen)")
+    medusa.set_defaults(handler=_train_medusa)
     return parser
 
 
+def _train_medusa(args: argparse.Namespace) -> int:
+    from models.training.medusa import main as train_medusa
+    train_medusa(args.rest, prog="gorgon train medusa")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, rest = build_parser().parse_known_args(argv)
+    if getattr(args, "kind", None) == "medusa":
+        args.rest = rest              # the trainer parses (and documents, with --help) its own options
+    elif rest:
+        build_parser().parse_args(argv)   # reports the unknown arguments the usual way
     return args.handler(args)
 
 

@@ -125,7 +125,7 @@ def test_eos_inside_accepted_drafts_ends_the_sequence(llama_dir):
     assert not seq.is_finished
     before = seq.num_output_tokens
     seq.num_computed = len(seq.token_ids) + 3          # as if a 3-token chain had just been scored
-    engine._apply_verdict(seq, Verdict([40, eos, 41, 42], [None] * 4, num_accepted=3))
+    engine._apply_verdict(seq, Verdict([40, eos, 41, 42], [None] * 4, num_accepted=3, rows=[1, 2, 3]))
     assert seq.finish_reason is FinishReason.STOP
     assert seq.output_token_ids[before:] == [40, eos]   # nothing after EOS
     assert engine._finish_if_done(request).outputs[0].finish_reason == "stop"   # what step() does last
@@ -242,7 +242,7 @@ def test_ngram_proposer_is_token_identical_and_accepts(llama_dir):
 
 def test_ngram_lookup_finds_the_latest_longest_match():
     from decoding.speculative.ngram import NgramProposer
-    proposer = NgramProposer(max_ngram=3, min_ngram=1)
+    proposer = NgramProposer(num_tokens=4, max_ngram=3, min_ngram=1)
     assert proposer.lookup([1, 2, 3, 9, 1, 2, 3, 8, 7, 1, 2, 3], 2) == [8, 7]
     assert proposer.lookup([5, 6, 7], 3) == []
     assert proposer.lookup([4, 1, 4], 5) == [1, 4]

@@ -20,17 +20,16 @@ import torch
 
 from decoding.runner import StepLogits
 from decoding.sampler import Sampler
-from decoding.scheduler import ScheduledSeq, SchedulerOutput
+from decoding.scheduler import ScheduledSeq, SchedulerOutput, TokenTree
 from decoding.sequence import Sequence
 from decoding.speculative.proposer import Proposal, Proposer, SpecCounters
 from decoding.speculative.rejection import Verdict, verify
 
 
 class SpeculativeDecoding:
-    def __init__(self, proposer: Proposer, num_tokens: int, max_model_len: int, sampler: Sampler,
+    def __init__(self, proposer: Proposer, max_model_len: int, sampler: Sampler,
                  vocab_size: int, eos_token_ids: frozenset[int], device: torch.device):
         self.proposer = proposer
-        self.num_tokens = num_tokens
         self.max_model_len = max_model_len
         self.sampler = sampler
         self.vocab_size = vocab_size
@@ -43,10 +42,15 @@ class SpeculativeDecoding:
         request, params = seq.request, seq.request.params
         if not params.speculative or request.beam is not None:
             return 0
-        # The verified step emits up to k + 1 tokens: never draft past max_tokens or the context.
-        remaining = params.max_tokens - seq.num_output_tokens - 1
+        if self._max_depth(seq) <= 0:
+            return 0
+        return self.proposer.max_tokens_per_step
+
+    def _max_depth(self, seq: Sequence) -> int:
+        """A verified step emits up to depth + 1 tokens: never draft past max_tokens or the context."""
+        remaining = seq.request.params.max_tokens - seq.num_output_tokens - 1
         room = self.max_model_len - len(seq.token_ids) - 1
-        return max(0, min(self.num_tokens, remaining, room))
+        return min(remaining, room)
 
     def attach_drafts(self, sched: SchedulerOutput) -> list[ScheduledSeq]:
         """Draft for every entry that reserved slots; return the entries that now carry drafts."""
@@ -57,15 +61,21 @@ class SpeculativeDecoding:
         proposals = self.proposer.propose([item.seq for item in items], [item.num_lookahead for item in items])
         chains = []
         for i, item, proposal in zip(positions, items, proposals):
-            draft = proposal.token_ids[: item.num_lookahead]
+            proposal = proposal.trimmed(item.num_lookahead, self._max_depth(item.seq))
+            draft = proposal.token_ids
             if not draft:
                 continue
-            proposal = Proposal(draft, None if proposal.probs is None else proposal.probs[: len(draft)])
-            chain = replace(item, num_new_tokens=1 + len(draft), reaches_end=False, draft_token_ids=tuple(draft))
+            tree = None if proposal.parents is None else TokenTree((-1, *proposal.parent_rows()))
+            chain = replace(item, num_new_tokens=1 + len(draft), reaches_end=False, draft_token_ids=tuple(draft),
+                            tree=tree)
             sched.scheduled[i] = chain
             self._proposals[item.seq.seq_id] = proposal
             chains.append(chain)
         return chains
+
+    def observe(self, seq: Sequence, hidden: torch.Tensor) -> None:
+        if self.proposer.wants_hidden_states:
+            self.proposer.observe(seq, hidden)
 
     def verify(self, chains: list[ScheduledSeq], logits: StepLogits) -> list[Verdict]:
         seqs = [chain.seq for chain in chains]

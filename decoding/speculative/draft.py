@@ -39,9 +39,12 @@ class DraftState:
 
 
 class DraftModelProposer:
-    def __init__(self, loaded: LoadedModel, num_blocks: int, block_size: int, sampler: Sampler,
+    wants_hidden_states = False
+
+    def __init__(self, loaded: LoadedModel, num_tokens: int, num_blocks: int, block_size: int, sampler: Sampler,
                  eos_token_ids: frozenset[int]):
         model = loaded.model
+        self.max_tokens_per_step = num_tokens
         self.model = model
         self.max_model_len = loaded.max_model_len
         self.cache = PagedKVCache(model.num_layers, num_blocks, block_size, model.num_kv_heads, model.head_dim,
@@ -121,3 +124,6 @@ class DraftModelProposer:
         state = self._states.pop(seq.seq_id, None)
         if state is not None:
             self.blocks.free(state.block_table)
+
+    def observe(self, seq: Sequence, hidden) -> None:
+        pass

@@ -11,9 +11,12 @@ from decoding.speculative.proposer import Proposal
 
 
 class NgramProposer:
-    def __init__(self, max_ngram: int = 4, min_ngram: int = 2):
+    wants_hidden_states = False
+
+    def __init__(self, num_tokens: int, max_ngram: int = 4, min_ngram: int = 2):
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"prompt lookup needs 1 <= min n-gram <= max n-gram, got {min_ngram} and {max_ngram}")
+        self.max_tokens_per_step = num_tokens
         self.max_ngram = max_ngram
         self.min_ngram = min_ngram
 
@@ -38,4 +41,7 @@ class NgramProposer:
         pass
 
     def release(self, seq: Sequence) -> None:
+        pass
+
+    def observe(self, seq: Sequence, hidden) -> None:
         pass

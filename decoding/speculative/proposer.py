@@ -21,17 +21,63 @@ class Proposal:
 
     token_ids: list[int]
     probs: torch.Tensor | None = None
+    # A tree instead of a chain (Medusa): parents[i] is the index of token i's parent among the draft
+    # tokens, or -1 when it follows the sequence's last token. Parents come before children.
+    parents: tuple[int, ...] | None = None
+    # Typical acceptance (Medusa's lossy rule) for sampled requests: (epsilon, delta).
+    typical: tuple[float, float] | None = None
+
+    def parent_rows(self) -> list[int]:
+        """Row of each draft token's parent among the verified rows (row 0 is the last known token)."""
+        if self.parents is None:
+            return list(range(len(self.token_ids)))
+        return [parent + 1 for parent in self.parents]
+
+    def depth(self, index: int) -> int:
+        return len(self.path(index))
+
+    def trimmed(self, max_tokens: int, max_depth: int) -> Proposal:
+        """At most `max_tokens` draft tokens none deeper than `max_depth`, still a valid tree or chain."""
+        keep = [i for i in range(len(self.token_ids)) if self.depth(i) <= max_depth][:max_tokens]
+        if len(keep) == len(self.token_ids):
+            return self
+        if self.parents is None:
+            return Proposal(self.token_ids[: len(keep)], None if self.probs is None else self.probs[: len(keep)],
+                            typical=self.typical)
+        new_index = {old: new for new, old in enumerate(keep)}
+        return Proposal([self.token_ids[i] for i in keep], None,
+                        tuple(-1 if self.parents[i] < 0 else new_index[self.parents[i]] for i in keep), self.typical)
+
+    def path(self, index: int) -> list[int]:
+        """The draft tokens from the root down to draft token `index`, inclusive."""
+        if self.parents is None:
+            return self.token_ids[: index + 1]
+        tokens = []
+        while index >= 0:
+            tokens.append(self.token_ids[index])
+            index = self.parents[index]
+        return tokens[::-1]
 
 
 class Proposer(Protocol):
+    # The most draft tokens one proposal may hold (tree nodes for Medusa): the slots a sequence reserves.
+    max_tokens_per_step: int
+
     def propose(self, seqs: list[Sequence], max_tokens: list[int]) -> list[Proposal]:
         """Up to max_tokens[i] draft tokens for each sequence (possibly none)."""
 
     def on_verified(self, seq: Sequence, num_accepted: int) -> None:
-        """The target kept the first `num_accepted` draft tokens of the last proposal for `seq`."""
+        """The target kept `num_accepted` draft tokens (a path from the root) of the last proposal."""
 
     def release(self, seq: Sequence) -> None:
         """Forget everything held for `seq` (it finished, was aborted or preempted)."""
+
+    # Proposers that read the target's final hidden state (Medusa) set this; the engine then hands them
+    # the hidden state that produced each sequence's newest token through `observe`.
+    wants_hidden_states: bool
+
+    def observe(self, seq: Sequence, hidden: torch.Tensor) -> None:
+        """hidden [hidden_size]: the target's final hidden state at the position before seq's last token."""
 
 
 @dataclass

@@ -18,7 +18,7 @@ Returned logprobs are the target's at each emitted position, in the request's lo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -56,48 +56,88 @@ class Verdict:
     token_ids: list[int]                     # the kept draft tokens, then the target's own token
     logprobs: list[TokenLogprob | None]      # one per emitted token
     num_accepted: int                        # draft tokens kept
+    # Verified rows of the kept draft tokens (row 0 is the last known token): a chain keeps 1..k, a
+    # tree any root-to-node path, whose cache slots the engine then compacts.
+    rows: list[int] = field(default_factory=list)
+
+    @property
+    def last_row(self) -> int:
+        """The row whose logits produced the final emitted token."""
+        return self.rows[-1] if self.rows else 0
 
 
 def verify(sampler: Sampler, seqs: list[Sequence], proposals: list[Proposal], logits: list[torch.Tensor],
            vocab_size: int, eos_token_ids: frozenset[int], device: torch.device) -> list[Verdict]:
-    """logits[i] [len(proposals[i].token_ids) + 1, vocab] are the target's rows for sequence i."""
-    views, owners = [], []
-    for i, (seq, proposal) in enumerate(zip(seqs, proposals)):
-        for j in range(len(proposal.token_ids) + 1):
-            views.append(ExtendedSequence(seq, proposal.token_ids[:j]))
-            owners.append(i)
+    """logits[i] [len(proposals[i].token_ids) + 1, vocab] are the target's rows for sequence i: row 0
+    scored its last known token, row j + 1 its draft token j."""
+    views = []
+    for seq, proposal in zip(seqs, proposals):
+        views.append(ExtendedSequence(seq, []))
+        views += [ExtendedSequence(seq, proposal.path(j)) for j in range(len(proposal.token_ids))]
     batch = SamplingBatch.from_sequences(views, vocab_size, eos_token_ids, device)
     processed = sampler.process(torch.cat(logits), batch, distribution=not batch.all_greedy or batch.num_top_logprobs >= 0)
     greedy_tokens = processed.penalised.argmax(dim=-1).tolist()
     probs = processed.logprobs.exp() if processed.logprobs is not None else None
 
-    emitted: list[list[int]] = []
-    accepted: list[int] = []
-    row = 0
+    verdicts, base = [], 0
     for seq, proposal in zip(seqs, proposals):
-        k = len(proposal.token_ids)
+        num_rows = len(proposal.token_ids) + 1
         if seq.request.params.is_greedy:
-            tokens, num_accepted = _verify_greedy(proposal.token_ids, greedy_tokens[row : row + k + 1])
+            rows, final = _walk_greedy(proposal, greedy_tokens[base : base + num_rows])
+        elif proposal.typical is not None:
+            rows, final = _walk_typical(proposal, probs[base : base + num_rows], seq.generator)
         else:
-            tokens, num_accepted = _verify_sampled(proposal, probs[row : row + k + 1], seq.generator)
-        emitted.append(tokens)
-        accepted.append(num_accepted)
-        row += k + 1
+            rows, final = _verify_sampled(proposal, probs[base : base + num_rows], seq.generator)
+        tokens = [proposal.token_ids[r - 1] for r in rows] + [final]
+        verdicts.append(Verdict(tokens, [], len(rows), rows))
+        base += num_rows
+    _attach_logprobs(sampler, processed, batch, proposals, verdicts, device)
+    return verdicts
 
-    logprobs = _emitted_logprobs(sampler, processed, batch, proposals, emitted, device)
-    return [Verdict(tokens, lps, n) for tokens, lps, n in zip(emitted, logprobs, accepted)]
+
+def _children(proposal: Proposal) -> dict[int, list[int]]:
+    """Row -> the rows of its draft children, in proposal order."""
+    children: dict[int, list[int]] = {}
+    for index, parent_row in enumerate(proposal.parent_rows()):
+        children.setdefault(parent_row, []).append(index + 1)
+    return children
 
 
-def _verify_greedy(draft: list[int], target: list[int]) -> tuple[list[int], int]:
-    kept = 0
-    while kept < len(draft) and draft[kept] == target[kept]:
-        kept += 1
-    return draft[:kept] + [target[kept]], kept
+def _walk_greedy(proposal: Proposal, target: list[int]) -> tuple[list[int], int]:
+    """Follow the child that equals the target's argmax, as deep as the proposal goes."""
+    children, rows, row = _children(proposal), [], 0
+    while True:
+        match = next((c for c in children.get(row, ()) if proposal.token_ids[c - 1] == target[row]), None)
+        if match is None:
+            return rows, target[row]
+        rows.append(match)
+        row = match
+
+
+def _walk_typical(proposal: Proposal, p: torch.Tensor, generator: torch.Generator) -> tuple[list[int], int]:
+    """Medusa's typical acceptance (lossy): keep a child whose probability under the target exceeds
+    min(epsilon, delta * exp(-entropy)); the final token is sampled from the target at the last kept node."""
+    epsilon, delta = proposal.typical
+    entropy = -(p * p.clamp_min(1e-30).log()).sum(dim=-1)
+    thresholds = torch.minimum(torch.full_like(entropy, epsilon), delta * torch.exp(-entropy)).tolist()
+    children, rows, row = _children(proposal), [], 0
+    uniform = float(torch.rand(1, generator=generator, dtype=torch.float64))
+    while True:
+        match = next((c for c in children.get(row, ()) if float(p[row, proposal.token_ids[c - 1]]) > thresholds[row]),
+                     None)
+        if match is None:
+            cdf = p[row].double().cumsum(dim=0)
+            final = int(torch.searchsorted(cdf, torch.tensor([uniform * float(cdf[-1])], dtype=torch.float64), right=True))
+            return rows, min(final, p.shape[-1] - 1)
+        rows.append(match)
+        row = match
 
 
 def _verify_sampled(proposal: Proposal, p: torch.Tensor, generator: torch.Generator) -> tuple[list[int], int]:
-    """p [k + 1, vocab]: the target's sampling distributions. Draws k + 1 uniforms whatever happens, so
-    a seeded request consumes its generator the same way every run."""
+    """Speculative sampling over a chain. p [k + 1, vocab]: the target's sampling distributions. Draws
+    k + 1 uniforms whatever happens, so a seeded request consumes its generator the same way every run."""
+    if proposal.parents is not None:
+        raise ValueError("lossless verification needs a chain proposal; trees use greedy or typical acceptance")
     draft = torch.tensor(proposal.token_ids, dtype=torch.long, device=p.device)
     k, vocab = len(proposal.token_ids), p.shape[-1]
     if proposal.probs is None:
@@ -107,7 +147,7 @@ def _verify_sampled(proposal: Proposal, p: torch.Tensor, generator: torch.Genera
     uniforms = torch.rand(1, k + 1, generator=generator, dtype=torch.float64).to(p.device)
     tokens, num_accepted = rejection_sample(p[None], q[None], draft[None], uniforms)
     kept = int(num_accepted[0])
-    return tokens[0, : kept + 1].tolist(), kept
+    return list(range(1, kept + 1)), int(tokens[0, kept])
 
 
 def rejection_sample(p: torch.Tensor, q: torch.Tensor, draft: torch.Tensor,
@@ -141,19 +181,25 @@ def rejection_sample(p: torch.Tensor, q: torch.Tensor, draft: torch.Tensor,
     return tokens, num_accepted
 
 
-def _emitted_logprobs(sampler: Sampler, processed: ProcessedLogits, batch: SamplingBatch,
-                      proposals: list[Proposal], emitted: list[list[int]], device) -> list[list[TokenLogprob | None]]:
+def _attach_logprobs(sampler: Sampler, processed: ProcessedLogits, batch: SamplingBatch,
+                     proposals: list[Proposal], verdicts: list[Verdict], device) -> None:
+    """Each emitted token's logprob comes from the row that scored it: row 0 for the first, then the row
+    of each kept draft token for the next."""
     if batch.num_top_logprobs < 0:
-        return [[None] * len(tokens) for tokens in emitted]
-    # Row j of a sequence scored the position of its j-th emitted token; rows past the last emitted
-    # token are scored against a placeholder and dropped.
-    chosen = []
-    for proposal, tokens in zip(proposals, emitted):
-        rows = len(proposal.token_ids) + 1
-        chosen += tokens + [0] * (rows - len(tokens))
+        for verdict in verdicts:
+            verdict.logprobs = [None] * len(verdict.token_ids)
+        return
+    chosen, scoring = [], []
+    base = 0
+    for proposal, verdict in zip(proposals, verdicts):
+        num_rows = len(proposal.token_ids) + 1
+        tokens = [0] * num_rows                  # rows that scored nothing emitted get a placeholder
+        rows = [0] + verdict.rows
+        for row, token in zip(rows, verdict.token_ids):
+            tokens[row] = token
+        chosen += tokens
+        scoring.append([base + row for row in rows])
+        base += num_rows
     all_logprobs = sampler.logprobs(processed, torch.tensor(chosen, dtype=torch.long, device=device), batch)
-    results, row = [], 0
-    for proposal, tokens in zip(proposals, emitted):
-        results.append(all_logprobs[row : row + len(tokens)])
-        row += len(proposal.token_ids) + 1
-    return results
+    for verdict, rows in zip(verdicts, scoring):
+        verdict.logprobs = [all_logprobs[row] for row in rows]

@@ -1,0 +1,102 @@
+"""Medusa proposals: the heads read the target's final hidden state and propose a tree of candidates.
+
+`choices` lists the tree's paths as top-k ranks per head, Medusa's `medusa_choices`: (0,) is head 0's
+top token, (0, 1) head 1's second-best token after it, and so on. All paths are verified in one target
+forward (ancestor-only mask, positions at each node's depth); greedy requests keep the deepest path
+matching the target's argmax (token-identical to plain greedy), sampled requests keep a path by typical
+acceptance (lossy, Medusa's rule) or, in `lossless` mode, draw a chain from the heads' distributions and
+verify it with the speculative sampling rule, which keeps the target's distribution exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from decoding.sampler import Sampler, SamplingBatch
+from decoding.sequence import Sequence
+from decoding.speculative.proposer import Proposal
+from decoding.speculative.rejection import ExtendedSequence
+from models.medusa import MedusaHeads
+
+# Tuned on the embedded default model on a 2-core CPU (benchmarks/medusa.py): a small tree, since each
+# extra node costs the target a little more per verification while the heads' deeper guesses rarely hold.
+DEFAULT_CHOICES: tuple[tuple[int, ...], ...] = (
+    (0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 0, 0, 0),
+)
+
+
+def tree_parents(choices: tuple[tuple[int, ...], ...]) -> tuple[int, ...]:
+    """Index of each path's parent path (-1 for depth 1); every path's prefix must be listed before it."""
+    index = {path: i for i, path in enumerate(choices)}
+    parents = []
+    for path in choices:
+        if len(path) > 1 and path[:-1] not in index:
+            raise ValueError(f"medusa choice {list(path)} has no parent {list(path[:-1])} in the tree")
+        if len(path) > 1 and index[path[:-1]] > index[path]:
+            raise ValueError(f"medusa choice {list(path[:-1])} must come before its child {list(path)}")
+        parents.append(index[path[:-1]] if len(path) > 1 else -1)
+    return tuple(parents)
+
+
+class MedusaProposer:
+    wants_hidden_states = True
+
+    def __init__(self, heads: MedusaHeads, sampler: Sampler, eos_token_ids: frozenset[int], device: torch.device,
+                 choices=None, acceptance: str = "typical", typical: tuple[float, float] = (0.09, 0.3)):
+        if acceptance not in ("typical", "lossless"):
+            raise ValueError(f"medusa_acceptance must be 'typical' or 'lossless', got {acceptance!r}")
+        self.choices = tuple(tuple(int(i) for i in path) for path in (choices or DEFAULT_CHOICES))
+        if not self.choices or any(len(path) == 0 for path in self.choices):
+            raise ValueError("medusa choices must be non-empty paths")
+        depth = max(len(path) for path in self.choices)
+        if depth > heads.num_heads:
+            raise ValueError(f"the medusa tree is {depth} deep but there are only {heads.num_heads} heads")
+        self.parents = tree_parents(self.choices)
+        self.top_k = max(max(path) for path in self.choices) + 1
+        self.heads = heads
+        self.sampler = sampler
+        self.eos_token_ids = eos_token_ids
+        self.device = device
+        self.acceptance = acceptance
+        self.typical = typical
+        self.max_tokens_per_step = max(len(self.choices), heads.num_heads)
+        self._hidden: dict[int, torch.Tensor] = {}
+
+    def observe(self, seq: Sequence, hidden: torch.Tensor) -> None:
+        self._hidden[seq.seq_id] = hidden
+
+    @torch.inference_mode()
+    def propose(self, seqs: list[Sequence], max_tokens: list[int]) -> list[Proposal]:
+        known = [i for i, seq in enumerate(seqs) if seq.seq_id in self._hidden]
+        proposals = [Proposal([]) for _ in seqs]
+        if not known:
+            return proposals
+        hidden = torch.stack([self._hidden[seqs[i].seq_id] for i in known])
+        logits = self.heads(hidden.to(self.heads.heads[0][-1].weight.dtype)).float()      # [K, N, vocab]
+        top = logits.topk(self.top_k, dim=-1).indices.tolist()                              # [K][N][top_k]
+        for n, i in enumerate(known):
+            seq = seqs[i]
+            if seq.request.params.is_greedy or self.acceptance == "typical":
+                tokens = [top[len(path) - 1][n][path[-1]] for path in self.choices]
+                typical = None if seq.request.params.is_greedy else self.typical
+                proposals[i] = Proposal(tokens, parents=self.parents, typical=typical)
+            else:
+                proposals[i] = self._sampled_chain(seq, logits[:, n])
+        return proposals
+
+    def _sampled_chain(self, seq: Sequence, head_logits: torch.Tensor) -> Proposal:
+        """Lossless mode: token k ~ q_k, head k's distribution processed as the request samples."""
+        tokens, dists = [], []
+        for k in range(head_logits.shape[0]):
+            batch = SamplingBatch.from_sequences([ExtendedSequence(seq, tokens)], head_logits.shape[-1],
+                                                 self.eos_token_ids, self.device)
+            q = self.sampler.process(head_logits[k : k + 1], batch).logprobs.exp()
+            tokens.append(int(self.sampler.sample(q, batch)[0]))
+            dists.append(q[0].cpu())
+        return Proposal(tokens, torch.stack(dists))
+
+    def on_verified(self, seq: Sequence, num_accepted: int) -> None:
+        pass            # the engine hands over the new hidden state through observe()
+
+    def release(self, seq: Sequence) -> None:
+        self._hidden.pop(seq.seq_id, None)

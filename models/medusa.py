@@ -1,0 +1,120 @@
+"""Medusa heads (Cai et al. 2024): K extra predictors of the tokens after next, on the target's final
+hidden state.
+
+Head k (0-based) reads the hidden state at position t and predicts the token at t + k + 2 (the target's
+own head predicts t + 1). Each head is ResBlock(s) then a vocabulary projection, where
+ResBlock(x) = x + SiLU(Linear(x)) with a zero-initialised weight (the bias keeps nn.Linear's default
+initialisation, as in the Medusa repository), so an untrained head reads the hidden state shifted by a
+constant, close to the target's own head applied one step early.
+
+Saved in the published format (the Medusa repository's): `config.json` with `medusa_num_heads`,
+`medusa_num_layers` and `base_model_name_or_path`, and the heads' state dict in `medusa_lm_head.pt`
+(keys `{head}.{layer}.linear.weight|bias` and `{head}.{num_layers}.weight`); `medusa_lm_head.safetensors`
+is read too.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "medusa_lm_head.pt"
+
+
+class ResBlock(torch.nn.Module):
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.linear = torch.nn.Linear(hidden_size, hidden_size)
+        torch.nn.init.zeros_(self.linear.weight)
+        self.act = torch.nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.act(self.linear(x))
+
+
+class MedusaHeads(torch.nn.Module):
+    def __init__(self, hidden_size: int, vocab_size: int, num_heads: int, num_layers: int = 1):
+        super().__init__()
+        if num_heads < 1 or num_layers < 1:
+            raise ValueError(f"Medusa needs at least one head and one layer, got {num_heads} and {num_layers}")
+        self.hidden_size, self.vocab_size = hidden_size, vocab_size
+        self.num_heads, self.num_layers = num_heads, num_layers
+        self.heads = torch.nn.ModuleList(
+            torch.nn.Sequential(*[ResBlock(hidden_size) for _ in range(num_layers)],
+                                torch.nn.Linear(hidden_size, vocab_size, bias=False))
+            for _ in range(num_heads))
+        # Set when every head's vocabulary projection is the same matrix (heads trained on top of the
+        # target's frozen output head): the K projections then run as one matmul over a shared weight.
+        self._shared_projection: torch.Tensor | None = None
+
+    def init_projections(self, lm_head_weight: torch.Tensor, freeze: bool = True) -> None:
+        """Start every head from the target's output head [vocab, hidden] (optionally frozen there)."""
+        for head in self.heads:
+            head[-1].weight.data.copy_(lm_head_weight)
+            head[-1].weight.requires_grad_(not freeze)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, hidden] -> logits [num_heads, N, vocab]."""
+        if self._shared_projection is not None:
+            features = torch.stack([head[:-1](hidden) for head in self.heads])     # [K, N, hidden]
+            return features @ self._shared_projection
+        return torch.stack([head(hidden) for head in self.heads])
+
+    def prepare_for_inference(self) -> MedusaHeads:
+        self.eval().requires_grad_(False)
+        first = self.heads[0][-1].weight
+        if all(torch.equal(head[-1].weight, first) for head in self.heads[1:]):
+            self._shared_projection = first.t().contiguous()
+        return self
+
+    # ---- the published format ----------------------------------------------------------------
+    def save(self, folder: str | Path, base_model: str) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        config = {"medusa_num_heads": self.num_heads, "medusa_num_layers": self.num_layers,
+                  "base_model_name_or_path": base_model, "hidden_size": self.hidden_size,
+                  "vocab_size": self.vocab_size}
+        (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        state = {name: tensor.detach().clone().contiguous() for name, tensor in self.heads.state_dict().items()}
+        torch.save(state, folder / WEIGHTS_NAME)
+
+    @classmethod
+    def load(cls, folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+             hidden_size: int | None = None, vocab_size: int | None = None) -> MedusaHeads:
+        """Heads saved by this module or by the Medusa repository; raises ValueError saying what is wrong."""
+        folder = Path(folder)
+        config_path = folder / CONFIG_NAME
+        if not config_path.exists():
+            raise ValueError(f"{folder} has no {CONFIG_NAME}: not a Medusa heads folder")
+        config = json.loads(config_path.read_text())
+        if "medusa_num_heads" not in config:
+            raise ValueError(f"{config_path} has no medusa_num_heads: not a Medusa heads config")
+        state = _read_state(folder)
+        num_heads, num_layers = int(config["medusa_num_heads"]), int(config.get("medusa_num_layers", 1))
+        projection = state.get(f"0.{num_layers}.weight")
+        if projection is None:
+            raise ValueError(f"{folder}: expected the key '0.{num_layers}.weight' (head 0's vocabulary projection)")
+        found_vocab, found_hidden = projection.shape
+        for name, expected in (("hidden_size", hidden_size), ("vocab_size", vocab_size)):
+            found = found_hidden if name == "hidden_size" else found_vocab
+            if expected is not None and found != expected:
+                raise ValueError(f"Medusa heads in {folder} have {name} {found}, the model has {expected}")
+        heads = cls(found_hidden, found_vocab, num_heads, num_layers)
+        missing, unexpected = heads.heads.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"Medusa heads in {folder} do not match their config: missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}")
+        return heads.to(device=device, dtype=dtype).prepare_for_inference()
+
+
+def _read_state(folder: Path) -> dict[str, torch.Tensor]:
+    if (folder / WEIGHTS_NAME).exists():
+        return torch.load(folder / WEIGHTS_NAME, map_location="cpu", weights_only=True)
+    safetensors = folder / "medusa_lm_head.safetensors"
+    if safetensors.exists():
+        from safetensors.torch import load_file
+        return load_file(safetensors)
+    raise ValueError(f"{folder} has neither {WEIGHTS_NAME} nor medusa_lm_head.safetensors")

@@ -1,0 +1,189 @@
+"""Train Medusa heads for any HF causal LM, its backbone frozen (Medusa-1); seeded and resumable.
+
+    python -m models.training.medusa --model models/default/target --out runs/medusa --minutes 20
+    gorgon train medusa --model M --out DIR            (the same, from the command line)
+
+Head k learns, from the model's final hidden state at position t, the token at t + k + 2. The targets
+are the model's own next-token distributions over a text corpus (self-distillation: KL(model || head),
+`--targets model`, the default) or the corpus tokens themselves (`--targets text`); `--generate N` first
+samples N continuations of corpus prompts with the model itself and trains on those instead of the raw
+corpus. Head losses are weighted 0.8^k. By default every head's vocabulary projection starts as the
+model's output head and stays frozen there, so only the ResBlocks train and at inference the K
+projections run as one matmul over one shared weight (`--train-projections` trains them too).
+
+Progress goes to a bar and to OUT/train.log; OUT/checkpoint.pt is picked up again when the same command
+is re-run; the heads are saved in the published Medusa format to OUT/final.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from models.medusa import MedusaHeads
+from models.training.corpus import read_texts
+from models.training.train import SEQ_LEN, batches, learning_rate, token_stream
+
+HEAD_DECAY = 0.8
+
+
+def head_losses(heads: MedusaHeads, hidden: torch.Tensor, model_logits: torch.Tensor, tokens: torch.Tensor,
+                targets: str) -> list[torch.Tensor]:
+    """hidden [B, T, h] and model_logits [B, T, V] at positions 0..T-1 of `tokens` [B, T]; one loss per head."""
+    losses = []
+    length = hidden.shape[1]
+    for k, head in enumerate(heads.heads):
+        span = length - k - 1                                  # positions t whose token t + k + 2 is known
+        if span <= 0:
+            break
+        logits = head(hidden[:, :span]).float().flatten(0, 1)
+        if targets == "model":
+            reference = torch.log_softmax(model_logits[:, k + 1 : k + 1 + span].float(), dim=-1).flatten(0, 1)
+            losses.append(torch.nn.functional.kl_div(torch.log_softmax(logits, -1), reference, log_target=True,
+                                                     reduction="batchmean"))
+        else:
+            losses.append(torch.nn.functional.cross_entropy(logits, tokens[:, k + 2 : k + 2 + span].reshape(-1)))
+    return losses
+
+
+@torch.no_grad()
+def head_accuracy(model, heads: MedusaHeads, windows: torch.Tensor) -> dict[str, list[float]]:
+    """Per head, on held-out windows [N, T]: top-1 accuracy against the text (`text_top1`) and agreement
+    with the model's own greedy prediction of that token (`model_top1`, what greedy acceptance needs)."""
+    text_hits, model_hits, counts = [0] * heads.num_heads, [0] * heads.num_heads, [0] * heads.num_heads
+    for batch in windows.split(8):
+        out = model(batch, output_hidden_states=True)
+        hidden, greedy = out.hidden_states[-1], out.logits.argmax(-1)
+        all_logits = heads(hidden.flatten(0, 1)).view(heads.num_heads, *batch.shape, -1)
+        for k in range(heads.num_heads):
+            span = batch.shape[1] - k - 2
+            predicted = all_logits[k, :, :span].argmax(-1)
+            text_hits[k] += int((predicted == batch[:, k + 2 : k + 2 + span]).sum())
+            model_hits[k] += int((predicted == greedy[:, k + 1 : k + 1 + span]).sum())
+            counts[k] += predicted.numel()
+    return {"text_top1": [round(h / c, 4) for h, c in zip(text_hits, counts)],
+            "model_top1": [round(h / c, 4) for h, c in zip(model_hits, counts)]}
+
+
+def generated_texts(model_path: str, texts: list[str], count: int, new_tokens: int, seed: int) -> list[str]:
+    """Self-generated data: the model continues `count` corpus prompts (sampled at temperature 1)."""
+    from decoding import Engine, SamplingParams
+    engine = Engine(model=model_path, show_progress=False)
+    prompts = [text[:400] for text in texts if len(text) > 400][:count]
+    outputs = engine.generate(prompts, SamplingParams(temperature=1.0, max_tokens=new_tokens, seed=seed))
+    return [prompt + out.outputs[0].text for prompt, out in zip(prompts, outputs)]
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="the HF causal LM the heads are for (frozen)")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--corpus", type=Path, default=Path.home() / ".cache" / "gorgon" / "corpus",
+                        help="folder with train.jsonl / heldout.jsonl ({'text': ...} per line)")
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--layers", type=int, default=1, help="ResBlocks per head")
+    parser.add_argument("--targets", choices=["model", "text"], default="model")
+    parser.add_argument("--generate", type=int, default=0, help="train on N self-generated continuations")
+    parser.add_argument("--train-projections", action="store_true")
+    parser.add_argument("--max-steps", type=int, default=1500)
+    parser.add_argument("--minutes", type=float, default=None)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument("--save-every", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    train(parser.parse_args(argv))
+
+
+def train(args: argparse.Namespace) -> None:
+    if not (args.corpus / "train.jsonl").exists():
+        from models.training.corpus import build
+        build(args.corpus)
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = open(args.out / "train.log", "a")
+    torch.manual_seed(args.seed)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(args.device).eval()
+    model.requires_grad_(False)
+    config = model.config
+    heads = MedusaHeads(config.hidden_size, config.vocab_size, args.heads, args.layers).to(args.device)
+    heads.init_projections(model.get_output_embeddings().weight, freeze=not args.train_projections)
+    params = [p for p in heads.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    generator = torch.Generator().manual_seed(args.seed)
+    step, seconds = 0, 0.0
+    checkpoint = args.out / "checkpoint.pt"
+    if checkpoint.exists():
+        state = torch.load(checkpoint, weights_only=False)
+        heads.load_state_dict(state["heads"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        step, seconds = state["step"], state["seconds"]
+        log.write(json.dumps({"event": "resumed", "step": step}) + "\n")
+    texts = read_texts(args.corpus / "train.jsonl")
+    if args.generate:
+        texts = generated_texts(args.model, texts, args.generate, 256, args.seed)
+    stream = token_stream(texts, tokenizer)
+    log.write(json.dumps({"event": "start", "heads": args.heads, "layers": args.layers, "targets": args.targets,
+                          "trainable_params": sum(p.numel() for p in params), "train_tokens": len(stream),
+                          "step": step}) + "\n")
+    data = batches(stream, args.batch_size, generator)
+    progress = tqdm(total=args.max_steps, initial=step, desc="training medusa heads", unit="step")
+    heads.train()
+    device_type = torch.device(args.device).type
+    while step < args.max_steps and (args.minutes is None or seconds < args.minutes * 60):
+        started = time.perf_counter()
+        inputs, _ = next(data)
+        inputs = inputs.to(args.device)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, args.max_steps, args.lr, args.warmup)
+        with torch.autocast(device_type=device_type, dtype=torch.bfloat16):
+            with torch.no_grad():
+                out = model(inputs, output_hidden_states=True)
+            losses = head_losses(heads, out.hidden_states[-1], out.logits, inputs, args.targets)
+            loss = sum(HEAD_DECAY ** k * l for k, l in enumerate(losses))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        step += 1
+        seconds += time.perf_counter() - started
+        progress.update()
+        progress.set_postfix(loss=f"{loss.item():.3f}")
+        if step % 20 == 0:
+            log.write(json.dumps({"step": step, "loss": round(loss.item(), 4),
+                                  "head_losses": [round(l.item(), 4) for l in losses],
+                                  "lr": optimizer.param_groups[0]["lr"],
+                                  "tokens_per_s": round(step * args.batch_size * SEQ_LEN / seconds, 1),
+                                  "minutes": round(seconds / 60, 2)}) + "\n")
+            log.flush()
+        if step % args.save_every == 0:
+            _save_checkpoint(checkpoint, heads, optimizer, generator, step, seconds)
+    _save_checkpoint(checkpoint, heads, optimizer, generator, step, seconds)
+    heads.eval()
+    heads.save(args.out / "final", str(args.model))
+    heldout = token_stream(read_texts(args.corpus / "heldout.jsonl"), tokenizer)
+    windows = torch.stack([heldout[i : i + SEQ_LEN] for i in range(0, min(len(heldout) - SEQ_LEN, 48 * SEQ_LEN), SEQ_LEN)])
+    accuracy = head_accuracy(model, heads, windows.to(args.device))
+    (args.out / "final" / "evaluation.json").write_text(json.dumps(accuracy, indent=2) + "\n")
+    log.write(json.dumps({"event": "done", "step": step, "minutes": round(seconds / 60, 2), **accuracy}) + "\n")
+    log.close()
+    print(json.dumps(accuracy))
+
+
+def _save_checkpoint(path: Path, heads, optimizer, generator, step: int, seconds: float) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({"heads": heads.state_dict(), "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+                "step": step, "seconds": seconds}, tmp)
+    tmp.replace(path)
+
+
+if __name__ == "__main__":
+    main()
