@@ -1,0 +1,53 @@
+"""Medusa decoding on the embedded target + its heads: Gorgon's plain decode against Gorgon with the heads.
+
+Held-out prompts of the default model's corpus, batch 1 (prompts one after another), 128 new tokens with
+EOS suppressed. Greedy: `identical` (tokens equal to plain greedy), `speedup` over plain decode and
+`mean_accepted_length` (tokens gained per target forward: 1 + accepted / verifications). Then the same
+at temperature 0.7 with typical acceptance (lossy) and with lossless acceptance, against plain sampling.
+"""
+
+from __future__ import annotations
+
+from benchmarks.common import benchmark_model_path, parse_args, report
+from benchmarks.speculative import PROMPT_TOKENS, counters_delta, heldout_prompts, timed_tokens
+from decoding import Engine, SamplingParams
+from models.loader import DEFAULT_MEDUSA_DIR
+
+
+def main() -> None:
+    def extra(parser):
+        parser.add_argument("--heads", default=None, help="Medusa heads folder (default: the embedded heads)")
+
+    args = parse_args(__doc__, extra)
+    target = benchmark_model_path(args.model)
+    heads = args.heads or str(DEFAULT_MEDUSA_DIR)
+    new_tokens = 64 if args.quick else 128
+    num_prompts = 2 if args.quick else 8
+    common = dict(model=target, dtype=args.dtype, show_progress=False)
+    plain = Engine(**common)
+    prompts = heldout_prompts(plain.tokenizer, num_prompts, PROMPT_TOKENS)
+    result = {"benchmark": "medusa", "model": target, "heads": heads, "dtype": args.dtype, "prompts": len(prompts),
+              "prompt_tokens": PROMPT_TOKENS, "new_tokens": new_tokens}
+    greedy = SamplingParams(temperature=0, max_tokens=new_tokens, min_tokens=new_tokens)
+    sampled = SamplingParams(temperature=0.7, max_tokens=new_tokens, min_tokens=new_tokens, seed=0)
+    for name, acceptance, params in (("greedy", "typical", greedy), ("typical_t0.7", "typical", sampled),
+                                     ("lossless_t0.7", "lossless", sampled)):
+        medusa = Engine(speculative="medusa", medusa_heads=heads, medusa_acceptance=acceptance, **common)
+        for engine in (plain, medusa):                      # warm-up
+            engine.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=8))
+        plain_seconds, plain_tokens = timed_tokens(plain, prompts, params, 1)
+        (medusa_seconds, medusa_tokens), stats = counters_delta(medusa, lambda: timed_tokens(medusa, prompts, params, 1))
+        total = len(prompts) * new_tokens
+        entry = {"plain_tok_s": round(total / plain_seconds, 1), "medusa_tok_s": round(total / medusa_seconds, 1),
+                 "speedup": round(plain_seconds / medusa_seconds, 3), "acceptance_rate": stats["acceptance_rate"],
+                 "mean_accepted_length": stats["mean_acceptance_length"]}
+        if params.is_greedy:
+            entry["identical"] = medusa_tokens == plain_tokens
+        result[name] = entry
+    result |= {"identical": result["greedy"]["identical"], "speedup": result["greedy"]["speedup"],
+               "mean_accepted_length": result["greedy"]["mean_accepted_length"]}
+    report(result, args.json)
+
+
+if __name__ == "__main__":
+    main()
