@@ -6,7 +6,8 @@ Greedy, 128 new tokens (EOS suppressed so every run emits the same count), held-
 default model's corpus. Batch 1 runs the prompts one after another; batch 8 submits them together
 (HF's assisted generation takes one sequence at a time, so its batch-8 time is the same sequential run).
 `speedup` is over Gorgon's own plain decode; `ratio_vs_hf` over HF assisted generation with its
-default schedule for the number of assistant tokens.
+default schedule for the number of assistant tokens, `ratio_vs_hf_same_k` over HF drafting the same k
+tokens per round as Gorgon (a constant schedule).
 """
 
 from __future__ import annotations
@@ -86,7 +87,10 @@ def main() -> None:
     hf_draft = AutoModelForCausalLM.from_pretrained(draft, dtype=dtype).eval()
     pad = plain.tokenizer.pad_token_id
 
-    def hf_assisted():
+    def hf_assisted(same_k: bool = False):
+        config = hf_draft.generation_config
+        if same_k:
+            config.num_assistant_tokens, config.num_assistant_tokens_schedule = args.k, "constant"
         tokens = []
         with torch.inference_mode(), Timer() as t:
             for prompt in prompts:
@@ -101,6 +105,7 @@ def main() -> None:
               "num_speculative_tokens": args.k, "prompts": len(prompts), "prompt_tokens": PROMPT_TOKENS,
               "new_tokens": new_tokens}
     hf_seconds, hf_tokens = hf_assisted()
+    hf_k_seconds, _ = hf_assisted(same_k=True)
     for batch in (1, 8):
         plain_seconds, plain_tokens = timed_tokens(plain, prompts, params, batch)
         (spec_seconds, spec_tokens), stats = counters_delta(spec, lambda: timed_tokens(spec, prompts, params, batch))
@@ -108,8 +113,9 @@ def main() -> None:
         result[f"batch{batch}"] = {
             "identical": spec_tokens == plain_tokens,
             "plain_tok_s": round(total / plain_seconds, 1), "spec_tok_s": round(total / spec_seconds, 1),
-            "hf_assisted_tok_s": round(total / hf_seconds, 1),
+            "hf_assisted_tok_s": round(total / hf_seconds, 1), "hf_assisted_same_k_tok_s": round(total / hf_k_seconds, 1),
             "speedup": round(plain_seconds / spec_seconds, 3), "ratio_vs_hf": round(hf_seconds / spec_seconds, 3),
+            "ratio_vs_hf_same_k": round(hf_k_seconds / spec_seconds, 3),
             **stats,
         }
     result["hf_assisted_identical"] = hf_tokens == plain_tokens
@@ -119,7 +125,8 @@ def main() -> None:
     result["ngram_grounded_batch1"] = {"identical": ngram_tokens == plain_tokens,
                                        "speedup": round(plain_seconds / ngram_seconds, 3), **stats}
     result |= {"identical": result["batch1"]["identical"], "speedup": result["batch1"]["speedup"],
-               "ratio_vs_hf": result["batch1"]["ratio_vs_hf"], "acceptance_rate": result["batch1"]["acceptance_rate"],
+               "ratio_vs_hf": result["batch1"]["ratio_vs_hf"],
+               "ratio_vs_hf_same_k": result["batch1"]["ratio_vs_hf_same_k"], "acceptance_rate": result["batch1"]["acceptance_rate"],
                "mean_acceptance_length": result["batch1"]["mean_acceptance_length"]}
     report(result, args.json)
 

@@ -100,6 +100,15 @@ class DraftModelProposer:
 
     def _draw(self, seqs: list[Sequence], drafted: list[list[int]], logits: torch.Tensor):
         """One draft token per row, drawn as the request samples; its distribution for sampled rows."""
+        if all(seq.request.params.is_greedy and not seq.request.params.has_penalties for seq in seqs):
+            # The common case, without the whole pipeline: argmax, with stop tokens banned below min_tokens.
+            logits = logits.clone()
+            for row, (seq, d) in enumerate(zip(seqs, drafted)):
+                params = seq.request.params
+                if seq.num_output_tokens + len(d) < params.min_tokens:
+                    banned = [i for i in params.stop_token_set(self.eos_token_ids) if i < logits.shape[-1]]
+                    logits[row, banned] = float("-inf")
+            return logits.argmax(dim=-1).tolist(), [None] * len(seqs)
         views = [ExtendedSequence(seq, d) for seq, d in zip(seqs, drafted)]
         batch = SamplingBatch.from_sequences(views, logits.shape[-1], self.eos_token_ids, self.device)
         processed = self.sampler.process(logits.float(), batch, distribution=not batch.all_greedy)
