@@ -1,11 +1,11 @@
 """Rebuild the whole embedded default model family, end to end, into models/default.
 
-    python -m models.training.build_default [--runs runs] [--target-minutes 62] [--draft-minutes 10]
-        [--distil-minutes 14]
+    python -m models.training.build_default [--runs runs] [--target-minutes 62] [--draft-minutes 55]
+        [--medusa-minutes 25]
 
-Corpus -> tokenizer -> target -> draft (on the data, then distilled from the target), each step skipped
-when its output exists, so an interrupted build resumes where it stopped (training resumes from its
-checkpoint).
+Corpus -> tokenizer -> target -> draft (distilled from the target from the start) -> Medusa heads (the
+target frozen, self-distillation), each step skipped when its output exists, so an interrupted build
+resumes where it stopped (training resumes from its checkpoint).
 """
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=Path("runs"))
     parser.add_argument("--target-steps", type=int, default=2000)
     parser.add_argument("--target-minutes", type=float, default=62)
-    parser.add_argument("--draft-steps", type=int, default=1600)
-    parser.add_argument("--draft-minutes", type=float, default=10)
-    parser.add_argument("--distil-steps", type=int, default=900)
-    parser.add_argument("--distil-minutes", type=float, default=14)
+    parser.add_argument("--draft-steps", type=int, default=2400)
+    parser.add_argument("--draft-minutes", type=float, default=55)
+    parser.add_argument("--medusa-steps", type=int, default=600)
+    parser.add_argument("--medusa-minutes", type=float, default=25)
     args = parser.parse_args()
     if not (CORPUS / "train.jsonl").exists():
         run("models.training.corpus", "--out", str(CORPUS))
@@ -46,20 +46,24 @@ def main() -> None:
     stages = [  # (run folder, installed as, extra arguments)
         ("target", "target", ["--role", "target", "--max-steps", str(args.target_steps),
                               "--minutes", str(args.target_minutes)]),
-        ("draft", None, ["--role", "draft", "--max-steps", str(args.draft_steps), "--minutes", str(args.draft_minutes)]),
-        # The draft is then distilled from the target: it learns to propose what the target would accept.
-        ("draft-distil", "draft", ["--role", "draft", "--init", str(args.runs / "draft" / "final"),
-                                   "--teacher", str(args.runs / "target" / "final"), "--lr", "1e-3",
-                                   "--warmup", "50", "--max-steps", str(args.distil_steps),
-                                   "--minutes", str(args.distil_minutes)]),
+        # The draft learns the target's next-token distribution (KL) from its first step: what it
+        # proposes is then what the target would accept.
+        ("draft", "draft", ["--role", "draft", "--teacher", str(args.runs / "target" / "final"), "--lr", "2e-3",
+                            "--warmup", "100", "--max-steps", str(args.draft_steps), "--minutes", str(args.draft_minutes)]),
     ]
     for folder, installed_as, extra in stages:
         out = args.runs / folder
         if not (out / "final" / "config.json").exists():
             run("models.training.train", *common, *extra, "--out", str(out))
-        if installed_as:
-            shutil.copytree(out / "final", DEFAULT_DIR / installed_as, dirs_exist_ok=True)
-            shutil.copy(out / "train.log", DEFAULT_DIR / installed_as / "train.log")
+        shutil.copytree(out / "final", DEFAULT_DIR / installed_as, dirs_exist_ok=True)
+        shutil.copy(out / "train.log", DEFAULT_DIR / installed_as / "train.log")
+    medusa = args.runs / "medusa"
+    if not (medusa / "final" / "config.json").exists():
+        run("models.training.medusa", "--model", str(args.runs / "target" / "final"), "--corpus", str(CORPUS),
+            "--out", str(medusa), "--heads", "4", "--batch-size", "8", "--lr", "2e-3",
+            "--max-steps", str(args.medusa_steps), "--minutes", str(args.medusa_minutes))
+    shutil.copytree(medusa / "final", DEFAULT_DIR / "medusa", dirs_exist_ok=True)
+    shutil.copy(medusa / "train.log", DEFAULT_DIR / "medusa" / "train.log")
     run("models.evaluate", "--json")
 
 
