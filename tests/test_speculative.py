@@ -151,6 +151,8 @@ def test_greedy_speculation_is_token_identical_on_a_batch(llama_dir, other_llama
     else:
         assert counters.num_accepted_tokens < counters.num_draft_tokens    # rejections were rolled back
     assert engine.cache_usage().num_used_blocks == 0
+    draft_blocks = engine.speculation.proposer.blocks
+    assert draft_blocks.num_free_blocks == draft_blocks.num_blocks - 1
 
 
 def test_cache_after_rollback_equals_a_fresh_prefill(llama_dir, other_llama_dir):
@@ -307,3 +309,19 @@ def test_server_speculates_reports_metrics_and_honours_the_opt_out(llama_dir):
         assert 1 < values["gorgon:spec_decode_mean_acceptance_length"] <= 4
     finally:
         stop_server(live)
+
+
+@pytest.mark.parametrize("mode", ["draft", "ngram"])
+def test_a_cache_too_small_preempts_speculating_requests_and_still_matches(llama_dir, other_llama_dir, mode):
+    params = SamplingParams(temperature=0, max_tokens=30, min_tokens=30)
+    options = dict(draft_model=other_llama_dir) if mode == "draft" else dict(prompt_lookup_min=1)
+    tight = spec_engine(llama_dir, speculative=mode, num_kv_blocks=24, **options)
+    got = tight.generate(PROMPTS, params)
+    assert tight.counters.num_preemptions > 0
+    for prompt, output in zip(PROMPTS, got):
+        assert output.outputs[0].token_ids == hf_greedy(llama_dir, prompt, 30)
+    assert tight.cache_usage().num_used_blocks == 0
+    assert tight.speculation.counters.num_draft_tokens > 0
+    if mode == "draft":     # the draft's own cache is released with its sequences, preempted or finished
+        blocks = tight.speculation.proposer.blocks
+        assert blocks.num_free_blocks == blocks.num_blocks - 1
