@@ -34,21 +34,23 @@ HEAD_DECAY = 0.8
 
 
 def head_losses(heads: MedusaHeads, hidden: torch.Tensor, model_logits: torch.Tensor, tokens: torch.Tensor,
-                targets: str) -> list[torch.Tensor]:
-    """hidden [B, T, h] and model_logits [B, T, V] at positions 0..T-1 of `tokens` [B, T]; one loss per head."""
+                targets: str, stride: int = 1, offset: int = 0) -> list[torch.Tensor]:
+    """hidden [B, T, h] and model_logits [B, T, V] at positions 0..T-1 of `tokens` [B, T]; one loss per head,
+    over positions offset, offset + stride, ... (the vocabulary-wide head outputs dominate the cost, and
+    neighbouring positions teach nearly the same thing)."""
     losses = []
     length = hidden.shape[1]
     for k, head in enumerate(heads.heads):
-        span = length - k - 1                                  # positions t whose token t + k + 2 is known
-        if span <= 0:
+        positions = torch.arange(offset, length - k - 2, stride, device=hidden.device)   # t + k + 2 < T
+        if positions.numel() == 0:
             break
-        logits = head(hidden[:, :span]).float().flatten(0, 1)
+        logits = head(hidden[:, positions]).float().flatten(0, 1)
         if targets == "model":
-            reference = torch.log_softmax(model_logits[:, k + 1 : k + 1 + span].float(), dim=-1).flatten(0, 1)
+            reference = torch.log_softmax(model_logits[:, positions + k + 1].float(), dim=-1).flatten(0, 1)
             losses.append(torch.nn.functional.kl_div(torch.log_softmax(logits, -1), reference, log_target=True,
                                                      reduction="batchmean"))
         else:
-            losses.append(torch.nn.functional.cross_entropy(logits, tokens[:, k + 2 : k + 2 + span].reshape(-1)))
+            losses.append(torch.nn.functional.cross_entropy(logits, tokens[:, positions + k + 2].reshape(-1)))
     return losses
 
 
@@ -94,6 +96,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     parser.add_argument("--max-steps", type=int, default=1500)
     parser.add_argument("--minutes", type=float, default=None)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--position-stride", type=int, default=4, help="train on every S-th position of a window")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--save-every", type=int, default=100)
@@ -147,7 +150,9 @@ def train(args: argparse.Namespace) -> None:
         with torch.autocast(device_type=device_type, dtype=torch.bfloat16):
             with torch.no_grad():
                 out = model(inputs, output_hidden_states=True)
-            losses = head_losses(heads, out.hidden_states[-1], out.logits, inputs, args.targets)
+            offset = int(torch.randint(args.position_stride, (1,), generator=generator))
+            losses = head_losses(heads, out.hidden_states[-1], out.logits, inputs, args.targets,
+                                 args.position_stride, offset)
             loss = sum(HEAD_DECAY ** k * l for k, l in enumerate(losses))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
