@@ -25,7 +25,7 @@ def main() -> None:
     num_prompts = 2 if args.quick else 8
     common = dict(model=target, dtype=args.dtype, show_progress=False)
     plain = Engine(**common)
-    prompts = heldout_prompts(plain.tokenizer, num_prompts, PROMPT_TOKENS)
+    *prompts, warmup_prompt = heldout_prompts(plain.tokenizer, num_prompts + 1, PROMPT_TOKENS)   # see speculative.py
     result = {"benchmark": "medusa", "model": target, "heads": heads, "dtype": args.dtype, "prompts": len(prompts),
               "prompt_tokens": PROMPT_TOKENS, "new_tokens": new_tokens}
     greedy = SamplingParams(temperature=0, max_tokens=new_tokens, min_tokens=new_tokens)
@@ -33,8 +33,8 @@ def main() -> None:
     for name, acceptance, params in (("greedy", "typical", greedy), ("typical_t0.7", "typical", sampled),
                                      ("lossless_t0.7", "lossless", sampled)):
         medusa = Engine(speculative="medusa", medusa_heads=heads, medusa_acceptance=acceptance, **common)
-        for engine in (plain, medusa):                      # warm-up
-            engine.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=8))
+        for engine in (plain, medusa):                      # a full warm-up generation each
+            engine.generate([warmup_prompt], params)
         plain_seconds, plain_tokens = timed_tokens(plain, prompts, params, 1)
         (medusa_seconds, medusa_tokens), stats = counters_delta(medusa, lambda: timed_tokens(medusa, prompts, params, 1))
         total = len(prompts) * new_tokens

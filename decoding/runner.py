@@ -15,6 +15,10 @@ from models.cpu_allocator import keep_freed_memory
 from models.kernels import native_decode_available
 
 
+# Chains up to this long attend as decode rows on the native kernel.
+SHORT_CHAIN = 8
+
+
 @dataclass
 class StepLogits:
     """Logits of one step, float32.
@@ -76,9 +80,11 @@ class ModelRunner:
     # ---- input preparation -------------------------------------------------------------------
     def _prepare(self, scheduled: list[ScheduledSeq]) -> PackedBatch:
         # Rows that attend like decodes come first, shortest context first: single tokens, and with the
-        # native kernel also each token of a draft chain (its own context length over the same blocks).
-        # Everything else (prefill chunks, trees, chains without the kernel) is a masked segment.
-        decode_like = [s.num_new_tokens == 1 or (self.native_decode and bool(s.draft_token_ids) and s.tree is None)
+        # native kernel also each token of a short chain (a draft chain to verify, a draft model's
+        # catch-up), each with its own context length over the same blocks. Everything else (prefill
+        # chunks, where SDPA's blocked kernel wins; trees; chains without the kernel) is a masked segment.
+        decode_like = [s.num_new_tokens == 1 or (self.native_decode and s.tree is None
+                                                 and (bool(s.draft_token_ids) or s.num_new_tokens <= SHORT_CHAIN))
                        for s in scheduled]
         order = sorted(range(len(scheduled)), key=lambda i: (not decode_like[i], scheduled[i].start if decode_like[i] else 0))
         input_ids: list[int] = []

@@ -71,14 +71,17 @@ class MedusaHeads(torch.nn.Module):
         return self
 
     # ---- the published format ----------------------------------------------------------------
-    def save(self, folder: str | Path, base_model: str) -> None:
+    def save(self, folder: str | Path, base_model: str, dtype: torch.dtype | None = None) -> None:
+        """`dtype` (e.g. bfloat16) halves the file; heads only propose, so their precision never reaches
+        the output, which the target verifies."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         config = {"medusa_num_heads": self.num_heads, "medusa_num_layers": self.num_layers,
                   "base_model_name_or_path": base_model, "hidden_size": self.hidden_size,
                   "vocab_size": self.vocab_size}
         (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-        state = {name: tensor.detach().clone().contiguous() for name, tensor in self.heads.state_dict().items()}
+        state = {name: tensor.detach().to(dtype or tensor.dtype).clone().contiguous()
+                 for name, tensor in self.heads.state_dict().items()}
         torch.save(state, folder / WEIGHTS_NAME)
 
     @classmethod

@@ -60,7 +60,7 @@ def main() -> None:
     medusa = args.runs / "medusa"
     if not (medusa / "final" / "config.json").exists():
         run("models.training.medusa", "--model", str(args.runs / "target" / "final"), "--corpus", str(CORPUS),
-            "--out", str(medusa), "--heads", "4", "--batch-size", "16", "--lr", "2e-3",
+            "--out", str(medusa), "--heads", "4", "--batch-size", "16", "--lr", "2e-3", "--save-dtype", "bfloat16",
             "--max-steps", str(args.medusa_steps), "--minutes", str(args.medusa_minutes))
     shutil.copytree(medusa / "final", DEFAULT_DIR / "medusa", dirs_exist_ok=True)
     shutil.copy(medusa / "train.log", DEFAULT_DIR / "medusa" / "train.log")

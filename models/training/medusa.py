@@ -93,6 +93,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     parser.add_argument("--targets", choices=["model", "text"], default="model")
     parser.add_argument("--generate", type=int, default=0, help="train on N self-generated continuations")
     parser.add_argument("--train-projections", action="store_true")
+    parser.add_argument("--save-dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="precision of the saved heads (bfloat16 halves the file)")
     parser.add_argument("--max-steps", type=int, default=1500)
     parser.add_argument("--minutes", type=float, default=None)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -173,7 +175,7 @@ def train(args: argparse.Namespace) -> None:
             _save_checkpoint(checkpoint, heads, optimizer, generator, step, seconds)
     _save_checkpoint(checkpoint, heads, optimizer, generator, step, seconds)
     heads.eval()
-    heads.save(args.out / "final", str(args.model))
+    heads.save(args.out / "final", str(args.model), getattr(torch, args.save_dtype))
     heldout = token_stream(read_texts(args.corpus / "heldout.jsonl"), tokenizer)
     windows = torch.stack([heldout[i : i + SEQ_LEN] for i in range(0, min(len(heldout) - SEQ_LEN, 48 * SEQ_LEN), SEQ_LEN)])
     accuracy = head_accuracy(model, heads, windows.to(args.device))
