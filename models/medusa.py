@@ -59,8 +59,8 @@ class MedusaHeads(torch.nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> logits [num_heads, N, vocab]."""
         if self._shared_projection is not None:
-            features = torch.stack([head[:-1](hidden) for head in self.heads])     # [K, N, hidden]
-            return features @ self._shared_projection
+            features = torch.cat([head[:-1](hidden) for head in self.heads])       # [K * N, hidden]
+            return (features @ self._shared_projection).view(self.num_heads, hidden.shape[0], -1)
         return torch.stack([head(hidden) for head in self.heads])
 
     def prepare_for_inference(self) -> MedusaHeads:

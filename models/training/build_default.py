@@ -1,7 +1,7 @@
 """Rebuild the whole embedded default model family, end to end, into models/default.
 
     python -m models.training.build_default [--runs runs] [--target-minutes 62] [--draft-minutes 55]
-        [--medusa-minutes 14]
+        [--medusa-minutes 12]
 
 Corpus -> tokenizer -> target -> draft (distilled from the target from the start) -> Medusa heads (the
 target frozen, self-distillation), each step skipped when its output exists, so an interrupted build
@@ -34,8 +34,8 @@ def main() -> None:
     parser.add_argument("--target-minutes", type=float, default=62)
     parser.add_argument("--draft-steps", type=int, default=2400)
     parser.add_argument("--draft-minutes", type=float, default=55)
-    parser.add_argument("--medusa-steps", type=int, default=700)
-    parser.add_argument("--medusa-minutes", type=float, default=14)
+    parser.add_argument("--medusa-steps", type=int, default=900)
+    parser.add_argument("--medusa-minutes", type=float, default=12)
     args = parser.parse_args()
     if not (CORPUS / "train.jsonl").exists():
         run("models.training.corpus", "--out", str(CORPUS))
@@ -60,7 +60,8 @@ def main() -> None:
     medusa = args.runs / "medusa"
     if not (medusa / "final" / "config.json").exists():
         run("models.training.medusa", "--model", str(args.runs / "target" / "final"), "--corpus", str(CORPUS),
-            "--out", str(medusa), "--heads", "4", "--batch-size", "16", "--lr", "2e-3", "--save-dtype", "bfloat16",
+            "--out", str(medusa), "--heads", "4", "--layers", "2", "--batch-size", "16", "--lr", "2e-3",
+            "--save-dtype", "bfloat16",
             "--max-steps", str(args.medusa_steps), "--minutes", str(args.medusa_minutes))
     shutil.copytree(medusa / "final", DEFAULT_DIR / "medusa", dirs_exist_ok=True)
     shutil.copy(medusa / "train.log", DEFAULT_DIR / "medusa" / "train.log")
