@@ -74,10 +74,12 @@ class AsyncEngine:
         self._thread.start()
 
     def submit(self, prompt: Prompt, params: SamplingParams | None = None,
-               request_id: str | None = None) -> RequestStream:
-        """Queue a request and return its stream. Invalid requests raise ValueError here, before
-        anything is queued. Must be called from a running event loop."""
+               request_id: str | None = None, stream: bool = True) -> RequestStream:
+        """Queue a request and return its stream: a snapshot after every step that touched it, or with
+        stream=False only the final one. Invalid requests raise ValueError here, before anything is
+        queued. Must be called from a running event loop."""
         request = self.engine.make_request(prompt, params, request_id)
+        request.stream = stream
         stream = RequestStream(self, request, asyncio.get_running_loop())
         self._streams[request.req_id] = stream
         self._submit(("add", request))

@@ -241,7 +241,8 @@ class Engine:
                 if logits.chunk_hidden is not None and not chain.seq.is_finished:
                     self.speculation.observe(chain.seq, logits.chunk_hidden[chain.seq.seq_id][verdict.last_row])
         self.counters.num_steps += 1
-        return [self._finish_if_done(request) for request in touched.values()]
+        outputs = (self._finish_if_done(request) for request in touched.values())
+        return [output for output in outputs if output is not None]
 
     def _apply_verdict(self, seq: Sequence, verdict: Verdict) -> None:
         """Keep the accepted prefix of a verified chain in the cache and append the emitted tokens."""
@@ -342,12 +343,16 @@ class Engine:
         if self.speculation:
             self.speculation.release(seq)
 
-    def _finish_if_done(self, request: Request) -> RequestOutput:
+    def _finish_if_done(self, request: Request) -> RequestOutput | None:
+        """Retire a finished request; its snapshot, unless it is unfinished and not streamed."""
         if request.is_finished and request.status is not RequestStatus.FINISHED:
             self.scheduler.remove(request)
             request.status = RequestStatus.FINISHED
+            request.finish_time = time.monotonic()
             self._requests.pop(request.req_id, None)
-        return RequestOutput.of(request)
+        if request.stream or request.status is RequestStatus.FINISHED:
+            return RequestOutput.of(request)
+        return None
 
     def _record_prompt_logprobs(self, sched: SchedulerOutput, logits: StepLogits, wanted: set[int]) -> None:
         for item in sched.scheduled:
@@ -402,6 +407,8 @@ class Engine:
         if len(params_list) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(params_list)} SamplingParams")
         requests = [self.make_request(p, sp) for p, sp in zip(prompts, params_list)]
+        for request in requests:
+            request.stream = False
         ids = [self.add(r) for r in requests]
         finished: dict[str, RequestOutput] = {}
         progress = tqdm(total=len(ids), disable=not use_tqdm, desc="generating")

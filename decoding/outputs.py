@@ -39,6 +39,10 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     weight_version: int | None = None
+    # time.monotonic() stamps: arrival, first generated token, finish (None until they happen).
+    arrival_time: float | None = None
+    first_token_time: float | None = None
+    finish_time: float | None = None
 
     @classmethod
     def of(cls, request: Request) -> RequestOutput:
@@ -59,4 +63,7 @@ class RequestOutput:
             outputs=outputs,
             finished=request.is_finished,
             weight_version=request.weight_version,
+            arrival_time=request.arrival_time,
+            first_token_time=request.first_token_time,
+            finish_time=request.finish_time,
         )

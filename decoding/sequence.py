@@ -92,6 +92,10 @@ class Request:
     is_forked: bool = False
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
     first_token_time: float | None = None
+    finish_time: float | None = None
+    # False: step() reports the request only once it finishes (offline generate, non-streaming HTTP
+    # calls), sparing a snapshot of every running request at every step.
+    stream: bool = True
     # The weights version the request was admitted under; it finishes under the same one.
     weight_version: int | None = None
     beam: object | None = None                 # BeamSearch state, for use_beam_search requests

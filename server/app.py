@@ -47,14 +47,16 @@ class Server:
             raise APIError(404, f"model {model!r} does not exist; this server serves "
                                 f"{self.config.served_model_name!r}", param="model", code="model_not_found")
 
-    def submit(self, prompts: list, params: SamplingParams) -> list[RequestStream]:
+    def submit(self, prompts: list, params: SamplingParams, stream: bool = True) -> list[RequestStream]:
+        """stream=False: the engine reports each request only when it finishes (responses that are
+        not streamed need nothing else, and the engine thread then never waits on the event loop)."""
         if self.front.num_pending + len(prompts) > self.config.max_queued:
             raise APIError(503, f"server is at capacity ({self.config.max_queued} requests queued); retry later",
                            type_="server_overloaded", headers={"Retry-After": str(self.config.retry_after_s)})
         streams = []
         try:
             for prompt in prompts:
-                streams.append(self.front.submit(prompt, params))
+                streams.append(self.front.submit(prompt, params, stream=stream))
         except ValueError as err:
             for stream in streams:
                 self.front.abort(stream.request_id)
@@ -98,7 +100,13 @@ class Server:
             new = len(completion.token_ids) - before_count
             if new > 0:
                 if before_time is None:
-                    self.metrics.time_to_first_token.observe(now - started)
+                    first = output.first_token_time
+                    self.metrics.time_to_first_token.observe(
+                        first - output.arrival_time if first is not None and output.arrival_time is not None
+                        else now - started)
+                    if output.finished and new > 1 and first is not None and output.finish_time is not None:
+                        # Not streamed: the whole completion arrives at once; record its mean gap.
+                        self.metrics.inter_token_latency.observe((output.finish_time - first) / (new - 1))
                 else:
                     self.metrics.inter_token_latency.observe((now - before_time) / new)
                 self.metrics.generation_tokens.inc(new)
@@ -199,7 +207,7 @@ def _add_openai_routes(app: FastAPI, server: Server) -> None:
             params = body.completion_params()
         except ValueError as err:
             raise APIError(400, str(err)) from err
-        streams = server.submit(prompts, params)
+        streams = server.submit(prompts, params, stream=body.stream)
         view = responses.CompletionView(engine.tokenizer, config.served_model_name, body, streams)
         if body.stream:
             return StreamingResponse(stream_events(server, streams, view), media_type="text/event-stream")
@@ -216,7 +224,7 @@ def _add_openai_routes(app: FastAPI, server: Server) -> None:
             params = body.sampling_params(max_tokens, (body.top_logprobs or 0) if body.logprobs else None)
         except ValueError as err:
             raise APIError(400, str(err)) from err
-        streams = server.submit([prompt_ids], params)
+        streams = server.submit([prompt_ids], params, stream=body.stream)
         view = responses.ChatView(engine.tokenizer, config.served_model_name, body, streams)
         if body.stream:
             return StreamingResponse(stream_events(server, streams, view), media_type="text/event-stream")
