@@ -118,4 +118,4 @@ def _chunks(header: bytes, tensors: list[torch.Tensor]) -> Iterator[bytes]:
     for tensor in tensors:
         raw = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
         for start in range(0, len(raw), CHUNK_BYTES):
-            yield bytes(raw[start : start + CHUNK_BYTES])
+            yield raw[start : start + CHUNK_BYTES]
