@@ -32,7 +32,26 @@ class TokenLogprob:
     top: dict[int, float] | None = None
 
 
-class Sequence:
+class TokenHistory:
+    """What the sampler reads of a sequence's tokens: its prompt length and its generated part."""
+
+    token_ids: list[int]
+    request: Request
+
+    @property
+    def prompt_len(self) -> int:
+        return self.request.prompt_len
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_len :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.prompt_len
+
+
+class Sequence(TokenHistory):
     """One completion: the prompt plus its generated tokens, and where their KV lives."""
 
     def __init__(self, seq_id: int, index: int, request: Request, generator: torch.Generator,
@@ -48,18 +67,6 @@ class Sequence:
         self.logprobs: list[TokenLogprob] = []
         self.generator = generator
         self.detokenizer = detokenizer
-
-    @property
-    def prompt_len(self) -> int:
-        return self.request.prompt_len
-
-    @property
-    def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.prompt_len :]
-
-    @property
-    def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.prompt_len
 
     @property
     def num_uncomputed(self) -> int:

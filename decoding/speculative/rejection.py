@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 import torch
 
 from decoding.sampler import ProcessedLogits, Sampler, SamplingBatch
-from decoding.sequence import Sequence, TokenLogprob
+from decoding.sequence import Sequence, TokenHistory, TokenLogprob
 from decoding.speculative.proposer import Proposal
 
 
-class ExtendedSequence:
+class ExtendedSequence(TokenHistory):
     """A sequence seen as if `extra` draft tokens had already been appended: what the sampler reads
     (penalty history, output length for min_tokens, the request's parameters, its generator)."""
 
@@ -37,18 +37,6 @@ class ExtendedSequence:
         self.request = seq.request
         self.token_ids = seq.token_ids + extra if extra else seq.token_ids
         self.generator = seq.generator
-
-    @property
-    def prompt_len(self) -> int:
-        return self.request.prompt_len
-
-    @property
-    def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.prompt_len :]
-
-    @property
-    def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.prompt_len
 
 
 @dataclass

@@ -28,7 +28,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from models.medusa import MedusaHeads
 from models.training.corpus import read_texts
-from models.training.train import SEQ_LEN, batches, learning_rate, token_stream
+from models.training.train import SEQ_LEN, batches, learning_rate, resume, save_checkpoint, token_stream
 
 HEAD_DECAY = 0.8
 
@@ -123,15 +123,8 @@ def train(args: argparse.Namespace) -> None:
     params = [p for p in heads.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     generator = torch.Generator().manual_seed(args.seed)
-    step, seconds = 0, 0.0
     checkpoint = args.out / "checkpoint.pt"
-    if checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=False)
-        heads.load_state_dict(state["heads"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        step, seconds = state["step"], state["seconds"]
-        log.write(json.dumps({"event": "resumed", "step": step}) + "\n")
+    step, seconds = resume(checkpoint, heads, optimizer, generator, log)
     texts = read_texts(args.corpus / "train.jsonl")
     if args.generate:
         texts = generated_texts(args.model, texts, args.generate, 256, args.seed)
@@ -172,8 +165,8 @@ def train(args: argparse.Namespace) -> None:
                                   "minutes": round(seconds / 60, 2)}) + "\n")
             log.flush()
         if step % args.save_every == 0:
-            _save_checkpoint(checkpoint, heads, optimizer, generator, step, seconds)
-    _save_checkpoint(checkpoint, heads, optimizer, generator, step, seconds)
+            save_checkpoint(checkpoint, heads, optimizer, generator, step, seconds)
+    save_checkpoint(checkpoint, heads, optimizer, generator, step, seconds)
     heads.eval()
     heads.save(args.out / "final", str(args.model), getattr(torch, args.save_dtype))
     heldout = token_stream(read_texts(args.corpus / "heldout.jsonl"), tokenizer)
@@ -183,13 +176,6 @@ def train(args: argparse.Namespace) -> None:
     log.write(json.dumps({"event": "done", "step": step, "minutes": round(seconds / 60, 2), **accuracy}) + "\n")
     log.close()
     print(json.dumps(accuracy))
-
-
-def _save_checkpoint(path: Path, heads, optimizer, generator, step: int, seconds: float) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save({"heads": heads.state_dict(), "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-                "step": step, "seconds": seconds}, tmp)
-    tmp.replace(path)
 
 
 if __name__ == "__main__":

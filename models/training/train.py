@@ -102,15 +102,8 @@ def train(args: argparse.Namespace) -> None:
         teacher = LlamaForCausalLM.from_pretrained(args.teacher, dtype=torch.float32).to(args.device).eval()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     generator = torch.Generator().manual_seed(args.seed)
-    step, seconds = 0, 0.0
     checkpoint = args.out / "checkpoint.pt"
-    if checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        step, seconds = state["step"], state["seconds"]
-        log.write(json.dumps({"event": "resumed", "step": step}) + "\n")
+    step, seconds = resume(checkpoint, model, optimizer, generator, log)
     stream = token_stream(read_texts(args.corpus / "train.jsonl"), tokenizer)
     num_params = sum(p.numel() for p in model.parameters())
     log.write(json.dumps({"event": "start", "role": args.role, "params": num_params,
@@ -159,6 +152,19 @@ def next_token_loss(logits, targets, teacher_logits=None):
     teacher_logprobs = torch.log_softmax(teacher_logits.float().view(-1, logits.shape[-1]), dim=-1)
     return torch.nn.functional.kl_div(torch.log_softmax(logits, dim=-1), teacher_logprobs, log_target=True,
                                       reduction="batchmean")
+
+
+def resume(path: Path, model, optimizer, generator, log) -> tuple[int, float]:
+    """(step, training seconds) of the checkpoint at `path`, loaded into the given objects; (0, 0.0)
+    when there is none yet."""
+    if not path.exists():
+        return 0, 0.0
+    state = torch.load(path, weights_only=False)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    generator.set_state(state["generator"])
+    log.write(json.dumps({"event": "resumed", "step": state["step"]}) + "\n")
+    return state["step"], state["seconds"]
 
 
 def save_checkpoint(path: Path, model, optimizer, generator, step: int, seconds: float) -> None:
