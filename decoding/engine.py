@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import threading
 import time
 from dataclasses import dataclass, replace
 
@@ -28,6 +29,7 @@ from decoding.speculative.draft import DraftModelProposer
 from decoding.speculative.medusa import MedusaProposer
 from decoding.speculative.ngram import NgramProposer
 from decoding.speculative.rejection import Verdict
+from decoding.structured.grammar import GrammarCompiler, constraint_regex
 from decoding.weights import apply_update, validate_update
 from models import load_model
 from models.attention import PagedKVCache
@@ -67,6 +69,8 @@ class Engine:
         self.runner = ModelRunner(self.loaded.model, self.cache, self.loaded.device)
         self.sampler = Sampler()
         self.speculation = self._init_speculation()
+        self._grammars: GrammarCompiler | None = None      # built on the first constrained request
+        self._grammar_lock = threading.Lock()
         self.scheduler = Scheduler(self.blocks, self.config.max_num_seqs, self.config.max_num_batched_tokens,
                                    lookahead=self.speculation.lookahead if self.speculation else None)
         self.beams = BeamRequests(self.blocks, self.tokenizer, self.eos_token_ids, self._new_sequence)
@@ -124,11 +128,28 @@ class Engine:
         prompt_text, prompt_ids = self._tokenize(prompt)
         self._check_fits(prompt_ids, params)
         request = Request(request_id or f"req-{next(self._request_counter)}", prompt_text, prompt_ids, params)
+        grammar = self._compile_constraint(params)
         for index in range(params.n):
             request.seqs.append(self._new_sequence(request, index))
+            if grammar is not None:
+                request.seqs[-1].grammar = self._grammars.cursor(grammar)
         if params.use_beam_search and params.num_beams > 1:
             self.beams.start(request, len(prompt_ids) + params.max_tokens)
         return request
+
+    def prepare_constraint(self, params: SamplingParams) -> None:
+        """Compile (and cache) a request's grammar ahead of make_request; safe from any thread. The server
+        runs it in a worker thread so a slow schema never blocks its event loop."""
+        self._compile_constraint(params)
+
+    def _compile_constraint(self, params: SamplingParams):
+        regex = constraint_regex(params)
+        if regex is None:
+            return None
+        with self._grammar_lock:
+            if self._grammars is None:
+                self._grammars = GrammarCompiler(self.tokenizer, self.eos_token_ids, self.loaded.model.vocab_size)
+        return self._grammars.compile(regex)
 
     def _new_sequence(self, request: Request, index: int) -> Sequence:
         params = request.params
@@ -226,8 +247,10 @@ class Engine:
         touched = {s.seq.request.req_id: s.seq.request for s in sched.scheduled}
         sampling_seqs, rows = self._advance_beams(sampling_seqs, rows, logits.last)
         if sampling_seqs:
+            allowed = {row: seq.grammar.allowed().to(self.loaded.device)
+                       for row, seq in enumerate(sampling_seqs) if seq.grammar is not None}
             batch = SamplingBatch.from_sequences(sampling_seqs, self.loaded.model.vocab_size,
-                                                 self.eos_token_ids, self.loaded.device)
+                                                 self.eos_token_ids, self.loaded.device, allowed)
             sampled = self.sampler(logits.last[rows], batch)
             for seq, token, logprob in zip(sampling_seqs, sampled.token_ids, sampled.logprobs):
                 self._append_token(seq, token, logprob)
@@ -318,6 +341,8 @@ class Engine:
         if request.first_token_time is None:
             request.first_token_time = time.monotonic()
         self.counters.num_generated_tokens += 1
+        if seq.grammar is not None:
+            seq.grammar.advance(token)
         new_text = seq.detokenizer.append(token)
         if not params.ignore_eos and token in self.eos_token_ids:
             self._finish(seq, FinishReason.STOP)

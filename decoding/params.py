@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Literal
 
@@ -46,6 +47,12 @@ class SamplingParams:
     # Per-request opt-out of the engine's speculative decoding (which never changes what is generated,
     # only how fast; opting out trades that speed for a steadier per-step latency).
     speculative: bool = True
+    # Constrained output (one at most): a JSON schema (dict or JSON text), a regex the whole output must
+    # match, or a list of strings to choose from. Generated tokens never leave the grammar, and EOS is
+    # allowed only where the output is complete.
+    json_schema: str | dict | None = None
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -54,6 +61,10 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         if self.top_k == -1:
             object.__setattr__(self, "top_k", 0)
+        if isinstance(self.json_schema, dict):
+            object.__setattr__(self, "json_schema", json.dumps(self.json_schema))
+        if self.choice is not None:
+            object.__setattr__(self, "choice", tuple(self.choice))
         self._validate()
 
     def _validate(self) -> None:
@@ -82,6 +93,27 @@ class SamplingParams:
                  f"logprobs_mode must be 'raw' or 'processed', got {self.logprobs_mode!r}")
         _require(self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")
         self._validate_beam_search()
+        self._validate_constraint()
+
+    @property
+    def is_constrained(self) -> bool:
+        return self.json_schema is not None or self.regex is not None or self.choice is not None
+
+    def _validate_constraint(self) -> None:
+        given = [name for name in ("json_schema", "regex", "choice") if getattr(self, name) is not None]
+        _require(len(given) <= 1, f"set at most one of json_schema, regex and choice, got {', '.join(given)}")
+        if self.choice is not None:
+            _require(len(self.choice) > 0 and all(isinstance(c, str) and c for c in self.choice),
+                     "choice must be a non-empty list of non-empty strings")
+        if self.regex is not None:
+            _require(isinstance(self.regex, str) and self.regex != "", "regex must be a non-empty string")
+        if self.json_schema is not None:
+            try:
+                json.loads(self.json_schema)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"json_schema must be a JSON object or its JSON text: {err}") from None
+        _require(not (self.is_constrained and self.use_beam_search),
+                 "constrained output (json_schema, regex, choice) does not combine with beam search yet")
 
     def _validate_beam_search(self) -> None:
         _require(isinstance(self.num_beams, int) and self.num_beams >= 1,

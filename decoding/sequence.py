@@ -67,6 +67,7 @@ class Sequence(TokenHistory):
         self.logprobs: list[TokenLogprob] = []
         self.generator = generator
         self.detokenizer = detokenizer
+        self.grammar = None                      # a GrammarCursor when the request's output is constrained
 
     @property
     def num_uncomputed(self) -> int:

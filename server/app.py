@@ -47,6 +47,16 @@ class Server:
             raise APIError(404, f"model {model!r} does not exist; this server serves "
                                 f"{self.config.served_model_name!r}", param="model", code="model_not_found")
 
+    async def prepare(self, params: SamplingParams) -> None:
+        """Compile a constrained request's grammar in a worker thread (cached afterwards), so a slow
+        schema delays only its own request; a bad one is a 400."""
+        if not params.is_constrained:
+            return
+        try:
+            await asyncio.to_thread(self.front.engine.prepare_constraint, params)
+        except ValueError as err:
+            raise APIError(400, str(err)) from err
+
     def submit(self, prompts: list, params: SamplingParams, stream: bool = True) -> list[RequestStream]:
         """stream=False: the engine reports each request only when it finishes (responses that are
         not streamed need nothing else, and the engine thread then never waits on the event loop)."""
@@ -207,6 +217,7 @@ def _add_openai_routes(app: FastAPI, server: Server) -> None:
             params = body.completion_params()
         except ValueError as err:
             raise APIError(400, str(err)) from err
+        await server.prepare(params)
         streams = server.submit(prompts, params, stream=body.stream)
         view = responses.CompletionView(engine.tokenizer, config.served_model_name, body, streams)
         if body.stream:
@@ -224,6 +235,7 @@ def _add_openai_routes(app: FastAPI, server: Server) -> None:
             params = body.sampling_params(max_tokens, (body.top_logprobs or 0) if body.logprobs else None)
         except ValueError as err:
             raise APIError(400, str(err)) from err
+        await server.prepare(params)
         streams = server.submit([prompt_ids], params, stream=body.stream)
         view = responses.ChatView(engine.tokenizer, config.served_model_name, body, streams)
         if body.stream:

@@ -16,6 +16,31 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    schema_: dict = Field(alias="schema")
+    strict: bool | None = None
+    description: str | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's structured_outputs: one of json (a schema), regex or choice."""
+
+    model_config = ConfigDict(extra="forbid")
+    json_: dict | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+
+
 class _SamplingFields(BaseModel):
     """Fields shared by completions and chat (OpenAI's, plus vLLM's extensions)."""
 
@@ -41,6 +66,27 @@ class _SamplingFields(BaseModel):
     user: str | None = None   # OpenAI's end-user tag: accepted, not used
     # Opt this request out of the server's speculative decoding (outputs are the same either way).
     speculative: bool = True
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+
+    def constraint(self) -> dict:
+        """The SamplingParams constraint fields these request fields ask for."""
+        if self.response_format is not None and self.structured_outputs is not None:
+            raise ValueError("set response_format or structured_outputs, not both")
+        if self.response_format is not None:
+            kind = self.response_format.type
+            if kind == "json_object":
+                return {"json_schema": {"type": "object"}}
+            if kind == "json_schema":
+                if self.response_format.json_schema is None:
+                    raise ValueError("response_format of type json_schema needs a json_schema field")
+                return {"json_schema": self.response_format.json_schema.schema_}
+            return {}
+        if self.structured_outputs is not None:
+            given = {"json_schema": self.structured_outputs.json_, "regex": self.structured_outputs.regex,
+                     "choice": self.structured_outputs.choice}
+            return {name: value for name, value in given.items() if value is not None}
+        return {}
 
     def sampling_params(self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
@@ -50,7 +96,7 @@ class _SamplingFields(BaseModel):
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty, stop=tuple(stop),
             stop_token_ids=tuple(self.stop_token_ids or ()), include_stop_str_in_output=self.include_stop_str_in_output,
             ignore_eos=self.ignore_eos, seed=self.seed, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
-            logprobs_mode=self.logprobs_mode, speculative=self.speculative,
+            logprobs_mode=self.logprobs_mode, speculative=self.speculative, **self.constraint(),
         )
 
     @property

@@ -57,6 +57,7 @@ def add_rl_routes(app: FastAPI, server, collect) -> None:
             params = body.sampling_params(body.max_tokens, body.top_logprobs or 0)
         except ValueError as err:
             raise APIError(400, str(err)) from err
+        await server.prepare(params)
         outputs = await collect(server, server.submit(prompts, params, stream=False), request)
         return rollout_body(outputs, body.top_logprobs)
 

@@ -40,8 +40,8 @@ class SpeculativeDecoding:
 
     def lookahead(self, seq: Sequence) -> int:
         request, params = seq.request, seq.request.params
-        if not params.speculative or request.beam is not None:
-            return 0
+        if not params.speculative or request.beam is not None or params.is_constrained:
+            return 0            # constrained requests decode one token a step (drafts are not grammar-checked yet)
         if self._max_depth(seq) <= 0:
             return 0
         return self.proposer.max_tokens_per_step

@@ -1,0 +1,128 @@
+"""Grammars over the token vocabulary, through outlines-core: a regex (from a JSON schema, a regex or a
+list of choices) compiled once into an index of allowed tokens per automaton state, and a cursor per
+sequence that walks it.
+
+Compiled indexes are cached per constraint (the tokenizer is fixed per engine) with a bounded size, and
+compiled in a worker thread under a time limit, so a pathological schema ends in a clear error instead of
+an engine that never answers.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+
+import torch
+
+from decoding.params import SamplingParams
+from decoding.structured.vocabulary import outlines_vocabulary
+
+
+class GrammarError(ValueError):
+    """A constraint that cannot be compiled, with what to fix."""
+
+
+def constraint_regex(params: SamplingParams) -> str | None:
+    """The regex a request's output must match in full, or None when it is unconstrained."""
+    if params.regex is not None:
+        try:
+            re.compile(params.regex)
+        except re.error as err:
+            raise GrammarError(f"regex does not compile: {err}") from err
+        return params.regex
+    if params.choice is not None:
+        return "(" + "|".join(re.escape(choice) for choice in params.choice) + ")"
+    if params.json_schema is not None:
+        from outlines_core.json_schema import build_regex_from_schema
+        try:
+            return build_regex_from_schema(params.json_schema)
+        except (ValueError, TypeError, RuntimeError) as err:
+            raise GrammarError(f"json_schema cannot be compiled: {err}") from err
+    return None
+
+
+class GrammarCompiler:
+    """Owned by the engine: the tokenizer's vocabulary for outlines-core and the cache of indexes."""
+
+    def __init__(self, tokenizer, eos_token_ids: frozenset[int], vocab_size: int, cache_size: int = 64,
+                 timeout_s: float = 10.0):
+        self.eos_token_ids = eos_token_ids
+        self.vocab_size = vocab_size
+        self.timeout_s = timeout_s
+        self._vocabulary = outlines_vocabulary(tokenizer, min(eos_token_ids))
+        self._cache: OrderedDict[str, object] = OrderedDict()
+        self._cache_size = cache_size
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gorgon-grammar")
+        self._lock = threading.Lock()         # the server compiles from worker threads
+
+    def compile(self, regex: str):
+        """The outlines-core Index of `regex`, from the cache when it was compiled before."""
+        with self._lock:
+            return self._compile(regex)
+
+    def _compile(self, regex: str):
+        if regex in self._cache:
+            self._cache.move_to_end(regex)
+            return self._cache[regex]
+        from outlines_core import Index
+        future = self._pool.submit(Index, regex, self._vocabulary)
+        try:
+            index = future.result(timeout=self.timeout_s)
+        except FutureTimeout as err:
+            raise GrammarError(f"the constraint took longer than {self.timeout_s:.0f} s to compile; "
+                               "simplify the schema or regex") from err
+        except (ValueError, RuntimeError) as err:
+            raise GrammarError(f"the constraint cannot be compiled for this tokenizer: {err}") from err
+        self._cache[regex] = index
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return index
+
+    def cursor(self, index) -> GrammarCursor:
+        return GrammarCursor(index, self.vocab_size, self.eos_token_ids)
+
+
+class GrammarCursor:
+    """One sequence's position in a compiled grammar."""
+
+    def __init__(self, index, vocab_size: int, eos_token_ids: frozenset[int]):
+        from outlines_core import Guide
+        self._guide = Guide(index)
+        self._vocab_size = vocab_size
+        self._eos = sorted(i for i in eos_token_ids if i < vocab_size)
+        self._bits = torch.zeros((vocab_size + 31) // 32, dtype=torch.int32)
+
+    def allowed(self) -> torch.Tensor:
+        """bool [vocab]: the tokens that keep the output inside the grammar (EOS only where it may end)."""
+        self._bits.zero_()
+        self._guide.write_mask_into(self._bits.data_ptr(), self._bits.numel(), 4)
+        shifts = torch.arange(32, dtype=torch.int32)
+        mask = ((self._bits.unsqueeze(1) >> shifts) & 1).bool().flatten()[: self._vocab_size]
+        if mask[self._eos].any():          # any EOS id ends the output where the primary one may
+            mask[self._eos] = True
+        return mask
+
+    def advance(self, token: int) -> None:
+        if token in self._eos:
+            return
+        self._guide.advance(token, return_tokens=False)
+
+    @property
+    def is_complete(self) -> bool:
+        """The output so far is a full match (ending here would be valid)."""
+        return self._guide.is_finished()
+
+
+def schema_text(schema: str | dict) -> str:
+    """A JSON schema as text, its property order kept (outlines-core emits properties in that order)."""
+    if isinstance(schema, str):
+        try:
+            json.loads(schema)
+        except ValueError as err:
+            raise GrammarError(f"json_schema is not valid JSON: {err}") from err
+        return schema
+    return json.dumps(schema)
