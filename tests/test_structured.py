@@ -2,6 +2,7 @@
 
 import json
 import re
+from pathlib import Path
 
 import jsonschema
 import pytest
@@ -86,3 +87,39 @@ def test_over_http_response_format_and_structured_outputs(llama_dir):
         assert bad.status_code == 400 and "regex" in bad.json()["error"]["message"]
     finally:
         stop_server(live)
+
+
+SUITE = Path(__file__).resolve().parents[2] / "shared" / "data" / "json-schema-test-suite" / "draft2020-12"
+
+
+@pytest.mark.skipif(not SUITE.exists(), reason="the JSON-Schema-Test-Suite is not in this checkout's shared data")
+def test_json_schema_test_suite_supported_schemas_always_validate(engine):
+    """Every schema of the suite is either refused with the construct it uses, or enforced: then every
+    sampled output that finishes with `stop` validates with jsonschema."""
+    supported, refused, validated = 0, 0, 0
+    for path in sorted(SUITE.glob("*.json")):
+        for case in json.loads(path.read_text()):
+            schema = case["schema"]
+            try:
+                params = SamplingParams(temperature=1.0, seed=0, n=2, max_tokens=48,
+                                        json_schema=schema if isinstance(schema, dict) else json.dumps(schema))
+                engine.make_request("x", params)
+            except ValueError as err:
+                refused += 1
+                assert "json_schema" in str(err) or "schema" in str(err), str(err)
+                continue
+            supported += 1
+            for completion in engine.generate(["x"], params)[0].outputs:
+                if completion.finish_reason == "stop":
+                    jsonschema.validate(json.loads(completion.text), schema)
+                    validated += 1
+    assert supported >= 40 and refused >= 100 and validated >= 50, (supported, refused, validated)
+
+
+def test_unsupported_keywords_are_named():
+    from decoding.structured.schema_support import unsupported_construct
+    assert unsupported_construct({"type": "integer", "minimum": 3}) == "#: minimum"
+    assert unsupported_construct({"oneOf": [{"type": "string"}]}) == "#: oneOf"
+    assert "external $ref" in unsupported_construct({"$ref": "https://example.com/s.json"})
+    assert "pattern" in unsupported_construct({"type": "string", "pattern": "a+", "maxLength": 3})
+    assert unsupported_construct(SCHEMA) is None

@@ -19,6 +19,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 import torch
 
 from decoding.params import SamplingParams
+from decoding.structured.schema_support import unsupported_construct
 from decoding.structured.vocabulary import outlines_vocabulary
 
 
@@ -38,6 +39,10 @@ def constraint_regex(params: SamplingParams) -> str | None:
         return "(" + "|".join(re.escape(choice) for choice in params.choice) + ")"
     if params.json_schema is not None:
         from outlines_core.json_schema import build_regex_from_schema
+        problem = unsupported_construct(json.loads(params.json_schema))
+        if problem is not None:
+            raise GrammarError(f"json_schema uses a construct that constrained decoding cannot enforce ({problem}); "
+                               "remove or rewrite it")
         try:
             return build_regex_from_schema(params.json_schema)
         except (ValueError, TypeError, RuntimeError) as err:
