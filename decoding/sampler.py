@@ -108,7 +108,12 @@ class Sampler:
             for row, ids in batch.banned:
                 logits[row, ids] = NEG_INF
             for row, mask in batch.allowed.items():   # mask width is the logits width, not the tokenizer's
-                logits[row].masked_fill_(~mask, NEG_INF)
+                kept = logits[row].masked_fill(~mask, NEG_INF)
+                if bool(torch.isinf(kept).all()):
+                    # The grammar allows only what min_tokens bans (it is complete and may only end):
+                    # the grammar wins, so the output stays valid and ends.
+                    kept = raw_logits[row].masked_fill(~mask, NEG_INF)
+                logits[row] = kept
         if not distribution:
             return ProcessedLogits(raw_logits, logits, None)
         scaled = logits / torch.where(batch.greedy, 1.0, batch.temperature).unsqueeze(1)

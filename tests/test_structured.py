@@ -123,3 +123,9 @@ def test_unsupported_keywords_are_named():
     assert "external $ref" in unsupported_construct({"$ref": "https://example.com/s.json"})
     assert "pattern" in unsupported_construct({"type": "string", "pattern": "a+", "maxLength": 3})
     assert unsupported_construct(SCHEMA) is None
+
+
+def test_min_tokens_never_forces_output_past_a_complete_grammar(engine):
+    [out] = engine.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=20, min_tokens=20,
+                                                         choice=["yes", "no"]))
+    assert out.outputs[0].text in ("yes", "no") and out.outputs[0].finish_reason == "stop"
