@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from decoding.sequence import Request, Sequence, TokenLogprob
+from decoding.sequence import FinishReason, Request, Sequence, TokenLogprob
+from decoding.structured.grammar import schema_valid
 
 
 @dataclass
@@ -16,10 +17,17 @@ class CompletionOutput:
     finish_reason: str | None                # "stop", "length", "abort", or None while running
     stop_reason: str | int | None = None     # the stop string or stop token id that ended it
     score: float | None = None               # beam search: sum of logprobs / generated_len ** length_penalty
+    # Best-effort JSON schema requests: whether the finished output validated (None: not checked; a
+    # strict request's output is valid by construction unless cut by max_tokens).
+    schema_valid: bool | None = None
 
     @classmethod
     def of(cls, seq: Sequence) -> CompletionOutput:
-        wants_logprobs = seq.request.params.logprobs is not None
+        params = seq.request.params
+        wants_logprobs = params.logprobs is not None
+        valid = None
+        if params.structured_best_effort and params.json_schema is not None and seq.is_finished:
+            valid = seq.finish_reason is FinishReason.STOP and schema_valid(params.json_schema, seq.text)
         return cls(
             index=seq.index,
             text=seq.text,
@@ -27,6 +35,7 @@ class CompletionOutput:
             logprobs=list(seq.logprobs) if wants_logprobs else None,
             finish_reason=seq.finish_reason.value if seq.finish_reason else None,
             stop_reason=seq.stop_reason,
+            schema_valid=valid,
         )
 
 

@@ -53,6 +53,9 @@ class SamplingParams:
     json_schema: str | dict | None = None
     regex: str | None = None
     choice: tuple[str, ...] | None = None
+    # A schema with constructs the grammar cannot enforce is refused, unless the caller opts into best
+    # effort: then it is enforced as far as it can be and each finished output says whether it validated.
+    structured_best_effort: bool = False
 
     def __post_init__(self):
         if isinstance(self.stop, str):

@@ -113,6 +113,8 @@ class CompletionView(_View):
                   "stop_reason": completion.stop_reason}
         if completion.score is not None:
             choice["score"] = completion.score
+        if completion.schema_valid is not None:
+            choice["schema_valid"] = completion.schema_valid
         if self.body.return_token_ids:
             choice["token_ids"] = completion.token_ids if token_ids is None else token_ids
             choice["prompt_token_ids"] = prompt_ids
@@ -156,6 +158,7 @@ class ChatView(_View):
                 "message": {"role": "assistant", "content": completion.text},
                 "logprobs": self._logprobs(completion.token_ids, completion.logprobs),
                 "finish_reason": completion.finish_reason,
+                **({"schema_valid": completion.schema_valid} if completion.schema_valid is not None else {}),
             })
         return {**self.header(), "choices": choices, "usage": self.usage()}
 

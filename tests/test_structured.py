@@ -129,3 +129,29 @@ def test_min_tokens_never_forces_output_past_a_complete_grammar(engine):
     [out] = engine.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=20, min_tokens=20,
                                                          choice=["yes", "no"]))
     assert out.outputs[0].text in ("yes", "no") and out.outputs[0].finish_reason == "stop"
+
+
+def test_best_effort_accepts_an_unsupported_schema_and_says_whether_it_validated(engine, llama_dir):
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 10}}, "required": ["n"]}
+    with pytest.raises(ValueError, match="minimum"):
+        engine.make_request("x", SamplingParams(json_schema=schema))
+    outputs = engine.generate(PROMPTS, SamplingParams(temperature=1.0, seed=2, n=3, max_tokens=40, json_schema=schema,
+                                                      structured_best_effort=True))
+    checked = [c for out in outputs for c in out.outputs if c.finish_reason == "stop"]
+    assert checked
+    for c in checked:
+        value = json.loads(c.text)
+        assert c.schema_valid == (value["n"] >= 10)
+
+    from test_server import start_server, stop_server
+    import httpx
+    live = start_server(llama_dir)
+    try:
+        body = {"prompt": "x", "max_tokens": 40, "temperature": 0, "structured_outputs": {"json": schema}}
+        refused = httpx.post(f"{live.url}/v1/completions", json=body)
+        assert refused.status_code == 400 and "minimum" in refused.json()["error"]["message"]
+        accepted = httpx.post(f"{live.url}/v1/completions", json=body | {"structured_best_effort": True}).json()
+        choice = accepted["choices"][0]
+        assert choice["finish_reason"] != "stop" or isinstance(choice["schema_valid"], bool)
+    finally:
+        stop_server(live)

@@ -40,9 +40,9 @@ def constraint_regex(params: SamplingParams) -> str | None:
     if params.json_schema is not None:
         from outlines_core.json_schema import build_regex_from_schema
         problem = unsupported_construct(json.loads(params.json_schema))
-        if problem is not None:
+        if problem is not None and not params.structured_best_effort:
             raise GrammarError(f"json_schema uses a construct that constrained decoding cannot enforce ({problem}); "
-                               "remove or rewrite it")
+                               "remove or rewrite it, or opt into structured_best_effort")
         try:
             return build_regex_from_schema(params.json_schema)
         except (ValueError, TypeError, RuntimeError) as err:
@@ -131,3 +131,13 @@ def schema_text(schema: str | dict) -> str:
             raise GrammarError(f"json_schema is not valid JSON: {err}") from err
         return schema
     return json.dumps(schema)
+
+
+def schema_valid(schema_text: str, output: str) -> bool:
+    """Whether `output` parses as JSON and validates against the schema (best-effort requests)."""
+    import jsonschema
+    try:
+        jsonschema.validate(json.loads(output), json.loads(schema_text))
+    except (ValueError, jsonschema.ValidationError, jsonschema.SchemaError):
+        return False
+    return True
