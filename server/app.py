@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 import json
 import time
 from collections.abc import AsyncIterator
@@ -228,11 +229,15 @@ def _add_openai_routes(app: FastAPI, server: Server) -> None:
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         server.check_model(body.model)
         try:
-            prompt_ids = responses.chat_prompt_ids(engine.tokenizer, body.messages)
+            if body.stream and body.tool_mode() != "none":
+                raise ValueError("streaming with tools is not supported yet; set stream: false")
+            prompt_ids = responses.chat_prompt_ids(engine.tokenizer, body.messages, body.tools)
             max_tokens = body.max_completion_tokens or body.max_tokens or engine.max_model_len - len(prompt_ids)
             if body.top_logprobs is not None and not body.logprobs:
                 raise ValueError("top_logprobs requires logprobs: true")
             params = body.sampling_params(max_tokens, (body.top_logprobs or 0) if body.logprobs else None)
+            if tool_schema := body.tool_constraint():
+                params = replace(params, **tool_schema)
         except ValueError as err:
             raise APIError(400, str(err)) from err
         await server.prepare(params)

@@ -4,6 +4,7 @@ never silently ignored."""
 
 from __future__ import annotations
 
+import json
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -141,11 +142,16 @@ class CompletionRequest(_SamplingFields):
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "user", "assistant"]
-    content: str | list[dict]
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | list[dict] | None = None
     name: str | None = None
+    tool_calls: list[dict] | None = None        # an assistant turn that called tools
+    tool_call_id: str | None = None             # a tool turn: which call it answers
 
     def text(self) -> str:
+        if self.content is None:
+            # An assistant turn made only of tool calls reads as the calls themselves.
+            return json.dumps([call.get("function", call) for call in self.tool_calls or []])
         if isinstance(self.content, str):
             return self.content
         parts = []
@@ -156,12 +162,67 @@ class ChatMessage(BaseModel):
         return "".join(parts)
 
 
+class FunctionSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    description: str | None = None
+    parameters: dict = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None    # accepted; one call per choice is generated
+
+    def tool_mode(self) -> str:
+        """"none", "auto", "required" or "named"."""
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return "named"
+        if self.tool_choice is None:
+            return "auto" if self.tools else "none"
+        return self.tool_choice
+
+    def tool_constraint(self) -> dict:
+        """The JSON schema the output must follow for tool_choice required / a named function."""
+        mode = self.tool_mode()
+        if mode in ("none", "auto"):
+            return {}
+        if not self.tools:
+            raise ValueError(f"tool_choice {mode!r} needs tools")
+        if self.response_format is not None or self.structured_outputs is not None:
+            raise ValueError("tool_choice required or a named function cannot be combined with another constraint")
+        functions = {tool.function.name: tool.function for tool in self.tools}
+        if mode == "named":
+            name = self.tool_choice.function.name
+            if name not in functions:
+                raise ValueError(f"tool_choice names {name!r}, which is not among the tools")
+            return {"json_schema": functions[name].parameters}
+        calls = [{"type": "object", "properties": {"name": {"const": name}, "arguments": spec.parameters},
+                  "required": ["name", "arguments"]} for name, spec in functions.items()]
+        return {"json_schema": calls[0] if len(calls) == 1 else {"anyOf": calls}}
 
 
 class RolloutRequest(_SamplingFields):

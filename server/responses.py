@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 
@@ -14,12 +15,45 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def chat_prompt_ids(tokenizer, messages) -> list[int]:
+def chat_prompt_ids(tokenizer, messages, tools=None) -> list[int]:
     if not tokenizer.chat_template:
         raise ValueError("this model's tokenizer has no chat template; use /v1/completions instead")
-    conversation = [{"role": m.role, "content": m.text()} for m in messages]
-    text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    # Tool results read as user turns: not every chat template knows a "tool" role.
+    conversation = [{"role": "user" if m.role == "tool" else m.role,
+                     "content": f"[tool result] {m.text()}" if m.role == "tool" else m.text()} for m in messages]
+    specs = [tool.model_dump() for tool in tools] if tools else None
+    text = tokenizer.apply_chat_template(conversation, tools=specs, add_generation_prompt=True, tokenize=False)
     return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def tool_call(body, text: str) -> dict | None:
+    """The OpenAI tool call a chat completion's text makes, or None when it makes none: the arguments of
+    a named function, a {"name", "arguments"} object for tool_choice required, and for auto only an
+    object that names a tool and whose arguments validate against its parameters."""
+    import jsonschema
+
+    mode = body.tool_mode()
+    if mode == "none":
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    if mode == "named":
+        name, arguments = body.tool_choice.function.name, value
+    elif isinstance(value, dict) and isinstance(value.get("name"), str) and "arguments" in value:
+        name, arguments = value["name"], value["arguments"]
+    else:
+        return None
+    functions = {tool.function.name: tool.function for tool in body.tools or []}
+    if name not in functions:
+        return None
+    if mode == "auto":
+        try:
+            jsonschema.validate(arguments, functions[name].parameters)
+        except (jsonschema.ValidationError, jsonschema.SchemaError):
+            return None
+    return {"id": new_id("call"), "type": "function", "function": {"name": name, "arguments": json.dumps(arguments)}}
 
 
 class _View:
@@ -153,11 +187,14 @@ class ChatView(_View):
         choices = []
         for completion in output.outputs:
             self.completion_tokens[completion.index] = len(completion.token_ids)
+            call = tool_call(self.body, completion.text) if completion.finish_reason == "stop" else None
+            message = ({"role": "assistant", "content": None, "tool_calls": [call]} if call is not None
+                       else {"role": "assistant", "content": completion.text})
             choices.append({
                 "index": completion.index,
-                "message": {"role": "assistant", "content": completion.text},
+                "message": message,
                 "logprobs": self._logprobs(completion.token_ids, completion.logprobs),
-                "finish_reason": completion.finish_reason,
+                "finish_reason": "tool_calls" if call is not None else completion.finish_reason,
                 **({"schema_valid": completion.schema_valid} if completion.schema_valid is not None else {}),
             })
         return {**self.header(), "choices": choices, "usage": self.usage()}

@@ -155,3 +155,47 @@ def test_best_effort_accepts_an_unsupported_schema_and_says_whether_it_validated
         assert choice["finish_reason"] != "stop" or isinstance(choice["schema_valid"], bool)
     finally:
         stop_server(live)
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                                    "days": {"type": "integer"}}, "required": ["city", "days"]}}}
+CLOCK = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"type": "string", "enum": ["UTC", "CET"]}}, "required": ["zone"]}}}
+
+
+def test_tool_calls_through_the_openai_client(llama_dir):
+    from test_server import start_server, stop_server
+
+    live = start_server(llama_dir)
+    messages = [{"role": "user", "content": "weather in Paris?"}]
+    calls_made = 0
+    try:
+        for choice in ("required", {"type": "function", "function": {"name": "get_time"}}):
+            out = live.client.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER, CLOCK],
+                                                      tool_choice=choice, max_tokens=80, temperature=0.8, seed=1, n=3)
+            for c in out.choices:
+                if c.finish_reason == "length":
+                    continue
+                assert c.finish_reason == "tool_calls" and c.message.content is None
+                [call] = c.message.tool_calls
+                calls_made += 1
+                spec = {"get_weather": WEATHER, "get_time": CLOCK}[call.function.name]["function"]
+                jsonschema.validate(json.loads(call.function.arguments), spec["parameters"])
+                if isinstance(choice, dict):
+                    assert call.function.name == "get_time"
+        assert calls_made >= 3
+        # A conversation that carries the call and its result back to the model.
+        history = messages + [{"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_time", "arguments": '{"zone": "UTC"}'}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "12:00"}]
+        out = live.client.chat.completions.create(model="tiny", messages=history, tools=[CLOCK], tool_choice="none",
+                                                  max_tokens=8, temperature=0)
+        assert out.choices[0].message.tool_calls is None
+        import httpx
+        bad = httpx.post(f"{live.url}/v1/chat/completions", json={
+            "messages": messages, "tools": [CLOCK], "tool_choice": {"type": "function", "function": {"name": "nope"}}})
+        assert bad.status_code == 400 and "nope" in bad.json()["error"]["message"]
+    finally:
+        stop_server(live)
