@@ -199,3 +199,21 @@ def test_tool_calls_through_the_openai_client(llama_dir):
         assert bad.status_code == 400 and "nope" in bad.json()["error"]["message"]
     finally:
         stop_server(live)
+
+
+@pytest.mark.parametrize("mode", ["draft", "ngram"])
+def test_constraints_with_speculation(llama_dir, engine, mode):
+    """Draft tokens are checked against the grammar at every verified position: greedy output equals
+    plain constrained greedy, sampled outputs stay valid, and drafts are verified (not skipped)."""
+    options = dict(draft_model=llama_dir) if mode == "draft" else dict(prompt_lookup_min=1)
+    spec = Engine(model=llama_dir, show_progress=False, num_kv_blocks=512, block_size=4, speculative=mode,
+                  num_speculative_tokens=4, **options)
+    greedy = SamplingParams(temperature=0, max_tokens=60, json_schema=SCHEMA)
+    for a, b in zip(spec.generate(PROMPTS, greedy), engine.generate(PROMPTS, greedy)):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+    sampled = spec.generate(PROMPTS, SamplingParams(temperature=1.0, seed=4, n=2, max_tokens=60, json_schema=SCHEMA))
+    for completion in (c for out in sampled for c in out.outputs if c.finish_reason == "stop"):
+        jsonschema.validate(json.loads(completion.text), SCHEMA)
+    assert spec.speculation.counters.num_draft_tokens > 0
+    if mode == "draft":
+        assert spec.speculation.counters.num_accepted_tokens > 0

@@ -40,8 +40,10 @@ class SpeculativeDecoding:
 
     def lookahead(self, seq: Sequence) -> int:
         request, params = seq.request, seq.request.params
-        if not params.speculative or request.beam is not None or params.is_constrained:
-            return 0            # constrained requests decode one token a step (drafts are not grammar-checked yet)
+        if not params.speculative or request.beam is not None:
+            return 0
+        if params.is_constrained and getattr(self.proposer, "proposes_trees", False):
+            return 0            # a tree would need a grammar state per node: constrained requests do not use Medusa
         if self._max_depth(seq) <= 0:
             return 0
         return self.proposer.max_tokens_per_step
@@ -65,6 +67,8 @@ class SpeculativeDecoding:
             draft = proposal.token_ids
             if not draft:
                 continue
+            if item.seq.grammar is not None:
+                proposal.allowed = item.seq.grammar.masks_along(draft)
             tree = None if proposal.parents is None else TokenTree((-1, *proposal.parent_rows()))
             chain = replace(item, num_new_tokens=1 + len(draft), reaches_end=False, draft_token_ids=tuple(draft),
                             tree=tree)

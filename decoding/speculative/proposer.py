@@ -26,6 +26,8 @@ class Proposal:
     parents: tuple[int, ...] | None = None
     # Typical acceptance (Medusa's lossy rule) for sampled requests: (epsilon, delta).
     typical: tuple[float, float] | None = None
+    # Constrained requests: the grammar's allowed-token mask at each verified row (a chain's rows 0..k).
+    allowed: list[torch.Tensor] | None = None
 
     def parent_rows(self) -> list[int]:
         """Row of each draft token's parent among the verified rows (row 0 is the last known token)."""

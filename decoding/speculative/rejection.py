@@ -58,11 +58,13 @@ def verify(sampler: Sampler, seqs: list[Sequence], proposals: list[Proposal], lo
            vocab_size: int, eos_token_ids: frozenset[int], device: torch.device) -> list[Verdict]:
     """logits[i] [len(proposals[i].token_ids) + 1, vocab] are the target's rows for sequence i: row 0
     scored its last known token, row j + 1 its draft token j."""
-    views = []
+    views, allowed = [], {}
     for seq, proposal in zip(seqs, proposals):
+        if proposal.allowed is not None:
+            allowed |= {len(views) + j: mask.to(device) for j, mask in enumerate(proposal.allowed)}
         views.append(ExtendedSequence(seq, []))
         views += [ExtendedSequence(seq, proposal.path(j)) for j in range(len(proposal.token_ids))]
-    batch = SamplingBatch.from_sequences(views, vocab_size, eos_token_ids, device)
+    batch = SamplingBatch.from_sequences(views, vocab_size, eos_token_ids, device, allowed)
     processed = sampler.process(torch.cat(logits), batch, distribution=not batch.all_greedy or batch.num_top_logprobs >= 0)
     greedy_tokens = processed.penalised.argmax(dim=-1).tolist()
     probs = processed.logprobs.exp() if processed.logprobs is not None else None

@@ -91,12 +91,16 @@ class GrammarCompiler:
         return GrammarCursor(index, self.vocab_size, self.eos_token_ids)
 
 
+MAX_DRAFT_TOKENS = 64
+
+
 class GrammarCursor:
     """One sequence's position in a compiled grammar."""
 
     def __init__(self, index, vocab_size: int, eos_token_ids: frozenset[int]):
         from outlines_core import Guide
-        self._guide = Guide(index)
+        # Speculative decoding walks drafts forward and back: room for the longest draft.
+        self._guide = Guide(index, max_rollback=MAX_DRAFT_TOKENS)
         self._vocab_size = vocab_size
         self._eos = sorted(i for i in eos_token_ids if i < vocab_size)
         self._bits = torch.zeros((vocab_size + 31) // 32, dtype=torch.int32)
@@ -110,6 +114,25 @@ class GrammarCursor:
         if mask[self._eos].any():          # any EOS id ends the output where the primary one may
             mask[self._eos] = True
         return mask
+
+    def masks_along(self, draft: list[int]) -> list[torch.Tensor]:
+        """The allowed-token mask at each verified position of a draft chain: row j is the mask after
+        draft[:j]. From the first draft token the grammar refuses, later rows allow everything: the
+        verifier rejects that token (its probability under the masked target is 0), so they are never
+        read. The cursor ends where it started."""
+        masks = [self.allowed()]
+        advanced, valid = 0, True
+        for token in draft:
+            valid = valid and bool(masks[-1][token]) and token not in self._eos
+            if valid:
+                self._guide.advance(token, return_tokens=False)
+                advanced += 1
+                masks.append(self.allowed())
+            else:
+                masks.append(torch.ones(self._vocab_size, dtype=torch.bool))
+        if advanced:
+            self._guide.rollback_state(advanced)
+        return masks
 
     def advance(self, token: int) -> None:
         if token in self._eos:
