@@ -16,8 +16,11 @@ from decoding.sequence import FinishReason, Request, Sequence
 
 class BeamRequests:
     def __init__(self, blocks: BlockManager, tokenizer, eos_token_ids: frozenset[int],
-                 new_sequence: Callable[[Request, int], Sequence]):
+                 new_sequence: Callable[[Request, int], Sequence],
+                 grammar_masks: Callable[[Request, list[list[int]]], list[torch.Tensor]] | None = None):
         self.blocks = blocks
+        # For constrained requests: each beam's allowed-token mask, from its own generated tokens.
+        self.grammar_masks = grammar_masks
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
         self.new_sequence = new_sequence
@@ -47,6 +50,15 @@ class BeamRequests:
         rows = torch.tensor([ready[seq.seq_id] for seq in running], device=logits.device)
         log_probs = process_log_probs(logits[rows].cpu(), [s.token_ids for s in running],
                                       params.repetition_penalty, banned)
+        if params.is_constrained and self.grammar_masks is not None:
+            # As HF's prefix-constrained processor: disallowed tokens get -inf on the log-probs. A grammar
+            # that may only end wins over min_tokens' ban on EOS.
+            generated_tokens = [s.token_ids[request.prompt_len :] for s in running]
+            for row, mask in enumerate(self.grammar_masks(request, generated_tokens)):
+                kept = log_probs[row].masked_fill(~mask, float("-inf"))
+                if bool(torch.isinf(kept).all()):
+                    kept = torch.log_softmax(logits[rows[row]].float().cpu(), -1).masked_fill(~mask, float("-inf"))
+                log_probs[row] = kept
         if len(running) < beam.num_beams:     # the first step: every beam is the prompt
             log_probs = log_probs[:1].expand(beam.num_beams, -1)
         result = beam.step(log_probs)

@@ -115,8 +115,6 @@ class SamplingParams:
                 json.loads(self.json_schema)
             except (TypeError, ValueError) as err:
                 raise ValueError(f"json_schema must be a JSON object or its JSON text: {err}") from None
-        _require(not (self.is_constrained and self.use_beam_search),
-                 "constrained output (json_schema, regex, choice) does not combine with beam search yet")
 
     def _validate_beam_search(self) -> None:
         _require(isinstance(self.num_beams, int) and self.num_beams >= 1,

@@ -108,6 +108,7 @@ class Request:
     weight_version: int | None = None
     beam: object | None = None                 # BeamSearch state, for use_beam_search requests
     beam_results: list | None = None           # the returned hypotheses once beam search is done
+    grammar_index: object | None = None        # the compiled grammar of a constrained request
 
     @property
     def prompt_len(self) -> int:

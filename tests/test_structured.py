@@ -65,8 +65,6 @@ def test_bad_constraints_are_rejected_with_a_reason(engine):
         engine.make_request("x", SamplingParams(regex="(unclosed"))
     with pytest.raises(ValueError, match="not valid JSON|JSON object"):
         SamplingParams(json_schema="{not json")
-    with pytest.raises(ValueError, match="beam search"):
-        SamplingParams(use_beam_search=True, num_beams=2, temperature=0, choice=["a", "b"])
 
 
 def test_over_http_response_format_and_structured_outputs(llama_dir):
@@ -217,3 +215,41 @@ def test_constraints_with_speculation(llama_dir, engine, mode):
     assert spec.speculation.counters.num_draft_tokens > 0
     if mode == "draft":
         assert spec.speculation.counters.num_accepted_tokens > 0
+
+
+def test_constraints_with_beam_search(engine):
+    """A grammar state per beam, reordered with the beams: every returned hypothesis that ended with EOS
+    is valid, and the beams still share their prompt blocks."""
+    bounded = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 2, 3]}},
+               "required": ["ok", "n"]}
+    params = SamplingParams(use_beam_search=True, num_beams=4, num_return_sequences=4, temperature=0,
+                            max_tokens=40, json_schema=bounded)
+    outputs = engine.generate(PROMPTS[:2], params)
+    finished = [c for out in outputs for c in out.outputs if c.finish_reason == "stop"]
+    assert len(finished) >= 4
+    for completion in finished:
+        jsonschema.validate(json.loads(completion.text), bounded)
+    [out] = engine.generate([PROMPTS[0]], SamplingParams(use_beam_search=True, num_beams=3, num_return_sequences=3,
+                                                         temperature=0, max_tokens=8, choice=["yes", "no", "maybe"]))
+    # Hypotheses are token paths: the same text may come back twice, spelled by different tokens.
+    assert all(c.text in ("yes", "no", "maybe") and c.finish_reason == "stop" for c in out.outputs)
+    assert engine.cache_usage().num_used_blocks == 0
+
+
+def test_constraints_with_medusa_trees(llama_dir, engine, tmp_path):
+    """Every node of a Medusa tree is verified under the grammar state of its own path."""
+    import torch
+
+    from models.medusa import MedusaHeads
+    torch.manual_seed(0)
+    heads = MedusaHeads(64, 384, num_heads=4)       # the default tree is 4 deep
+    with torch.no_grad():
+        for param in heads.parameters():
+            param.normal_(0, 0.2)
+    heads.save(tmp_path, llama_dir)
+    medusa = Engine(model=llama_dir, show_progress=False, num_kv_blocks=512, block_size=4, speculative="medusa",
+                    medusa_heads=str(tmp_path))
+    greedy = SamplingParams(temperature=0, max_tokens=60, json_schema=SCHEMA)
+    for a, b in zip(medusa.generate(PROMPTS, greedy), engine.generate(PROMPTS, greedy)):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+    assert medusa.speculation.counters.num_draft_tokens > 0

@@ -42,8 +42,6 @@ class SpeculativeDecoding:
         request, params = seq.request, seq.request.params
         if not params.speculative or request.beam is not None:
             return 0
-        if params.is_constrained and getattr(self.proposer, "proposes_trees", False):
-            return 0            # a tree would need a grammar state per node: constrained requests do not use Medusa
         if self._max_depth(seq) <= 0:
             return 0
         return self.proposer.max_tokens_per_step
@@ -68,7 +66,7 @@ class SpeculativeDecoding:
             if not draft:
                 continue
             if item.seq.grammar is not None:
-                proposal.allowed = item.seq.grammar.masks_along(draft)
+                proposal.allowed = item.seq.grammar.masks_for(proposal)
             tree = None if proposal.parents is None else TokenTree((-1, *proposal.parent_rows()))
             chain = replace(item, num_new_tokens=1 + len(draft), reaches_end=False, draft_token_ids=tuple(draft),
                             tree=tree)

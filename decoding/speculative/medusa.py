@@ -40,7 +40,6 @@ def tree_parents(choices: tuple[tuple[int, ...], ...]) -> tuple[int, ...]:
 
 class MedusaProposer:
     wants_hidden_states = True
-    proposes_trees = True
 
     def __init__(self, heads: MedusaHeads, sampler: Sampler, eos_token_ids: frozenset[int], device: torch.device,
                  choices=None, acceptance: str = "typical", typical: tuple[float, float] = (0.09, 0.3)):

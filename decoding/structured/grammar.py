@@ -134,6 +134,13 @@ class GrammarCursor:
             self._guide.rollback_state(advanced)
         return masks
 
+    def masks_for(self, proposal) -> list[torch.Tensor]:
+        """The mask at each verified row of a draft chain or tree (row 0: the sequence's last token;
+        row i + 1: after the path to draft token i)."""
+        if proposal.parents is None:
+            return self.masks_along(proposal.token_ids)
+        return [self.allowed()] + [self.masks_along(proposal.path(i))[-1] for i in range(len(proposal.token_ids))]
+
     def advance(self, token: int) -> None:
         if token in self._eos:
             return
