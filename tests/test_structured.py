@@ -253,3 +253,16 @@ def test_constraints_with_medusa_trees(llama_dir, engine, tmp_path):
     for a, b in zip(medusa.generate(PROMPTS, greedy), engine.generate(PROMPTS, greedy)):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
     assert medusa.speculation.counters.num_draft_tokens > 0
+
+
+def test_a_slow_compile_ends_in_a_clear_error():
+    from transformers import AutoTokenizer
+
+    from decoding.structured.grammar import GrammarCompiler, GrammarError, constraint_regex
+    from models.loader import DEFAULT_MODEL_DIR
+    tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL_DIR)
+    compiler = GrammarCompiler(tokenizer, frozenset({tokenizer.eos_token_id}), 8192, timeout_s=0.2)
+    # Any JSON object, for an 8,192-token vocabulary: seconds to compile, far past a 0.2 s limit.
+    regex = constraint_regex(SamplingParams(json_schema={"type": "object"}))
+    with pytest.raises(GrammarError, match="longer than"):
+        compiler.compile(regex)
