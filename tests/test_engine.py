@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from decoding import Engine, SamplingParams
-from tiny_models import PROMPTS, hf_greedy, hf_logits, hf_model
+from tiny_models import PROMPTS, hf_greedy, hf_logits
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "mistral-sliding", "gpt2"])
 def test_greedy_matches_hf_generate_on_a_batch_of_different_lengths(model_dir, arch):

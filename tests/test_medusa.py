@@ -8,7 +8,7 @@ import torch
 
 from decoding import Engine, SamplingParams
 from decoding.scheduler import TokenTree
-from decoding.speculative.medusa import DEFAULT_CHOICES, MedusaProposer, tree_parents
+from decoding.speculative.medusa import DEFAULT_CHOICES, tree_parents
 from decoding.speculative.proposer import Proposal
 from decoding.speculative.rejection import rejection_sample
 from models.loader import DEFAULT_MEDUSA_DIR
