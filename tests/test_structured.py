@@ -266,3 +266,5 @@ def test_a_slow_compile_ends_in_a_clear_error():
     regex = constraint_regex(SamplingParams(json_schema={"type": "object"}))
     with pytest.raises(GrammarError, match="longer than"):
         compiler.compile(regex)
+    # The stuck compile does not hold up the next constraint.
+    assert compiler.compile(constraint_regex(SamplingParams(choice=["a", "b"]))) is not None

@@ -78,6 +78,10 @@ class GrammarCompiler:
         try:
             index = future.result(timeout=self.timeout_s)
         except FutureTimeout as err:
+            # The stuck compile cannot be interrupted; give later constraints a fresh worker instead of
+            # queueing them behind it.
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gorgon-grammar")
             raise GrammarError(f"the constraint took longer than {self.timeout_s:.0f} s to compile; "
                                "simplify the schema or regex") from err
         except (ValueError, RuntimeError) as err:
