@@ -10,6 +10,7 @@ import torch
 
 from decoding.beam import BeamSearch, Hypothesis, process_log_probs
 from decoding.block_manager import BlockManager
+from decoding.sampler import apply_grammar_mask
 from decoding.detokenizer import find_stop_string
 from decoding.sequence import FinishReason, Request, Sequence
 
@@ -51,14 +52,12 @@ class BeamRequests:
         log_probs = process_log_probs(logits[rows].cpu(), [s.token_ids for s in running],
                                       params.repetition_penalty, banned)
         if params.is_constrained and self.grammar_masks is not None:
-            # As HF's prefix-constrained processor: disallowed tokens get -inf on the log-probs. A grammar
-            # that may only end wins over min_tokens' ban on EOS.
+            # As HF's prefix-constrained processor: disallowed tokens get -inf on the log-probs.
+            unbanned = process_log_probs(logits[rows].cpu(), [s.token_ids for s in running],
+                                         params.repetition_penalty, []) if banned else log_probs
             generated_tokens = [s.token_ids[request.prompt_len :] for s in running]
             for row, mask in enumerate(self.grammar_masks(request, generated_tokens)):
-                kept = log_probs[row].masked_fill(~mask, float("-inf"))
-                if bool(torch.isinf(kept).all()):
-                    kept = torch.log_softmax(logits[rows[row]].float().cpu(), -1).masked_fill(~mask, float("-inf"))
-                log_probs[row] = kept
+                log_probs[row] = apply_grammar_mask(log_probs[row], unbanned[row], mask)
         if len(running) < beam.num_beams:     # the first step: every beam is the prompt
             log_probs = log_probs[:1].expand(beam.num_beams, -1)
         result = beam.step(log_probs)

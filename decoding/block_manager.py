@@ -57,6 +57,11 @@ class BlockManager:
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    def slots(self, block_table: list[int], positions) -> list[int]:
+        """Flat cache slots (block * block_size + offset) of a sequence's token positions."""
+        size = self.block_size
+        return [block_table[p // size] * size + p % size for p in positions]
+
     # ---- growth ------------------------------------------------------------------------------
     def num_blocks_to_append(self, block_table: list[int], num_computed: int, num_new_tokens: int) -> int:
         """Blocks that writing `num_new_tokens` after `num_computed` would take from the free pool."""

@@ -368,9 +368,7 @@ class Engine:
             self._finish(seq, FinishReason.LENGTH)
 
     def _slots(self, seq: Sequence, positions: list[int]) -> torch.Tensor:
-        size = self.blocks.block_size
-        return torch.tensor([seq.block_table[p // size] * size + p % size for p in positions],
-                            dtype=torch.long, device=self.loaded.device)
+        return torch.tensor(self.blocks.slots(seq.block_table, positions), dtype=torch.long, device=self.loaded.device)
 
     def _finish(self, seq: Sequence, reason: FinishReason, stop_reason: str | int | None = None) -> None:
         seq.finish_reason = reason

@@ -66,16 +66,16 @@ class ModelRunner:
         hidden = self.model.forward(batch.input_ids, batch.positions, self.cache, batch.meta)  # [T, hidden]
         last_hidden = hidden[batch.last_rows]
         last = self.model.compute_logits(last_hidden).float()                               # [N, vocab]
-        chunk, chunk_hidden = {}, {}
+        out = StepLogits(last, batch.last_seq_ids, {}, last_hidden if self.keep_hidden else None,
+                         {} if self.keep_hidden else None)
         for item in sched.scheduled:
             if item.seq.seq_id in want_chunk_logits:
                 start = batch.first_row[item.seq.seq_id]
                 rows = hidden[start : start + item.num_new_tokens]
-                chunk[item.seq.seq_id] = self.model.compute_logits(rows).float()
-                chunk_hidden[item.seq.seq_id] = rows
-        if self.keep_hidden:
-            return StepLogits(last, batch.last_seq_ids, chunk, last_hidden, chunk_hidden)
-        return StepLogits(last, batch.last_seq_ids, chunk)
+                out.chunk[item.seq.seq_id] = self.model.compute_logits(rows).float()
+                if self.keep_hidden:
+                    out.chunk_hidden[item.seq.seq_id] = rows
+        return out
 
     # ---- input preparation -------------------------------------------------------------------
     def _prepare(self, scheduled: list[ScheduledSeq]) -> PackedBatch:
@@ -106,7 +106,7 @@ class ModelRunner:
                 positions += [start + depth for depth in item.tree.depths()]
             table = seq.block_table
             slots += [table[p // self.block_size] * self.block_size + p % self.block_size
-                      for p in range(start, start + count)]
+                      for p in range(start, start + count)]   # BlockManager.slots, inlined: the hot path
             if item.reaches_end:
                 last_rows.append(len(input_ids) - 1)
             if decode_like[i]:

@@ -67,6 +67,16 @@ def apply_repetition_penalty(scores: torch.Tensor, history: list[int], penalty: 
     scores[seen] = torch.where(values < 0, values * penalty, values / penalty)
 
 
+def apply_grammar_mask(scores: torch.Tensor, unbanned: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One row's scores with the tokens a grammar refuses at -inf. When the grammar allows only what
+    min_tokens bans (it is complete and may only end), the grammar wins: `unbanned` (the same row
+    before the ban) is masked instead, so the output stays valid and ends."""
+    kept = scores.masked_fill(~mask, NEG_INF)
+    if bool(torch.isinf(kept).all()):
+        kept = unbanned.masked_fill(~mask, NEG_INF)
+    return kept
+
+
 @dataclass
 class SamplerOutput:
     token_ids: list[int]
@@ -108,12 +118,7 @@ class Sampler:
             for row, ids in batch.banned:
                 logits[row, ids] = NEG_INF
             for row, mask in batch.allowed.items():   # mask width is the logits width, not the tokenizer's
-                kept = logits[row].masked_fill(~mask, NEG_INF)
-                if bool(torch.isinf(kept).all()):
-                    # The grammar allows only what min_tokens bans (it is complete and may only end):
-                    # the grammar wins, so the output stays valid and ends.
-                    kept = raw_logits[row].masked_fill(~mask, NEG_INF)
-                logits[row] = kept
+                logits[row] = apply_grammar_mask(logits[row], raw_logits[row], mask)
         if not distribution:
             return ProcessedLogits(raw_logits, logits, None)
         scaled = logits / torch.where(batch.greedy, 1.0, batch.temperature).unsqueeze(1)

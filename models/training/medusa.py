@@ -28,7 +28,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from models.medusa import MedusaHeads
 from models.training.corpus import read_texts
-from models.training.train import SEQ_LEN, batches, learning_rate, resume, save_checkpoint, token_stream
+from models.training.train import (SEQ_LEN, batches, learning_rate, optimizer_step, report_progress, resume,
+                                   save_checkpoint, token_stream)
 
 HEAD_DECAY = 0.8
 
@@ -149,21 +150,11 @@ def train(args: argparse.Namespace) -> None:
             losses = head_losses(heads, out.hidden_states[-1], out.logits, inputs, args.targets,
                                  args.position_stride, offset)
             loss = sum(HEAD_DECAY ** k * l for k, l in enumerate(losses))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+        optimizer_step(loss, params, optimizer)
         step += 1
         seconds += time.perf_counter() - started
-        progress.update()
-        progress.set_postfix(loss=f"{loss.item():.3f}")
-        if step % 20 == 0:
-            log.write(json.dumps({"step": step, "loss": round(loss.item(), 4),
-                                  "head_losses": [round(l.item(), 4) for l in losses],
-                                  "lr": optimizer.param_groups[0]["lr"],
-                                  "tokens_per_s": round(step * args.batch_size * SEQ_LEN / seconds, 1),
-                                  "minutes": round(seconds / 60, 2)}) + "\n")
-            log.flush()
+        report_progress(progress, log, step, loss, optimizer, args.batch_size, seconds,
+                        head_losses=[round(l.item(), 4) for l in losses])
         if step % args.save_every == 0:
             save_checkpoint(checkpoint, heads, optimizer, generator, step, seconds)
     save_checkpoint(checkpoint, heads, optimizer, generator, step, seconds)

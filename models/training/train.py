@@ -122,19 +122,10 @@ def train(args: argparse.Namespace) -> None:
                 with torch.no_grad():
                     teacher_logits = teacher(inputs).logits
         loss = next_token_loss(logits, targets, teacher_logits if teacher is not None else None)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        optimizer_step(loss, model.parameters(), optimizer)
         step += 1
         seconds += time.perf_counter() - started
-        progress.update()
-        progress.set_postfix(loss=f"{loss.item():.3f}")
-        if step % 20 == 0:
-            log.write(json.dumps({"step": step, "loss": round(loss.item(), 4), "lr": optimizer.param_groups[0]["lr"],
-                                  "tokens_per_s": round(step * args.batch_size * SEQ_LEN / seconds, 1),
-                                  "minutes": round(seconds / 60, 2)}) + "\n")
-            log.flush()
+        report_progress(progress, log, step, loss, optimizer, args.batch_size, seconds)
         if step % args.save_every == 0:
             save_checkpoint(checkpoint, model, optimizer, generator, step, seconds)
     save_checkpoint(checkpoint, model, optimizer, generator, step, seconds)
@@ -152,6 +143,26 @@ def next_token_loss(logits, targets, teacher_logits=None):
     teacher_logprobs = torch.log_softmax(teacher_logits.float().view(-1, logits.shape[-1]), dim=-1)
     return torch.nn.functional.kl_div(torch.log_softmax(logits, dim=-1), teacher_logprobs, log_target=True,
                                       reduction="batchmean")
+
+
+def optimizer_step(loss: torch.Tensor, params, optimizer) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+
+
+def report_progress(progress, log, step: int, loss: torch.Tensor, optimizer, batch_size: int, seconds: float,
+                    **extra) -> None:
+    """The bar after every step; a JSON line in the log every 20."""
+    progress.update()
+    progress.set_postfix(loss=f"{loss.item():.3f}")
+    if step % 20 == 0:
+        log.write(json.dumps({"step": step, "loss": round(loss.item(), 4), **extra,
+                              "lr": optimizer.param_groups[0]["lr"],
+                              "tokens_per_s": round(step * batch_size * SEQ_LEN / seconds, 1),
+                              "minutes": round(seconds / 60, 2)}) + "\n")
+        log.flush()
 
 
 def resume(path: Path, model, optimizer, generator, log) -> tuple[int, float]:
