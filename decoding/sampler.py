@@ -3,6 +3,11 @@
 Order of processing, as in HF's `generate`: penalties -> (min_tokens ban) -> temperature -> top-k ->
 top-p -> min-p. Temperature 0 rows take the argmax of the penalised logits. Every row draws its
 randomness from its own seeded generator, so a seeded request reproduces regardless of its neighbours.
+
+On the CPU, rows that need no truncation and no top-N alternatives (the usual sampled request and every
+RL rollout) are drawn by a native kernel (models/kernels/sampling.c) from the penalised logits: the
+same inverse-CDF rule without materialising the [rows, vocab] distribution. Which path a row takes
+depends only on its own parameters.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from decoding.sequence import Sequence, TokenLogprob
+from models import kernels
 
 NEG_INF = float("-inf")
 
@@ -95,17 +101,54 @@ class ProcessedLogits:
 class Sampler:
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         """logits [N, vocab] float32 -> one token per row."""
+        native_rows = self._native_rows(logits, batch)
+        uniforms = None if batch.all_greedy else self.uniforms(batch)
+        if len(native_rows) == len(batch.seqs):
+            return self._sample_native(self.process(logits, batch, distribution=False).penalised, batch, uniforms)
         needs_processed = batch.num_top_logprobs >= 0 or not batch.all_greedy
         processed = self.process(logits, batch, needs_processed)
         greedy_tokens = processed.penalised.argmax(dim=-1)
         if processed.logprobs is None:
-            return SamplerOutput(greedy_tokens.tolist(), [None] * len(batch.seqs))
-        if batch.all_greedy:
-            tokens = greedy_tokens
+            output = SamplerOutput(greedy_tokens.tolist(), [None] * len(batch.seqs))
         else:
-            sampled = self.sample(processed.logprobs.exp(), batch)
-            tokens = torch.where(batch.greedy, greedy_tokens, sampled)
-        return SamplerOutput(tokens.tolist(), self.logprobs(processed, tokens, batch))
+            if batch.all_greedy:
+                tokens = greedy_tokens
+            else:
+                sampled = self.sample(processed.logprobs.exp(), batch, uniforms)
+                tokens = torch.where(batch.greedy, greedy_tokens, sampled)
+            output = SamplerOutput(tokens.tolist(), self.logprobs(processed, tokens, batch))
+        if native_rows:   # overwrite so that those rows come out exactly as they would in a batch of their own
+            native = self._sample_native(processed.penalised, batch, uniforms)
+            for row in native_rows:
+                output.token_ids[row], output.logprobs[row] = native.token_ids[row], native.logprobs[row]
+        return output
+
+    @staticmethod
+    def _native_rows(logits: torch.Tensor, batch: SamplingBatch) -> list[int]:
+        """Rows the native kernel draws: no truncation, no top-N alternatives, and in raw mode nothing
+        that makes the penalised logits differ from the model's."""
+        if not (logits.device.type == "cpu" and logits.dtype == torch.float32 and kernels.native_ops_available(logits.device, logits.dtype)):
+            return []
+        banned = {row for row, _ in batch.banned}
+        rows = []
+        for row, seq in enumerate(batch.seqs):
+            p = seq.request.params
+            if p.has_truncation or (p.logprobs or 0) > 0:
+                continue
+            if p.logprobs is not None and p.logprobs_mode == "raw" and (p.has_penalties or row in banned or row in batch.allowed):
+                continue
+            rows.append(row)
+        return rows
+
+    @staticmethod
+    def _sample_native(penalised: torch.Tensor, batch: SamplingBatch, uniforms: torch.Tensor | None) -> SamplerOutput:
+        num_rows = len(batch.seqs)
+        want_raw = torch.tensor([s.request.params.logprobs_mode == "raw" for s in batch.seqs])
+        tokens, logprobs, raw_logprobs = kernels.sample_rows(
+            penalised, batch.temperature, uniforms if uniforms is not None else torch.zeros(num_rows), batch.greedy, want_raw)
+        chosen = torch.where(want_raw, raw_logprobs, logprobs).tolist()
+        results = [None if s.request.params.logprobs is None else TokenLogprob(lp, None) for s, lp in zip(batch.seqs, chosen)]
+        return SamplerOutput(tokens.tolist(), results)
 
     def process(self, logits: torch.Tensor, batch: SamplingBatch, distribution: bool = True) -> ProcessedLogits:
         """Penalties and bans, then (when `distribution`) temperature and truncation to the log of the
@@ -115,8 +158,9 @@ class Sampler:
         logits = self._penalise(logits, batch) if batch.any_penalty else logits
         if batch.banned or batch.allowed:
             logits = logits.clone() if logits is raw_logits else logits
-            for row, ids in batch.banned:
-                logits[row, ids] = NEG_INF
+            if batch.banned:
+                rows = [row for row, ids in batch.banned for _ in ids]
+                logits[rows, [i for _, ids in batch.banned for i in ids]] = NEG_INF
             for row, mask in batch.allowed.items():   # mask width is the logits width, not the tokenizer's
                 logits[row] = apply_grammar_mask(logits[row], raw_logits[row], mask)
         if not distribution:
@@ -163,9 +207,14 @@ class Sampler:
         return torch.empty_like(scaled).scatter_(1, order, sorted_logits)
 
     @staticmethod
-    def sample(probs: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-        """Inverse-CDF sampling with one uniform draw per row from that row's own generator."""
-        uniforms = torch.cat([torch.rand(1, generator=seq.generator) for seq in batch.seqs]).to(probs.device)
+    def uniforms(batch: SamplingBatch) -> torch.Tensor:
+        """One uniform draw per row from that row's own generator, on the CPU."""
+        return torch.cat([torch.rand(1, generator=seq.generator) for seq in batch.seqs])
+
+    @classmethod
+    def sample(cls, probs: torch.Tensor, batch: SamplingBatch, uniforms: torch.Tensor | None = None) -> torch.Tensor:
+        """Inverse-CDF sampling with the rows' uniforms (drawn here when not given)."""
+        uniforms = (cls.uniforms(batch) if uniforms is None else uniforms).to(probs.device)
         cdf = probs.cumsum(dim=-1)                                           # [N, vocab]
         targets = (uniforms * cdf[:, -1]).unsqueeze(1)
         # right=True never lands on a zero-probability token: its cdf equals its predecessor's.

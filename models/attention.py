@@ -124,9 +124,11 @@ def segment_mask(num_cached: int, query_positions: torch.Tensor, new_visibility:
 
 def paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int,
                     cache: PagedKVCache, meta: AttentionMetadata, scale: float,
-                    window: int | None = None) -> torch.Tensor:
-    """query [T, heads, d]; key/value [T, kv_heads, d] of the new tokens -> [T, heads * d]."""
-    cache.write(layer, meta.slot_mapping, key, value)
+                    window: int | None = None, kv_written: bool = False) -> torch.Tensor:
+    """query [T, heads, d]; key/value [T, kv_heads, d] of the new tokens -> [T, heads * d].
+    `kv_written`: the caller already wrote key/value to meta.slot_mapping (the fused native path)."""
+    if not kv_written:
+        cache.write(layer, meta.slot_mapping, key, value)
     num_tokens, num_heads, head_dim = query.shape
     groups = meta.decode_groups
     if len(groups) == 1 and not meta.segments:

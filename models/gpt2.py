@@ -15,7 +15,7 @@ from models.layers import FusedLinear, ParamSlot, embedding_slots, layer_slots
 
 def _conv1d_slots(linear: FusedLinear, prefix: str) -> dict[str, ParamSlot]:
     return {
-        f"{prefix}.weight": ParamSlot(linear.weight_t, tuple(linear.weight_t.shape)),
+        f"{prefix}.weight": ParamSlot(linear.weight_t, tuple(linear.weight_t.shape), on_write=linear.weights_changed),
         f"{prefix}.bias": ParamSlot(linear.bias, tuple(linear.bias.shape)),
     }
 

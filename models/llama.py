@@ -1,7 +1,9 @@
 """Native Llama-family decoder (Llama, Qwen2, Mistral) over the paged KV cache.
 
 Numerics follow HF's modeling code op for op (RMSNorm in float32, rotate-half RoPE, SDPA attention);
-only the matrix layout differs (see models/layers.py).
+only the matrix layout differs (see models/layers.py). On the CPU in float32 the small per-token ops
+(RMSNorm, RoPE with the cache write, SiLU-and-multiply) run as fused native kernels (models/kernels):
+the same arithmetic in a few calls instead of some twenty torch ops per layer.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import torch
 from transformers.activations import ACT2FN
 
+from models import kernels
 from models.attention import AttentionMetadata, PagedKVCache, paged_attention
 from models.layers import FusedLinear, ParamSlot, RotaryEmbedding, apply_rotary, embedding_slots, layer_slots, rms_norm
 
@@ -37,7 +40,9 @@ class LlamaLayer(torch.nn.Module):
         self.scale = self.head_dim ** -0.5
         self.intermediate_size = inter
 
-    def forward(self, x, cos, sin, cache: PagedKVCache, meta: AttentionMetadata):
+    def forward(self, x, cos, sin, cache: PagedKVCache, meta: AttentionMetadata, native: bool):
+        if native:
+            return self._forward_native(x, cos, sin, cache, meta)
         num_tokens = x.shape[0]
         qkv = self.qkv(rms_norm(x, self.input_norm, self.eps))
         qk_width = (self.num_heads + self.num_kv_heads) * self.head_dim
@@ -49,6 +54,20 @@ class LlamaLayer(torch.nn.Module):
         x = self.o_proj.forward_residual(attn, x)
         gate_up = self.gate_up(rms_norm(x, self.post_norm, self.eps))
         mlp = self.act(gate_up[:, : self.intermediate_size]) * gate_up[:, self.intermediate_size :]
+        return self.down.forward_residual(mlp, x)
+
+    def _forward_native(self, x, cos, sin, cache: PagedKVCache, meta: AttentionMetadata):
+        num_tokens, layer = x.shape[0], self.layer_idx
+        qkv = self.qkv(kernels.rms_norm(x, self.input_norm, self.eps))
+        # Rotates q and k in place and writes k and v to their slots: paged_attention skips its write.
+        kernels.rotary_write_kv(qkv, cos, sin, meta.slot_mapping, cache.keys[layer], cache.values[layer], self.num_heads)
+        heads = qkv.view(num_tokens, -1, self.head_dim)
+        query = heads[:, : self.num_heads]
+        key = heads[:, self.num_heads : self.num_heads + self.num_kv_heads]
+        value = heads[:, self.num_heads + self.num_kv_heads :]
+        attn = paged_attention(query, key, value, layer, cache, meta, self.scale, self.window, kv_written=True)
+        x = self.o_proj.forward_residual(attn, x)
+        mlp = kernels.silu_mul(self.gate_up(kernels.rms_norm(x, self.post_norm, self.eps)))
         return self.down.forward_residual(mlp, x)
 
     def param_slots(self, prefix: str) -> dict[str, ParamSlot]:
@@ -93,13 +112,17 @@ class LlamaForCausalLM(torch.nn.Module):
         self.optional_param_names = frozenset({"lm_head.weight"}) if self.tied else frozenset()
         self.rotary = rotary
         self.eps = config.rms_norm_eps
+        # The fused native ops need SiLU (every Llama, Qwen2 and Mistral checkpoint we know of uses it).
+        self.native_ops = kernels.native_ops_available(torch.device(device), dtype) and config.hidden_act == "silu"
 
     def forward(self, input_ids, positions, cache, meta):
         x = self.embed.index_select(0, input_ids)
         cos, sin = self.rotary.cos_sin(positions, self.dtype)
+        if self.native_ops:
+            cos, sin = cos.squeeze(1), sin.squeeze(1)      # [T, head_dim], as the kernel reads them
         for layer in self.layers:
-            x = layer(x, cos, sin, cache, meta)
-        return rms_norm(x, self.final_norm, self.eps)
+            x = layer(x, cos, sin, cache, meta, self.native_ops)
+        return kernels.rms_norm(x, self.final_norm, self.eps) if self.native_ops else rms_norm(x, self.final_norm, self.eps)
 
     def compute_logits(self, hidden):
         return self.lm_head(hidden)

@@ -1,4 +1,5 @@
-"""The native decode-attention kernel against SDPA over gathered blocks, and the engine on both paths."""
+"""The native kernels against the torch ops they replace (decode attention against SDPA over gathered
+blocks, the fused layer ops, the sampling kernel), packed weights, and the engine on both paths."""
 
 import shutil
 
@@ -7,8 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from decoding import Engine, SamplingParams
+from models import kernels
 from models.attention import decode_mask
 from models.kernels import native_decode_available, paged_decode_attention
+from models.layers import FusedLinear, RotaryEmbedding, apply_rotary, rms_norm
 from tiny_models import PROMPTS, hf_greedy
 
 needs_kernel = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
@@ -77,9 +80,80 @@ def test_both_decode_paths_give_the_same_logprobs(llama_dir):
     for native in (True, False):
         engine = Engine(model=llama_dir, show_progress=False, num_kv_blocks=128, block_size=4)
         engine.runner.native_decode = native
+        engine.loaded.model.native_ops = native
         results.append(engine.generate(PROMPTS, params))
     for native_out, torch_out in zip(*results):
         for a, b in zip(native_out.outputs, torch_out.outputs):
             assert a.token_ids == b.token_ids
             for x, y in zip(a.logprobs, b.logprobs):
                 assert x.logprob == pytest.approx(y.logprob, abs=1e-5)
+
+
+@needs_kernel
+def test_fused_layer_ops_match_the_torch_ops():
+    generator = torch.Generator().manual_seed(0)
+    heads, kv_heads, head_dim, rows = 6, 2, 64, 37
+    x = torch.randn(rows, 2 * 96, generator=generator)[:, :96]          # strided rows, as a slice
+    weight = torch.randn(96, generator=generator)
+    torch.testing.assert_close(kernels.rms_norm(x, weight, 1e-5), rms_norm(x, weight, 1e-5), atol=1e-6, rtol=1e-5)
+
+    gate_up = torch.randn(rows, 2 * 80, generator=generator) * 4
+    expected = F.silu(gate_up[:, :80]) * gate_up[:, 80:]
+    torch.testing.assert_close(kernels.silu_mul(gate_up), expected, atol=1e-6, rtol=1e-5)
+
+    rotary = RotaryEmbedding(1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim)), 1.0)
+    positions = torch.randint(0, 500, (rows,), generator=generator)
+    cos, sin = rotary.cos_sin(positions, torch.float32)
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * head_dim, generator=generator)
+    heads_view = qkv.view(rows, -1, head_dim)
+    expected_qk = apply_rotary(heads_view[:, : heads + kv_heads], cos, sin)
+    expected_v = heads_view[:, heads + kv_heads :].clone()
+    key_cache = torch.zeros(20, 4, kv_heads, head_dim)
+    value_cache = torch.zeros(20, 4, kv_heads, head_dim)
+    slots = torch.randperm(80, generator=generator)[:rows]
+    kernels.rotary_write_kv(qkv, cos.squeeze(1).contiguous(), sin.squeeze(1).contiguous(), slots, key_cache, value_cache, heads)
+    torch.testing.assert_close(heads_view[:, : heads + kv_heads], expected_qk, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(key_cache.view(80, kv_heads, head_dim)[slots], expected_qk[:, heads:], atol=1e-6, rtol=1e-5)
+    assert torch.equal(value_cache.view(80, kv_heads, head_dim)[slots], expected_v)
+    untouched = torch.ones(80, dtype=torch.bool)
+    untouched[slots] = False
+    assert not key_cache.view(80, -1)[untouched].any() and not value_cache.view(80, -1)[untouched].any()
+
+
+@needs_kernel
+def test_sampling_kernel_follows_the_inverse_cdf_rule():
+    generator = torch.Generator().manual_seed(0)
+    rows, vocab = 64, 1000
+    logits = torch.randn(rows, vocab, generator=generator) * 3
+    logits[:, :10] = float("-inf")                              # banned: never drawn, even for u = 0
+    temperature = torch.rand(rows, generator=generator) + 0.3
+    uniforms = torch.rand(rows, generator=generator)
+    uniforms[0] = 0.0
+    greedy = torch.zeros(rows, dtype=torch.bool)
+    greedy[1:4] = True
+    want_raw = torch.arange(rows) % 2 == 0
+    tokens, logprobs, raw = kernels.sample_rows(logits, temperature, uniforms, greedy, want_raw)
+
+    scale = torch.where(greedy, 1.0, temperature).unsqueeze(1)
+    cdf = torch.softmax(logits / scale, -1).cumsum(-1)
+    expected = torch.searchsorted(cdf, (uniforms * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
+    expected[greedy] = logits[greedy].argmax(-1)
+    assert torch.equal(tokens, expected)
+    assert (tokens >= 10).all()
+    chosen = tokens.unsqueeze(1)
+    torch.testing.assert_close(logprobs, torch.log_softmax(logits / scale, -1).gather(1, chosen).squeeze(1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(raw[want_raw], torch.log_softmax(logits, -1).gather(1, chosen).squeeze(1)[want_raw], atol=1e-5, rtol=0)
+
+
+def test_packed_weights_follow_every_write():
+    """A pushed weight update writes through the checkpoint slots; the packed copy must not go stale."""
+    linear = FusedLinear(64, [48, 80], [False, False], torch.float32, "cpu")
+    slots = linear.slots(["a.weight", "b.weight"], [None, None])
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 64, generator=generator)
+    for _ in range(2):
+        for name, width in (("a.weight", 48), ("b.weight", 80)):
+            slots[name].copy_(torch.randn(width, 64, generator=generator))     # HF layout [out, in]
+        torch.testing.assert_close(linear(x), x @ linear.weight_t, atol=1e-5, rtol=1e-5)
+        residual = torch.randn(5, 128, generator=generator)
+        torch.testing.assert_close(linear.forward_residual(x, residual), residual + x @ linear.weight_t, atol=1e-5, rtol=1e-5)

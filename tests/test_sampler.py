@@ -90,6 +90,22 @@ def test_seeded_rows_reproduce_regardless_of_neighbours():
     assert len(set(draws_alone)) > 1
 
 
+def test_a_row_draws_the_same_beside_rows_that_take_the_other_sampling_path():
+    """Rows without truncation go to the native kernel, rows with top-k through torch; a seeded row's
+    draws must not depend on which paths its neighbours take."""
+    logits = torch.tensor([[0.3, 1.0, -0.5, 0.8, 0.0, -1.0, 0.6, 0.1]])
+    plain, truncated = SamplingParams(temperature=0.9, logprobs=0), SamplingParams(temperature=0.9, top_k=3, logprobs=0)
+    for trial in range(30):
+        [alone] = make_seqs([plain], seed=2000 + trial)
+        expected = Sampler()(logits, SamplingBatch.from_sequences([alone], VOCAB, frozenset({EOS}), torch.device("cpu")))
+        neighbour, same = make_seqs([truncated, plain], seed=1999 + trial)
+        mixed = Sampler()(logits.repeat(2, 1), SamplingBatch.from_sequences(
+            [neighbour, same], VOCAB, frozenset({EOS}), torch.device("cpu")))
+        assert mixed.token_ids[1] == expected.token_ids[0]
+        assert mixed.logprobs[1].logprob == pytest.approx(expected.logprobs[0].logprob, abs=1e-6)
+        assert mixed.token_ids[0] in (1, 3, 6)
+
+
 def test_min_tokens_bans_eos_and_stop_ids():
     logits = torch.full((1, VOCAB), -5.0)
     logits[0, EOS] = 10.0

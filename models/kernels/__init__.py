@@ -24,7 +24,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("paged_attention.c")
+SOURCES = [Path(__file__).with_name(name) for name in ("paged_attention.c", "fused_ops.c", "sampling.c")]
+HEADERS = [Path(__file__).with_name("vector_math.h")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
 
 
@@ -42,9 +43,9 @@ def _cache_dir() -> Path:
 
 
 def _build(compiler: str) -> Path:
-    source = SOURCE.read_bytes()
+    source = b"".join(path.read_bytes() for path in [*SOURCES, *HEADERS])
     key = hashlib.sha256(source + " ".join([compiler, *FLAGS]).encode() + _cpu_identity().encode()).hexdigest()[:16]
-    library = _cache_dir() / f"paged_attention-{key}.so"
+    library = _cache_dir() / f"gorgon-kernels-{key}.so"
     if library.exists():
         return library
     library.parent.mkdir(parents=True, exist_ok=True)
@@ -53,7 +54,7 @@ def _build(compiler: str) -> Path:
     with tempfile.NamedTemporaryFile(dir=library.parent, suffix=".so", delete=False) as tmp:
         partial = Path(tmp.name)
     try:
-        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(partial), "-lm"],
+        subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", str(partial), "-lm"],
                        check=True, capture_output=True, text=True, timeout=120)
         partial.replace(library)
     finally:
@@ -78,11 +79,21 @@ def _library() -> ctypes.CDLL | None:
     i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
     library.paged_decode_attention.argtypes = [ptr, i64, ptr, ptr, ptr, i64, ptr, ptr, i64, i64, i64, i64, i64, i64, f32]
     library.paged_decode_attention.restype = None
+    library.rms_norm.argtypes = [ptr, i64, ptr, f32, ptr, i64, i64]
+    library.rotary_write_kv.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64]
+    library.silu_mul.argtypes = [ptr, ptr, i64, i64]
+    library.sample_rows.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
+    for function in (library.rms_norm, library.rotary_write_kv, library.silu_mul, library.sample_rows):
+        function.restype = None
     return library
 
 
 def native_decode_available(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and dtype == torch.float32 and _library() is not None
+
+
+# The fused layer ops build with the same library and run where the decode kernel runs.
+native_ops_available = native_decode_available
 
 
 def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
@@ -102,3 +113,52 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_c
         block_tables.data_ptr(), block_tables.shape[1], context_lens.data_ptr(), out.data_ptr(),
         batch, num_heads, num_kv_heads, head_dim, block_size, window or 0, scale)
     return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [T, d] (rows may be strided) -> x * rsqrt(mean(x^2) + eps) * weight, contiguous [T, d]."""
+    rows, dim = x.shape
+    assert x.stride(1) == 1 and weight.is_contiguous()
+    out = torch.empty(rows, dim, dtype=x.dtype)
+    _library().rms_norm(x.data_ptr(), x.stride(0), weight.data_ptr(), eps, out.data_ptr(), rows, dim)
+    return out
+
+
+def rotary_write_kv(qkv: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, slots: torch.Tensor,
+                    key_cache: torch.Tensor, value_cache: torch.Tensor, num_heads: int) -> None:
+    """In place on the fused projection qkv [T, (heads + 2 * kv_heads) * d]: rotate the query and key
+    heads (cos, signed_sin [T, d], see models.layers.RotaryEmbedding), then write the keys and values to
+    their cache slots [T] (block * block_size + offset)."""
+    rows = qkv.shape[0]
+    _, _, num_kv_heads, head_dim = key_cache.shape
+    assert qkv.stride(1) == 1 and qkv.shape[1] == (num_heads + 2 * num_kv_heads) * head_dim
+    assert cos.is_contiguous() and signed_sin.is_contiguous() and slots.dtype == torch.int64 and slots.is_contiguous()
+    assert key_cache.is_contiguous() and value_cache.is_contiguous()
+    _library().rotary_write_kv(qkv.data_ptr(), qkv.stride(0), cos.data_ptr(), signed_sin.data_ptr(), slots.data_ptr(),
+                               key_cache.data_ptr(), value_cache.data_ptr(), rows, num_heads, num_kv_heads, head_dim)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up [T, 2 * d] (the fused gate and up projections) -> silu(gate) * up, [T, d]."""
+    rows, width = gate_up.shape
+    assert gate_up.is_contiguous()
+    out = torch.empty(rows, width // 2, dtype=gate_up.dtype)
+    _library().silu_mul(gate_up.data_ptr(), out.data_ptr(), rows, width // 2)
+    return out
+
+
+def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, uniforms: torch.Tensor, greedy: torch.Tensor,
+                want_raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One token per row of logits [N, vocab] from softmax(logits / temperature) by inverse CDF with the
+    row's uniform (greedy rows: the argmax). -> tokens [N] int64, the chosen token's logprob under the
+    sampled distribution (temperature 1 for greedy rows) [N], and under temperature 1 where want_raw [N]."""
+    rows, vocab = logits.shape
+    logits = logits.contiguous()
+    temperature, uniforms = temperature.float().contiguous(), uniforms.float().contiguous()
+    greedy, want_raw = greedy.to(torch.uint8).contiguous(), want_raw.to(torch.uint8).contiguous()
+    tokens = torch.empty(rows, dtype=torch.int64)
+    logprobs, raw_logprobs = torch.empty(rows), torch.empty(rows)
+    _library().sample_rows(logits.data_ptr(), rows, vocab, temperature.data_ptr(), uniforms.data_ptr(),
+                           greedy.data_ptr(), want_raw.data_ptr(), tokens.data_ptr(), logprobs.data_ptr(),
+                           raw_logprobs.data_ptr())
+    return tokens, logprobs, raw_logprobs

@@ -1,0 +1,81 @@
+/* The small per-token operations of a decoder layer, fused for the CPU.
+ *
+ * In a batched decode step each of these touches a few kilobytes, so as separate torch ops their cost
+ * is dispatch, not arithmetic: RMSNorm alone is six ops, rotary embedding four, the cache write two.
+ * Here each is one call that reads its input once. The arithmetic is the same as the torch path's, op
+ * for op, so results agree to float32 rounding (summation order in the norm, the exponential in SiLU).
+ *
+ * Rows are split over threads only when there are enough of them to pay for waking the team.
+ */
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "vector_math.h"
+
+#define PARALLEL_MIN_ELEMENTS (1 << 15)
+
+/* out[r] = x[r] * rsqrt(mean(x[r]^2) + eps) * weight, HF's Llama RMSNorm in float32. */
+void rms_norm(const float *x, int64_t x_row_stride, const float *weight, float eps, float *out,
+              int64_t rows, int64_t dim) {
+#pragma omp parallel for if (rows * dim >= PARALLEL_MIN_ELEMENTS) schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+        const float *restrict in = x + r * x_row_stride;
+        float *restrict o = out + r * dim;
+        float squares = 0.0f;
+#pragma omp simd reduction(+ : squares)
+        for (int64_t i = 0; i < dim; ++i) squares += in[i] * in[i];
+        const float inv = 1.0f / sqrtf(squares / (float)dim + eps);
+#pragma omp simd
+        for (int64_t i = 0; i < dim; ++i) o[i] = (in[i] * inv) * weight[i];
+    }
+}
+
+/* Rotate one head in place: x * cos + rotate_half(x) * sin, with sin's first half negated by the
+ * caller (so rotate_half becomes a plain swap of halves). */
+static inline void rotate(float *restrict x, const float *restrict cos, const float *restrict signed_sin,
+                          int64_t head_dim) {
+    const int64_t half = head_dim / 2;
+    float lo[half];
+#pragma omp simd
+    for (int64_t i = 0; i < half; ++i) {
+        lo[i] = x[i];
+        x[i] = x[i] * cos[i] + x[i + half] * signed_sin[i];
+    }
+#pragma omp simd
+    for (int64_t i = half; i < head_dim; ++i) x[i] = x[i] * cos[i] + lo[i - half] * signed_sin[i];
+}
+
+/* The fused q/k/v projection of each new token, in place: rotate the query and key heads, then write
+ * the key and value heads to their cache slots.
+ *   qkv          [rows, num_heads + 2 * num_kv_heads, head_dim], rows `row_stride` floats apart
+ *   cos, sin     [rows, head_dim]
+ *   slots        [rows] flat slot ids (block * block_size + offset) into
+ *   key_cache, value_cache  [num_slots, num_kv_heads, head_dim] */
+void rotary_write_kv(float *qkv, int64_t row_stride, const float *cos, const float *signed_sin,
+                     const int64_t *slots, float *key_cache, float *value_cache, int64_t rows,
+                     int64_t num_heads, int64_t num_kv_heads, int64_t head_dim) {
+    const int64_t kv_width = num_kv_heads * head_dim;
+#pragma omp parallel for if (rows * row_stride >= PARALLEL_MIN_ELEMENTS) schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+        float *row = qkv + r * row_stride;
+        for (int64_t h = 0; h < num_heads + num_kv_heads; ++h)
+            rotate(row + h * head_dim, cos + r * head_dim, signed_sin + r * head_dim, head_dim);
+        const float *key = row + num_heads * head_dim;
+        memcpy(key_cache + slots[r] * kv_width, key, sizeof(float) * kv_width);
+        memcpy(value_cache + slots[r] * kv_width, key + kv_width, sizeof(float) * kv_width);
+    }
+}
+
+/* out[r] = silu(gate[r]) * up[r], where each input row is [gate | up] of width 2 * dim. */
+void silu_mul(const float *gate_up, float *out, int64_t rows, int64_t dim) {
+#pragma omp parallel for if (rows * dim >= PARALLEL_MIN_ELEMENTS) schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+        const float *restrict gate = gate_up + r * 2 * dim;
+        const float *restrict up = gate + dim;
+        float *restrict o = out + r * dim;
+#pragma omp simd
+        for (int64_t i = 0; i < dim; ++i) o[i] = gate[i] / (1.0f + exp_poly(-gate[i])) * up[i];
+    }
+}

@@ -1,0 +1,98 @@
+/* Draw one token per row from softmax(logits / temperature), for the CPU.
+ *
+ * The common sampling request (temperature only, the chosen token's logprob at most) needs three
+ * passes over each row: the max, the exponentials and their sum, and a walk to the token whose
+ * cumulative mass first exceeds u * sum. As torch ops the same work materialises log_softmax, exp and
+ * cumsum over the whole [rows, vocab] matrix. Same rule as the torch path (inverse CDF with the row's
+ * own uniform, right-closed, so a token of zero probability is never drawn); the sums differ from
+ * torch's only in float32 summation order.
+ *
+ *   logits       [rows, vocab] float32, after penalties and bans (-inf = banned)
+ *   temperature  [rows], > 0; greedy rows take the argmax and report logprobs at temperature 1
+ *   uniforms     [rows] in [0, 1)
+ *   want_raw     [rows]: also report the logprob at temperature 1 (logprobs_mode = raw)
+ *   tokens, logprobs, raw_logprobs  [rows] out
+ */
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#include "vector_math.h"
+
+#define WALK_CHUNK 128
+
+static _Thread_local float *scratch = NULL;
+static _Thread_local int64_t scratch_len = 0;
+
+static float *row_buffer(int64_t n) {
+    if (n > scratch_len) {
+        free(scratch);
+        scratch = malloc(sizeof(float) * n);
+        scratch_len = scratch ? n : 0;
+    }
+    return scratch;
+}
+
+/* log(sum(exp(x - max))) over a row. */
+static float log_sum_exp(const float *restrict x, int64_t n, float max) {
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < n; ++i) sum += exp_poly(x[i] - max);
+    return logf(sum);
+}
+
+static void sample_row(const float *restrict x, int64_t vocab, float temperature, float uniform, uint8_t greedy,
+                       uint8_t want_raw, int64_t *token, float *logprob, float *raw_logprob) {
+    float max = -INFINITY;
+#pragma omp simd reduction(max : max)
+    for (int64_t i = 0; i < vocab; ++i) max = x[i] > max ? x[i] : max;
+    int64_t argmax = 0;   /* the first maximum, as torch.argmax picks */
+    while (argmax < vocab - 1 && x[argmax] != max) ++argmax;
+    const float raw = want_raw || greedy ? -log_sum_exp(x, vocab, max) + (x[argmax] - max) : 0.0f;
+    if (greedy) {
+        *token = argmax;
+        *logprob = raw;
+        *raw_logprob = raw;
+        return;
+    }
+    float *e = row_buffer(vocab);
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < vocab; ++i) {
+        e[i] = exp_poly((x[i] - max) / temperature);
+        sum += e[i];
+    }
+    const float target = uniform * sum;
+    int64_t chosen = -1;
+    float mass = 0.0f;
+    /* Skip whole chunks by their (vectorised) sums, then walk the chunk that crosses the target. */
+    for (int64_t start = 0; start < vocab && chosen < 0; start += WALK_CHUNK) {
+        const int64_t end = start + WALK_CHUNK < vocab ? start + WALK_CHUNK : vocab;
+        float chunk = 0.0f;
+#pragma omp simd reduction(+ : chunk)
+        for (int64_t i = start; i < end; ++i) chunk += e[i];
+        if (mass + chunk <= target) {
+            mass += chunk;
+            continue;
+        }
+        for (int64_t i = start; i < end; ++i) {
+            mass += e[i];
+            if (mass > target) { chosen = i; break; }
+        }
+    }
+    if (chosen < 0)   /* u * sum rounded above the walked total: the last token that has any mass */
+        for (chosen = vocab - 1; chosen > 0 && e[chosen] == 0.0f; --chosen) {}
+    *token = chosen;
+    *logprob = (x[chosen] - max) / temperature - logf(sum);
+    *raw_logprob = want_raw ? x[chosen] - max - log_sum_exp(x, vocab, max) : 0.0f;
+}
+
+void sample_rows(const float *logits, int64_t rows, int64_t vocab, const float *temperature, const float *uniforms,
+                 const uint8_t *greedy, const uint8_t *want_raw, int64_t *tokens, float *logprobs,
+                 float *raw_logprobs) {
+#pragma omp parallel for if (rows >= 4) schedule(static)
+    for (int64_t r = 0; r < rows; ++r)
+        sample_row(logits + r * vocab, vocab, temperature[r], uniforms[r], greedy[r], want_raw[r], tokens + r,
+                   logprobs + r, raw_logprobs + r);
+}
