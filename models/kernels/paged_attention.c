@@ -12,20 +12,17 @@
  *
  * A work item is one sequence and a range of its KV heads: all of them when the batch alone keeps every
  * thread busy (each token's keys are then one contiguous read, which is what a memory-bound kernel
- * wants), otherwise one KV head. Two passes per item (scores, then the weighted sum of values) with an
- * exact max-subtracted softmax: the same math as SDPA up to float32 summation order.
+ * wants), otherwise one KV head. Each item walks its blocks once with an online softmax: the scores of a
+ * run of tokens (one block at most), then the running max, sum and output rescaled only when the run
+ * raises the max, then the run's values while its keys are still in cache. The same math as SDPA up to
+ * float32 summation order and a polynomial exp (vector_math.h).
  */
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 
-static inline float dot(const float *restrict a, const float *restrict b, int64_t n) {
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t i = 0; i < n; ++i) sum += a[i] * b[i];
-    return sum;
-}
+#include "vector_math.h"
 
 typedef struct {
     const float *query;
@@ -39,63 +36,68 @@ typedef struct {
     float scale;
 } Problem;
 
-/* Sequence b, KV heads [kv_begin, kv_end). Always inlined into a switch on head_dim, so the common
- * sizes get constant trip counts: unrolled dot products and register accumulators. */
+/* A run of tokens stays inside one block and holds at most this many, which bounds the scratch. */
+#define MAX_RUN 64
+
 static inline __attribute__((always_inline)) void attend(const Problem *p, int64_t b, int64_t kv_begin,
                                                          int64_t kv_end, const int64_t head_dim) {
     const int64_t group = p->num_heads / p->num_kv_heads;
     const int64_t token_stride = p->num_kv_heads * head_dim;
-    const int64_t heads = (kv_end - kv_begin) * group;          /* query heads of this item */
+    const int64_t heads = (kv_end - kv_begin) * group;
     const int64_t context = p->context_lens[b];
-    /* Sliding window: the query at position context - 1 sees keys after context - 1 - window. */
     const int64_t first = (p->window > 0 && context > p->window) ? context - p->window : 0;
-    const int64_t span = context - first;
     const int64_t *table = p->block_tables + b * p->max_blocks;
     const float *q = p->query + b * p->query_row_stride + kv_begin * group * head_dim;
     float *o = p->out + (b * p->num_heads + kv_begin * group) * head_dim;
     const int64_t kv_offset = kv_begin * head_dim;
-    float *scores = malloc(sizeof(float) * heads * (span > 0 ? span : 1));   /* [heads, span] */
-    float *acc = calloc(heads * head_dim, sizeof(float));
-
-    float max_score[heads];
-    for (int64_t h = 0; h < heads; ++h) max_score[h] = -INFINITY;
-    /* Walk the table block by block (no division per key); within a block the tokens of one item are
-     * a regular stride apart, which the hardware prefetcher follows. */
+    float acc[heads * head_dim];
+    float max_score[heads], denom[heads];
+    float s[heads * MAX_RUN];
+    for (int64_t i = 0; i < heads * head_dim; ++i) acc[i] = 0.0f;
+    for (int64_t h = 0; h < heads; ++h) { max_score[h] = -INFINITY; denom[h] = 0.0f; }
     for (int64_t pos = first; pos < context;) {
         const int64_t offset = pos % p->block_size;
         const int64_t left = p->block_size - offset;
-        const int64_t run = left < context - pos ? left : context - pos;
-        const float *k = p->key_cache + (table[pos / p->block_size] * p->block_size + offset) * token_stride + kv_offset;
-        for (int64_t t = 0; t < run; ++t, k += token_stride) {
-            const int64_t j = pos - first + t;
+        int64_t run = left < context - pos ? left : context - pos;
+        if (run > MAX_RUN) run = MAX_RUN;
+        const int64_t slot = table[pos / p->block_size] * p->block_size + offset;
+        const float *k = p->key_cache + slot * token_stride + kv_offset;
+        const float *v = p->value_cache + slot * token_stride + kv_offset;
+        /* Scores of this run, per head. */
+        for (int64_t t = 0; t < run; ++t) {
+            const float *kt = k + t * token_stride;
             for (int64_t h = 0; h < heads; ++h) {
-                const float s = dot(q + h * head_dim, k + (h / group) * head_dim, head_dim) * p->scale;
-                scores[h * span + j] = s;
-                if (s > max_score[h]) max_score[h] = s;
+                const float *qh = q + h * head_dim, *kh = kt + (h / group) * head_dim;
+                float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+                for (int64_t d = 0; d < head_dim; ++d) dot += qh[d] * kh[d];
+                s[h * MAX_RUN + t] = dot * p->scale;
             }
         }
-        pos += run;
-    }
-    float inv_denom[heads];
-    for (int64_t h = 0; h < heads; ++h) {
-        float total = 0.0f;
-        float *row = scores + h * span;
-        for (int64_t j = 0; j < span; ++j) {
-            row[j] = expf(row[j] - max_score[h]);
-            total += row[j];
+        /* Online softmax: rescale what was accumulated when this run raises a head's max. */
+        for (int64_t h = 0; h < heads; ++h) {
+            float m = max_score[h];
+            for (int64_t t = 0; t < run; ++t) m = s[h * MAX_RUN + t] > m ? s[h * MAX_RUN + t] : m;
+            if (m > max_score[h]) {
+                const float correction = exp_poly(max_score[h] - m);
+                denom[h] *= correction;
+                for (int64_t d = 0; d < head_dim; ++d) acc[h * head_dim + d] *= correction;
+                max_score[h] = m;
+            }
+            float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+            for (int64_t t = 0; t < run; ++t) {
+                const float e = exp_poly(s[h * MAX_RUN + t] - m);
+                s[h * MAX_RUN + t] = e;
+                sum += e;
+            }
+            denom[h] += sum;
         }
-        inv_denom[h] = 1.0f / total;
-    }
-    for (int64_t pos = first; pos < context;) {
-        const int64_t offset = pos % p->block_size;
-        const int64_t left = p->block_size - offset;
-        const int64_t run = left < context - pos ? left : context - pos;
-        const float *v = p->value_cache + (table[pos / p->block_size] * p->block_size + offset) * token_stride + kv_offset;
-        for (int64_t t = 0; t < run; ++t, v += token_stride) {
-            const int64_t j = pos - first + t;
+        for (int64_t t = 0; t < run; ++t) {
+            const float *vt = v + t * token_stride;
             for (int64_t h = 0; h < heads; ++h) {
-                const float prob = scores[h * span + j];
-                const float *restrict vh = v + (h / group) * head_dim;
+                const float prob = s[h * MAX_RUN + t];
+                const float *restrict vh = vt + (h / group) * head_dim;
                 float *restrict a = acc + h * head_dim;
 #pragma omp simd
                 for (int64_t d = 0; d < head_dim; ++d) a[d] += prob * vh[d];
@@ -103,10 +105,10 @@ static inline __attribute__((always_inline)) void attend(const Problem *p, int64
         }
         pos += run;
     }
-    for (int64_t h = 0; h < heads; ++h)
-        for (int64_t d = 0; d < head_dim; ++d) o[h * head_dim + d] = acc[h * head_dim + d] * inv_denom[h];
-    free(acc);
-    free(scores);
+    for (int64_t h = 0; h < heads; ++h) {
+        const float inv = 1.0f / denom[h];
+        for (int64_t d = 0; d < head_dim; ++d) o[h * head_dim + d] = acc[h * head_dim + d] * inv;
+    }
 }
 
 static void attend_any(const Problem *p, int64_t b, int64_t kv_begin, int64_t kv_end, int64_t head_dim) {
