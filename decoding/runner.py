@@ -63,18 +63,29 @@ class ModelRunner:
             src, dst = zip(*sched.block_copies)
             self.cache.copy_blocks(self._long(src), self._long(dst))
         batch = self._prepare(sched.scheduled)
-        hidden = self.model.forward(batch.input_ids, batch.positions, self.cache, batch.meta)  # [T, hidden]
-        last_hidden = hidden[batch.last_rows]
+        # The rows whose hidden states are read: each sequence's last row, then whole chunks that want
+        # logits (prompt logprobs, verification). In a step of prompt chunks that is a few rows of
+        # hundreds, and the model skips the last layer's projection and MLP for the others.
+        chunks = [(item.seq.seq_id, batch.first_row[item.seq.seq_id], item.num_new_tokens)
+                  for item in sched.scheduled if item.seq.seq_id in want_chunk_logits]
+        wanted = torch.cat([batch.last_rows, *(torch.arange(start, start + n, device=self.device) for _, start, n in chunks)])
+        skip = wanted.numel() < batch.input_ids.numel()
+        hidden = self.model.forward(batch.input_ids, batch.positions, self.cache, batch.meta,
+                                    wanted if skip else None)
+        if not skip:
+            hidden = hidden[wanted]                                                          # [R, hidden]
+        num_last = batch.last_rows.numel()
+        last_hidden = hidden[:num_last]
         last = self.model.compute_logits(last_hidden).float()                               # [N, vocab]
         out = StepLogits(last, batch.last_seq_ids, {}, last_hidden if self.keep_hidden else None,
                          {} if self.keep_hidden else None)
-        for item in sched.scheduled:
-            if item.seq.seq_id in want_chunk_logits:
-                start = batch.first_row[item.seq.seq_id]
-                rows = hidden[start : start + item.num_new_tokens]
-                out.chunk[item.seq.seq_id] = self.model.compute_logits(rows).float()
-                if self.keep_hidden:
-                    out.chunk_hidden[item.seq.seq_id] = rows
+        offset = num_last
+        for seq_id, _, n in chunks:
+            rows = hidden[offset : offset + n]
+            offset += n
+            out.chunk[seq_id] = self.model.compute_logits(rows).float()
+            if self.keep_hidden:
+                out.chunk_hidden[seq_id] = rows
         return out
 
     # ---- input preparation -------------------------------------------------------------------

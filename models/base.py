@@ -29,8 +29,10 @@ class NativeCausalLM(Protocol):
     optional_param_names: frozenset[str]
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: PagedKVCache,
-                meta: AttentionMetadata) -> torch.Tensor:
-        """-> final hidden states [T, hidden] (after the final norm)."""
+                meta: AttentionMetadata, output_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """-> final hidden states (after the final norm) of `output_rows` [R] in that order, or of all
+        T rows when None. Every row's keys and values are written in every layer either way; rows not
+        asked for skip the last layer's projection and MLP."""
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> logits [N, vocab]."""

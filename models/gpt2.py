@@ -54,10 +54,12 @@ class GPT2Layer(torch.nn.Module):
         if config.scale_attn_by_inverse_layer_idx:
             self.scale /= float(layer_idx + 1)
 
-    def forward(self, x, cache: PagedKVCache, meta: AttentionMetadata):
+    def forward(self, x, cache: PagedKVCache, meta: AttentionMetadata, keep_rows: torch.Tensor | None = None):
         num_tokens = x.shape[0]
         qkv = self.c_attn(self.ln_1(x)).view(num_tokens, 3, self.num_heads, self.head_dim)
         attn = paged_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], self.layer_idx, cache, meta, self.scale)
+        if keep_rows is not None:   # the rest only wrote their keys and values (see LlamaLayer.forward)
+            x, attn = x[keep_rows], attn[keep_rows]
         x = x + self.attn_proj(attn)
         return x + self.mlp_proj(self.act(self.c_fc(self.ln_2(x))))
 
@@ -91,10 +93,11 @@ class GPT2LMHeadModel(torch.nn.Module):
         self.tied = bool(getattr(config, "tie_word_embeddings", True))
         self.optional_param_names = frozenset({"lm_head.weight"}) if self.tied else frozenset()
 
-    def forward(self, input_ids, positions, cache, meta):
+    def forward(self, input_ids, positions, cache, meta, output_rows=None):
         x = self.wte[input_ids] + self.wpe[positions]
-        for layer in self.layers:
-            x = layer(x, cache, meta)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cache, meta, output_rows if i == last else None)
         return self.ln_f(x)
 
     def compute_logits(self, hidden):

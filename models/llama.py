@@ -40,9 +40,12 @@ class LlamaLayer(torch.nn.Module):
         self.scale = self.head_dim ** -0.5
         self.intermediate_size = inter
 
-    def forward(self, x, cos, sin, cache: PagedKVCache, meta: AttentionMetadata, native: bool):
+    def forward(self, x, cos, sin, cache: PagedKVCache, meta: AttentionMetadata, native: bool,
+                keep_rows: torch.Tensor | None = None):
+        """`keep_rows`: only these rows go on past attention (the last layer of a step whose other rows
+        are prompt tokens nobody reads the output of: they only had to write their keys and values)."""
         if native:
-            return self._forward_native(x, cos, sin, cache, meta)
+            return self._forward_native(x, cos, sin, cache, meta, keep_rows)
         num_tokens = x.shape[0]
         qkv = self.qkv(rms_norm(x, self.input_norm, self.eps))
         qk_width = (self.num_heads + self.num_kv_heads) * self.head_dim
@@ -51,12 +54,14 @@ class LlamaLayer(torch.nn.Module):
         query, key = qk[:, : self.num_heads], qk[:, self.num_heads :]
         value = qkv[:, qk_width:].view(num_tokens, self.num_kv_heads, self.head_dim)
         attn = paged_attention(query, key, value, self.layer_idx, cache, meta, self.scale, self.window)
+        if keep_rows is not None:
+            x, attn = x[keep_rows], attn[keep_rows]
         x = self.o_proj.forward_residual(attn, x)
         gate_up = self.gate_up(rms_norm(x, self.post_norm, self.eps))
         mlp = self.act(gate_up[:, : self.intermediate_size]) * gate_up[:, self.intermediate_size :]
         return self.down.forward_residual(mlp, x)
 
-    def _forward_native(self, x, cos, sin, cache: PagedKVCache, meta: AttentionMetadata):
+    def _forward_native(self, x, cos, sin, cache: PagedKVCache, meta: AttentionMetadata, keep_rows: torch.Tensor | None):
         num_tokens, layer = x.shape[0], self.layer_idx
         qkv = self.qkv(kernels.rms_norm(x, self.input_norm, self.eps))
         # Rotates q and k in place and writes k and v to their slots: paged_attention skips its write.
@@ -66,6 +71,8 @@ class LlamaLayer(torch.nn.Module):
         key = heads[:, self.num_heads : self.num_heads + self.num_kv_heads]
         value = heads[:, self.num_heads + self.num_kv_heads :]
         attn = paged_attention(query, key, value, layer, cache, meta, self.scale, self.window, kv_written=True)
+        if keep_rows is not None:
+            x, attn = x[keep_rows], attn[keep_rows]
         x = self.o_proj.forward_residual(attn, x)
         mlp = kernels.silu_mul(self.gate_up(kernels.rms_norm(x, self.post_norm, self.eps)))
         return self.down.forward_residual(mlp, x)
@@ -115,13 +122,14 @@ class LlamaForCausalLM(torch.nn.Module):
         # The fused native ops need SiLU (every Llama, Qwen2 and Mistral checkpoint we know of uses it).
         self.native_ops = kernels.native_ops_available(torch.device(device), dtype) and config.hidden_act == "silu"
 
-    def forward(self, input_ids, positions, cache, meta):
+    def forward(self, input_ids, positions, cache, meta, output_rows=None):
         x = self.embed.index_select(0, input_ids)
         cos, sin = self.rotary.cos_sin(positions, self.dtype)
         if self.native_ops:
             cos, sin = cos.squeeze(1), sin.squeeze(1)      # [T, head_dim], as the kernel reads them
-        for layer in self.layers:
-            x = layer(x, cos, sin, cache, meta, self.native_ops)
+        last = self.num_layers - 1
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache, meta, self.native_ops, output_rows if i == last else None)
         return kernels.rms_norm(x, self.final_norm, self.eps) if self.native_ops else rms_norm(x, self.final_norm, self.eps)
 
     def compute_logits(self, hidden):
