@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM
 
-from benchmarks.common import Timer, benchmark_model_path, parse_args, random_prompts, report
+from benchmarks.common import benchmark_model_path, interleaved, parse_args, random_prompts, report
 from decoding import Engine, SamplingParams
 
 
@@ -21,22 +21,23 @@ def main() -> None:
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).eval()
 
     engine.generate(prompts[:2], SamplingParams(max_tokens=4))   # warm-up
-    with Timer() as ours:
-        engine.generate(prompts, params)
-
     pad = engine.tokenizer.pad_token_id
     width = max(lengths)
     input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
     attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    with torch.inference_mode(), Timer() as baseline:
-        hf.generate(input_ids, attention_mask=attention_mask, do_sample=True, temperature=1.0, top_k=0,
-                    top_p=1.0, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad)
+
+    def run_hf():
+        with torch.inference_mode():
+            hf.generate(input_ids, attention_mask=attention_mask, do_sample=True, temperature=1.0, top_k=0,
+                        top_p=1.0, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad)
+
+    ours, baseline = interleaved(lambda: engine.generate(prompts, params), run_hf, 1 if args.quick else 3)
     total = num_prompts * new_tokens
     report({
         "benchmark": "batch", "model": path, "dtype": args.dtype, "num_prompts": num_prompts, "prompt_tokens_min": min(lengths),
         "prompt_tokens_max": max(lengths), "new_tokens": new_tokens,
-        "ours_tok_s": round(total / ours.seconds, 2), "baseline_tok_s": round(total / baseline.seconds, 2),
-        "ratio": round(baseline.seconds / ours.seconds, 3),
+        "ours_tok_s": round(total / ours, 2), "baseline_tok_s": round(total / baseline, 2),
+        "ratio": round(baseline / ours, 3),
         "baseline": "transformers generate(do_sample=True) on the left-padded batch, same model, same process",
     }, args.json)
 

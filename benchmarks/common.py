@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -86,6 +88,20 @@ class Timer:
 
     def __exit__(self, *exc):
         self.seconds = time.perf_counter() - self.start
+
+
+def interleaved(ours: Callable[[], object], baseline: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """Median seconds of `repeats` runs of each, taken in turn, so that drift on a shared machine hits
+    both sides alike."""
+    ours_times, baseline_times = [], []
+    for _ in range(repeats):
+        with Timer() as t:
+            ours()
+        ours_times.append(t.seconds)
+        with Timer() as t:
+            baseline()
+        baseline_times.append(t.seconds)
+    return statistics.median(ours_times), statistics.median(baseline_times)
 
 
 def report(result: dict, as_json: bool) -> None:

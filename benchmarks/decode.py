@@ -6,12 +6,11 @@ ceiling for batch-1 decoding, which must stream every weight once per token.
 
 from __future__ import annotations
 
-import statistics
 
 import torch
 from transformers import AutoModelForCausalLM
 
-from benchmarks.common import Timer, benchmark_model_path, parse_args, random_prompts, report
+from benchmarks.common import Timer, benchmark_model_path, interleaved, parse_args, random_prompts, report
 from decoding import Engine, SamplingParams
 
 
@@ -50,16 +49,8 @@ def main() -> None:
         return out[0, prompt_len:].tolist()
 
     ours_tokens, hf_tokens = run_ours(), run_hf()   # warm-up, and the identity check
-    ours_times, hf_times = [], []
-    for _ in range(repeats):   # interleaved so drift on a shared machine hits both sides alike
-        with Timer() as t:
-            run_ours()
-        ours_times.append(t.seconds)
-        with Timer() as t:
-            run_hf()
-        hf_times.append(t.seconds)
-    ours_tok_s = new_tokens / statistics.median(ours_times)
-    hf_tok_s = new_tokens / statistics.median(hf_times)
+    ours_seconds, hf_seconds = interleaved(run_ours, run_hf, repeats)
+    ours_tok_s, hf_tok_s = new_tokens / ours_seconds, new_tokens / hf_seconds
     model = engine.loaded.model
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     if getattr(model, "tied", False):   # the transposed lm_head copy is streamed, the embedding is not

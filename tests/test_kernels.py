@@ -157,3 +157,21 @@ def test_packed_weights_follow_every_write():
         torch.testing.assert_close(linear(x), x @ linear.weight_t, atol=1e-5, rtol=1e-5)
         residual = torch.randn(5, 128, generator=generator)
         torch.testing.assert_close(linear.forward_residual(x, residual), residual + x @ linear.weight_t, atol=1e-5, rtol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 2, 3, 7, 8, 13, 40])
+@pytest.mark.parametrize("in_features,out_features", [(37, 50), (64, 16), (64, 33), (320, 960)])
+def test_panel_product_matches_matmul(rows, in_features, out_features):
+    """Every tile height (8, 4, 2, 1 rows), a lone last panel, ragged last columns, strided rows,
+    with and without bias and residual."""
+    generator = torch.Generator().manual_seed(rows * out_features + in_features)
+    weight_t = torch.randn(in_features, out_features, generator=generator)
+    packed = kernels.pack_panels(weight_t)
+    x = torch.randn(rows, in_features + 3, generator=generator)[:, :in_features]
+    bias = torch.randn(out_features, generator=generator)
+    residual = torch.randn(rows, out_features, generator=generator)
+    tolerance = dict(atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(kernels.gemm_panels(x, packed, out_features), x @ weight_t, **tolerance)
+    torch.testing.assert_close(kernels.gemm_panels(x, packed, out_features, bias, residual),
+                               x @ weight_t + bias + residual, **tolerance)

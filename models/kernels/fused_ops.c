@@ -14,7 +14,7 @@
 
 #include "vector_math.h"
 
-#define PARALLEL_MIN_ELEMENTS (1 << 15)
+#define PARALLEL_MIN_ELEMENTS (1 << 12)
 
 /* out[r] = x[r] * rsqrt(mean(x[r]^2) + eps) * weight, HF's Llama RMSNorm in float32. */
 void rms_norm(const float *x, int64_t x_row_stride, const float *weight, float eps, float *out,
