@@ -43,18 +43,19 @@ class SamplingBatch:
     def from_sequences(cls, seqs: list[Sequence], vocab_size: int, eos_token_ids: frozenset[int],
                        device: torch.device, allowed: dict[int, torch.Tensor] | None = None) -> SamplingBatch:
         params = [seq.request.params for seq in seqs]
-        banned = []
-        for row, (seq, p) in enumerate(zip(seqs, params)):
-            if seq.num_output_tokens < p.min_tokens:
-                banned.append((row, sorted(i for i in p.stop_token_set(eos_token_ids) if i < vocab_size)))
+        banned = [(row, seq.request.banned_before_min_tokens(eos_token_ids, vocab_size))
+                  for row, (seq, p) in enumerate(zip(seqs, params)) if seq.num_output_tokens < p.min_tokens]
         wants = [p.logprobs for p in params if p.logprobs is not None]
+        # One tensor for the per-row numbers (a tensor from a Python list costs a few microseconds each).
+        numbers = torch.tensor([[p.temperature for p in params], [p.top_k if p.top_k > 0 else vocab_size for p in params],
+                                [p.top_p for p in params], [p.min_p for p in params]], dtype=torch.float32, device=device)
         return cls(
             seqs=seqs,
-            temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device),
-            top_k=torch.tensor([p.top_k if p.top_k > 0 else vocab_size for p in params], device=device),
-            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
-            min_p=torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device),
-            greedy=torch.tensor([p.is_greedy for p in params], device=device),
+            temperature=numbers[0],
+            top_k=numbers[1].long(),
+            top_p=numbers[2],
+            min_p=numbers[3],
+            greedy=numbers[0] == 0,
             banned=banned,
             allowed=allowed or {},
             any_penalty=any(p.has_penalties for p in params),

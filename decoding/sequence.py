@@ -109,6 +109,14 @@ class Request:
     beam: object | None = None                 # BeamSearch state, for use_beam_search requests
     beam_results: list | None = None           # the returned hypotheses once beam search is done
     grammar_index: object | None = None        # the compiled grammar of a constrained request
+    _banned_before_min: list[int] | None = field(default=None, repr=False)
+
+    def banned_before_min_tokens(self, eos_token_ids: frozenset[int], vocab_size: int) -> list[int]:
+        """The token ids min_tokens holds back (EOS and stop_token_ids), sorted; fixed per request."""
+        if self._banned_before_min is None:
+            stops = self.params.stop_token_set(eos_token_ids)
+            self._banned_before_min = sorted(i for i in stops if i < vocab_size)
+        return self._banned_before_min
 
     @property
     def prompt_len(self) -> int:

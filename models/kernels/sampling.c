@@ -47,20 +47,19 @@ static void sample_row(const float *restrict x, int64_t vocab, float temperature
     float max = -INFINITY;
 #pragma omp simd reduction(max : max)
     for (int64_t i = 0; i < vocab; ++i) max = x[i] > max ? x[i] : max;
-    int64_t argmax = 0;   /* the first maximum, as torch.argmax picks */
-    while (argmax < vocab - 1 && x[argmax] != max) ++argmax;
-    const float raw = want_raw || greedy ? -log_sum_exp(x, vocab, max) + (x[argmax] - max) : 0.0f;
     if (greedy) {
+        int64_t argmax = 0;   /* the first maximum, as torch.argmax picks */
+        while (argmax < vocab - 1 && x[argmax] != max) ++argmax;
         *token = argmax;
-        *logprob = raw;
-        *raw_logprob = raw;
+        *logprob = *raw_logprob = -log_sum_exp(x, vocab, max);
         return;
     }
     float *e = row_buffer(vocab);
     float sum = 0.0f;
+    const float inverse_temperature = 1.0f / temperature;
 #pragma omp simd reduction(+ : sum)
     for (int64_t i = 0; i < vocab; ++i) {
-        e[i] = exp_poly((x[i] - max) / temperature);
+        e[i] = exp_poly((x[i] - max) * inverse_temperature);
         sum += e[i];
     }
     const float target = uniform * sum;
@@ -84,7 +83,7 @@ static void sample_row(const float *restrict x, int64_t vocab, float temperature
     if (chosen < 0)   /* u * sum rounded above the walked total: the last token that has any mass */
         for (chosen = vocab - 1; chosen > 0 && e[chosen] == 0.0f; --chosen) {}
     *token = chosen;
-    *logprob = (x[chosen] - max) / temperature - logf(sum);
+    *logprob = (x[chosen] - max) * inverse_temperature - logf(sum);
     *raw_logprob = want_raw ? x[chosen] - max - log_sum_exp(x, vocab, max) : 0.0f;
 }
 
