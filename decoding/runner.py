@@ -53,6 +53,9 @@ class ModelRunner:
         self.device = device
         self.block_size = cache.block_size
         self.native_decode = native_decode_available(device, model.dtype)
+        # Tree nodes attend on the kernel unless a layer has a sliding window (the kernel's window is
+        # over the context only, not a node's scattered ancestors).
+        self._native_trees = model.attention_windows == frozenset({None})
         self.keep_hidden = False
         if device.type == "cpu":
             keep_freed_memory()
@@ -94,8 +97,9 @@ class ModelRunner:
         # native kernel also each token of a short chain (a draft chain to verify, a draft model's
         # catch-up), each with its own context length over the same blocks. Everything else (prefill
         # chunks, where SDPA's blocked kernel wins; trees; chains without the kernel) is a masked segment.
-        decode_like = [s.num_new_tokens == 1 or (self.native_decode and s.tree is None
-                                                 and (bool(s.draft_token_ids) or s.num_new_tokens <= SHORT_CHAIN))
+        decode_like = [s.num_new_tokens == 1 or (self.native_decode and (
+                           self._native_trees if s.tree is not None
+                           else bool(s.draft_token_ids) or s.num_new_tokens <= SHORT_CHAIN))
                        for s in scheduled]
         order = sorted(range(len(scheduled)), key=lambda i: (not decode_like[i], scheduled[i].start if decode_like[i] else 0))
         input_ids: list[int] = []
@@ -103,7 +107,8 @@ class ModelRunner:
         slots: list[int] = []
         last_rows: list[int] = []
         first_row: dict[int, int] = {}
-        decode_rows: list[tuple[list[int], int]] = []      # (block table, context length) per decode row
+        # (block table, context length, extra positions) per decode row
+        decode_rows: list[tuple[list[int], int, list[int]]] = []
         chunks: list[ScheduledSeq] = []
         for i in order:
             item = scheduled[i]
@@ -120,8 +125,11 @@ class ModelRunner:
                       for p in range(start, start + count)]   # BlockManager.slots, inlined: the hot path
             if item.reaches_end:
                 last_rows.append(len(input_ids) - 1)
-            if decode_like[i]:
-                decode_rows += [(table, start + j + 1) for j in range(count)]
+            if decode_like[i] and item.tree is not None:
+                # Node j sees the cache before the tree, then its ancestors and itself.
+                decode_rows += [(table, start, [start + a for a in ancestors]) for ancestors in item.tree.ancestry()]
+            elif decode_like[i]:
+                decode_rows += [(table, start + j + 1, []) for j in range(count)]
             else:
                 chunks.append(item)
         position_tensor = self._long(positions)
@@ -134,7 +142,7 @@ class ModelRunner:
         last_seq_ids = [scheduled[i].seq.seq_id for i in order if scheduled[i].reaches_end]
         return PackedBatch(self._long(input_ids), position_tensor, meta, self._long(last_rows), first_row, last_seq_ids)
 
-    def _decode_groups(self, rows: list[tuple[list[int], int]]) -> list[DecodeGroup]:
+    def _decode_groups(self, rows: list[tuple[list[int], int, list[int]]]) -> list[DecodeGroup]:
         """The native kernel takes every decode row in one call (it reads only each row's own length).
         Otherwise split the rows (sorted by context length) where padding to the group's longest would
         waste more than about a third of the gathered keys."""
@@ -149,13 +157,18 @@ class ModelRunner:
                 start = end
         return groups
 
-    def _decode_group(self, rows: list[tuple[list[int], int]], first: int) -> DecodeGroup:
-        tables = [table for table, _ in rows]
+    def _decode_group(self, rows: list[tuple[list[int], int, list[int]]], first: int) -> DecodeGroup:
+        tables = [table for table, _, _ in rows]
         width = max(len(t) for t in tables)
         padded = [t + [NULL_BLOCK] * (width - len(t)) for t in tables]
-        context_lens = self._long([context for _, context in rows])
+        context_lens = self._long([context for _, context, _ in rows])
         if self.native_decode:
-            return DecodeGroup(first, first + len(rows), self._long(padded), context_lens, native=True)
+            group = DecodeGroup(first, first + len(rows), self._long(padded), context_lens, native=True)
+            most = max(len(extra) for _, _, extra in rows)
+            if most:
+                group.extra_positions = self._long([extra + [0] * (most - len(extra)) for _, _, extra in rows])
+                group.extra_counts = self._long([len(extra) for _, _, extra in rows])
+            return group
         first_block = _first_of_run(tables[0]) if len(tables) == 1 else None
         group = DecodeGroup(first, first + len(rows), self._long(padded), context_lens, first_block)
         for window in self.model.attention_windows:

@@ -35,6 +35,13 @@ class TokenTree:
             depths.append(0 if parent < 0 else depths[parent] + 1)
         return depths
 
+    def ancestry(self) -> list[list[int]]:
+        """Per token, its ancestors root first, then itself."""
+        chains: list[list[int]] = []
+        for i, parent in enumerate(self.parents):
+            chains.append((chains[parent] if parent >= 0 else []) + [i])
+        return chains
+
     def visibility(self) -> list[list[bool]]:
         """[n, n]: row i is True at i and at each of its ancestors."""
         n = len(self.parents)

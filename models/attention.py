@@ -2,10 +2,11 @@
 
 The engine packs the new tokens of every scheduled sequence into one flat batch of T tokens. Single-token
 sequences (decodes) come first, sorted by context length. On the CPU in float32 they attend in one call
-of the native kernel (models/kernels), which reads each sequence's blocks in place; elsewhere they
-attend in a few batched SDPA calls over their gathered blocks, each call grouping similar lengths so
-little padding is gathered or attended. Every other sequence (a prefill chunk, a run of draft tokens to
-verify, a Medusa tree) is a `Segment` with its own mask. The metadata is built once per step by the
+of the native kernel (models/kernels), which reads each sequence's blocks in place; so do the tokens of
+short draft chains and the nodes of a Medusa tree, each as a row with its own context (and, for a tree
+node, its ancestors). Elsewhere decodes attend in a few batched SDPA calls over their gathered blocks,
+each call grouping similar lengths so little padding is gathered or attended. Every other sequence (a
+prefill chunk; chains and trees off the kernel) is a `Segment` with its own mask. The metadata is built once per step by the
 runner and shared by all layers.
 """
 
@@ -69,6 +70,10 @@ class DecodeGroup:
     first_block: int | None = None
     masks: dict[int | None, torch.Tensor | None] = field(default_factory=dict)  # window -> [B, 1, 1, C]
     native: bool = False                       # attend with the native kernel (no gather, no masks)
+    # Native only: positions row b sees past its context (a tree node's ancestors and itself), the first
+    # extra_counts[b] of extra_positions[b]; None when no row has any.
+    extra_positions: torch.Tensor | None = None    # [B, max_extra]
+    extra_counts: torch.Tensor | None = None       # [B]
 
 
 @dataclass
@@ -145,7 +150,7 @@ def paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 def _decode_attention(query, layer, cache, group: DecodeGroup, scale, window):
     if group.native:
         return paged_decode_attention(query, cache.keys[layer], cache.values[layer], group.block_tables,
-                                      group.context_lens, scale, window)
+                                      group.context_lens, scale, window, group.extra_positions, group.extra_counts)
     batch, num_blocks = group.block_tables.shape
     width = num_blocks * cache.block_size
     keys = _gather_blocks(cache.keys[layer], group.block_tables, group.first_block).view(batch, width, -1, query.shape[-1])

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from models import kernels
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "medusa_lm_head.pt"
 
@@ -49,6 +51,11 @@ class MedusaHeads(torch.nn.Module):
         # Set when every head's vocabulary projection is the same matrix (heads trained on top of the
         # target's frozen output head): the K projections then run as one matmul over a shared weight.
         self._shared_projection: torch.Tensor | None = None
+        # The shared projection packed for the native CPU product (see models/layers.py), at inference.
+        self._packed_projection: torch.Tensor | None = None
+        # At inference, layer l of every head stacked: weights [K, hidden, hidden] (as x @ W) and biases
+        # [K, 1, hidden], so each layer of all K heads is one batched matmul.
+        self._stacked: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def init_projections(self, lm_head_weight: torch.Tensor, freeze: bool = True) -> None:
         """Start every head from the target's output head [vocab, hidden] (optionally frozen there)."""
@@ -59,15 +66,33 @@ class MedusaHeads(torch.nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> logits [num_heads, N, vocab]."""
         if self._shared_projection is not None:
-            features = torch.cat([head[:-1](hidden) for head in self.heads])       # [K * N, hidden]
-            return (features @ self._shared_projection).view(self.num_heads, hidden.shape[0], -1)
+            features = self._features(hidden).view(-1, hidden.shape[-1])           # [K * N, hidden]
+            if self._packed_projection is not None and kernels.native_ops_available(features.device, features.dtype):
+                logits = kernels.gemm_panels(features, self._packed_projection, self.vocab_size)
+            else:
+                logits = features @ self._shared_projection
+            return logits.view(self.num_heads, hidden.shape[0], -1)
         return torch.stack([head(hidden) for head in self.heads])
+
+    def _features(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, hidden] -> every head's ResBlock output [K, N, hidden]."""
+        if self._stacked is None:
+            return torch.stack([head[:-1](hidden) for head in self.heads])
+        x = hidden.unsqueeze(0).expand(self.num_heads, -1, -1)
+        for weight, bias in self._stacked:
+            x = x + torch.nn.functional.silu(torch.baddbmm(bias, x, weight))
+        return x
 
     def prepare_for_inference(self) -> MedusaHeads:
         self.eval().requires_grad_(False)
+        self._stacked = [(torch.stack([head[layer].linear.weight.t() for head in self.heads]).contiguous(),
+                          torch.stack([head[layer].linear.bias for head in self.heads]).unsqueeze(1).contiguous())
+                         for layer in range(self.num_layers)]
         first = self.heads[0][-1].weight
         if all(torch.equal(head[-1].weight, first) for head in self.heads[1:]):
             self._shared_projection = first.t().contiguous()
+            if kernels.native_ops_available(first.device, first.dtype):
+                self._packed_projection = kernels.pack_panels(self._shared_projection)
         return self
 
     # ---- the published format ----------------------------------------------------------------

@@ -79,7 +79,8 @@ def _library() -> ctypes.CDLL | None:
         logger.warning("native kernels unavailable (%s): decode attention runs on the pure-torch path", detail)
         return None
     i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
-    library.paged_decode_attention.argtypes = [ptr, i64, ptr, ptr, ptr, i64, ptr, ptr, i64, i64, i64, i64, i64, i64, f32]
+    library.paged_decode_attention.argtypes = [ptr, i64, ptr, ptr, ptr, i64, ptr, ptr, i64, ptr, ptr,
+                                               i64, i64, i64, i64, i64, i64, f32]
     library.paged_decode_attention.restype = None
     library.rms_norm.argtypes = [ptr, i64, ptr, f32, ptr, i64, i64]
     library.rotary_write_kv.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64]
@@ -103,19 +104,26 @@ native_ops_available = native_decode_available
 
 def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
-                           window: int | None) -> torch.Tensor:
+                           window: int | None, extra_positions: torch.Tensor | None = None,
+                           extra_counts: torch.Tensor | None = None) -> torch.Tensor:
     """query [B, heads, d] (rows may be strided, heads and d contiguous); key/value cache
     [num_blocks, block_size, kv_heads, d]; block_tables [B, max_blocks] and context_lens [B] int64
-    -> [B, heads, d]. Only the first context_lens[b] slots of a table are read."""
+    -> [B, heads, d]. Row b reads the first context_lens[b] positions of its table, then the first
+    extra_counts[b] positions of extra_positions[b] ([B, max_extra] int64), when given."""
     batch, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = key_cache.shape
     assert query.stride(2) == 1 and query.stride(1) == head_dim, "query heads must be contiguous"
     assert key_cache.is_contiguous() and value_cache.is_contiguous()
     assert block_tables.dtype == torch.int64 and block_tables.is_contiguous() and context_lens.is_contiguous()
+    extras = extra_positions is not None
+    if extras:
+        assert extra_positions.is_contiguous() and extra_counts.is_contiguous() and extra_positions.shape[0] == batch
     out = torch.empty(batch, num_heads, head_dim, dtype=query.dtype)
     _library().paged_decode_attention(
         query.data_ptr(), query.stride(0), key_cache.data_ptr(), value_cache.data_ptr(),
-        block_tables.data_ptr(), block_tables.shape[1], context_lens.data_ptr(), out.data_ptr(),
+        block_tables.data_ptr(), block_tables.shape[1], context_lens.data_ptr(),
+        extra_positions.data_ptr() if extras else None, extra_positions.shape[1] if extras else 0,
+        extra_counts.data_ptr() if extras else None, out.data_ptr(),
         batch, num_heads, num_kv_heads, head_dim, block_size, window or 0, scale)
     return out
 

@@ -8,6 +8,8 @@
  *   query        [batch, num_heads, head_dim], rows `query_row_stride` floats apart
  *   key/value    [num_blocks, block_size, num_kv_heads, head_dim]
  *   block_tables [batch, max_blocks] int64, context_lens [batch] int64
+ *   extra_positions [batch, max_extra] int64 and extra_counts [batch] (both NULL when no row has any):
+ *                positions a row sees beyond its context, for the nodes of a speculative tree
  *   out          [batch, num_heads, head_dim], contiguous
  *
  * A work item is one sequence and a range of its KV heads: all of them when the batch alone keeps every
@@ -31,6 +33,9 @@ typedef struct {
     const int64_t *block_tables;
     int64_t max_blocks;
     const int64_t *context_lens;
+    const int64_t *extra_positions;   /* [batch, max_extra] or NULL */
+    int64_t max_extra;
+    const int64_t *extra_counts;      /* [batch] or NULL */
     float *out;
     int64_t num_heads, num_kv_heads, block_size, window;
     float scale;
@@ -39,6 +44,65 @@ typedef struct {
 /* A run of tokens stays inside one block and holds at most this many, which bounds the scratch. */
 #define MAX_RUN 64
 
+/* The running softmax of one work item: per query head the max score, the sum of exponentials and the
+ * unnormalised output, all relative to that max. */
+typedef struct {
+    float *acc, *max_score, *denom, *scores;
+    int64_t heads, group, token_stride;
+} Softmax;
+
+/* Fold `run` consecutive tokens (keys at k, values at v, token_stride apart) into the running softmax. */
+static inline __attribute__((always_inline)) void attend_run(const Problem *p, const Softmax *st, const float *q,
+                                                             const float *k, const float *v, int64_t run,
+                                                             const int64_t head_dim) {
+    const int64_t heads = st->heads, group = st->group, token_stride = st->token_stride;
+    float *s = st->scores, *acc = st->acc;
+    /* Scores of this run, per head. */
+    for (int64_t t = 0; t < run; ++t) {
+        const float *kt = k + t * token_stride;
+        for (int64_t h = 0; h < heads; ++h) {
+            const float *qh = q + h * head_dim, *kh = kt + (h / group) * head_dim;
+            float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t d = 0; d < head_dim; ++d) dot += qh[d] * kh[d];
+            s[h * MAX_RUN + t] = dot * p->scale;
+        }
+    }
+    /* Online softmax: rescale what was accumulated when this run raises a head's max. */
+    for (int64_t h = 0; h < heads; ++h) {
+        float m = st->max_score[h];
+        for (int64_t t = 0; t < run; ++t) m = s[h * MAX_RUN + t] > m ? s[h * MAX_RUN + t] : m;
+        if (m > st->max_score[h]) {
+            const float correction = exp_poly(st->max_score[h] - m);
+            st->denom[h] *= correction;
+            for (int64_t d = 0; d < head_dim; ++d) acc[h * head_dim + d] *= correction;
+            st->max_score[h] = m;
+        }
+        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t t = 0; t < run; ++t) {
+            const float e = exp_poly(s[h * MAX_RUN + t] - m);
+            s[h * MAX_RUN + t] = e;
+            sum += e;
+        }
+        st->denom[h] += sum;
+    }
+    for (int64_t t = 0; t < run; ++t) {
+        const float *vt = v + t * token_stride;
+        for (int64_t h = 0; h < heads; ++h) {
+            const float prob = s[h * MAX_RUN + t];
+            const float *restrict vh = vt + (h / group) * head_dim;
+            float *restrict a = acc + h * head_dim;
+#pragma omp simd
+            for (int64_t d = 0; d < head_dim; ++d) a[d] += prob * vh[d];
+        }
+    }
+}
+
+/* Sequence b, KV heads [kv_begin, kv_end): its first context_lens[b] positions (the last `window` of
+ * them with a sliding window), then its extra positions, one at a time (the ancestors of a node of a
+ * speculative tree, which sit after the context at scattered positions). Always inlined into a switch on
+ * head_dim, so the common sizes get constant trip counts. */
 static inline __attribute__((always_inline)) void attend(const Problem *p, int64_t b, int64_t kv_begin,
                                                          int64_t kv_end, const int64_t head_dim) {
     const int64_t group = p->num_heads / p->num_kv_heads;
@@ -49,61 +113,27 @@ static inline __attribute__((always_inline)) void attend(const Problem *p, int64
     const int64_t *table = p->block_tables + b * p->max_blocks;
     const float *q = p->query + b * p->query_row_stride + kv_begin * group * head_dim;
     float *o = p->out + (b * p->num_heads + kv_begin * group) * head_dim;
-    const int64_t kv_offset = kv_begin * head_dim;
+    const float *keys = p->key_cache + kv_begin * head_dim, *values = p->value_cache + kv_begin * head_dim;
     float acc[heads * head_dim];
     float max_score[heads], denom[heads];
-    float s[heads * MAX_RUN];
+    float scores[heads * MAX_RUN];
     for (int64_t i = 0; i < heads * head_dim; ++i) acc[i] = 0.0f;
     for (int64_t h = 0; h < heads; ++h) { max_score[h] = -INFINITY; denom[h] = 0.0f; }
+    const Softmax st = {acc, max_score, denom, scores, heads, group, token_stride};
     for (int64_t pos = first; pos < context;) {
         const int64_t offset = pos % p->block_size;
         const int64_t left = p->block_size - offset;
         int64_t run = left < context - pos ? left : context - pos;
         if (run > MAX_RUN) run = MAX_RUN;
         const int64_t slot = table[pos / p->block_size] * p->block_size + offset;
-        const float *k = p->key_cache + slot * token_stride + kv_offset;
-        const float *v = p->value_cache + slot * token_stride + kv_offset;
-        /* Scores of this run, per head. */
-        for (int64_t t = 0; t < run; ++t) {
-            const float *kt = k + t * token_stride;
-            for (int64_t h = 0; h < heads; ++h) {
-                const float *qh = q + h * head_dim, *kh = kt + (h / group) * head_dim;
-                float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-                for (int64_t d = 0; d < head_dim; ++d) dot += qh[d] * kh[d];
-                s[h * MAX_RUN + t] = dot * p->scale;
-            }
-        }
-        /* Online softmax: rescale what was accumulated when this run raises a head's max. */
-        for (int64_t h = 0; h < heads; ++h) {
-            float m = max_score[h];
-            for (int64_t t = 0; t < run; ++t) m = s[h * MAX_RUN + t] > m ? s[h * MAX_RUN + t] : m;
-            if (m > max_score[h]) {
-                const float correction = exp_poly(max_score[h] - m);
-                denom[h] *= correction;
-                for (int64_t d = 0; d < head_dim; ++d) acc[h * head_dim + d] *= correction;
-                max_score[h] = m;
-            }
-            float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-            for (int64_t t = 0; t < run; ++t) {
-                const float e = exp_poly(s[h * MAX_RUN + t] - m);
-                s[h * MAX_RUN + t] = e;
-                sum += e;
-            }
-            denom[h] += sum;
-        }
-        for (int64_t t = 0; t < run; ++t) {
-            const float *vt = v + t * token_stride;
-            for (int64_t h = 0; h < heads; ++h) {
-                const float prob = s[h * MAX_RUN + t];
-                const float *restrict vh = vt + (h / group) * head_dim;
-                float *restrict a = acc + h * head_dim;
-#pragma omp simd
-                for (int64_t d = 0; d < head_dim; ++d) a[d] += prob * vh[d];
-            }
-        }
+        attend_run(p, &st, q, keys + slot * token_stride, values + slot * token_stride, run, head_dim);
         pos += run;
+    }
+    const int64_t extras = p->extra_counts ? p->extra_counts[b] : 0;
+    for (int64_t e = 0; e < extras; ++e) {
+        const int64_t pos = p->extra_positions[b * p->max_extra + e];
+        const int64_t slot = table[pos / p->block_size] * p->block_size + pos % p->block_size;
+        attend_run(p, &st, q, keys + slot * token_stride, values + slot * token_stride, 1, head_dim);
     }
     for (int64_t h = 0; h < heads; ++h) {
         const float inv = 1.0f / denom[h];
@@ -122,11 +152,13 @@ static void attend_any(const Problem *p, int64_t b, int64_t kv_begin, int64_t kv
 
 void paged_decode_attention(const float *query, int64_t query_row_stride, const float *key_cache,
                             const float *value_cache, const int64_t *block_tables, int64_t max_blocks,
-                            const int64_t *context_lens, float *out, int64_t batch, int64_t num_heads,
+                            const int64_t *context_lens, const int64_t *extra_positions, int64_t max_extra,
+                            const int64_t *extra_counts, float *out, int64_t batch, int64_t num_heads,
                             int64_t num_kv_heads, int64_t head_dim, int64_t block_size, int64_t window,
                             float scale) {
     const Problem p = {query, query_row_stride, key_cache, value_cache, block_tables, max_blocks,
-                       context_lens, out, num_heads, num_kv_heads, block_size, window, scale};
+                       context_lens, extra_positions, max_extra, extra_counts, out, num_heads, num_kv_heads,
+                       block_size, window, scale};
     if (batch >= 4 * omp_get_max_threads()) {
 #pragma omp parallel for schedule(dynamic, 1)
         for (int64_t b = 0; b < batch; ++b) attend_any(&p, b, 0, num_kv_heads, head_dim);
