@@ -72,6 +72,7 @@ class FusedLinear(torch.nn.Module):
             self.bias = torch.nn.Parameter(torch.zeros(total, dtype=dtype, device=device), requires_grad=False)
         self._has_bias = list(bias)
         self._packed: torch.Tensor | None = None     # weight_t packed for the CPU product, built on first use
+        self._native: bool | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, sum(out)]
         if self._native_panels(x):
@@ -92,7 +93,9 @@ class FusedLinear(torch.nn.Module):
         return out if self.bias is None else out.add_(self.bias)
 
     def _native_panels(self, x: torch.Tensor) -> bool:
-        return self.weight_t.dtype == torch.float32 and kernels.native_ops_available(x.device, x.dtype)
+        if self._native is None:   # fixed by where the weights live; asked once
+            self._native = kernels.native_ops_available(self.weight_t.device, self.weight_t.dtype)
+        return self._native and x.dtype == torch.float32
 
     def _use_onednn(self, x: torch.Tensor) -> bool:
         if not (_ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and self.weight_t.dtype == torch.float32):
@@ -143,6 +146,8 @@ class RotaryEmbedding:
     def __init__(self, inv_freq: torch.Tensor, attention_scaling: float):
         self.inv_freq = inv_freq.to(torch.float32)
         self.attention_scaling = attention_scaling
+        # cos and signed sin of positions [0, len), grown on demand (a step then only looks rows up).
+        self._tables: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [T] -> cos, signed sin [T, 1, head_dim], broadcast over heads.
@@ -150,13 +155,24 @@ class RotaryEmbedding:
         The first half of sin is negated so that rotate_half(x) * sin == roll(x, half) * signed_sin,
         which is exact (a sign flip) and saves three ops per layer.
         """
+        key = (positions.device, dtype)
+        cos, sin = self._tables.get(key, (None, None))
+        needed = int(positions.max()) + 1 if positions.numel() else 0
+        if cos is None or cos.shape[0] < needed:
+            length = max(1024, 1 << (needed - 1).bit_length())
+            cos, sin = self._compute(torch.arange(length, device=positions.device), dtype)
+            self._tables[key] = cos, sin
+        return cos.index_select(0, positions).unsqueeze(1), sin.index_select(0, positions).unsqueeze(1)
+
+    def _compute(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """[T, head_dim] each, the same arithmetic as HF's rotary embedding in float32."""
         freqs = positions.to(torch.float32)[:, None] * self.inv_freq.to(positions.device)[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         cos = (emb.cos() * self.attention_scaling).to(dtype)
         sin = (emb.sin() * self.attention_scaling).to(dtype)
         half = sin.shape[-1] // 2
         sin[:, :half].neg_()
-        return cos.unsqueeze(1), sin.unsqueeze(1)
+        return cos, sin
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:

@@ -63,7 +63,8 @@ class LlamaLayer(torch.nn.Module):
 
     def _forward_native(self, x, cos, sin, cache: PagedKVCache, meta: AttentionMetadata, keep_rows: torch.Tensor | None):
         num_tokens, layer = x.shape[0], self.layer_idx
-        qkv = self.qkv(kernels.rms_norm(x, self.input_norm, self.eps))
+        # Module calls skipped (.forward directly): nn.Module's hook dispatch costs more than these ops.
+        qkv = self.qkv.forward(kernels.rms_norm(x, self.input_norm, self.eps))
         # Rotates q and k in place and writes k and v to their slots: paged_attention skips its write.
         kernels.rotary_write_kv(qkv, cos, sin, meta.slot_mapping, cache.keys[layer], cache.values[layer], self.num_heads)
         heads = qkv.view(num_tokens, -1, self.head_dim)
@@ -74,7 +75,7 @@ class LlamaLayer(torch.nn.Module):
         if keep_rows is not None:
             x, attn = x[keep_rows], attn[keep_rows]
         x = self.o_proj.forward_residual(attn, x)
-        mlp = kernels.silu_mul(self.gate_up(kernels.rms_norm(x, self.post_norm, self.eps)))
+        mlp = kernels.silu_mul(self.gate_up.forward(kernels.rms_norm(x, self.post_norm, self.eps)))
         return self.down.forward_residual(mlp, x)
 
     def param_slots(self, prefix: str) -> dict[str, ParamSlot]:
@@ -129,7 +130,7 @@ class LlamaForCausalLM(torch.nn.Module):
             cos, sin = cos.squeeze(1), sin.squeeze(1)      # [T, head_dim], as the kernel reads them
         last = self.num_layers - 1
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache, meta, self.native_ops, output_rows if i == last else None)
+            x = layer.forward(x, cos, sin, cache, meta, self.native_ops, output_rows if i == last else None)
         return kernels.rms_norm(x, self.final_norm, self.eps) if self.native_ops else rms_norm(x, self.final_norm, self.eps)
 
     def compute_logits(self, hidden):

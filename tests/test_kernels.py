@@ -175,3 +175,36 @@ def test_panel_product_matches_matmul(rows, in_features, out_features):
     torch.testing.assert_close(kernels.gemm_panels(x, packed, out_features), x @ weight_t, **tolerance)
     torch.testing.assert_close(kernels.gemm_panels(x, packed, out_features, bias, residual),
                                x @ weight_t + bias + residual, **tolerance)
+
+
+@needs_kernel
+def test_kernel_rows_with_extra_positions_attend_like_a_tree_mask():
+    """A tree node's row: its context, then its ancestors and itself at scattered later positions."""
+    generator = torch.Generator().manual_seed(7)
+    heads, kv_heads, head_dim, block_size, num_blocks = 4, 2, 64, 4, 64
+    key_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=generator)
+    value_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=generator)
+    table = (torch.randperm(num_blocks - 1, generator=generator)[:10] + 1).tolist()
+    cached, parents = 13, (-1, 0, 0, 1, 3)               # a root, two children, a chain below the first
+    ancestry = []
+    for i, parent in enumerate(parents):
+        ancestry.append((ancestry[parent] if parent >= 0 else []) + [i])
+    rows = len(parents)
+    query = torch.randn(rows, heads, head_dim, generator=generator)
+    block_tables = torch.tensor([table] * rows)
+    context_lens = torch.full((rows,), cached)
+    width = max(len(a) for a in ancestry)
+    extra_positions = torch.tensor([[cached + j for j in a] + [0] * (width - len(a)) for a in ancestry])
+    extra_counts = torch.tensor([len(a) for a in ancestry])
+    out = paged_decode_attention(query, key_cache, value_cache, block_tables, context_lens, 0.125, None,
+                                 extra_positions, extra_counts)
+
+    flat_keys = key_cache.index_select(0, torch.tensor(table)).view(-1, kv_heads, head_dim)
+    flat_values = value_cache.index_select(0, torch.tensor(table)).view(-1, kv_heads, head_dim)
+    for row, ancestors in enumerate(ancestry):
+        visible = list(range(cached)) + [cached + j for j in ancestors]
+        keys = flat_keys[visible].transpose(0, 1).unsqueeze(0)
+        values = flat_values[visible].transpose(0, 1).unsqueeze(0)
+        expected = F.scaled_dot_product_attention(query[row].unsqueeze(0).unsqueeze(2), keys, values, scale=0.125,
+                                                  enable_gqa=True).squeeze(2).squeeze(0)
+        torch.testing.assert_close(out[row], expected, atol=2e-6, rtol=1e-5)
