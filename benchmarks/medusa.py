@@ -8,6 +8,8 @@ at temperature 0.7 with typical acceptance (lossy) and with lossless acceptance,
 
 from __future__ import annotations
 
+import json
+
 from benchmarks.common import benchmark_model_path, parse_args, report
 from benchmarks.speculative import PROMPT_TOKENS, counters_delta, heldout_prompts, timed_tokens
 from decoding import Engine, SamplingParams
@@ -17,6 +19,8 @@ from models.loader import DEFAULT_MEDUSA_DIR
 def main() -> None:
     def extra(parser):
         parser.add_argument("--heads", default=None, help="Medusa heads folder (default: the embedded heads)")
+        parser.add_argument("--medusa-choices", type=json.loads, default=None,
+                            help="the candidate tree as a JSON list of paths (default: the engine's)")
 
     args = parse_args(__doc__, extra)
     target = benchmark_model_path(args.model)
@@ -32,7 +36,8 @@ def main() -> None:
     sampled = SamplingParams(temperature=0.7, max_tokens=new_tokens, min_tokens=new_tokens, seed=0)
     for name, acceptance, params in (("greedy", "typical", greedy), ("typical_t0.7", "typical", sampled),
                                      ("lossless_t0.7", "lossless", sampled)):
-        medusa = Engine(speculative="medusa", medusa_heads=heads, medusa_acceptance=acceptance, **common)
+        medusa = Engine(speculative="medusa", medusa_heads=heads, medusa_acceptance=acceptance,
+                        medusa_choices=args.medusa_choices, **common)
         for engine in (plain, medusa):                      # a full warm-up generation each
             engine.generate([warmup_prompt], params)
         plain_seconds, plain_tokens = timed_tokens(plain, prompts, params, 1)

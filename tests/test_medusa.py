@@ -249,3 +249,18 @@ def test_training_heads_for_an_hf_model_saves_loadable_heads(llama_dir, tmp_path
     evaluation = json.loads((out / "final" / "evaluation.json").read_text())
     assert len(evaluation["text_top1"]) == 2 and all(0 <= a <= 1 for a in evaluation["model_top1"])
     assert '"step": 3' in (out / "train.log").read_text()
+
+
+def test_tree_tuning_walks_continuations_like_the_decoder():
+    from models.training.medusa_tree import grow_tree, tokens_per_step
+
+    # Position ranks (head 0, head 1): the first position accepts two drafts with the tree {0, 00}, and
+    # the decoder then jumps over the next two positions, whose ranks must not count.
+    continuation = [(0, 0), (5, 5), (5, 5), (1, 5), (0, 5)]
+    tree = {(0,), (0, 0)}
+    assert tokens_per_step(tree, [continuation]) == pytest.approx((3 + 1 + 2) / 3)
+    assert tokens_per_step(set(), [continuation]) == 1.0
+    grown = grow_tree([continuation] * 3, max_nodes=3, top_k=4)
+    assert [path for path, _ in grown][:2] == [(0,), (0, 0)]   # each node after its parent, best first
+    assert all(score >= 1.0 for _, score in grown)
+    assert all(max(path) < 4 for path, _ in grown)             # ranks past top_k are never candidates
