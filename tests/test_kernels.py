@@ -1,6 +1,7 @@
 """The native kernels against the torch ops they replace (decode attention against SDPA over gathered
 blocks, the fused layer ops, the sampling kernel), packed weights, and the engine on both paths."""
 
+import os
 import shutil
 
 import pytest
@@ -14,8 +15,9 @@ from models.kernels import native_decode_available, paged_decode_attention
 from models.layers import FusedLinear, RotaryEmbedding, apply_rotary, rms_norm
 from tiny_models import PROMPTS, hf_greedy
 
-needs_kernel = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
-                                  reason="no C compiler to build the native kernel")
+needs_kernel = pytest.mark.skipif(
+    (shutil.which("cc") is None and shutil.which("gcc") is None) or os.environ.get("GORGON_NATIVE_KERNELS") == "0",
+    reason="no C compiler to build the native kernels, or they are switched off")
 
 
 def reference_attention(query, key_cache, value_cache, block_tables, context_lens, scale, window):
