@@ -29,7 +29,7 @@ from decoding.speculative.draft import DraftModelProposer
 from decoding.speculative.medusa import MedusaProposer
 from decoding.speculative.ngram import NgramProposer
 from decoding.speculative.rejection import Verdict
-from decoding.structured.grammar import GrammarCompiler, constraint_regex
+from decoding.structured.grammar import GrammarCompiler, GrammarCursor, constraint_regex
 from decoding.weights import apply_update, validate_update
 from models import load_model
 from models.attention import PagedKVCache
@@ -259,8 +259,11 @@ class Engine:
         touched = {s.seq.request.req_id: s.seq.request for s in sched.scheduled}
         sampling_seqs, rows = self._advance_beams(sampling_seqs, rows, logits.last)
         if sampling_seqs:
-            allowed = {row: seq.grammar.allowed().to(self.loaded.device)
-                       for row, seq in enumerate(sampling_seqs) if seq.grammar is not None}
+            constrained = [row for row, seq in enumerate(sampling_seqs) if seq.grammar is not None]
+            allowed = {}
+            if constrained:
+                bits = GrammarCursor.allowed_bits([sampling_seqs[row].grammar for row in constrained]).to(self.loaded.device)
+                allowed = dict(zip(constrained, bits))
             batch = SamplingBatch.from_sequences(sampling_seqs, self.loaded.model.vocab_size,
                                                  self.eos_token_ids, self.loaded.device, allowed)
             # Each row sampling once, in order, is the common case: the logits then need no gather.

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from decoding.sequence import Sequence, TokenLogprob
+from decoding.structured.grammar import unpack_bits
 from models import kernels
 
 NEG_INF = float("-inf")
@@ -33,7 +34,8 @@ class SamplingBatch:
     min_p: torch.Tensor                  # [N]
     greedy: torch.Tensor                 # [N] bool
     banned: list[tuple[int, list[int]]]  # (row, token ids) banned before min_tokens is reached
-    allowed: dict[int, torch.Tensor]     # row -> bool [vocab]: the only tokens a constraint permits
+    allowed: dict[int, torch.Tensor]     # row -> the only tokens a constraint permits: bool [vocab], or
+                                         # int32 bits [ceil(vocab / 32)] (GrammarCursor.allowed_bits)
     any_penalty: bool
     any_truncation: bool
     all_greedy: bool
@@ -78,9 +80,15 @@ def apply_grammar_mask(scores: torch.Tensor, unbanned: torch.Tensor, mask: torch
     """One row's scores with the tokens a grammar refuses at -inf. When the grammar allows only what
     min_tokens bans (it is complete and may only end), the grammar wins: `unbanned` (the same row
     before the ban) is masked instead, so the output stays valid and ends."""
-    kept = scores.masked_fill(~mask, NEG_INF)
-    if bool(torch.isinf(kept).all()):
-        kept = unbanned.masked_fill(~mask, NEG_INF)
+    return apply_grammar_masks(scores.unsqueeze(0), unbanned.unsqueeze(0), mask.unsqueeze(0))[0]
+
+
+def apply_grammar_masks(scores: torch.Tensor, unbanned: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """apply_grammar_mask over rows at once: scores, unbanned and masks [R, vocab]."""
+    kept = scores.masked_fill(~masks, NEG_INF)
+    dead = torch.isinf(kept).all(dim=1)
+    if bool(dead.any()):
+        kept[dead] = unbanned[dead].masked_fill(~masks[dead], NEG_INF)
     return kept
 
 
@@ -162,8 +170,8 @@ class Sampler:
             if batch.banned:
                 rows = [row for row, ids in batch.banned for _ in ids]
                 logits[rows, [i for _, ids in batch.banned for i in ids]] = NEG_INF
-            for row, mask in batch.allowed.items():   # mask width is the logits width, not the tokenizer's
-                logits[row] = apply_grammar_mask(logits[row], raw_logits[row], mask)
+            if batch.allowed:                           # mask width is the logits width, not the tokenizer's
+                self._apply_allowed(logits, raw_logits, batch.allowed)
         if not distribution:
             return ProcessedLogits(raw_logits, logits, None)
         scaled = logits / torch.where(batch.greedy, 1.0, batch.temperature).unsqueeze(1)
@@ -172,6 +180,24 @@ class Sampler:
         return ProcessedLogits(raw_logits, logits, torch.log_softmax(scaled, dim=-1))
 
     # ---- processing --------------------------------------------------------------------------
+    @staticmethod
+    def _apply_allowed(logits: torch.Tensor, raw_logits: torch.Tensor, allowed: dict[int, torch.Tensor]) -> None:
+        """In place: each constrained row keeps only its allowed tokens. A mask is bool [vocab], or the
+        grammar's packed int32 bits, which the native kernel applies without unpacking."""
+        vocab = logits.shape[1]
+        packed = {row: bits for row, bits in allowed.items() if bits.dtype == torch.int32}
+        masks = {row: mask for row, mask in allowed.items() if mask.dtype == torch.bool}
+        if packed and kernels.native_ops_available(logits.device, logits.dtype) and logits.is_contiguous():
+            rows, bits = list(packed), torch.stack(list(packed.values()))
+            dead = kernels.mask_rows_by_bits(logits, torch.tensor(rows), bits)
+            for i in dead.nonzero().flatten().tolist():   # the grammar wins over min_tokens, as in apply_grammar_mask
+                logits[rows[i]] = raw_logits[rows[i]].masked_fill(~unpack_bits(bits[i : i + 1], vocab)[0], NEG_INF)
+        elif packed:
+            masks |= dict(zip(packed, unpack_bits(torch.stack(list(packed.values())), vocab)))
+        if masks:
+            index = torch.tensor(list(masks), device=logits.device)
+            logits[index] = apply_grammar_masks(logits[index], raw_logits[index], torch.stack(list(masks.values())))
+
     @staticmethod
     def _penalise(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         logits = logits.clone()

@@ -138,3 +138,32 @@ def test_allowed_token_masks_constrain_every_mode():
     renormalised = torch.log_softmax(LOGITS[0, [0, 4]], -1)
     for token, lp in zip(out.token_ids[1::2], out.logprobs[1::2]):
         assert lp.logprob == pytest.approx(renormalised[[0, 4].index(token)].item(), abs=1e-6)
+
+
+def test_packed_grammar_bits_act_like_bool_masks():
+    """The engine hands the grammar's packed bits to the sampler; they must mask exactly as bool masks,
+    including the fallback where the grammar allows only what min_tokens bans."""
+    def bits_of(mask):
+        words = torch.zeros((VOCAB + 31) // 32, dtype=torch.int64)
+        for token in mask.nonzero().flatten().tolist():
+            words[token // 32] |= 1 << (token % 32)
+        return words.to(torch.int32)
+
+    mask = torch.zeros(VOCAB, dtype=torch.bool)
+    mask[[1, 3, 6]] = True
+    only_eos = torch.zeros(VOCAB, dtype=torch.bool)
+    only_eos[EOS] = True
+    params = [SamplingParams(temperature=0.9, logprobs=0, seed=5), SamplingParams(temperature=0, logprobs=2),
+              SamplingParams(temperature=0.9, min_tokens=5, seed=6)]
+    outputs = []
+    for as_bits in (False, True):
+        masks = {0: mask, 1: mask, 2: only_eos}
+        allowed = {row: bits_of(m) if as_bits else m for row, m in masks.items()}
+        batch = SamplingBatch.from_sequences(make_seqs(params), VOCAB, frozenset({EOS}), torch.device("cpu"), allowed)
+        outputs.append(Sampler()(LOGITS.repeat(3, 1), batch))
+    bool_out, bits_out = outputs
+    assert bits_out.token_ids == bool_out.token_ids
+    assert bits_out.token_ids[0] in (1, 3, 6) and bits_out.token_ids[1] == 1 and bits_out.token_ids[2] == EOS
+    for a, b in zip(bits_out.logprobs[:2], bool_out.logprobs[:2]):
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-6)
+        assert a.top == b.top

@@ -107,17 +107,32 @@ class GrammarCursor:
         self._guide = Guide(index, max_rollback=MAX_DRAFT_TOKENS)
         self._vocab_size = vocab_size
         self._eos = sorted(i for i in eos_token_ids if i < vocab_size)
-        self._bits = torch.zeros((vocab_size + 31) // 32, dtype=torch.int32)
+        self._bits = torch.zeros((vocab_size + 31) // 32, dtype=torch.int32)   # only its size is read
 
     def allowed(self) -> torch.Tensor:
         """bool [vocab]: the tokens that keep the output inside the grammar (EOS only where it may end)."""
-        self._bits.zero_()
-        self._guide.write_mask_into(self._bits.data_ptr(), self._bits.numel(), 4)
-        shifts = torch.arange(32, dtype=torch.int32)
-        mask = ((self._bits.unsqueeze(1) >> shifts) & 1).bool().flatten()[: self._vocab_size]
-        if mask[self._eos].any():          # any EOS id ends the output where the primary one may
-            mask[self._eos] = True
-        return mask
+        return GrammarCursor.allowed_rows([self])[0]
+
+    @staticmethod
+    def allowed_rows(cursors: list[GrammarCursor]) -> torch.Tensor:
+        """bool [len(cursors), vocab]: allowed() of each cursor, unpacked in one pass for all of them."""
+        return unpack_bits(GrammarCursor.allowed_bits(cursors), cursors[0]._vocab_size)
+
+    @staticmethod
+    def allowed_bits(cursors: list[GrammarCursor]) -> torch.Tensor:
+        """The same as packed bits, int32 [len(cursors), ceil(vocab / 32)] (token i is bit i % 32 of word
+        i // 32), which the sampler applies without unpacking."""
+        first = cursors[0]
+        bits = torch.zeros(len(cursors), first._bits.numel(), dtype=torch.int32)
+        for row, cursor in enumerate(cursors):
+            cursor._guide.write_mask_into(bits[row].data_ptr(), bits.shape[1], 4)
+        if first._eos:                      # any EOS id ends the output where the primary one may
+            words = torch.tensor([i // 32 for i in first._eos])
+            flags = torch.tensor([1 << (i % 32) for i in first._eos], dtype=torch.int64).to(torch.int32)
+            any_eos = ((bits[:, words] & flags) != 0).any(dim=1)
+            for word, flag in zip(words.tolist(), flags.tolist()):
+                bits[any_eos, word] |= flag
+        return bits
 
     def masks_along(self, draft: list[int]) -> list[torch.Tensor]:
         """The allowed-token mask at each verified position of a draft chain: row j is the mask after
@@ -154,6 +169,12 @@ class GrammarCursor:
     def is_complete(self) -> bool:
         """The output so far is a full match (ending here would be valid)."""
         return self._guide.is_finished()
+
+
+def unpack_bits(bits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """int32 [R, words] allowed-token bits -> bool [R, vocab_size]."""
+    shifts = torch.arange(32, dtype=torch.int32, device=bits.device)
+    return ((bits.unsqueeze(2) >> shifts) & 1).bool().flatten(1)[:, :vocab_size]
 
 
 def schema_text(schema: str | dict) -> str:

@@ -86,10 +86,11 @@ def _library() -> ctypes.CDLL | None:
     library.rotary_write_kv.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64]
     library.silu_mul.argtypes = [ptr, ptr, i64, i64]
     library.sample_rows.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
+    library.mask_rows_by_bits.argtypes = [ptr, i64, ptr, i64, ptr, i64, ptr]
     library.pack_panels.argtypes = [ptr, i64, i64, ptr]
     library.gemm_panels.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, ptr, ptr]
     for function in (library.rms_norm, library.rotary_write_kv, library.silu_mul, library.sample_rows,
-                     library.pack_panels, library.gemm_panels):
+                     library.mask_rows_by_bits, library.pack_panels, library.gemm_panels):
         function.restype = None
     return library
 
@@ -175,6 +176,16 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, uniforms: torch
                            greedy.data_ptr(), want_raw.data_ptr(), tokens.data_ptr(), logprobs.data_ptr(),
                            raw_logprobs.data_ptr())
     return tokens, logprobs, raw_logprobs
+
+
+def mask_rows_by_bits(logits: torch.Tensor, rows: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """In place on logits [N, vocab] (contiguous float32): rows [R] int64 get -inf wherever their packed
+    allowed-token bits [R, words] int32 are clear. -> bool [R]: rows left with nothing finite."""
+    assert logits.is_contiguous() and rows.dtype == torch.int64 and bits.dtype == torch.int32 and bits.is_contiguous()
+    dead = torch.zeros(rows.numel(), dtype=torch.uint8)
+    _library().mask_rows_by_bits(logits.data_ptr(), logits.shape[1], rows.contiguous().data_ptr(), rows.numel(),
+                                 bits.data_ptr(), bits.shape[1], dead.data_ptr())
+    return dead.bool()
 
 
 PANEL = 16   # columns per packed weight panel (gemm.c)

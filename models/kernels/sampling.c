@@ -95,3 +95,22 @@ void sample_rows(const float *logits, int64_t rows, int64_t vocab, const float *
         sample_row(logits + r * vocab, vocab, temperature[r], uniforms[r], greedy[r], want_raw[r], tokens + r,
                    logprobs + r, raw_logprobs + r);
 }
+
+/* Constrained rows, in place: logits[rows[r]][i] = -inf wherever bit i of the row's allowed-token
+ * bitmask (32 tokens per int32 word, as the grammar writes it) is clear. dead[r] is set when nothing
+ * finite is left in the row (the grammar only allows what min_tokens bans). */
+void mask_rows_by_bits(float *logits, int64_t vocab, const int64_t *rows, int64_t num_rows, const int32_t *bits,
+                       int64_t words, uint8_t *dead) {
+    for (int64_t r = 0; r < num_rows; ++r) {
+        float *row = logits + rows[r] * vocab;
+        const uint32_t *word = (const uint32_t *)(bits + r * words);
+        int alive = 0;
+        for (int64_t i = 0; i < vocab; ++i) {
+            if ((word[i >> 5] >> (i & 31)) & 1u)
+                alive |= row[i] != -INFINITY;
+            else
+                row[i] = -INFINITY;
+        }
+        dead[r] = !alive;
+    }
+}
