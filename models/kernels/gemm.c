@@ -6,7 +6,8 @@
  * panels of 16 columns, each panel K x 16 contiguous floats, so a tile reads its weights as one
  * sequential stream; while a thread multiplies its current pair of panels against the first rows, it
  * prefetches the next pair, so the next tile starts on weights already in cache. Tiles hold up to 8 rows
- * x 32 columns in 16 vector accumulators, fed by one broadcast of x and two panel loads per k.
+ * x 32 columns in 16 vector accumulators, fed by one broadcast of x and two panel loads per k; the rows
+ * past the last multiple of 8 go in one shorter tile.
  *
  *   w_t     [K, N] row-major (in x out), packed by pack_panels into [ceil(N / 16)][K][16], zero padded
  *   x       [M, K], rows `ldx` floats apart
@@ -102,9 +103,19 @@ static inline void finish_row(const Product *p, int64_t row, int64_t col, int64_
 }
 
 DEFINE_TILE(8)
+DEFINE_TILE(7)
+DEFINE_TILE(6)
+DEFINE_TILE(5)
 DEFINE_TILE(4)
+DEFINE_TILE(3)
 DEFINE_TILE(2)
 DEFINE_TILE(1)
+
+typedef void (*Tile)(const Product *, int64_t, const float *restrict, const float *restrict, int64_t, int64_t,
+                     const char *, int64_t);
+/* The rows left after the full 8-row tiles go in one tile of their own height: a decode batch of 5 (a
+ * verified draft chain) reads each panel once, not as 4 + 1. */
+static const Tile TAIL[8] = {NULL, tile_1, tile_2, tile_3, tile_4, tile_5, tile_6, tile_7};
 
 void gemm_panels(const float *x, int64_t M, int64_t K, int64_t ldx, const float *packed, int64_t N,
                  const float *bias, const float *residual, float *y) {
@@ -122,8 +133,6 @@ void gemm_panels(const float *x, int64_t M, int64_t K, int64_t ldx, const float 
         const int64_t next_bytes = pair + 1 < pairs ? (int64_t)((N - col - cols + PANEL - 1) / PANEL >= 2 ? 2 : 1) * K * PANEL * (int64_t)sizeof(float) : 0;
         int64_t m = 0;
         for (; m + 8 <= M; m += 8) tile_8(&p, m, w0, w1, col, cols, m == 0 ? next : NULL, m == 0 ? next_bytes : 0);
-        if (m + 4 <= M) { tile_4(&p, m, w0, w1, col, cols, m == 0 ? next : NULL, m == 0 ? next_bytes : 0); m += 4; }
-        if (m + 2 <= M) { tile_2(&p, m, w0, w1, col, cols, m == 0 ? next : NULL, m == 0 ? next_bytes : 0); m += 2; }
-        if (m < M) tile_1(&p, m, w0, w1, col, cols, m == 0 ? next : NULL, m == 0 ? next_bytes : 0);
+        if (m < M) TAIL[M - m](&p, m, w0, w1, col, cols, m == 0 ? next : NULL, m == 0 ? next_bytes : 0);
     }
 }
