@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 
 from benchmarks.common import benchmark_model_path, parse_args, report
-from benchmarks.speculative import PROMPT_TOKENS, counters_delta, heldout_prompts, timed_tokens
+from benchmarks.speculative import PROMPT_TOKENS, heldout_prompts, timed_in_turn
 from decoding import Engine, SamplingParams
 from models.loader import DEFAULT_MEDUSA_DIR
 
@@ -40,8 +40,8 @@ def main() -> None:
                         medusa_choices=args.medusa_choices, **common)
         for engine in (plain, medusa):                      # a full warm-up generation each
             engine.generate([warmup_prompt], params)
-        plain_seconds, plain_tokens = timed_tokens(plain, prompts, params, 1)
-        (medusa_seconds, medusa_tokens), stats = counters_delta(medusa, lambda: timed_tokens(medusa, prompts, params, 1))
+        plain_seconds, plain_tokens, medusa_seconds, medusa_tokens, stats = timed_in_turn(
+            plain, medusa, prompts, params, 1, 1 if args.quick else 3)
         total = len(prompts) * new_tokens
         entry = {"plain_tok_s": round(total / plain_seconds, 1), "medusa_tok_s": round(total / medusa_seconds, 1),
                  "speedup": round(plain_seconds / medusa_seconds, 3), "acceptance_rate": stats["acceptance_rate"],
