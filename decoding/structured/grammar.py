@@ -107,7 +107,7 @@ class GrammarCursor:
         self._guide = Guide(index, max_rollback=MAX_DRAFT_TOKENS)
         self._vocab_size = vocab_size
         self._eos = sorted(i for i in eos_token_ids if i < vocab_size)
-        self._bits = torch.zeros((vocab_size + 31) // 32, dtype=torch.int32)   # only its size is read
+        self._words = (vocab_size + 31) // 32          # int32 words of an allowed-token bitmask
 
     def allowed(self) -> torch.Tensor:
         """bool [vocab]: the tokens that keep the output inside the grammar (EOS only where it may end)."""
@@ -123,7 +123,7 @@ class GrammarCursor:
         """The same as packed bits, int32 [len(cursors), ceil(vocab / 32)] (token i is bit i % 32 of word
         i // 32), which the sampler applies without unpacking."""
         first = cursors[0]
-        bits = torch.zeros(len(cursors), first._bits.numel(), dtype=torch.int32)
+        bits = torch.zeros(len(cursors), first._words, dtype=torch.int32)
         for row, cursor in enumerate(cursors):
             cursor._guide.write_mask_into(bits[row].data_ptr(), bits.shape[1], 4)
         if first._eos:                      # any EOS id ends the output where the primary one may
