@@ -81,7 +81,6 @@ class Engine:
         self._seq_counter = itertools.count()
         self._seed_rng = random.Random(self.config.seed)
         self.weight_version = 0
-        self._arange: torch.Tensor | None = None
 
     def _init_cache(self) -> None:
         model, cfg = self.loaded.model, self.config
@@ -267,7 +266,7 @@ class Engine:
             batch = SamplingBatch.from_sequences(sampling_seqs, self.loaded.model.vocab_size,
                                                  self.eos_token_ids, self.loaded.device, allowed)
             # Each row sampling once, in order, is the common case: the logits then need no gather.
-            in_order = rows.numel() == logits.last.shape[0] and bool((rows == self._row_order(rows.numel())).all())
+            in_order = rows.numel() == logits.last.shape[0] and torch.equal(rows, torch.arange(rows.numel(), device=rows.device))
             sampled = self.sampler(logits.last if in_order else logits.last[rows], batch)
             for seq, token, logprob in zip(sampling_seqs, sampled.token_ids, sampled.logprobs):
                 self._append_token(seq, token, logprob)
@@ -322,11 +321,6 @@ class Engine:
                         sampling_seqs.append(target)
                         rows.append(row_of[seq.seq_id])
         return sampling_seqs, torch.tensor(rows, dtype=torch.long, device=self.loaded.device)
-
-    def _row_order(self, n: int) -> torch.Tensor:
-        if self._arange is None or self._arange.numel() < n:
-            self._arange = torch.arange(max(n, 256), device=self.loaded.device)
-        return self._arange[:n]
 
     def _advance_beams(self, seqs: list[Sequence], rows: torch.Tensor, logits: torch.Tensor):
         """Hand beam-search rows to their requests; return the rest for the sampler."""

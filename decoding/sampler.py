@@ -136,7 +136,7 @@ class Sampler:
     def _native_rows(logits: torch.Tensor, batch: SamplingBatch) -> list[int]:
         """Rows the native kernel draws: no truncation, no top-N alternatives, and in raw mode nothing
         that makes the penalised logits differ from the model's."""
-        if not (logits.device.type == "cpu" and logits.dtype == torch.float32 and kernels.native_ops_available(logits.device, logits.dtype)):
+        if not kernels.native_ops_available(logits.device, logits.dtype):
             return []
         banned = {row for row, _ in batch.banned}
         rows = []

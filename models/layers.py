@@ -103,9 +103,10 @@ class FusedLinear(torch.nn.Module):
         return x.shape[0] > 1 or self.weight_t.numel() >= _ONEDNN_MIN_WEIGHTS_ONE_ROW
 
     def _pack(self) -> torch.Tensor:
-        """The packed copy for whichever CPU path runs (one of the two ever exists for a device)."""
+        """The packed copy for whichever CPU path runs (one of the two ever exists for a device); called
+        after _native_panels has decided."""
         if self._packed is None:
-            if kernels.native_ops_available(self.weight_t.device, self.weight_t.dtype):
+            if self._native:
                 self._packed = kernels.pack_panels(self.weight_t)
             else:
                 self._packed = _ONEDNN_PACK(self.weight_t.t().contiguous(), _PACK_FOR_ROWS)

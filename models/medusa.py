@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from models import kernels
+from models.layers import FusedLinear
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "medusa_lm_head.pt"
@@ -49,10 +49,9 @@ class MedusaHeads(torch.nn.Module):
                                 torch.nn.Linear(hidden_size, vocab_size, bias=False))
             for _ in range(num_heads))
         # Set when every head's vocabulary projection is the same matrix (heads trained on top of the
-        # target's frozen output head): the K projections then run as one matmul over a shared weight.
-        self._shared_projection: torch.Tensor | None = None
-        # The shared projection packed for the native CPU product (see models/layers.py), at inference.
-        self._packed_projection: torch.Tensor | None = None
+        # target's frozen output head): the K projections then run as one product, on the engine's own
+        # linear layer (packed on the CPU, see models/layers.py).
+        self._shared_projection: FusedLinear | None = None
         # At inference, layer l of every head stacked: weights [K, hidden, hidden] (as x @ W) and biases
         # [K, 1, hidden], so each layer of all K heads is one batched matmul.
         self._stacked: list[tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -66,12 +65,8 @@ class MedusaHeads(torch.nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> logits [num_heads, N, vocab]."""
         if self._shared_projection is not None:
-            features = self._features(hidden).view(-1, hidden.shape[-1])           # [K * N, hidden]
-            if self._packed_projection is not None and kernels.native_ops_available(features.device, features.dtype):
-                logits = kernels.gemm_panels(features, self._packed_projection, self.vocab_size)
-            else:
-                logits = features @ self._shared_projection
-            return logits.view(self.num_heads, hidden.shape[0], -1)
+            features = self._features(hidden).reshape(-1, hidden.shape[-1])        # [K * N, hidden]
+            return self._shared_projection.forward(features).view(self.num_heads, hidden.shape[0], -1)
         return torch.stack([head(hidden) for head in self.heads])
 
     def _features(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -90,9 +85,9 @@ class MedusaHeads(torch.nn.Module):
                          for layer in range(self.num_layers)]
         first = self.heads[0][-1].weight
         if all(torch.equal(head[-1].weight, first) for head in self.heads[1:]):
-            self._shared_projection = first.t().contiguous()
-            if kernels.native_ops_available(first.device, first.dtype):
-                self._packed_projection = kernels.pack_panels(self._shared_projection)
+            projection = FusedLinear(self.hidden_size, [self.vocab_size], [False], first.dtype, first.device)
+            projection.slots(["weight"], [None])["weight"].copy_(first)
+            self._shared_projection = projection
         return self
 
     # ---- the published format ----------------------------------------------------------------

@@ -111,17 +111,12 @@ class GrammarCursor:
 
     def allowed(self) -> torch.Tensor:
         """bool [vocab]: the tokens that keep the output inside the grammar (EOS only where it may end)."""
-        return GrammarCursor.allowed_rows([self])[0]
-
-    @staticmethod
-    def allowed_rows(cursors: list[GrammarCursor]) -> torch.Tensor:
-        """bool [len(cursors), vocab]: allowed() of each cursor, unpacked in one pass for all of them."""
-        return unpack_bits(GrammarCursor.allowed_bits(cursors), cursors[0]._vocab_size)
+        return unpack_bits(GrammarCursor.allowed_bits([self]), self._vocab_size)[0]
 
     @staticmethod
     def allowed_bits(cursors: list[GrammarCursor]) -> torch.Tensor:
-        """The same as packed bits, int32 [len(cursors), ceil(vocab / 32)] (token i is bit i % 32 of word
-        i // 32), which the sampler applies without unpacking."""
+        """allowed() of each cursor as packed bits, int32 [len(cursors), ceil(vocab / 32)] (token i is bit
+        i % 32 of word i // 32), written for all of them at once; the sampler applies them unpacked."""
         first = cursors[0]
         bits = torch.zeros(len(cursors), first._words, dtype=torch.int32)
         for row, cursor in enumerate(cursors):
