@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from models.cpu_allocator import zeros_on_huge_pages
 from models.kernels import paged_decode_attention
 
 # Block 0 is never handed to a sequence: padded block-table entries point at it, and it stays zero so
@@ -32,8 +33,12 @@ class PagedKVCache:
         self.num_blocks = num_blocks
         self.block_size = block_size
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        if torch.device(device).type == "cpu":
+            zeros = lambda: zeros_on_huge_pages(shape, dtype)      # noqa: E731
+        else:
+            zeros = lambda: torch.zeros(shape, dtype=dtype, device=device)      # noqa: E731
+        self.keys = [zeros() for _ in range(num_layers)]
+        self.values = [zeros() for _ in range(num_layers)]
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,

@@ -102,6 +102,12 @@ class FusedLinear(torch.nn.Module):
             return False
         return x.shape[0] > 1 or self.weight_t.numel() >= _ONEDNN_MIN_WEIGHTS_ONE_ROW
 
+    def packed_panels(self) -> torch.Tensor:
+        """The weights in the native panel layout (models/kernels/gemm.c), packed on first use; only where
+        the native kernels run."""
+        assert self._native_panels(self.weight_t), "the native kernels do not run on these weights"
+        return self._pack()
+
     def _pack(self) -> torch.Tensor:
         """The packed copy for whichever CPU path runs (one of the two ever exists for a device); called
         after _native_panels has decided."""

@@ -3,7 +3,9 @@
 Numerics follow HF's modeling code op for op (RMSNorm in float32, rotate-half RoPE, SDPA attention);
 only the matrix layout differs (see models/layers.py). On the CPU in float32 the small per-token ops
 (RMSNorm, RoPE with the cache write, SiLU-and-multiply) run as fused native kernels (models/kernels):
-the same arithmetic in a few calls instead of some twenty torch ops per layer.
+the same arithmetic in a few calls instead of some twenty torch ops per layer. A step whose every token
+attends as a decode row (decodes, draft chains, Medusa trees) runs the whole stack in one native call
+(models/kernels/decoder.c): the same kernels in the same order, without a Python round trip between them.
 """
 
 from __future__ import annotations
@@ -90,6 +92,14 @@ class LlamaLayer(torch.nn.Module):
         return slots
 
 
+def _only_decode_group(meta: AttentionMetadata, num_tokens: int):
+    """The native decode group when it holds every token of the step, else None."""
+    if meta.segments or len(meta.decode_groups) != 1:
+        return None
+    group = meta.decode_groups[0]
+    return group if group.native and group.q_start == 0 and group.q_end == num_tokens else None
+
+
 def _layer_windows(config) -> list[int | None]:
     window = getattr(config, "sliding_window", None)
     layer_types = getattr(config, "layer_types", None)
@@ -122,16 +132,48 @@ class LlamaForCausalLM(torch.nn.Module):
         self.eps = config.rms_norm_eps
         # The fused native ops need SiLU (every Llama, Qwen2 and Mistral checkpoint we know of uses it).
         self.native_ops = kernels.native_ops_available(torch.device(device), dtype) and config.hidden_act == "silu"
+        # The layer table of the one-call decoder stack, and what it was built from (packed weights are
+        # rebuilt after a weight update, and the table with them).
+        self._decoder_table: tuple | None = None
 
     def forward(self, input_ids, positions, cache, meta, output_rows=None):
         x = self.embed.index_select(0, input_ids)
         cos, sin = self.rotary.cos_sin(positions, self.dtype)
         if self.native_ops:
             cos, sin = cos.squeeze(1), sin.squeeze(1)      # [T, head_dim], as the kernel reads them
+            group = _only_decode_group(meta, x.shape[0])
+            if group is not None:
+                shape, layers = self._native_stack(cache)
+                return kernels.decoder_forward(
+                    shape, layers, x, cos, sin, meta.slot_mapping,
+                    group.block_tables, group.context_lens, group.extra_positions, group.extra_counts,
+                    self.final_norm, output_rows)
         last = self.num_layers - 1
         for i, layer in enumerate(self.layers):
             x = layer.forward(x, cos, sin, cache, meta, self.native_ops, output_rows if i == last else None)
         return kernels.rms_norm(x, self.final_norm, self.eps) if self.native_ops else rms_norm(x, self.final_norm, self.eps)
+
+    def _native_stack(self, cache: PagedKVCache) -> tuple[kernels.DecoderShape, object]:
+        """The shape and layer table decoder_forward reads, rebuilt when the cache or a packed weight changed."""
+        packed = [linear.packed_panels() for layer in self.layers
+                  for linear in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)]
+        built = self._decoder_table
+        if built is not None and built[1] is cache and all(a is b for a, b in zip(built[0], packed)):
+            return built[2], built[3]
+        first = self.layers[0]
+        shape = kernels.DecoderShape(self.hidden_size, first.intermediate_size, first.num_heads, first.num_kv_heads,
+                                     first.head_dim, cache.block_size, self.eps, first.scale)
+        layers = []
+        for i, layer in enumerate(self.layers):
+            qkv, o_proj, gate_up, down = packed[4 * i : 4 * i + 4]
+            layers.append(dict(
+                input_norm=layer.input_norm, post_norm=layer.post_norm, qkv=qkv, qkv_bias=layer.qkv.bias,
+                o_proj=o_proj, o_bias=layer.o_proj.bias, gate_up=gate_up, gate_up_bias=layer.gate_up.bias,
+                down=down, down_bias=layer.down.bias, key_cache=cache.keys[i], value_cache=cache.values[i],
+                window=layer.window))
+        table = kernels.decoder_layers(layers)
+        self._decoder_table = (packed, cache, shape, table)
+        return shape, table
 
     def compute_logits(self, hidden):
         return self.lm_head(hidden)

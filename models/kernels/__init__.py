@@ -24,7 +24,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name(name) for name in ("paged_attention.c", "fused_ops.c", "sampling.c", "gemm.c")]
+SOURCES = [Path(__file__).with_name(name)
+           for name in ("paged_attention.c", "fused_ops.c", "sampling.c", "gemm.c", "decoder.c")]
 HEADERS = [Path(__file__).with_name("vector_math.h")]
 # -ffp-contract=fast lets the compiler fuse multiply-adds: ISO C mode (-std=c11) otherwise forbids it,
 # which halves the arithmetic rate of every dot product and matrix tile.
@@ -89,8 +90,11 @@ def _library() -> ctypes.CDLL | None:
     library.mask_rows_by_bits.argtypes = [ptr, i64, ptr, i64, ptr, i64, ptr]
     library.pack_panels.argtypes = [ptr, i64, i64, ptr]
     library.gemm_panels.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, ptr, ptr]
+    library.decoder_scratch_floats.argtypes = [ptr, i64]
+    library.decoder_scratch_floats.restype = i64
+    library.decoder_forward.argtypes = [ptr, ptr, i64, ptr, ptr, ptr, ptr, i64, ptr, i64, ptr, ptr, ptr]
     for function in (library.rms_norm, library.rotary_write_kv, library.silu_mul, library.sample_rows,
-                     library.mask_rows_by_bits, library.pack_panels, library.gemm_panels):
+                     library.mask_rows_by_bits, library.pack_panels, library.gemm_panels, library.decoder_forward):
         function.restype = None
     return library
 
@@ -212,4 +216,67 @@ def gemm_panels(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: 
     _library().gemm_panels(x.data_ptr(), rows, in_features, x.stride(0), packed.data_ptr(), out_features,
                            bias.data_ptr() if bias is not None else None,
                            residual.data_ptr() if residual is not None else None, out.data_ptr())
+    return out
+
+
+# ---- the whole decoder stack in one call (decoder.c) --------------------------------------------------
+
+class DecoderShape(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_int64) for name in
+                ("hidden", "intermediate", "num_heads", "num_kv_heads", "head_dim", "block_size")]
+    _fields_ += [("eps", ctypes.c_float), ("scale", ctypes.c_float)]
+
+
+class DecoderLayer(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_void_p) for name in
+                ("input_norm", "post_norm", "qkv", "qkv_bias", "o_proj", "o_bias", "gate_up", "gate_up_bias",
+                 "down", "down_bias", "key_cache", "value_cache")]
+    _fields_ += [("window", ctypes.c_int64)]
+
+
+class DecodeRows(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_void_p) for name in
+                ("slots", "block_tables", "context_lens", "extra_positions", "extra_counts")]
+    _fields_ += [("max_blocks", ctypes.c_int64), ("max_extra", ctypes.c_int64)]
+
+
+def _address(tensor: torch.Tensor | None) -> int | None:
+    return None if tensor is None else tensor.data_ptr()
+
+
+def decoder_layers(layers: list[dict[str, torch.Tensor | int | None]]) -> ctypes.Array:
+    """The layer table decoder_forward reads: per layer its norms, packed projections (pack_panels),
+    biases (None for none), cache tensors and window (0 for none). The tensors must outlive the table."""
+    table = (DecoderLayer * len(layers))()
+    for entry, layer in zip(table, layers):
+        for name, _ in DecoderLayer._fields_[:-1]:
+            tensor = layer[name]
+            assert tensor is None or (tensor.dtype == torch.float32 and tensor.is_contiguous()), name
+            setattr(entry, name, _address(tensor))
+        entry.window = layer["window"] or 0
+    return table
+
+
+def decoder_forward(shape: DecoderShape, layers: ctypes.Array, x: torch.Tensor, cos: torch.Tensor,
+                    signed_sin: torch.Tensor, slots: torch.Tensor, block_tables: torch.Tensor,
+                    context_lens: torch.Tensor, extra_positions: torch.Tensor | None,
+                    extra_counts: torch.Tensor | None, final_norm: torch.Tensor,
+                    keep: torch.Tensor | None) -> torch.Tensor:
+    """Every layer and the final norm over x [T, hidden] (overwritten), each token a decode row of the
+    paged kernel (its slot, block table, context length and extra positions as paged_decode_attention
+    reads them). -> [len(keep) or T, hidden]."""
+    tokens = x.shape[0]
+    assert x.is_contiguous() and cos.is_contiguous() and signed_sin.is_contiguous()
+    rows = DecodeRows(slots.data_ptr(), block_tables.data_ptr(), context_lens.data_ptr(),
+                      _address(extra_positions), _address(extra_counts), block_tables.shape[1],
+                      0 if extra_positions is None else extra_positions.shape[1])
+    library = _library()
+    scratch = torch.empty(library.decoder_scratch_floats(ctypes.byref(shape), tokens), dtype=torch.float32)
+    if keep is not None:
+        keep = keep.contiguous()
+    out = torch.empty(tokens if keep is None else keep.numel(), shape.hidden, dtype=torch.float32)
+    library.decoder_forward(ctypes.byref(shape), layers, len(layers), ctypes.byref(rows), cos.data_ptr(),
+                            signed_sin.data_ptr(), x.data_ptr(), tokens, _address(keep),
+                            0 if keep is None else keep.numel(), final_norm.data_ptr(), scratch.data_ptr(),
+                            out.data_ptr())
     return out

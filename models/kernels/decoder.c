@@ -1,0 +1,95 @@
+/* A whole Llama-family decoder stack for a step whose every token attends as a decode row.
+ *
+ * In a decode step each kernel of a layer runs for tens of microseconds, and calling them one by one
+ * from Python costs about as much again per call in argument checks, allocations and dispatch: some
+ * seventy calls a step for an 8-layer model, a third of a batch-1 step. Here the same kernels run in
+ * one call, in the same order, on the same buffers, so the results are those of the per-layer path
+ * bit for bit.
+ *
+ * Per layer: x += o_proj(attention(rope(qkv(norm(x))))); x += down(silu(gate) * up(norm(x))). At the
+ * last layer only the `keep` rows go on past attention (the others only had to write their keys and
+ * values). The result is the final norm of the kept rows.
+ */
+#include <stdint.h>
+#include <string.h>
+
+void rms_norm(const float *x, int64_t x_row_stride, const float *weight, float eps, float *out, int64_t rows,
+              int64_t dim);
+void rotary_write_kv(float *qkv, int64_t row_stride, const float *cos, const float *signed_sin, const int64_t *slots,
+                     float *key_cache, float *value_cache, int64_t rows, int64_t num_heads, int64_t num_kv_heads,
+                     int64_t head_dim);
+void silu_mul(const float *gate_up, float *out, int64_t rows, int64_t dim);
+void gemm_panels(const float *x, int64_t M, int64_t K, int64_t ldx, const float *packed, int64_t N, const float *bias,
+                 const float *residual, float *y);
+void paged_decode_attention(const float *query, int64_t query_row_stride, const float *key_cache,
+                            const float *value_cache, const int64_t *block_tables, int64_t max_blocks,
+                            const int64_t *context_lens, const int64_t *extra_positions, int64_t max_extra,
+                            const int64_t *extra_counts, float *out, int64_t batch, int64_t num_heads,
+                            int64_t num_kv_heads, int64_t head_dim, int64_t block_size, int64_t window, float scale);
+
+/* The weights of one layer: norms as vectors, projections packed by pack_panels; a NULL bias is none. */
+typedef struct {
+    const float *input_norm, *post_norm;
+    const float *qkv, *qkv_bias, *o_proj, *o_bias, *gate_up, *gate_up_bias, *down, *down_bias;
+    float *key_cache, *value_cache;   /* [num_blocks * block_size, num_kv_heads, head_dim] */
+    int64_t window;                   /* sliding window, 0 for none */
+} DecoderLayer;
+
+typedef struct {
+    int64_t hidden, intermediate, num_heads, num_kv_heads, head_dim, block_size;
+    float eps, scale;
+} DecoderShape;
+
+/* Where each token writes its key and value, and what it attends to (see paged_decode_attention). */
+typedef struct {
+    const int64_t *slots, *block_tables, *context_lens, *extra_positions, *extra_counts;
+    int64_t max_blocks, max_extra;
+} DecodeRows;
+
+/* Floats of scratch decoder_forward needs for `tokens` rows. */
+int64_t decoder_scratch_floats(const DecoderShape *s, int64_t tokens) {
+    const int64_t q_width = s->num_heads * s->head_dim;
+    const int64_t qkv_width = q_width + 2 * s->num_kv_heads * s->head_dim;
+    return tokens * (s->hidden + qkv_width + q_width + 3 * s->intermediate + s->hidden + q_width);
+}
+
+/* x [tokens, hidden] (updated in place), cos/sin [tokens, head_dim]; keep [num_keep] rows of the last
+ * layer's output, or NULL for all; out [num_keep or tokens, hidden]. */
+void decoder_forward(const DecoderShape *s, const DecoderLayer *layers, int64_t num_layers, const DecodeRows *rows,
+                     const float *cos, const float *sin, float *x, int64_t tokens, const int64_t *keep,
+                     int64_t num_keep, const float *final_norm, float *scratch, float *out) {
+    const int64_t hidden = s->hidden, inter = s->intermediate, d = s->head_dim;
+    const int64_t q_width = s->num_heads * d, qkv_width = q_width + 2 * s->num_kv_heads * d;
+    float *normed = scratch;
+    float *qkv = normed + tokens * hidden;
+    float *attn = qkv + tokens * qkv_width;
+    float *gate_up = attn + tokens * q_width;
+    float *mlp = gate_up + tokens * 2 * inter;
+    float *kept_x = mlp + tokens * inter;
+    float *kept_attn = kept_x + tokens * hidden;
+    for (int64_t i = 0; i < num_layers; ++i) {
+        const DecoderLayer *l = &layers[i];
+        rms_norm(x, hidden, l->input_norm, s->eps, normed, tokens, hidden);
+        gemm_panels(normed, tokens, hidden, hidden, l->qkv, qkv_width, l->qkv_bias, NULL, qkv);
+        rotary_write_kv(qkv, qkv_width, cos, sin, rows->slots, l->key_cache, l->value_cache, tokens, s->num_heads,
+                        s->num_kv_heads, d);
+        paged_decode_attention(qkv, qkv_width, l->key_cache, l->value_cache, rows->block_tables, rows->max_blocks,
+                               rows->context_lens, rows->extra_positions, rows->max_extra, rows->extra_counts, attn,
+                               tokens, s->num_heads, s->num_kv_heads, d, s->block_size, l->window, s->scale);
+        float *h = x, *a = attn;
+        int64_t m = tokens;
+        if (keep != NULL && i == num_layers - 1) {
+            for (int64_t r = 0; r < num_keep; ++r) {
+                memcpy(kept_x + r * hidden, x + keep[r] * hidden, sizeof(float) * hidden);
+                memcpy(kept_attn + r * q_width, attn + keep[r] * q_width, sizeof(float) * q_width);
+            }
+            h = kept_x, a = kept_attn, m = num_keep;
+        }
+        gemm_panels(a, m, q_width, q_width, l->o_proj, hidden, l->o_bias, h, h);   /* h += attn @ Wo */
+        rms_norm(h, hidden, l->post_norm, s->eps, normed, m, hidden);
+        gemm_panels(normed, m, hidden, hidden, l->gate_up, 2 * inter, l->gate_up_bias, NULL, gate_up);
+        silu_mul(gate_up, mlp, m, inter);
+        gemm_panels(mlp, m, inter, inter, l->down, hidden, l->down_bias, h, h);     /* h += mlp @ Wd */
+        if (i == num_layers - 1) rms_norm(h, hidden, final_norm, s->eps, out, m, hidden);
+    }
+}
