@@ -103,6 +103,7 @@ class Engine:
             model = self.loaded.model
             heads = MedusaHeads.load(cfg.medusa_heads or DEFAULT_MEDUSA_DIR, model.dtype, self.loaded.device,
                                      hidden_size=model.hidden_size, vocab_size=model.vocab_size)
+            heads.use_output_head(model.lm_head)
             proposer = MedusaProposer(heads, self.sampler, self.eos_token_ids, self.loaded.device, cfg.medusa_choices,
                                       cfg.medusa_acceptance, (cfg.typical_epsilon, cfg.typical_delta))
             self.runner.keep_hidden = True

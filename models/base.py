@@ -7,7 +7,7 @@ from typing import Protocol
 import torch
 
 from models.attention import AttentionMetadata, PagedKVCache
-from models.layers import ParamSlot
+from models.layers import FusedLinear, ParamSlot
 
 
 class NativeCausalLM(Protocol):
@@ -25,6 +25,8 @@ class NativeCausalLM(Protocol):
     # The distinct sliding windows of the layers (None = full attention); the runner builds one mask
     # per window per step.
     attention_windows: frozenset[int | None]
+    # The output head compute_logits runs (Medusa heads trained on it project through it too).
+    lm_head: FusedLinear
     # Names a checkpoint may leave out (the head of a model whose head is tied to its embedding).
     optional_param_names: frozenset[str]
 

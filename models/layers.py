@@ -73,6 +73,9 @@ class FusedLinear(torch.nn.Module):
         self._has_bias = list(bias)
         self._packed: torch.Tensor | None = None     # weight_t packed for the CPU product, built on first use
         self._native: bool | None = None
+        # Told after every weight write, for whoever keeps pointers to the packed copy (the one-call
+        # decoder stack's layer table).
+        self.on_change: list[Callable[[], None]] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, sum(out)]
         if self._native_panels(x):
@@ -121,6 +124,8 @@ class FusedLinear(torch.nn.Module):
     def weights_changed(self) -> None:
         """Drop the packed copy after a write to weight_t; the next product packs again."""
         self._packed = None
+        for listener in self.on_change:
+            listener()
 
     def slots(self, names: list[str], bias_names: list[str | None]) -> dict[str, ParamSlot]:
         """Map the HF names of the fused parts (weight [out, in], bias [out]) onto slices of this matrix."""

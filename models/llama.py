@@ -132,9 +132,12 @@ class LlamaForCausalLM(torch.nn.Module):
         self.eps = config.rms_norm_eps
         # The fused native ops need SiLU (every Llama, Qwen2 and Mistral checkpoint we know of uses it).
         self.native_ops = kernels.native_ops_available(torch.device(device), dtype) and config.hidden_act == "silu"
-        # The layer table of the one-call decoder stack, and what it was built from (packed weights are
-        # rebuilt after a weight update, and the table with them).
+        # The one-call decoder stack's (cache, shape, layer table, packed weights it points into), built
+        # on first use and again after a weight update repacks a projection.
         self._decoder_table: tuple | None = None
+        for layer in self.layers:
+            for linear in (layer.qkv, layer.o_proj, layer.gate_up, layer.down):
+                linear.on_change.append(self._forget_decoder_table)
 
     def forward(self, input_ids, positions, cache, meta, output_rows=None):
         x = self.embed.index_select(0, input_ids)
@@ -153,27 +156,27 @@ class LlamaForCausalLM(torch.nn.Module):
             x = layer.forward(x, cos, sin, cache, meta, self.native_ops, output_rows if i == last else None)
         return kernels.rms_norm(x, self.final_norm, self.eps) if self.native_ops else rms_norm(x, self.final_norm, self.eps)
 
+    def _forget_decoder_table(self) -> None:
+        self._decoder_table = None
+
     def _native_stack(self, cache: PagedKVCache) -> tuple[kernels.DecoderShape, object]:
-        """The shape and layer table decoder_forward reads, rebuilt when the cache or a packed weight changed."""
-        packed = [linear.packed_panels() for layer in self.layers
-                  for linear in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)]
+        """The shape and layer table decoder_forward reads, for this cache and the current weights."""
         built = self._decoder_table
-        if built is not None and built[1] is cache and all(a is b for a, b in zip(built[0], packed)):
-            return built[2], built[3]
+        if built is not None and built[0] is cache:
+            return built[1], built[2]
         first = self.layers[0]
         shape = kernels.DecoderShape(self.hidden_size, first.intermediate_size, first.num_heads, first.num_kv_heads,
                                      first.head_dim, cache.block_size, self.eps, first.scale)
-        layers = []
-        for i, layer in enumerate(self.layers):
-            qkv, o_proj, gate_up, down = packed[4 * i : 4 * i + 4]
-            layers.append(dict(
-                input_norm=layer.input_norm, post_norm=layer.post_norm, qkv=qkv, qkv_bias=layer.qkv.bias,
-                o_proj=o_proj, o_bias=layer.o_proj.bias, gate_up=gate_up, gate_up_bias=layer.gate_up.bias,
-                down=down, down_bias=layer.down.bias, key_cache=cache.keys[i], value_cache=cache.values[i],
-                window=layer.window))
-        table = kernels.decoder_layers(layers)
-        self._decoder_table = (packed, cache, shape, table)
-        return shape, table
+        layers = [dict(input_norm=layer.input_norm, post_norm=layer.post_norm,
+                       qkv=layer.qkv.packed_panels(), qkv_bias=layer.qkv.bias,
+                       o_proj=layer.o_proj.packed_panels(), o_bias=layer.o_proj.bias,
+                       gate_up=layer.gate_up.packed_panels(), gate_up_bias=layer.gate_up.bias,
+                       down=layer.down.packed_panels(), down_bias=layer.down.bias,
+                       key_cache=cache.keys[i], value_cache=cache.values[i], window=layer.window)
+                  for i, layer in enumerate(self.layers)]
+        # The table holds raw pointers: the tensors it points into stay referenced beside it.
+        self._decoder_table = (cache, shape, kernels.decoder_layers(layers), layers)
+        return shape, self._decoder_table[2]
 
     def compute_logits(self, hidden):
         return self.lm_head(hidden)

@@ -55,6 +55,7 @@ class MedusaHeads(torch.nn.Module):
         # At inference, layer l of every head stacked: weights [K, hidden, hidden] (as x @ W) and biases
         # [K, 1, hidden], so each layer of all K heads is one batched matmul.
         self._stacked: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.stored_dtype: torch.dtype | None = None     # the precision of the loaded file, when loaded
 
     def init_projections(self, lm_head_weight: torch.Tensor, freeze: bool = True) -> None:
         """Start every head from the target's output head [vocab, hidden] (optionally frozen there)."""
@@ -89,6 +90,20 @@ class MedusaHeads(torch.nn.Module):
             projection.slots(["weight"], [None])["weight"].copy_(first)
             self._shared_projection = projection
         return self
+
+    def use_output_head(self, output_head: FusedLinear) -> bool:
+        """Project through the target's own output head when that is what the heads' shared projection
+        is: equal to it after rounding to the precision the heads were stored in (heads trained on the
+        frozen output head). The product then reads weights the target's logits have just brought into
+        the CPU cache, at the head's full precision, and the heads' copy is dropped."""
+        if self._shared_projection is None:
+            return False
+        mine, target = self._shared_projection.weight_t, output_head.weight_t
+        stored = self.stored_dtype or mine.dtype
+        if target.shape != mine.shape or not torch.equal(target.to(stored).to(mine.dtype), mine):
+            return False
+        self._shared_projection = output_head
+        return True
 
     # ---- the published format ----------------------------------------------------------------
     def save(self, folder: str | Path, base_model: str, dtype: torch.dtype | None = None) -> None:
@@ -130,7 +145,9 @@ class MedusaHeads(torch.nn.Module):
         if missing or unexpected:
             raise ValueError(f"Medusa heads in {folder} do not match their config: missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]}")
-        return heads.to(device=device, dtype=dtype).prepare_for_inference()
+        heads = heads.to(device=device, dtype=dtype).prepare_for_inference()
+        heads.stored_dtype = projection.dtype
+        return heads
 
 
 def _read_state(folder: Path) -> dict[str, torch.Tensor]:

@@ -188,11 +188,11 @@ def test_packed_weights_follow_every_write():
 
 
 @needs_kernel
-@pytest.mark.parametrize("rows", [1, 2, 3, 7, 8, 13, 40])
+@pytest.mark.parametrize("rows", [1, 2, 3, 7, 8, 9, 11, 12, 13, 40])
 @pytest.mark.parametrize("in_features,out_features", [(37, 50), (64, 16), (64, 33), (320, 960)])
 def test_panel_product_matches_matmul(rows, in_features, out_features):
-    """Every tile height (8, 4, 2, 1 rows), a lone last panel, ragged last columns, strided rows,
-    with and without bias and residual."""
+    """Every tile shape (one tile up to 12 rows; 8-row tiles and a shorter last one beyond), a lone last
+    panel, ragged last columns, strided rows, with and without bias and residual."""
     generator = torch.Generator().manual_seed(rows * out_features + in_features)
     weight_t = torch.randn(in_features, out_features, generator=generator)
     packed = kernels.pack_panels(weight_t)

@@ -84,6 +84,31 @@ def test_untrained_heads_start_from_the_models_own_head():
     torch.testing.assert_close(heads(x), expected)
 
 
+def test_heads_stored_from_the_targets_head_project_through_it(tmp_path):
+    """Heads trained on the frozen output head and stored in bfloat16 project through the target's own
+    head (full precision, one copy); heads with any other projection keep theirs."""
+    from models.layers import FusedLinear
+
+    torch.manual_seed(2)
+    hidden, vocab = 16, 40
+    output_head = FusedLinear(hidden, [vocab], [False], torch.float32, "cpu")
+    weight = torch.randn(vocab, hidden)
+    output_head.slots(["w"], [None])["w"].copy_(weight)
+    heads = MedusaHeads(hidden, vocab, num_heads=2)
+    heads.init_projections(weight)
+    heads.save(tmp_path / "bf16", "base", torch.bfloat16)
+    loaded = MedusaHeads.load(tmp_path / "bf16")
+    x = torch.randn(3, hidden)
+    assert loaded.use_output_head(output_head)
+    features = loaded._features(x)
+    torch.testing.assert_close(loaded(x), features @ weight.t())
+
+    other = MedusaHeads(hidden, vocab, num_heads=2)
+    other.init_projections(weight + 0.1)
+    other.save(tmp_path / "other", "base")
+    assert not MedusaHeads.load(tmp_path / "other").use_output_head(output_head)
+
+
 # ---- tree buffers --------------------------------------------------------------------------------
 
 def test_tree_buffers():
@@ -249,6 +274,20 @@ def test_training_heads_for_an_hf_model_saves_loadable_heads(llama_dir, tmp_path
     evaluation = json.loads((out / "final" / "evaluation.json").read_text())
     assert len(evaluation["text_top1"]) == 2 and all(0 <= a <= 1 for a in evaluation["model_top1"])
     assert '"step": 3' in (out / "train.log").read_text()
+
+
+def test_self_distillation_data_continues_corpus_windows(llama_dir):
+    from models.training.medusa import corpus_windows, generated_texts
+
+    texts = [f"def f{i}(x):\n    return x * {i} + {i % 7}\n" * 6 for i in range(8)]
+    samples = generated_texts(llama_dir, texts, 4, 6, [0.0, 1.0], seed=3, prompt_tokens=8)
+    assert len(samples) == 4
+    assert samples == generated_texts(llama_dir, texts, 4, 6, [0.0, 1.0], seed=3, prompt_tokens=8)
+    # The first half: each window followed by the model's own greedy continuation.
+    engine = Engine(model=llama_dir, show_progress=False, num_kv_blocks=64, block_size=4)
+    windows = corpus_windows([engine.tokenizer(t, add_special_tokens=False).input_ids for t in texts], 4, 8, 3)
+    greedy = engine.generate(windows[:2], SamplingParams(temperature=0, max_tokens=6))
+    assert samples[:2] == [engine.tokenizer.decode(w + o.outputs[0].token_ids) for w, o in zip(windows, greedy)]
 
 
 def test_tree_tuning_walks_continuations_like_the_decoder():

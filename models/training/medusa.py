@@ -6,8 +6,8 @@
 Head k learns, from the model's final hidden state at position t, the token at t + k + 2. The targets
 are the model's own next-token distributions over a text corpus (self-distillation: KL(model || head),
 `--targets model`, the default) or the corpus tokens themselves (`--targets text`); `--generate N` first
-samples N continuations of corpus prompts with the model itself and trains on those instead of the raw
-corpus. Head losses are weighted 0.8^k. By default every head's vocabulary projection starts as the
+continues N corpus windows with the model itself (`--generate-temperatures`, 0 = greedy) and trains on
+those instead of the raw corpus. Head losses are weighted 0.8^k. By default every head's vocabulary projection starts as the
 model's output head and stays frozen there, so only the ResBlocks train and at inference the K
 projections run as one matmul over one shared weight (`--train-projections` trains them too).
 
@@ -74,13 +74,35 @@ def head_accuracy(model, heads: MedusaHeads, windows: torch.Tensor) -> dict[str,
             "model_top1": [round(h / c, 4) for h, c in zip(model_hits, counts)]}
 
 
-def generated_texts(model_path: str, texts: list[str], count: int, new_tokens: int, seed: int) -> list[str]:
-    """Self-generated data: the model continues `count` corpus prompts (sampled at temperature 1)."""
+def corpus_windows(token_lists: list[list[int]], count: int, length: int, seed: int) -> list[list[int]]:
+    """`count` windows of `length` tokens at seeded random places of the texts long enough to hold two."""
+    generator = torch.Generator().manual_seed(seed)
+    long_enough = [ids for ids in token_lists if len(ids) >= 2 * length]
+    windows = []
+    for _ in range(count):
+        ids = long_enough[int(torch.randint(len(long_enough), (1,), generator=generator))]
+        start = int(torch.randint(len(ids) - length, (1,), generator=generator))
+        windows.append(ids[start : start + length])
+    return windows
+
+
+def generated_texts(model_path: str, texts: list[str], count: int, new_tokens: int, temperatures: list[float],
+                    seed: int, prompt_tokens: int = 64) -> list[str]:
+    """Self-generated data: the model continues `count` corpus windows of `prompt_tokens` tokens (code in
+    progress), split evenly over `temperatures` in order (0 = greedy: the continuations greedy acceptance
+    will be asked to predict)."""
     from decoding import Engine, SamplingParams
     engine = Engine(model=model_path, show_progress=False)
-    prompts = [text[:400] for text in texts if len(text) > 400][:count]
-    outputs = engine.generate(prompts, SamplingParams(temperature=1.0, max_tokens=new_tokens, seed=seed))
-    return [prompt + out.outputs[0].text for prompt, out in zip(prompts, outputs)]
+    token_lists = [engine.tokenizer(text, add_special_tokens=False).input_ids for text in texts]
+    prompts = corpus_windows(token_lists, count, prompt_tokens, seed)
+    per_temperature = -(-count // len(temperatures))
+    samples = []
+    for i, temperature in enumerate(temperatures):
+        chunk = prompts[i * per_temperature : (i + 1) * per_temperature]
+        params = SamplingParams(temperature=temperature, max_tokens=new_tokens, seed=seed + i)
+        for prompt, out in zip(chunk, engine.generate(chunk, params)):
+            samples.append(engine.tokenizer.decode(prompt + out.outputs[0].token_ids))
+    return samples
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> None:
@@ -93,6 +115,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     parser.add_argument("--layers", type=int, default=1, help="ResBlocks per head")
     parser.add_argument("--targets", choices=["model", "text"], default="model")
     parser.add_argument("--generate", type=int, default=0, help="train on N self-generated continuations")
+    parser.add_argument("--generate-temperatures", type=float, nargs="+", default=[1.0],
+                        help="sampling temperatures of the generated continuations, split evenly (0 = greedy)")
+    parser.add_argument("--generate-tokens", type=int, default=256, help="tokens per generated continuation")
     parser.add_argument("--train-projections", action="store_true")
     parser.add_argument("--save-dtype", choices=["float32", "bfloat16"], default="float32",
                         help="precision of the saved heads (bfloat16 halves the file)")
@@ -128,7 +153,8 @@ def train(args: argparse.Namespace) -> None:
     step, seconds = resume(checkpoint, heads, optimizer, generator, log)
     texts = read_texts(args.corpus / "train.jsonl")
     if args.generate:
-        texts = generated_texts(args.model, texts, args.generate, 256, args.seed)
+        texts = generated_texts(args.model, texts, args.generate, args.generate_tokens, args.generate_temperatures,
+                                args.seed)
     stream = token_stream(texts, tokenizer)
     log.write(json.dumps({"event": "start", "heads": args.heads, "layers": args.layers, "targets": args.targets,
                           "trainable_params": sum(p.numel() for p in params), "train_tokens": len(stream),
