@@ -118,6 +118,34 @@ def test_one_call_decoder_stack_matches_the_per_layer_kernels(model_dir, arch, m
 
 
 @needs_kernel
+def test_one_call_stack_keeps_only_the_rows_asked_for(llama_dir, monkeypatch):
+    """Chains of decode rows whose last rows alone are read (a draft model's catch-up): the stack
+    compacts those rows at the last layer, with the same logits as the per-layer path."""
+    import models.llama
+    from decoding.scheduler import ScheduledSeq, SchedulerOutput
+
+    engine = Engine(model=llama_dir, show_progress=False, num_kv_blocks=64, block_size=4)
+    for prompt in PROMPTS[:2]:
+        engine.add_request(prompt, SamplingParams(max_tokens=8))
+    engine.step()                                              # both prompts prefilled, a token sampled
+    items = []
+    for request in engine.scheduler.running:
+        seq = request.seqs[0]
+        start = seq.num_computed
+        seq.token_ids += [5, 7]                                # two more tokens to compute: a 3-token chain
+        engine.blocks.append_slots(seq.block_table, start, 3)
+        items.append(ScheduledSeq(seq, start, 3, reaches_end=True))
+    stack = engine.runner.execute(SchedulerOutput(scheduled=items), set())
+    whole = engine.runner.execute(SchedulerOutput(scheduled=items), {item.seq.seq_id for item in items})
+    monkeypatch.setattr(models.llama, "_only_decode_group", lambda meta, num_tokens: None)
+    per_layer = engine.runner.execute(SchedulerOutput(scheduled=items), set())
+    assert stack.last.shape[0] == 2
+    assert torch.equal(stack.last, per_layer.last)
+    for item in items:                                         # the chain's last row, read either way
+        assert torch.equal(whole.chunk[item.seq.seq_id][-1], stack.last[stack.last_seq_ids.index(item.seq.seq_id)])
+
+
+@needs_kernel
 def test_fused_layer_ops_match_the_torch_ops():
     generator = torch.Generator().manual_seed(0)
     heads, kv_heads, head_dim, rows = 6, 2, 64, 37
