@@ -178,6 +178,25 @@ class LlamaForCausalLM(torch.nn.Module):
         self._decoder_table = (cache, shape, kernels.decoder_layers(layers), layers)
         return shape, self._decoder_table[2]
 
+    def greedy_chain(self, tokens: torch.Tensor, positions: torch.Tensor, block_tables: torch.Tensor,
+                     cache: PagedKVCache, banned: torch.Tensor, ban: torch.Tensor) -> torch.Tensor | None:
+        """Draft ban.shape[0] tokens greedily for each row in one native call: row r's newest token
+        tokens[r] sits at positions[r] (its slots already reserved in block_tables [R, max_blocks]), and
+        each step's argmax, with banned [R, max_banned] (-1 padded) at -inf where ban [steps, R] is set,
+        is the next step's input. -> [steps, R]; None where the one-call stack does not run."""
+        if not self.native_ops:
+            return None
+        steps, rows = ban.shape
+        step_positions = positions[None, :] + torch.arange(steps)[:, None]                    # [steps, R]
+        block_size = cache.block_size
+        slots = (block_tables.gather(1, (step_positions // block_size).t()).t() * block_size
+                 + step_positions % block_size).contiguous()
+        cos, sin = self.rotary.cos_sin(step_positions.reshape(-1), self.dtype)
+        shape, layers = self._native_stack(cache)
+        return kernels.decoder_greedy_chain(shape, layers, self.embed, self.final_norm, self.lm_head.packed_panels(),
+                                            self.vocab_size, tokens, slots, block_tables, positions + 1,
+                                            cos.squeeze(1), sin.squeeze(1), banned, ban)
+
     def compute_logits(self, hidden):
         return self.lm_head(hidden)
 

@@ -325,3 +325,32 @@ def test_a_cache_too_small_preempts_speculating_requests_and_still_matches(llama
     if mode == "draft":     # the draft's own cache is released with its sequences, preempted or finished
         blocks = tight.speculation.proposer.blocks
         assert blocks.num_free_blocks == blocks.num_blocks - 1
+
+
+def test_greedy_drafts_in_one_native_call_match_the_per_step_loop(llama_dir, other_llama_dir, monkeypatch):
+    """After the catch-up step a greedy draft runs its remaining steps in one native call; its proposals
+    are the per-step loop's, with stop tokens banned below min_tokens in both (a batch whose rows draft
+    different counts near max_tokens falls back to the loop)."""
+    from models import kernels
+
+    if not kernels.native_ops_available(torch.device("cpu"), torch.float32):
+        pytest.skip("needs the native kernels")
+    params = [SamplingParams(temperature=0, max_tokens=19, min_tokens=12),
+              SamplingParams(temperature=0, max_tokens=23, ignore_eos=True)]
+    runs = []
+    for chain in (True, False):
+        engine = spec_engine(llama_dir, other_llama_dir, num_speculative_tokens=4)
+        proposer = engine.speculation.proposer
+        if not chain:
+            monkeypatch.setattr(proposer, "_greedy_chain", lambda *args: False)
+        proposals, calls = [], []
+        propose = proposer.propose
+        monkeypatch.setattr(proposer, "propose", lambda seqs, k: proposals.append(
+            [p.token_ids for p in propose(seqs, k)]) or [Proposal(t) for t in proposals[-1]])
+        chain_call = proposer.model.greedy_chain
+        monkeypatch.setattr(proposer.model, "greedy_chain", lambda *a: calls.append(1) or chain_call(*a))
+        outputs = engine.generate(PROMPTS[:2], params)
+        runs.append((proposals, [o.outputs[0].token_ids for o in outputs], bool(calls)))
+    (chained, chained_out, used), (looped, looped_out, _) = runs
+    assert used, "greedy drafting should take the one-call chain"
+    assert chained == looped and chained_out == looped_out

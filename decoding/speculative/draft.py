@@ -3,7 +3,9 @@
 The draft keeps, per sequence, a block table in its own cache and how many of the sequence's tokens it
 has computed. Each proposal first catches up on the tokens the target accepted since the last one (the
 whole prompt the first time), then runs k - 1 single-token steps; all sequences that speculate advance
-together, one batched draft forward per drafted position. After verification the draft rolls back to
+together, one batched draft forward per drafted position. When every row drafts greedily without
+penalties (the common case), the k - 1 steps after the catch-up run in one native call instead
+(`greedy_chain`, models/kernels/decoder.c), with the same tokens. After verification the draft rolls back to
 the accepted prefix, exactly like the target.
 
 Draft tokens are drawn the way the request samples: the same penalties, temperature and truncation
@@ -24,7 +26,7 @@ from decoding.scheduler import ScheduledSeq, SchedulerOutput
 from decoding.sequence import Sequence
 from decoding.speculative.proposer import Proposal
 from decoding.speculative.rejection import ExtendedSequence
-from models.attention import PagedKVCache
+from models.attention import NULL_BLOCK, PagedKVCache
 from models.loader import LoadedModel
 
 
@@ -60,7 +62,9 @@ class DraftModelProposer:
         drafted: list[list[int]] = [[] for _ in seqs]
         probs: list[list[torch.Tensor]] = [[] for _ in seqs]
         limits = [min(k, self.max_model_len - len(seq.token_ids)) for seq, k in zip(seqs, max_tokens)]
-        for _ in range(max(limits, default=0)):
+        for step in range(max(limits, default=0)):
+            if step == 1 and self._greedy_chain(seqs, drafted, limits):
+                break
             rows, items = [], []
             for i, seq in enumerate(seqs):
                 if len(drafted[i]) >= limits[i]:
@@ -84,6 +88,44 @@ class DraftModelProposer:
                 if dist is not None:
                     probs[i].append(dist)
         return [Proposal(d, torch.stack(p) if p else None) for d, p in zip(drafted, probs)]
+
+    def _greedy_chain(self, seqs: list[Sequence], drafted: list[list[int]], limits: list[int]) -> bool:
+        """After the catch-up step, draft the rest in one native call (models/kernels/decoder.c) when every
+        row drafts greedily, without penalties, the same number of further tokens: the tokens the per-step
+        loop would draw, without a return to Python per token. False (nothing done) otherwise."""
+        active = [i for i in range(len(seqs)) if len(drafted[i]) < limits[i]]
+        if not active:
+            return True
+        steps = limits[active[0]] - len(drafted[active[0]])
+        chain = getattr(self.model, "greedy_chain", None)
+        if chain is None or any(limits[i] - len(drafted[i]) != steps or not seqs[i].request.params.is_greedy
+                                or seqs[i].request.params.has_penalties for i in active):
+            return False
+        states = [self._states[seqs[i].seq_id] for i in active]
+        try:
+            for state in states:
+                self.blocks.append_slots(state.block_table, state.num_computed, steps)
+        except NoFreeBlocksError:
+            return False        # the per-step loop drafts what fits
+        vocab = self.model.vocab_size
+        stops = [sorted(t for t in seqs[i].request.params.stop_token_set(self.eos_token_ids) if t < vocab) for i in active]
+        width = max(1, max(map(len, stops)))
+        banned = torch.tensor([ids + [-1] * (width - len(ids)) for ids in stops], dtype=torch.long)
+        ban = torch.tensor([[seqs[i].num_output_tokens + len(drafted[i]) + s < seqs[i].request.params.min_tokens
+                             for i in active] for s in range(steps)], dtype=torch.uint8)
+        longest = max(len(state.block_table) for state in states)
+        tables = torch.tensor([state.block_table + [NULL_BLOCK] * (longest - len(state.block_table)) for state in states],
+                              dtype=torch.long)
+        tokens = chain(torch.tensor([drafted[i][-1] for i in active], dtype=torch.long),
+                       torch.tensor([state.num_computed for state in states], dtype=torch.long), tables,
+                       self.cache, banned, ban)
+        if tokens is None:
+            return False
+        for column, (i, state) in enumerate(zip(active, states)):
+            drafted[i] += tokens[:, column].tolist()
+            state.num_computed += steps
+            state.token_ids = seqs[i].token_ids + drafted[i]
+        return True
 
     def _schedule(self, seq: Sequence, drafted: list[int]) -> ScheduledSeq | None:
         state = self._states.get(seq.seq_id)

@@ -93,8 +93,13 @@ def _library() -> ctypes.CDLL | None:
     library.decoder_scratch_floats.argtypes = [ptr, i64]
     library.decoder_scratch_floats.restype = i64
     library.decoder_forward.argtypes = [ptr, ptr, i64, ptr, ptr, ptr, ptr, i64, ptr, i64, ptr, ptr, ptr]
+    library.decoder_greedy_chain_scratch_floats.argtypes = [ptr, i64, i64]
+    library.decoder_greedy_chain_scratch_floats.restype = i64
+    library.decoder_greedy_chain.argtypes = [ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, ptr, ptr,
+                                             i64, ptr, ptr, ptr]
     for function in (library.rms_norm, library.rotary_write_kv, library.silu_mul, library.sample_rows,
-                     library.mask_rows_by_bits, library.pack_panels, library.gemm_panels, library.decoder_forward):
+                     library.mask_rows_by_bits, library.pack_panels, library.gemm_panels, library.decoder_forward,
+                     library.decoder_greedy_chain):
         function.restype = None
     return library
 
@@ -279,4 +284,31 @@ def decoder_forward(shape: DecoderShape, layers: ctypes.Array, x: torch.Tensor, 
                             signed_sin.data_ptr(), x.data_ptr(), tokens, _address(keep),
                             0 if keep is None else keep.numel(), final_norm.data_ptr(), scratch.data_ptr(),
                             out.data_ptr())
+    return out
+
+
+def decoder_greedy_chain(shape: DecoderShape, layers: ctypes.Array, embed: torch.Tensor, final_norm: torch.Tensor,
+                         lm_head_packed: torch.Tensor, vocab: int, tokens: torch.Tensor, slots: torch.Tensor,
+                         block_tables: torch.Tensor, context_lens: torch.Tensor, cos: torch.Tensor,
+                         signed_sin: torch.Tensor, banned: torch.Tensor, ban: torch.Tensor) -> torch.Tensor:
+    """Greedy drafting of slots.shape[0] tokens for each of the rows of tokens [R] (each row's newest
+    token, not yet cached), in one call: per step the stack over one token per row, the output head
+    (packed by pack_panels) and the argmax with banned [R, max_banned] (-1 padded) at -inf where
+    ban [steps, R] is set. slots [steps, R] int64, block_tables [R, max_blocks], context_lens [R] of
+    step 0, cos/signed_sin [steps * R, head_dim]. -> tokens [steps, R]."""
+    steps, rows = slots.shape
+    for tensor in (tokens, slots, block_tables, context_lens, banned):
+        assert tensor.dtype == torch.int64 and tensor.is_contiguous()
+    assert cos.is_contiguous() and signed_sin.is_contiguous() and embed.is_contiguous()
+    assert ban.dtype == torch.uint8 and ban.is_contiguous() and ban.shape == slots.shape
+    library = _library()
+    meta = DecodeRows(slots.data_ptr(), block_tables.data_ptr(), context_lens.data_ptr(), None, None,
+                      block_tables.shape[1], 0)
+    scratch = torch.empty(library.decoder_greedy_chain_scratch_floats(ctypes.byref(shape), rows, vocab),
+                          dtype=torch.float32)
+    out = torch.empty(steps, rows, dtype=torch.int64)
+    library.decoder_greedy_chain(ctypes.byref(shape), layers, len(layers), ctypes.byref(meta), cos.data_ptr(),
+                                 signed_sin.data_ptr(), embed.data_ptr(), final_norm.data_ptr(),
+                                 lm_head_packed.data_ptr(), vocab, rows, steps, tokens.data_ptr(), banned.data_ptr(),
+                                 banned.shape[1], ban.data_ptr(), scratch.data_ptr(), out.data_ptr())
     return out

@@ -10,6 +10,7 @@
  * last layer only the `keep` rows go on past attention (the others only had to write their keys and
  * values). The result is the final norm of the kept rows.
  */
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -92,4 +93,57 @@ void decoder_forward(const DecoderShape *s, const DecoderLayer *layers, int64_t 
         gemm_panels(mlp, m, inter, inter, l->down, hidden, l->down_bias, h, h);     /* h += mlp @ Wd */
         if (i == num_layers - 1) rms_norm(h, hidden, final_norm, s->eps, out, m, hidden);
     }
+}
+
+/* Greedy drafting, `steps` tokens per row in one call (a draft model's proposal after its catch-up step).
+ * Each step embeds every row's newest token, runs the stack over one token per row at the row's next
+ * position, projects through the output head (packed, as compute_logits does) and takes the argmax,
+ * the first index of the maximum as torch's argmax does, after setting the row's banned tokens to -inf
+ * where ban[step, row] says so (a request's stop tokens below its min_tokens). The logits are those of
+ * the per-step path bit for bit, so are the tokens.
+ *   tokens        [rows] the newest token of each row (not yet in the cache)
+ *   rows_meta     slots [steps, rows], block tables [rows, max_blocks], context_lens [rows] at step 0
+ *   cos, sin      [steps, rows, head_dim]
+ *   banned        [rows, max_banned], -1 padded; ban [steps, rows]
+ *   out           [steps, rows] the drafted tokens */
+void decoder_greedy_chain(const DecoderShape *s, const DecoderLayer *layers, int64_t num_layers,
+                          const DecodeRows *rows_meta, const float *cos, const float *sin, const float *embed,
+                          const float *final_norm, const float *lm_head, int64_t vocab, int64_t rows, int64_t steps,
+                          const int64_t *tokens, const int64_t *banned, int64_t max_banned, const uint8_t *ban,
+                          float *scratch, int64_t *out) {
+    const int64_t hidden = s->hidden, d = s->head_dim;
+    int64_t *context = (int64_t *)scratch;           /* first: 8-byte aligned like the buffer */
+    float *x = (float *)(context + rows);
+    float *h = x + rows * hidden;
+    float *logits = h + rows * hidden;
+    float *stack_scratch = logits + rows * vocab;
+    for (int64_t r = 0; r < rows; ++r) context[r] = rows_meta->context_lens[r];
+    const int64_t *current = tokens;
+    for (int64_t step = 0; step < steps; ++step) {
+        for (int64_t r = 0; r < rows; ++r) memcpy(x + r * hidden, embed + current[r] * hidden, sizeof(float) * hidden);
+        const DecodeRows step_rows = {rows_meta->slots + step * rows, rows_meta->block_tables, context, NULL, NULL,
+                                      rows_meta->max_blocks, 0};
+        decoder_forward(s, layers, num_layers, &step_rows, cos + step * rows * d, sin + step * rows * d, x, rows, NULL,
+                        0, final_norm, stack_scratch, h);
+        gemm_panels(h, rows, hidden, hidden, lm_head, vocab, NULL, NULL, logits);
+        int64_t *chosen = out + step * rows;
+        for (int64_t r = 0; r < rows; ++r) {
+            float *row = logits + r * vocab;
+            if (ban[step * rows + r])
+                for (int64_t b = 0; b < max_banned && banned[r * max_banned + b] >= 0; ++b)
+                    row[banned[r * max_banned + b]] = -INFINITY;
+            int64_t best = 0;
+            for (int64_t v = 1; v < vocab; ++v)
+                if (row[v] > row[best]) best = v;
+            chosen[r] = best;
+            context[r] += 1;
+        }
+        current = chosen;
+    }
+}
+
+/* Floats of scratch decoder_greedy_chain needs. */
+int64_t decoder_greedy_chain_scratch_floats(const DecoderShape *s, int64_t rows, int64_t vocab) {
+    return rows * (2 * s->hidden + vocab) + rows * (int64_t)(sizeof(int64_t) / sizeof(float)) +
+           decoder_scratch_floats(s, rows);
 }
