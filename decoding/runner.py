@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import torch
 
 from decoding.scheduler import ScheduledSeq, SchedulerOutput
-from models.attention import NULL_BLOCK, AttentionMetadata, DecodeGroup, PagedKVCache, Segment, decode_mask, segment_mask
+from models.attention import (NULL_BLOCK, AttentionMetadata, DecodeGroup, NativePrefill, PagedKVCache, Segment,
+                              decode_mask, segment_mask)
 from models.base import NativeCausalLM
 from models.cpu_allocator import keep_freed_memory
 from models.kernels import native_decode_available
@@ -95,8 +96,9 @@ class ModelRunner:
     def _prepare(self, scheduled: list[ScheduledSeq]) -> PackedBatch:
         # Rows that attend like decodes come first, shortest context first: single tokens, and with the
         # native kernel also each token of a short chain (a draft chain to verify, a draft model's
-        # catch-up), each with its own context length over the same blocks. Everything else (prefill
-        # chunks, where SDPA's blocked kernel wins; trees; chains without the kernel) is a masked segment.
+        # catch-up), each with its own context length over the same blocks. Prefill chunks attend
+        # in blocks of queries (the native prefill kernel, else SDPA); trees off the decode kernel and
+        # chains without it are masked segments.
         decode_like = [s.num_new_tokens == 1 or (self.native_decode and (
                            self._native_trees if s.tree is not None
                            else bool(s.draft_token_ids) or s.num_new_tokens <= SHORT_CHAIN))
@@ -133,11 +135,15 @@ class ModelRunner:
             else:
                 chunks.append(item)
         position_tensor = self._long(positions)
+        # Causal prompt chunks go to the native prefill kernel in one call; trees keep their masks.
+        native_chunks = [item for item in chunks if self.native_decode and item.tree is None]
         meta = AttentionMetadata(
             slot_mapping=self._long(slots),
             num_decode_tokens=len(decode_rows),
             decode_groups=self._decode_groups(decode_rows),
-            segments=[self._segment(item, first_row[item.seq.seq_id], position_tensor) for item in chunks],
+            segments=[self._segment(item, first_row[item.seq.seq_id], position_tensor)
+                      for item in chunks if not (self.native_decode and item.tree is None)],
+            prefill=self._native_prefill(native_chunks, first_row) if native_chunks else None,
         )
         last_seq_ids = [scheduled[i].seq.seq_id for i in order if scheduled[i].reaches_end]
         return PackedBatch(self._long(input_ids), position_tensor, meta, self._long(last_rows), first_row, last_seq_ids)
@@ -174,6 +180,14 @@ class ModelRunner:
         for window in self.model.attention_windows:
             group.masks[window] = decode_mask(context_lens, width * self.block_size, window)
         return group
+
+    def _native_prefill(self, chunks: list[ScheduledSeq], first_row: dict[int, int]) -> NativePrefill:
+        tables = [item.seq.block_table for item in chunks]
+        width = max(len(table) for table in tables)
+        return NativePrefill(q_starts=self._long([first_row[item.seq.seq_id] for item in chunks]),
+                             counts=self._long([item.num_new_tokens for item in chunks]),
+                             cached=self._long([item.start for item in chunks]),
+                             block_tables=self._long([table + [NULL_BLOCK] * (width - len(table)) for table in tables]))
 
     def _segment(self, item: ScheduledSeq, row: int, positions: torch.Tensor) -> Segment:
         start, count = item.start, item.num_new_tokens

@@ -5,8 +5,10 @@ sequences (decodes) come first, sorted by context length. On the CPU in float32 
 of the native kernel (models/kernels), which reads each sequence's blocks in place; so do the tokens of
 short draft chains and the nodes of a Medusa tree, each as a row with its own context (and, for a tree
 node, its ancestors). Elsewhere decodes attend in a few batched SDPA calls over their gathered blocks,
-each call grouping similar lengths so little padding is gathered or attended. Every other sequence (a
-prefill chunk; chains and trees off the kernel) is a `Segment` with its own mask. The metadata is built once per step by the
+each call grouping similar lengths so little padding is gathered or attended. On the CPU in float32 the
+prompt chunks attend in one call of the native prefill kernel, causally over their blocks in place. Every
+other sequence (a prefill chunk off the kernel; chains and trees off the kernel) is a `Segment` with its
+own mask. The metadata is built once per step by the
 runner and shared by all layers.
 """
 
@@ -18,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from models.cpu_allocator import zeros_on_huge_pages
-from models.kernels import paged_decode_attention
+from models.kernels import paged_decode_attention, paged_prefill_attention
 
 # Block 0 is never handed to a sequence: padded block-table entries point at it, and it stays zero so
 # padding can never inject NaN/inf into a masked-out attention product.
@@ -97,11 +99,23 @@ class Segment:
 
 
 @dataclass
+class NativePrefill:
+    """Causal prompt chunks attended in one call of the native prefill kernel, chunk s being rows
+    [q_starts[s], q_starts[s] + counts[s]) of the packed batch with cached[s] tokens before it."""
+
+    q_starts: torch.Tensor                     # [S]
+    counts: torch.Tensor                       # [S]
+    cached: torch.Tensor                       # [S]
+    block_tables: torch.Tensor                 # [S, max_blocks], padded with NULL_BLOCK
+
+
+@dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor                 # [T] where each new token's key/value is written
     num_decode_tokens: int
     decode_groups: list[DecodeGroup]
     segments: list[Segment]
+    prefill: NativePrefill | None = None       # the causal chunks, when the native kernels run
 
 
 def decode_mask(context_lens: torch.Tensor, width: int, window: int | None) -> torch.Tensor | None:
@@ -141,9 +155,13 @@ def paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         cache.write(layer, meta.slot_mapping, key, value)
     num_tokens, num_heads, head_dim = query.shape
     groups = meta.decode_groups
-    if len(groups) == 1 and not meta.segments:
+    if len(groups) == 1 and not meta.segments and meta.prefill is None:
         return _decode_attention(query, layer, cache, groups[0], scale, window).reshape(num_tokens, -1)
-    out = torch.empty_like(query)
+    out = torch.empty(num_tokens, num_heads, head_dim, dtype=query.dtype, device=query.device)
+    if meta.prefill is not None:
+        chunks = meta.prefill
+        paged_prefill_attention(query, cache.keys[layer], cache.values[layer], chunks.q_starts, chunks.counts,
+                                chunks.cached, chunks.block_tables, scale, window, out)
     for group in groups:
         out[group.q_start : group.q_end] = _decode_attention(
             query[group.q_start : group.q_end], layer, cache, group, scale, window)

@@ -94,7 +94,7 @@ class LlamaLayer(torch.nn.Module):
 
 def _only_decode_group(meta: AttentionMetadata, num_tokens: int):
     """The native decode group when it holds every token of the step, else None."""
-    if meta.segments or len(meta.decode_groups) != 1:
+    if meta.segments or meta.prefill is not None or len(meta.decode_groups) != 1:
         return None
     group = meta.decode_groups[0]
     return group if group.native and group.q_start == 0 and group.q_end == num_tokens else None

@@ -216,6 +216,51 @@ def test_packed_weights_follow_every_write():
 
 
 @needs_kernel
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size,window,chunks", [
+    (4, 2, 64, 4, None, [(0, 13), (5, 9), (17, 1)]),      # GQA, chunks after a cached prefix, a lone token
+    (5, 5, 64, 64, None, [(0, 200), (100, 37)]),         # the embedded model's shape, 64-token blocks
+    (8, 2, 32, 16, 20, [(0, 50), (30, 40)]),              # a sliding window shorter than the chunks
+    (6, 3, 128, 64, None, [(64, 64)]),
+])
+def test_prefill_kernel_matches_causal_sdpa(heads, kv_heads, head_dim, block_size, window, chunks):
+    """Prompt chunks attend causally over their scattered blocks: chunk s sees its cached prefix and
+    itself up to each query, as SDPA does over the gathered keys with the same mask."""
+    generator = torch.Generator().manual_seed(heads * head_dim + block_size)
+    num_blocks = 200
+    key_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=generator)
+    value_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=generator)
+    order = (torch.randperm(num_blocks - 1, generator=generator) + 1).tolist()
+    tables = []
+    for cached, count in chunks:
+        needed = -(-(cached + count) // block_size)
+        tables.append(order[:needed])
+        order = order[needed:]
+    width = max(map(len, tables))
+    block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+    counts = torch.tensor([count for _, count in chunks])
+    q_starts = counts.cumsum(0) - counts
+    total = int(counts.sum())
+    query = torch.randn(total, heads + 2 * kv_heads, head_dim, generator=generator)[:, :heads]   # strided rows
+    out = torch.zeros(total, heads, head_dim)
+    scale = head_dim ** -0.5
+    kernels.paged_prefill_attention(query, key_cache, value_cache, q_starts, counts,
+                                    torch.tensor([cached for cached, _ in chunks]), block_tables, scale, window, out)
+    for s, (cached, count) in enumerate(chunks):
+        length = cached + count
+        keys = key_cache[block_tables[s]].reshape(-1, kv_heads, head_dim)[:length]
+        values = value_cache[block_tables[s]].reshape(-1, kv_heads, head_dim)[:length]
+        query_pos, key_pos = torch.arange(cached, length)[:, None], torch.arange(length)[None, :]
+        mask = key_pos <= query_pos
+        if window is not None:
+            mask &= query_pos - key_pos < window
+        rows = query[q_starts[s] : q_starts[s] + count]
+        expected = F.scaled_dot_product_attention(rows.transpose(0, 1)[None], keys.transpose(0, 1)[None],
+                                                  values.transpose(0, 1)[None], attn_mask=mask, scale=scale,
+                                                  enable_gqa=True)[0].transpose(0, 1)
+        torch.testing.assert_close(out[q_starts[s] : q_starts[s] + count], expected, atol=2e-5, rtol=1e-5)
+
+
+@needs_kernel
 @pytest.mark.parametrize("rows", [1, 2, 3, 7, 8, 9, 11, 12, 13, 40])
 @pytest.mark.parametrize("in_features,out_features", [(37, 50), (64, 16), (64, 33), (320, 960)])
 def test_panel_product_matches_matmul(rows, in_features, out_features):

@@ -25,7 +25,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(name)
-           for name in ("paged_attention.c", "fused_ops.c", "sampling.c", "gemm.c", "decoder.c")]
+           for name in ("paged_attention.c", "prefill_attention.c", "fused_ops.c", "sampling.c", "gemm.c",
+                        "decoder.c")]
 HEADERS = [Path(__file__).with_name("vector_math.h")]
 # -ffp-contract=fast lets the compiler fuse multiply-adds: ISO C mode (-std=c11) otherwise forbids it,
 # which halves the arithmetic rate of every dot product and matrix tile.
@@ -83,6 +84,9 @@ def _library() -> ctypes.CDLL | None:
     library.paged_decode_attention.argtypes = [ptr, i64, ptr, ptr, ptr, i64, ptr, ptr, i64, ptr, ptr,
                                                i64, i64, i64, i64, i64, i64, f32]
     library.paged_decode_attention.restype = None
+    library.paged_prefill_attention.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, ptr,
+                                                i64, i64, i64, i64, i64, f32]
+    library.paged_prefill_attention.restype = None
     library.rms_norm.argtypes = [ptr, i64, ptr, f32, ptr, i64, i64]
     library.rotary_write_kv.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64]
     library.silu_mul.argtypes = [ptr, ptr, i64, i64]
@@ -136,6 +140,25 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_c
         extra_counts.data_ptr() if extras else None, out.data_ptr(),
         batch, num_heads, num_kv_heads, head_dim, block_size, window or 0, scale)
     return out
+
+
+def paged_prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                            q_starts: torch.Tensor, counts: torch.Tensor, cached: torch.Tensor,
+                            block_tables: torch.Tensor, scale: float, window: int | None, out: torch.Tensor) -> None:
+    """Causal attention of prompt chunks whose keys and values are already in the cache, into out [T, heads,
+    d] (contiguous; only the chunks' rows are written). query [T, heads, d] (rows may be strided); chunk s
+    is rows [q_starts[s], q_starts[s] + counts[s]), its first token at position cached[s], its blocks
+    block_tables[s] ([S, max_blocks]); all int64."""
+    num_heads, head_dim = query.shape[1:]
+    _, block_size, num_kv_heads, _ = key_cache.shape
+    assert query.stride(2) == 1 and query.stride(1) == head_dim and out.is_contiguous()
+    assert key_cache.is_contiguous() and value_cache.is_contiguous()
+    for tensor in (q_starts, counts, cached, block_tables):
+        assert tensor.dtype == torch.int64 and tensor.is_contiguous()
+    _library().paged_prefill_attention(
+        query.data_ptr(), query.stride(0), key_cache.data_ptr(), value_cache.data_ptr(), q_starts.data_ptr(),
+        counts.data_ptr(), cached.data_ptr(), block_tables.data_ptr(), block_tables.shape[1], q_starts.numel(),
+        out.data_ptr(), num_heads, num_kv_heads, head_dim, block_size, window or 0, scale)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
