@@ -8,8 +8,7 @@ node, its ancestors). Elsewhere decodes attend in a few batched SDPA calls over 
 each call grouping similar lengths so little padding is gathered or attended. On the CPU in float32 the
 prompt chunks attend in one call of the native prefill kernel, causally over their blocks in place. Every
 other sequence (a prefill chunk off the kernel; chains and trees off the kernel) is a `Segment` with its
-own mask. The metadata is built once per step by the
-runner and shared by all layers.
+own mask. The metadata is built once per step by the runner and shared by all layers.
 """
 
 from __future__ import annotations

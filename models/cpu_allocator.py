@@ -42,7 +42,6 @@ def keep_freed_memory() -> bool:
     return ok
 
 
-
 # Decode attention reads every sequence's blocks, scattered over a cache of hundreds of megabytes. On
 # 4 KiB pages each block costs several TLB misses and page walks; on 2 MiB pages the cache's translations
 # stay in the TLB. We measured the paged attention of a 32-sequence decode step 10% faster (AMD EPYC,

@@ -5,8 +5,8 @@ has computed. Each proposal first catches up on the tokens the target accepted s
 whole prompt the first time), then runs k - 1 single-token steps; all sequences that speculate advance
 together, one batched draft forward per drafted position. When every row drafts greedily without
 penalties (the common case), the k - 1 steps after the catch-up run in one native call instead
-(`greedy_chain`, models/kernels/decoder.c), with the same tokens. After verification the draft rolls back to
-the accepted prefix, exactly like the target.
+(`greedy_chain`, models/kernels/decoder.c), with the same tokens. After verification the draft rolls back
+to the accepted prefix, exactly like the target.
 
 Draft tokens are drawn the way the request samples: the same penalties, temperature and truncation
 applied to the draft's logits (argmax for greedy requests), so q is as close to the target's p as the

@@ -3,13 +3,14 @@
     python -m models.training.medusa --model models/default/target --out runs/medusa --minutes 20
     gorgon train medusa --model M --out DIR            (the same, from the command line)
 
-Head k learns, from the model's final hidden state at position t, the token at t + k + 2. The targets
-are the model's own next-token distributions over a text corpus (self-distillation: KL(model || head),
+Head k learns, from the model's final hidden state at position t, the token at t + k + 2. The targets are
+the model's own next-token distributions over a text corpus (self-distillation: KL(model || head),
 `--targets model`, the default) or the corpus tokens themselves (`--targets text`); `--generate N` first
 continues N corpus windows with the model itself (`--generate-temperatures`, 0 = greedy) and trains on
-those instead of the raw corpus. Head losses are weighted 0.8^k. By default every head's vocabulary projection starts as the
-model's output head and stays frozen there, so only the ResBlocks train and at inference the K
-projections run as one matmul over one shared weight (`--train-projections` trains them too).
+those instead of the raw corpus. Head losses are weighted 0.8^k. By default every head's vocabulary
+projection starts as the model's output head and stays frozen there, so only the ResBlocks train and at
+inference the K projections run as one matmul over one shared weight (`--train-projections` trains them
+too).
 
 Progress goes to a bar and to OUT/train.log; OUT/checkpoint.pt is picked up again when the same command
 is re-run; the heads are saved in the published Medusa format to OUT/final.
