@@ -86,6 +86,8 @@ def main() -> None:
     def extra(parser):
         parser.add_argument("--draft", default=None, help="draft model folder (default: the embedded draft)")
         parser.add_argument("--k", type=int, default=4, help="draft tokens per verification")
+        parser.add_argument("--disable-by-batch-size", type=int, default=None,
+                            help="the draft engine's speculative_disable_by_batch_size (default: always speculate)")
 
     args = parse_args(__doc__, extra)
     target = benchmark_model_path(args.model)
@@ -95,7 +97,8 @@ def main() -> None:
     params = SamplingParams(temperature=0, max_tokens=new_tokens, min_tokens=new_tokens)
     common = dict(dtype=args.dtype, show_progress=False)
     plain = Engine(model=target, **common)
-    spec = Engine(model=target, speculative="draft", draft_model=draft, num_speculative_tokens=args.k, **common)
+    spec = Engine(model=target, speculative="draft", draft_model=draft, num_speculative_tokens=args.k,
+                  speculative_disable_by_batch_size=args.disable_by_batch_size, **common)
     ngram = Engine(model=target, speculative="ngram", num_speculative_tokens=args.k, **common)
     # One more prompt than is timed: a full warm-up generation, so one-time costs (oneDNN builds a kernel
     # the first time it meets a matrix shape, the allocator grows) stay out of every timed run.
@@ -120,7 +123,8 @@ def main() -> None:
     for engine in (plain, spec, ngram):
         engine.generate([warmup_prompt], params)
     result = {"benchmark": "speculative", "model": target, "draft": draft, "dtype": args.dtype,
-              "num_speculative_tokens": args.k, "prompts": len(prompts), "prompt_tokens": PROMPT_TOKENS,
+              "num_speculative_tokens": args.k, "speculative_disable_by_batch_size": args.disable_by_batch_size,
+              "prompts": len(prompts), "prompt_tokens": PROMPT_TOKENS,
               "new_tokens": new_tokens}
     with torch.inference_mode():                            # HF's warm-up, as for the engines
         hf_target.generate(torch.tensor([warmup_prompt]), assistant_model=hf_draft, do_sample=False,

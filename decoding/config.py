@@ -22,6 +22,9 @@ class EngineConfig:
     speculative: str | None = None
     draft_model: str | None = None        # None: the embedded default draft
     num_speculative_tokens: int = 4       # draft tokens verified per step (draft, ngram)
+    # Steps with more decoding sequences than this do not speculate (their batch already keeps the
+    # hardware busy, and verifying k more rows each costs more than it saves); None: always speculate.
+    speculative_disable_by_batch_size: int | None = None
     prompt_lookup_max: int = 4            # n-gram sizes prompt lookup tries, longest first
     prompt_lookup_min: int = 2
     medusa_heads: str | None = None       # None: the embedded default model's heads
@@ -51,6 +54,9 @@ class EngineConfig:
             raise ValueError(f"speculative must be 'draft', 'ngram', 'medusa' or None, got {self.speculative!r}")
         if self.medusa_acceptance not in ("typical", "lossless"):
             raise ValueError(f"medusa_acceptance must be 'typical' or 'lossless', got {self.medusa_acceptance!r}")
+        if self.speculative_disable_by_batch_size is not None and self.speculative_disable_by_batch_size < 1:
+            raise ValueError("speculative_disable_by_batch_size must be >= 1 or None, got "
+                             f"{self.speculative_disable_by_batch_size}")
         if self.num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:

@@ -117,8 +117,8 @@ class Engine:
             # that runs out of blocks only stops proposing for the sequences that do not fit.
             proposer = DraftModelProposer(draft, cfg.num_speculative_tokens, self.blocks.num_blocks, cfg.block_size,
                                           self.sampler, self.eos_token_ids)
-        return SpeculativeDecoding(proposer, self.max_model_len, self.sampler,
-                                   self.loaded.model.vocab_size, self.eos_token_ids, self.loaded.device)
+        return SpeculativeDecoding(proposer, self.max_model_len, self.sampler, self.loaded.model.vocab_size,
+                                   self.eos_token_ids, self.loaded.device, cfg.speculative_disable_by_batch_size)
 
     # ---- requests ----------------------------------------------------------------------------
     def make_request(self, prompt: Prompt, params: SamplingParams | None = None,

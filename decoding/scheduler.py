@@ -92,14 +92,15 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 lookahead: Callable[[Sequence], int] | None = None):
+                 lookahead: Callable[[Sequence, int], int] | None = None):
         if max_num_batched_tokens < max_num_seqs:
             raise ValueError("max_num_batched_tokens must be >= max_num_seqs so every running sequence can decode")
         self.blocks = blocks
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        # Speculative decoding: how many draft tokens a decoding sequence may add this step. Their slots
-        # and budget are reserved with the decode, so verification never runs out of blocks.
+        # Speculative decoding: how many draft tokens a decoding sequence may add this step, given how
+        # many sequences decode in it. Their slots and budget are reserved with the decode, so
+        # verification never runs out of blocks.
         self.lookahead = lookahead
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -148,7 +149,7 @@ class Scheduler:
             if not decodes:
                 index += 1
                 continue
-            extra = [min(self.lookahead(seq), spare_per_seq) if self.lookahead else 0 for seq in decodes]
+            extra = [min(self.lookahead(seq, num_decodes), spare_per_seq) if self.lookahead else 0 for seq in decodes]
             needed = sum(self._blocks_needed(seq, 1 + e) for seq, e in zip(decodes, extra))
             if needed > self.blocks.num_free_blocks and any(extra):
                 extra = [0] * len(decodes)            # no room to speculate: never preempt for drafts

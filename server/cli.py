@@ -16,6 +16,8 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="speculative decoding: a draft model, prompt lookup (n-gram) or Medusa heads")
     parser.add_argument("--draft-model", default=None, help="draft model folder (default: the embedded draft)")
     parser.add_argument("--num-speculative-tokens", type=int, default=4, help="draft tokens verified per step")
+    parser.add_argument("--speculative-disable-by-batch-size", type=int, default=None,
+                        help="no speculation in steps with more decoding sequences than this")
     parser.add_argument("--prompt-lookup-max", type=int, default=4, help="longest n-gram prompt lookup matches")
     parser.add_argument("--prompt-lookup-min", type=int, default=2, help="shortest n-gram prompt lookup matches")
     parser.add_argument("--medusa-heads", default=None, help="Medusa heads folder (default: the embedded model's)")
@@ -38,7 +40,8 @@ def _engine_options(args: argparse.Namespace) -> dict:
                 draft_model=args.draft_model, num_speculative_tokens=args.num_speculative_tokens,
                 prompt_lookup_max=args.prompt_lookup_max, prompt_lookup_min=args.prompt_lookup_min,
                 medusa_heads=args.medusa_heads, medusa_choices=args.medusa_choices,
-                medusa_acceptance=args.medusa_acceptance)
+                medusa_acceptance=args.medusa_acceptance,
+                speculative_disable_by_batch_size=args.speculative_disable_by_batch_size)
 
 
 def _generate(args: argparse.Namespace) -> int:

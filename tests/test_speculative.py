@@ -258,7 +258,31 @@ def test_per_request_opt_out(llama_dir):
     assert engine.speculation.counters.num_drafts > 0
 
 
+def test_speculation_pauses_while_the_batch_is_larger_than_the_limit(llama_dir):
+    """With a limit of 2 decoding sequences, a batch of 3 decodes plainly until one finishes; a lone
+    request speculates. Outputs are the same either way."""
+    engine = spec_engine(llama_dir, llama_dir, speculative_disable_by_batch_size=2)
+    drafts_per_step = []
+    step = engine.step
+    def counting_step():
+        before = engine.speculation.counters.num_drafts
+        outputs = step()
+        drafts_per_step.append(engine.speculation.counters.num_drafts - before)
+        return outputs
+    engine.step = counting_step
+    params = [SamplingParams(temperature=0, max_tokens=n) for n in (6, 16, 16)]
+    outputs = engine.generate(PROMPTS[:3], params)
+    plain = spec_engine(llama_dir).generate(PROMPTS[:3], params)
+    assert [o.outputs[0].token_ids for o in outputs] == [o.outputs[0].token_ids for o in plain]
+    assert drafts_per_step[0] == 0 and drafts_per_step[1] == 0     # the prefill, then three decoding
+    assert sum(drafts_per_step) > 0                                 # two after the first finishes
+    engine.generate(PROMPTS[:1], SamplingParams(temperature=0, max_tokens=8))
+    assert engine.speculation.counters.num_drafts > 0
+
+
 def test_configuration_errors(llama_dir):
+    with pytest.raises(ValueError, match="speculative_disable_by_batch_size"):
+        spec_engine(llama_dir, speculative="ngram", speculative_disable_by_batch_size=0)
     with pytest.raises(ValueError, match="speculative must be"):
         spec_engine(llama_dir, speculative="medusa-ish")
     with pytest.raises(ValueError, match="num_speculative_tokens"):

@@ -2,8 +2,9 @@
 
 The engine calls three hooks per step:
 
-1. `lookahead(seq)` while scheduling: how many draft slots a decoding sequence reserves (blocks and
-   token budget), so verification can never run out of cache.
+1. `lookahead(seq, num_decoding)` while scheduling: how many draft slots a decoding sequence reserves
+   (blocks and token budget), so verification can never run out of cache; none in a step with more
+   decoding sequences than `disable_by_batch_size`.
 2. `attach_drafts(sched)` after scheduling: the proposer drafts tokens for the sequences that reserved
    slots, and their decode entries become chains of 1 + k tokens for the target to score in the same
    forward pass as every other request of the step.
@@ -28,8 +29,10 @@ from decoding.speculative.rejection import Verdict, verify
 
 class SpeculativeDecoding:
     def __init__(self, proposer: Proposer, max_model_len: int, sampler: Sampler,
-                 vocab_size: int, eos_token_ids: frozenset[int], device: torch.device):
+                 vocab_size: int, eos_token_ids: frozenset[int], device: torch.device,
+                 disable_by_batch_size: int | None = None):
         self.proposer = proposer
+        self.disable_by_batch_size = disable_by_batch_size
         self.max_model_len = max_model_len
         self.sampler = sampler
         self.vocab_size = vocab_size
@@ -38,9 +41,12 @@ class SpeculativeDecoding:
         self.counters = SpecCounters()
         self._proposals: dict[int, Proposal] = {}
 
-    def lookahead(self, seq: Sequence) -> int:
+    def lookahead(self, seq: Sequence, num_decoding: int) -> int:
+        """Draft slots for `seq` in a step where `num_decoding` sequences decode."""
         request, params = seq.request, seq.request.params
         if not params.speculative or request.beam is not None:
+            return 0
+        if self.disable_by_batch_size is not None and num_decoding > self.disable_by_batch_size:
             return 0
         if self._max_depth(seq) <= 0:
             return 0
