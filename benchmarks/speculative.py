@@ -82,6 +82,21 @@ def counters_delta(engine: Engine, run):
                     "mean_acceptance_length": round(1 + accepted / max(drafts, 1), 3)}
 
 
+def hf_assisted(hf_target, hf_draft, prompts, new_tokens: int, pad: int, constant_k: int | None = None):
+    """(seconds, token lists) of HF assisted generation, one prompt at a time: the draft's default
+    schedule for the number of assistant tokens, or `constant_k` per round."""
+    config = hf_draft.generation_config
+    if constant_k is not None:
+        config.num_assistant_tokens, config.num_assistant_tokens_schedule = constant_k, "constant"
+    tokens = []
+    with torch.inference_mode(), Timer() as t:
+        for prompt in prompts:
+            out = hf_target.generate(torch.tensor([prompt]), assistant_model=hf_draft, do_sample=False,
+                                     max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad)
+            tokens.append(out[0, len(prompt):].tolist())
+    return t.seconds, tokens
+
+
 def main() -> None:
     def extra(parser):
         parser.add_argument("--draft", default=None, help="draft model folder (default: the embedded draft)")
@@ -108,18 +123,6 @@ def main() -> None:
     hf_draft = AutoModelForCausalLM.from_pretrained(draft, dtype=dtype).eval()
     pad = plain.tokenizer.pad_token_id
 
-    def hf_assisted(same_k: bool = False):
-        config = hf_draft.generation_config
-        if same_k:
-            config.num_assistant_tokens, config.num_assistant_tokens_schedule = args.k, "constant"
-        tokens = []
-        with torch.inference_mode(), Timer() as t:
-            for prompt in prompts:
-                out = hf_target.generate(torch.tensor([prompt]), assistant_model=hf_draft, do_sample=False,
-                                         max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad)
-                tokens.append(out[0, len(prompt):].tolist())
-        return t.seconds, tokens
-
     for engine in (plain, spec, ngram):
         engine.generate([warmup_prompt], params)
     result = {"benchmark": "speculative", "model": target, "draft": draft, "dtype": args.dtype,
@@ -129,8 +132,8 @@ def main() -> None:
     with torch.inference_mode():                            # HF's warm-up, as for the engines
         hf_target.generate(torch.tensor([warmup_prompt]), assistant_model=hf_draft, do_sample=False,
                            max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad)
-    hf_seconds, hf_tokens = hf_assisted()
-    hf_k_seconds, _ = hf_assisted(same_k=True)
+    hf_seconds, hf_tokens = hf_assisted(hf_target, hf_draft, prompts, new_tokens, pad)
+    hf_k_seconds, _ = hf_assisted(hf_target, hf_draft, prompts, new_tokens, pad, constant_k=args.k)
     repeats = 1 if args.quick else 3
     for batch in (1, 8):
         plain_seconds, plain_tokens, spec_seconds, spec_tokens, stats = timed_in_turn(

@@ -136,13 +136,14 @@ class ModelRunner:
                 chunks.append(item)
         position_tensor = self._long(positions)
         # Causal prompt chunks go to the native prefill kernel in one call; trees keep their masks.
-        native_chunks = [item for item in chunks if self.native_decode and item.tree is None]
+        on_kernel = [self.native_decode and item.tree is None for item in chunks]
+        native_chunks = [item for item, native in zip(chunks, on_kernel) if native]
         meta = AttentionMetadata(
             slot_mapping=self._long(slots),
             num_decode_tokens=len(decode_rows),
             decode_groups=self._decode_groups(decode_rows),
             segments=[self._segment(item, first_row[item.seq.seq_id], position_tensor)
-                      for item in chunks if not (self.native_decode and item.tree is None)],
+                      for item, native in zip(chunks, on_kernel) if not native],
             prefill=self._native_prefill(native_chunks, first_row) if native_chunks else None,
         )
         last_seq_ids = [scheduled[i].seq.seq_id for i in order if scheduled[i].reaches_end]

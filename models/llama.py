@@ -10,6 +10,8 @@ attends as a decode row (decodes, draft chains, Medusa trees) runs the whole sta
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from transformers.activations import ACT2FN
 
@@ -92,6 +94,16 @@ class LlamaLayer(torch.nn.Module):
         return slots
 
 
+class _NativeStack(NamedTuple):
+    """What decoder_forward reads for one cache: the shapes and the layer table of raw pointers, with
+    the tensors it points into (`layers`) kept referenced beside it."""
+
+    cache: PagedKVCache
+    shape: kernels.DecoderShape
+    table: object
+    layers: list[dict]
+
+
 def _only_decode_group(meta: AttentionMetadata, num_tokens: int):
     """The native decode group when it holds every token of the step, else None."""
     if meta.segments or meta.prefill is not None or len(meta.decode_groups) != 1:
@@ -132,9 +144,9 @@ class LlamaForCausalLM(torch.nn.Module):
         self.eps = config.rms_norm_eps
         # The fused native ops need SiLU (every Llama, Qwen2 and Mistral checkpoint we know of uses it).
         self.native_ops = kernels.native_ops_available(torch.device(device), dtype) and config.hidden_act == "silu"
-        # The one-call decoder stack's (cache, shape, layer table, packed weights it points into), built
-        # on first use and again after a weight update repacks a projection.
-        self._decoder_table: tuple | None = None
+        # The one-call decoder stack's table, built on first use and again after a weight update repacks
+        # a projection.
+        self._decoder_table: _NativeStack | None = None
         for layer in self.layers:
             for linear in (layer.qkv, layer.o_proj, layer.gate_up, layer.down):
                 linear.on_change.append(self._forget_decoder_table)
@@ -162,8 +174,8 @@ class LlamaForCausalLM(torch.nn.Module):
     def _native_stack(self, cache: PagedKVCache) -> tuple[kernels.DecoderShape, object]:
         """The shape and layer table decoder_forward reads, for this cache and the current weights."""
         built = self._decoder_table
-        if built is not None and built[0] is cache:
-            return built[1], built[2]
+        if built is not None and built.cache is cache:
+            return built.shape, built.table
         first = self.layers[0]
         shape = kernels.DecoderShape(self.hidden_size, first.intermediate_size, first.num_heads, first.num_kv_heads,
                                      first.head_dim, cache.block_size, self.eps, first.scale)
@@ -174,9 +186,8 @@ class LlamaForCausalLM(torch.nn.Module):
                        down=layer.down.packed_panels(), down_bias=layer.down.bias,
                        key_cache=cache.keys[i], value_cache=cache.values[i], window=layer.window)
                   for i, layer in enumerate(self.layers)]
-        # The table holds raw pointers: the tensors it points into stay referenced beside it.
-        self._decoder_table = (cache, shape, kernels.decoder_layers(layers), layers)
-        return shape, self._decoder_table[2]
+        self._decoder_table = _NativeStack(cache, shape, kernels.decoder_layers(layers), layers)
+        return shape, self._decoder_table.table
 
     def greedy_chain(self, tokens: torch.Tensor, positions: torch.Tensor, block_tables: torch.Tensor,
                      cache: PagedKVCache, banned: torch.Tensor, ban: torch.Tensor) -> torch.Tensor | None:

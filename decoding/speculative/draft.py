@@ -107,12 +107,11 @@ class DraftModelProposer:
                 self.blocks.append_slots(state.block_table, state.num_computed, steps)
         except NoFreeBlocksError:
             return False        # the per-step loop drafts what fits
-        vocab = self.model.vocab_size
-        stops = [sorted(t for t in seqs[i].request.params.stop_token_set(self.eos_token_ids) if t < vocab) for i in active]
+        stops = [self._stop_tokens(seqs[i]) for i in active]
         width = max(1, max(map(len, stops)))
         banned = torch.tensor([ids + [-1] * (width - len(ids)) for ids in stops], dtype=torch.long)
-        ban = torch.tensor([[seqs[i].num_output_tokens + len(drafted[i]) + s < seqs[i].request.params.min_tokens
-                             for i in active] for s in range(steps)], dtype=torch.uint8)
+        ban = torch.tensor([[self._stop_tokens_banned(seqs[i], len(drafted[i]) + s) for i in active]
+                            for s in range(steps)], dtype=torch.uint8)
         longest = max(len(state.block_table) for state in states)
         tables = torch.tensor([state.block_table + [NULL_BLOCK] * (longest - len(state.block_table)) for state in states],
                               dtype=torch.long)
@@ -146,10 +145,8 @@ class DraftModelProposer:
             # The common case, without the whole pipeline: argmax, with stop tokens banned below min_tokens.
             logits = logits.clone()
             for row, (seq, d) in enumerate(zip(seqs, drafted)):
-                params = seq.request.params
-                if seq.num_output_tokens + len(d) < params.min_tokens:
-                    banned = [i for i in params.stop_token_set(self.eos_token_ids) if i < logits.shape[-1]]
-                    logits[row, banned] = float("-inf")
+                if self._stop_tokens_banned(seq, len(d)):
+                    logits[row, self._stop_tokens(seq)] = float("-inf")
             return logits.argmax(dim=-1).tolist(), [None] * len(seqs)
         views = [ExtendedSequence(seq, d) for seq, d in zip(seqs, drafted)]
         batch = SamplingBatch.from_sequences(views, logits.shape[-1], self.eos_token_ids, self.device)
@@ -161,6 +158,15 @@ class DraftModelProposer:
         sampled = self.sampler.sample(dists, batch)
         tokens = torch.where(batch.greedy, tokens, sampled).tolist()
         return tokens, [None if seq.request.params.is_greedy else dists[r].cpu() for r, seq in enumerate(seqs)]
+
+    def _stop_tokens(self, seq: Sequence) -> list[int]:
+        return sorted(t for t in seq.request.params.stop_token_set(self.eos_token_ids) if t < self.model.vocab_size)
+
+    @staticmethod
+    def _stop_tokens_banned(seq: Sequence, num_drafted: int) -> bool:
+        """A greedy draft's stop tokens are banned while the request is below min_tokens, as the sampler bans
+        them, counting the tokens drafted before this one."""
+        return seq.num_output_tokens + num_drafted < seq.request.params.min_tokens
 
     def on_verified(self, seq: Sequence, num_accepted: int) -> None:
         """Keep the draft cache up to the accepted prefix: the catch-up of the next round starts there."""
