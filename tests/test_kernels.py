@@ -261,11 +261,12 @@ def test_prefill_kernel_matches_causal_sdpa(heads, kv_heads, head_dim, block_siz
 
 
 @needs_kernel
-@pytest.mark.parametrize("rows", [1, 2, 3, 7, 8, 9, 11, 12, 13, 40])
-@pytest.mark.parametrize("in_features,out_features", [(37, 50), (64, 16), (64, 33), (320, 960)])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 6, 7, 8, 9, 11, 12, 13, 40, 300])
+@pytest.mark.parametrize("in_features,out_features", [(37, 50), (64, 16), (64, 33), (320, 960), (1500, 40)])
 def test_panel_product_matches_matmul(rows, in_features, out_features):
-    """Every tile shape (one tile up to 12 rows; 8-row tiles and a shorter last one beyond), a lone last
-    panel, ragged last columns, strided rows, with and without bias and residual."""
+    """Every tile shape of every CPU class (one tile up to 12 rows on AVX-512, 6 on AVX2 and NEON; full
+    tiles and a shorter last one beyond), blocks of rows, k split in blocks (over 1,024 inputs), a lone
+    last panel, ragged last columns, strided rows, with and without bias and residual."""
     generator = torch.Generator().manual_seed(rows * out_features + in_features)
     weight_t = torch.randn(in_features, out_features, generator=generator)
     packed = kernels.pack_panels(weight_t)
@@ -276,6 +277,22 @@ def test_panel_product_matches_matmul(rows, in_features, out_features):
     torch.testing.assert_close(kernels.gemm_panels(x, packed, out_features), x @ weight_t, **tolerance)
     torch.testing.assert_close(kernels.gemm_panels(x, packed, out_features, bias, residual),
                                x @ weight_t + bias + residual, **tolerance)
+
+
+@needs_kernel
+@pytest.mark.parametrize("in_features,out_features", [(320, 960), (864, 320), (1500, 40)])
+def test_panel_product_rows_do_not_depend_on_the_other_rows(in_features, out_features):
+    """A row's result is bit-identical whether it is multiplied alone (a decode), in a single tile (a
+    draft or tree verification) or among hundreds (a prompt chunk): what lossless speculation and
+    batch-independent outputs rest on."""
+    generator = torch.Generator().manual_seed(in_features)
+    weight_t = torch.randn(in_features, out_features, generator=generator)
+    packed = kernels.pack_panels(weight_t)
+    bias = torch.randn(out_features, generator=generator)
+    x = torch.randn(300, in_features, generator=generator)
+    alone = torch.cat([kernels.gemm_panels(x[i : i + 1], packed, out_features, bias) for i in range(300)])
+    for rows in (5, 12, 40, 300):
+        assert torch.equal(kernels.gemm_panels(x[:rows], packed, out_features, bias), alone[:rows])
 
 
 @needs_kernel

@@ -5,6 +5,11 @@ runtime torch has already loaded, so a kernel's threads are torch's threads: no 
 for the cores. The build is cached per source, flags and CPU under ~/.cache/gorgon/kernels (or
 $GORGON_KERNEL_CACHE). Where no compiler works (a slim container, macOS without OpenMP) the engine
 keeps its pure-torch path and says so once in the log; GORGON_NATIVE_KERNELS=0 selects that path.
+
+The kernels are built for the CPU they run on (`-march=native`). GORGON_KERNEL_MARCH builds them for
+another target instead, a lower CPU class in particular: `GORGON_KERNEL_MARCH=x86-64-v3` gives the AVX2
+build on an AVX-512 machine, so both classes can be tested and measured on either. The vector code picks
+its register tiles from what the target has (gemm.c), not from the machine it was compiled on.
 """
 
 from __future__ import annotations
@@ -30,7 +35,16 @@ SOURCES = [Path(__file__).with_name(name)
 HEADERS = [Path(__file__).with_name("vector_math.h")]
 # -ffp-contract=fast lets the compiler fuse multiply-adds: ISO C mode (-std=c11) otherwise forbids it,
 # which halves the arithmetic rate of every dot product and matrix tile.
-FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
+BASE_FLAGS = ["-O3", "-ffp-contract=fast", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
+
+
+def target_march() -> str:
+    """The -march the kernels are built for: the machine's own unless GORGON_KERNEL_MARCH names another."""
+    return os.environ.get("GORGON_KERNEL_MARCH") or "native"
+
+
+def _flags() -> list[str]:
+    return [*BASE_FLAGS, f"-march={target_march()}"]
 
 
 def _cpu_identity() -> str:
@@ -48,7 +62,8 @@ def _cache_dir() -> Path:
 
 def _build(compiler: str) -> Path:
     source = b"".join(path.read_bytes() for path in [*SOURCES, *HEADERS])
-    key = hashlib.sha256(source + " ".join([compiler, *FLAGS]).encode() + _cpu_identity().encode()).hexdigest()[:16]
+    flags = _flags()
+    key = hashlib.sha256(source + " ".join([compiler, *flags]).encode() + _cpu_identity().encode()).hexdigest()[:16]
     library = _cache_dir() / f"gorgon-kernels-{key}.so"
     if library.exists():
         return library
@@ -58,7 +73,7 @@ def _build(compiler: str) -> Path:
     with tempfile.NamedTemporaryFile(dir=library.parent, suffix=".so", delete=False) as tmp:
         partial = Path(tmp.name)
     try:
-        subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", str(partial), "-lm"],
+        subprocess.run([compiler, *flags, *map(str, SOURCES), "-o", str(partial), "-lm"],
                        check=True, capture_output=True, text=True, timeout=120)
         partial.replace(library)
     finally:
