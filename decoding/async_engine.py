@@ -128,6 +128,7 @@ class AsyncEngine:
         self._wakeup.set()
 
     def _run(self) -> None:
+        self.engine.use_threads()
         while not self._stopped:
             self._drain_commands()
             self._apply_ready_update()

@@ -17,6 +17,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 512     # token budget of one step (decodes + prefill chunks)
     max_model_len: int | None = None      # None: the model's own context length
     seed: int = 0                         # seeds the generators of requests that bring no seed
+    threads: int | None = None            # threads of torch and the native kernels; None: torch's default
     show_progress: bool = True
     # Speculative decoding: None (off), "draft" (a draft model), "ngram" (prompt lookup) or "medusa".
     speculative: str | None = None
@@ -46,6 +47,8 @@ class EngineConfig:
             raise ValueError(f"num_kv_blocks must be >= 2, got {self.num_kv_blocks}")
         if self.kv_cache_memory_gb <= 0:
             raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < self.max_num_seqs:

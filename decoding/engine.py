@@ -31,7 +31,7 @@ from decoding.speculative.ngram import NgramProposer
 from decoding.speculative.rejection import Verdict
 from decoding.structured.grammar import GrammarCompiler, GrammarCursor, constraint_regex
 from decoding.weights import apply_update, validate_update
-from models import load_model
+from models import kernels, load_model
 from models.attention import PagedKVCache
 from models.loader import DEFAULT_DRAFT_DIR, DEFAULT_MEDUSA_DIR
 from models.medusa import MedusaHeads
@@ -60,6 +60,7 @@ class Engine:
     def __init__(self, model: str | None = None, config: EngineConfig | None = None, **overrides):
         config = config or EngineConfig()
         self.config = replace(config, model=model or config.model, **overrides)
+        self.use_threads()
         self.loaded = load_model(self.config.model, self.config.dtype, self.config.device,
                                  show_progress=self.config.show_progress)
         self.tokenizer = self.loaded.tokenizer
@@ -81,6 +82,11 @@ class Engine:
         self._seq_counter = itertools.count()
         self._seed_rng = random.Random(self.config.seed)
         self.weight_version = 0
+
+    def use_threads(self) -> None:
+        """Apply the `threads` option to the calling thread (whoever steps the engine calls this once)."""
+        if self.config.threads is not None:
+            kernels.set_num_threads(self.config.threads)
 
     def _init_cache(self) -> None:
         model, cfg = self.loaded.model, self.config

@@ -12,6 +12,8 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="HF folder or hub id (default: the embedded model)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads of the model's products and kernels (default: one per core)")
     parser.add_argument("--speculative", choices=["draft", "ngram", "medusa"], default=None,
                         help="speculative decoding: a draft model, prompt lookup (n-gram) or Medusa heads")
     parser.add_argument("--draft-model", default=None, help="draft model folder (default: the embedded draft)")
@@ -36,7 +38,7 @@ def _choices(text: str) -> tuple[tuple[int, ...], ...]:
 
 
 def _engine_options(args: argparse.Namespace) -> dict:
-    return dict(model=args.model, dtype=args.dtype, device=args.device, speculative=args.speculative,
+    return dict(model=args.model, dtype=args.dtype, device=args.device, threads=args.threads, speculative=args.speculative,
                 draft_model=args.draft_model, num_speculative_tokens=args.num_speculative_tokens,
                 prompt_lookup_max=args.prompt_lookup_max, prompt_lookup_min=args.prompt_lookup_min,
                 medusa_heads=args.medusa_heads, medusa_choices=args.medusa_choices,

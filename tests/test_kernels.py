@@ -326,3 +326,17 @@ def test_kernel_rows_with_extra_positions_attend_like_a_tree_mask():
         expected = F.scaled_dot_product_attention(query[row].unsqueeze(0).unsqueeze(2), keys, values, scale=0.125,
                                                   enable_gqa=True).squeeze(2).squeeze(0)
         torch.testing.assert_close(out[row], expected, atol=2e-6, rtol=1e-5)
+
+
+@needs_kernel
+def test_threads_option_sets_torch_and_the_kernels(llama_dir):
+    before = torch.get_num_threads()
+    try:
+        engine = Engine(model=llama_dir, threads=1, show_progress=False)
+        assert torch.get_num_threads() == 1 and kernels.num_threads() == 1
+        [out] = engine.generate(PROMPTS[:1], SamplingParams(max_tokens=4, temperature=0))
+        assert out.outputs[0].token_ids == hf_greedy(llama_dir, PROMPTS[0], 4)
+    finally:
+        kernels.set_num_threads(before)
+    with pytest.raises(ValueError, match="threads"):
+        Engine(model=llama_dir, threads=0, show_progress=False)

@@ -31,8 +31,8 @@ logger = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(name)
            for name in ("paged_attention.c", "prefill_attention.c", "fused_ops.c", "sampling.c", "gemm.c",
-                        "decoder.c")]
-HEADERS = [Path(__file__).with_name("vector_math.h")]
+                        "decoder.c", "threads.c")]
+HEADERS = [Path(__file__).with_name(name) for name in ("vector_math.h", "threads.h")]
 # -ffp-contract=fast lets the compiler fuse multiply-adds: ISO C mode (-std=c11) otherwise forbids it,
 # which halves the arithmetic rate of every dot product and matrix tile.
 BASE_FLAGS = ["-O3", "-ffp-contract=fast", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
@@ -96,6 +96,9 @@ def _library() -> ctypes.CDLL | None:
         logger.warning("native kernels unavailable (%s): decode attention runs on the pure-torch path", detail)
         return None
     i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+    library.set_kernel_threads.argtypes = [ctypes.c_int]
+    library.set_kernel_threads.restype = None
+    library.kernel_threads.restype = ctypes.c_int
     library.paged_decode_attention.argtypes = [ptr, i64, ptr, ptr, ptr, i64, ptr, ptr, i64, ptr, ptr,
                                                i64, i64, i64, i64, i64, i64, f32]
     library.paged_decode_attention.restype = None
@@ -121,6 +124,23 @@ def _library() -> ctypes.CDLL | None:
                      library.decoder_greedy_chain):
         function.restype = None
     return library
+
+
+def set_num_threads(threads: int) -> None:
+    """Threads for torch's intra-op pool and the native kernels alike (both run on the same OpenMP
+    runtime, see above), from now on and for every thread that steps the engine."""
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
+    library = _library()
+    if library is not None:
+        library.set_kernel_threads(threads)
+
+
+def num_threads() -> int:
+    """The threads a native kernel's parallel region uses now."""
+    library = _library()
+    return library.kernel_threads() if library is not None else torch.get_num_threads()
 
 
 def native_decode_available(device: torch.device, dtype: torch.dtype) -> bool:

@@ -12,6 +12,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "threads.h"
 #include "vector_math.h"
 
 #define PARALLEL_MIN_ELEMENTS (1 << 12)
@@ -19,7 +20,7 @@
 /* out[r] = x[r] * rsqrt(mean(x[r]^2) + eps) * weight, HF's Llama RMSNorm in float32. */
 void rms_norm(const float *x, int64_t x_row_stride, const float *weight, float eps, float *out,
               int64_t rows, int64_t dim) {
-#pragma omp parallel for if (rows * dim >= PARALLEL_MIN_ELEMENTS) schedule(static)
+#pragma omp parallel for num_threads(kernel_threads()) if (rows * dim >= PARALLEL_MIN_ELEMENTS) schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
         const float *restrict in = x + r * x_row_stride;
         float *restrict o = out + r * dim;
@@ -57,7 +58,7 @@ void rotary_write_kv(float *qkv, int64_t row_stride, const float *cos, const flo
                      const int64_t *slots, float *key_cache, float *value_cache, int64_t rows,
                      int64_t num_heads, int64_t num_kv_heads, int64_t head_dim) {
     const int64_t kv_width = num_kv_heads * head_dim;
-#pragma omp parallel for if (rows * row_stride >= PARALLEL_MIN_ELEMENTS) schedule(static)
+#pragma omp parallel for num_threads(kernel_threads()) if (rows * row_stride >= PARALLEL_MIN_ELEMENTS) schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
         float *row = qkv + r * row_stride;
         for (int64_t h = 0; h < num_heads + num_kv_heads; ++h)
@@ -70,7 +71,7 @@ void rotary_write_kv(float *qkv, int64_t row_stride, const float *cos, const flo
 
 /* out[r] = silu(gate[r]) * up[r], where each input row is [gate | up] of width 2 * dim. */
 void silu_mul(const float *gate_up, float *out, int64_t rows, int64_t dim) {
-#pragma omp parallel for if (rows * dim >= PARALLEL_MIN_ELEMENTS) schedule(static)
+#pragma omp parallel for num_threads(kernel_threads()) if (rows * dim >= PARALLEL_MIN_ELEMENTS) schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
         const float *restrict gate = gate_up + r * 2 * dim;
         const float *restrict up = gate + dim;

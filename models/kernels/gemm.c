@@ -33,6 +33,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "threads.h"
+
 #define PANEL 16
 
 #if defined(__AVX512F__)
@@ -73,7 +75,7 @@ static inline void store_vec(float *p, vec v) { memcpy(p, &v, sizeof v); }
 
 void pack_panels(const float *w_t, int64_t K, int64_t N, float *packed) {
     const int64_t panels = (N + PANEL - 1) / PANEL;
-#pragma omp parallel for if (K * N >= (1 << 16)) schedule(static)
+#pragma omp parallel for num_threads(kernel_threads()) if (K * N >= (1 << 16)) schedule(static)
     for (int64_t p = 0; p < panels; ++p)
         for (int64_t k = 0; k < K; ++k) {
             float *out = packed + (p * K + k) * PANEL;
@@ -244,7 +246,7 @@ void gemm_panels(const float *x, int64_t M, int64_t K, int64_t ldx, const float 
     const int64_t panels = (N + PANEL - 1) / PANEL;
     const int64_t groups = (panels + TILE_PANELS - 1) / TILE_PANELS;
     if (M <= MAX_TILE_ROWS) {
-#pragma omp parallel for if (M * K * N >= (1 << 15)) schedule(static)
+#pragma omp parallel for num_threads(kernel_threads()) if (M * K * N >= (1 << 15)) schedule(static)
         for (int64_t g = 0; g < groups; ++g) {
             const Job job = group_job(packed, g, K, N);
             BY_HEIGHT[M](&p, 0, 0, &job);
@@ -257,7 +259,7 @@ void gemm_panels(const float *x, int64_t M, int64_t K, int64_t ldx, const float 
     if (partial == NULL) k_blocks = 1;   /* no memory for running sums: whole-k tiles, slower but exact */
     const int64_t k_step = (K + k_blocks - 1) / k_blocks, block = rows_per_block(M, k_step);
     /* Each thread owns a contiguous range of groups and walks it once per block of rows (and of k). */
-#pragma omp parallel if (M * K * N >= (1 << 15))
+#pragma omp parallel num_threads(kernel_threads()) if (M * K * N >= (1 << 15))
     {
         const int64_t threads = omp_get_num_threads(), thread = omp_get_thread_num();
         const int64_t g0 = groups * thread / threads, g1 = groups * (thread + 1) / threads;

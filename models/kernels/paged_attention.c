@@ -24,6 +24,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "threads.h"
 #include "vector_math.h"
 
 typedef struct {
@@ -160,10 +161,10 @@ void paged_decode_attention(const float *query, int64_t query_row_stride, const 
                        context_lens, extra_positions, max_extra, extra_counts, out, num_heads, num_kv_heads,
                        block_size, window, scale};
     if (batch >= 4 * omp_get_max_threads()) {
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for num_threads(kernel_threads()) schedule(dynamic, 1)
         for (int64_t b = 0; b < batch; ++b) attend_any(&p, b, 0, num_kv_heads, head_dim);
     } else {
-#pragma omp parallel for collapse(2) schedule(dynamic, 1)
+#pragma omp parallel for num_threads(kernel_threads()) collapse(2) schedule(dynamic, 1)
         for (int64_t b = 0; b < batch; ++b)
             for (int64_t kvh = 0; kvh < num_kv_heads; ++kvh) attend_any(&p, b, kvh, kvh + 1, head_dim);
     }

@@ -20,6 +20,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "threads.h"
 #include "vector_math.h"
 
 #define QUERY_BLOCK 8
@@ -154,7 +155,7 @@ void paged_prefill_attention(const float *query, int64_t query_row_stride, const
     /* Work items (segment, query head, query block), numbered segment by segment. */
     int64_t items = 0;
     for (int64_t s = 0; s < segments; ++s) items += num_heads * ((counts[s] + QUERY_BLOCK - 1) / QUERY_BLOCK);
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for num_threads(kernel_threads()) schedule(dynamic, 1)
     for (int64_t item = 0; item < items; ++item) {
         int64_t s = 0, rest = item;
         for (;; ++s) {

@@ -18,6 +18,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "threads.h"
 #include "vector_math.h"
 
 #define WALK_CHUNK 128
@@ -90,7 +91,7 @@ static void sample_row(const float *restrict x, int64_t vocab, float temperature
 void sample_rows(const float *logits, int64_t rows, int64_t vocab, const float *temperature, const float *uniforms,
                  const uint8_t *greedy, const uint8_t *want_raw, int64_t *tokens, float *logprobs,
                  float *raw_logprobs) {
-#pragma omp parallel for if (rows >= 4) schedule(static)
+#pragma omp parallel for num_threads(kernel_threads()) if (rows >= 4) schedule(static)
     for (int64_t r = 0; r < rows; ++r)
         sample_row(logits + r * vocab, vocab, temperature[r], uniforms[r], greedy[r], want_raw[r], tokens + r,
                    logprobs + r, raw_logprobs + r);

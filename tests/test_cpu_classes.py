@@ -1,0 +1,46 @@
+"""The native kernels built for the lower CPU classes this machine can also run (GORGON_KERNEL_MARCH),
+through the same kernel tests: an AVX-512 machine checks its AVX2 build, any x86-64 machine its SSE
+build. Each class picks its own register tiles (models/kernels/gemm.c), so each is its own code."""
+
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_kernels import needs_kernel
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def lower_classes() -> list[str]:
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return []
+    flags = _cpu_flags()
+    classes = ["x86-64-v2"] if "sse4_2" in flags else []
+    if "avx512f" in flags and "avx2" in flags and "fma" in flags:
+        classes.append("x86-64-v3")
+    return classes
+
+
+@needs_kernel
+@pytest.mark.skipif(os.environ.get("GORGON_KERNEL_MARCH") is not None, reason="already a run for one CPU class")
+@pytest.mark.parametrize("march", lower_classes() or [pytest.param(None, marks=pytest.mark.skip(
+    reason="no lower x86-64 class to build for on this machine"))])
+def test_kernels_pass_when_built_for_a_lower_cpu_class(march, tmp_path):
+    env = {**os.environ, "GORGON_KERNEL_MARCH": march}
+    # Exit status 0 means the kernel tests ran and passed (5 would mean none ran).
+    result = subprocess.run([sys.executable, "-m", "pytest", "-x", "-p", "no:cacheprovider",
+                             str(Path(__file__).with_name("test_kernels.py"))],
+                            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
