@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import socket
 import statistics
 import subprocess
@@ -30,9 +32,50 @@ def parse_args(description: str, extra=None) -> argparse.Namespace:
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="weights and activations, for Gorgon and the HF baseline alike")
+    parser.add_argument("--cpu-class", choices=["native", "avx2"], default="native",
+                        help="avx2: measure as on an AVX2 machine without AVX-512 (Gorgon's kernels built for "
+                        "x86-64-v3, and torch's MKL and oneDNN and CTranslate2 held to AVX2 too)")
     if extra:
         extra(parser)
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.cpu_class == "avx2":
+        _rerun_as_avx2()
+    return args
+
+
+# What holds each library to AVX2: read when the library loads, so they are set before the process starts.
+AVX2_ENVIRONMENT = {"GORGON_KERNEL_MARCH": "x86-64-v3", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+                    "ONEDNN_MAX_CPU_ISA": "AVX2", "CT2_FORCE_CPU_ISA": "AVX2"}
+
+
+def _rerun_as_avx2() -> None:
+    """Replace this process by the same benchmark with the libraries held to AVX2 (once)."""
+    if all(os.environ.get(key) == value for key, value in AVX2_ENVIRONMENT.items()):
+        return
+    argv = [arg for arg in sys.argv[1:] if arg not in ("--cpu-class", "avx2", "--cpu-class=avx2")]
+    module = sys.modules["__main__"].__spec__.name
+    os.execve(sys.executable, [sys.executable, "-m", module, *argv, "--cpu-class", "avx2"],
+              {**os.environ, **AVX2_ENVIRONMENT})
+
+
+def cpu_description() -> dict:
+    """The CPU the figures come from: its model, the vector extensions it has, and the class the native
+    kernels were built for."""
+    from models import kernels
+
+    model, flags = platform.processor(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith(("flags", "Features")):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    extensions = [name for name in ("avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "avx2", "fma", "neon",
+                                    "asimd", "sve") if name in flags]
+    return {"cpu": model, "cpu_extensions": extensions, "kernel_march": kernels.target_march(),
+            "threads": torch.get_num_threads()}
 
 
 def benchmark_model_path(name: str | None) -> str:

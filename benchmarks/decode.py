@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM
 
-from benchmarks.common import Timer, benchmark_model_path, interleaved, parse_args, random_prompts, report
+from benchmarks.common import Timer, benchmark_model_path, cpu_description, interleaved, parse_args, random_prompts, report
 from decoding import Engine, SamplingParams
 
 
@@ -63,6 +63,7 @@ def main() -> None:
         "weight_mb": round(weight_bytes / 1e6, 1), "bandwidth_gb_s": round(bandwidth / 1e9, 2),
         "roofline_frac": round(ours_tok_s / (bandwidth / weight_bytes), 3),
         "baseline": "transformers generate(do_sample=False), same model, same process",
+        **cpu_description(),
     }, args.json)
 
 

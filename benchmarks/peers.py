@@ -1,0 +1,295 @@
+"""Gorgon against the CPU engines users would otherwise pick, on the same HF folder, prompts and threads.
+
+Peers: CTranslate2 (the `peers` extra; the benchmark converts the folder itself), and vLLM's CPU build and
+llama.cpp (`llama_cpp`) when they are importable; a peer that is not is reported as skipped, with why.
+Workloads, each run in turn on both sides (Gorgon, peer, Gorgon, ...) with fresh prompts per run so that
+no cache carries over, medians and the spread (min-max) reported:
+
+- TTFT for prompts of 128, 512 and 2,048 tokens (those the model's context holds);
+- batch-1 greedy decode: a 64-token prompt, 128 new tokens, EOS ignored (token identity reported);
+- 32 distinct prompts of 16-1,024 tokens, sampled (T = 1), 128 new tokens each;
+- one 128-token prompt, n = 16 samples of 128 tokens (CTranslate2: `num_hypotheses`).
+
+Models: the embedded default target, and a 0.5B-class Qwen2 with random weights that the benchmark
+builds once (hidden 896, 24 layers, 14 heads, 2 KV heads, intermediate 4,864, the default tokenizer's
+vocabulary, float32); its batch-1 decode is also reported as a fraction of the memory-bandwidth
+roofline. Ratios are Gorgon over the peer: seconds_peer / seconds_gorgon for TTFT, tok/s over tok/s
+otherwise, so above 1 means Gorgon is faster.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import shutil
+import statistics
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import Timer, cpu_description, parse_args, random_prompts, report
+from benchmarks.decode import measure_read_bandwidth
+from decoding import Engine, SamplingParams
+from models.loader import DEFAULT_MODEL_DIR
+
+QWEN2_0P5B = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                  intermediate_size=4864, max_position_embeddings=4096, rope_theta=1_000_000.0,
+                  tie_word_embeddings=True)
+TTFT_LENGTHS = (128, 512, 2048)
+
+
+@dataclass(frozen=True)
+class Workloads:
+    repeats: int
+    num_batch_prompts: int
+    batch_lengths: tuple[int, int]
+    new_tokens: int
+    group_n: int
+
+
+FULL = Workloads(repeats=3, num_batch_prompts=32, batch_lengths=(16, 1024), new_tokens=128, group_n=16)
+QUICK = Workloads(repeats=1, num_batch_prompts=8, batch_lengths=(16, 1024), new_tokens=32, group_n=16)
+
+
+# ---- the sides ------------------------------------------------------------------------------------
+
+class GorgonSide:
+    name = "gorgon"
+
+    def __init__(self, path: str, threads: int):
+        self.engine = Engine(model=path, threads=threads, show_progress=False, kv_cache_memory_gb=2.0)
+
+    def first_token(self, prompt: list[int]) -> None:
+        self.engine.generate([prompt], SamplingParams(max_tokens=1, temperature=0))
+
+    def greedy(self, prompt: list[int], new_tokens: int) -> list[int]:
+        params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+        return self.engine.generate([prompt], params)[0].outputs[0].token_ids
+
+    def sample(self, prompts: list[list[int]], new_tokens: int, n: int, seed: int) -> int:
+        params = SamplingParams(n=n, max_tokens=new_tokens, temperature=1.0, ignore_eos=True, seed=seed)
+        outputs = self.engine.generate(prompts, params)
+        return sum(len(c.token_ids) for out in outputs for c in out.outputs)
+
+
+class CTranslate2Side:
+    name = "ctranslate2"
+
+    def __init__(self, path: str, threads: int, tokenizer):
+        import ctranslate2
+
+        self.version = ctranslate2.__version__
+        self.generator = ctranslate2.Generator(str(_converted(path)), device="cpu", compute_type="float32",
+                                               intra_threads=threads, inter_threads=1)
+        self.tokenizer = tokenizer
+
+    def _tokens(self, prompt: list[int]) -> list[str]:
+        return self.tokenizer.convert_ids_to_tokens(prompt)
+
+    def first_token(self, prompt: list[int]) -> None:
+        self.generator.generate_batch([self._tokens(prompt)], max_length=1, sampling_topk=1,
+                                      include_prompt_in_result=False)
+
+    def greedy(self, prompt: list[int], new_tokens: int) -> list[int]:
+        # min_length = max_length: EOS is not chosen before the last token, as ignore_eos.
+        [result] = self.generator.generate_batch([self._tokens(prompt)], max_length=new_tokens,
+                                                 min_length=new_tokens, sampling_topk=1,
+                                                 include_prompt_in_result=False)
+        return result.sequences_ids[0]
+
+    def sample(self, prompts: list[list[int]], new_tokens: int, n: int, seed: int) -> int:
+        import ctranslate2
+
+        ctranslate2.set_random_seed(seed)
+        # Batches of up to 2,048 prompt tokens: the fastest of the batchings tried for 32 prompts of
+        # 16-1,024 tokens (one batch, 1, 4 or 8 prompts, 2,048 or 4,096 tokens; one batch of prompts of
+        # mixed lengths was the slowest, 3.8x slower than one at a time for 8 prompts).
+        results = self.generator.generate_batch([self._tokens(p) for p in prompts], max_length=new_tokens,
+                                                min_length=new_tokens, sampling_topk=0, sampling_temperature=1.0,
+                                                num_hypotheses=n, include_prompt_in_result=False,
+                                                max_batch_size=2048, batch_type="tokens")
+        return sum(len(ids) for result in results for ids in result.sequences_ids)
+
+
+def _converted(path: str) -> Path:
+    """The CTranslate2 conversion of an HF folder, made once per folder content."""
+    from ctranslate2.converters import TransformersConverter
+
+    digest = hashlib.sha256(Path(path, "config.json").read_bytes())
+    for weights in sorted(Path(path).glob("*.safetensors")):
+        digest.update(str(weights.stat().st_size).encode() + str(weights.stat().st_mtime_ns).encode())
+    folder = Path(tempfile.gettempdir()) / f"gorgon-bench-ct2-{digest.hexdigest()[:12]}"
+    if not (folder / "model.bin").exists():
+        TransformersConverter(path).convert(str(folder), quantization="float32", force=True)
+    return folder
+
+
+def peers_available() -> dict[str, str | None]:
+    """Each peer -> None when it can run here, else why it is skipped."""
+    return {
+        "ctranslate2": None if importlib.util.find_spec("ctranslate2") else
+        "not installed (pip install -e '.[peers]')",
+        "vllm": "vLLM's CPU build is not importable here" if importlib.util.find_spec("vllm") is None else
+        "importable, but not driven by this benchmark yet",
+        "llama_cpp": "llama-cpp-python is not importable here (and needs a GGUF conversion)"
+        if importlib.util.find_spec("llama_cpp") is None else "importable, but not driven by this benchmark yet",
+    }
+
+
+# ---- measuring ------------------------------------------------------------------------------------
+
+def _interleaved(ours: Callable[[int], object], peer: Callable[[int], object], repeats: int) -> dict:
+    """Run ours(i) and peer(i) in turn, i = 0..repeats-1 (each run gets its own fresh inputs); seconds."""
+    ours_s, peer_s = [], []
+    for i in range(repeats):
+        with Timer() as t:
+            ours(i)
+        ours_s.append(t.seconds)
+        with Timer() as t:
+            peer(i)
+        peer_s.append(t.seconds)
+    return {"ours_s": statistics.median(ours_s), "peer_s": statistics.median(peer_s),
+            "ours_spread_s": [round(min(ours_s), 4), round(max(ours_s), 4)],
+            "peer_spread_s": [round(min(peer_s), 4), round(max(peer_s), 4)]}
+
+
+def measure(ours: GorgonSide, peer, vocab: int, max_len: int, work: Workloads) -> dict:
+    results: dict[str, dict] = {}
+    warm = random_prompts(2, 32, vocab, seed=999)
+    for side in (ours, peer):    # first calls build caches and pack weights
+        side.first_token(warm[0])
+        side.sample(warm, 4, 1, seed=0)
+
+    for length in TTFT_LENGTHS:
+        if length + 1 > max_len:
+            results[f"ttft_{length}"] = {"skipped": f"beyond the model's context ({max_len} tokens)"}
+            continue
+        prompts = random_prompts(2 * work.repeats, length, vocab, seed=length)
+        timing = _interleaved(lambda i: ours.first_token(prompts[2 * i]),
+                              lambda i: peer.first_token(prompts[2 * i + 1]), work.repeats)
+        results[f"ttft_{length}"] = {**_rounded(timing), "ratio": round(timing["peer_s"] / timing["ours_s"], 3)}
+
+    new = work.new_tokens
+    decode_prompts = random_prompts(work.repeats, 64, vocab, seed=64)
+    identical = ours.greedy(decode_prompts[0], new) == peer.greedy(decode_prompts[0], new)
+    timing = _interleaved(lambda i: ours.greedy(decode_prompts[i], new), lambda i: peer.greedy(decode_prompts[i], new),
+                          work.repeats)
+    results["decode"] = _throughput(timing, new, identical_tokens=identical)
+
+    low, high = work.batch_lengths
+    high = min(high, max_len - new)     # the default model's context is 1,024 tokens
+    gen = torch.Generator().manual_seed(0)
+    batches = [random_prompts(work.num_batch_prompts,
+                              torch.randint(low, high + 1, (work.num_batch_prompts,), generator=gen).tolist(),
+                              vocab, seed=100 + i) for i in range(work.repeats)]
+    timing = _interleaved(lambda i: ours.sample(batches[i], new, 1, seed=i), lambda i: peer.sample(batches[i], new, 1, seed=i),
+                          work.repeats)
+    results["batch"] = _throughput(timing, work.num_batch_prompts * new, prompts=work.num_batch_prompts,
+                                   prompt_tokens=[low, high])
+
+    group_prompts = random_prompts(work.repeats, 128, vocab, seed=128)
+    timing = _interleaved(lambda i: ours.sample([group_prompts[i]], new, work.group_n, seed=i),
+                          lambda i: peer.sample([group_prompts[i]], new, work.group_n, seed=i), work.repeats)
+    results["group"] = _throughput(timing, work.group_n * new, n=work.group_n)
+    return results
+
+
+def _rounded(timing: dict) -> dict:
+    return {key: round(value, 4) if isinstance(value, float) else value for key, value in timing.items()}
+
+
+def _throughput(timing: dict, tokens: int, **extra) -> dict:
+    return {"ours_tok_s": round(tokens / timing["ours_s"], 2), "peer_tok_s": round(tokens / timing["peer_s"], 2),
+            "ratio": round(timing["peer_s"] / timing["ours_s"], 3), **_rounded(timing), **extra}
+
+
+# ---- models ---------------------------------------------------------------------------------------
+
+def qwen2_0p5b_path() -> str:
+    """A 0.5B-class Qwen2 with random weights and the default tokenizer, built once in the temp folder."""
+    folder = Path(tempfile.gettempdir()) / "gorgon-bench-qwen2-0p5b"
+    if (folder / "config.json").exists():
+        return str(folder)
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL_DIR)
+    config = Qwen2Config(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **QWEN2_0P5B)
+    torch.manual_seed(0)
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    Qwen2ForCausalLM(config).save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.rename(folder)
+    return str(folder)
+
+
+def streamed_weight_bytes(engine: Engine) -> int:
+    """Bytes a batch-1 decode step reads: every parameter, counting a tied embedding once (its transposed
+    output-head copy is what streams)."""
+    model = engine.loaded.model
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    if getattr(model, "tied", False):
+        total -= model.vocab_size * model.hidden_size * next(model.parameters()).element_size()
+    return total
+
+
+def run_model(label: str, path: str, threads: int, work: Workloads, skipped: dict[str, str | None]) -> dict:
+    ours = GorgonSide(path, threads)
+    vocab, max_len = ours.engine.loaded.model.vocab_size, ours.engine.max_model_len
+    section: dict = {"model": label, "path": path}
+    if skipped["ctranslate2"] is None:
+        peer = CTranslate2Side(path, threads, ours.engine.tokenizer)
+        section["ctranslate2"] = {"version": peer.version, **measure(ours, peer, vocab, max_len, work)}
+        del peer
+    decode_tok_s = None
+    if "ctranslate2" in section:
+        decode_tok_s = section["ctranslate2"]["decode"]["ours_tok_s"]
+    else:
+        prompt = random_prompts(1, 64, vocab, seed=64)[0]
+        ours.greedy(prompt, 8)
+        with Timer() as t:
+            ours.greedy(prompt, work.new_tokens)
+        decode_tok_s = work.new_tokens / t.seconds
+    weight_bytes = streamed_weight_bytes(ours.engine)
+    bandwidth = measure_read_bandwidth()
+    section.update(weight_mb=round(weight_bytes / 1e6, 1), bandwidth_gb_s=round(bandwidth / 1e9, 2),
+                   decode_roofline_frac=round(decode_tok_s / (bandwidth / weight_bytes), 3))
+    return section
+
+
+def main() -> None:
+    def extra(parser):
+        parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                            help="threads for Gorgon and every peer alike (default: torch's, one per core)")
+        parser.add_argument("--models", default=None,
+                            help="comma-separated from default,0p5b (default: both; --quick: default only)")
+
+    args = parse_args(__doc__, extra)
+    work = QUICK if args.quick else FULL
+    models = (args.models or ("default" if args.quick else "default,0p5b")).split(",")
+    skipped = peers_available()
+    result: dict = {"benchmark": "peers", "dtype": "float32", "quick": args.quick, **cpu_description(),
+                    "threads": args.threads, "workloads": work.__dict__,
+                    "skipped": {name: why for name, why in skipped.items() if why is not None}}
+    paths = {"default": str(DEFAULT_MODEL_DIR), "0p5b": None}
+    for label in models:
+        path = paths[label] or qwen2_0p5b_path()
+        section = run_model(label, path, args.threads, work, skipped)
+        result[label] = section
+        suffix = "" if label == "default" else f"_{label}"
+        peer = section.get("ctranslate2")
+        if peer:
+            ttft = peer["ttft_512"]
+            result[f"ttft_512_ratio{suffix}"] = ttft.get("ratio")
+            for workload in ("decode", "batch", "group"):
+                result[f"{workload}_ratio{suffix}"] = peer[workload]["ratio"]
+        result[f"decode_roofline_frac{suffix}"] = section["decode_roofline_frac"]
+    report(result, args.json)
+
+
+if __name__ == "__main__":
+    main()
