@@ -1,4 +1,4 @@
-"""32 distinct prompts of 16-256 tokens, sampled: Gorgon's continuous batching vs HF `generate` on the
+"""32 distinct prompts of 16-2,048 tokens (to the model's context), sampled: Gorgon's continuous batching vs HF `generate` on the
 left-padded batch, same model, same run."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM
 
-from benchmarks.common import benchmark_model_path, interleaved, parse_args, random_prompts, report
+from benchmarks.common import benchmark_model_path, interleaved, parse_args, random_prompts, report, user_prompt_lengths
 from decoding import Engine, SamplingParams
 
 
@@ -15,7 +15,7 @@ def main() -> None:
     path = benchmark_model_path(args.model)
     num_prompts, new_tokens = 32, (64 if args.quick else 128)
     engine = Engine(model=path, dtype=args.dtype, show_progress=False)
-    lengths = torch.randint(16, 257, (num_prompts,), generator=torch.Generator().manual_seed(0)).tolist()
+    lengths = user_prompt_lengths(num_prompts, engine.max_model_len, new_tokens)
     prompts = random_prompts(num_prompts, lengths, engine.loaded.model.vocab_size)
     params = SamplingParams(temperature=1.0, max_tokens=new_tokens, min_tokens=new_tokens, seed=0)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).eval()

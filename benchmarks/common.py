@@ -124,6 +124,13 @@ def random_prompts(num: int, lengths: list[int] | int, vocab_size: int, seed: in
     return [torch.randint(3, vocab_size, (n,), generator=gen).tolist() for n in lengths]
 
 
+def user_prompt_lengths(num: int, context: int, new_tokens: int, seed: int = 0) -> list[int]:
+    """Prompt lengths like those users send: uniform from 16 to 2,048 tokens, or to what the model's
+    context leaves for the new tokens when that is less (the embedded default model holds 1,024)."""
+    longest = min(2048, context - new_tokens)
+    return torch.randint(16, longest + 1, (num,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
 class Timer:
     def __enter__(self):
         self.start = time.perf_counter()

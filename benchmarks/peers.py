@@ -6,7 +6,8 @@ Workloads, each run in turn on both sides (Gorgon, peer, Gorgon, ...) with fresh
 no cache carries over, medians and the spread (min-max) reported:
 
 - TTFT for prompts of 128, 512 and 2,048 tokens (those the model's context holds);
-- batch-1 greedy decode: a 64-token prompt, 128 new tokens, EOS ignored (token identity reported);
+- batch-1 greedy decode: a 64-token prompt, exactly 128 new tokens (EOS banned before them, as
+  CTranslate2's min_length does), token identity with the peer reported;
 - 32 distinct prompts of 16-1,024 tokens, sampled (T = 1), 128 new tokens each;
 - one 128-token prompt, n = 16 samples of 128 tokens (CTranslate2: `num_hypotheses`).
 
@@ -21,8 +22,10 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import shutil
 import statistics
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -65,12 +68,15 @@ class GorgonSide:
     def first_token(self, prompt: list[int]) -> None:
         self.engine.generate([prompt], SamplingParams(max_tokens=1, temperature=0))
 
+    # min_tokens = max_tokens: EOS is banned until the last token, as CTranslate2's min_length does (and
+    # HF's min_new_tokens), so both sides generate exactly the same number of tokens and greedy tokens
+    # can be compared one for one.
     def greedy(self, prompt: list[int], new_tokens: int) -> list[int]:
-        params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+        params = SamplingParams(max_tokens=new_tokens, min_tokens=new_tokens, temperature=0)
         return self.engine.generate([prompt], params)[0].outputs[0].token_ids
 
     def sample(self, prompts: list[list[int]], new_tokens: int, n: int, seed: int) -> int:
-        params = SamplingParams(n=n, max_tokens=new_tokens, temperature=1.0, ignore_eos=True, seed=seed)
+        params = SamplingParams(n=n, max_tokens=new_tokens, min_tokens=new_tokens, temperature=1.0, seed=seed)
         outputs = self.engine.generate(prompts, params)
         return sum(len(c.token_ids) for out in outputs for c in out.outputs)
 
@@ -94,7 +100,6 @@ class CTranslate2Side:
                                       include_prompt_in_result=False)
 
     def greedy(self, prompt: list[int], new_tokens: int) -> list[int]:
-        # min_length = max_length: EOS is not chosen before the last token, as ignore_eos.
         [result] = self.generator.generate_batch([self._tokens(prompt)], max_length=new_tokens,
                                                  min_length=new_tokens, sampling_topk=1,
                                                  include_prompt_in_result=False)
@@ -216,6 +221,9 @@ def qwen2_0p5b_path() -> str:
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL_DIR)
+    # CTranslate2's Qwen2 converter adds an unknown token to the vocabulary when the tokenizer names
+    # none; the byte-level tokenizer never produces one, so the padding token stands in.
+    tokenizer.unk_token = tokenizer.pad_token
     config = Qwen2Config(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **QWEN2_0P5B)
     torch.manual_seed(0)
@@ -279,6 +287,7 @@ def main() -> None:
     for label in models:
         path = paths[label] or qwen2_0p5b_path()
         section = run_model(label, path, args.threads, work, skipped)
+        print(json.dumps(section), file=sys.stderr, flush=True)   # each model's figures as soon as they exist
         result[label] = section
         suffix = "" if label == "default" else f"_{label}"
         peer = section.get("ctranslate2")

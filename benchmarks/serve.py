@@ -1,4 +1,4 @@
-"""64 concurrent streaming completions (prompts of 16-512 tokens, 128 new tokens, sampled) against
+"""64 concurrent streaming completions (prompts of 16-2,048 tokens, to the model's context, 128 new tokens, sampled) against
 `gorgon serve` and against `transformers serve --continuous-batching` on the same model, one after the
 other, both on loopback. Reports generated tokens per second and time-to-first-token percentiles."""
 
@@ -12,10 +12,10 @@ import sys
 import time
 
 import httpx
-import torch
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
-from benchmarks.common import benchmark_model_path, free_port, parse_args, random_prompts, report, server_process
+from benchmarks.common import (benchmark_model_path, free_port, parse_args, random_prompts, report, server_process,
+                               user_prompt_lengths)
 
 
 async def one(client: httpx.AsyncClient, url: str, model: str, prompt: str, new_tokens: int, seed: int):
@@ -60,7 +60,9 @@ def main() -> None:
     path = benchmark_model_path(args.model)
     num, new_tokens = (16, 32) if args.quick else (64, 128)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    lengths = torch.randint(16, 513, (num,), generator=torch.Generator().manual_seed(0)).tolist()
+    context = AutoConfig.from_pretrained(path).max_position_embeddings
+    # Detokenized random ids can re-tokenize a little longer: keep a margin under the context.
+    lengths = user_prompt_lengths(num, int(context * 0.9), new_tokens)
     prompts = [tokenizer.decode(ids) for ids in random_prompts(num, lengths, len(tokenizer))]
     port = free_port()
     ours = run_server([sys.executable, "-m", "server.cli", "serve", "--model", path, "--port", str(port),

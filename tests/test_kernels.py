@@ -221,6 +221,7 @@ def test_packed_weights_follow_every_write():
     (5, 5, 64, 64, None, [(0, 200), (100, 37)]),         # the embedded model's shape, 64-token blocks
     (8, 2, 32, 16, 20, [(0, 50), (30, 40)]),              # a sliding window shorter than the chunks
     (6, 3, 128, 64, None, [(64, 64)]),
+    (14, 2, 64, 64, None, [(1536, 512), (0, 512)]),     # a 0.5B Qwen2's heads: the last chunk of 2,048 tokens
 ])
 def test_prefill_kernel_matches_causal_sdpa(heads, kv_heads, head_dim, block_size, window, chunks):
     """Prompt chunks attend causally over their scattered blocks: chunk s sees its cached prefix and
