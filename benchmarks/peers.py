@@ -23,10 +23,12 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import multiprocessing
 import shutil
 import statistics
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,17 +82,23 @@ class GorgonSide:
         outputs = self.engine.generate(prompts, params)
         return sum(len(c.token_ids) for out in outputs for c in out.outputs)
 
+    def timed(self, method: str, *args) -> tuple[object, float]:
+        with Timer() as t:
+            result = getattr(self, method)(*args)
+        return result, t.seconds
+
 
 class CTranslate2Side:
     name = "ctranslate2"
 
-    def __init__(self, path: str, threads: int, tokenizer):
+    def __init__(self, path: str, threads: int):
         import ctranslate2
+        from transformers import AutoTokenizer
 
         self.version = ctranslate2.__version__
         self.generator = ctranslate2.Generator(str(_converted(path)), device="cpu", compute_type="float32",
                                                intra_threads=threads, inter_threads=1)
-        self.tokenizer = tokenizer
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
 
     def _tokens(self, prompt: list[int]) -> list[str]:
         return self.tokenizer.convert_ids_to_tokens(prompt)
@@ -117,6 +125,50 @@ class CTranslate2Side:
                                                 num_hypotheses=n, include_prompt_in_result=False,
                                                 max_batch_size=2048, batch_type="tokens")
         return sum(len(ids) for result in results for ids in result.sequences_ids)
+
+
+PEERS = {"ctranslate2": CTranslate2Side}
+
+
+class PeerProcess:
+    """A peer engine in a process of its own, driven over a pipe; each call is timed inside that process.
+
+    In one process with Gorgon, CTranslate2's own copy of the OpenMP runtime (a second thread pool on
+    the same cores) made Gorgon's batch-1 decode 2.1x slower, even with CTranslate2 idle for 0.5 s."""
+
+    def __init__(self, peer: str, path: str, threads: int):
+        context = multiprocessing.get_context("spawn")
+        self._conn, child = context.Pipe()
+        self._process = context.Process(target=_serve_peer, args=(child, peer, path, threads), daemon=True)
+        self._process.start()
+        _, self.version = self._conn.recv()     # sent once the peer has loaded
+
+    def _call(self, method: str, *args):
+        self._conn.send((method, args))
+        ok, value = self._conn.recv()
+        if not ok:
+            raise RuntimeError(f"peer failed in {method}: {value}")
+        return value
+
+    def timed(self, method: str, *args) -> tuple[object, float]:
+        return self._call(method, *args)
+
+    def close(self) -> None:
+        self._conn.send(None)
+        self._process.join(timeout=60)
+
+
+def _serve_peer(conn, peer: str, path: str, threads: int) -> None:
+    side = PEERS[peer](path, threads)
+    conn.send((True, side.version))   # the handshake PeerProcess waits for
+    while (message := conn.recv()) is not None:
+        method, args = message
+        try:
+            with Timer() as t:
+                result = getattr(side, method)(*args)
+            conn.send((True, (result, t.seconds)))
+        except Exception as err:   # reported to the parent, which raises it
+            conn.send((False, f"{err.__class__.__name__}: {err}"))
 
 
 def _converted(path: str) -> Path:
@@ -146,42 +198,45 @@ def peers_available() -> dict[str, str | None]:
 
 # ---- measuring ------------------------------------------------------------------------------------
 
-def _interleaved(ours: Callable[[int], object], peer: Callable[[int], object], repeats: int) -> dict:
-    """Run ours(i) and peer(i) in turn, i = 0..repeats-1 (each run gets its own fresh inputs); seconds."""
+def _interleaved(ours: Callable[[int], float], peer: Callable[[int], float], repeats: int) -> dict:
+    """Run ours(i) and peer(i) in turn, i = 0..repeats-1 (each run gets its own fresh inputs); each
+    returns its seconds. A short pause before each run lets the other side's OpenMP threads stop
+    spinning."""
     ours_s, peer_s = [], []
     for i in range(repeats):
-        with Timer() as t:
-            ours(i)
-        ours_s.append(t.seconds)
-        with Timer() as t:
-            peer(i)
-        peer_s.append(t.seconds)
+        time.sleep(0.2)
+        ours_s.append(ours(i))
+        time.sleep(0.2)
+        peer_s.append(peer(i))
     return {"ours_s": statistics.median(ours_s), "peer_s": statistics.median(peer_s),
             "ours_spread_s": [round(min(ours_s), 4), round(max(ours_s), 4)],
             "peer_spread_s": [round(min(peer_s), 4), round(max(peer_s), 4)]}
 
 
-def measure(ours: GorgonSide, peer, vocab: int, max_len: int, work: Workloads) -> dict:
+def measure(ours: GorgonSide, peer: PeerProcess, vocab: int, max_len: int, work: Workloads) -> dict:
     results: dict[str, dict] = {}
     warm = random_prompts(2, 32, vocab, seed=999)
     for side in (ours, peer):    # first calls build caches and pack weights
-        side.first_token(warm[0])
-        side.sample(warm, 4, 1, seed=0)
+        side.timed("first_token", warm[0])
+        side.timed("sample", warm, 4, 1, 0)
+
+    def seconds(side, method: str, *args) -> float:
+        return side.timed(method, *args)[1]
 
     for length in TTFT_LENGTHS:
         if length + 1 > max_len:
             results[f"ttft_{length}"] = {"skipped": f"beyond the model's context ({max_len} tokens)"}
             continue
         prompts = random_prompts(2 * work.repeats, length, vocab, seed=length)
-        timing = _interleaved(lambda i: ours.first_token(prompts[2 * i]),
-                              lambda i: peer.first_token(prompts[2 * i + 1]), work.repeats)
+        timing = _interleaved(lambda i: seconds(ours, "first_token", prompts[2 * i]),
+                              lambda i: seconds(peer, "first_token", prompts[2 * i + 1]), work.repeats)
         results[f"ttft_{length}"] = {**_rounded(timing), "ratio": round(timing["peer_s"] / timing["ours_s"], 3)}
 
     new = work.new_tokens
     decode_prompts = random_prompts(work.repeats, 64, vocab, seed=64)
-    identical = ours.greedy(decode_prompts[0], new) == peer.greedy(decode_prompts[0], new)
-    timing = _interleaved(lambda i: ours.greedy(decode_prompts[i], new), lambda i: peer.greedy(decode_prompts[i], new),
-                          work.repeats)
+    identical = ours.timed("greedy", decode_prompts[0], new)[0] == peer.timed("greedy", decode_prompts[0], new)[0]
+    timing = _interleaved(lambda i: seconds(ours, "greedy", decode_prompts[i], new),
+                          lambda i: seconds(peer, "greedy", decode_prompts[i], new), work.repeats)
     results["decode"] = _throughput(timing, new, identical_tokens=identical)
 
     low, high = work.batch_lengths
@@ -190,14 +245,14 @@ def measure(ours: GorgonSide, peer, vocab: int, max_len: int, work: Workloads) -
     batches = [random_prompts(work.num_batch_prompts,
                               torch.randint(low, high + 1, (work.num_batch_prompts,), generator=gen).tolist(),
                               vocab, seed=100 + i) for i in range(work.repeats)]
-    timing = _interleaved(lambda i: ours.sample(batches[i], new, 1, seed=i), lambda i: peer.sample(batches[i], new, 1, seed=i),
-                          work.repeats)
+    timing = _interleaved(lambda i: seconds(ours, "sample", batches[i], new, 1, i),
+                          lambda i: seconds(peer, "sample", batches[i], new, 1, i), work.repeats)
     results["batch"] = _throughput(timing, work.num_batch_prompts * new, prompts=work.num_batch_prompts,
                                    prompt_tokens=[low, high])
 
     group_prompts = random_prompts(work.repeats, 128, vocab, seed=128)
-    timing = _interleaved(lambda i: ours.sample([group_prompts[i]], new, work.group_n, seed=i),
-                          lambda i: peer.sample([group_prompts[i]], new, work.group_n, seed=i), work.repeats)
+    timing = _interleaved(lambda i: seconds(ours, "sample", [group_prompts[i]], new, work.group_n, i),
+                          lambda i: seconds(peer, "sample", [group_prompts[i]], new, work.group_n, i), work.repeats)
     results["group"] = _throughput(timing, work.group_n * new, n=work.group_n)
     return results
 
@@ -250,9 +305,11 @@ def run_model(label: str, path: str, threads: int, work: Workloads, skipped: dic
     vocab, max_len = ours.engine.loaded.model.vocab_size, ours.engine.max_model_len
     section: dict = {"model": label, "path": path}
     if skipped["ctranslate2"] is None:
-        peer = CTranslate2Side(path, threads, ours.engine.tokenizer)
-        section["ctranslate2"] = {"version": peer.version, **measure(ours, peer, vocab, max_len, work)}
-        del peer
+        peer = PeerProcess("ctranslate2", path, threads)
+        try:
+            section["ctranslate2"] = {"version": peer.version, **measure(ours, peer, vocab, max_len, work)}
+        finally:
+            peer.close()
     decode_tok_s = None
     if "ctranslate2" in section:
         decode_tok_s = section["ctranslate2"]["decode"]["ours_tok_s"]

@@ -17,7 +17,7 @@ def test_ctranslate2_greedy_tokens_match_gorgon(llama_dir):
 
     threads = torch.get_num_threads()
     ours = GorgonSide(llama_dir, threads)
-    peer = CTranslate2Side(llama_dir, threads, ours.engine.tokenizer)
+    peer = CTranslate2Side(llama_dir, threads)
     for prompt in PROMPTS[:3]:
         assert peer.greedy(prompt, 12) == ours.greedy(prompt, 12)
 
@@ -26,7 +26,21 @@ def test_both_sides_sample_the_asked_number_of_tokens(llama_dir):
     from benchmarks.peers import CTranslate2Side, GorgonSide
 
     ours = GorgonSide(llama_dir, torch.get_num_threads())
-    peer = CTranslate2Side(llama_dir, torch.get_num_threads(), ours.engine.tokenizer)
+    peer = CTranslate2Side(llama_dir, torch.get_num_threads())
     for side in (ours, peer):
         assert side.sample(PROMPTS[:2], 8, 1, seed=0) == 2 * 8
         assert side.sample(PROMPTS[:1], 8, 4, seed=0) == 4 * 8
+
+
+def test_a_peer_in_its_own_process_answers_timed_calls(llama_dir):
+    from benchmarks.peers import GorgonSide, PeerProcess
+
+    ours = GorgonSide(llama_dir, torch.get_num_threads())
+    peer = PeerProcess("ctranslate2", llama_dir, torch.get_num_threads())
+    try:
+        tokens, seconds = peer.timed("greedy", PROMPTS[0], 8)
+        assert tokens == ours.greedy(PROMPTS[0], 8) and seconds > 0
+        with pytest.raises(RuntimeError, match="peer failed"):
+            peer.timed("greedy", [10**9], 4)     # a token id outside the vocabulary
+    finally:
+        peer.close()
