@@ -124,6 +124,15 @@ def random_prompts(num: int, lengths: list[int] | int, vocab_size: int, seed: in
     return [torch.randint(3, vocab_size, (n,), generator=gen).tolist() for n in lengths]
 
 
+def streamed_weight_bytes(model) -> int:
+    """Bytes a batch-1 decode step reads: every parameter of the native model, counting a tied embedding
+    once (its transposed output-head copy is what streams)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    if getattr(model, "tied", False):
+        total -= model.vocab_size * model.hidden_size * next(model.parameters()).element_size()
+    return total
+
+
 def user_prompt_lengths(num: int, context: int, new_tokens: int, seed: int = 0) -> list[int]:
     """Prompt lengths like those users send: uniform from 16 to 2,048 tokens, or to what the model's
     context leaves for the new tokens when that is less (the embedded default model holds 1,024)."""

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM
 
-from benchmarks.common import Timer, benchmark_model_path, cpu_description, interleaved, parse_args, random_prompts, report
+from benchmarks.common import (Timer, benchmark_model_path, cpu_description, interleaved, parse_args, random_prompts,
+                               report, streamed_weight_bytes)
 from decoding import Engine, SamplingParams
 
 
@@ -51,10 +52,7 @@ def main() -> None:
     ours_tokens, hf_tokens = run_ours(), run_hf()   # warm-up, and the identity check
     ours_seconds, hf_seconds = interleaved(run_ours, run_hf, repeats)
     ours_tok_s, hf_tok_s = new_tokens / ours_seconds, new_tokens / hf_seconds
-    model = engine.loaded.model
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    if getattr(model, "tied", False):   # the transposed lm_head copy is streamed, the embedding is not
-        weight_bytes -= model.vocab_size * model.hidden_size * next(model.parameters()).element_size()
+    weight_bytes = streamed_weight_bytes(engine.loaded.model)
     bandwidth = measure_read_bandwidth()
     report({
         "benchmark": "decode", "model": path, "dtype": args.dtype, "batch": 1, "prompt_tokens": prompt_len, "new_tokens": new_tokens,

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import Timer, cpu_description, parse_args, random_prompts, report
+from benchmarks.common import Timer, cpu_description, parse_args, random_prompts, report, streamed_weight_bytes
 from benchmarks.decode import measure_read_bandwidth
 from decoding import Engine, SamplingParams
 from models.loader import DEFAULT_MODEL_DIR
@@ -319,16 +319,6 @@ def qwen2_0p5b_path() -> str:
     return str(folder)
 
 
-def streamed_weight_bytes(engine: Engine) -> int:
-    """Bytes a batch-1 decode step reads: every parameter, counting a tied embedding once (its transposed
-    output-head copy is what streams)."""
-    model = engine.loaded.model
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    if getattr(model, "tied", False):
-        total -= model.vocab_size * model.hidden_size * next(model.parameters()).element_size()
-    return total
-
-
 def run_model(label: str, path: str, threads: int, work: Workloads, skipped: dict[str, str | None],
               selected: tuple[str, ...]) -> dict:
     ours = GorgonSide(path, threads)
@@ -343,7 +333,7 @@ def run_model(label: str, path: str, threads: int, work: Workloads, skipped: dic
     prompt = random_prompts(1, 64, vocab, seed=65)[0]
     ours.greedy(prompt, 8)
     decode_tok_s = statistics.median(ours.steady_decode_rate(prompt, work.new_tokens) for _ in range(work.repeats))
-    weight_bytes = streamed_weight_bytes(ours.engine)
+    weight_bytes = streamed_weight_bytes(ours.engine.loaded.model)
     bandwidth = measure_read_bandwidth()
     section.update(steady_decode_tok_s=round(decode_tok_s, 2), weight_mb=round(weight_bytes / 1e6, 1),
                    bandwidth_gb_s=round(bandwidth / 1e9, 2),
