@@ -64,7 +64,7 @@ QUICK = Workloads(repeats=1, num_batch_prompts=8, batch_lengths=(16, 1024), new_
 # ---- the sides ------------------------------------------------------------------------------------
 
 class GorgonSide:
-    name = "gorgon"
+    """Gorgon's offline engine, in the benchmark's own process."""
 
     def __init__(self, path: str, threads: int):
         self.engine = Engine(model=path, threads=threads, show_progress=False, kv_cache_memory_gb=2.0)
@@ -98,7 +98,7 @@ class GorgonSide:
 
 
 class CTranslate2Side:
-    name = "ctranslate2"
+    """A CTranslate2 generator over the converted folder (run it through PeerProcess)."""
 
     def __init__(self, path: str, threads: int):
         import ctranslate2

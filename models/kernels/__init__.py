@@ -128,7 +128,8 @@ def _library() -> ctypes.CDLL | None:
 
 def set_num_threads(threads: int) -> None:
     """Threads for torch's intra-op pool and the native kernels alike (both run on the same OpenMP
-    runtime, see above), from now on and for every thread that steps the engine."""
+    runtime, see above). The kernels' count holds for every thread; torch's OpenMP count only for the
+    calling one, so whoever steps the engine calls this in its own thread (Engine.use_threads)."""
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
     torch.set_num_threads(threads)

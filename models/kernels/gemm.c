@@ -225,9 +225,10 @@ static void rows_by_blocks(const Product *p, Job job, int64_t m0, int64_t m1) {
 }
 
 /* Products of many rows are blocked so that each block's x (rows x k) stays in L2 while the panels pass:
- * about 512 KiB of it. Over K_BLOCK_FROM inputs the k dimension is split too, in blocks of at most
- * K_BLOCK (a down projection of 4,864 inputs would otherwise leave a dozen rows per block, and the
- * weights would stream from memory once per dozen rows). */
+ * about 512 KiB of it. Over K_BLOCK_FROM inputs, when a block over the whole of k would not hold every
+ * row, the k dimension is split too, in blocks of at most K_BLOCK (a prompt chunk through a down
+ * projection of 4,864 inputs would otherwise get two dozen rows per block, and the weights would stream
+ * from memory once per two dozen rows). */
 #define X_BLOCK_FLOATS (1 << 17)
 #define K_BLOCK_FROM 1024
 #define K_BLOCK 512
@@ -265,8 +266,7 @@ void gemm_panels(const float *x, int64_t M, int64_t K, int64_t ldx, const float 
         }
         return;
     }
-    /* k is split only when a block of rows over the whole of k would not hold every row (a decode batch
-     * keeps whole-k tiles, which prefetch the next group). */
+    /* A decode batch fits one block over all of k: it keeps whole-k tiles, which prefetch the next group. */
     int64_t k_blocks = K > K_BLOCK_FROM && rows_per_block(M, K) < M ? (K + K_BLOCK - 1) / K_BLOCK : 1;
     const int64_t partial_ld = groups * TILE_COLS;
     float *partial = k_blocks > 1 ? partial_sums(rows_per_block(M, (K + k_blocks - 1) / k_blocks) * partial_ld) : NULL;
