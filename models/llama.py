@@ -16,7 +16,7 @@ import torch
 from transformers.activations import ACT2FN
 
 from models import kernels
-from models.attention import AttentionMetadata, PagedKVCache, paged_attention
+from models.attention import NULL_BLOCK, AttentionMetadata, PagedKVCache, paged_attention
 from models.layers import FusedLinear, ParamSlot, RotaryEmbedding, apply_rotary, embedding_slots, layer_slots, rms_norm
 
 
@@ -189,24 +189,52 @@ class LlamaForCausalLM(torch.nn.Module):
         self._decoder_table = _NativeStack(cache, shape, kernels.decoder_layers(layers), layers)
         return shape, self._decoder_table.table
 
-    def greedy_chain(self, tokens: torch.Tensor, positions: torch.Tensor, block_tables: torch.Tensor,
-                     cache: PagedKVCache, banned: torch.Tensor, ban: torch.Tensor) -> torch.Tensor | None:
-        """Draft ban.shape[0] tokens greedily for each row in one native call: row r's newest token
-        tokens[r] sits at positions[r] (its slots already reserved in block_tables [R, max_blocks]), and
-        each step's argmax, with banned [R, max_banned] (-1 padded) at -inf where ban [steps, R] is set,
-        is the next step's input. -> [steps, R]; None where the one-call stack does not run."""
+    def greedy_chain(self, feed: list[list[int]], positions: list[int], block_tables: list[list[int]],
+                     cache: PagedKVCache, stop_tokens: list[list[int]], banned_steps: list[int],
+                     steps: int) -> torch.Tensor | None:
+        """Draft `steps` tokens greedily for each row in one native call: row r's cache lacks the tokens
+        feed[r] (its newest token at least), the first at positions[r], and its slots for those and the
+        drafts are reserved in block_tables[r]. Each step's argmax, with the row's stop_tokens at -inf in
+        its first banned_steps[r] steps, is the next step's input. -> [steps, R]; None where the one-call
+        stack does not run."""
         if not self.native_ops:
             return None
-        steps, rows = ban.shape
-        step_positions = positions[None, :] + torch.arange(steps)[:, None]                    # [steps, R]
-        block_size = cache.block_size
-        slots = (block_tables.gather(1, (step_positions // block_size).t()).t() * block_size
-                 + step_positions % block_size).contiguous()
-        cos, sin = self.rotary.cos_sin(step_positions.reshape(-1), self.dtype)
+        # Every int the kernel reads, packed into one tensor (one allocation, not twenty: this runs per
+        # drafted round, and each torch call costs as much as a layer of the draft).
+        block_size, rows = cache.block_size, len(feed)
+        feed_rows = [r for r, tokens in enumerate(feed) for _ in tokens]
+        feed_positions = [p + j for p, tokens in zip(positions, feed) for j in range(len(tokens))]
+        step_one = [p + len(tokens) for p, tokens in zip(positions, feed)]
+        later_positions = [p + s for s in range(steps - 1) for p in step_one]
+        every_row = feed_rows + list(range(rows)) * (steps - 1)
+        every_position = feed_positions + later_positions
+        slots = [block_tables[r][p // block_size] * block_size + p % block_size for r, p in zip(every_row, every_position)]
+        last, total = [], 0
+        for tokens in feed:
+            total += len(tokens)
+            last.append(total - 1)
+        width = max(map(len, block_tables))
+        tables = [table + [NULL_BLOCK] * (width - len(table)) for table in block_tables]
+        banned_width = max(1, max(map(len, stop_tokens)))
+        banned = [t for ids in stop_tokens for t in ids + [-1] * (banned_width - len(ids))]
+        parts = ([t for tokens in feed for t in tokens], last, slots, [p + 1 for p in feed_positions],
+                 [p + 1 for p in step_one], banned, banned_steps, every_position,
+                 [t for r in feed_rows for t in tables[r]] + [t for table in tables for t in table])
+        packed = torch.tensor([value for part in parts for value in part], dtype=torch.long)
+        views, offset = [], 0
+        for part in parts:
+            views.append(packed[offset : offset + len(part)])
+            offset += len(part)
+        feed_tokens, last, slots, feed_context, context, banned, banned_steps, every_position, every_table = views
+        num_feed = len(feed_rows)
+        every_table = every_table.view(-1, width)
+        cos, sin = self.rotary.cos_sin(every_position, self.dtype)
+        chain = kernels.GreedyChain(feed_tokens, last, slots[:num_feed], every_table[:num_feed], feed_context,
+                                    slots[num_feed:].view(steps - 1, rows), every_table[num_feed:], context,
+                                    cos.squeeze(1), sin.squeeze(1), banned.view(rows, banned_width), banned_steps)
         shape, layers = self._native_stack(cache)
         return kernels.decoder_greedy_chain(shape, layers, self.embed, self.final_norm, self.lm_head.packed_panels(),
-                                            self.vocab_size, tokens, slots, block_tables, positions + 1,
-                                            cos.squeeze(1), sin.squeeze(1), banned, ban)
+                                            self.vocab_size, chain)
 
     def compute_logits(self, hidden):
         return self.lm_head(hidden)

@@ -115,6 +115,31 @@ def test_greedy_verdicts(llama_engine, draft, target, emitted, kept):
         assert logprob.logprob == pytest.approx(float(expected[j, token]), abs=1e-6)
 
 
+@pytest.mark.parametrize("parents", [None, (-1, 0, 0, 2)])
+@pytest.mark.parametrize("min_tokens", [0, 2, 3, 9])
+def test_greedy_verification_without_logprobs_matches_the_sampling_pipeline(llama_engine, parents, min_tokens):
+    """Greedy rows that want no logprobs skip the sampler; where min_tokens bans the target's favourite
+    (EOS here, with the runner-up differing by row) they must still emit what the pipeline emits."""
+    vocab = llama_engine.loaded.model.vocab_size
+    eos = min(llama_engine.eos_token_ids)
+    draft = [7, 8, 9, 10]
+    rows = torch.zeros(len(draft) + 1, vocab)
+    rows[:, eos] = 9.0                                 # EOS leads every row...
+    for row, token in enumerate([7, 8, 9, 10, 11]):
+        rows[row, token] = 5.0                         # ...then the token the chain drafted
+    rows[2, eos] = 1.0                                 # one row where EOS is not the favourite
+    if parents is not None:
+        rows[1, 9] = 6.0                               # the walk goes down the second branch (depth != row)
+    verdicts = []
+    for logprobs in (None, 0):
+        request = llama_engine.make_request([1, 2, 3], SamplingParams(temperature=0, max_tokens=16, min_tokens=min_tokens,
+                                                                      logprobs=logprobs))
+        [verdict] = verify(llama_engine.sampler, request.seqs, [Proposal(draft, parents=parents)], [rows.clone()], vocab,
+                           llama_engine.eos_token_ids, torch.device("cpu"))
+        verdicts.append((verdict.token_ids, verdict.num_accepted, verdict.rows))
+    assert verdicts[0] == verdicts[1]
+
+
 def test_eos_inside_accepted_drafts_ends_the_sequence(llama_dir):
     engine = spec_engine(llama_dir, llama_dir)
     request = engine.make_request(PROMPTS[0], SamplingParams(temperature=0, max_tokens=10, min_tokens=1))

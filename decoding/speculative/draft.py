@@ -4,8 +4,9 @@ The draft keeps, per sequence, a block table in its own cache and how many of th
 has computed. Each proposal first catches up on the tokens the target accepted since the last one (the
 whole prompt the first time), then runs k - 1 single-token steps; all sequences that speculate advance
 together, one batched draft forward per drafted position. When every row drafts greedily without
-penalties (the common case), the k - 1 steps after the catch-up run in one native call instead
-(`greedy_chain`, models/kernels/decoder.c), with the same tokens. After verification the draft rolls back
+penalties (the common case), the catch-up and all k steps run in one native call instead (`greedy_chain`,
+models/kernels/decoder.c), with the same tokens; after a new prompt, whose catch-up is computed as a
+prompt, the k - 1 steps after it do. After verification the draft rolls back
 to the accepted prefix, exactly like the target.
 
 Draft tokens are drawn the way the request samples: the same penalties, temperature and truncation
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from decoding.block_manager import BlockManager, NoFreeBlocksError
-from decoding.runner import ModelRunner
+from decoding.runner import SHORT_CHAIN, ModelRunner
 from decoding.sampler import Sampler, SamplingBatch
 from decoding.scheduler import ScheduledSeq, SchedulerOutput
 from decoding.sequence import Sequence
@@ -63,7 +64,7 @@ class DraftModelProposer:
         probs: list[list[torch.Tensor]] = [[] for _ in seqs]
         limits = [min(k, self.max_model_len - len(seq.token_ids)) for seq, k in zip(seqs, max_tokens)]
         for step in range(max(limits, default=0)):
-            if step == 1 and self._greedy_chain(seqs, drafted, limits):
+            if self._greedy_chain(seqs, drafted, limits):
                 break
             rows, items = [], []
             for i, seq in enumerate(seqs):
@@ -90,9 +91,12 @@ class DraftModelProposer:
         return [Proposal(d, torch.stack(p) if p else None) for d, p in zip(drafted, probs)]
 
     def _greedy_chain(self, seqs: list[Sequence], drafted: list[list[int]], limits: list[int]) -> bool:
-        """After the catch-up step, draft the rest in one native call (models/kernels/decoder.c) when every
-        row drafts greedily, without penalties, the same number of further tokens: the tokens the per-step
-        loop would draw, without a return to Python per token. False (nothing done) otherwise."""
+        """Draft the rest in one native call (models/kernels/decoder.c) when every row drafts greedily,
+        without penalties, the same number of further tokens, and lacks no more tokens in the draft's cache
+        than the runner computes as decode rows (SHORT_CHAIN: the steady state, a verification's bonus
+        token and perhaps its last accepted draft; a new prompt's catch-up takes the per-step path, which
+        computes it as a prompt): the tokens the per-step loop would draw, without a return to Python per
+        token. False (nothing done) otherwise."""
         active = [i for i in range(len(seqs)) if len(drafted[i]) < limits[i]]
         if not active:
             return True
@@ -101,28 +105,28 @@ class DraftModelProposer:
         if chain is None or any(limits[i] - len(drafted[i]) != steps or not seqs[i].request.params.is_greedy
                                 or seqs[i].request.params.has_penalties for i in active):
             return False
-        states = [self._states[seqs[i].seq_id] for i in active]
+        states = [self._states.get(seqs[i].seq_id) for i in active]
+        if any(state is None for state in states):
+            return False
+        tokens = [seqs[i].token_ids + drafted[i] for i in active]
+        feed = [ids[state.num_computed:] for ids, state in zip(tokens, states)]
+        if max(map(len, feed)) > SHORT_CHAIN:
+            return False
         try:
-            for state in states:
-                self.blocks.append_slots(state.block_table, state.num_computed, steps)
+            for state, lacking in zip(states, feed):
+                self.blocks.append_slots(state.block_table, state.num_computed, len(lacking) + steps - 1)
         except NoFreeBlocksError:
             return False        # the per-step loop drafts what fits
-        stops = [self._stop_tokens(seqs[i]) for i in active]
-        width = max(1, max(map(len, stops)))
-        banned = torch.tensor([ids + [-1] * (width - len(ids)) for ids in stops], dtype=torch.long)
-        ban = torch.tensor([[self._stop_tokens_banned(seqs[i], len(drafted[i]) + s) for i in active]
-                            for s in range(steps)], dtype=torch.uint8)
-        longest = max(len(state.block_table) for state in states)
-        tables = torch.tensor([state.block_table + [NULL_BLOCK] * (longest - len(state.block_table)) for state in states],
-                              dtype=torch.long)
-        tokens = chain(torch.tensor([drafted[i][-1] for i in active], dtype=torch.long),
-                       torch.tensor([state.num_computed for state in states], dtype=torch.long), tables,
-                       self.cache, banned, ban)
-        if tokens is None:
+        # Stop tokens stay banned while the request is below min_tokens, counting the tokens drafted before.
+        banned_steps = [max(0, seqs[i].request.params.min_tokens - seqs[i].num_output_tokens - len(drafted[i]))
+                        for i in active]
+        chosen = chain(feed, [state.num_computed for state in states], [state.block_table for state in states],
+                       self.cache, [self._stop_tokens(seqs[i]) for i in active], banned_steps, steps)
+        if chosen is None:
             return False
-        for column, (i, state) in enumerate(zip(active, states)):
-            drafted[i] += tokens[:, column].tolist()
-            state.num_computed += steps
+        for i, state, ids, row_tokens in zip(active, states, tokens, chosen.t().tolist()):
+            drafted[i] += row_tokens
+            state.num_computed = len(ids) + steps - 1       # the last draft is not computed
             state.token_ids = seqs[i].token_ids + drafted[i]
         return True
 

@@ -58,6 +58,8 @@ def verify(sampler: Sampler, seqs: list[Sequence], proposals: list[Proposal], lo
            vocab_size: int, eos_token_ids: frozenset[int], device: torch.device) -> list[Verdict]:
     """logits[i] [len(proposals[i].token_ids) + 1, vocab] are the target's rows for sequence i: row 0
     scored its last known token, row j + 1 its draft token j."""
+    if all(_plainly_greedy(seq, proposal) for seq, proposal in zip(seqs, proposals)):
+        return _verify_plainly_greedy(seqs, proposals, logits, vocab_size, eos_token_ids)
     views, allowed = [], {}
     for seq, proposal in zip(seqs, proposals):
         if proposal.allowed is not None:
@@ -82,6 +84,40 @@ def verify(sampler: Sampler, seqs: list[Sequence], proposals: list[Proposal], lo
         verdicts.append(Verdict(tokens, [], len(rows), rows))
         base += num_rows
     _attach_logprobs(sampler, processed, batch, proposals, verdicts, device)
+    return verdicts
+
+
+def _plainly_greedy(seq: Sequence, proposal: Proposal) -> bool:
+    """A greedy row whose only processing is min_tokens' ban, and which wants no logprobs."""
+    params = seq.request.params
+    return params.is_greedy and not params.has_penalties and params.logprobs is None and proposal.allowed is None
+
+
+def _verify_plainly_greedy(seqs: list[Sequence], proposals: list[Proposal], logits: list[torch.Tensor],
+                           vocab_size: int, eos_token_ids: frozenset[int]) -> list[Verdict]:
+    """The common case without the sampling pipeline: the target's argmax per row, with stop tokens banned
+    in the rows below min_tokens as Sampler.process bans them, so the same tokens as the pipeline's. A
+    ban changes a row's argmax only where the argmax is a banned token (the first maximum stays first
+    when later or lesser entries drop to -inf), so only such rows are masked and taken again."""
+    rows = logits[0] if len(logits) == 1 else torch.cat(logits)
+    greedy_tokens = rows.argmax(dim=-1).tolist()
+    verdicts, base = [], 0
+    for seq, proposal in zip(seqs, proposals):
+        num_rows = len(proposal.token_ids) + 1
+        below = seq.request.params.min_tokens - seq.num_output_tokens
+        if below > 0:
+            stops = seq.request.banned_before_min_tokens(eos_token_ids, vocab_size)
+            # Row 0 counts no draft token, row j + 1 the path down to draft token j.
+            drafted = [0] + [j + 1 if proposal.parents is None else proposal.depth(j) for j in range(num_rows - 1)]
+            for row, count in enumerate(drafted):
+                if count < below and greedy_tokens[base + row] in stops:
+                    masked = rows[base + row].clone()
+                    masked[stops] = float("-inf")
+                    greedy_tokens[base + row] = int(masked.argmax())
+        kept, final = _walk_greedy(proposal, greedy_tokens[base : base + num_rows])
+        tokens = [proposal.token_ids[r - 1] for r in kept] + [final]
+        verdicts.append(Verdict(tokens, [None] * len(tokens), len(kept), kept))
+        base += num_rows
     return verdicts
 
 

@@ -22,6 +22,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
@@ -115,9 +116,9 @@ def _library() -> ctypes.CDLL | None:
     library.decoder_scratch_floats.argtypes = [ptr, i64]
     library.decoder_scratch_floats.restype = i64
     library.decoder_forward.argtypes = [ptr, ptr, i64, ptr, ptr, ptr, ptr, i64, ptr, i64, ptr, ptr, ptr]
-    library.decoder_greedy_chain_scratch_floats.argtypes = [ptr, i64, i64]
+    library.decoder_greedy_chain_scratch_floats.argtypes = [ptr, i64, i64, i64]
     library.decoder_greedy_chain_scratch_floats.restype = i64
-    library.decoder_greedy_chain.argtypes = [ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, ptr, ptr,
+    library.decoder_greedy_chain.argtypes = [ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, ptr,
                                              i64, ptr, ptr, ptr]
     for function in (library.rms_norm, library.rotary_write_kv, library.silu_mul, library.sample_rows,
                      library.mask_rows_by_bits, library.pack_panels, library.gemm_panels, library.decoder_forward,
@@ -346,28 +347,57 @@ def decoder_forward(shape: DecoderShape, layers: ctypes.Array, x: torch.Tensor, 
     return out
 
 
+class ChainFeed(ctypes.Structure):
+    _fields_ = [("tokens", ctypes.c_void_p), ("last", ctypes.c_void_p), ("rows", DecodeRows),
+                ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p), ("count", ctypes.c_int64)]
+
+
+@dataclass
+class GreedyChain:
+    """What decoder_greedy_chain reads (int64 tensors, contiguous). Step 0 runs the stack over
+    feed_tokens [F], what each of the R rows' caches lacks (feed_last [R]: each row's final one), as
+    decode rows with feed_slots [F], feed_tables [F, max_blocks], feed_context [F]; each later step over
+    one token per row, the row's newest draft, with slots [steps - 1, R], tables [R, max_blocks] and
+    context [R] of step 1. cos/signed_sin [F + (steps - 1) * R, head_dim]: the feed's rows, then the later
+    steps'. Row r's stop tokens banned [R, max_banned] (-1 padded) are -inf in its first banned_steps[r]
+    steps."""
+
+    feed_tokens: torch.Tensor
+    feed_last: torch.Tensor
+    feed_slots: torch.Tensor
+    feed_tables: torch.Tensor
+    feed_context: torch.Tensor
+    slots: torch.Tensor
+    tables: torch.Tensor
+    context: torch.Tensor
+    cos: torch.Tensor
+    signed_sin: torch.Tensor
+    banned: torch.Tensor
+    banned_steps: torch.Tensor
+
+
 def decoder_greedy_chain(shape: DecoderShape, layers: ctypes.Array, embed: torch.Tensor, final_norm: torch.Tensor,
-                         lm_head_packed: torch.Tensor, vocab: int, tokens: torch.Tensor, slots: torch.Tensor,
-                         block_tables: torch.Tensor, context_lens: torch.Tensor, cos: torch.Tensor,
-                         signed_sin: torch.Tensor, banned: torch.Tensor, ban: torch.Tensor) -> torch.Tensor:
-    """Greedy drafting of slots.shape[0] tokens for each of the rows of tokens [R] (each row's newest
-    token, not yet cached), in one call: per step the stack over one token per row, the output head
-    (packed by pack_panels) and the argmax with banned [R, max_banned] (-1 padded) at -inf where
-    ban [steps, R] is set. slots [steps, R] int64, block_tables [R, max_blocks], context_lens [R] of
-    step 0, cos/signed_sin [steps * R, head_dim]. -> tokens [steps, R]."""
-    steps, rows = slots.shape
-    for tensor in (tokens, slots, block_tables, context_lens, banned):
-        assert tensor.dtype == torch.int64 and tensor.is_contiguous()
-    assert cos.is_contiguous() and signed_sin.is_contiguous() and embed.is_contiguous()
-    assert ban.dtype == torch.uint8 and ban.is_contiguous() and ban.shape == slots.shape
+                         lm_head_packed: torch.Tensor, vocab: int, chain: GreedyChain) -> torch.Tensor:
+    """Greedy drafting of chain.slots.shape[0] + 1 tokens for each row in one call: every step the stack
+    (see GreedyChain), the output head (packed by pack_panels) and the argmax. -> tokens [steps, R]."""
+    later_steps, rows = chain.slots.shape
+    num_feed = chain.feed_tokens.numel()
+    assert chain.feed_last.numel() == rows and chain.cos.shape[0] == num_feed + later_steps * rows
+    assert chain.cos.is_contiguous() and chain.signed_sin.is_contiguous() and embed.is_contiguous()
+    feed_cos, feed_sin = chain.cos.data_ptr(), chain.signed_sin.data_ptr()
+    offset = num_feed * chain.cos.stride(0) * chain.cos.element_size()
+    feed = ChainFeed(chain.feed_tokens.data_ptr(), chain.feed_last.data_ptr(),
+                     DecodeRows(chain.feed_slots.data_ptr(), chain.feed_tables.data_ptr(), chain.feed_context.data_ptr(),
+                                None, None, chain.feed_tables.shape[1], 0),
+                     feed_cos, feed_sin, num_feed)
+    later = DecodeRows(chain.slots.data_ptr(), chain.tables.data_ptr(), chain.context.data_ptr(), None, None,
+                       chain.tables.shape[1], 0)
     library = _library()
-    meta = DecodeRows(slots.data_ptr(), block_tables.data_ptr(), context_lens.data_ptr(), None, None,
-                      block_tables.shape[1], 0)
-    scratch = torch.empty(library.decoder_greedy_chain_scratch_floats(ctypes.byref(shape), rows, vocab),
+    scratch = torch.empty(library.decoder_greedy_chain_scratch_floats(ctypes.byref(shape), rows, num_feed, vocab),
                           dtype=torch.float32)
-    out = torch.empty(steps, rows, dtype=torch.int64)
-    library.decoder_greedy_chain(ctypes.byref(shape), layers, len(layers), ctypes.byref(meta), cos.data_ptr(),
-                                 signed_sin.data_ptr(), embed.data_ptr(), final_norm.data_ptr(),
-                                 lm_head_packed.data_ptr(), vocab, rows, steps, tokens.data_ptr(), banned.data_ptr(),
-                                 banned.shape[1], ban.data_ptr(), scratch.data_ptr(), out.data_ptr())
+    out = torch.empty(later_steps + 1, rows, dtype=torch.int64)
+    library.decoder_greedy_chain(ctypes.byref(shape), layers, len(layers), ctypes.byref(feed), ctypes.byref(later),
+                                 feed_cos + offset, feed_sin + offset, embed.data_ptr(), final_norm.data_ptr(),
+                                 lm_head_packed.data_ptr(), vocab, rows, later_steps + 1, chain.banned.data_ptr(),
+                                 chain.banned.shape[1], chain.banned_steps.data_ptr(), scratch.data_ptr(), out.data_ptr())
     return out

@@ -95,55 +95,76 @@ void decoder_forward(const DecoderShape *s, const DecoderLayer *layers, int64_t 
     }
 }
 
-/* Greedy drafting, `steps` tokens per row in one call (a draft model's proposal after its catch-up step).
- * Each step embeds every row's newest token, runs the stack over one token per row at the row's next
- * position, projects through the output head (packed, as compute_logits does) and takes the argmax,
- * the first index of the maximum as torch's argmax does, after setting the row's banned tokens to -inf
- * where ban[step, row] says so (a request's stop tokens below its min_tokens). The logits are those of
- * the per-step path bit for bit, so are the tokens.
- *   tokens        [rows] the newest token of each row (not yet in the cache)
- *   rows_meta     slots [steps, rows], block tables [rows, max_blocks], context_lens [rows] at step 0
- *   cos, sin      [steps, rows, head_dim]
- *   banned        [rows, max_banned], -1 padded; ban [steps, rows]
+/* The first step of a greedy chain: the tokens each row's draft cache lacks (its newest token at least: after
+ * a verification, the bonus token and perhaps the last accepted draft), each a decode row of its own with its
+ * slot, block table and context length; last[r] is row r's final one, whose logits draft its first token. */
+typedef struct {
+    const int64_t *tokens, *last;     /* [count], [rows] */
+    DecodeRows rows;                  /* slots, block tables, context lens: [count] rows */
+    const float *cos, *sin;           /* [count, head_dim] */
+    int64_t count;
+} ChainFeed;
+
+/* Greedy drafting, `steps` tokens per row in one call: the catch-up the draft's cache lacks and every
+ * drafted token after it, without a return to Python per token. Step 0 runs the stack over the feed and
+ * keeps each row's last token; each later step embeds every row's newest drafted token and runs the stack
+ * over one token per row at the row's next position. Every step projects through the output head (packed,
+ * as compute_logits does) and takes the argmax, the first index of the maximum as torch's argmax does,
+ * after setting the row's banned tokens to -inf in its first banned_steps[row] steps (a request's stop
+ * tokens below its min_tokens). Every token attends as a decode row, as the per-step path's short chains do, so the
+ * logits are those of the per-step path bit for bit, and so are the tokens.
+ *   feed          step 0's tokens and rows (above)
+ *   rows_meta     slots [steps - 1, rows], block tables [rows, max_blocks], context_lens [rows] at step 1
+ *   cos, sin      [steps - 1, rows, head_dim]
+ *   banned        [rows, max_banned], -1 padded; banned_steps [rows]
  *   out           [steps, rows] the drafted tokens */
-void decoder_greedy_chain(const DecoderShape *s, const DecoderLayer *layers, int64_t num_layers,
+void decoder_greedy_chain(const DecoderShape *s, const DecoderLayer *layers, int64_t num_layers, const ChainFeed *feed,
                           const DecodeRows *rows_meta, const float *cos, const float *sin, const float *embed,
                           const float *final_norm, const float *lm_head, int64_t vocab, int64_t rows, int64_t steps,
-                          const int64_t *tokens, const int64_t *banned, int64_t max_banned, const uint8_t *ban,
-                          float *scratch, int64_t *out) {
+                          const int64_t *banned, int64_t max_banned, const int64_t *banned_steps, float *scratch,
+                          int64_t *out) {
     const int64_t hidden = s->hidden, d = s->head_dim;
+    const int64_t width = feed->count > rows ? feed->count : rows;
     int64_t *context = (int64_t *)scratch;           /* first: 8-byte aligned like the buffer */
     float *x = (float *)(context + rows);
-    float *h = x + rows * hidden;
+    float *h = x + width * hidden;
     float *logits = h + rows * hidden;
     float *stack_scratch = logits + rows * vocab;
     for (int64_t r = 0; r < rows; ++r) context[r] = rows_meta->context_lens[r];
-    const int64_t *current = tokens;
     for (int64_t step = 0; step < steps; ++step) {
-        for (int64_t r = 0; r < rows; ++r) memcpy(x + r * hidden, embed + current[r] * hidden, sizeof(float) * hidden);
-        const DecodeRows step_rows = {rows_meta->slots + step * rows, rows_meta->block_tables, context, NULL, NULL,
-                                      rows_meta->max_blocks, 0};
-        decoder_forward(s, layers, num_layers, &step_rows, cos + step * rows * d, sin + step * rows * d, x, rows, NULL,
-                        0, final_norm, stack_scratch, h);
+        if (step == 0) {
+            for (int64_t t = 0; t < feed->count; ++t)
+                memcpy(x + t * hidden, embed + feed->tokens[t] * hidden, sizeof(float) * hidden);
+            decoder_forward(s, layers, num_layers, &feed->rows, feed->cos, feed->sin, x, feed->count, feed->last, rows,
+                            final_norm, stack_scratch, h);
+        } else {
+            const int64_t *current = out + (step - 1) * rows;
+            for (int64_t r = 0; r < rows; ++r)
+                memcpy(x + r * hidden, embed + current[r] * hidden, sizeof(float) * hidden);
+            const DecodeRows step_rows = {rows_meta->slots + (step - 1) * rows, rows_meta->block_tables, context, NULL,
+                                          NULL, rows_meta->max_blocks, 0};
+            decoder_forward(s, layers, num_layers, &step_rows, cos + (step - 1) * rows * d,
+                            sin + (step - 1) * rows * d, x, rows, NULL, 0, final_norm, stack_scratch, h);
+            for (int64_t r = 0; r < rows; ++r) context[r] += 1;
+        }
         gemm_panels(h, rows, hidden, hidden, lm_head, vocab, NULL, NULL, logits);
         int64_t *chosen = out + step * rows;
         for (int64_t r = 0; r < rows; ++r) {
             float *row = logits + r * vocab;
-            if (ban[step * rows + r])
+            if (step < banned_steps[r])
                 for (int64_t b = 0; b < max_banned && banned[r * max_banned + b] >= 0; ++b)
                     row[banned[r * max_banned + b]] = -INFINITY;
             int64_t best = 0;
             for (int64_t v = 1; v < vocab; ++v)
                 if (row[v] > row[best]) best = v;
             chosen[r] = best;
-            context[r] += 1;
         }
-        current = chosen;
     }
 }
 
 /* Floats of scratch decoder_greedy_chain needs. */
-int64_t decoder_greedy_chain_scratch_floats(const DecoderShape *s, int64_t rows, int64_t vocab) {
-    return rows * (2 * s->hidden + vocab) + rows * (int64_t)(sizeof(int64_t) / sizeof(float)) +
-           decoder_scratch_floats(s, rows);
+int64_t decoder_greedy_chain_scratch_floats(const DecoderShape *s, int64_t rows, int64_t feed, int64_t vocab) {
+    const int64_t width = feed > rows ? feed : rows;
+    return (width + rows) * s->hidden + rows * vocab + rows * (int64_t)(sizeof(int64_t) / sizeof(float)) +
+           decoder_scratch_floats(s, width);
 }
