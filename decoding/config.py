@@ -33,6 +33,11 @@ class EngineConfig:
     medusa_acceptance: str = "typical"    # sampled requests: "typical" (lossy) or "lossless"
     typical_epsilon: float = 0.09         # typical acceptance: keep if p > min(epsilon, delta * exp(-H))
     typical_delta: float = 0.3
+    # Each grammar compile (schema -> regex -> token index) runs in a worker process that the kernel stops
+    # past this much CPU time or memory; up to grammar_workers compile at once.
+    grammar_cpu_budget_s: float = 5.0
+    grammar_memory_gb: float = 4.0
+    grammar_workers: int = 2
 
     def __post_init__(self):
         if self.block_size is None:
@@ -65,5 +70,8 @@ class EngineConfig:
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
             raise ValueError("prompt lookup needs 1 <= prompt_lookup_min <= prompt_lookup_max, got "
                              f"{self.prompt_lookup_min} and {self.prompt_lookup_max}")
+        if not (self.grammar_cpu_budget_s > 0 and self.grammar_memory_gb > 0 and self.grammar_workers >= 1):
+            raise ValueError("grammar compiles need grammar_cpu_budget_s > 0, grammar_memory_gb > 0 and "
+                             "grammar_workers >= 1")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")

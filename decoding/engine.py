@@ -29,7 +29,8 @@ from decoding.speculative.draft import DraftModelProposer
 from decoding.speculative.medusa import MedusaProposer
 from decoding.speculative.ngram import NgramProposer
 from decoding.speculative.rejection import Verdict
-from decoding.structured.grammar import GrammarCompiler, GrammarCursor, constraint_regex
+from decoding.structured.constraint import Constraint
+from decoding.structured.grammar import GrammarCompiler, GrammarCursor
 from decoding.weights import apply_update, validate_update
 from models import kernels, load_model
 from models.attention import PagedKVCache
@@ -151,13 +152,16 @@ class Engine:
         self._compile_constraint(params)
 
     def _compile_constraint(self, params: SamplingParams):
-        regex = constraint_regex(params)
-        if regex is None:
+        constraint = Constraint.of(params)
+        if constraint is None:
             return None
         with self._grammar_lock:
             if self._grammars is None:
-                self._grammars = GrammarCompiler(self.tokenizer, self.eos_token_ids, self.loaded.model.vocab_size)
-        return self._grammars.compile(regex)
+                cfg = self.config
+                self._grammars = GrammarCompiler(self.tokenizer, self.eos_token_ids, self.loaded.model.vocab_size,
+                                                 cpu_budget_s=cfg.grammar_cpu_budget_s, memory_gb=cfg.grammar_memory_gb,
+                                                 max_workers=cfg.grammar_workers)
+        return self._grammars.compile(constraint)
 
     def _beam_grammar_masks(self, request: Request, generated: list[list[int]]) -> list[torch.Tensor]:
         """Each beam's allowed tokens: a cursor replayed over its own tokens (beams reorder every step)."""

@@ -258,13 +258,14 @@ def test_constraints_with_medusa_trees(llama_dir, engine, tmp_path):
 def test_a_slow_compile_ends_in_a_clear_error():
     from transformers import AutoTokenizer
 
-    from decoding.structured.grammar import GrammarCompiler, GrammarError, constraint_regex
+    from decoding.structured.constraint import Constraint
+    from decoding.structured.grammar import GrammarCompiler, GrammarError
     from models.loader import DEFAULT_MODEL_DIR
     tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL_DIR)
-    compiler = GrammarCompiler(tokenizer, frozenset({tokenizer.eos_token_id}), 8192, timeout_s=0.2)
-    # Any JSON object, for an 8,192-token vocabulary: seconds to compile, far past a 0.2 s limit.
-    regex = constraint_regex(SamplingParams(json_schema={"type": "object"}))
-    with pytest.raises(GrammarError, match="longer than"):
-        compiler.compile(regex)
-    # The stuck compile does not hold up the next constraint.
-    assert compiler.compile(constraint_regex(SamplingParams(choice=["a", "b"]))) is not None
+    compiler = GrammarCompiler(tokenizer, frozenset({tokenizer.eos_token_id}), 8192, cpu_budget_s=1)
+    # Any JSON object, for an 8,192-token vocabulary: seconds of CPU to compile, past a 1 s budget.
+    with pytest.raises(GrammarError, match="CPU time"):
+        compiler.compile(Constraint.of(SamplingParams(json_schema={"type": "object"})))
+    # The stopped compile does not hold up the next constraint.
+    assert compiler.compile(Constraint.of(SamplingParams(choice=["a", "b"]))) is not None
+    compiler.close()

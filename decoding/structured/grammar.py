@@ -3,96 +3,82 @@ list of choices) compiled once into an index of allowed tokens per automaton sta
 sequence that walks it.
 
 Compiled indexes are cached per constraint (the tokenizer is fixed per engine) with a bounded size, and
-compiled in a worker thread under a time limit, so a pathological schema ends in a clear error instead of
-an engine that never answers.
+so are refusals. Compiles run in worker processes under a CPU-time and memory budget
+(compile_workers.py), so a pathological schema ends in a clear error instead of an engine that never
+answers or grows without bound, and a slow compile holds up no other.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import threading
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures import Future
 
 import torch
 
-from decoding.params import SamplingParams
-from decoding.structured.schema_support import unsupported_construct
+from decoding.structured.compile_workers import CompileWorkers
+from decoding.structured.constraint import Constraint, GrammarError
 from decoding.structured.vocabulary import outlines_vocabulary
 
-
-class GrammarError(ValueError):
-    """A constraint that cannot be compiled, with what to fix."""
-
-
-def constraint_regex(params: SamplingParams) -> str | None:
-    """The regex a request's output must match in full, or None when it is unconstrained."""
-    if params.regex is not None:
-        try:
-            re.compile(params.regex)
-        except re.error as err:
-            raise GrammarError(f"regex does not compile: {err}") from err
-        return params.regex
-    if params.choice is not None:
-        return "(" + "|".join(re.escape(choice) for choice in params.choice) + ")"
-    if params.json_schema is not None:
-        from outlines_core.json_schema import build_regex_from_schema
-        problem = unsupported_construct(json.loads(params.json_schema))
-        if problem is not None and not params.structured_best_effort:
-            raise GrammarError(f"json_schema uses a construct that constrained decoding cannot enforce ({problem}); "
-                               "remove or rewrite it, or opt into structured_best_effort")
-        try:
-            return build_regex_from_schema(params.json_schema)
-        except (ValueError, TypeError, RuntimeError) as err:
-            raise GrammarError(f"json_schema cannot be compiled: {err}") from err
-    return None
+__all__ = ["GrammarCompiler", "GrammarCursor", "GrammarError", "schema_text", "schema_valid", "unpack_bits"]
 
 
 class GrammarCompiler:
-    """Owned by the engine: the tokenizer's vocabulary for outlines-core and the cache of indexes."""
+    """Owned by the engine: the compile workers, and the cache of indexes and refusals."""
 
-    def __init__(self, tokenizer, eos_token_ids: frozenset[int], vocab_size: int, cache_size: int = 64,
-                 timeout_s: float = 10.0):
+    def __init__(self, tokenizer, eos_token_ids: frozenset[int], vocab_size: int, cache_size: int = 256,
+                 cpu_budget_s: float = 5.0, memory_gb: float = 4.0, max_workers: int = 2):
         self.eos_token_ids = eos_token_ids
         self.vocab_size = vocab_size
-        self.timeout_s = timeout_s
-        self._vocabulary = outlines_vocabulary(tokenizer, min(eos_token_ids))
-        self._cache: OrderedDict[str, object] = OrderedDict()
+        self._workers = CompileWorkers(outlines_vocabulary(tokenizer, min(eos_token_ids)), cpu_budget_s, memory_gb,
+                                       max_workers)
+        self._cache: OrderedDict[Constraint, object] = OrderedDict()   # an Index, or the GrammarError
         self._cache_size = cache_size
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gorgon-grammar")
-        self._lock = threading.Lock()         # the server compiles from worker threads
+        self._compiling: dict[Constraint, Future] = {}
+        self._lock = threading.Lock()         # guards the two dicts only, never a compile
 
-    def compile(self, regex: str):
-        """The outlines-core Index of `regex`, from the cache when it was compiled before."""
+    def compile(self, constraint: Constraint):
+        """The outlines-core Index of `constraint` (from the cache when it was compiled before); a
+        GrammarError saying what to fix. Safe from any thread; concurrent requests for the same
+        constraint share one compile."""
         with self._lock:
-            return self._compile(regex)
+            if constraint in self._cache:
+                self._cache.move_to_end(constraint)
+                return self._result(self._cache[constraint])
+            future = self._compiling.get(constraint)
+            owner = future is None
+            if owner:
+                future = self._compiling[constraint] = Future()
+        if owner:
+            try:
+                outcome = self._workers.compile(constraint)
+            except GrammarError as err:
+                outcome = err
+            except BaseException as err:      # not the constraint's fault: not cached
+                with self._lock:
+                    del self._compiling[constraint]
+                future.set_exception(err)
+                raise
+            with self._lock:
+                del self._compiling[constraint]
+                self._cache[constraint] = outcome
+                if len(self._cache) > self._cache_size:
+                    self._cache.popitem(last=False)
+            future.set_result(outcome)
+        return self._result(future.result())
 
-    def _compile(self, regex: str):
-        if regex in self._cache:
-            self._cache.move_to_end(regex)
-            return self._cache[regex]
-        from outlines_core import Index
-        future = self._pool.submit(Index, regex, self._vocabulary)
-        try:
-            index = future.result(timeout=self.timeout_s)
-        except FutureTimeout as err:
-            # The stuck compile cannot be interrupted; give later constraints a fresh worker instead of
-            # queueing them behind it.
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gorgon-grammar")
-            raise GrammarError(f"the constraint took longer than {self.timeout_s:.0f} s to compile; "
-                               "simplify the schema or regex") from err
-        except (ValueError, RuntimeError) as err:
-            raise GrammarError(f"the constraint cannot be compiled for this tokenizer: {err}") from err
-        self._cache[regex] = index
-        if len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
-        return index
+    @staticmethod
+    def _result(outcome):
+        if isinstance(outcome, GrammarError):
+            raise GrammarError(str(outcome))
+        return outcome
 
     def cursor(self, index) -> GrammarCursor:
         return GrammarCursor(index, self.vocab_size, self.eos_token_ids)
+
+    def close(self) -> None:
+        self._workers.close()
 
 
 MAX_DRAFT_TOKENS = 64
