@@ -64,31 +64,32 @@ class AsyncEngine:
         self.engine = engine
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}
-        # Each counter is written by one thread only (submitting loop / engine thread), so no lock.
-        self._num_submitted = 0
-        self._num_drained = 0
         self._updates: deque[_PendingUpdate] = deque()
         self._wakeup = threading.Event()
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="gorgon-engine", daemon=True)
         self._thread.start()
 
-    def submit(self, prompt: Prompt, params: SamplingParams | None = None,
-               request_id: str | None = None, stream: bool = True) -> RequestStream:
+    async def submit(self, prompt: Prompt, params: SamplingParams | None = None,
+                     request_id: str | None = None, stream: bool = True) -> RequestStream:
         """Queue a request and return its stream: a snapshot after every step that touched it, or with
-        stream=False only the final one. Invalid requests raise ValueError here, before anything is
-        queued. Must be called from a running event loop."""
-        request = self.engine.make_request(prompt, params, request_id)
+        stream=False only the final one. Tokenizing and compiling a constraint run in a worker thread,
+        never on the event loop; invalid requests raise ValueError here, before anything is queued."""
+        request = await asyncio.to_thread(self.engine.make_request, prompt, params, request_id)
+        return self.start(request, stream)
+
+    def start(self, request: Request, stream: bool = True) -> RequestStream:
+        """Queue a request made by Engine.make_request. Must be called from the running event loop."""
         request.stream = stream
-        stream = RequestStream(self, request, asyncio.get_running_loop())
-        self._streams[request.req_id] = stream
+        request_stream = RequestStream(self, request, asyncio.get_running_loop())
+        self._streams[request.req_id] = request_stream
         self._submit(("add", request))
-        return stream
+        return request_stream
 
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
         """Yield a snapshot after every step that touched the request; the last one has finished=True."""
-        async for output in self.submit(prompt, params, request_id):
+        async for output in await self.submit(prompt, params, request_id):
             yield output
 
     async def update_weights(self, tensors: dict, version: int | None = None, policy: str = "wait",
@@ -107,11 +108,6 @@ class AsyncEngine:
         self._submit(("weights", update))
         return await update.done
 
-    @property
-    def num_pending(self) -> int:
-        """Requests submitted but not yet admitted to a running batch."""
-        return self._num_submitted - self._num_drained + len(self.engine.scheduler.waiting)
-
     def abort(self, request_id: str) -> None:
         self._submit(("abort", request_id))
 
@@ -122,8 +118,6 @@ class AsyncEngine:
 
     # ---- the engine thread -------------------------------------------------------------------
     def _submit(self, command: tuple) -> None:
-        if command[0] == "add":
-            self._num_submitted += 1
         self._commands.put(command)
         self._wakeup.set()
 
@@ -153,7 +147,6 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if kind == "add":
-                self._num_drained += 1
                 self._add(payload)
             elif kind == "weights":
                 self._queue_update(payload)

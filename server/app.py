@@ -17,7 +17,8 @@ from fastapi.responses import Response, StreamingResponse
 from decoding import Engine, RequestOutput, SamplingParams
 from decoding.async_engine import AsyncEngine, RequestStream
 from server import responses
-from server.errors import APIError, error_response, handle_api_error, handle_validation_error
+from server.edge import EdgeConfig, EdgeLimits, InFlight, KeyCheck
+from server.errors import APIError, handle_api_error, handle_validation_error
 from server.metrics import Metrics
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.rl import add_rl_routes
@@ -30,8 +31,10 @@ class ServerConfig:
     served_model_name: str
     api_key: str | None = None
     admin_key: str | None = None     # enables and guards the weight-update routes
-    max_queued: int = 256            # requests waiting for admission before new ones get 503
+    max_queued: int = 256            # requests waiting for a running slot before new ones get 503
     retry_after_s: int = 1
+    max_body_bytes: int = 4 * 2**20  # larger bodies get 413 (weight pushes excepted)
+    keepalive_s: float = 5.0         # a stream that has nothing to send for this long gets an SSE comment
 
 
 class Server:
@@ -42,38 +45,26 @@ class Server:
         self.front = AsyncEngine(engine)
         self.metrics = Metrics(engine)
         self.config = config
+        self.in_flight = InFlight()
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.config.served_model_name:
             raise APIError(404, f"model {model!r} does not exist; this server serves "
                                 f"{self.config.served_model_name!r}", param="model", code="model_not_found")
 
-    async def prepare(self, params: SamplingParams) -> None:
-        """Compile a constrained request's grammar in a worker thread (cached afterwards), so a slow
-        schema delays only its own request; a bad one is a 400."""
-        if not params.is_constrained:
-            return
+    async def submit(self, prompts: list, params: SamplingParams, stream: bool = True) -> list[RequestStream]:
+        """Tokenize (and compile a constraint) in a worker thread, then queue every prompt; a bad one is a
+        400 and queues none. stream=False: the engine reports each request only when it finishes
+        (responses that are not streamed need nothing else, and the engine thread then never waits on
+        the event loop)."""
+        engine = self.front.engine
         try:
-            await asyncio.to_thread(self.front.engine.prepare_constraint, params)
+            requests = await asyncio.to_thread(lambda: [engine.make_request(prompt, params) for prompt in prompts])
         except ValueError as err:
             raise APIError(400, str(err)) from err
-
-    def submit(self, prompts: list, params: SamplingParams, stream: bool = True) -> list[RequestStream]:
-        """stream=False: the engine reports each request only when it finishes (responses that are
-        not streamed need nothing else, and the engine thread then never waits on the event loop)."""
-        if self.front.num_pending + len(prompts) > self.config.max_queued:
-            raise APIError(503, f"server is at capacity ({self.config.max_queued} requests queued); retry later",
-                           type_="server_overloaded", headers={"Retry-After": str(self.config.retry_after_s)})
-        streams = []
-        try:
-            for prompt in prompts:
-                streams.append(self.front.submit(prompt, params, stream=stream))
-        except ValueError as err:
-            for stream in streams:
-                self.front.abort(stream.request_id)
-            raise APIError(400, str(err)) from err
-        for stream in streams:
-            self.metrics.prompt_tokens.inc(len(stream.prompt_token_ids))
+        streams = [self.front.start(request, stream) for request in requests]
+        for item in streams:
+            self.metrics.prompt_tokens.inc(len(item.prompt_token_ids))
         return streams
 
     async def follow(self, streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
@@ -161,28 +152,15 @@ def build_app(engine: Engine, config: ServerConfig) -> FastAPI:
     app.state.server = server
     app.add_exception_handler(APIError, handle_api_error)
     app.add_exception_handler(RequestValidationError, handle_validation_error)
-    _add_key_checks(app, config)
+    # Outermost first: the key, then room and body size, all before the body is parsed.
+    app.add_middleware(EdgeLimits, config=EdgeConfig(engine.config.max_num_seqs + config.max_queued,
+                                                     config.max_body_bytes, config.retry_after_s),
+                       in_flight=server.in_flight)
+    app.add_middleware(KeyCheck, api_key=config.api_key, admin_key=config.admin_key)
     _add_info_routes(app, server)
     _add_openai_routes(app, server)
     add_rl_routes(app, server, collect)
     return app
-
-
-def _add_key_checks(app: FastAPI, config: ServerConfig) -> None:
-    @app.middleware("http")
-    async def require_keys(request: Request, call_next):
-        path, auth = request.url.path, request.headers.get("authorization")
-        if request.method == "POST" and path.startswith("/v1/weights/"):
-            if not config.admin_key:
-                return error_response(403, "weight updates are disabled; start the server with --admin-key",
-                                      type_="permission_error")
-            if auth != f"Bearer {config.admin_key}":
-                return error_response(401, "missing or wrong admin key: send 'Authorization: Bearer <admin key>'",
-                                      type_="authentication_error", code="invalid_api_key")
-        elif config.api_key and path != "/health" and auth != f"Bearer {config.api_key}":
-            return error_response(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                                  type_="authentication_error", code="invalid_api_key")
-        return await call_next(request)
 
 
 def _add_info_routes(app: FastAPI, server: Server) -> None:
@@ -218,8 +196,7 @@ def _add_openai_routes(app: FastAPI, server: Server) -> None:
             params = body.completion_params()
         except ValueError as err:
             raise APIError(400, str(err)) from err
-        await server.prepare(params)
-        streams = server.submit(prompts, params, stream=body.stream)
+        streams = await server.submit(prompts, params, stream=body.stream)
         view = responses.CompletionView(engine.tokenizer, config.served_model_name, body, streams)
         if body.stream:
             return StreamingResponse(stream_events(server, streams, view), media_type="text/event-stream")
@@ -228,7 +205,8 @@ def _add_openai_routes(app: FastAPI, server: Server) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         server.check_model(body.model)
-        try:
+
+        def prompt_and_params():            # the chat template is CPU work: off the event loop
             if body.stream and body.tool_mode() != "none":
                 raise ValueError("streaming with tools is not supported yet; set stream: false")
             prompt_ids = responses.chat_prompt_ids(engine.tokenizer, body.messages, body.tools)
@@ -238,10 +216,13 @@ def _add_openai_routes(app: FastAPI, server: Server) -> None:
             params = body.sampling_params(max_tokens, (body.top_logprobs or 0) if body.logprobs else None)
             if tool_schema := body.tool_constraint():
                 params = replace(params, **tool_schema)
+            return prompt_ids, params
+
+        try:
+            prompt_ids, params = await asyncio.to_thread(prompt_and_params)
         except ValueError as err:
             raise APIError(400, str(err)) from err
-        await server.prepare(params)
-        streams = server.submit([prompt_ids], params, stream=body.stream)
+        streams = await server.submit([prompt_ids], params, stream=body.stream)
         view = responses.ChatView(engine.tokenizer, config.served_model_name, body, streams)
         if body.stream:
             return StreamingResponse(stream_events(server, streams, view), media_type="text/event-stream")
@@ -249,14 +230,29 @@ def _add_openai_routes(app: FastAPI, server: Server) -> None:
 
 
 async def stream_events(server: Server, streams: list[RequestStream], view) -> AsyncIterator[str]:
-    """SSE in OpenAI's chunk format, ending with `data: [DONE]`. Leaving early aborts the requests."""
+    """SSE in OpenAI's chunk format, ending with `data: [DONE]`. While a request waits for a slot or
+    its next token, an SSE comment every keepalive_s keeps clients and proxies from timing out.
+    Leaving early aborts the requests."""
+    outputs = server.follow(streams).__aiter__()
+    next_output = asyncio.ensure_future(outputs.__anext__())
     try:
-        async for index, output in server.follow(streams):
+        while True:
+            done, _ = await asyncio.wait({next_output}, timeout=server.config.keepalive_s)
+            if not done:
+                yield ": keep-alive\n\n"
+                continue
+            try:
+                index, output = next_output.result()
+            except StopAsyncIteration:
+                break
             for chunk in view.deltas(index, output):
                 yield sse(chunk)
+            next_output = asyncio.ensure_future(outputs.__anext__())
         if view.include_usage:
             yield sse(view.usage_chunk())
     except APIError as err:
         yield sse({"error": {"message": err.message, "type": err.type, "param": None, "code": err.code}})
+    finally:
+        next_output.cancel()
+        await outputs.aclose()
     yield sse("[DONE]")
-

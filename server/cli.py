@@ -27,6 +27,11 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="the candidate tree as JSON, e.g. '[[0], [1], [0, 0]]' (default: a tree tuned here)")
     parser.add_argument("--medusa-acceptance", choices=["typical", "lossless"], default="typical",
                         help="how sampled requests accept Medusa candidates (greedy ones are always exact)")
+    parser.add_argument("--grammar-cpu-budget", type=float, default=5.0,
+                        help="CPU seconds one constraint's grammar may take to compile before it is refused")
+    parser.add_argument("--grammar-memory-gb", type=float, default=4.0,
+                        help="memory one grammar compile may use before it is refused")
+    parser.add_argument("--grammar-workers", type=int, default=2, help="grammar compiles that run at once")
 
 
 def _choices(text: str) -> tuple[tuple[int, ...], ...]:
@@ -42,7 +47,8 @@ def _engine_options(args: argparse.Namespace) -> dict:
                 draft_model=args.draft_model, num_speculative_tokens=args.num_speculative_tokens,
                 prompt_lookup_max=args.prompt_lookup_max, prompt_lookup_min=args.prompt_lookup_min,
                 medusa_heads=args.medusa_heads, medusa_choices=args.medusa_choices,
-                medusa_acceptance=args.medusa_acceptance,
+                medusa_acceptance=args.medusa_acceptance, grammar_cpu_budget_s=args.grammar_cpu_budget,
+                grammar_memory_gb=args.grammar_memory_gb, grammar_workers=args.grammar_workers,
                 speculative_disable_by_batch_size=args.speculative_disable_by_batch_size)
 
 
@@ -81,7 +87,7 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     name = args.served_model_name or args.model or "gorgon-default"
     config = ServerConfig(served_model_name=name, api_key=args.api_key, admin_key=args.admin_key,
-                          max_queued=args.max_queued)
+                          max_queued=args.max_queued, max_body_bytes=int(args.max_body_mb * 2**20))
     app = build_app(engine, config)
     print(f"Gorgon serving {name!r} on http://{args.host}:{args.port} (OpenAI-compatible, /v1)", flush=True)
     # On SIGTERM uvicorn stops accepting, lets in-flight requests finish (up to the grace period; then
@@ -112,7 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (all but /health)")
     serve.add_argument("--admin-key", default=None, help="enable weight updates, guarded by this key")
-    serve.add_argument("--max-queued", type=int, default=256, help="waiting requests before new ones get 503")
+    serve.add_argument("--max-queued", type=int, default=256,
+                       help="requests that may wait for a running slot (beyond --max-num-seqs) before new ones get 503")
+    serve.add_argument("--max-body-mb", type=float, default=4.0,
+                       help="larger request bodies get 413 (weight pushes excepted)")
     serve.add_argument("--served-model-name", default=None)
     serve.add_argument("--max-num-seqs", type=int, default=64)
     serve.add_argument("--max-num-batched-tokens", type=int, default=512)

@@ -53,12 +53,11 @@ def add_rl_routes(app: FastAPI, server, collect) -> None:
         if body.stream:
             raise APIError(400, "rollouts are not streamed; drop 'stream'", param="stream")
         try:
-            prompts = [_as_prompt(engine.tokenizer, p) for p in body.prompts]
+            prompts = await asyncio.to_thread(lambda: [_as_prompt(engine.tokenizer, p) for p in body.prompts])
             params = body.sampling_params(body.max_tokens, body.top_logprobs or 0)
         except ValueError as err:
             raise APIError(400, str(err)) from err
-        await server.prepare(params)
-        outputs = await collect(server, server.submit(prompts, params, stream=False), request)
+        outputs = await collect(server, await server.submit(prompts, params, stream=False), request)
         return rollout_body(outputs, body.top_logprobs)
 
     @app.post("/v1/score")
@@ -75,7 +74,7 @@ def add_rl_routes(app: FastAPI, server, collect) -> None:
                                     temperature=body.temperature)
         except ValueError as err:
             raise APIError(400, str(err)) from err
-        outputs = await collect(server, server.submit(body.sequences, params, stream=False), request)
+        outputs = await collect(server, await server.submit(body.sequences, params, stream=False), request)
         return {"logprobs": [[lp.logprob for lp in out.prompt_logprobs[start:]]
                              for out, start in zip(outputs, body.prompt_lens)],
                 "weight_versions": [out.weight_version for out in outputs]}

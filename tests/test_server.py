@@ -28,8 +28,8 @@ def free_port() -> int:
 
 
 def start_server(model_dir: str, engine_options: dict | None = None, **config) -> SimpleNamespace:
-    engine = Engine(model=model_dir, show_progress=False, num_kv_blocks=1024, block_size=4, max_num_seqs=64,
-                    **(engine_options or {}))
+    options = {"num_kv_blocks": 1024, "block_size": 4, "max_num_seqs": 64, **(engine_options or {})}
+    engine = Engine(model=model_dir, show_progress=False, **options)
     app = build_app(engine, ServerConfig(served_model_name="tiny", **config))
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -183,15 +183,21 @@ def test_200_concurrent_streams_finish_without_error_and_free_every_block(live):
 
 
 def test_api_key_and_backpressure(llama_dir):
-    guarded = start_server(llama_dir, api_key="secret", max_queued=0)
+    guarded = start_server(llama_dir, {"max_num_seqs": 1}, api_key="secret", max_queued=0)
+    key = {"Authorization": "Bearer secret"}
     try:
         assert httpx.get(f"{guarded.url}/health").status_code == 200
         assert httpx.get(f"{guarded.url}/v1/models").status_code == 401
+        assert httpx.get(f"{guarded.url}/v1/models", headers={"Authorization": "bearer secret"}).status_code == 200
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{guarded.url}/v1", api_key="wrong").models.list()
-        response = httpx.post(f"{guarded.url}/v1/completions", json={"prompt": "x"},
-                              headers={"Authorization": "Bearer secret"})
-        assert response.status_code == 503 and response.headers["retry-after"]
+        # The one running slot is taken by a stream; with no queue, the next request is refused at once.
+        with httpx.stream("POST", f"{guarded.url}/v1/completions", headers=key, timeout=60,
+                          json={"prompt": "x", "max_tokens": 200, "ignore_eos": True, "stream": True}) as running:
+            assert running.status_code == 200
+            response = httpx.post(f"{guarded.url}/v1/completions", json={"prompt": "x"}, headers=key)
+            assert response.status_code == 503 and response.headers["retry-after"]
+        assert httpx.post(f"{guarded.url}/v1/completions", json={"prompt": "x"}, headers=key).status_code == 200
     finally:
         stop_server(guarded)
 
