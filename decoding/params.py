@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Literal
 
 LogprobsMode = Literal["raw", "processed"]
 MAX_LOGPROBS = 20
+# Temperatures below this mean greedy (vLLM's rule): dividing logits by less overflows float32, and the
+# distribution is already one-hot to float precision. Above MAX_TEMPERATURE it is uniform to float
+# precision, and masked (-inf) logits divided by an infinite temperature would be NaN.
+GREEDY_BELOW_TEMPERATURE = 1e-5
+MAX_TEMPERATURE = 100.0
+# Beyond this a penalised logit can overflow to -inf for every token of a row.
+MAX_REPETITION_PENALTY = 100.0
 
 
 @dataclass(frozen=True)
@@ -68,6 +76,8 @@ class SamplingParams:
             object.__setattr__(self, "json_schema", json.dumps(self.json_schema))
         if self.choice is not None:
             object.__setattr__(self, "choice", tuple(self.choice))
+        if isinstance(self.temperature, (int, float)) and 0 < self.temperature < GREEDY_BELOW_TEMPERATURE:
+            object.__setattr__(self, "temperature", 0.0)
         self._validate()
 
     def _validate(self) -> None:
@@ -76,12 +86,14 @@ class SamplingParams:
                  f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         _require(isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens,
                  f"min_tokens must be between 0 and max_tokens ({self.max_tokens}), got {self.min_tokens!r}")
-        _require(self.temperature >= 0, f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
+        _require(0 <= self.temperature <= MAX_TEMPERATURE,
+                 f"temperature must be between 0 (greedy) and {MAX_TEMPERATURE:g}, got {self.temperature}")
         _require(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
         _require(isinstance(self.top_k, int) and self.top_k >= 0,
                  f"top_k must be a positive integer, or 0 / -1 to disable it, got {self.top_k!r}")
         _require(0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}")
-        _require(self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        _require(0 < self.repetition_penalty <= MAX_REPETITION_PENALTY,
+                 f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY:g}], got {self.repetition_penalty}")
         _require(-2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
         _require(-2 <= self.frequency_penalty <= 2,
                  f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
@@ -119,6 +131,7 @@ class SamplingParams:
     def _validate_beam_search(self) -> None:
         _require(isinstance(self.num_beams, int) and self.num_beams >= 1,
                  f"num_beams must be an integer >= 1, got {self.num_beams!r}")
+        _require(math.isfinite(self.length_penalty), f"length_penalty must be a finite number, got {self.length_penalty}")
         _require(self.early_stopping in (True, False, "never"),
                  f"early_stopping must be true, false or \"never\", got {self.early_stopping!r}")
         _require(isinstance(self.num_return_sequences, int) and 1 <= self.num_return_sequences <= self.num_beams,

@@ -210,7 +210,8 @@ def _add_openai_routes(app: FastAPI, server: Server) -> None:
             if body.stream and body.tool_mode() != "none":
                 raise ValueError("streaming with tools is not supported yet; set stream: false")
             prompt_ids = responses.chat_prompt_ids(engine.tokenizer, body.messages, body.tools)
-            max_tokens = body.max_completion_tokens or body.max_tokens or engine.max_model_len - len(prompt_ids)
+            max_tokens = next((value for value in (body.max_completion_tokens, body.max_tokens) if value is not None),
+                              engine.max_model_len - len(prompt_ids))
             if body.top_logprobs is not None and not body.logprobs:
                 raise ValueError("top_logprobs requires logprobs: true")
             params = body.sampling_params(max_tokens, (body.top_logprobs or 0) if body.logprobs else None)

@@ -7,59 +7,89 @@ from __future__ import annotations
 import json
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from decoding import SamplingParams
+from decoding.params import MAX_LOGPROBS, MAX_REPETITION_PENALTY, MAX_TEMPERATURE
+
+# Bounds that keep one request's work and memory in proportion (stop strings are matched on every token).
+MAX_STOP_STRINGS = 64
+MAX_STOP_LENGTH = 1024
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class StrictModel(BaseModel):
+    """Unknown fields, NaN and infinities, and text that is not valid Unicode are refused with a 400 that
+    names the field, before any of the request is used."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data):
+        _check_unicode(data, ())
+        return data
+
+
+def _check_unicode(value, path: tuple) -> None:
+    """JSON may escape a lone surrogate ("\\ud800"), which no text encoding can represent."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            where = ".".join(map(str, path)) or "the body"
+            raise ValueError(f"{where} holds an unpaired UTF-16 surrogate, which is not valid Unicode text") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_unicode(key, path)
+            _check_unicode(item, (*path, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_unicode(item, (*path, index))
+
+
+class StreamOptions(StrictModel):
     include_usage: bool = False
 
 
-class JsonSchemaFormat(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class JsonSchemaFormat(StrictModel):
     name: str
     schema_: dict = Field(alias="schema")
     strict: bool | None = None
     description: str | None = None
 
 
-class ResponseFormat(BaseModel):
+class ResponseFormat(StrictModel):
     """OpenAI's response_format."""
 
-    model_config = ConfigDict(extra="forbid")
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
 
-class StructuredOutputs(BaseModel):
+class StructuredOutputs(StrictModel):
     """vLLM's structured_outputs: one of json (a schema), regex or choice."""
 
-    model_config = ConfigDict(extra="forbid")
     json_: dict | str | None = Field(default=None, alias="json")
     regex: str | None = None
     choice: list[str] | None = None
 
 
-class _SamplingFields(BaseModel):
+class _SamplingFields(StrictModel):
     """Fields shared by completions and chat (OpenAI's, plus vLLM's extensions)."""
 
-    model_config = ConfigDict(extra="forbid")
     model: str | None = None
-    n: int = 1
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    stop: str | list[str] | None = None
+    n: int = Field(1, ge=1)
+    temperature: float = Field(1.0, ge=0, le=MAX_TEMPERATURE, description="0 (and below 1e-5) is greedy")
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=-1, description="0 or -1: no top-k truncation")
+    min_p: float = Field(0.0, ge=0, le=1)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    repetition_penalty: float = Field(1.0, gt=0, le=MAX_REPETITION_PENALTY)
+    stop: str | list[str] | None = Field(None, max_length=MAX_STOP_STRINGS)
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
-    min_tokens: int = 0
+    min_tokens: int = Field(0, ge=0)
     seed: int | None = None
     logprobs_mode: Literal["raw", "processed"] = "processed"
     stream: bool = False
@@ -93,6 +123,8 @@ class _SamplingFields(BaseModel):
 
     def sampling_params(self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        if any(len(s) > MAX_STOP_LENGTH for s in stop):
+            raise ValueError(f"stop strings must be at most {MAX_STOP_LENGTH} characters long")
         return SamplingParams(
             n=self.n, max_tokens=max_tokens, min_tokens=self.min_tokens, temperature=self.temperature,
             top_p=self.top_p, top_k=self.top_k, min_p=self.min_p, repetition_penalty=self.repetition_penalty,
@@ -108,10 +140,13 @@ class _SamplingFields(BaseModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+MAX_TOKENS_RULE = "at least 1 (0 is refused with a 400 on every route)"
+
+
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16
-    logprobs: int | None = None
+    max_tokens: int | None = Field(16, ge=1, description=f"default 16; {MAX_TOKENS_RULE}")
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     return_token_ids: bool = False
     # vLLM's convention: with use_beam_search, `n` is the beam width and all n beams are returned.
@@ -123,11 +158,11 @@ class CompletionRequest(_SamplingFields):
         logprobs = self.logprobs
         prompt_logprobs = self.logprobs if self.echo else None
         if not self.use_beam_search:
-            return self.sampling_params(self.max_tokens or 16, logprobs, prompt_logprobs)
+            return self.sampling_params(16 if self.max_tokens is None else self.max_tokens, logprobs, prompt_logprobs)
         if self.temperature not in (0, 1.0):
             raise ValueError("beam search is deterministic; leave temperature out or set it to 0")
         beam = self.model_copy(update={"n": 1, "temperature": 0.0})
-        params = beam.sampling_params(self.max_tokens or 16, logprobs, prompt_logprobs)
+        params = beam.sampling_params(16 if self.max_tokens is None else self.max_tokens, logprobs, prompt_logprobs)
         return SamplingParams(**{**params.__dict__, "use_beam_search": True, "num_beams": self.n,
                                  "num_return_sequences": self.n, "length_penalty": self.length_penalty,
                                  "early_stopping": self.early_stopping})
@@ -140,8 +175,7 @@ class CompletionRequest(_SamplingFields):
         return list(self.prompt)
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ChatMessage(StrictModel):
     role: Literal["system", "user", "assistant", "tool"]
     content: str | list[dict] | None = None
     name: str | None = None
@@ -162,37 +196,33 @@ class ChatMessage(BaseModel):
         return "".join(parts)
 
 
-class FunctionSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class FunctionSpec(StrictModel):
     name: str
     description: str | None = None
     parameters: dict = Field(default_factory=lambda: {"type": "object", "properties": {}})
     strict: bool | None = None
 
 
-class Tool(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Tool(StrictModel):
     type: Literal["function"]
     function: FunctionSpec
 
 
-class NamedFunction(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class NamedFunction(StrictModel):
     name: str
 
 
-class NamedToolChoice(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class NamedToolChoice(StrictModel):
     type: Literal["function"]
     function: NamedFunction
 
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: int | None = Field(None, ge=1, description=f"default: the rest of the context; {MAX_TOKENS_RULE}")
+    max_completion_tokens: int | None = Field(None, ge=1, description=f"overrides max_tokens; {MAX_TOKENS_RULE}")
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None    # accepted; one call per choice is generated
@@ -229,23 +259,21 @@ class RolloutRequest(_SamplingFields):
     """Group rollouts for RL trainers: `n` completions per prompt, token ids and logprobs in TRL's shape."""
 
     prompts: list[str | list[int] | list[ChatMessage]] = Field(min_length=1)
-    max_tokens: int = 16
-    top_logprobs: int | None = None
+    max_tokens: int = Field(16, ge=1, description=MAX_TOKENS_RULE)
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
 
-class ScoreRequest(BaseModel):
+class ScoreRequest(StrictModel):
     """Teacher-forced logprobs of completion tokens given their prompts (PPO's old-policy / reference)."""
 
-    model_config = ConfigDict(extra="forbid")
     model: str | None = None
     sequences: list[list[int]] = Field(min_length=1)      # prompt + completion token ids
     prompt_lens: list[int]                                 # where each completion starts
     logprobs_mode: Literal["raw", "processed"] = "raw"
-    temperature: float = 1.0
+    temperature: float = Field(1.0, ge=0, le=MAX_TEMPERATURE)
 
 
-class WeightsLoadRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class WeightsLoadRequest(StrictModel):
     path: str
     weight_version: int | None = None
     policy: Literal["wait", "abort"] = "wait"

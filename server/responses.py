@@ -11,6 +11,15 @@ from decoding.outputs import CompletionOutput
 from decoding.sequence import TokenLogprob
 
 
+# OpenAI's floor for a reported logprob (vLLM reports the same): a token the processed distribution
+# excludes has -inf, which JSON cannot carry.
+LOGPROB_FLOOR = -9999.0
+
+
+def wire_logprob(value: float) -> float:
+    return value if value >= LOGPROB_FLOOR else LOGPROB_FLOOR     # -inf (and NaN, which fails >=) -> floor
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
@@ -121,7 +130,7 @@ class CompletionView(_View):
                     text = self.tokenizer.decode(output.prompt_token_ids) + text
                     if logprobs is not None and output.prompt_logprobs is not None:
                         logprobs = self._merge(self._logprobs(output.prompt_token_ids, output.prompt_logprobs), logprobs)
-                choices.append(self._choice(key, text, logprobs, completion, output.prompt_token_ids))
+                choices.append(self._choice(key, text, logprobs, completion, output))
         choices.sort(key=lambda c: c["index"])
         return {**self.header(), "choices": choices, "usage": self.usage()}
 
@@ -138,20 +147,21 @@ class CompletionView(_View):
             logprobs = None
             if completion.logprobs is not None:
                 logprobs = self._logprobs(tokens, completion.logprobs[start:])
-            chunks.append({**self.header(), "choices": [
-                self._choice(key, text, logprobs, completion, output.prompt_token_ids, tokens)]})
+            chunks.append({**self.header(), "choices": [self._choice(key, text, logprobs, completion, output, tokens)]})
         return chunks
 
-    def _choice(self, index, text, logprobs, completion: CompletionOutput, prompt_ids, token_ids=None) -> dict:
+    def _choice(self, index, text, logprobs, completion: CompletionOutput, output: RequestOutput,
+                token_ids=None) -> dict:
+        # The weights each choice ran under, in every response that carries its tokens (chunks too).
         choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": completion.finish_reason,
-                  "stop_reason": completion.stop_reason}
+                  "stop_reason": completion.stop_reason, "weight_version": output.weight_version}
         if completion.score is not None:
-            choice["score"] = completion.score
+            choice["score"] = wire_logprob(completion.score)
         if completion.schema_valid is not None:
             choice["schema_valid"] = completion.schema_valid
         if self.body.return_token_ids:
             choice["token_ids"] = completion.token_ids if token_ids is None else token_ids
-            choice["prompt_token_ids"] = prompt_ids
+            choice["prompt_token_ids"] = output.prompt_token_ids
         return choice
 
     def _logprobs(self, token_ids: list[int], logprobs: list[TokenLogprob | None] | None) -> dict | None:
@@ -164,8 +174,8 @@ class CompletionView(_View):
             offset += len(token)
         return {
             "tokens": tokens,
-            "token_logprobs": [lp.logprob if lp else None for lp in logprobs],
-            "top_logprobs": [({self.token_text(t): v for t, v in lp.top.items()} if lp and lp.top else None)
+            "token_logprobs": [wire_logprob(lp.logprob) if lp else None for lp in logprobs],
+            "top_logprobs": [({self.token_text(t): wire_logprob(v) for t, v in lp.top.items()} if lp and lp.top else None)
                              for lp in logprobs],
             "text_offset": offsets,
         }
@@ -195,6 +205,7 @@ class ChatView(_View):
                 "message": message,
                 "logprobs": self._logprobs(completion.token_ids, completion.logprobs),
                 "finish_reason": "tool_calls" if call is not None else completion.finish_reason,
+                "weight_version": output.weight_version,
                 **({"schema_valid": completion.schema_valid} if completion.schema_valid is not None else {}),
             })
         return {**self.header(), "choices": choices, "usage": self.usage()}
@@ -203,28 +214,29 @@ class ChatView(_View):
         chunks = []
         for completion in output.outputs:
             key = completion.index
+            version = output.weight_version
             if key not in self.sent_tokens:
-                chunks.append(self._chunk(key, {"role": "assistant", "content": ""}, None, None))
+                chunks.append(self._chunk(key, {"role": "assistant", "content": ""}, None, None, version))
             text, tokens, start = self.new_part(key, completion, output.finished)
             logprobs = None
             if completion.logprobs is not None and tokens:
                 logprobs = self._logprobs(tokens, completion.logprobs[start:])
             if text or logprobs:
-                chunks.append(self._chunk(key, {"content": text}, logprobs, None))
+                chunks.append(self._chunk(key, {"content": text}, logprobs, None, version))
             if output.finished and completion.finish_reason:
-                chunks.append(self._chunk(key, {}, None, completion.finish_reason))
+                chunks.append(self._chunk(key, {}, None, completion.finish_reason, version))
         return chunks
 
     def header(self) -> dict:
         return {**super().header(), "object": "chat.completion.chunk" if self.body.stream else "chat.completion"}
 
-    def _chunk(self, index: int, delta: dict, logprobs, finish_reason) -> dict:
+    def _chunk(self, index: int, delta: dict, logprobs, finish_reason, weight_version: int) -> dict:
         return {**self.header(), "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
-                                              "finish_reason": finish_reason}]}
+                                              "finish_reason": finish_reason, "weight_version": weight_version}]}
 
     def _entry(self, token_id: int, logprob: float) -> dict:
         text = self.token_text(token_id)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+        return {"token": text, "logprob": wire_logprob(logprob), "bytes": list(text.encode())}
 
     def _logprobs(self, token_ids: list[int], logprobs: list[TokenLogprob] | None) -> dict | None:
         if logprobs is None:

@@ -11,7 +11,7 @@ from decoding import RequestOutput, SamplingParams
 from decoding.weights import WeightUpdateError, read_checkpoint, read_payload
 from server.errors import APIError
 from server.protocol import RolloutRequest, ScoreRequest, WeightsLoadRequest
-from server.responses import chat_prompt_ids
+from server.responses import chat_prompt_ids, wire_logprob
 
 
 def _as_prompt(tokenizer, prompt):
@@ -31,13 +31,13 @@ def rollout_body(outputs: list[RequestOutput], top_logprobs: int | None) -> dict
         for completion in output.outputs:
             body["prompt_ids"].append(output.prompt_token_ids)
             body["completion_ids"].append(completion.token_ids)
-            body["logprobs"].append([lp.logprob for lp in completion.logprobs])
+            body["logprobs"].append([wire_logprob(lp.logprob) for lp in completion.logprobs])
             body["finish_reasons"].append(completion.finish_reason)
             body["texts"].append(completion.text)
             body["weight_versions"].append(output.weight_version)
             if top_logprobs:
                 body["logprob_token_ids"].append([list(lp.top) for lp in completion.logprobs])
-                body["top_logprobs"].append([list(lp.top.values()) for lp in completion.logprobs])
+                body["top_logprobs"].append([[wire_logprob(v) for v in lp.top.values()] for lp in completion.logprobs])
     versions = set(body["weight_versions"])
     # Each completion is generated wholly under one version; the call's version when they all agree.
     body["weight_version"] = versions.pop() if len(versions) == 1 else None
@@ -75,7 +75,7 @@ def add_rl_routes(app: FastAPI, server, collect) -> None:
         except ValueError as err:
             raise APIError(400, str(err)) from err
         outputs = await collect(server, await server.submit(body.sequences, params, stream=False), request)
-        return {"logprobs": [[lp.logprob for lp in out.prompt_logprobs[start:]]
+        return {"logprobs": [[wire_logprob(lp.logprob) for lp in out.prompt_logprobs[start:]]
                              for out, start in zip(outputs, body.prompt_lens)],
                 "weight_versions": [out.weight_version for out in outputs]}
 

@@ -121,7 +121,7 @@ def test_streamed_completion_equals_the_plain_one_and_ends_with_done(live):
     ({"prompt": "x", "guided_json": {}}, 400, "unknown field 'guided_json'"),
     ({"prompt": "x", "temperature": -1}, 400, "temperature"),
     ({"prompt": "x", "top_p": 2}, 400, "top_p"),
-    ({"prompt": "x", "n": 0}, 400, "n must be"),
+    ({"prompt": "x", "n": 0}, 400, "'n'"),
     ({"prompt": "x", "max_tokens": 100000}, 400, "lower max_tokens"),
     ({"prompt": "x", "model": "gpt-4"}, 404, "does not exist"),
     ({"prompt": [1, 99999]}, 400, "outside the vocabulary"),
