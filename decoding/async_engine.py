@@ -26,6 +26,8 @@ class _PendingUpdate:
     version: int | None
     policy: str
     require_all: bool
+    allow_non_finite: bool
+    allow_version_rollback: bool
     loop: asyncio.AbstractEventLoop
     done: asyncio.Future
 
@@ -93,18 +95,22 @@ class AsyncEngine:
             yield output
 
     async def update_weights(self, tensors: dict, version: int | None = None, policy: str = "wait",
-                             require_all: bool = False) -> int:
+                             require_all: bool = False, allow_non_finite: bool = False,
+                             allow_version_rollback: bool = False) -> int:
         """Swap weights between steps; returns the new weight version.
 
         policy "wait": requests already started finish under the old weights while new ones are held
         back, then the update applies. policy "abort": in-flight requests are aborted (finish_reason
-        "abort") and the update applies at once. A bad payload raises WeightUpdateError and changes nothing.
+        "abort") and the update applies at once. A bad payload (see Engine.update_weights) raises
+        WeightUpdateError and changes nothing; it is checked in a worker thread, off the event loop.
         """
         if policy not in ("wait", "abort"):
             raise WeightUpdateError(f"policy must be 'wait' or 'abort', got {policy!r}")
-        validate_update(self.engine.loaded.model, tensors, require_all)
+        self.engine.check_weight_version(version, allow_version_rollback)
+        await asyncio.to_thread(validate_update, self.engine.loaded.model, tensors, require_all, allow_non_finite)
         loop = asyncio.get_running_loop()
-        update = _PendingUpdate(tensors, version, policy, require_all, loop, loop.create_future())
+        update = _PendingUpdate(tensors, version, policy, require_all, allow_non_finite, allow_version_rollback, loop,
+                                loop.create_future())
         self._submit(("weights", update))
         return await update.done
 
@@ -170,7 +176,8 @@ class AsyncEngine:
         while self._updates and not self.engine.has_started_requests():
             update = self._updates.popleft()
             try:
-                version = self.engine.update_weights(update.tensors, update.version, update.require_all)
+                version = self.engine.update_weights(update.tensors, update.version, update.require_all,
+                                                     update.allow_non_finite, update.allow_version_rollback)
                 update.loop.call_soon_threadsafe(update.done.set_result, version)
             except Exception as err:
                 update.loop.call_soon_threadsafe(update.done.set_exception, err)

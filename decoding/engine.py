@@ -31,7 +31,7 @@ from decoding.speculative.ngram import NgramProposer
 from decoding.speculative.rejection import Verdict
 from decoding.structured.constraint import Constraint
 from decoding.structured.grammar import GrammarCompiler, GrammarCursor
-from decoding.weights import apply_update, validate_update
+from decoding.weights import WeightUpdateError, apply_update, validate_update
 from models import kernels, load_model
 from models.attention import PagedKVCache
 from models.loader import DEFAULT_DRAFT_DIR, DEFAULT_MEDUSA_DIR
@@ -433,19 +433,30 @@ class Engine:
         return any(r.weight_version is not None for r in self._requests.values())
 
     def update_weights(self, tensors: dict[str, torch.Tensor], version: int | None = None,
-                       require_all: bool = False) -> int:
+                       require_all: bool = False, allow_non_finite: bool = False,
+                       allow_version_rollback: bool = False) -> int:
         """Validate every tensor, then copy them in and set (or bump) the weight version.
 
-        The caller makes sure no started request is in flight (AsyncEngine.update_weights waits for them
-        or aborts them), so every request is generated wholly under one version. There is no cross-request
-        prefix cache to flush: a group's shared prompt blocks live only as long as its request.
+        A version below the current one is refused unless allow_version_rollback (a trainer that
+        restarted from an older checkpoint says so; anything else is a stale push), and so are NaN or
+        infinite values unless allow_non_finite. The caller makes sure no started request is in flight
+        (AsyncEngine.update_weights waits for them or aborts them), so every request is generated wholly
+        under one version. There is no cross-request prefix cache to flush: a group's shared prompt blocks
+        live only as long as its request.
         """
-        validate_update(self.loaded.model, tensors, require_all)
+        self.check_weight_version(version, allow_version_rollback)
+        validate_update(self.loaded.model, tensors, require_all, allow_non_finite)
         if self.has_started_requests():
             raise RuntimeError("weights cannot change while requests are being generated")
         apply_update(self.loaded.model, tensors)
         self.weight_version = self.weight_version + 1 if version is None else version
         return self.weight_version
+
+    def check_weight_version(self, version: int | None, allow_version_rollback: bool = False) -> None:
+        if version is not None and version < self.weight_version and not allow_version_rollback:
+            raise WeightUpdateError(f"weight_version {version} is lower than the served version {self.weight_version}; "
+                                    "send a newer version, or allow_version_rollback to go back on purpose",
+                                    param="weight_version")
 
     # ---- batch convenience -------------------------------------------------------------------
     def generate(self, prompts: Prompt | list[Prompt], params: SamplingParams | list[SamplingParams] | None = None,

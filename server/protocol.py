@@ -277,3 +277,5 @@ class WeightsLoadRequest(StrictModel):
     path: str
     weight_version: int | None = None
     policy: Literal["wait", "abort"] = "wait"
+    allow_non_finite: bool = False          # accept NaN / infinite values (refused by default)
+    allow_version_rollback: bool = False    # accept a weight_version below the served one

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 
 from fastapi import FastAPI, Request
-from safetensors import SafetensorError
 
 from decoding import RequestOutput, SamplingParams
 from decoding.weights import WeightUpdateError, read_checkpoint, read_payload
@@ -93,12 +92,14 @@ def add_weight_routes(app: FastAPI, server) -> None:
     async def load_weights(body: WeightsLoadRequest):
         try:
             tensors = await asyncio.to_thread(read_checkpoint, body.path)
-        except (WeightUpdateError, OSError, SafetensorError) as err:
+        except (WeightUpdateError, OSError) as err:
             raise APIError(400, f"could not read weights from {body.path!r}: {err}", param="path") from err
-        return await apply(tensors, body.weight_version, body.policy, require_all=True)
+        return await apply(tensors, body.weight_version, body.policy, True, body.allow_non_finite,
+                           body.allow_version_rollback)
 
     @app.post("/v1/weights/update")
-    async def update_weights(request: Request, weight_version: int | None = None, policy: str = "wait"):
+    async def update_weights(request: Request, weight_version: int | None = None, policy: str = "wait",
+                             allow_non_finite: bool = False, allow_version_rollback: bool = False):
         payload = bytearray()
         async for chunk in request.stream():
             payload += chunk
@@ -108,11 +109,12 @@ def add_weight_routes(app: FastAPI, server) -> None:
             raise APIError(400, f"the body is not a valid safetensors payload: {err}") from err
         if not tensors:
             raise APIError(400, "the safetensors payload holds no tensors")
-        return await apply(tensors, weight_version, policy, require_all=False)
+        return await apply(tensors, weight_version, policy, False, allow_non_finite, allow_version_rollback)
 
-    async def apply(tensors, version, policy, require_all) -> dict:
+    async def apply(tensors, version, policy, require_all, allow_non_finite, allow_version_rollback) -> dict:
         try:
-            new_version = await server.front.update_weights(tensors, version, policy, require_all)
+            new_version = await server.front.update_weights(tensors, version, policy, require_all, allow_non_finite,
+                                                            allow_version_rollback)
         except WeightUpdateError as err:
             raise APIError(400, str(err), param=err.param) from err
         return {"weight_version": new_version, "num_parameters": len(tensors)}
