@@ -47,6 +47,19 @@ class IncrementalDetokenizer:
         self.text += new_text
         return new_text
 
+    def flush(self) -> str:
+        """At the end of the sequence: the text still held back for an incomplete character, as the
+        tokenizer decodes it (U+FFFD for the missing bytes), so that the text is the decoding of every
+        token. Returns what it added."""
+        before = self._decode(self._ids[self._prefix : self._read])
+        after = self._decode(self._ids[self._prefix :])
+        if len(after) <= len(before):
+            return ""
+        new_text = after[len(before) :]
+        self._prefix, self._read = self._read, len(self._ids)
+        self.text += new_text
+        return new_text
+
 
 def find_stop_string(text: str, num_new_chars: int, stops: tuple[str, ...]) -> tuple[int, str] | None:
     """Earliest stop string that ends inside the newest `num_new_chars` characters of `text`.

@@ -197,6 +197,7 @@ class Engine:
             return None
         for seq in request.seqs:
             if not seq.is_finished:
+                seq.detokenizer.flush()
                 seq.finish_reason = FinishReason.ABORT
             if self.speculation:
                 self.speculation.release(seq)
@@ -387,6 +388,8 @@ class Engine:
         return torch.tensor(self.blocks.slots(seq.block_table, positions), dtype=torch.long, device=self.loaded.device)
 
     def _finish(self, seq: Sequence, reason: FinishReason, stop_reason: str | int | None = None) -> None:
+        if not isinstance(stop_reason, str):
+            seq.detokenizer.flush()      # a stop string cut the text on purpose; otherwise it is every token's
         seq.finish_reason = reason
         seq.stop_reason = stop_reason
         self.blocks.free(seq.block_table)
