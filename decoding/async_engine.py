@@ -117,6 +117,12 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._submit(("abort", request_id))
 
+    def abort_all(self) -> None:
+        """Abort every request with a stream; each stream then gets its final output (finish_reason
+        "abort"). Call from the event loop that owns the streams."""
+        for request_id in list(self._streams):
+            self.abort(request_id)
+
     def shutdown(self) -> None:
         self._stopped = True
         self._wakeup.set()

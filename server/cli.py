@@ -77,6 +77,7 @@ def _serve(args: argparse.Namespace) -> int:
     from decoding import Engine
     from models import ModelLoadError
     from server.app import ServerConfig, build_app
+    from server.shutdown import DrainingServer
 
     try:
         engine = Engine(**_engine_options(args), max_num_seqs=args.max_num_seqs,
@@ -90,11 +91,13 @@ def _serve(args: argparse.Namespace) -> int:
                           max_queued=args.max_queued, max_body_bytes=int(args.max_body_mb * 2**20))
     app = build_app(engine, config)
     print(f"Gorgon serving {name!r} on http://{args.host}:{args.port} (OpenAI-compatible, /v1)", flush=True)
-    # On SIGTERM uvicorn stops accepting, lets in-flight requests finish (up to the grace period; then
-    # their streams are cancelled, which aborts them). Afterwards it re-raises the signal to whatever
+    # On SIGTERM the server stops accepting, lets in-flight requests finish for up to --shutdown-timeout,
+    # then aborts the rest (server/shutdown.py). Afterwards uvicorn re-raises the signal to whatever
     # handler was installed before it: a no-op here, so a clean shutdown exits 0.
     signal.signal(signal.SIGTERM, lambda *_: None)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=30)
+    server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level),
+                            app.state.server.front.abort_all, args.shutdown_timeout)
+    server.run()
     return 0
 
 
@@ -122,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="requests that may wait for a running slot (beyond --max-num-seqs) before new ones get 503")
     serve.add_argument("--max-body-mb", type=float, default=4.0,
                        help="larger request bodies get 413 (weight pushes excepted)")
+    serve.add_argument("--shutdown-timeout", type=float, default=30.0,
+                       help="seconds running requests may finish after SIGTERM before they are aborted")
     serve.add_argument("--served-model-name", default=None)
     serve.add_argument("--max-num-seqs", type=int, default=64)
     serve.add_argument("--max-num-batched-tokens", type=int, default=512)
