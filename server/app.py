@@ -18,7 +18,7 @@ from decoding import Engine, RequestOutput, SamplingParams
 from decoding.async_engine import AsyncEngine, RequestStream
 from server import responses
 from server.edge import EdgeConfig, EdgeLimits, InFlight, KeyCheck
-from server.errors import APIError, handle_api_error, handle_validation_error
+from server.errors import AUTH_ERRORS, GENERATION_ERRORS, APIError, handle_api_error, handle_validation_error
 from server.metrics import Metrics
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.rl import add_rl_routes
@@ -160,7 +160,24 @@ def build_app(engine: Engine, config: ServerConfig) -> FastAPI:
     _add_info_routes(app, server)
     _add_openai_routes(app, server)
     add_rl_routes(app, server, collect)
+    _document_errors_as_400(app)
     return app
+
+
+def _document_errors_as_400(app: FastAPI) -> None:
+    """Invalid bodies get a 400 in OpenAI's error shape (errors.handle_validation_error), not FastAPI's
+    422: the schema says so."""
+    generate = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = generate()
+            for operations in schema.get("paths", {}).values():
+                for operation in operations.values():
+                    operation.get("responses", {}).pop("422", None)
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 def _add_info_routes(app: FastAPI, server: Server) -> None:
@@ -170,15 +187,15 @@ def _add_info_routes(app: FastAPI, server: Server) -> None:
     async def health():
         return {}
 
-    @app.get("/version")
+    @app.get("/version", responses=AUTH_ERRORS)
     async def version():
         return {"version": VERSION}
 
-    @app.get("/metrics")
+    @app.get("/metrics", responses=AUTH_ERRORS)
     async def metrics():
         return Response(server.metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=AUTH_ERRORS)
     async def models():
         return {"object": "list", "data": [{"id": config.served_model_name, "object": "model",
                                             "created": int(time.time()), "owned_by": "gorgon",
@@ -188,7 +205,7 @@ def _add_info_routes(app: FastAPI, server: Server) -> None:
 def _add_openai_routes(app: FastAPI, server: Server) -> None:
     config, engine = server.config, server.engine
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=GENERATION_ERRORS)
     async def completions(body: CompletionRequest, request: Request):
         server.check_model(body.model)
         try:
@@ -202,7 +219,7 @@ def _add_openai_routes(app: FastAPI, server: Server) -> None:
             return StreamingResponse(stream_events(server, streams, view), media_type="text/event-stream")
         return view.final(await collect(server, streams, request))
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=GENERATION_ERRORS)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         server.check_model(body.model)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
 
 class APIError(Exception):
@@ -37,3 +38,35 @@ async def handle_validation_error(_: Request, err: RequestValidationError) -> JS
     else:
         message = f"invalid value for {field!r}: {first.get('msg')}" if field else str(first.get("msg"))
     return error_response(400, message, param=field)
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+def _documented(status: int, meaning: str) -> dict:
+    return {"model": ErrorBody, "description": meaning}
+
+
+# The error responses each kind of route can give, for the OpenAPI schema.
+AUTH_ERRORS = {401: _documented(401, "missing or wrong key (Authorization: Bearer <key>)")}
+GENERATION_ERRORS = {
+    400: _documented(400, "invalid input: the message names the field and what to fix"),
+    **AUTH_ERRORS,
+    404: _documented(404, "the model named is not the one this server serves"),
+    413: _documented(413, "the request body is larger than --max-body-mb"),
+    503: _documented(503, "every running slot and queue place is taken; retry after the Retry-After header's seconds"),
+}
+WEIGHT_PUSH_ERRORS = {       # a pushed payload is a whole checkpoint: no body limit
+    400: _documented(400, "a malformed or mismatched checkpoint, non-finite values, or a lower weight_version"),
+    401: _documented(401, "missing or wrong admin key"),
+    403: _documented(403, "weight updates are disabled (start the server with --admin-key)"),
+}
+WEIGHT_ERRORS = {**WEIGHT_PUSH_ERRORS, 413: _documented(413, "the request body is larger than --max-body-mb")}

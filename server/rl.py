@@ -8,7 +8,7 @@ from fastapi import FastAPI, Request
 
 from decoding import RequestOutput, SamplingParams
 from decoding.weights import WeightUpdateError, read_checkpoint, read_payload
-from server.errors import APIError
+from server.errors import AUTH_ERRORS, GENERATION_ERRORS, WEIGHT_ERRORS, WEIGHT_PUSH_ERRORS, APIError
 from server.protocol import RolloutRequest, ScoreRequest, WeightsLoadRequest
 from server.responses import chat_prompt_ids, wire_logprob
 
@@ -46,7 +46,7 @@ def rollout_body(outputs: list[RequestOutput], top_logprobs: int | None) -> dict
 def add_rl_routes(app: FastAPI, server, collect) -> None:
     engine = server.engine
 
-    @app.post("/v1/rollouts")
+    @app.post("/v1/rollouts", responses=GENERATION_ERRORS)
     async def rollouts(body: RolloutRequest, request: Request):
         server.check_model(body.model)
         if body.stream:
@@ -59,7 +59,7 @@ def add_rl_routes(app: FastAPI, server, collect) -> None:
         outputs = await collect(server, await server.submit(prompts, params, stream=False), request)
         return rollout_body(outputs, body.top_logprobs)
 
-    @app.post("/v1/score")
+    @app.post("/v1/score", responses=GENERATION_ERRORS)
     async def score(body: ScoreRequest, request: Request):
         server.check_model(body.model)
         if len(body.prompt_lens) != len(body.sequences):
@@ -84,11 +84,11 @@ def add_rl_routes(app: FastAPI, server, collect) -> None:
 def add_weight_routes(app: FastAPI, server) -> None:
     engine = server.engine
 
-    @app.get("/v1/weights/version")
+    @app.get("/v1/weights/version", responses=AUTH_ERRORS)
     async def weight_version():
         return {"weight_version": engine.weight_version}
 
-    @app.post("/v1/weights/load")
+    @app.post("/v1/weights/load", responses=WEIGHT_ERRORS)
     async def load_weights(body: WeightsLoadRequest):
         try:
             tensors = await asyncio.to_thread(read_checkpoint, body.path)
@@ -97,7 +97,7 @@ def add_weight_routes(app: FastAPI, server) -> None:
         return await apply(tensors, body.weight_version, body.policy, True, body.allow_non_finite,
                            body.allow_version_rollback)
 
-    @app.post("/v1/weights/update")
+    @app.post("/v1/weights/update", responses=WEIGHT_PUSH_ERRORS)
     async def update_weights(request: Request, weight_version: int | None = None, policy: str = "wait",
                              allow_non_finite: bool = False, allow_version_rollback: bool = False):
         payload = bytearray()
