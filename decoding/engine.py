@@ -10,6 +10,7 @@ import random
 import threading
 import time
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 import torch
 from tqdm.auto import tqdm
@@ -211,12 +212,28 @@ class Engine:
     def cache_usage(self) -> CacheUsage:
         return self.blocks.usage()
 
+    @cached_property
+    def _max_token_chars(self) -> int:
+        """The most characters one token spells (its vocabulary entry is at least as long: byte-level
+        and SentencePiece spellings map each character of text to one or more characters)."""
+        return max(map(len, self.tokenizer.get_vocab()), default=1)
+
     def _tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        # A prompt that cannot fit the context whatever its tokens is refused before any work on it
+        # (tokenizing megabytes of text takes seconds, only to find it too long).
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt is empty")
+            if len(prompt) > self.max_model_len * self._max_token_chars:
+                raise ValueError(f"the prompt is {len(prompt)} characters long, more than {self.max_model_len} tokens "
+                                 f"(the model's context length) can spell; shorten the prompt")
             return prompt, self.tokenizer(prompt).input_ids
-        if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) for t in prompt):
+        if not isinstance(prompt, (list, tuple)):
+            raise ValueError("a prompt must be a string or a list of token ids")
+        if len(prompt) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(prompt)} tokens, but the model's context length is "
+                             f"{self.max_model_len}; shorten the prompt")
+        if not all(isinstance(t, int) for t in prompt):
             raise ValueError("a prompt must be a string or a list of token ids")
         if not prompt:
             raise ValueError("prompt is empty")

@@ -271,6 +271,8 @@ async def stream_events(server: Server, streams: list[RequestStream], view) -> A
     except APIError as err:
         yield sse({"error": {"message": err.message, "type": err.type, "param": None, "code": err.code}})
     finally:
-        next_output.cancel()
-        await outputs.aclose()
+        if not next_output.done():
+            next_output.cancel()
+            await asyncio.wait({next_output})     # the generator is running until its cancellation lands
+        await outputs.aclose()                    # aborts the requests when the client left early
     yield sse("[DONE]")
