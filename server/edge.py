@@ -19,8 +19,7 @@ from dataclasses import dataclass
 GENERATION_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/rollouts", "/v1/score"})
 # Weight pushes carry whole checkpoints; they are guarded by the admin key, not by the body limit.
 UNLIMITED_BODY_ROUTES = frozenset({"/v1/weights/update"})
-# An oversized body is read and dropped up to this much (or 4x the limit) before the 413, so that a
-# client writing it can read the answer.
+# A refused request's body is read and dropped up to this much before the answer.
 DRAIN_BYTES = 64 * 2**20
 
 
@@ -50,7 +49,7 @@ class EdgeLimits:
         path = scope["path"]
         generation = path in GENERATION_ROUTES
         if generation and self.in_flight.count >= self.config.max_in_flight:
-            return await _refuse(send, 503, f"server is at capacity ({self.in_flight.count} requests in flight); "
+            return await _refuse(receive, send, 503, f"server is at capacity ({self.in_flight.count} requests in flight); "
                                  "retry later",
                                  "server_overloaded", {"retry-after": str(self.config.retry_after_s)})
         if path not in UNLIMITED_BODY_ROUTES:
@@ -59,10 +58,7 @@ class EdgeLimits:
             if declared is None or declared <= self.config.max_body_bytes:
                 body = await _read_body(receive, self.config.max_body_bytes)
             if body is None:
-                # Read (and drop) what the client is still sending, up to a bound, so that it gets to
-                # read the 413 instead of failing on its write; the connection closes after it.
-                await _drain(receive, max(DRAIN_BYTES, 4 * self.config.max_body_bytes))
-                return await _refuse(send, 413, self._too_large(), "invalid_request_error")
+                return await _refuse(receive, send, 413, self._too_large(), "invalid_request_error")
             receive = _replay(body, receive)
         if not generation:
             return await self.app(scope, receive, send)
@@ -123,8 +119,12 @@ def _replay(body: bytes, receive):
     return replayed
 
 
-async def _refuse(send, status: int, message: str, type_: str, headers: dict[str, str] | None = None,
+async def _refuse(receive, send, status: int, message: str, type_: str, headers: dict[str, str] | None = None,
                   code: str | None = None) -> None:
+    """Answer without parsing anything. What the client is still sending is read and dropped first (up to
+    DRAIN_BYTES: I/O, not work), so that it gets to read the answer instead of failing on its write; the
+    connection closes after it."""
+    await _drain(receive, DRAIN_BYTES)
     body = json.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}}).encode()
     raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                    (b"connection", b"close")]
@@ -148,13 +148,13 @@ class KeyCheck:
         token = bearer_token(_header(scope, b"authorization"))
         if scope["method"] == "POST" and path.startswith("/v1/weights/"):
             if not self.admin_key:
-                return await _refuse(send, 403, "weight updates are disabled; start the server with --admin-key",
+                return await _refuse(receive, send, 403, "weight updates are disabled; start the server with --admin-key",
                                      "permission_error")
             if not key_matches(token, self.admin_key):
-                return await _refuse(send, 401, "missing or wrong admin key: send 'Authorization: Bearer <admin key>'",
+                return await _refuse(receive, send, 401, "missing or wrong admin key: send 'Authorization: Bearer <admin key>'",
                                      "authentication_error", code="invalid_api_key")
         elif self.api_key and path != "/health" and not key_matches(token, self.api_key):
-            return await _refuse(send, 401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+            return await _refuse(receive, send, 401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
                                  "authentication_error", code="invalid_api_key")
         return await self.app(scope, receive, send)
 

@@ -20,6 +20,8 @@ class Metrics:
             lambda: len(scheduler.waiting))
         Gauge("gorgon:kv_cache_usage_perc", "Fraction of KV cache blocks in use", registry=self.registry).set_function(
             lambda: engine.cache_usage().usage)
+        Gauge("gorgon:kv_cache_used_blocks", "KV cache blocks in use", registry=self.registry).set_function(
+            lambda: engine.cache_usage().num_used_blocks)
         self.time_to_first_token = Histogram("gorgon:time_to_first_token_seconds", "Time to first token",
                                              buckets=LATENCY_BUCKETS, registry=self.registry)
         self.inter_token_latency = Histogram("gorgon:inter_token_latency_seconds", "Time between tokens",
