@@ -147,11 +147,6 @@ class Engine:
             self.beams.start(request, len(prompt_ids) + params.max_tokens)
         return request
 
-    def prepare_constraint(self, params: SamplingParams) -> None:
-        """Compile (and cache) a request's grammar ahead of make_request; safe from any thread. The server
-        runs it in a worker thread so a slow schema never blocks its event loop."""
-        self._compile_constraint(params)
-
     def _compile_constraint(self, params: SamplingParams):
         constraint = Constraint.of(params)
         if constraint is None:
