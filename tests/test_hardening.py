@@ -285,7 +285,9 @@ def test_a_full_server_refuses_before_any_work_and_queued_streams_hear_at_once(d
         stop_server(live)
 
 
-def test_a_burst_that_fits_the_free_slots_is_admitted_whole(live):
+def test_a_burst_that_fits_the_free_slots_is_admitted_whole(llama_dir):
+    """A short queue bounds waiting requests, not the ones that have a free slot to run in."""
+    live = start_server(llama_dir, max_queued=4)
     slots = live.engine.config.max_num_seqs
 
     async def burst():
@@ -294,7 +296,10 @@ def test_a_burst_that_fits_the_free_slots_is_admitted_whole(live):
                                                       json={"prompt": [1, 5, i % 50 + 1], "max_tokens": 8})
                                           for i in range(slots)))
 
-    assert [r.status_code for r in asyncio.run(burst())] == [200] * slots
+    try:
+        assert [r.status_code for r in asyncio.run(burst())] == [200] * slots
+    finally:
+        stop_server(live)
 
 
 # ---- keys --------------------------------------------------------------------------------------
