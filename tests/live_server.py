@@ -5,6 +5,7 @@ import threading
 import time
 from types import SimpleNamespace
 
+import httpx
 import openai
 import uvicorn
 
@@ -37,3 +38,15 @@ def start_server(model_dir: str, engine_options: dict | None = None, **config) -
 def stop_server(live) -> None:
     live.server.should_exit = True
     live.thread.join(timeout=30)
+
+
+def wait_for_health(url: str, timeout: float = 120) -> None:
+    """Until a server (a subprocess, say) answers /health."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.2)
+    raise TimeoutError(f"{url} did not answer /health within {timeout:.0f} s")

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from decoding import Engine, SamplingParams
-from live_server import free_port, start_server, stop_server
+from live_server import free_port, start_server, stop_server, wait_for_health
 
 # Any JSON object, for the default model's 8,192-token vocabulary: seconds of CPU to compile.
 SLOW_SCHEMA = {"type": "object"}
@@ -326,13 +326,7 @@ def test_sigterm_ends_running_streams_with_abort_and_done_in_time():
                                 "--shutdown-timeout", str(timeout), "--kv-cache-memory-gb", "0.1"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+        wait_for_health(f"http://127.0.0.1:{port}")
         body = {"prompt": "def f(x):", "max_tokens": 1000, "ignore_eos": True, "stream": True}
         with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60) as response:
             lines = response.iter_lines()

@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from live_server import free_port, start_server, stop_server
+from live_server import free_port, start_server, stop_server, wait_for_health
 
 
 @pytest.fixture(scope="module")
@@ -176,13 +176,7 @@ def test_sigterm_stops_the_server_cleanly(llama_dir):
                                 "--kv-cache-memory-gb", "0.05"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True)
     try:
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+        wait_for_health(f"http://127.0.0.1:{port}")
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0
     finally:

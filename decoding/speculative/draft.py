@@ -27,7 +27,7 @@ from decoding.scheduler import ScheduledSeq, SchedulerOutput
 from decoding.sequence import Sequence
 from decoding.speculative.proposer import Proposal
 from decoding.speculative.rejection import ExtendedSequence
-from models.attention import NULL_BLOCK, PagedKVCache
+from models.attention import PagedKVCache
 from models.loader import LoadedModel
 
 
