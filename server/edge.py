@@ -48,25 +48,25 @@ class EdgeLimits:
             return await self.app(scope, receive, send)
         path = scope["path"]
         generation = path in GENERATION_ROUTES
-        if generation and self.in_flight.count >= self.config.max_in_flight:
-            return await _refuse(receive, send, 503, f"server is at capacity ({self.in_flight.count} requests in flight); "
-                                 "retry later",
-                                 "server_overloaded", {"retry-after": str(self.config.retry_after_s)})
-        if path not in UNLIMITED_BODY_ROUTES:
-            declared = _content_length(scope)
-            body = None
-            if declared is None or declared <= self.config.max_body_bytes:
-                body = await _read_body(receive, self.config.max_body_bytes)
-            if body is None:
-                return await _refuse(receive, send, 413, self._too_large(), "invalid_request_error")
-            receive = _replay(body, receive)
-        if not generation:
-            return await self.app(scope, receive, send)
-        self.in_flight.count += 1
+        if generation:
+            if self.in_flight.count >= self.config.max_in_flight:
+                return await _refuse(receive, send, 503, f"server is at capacity ({self.in_flight.count} requests "
+                                     "in flight); retry later", "server_overloaded",
+                                     {"retry-after": str(self.config.retry_after_s)})
+            self.in_flight.count += 1        # counted before the first await: no burst slips past the check
         try:
+            if path not in UNLIMITED_BODY_ROUTES:
+                declared = _content_length(scope)
+                body = None
+                if declared is None or declared <= self.config.max_body_bytes:
+                    body = await _read_body(receive, self.config.max_body_bytes)
+                if body is None:
+                    return await _refuse(receive, send, 413, self._too_large(), "invalid_request_error")
+                receive = _replay(body, receive)
             await self.app(scope, receive, send)
         finally:
-            self.in_flight.count -= 1
+            if generation:
+                self.in_flight.count -= 1
 
     def _too_large(self) -> str:
         return (f"the request body is larger than this server accepts ({self.config.max_body_bytes} bytes; "
