@@ -30,7 +30,7 @@ from benchmarks.common import cpu_description, free_port, parse_args, report, wa
 
 PROMPTS = ["def fibonacci(n):", "class Stack:\n    def __init__(self):", "import os\nimport sys\n\n",
            "# Parse the arguments", "SELECT name FROM users WHERE", "for i in range(10):"]
-SLOW_SCHEMA = {"type": "object"}
+SLOW_SCHEMA = {"type": "object"}   # seconds of CPU to compile with outlines-core
 DISCONNECT_FRACTION = 0.3
 
 
@@ -119,8 +119,8 @@ def pressure(quick: bool) -> dict:
                            for _ in range(8)]
                 refusals, statuses = [], []
                 for i in range(50 if quick else 200):
-                    extra = {"response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": SLOW_SCHEMA}}} \
-                        if i % 2 else {}
+                    extra = {"structured_backend": "outlines-core", "response_format": {
+                        "type": "json_schema", "json_schema": {"name": "s", "schema": SLOW_SCHEMA}}} if i % 2 else {}
                     started = time.perf_counter()
                     response = await client.post(f"{url}/v1/completions", json={"prompt": "x", **extra})
                     refusals.append(time.perf_counter() - started)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from decoding.structured.constraint import BACKENDS
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -38,6 +40,8 @@ class EngineConfig:
     grammar_cpu_budget_s: float = 5.0
     grammar_memory_gb: float = 4.0
     grammar_workers: int = 2
+    # The structured-output backends requests may use; the first is the default.
+    structured_backends: tuple[str, ...] = ("llguidance", "outlines-core")
 
     def __post_init__(self):
         if self.block_size is None:
@@ -73,5 +77,12 @@ class EngineConfig:
         if not (self.grammar_cpu_budget_s > 0 and self.grammar_memory_gb > 0 and self.grammar_workers >= 1):
             raise ValueError("grammar compiles need grammar_cpu_budget_s > 0, grammar_memory_gb > 0 and "
                              "grammar_workers >= 1")
+        if isinstance(self.structured_backends, str):
+            object.__setattr__(self, "structured_backends", (self.structured_backends,))
+        object.__setattr__(self, "structured_backends", tuple(self.structured_backends))
+        unknown = [name for name in self.structured_backends if name not in BACKENDS]
+        if not self.structured_backends or unknown:
+            raise ValueError(f"structured_backends must name one or more of {', '.join(BACKENDS)}, got "
+                             f"{list(self.structured_backends)}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")

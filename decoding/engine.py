@@ -148,15 +148,15 @@ class Engine:
         return request
 
     def _compile_constraint(self, params: SamplingParams):
-        constraint = Constraint.of(params)
+        cfg = self.config
+        constraint = Constraint.of(params, params.structured_backend or cfg.structured_backends[0])
         if constraint is None:
             return None
         with self._grammar_lock:
             if self._grammars is None:
-                cfg = self.config
                 self._grammars = GrammarCompiler(self.tokenizer, self.eos_token_ids, self.loaded.model.vocab_size,
                                                  cpu_budget_s=cfg.grammar_cpu_budget_s, memory_gb=cfg.grammar_memory_gb,
-                                                 max_workers=cfg.grammar_workers)
+                                                 max_workers=cfg.grammar_workers, backends=cfg.structured_backends)
         return self._grammars.compile(constraint)
 
     def _beam_grammar_masks(self, request: Request, generated: list[list[int]]) -> list[torch.Tensor]:

@@ -64,6 +64,9 @@ class SamplingParams:
     # A schema with constructs the grammar cannot enforce is refused, unless the caller opts into best
     # effort: then it is enforced as far as it can be and each finished output says whether it validated.
     structured_best_effort: bool = False
+    # The grammar engine to enforce the constraint with; None: the engine's default. See
+    # decoding/structured/constraint.py for the choices; an engine enables some of them.
+    structured_backend: str | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -127,6 +130,8 @@ class SamplingParams:
                 json.loads(self.json_schema)
             except (TypeError, ValueError) as err:
                 raise ValueError(f"json_schema must be a JSON object or its JSON text: {err}") from None
+        _require(self.structured_backend is None or isinstance(self.structured_backend, str),
+                 f"structured_backend must be a backend's name, got {self.structured_backend!r}")
 
     def _validate_beam_search(self) -> None:
         _require(isinstance(self.num_beams, int) and self.num_beams >= 1,

@@ -32,6 +32,9 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grammar-memory-gb", type=float, default=4.0,
                         help="memory one grammar compile may use before it is refused")
     parser.add_argument("--grammar-workers", type=int, default=2, help="grammar compiles that run at once")
+    parser.add_argument("--structured-backend", action="append", choices=["llguidance", "outlines-core"],
+                        default=None, help="a structured-output backend requests may use; repeat to enable several, "
+                                           "the first is the default (default: llguidance, then outlines-core)")
 
 
 def _choices(text: str) -> tuple[tuple[int, ...], ...]:
@@ -49,6 +52,7 @@ def _engine_options(args: argparse.Namespace) -> dict:
                 medusa_heads=args.medusa_heads, medusa_choices=args.medusa_choices,
                 medusa_acceptance=args.medusa_acceptance, grammar_cpu_budget_s=args.grammar_cpu_budget,
                 grammar_memory_gb=args.grammar_memory_gb, grammar_workers=args.grammar_workers,
+                **({"structured_backends": tuple(args.structured_backend)} if args.structured_backend else {}),
                 speculative_disable_by_batch_size=args.speculative_disable_by_batch_size)
 
 

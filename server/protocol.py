@@ -101,6 +101,8 @@ class _SamplingFields(StrictModel):
     structured_outputs: StructuredOutputs | None = None
     # Accept schemas with constructs the grammar cannot enforce; each choice then reports schema_valid.
     structured_best_effort: bool = False
+    # The grammar engine for the constraint, among those the server enabled (default: its first).
+    structured_backend: str | None = None
 
     def constraint(self) -> dict:
         """The SamplingParams constraint fields these request fields ask for."""
@@ -132,7 +134,7 @@ class _SamplingFields(StrictModel):
             stop_token_ids=tuple(self.stop_token_ids or ()), include_stop_str_in_output=self.include_stop_str_in_output,
             ignore_eos=self.ignore_eos, seed=self.seed, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
             logprobs_mode=self.logprobs_mode, speculative=self.speculative, **self.constraint(),
-            structured_best_effort=self.structured_best_effort,
+            structured_best_effort=self.structured_best_effort, structured_backend=self.structured_backend,
         )
 
     @property

@@ -1,6 +1,6 @@
 """TRL's GRPOTrainer drives a live Gorgon server: two steps, weights pushed after each."""
 
-from test_server import start_server, stop_server
+from live_server import start_server, stop_server
 
 
 def test_two_grpo_steps_advance_the_served_weight_version(llama_dir, tmp_path):

@@ -20,8 +20,10 @@ from safetensors.torch import save_file
 from decoding import Engine, SamplingParams
 from live_server import free_port, start_server, stop_server, wait_for_health
 
-# Any JSON object, for the default model's 8,192-token vocabulary: seconds of CPU to compile.
+# Any JSON object, for the default model's 8,192-token vocabulary: seconds of CPU to compile with the
+# outlines-core backend (which builds the whole token index ahead).
 SLOW_SCHEMA = {"type": "object"}
+SLOW_BACKEND = "outlines-core"
 ADMIN = {"Authorization": "Bearer admin"}
 
 
@@ -55,7 +57,7 @@ def test_a_compile_past_its_cpu_budget_is_stopped_and_holds_up_no_other(default_
     slow_result = {}
 
     def slow():
-        body = {"prompt": "x", "max_tokens": 4, "response_format": {
+        body = {"prompt": "x", "max_tokens": 4, "structured_backend": SLOW_BACKEND, "response_format": {
             "type": "json_schema", "json_schema": {"name": "any", "schema": SLOW_SCHEMA}}}
         started = time.perf_counter()
         slow_result["response"] = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
@@ -81,7 +83,7 @@ def test_a_compile_past_its_cpu_budget_is_stopped_and_holds_up_no_other(default_
 def test_a_compile_past_its_memory_budget_is_refused():
     engine = Engine(show_progress=False, grammar_memory_gb=0.25, num_kv_blocks=16, block_size=16)
     with pytest.raises(ValueError, match="memory"):
-        engine.make_request("x", SamplingParams(max_tokens=4, json_schema=SLOW_SCHEMA))
+        engine.make_request("x", SamplingParams(max_tokens=4, json_schema=SLOW_SCHEMA, structured_backend=SLOW_BACKEND))
 
 
 def test_a_large_body_is_refused_before_it_is_parsed_and_health_stays_fast(live):
@@ -277,8 +279,8 @@ def test_a_full_server_refuses_before_any_work_and_queued_streams_hear_at_once(d
                 assert next(line for line in lines if line) == ": keep-alive"
                 started = time.perf_counter()
                 refused = httpx.post(f"{url}/v1/completions", timeout=60, json={
-                    "prompt": "x", "response_format": {"type": "json_schema",
-                                                       "json_schema": {"name": "any", "schema": SLOW_SCHEMA}}})
+                    "prompt": "x", "structured_backend": SLOW_BACKEND,
+                    "response_format": {"type": "json_schema", "json_schema": {"name": "any", "schema": SLOW_SCHEMA}}})
                 assert refused.status_code == 503 and refused.headers["retry-after"]
                 assert time.perf_counter() - started < 0.5
     finally:

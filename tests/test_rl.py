@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from client import GorgonClient
 from client.http import GorgonError
-from test_server import start_server, stop_server
+from live_server import start_server, stop_server
 from tiny_models import hf_logits
 
 PROMPTS = [[1, 5, 9, 33, 70], [1, 40, 41, 42, 43, 44, 45, 46, 47]]

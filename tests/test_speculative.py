@@ -332,7 +332,7 @@ def test_server_speculates_reports_metrics_and_honours_the_opt_out(llama_dir):
     import httpx
 
     from server.cli import build_parser
-    from test_server import start_server, stop_server
+    from live_server import start_server, stop_server
 
     args = build_parser().parse_args(["serve", "--speculative", "draft", "--draft-model", llama_dir,
                                       "--num-speculative-tokens", "3"])

@@ -1,4 +1,4 @@
-"""What a constrained request asks for, as the regex its output must match in full.
+"""What a constrained request asks for, and the backend that enforces it.
 
 Torch-free on purpose: the compile workers (compile_workers.py) import it, and a worker should start in a
 fraction of a second and hold little memory.
@@ -14,6 +14,12 @@ from decoding.params import SamplingParams
 from decoding.structured.schema_support import unsupported_construct
 
 
+# The grammar engines a server may enable, each through its own module: llguidance (the default; a
+# lazy Earley parser over the schema, compiled in milliseconds, bounded by its own parser limits) and
+# outlines-core (a regex built from the schema, compiled ahead into a token index).
+BACKENDS = ("llguidance", "outlines-core")
+
+
 class GrammarError(ValueError):
     """A constraint that cannot be compiled, with what to fix."""
 
@@ -27,28 +33,36 @@ class Constraint:
     regex: str | None = None
     choice: tuple[str, ...] | None = None
     best_effort: bool = False
+    backend: str = BACKENDS[0]
 
     @classmethod
-    def of(cls, params: SamplingParams) -> Constraint | None:
+    def of(cls, params: SamplingParams, backend: str = BACKENDS[0]) -> Constraint | None:
         if not params.is_constrained:
             return None
         choice = None if params.choice is None else tuple(params.choice)
         # best_effort changes only whether unenforceable schemas are refused, so it is part of the key
         # only for schemas.
         return cls(params.json_schema, params.regex, choice,
-                   params.structured_best_effort and params.json_schema is not None)
+                   params.structured_best_effort and params.json_schema is not None, backend)
+
+    def choice_regex(self) -> str:
+        return "(" + "|".join(re.escape(choice) for choice in self.choice) + ")"
+
+    def checked_regex(self) -> str:
+        try:
+            re.compile(self.regex)
+        except re.error as err:
+            raise GrammarError(f"regex does not compile: {err}") from err
+        return self.regex
 
 
 def constraint_regex(constraint: Constraint) -> str:
-    """The regex the output must match in full; GrammarError saying what to fix when there is none."""
+    """For outlines-core: the regex the output must match in full; GrammarError saying what to fix when
+    there is none."""
     if constraint.regex is not None:
-        try:
-            re.compile(constraint.regex)
-        except re.error as err:
-            raise GrammarError(f"regex does not compile: {err}") from err
-        return constraint.regex
+        return constraint.checked_regex()
     if constraint.choice is not None:
-        return "(" + "|".join(re.escape(choice) for choice in constraint.choice) + ")"
+        return constraint.choice_regex()
     from outlines_core.json_schema import build_regex_from_schema
     problem = unsupported_construct(json.loads(constraint.json_schema))
     if problem is not None and not constraint.best_effort:

@@ -1,11 +1,12 @@
-"""Grammars over the token vocabulary, through outlines-core: a regex (from a JSON schema, a regex or a
-list of choices) compiled once into an index of allowed tokens per automaton state, and a cursor per
-sequence that walks it.
+"""Grammars over the token vocabulary: a constraint (a JSON schema, a regex or a list of choices) compiled
+once per backend, and a cursor per sequence that walks it.
 
-Compiled indexes are cached per constraint (the tokenizer is fixed per engine) with a bounded size, and
-so are refusals. Compiles run in worker processes under a CPU-time and memory budget
-(compile_workers.py), so a pathological schema ends in a clear error instead of an engine that never
-answers or grows without bound, and a slow compile holds up no other.
+Two backends (constraint.BACKENDS): llguidance (llguidance_backend.py), which compiles in milliseconds
+under its own parser limits and computes masks lazily, and outlines-core, which turns the constraint
+into a regex and the regex into a token index ahead of time, in worker processes under a CPU-time and
+memory budget (compile_workers.py). Compiled grammars are cached per constraint with a bounded size, and
+so are refusals; a slow compile holds up no other. The engine sees only `GrammarCompiler` and
+`GrammarCursor`: allowed-token bits, advance, roll back, complete.
 """
 
 from __future__ import annotations
@@ -19,29 +20,36 @@ import torch
 
 from decoding.structured.compile_workers import CompileWorkers
 from decoding.structured.constraint import Constraint, GrammarError
+from decoding.structured.llguidance_backend import LLGuidanceGrammar, LLGuidanceGrammars
 from decoding.structured.vocabulary import outlines_vocabulary
 
 __all__ = ["GrammarCompiler", "GrammarCursor", "GrammarError", "schema_text", "schema_valid", "unpack_bits"]
 
 
 class GrammarCompiler:
-    """Owned by the engine: the compile workers, and the cache of indexes and refusals."""
+    """Owned by the engine: each enabled backend's compiler, and the cache of grammars and refusals."""
 
     def __init__(self, tokenizer, eos_token_ids: frozenset[int], vocab_size: int, cache_size: int = 256,
-                 cpu_budget_s: float = 5.0, memory_gb: float = 4.0, max_workers: int = 2):
+                 cpu_budget_s: float = 5.0, memory_gb: float = 4.0, max_workers: int = 2,
+                 backends: tuple[str, ...] = ("llguidance", "outlines-core")):
         self.eos_token_ids = eos_token_ids
         self.vocab_size = vocab_size
-        self._workers = CompileWorkers(outlines_vocabulary(tokenizer, min(eos_token_ids)), cpu_budget_s, memory_gb,
-                                       max_workers)
-        self._cache: OrderedDict[Constraint, object] = OrderedDict()   # an Index, or the GrammarError
+        self.backends = backends
+        self._llguidance = LLGuidanceGrammars(tokenizer, eos_token_ids, vocab_size) if "llguidance" in backends else None
+        self._workers = (CompileWorkers(outlines_vocabulary(tokenizer, min(eos_token_ids)), cpu_budget_s, memory_gb,
+                                        max_workers) if "outlines-core" in backends else None)
+        self._cache: OrderedDict[Constraint, object] = OrderedDict()   # a grammar, or the GrammarError
         self._cache_size = cache_size
         self._compiling: dict[Constraint, Future] = {}
         self._lock = threading.Lock()         # guards the two dicts only, never a compile
 
     def compile(self, constraint: Constraint):
-        """The outlines-core Index of `constraint` (from the cache when it was compiled before); a
+        """The compiled grammar of `constraint` (from the cache when it was compiled before); a
         GrammarError saying what to fix. Safe from any thread; concurrent requests for the same
         constraint share one compile."""
+        if constraint.backend not in self.backends:
+            raise GrammarError(f"the {constraint.backend!r} structured-output backend is not enabled on this "
+                               f"server (enabled: {', '.join(self.backends)})")
         with self._lock:
             if constraint in self._cache:
                 self._cache.move_to_end(constraint)
@@ -52,7 +60,8 @@ class GrammarCompiler:
                 future = self._compiling[constraint] = Future()
         if owner:
             try:
-                outcome = self._workers.compile(constraint)
+                outcome = (self._llguidance.compile(constraint) if constraint.backend == "llguidance"
+                           else self._workers.compile(constraint))
             except GrammarError as err:
                 outcome = err
             except BaseException as err:      # not the constraint's fault: not cached
@@ -74,23 +83,24 @@ class GrammarCompiler:
             raise GrammarError(str(outcome))
         return outcome
 
-    def cursor(self, index) -> GrammarCursor:
-        return GrammarCursor(index, self.vocab_size, self.eos_token_ids)
+    def cursor(self, grammar) -> GrammarCursor:
+        if isinstance(grammar, LLGuidanceGrammar):
+            return LLGuidanceCursor(self._llguidance.matcher(grammar), self.vocab_size, self.eos_token_ids)
+        return OutlinesCoreCursor(grammar, self.vocab_size, self.eos_token_ids)
 
     def close(self) -> None:
-        self._workers.close()
+        if self._workers is not None:
+            self._workers.close()
 
 
 MAX_DRAFT_TOKENS = 64
 
 
 class GrammarCursor:
-    """One sequence's position in a compiled grammar."""
+    """One sequence's position in a compiled grammar. A backend supplies the four steps at the bottom;
+    the rest (EOS, packed masks, masks along a draft) is the same for every backend."""
 
-    def __init__(self, index, vocab_size: int, eos_token_ids: frozenset[int]):
-        from outlines_core import Guide
-        # Speculative decoding walks drafts forward and back: room for the longest draft.
-        self._guide = Guide(index, max_rollback=MAX_DRAFT_TOKENS)
+    def __init__(self, vocab_size: int, eos_token_ids: frozenset[int]):
         self._vocab_size = vocab_size
         self._eos = sorted(i for i in eos_token_ids if i < vocab_size)
         self._words = (vocab_size + 31) // 32          # int32 words of an allowed-token bitmask
@@ -106,7 +116,7 @@ class GrammarCursor:
         first = cursors[0]
         bits = torch.zeros(len(cursors), first._words, dtype=torch.int32)
         for row, cursor in enumerate(cursors):
-            cursor._guide.write_mask_into(bits[row].data_ptr(), bits.shape[1], 4)
+            cursor._write_mask(bits[row])
         if first._eos:                      # any EOS id ends the output where the primary one may
             words = torch.tensor([i // 32 for i in first._eos])
             flags = torch.tensor([1 << (i % 32) for i in first._eos], dtype=torch.int64).to(torch.int32)
@@ -125,13 +135,13 @@ class GrammarCursor:
         for token in draft:
             valid = valid and bool(masks[-1][token]) and token not in self._eos
             if valid:
-                self._guide.advance(token, return_tokens=False)
+                self._consume(token)
                 advanced += 1
                 masks.append(self.allowed())
             else:
                 masks.append(torch.ones(self._vocab_size, dtype=torch.bool))
         if advanced:
-            self._guide.rollback_state(advanced)
+            self._rollback(advanced)
         return masks
 
     def masks_for(self, proposal) -> list[torch.Tensor]:
@@ -144,12 +154,63 @@ class GrammarCursor:
     def advance(self, token: int) -> None:
         if token in self._eos:
             return
-        self._guide.advance(token, return_tokens=False)
+        self._consume(token)
+
+    # ---- what a backend supplies -------------------------------------------------------------
+    def _write_mask(self, row: torch.Tensor) -> None:
+        """The allowed tokens into row (int32 [words], contiguous)."""
+        raise NotImplementedError
+
+    def _consume(self, token: int) -> None:
+        raise NotImplementedError
+
+    def _rollback(self, num_tokens: int) -> None:
+        raise NotImplementedError
 
     @property
     def is_complete(self) -> bool:
         """The output so far is a full match (ending here would be valid)."""
+        raise NotImplementedError
+
+
+class OutlinesCoreCursor(GrammarCursor):
+    def __init__(self, index, vocab_size: int, eos_token_ids: frozenset[int]):
+        from outlines_core import Guide
+        super().__init__(vocab_size, eos_token_ids)
+        # Speculative decoding walks drafts forward and back: room for the longest draft.
+        self._guide = Guide(index, max_rollback=MAX_DRAFT_TOKENS)
+
+    def _write_mask(self, row: torch.Tensor) -> None:
+        self._guide.write_mask_into(row.data_ptr(), row.numel(), 4)
+
+    def _consume(self, token: int) -> None:
+        self._guide.advance(token, return_tokens=False)
+
+    def _rollback(self, num_tokens: int) -> None:
+        self._guide.rollback_state(num_tokens)
+
+    @property
+    def is_complete(self) -> bool:
         return self._guide.is_finished()
+
+
+class LLGuidanceCursor(GrammarCursor):
+    def __init__(self, matcher, vocab_size: int, eos_token_ids: frozenset[int]):
+        super().__init__(vocab_size, eos_token_ids)
+        self._matcher = matcher
+
+    def _write_mask(self, row: torch.Tensor) -> None:
+        self._matcher.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * row.element_size())
+
+    def _consume(self, token: int) -> None:
+        self._matcher.consume_token(token)
+
+    def _rollback(self, num_tokens: int) -> None:
+        self._matcher.rollback(num_tokens)
+
+    @property
+    def is_complete(self) -> bool:
+        return self._matcher.is_accepting()
 
 
 def unpack_bits(bits: torch.Tensor, vocab_size: int) -> torch.Tensor:
