@@ -224,8 +224,6 @@ def _add_openai_routes(app: FastAPI, server: Server) -> None:
         server.check_model(body.model)
 
         def prompt_and_params():            # the chat template is CPU work: off the event loop
-            if body.stream and body.tool_mode() != "none":
-                raise ValueError("streaming with tools is not supported yet; set stream: false")
             prompt_ids = responses.chat_prompt_ids(engine.tokenizer, body.messages, body.tools)
             max_tokens = next((value for value in (body.max_completion_tokens, body.max_tokens) if value is not None),
                               engine.max_model_len - len(prompt_ids))

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from decoding import SamplingParams
 from decoding.params import MAX_LOGPROBS, MAX_REPETITION_PENALTY, MAX_TEMPERATURE
+from server.tool_calls import required_schema
 
 # Bounds that keep one request's work and memory in proportion (stop strings are matched on every token).
 MAX_STOP_STRINGS = 64
@@ -227,7 +228,7 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    parallel_tool_calls: bool | None = None    # accepted; one call per choice is generated
+    parallel_tool_calls: bool | None = None    # OpenAI's default (None) is true: "required" may make several
 
     def tool_mode(self) -> str:
         """"none", "auto", "required" or "named"."""
@@ -237,8 +238,19 @@ class ChatCompletionRequest(_SamplingFields):
             return "auto" if self.tools else "none"
         return self.tool_choice
 
+    def tool_functions(self) -> dict:
+        """The functions the output may call: all tools, or only the one tool_choice names."""
+        functions = {tool.function.name: tool.function for tool in self.tools or []}
+        if self.tool_mode() == "named":
+            name = self.tool_choice.function.name
+            if name not in functions:
+                raise ValueError(f"tool_choice names {name!r}, which is not among the tools")
+            return {name: functions[name]}
+        return functions
+
     def tool_constraint(self) -> dict:
-        """The JSON schema the output must follow for tool_choice required / a named function."""
+        """The JSON schema the output must follow for tool_choice required / a named function
+        (server/tool_calls.py says what the model writes in each mode)."""
         mode = self.tool_mode()
         if mode in ("none", "auto"):
             return {}
@@ -246,15 +258,11 @@ class ChatCompletionRequest(_SamplingFields):
             raise ValueError(f"tool_choice {mode!r} needs tools")
         if self.response_format is not None or self.structured_outputs is not None:
             raise ValueError("tool_choice required or a named function cannot be combined with another constraint")
-        functions = {tool.function.name: tool.function for tool in self.tools}
+        functions = self.tool_functions()
         if mode == "named":
-            name = self.tool_choice.function.name
-            if name not in functions:
-                raise ValueError(f"tool_choice names {name!r}, which is not among the tools")
-            return {"json_schema": functions[name].parameters}
-        calls = [{"type": "object", "properties": {"name": {"const": name}, "arguments": spec.parameters},
-                  "required": ["name", "arguments"]} for name, spec in functions.items()]
-        return {"json_schema": calls[0] if len(calls) == 1 else {"anyOf": calls}}
+            [spec] = functions.values()
+            return {"json_schema": spec.parameters}
+        return {"json_schema": required_schema(functions, self.parallel_tool_calls is not False)}
 
 
 class RolloutRequest(_SamplingFields):

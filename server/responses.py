@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 
 from decoding import RequestOutput
 from decoding.outputs import CompletionOutput
 from decoding.sequence import TokenLogprob
+from server.tool_calls import ToolCallStream, finished_calls
 
 
 # OpenAI's floor for a reported logprob (vLLM reports the same): a token the processed distribution
@@ -33,36 +33,6 @@ def chat_prompt_ids(tokenizer, messages, tools=None) -> list[int]:
     specs = [tool.model_dump() for tool in tools] if tools else None
     text = tokenizer.apply_chat_template(conversation, tools=specs, add_generation_prompt=True, tokenize=False)
     return tokenizer(text, add_special_tokens=False).input_ids
-
-
-def tool_call(body, text: str) -> dict | None:
-    """The OpenAI tool call a chat completion's text makes, or None when it makes none: the arguments of
-    a named function, a {"name", "arguments"} object for tool_choice required, and for auto only an
-    object that names a tool and whose arguments validate against its parameters."""
-    import jsonschema
-
-    mode = body.tool_mode()
-    if mode == "none":
-        return None
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return None
-    if mode == "named":
-        name, arguments = body.tool_choice.function.name, value
-    elif isinstance(value, dict) and isinstance(value.get("name"), str) and "arguments" in value:
-        name, arguments = value["name"], value["arguments"]
-    else:
-        return None
-    functions = {tool.function.name: tool.function for tool in body.tools or []}
-    if name not in functions:
-        return None
-    if mode == "auto":
-        try:
-            jsonschema.validate(arguments, functions[name].parameters)
-        except (jsonschema.ValidationError, jsonschema.SchemaError):
-            return None
-    return {"id": new_id("call"), "type": "function", "function": {"name": name, "arguments": json.dumps(arguments)}}
 
 
 class _View:
@@ -192,19 +162,26 @@ class ChatView(_View):
     object_name = "chat.completion"
     id_prefix = "chatcmpl"
 
+    def __init__(self, tokenizer, model_name: str, body, streams):
+        super().__init__(tokenizer, model_name, body, streams)
+        self.tool_mode = body.tool_mode()
+        self.functions = body.tool_functions() if self.tool_mode != "none" else {}
+        self.tool_streams: dict[int, ToolCallStream] = {}
+
     def final(self, outputs: list[RequestOutput]) -> dict:
         [output] = outputs
         choices = []
         for completion in output.outputs:
             self.completion_tokens[completion.index] = len(completion.token_ids)
-            call = tool_call(self.body, completion.text) if completion.finish_reason == "stop" else None
-            message = ({"role": "assistant", "content": None, "tool_calls": [call]} if call is not None
+            calls = (finished_calls(self.tool_mode, self.functions, completion.text)
+                     if completion.finish_reason == "stop" else None)
+            message = ({"role": "assistant", "content": None, "tool_calls": calls} if calls
                        else {"role": "assistant", "content": completion.text})
             choices.append({
                 "index": completion.index,
                 "message": message,
                 "logprobs": self._logprobs(completion.token_ids, completion.logprobs),
-                "finish_reason": "tool_calls" if call is not None else completion.finish_reason,
+                "finish_reason": "tool_calls" if calls else completion.finish_reason,
                 "weight_version": output.weight_version,
                 **({"schema_valid": completion.schema_valid} if completion.schema_valid is not None else {}),
             })
@@ -217,6 +194,9 @@ class ChatView(_View):
             version = output.weight_version
             if key not in self.sent_tokens:
                 chunks.append(self._chunk(key, {"role": "assistant", "content": ""}, None, None, version))
+            if self.tool_mode != "none":
+                chunks += self._tool_deltas(key, completion, output.finished, version)
+                continue
             text, tokens, start = self.new_part(key, completion, output.finished)
             logprobs = None
             if completion.logprobs is not None and tokens:
@@ -225,6 +205,25 @@ class ChatView(_View):
                 chunks.append(self._chunk(key, {"content": text}, logprobs, None, version))
             if output.finished and completion.finish_reason:
                 chunks.append(self._chunk(key, {}, None, completion.finish_reason, version))
+        return chunks
+
+    def _tool_deltas(self, key: int, completion, finished: bool, version: int) -> list[dict]:
+        """A choice of a request with tools: its calls as OpenAI's tool_calls deltas, or its text."""
+        self.completion_tokens[key] = len(completion.token_ids)
+        self.sent_tokens[key] = len(completion.token_ids)
+        stream = self.tool_streams.setdefault(key, ToolCallStream(self.tool_mode, self.functions))
+        stopped = finished and completion.finish_reason == "stop"
+        content, calls = stream.deltas(completion.text, stopped)
+        if finished and not stopped and not content and not stream.made_calls:
+            content, _ = stream.flush_content(completion.text)   # cut short: whatever was written is text
+        chunks = []
+        if content:
+            chunks.append(self._chunk(key, {"content": content}, None, None, version))
+        if calls:
+            chunks.append(self._chunk(key, {"tool_calls": calls}, None, None, version))
+        if finished and completion.finish_reason:
+            reason = "tool_calls" if stream.made_calls and stopped else completion.finish_reason
+            chunks.append(self._chunk(key, {}, None, reason, version))
         return chunks
 
     def header(self) -> dict:

@@ -197,12 +197,13 @@ def test_tool_calls_through_the_openai_client(llama_dir):
                 if c.finish_reason == "length":
                     continue
                 assert c.finish_reason == "tool_calls" and c.message.content is None
-                [call] = c.message.tool_calls
-                calls_made += 1
-                spec = {"get_weather": WEATHER, "get_time": CLOCK}[call.function.name]["function"]
-                jsonschema.validate(json.loads(call.function.arguments), spec["parameters"])
-                if isinstance(choice, dict):
-                    assert call.function.name == "get_time"
+                assert c.message.tool_calls and (choice == "required" or len(c.message.tool_calls) == 1)
+                for call in c.message.tool_calls:
+                    calls_made += 1
+                    spec = {"get_weather": WEATHER, "get_time": CLOCK}[call.function.name]["function"]
+                    jsonschema.validate(json.loads(call.function.arguments), spec["parameters"])
+                    if isinstance(choice, dict):
+                        assert call.function.name == "get_time"
         assert calls_made >= 3
         # A conversation that carries the call and its result back to the model.
         history = messages + [{"role": "assistant", "content": None, "tool_calls": [
@@ -215,6 +216,69 @@ def test_tool_calls_through_the_openai_client(llama_dir):
         bad = httpx.post(f"{live.url}/v1/chat/completions", json={
             "messages": messages, "tools": [CLOCK], "tool_choice": {"type": "function", "function": {"name": "nope"}}})
         assert bad.status_code == 400 and "nope" in bad.json()["error"]["message"]
+    finally:
+        stop_server(live)
+
+
+def _streamed_calls(live, **request) -> list[dict]:
+    """Each choice of a streamed chat completion: its content, its calls assembled from the deltas, and
+    its finish reason, checked against OpenAI's delta shape on the way."""
+    import httpx
+    choices: dict[int, dict] = {}
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "weather in Paris?"}], "stream": True, **request}
+    with httpx.stream("POST", f"{live.url}/v1/chat/completions", json=body, timeout=60) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            [choice] = json.loads(line[6:])["choices"]
+            state = choices.setdefault(choice["index"], {"content": "", "calls": {}, "finish_reason": None})
+            delta = choice["delta"]
+            state["content"] += delta.get("content") or ""
+            for call in delta.get("tool_calls") or []:
+                if "id" in call:          # a call's first delta: its id, type and name, no arguments yet
+                    assert call["type"] == "function" and call["function"]["arguments"] == ""
+                    assert call["index"] not in state["calls"]
+                    state["calls"][call["index"]] = {"id": call["id"], "name": call["function"]["name"], "arguments": ""}
+                else:
+                    state["calls"][call["index"]]["arguments"] += call["function"]["arguments"]
+            if choice["finish_reason"]:
+                state["finish_reason"] = choice["finish_reason"]
+    return [choices[i] for i in sorted(choices)]
+
+
+def test_tool_calls_stream_in_openais_delta_shape(llama_dir):
+    """required (one call, or several with parallel_tool_calls), a named function and auto, streamed:
+    the deltas add up to calls whose arguments validate, and to what the same request returns unstreamed."""
+    from live_server import start_server, stop_server
+
+    live = start_server(llama_dir)
+    functions = {"get_weather": WEATHER["function"], "get_time": CLOCK["function"]}
+    common = {"tools": [WEATHER, CLOCK], "max_tokens": 120, "temperature": 0.8, "seed": 4, "n": 4}
+    seen_calls, seen_parallel = 0, 0
+    try:
+        for extra in ({"tool_choice": "required", "parallel_tool_calls": False},
+                      {"tool_choice": "required"},
+                      {"tool_choice": {"type": "function", "function": {"name": "get_weather"}}},
+                      {"tool_choice": "auto"}):
+            streamed = _streamed_calls(live, **common, **extra)
+            unstreamed = live.client.chat.completions.create(model="tiny", messages=[
+                {"role": "user", "content": "weather in Paris?"}], **common, **extra).choices
+            for state, plain in zip(streamed, unstreamed):
+                if state["finish_reason"] != "tool_calls":
+                    assert extra["tool_choice"] == "auto" or state["finish_reason"] == "length"
+                    continue
+                calls = [state["calls"][i] for i in sorted(state["calls"])]
+                seen_calls += 1
+                seen_parallel += len(calls) > 1
+                assert extra.get("parallel_tool_calls", True) or len(calls) == 1
+                assert [(c["name"], c["arguments"]) for c in calls] == \
+                    [(c.function.name, c.function.arguments) for c in plain.message.tool_calls]
+                for call in calls:
+                    jsonschema.validate(json.loads(call["arguments"]), functions[call["name"]]["parameters"])
+                    if "function" in extra.get("tool_choice", {}):
+                        assert call["name"] == "get_weather"
+        assert seen_calls >= 6
     finally:
         stop_server(live)
 
