@@ -9,6 +9,7 @@ import pytest
 from pydantic import BaseModel
 
 from decoding import Engine, SamplingParams
+from decoding.structured.constraint import BACKENDS
 from tiny_models import PROMPTS
 
 SCHEMA = {"type": "object",
@@ -17,9 +18,12 @@ SCHEMA = {"type": "object",
           "required": ["name", "age"], "additionalProperties": False}
 
 
-@pytest.fixture(scope="module")
-def engine(llama_dir):
-    return Engine(model=llama_dir, show_progress=False, num_kv_blocks=512, block_size=4)
+@pytest.fixture(scope="module", params=BACKENDS)
+def engine(llama_dir, request):
+    """An engine whose default structured-output backend is each backend in turn: every test that uses it
+    holds for both."""
+    return Engine(model=llama_dir, show_progress=False, num_kv_blocks=512, block_size=4,
+                  structured_backends=(request.param, *(b for b in BACKENDS if b != request.param)))
 
 
 def test_json_schema_outputs_validate_greedy_and_sampled(engine):
@@ -131,6 +135,54 @@ def test_unsupported_keywords_are_named():
     assert "external $ref" in unsupported_construct({"$ref": "https://example.com/s.json"})
     assert "pattern" in unsupported_construct({"type": "string", "pattern": "a+", "maxLength": 3})
     assert unsupported_construct(SCHEMA) is None
+
+
+ANNOTATED = {"type": "object", "self": {"vendor": "acme", "name": "person", "format": "jsonschema", "version": "1-0-0"},
+             "id": "http://example.com/person.json", "x-order": 3, "$comment": "no-op", "examples": [{"name": "x"}],
+             "properties": {"name": {"type": "string", "maxLength": 8, "x-ui": {"widget": "text"}, "deprecated": False}},
+             "required": ["name"], "additionalProperties": False}
+
+
+def test_keywords_json_schema_does_not_define_are_ignored(engine):
+    """Annotations, vendor extensions and unknown keywords do not change what is valid (the specification
+    says to ignore them), so they are accepted and the output still validates."""
+    outputs = engine.generate(PROMPTS[:2], SamplingParams(temperature=0.8, seed=1, n=2, max_tokens=40,
+                                                          json_schema=ANNOTATED))
+    finished = [c for out in outputs for c in out.outputs if c.finish_reason == "stop"]
+    assert finished
+    for completion in finished:
+        jsonschema.validate(json.loads(completion.text), ANNOTATED)
+
+
+@pytest.mark.parametrize("backend, schema, named", [
+    ("llguidance", {"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, "#: uniqueItems"),
+    ("llguidance", {"type": "object", "properties": {"a": {"not": {"type": "string"}}}}, "#/properties/a: not"),
+    ("llguidance", {"type": "object", "properties": {"a": {"type": "integer"}},
+                    "unevaluatedProperties": False}, "#: unevaluatedProperties"),
+    ("llguidance", {"type": "array", "contains": {"type": "integer"}}, "#: contains"),
+    ("llguidance", {"if": {"type": "string"}, "then": {"maxLength": 3}}, "#: if"),
+    ("outlines-core", {"type": "integer", "minimum": 3}, "#: minimum"),
+    ("outlines-core", {"oneOf": [{"type": "string"}]}, "#: oneOf"),
+    ("outlines-core", {"type": "object", "properties": {"a": {"type": "array", "uniqueItems": True}}},
+     "#/properties/a: uniqueItems"),
+    ("outlines-core", {"type": "string", "pattern": "a+", "maxLength": 3}, "#: more than one of"),
+    ("outlines-core", {"$ref": "https://example.com/s.json"}, "external $ref"),
+])
+def test_each_refusal_names_the_construct_and_where_it_is(engine, backend, schema, named):
+    with pytest.raises(ValueError, match=re.escape(named)):
+        engine.make_request("x", SamplingParams(json_schema=schema, structured_backend=backend))
+
+
+def test_a_request_may_pick_only_an_enabled_backend(llama_dir):
+    only = Engine(model=llama_dir, show_progress=False, num_kv_blocks=64, block_size=4,
+                  structured_backends=("llguidance",))
+    with pytest.raises(ValueError, match="'outlines-core' structured-output backend is not enabled"):
+        only.make_request("x", SamplingParams(choice=["a"], structured_backend="outlines-core"))
+    with pytest.raises(ValueError, match="not enabled"):
+        only.make_request("x", SamplingParams(choice=["a"], structured_backend="xgrammar"))
+    assert only.make_request("x", SamplingParams(choice=["a"], structured_backend="llguidance"))
+    with pytest.raises(ValueError, match="structured_backends"):
+        Engine(model=llama_dir, show_progress=False, structured_backends=("nope",))
 
 
 def test_min_tokens_never_forces_output_past_a_complete_grammar(engine):
@@ -289,7 +341,7 @@ def test_constraints_with_speculation(llama_dir, engine, mode):
     plain constrained greedy, sampled outputs stay valid, and drafts are verified (not skipped)."""
     options = dict(draft_model=llama_dir) if mode == "draft" else dict(prompt_lookup_min=1)
     spec = Engine(model=llama_dir, show_progress=False, num_kv_blocks=512, block_size=4, speculative=mode,
-                  num_speculative_tokens=4, **options)
+                  num_speculative_tokens=4, structured_backends=engine.config.structured_backends, **options)
     greedy = SamplingParams(temperature=0, max_tokens=60, json_schema=SCHEMA)
     for a, b in zip(spec.generate(PROMPTS, greedy), engine.generate(PROMPTS, greedy)):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
@@ -332,7 +384,7 @@ def test_constraints_with_medusa_trees(llama_dir, engine, tmp_path):
             param.normal_(0, 0.2)
     heads.save(tmp_path, llama_dir)
     medusa = Engine(model=llama_dir, show_progress=False, num_kv_blocks=512, block_size=4, speculative="medusa",
-                    medusa_heads=str(tmp_path))
+                    medusa_heads=str(tmp_path), structured_backends=engine.config.structured_backends)
     greedy = SamplingParams(temperature=0, max_tokens=60, json_schema=SCHEMA)
     for a, b in zip(medusa.generate(PROMPTS, greedy), engine.generate(PROMPTS, greedy)):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids

@@ -12,7 +12,18 @@ afterwards). The rules below follow outlines-core's parser keyword by keyword.
 from __future__ import annotations
 
 ANNOTATIONS = frozenset({"title", "description", "$schema", "$id", "$comment", "default", "examples",
-                         "deprecated", "readOnly", "writeOnly", "$defs", "definitions"})
+                         "deprecated", "readOnly", "writeOnly", "$defs", "definitions", "$vocabulary"})
+# Every keyword JSON Schema defines (2020-12, and the drafts before it). Anything else in a schema object
+# (`self`, draft-04's `id`, `x-*` vendor extensions, a tool's own metadata) is ignored, as the
+# specification says of unknown keywords.
+JSON_SCHEMA_KEYWORDS = ANNOTATIONS | frozenset({
+    "type", "enum", "const", "multipleOf", "maximum", "exclusiveMaximum", "minimum", "exclusiveMinimum",
+    "maxLength", "minLength", "pattern", "maxItems", "minItems", "uniqueItems", "maxContains", "minContains",
+    "maxProperties", "minProperties", "required", "dependentRequired", "properties", "patternProperties",
+    "additionalProperties", "propertyNames", "items", "prefixItems", "contains", "unevaluatedItems",
+    "unevaluatedProperties", "allOf", "anyOf", "oneOf", "not", "if", "then", "else", "dependentSchemas", "$ref",
+    "$dynamicRef", "$anchor", "$dynamicAnchor", "$recursiveRef", "$recursiveAnchor", "format", "contentEncoding",
+    "contentMediaType", "contentSchema", "dependencies", "additionalItems"})
 STRING_FORMATS = frozenset({"date", "date-time", "time", "uri", "email", "uuid"})
 JSON_TYPES = {"string": str, "boolean": bool, "null": type(None)}
 
@@ -22,7 +33,7 @@ def unsupported_construct(schema, root=None, path: str = "#", refs: tuple[str, .
     root = schema if root is None else root
     if not isinstance(schema, dict):
         return f"{path}: a boolean schema (true/false)"
-    keys = set(schema) - ANNOTATIONS
+    keys = (set(schema) & JSON_SCHEMA_KEYWORDS) - ANNOTATIONS
     for keyword in ("allOf", "oneOf", "not", "if", "then", "else", "dependentSchemas", "dependentRequired",
                     "patternProperties", "propertyNames", "unevaluatedProperties", "unevaluatedItems",
                     "contains", "minContains", "maxContains", "uniqueItems", "minimum", "maximum",
