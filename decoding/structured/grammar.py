@@ -104,6 +104,10 @@ class GrammarCursor:
         self._vocab_size = vocab_size
         self._eos = sorted(i for i in eos_token_ids if i < vocab_size)
         self._words = (vocab_size + 31) // 32          # int32 words of an allowed-token bitmask
+        # Where a model has several EOS ids, any of them ends the output where one may: their words and
+        # bits, for allowed_bits (built once: it runs every step).
+        self._eos_words = torch.tensor([i // 32 for i in self._eos])
+        self._eos_flags = torch.tensor([1 << (i % 32) for i in self._eos], dtype=torch.int64).to(torch.int32)
 
     def allowed(self) -> torch.Tensor:
         """bool [vocab]: the tokens that keep the output inside the grammar (EOS only where it may end)."""
@@ -117,12 +121,10 @@ class GrammarCursor:
         bits = torch.zeros(len(cursors), first._words, dtype=torch.int32)
         for row, cursor in enumerate(cursors):
             cursor._write_mask(bits[row])
-        if first._eos:                      # any EOS id ends the output where the primary one may
-            words = torch.tensor([i // 32 for i in first._eos])
-            flags = torch.tensor([1 << (i % 32) for i in first._eos], dtype=torch.int64).to(torch.int32)
-            any_eos = ((bits[:, words] & flags) != 0).any(dim=1)
-            for word, flag in zip(words.tolist(), flags.tolist()):
-                bits[any_eos, word] |= flag
+        if len(first._eos) > 1:
+            words, flags = first._eos_words, first._eos_flags
+            any_eos = ((bits[:, words] & flags) != 0).any(dim=1, keepdim=True)
+            bits[:, words] |= torch.where(any_eos, flags, torch.zeros_like(flags))
         return bits
 
     def masks_along(self, draft: list[int]) -> list[torch.Tensor]:
