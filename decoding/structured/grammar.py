@@ -119,8 +119,12 @@ class GrammarCursor:
         i % 32 of word i // 32), written for all of them at once; the sampler applies them unpacked."""
         first = cursors[0]
         bits = torch.zeros(len(cursors), first._words, dtype=torch.int32)
+        # One row at a time on this thread: llguidance's own thread pool (LLExecutor) measured 4-5x
+        # slower here, its idle threads spinning against the model's OpenMP threads on 2 cores. Rows
+        # are addressed by pointer (a tensor view per row costs as much as an llguidance mask).
+        base, row_bytes = bits.data_ptr(), first._words * 4
         for row, cursor in enumerate(cursors):
-            cursor._write_mask(bits[row])
+            cursor._write_mask(base + row * row_bytes, row_bytes)
         if len(first._eos) > 1:
             words, flags = first._eos_words, first._eos_flags
             any_eos = ((bits[:, words] & flags) != 0).any(dim=1, keepdim=True)
@@ -159,8 +163,8 @@ class GrammarCursor:
         self._consume(token)
 
     # ---- what a backend supplies -------------------------------------------------------------
-    def _write_mask(self, row: torch.Tensor) -> None:
-        """The allowed tokens into row (int32 [words], contiguous)."""
+    def _write_mask(self, address: int, num_bytes: int) -> None:
+        """The allowed tokens as bits into the int32 words at `address` (num_bytes of them)."""
         raise NotImplementedError
 
     def _consume(self, token: int) -> None:
@@ -182,8 +186,8 @@ class OutlinesCoreCursor(GrammarCursor):
         # Speculative decoding walks drafts forward and back: room for the longest draft.
         self._guide = Guide(index, max_rollback=MAX_DRAFT_TOKENS)
 
-    def _write_mask(self, row: torch.Tensor) -> None:
-        self._guide.write_mask_into(row.data_ptr(), row.numel(), 4)
+    def _write_mask(self, address: int, num_bytes: int) -> None:
+        self._guide.write_mask_into(address, num_bytes // 4, 4)
 
     def _consume(self, token: int) -> None:
         self._guide.advance(token, return_tokens=False)
@@ -201,8 +205,8 @@ class LLGuidanceCursor(GrammarCursor):
         super().__init__(vocab_size, eos_token_ids)
         self._matcher = matcher
 
-    def _write_mask(self, row: torch.Tensor) -> None:
-        self._matcher.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * row.element_size())
+    def _write_mask(self, address: int, num_bytes: int) -> None:
+        self._matcher.unsafe_compute_mask_ptr(address, num_bytes)
 
     def _consume(self, token: int) -> None:
         self._matcher.consume_token(token)

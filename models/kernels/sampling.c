@@ -102,15 +102,25 @@ void sample_rows(const float *logits, int64_t rows, int64_t vocab, const float *
  * finite is left in the row (the grammar only allows what min_tokens bans). */
 void mask_rows_by_bits(float *logits, int64_t vocab, const int64_t *rows, int64_t num_rows, const int32_t *bits,
                        int64_t words, uint8_t *dead) {
+    /* A grammar allows few tokens: most words are 0 (32 tokens to -inf at once), few are mixed. */
+#pragma omp parallel for num_threads(kernel_threads()) if (num_rows * vocab >= (1 << 16)) schedule(static)
     for (int64_t r = 0; r < num_rows; ++r) {
         float *row = logits + rows[r] * vocab;
         const uint32_t *word = (const uint32_t *)(bits + r * words);
         int alive = 0;
-        for (int64_t i = 0; i < vocab; ++i) {
-            if ((word[i >> 5] >> (i & 31)) & 1u)
-                alive |= row[i] != -INFINITY;
-            else
-                row[i] = -INFINITY;
+        for (int64_t w = 0; w * 32 < vocab; ++w) {
+            const uint32_t m = word[w];
+            const int64_t base = w * 32, n = vocab - base < 32 ? vocab - base : 32;
+            if (m == 0) {
+                for (int64_t j = 0; j < n; ++j) row[base + j] = -INFINITY;
+                continue;
+            }
+            for (int64_t j = 0; j < n; ++j) {
+                if ((m >> j) & 1u)
+                    alive |= row[base + j] != -INFINITY;
+                else
+                    row[base + j] = -INFINITY;
+            }
         }
         dead[r] = !alive;
     }
