@@ -22,11 +22,9 @@ from decoding.sequence import Request
 
 @dataclass
 class _PendingUpdate:
-    tensors: dict
+    tensors: dict                        # validated already (validate_update)
     version: int | None
     policy: str
-    require_all: bool
-    allow_non_finite: bool
     allow_version_rollback: bool
     loop: asyncio.AbstractEventLoop
     done: asyncio.Future
@@ -109,8 +107,7 @@ class AsyncEngine:
         self.engine.check_weight_version(version, allow_version_rollback)
         await asyncio.to_thread(validate_update, self.engine.loaded.model, tensors, require_all, allow_non_finite)
         loop = asyncio.get_running_loop()
-        update = _PendingUpdate(tensors, version, policy, require_all, allow_non_finite, allow_version_rollback, loop,
-                                loop.create_future())
+        update = _PendingUpdate(tensors, version, policy, allow_version_rollback, loop, loop.create_future())
         self._submit(("weights", update))
         return await update.done
 
@@ -182,8 +179,8 @@ class AsyncEngine:
         while self._updates and not self.engine.has_started_requests():
             update = self._updates.popleft()
             try:
-                version = self.engine.update_weights(update.tensors, update.version, update.require_all,
-                                                     update.allow_non_finite, update.allow_version_rollback)
+                version = self.engine.apply_validated_weights(update.tensors, update.version,
+                                                              update.allow_version_rollback)
                 update.loop.call_soon_threadsafe(update.done.set_result, version)
             except Exception as err:
                 update.loop.call_soon_threadsafe(update.done.set_exception, err)

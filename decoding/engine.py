@@ -225,9 +225,7 @@ class Engine:
             return prompt, self.tokenizer(prompt).input_ids
         if not isinstance(prompt, (list, tuple)):
             raise ValueError("a prompt must be a string or a list of token ids")
-        if len(prompt) >= self.max_model_len:
-            raise ValueError(f"prompt has {len(prompt)} tokens, but the model's context length is "
-                             f"{self.max_model_len}; shorten the prompt")
+        self._check_prompt_length(len(prompt))
         if not all(isinstance(t, int) for t in prompt):
             raise ValueError("a prompt must be a string or a list of token ids")
         if not prompt:
@@ -238,11 +236,14 @@ class Engine:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
         return None, list(prompt)
 
-    def _check_fits(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        prompt_len = len(prompt_ids)
+    def _check_prompt_length(self, prompt_len: int) -> None:
         if prompt_len >= self.max_model_len:
             raise ValueError(f"prompt has {prompt_len} tokens, but the model's context length is "
                              f"{self.max_model_len}; shorten the prompt")
+
+    def _check_fits(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        prompt_len = len(prompt_ids)
+        self._check_prompt_length(prompt_len)
         if prompt_len + params.max_tokens > self.max_model_len:
             raise ValueError(f"prompt ({prompt_len} tokens) + max_tokens ({params.max_tokens}) exceeds the "
                              f"context length {self.max_model_len}; lower max_tokens to at most "
@@ -450,17 +451,24 @@ class Engine:
     def update_weights(self, tensors: dict[str, torch.Tensor], version: int | None = None,
                        require_all: bool = False, allow_non_finite: bool = False,
                        allow_version_rollback: bool = False) -> int:
-        """Validate every tensor, then copy them in and set (or bump) the weight version.
-
-        A version below the current one is refused unless allow_version_rollback (a trainer that
-        restarted from an older checkpoint says so; anything else is a stale push), and so are NaN or
-        infinite values unless allow_non_finite. The caller makes sure no started request is in flight
-        (AsyncEngine.update_weights waits for them or aborts them), so every request is generated wholly
-        under one version. There is no cross-request prefix cache to flush: a group's shared prompt blocks
-        live only as long as its request.
-        """
+        """Validate every tensor (decoding/weights.py: names, shapes, dtypes, and NaN or infinite values
+        unless allow_non_finite), then apply them (apply_validated_weights)."""
         self.check_weight_version(version, allow_version_rollback)
         validate_update(self.loaded.model, tensors, require_all, allow_non_finite)
+        return self.apply_validated_weights(tensors, version, allow_version_rollback)
+
+    def apply_validated_weights(self, tensors: dict[str, torch.Tensor], version: int | None = None,
+                                allow_version_rollback: bool = False) -> int:
+        """Copy in tensors that validate_update passed and set (or bump) the weight version.
+
+        A version below the current one is refused unless allow_version_rollback (a trainer that
+        restarted from an older checkpoint says so; anything else is a stale push); it is checked here
+        again, as the version may have moved since the tensors were validated. The caller makes sure no
+        started request is in flight (AsyncEngine.update_weights waits for them or aborts them), so every
+        request is generated wholly under one version. There is no cross-request prefix cache to flush: a
+        group's shared prompt blocks live only as long as its request.
+        """
+        self.check_weight_version(version, allow_version_rollback)
         if self.has_started_requests():
             raise RuntimeError("weights cannot change while requests are being generated")
         apply_update(self.loaded.model, tensors)

@@ -51,12 +51,10 @@ class CompileWorkers:
         """The outlines-core Index of `constraint`; GrammarError saying what to fix when it cannot be
         compiled, is refused, or runs past its budget."""
         worker = self._acquire()
-        healthy = False
         try:
-            index, healthy = worker.compile(constraint, self.cpu_budget_s, self.memory_bytes)
-            return index
+            return worker.compile(constraint, self.cpu_budget_s, self.memory_bytes)
         finally:
-            self._release(worker, healthy)
+            self._release(worker)
 
     def close(self) -> None:
         with self._available:
@@ -79,9 +77,10 @@ class CompileWorkers:
                 self._available.notify()
             raise
 
-    def _release(self, worker: _Worker, healthy: bool) -> None:
+    def _release(self, worker: _Worker) -> None:
+        """Back to the idle list, unless it was stopped (a refusal leaves a worker usable)."""
         with self._available:
-            if healthy:
+            if worker.alive:
                 self._idle.append(worker)
             else:
                 worker.stop()
@@ -110,8 +109,11 @@ class _Worker:
             self.stop()
             raise RuntimeError(f"a grammar compile worker did not start: {self._error_output()}")
 
+    @property
+    def alive(self) -> bool:
+        return not self._conn.closed and self._process.poll() is None
+
     def compile(self, constraint: Constraint, cpu_budget_s: float, memory_bytes: int):
-        """(index, worker still usable)."""
         try:
             self._conn.send((constraint, cpu_budget_s))
             ready = self._conn.poll(cpu_budget_s + WALL_SLACK_S)
@@ -123,7 +125,7 @@ class _Worker:
         kind, value = reply
         if kind == "refused":
             raise GrammarError(value)
-        return value, True
+        return value
 
     def _stopped_error(self, cpu_budget_s: float, memory_bytes: int) -> Exception:
         self.stop()
