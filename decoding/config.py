@@ -41,7 +41,7 @@ class EngineConfig:
     grammar_memory_gb: float = 4.0
     grammar_workers: int = 2
     # The structured-output backends requests may use; the first is the default.
-    structured_backends: tuple[str, ...] = ("llguidance", "outlines-core")
+    structured_backends: tuple[str, ...] = BACKENDS
 
     def __post_init__(self):
         if self.block_size is None:

@@ -7,6 +7,8 @@ import json
 import signal
 import sys
 
+from decoding.structured.constraint import BACKENDS
+
 
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="HF folder or hub id (default: the embedded model)")
@@ -32,9 +34,10 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grammar-memory-gb", type=float, default=4.0,
                         help="memory one grammar compile may use before it is refused")
     parser.add_argument("--grammar-workers", type=int, default=2, help="grammar compiles that run at once")
-    parser.add_argument("--structured-backend", action="append", choices=["llguidance", "outlines-core"],
+    parser.add_argument("--structured-backend", action="append", choices=list(BACKENDS),
                         default=None, help="a structured-output backend requests may use; repeat to enable several, "
-                                           "the first is the default (default: llguidance, then outlines-core)")
+                                           "the first is the default (default: all of "
+                                           f"{', '.join(BACKENDS)}, the first the default)")
 
 
 def _choices(text: str) -> tuple[tuple[int, ...], ...]:

@@ -104,11 +104,21 @@ def python_can_check(schema) -> bool:
     return True
 
 
+def grammar_accepts(engine, cursor, text: str) -> bool:
+    """Whether the grammar lets a model write `text` (as this tokenizer splits it) and end there."""
+    for token in engine.tokenizer.encode(text, add_special_tokens=False):
+        if not bool(cursor.allowed()[token]):
+            return False
+        cursor.advance(token)
+    return cursor.is_complete
+
+
 @pytest.mark.skipif(not SUITE.exists(), reason="the JSON-Schema-Test-Suite is not in this checkout's shared data")
 def test_json_schema_test_suite_supported_schemas_always_validate(engine):
-    """Every schema of the suite is either refused with the construct it uses, or enforced: then every
-    sampled output that finishes with `stop` validates with jsonschema."""
-    supported, refused, validated = 0, 0, 0
+    """Every schema of the suite is either refused with the construct it uses, or enforced: then no
+    instance the suite calls invalid can be written under the grammar, and every sampled output that
+    finishes with `stop` validates with jsonschema."""
+    supported, refused, validated, rejected = 0, 0, 0, 0
     for path in sorted(SUITE.glob("*.json")):
         for case in json.loads(path.read_text()):
             schema = case["schema"]
@@ -121,11 +131,18 @@ def test_json_schema_test_suite_supported_schemas_always_validate(engine):
                 assert "json_schema" in str(err) or "schema" in str(err), str(err)
                 continue
             supported += 1
+            for test in case["tests"]:
+                if not test["valid"]:
+                    cursor = engine.make_request("x", params).seqs[0].grammar
+                    assert not grammar_accepts(engine, cursor, json.dumps(test["data"])), \
+                        (path.name, case["description"], test["description"])
+                    rejected += 1
             for completion in engine.generate(["x"], params)[0].outputs:
                 if completion.finish_reason == "stop" and python_can_check(schema):
                     jsonschema.validate(json.loads(completion.text), schema)
                     validated += 1
-    assert supported >= 40 and refused >= 100 and validated >= 50, (supported, refused, validated)
+    assert supported >= 40 and refused >= 100 and validated >= 50 and rejected >= 40, \
+        (supported, refused, validated, rejected)
 
 
 def test_unsupported_keywords_are_named():
@@ -167,6 +184,26 @@ def test_keywords_json_schema_does_not_define_are_ignored(engine):
      "#/properties/a: uniqueItems"),
     ("outlines-core", {"type": "string", "pattern": "a+", "maxLength": 3}, "#: more than one of"),
     ("outlines-core", {"$ref": "https://example.com/s.json"}, "external $ref"),
+    ("xgrammar", {"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, "#: uniqueItems"),
+    ("xgrammar", {"type": "object", "properties": {"a": {"not": {"type": "string"}}}}, "#/properties/a: not"),
+    ("xgrammar", {"type": "object", "properties": {"a": {"type": "integer"}}, "dependentRequired": {"a": ["b"]}},
+     "#: dependentRequired"),
+    ("xgrammar", {"oneOf": [{"type": "integer"}, {"type": "number"}]}, "#: oneOf"),
+    ("xgrammar", {"allOf": [{"type": "integer"}, {"minimum": 2}]}, "#: allOf with more than one branch"),
+    ("xgrammar", {"$defs": {"a": {"type": "integer"}}, "$ref": "#/$defs/a", "minimum": 3}, "#: minimum beside $ref"),
+    ("xgrammar", {"type": "integer", "anyOf": [{"minimum": 3}, {"maximum": -3}]}, "#: type beside anyOf"),
+    ("xgrammar", {"minimum": 3}, "#: minimum without a type"),
+    ("xgrammar", {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["z"]},
+     "#: required 'z' is not among the properties"),
+    ("xgrammar", {"type": "number", "multipleOf": 0.5}, "#: multipleOf"),
+    ("xgrammar", {"type": "string", "pattern": "^a", "format": "email"}, "#: pattern beside format"),
+    ("xgrammar", {"type": "string", "pattern": "^a", "maxLength": 3}, "#: pattern beside maxLength"),
+    ("xgrammar", {"type": "object", "properties": {"ab": {"type": "integer"}}, "patternProperties": {"^a": {"type": "string"}}},
+     "#: property 'ab' also matched by patternProperties"),
+    ("xgrammar", {"$defs": {"a": {"$anchor": "x", "type": "integer"}}, "$ref": "#x"}, "#: $ref to an anchor"),
+    ("xgrammar", {"$ref": "https://example.com/s.json"}, "#: external $ref"),
+    ("xgrammar", {"type": "array", "contains": {"type": "integer"}}, "#: contains"),
+    ("xgrammar", {"type": "integer", "if": {"minimum": 3}, "then": {"maximum": 5}}, "#: if"),
 ])
 def test_each_refusal_names_the_construct_and_where_it_is(engine, backend, schema, named):
     with pytest.raises(ValueError, match=re.escape(named)):
@@ -197,6 +234,8 @@ UNENFORCED = {
                     "additionalProperties": False}, "not", lambda value: value["n"] != 3),
     "outlines-core": ({"type": "object", "properties": {"n": {"type": "integer", "minimum": 10}}, "required": ["n"]},
                       "minimum", lambda value: value["n"] >= 10),
+    "xgrammar": ({"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "multipleOf": 3}},
+                  "required": ["n"]}, "multipleOf", lambda value: value["n"] % 3 == 0),
 }
 
 

@@ -1,9 +1,10 @@
 """Grammar compiles in worker processes, each under a CPU-time and a memory budget that really stop it.
 
-Turning a schema into a regex and the regex into a token index is CPU-bound native code that cannot be
+Turning a schema into a regex and the regex into a token index (outlines-core), or a schema into a
+grammar whose token masks are precomputed (xgrammar), is CPU-bound native code that cannot be
 interrupted from Python: a thread that runs too long keeps running, and a pathological schema can grow
-the process by gigabytes. So each compile runs in a small worker process (outlines-core and the
-vocabulary, no torch), which the kernel stops when it has used its CPU budget (RLIMIT_CPU: SIGXCPU) or
+the process by gigabytes. So each compile runs in a worker process (one backend and its view of the
+vocabulary), which the kernel stops when it has used its CPU budget (RLIMIT_CPU: SIGXCPU) or
 its address space (RLIMIT_AS). The budget is CPU time, not wall time, so whether a constraint compiles
 does not depend on how busy the machine is. A stopped worker is replaced; the others go on, so a slow
 constraint holds up nobody else's compile (up to `max_workers` run at once).
@@ -21,6 +22,8 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -36,20 +39,20 @@ class CompileWorkers:
     """Hands each compile to an idle worker process, starting one when none is idle (up to max_workers;
     beyond that a compile waits for a worker)."""
 
-    def __init__(self, vocabulary, cpu_budget_s: float, memory_gb: float, max_workers: int):
+    def __init__(self, setup: WorkerSetup, cpu_budget_s: float, memory_gb: float, max_workers: int):
         if cpu_budget_s <= 0 or memory_gb <= 0 or max_workers < 1:
             raise ValueError("grammar compiles need a positive CPU budget, memory budget and worker count")
         self.cpu_budget_s = cpu_budget_s
         self.memory_bytes = int(memory_gb * 2**30)
         self.max_workers = max_workers
-        self._vocabulary = vocabulary
+        self._setup = setup
         self._idle: list[_Worker] = []
         self._num_workers = 0
         self._available = threading.Condition()
 
     def compile(self, constraint: Constraint):
-        """The outlines-core Index of `constraint`; GrammarError saying what to fix when it cannot be
-        compiled, is refused, or runs past its budget."""
+        """What the backend compiled `constraint` into (picklable); GrammarError saying what to fix when
+        it cannot be compiled, is refused, or runs past its budget."""
         worker = self._acquire()
         try:
             return worker.compile(constraint, self.cpu_budget_s, self.memory_bytes)
@@ -70,7 +73,7 @@ class CompileWorkers:
                 return self._idle.pop()
             self._num_workers += 1
         try:
-            return _Worker(self._vocabulary, self.memory_bytes)
+            return _Worker(self._setup, self.memory_bytes)
         except BaseException:
             with self._available:
                 self._num_workers -= 1
@@ -88,8 +91,17 @@ class CompileWorkers:
             self._available.notify()
 
 
+@dataclass(frozen=True)
+class WorkerSetup:
+    """What a worker needs before its first compile: the backend, and the vocabulary in that backend's
+    form (outlines-core: its Vocabulary; xgrammar: its TokenizerInfo as JSON)."""
+
+    backend: str
+    vocabulary: object
+
+
 class _Worker:
-    def __init__(self, vocabulary, memory_bytes: int):
+    def __init__(self, setup: WorkerSetup, memory_bytes: int):
         ours, theirs = socket.socketpair()
         package_root = str(Path(__file__).resolve().parents[2])
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
@@ -101,7 +113,7 @@ class _Worker:
         theirs.close()
         self._conn = Connection(ours.detach())
         try:
-            self._conn.send(vocabulary)
+            self._conn.send(setup)
             started = self._conn.poll(STARTUP_TIMEOUT_S) and self._conn.recv() == "ready"
         except (EOFError, OSError):
             started = False
@@ -159,15 +171,24 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _compiler(setup: WorkerSetup) -> Callable[[Constraint], object]:
+    """The backend's compile, as the worker runs it: a constraint in, something picklable out."""
+    if setup.backend == "outlines-core":
+        from outlines_core import Index
+        return lambda constraint: Index(constraint_regex(constraint), setup.vocabulary)
+    if setup.backend == "xgrammar":
+        from decoding.structured.xgrammar_backend import worker_compiler
+        return worker_compiler(setup.vocabulary)
+    raise ValueError(f"no compile worker for the {setup.backend!r} backend")
+
+
 def _serve(fd: int, memory_bytes: int) -> None:
     import resource
-
-    from outlines_core import Index
 
     conn = Connection(fd)
     _, cpu_hard = resource.getrlimit(resource.RLIMIT_CPU)
     resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, resource.getrlimit(resource.RLIMIT_AS)[1]))
-    vocabulary = conn.recv()
+    compile_constraint = _compiler(conn.recv())
     conn.send("ready")
     while True:
         try:
@@ -180,7 +201,7 @@ def _serve(fd: int, memory_bytes: int) -> None:
         resource.setrlimit(resource.RLIMIT_CPU, (limit if cpu_hard == resource.RLIM_INFINITY else min(limit, cpu_hard),
                                                  cpu_hard))
         try:
-            reply = ("ok", Index(constraint_regex(constraint), vocabulary))
+            reply = ("ok", compile_constraint(constraint))
         except GrammarError as err:
             reply = ("refused", str(err))
         except MemoryError:
@@ -188,7 +209,8 @@ def _serve(fd: int, memory_bytes: int) -> None:
                                 "simplify the schema or regex")
         except (KeyboardInterrupt, SystemExit):
             raise
-        except BaseException as err:  # noqa: BLE001 - outlines-core's Rust panics derive from BaseException
+        except BaseException as err:  # noqa: BLE001 - outlines-core's Rust panics derive from BaseException,
+                                      # and xgrammar raises RuntimeError for a schema it cannot convert
             reply = ("refused", f"the constraint cannot be compiled for this tokenizer: {err}")
         resource.setrlimit(resource.RLIMIT_CPU, (cpu_hard, cpu_hard))
         conn.send(reply)

@@ -15,9 +15,10 @@ from decoding.structured.schema_support import unsupported_construct
 
 
 # The grammar engines a server may enable, each through its own module: llguidance (the default; a
-# lazy Earley parser over the schema, compiled in milliseconds, bounded by its own parser limits) and
-# outlines-core (a regex built from the schema, compiled ahead into a token index).
-BACKENDS = ("llguidance", "outlines-core")
+# lazy Earley parser over the schema, compiled in milliseconds, bounded by its own parser limits),
+# outlines-core (a regex built from the schema, compiled ahead into a token index) and xgrammar (a
+# grammar whose context-independent token masks are computed ahead).
+BACKENDS = ("llguidance", "outlines-core", "xgrammar")
 
 
 class GrammarError(ValueError):

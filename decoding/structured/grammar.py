@@ -1,11 +1,13 @@
 """Grammars over the token vocabulary: a constraint (a JSON schema, a regex or a list of choices) compiled
 once per backend, and a cursor per sequence that walks it.
 
-Two backends (constraint.BACKENDS): llguidance (llguidance_backend.py), which compiles in milliseconds
-under its own parser limits and computes masks lazily, and outlines-core, which turns the constraint
-into a regex and the regex into a token index ahead of time, in worker processes under a CPU-time and
-memory budget (compile_workers.py). Compiled grammars are cached per constraint with a bounded size, and
-so are refusals; a slow compile holds up no other. The engine sees only `GrammarCompiler` and
+Three backends (constraint.BACKENDS): llguidance (llguidance_backend.py), which compiles in
+milliseconds under its own parser limits and computes masks lazily; outlines-core, which turns the
+constraint into a regex and the regex into a token index ahead of time; and xgrammar
+(xgrammar_backend.py), which precomputes the masks of a grammar's context-independent tokens. The last
+two compile in worker processes under a CPU-time and memory budget (compile_workers.py). Each enabled
+backend starts on its first constraint. Compiled grammars are cached per constraint with a bounded size,
+and so are refusals; a slow compile holds up no other. The engine sees only `GrammarCompiler` and
 `GrammarCursor`: allowed-token bits, advance, roll back, complete.
 """
 
@@ -18,10 +20,11 @@ from concurrent.futures import Future
 
 import torch
 
-from decoding.structured.compile_workers import CompileWorkers
-from decoding.structured.constraint import Constraint, GrammarError
+from decoding.structured.compile_workers import CompileWorkers, WorkerSetup
+from decoding.structured.constraint import BACKENDS, Constraint, GrammarError
 from decoding.structured.llguidance_backend import LLGuidanceGrammar, LLGuidanceGrammars
 from decoding.structured.vocabulary import outlines_vocabulary
+from decoding.structured.xgrammar_backend import XGrammarGrammar, XGrammarGrammars
 
 __all__ = ["GrammarCompiler", "GrammarCursor", "GrammarError", "schema_text", "schema_valid", "unpack_bits"]
 
@@ -31,13 +34,14 @@ class GrammarCompiler:
 
     def __init__(self, tokenizer, eos_token_ids: frozenset[int], vocab_size: int, cache_size: int = 256,
                  cpu_budget_s: float = 5.0, memory_gb: float = 4.0, max_workers: int = 2,
-                 backends: tuple[str, ...] = ("llguidance", "outlines-core")):
+                 backends: tuple[str, ...] = BACKENDS):
         self.eos_token_ids = eos_token_ids
         self.vocab_size = vocab_size
         self.backends = backends
-        self._llguidance = LLGuidanceGrammars(tokenizer, eos_token_ids, vocab_size) if "llguidance" in backends else None
-        self._workers = (CompileWorkers(outlines_vocabulary(tokenizer, min(eos_token_ids)), cpu_budget_s, memory_gb,
-                                        max_workers) if "outlines-core" in backends else None)
+        self._tokenizer = tokenizer
+        self._budget = (cpu_budget_s, memory_gb, max_workers)
+        self._compilers: dict[str, object] = {}      # backend -> its compiler, built on first use
+        self._compilers_lock = threading.Lock()
         self._cache: OrderedDict[Constraint, object] = OrderedDict()   # a grammar, or the GrammarError
         self._cache_size = cache_size
         self._compiling: dict[Constraint, Future] = {}
@@ -60,8 +64,7 @@ class GrammarCompiler:
                 future = self._compiling[constraint] = Future()
         if owner:
             try:
-                outcome = (self._llguidance.compile(constraint) if constraint.backend == "llguidance"
-                           else self._workers.compile(constraint))
+                outcome = self._compiler(constraint.backend).compile(constraint)
             except GrammarError as err:
                 outcome = err
             except BaseException as err:      # not the constraint's fault: not cached
@@ -83,14 +86,35 @@ class GrammarCompiler:
             raise GrammarError(str(outcome))
         return outcome
 
+    def _compiler(self, backend: str):
+        """The backend's compiler: an object with `compile(constraint)` (and `close()`)."""
+        with self._compilers_lock:
+            if backend not in self._compilers:
+                cpu_budget_s, memory_gb, max_workers = self._budget
+                eos = self.eos_token_ids
+                if backend == "llguidance":
+                    compiler = LLGuidanceGrammars(self._tokenizer, eos, self.vocab_size)
+                elif backend == "xgrammar":
+                    compiler = XGrammarGrammars(self._tokenizer, eos, self.vocab_size, cpu_budget_s, memory_gb,
+                                                max_workers)
+                else:
+                    compiler = CompileWorkers(WorkerSetup("outlines-core", outlines_vocabulary(self._tokenizer, min(eos))),
+                                              cpu_budget_s, memory_gb, max_workers)
+                self._compilers[backend] = compiler
+            return self._compilers[backend]
+
     def cursor(self, grammar) -> GrammarCursor:
         if isinstance(grammar, LLGuidanceGrammar):
-            return LLGuidanceCursor(self._llguidance.matcher(grammar), self.vocab_size, self.eos_token_ids)
+            return LLGuidanceCursor(self._compiler("llguidance").matcher(grammar), self.vocab_size, self.eos_token_ids)
+        if isinstance(grammar, XGrammarGrammar):
+            return XGrammarCursor(self._compiler("xgrammar").matcher(grammar), self.vocab_size, self.eos_token_ids)
         return OutlinesCoreCursor(grammar, self.vocab_size, self.eos_token_ids)
 
     def close(self) -> None:
-        if self._workers is not None:
-            self._workers.close()
+        with self._compilers_lock:
+            for compiler in self._compilers.values():
+                if hasattr(compiler, "close"):
+                    compiler.close()
 
 
 MAX_DRAFT_TOKENS = 64
@@ -124,7 +148,7 @@ class GrammarCursor:
         # are addressed by pointer (a tensor view per row costs as much as an llguidance mask).
         base, row_bytes = bits.data_ptr(), first._words * 4
         for row, cursor in enumerate(cursors):
-            cursor._write_mask(base + row * row_bytes, row_bytes)
+            cursor._write_mask(bits, row, base + row * row_bytes, row_bytes)
         if len(first._eos) > 1:
             words, flags = first._eos_words, first._eos_flags
             any_eos = ((bits[:, words] & flags) != 0).any(dim=1, keepdim=True)
@@ -163,8 +187,9 @@ class GrammarCursor:
         self._consume(token)
 
     # ---- what a backend supplies -------------------------------------------------------------
-    def _write_mask(self, address: int, num_bytes: int) -> None:
-        """The allowed tokens as bits into the int32 words at `address` (num_bytes of them)."""
+    def _write_mask(self, bits: torch.Tensor, row: int, address: int, num_bytes: int) -> None:
+        """The allowed tokens as bits into row `row` of `bits`: the int32 words at `address` (num_bytes
+        of them)."""
         raise NotImplementedError
 
     def _consume(self, token: int) -> None:
@@ -186,7 +211,7 @@ class OutlinesCoreCursor(GrammarCursor):
         # Speculative decoding walks drafts forward and back: room for the longest draft.
         self._guide = Guide(index, max_rollback=MAX_DRAFT_TOKENS)
 
-    def _write_mask(self, address: int, num_bytes: int) -> None:
+    def _write_mask(self, bits: torch.Tensor, row: int, address: int, num_bytes: int) -> None:
         self._guide.write_mask_into(address, num_bytes // 4, 4)
 
     def _consume(self, token: int) -> None:
@@ -205,7 +230,7 @@ class LLGuidanceCursor(GrammarCursor):
         super().__init__(vocab_size, eos_token_ids)
         self._matcher = matcher
 
-    def _write_mask(self, address: int, num_bytes: int) -> None:
+    def _write_mask(self, bits: torch.Tensor, row: int, address: int, num_bytes: int) -> None:
         self._matcher.unsafe_compute_mask_ptr(address, num_bytes)
 
     def _consume(self, token: int) -> None:
@@ -217,6 +242,26 @@ class LLGuidanceCursor(GrammarCursor):
     @property
     def is_complete(self) -> bool:
         return self._matcher.is_accepting()
+
+
+class XGrammarCursor(GrammarCursor):
+    def __init__(self, matcher, vocab_size: int, eos_token_ids: frozenset[int]):
+        super().__init__(vocab_size, eos_token_ids)
+        self._matcher = matcher
+
+    def _write_mask(self, bits: torch.Tensor, row: int, address: int, num_bytes: int) -> None:
+        self._matcher.fill_next_token_bitmask(bits, row)
+
+    def _consume(self, token: int) -> None:
+        if not self._matcher.accept_token(token):
+            raise GrammarError(f"token {token} is outside the grammar")
+
+    def _rollback(self, num_tokens: int) -> None:
+        self._matcher.rollback(num_tokens)
+
+    @property
+    def is_complete(self) -> bool:
+        return self._matcher.is_completed()
 
 
 def unpack_bits(bits: torch.Tensor, vocab_size: int) -> torch.Tensor:
