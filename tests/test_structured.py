@@ -104,13 +104,19 @@ def python_can_check(schema) -> bool:
     return True
 
 
-def grammar_accepts(engine, cursor, text: str) -> bool:
-    """Whether the grammar lets a model write `text` (as this tokenizer splits it) and end there."""
-    for token in engine.tokenizer.encode(text, add_special_tokens=False):
-        if not bool(cursor.allowed()[token]):
-            return False
-        cursor.advance(token)
-    return cursor.is_complete
+def grammar_accepts(engine, params, value) -> bool:
+    """Whether the grammar lets a model write `value` as JSON (as this tokenizer splits it) and end there,
+    in either spacing a backend writes: json.dumps' (", ", ": ") or compact (",", ":")."""
+    for text in {json.dumps(value), json.dumps(value, separators=(",", ":"))}:
+        cursor = engine.make_request("x", params).seqs[0].grammar
+        for token in engine.tokenizer.encode(text, add_special_tokens=False):
+            if not bool(cursor.allowed()[token]):
+                break
+            cursor.advance(token)
+        else:
+            if cursor.is_complete:
+                return True
+    return False
 
 
 @pytest.mark.skipif(not SUITE.exists(), reason="the JSON-Schema-Test-Suite is not in this checkout's shared data")
@@ -133,8 +139,7 @@ def test_json_schema_test_suite_supported_schemas_always_validate(engine):
             supported += 1
             for test in case["tests"]:
                 if not test["valid"]:
-                    cursor = engine.make_request("x", params).seqs[0].grammar
-                    assert not grammar_accepts(engine, cursor, json.dumps(test["data"])), \
+                    assert not grammar_accepts(engine, params, test["data"]), \
                         (path.name, case["description"], test["description"])
                     rejected += 1
             for completion in engine.generate(["x"], params)[0].outputs:
@@ -179,7 +184,7 @@ def test_keywords_json_schema_does_not_define_are_ignored(engine):
     ("llguidance", {"type": "array", "contains": {"type": "integer"}}, "#: contains"),
     ("llguidance", {"if": {"type": "string"}, "then": {"maxLength": 3}}, "#: if"),
     ("outlines-core", {"type": "integer", "minimum": 3}, "#: minimum"),
-    ("outlines-core", {"oneOf": [{"type": "string"}]}, "#: oneOf"),
+    ("outlines-core", {"oneOf": [{"type": "integer"}, {"type": "number"}]}, "#: oneOf"),
     ("outlines-core", {"type": "object", "properties": {"a": {"type": "array", "uniqueItems": True}}},
      "#/properties/a: uniqueItems"),
     ("outlines-core", {"type": "string", "pattern": "a+", "maxLength": 3}, "#: more than one of"),
@@ -444,3 +449,36 @@ def test_a_slow_compile_ends_in_a_clear_error():
     # The stopped compile does not hold up the next constraint.
     assert compiler.compile(Constraint.of(SamplingParams(choice=["a", "b"]), "outlines-core")) is not None
     compiler.close()
+
+
+REWRITTEN = [
+    # oneOf whose branches only share null: exactly one matches for a string or a number, both for null.
+    ({"type": "object", "properties": {"q": {"oneOf": [{"type": ["string", "null"]}, {"type": ["number", "null"]}]}},
+      "required": ["q"], "additionalProperties": False}, [{"q": "1"}, {"q": 2.5}], [{"q": None}]),
+    # oneOf of branches with different types or literals is anyOf.
+    ({"type": "object", "properties": {"v": {"oneOf": [{"enum": ["a", "b"]}, {"type": "integer"}]}},
+      "required": ["v"], "additionalProperties": False}, [{"v": "a"}, {"v": 4}], [{"v": 2.5}, {"v": "c"}]),
+    # A format the backend does not know is an annotation: any string is valid.
+    ({"type": "object", "properties": {"k": {"type": "string", "format": "int64", "maxLength": 4}}, "required": ["k"],
+      "additionalProperties": False}, [{"k": "ab"}], [{"k": "abcde"}]),
+]
+
+
+@pytest.mark.parametrize("schema, valid, invalid", REWRITTEN)
+def test_rewrites_keep_exactly_the_instances_the_schema_allows(engine, schema, valid, invalid):
+    """Schemas a backend sees rewritten (schema_rewrites): accepted, the suite-style check holds on the
+    original schema, and outputs validate against the original."""
+    params = SamplingParams(temperature=1.0, seed=3, n=4, max_tokens=40, json_schema=schema)
+    request = engine.make_request("x", params)
+    for instance in invalid:
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(instance, schema)
+        assert not grammar_accepts(engine, params, instance), instance
+    accepted = 0
+    for instance in valid:
+        jsonschema.validate(instance, schema)
+        accepted += grammar_accepts(engine, params, instance)
+    assert accepted >= 1 and request.seqs[0].grammar is not None
+    for completion in engine.generate(PROMPTS[:2], params)[0].outputs + engine.generate(PROMPTS[2:], params)[0].outputs:
+        if completion.finish_reason == "stop":
+            jsonschema.validate(json.loads(completion.text), schema)

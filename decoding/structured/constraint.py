@@ -11,7 +11,8 @@ import re
 from dataclasses import dataclass
 
 from decoding.params import SamplingParams
-from decoding.structured.schema_support import unsupported_construct
+from decoding.structured.schema_rewrites import prepared
+from decoding.structured.schema_support import STRING_FORMATS, unsupported_construct
 
 
 # The grammar engines a server may enable, each through its own module: llguidance (the default; a
@@ -65,11 +66,15 @@ def constraint_regex(constraint: Constraint) -> str:
     if constraint.choice is not None:
         return constraint.choice_regex()
     from outlines_core.json_schema import build_regex_from_schema
-    problem = unsupported_construct(json.loads(constraint.json_schema))
+    schema = json.loads(constraint.json_schema)
+    if isinstance(schema, dict):
+        schema = prepared(schema, STRING_FORMATS)
+    problem = unsupported_construct(schema)
     if problem is not None and not constraint.best_effort:
         raise GrammarError(f"json_schema uses a construct that constrained decoding cannot enforce ({problem}); "
                            "remove or rewrite it, or opt into structured_best_effort")
     try:
-        return build_regex_from_schema(constraint.json_schema)
+        # Property order is kept (outlines-core emits properties in the order the text lists them).
+        return build_regex_from_schema(json.dumps(schema))
     except (ValueError, TypeError, RuntimeError) as err:
         raise GrammarError(f"json_schema cannot be compiled: {err}") from err

@@ -4,7 +4,8 @@ strings), checked against the tokenizer when it is compiled; each sequence walks
 
 Compiling takes milliseconds and needs no worker process: llguidance bounds its own work with parser
 limits (lexer fuel, Earley items per step, grammar size), so a pathological constraint fails with an
-error instead of running on. Keywords JSON Schema does not define are ignored, as the specification says;
+error instead of running on. Keywords JSON Schema does not define are ignored, as the specification says
+(so are formats llguidance does not know, and a oneOf of disjoint branches is an anyOf: schema_rewrites);
 a keyword llguidance cannot enforce is refused, naming it and where it sits, unless the request asked for
 best effort (then llguidance's lenient mode drops it and the finished output reports `schema_valid`).
 """
@@ -15,7 +16,10 @@ import json
 from dataclasses import dataclass
 
 from decoding.structured.constraint import Constraint, GrammarError
+from decoding.structured.schema_rewrites import prepared
 
+# The string formats llguidance enforces (others are annotations: see schema_rewrites).
+FORMATS = frozenset({"date-time", "time", "date", "duration", "email", "hostname", "ipv4", "ipv6", "uri", "uuid"})
 # llguidance's message for a keyword it does not enforce: 'Unimplemented keys: ["uniqueItems"]'.
 UNIMPLEMENTED = "Unimplemented keys: "
 
@@ -46,6 +50,7 @@ class LLGuidanceGrammars:
         else:
             schema = json.loads(constraint.json_schema)
             if isinstance(schema, dict):
+                schema = prepared(schema, FORMATS)
                 # JSON as json.dumps writes it (", " and ": ", no other whitespace): a model is never
                 # free to spend its tokens on blank space; a schema's own x-guidance options win.
                 options = {"whitespace_flexible": False, **({"lenient": True} if constraint.best_effort else {})}

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 from decoding.structured.compile_workers import CompileWorkers, WorkerSetup
 from decoding.structured.constraint import Constraint, GrammarError
-from decoding.structured.xgrammar_support import unsupported_construct, with_counted_strings
+from decoding.structured.schema_rewrites import prepared
+from decoding.structured.xgrammar_support import FORMATS, unsupported_construct, with_counted_strings
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ def worker_compiler(tokenizer_info_json: str) -> Callable[[Constraint], str]:
         elif constraint.choice is not None:
             compiled = _checked(compiler.compile_regex, constraint.choice_regex(), "choice")
         else:
-            schema = json.loads(constraint.json_schema)
+            schema = prepared(json.loads(constraint.json_schema), FORMATS)
             problem = unsupported_construct(schema)
             if problem is not None and not constraint.best_effort:
                 raise GrammarError(f"json_schema uses a construct that constrained decoding cannot enforce ({problem}); "

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 
+from decoding.structured.schema_rewrites import map_subschemas
 from decoding.structured.schema_support import ANNOTATIONS, JSON_SCHEMA_KEYWORDS, _matches_type
 
 # content* are annotations in 2020-12 (not assertions), like title or description.
@@ -193,34 +194,23 @@ def _optional(schema, keyword: str, root, path, refs) -> str | None:
     return None if isinstance(value, bool) else unsupported_construct(value, root, f"{path}/{keyword}", refs)
 
 
-# A subschema's places, by how they hold it.
-ONE_SCHEMA = ("items", "additionalProperties", "unevaluatedProperties", "unevaluatedItems", "propertyNames",
-              "contains", "not", "if", "then", "else")
-SCHEMA_LISTS = ("anyOf", "allOf", "oneOf", "prefixItems")
-SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 # One character of a JSON string written plainly: anything but the quote, the backslash and control
 # characters (which JSON requires escaped).
 PLAIN_CHARACTER = '[^"\\\\\\x00-\\x1f]'
+# The formats xgrammar enforces; it treats any other as a plain string, as the specification allows.
+FORMATS = frozenset({"email", "date", "time", "date-time", "duration", "ipv4", "ipv6", "hostname", "uuid", "uri",
+                     "uri-reference", "uri-template", "json-pointer", "relative-json-pointer"})
 
 
 def with_counted_strings(schema):
     """`schema` with each string's minLength/maxLength (when it has no pattern or format) written as the
     pattern of that many plain characters: the same lengths, counted in code points as JSON Schema
     counts them, through xgrammar's regex path, which writes only well-formed JSON."""
-    if not isinstance(schema, dict):
-        return schema
-    out = dict(schema)
-    kinds = out.get("type") if isinstance(out.get("type"), list) else [out.get("type")]
-    if "string" in kinds and ("minLength" in out or "maxLength" in out) and not {"pattern", "format"} & set(out):
-        low, high = out.pop("minLength", 0), out.pop("maxLength", "")
-        out["pattern"] = f"^{PLAIN_CHARACTER}{{{low},{high}}}$"
-    for key in ONE_SCHEMA:
-        if key in out:
-            out[key] = with_counted_strings(out[key])
-    for key in SCHEMA_LISTS:
-        if isinstance(out.get(key), list):
-            out[key] = [with_counted_strings(sub) for sub in out[key]]
-    for key in SCHEMA_MAPS:
-        if isinstance(out.get(key), dict):
-            out[key] = {name: with_counted_strings(sub) for name, sub in out[key].items()}
-    return out
+    def count(node: dict) -> dict:
+        kinds = node.get("type") if isinstance(node.get("type"), list) else [node.get("type")]
+        if "string" in kinds and ("minLength" in node or "maxLength" in node) and not {"pattern", "format"} & set(node):
+            node = dict(node)
+            low, high = node.pop("minLength", 0), node.pop("maxLength", "")
+            node["pattern"] = f"^{PLAIN_CHARACTER}{{{low},{high}}}$"
+        return node
+    return map_subschemas(schema, count)

@@ -1,0 +1,163 @@
+"""Rewrites of a JSON schema into one that accepts exactly the same instances (as the specification
+defines them) but that a grammar backend understands better. Applied before a backend sees a schema.
+
+- `without_unknown_formats`: a `format` the backend does not know is dropped. In JSON Schema 2020-12
+  `format` is an annotation unless a validator opts into asserting it, and unknown formats are never
+  asserted; so dropping it changes nothing that is valid (the schema's known formats stay enforced).
+- `with_disjoint_one_of`: `oneOf` asks for exactly one branch to match. Where the branches provably admit
+  no common value (different types, different literals), that is `anyOf`; where every branch is only a
+  set of types, the instances are exactly the types one branch alone admits (a `type` list). Other
+  `oneOf`s stay, for the backend to refuse.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+# A subschema's places in a schema object, by how they hold it.
+ONE_SCHEMA = ("items", "additionalProperties", "unevaluatedProperties", "unevaluatedItems", "propertyNames",
+              "contains", "not", "if", "then", "else", "additionalItems")
+SCHEMA_LISTS = ("anyOf", "allOf", "oneOf", "prefixItems")
+SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+# What a branch may hold besides what decides its values, and still be compared by type or literal.
+ANNOTATIONS = frozenset({"title", "description", "$comment", "examples", "default", "deprecated", "readOnly",
+                         "writeOnly"})
+# Every JSON value is of exactly one of these kinds ("number" is integer | fraction).
+KINDS = ("string", "integer", "fraction", "boolean", "null", "array", "object")
+
+
+def map_subschemas(schema, rewrite: Callable[[dict], dict]):
+    """`rewrite` applied to every schema object of `schema`, innermost first."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in ONE_SCHEMA:
+        if key in out:
+            out[key] = map_subschemas(out[key], rewrite)
+    for key in SCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [map_subschemas(sub, rewrite) for sub in out[key]]
+    for key in SCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: map_subschemas(sub, rewrite) for name, sub in out[key].items()}
+    return rewrite(out)
+
+
+def prepared(schema, known_formats: frozenset[str]):
+    """Both rewrites: what a backend that enforces `known_formats` is given."""
+    return with_disjoint_one_of(without_unknown_formats(schema, known_formats))
+
+
+def without_unknown_formats(schema, known: frozenset[str]):
+    def drop(node: dict) -> dict:
+        if isinstance(node.get("format"), str) and node["format"] not in known:
+            return {key: value for key, value in node.items() if key != "format"}
+        return node
+    return map_subschemas(schema, drop)
+
+
+def with_disjoint_one_of(schema):
+    return map_subschemas(schema, _one_of)
+
+
+def _one_of(node: dict) -> dict:
+    branches = node.get("oneOf")
+    if not isinstance(branches, list) or not branches:
+        return node
+    rest = {key: value for key, value in node.items() if key != "oneOf"}
+    kinds = [_type_kinds(branch) for branch in branches]
+    if all(k is not None for k in kinds):
+        # Types only: exactly the kinds one branch alone admits.
+        alone = [kind for kind in KINDS if sum(kind in k for k in kinds) == 1]
+        types = _type_names(alone)
+        if types is not None:
+            return _merged(rest, {"type": types}) if types else node
+    values = [_admitted(branch) for branch in branches]
+    if all(v is not None for v in values) and all(
+            _disjoint(values[i], values[j]) for i in range(len(values)) for j in range(i)):
+        if "anyOf" in rest:
+            return node
+        return {**rest, "anyOf": branches}
+    return node
+
+
+def _merged(rest: dict, branch: dict) -> dict:
+    """`rest` and `branch` must both hold: one object when they share no keyword, else an allOf."""
+    if set(rest) & set(branch):
+        return {**{k: v for k, v in rest.items() if k not in branch}, "allOf": [branch, {k: v for k, v in rest.items() if k in branch}]}
+    return {**rest, **branch}
+
+
+def _type_kinds(branch) -> frozenset[str] | None:
+    """The kinds a branch that is only a `type` (and annotations) admits; None for any other branch."""
+    if not isinstance(branch, dict) or "type" not in branch or set(branch) - ANNOTATIONS - {"type"}:
+        return None
+    return _kinds_of(branch["type"])
+
+
+def _kinds_of(type_value) -> frozenset[str] | None:
+    names = type_value if isinstance(type_value, list) else [type_value]
+    kinds = set()
+    for name in names:
+        if name == "number":
+            kinds |= {"integer", "fraction"}
+        elif name in KINDS and name != "fraction":
+            kinds.add(name)
+        else:
+            return None
+    return frozenset(kinds)
+
+
+def _type_names(kinds: list[str]) -> list[str] | None:
+    """The `type` list for exactly these kinds; None when there is none (fractions without integers)."""
+    if "fraction" in kinds and "integer" not in kinds:
+        return None
+    names = [kind for kind in kinds if kind not in ("integer", "fraction")]
+    if "fraction" in kinds:
+        names.append("number")
+    elif "integer" in kinds:
+        names.append("integer")
+    return names
+
+
+def _admitted(branch):
+    """What a branch can admit, over-approximated: ("kinds", kinds) from its `type`, or ("literals",
+    values) from its enum/const; None when neither says."""
+    if not isinstance(branch, dict):
+        return None
+    if "const" in branch or "enum" in branch:
+        literals = [branch["const"]] if "const" in branch else branch["enum"]
+        return ("literals", literals) if isinstance(literals, list) else None
+    if "type" in branch:
+        kinds = _kinds_of(branch["type"])
+        return None if kinds is None else ("kinds", kinds)
+    return None
+
+
+def _literal_kind(value) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if value is None:
+        return "null"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "integer" if value.is_integer() else "fraction"
+    return {str: "string", list: "array", dict: "object"}[type(value)]
+
+
+def _disjoint(a, b) -> bool:
+    (kind_a, value_a), (kind_b, value_b) = a, b
+    if kind_a == kind_b == "kinds":
+        return not value_a & value_b
+    if kind_a == kind_b == "literals":
+        return not any(_same(x, y) for x in value_a for y in value_b)
+    literals, kinds = (value_a, value_b) if kind_a == "literals" else (value_b, value_a)
+    return not any(_literal_kind(value) in kinds for value in literals)
+
+
+def _same(x, y) -> bool:
+    """JSON equality: 1 and 1.0 are the same number, true and 1 are not."""
+    if isinstance(x, bool) or isinstance(y, bool):
+        return isinstance(x, bool) and isinstance(y, bool) and x == y
+    return x == y
