@@ -1,37 +1,42 @@
 """Constrained decoding per backend: which schemas it accepts, whether what it generates validates, how
 fast it compiles, and what masking costs per token.
 
-Schemas: the JSON-Schema-Test-Suite (draft 2020-12, `../shared`), and two real-world corpora installed
-from PyPI: SchemaStore's CI and tooling schemas as vendored by `check-jsonschema` (GitHub workflows,
-GitLab CI, Renovate, compose, ...; `pip install -e ".[bench]"`), and the response and request shapes of
-the `openai` SDK (its pydantic models' JSON schemas: nested objects, nullable unions, enums, `$ref`s; the
-shapes agents and tool calls use). Per backend and corpus:
+Schemas: the JSON-Schema-Test-Suite (draft 2020-12, `../shared`), and real-world corpora installed from
+PyPI (`pip install -e ".[bench]"`; benchmarks/schema_corpora.py): JSON Schema Store's catalog, the newer
+CI schemas check-jsonschema vendors, every Kubernetes kind, every CloudFormation resource type, and the
+openai SDK's request, response and tool shapes. Per backend and corpus:
 
 - `coverage`: the fraction accepted in strict mode (the rest is refused with the construct it uses);
+  `refusals`: the most common reasons;
 - `valid_fraction`: of the outputs that finish (`stop`; two samples per accepted schema, up to 48
-  tokens, the embedded model), the fraction that validate with jsonschema (bar 1.0; schemas whose
-  patterns Python's `re` cannot compile are left out of the check);
+  tokens, the embedded model), the fraction that validate against the schema as sent, with jsonschema
+  (bar 1.0; schemas whose patterns Python's `re` cannot compile are left out of the check);
 - `compile_p50_ms` / `compile_p99_ms`: first compile of each accepted schema (bars 10 ms and 1 s).
 
+The default backend sweeps every schema; the others (whose compiles take up to the CPU budget each) an
+evenly spaced sample of each real-world corpus (`--sample`). `realworld_coverage` pools the real-world
+corpora of the default backend.
+
 Overhead: per-token time of constrained over unconstrained decoding, 8 held-out prompts x 128 tokens and
-the same prompts one at a time (bar at batch 8: 0.05); the schema asks for an array of at least 100
-integers, so constrained outputs run to max_tokens like unconstrained ones.
+the same prompts one at a time, in turns (bar at batch 8: 0.05): the median of the turns' ratios, and
+each turn's. The schema asks for an array of at least 100 integers, so constrained outputs run to
+max_tokens like unconstrained ones.
 """
 
 from __future__ import annotations
 
-import importlib
-import inspect
+import collections
 import json
-import pkgutil
+import re
 import statistics
 import time
 from pathlib import Path
 
 from benchmarks.common import Timer, benchmark_model_path, cpu_description, parse_args, report
+from benchmarks.schema_corpora import REALWORLD
 from benchmarks.speculative import PROMPT_TOKENS, heldout_prompts
 from decoding import Engine, SamplingParams
-from decoding.structured.constraint import BACKENDS, Constraint
+from decoding.structured.constraint import Constraint, installed_backends
 from decoding.structured.grammar import GrammarCompiler, GrammarError
 
 SCHEMA = {"type": "array", "items": {"type": "integer"}, "minItems": 100}
@@ -43,38 +48,6 @@ def suite_schemas() -> list:
     if not SUITE.exists():
         return []
     return [case["schema"] for path in sorted(SUITE.glob("*.json")) for case in json.loads(path.read_text())]
-
-
-def schemastore_schemas() -> list:
-    try:
-        from importlib.resources import files
-        folder = files("check_jsonschema") / "builtin_schemas" / "vendor"
-    except ModuleNotFoundError:
-        return []
-    return [json.loads(entry.read_text()) for entry in sorted(folder.iterdir(), key=lambda e: e.name)
-            if entry.name.endswith(".json")]
-
-
-def openai_schemas() -> list:
-    """The JSON schema of every pydantic model in `openai.types`, one per model."""
-    try:
-        import openai.types
-        import pydantic
-    except ModuleNotFoundError:
-        return []
-    schemas = {}
-    for module_info in pkgutil.walk_packages(openai.types.__path__, "openai.types."):
-        try:
-            module = importlib.import_module(module_info.name)
-        except ImportError:
-            continue
-        for name, value in vars(module).items():
-            if inspect.isclass(value) and issubclass(value, pydantic.BaseModel) and value.__module__ == module.__name__:
-                try:
-                    schemas[f"{module.__name__}.{name}"] = value.model_json_schema()
-                except (TypeError, ValueError, pydantic.PydanticUserError):
-                    continue
-    return [schemas[key] for key in sorted(schemas)]
 
 
 def python_can_check(schema) -> bool:
@@ -95,7 +68,7 @@ def coverage(engine: Engine, backend: str, schemas: list, sample_outputs: int) -
     compiler = GrammarCompiler(engine.tokenizer, engine.eos_token_ids, engine.loaded.model.vocab_size,
                                backends=(backend,))
     compiler.compile(Constraint.of(SamplingParams(choice=["warm", "up"]), backend))   # starts a worker
-    accepted, times = [], []
+    accepted, times, refusals = [], [], collections.Counter()
     for schema in schemas:
         text = schema if isinstance(schema, str) else json.dumps(schema)
         try:
@@ -106,7 +79,8 @@ def coverage(engine: Engine, backend: str, schemas: list, sample_outputs: int) -
         started = time.perf_counter()
         try:
             compiler.compile(Constraint.of(params, backend))
-        except GrammarError:
+        except GrammarError as err:
+            refusals[refusal_reason(str(err))] += 1
             continue
         times.append(time.perf_counter() - started)
         accepted.append((schema, params))
@@ -127,12 +101,20 @@ def coverage(engine: Engine, backend: str, schemas: list, sample_outputs: int) -
                     pass
     result = {"schemas": len(schemas), "accepted": len(accepted),
               "coverage": round(len(accepted) / max(len(schemas), 1), 3),
-              "finished_outputs": finished, "valid_fraction": round(valid / finished, 4) if finished else None}
+              "finished_outputs": finished, "valid_fraction": round(valid / finished, 4) if finished else None,
+              "refusals": dict(refusals.most_common(6))}
     if times:
         result |= {"compile_p50_ms": round(1e3 * statistics.median(times), 2),
                    "compile_p99_ms": round(1e3 * (statistics.quantiles(times, n=100)[98] if len(times) > 1
                                                   else times[0]), 2)}
     return result
+
+
+def refusal_reason(message: str) -> str:
+    """A refusal without what is particular to one schema: the construct, or the compiler's complaint."""
+    if (construct := re.search(r"\(#[^:]*: ([^)]*)\)", message)):
+        return re.sub(r"'[^']*'|#/\S*", "X", construct.group(1))
+    return re.sub(r"'[^']*'|\"[^\"]*\"|#/\S*|/[^/\s]+/", "X", message.split(":", 1)[-1]).strip()[:60]
 
 
 def per_token_seconds(engine: Engine, prompts, params, batch: int) -> float:
@@ -145,8 +127,7 @@ def per_token_seconds(engine: Engine, prompts, params, batch: int) -> float:
 
 
 def overhead(engine: Engine, backend: str, prompts, new_tokens: int, batch: int, repeats: int) -> tuple[float, list[float]]:
-    """(constrained over plain per-token time - 1, from each side's best run; the same per repeat, for the
-    spread)."""
+    """(constrained over plain per-token time - 1: the median over turns, and each turn's)."""
     plain = SamplingParams(temperature=0.8, seed=0, max_tokens=new_tokens)
     constrained = SamplingParams(temperature=0.8, seed=0, max_tokens=new_tokens, json_schema=SCHEMA,
                                  structured_backend=backend)
@@ -154,40 +135,47 @@ def overhead(engine: Engine, backend: str, prompts, new_tokens: int, batch: int,
     for _ in range(repeats):                 # in turn, so drift on a shared machine hits both alike
         plain_s.append(per_token_seconds(engine, prompts, plain, batch))
         constrained_s.append(per_token_seconds(engine, prompts, constrained, batch))
-    return (round(min(constrained_s) / min(plain_s) - 1, 3),
-            [round(c / p - 1, 3) for c, p in zip(constrained_s, plain_s)])
+    turns = [c / p - 1 for c, p in zip(constrained_s, plain_s)]
+    return round(statistics.median(turns), 3), [round(turn, 3) for turn in turns]
 
 
 def main() -> None:
-    args = parse_args(__doc__)
+    args = parse_args(__doc__, extra=lambda parser: parser.add_argument(
+        "--sample", type=int, default=150, help="schemas per real-world corpus for the backends after the default"))
     engine = Engine(model=benchmark_model_path(args.model), dtype=args.dtype, show_progress=False)
     *prompts, warmup = heldout_prompts(engine.tokenizer, 9, PROMPT_TOKENS)
     new_tokens = 64 if args.quick else 128
     repeats = 2 if args.quick else 5
-    corpora = {"suite": suite_schemas(), "schemastore": schemastore_schemas(), "openai": openai_schemas()}
+    corpora = {"suite": suite_schemas(), **{name: load() for name, load in REALWORLD.items()}}
     if args.quick:
         corpora = {name: schemas[:: max(1, len(schemas) // 60)] for name, schemas in corpora.items()}
     sample_outputs = 60 if args.quick else 400
     result = {"benchmark": "structured", "model": engine.loaded.name, "dtype": args.dtype, "cpu": cpu_description(),
               "corpus_sizes": {name: len(schemas) for name, schemas in corpora.items()}, "backends": {}}
-    for backend in BACKENDS:
+    backends = installed_backends()
+    for backend in backends:
         engine.generate([warmup], SamplingParams(max_tokens=8, json_schema=SCHEMA, structured_backend=backend))
         batch8, batch8_runs = overhead(engine, backend, prompts, new_tokens, 8, repeats)
         batch1, batch1_runs = overhead(engine, backend, prompts[:4], new_tokens, 1, repeats)
-        section = {"overhead": batch8, "overhead_per_repeat": batch8_runs, "overhead_batch1": batch1,
-                   "overhead_batch1_per_repeat": batch1_runs}
+        section = {"overhead": batch8, "overhead_per_turn": batch8_runs, "overhead_batch1": batch1,
+                   "overhead_batch1_per_turn": batch1_runs}
         for name, schemas in corpora.items():
+            if backend != backends[0] and name != "suite":
+                schemas = schemas[:: max(1, len(schemas) // args.sample)]
             if schemas:
                 section[name] = coverage(engine, backend, schemas, sample_outputs)
         result["backends"][backend] = section
         print(f"{backend}: {json.dumps(section)}", flush=True)
-    default = result["backends"][BACKENDS[0]]
+    default = result["backends"][backends[0]]
     suite = default.get("suite", {})
-    result |= {"backend": BACKENDS[0], "strict_coverage": suite.get("coverage"),
+    realworld = [default[name] for name in REALWORLD if name in default]
+    result |= {"backend": backends[0], "strict_coverage": suite.get("coverage"),
                "valid_fraction": suite.get("valid_fraction"), "compile_p50_ms": suite.get("compile_p50_ms"),
                "compile_p99_ms": suite.get("compile_p99_ms"), "overhead": default["overhead"],
-               "realworld_coverage": {name: default[name]["coverage"] for name in ("schemastore", "openai")
-                                      if name in default}}
+               "realworld_coverage": {name: default[name]["coverage"] for name in REALWORLD if name in default},
+               "realworld_pooled": round(sum(c["accepted"] for c in realworld) / max(1, sum(c["schemas"] for c in realworld)), 3),
+               "realworld_valid_fraction": min((c["valid_fraction"] for c in realworld if c["valid_fraction"] is not None),
+                                               default=None)}
     report(result, args.json)
 
 

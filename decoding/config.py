@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from decoding.structured.constraint import BACKENDS
+from decoding.structured.constraint import BACKENDS, EXTRAS, installed_backends
 
 
 @dataclass(frozen=True)
@@ -40,8 +40,9 @@ class EngineConfig:
     grammar_cpu_budget_s: float = 5.0
     grammar_memory_gb: float = 4.0
     grammar_workers: int = 2
-    # The structured-output backends requests may use; the first is the default.
-    structured_backends: tuple[str, ...] = BACKENDS
+    # The structured-output backends requests may use; the first is the default. Default: every one
+    # installed (xgrammar is the `xgrammar` extra), llguidance first.
+    structured_backends: tuple[str, ...] = field(default_factory=installed_backends)
 
     def __post_init__(self):
         if self.block_size is None:
@@ -84,5 +85,9 @@ class EngineConfig:
         if not self.structured_backends or unknown:
             raise ValueError(f"structured_backends must name one or more of {', '.join(BACKENDS)}, got "
                              f"{list(self.structured_backends)}")
+        missing = [name for name in self.structured_backends if name not in installed_backends()]
+        if missing:
+            raise ValueError(f"the {missing[0]} structured-output backend is not installed: "
+                             f"pip install 'gorgon[{EXTRAS[missing[0]]}]'")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")

@@ -284,12 +284,12 @@ class Engine:
         sampling_seqs, rows = self._advance_beams(sampling_seqs, rows, logits.last)
         if sampling_seqs:
             constrained = [row for row, seq in enumerate(sampling_seqs) if seq.grammar is not None]
-            allowed = {}
+            allowed_bits = None
             if constrained:
-                bits = GrammarCursor.allowed_bits([sampling_seqs[row].grammar for row in constrained]).to(self.loaded.device)
-                allowed = dict(zip(constrained, bits))
-            batch = SamplingBatch.from_sequences(sampling_seqs, self.loaded.model.vocab_size,
-                                                 self.eos_token_ids, self.loaded.device, allowed)
+                bits = GrammarCursor.allowed_bits([sampling_seqs[row].grammar for row in constrained])
+                allowed_bits = (constrained, bits.to(self.loaded.device))
+            batch = SamplingBatch.from_sequences(sampling_seqs, self.loaded.model.vocab_size, self.eos_token_ids,
+                                                 self.loaded.device, allowed_bits=allowed_bits)
             # Each row sampling once, in order, is the common case: the logits then need no gather.
             in_order = rows.numel() == logits.last.shape[0] and torch.equal(rows, torch.arange(rows.numel(), device=rows.device))
             sampled = self.sampler(logits.last if in_order else logits.last[rows], batch)

@@ -36,6 +36,8 @@ class SamplingBatch:
     banned: list[tuple[int, list[int]]]  # (row, token ids) banned before min_tokens is reached
     allowed: dict[int, torch.Tensor]     # row -> the only tokens a constraint permits: bool [vocab], or
                                          # int32 bits [ceil(vocab / 32)] (GrammarCursor.allowed_bits)
+    allowed_bits: tuple[list[int], torch.Tensor] | None   # the same for many rows at once: (rows, int32
+                                         # bits [len(rows), words]), as a decode step computes them
     any_penalty: bool
     any_truncation: bool
     all_greedy: bool
@@ -43,7 +45,8 @@ class SamplingBatch:
 
     @classmethod
     def from_sequences(cls, seqs: list[Sequence], vocab_size: int, eos_token_ids: frozenset[int],
-                       device: torch.device, allowed: dict[int, torch.Tensor] | None = None) -> SamplingBatch:
+                       device: torch.device, allowed: dict[int, torch.Tensor] | None = None,
+                       allowed_bits: tuple[list[int], torch.Tensor] | None = None) -> SamplingBatch:
         params = [seq.request.params for seq in seqs]
         banned = [(row, seq.request.banned_before_min_tokens(eos_token_ids, vocab_size))
                   for row, (seq, p) in enumerate(zip(seqs, params)) if seq.num_output_tokens < p.min_tokens]
@@ -60,11 +63,16 @@ class SamplingBatch:
             greedy=numbers[0] == 0,
             banned=banned,
             allowed=allowed or {},
+            allowed_bits=allowed_bits,
             any_penalty=any(p.has_penalties for p in params),
             any_truncation=any(p.has_truncation for p in params),
             all_greedy=all(p.is_greedy for p in params),
             num_top_logprobs=max(wants) if wants else -1,
         )
+
+    @property
+    def constrained_rows(self) -> set[int]:
+        return set(self.allowed) | set(self.allowed_bits[0] if self.allowed_bits else ())
 
 
 def apply_repetition_penalty(scores: torch.Tensor, history: list[int], penalty: float) -> None:
@@ -92,6 +100,20 @@ def apply_grammar_masks(scores: torch.Tensor, unbanned: torch.Tensor, masks: tor
     return kept
 
 
+_FIRST_ROWS: list[torch.Tensor] = [torch.arange(0)]
+
+
+def _row_index(rows: list[int]) -> torch.Tensor:
+    """rows as an int64 tensor; 0..n-1 (every row constrained, the common case) from a cache, since
+    building a tensor from a list costs as much as masking a row."""
+    n = len(rows)
+    if rows == list(range(n)):
+        while len(_FIRST_ROWS) <= n:
+            _FIRST_ROWS.append(torch.arange(len(_FIRST_ROWS)))
+        return _FIRST_ROWS[n]
+    return torch.tensor(rows)
+
+
 @dataclass
 class SamplerOutput:
     token_ids: list[int]
@@ -113,6 +135,9 @@ class Sampler:
         native_rows = self._native_rows(logits, batch)
         uniforms = None if batch.all_greedy else self.uniforms(batch)
         if len(native_rows) == len(batch.seqs):
+            if batch.allowed_bits and not batch.allowed and not any(
+                    s.request.params.logprobs_mode == "raw" for s in batch.seqs):
+                return self._sample_native_masked(logits, batch, uniforms)
             return self._sample_native(self.process(logits, batch, distribution=False).penalised, batch, uniforms)
         needs_processed = batch.num_top_logprobs >= 0 or not batch.all_greedy
         processed = self.process(logits, batch, needs_processed)
@@ -139,12 +164,13 @@ class Sampler:
         if not kernels.native_ops_available(logits.device, logits.dtype):
             return []
         banned = {row for row, _ in batch.banned}
+        constrained = batch.constrained_rows
         rows = []
         for row, seq in enumerate(batch.seqs):
             p = seq.request.params
             if p.has_truncation or (p.logprobs or 0) > 0:
                 continue
-            if p.logprobs is not None and p.logprobs_mode == "raw" and (p.has_penalties or row in banned or row in batch.allowed):
+            if p.logprobs is not None and p.logprobs_mode == "raw" and (p.has_penalties or row in banned or row in constrained):
                 continue
             rows.append(row)
         return rows
@@ -159,18 +185,49 @@ class Sampler:
         results = [None if s.request.params.logprobs is None else TokenLogprob(lp, None) for s, lp in zip(batch.seqs, chosen)]
         return SamplerOutput(tokens.tolist(), results)
 
-    def process(self, logits: torch.Tensor, batch: SamplingBatch, distribution: bool = True) -> ProcessedLogits:
+    def _sample_native_masked(self, logits: torch.Tensor, batch: SamplingBatch,
+                              uniforms: torch.Tensor | None) -> SamplerOutput:
+        """The native draw for a batch with grammar rows: their allowed-token bits are read while
+        sampling (no masked copy of the logits). Same tokens and logprobs as masking, then drawing."""
+        num_rows = len(batch.seqs)
+        penalised = self.process(logits, batch, distribution=False, apply_bits=False).penalised
+        rows, bits = batch.allowed_bits
+        if len(rows) != num_rows:                 # unconstrained rows allow every token
+            every = torch.full((num_rows, bits.shape[1]), -1, dtype=torch.int32)
+            every[_row_index(rows)] = bits
+            bits = every
+        uniforms = uniforms if uniforms is not None else torch.zeros(num_rows)
+        tokens, logprobs, dead = kernels.sample_rows_masked(penalised, batch.temperature, uniforms, batch.greedy, bits)
+        tokens, logprobs = tokens.tolist(), logprobs.tolist()
+        for row in dead.nonzero().flatten().tolist() if bool(dead.any()) else ():
+            # The grammar allows only what min_tokens bans: the grammar wins (as in apply_grammar_mask).
+            kept = logits[row].masked_fill(~unpack_bits(bits[row : row + 1], logits.shape[1])[0], NEG_INF)
+            token, logprob, _ = kernels.sample_rows(kept.unsqueeze(0), batch.temperature[row : row + 1],
+                                                    uniforms[row : row + 1], batch.greedy[row : row + 1],
+                                                    torch.zeros(1, dtype=torch.bool))
+            tokens[row], logprobs[row] = int(token[0]), float(logprob[0])
+        results = [None if s.request.params.logprobs is None else TokenLogprob(lp, None)
+                   for s, lp in zip(batch.seqs, logprobs)]
+        return SamplerOutput(tokens, results)
+
+    def process(self, logits: torch.Tensor, batch: SamplingBatch, distribution: bool = True,
+                apply_bits: bool = True) -> ProcessedLogits:
         """Penalties and bans, then (when `distribution`) temperature and truncation to the log of the
         distribution a sampled row draws from. Speculative verification runs the same pipeline, so a
-        verified position is processed exactly as a plainly sampled one."""
+        verified position is processed exactly as a plainly sampled one. `apply_bits` False leaves
+        `batch.allowed_bits` to the caller."""
         raw_logits = logits
         logits = self._penalise(logits, batch) if batch.any_penalty else logits
-        if batch.banned or batch.allowed:
+        bits = batch.allowed_bits if apply_bits else None
+        if batch.banned or batch.allowed or bits:
             logits = logits.clone() if logits is raw_logits else logits
             if batch.banned:
                 rows = [row for row, ids in batch.banned for _ in ids]
                 logits[rows, [i for _, ids in batch.banned for i in ids]] = NEG_INF
-            if batch.allowed:                           # mask width is the logits width, not the tokenizer's
+            # Mask width is the logits width, not the tokenizer's.
+            if bits:
+                self._apply_bits(logits, raw_logits, *bits)
+            if batch.allowed:
                 self._apply_allowed(logits, raw_logits, batch.allowed)
         if not distribution:
             return ProcessedLogits(raw_logits, logits, None)
@@ -184,19 +241,27 @@ class Sampler:
     def _apply_allowed(logits: torch.Tensor, raw_logits: torch.Tensor, allowed: dict[int, torch.Tensor]) -> None:
         """In place: each constrained row keeps only its allowed tokens. A mask is bool [vocab], or the
         grammar's packed int32 bits, which the native kernel applies without unpacking."""
-        vocab = logits.shape[1]
         packed = {row: bits for row, bits in allowed.items() if bits.dtype == torch.int32}
         masks = {row: mask for row, mask in allowed.items() if mask.dtype == torch.bool}
-        if packed and kernels.native_ops_available(logits.device, logits.dtype) and logits.is_contiguous():
-            rows, bits = list(packed), torch.stack(list(packed.values()))
-            dead = kernels.mask_rows_by_bits(logits, torch.tensor(rows), bits)
-            for i in dead.nonzero().flatten().tolist():   # the grammar wins over min_tokens, as in apply_grammar_mask
-                logits[rows[i]] = raw_logits[rows[i]].masked_fill(~unpack_bits(bits[i : i + 1], vocab)[0], NEG_INF)
-        elif packed:
-            masks |= dict(zip(packed, unpack_bits(torch.stack(list(packed.values())), vocab)))
+        if packed:
+            Sampler._apply_bits(logits, raw_logits, list(packed), torch.stack(list(packed.values())))
         if masks:
             index = torch.tensor(list(masks), device=logits.device)
             logits[index] = apply_grammar_masks(logits[index], raw_logits[index], torch.stack(list(masks.values())))
+
+    @staticmethod
+    def _apply_bits(logits: torch.Tensor, raw_logits: torch.Tensor, rows: list[int], bits: torch.Tensor) -> None:
+        """In place: row rows[i] keeps only the tokens set in the packed int32 bits[i]; the native kernel
+        applies them without unpacking."""
+        vocab = logits.shape[1]
+        if kernels.native_ops_available(logits.device, logits.dtype) and logits.is_contiguous():
+            dead = kernels.mask_rows_by_bits(logits, _row_index(rows), bits)
+            for i, is_dead in enumerate(dead.tolist()):
+                if is_dead:    # the grammar wins over min_tokens, as in apply_grammar_mask
+                    logits[rows[i]] = raw_logits[rows[i]].masked_fill(~unpack_bits(bits[i : i + 1], vocab)[0], NEG_INF)
+        else:
+            index = torch.tensor(rows, device=logits.device)
+            logits[index] = apply_grammar_masks(logits[index], raw_logits[index], unpack_bits(bits, vocab))
 
     @staticmethod
     def _penalise(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

@@ -36,8 +36,8 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grammar-workers", type=int, default=2, help="grammar compiles that run at once")
     parser.add_argument("--structured-backend", action="append", choices=list(BACKENDS),
                         default=None, help="a structured-output backend requests may use; repeat to enable several, "
-                                           "the first is the default (default: all of "
-                                           f"{', '.join(BACKENDS)}, the first the default)")
+                                           "the first is the default (default: every one installed, llguidance "
+                                           "first; xgrammar is the gorgon[xgrammar] extra)")
 
 
 def _choices(text: str) -> tuple[tuple[int, ...], ...]:

@@ -201,6 +201,36 @@ def test_sampling_kernel_follows_the_inverse_cdf_rule():
     torch.testing.assert_close(raw[want_raw], torch.log_softmax(logits, -1).gather(1, chosen).squeeze(1)[want_raw], atol=1e-5, rtol=0)
 
 
+@needs_kernel
+def test_masked_sampling_reads_the_bits_as_masking_would():
+    """sample_rows_masked over logits and packed allowed-token bits draws exactly what masking the logits
+    and then sample_rows draws (same tokens, same logprobs, bit for bit), and reports rows the bits
+    leave nothing finite in."""
+    from decoding.structured.grammar import unpack_bits
+    generator = torch.Generator().manual_seed(1)
+    rows, vocab = 40, 1003                                     # not a multiple of 32: a partial last word
+    logits = torch.randn(rows, vocab, generator=generator) * 3
+    logits[5, :] = float("-inf")
+    logits[5, 7] = 0.0
+    bits = torch.randint(-2**31, 2**31 - 1, (rows, 32), dtype=torch.int32, generator=generator)
+    bits[3] = 0                                                 # nothing allowed
+    bits[4] = 0
+    bits[4, 2] = 1 << 5                                         # one token allowed: 69
+    bits[5, 0] &= ~(1 << 7)                                     # allowed only where banned
+    temperature = torch.rand(rows, generator=generator) + 0.3
+    uniforms = torch.rand(rows, generator=generator)
+    greedy = torch.arange(rows) % 3 == 0
+    tokens, logprobs, dead = kernels.sample_rows_masked(logits, temperature, uniforms, greedy, bits)
+    masked = logits.masked_fill(~unpack_bits(bits, vocab), float("-inf"))
+    expected, expected_logprobs, _ = kernels.sample_rows(masked, temperature, uniforms, greedy,
+                                                         torch.zeros(rows, dtype=torch.bool))
+    assert dead.nonzero().flatten().tolist() == [3, 5]
+    live = ~dead
+    assert torch.equal(tokens[live], expected[live]) and tokens[4] == 69
+    assert torch.equal(logprobs[live], expected_logprobs[live])
+    assert unpack_bits(bits, vocab)[live].gather(1, tokens[live].unsqueeze(1)).all()
+
+
 def test_packed_weights_follow_every_write():
     """A pushed weight update writes through the checkpoint slots; the packed copy must not go stale."""
     linear = FusedLinear(64, [48, 80], [False, False], torch.float32, "cpu")

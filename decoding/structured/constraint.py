@@ -6,6 +6,7 @@ fraction of a second and hold little memory.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 from dataclasses import dataclass
@@ -20,6 +21,13 @@ from decoding.structured.schema_support import STRING_FORMATS, unsupported_const
 # outlines-core (a regex built from the schema, compiled ahead into a token index) and xgrammar (a
 # grammar whose context-independent token masks are computed ahead).
 BACKENDS = ("llguidance", "outlines-core", "xgrammar")
+# A backend whose library is an optional extra, and the extra that installs it.
+EXTRAS = {"xgrammar": "xgrammar"}
+
+
+def installed_backends() -> tuple[str, ...]:
+    """The backends whose library is installed, in BACKENDS order (the default set of an engine)."""
+    return tuple(name for name in BACKENDS if name not in EXTRAS or importlib.util.find_spec(name.replace("-", "_")))
 
 
 class GrammarError(ValueError):

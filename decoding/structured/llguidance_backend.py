@@ -13,7 +13,7 @@ best effort (then llguidance's lenient mode drops it and the finished output rep
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from decoding.structured.constraint import Constraint, GrammarError
 from decoding.structured.schema_rewrites import prepared
@@ -26,9 +26,12 @@ UNIMPLEMENTED = "Unimplemented keys: "
 
 @dataclass(frozen=True)
 class LLGuidanceGrammar:
-    """A compiled constraint: the grammar spec every matcher of the constraint starts from."""
+    """A compiled constraint: the grammar spec, and a matcher at its start that every sequence's matcher
+    is copied from (building one parses the grammar again: 40 ms for a large tool schema, against
+    0.03 ms for a copy)."""
 
     spec: str
+    start: object = field(compare=False, repr=False)      # llguidance.LLMatcher, never advanced
 
 
 class LLGuidanceGrammars:
@@ -59,10 +62,13 @@ class LLGuidanceGrammars:
         failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(spec, self.tokenizer, limits=self._limits)
         if failed:
             raise GrammarError(self._explain(constraint, messages))
-        return LLGuidanceGrammar(spec)
+        start = llguidance.LLMatcher(self.tokenizer, spec, limits=self._limits)
+        if start.is_error():
+            raise GrammarError(f"the constraint cannot be compiled: {start.get_error()}")
+        return LLGuidanceGrammar(spec, start)
 
     def matcher(self, grammar: LLGuidanceGrammar):
-        return self._llguidance.LLMatcher(self.tokenizer, grammar.spec, limits=self._limits)
+        return grammar.start.deep_copy()
 
     @staticmethod
     def _explain(constraint: Constraint, messages: list[str]) -> str:

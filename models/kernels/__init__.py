@@ -111,6 +111,7 @@ def _library() -> ctypes.CDLL | None:
     library.silu_mul.argtypes = [ptr, ptr, i64, i64]
     library.sample_rows.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
     library.mask_rows_by_bits.argtypes = [ptr, i64, ptr, i64, ptr, i64, ptr]
+    library.sample_rows_masked.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr]
     library.pack_panels.argtypes = [ptr, i64, i64, ptr]
     library.gemm_panels.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, ptr, ptr]
     library.decoder_scratch_floats.argtypes = [ptr, i64]
@@ -121,6 +122,7 @@ def _library() -> ctypes.CDLL | None:
     library.decoder_greedy_chain.argtypes = [ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, ptr,
                                              i64, ptr, ptr, ptr]
     for function in (library.rms_norm, library.rotary_write_kv, library.silu_mul, library.sample_rows,
+                     library.sample_rows_masked,
                      library.mask_rows_by_bits, library.pack_panels, library.gemm_panels, library.decoder_forward,
                      library.decoder_greedy_chain):
         function.restype = None
@@ -245,6 +247,24 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, uniforms: torch
                            greedy.data_ptr(), want_raw.data_ptr(), tokens.data_ptr(), logprobs.data_ptr(),
                            raw_logprobs.data_ptr())
     return tokens, logprobs, raw_logprobs
+
+
+def sample_rows_masked(logits: torch.Tensor, temperature: torch.Tensor, uniforms: torch.Tensor, greedy: torch.Tensor,
+                       bits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """sample_rows where each row may only take the tokens set in its packed allowed-token bits [N, words]
+    int32 (logits are read, not masked in place). -> tokens [N] int64 (-1 for a dead row), the chosen
+    token's logprob under the masked distribution [N], and dead [N] bool: rows with nothing finite left."""
+    rows, vocab = logits.shape
+    assert bits.dtype == torch.int32 and bits.shape[0] == rows and bits.shape[1] * 32 >= vocab
+    logits, bits = logits.contiguous(), bits.contiguous()
+    temperature, uniforms = temperature.float().contiguous(), uniforms.float().contiguous()
+    greedy = greedy.to(torch.uint8).contiguous()
+    tokens, logprobs = torch.empty(rows, dtype=torch.int64), torch.empty(rows)
+    dead = torch.empty(rows, dtype=torch.uint8)
+    _library().sample_rows_masked(logits.data_ptr(), rows, vocab, temperature.data_ptr(), uniforms.data_ptr(),
+                                  greedy.data_ptr(), bits.data_ptr(), bits.shape[1], tokens.data_ptr(),
+                                  logprobs.data_ptr(), dead.data_ptr())
+    return tokens, logprobs, dead.bool()
 
 
 def mask_rows_by_bits(logits: torch.Tensor, rows: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,11 @@
  *   uniforms     [rows] in [0, 1)
  *   want_raw     [rows]: also report the logprob at temperature 1 (logprobs_mode = raw)
  *   tokens, logprobs, raw_logprobs  [rows] out
+ *
+ * sample_rows_masked does the same for rows a grammar constrains, reading the grammar's packed
+ * allowed-token bits (32 tokens per int32 word) as it goes: a refused token counts as -inf, without a
+ * masked copy of the logits being written first. A row left with nothing finite is reported dead
+ * (token -1) for the caller to resolve.
  */
 #include <math.h>
 #include <omp.h>
@@ -86,6 +91,76 @@ static void sample_row(const float *restrict x, int64_t vocab, float temperature
     *token = chosen;
     *logprob = (x[chosen] - max) * inverse_temperature - logf(sum);
     *raw_logprob = want_raw ? x[chosen] - max - log_sum_exp(x, vocab, max) : 0.0f;
+}
+
+/* The allowed tokens of a row as 0 / 1 floats, from its bits: the vector loops below multiply by them. */
+static void expand_bits(const uint32_t *restrict word, int64_t vocab, float *restrict allowed) {
+    for (int64_t w = 0; w * 32 < vocab; ++w) {
+        const uint32_t m = word[w];
+        const int64_t base = w * 32, n = vocab - base < 32 ? vocab - base : 32;
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) allowed[base + j] = (float)((m >> j) & 1u);
+    }
+}
+
+static void sample_row_masked(const float *restrict x, const uint32_t *restrict word, int64_t vocab,
+                              float temperature, float uniform, uint8_t greedy, int64_t *token, float *logprob,
+                              uint8_t *dead) {
+    float *allowed = row_buffer(2 * vocab), *e = allowed + vocab;
+    expand_bits(word, vocab, allowed);
+    float max = -INFINITY;
+    for (int64_t i = 0; i < vocab; ++i)
+        if (allowed[i] != 0.0f && x[i] > max) max = x[i];
+    *dead = max == -INFINITY;
+    if (*dead) {
+        *token = -1;
+        *logprob = -INFINITY;
+        return;
+    }
+    const float inverse_temperature = greedy ? 1.0f : 1.0f / temperature;
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < vocab; ++i) {
+        /* exp_poly(-inf) is 0, but a refused token's logit may be anything: select, then exp. */
+        const float shifted = allowed[i] != 0.0f ? (x[i] - max) * inverse_temperature : -INFINITY;
+        e[i] = exp_poly(shifted);
+        sum += e[i];
+    }
+    int64_t chosen = -1;
+    if (greedy) {
+        chosen = 0;   /* the first allowed maximum, as torch.argmax over the masked row picks */
+        while (chosen < vocab - 1 && !(allowed[chosen] != 0.0f && x[chosen] == max)) ++chosen;
+    } else {
+        const float target = uniform * sum;
+        float mass = 0.0f;
+        for (int64_t start = 0; start < vocab && chosen < 0; start += WALK_CHUNK) {
+            const int64_t end = start + WALK_CHUNK < vocab ? start + WALK_CHUNK : vocab;
+            float chunk = 0.0f;
+#pragma omp simd reduction(+ : chunk)
+            for (int64_t i = start; i < end; ++i) chunk += e[i];
+            if (mass + chunk <= target) {
+                mass += chunk;
+                continue;
+            }
+            for (int64_t i = start; i < end; ++i) {
+                mass += e[i];
+                if (mass > target) { chosen = i; break; }
+            }
+        }
+        if (chosen < 0)
+            for (chosen = vocab - 1; chosen > 0 && e[chosen] == 0.0f; --chosen) {}
+    }
+    *token = chosen;
+    *logprob = (x[chosen] - max) * inverse_temperature - logf(sum);
+}
+
+void sample_rows_masked(const float *logits, int64_t rows, int64_t vocab, const float *temperature,
+                        const float *uniforms, const uint8_t *greedy, const int32_t *bits, int64_t words,
+                        int64_t *tokens, float *logprobs, uint8_t *dead) {
+#pragma omp parallel for num_threads(kernel_threads()) if (rows >= 4) schedule(static)
+    for (int64_t r = 0; r < rows; ++r)
+        sample_row_masked(logits + r * vocab, (const uint32_t *)(bits + r * words), vocab, temperature[r],
+                          uniforms[r], greedy[r], tokens + r, logprobs + r, dead + r);
 }
 
 void sample_rows(const float *logits, int64_t rows, int64_t vocab, const float *temperature, const float *uniforms,
