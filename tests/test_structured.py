@@ -484,3 +484,24 @@ def test_rewrites_keep_exactly_the_instances_the_schema_allows(engine, schema, v
     for completion in engine.generate(PROMPTS[:2], params)[0].outputs + engine.generate(PROMPTS[2:], params)[0].outputs:
         if completion.finish_reason == "stop":
             jsonschema.validate(json.loads(completion.text), schema)
+
+
+def test_rollouts_are_constrained_by_every_backend(llama_dir):
+    """/v1/rollouts with a schema: every group member of every backend is valid when it finishes, with
+    token ids and one logprob per token, as an RL trainer reads them."""
+    from live_server import start_server, stop_server
+    import httpx
+    live = start_server(llama_dir)
+    try:
+        for backend in installed_backends():
+            body = {"prompts": [PROMPTS[0], PROMPTS[1]], "n": 3, "max_tokens": 60, "temperature": 1.0, "seed": 11,
+                    "structured_outputs": {"json": SCHEMA}, "structured_backend": backend}
+            out = httpx.post(f"{live.url}/v1/rollouts", json=body, timeout=120).json()
+            assert len(out["completion_ids"]) == 6, out
+            assert all(len(lp) == len(ids) for lp, ids in zip(out["logprobs"], out["completion_ids"]))
+            finished = [text for text, reason in zip(out["texts"], out["finish_reasons"]) if reason == "stop"]
+            assert finished, (backend, out["finish_reasons"])
+            for text in finished:
+                jsonschema.validate(json.loads(text), SCHEMA)
+    finally:
+        stop_server(live)
