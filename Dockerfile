@@ -10,7 +10,9 @@ RUN pip install --no-cache-dir --index-url ${TORCH_INDEX} "torch>=2.5"
 COPY pyproject.toml README.md ./
 COPY decoding decoding
 COPY models models
+COPY wire wire
 COPY server server
+COPY training training
 RUN pip install --no-cache-dir .
 EXPOSE 8000
 ENTRYPOINT ["gorgon"]

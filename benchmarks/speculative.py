@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 
 from benchmarks.common import Timer, benchmark_model_path, parse_args, report
 from decoding import Engine, SamplingParams
-from models.evaluate import heldout_texts
+from training.evaluate import heldout_texts
 from models.loader import DEFAULT_DRAFT_DIR
 
 PROMPT_TOKENS = 64

@@ -145,7 +145,7 @@ def main() -> None:
     engine = Engine(model=benchmark_model_path(args.model), dtype=args.dtype, show_progress=False)
     *prompts, warmup = heldout_prompts(engine.tokenizer, 9, PROMPT_TOKENS)
     new_tokens = 64 if args.quick else 128
-    repeats = 2 if args.quick else 5
+    repeats = 2 if args.quick else 9
     corpora = {"suite": suite_schemas(), **{name: load() for name, load in REALWORLD.items()}}
     if args.quick:
         corpora = {name: schemas[:: max(1, len(schemas) // 60)] for name, schemas in corpora.items()}

@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
-import json
-import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import httpx
 import torch
 
-from decoding.weights import SAFETENSORS_DTYPES
-
-SAFETENSORS_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
+from wire.safetensors import safetensors_header
 
 CHUNK_BYTES = 1 << 20
 
@@ -97,20 +91,6 @@ def _without_aliases(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
         seen.add(key)
         tensors[name] = tensor.detach().to("cpu").contiguous()
     return tensors
-
-
-def safetensors_header(tensors: Mapping[str, torch.Tensor]) -> tuple[bytes, list[torch.Tensor]]:
-    """The safetensors prefix (8-byte length + JSON header, padded to 8 bytes) and the tensors in order."""
-    entries, ordered, offset = {}, [], 0
-    for name, tensor in tensors.items():
-        size = tensor.numel() * tensor.element_size()
-        entries[name] = {"dtype": SAFETENSORS_CODES[tensor.dtype], "shape": list(tensor.shape),
-                         "data_offsets": [offset, offset + size]}
-        ordered.append(tensor)
-        offset += size
-    header = json.dumps(entries, separators=(",", ":")).encode()
-    header += b" " * (-len(header) % 8)
-    return struct.pack("<Q", len(header)) + header, ordered
 
 
 def _chunks(header: bytes, tensors: list[torch.Tensor]) -> Iterator[bytes]:

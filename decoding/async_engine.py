@@ -173,7 +173,7 @@ class AsyncEngine:
             for request_id in self.engine.started_request_ids():
                 self._abort(request_id)
         self._updates.append(update)
-        self.engine.scheduler.admission_paused = True
+        self.engine.pause_admission(True)
 
     def _apply_ready_update(self) -> None:
         while self._updates and not self.engine.has_started_requests():
@@ -184,7 +184,7 @@ class AsyncEngine:
                 update.loop.call_soon_threadsafe(update.done.set_result, version)
             except Exception as err:
                 update.loop.call_soon_threadsafe(update.done.set_exception, err)
-        self.engine.scheduler.admission_paused = bool(self._updates)
+        self.engine.pause_admission(bool(self._updates))
 
     def _add(self, request: Request) -> None:
         try:

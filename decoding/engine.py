@@ -207,6 +207,15 @@ class Engine:
     def cache_usage(self) -> CacheUsage:
         return self.blocks.usage()
 
+    def queue_lengths(self) -> tuple[int, int]:
+        """(requests being decoded, requests waiting for admission)."""
+        return len(self.scheduler.running), len(self.scheduler.waiting)
+
+    def pause_admission(self, paused: bool) -> None:
+        """While paused, requests that have not started wait (a weight update is pending); started ones
+        run on."""
+        self.scheduler.admission_paused = paused
+
     @cached_property
     def _max_token_chars(self) -> int:
         """The most characters one token spells (its vocabulary entry is at least as long: byte-level

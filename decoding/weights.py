@@ -10,13 +10,13 @@ says what is wrong, and a folder's index may name only files inside that folder.
 from __future__ import annotations
 
 import json
-import struct
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
 from models.base import NativeCausalLM
+from wire import safetensors as wire_safetensors
 
 
 class WeightUpdateError(ValueError):
@@ -102,55 +102,9 @@ def _load_shard(path: Path) -> dict[str, torch.Tensor]:
         raise WeightUpdateError(f"{path.name}: {err}", param=err.param) from err
 
 
-SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                      "U8": torch.uint8, "BOOL": torch.bool}
-
-
 def read_payload(buffer: bytearray) -> dict[str, torch.Tensor]:
     """Tensors of a safetensors body as views into `buffer` (no copy; keep the buffer alive)."""
-    if len(buffer) < 8:
-        raise WeightUpdateError("the body is too short to be a safetensors payload")
-    (header_len,) = struct.unpack_from("<Q", buffer, 0)
-    if header_len > len(buffer) - 8:
-        raise WeightUpdateError("the safetensors header length runs past the end of the body")
     try:
-        header = json.loads(bytes(buffer[8 : 8 + header_len]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise WeightUpdateError(f"the safetensors header is not valid JSON: {err}") from err
-    if not isinstance(header, dict):
-        raise WeightUpdateError("the safetensors header must be a JSON object of tensor entries")
-    header.pop("__metadata__", None)
-    base, tensors = 8 + header_len, {}
-    for name, info in header.items():
-        dtype, shape, start, end = _entry(name, info)
-        numel = 1
-        for dim in shape:
-            numel *= dim
-        itemsize = torch.tensor([], dtype=dtype).element_size()
-        if not 0 <= start <= end <= len(buffer) - base or end - start != numel * itemsize:
-            raise WeightUpdateError(f"tensor {name!r}: data offsets do not match its shape and dtype", param=name)
-        if numel == 0:
-            tensors[name] = torch.empty(shape, dtype=dtype)
-        else:
-            tensors[name] = torch.frombuffer(buffer, dtype=dtype, count=numel, offset=base + start).view(shape)
-    return tensors
-
-
-def _entry(name: str, info) -> tuple[torch.dtype, list[int], int, int]:
-    """(dtype, shape, start, end) of one header entry, each checked for type and range."""
-    def bad(what: str) -> WeightUpdateError:
-        return WeightUpdateError(f"tensor {name!r}: malformed safetensors entry ({what})", param=name)
-
-    if not isinstance(info, dict):
-        raise bad("not an object with dtype, shape and data_offsets")
-    dtype = SAFETENSORS_DTYPES.get(info.get("dtype")) if isinstance(info.get("dtype"), str) else None
-    if dtype is None:
-        raise bad(f"dtype must be one of {', '.join(SAFETENSORS_DTYPES)}")
-    shape, offsets = info.get("shape"), info.get("data_offsets")
-    if not isinstance(shape, list) or not all(type(dim) is int and dim >= 0 for dim in shape):
-        raise bad("shape must be a list of non-negative integers")
-    if (not isinstance(offsets, list) or len(offsets) != 2
-            or not all(type(offset) is int and offset >= 0 for offset in offsets)):
-        raise bad("data_offsets must be two non-negative integers")
-    return dtype, shape, offsets[0], offsets[1]
+        return wire_safetensors.read_payload(buffer)
+    except wire_safetensors.PayloadError as err:
+        raise WeightUpdateError(str(err), param=err.param) from err

@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train_medusa(args: argparse.Namespace) -> int:
-    from models.training.medusa import main as train_medusa
+    from training.medusa import main as train_medusa
     train_medusa(args.rest, prog="gorgon train medusa")
     return 0
 

@@ -13,11 +13,10 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 class Metrics:
     def __init__(self, engine: Engine):
         self.registry = CollectorRegistry()
-        scheduler = engine.scheduler
         Gauge("gorgon:num_requests_running", "Requests being decoded", registry=self.registry).set_function(
-            lambda: len(scheduler.running))
+            lambda: engine.queue_lengths()[0])
         Gauge("gorgon:num_requests_waiting", "Requests waiting for admission", registry=self.registry).set_function(
-            lambda: len(scheduler.waiting))
+            lambda: engine.queue_lengths()[1])
         Gauge("gorgon:kv_cache_usage_perc", "Fraction of KV cache blocks in use", registry=self.registry).set_function(
             lambda: engine.cache_usage().usage)
         Gauge("gorgon:kv_cache_used_blocks", "KV cache blocks in use", registry=self.registry).set_function(

@@ -40,7 +40,7 @@ def test_draft_shares_the_tokenizer_and_is_much_smaller():
 
 
 def test_evaluation_runs_in_quick_mode():
-    result = subprocess.run([sys.executable, "-m", "models.evaluate", "--quick", "--json"],
+    result = subprocess.run([sys.executable, "-m", "training.evaluate", "--quick", "--json"],
                             capture_output=True, text=True, timeout=300, check=True)
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     for key in ("target_top1", "target_loss", "draft_top1", "draft_acceptance"):

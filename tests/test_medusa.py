@@ -277,7 +277,7 @@ def test_training_heads_for_an_hf_model_saves_loadable_heads(llama_dir, tmp_path
 
 
 def test_self_distillation_data_continues_corpus_windows(llama_dir):
-    from models.training.medusa import corpus_windows, generated_texts
+    from training.medusa import corpus_windows, generated_texts
 
     texts = [f"def f{i}(x):\n    return x * {i} + {i % 7}\n" * 6 for i in range(8)]
     samples = generated_texts(llama_dir, texts, 4, 6, [0.0, 1.0], seed=3, prompt_tokens=8)
@@ -291,7 +291,7 @@ def test_self_distillation_data_continues_corpus_windows(llama_dir):
 
 
 def test_tree_tuning_walks_continuations_like_the_decoder():
-    from models.training.medusa_tree import grow_tree, tokens_per_step
+    from training.medusa_tree import grow_tree, tokens_per_step
 
     # Position ranks (head 0, head 1): the first position accepts two drafts with the tree {0, 00}, and
     # the decoder then jumps over the next two positions, whose ranks must not count.

@@ -18,7 +18,7 @@ from decoding.speculative.proposer import Proposal
 from decoding.speculative.rejection import ExtendedSequence
 from models.medusa import MedusaHeads
 
-# The first 10 nodes grown by `python -m models.training.medusa_tree` for the embedded model and heads
+# The first 10 nodes grown by `python -m training.medusa_tree` for the embedded model and heads
 # (64 held-out prompts that the benchmarks do not use), in growth order: the heads' ranks 0-5 for the
 # next token and short paths below the best guesses. Ten, because on a 2-core CPU each further node costs
 # the target more per verification than the heads' weak deeper guesses return (benchmarks/medusa.py).

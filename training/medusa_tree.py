@@ -1,6 +1,6 @@
 """Choose a Medusa candidate tree from how well the heads predict the model's own greedy continuations.
 
-    python -m models.training.medusa_tree --model models/default/target --heads models/default/medusa
+    python -m training.medusa_tree --model models/default/target --heads models/default/medusa
 
 For every position t of greedy continuations of held-out prompts, the heads read the hidden state at t
 and rank the vocabulary for positions t + 2, t + 3, ...; greedy verification at t accepts the longest
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from models.evaluate import heldout_texts
+from training.evaluate import heldout_texts
 
 # The benchmarks draw their prompts from the first held-out files; tuning starts past them.
 SKIP_FILES = 40

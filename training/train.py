@@ -1,7 +1,7 @@
 """Train one member of the default model family (an HF Llama) on the corpus; seeded and resumable.
 
-    python -m models.training.train --role target --out runs/target --minutes 60
-    python -m models.training.train --role draft  --out runs/draft  --minutes 60
+    python -m training.train --role target --out runs/target --minutes 60
+    python -m training.train --role draft  --out runs/draft  --minutes 60
 
 Progress goes to a bar and to OUT/train.log; OUT/checkpoint.pt is written every --save-every steps and
 picked up again when the same command is re-run. The final model is saved to OUT/final in HF format.
@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-from models.training.corpus import read_texts
+from training.corpus import read_texts
 
 ROLES = {
     # The target: the model `gorgon serve` runs by default.

@@ -1,6 +1,6 @@
 """A byte-level BPE for the default model family, saved as an HF tokenizer with a chat template.
 
-    python -m models.training.tokenizer --corpus ~/.cache/gorgon/corpus --out models/default/tokenizer
+    python -m training.tokenizer --corpus ~/.cache/gorgon/corpus --out models/default/tokenizer
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from models.training.corpus import read_texts
+from training.corpus import read_texts
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 CHAT_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]

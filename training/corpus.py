@@ -3,7 +3,7 @@
 Deduplicated by content, split into train and held-out by file (a stable hash of the relative path), so
 held-out figures measure files the model never saw.
 
-    python -m models.training.corpus --out ~/.cache/gorgon/corpus
+    python -m training.corpus --out ~/.cache/gorgon/corpus
 """
 
 from __future__ import annotations

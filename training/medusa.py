@@ -1,6 +1,6 @@
 """Train Medusa heads for any HF causal LM, its backbone frozen (Medusa-1); seeded and resumable.
 
-    python -m models.training.medusa --model models/default/target --out runs/medusa --minutes 20
+    python -m training.medusa --model models/default/target --out runs/medusa --minutes 20
     gorgon train medusa --model M --out DIR            (the same, from the command line)
 
 Head k learns, from the model's final hidden state at position t, the token at t + k + 2. The targets are
@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from models.medusa import MedusaHeads
-from models.training.corpus import read_texts
-from models.training.train import (SEQ_LEN, batches, learning_rate, optimizer_step, report_progress, resume,
+from training.corpus import read_texts
+from training.train import (SEQ_LEN, batches, learning_rate, optimizer_step, report_progress, resume,
                                    save_checkpoint, token_stream)
 
 HEAD_DECAY = 0.8
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
 
 def train(args: argparse.Namespace) -> None:
     if not (args.corpus / "train.jsonl").exists():
-        from models.training.corpus import build
+        from training.corpus import build
         build(args.corpus)
     args.out.mkdir(parents=True, exist_ok=True)
     log = open(args.out / "train.log", "a")

@@ -1,7 +1,7 @@
 """Evaluate the default model family on held-out files.
 
-    python -m models.evaluate --json            # full
-    python -m models.evaluate --quick --json    # a few seconds, for tests
+    python -m training.evaluate --json            # full
+    python -m training.evaluate --quick --json    # a few seconds, for tests
 
 Prints one JSON object last: `target_top1` and `target_loss` (teacher-forced next-token accuracy and
 cross-entropy on held-out windows), `draft_top1`, `draft_acceptance` (greedy, k = 4: the fraction of
@@ -22,7 +22,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from models.loader import DEFAULT_DRAFT_DIR, DEFAULT_MODEL_DIR
-from models.training.corpus import build, read_texts
+from training.corpus import build, read_texts
 
 WINDOW = 256
 

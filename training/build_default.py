@@ -1,6 +1,6 @@
 """Rebuild the whole embedded default model family, end to end, into models/default.
 
-    python -m models.training.build_default [--runs runs] [--target-minutes 62] [--draft-minutes 55]
+    python -m training.build_default [--runs runs] [--target-minutes 62] [--draft-minutes 55]
         [--medusa-minutes 12]
 
 Corpus -> tokenizer -> target -> draft (distilled from the target from the start) -> Medusa heads (the
@@ -38,10 +38,10 @@ def main() -> None:
     parser.add_argument("--medusa-minutes", type=float, default=12)
     args = parser.parse_args()
     if not (CORPUS / "train.jsonl").exists():
-        run("models.training.corpus", "--out", str(CORPUS))
+        run("training.corpus", "--out", str(CORPUS))
     tokenizer = DEFAULT_DIR / "tokenizer"
     if not (tokenizer / "tokenizer.json").exists():
-        run("models.training.tokenizer", "--corpus", str(CORPUS), "--out", str(tokenizer))
+        run("training.tokenizer", "--corpus", str(CORPUS), "--out", str(tokenizer))
     common = ["--corpus", str(CORPUS), "--tokenizer", str(tokenizer)]
     stages = [  # (run folder, installed as, extra arguments)
         ("target", "target", ["--role", "target", "--max-steps", str(args.target_steps),
@@ -54,18 +54,18 @@ def main() -> None:
     for folder, installed_as, extra in stages:
         out = args.runs / folder
         if not (out / "final" / "config.json").exists():
-            run("models.training.train", *common, *extra, "--out", str(out))
+            run("training.train", *common, *extra, "--out", str(out))
         shutil.copytree(out / "final", DEFAULT_DIR / installed_as, dirs_exist_ok=True)
         shutil.copy(out / "train.log", DEFAULT_DIR / installed_as / "train.log")
     medusa = args.runs / "medusa"
     if not (medusa / "final" / "config.json").exists():
-        run("models.training.medusa", "--model", str(args.runs / "target" / "final"), "--corpus", str(CORPUS),
+        run("training.medusa", "--model", str(args.runs / "target" / "final"), "--corpus", str(CORPUS),
             "--out", str(medusa), "--heads", "4", "--layers", "2", "--batch-size", "16", "--lr", "2e-3",
             "--save-dtype", "bfloat16",
             "--max-steps", str(args.medusa_steps), "--minutes", str(args.medusa_minutes))
     shutil.copytree(medusa / "final", DEFAULT_DIR / "medusa", dirs_exist_ok=True)
     shutil.copy(medusa / "train.log", DEFAULT_DIR / "medusa" / "train.log")
-    run("models.evaluate", "--json")
+    run("training.evaluate", "--json")
 
 
 if __name__ == "__main__":
