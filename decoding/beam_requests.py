@@ -10,18 +10,16 @@ import torch
 
 from decoding.beam import BeamSearch, Hypothesis, process_log_probs
 from decoding.block_manager import BlockManager
-from decoding.sampler import apply_grammar_mask
+from decoding.sampler import apply_grammar_masks
 from decoding.detokenizer import find_stop_string
 from decoding.sequence import FinishReason, Request, Sequence
+from decoding.structured.grammar import GrammarCursor, unpack_bits
 
 
 class BeamRequests:
     def __init__(self, blocks: BlockManager, tokenizer, eos_token_ids: frozenset[int],
-                 new_sequence: Callable[[Request, int], Sequence],
-                 grammar_masks: Callable[[Request, list[list[int]]], list[torch.Tensor]] | None = None):
+                 new_sequence: Callable[[Request, int], Sequence]):
         self.blocks = blocks
-        # For constrained requests: each beam's allowed-token mask, from its own generated tokens.
-        self.grammar_masks = grammar_masks
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
         self.new_sequence = new_sequence
@@ -51,13 +49,13 @@ class BeamRequests:
         rows = torch.tensor([ready[seq.seq_id] for seq in running], device=logits.device)
         log_probs = process_log_probs(logits[rows].cpu(), [s.token_ids for s in running],
                                       params.repetition_penalty, banned)
-        if params.is_constrained and self.grammar_masks is not None:
-            # As HF's prefix-constrained processor: disallowed tokens get -inf on the log-probs.
+        if running[0].grammar is not None:
+            # As HF's prefix-constrained processor: disallowed tokens get -inf on the log-probs. Each beam
+            # has its own cursor (forked from its parent's), so one bitmask serves every beam.
             unbanned = process_log_probs(logits[rows].cpu(), [s.token_ids for s in running],
                                          params.repetition_penalty, []) if banned else log_probs
-            generated_tokens = [s.token_ids[request.prompt_len :] for s in running]
-            for row, mask in enumerate(self.grammar_masks(request, generated_tokens)):
-                log_probs[row] = apply_grammar_mask(log_probs[row], unbanned[row], mask)
+            masks = unpack_bits(GrammarCursor.allowed_bits([s.grammar for s in running]), log_probs.shape[1])
+            log_probs = apply_grammar_masks(log_probs, unbanned, masks)
         if len(running) < beam.num_beams:     # the first step: every beam is the prompt
             log_probs = log_probs[:1].expand(beam.num_beams, -1)
         result = beam.step(log_probs)
@@ -70,6 +68,7 @@ class BeamRequests:
         parent_seqs = [running[min(p, len(running) - 1)] for p in parents]
         tables = [self.blocks.fork(p.block_table, p.num_computed) for p in parent_seqs]
         computed = [p.num_computed for p in parent_seqs]
+        cursors = self._child_cursors(parent_seqs, beam)
         for seq in running:
             self.blocks.free(seq.block_table)
         while len(request.seqs) < beam.num_beams:
@@ -78,6 +77,22 @@ class BeamRequests:
         for slot, seq in enumerate(request.seqs):
             seq.block_table, seq.num_computed = tables[slot], computed[slot]
             seq.token_ids = request.prompt_token_ids + beam.running_tokens[slot]
+            seq.grammar = cursors[slot]
+
+    @staticmethod
+    def _child_cursors(parent_seqs: list[Sequence], beam: BeamSearch) -> list[GrammarCursor | None]:
+        """Each new beam's grammar cursor: its parent's, advanced by the beam's new token. The first child
+        of a parent takes the parent's cursor, a second one a fork of it (before either advances)."""
+        if parent_seqs[0].grammar is None:
+            return [None] * len(parent_seqs)
+        taken, cursors = set(), []
+        for parent in parent_seqs:
+            cursor = parent.grammar
+            cursors.append(cursor.fork() if id(cursor) in taken else cursor)
+            taken.add(id(cursor))
+        for slot, cursor in enumerate(cursors):
+            cursor.advance(beam.running_tokens[slot][-1])
+        return cursors
 
     def _finish(self, request: Request) -> None:
         params = request.params

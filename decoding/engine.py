@@ -76,8 +76,7 @@ class Engine:
         self._grammar_lock = threading.Lock()
         self.scheduler = Scheduler(self.blocks, self.config.max_num_seqs, self.config.max_num_batched_tokens,
                                    lookahead=self.speculation.lookahead if self.speculation else None)
-        self.beams = BeamRequests(self.blocks, self.tokenizer, self.eos_token_ids, self._new_sequence,
-                                  self._beam_grammar_masks)
+        self.beams = BeamRequests(self.blocks, self.tokenizer, self.eos_token_ids, self._new_sequence)
         self.counters = EngineCounters()
         self._requests: dict[str, Request] = {}
         self._request_counter = itertools.count()
@@ -138,7 +137,7 @@ class Engine:
         prompt_text, prompt_ids = self._tokenize(prompt)
         self._check_fits(prompt_ids, params)
         request = Request(request_id or f"req-{next(self._request_counter)}", prompt_text, prompt_ids, params)
-        grammar = request.grammar_index = self._compile_constraint(params)
+        grammar = self._compile_constraint(params)
         for index in range(params.n):
             request.seqs.append(self._new_sequence(request, index))
             if grammar is not None:
@@ -158,16 +157,6 @@ class Engine:
                                                  cpu_budget_s=cfg.grammar_cpu_budget_s, memory_gb=cfg.grammar_memory_gb,
                                                  max_workers=cfg.grammar_workers, backends=cfg.structured_backends)
         return self._grammars.compile(constraint)
-
-    def _beam_grammar_masks(self, request: Request, generated: list[list[int]]) -> list[torch.Tensor]:
-        """Each beam's allowed tokens: a cursor replayed over its own tokens (beams reorder every step)."""
-        masks = []
-        for tokens in generated:
-            cursor = self._grammars.cursor(request.grammar_index)
-            for token in tokens:
-                cursor.advance(token)
-            masks.append(cursor.allowed())
-        return masks
 
     def _new_sequence(self, request: Request, index: int) -> Sequence:
         params = request.params

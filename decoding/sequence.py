@@ -108,7 +108,6 @@ class Request:
     weight_version: int | None = None
     beam: object | None = None                 # BeamSearch state, for use_beam_search requests
     beam_results: list | None = None           # the returned hypotheses once beam search is done
-    grammar_index: object | None = None        # the compiled grammar of a constrained request
     _banned_before_min: list[int] | None = field(default=None, repr=False)
 
     def banned_before_min_tokens(self, eos_token_ids: frozenset[int], vocab_size: int) -> list[int]:

@@ -411,6 +411,12 @@ def test_constraints_with_beam_search(engine):
     assert len(finished) >= 4
     for completion in finished:
         jsonschema.validate(json.loads(completion.text), bounded)
+    # Each hypothesis, finished or cut, walked its own path: a fresh cursor allows every one of its tokens.
+    for completion in (c for out in outputs for c in out.outputs):
+        cursor = engine.make_request("x", params).seqs[0].grammar
+        for token in completion.token_ids:
+            assert bool(cursor.allowed()[token]), completion.token_ids
+            cursor.advance(token)
     [out] = engine.generate([PROMPTS[0]], SamplingParams(use_beam_search=True, num_beams=3, num_return_sequences=3,
                                                          temperature=0, max_tokens=8, choice=["yes", "no", "maybe"]))
     # Hypotheses are token paths: the same text may come back twice, spelled by different tokens.

@@ -187,6 +187,10 @@ class GrammarCursor:
         self._consume(token)
 
     # ---- what a backend supplies -------------------------------------------------------------
+    def fork(self) -> GrammarCursor:
+        """An independent cursor at the same position (a beam that two children continue)."""
+        raise NotImplementedError
+
     def _write_mask(self, bits: torch.Tensor, row: int, address: int, num_bytes: int) -> None:
         """The allowed tokens as bits into row `row` of `bits`: the int32 words at `address` (num_bytes
         of them)."""
@@ -208,17 +212,29 @@ class OutlinesCoreCursor(GrammarCursor):
     def __init__(self, index, vocab_size: int, eos_token_ids: frozenset[int]):
         from outlines_core import Guide
         super().__init__(vocab_size, eos_token_ids)
+        self._index = index
         # Speculative decoding walks drafts forward and back: room for the longest draft.
         self._guide = Guide(index, max_rollback=MAX_DRAFT_TOKENS)
+        self._consumed: list[int] = []
+
+    def fork(self) -> OutlinesCoreCursor:
+        # A Guide copies only through a serialization of its whole index (0.9 ms for a small schema);
+        # walking a fresh one along the tokens costs microseconds each.
+        child = OutlinesCoreCursor(self._index, self._vocab_size, frozenset(self._eos))
+        for token in self._consumed:
+            child._consume(token)
+        return child
 
     def _write_mask(self, bits: torch.Tensor, row: int, address: int, num_bytes: int) -> None:
         self._guide.write_mask_into(address, num_bytes // 4, 4)
 
     def _consume(self, token: int) -> None:
         self._guide.advance(token, return_tokens=False)
+        self._consumed.append(token)
 
     def _rollback(self, num_tokens: int) -> None:
         self._guide.rollback_state(num_tokens)
+        del self._consumed[len(self._consumed) - num_tokens :]
 
     @property
     def is_complete(self) -> bool:
@@ -229,6 +245,9 @@ class LLGuidanceCursor(GrammarCursor):
     def __init__(self, matcher, vocab_size: int, eos_token_ids: frozenset[int]):
         super().__init__(vocab_size, eos_token_ids)
         self._matcher = matcher
+
+    def fork(self) -> LLGuidanceCursor:
+        return LLGuidanceCursor(self._matcher.deep_copy(), self._vocab_size, frozenset(self._eos))
 
     def _write_mask(self, bits: torch.Tensor, row: int, address: int, num_bytes: int) -> None:
         self._matcher.unsafe_compute_mask_ptr(address, num_bytes)
@@ -248,6 +267,9 @@ class XGrammarCursor(GrammarCursor):
     def __init__(self, matcher, vocab_size: int, eos_token_ids: frozenset[int]):
         super().__init__(vocab_size, eos_token_ids)
         self._matcher = matcher
+
+    def fork(self) -> XGrammarCursor:
+        return XGrammarCursor(self._matcher.fork(), self._vocab_size, frozenset(self._eos))
 
     def _write_mask(self, bits: torch.Tensor, row: int, address: int, num_bytes: int) -> None:
         self._matcher.fill_next_token_bitmask(bits, row)
