@@ -5,12 +5,8 @@ One step is: schedule -> run the model -> sample -> update. Everything else hang
 
 from __future__ import annotations
 
-import itertools
-import random
-import threading
 import time
 from dataclasses import dataclass, replace
-from functools import cached_property
 
 import torch
 from tqdm.auto import tqdm
@@ -18,7 +14,8 @@ from tqdm.auto import tqdm
 from decoding.beam_requests import BeamRequests
 from decoding.block_manager import BlockManager, CacheUsage
 from decoding.config import EngineConfig
-from decoding.detokenizer import IncrementalDetokenizer, find_stop_string
+from decoding.detokenizer import find_stop_string
+from decoding.intake import Prompt, RequestIntake
 from decoding.outputs import RequestOutput
 from decoding.params import SamplingParams
 from decoding.runner import ModelRunner, StepLogits
@@ -30,15 +27,13 @@ from decoding.speculative.draft import DraftModelProposer
 from decoding.speculative.medusa import MedusaProposer
 from decoding.speculative.ngram import NgramProposer
 from decoding.speculative.rejection import Verdict
-from decoding.structured.constraint import Constraint
-from decoding.structured.grammar import GrammarCompiler, GrammarCursor
+from decoding.structured.grammar import GrammarCursor
 from decoding.weights import WeightUpdateError, apply_update, validate_update
 from models import kernels, load_model
 from models.attention import PagedKVCache
 from models.loader import DEFAULT_DRAFT_DIR, DEFAULT_MEDUSA_DIR
 from models.medusa import MedusaHeads
 
-Prompt = str | list[int]
 
 
 @dataclass
@@ -72,16 +67,13 @@ class Engine:
         self.runner = ModelRunner(self.loaded.model, self.cache, self.loaded.device)
         self.sampler = Sampler()
         self.speculation = self._init_speculation()
-        self._grammars: GrammarCompiler | None = None      # built on the first constrained request
-        self._grammar_lock = threading.Lock()
         self.scheduler = Scheduler(self.blocks, self.config.max_num_seqs, self.config.max_num_batched_tokens,
                                    lookahead=self.speculation.lookahead if self.speculation else None)
-        self.beams = BeamRequests(self.blocks, self.tokenizer, self.eos_token_ids, self._new_sequence)
+        self.intake = RequestIntake(self.config, self.tokenizer, self.eos_token_ids, self.loaded.model.vocab_size,
+                                    self.max_model_len, self.blocks)
+        self.beams = BeamRequests(self.blocks, self.tokenizer, self.eos_token_ids, self.intake.new_sequence)
         self.counters = EngineCounters()
         self._requests: dict[str, Request] = {}
-        self._request_counter = itertools.count()
-        self._seq_counter = itertools.count()
-        self._seed_rng = random.Random(self.config.seed)
         self.weight_version = 0
 
     def use_threads(self) -> None:
@@ -134,35 +126,10 @@ class Engine:
         params = params or SamplingParams()
         if request_id is not None and request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        prompt_text, prompt_ids = self._tokenize(prompt)
-        self._check_fits(prompt_ids, params)
-        request = Request(request_id or f"req-{next(self._request_counter)}", prompt_text, prompt_ids, params)
-        grammar = self._compile_constraint(params)
-        for index in range(params.n):
-            request.seqs.append(self._new_sequence(request, index))
-            if grammar is not None:
-                request.seqs[-1].grammar = self._grammars.cursor(grammar)
+        request = self.intake.make_request(prompt, params, request_id)
         if params.use_beam_search and params.num_beams > 1:
-            self.beams.start(request, len(prompt_ids) + params.max_tokens)
+            self.beams.start(request, request.prompt_len + params.max_tokens)
         return request
-
-    def _compile_constraint(self, params: SamplingParams):
-        cfg = self.config
-        constraint = Constraint.of(params, params.structured_backend or cfg.structured_backends[0])
-        if constraint is None:
-            return None
-        with self._grammar_lock:
-            if self._grammars is None:
-                self._grammars = GrammarCompiler(self.tokenizer, self.eos_token_ids, self.loaded.model.vocab_size,
-                                                 cpu_budget_s=cfg.grammar_cpu_budget_s, memory_gb=cfg.grammar_memory_gb,
-                                                 max_workers=cfg.grammar_workers, backends=cfg.structured_backends)
-        return self._grammars.compile(constraint)
-
-    def _new_sequence(self, request: Request, index: int) -> Sequence:
-        params = request.params
-        seed = self._seed_rng.getrandbits(63) if params.seed is None else (params.seed * 1_000_003 + index) % 2**63
-        detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params.skip_special_tokens)
-        return Sequence(next(self._seq_counter), index, request, torch.Generator().manual_seed(seed), detokenizer)
 
     def add(self, request: Request) -> str:
         if request.req_id in self._requests:
@@ -204,60 +171,6 @@ class Engine:
         """While paused, requests that have not started wait (a weight update is pending); started ones
         run on."""
         self.scheduler.admission_paused = paused
-
-    @cached_property
-    def _max_token_chars(self) -> int:
-        """The most characters one token spells (its vocabulary entry is at least as long: byte-level
-        and SentencePiece spellings map each character of text to one or more characters)."""
-        return max(map(len, self.tokenizer.get_vocab()), default=1)
-
-    def _tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
-        # A prompt that cannot fit the context whatever its tokens is refused before any work on it
-        # (tokenizing megabytes of text takes seconds, only to find it too long).
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("prompt is empty")
-            if len(prompt) > self.max_model_len * self._max_token_chars:
-                raise ValueError(f"the prompt is {len(prompt)} characters long, more than {self.max_model_len} tokens "
-                                 f"(the model's context length) can spell; shorten the prompt")
-            return prompt, self.tokenizer(prompt).input_ids
-        if not isinstance(prompt, (list, tuple)):
-            raise ValueError("a prompt must be a string or a list of token ids")
-        self._check_prompt_length(len(prompt))
-        if not all(isinstance(t, int) for t in prompt):
-            raise ValueError("a prompt must be a string or a list of token ids")
-        if not prompt:
-            raise ValueError("prompt is empty")
-        vocab = self.loaded.model.vocab_size
-        bad = [t for t in prompt if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
-        return None, list(prompt)
-
-    def _check_prompt_length(self, prompt_len: int) -> None:
-        if prompt_len >= self.max_model_len:
-            raise ValueError(f"prompt has {prompt_len} tokens, but the model's context length is "
-                             f"{self.max_model_len}; shorten the prompt")
-
-    def _check_fits(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        prompt_len = len(prompt_ids)
-        self._check_prompt_length(prompt_len)
-        if prompt_len + params.max_tokens > self.max_model_len:
-            raise ValueError(f"prompt ({prompt_len} tokens) + max_tokens ({params.max_tokens}) exceeds the "
-                             f"context length {self.max_model_len}; lower max_tokens to at most "
-                             f"{self.max_model_len - prompt_len}")
-        if max(params.n, params.num_beams) > self.config.max_num_seqs:
-            raise ValueError(f"n={params.n} / num_beams={params.num_beams} exceeds max_num_seqs="
-                             f"{self.config.max_num_seqs}")
-        # A request must fit the cache alone, or preemption could not guarantee progress. Each sample
-        # may copy the shared last prompt block once (copy-on-write), hence the +1.
-        blocks = self.blocks.blocks_for
-        width = max(params.n, params.num_beams if params.use_beam_search else 1)
-        worst = blocks(prompt_len) + width * (blocks(params.max_tokens) + 1)
-        usable = self.blocks.usage().num_blocks
-        if worst > usable:
-            raise ValueError(f"the request may need {worst} KV blocks but the cache has {usable}; lower n or "
-                             "max_tokens, or start the engine with a larger KV cache")
 
     # ---- the engine step ---------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
