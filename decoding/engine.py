@@ -5,8 +5,7 @@ One step is: schedule -> run the model -> sample -> update. Everything else hang
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 from tqdm.auto import tqdm
@@ -14,36 +13,26 @@ from tqdm.auto import tqdm
 from decoding.beam_requests import BeamRequests
 from decoding.block_manager import BlockManager, CacheUsage
 from decoding.config import EngineConfig
-from decoding.detokenizer import find_stop_string
 from decoding.intake import Prompt, RequestIntake
 from decoding.outputs import RequestOutput
 from decoding.params import SamplingParams
+from decoding.prompt_logprobs import record_prompt_logprobs
 from decoding.runner import ModelRunner, StepLogits
 from decoding.sampler import Sampler, SamplingBatch
 from decoding.scheduler import Scheduler, SchedulerOutput
-from decoding.sequence import FinishReason, Request, RequestStatus, Sequence, TokenLogprob
+from decoding.sequence import FinishReason, Request, RequestStatus, Sequence
 from decoding.speculative.decoder import SpeculativeDecoding
 from decoding.speculative.draft import DraftModelProposer
 from decoding.speculative.medusa import MedusaProposer
 from decoding.speculative.ngram import NgramProposer
-from decoding.speculative.rejection import Verdict
 from decoding.structured.grammar import GrammarCursor
+from decoding.update import StepUpdate
 from decoding.weights import WeightUpdateError, apply_update, validate_update
 from models import kernels, load_model
 from models.attention import PagedKVCache
 from models.loader import DEFAULT_DRAFT_DIR, DEFAULT_MEDUSA_DIR
 from models.medusa import MedusaHeads
 
-
-
-@dataclass
-class EngineCounters:
-    """Monotonic counters, read by benchmarks, tests and the metrics endpoint."""
-
-    num_steps: int = 0
-    num_prompt_tokens_computed: int = 0    # prefill work actually done (shared prompts count once)
-    num_generated_tokens: int = 0
-    num_preemptions: int = 0
 
 
 class Engine:
@@ -72,8 +61,10 @@ class Engine:
         self.intake = RequestIntake(self.config, self.tokenizer, self.eos_token_ids, self.loaded.model.vocab_size,
                                     self.max_model_len, self.blocks)
         self.beams = BeamRequests(self.blocks, self.tokenizer, self.eos_token_ids, self.intake.new_sequence)
-        self.counters = EngineCounters()
         self._requests: dict[str, Request] = {}
+        self.update = StepUpdate(self.blocks, self.cache, self.scheduler, self.speculation, self._requests,
+                                 self.eos_token_ids, self.max_model_len, self.loaded.device)
+        self.counters = self.update.counters
         self.weight_version = 0
 
     def use_threads(self) -> None:
@@ -174,89 +165,61 @@ class Engine:
 
     # ---- the engine step ---------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """One step: schedule -> propose -> execute -> sample / verify -> update."""
+        sched = self._schedule()
+        if sched.is_empty:
+            return []
+        chains = self.speculation.attach_drafts(sched) if self.speculation else []
+        want_prompt = {s.seq.seq_id for s in sched.scheduled
+                       if s.seq.request.params.prompt_logprobs is not None and s.start < s.seq.prompt_len - 1}
+        logits = self.runner.execute(sched, want_prompt | {chain.seq.seq_id for chain in chains})
+        record_prompt_logprobs(sched, logits, want_prompt)
+        sampling_seqs, rows = self.update.computed(sched, logits)
+        sampling_seqs, rows = self._advance_beams(sampling_seqs, rows, logits.last)
+        if sampling_seqs:
+            self._sample(sampling_seqs, rows, logits)
+        for chain, verdict in zip(chains, self.speculation.verify(chains, logits) if chains else []):
+            self.update.apply_verdict(chain.seq, verdict)
+            if logits.chunk_hidden is not None and not chain.seq.is_finished:
+                self.speculation.observe(chain.seq, logits.chunk_hidden[chain.seq.seq_id][verdict.last_row])
+        self.counters.num_steps += 1
+        touched = {s.seq.request.req_id: s.seq.request for s in sched.scheduled}
+        outputs = (self.update.retire(request) for request in touched.values())
+        return [output for output in outputs if output is not None]
+
+    def _schedule(self) -> SchedulerOutput:
+        """The scheduler's plan; preempted sequences drop their drafts; newly started requests take the
+        weight version they will run under."""
         sched = self.scheduler.schedule()
         self.counters.num_preemptions += len(sched.preempted)
         if self.speculation:
             for request in sched.preempted:
                 for seq in request.seqs:
                     self.speculation.release(seq)
-        if sched.is_empty:
-            return []
-        chains = self.speculation.attach_drafts(sched) if self.speculation else []
-        want_prompt = {s.seq.seq_id for s in sched.scheduled
-                       if s.seq.request.params.prompt_logprobs is not None and s.start < s.seq.prompt_len - 1}
         for item in sched.scheduled:
             if item.seq.request.weight_version is None:
                 item.seq.request.weight_version = self.weight_version
-        logits = self.runner.execute(sched, want_prompt | {chain.seq.seq_id for chain in chains})
-        self._record_prompt_logprobs(sched, logits, want_prompt)
-        sampling_seqs, rows = self._advance(sched, logits)
-        touched = {s.seq.request.req_id: s.seq.request for s in sched.scheduled}
-        sampling_seqs, rows = self._advance_beams(sampling_seqs, rows, logits.last)
-        if sampling_seqs:
-            constrained = [row for row, seq in enumerate(sampling_seqs) if seq.grammar is not None]
-            allowed_bits = None
-            if constrained:
-                bits = GrammarCursor.allowed_bits([sampling_seqs[row].grammar for row in constrained])
-                allowed_bits = (constrained, bits.to(self.loaded.device))
-            batch = SamplingBatch.from_sequences(sampling_seqs, self.loaded.model.vocab_size, self.eos_token_ids,
-                                                 self.loaded.device, allowed_bits=allowed_bits)
-            # Each row sampling once, in order, is the common case: the logits then need no gather.
-            in_order = rows.numel() == logits.last.shape[0] and torch.equal(rows, torch.arange(rows.numel(), device=rows.device))
-            sampled = self.sampler(logits.last if in_order else logits.last[rows], batch)
-            for seq, token, logprob in zip(sampling_seqs, sampled.token_ids, sampled.logprobs):
-                self._append_token(seq, token, logprob)
-            if logits.last_hidden is not None:
-                for seq, row in zip(sampling_seqs, rows.tolist()):
-                    if not seq.is_finished:
-                        self.speculation.observe(seq, logits.last_hidden[row])
-        if chains:
-            for chain, verdict in zip(chains, self.speculation.verify(chains, logits)):
-                self._apply_verdict(chain.seq, verdict)
-                if logits.chunk_hidden is not None and not chain.seq.is_finished:
-                    self.speculation.observe(chain.seq, logits.chunk_hidden[chain.seq.seq_id][verdict.last_row])
-        self.counters.num_steps += 1
-        outputs = (self._finish_if_done(request) for request in touched.values())
-        return [output for output in outputs if output is not None]
+        return sched
 
-    def _apply_verdict(self, seq: Sequence, verdict: Verdict) -> None:
-        """Keep the accepted prefix of a verified chain in the cache and append the emitted tokens."""
-        base = len(seq.token_ids)
-        kept_rows = list(range(1, verdict.num_accepted + 1))
-        if verdict.rows != kept_rows:
-            # A tree's kept path sits at scattered slots: move it to the positions it now occupies.
-            start = base - 1
-            self.cache.move_slots(self._slots(seq, [start + r for r in verdict.rows]),
-                                  self._slots(seq, [start + r for r in kept_rows]))
-        seq.num_computed = base + verdict.num_accepted      # the last emitted token is not computed yet
-        self.blocks.truncate(seq.block_table, seq.num_computed)
-        for token, logprob in zip(verdict.token_ids, verdict.logprobs):
-            self._append_token(seq, token, logprob)
-            if seq.is_finished:
-                return
-        self.speculation.proposer.on_verified(seq, verdict.num_accepted)
-
-    def _advance(self, sched: SchedulerOutput, logits: StepLogits) -> tuple[list[Sequence], torch.Tensor]:
-        """Mark the scheduled tokens computed, fork groups at the end of their prompt, and list which
-        sequences sample from which logits row."""
-        row_of = {seq_id: row for row, seq_id in enumerate(logits.last_seq_ids)}
-        sampling_seqs, rows = [], []
-        for item in sched.scheduled:
-            seq, request = item.seq, item.seq.request
-            if seq.num_computed < seq.prompt_len:
-                self.counters.num_prompt_tokens_computed += min(item.num_new_tokens, seq.prompt_len - seq.num_computed)
-            seq.num_computed += item.num_new_tokens
-            forked_now = request.needs_fork and seq.num_computed == request.prompt_len
-            if forked_now:
-                self._fork(request)
-            if item.reaches_end:
-                # Right after a group's shared prefill, every sample draws its first token from this row.
-                targets = [s for s in request.seqs if not s.is_finished] if forked_now else [seq]
-                for target in targets:
-                    if target.num_computed == len(target.token_ids):
-                        sampling_seqs.append(target)
-                        rows.append(row_of[seq.seq_id])
-        return sampling_seqs, torch.tensor(rows, dtype=torch.long, device=self.loaded.device)
+    def _sample(self, seqs: list[Sequence], rows: torch.Tensor, logits: StepLogits) -> None:
+        """Draw one token for each sequence from its logits row (constrained ones through their grammar's
+        bits) and append it."""
+        constrained = [row for row, seq in enumerate(seqs) if seq.grammar is not None]
+        allowed_bits = None
+        if constrained:
+            bits = GrammarCursor.allowed_bits([seqs[row].grammar for row in constrained])
+            allowed_bits = (constrained, bits.to(self.loaded.device))
+        batch = SamplingBatch.from_sequences(seqs, self.loaded.model.vocab_size, self.eos_token_ids,
+                                             self.loaded.device, allowed_bits=allowed_bits)
+        # Each row sampling once, in order, is the common case: the logits then need no gather.
+        in_order = rows.numel() == logits.last.shape[0] and torch.equal(rows, torch.arange(rows.numel(), device=rows.device))
+        sampled = self.sampler(logits.last if in_order else logits.last[rows], batch)
+        for seq, token, logprob in zip(seqs, sampled.token_ids, sampled.logprobs):
+            self.update.append_token(seq, token, logprob)
+        if logits.last_hidden is not None:
+            for seq, row in zip(seqs, rows.tolist()):
+                if not seq.is_finished:
+                    self.speculation.observe(seq, logits.last_hidden[row])
 
     def _advance_beams(self, seqs: list[Sequence], rows: torch.Tensor, logits: torch.Tensor):
         """Hand beam-search rows to their requests; return the rest for the sampler."""
@@ -274,82 +237,6 @@ class Engine:
             self.beams.advance(request, beam_rows, logits)
             self.counters.num_generated_tokens += len(beam_rows)
         return [seqs[i] for i in keep], rows[keep]
-
-    def _fork(self, request: Request) -> None:
-        leader = request.leader
-        for seq in request.seqs[1:]:
-            if not seq.is_finished:
-                seq.block_table = self.blocks.fork(leader.block_table, request.prompt_len)
-                seq.num_computed = request.prompt_len
-        if leader.is_finished:   # recomputed only to rebuild the shared prompt
-            self.blocks.free(leader.block_table)
-        request.is_forked = True
-
-    def _append_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> None:
-        request, params = seq.request, seq.request.params
-        seq.token_ids.append(token)
-        if logprob is not None:
-            seq.logprobs.append(logprob)
-        if request.first_token_time is None:
-            request.first_token_time = time.monotonic()
-        self.counters.num_generated_tokens += 1
-        if seq.grammar is not None:
-            seq.grammar.advance(token)
-        new_text = seq.detokenizer.append(token)
-        if not params.ignore_eos and token in self.eos_token_ids:
-            self._finish(seq, FinishReason.STOP)
-        elif token in params.stop_token_ids:
-            self._finish(seq, FinishReason.STOP, token)
-        elif params.stop and new_text and seq.num_output_tokens >= params.min_tokens and \
-                (found := find_stop_string(seq.detokenizer.text, len(new_text), params.stop)):
-            index, stop = found
-            seq.detokenizer.text = seq.detokenizer.text[: index + (len(stop) if params.include_stop_str_in_output else 0)]
-            self._finish(seq, FinishReason.STOP, stop)
-        elif seq.num_output_tokens >= params.max_tokens or len(seq.token_ids) >= self.max_model_len:
-            self._finish(seq, FinishReason.LENGTH)
-
-    def _slots(self, seq: Sequence, positions: list[int]) -> torch.Tensor:
-        return torch.tensor(self.blocks.slots(seq.block_table, positions), dtype=torch.long, device=self.loaded.device)
-
-    def _finish(self, seq: Sequence, reason: FinishReason, stop_reason: str | int | None = None) -> None:
-        if not isinstance(stop_reason, str):
-            seq.detokenizer.flush()      # a stop string cut the text on purpose; otherwise it is every token's
-        seq.finish_reason = reason
-        seq.stop_reason = stop_reason
-        self.blocks.free(seq.block_table)
-        if self.speculation:
-            self.speculation.release(seq)
-
-    def _finish_if_done(self, request: Request) -> RequestOutput | None:
-        """Retire a finished request; its snapshot, unless it is unfinished and not streamed."""
-        if request.is_finished and request.status is not RequestStatus.FINISHED:
-            self.scheduler.remove(request)
-            request.status = RequestStatus.FINISHED
-            request.finish_time = time.monotonic()
-            self._requests.pop(request.req_id, None)
-        if request.stream or request.status is RequestStatus.FINISHED:
-            return RequestOutput.of(request)
-        return None
-
-    def _record_prompt_logprobs(self, sched: SchedulerOutput, logits: StepLogits, wanted: set[int]) -> None:
-        for item in sched.scheduled:
-            chunk = logits.chunk.get(item.seq.seq_id) if item.seq.seq_id in wanted else None
-            request = item.seq.request
-            if chunk is None or len(request.prompt_logprobs) > item.start:
-                continue   # recomputation after preemption: already recorded
-            if not request.prompt_logprobs:
-                request.prompt_logprobs.append(None)   # the first prompt token has no context
-            params = request.params
-            if params.logprobs_mode == "processed" and params.temperature > 0:
-                chunk = chunk / params.temperature
-            logprobs = torch.log_softmax(chunk, dim=-1)
-            end = min(item.start + item.num_new_tokens, request.prompt_len - 1)
-            targets = torch.tensor(request.prompt_token_ids[item.start + 1 : end + 1])
-            chosen = logprobs[: len(targets)].gather(1, targets.unsqueeze(1)).squeeze(1).tolist()
-            top = logprobs[: len(targets)].topk(params.prompt_logprobs, dim=-1) if params.prompt_logprobs else None
-            for i, value in enumerate(chosen):
-                alternatives = dict(zip(top.indices[i].tolist(), top.values[i].tolist())) if top is not None else None
-                request.prompt_logprobs.append(TokenLogprob(value, alternatives))
 
     # ---- weights -----------------------------------------------------------------------------
     def started_request_ids(self) -> list[str]:

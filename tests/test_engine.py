@@ -170,5 +170,5 @@ def test_eos_stops_unless_ignored(llama_engine):
     for ignore_eos, expected in [(False, "stop"), (True, None)]:
         request = llama_engine.make_request(PROMPTS[0], SamplingParams(max_tokens=5, ignore_eos=ignore_eos))
         seq = request.leader
-        llama_engine._append_token(seq, eos, None)
+        llama_engine.update.append_token(seq, eos, None)
         assert (seq.finish_reason.value if seq.finish_reason else None) == expected

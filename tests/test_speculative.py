@@ -150,10 +150,10 @@ def test_eos_inside_accepted_drafts_ends_the_sequence(llama_dir):
     assert not seq.is_finished
     before = seq.num_output_tokens
     seq.num_computed = len(seq.token_ids) + 3          # as if a 3-token chain had just been scored
-    engine._apply_verdict(seq, Verdict([40, eos, 41, 42], [None] * 4, num_accepted=3, rows=[1, 2, 3]))
+    engine.update.apply_verdict(seq, Verdict([40, eos, 41, 42], [None] * 4, num_accepted=3, rows=[1, 2, 3]))
     assert seq.finish_reason is FinishReason.STOP
     assert seq.output_token_ids[before:] == [40, eos]   # nothing after EOS
-    assert engine._finish_if_done(request).outputs[0].finish_reason == "stop"   # what step() does last
+    assert engine.update.retire(request).outputs[0].finish_reason == "stop"   # what step() does last
     assert not engine.has_unfinished_requests()
     assert engine.cache_usage().num_used_blocks == 0
     assert engine.speculation.proposer.blocks.num_free_blocks == engine.speculation.proposer.blocks.num_blocks - 1

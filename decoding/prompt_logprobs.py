@@ -1,0 +1,31 @@
+"""Prompt logprobs: each prompt token's logprob given the tokens before it (and its top alternatives),
+read off the prefill chunks' logits as they are computed."""
+
+from __future__ import annotations
+
+import torch
+
+from decoding.runner import StepLogits
+from decoding.scheduler import SchedulerOutput
+from decoding.sequence import TokenLogprob
+
+
+def record_prompt_logprobs(sched: SchedulerOutput, logits: StepLogits, wanted: set[int]) -> None:
+    for item in sched.scheduled:
+        chunk = logits.chunk.get(item.seq.seq_id) if item.seq.seq_id in wanted else None
+        request = item.seq.request
+        if chunk is None or len(request.prompt_logprobs) > item.start:
+            continue   # recomputation after preemption: already recorded
+        if not request.prompt_logprobs:
+            request.prompt_logprobs.append(None)   # the first prompt token has no context
+        params = request.params
+        if params.logprobs_mode == "processed" and params.temperature > 0:
+            chunk = chunk / params.temperature
+        logprobs = torch.log_softmax(chunk, dim=-1)
+        end = min(item.start + item.num_new_tokens, request.prompt_len - 1)
+        targets = torch.tensor(request.prompt_token_ids[item.start + 1 : end + 1])
+        chosen = logprobs[: len(targets)].gather(1, targets.unsqueeze(1)).squeeze(1).tolist()
+        top = logprobs[: len(targets)].topk(params.prompt_logprobs, dim=-1) if params.prompt_logprobs else None
+        for i, value in enumerate(chosen):
+            alternatives = dict(zip(top.indices[i].tolist(), top.values[i].tolist())) if top is not None else None
+            request.prompt_logprobs.append(TokenLogprob(value, alternatives))

@@ -1,0 +1,142 @@
+"""The update phase of a step: what the model's output does to the requests. Scheduled tokens become
+computed, groups fork at the end of their shared prompt, sampled and verified tokens are appended, stop
+conditions end sequences, finished sequences free their blocks and finished requests retire. With the
+scheduler, the only code that changes block tables during a step (beam search re-points its beams' own).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from decoding.block_manager import BlockManager
+from decoding.detokenizer import find_stop_string
+from decoding.outputs import RequestOutput
+from decoding.runner import StepLogits
+from decoding.scheduler import Scheduler, SchedulerOutput
+from decoding.sequence import FinishReason, Request, RequestStatus, Sequence, TokenLogprob
+from decoding.speculative.decoder import SpeculativeDecoding
+from decoding.speculative.rejection import Verdict
+from models.attention import PagedKVCache
+
+
+@dataclass
+class EngineCounters:
+    """Monotonic counters, read by benchmarks, tests and the metrics endpoint."""
+
+    num_steps: int = 0
+    num_prompt_tokens_computed: int = 0    # prefill work actually done (shared prompts count once)
+    num_generated_tokens: int = 0
+    num_preemptions: int = 0
+
+
+class StepUpdate:
+    def __init__(self, blocks: BlockManager, cache: PagedKVCache, scheduler: Scheduler,
+                 speculation: SpeculativeDecoding | None, requests: dict[str, Request], eos_token_ids: frozenset[int],
+                 max_model_len: int, device: torch.device):
+        self.blocks = blocks
+        self.cache = cache
+        self.scheduler = scheduler
+        self.speculation = speculation
+        self.requests = requests              # the engine's live requests, by id (retired ones leave it)
+        self.eos_token_ids = eos_token_ids
+        self.max_model_len = max_model_len
+        self.device = device
+        self.counters = EngineCounters()
+
+    def apply_verdict(self, seq: Sequence, verdict: Verdict) -> None:
+        """Keep the accepted prefix of a verified chain in the cache and append the emitted tokens."""
+        base = len(seq.token_ids)
+        kept_rows = list(range(1, verdict.num_accepted + 1))
+        if verdict.rows != kept_rows:
+            # A tree's kept path sits at scattered slots: move it to the positions it now occupies.
+            start = base - 1
+            self.cache.move_slots(self._slots(seq, [start + r for r in verdict.rows]),
+                                  self._slots(seq, [start + r for r in kept_rows]))
+        seq.num_computed = base + verdict.num_accepted      # the last emitted token is not computed yet
+        self.blocks.truncate(seq.block_table, seq.num_computed)
+        for token, logprob in zip(verdict.token_ids, verdict.logprobs):
+            self.append_token(seq, token, logprob)
+            if seq.is_finished:
+                return
+        self.speculation.proposer.on_verified(seq, verdict.num_accepted)
+
+    def computed(self, sched: SchedulerOutput, logits: StepLogits) -> tuple[list[Sequence], torch.Tensor]:
+        """Mark the scheduled tokens computed, fork groups at the end of their prompt, and list which
+        sequences sample from which logits row."""
+        row_of = {seq_id: row for row, seq_id in enumerate(logits.last_seq_ids)}
+        sampling_seqs, rows = [], []
+        for item in sched.scheduled:
+            seq, request = item.seq, item.seq.request
+            if seq.num_computed < seq.prompt_len:
+                self.counters.num_prompt_tokens_computed += min(item.num_new_tokens, seq.prompt_len - seq.num_computed)
+            seq.num_computed += item.num_new_tokens
+            forked_now = request.needs_fork and seq.num_computed == request.prompt_len
+            if forked_now:
+                self._fork(request)
+            if item.reaches_end:
+                # Right after a group's shared prefill, every sample draws its first token from this row.
+                targets = [s for s in request.seqs if not s.is_finished] if forked_now else [seq]
+                for target in targets:
+                    if target.num_computed == len(target.token_ids):
+                        sampling_seqs.append(target)
+                        rows.append(row_of[seq.seq_id])
+        return sampling_seqs, torch.tensor(rows, dtype=torch.long, device=self.device)
+
+    def _fork(self, request: Request) -> None:
+        leader = request.leader
+        for seq in request.seqs[1:]:
+            if not seq.is_finished:
+                seq.block_table = self.blocks.fork(leader.block_table, request.prompt_len)
+                seq.num_computed = request.prompt_len
+        if leader.is_finished:   # recomputed only to rebuild the shared prompt
+            self.blocks.free(leader.block_table)
+        request.is_forked = True
+
+    def append_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> None:
+        request, params = seq.request, seq.request.params
+        seq.token_ids.append(token)
+        if logprob is not None:
+            seq.logprobs.append(logprob)
+        if request.first_token_time is None:
+            request.first_token_time = time.monotonic()
+        self.counters.num_generated_tokens += 1
+        if seq.grammar is not None:
+            seq.grammar.advance(token)
+        new_text = seq.detokenizer.append(token)
+        if not params.ignore_eos and token in self.eos_token_ids:
+            self._finish(seq, FinishReason.STOP)
+        elif token in params.stop_token_ids:
+            self._finish(seq, FinishReason.STOP, token)
+        elif params.stop and new_text and seq.num_output_tokens >= params.min_tokens and \
+                (found := find_stop_string(seq.detokenizer.text, len(new_text), params.stop)):
+            index, stop = found
+            seq.detokenizer.text = seq.detokenizer.text[: index + (len(stop) if params.include_stop_str_in_output else 0)]
+            self._finish(seq, FinishReason.STOP, stop)
+        elif seq.num_output_tokens >= params.max_tokens or len(seq.token_ids) >= self.max_model_len:
+            self._finish(seq, FinishReason.LENGTH)
+
+    def _slots(self, seq: Sequence, positions: list[int]) -> torch.Tensor:
+        return torch.tensor(self.blocks.slots(seq.block_table, positions), dtype=torch.long, device=self.device)
+
+    def _finish(self, seq: Sequence, reason: FinishReason, stop_reason: str | int | None = None) -> None:
+        if not isinstance(stop_reason, str):
+            seq.detokenizer.flush()      # a stop string cut the text on purpose; otherwise it is every token's
+        seq.finish_reason = reason
+        seq.stop_reason = stop_reason
+        self.blocks.free(seq.block_table)
+        if self.speculation:
+            self.speculation.release(seq)
+
+    def retire(self, request: Request) -> RequestOutput | None:
+        """Retire a finished request; its snapshot, unless it is unfinished and not streamed."""
+        if request.is_finished and request.status is not RequestStatus.FINISHED:
+            self.scheduler.remove(request)
+            request.status = RequestStatus.FINISHED
+            request.finish_time = time.monotonic()
+            self.requests.pop(request.req_id, None)
+        if request.stream or request.status is RequestStatus.FINISHED:
+            return RequestOutput.of(request)
+        return None
