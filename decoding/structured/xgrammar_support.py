@@ -52,36 +52,44 @@ def unsupported_construct(schema, root=None, path: str = "#", refs: tuple[str, .
         return f"{path}: uniqueItems"
     keys.discard("uniqueItems")
     for combinator in ("$ref", "anyOf", "allOf"):
-        if combinator in keys and keys - {combinator}:
-            return f"{path}: {sorted(keys - {combinator})[0]} beside {combinator}"
-    if "$ref" in keys:
-        return _ref(schema["$ref"], root, path, refs)
-    if "anyOf" in keys:
-        return _each(schema["anyOf"], root, f"{path}/anyOf", refs)
-    if "allOf" in keys:
-        branches = schema["allOf"]
-        if not isinstance(branches, list) or len(branches) != 1:
-            return f"{path}: allOf with more than one branch"
-        return unsupported_construct(branches[0], root, f"{path}/allOf/0", refs)
+        if combinator in keys:
+            return _combined(schema, keys, combinator, root, path, refs)
     if "enum" in keys or "const" in keys:
         return _literals(schema, keys, path)
     kind = schema.get("type")
     if kind is None:
-        if not keys:
-            return None                          # any JSON value
-        # xgrammar reads an untyped schema with properties or items as an object or an array.
-        if keys <= OBJECT_KEYWORDS and keys & {"properties", "additionalProperties"}:
-            kind = "object"
-        elif keys <= ARRAY_KEYWORDS and "items" in keys:
-            kind = "array"
-        else:
-            return f"{path}: {sorted(keys)[0]} without a type"
-    kinds = kind if isinstance(kind, list) else [kind]
-    for each in kinds:
+        kind = _implied_type(keys)
+        if kind is None:
+            return None if not keys else f"{path}: {sorted(keys)[0]} without a type"
+    for each in kind if isinstance(kind, list) else [kind]:
         if each not in TYPES:
             return f"{path}: type {each!r}"
         if (problem := _typed(schema, each, root, path, refs)) is not None:
             return problem
+    return None
+
+
+def _combined(schema, keys, combinator: str, root, path, refs) -> str | None:
+    """A $ref, anyOf or allOf: xgrammar drops whatever stands beside it, and keeps one allOf branch only."""
+    if keys - {combinator}:
+        return f"{path}: {sorted(keys - {combinator})[0]} beside {combinator}"
+    if combinator == "$ref":
+        return _ref(schema["$ref"], root, path, refs)
+    if combinator == "anyOf":
+        return _each(schema["anyOf"], root, f"{path}/anyOf", refs)
+    branches = schema["allOf"]
+    if not isinstance(branches, list) or len(branches) != 1:
+        return f"{path}: allOf with more than one branch"
+    return unsupported_construct(branches[0], root, f"{path}/allOf/0", refs)
+
+
+def _implied_type(keys: set[str]) -> str | None:
+    """xgrammar reads an untyped schema with properties or items as an object or an array; any other
+    untyped keyword it drops (None)."""
+    if keys and keys <= OBJECT_KEYWORDS and keys & {"properties", "additionalProperties"}:
+        return "object"
+    if keys and keys <= ARRAY_KEYWORDS and "items" in keys:
+        return "array"
     return None
 
 
