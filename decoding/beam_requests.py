@@ -33,6 +33,24 @@ class BeamRequests:
             early_stopping=params.early_stopping,
             hits_stop_string=(lambda tokens, token: self._completes_stop(tokens, token, stops)) if stops else None)
 
+    def take_rows(self, seqs: list[Sequence], rows: torch.Tensor, logits: torch.Tensor,
+                  counters) -> tuple[list[Sequence], torch.Tensor]:
+        """Advance every beam-search request whose beams sample this step (their rows of `logits`);
+        return the other sequences and their rows, for the sampler."""
+        if not any(seq.request.beam is not None for seq in seqs):
+            return seqs, rows
+        ready: dict[str, tuple[Request, dict[int, int]]] = {}
+        keep = []
+        for i, (seq, row) in enumerate(zip(seqs, rows.tolist())):
+            if seq.request.beam is not None:
+                ready.setdefault(seq.request.req_id, (seq.request, {}))[1][seq.seq_id] = row
+            else:
+                keep.append(i)
+        for request, beam_rows in ready.values():
+            self.advance(request, beam_rows, logits)
+            counters.num_generated_tokens += len(beam_rows)
+        return [seqs[i] for i in keep], rows[keep]
+
     def advance(self, request: Request, ready: dict[int, int], logits: torch.Tensor) -> None:
         """`ready` maps the seq_id of each beam whose logits this step computed to its row in `logits`."""
         running = [seq for seq in request.seqs if not seq.is_finished]

@@ -10,8 +10,9 @@ from dataclasses import replace
 import torch
 from tqdm.auto import tqdm
 
+from decoding.assembly import build_cache, build_speculation
 from decoding.beam_requests import BeamRequests
-from decoding.block_manager import BlockManager, CacheUsage
+from decoding.block_manager import CacheUsage
 from decoding.config import EngineConfig
 from decoding.intake import Prompt, RequestIntake
 from decoding.outputs import RequestOutput
@@ -21,17 +22,10 @@ from decoding.runner import ModelRunner, StepLogits
 from decoding.sampler import Sampler, SamplingBatch
 from decoding.scheduler import Scheduler, SchedulerOutput
 from decoding.sequence import FinishReason, Request, RequestStatus, Sequence
-from decoding.speculative.decoder import SpeculativeDecoding
-from decoding.speculative.draft import DraftModelProposer
-from decoding.speculative.medusa import MedusaProposer
-from decoding.speculative.ngram import NgramProposer
 from decoding.structured.grammar import GrammarCursor
 from decoding.update import StepUpdate
 from decoding.weights import WeightUpdateError, apply_update, validate_update
 from models import kernels, load_model
-from models.attention import PagedKVCache
-from models.loader import DEFAULT_DRAFT_DIR, DEFAULT_MEDUSA_DIR
-from models.medusa import MedusaHeads
 
 
 
@@ -52,10 +46,11 @@ class Engine:
         self.tokenizer = self.loaded.tokenizer
         self.eos_token_ids = self.loaded.eos_token_ids
         self.max_model_len = min(self.config.max_model_len or self.loaded.max_model_len, self.loaded.max_model_len)
-        self._init_cache()
+        self.cache, self.blocks = build_cache(self.loaded, self.config)
         self.runner = ModelRunner(self.loaded.model, self.cache, self.loaded.device)
         self.sampler = Sampler()
-        self.speculation = self._init_speculation()
+        self.speculation = build_speculation(self.config, self.loaded, self.runner, self.sampler, self.blocks,
+                                             self.max_model_len)
         self.scheduler = Scheduler(self.blocks, self.config.max_num_seqs, self.config.max_num_batched_tokens,
                                    lookahead=self.speculation.lookahead if self.speculation else None)
         self.intake = RequestIntake(self.config, self.tokenizer, self.eos_token_ids, self.loaded.model.vocab_size,
@@ -71,44 +66,6 @@ class Engine:
         """Apply the `threads` option to the calling thread (whoever steps the engine calls this once)."""
         if self.config.threads is not None:
             kernels.set_num_threads(self.config.threads)
-
-    def _init_cache(self) -> None:
-        model, cfg = self.loaded.model, self.config
-        num_blocks = cfg.num_kv_blocks
-        if num_blocks is None:
-            per_block = PagedKVCache.bytes_per_block(model.num_layers, cfg.block_size, model.num_kv_heads,
-                                                     model.head_dim, model.dtype)
-            num_blocks = max(2, int(cfg.kv_cache_memory_gb * 2**30) // per_block)
-        self.cache = PagedKVCache(model.num_layers, num_blocks, cfg.block_size, model.num_kv_heads,
-                                  model.head_dim, model.dtype, self.loaded.device)
-        self.blocks = BlockManager(num_blocks, cfg.block_size)
-
-    def _init_speculation(self) -> SpeculativeDecoding | None:
-        cfg = self.config
-        if cfg.speculative is None:
-            return None
-        if cfg.speculative == "ngram":
-            proposer = NgramProposer(cfg.num_speculative_tokens, cfg.prompt_lookup_max, cfg.prompt_lookup_min)
-        elif cfg.speculative == "medusa":
-            model = self.loaded.model
-            heads = MedusaHeads.load(cfg.medusa_heads or DEFAULT_MEDUSA_DIR, model.dtype, self.loaded.device,
-                                     hidden_size=model.hidden_size, vocab_size=model.vocab_size)
-            heads.use_output_head(model.lm_head)
-            proposer = MedusaProposer(heads, self.sampler, self.eos_token_ids, self.loaded.device, cfg.medusa_choices,
-                                      cfg.medusa_acceptance, (cfg.typical_epsilon, cfg.typical_delta))
-            self.runner.keep_hidden = True
-        else:
-            draft = load_model(cfg.draft_model or str(DEFAULT_DRAFT_DIR), cfg.dtype, cfg.device,
-                               show_progress=cfg.show_progress)
-            if draft.model.vocab_size != self.loaded.model.vocab_size:
-                raise ValueError(f"the draft model's vocabulary ({draft.model.vocab_size} tokens) differs from the "
-                                 f"target's ({self.loaded.model.vocab_size}); a draft must share the target's tokenizer")
-            # As many blocks as the target: the draft never shares a prompt between samples, and a draft
-            # that runs out of blocks only stops proposing for the sequences that do not fit.
-            proposer = DraftModelProposer(draft, cfg.num_speculative_tokens, self.blocks.num_blocks, cfg.block_size,
-                                          self.sampler, self.eos_token_ids)
-        return SpeculativeDecoding(proposer, self.max_model_len, self.sampler, self.loaded.model.vocab_size,
-                                   self.eos_token_ids, self.loaded.device, cfg.speculative_disable_by_batch_size)
 
     # ---- requests ----------------------------------------------------------------------------
     def make_request(self, prompt: Prompt, params: SamplingParams | None = None,
@@ -175,7 +132,7 @@ class Engine:
         logits = self.runner.execute(sched, want_prompt | {chain.seq.seq_id for chain in chains})
         record_prompt_logprobs(sched, logits, want_prompt)
         sampling_seqs, rows = self.update.computed(sched, logits)
-        sampling_seqs, rows = self._advance_beams(sampling_seqs, rows, logits.last)
+        sampling_seqs, rows = self.beams.take_rows(sampling_seqs, rows, logits.last, self.counters)
         if sampling_seqs:
             self._sample(sampling_seqs, rows, logits)
         for chain, verdict in zip(chains, self.speculation.verify(chains, logits) if chains else []):
@@ -220,23 +177,6 @@ class Engine:
             for seq, row in zip(seqs, rows.tolist()):
                 if not seq.is_finished:
                     self.speculation.observe(seq, logits.last_hidden[row])
-
-    def _advance_beams(self, seqs: list[Sequence], rows: torch.Tensor, logits: torch.Tensor):
-        """Hand beam-search rows to their requests; return the rest for the sampler."""
-        if not any(seq.request.beam is not None for seq in seqs):
-            return seqs, rows
-        ready: dict[str, dict[int, int]] = {}
-        keep = []
-        for i, (seq, row) in enumerate(zip(seqs, rows.tolist())):
-            if seq.request.beam is not None:
-                ready.setdefault(seq.request.req_id, {})[seq.seq_id] = row
-            else:
-                keep.append(i)
-        for request_id, beam_rows in ready.items():
-            request = self._requests[request_id]
-            self.beams.advance(request, beam_rows, logits)
-            self.counters.num_generated_tokens += len(beam_rows)
-        return [seqs[i] for i in keep], rows[keep]
 
     # ---- weights -----------------------------------------------------------------------------
     def started_request_ids(self) -> list[str]:
