@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from decoding.block_manager import BlockManager
 from decoding.config import EngineConfig
-from decoding.runner import ModelRunner
 from decoding.sampler import Sampler
 from decoding.speculative.decoder import SpeculativeDecoding
 from decoding.speculative.draft import DraftModelProposer
@@ -30,7 +29,7 @@ def build_cache(loaded: LoadedModel, cfg: EngineConfig) -> tuple[PagedKVCache, B
     return cache, BlockManager(num_blocks, cfg.block_size)
 
 
-def build_speculation(cfg: EngineConfig, loaded: LoadedModel, runner: ModelRunner, sampler: Sampler,
+def build_speculation(cfg: EngineConfig, loaded: LoadedModel, sampler: Sampler,
                       blocks: BlockManager, max_model_len: int) -> SpeculativeDecoding | None:
     """The proposer `cfg.speculative` names (None: no speculation) inside the speculative decoder."""
     if cfg.speculative is None:
@@ -44,7 +43,6 @@ def build_speculation(cfg: EngineConfig, loaded: LoadedModel, runner: ModelRunne
         heads.use_output_head(model.lm_head)
         proposer = MedusaProposer(heads, sampler, loaded.eos_token_ids, loaded.device, cfg.medusa_choices,
                                   cfg.medusa_acceptance, (cfg.typical_epsilon, cfg.typical_delta))
-        runner.keep_hidden = True
     else:
         draft = load_model(cfg.draft_model or str(DEFAULT_DRAFT_DIR), cfg.dtype, cfg.device,
                            show_progress=cfg.show_progress)

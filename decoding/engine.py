@@ -49,8 +49,7 @@ class Engine:
         self.cache, self.blocks = build_cache(self.loaded, self.config)
         self.runner = ModelRunner(self.loaded.model, self.cache, self.loaded.device)
         self.sampler = Sampler()
-        self.speculation = build_speculation(self.config, self.loaded, self.runner, self.sampler, self.blocks,
-                                             self.max_model_len)
+        self.speculation = build_speculation(self.config, self.loaded, self.sampler, self.blocks, self.max_model_len)
         self.scheduler = Scheduler(self.blocks, self.config.max_num_seqs, self.config.max_num_batched_tokens,
                                    lookahead=self.speculation.lookahead if self.speculation else None)
         self.intake = RequestIntake(self.config, self.tokenizer, self.eos_token_ids, self.loaded.model.vocab_size,
@@ -129,16 +128,18 @@ class Engine:
         chains = self.speculation.attach_drafts(sched) if self.speculation else []
         want_prompt = {s.seq.seq_id for s in sched.scheduled
                        if s.seq.request.params.prompt_logprobs is not None and s.start < s.seq.prompt_len - 1}
-        logits = self.runner.execute(sched, want_prompt | {chain.seq.seq_id for chain in chains})
+        logits = self.runner.execute(sched, want_prompt | {chain.seq.seq_id for chain in chains},
+                                     keep_hidden=bool(self.speculation and self.speculation.wants_hidden))
         record_prompt_logprobs(sched, logits, want_prompt)
         sampling_seqs, rows = self.update.computed(sched, logits)
         sampling_seqs, rows = self.beams.take_rows(sampling_seqs, rows, logits.last, self.counters)
         if sampling_seqs:
             self._sample(sampling_seqs, rows, logits)
-        for chain, verdict in zip(chains, self.speculation.verify(chains, logits) if chains else []):
+        verdicts = self.speculation.verify(chains, logits) if chains else []
+        for chain, verdict in zip(chains, verdicts):
             self.update.apply_verdict(chain.seq, verdict)
-            if logits.chunk_hidden is not None and not chain.seq.is_finished:
-                self.speculation.observe(chain.seq, logits.chunk_hidden[chain.seq.seq_id][verdict.last_row])
+        if self.speculation:
+            self.speculation.observe(sampling_seqs, rows.tolist(), chains, verdicts, logits)
         self.counters.num_steps += 1
         touched = {s.seq.request.req_id: s.seq.request for s in sched.scheduled}
         outputs = (self.update.retire(request) for request in touched.values())
@@ -173,10 +174,6 @@ class Engine:
         sampled = self.sampler(logits.last if in_order else logits.last[rows], batch)
         for seq, token, logprob in zip(seqs, sampled.token_ids, sampled.logprobs):
             self.update.append_token(seq, token, logprob)
-        if logits.last_hidden is not None:
-            for seq, row in zip(seqs, rows.tolist()):
-                if not seq.is_finished:
-                    self.speculation.observe(seq, logits.last_hidden[row])
 
     # ---- weights -----------------------------------------------------------------------------
     def started_request_ids(self) -> list[str]:

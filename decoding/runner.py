@@ -57,12 +57,13 @@ class ModelRunner:
         # Tree nodes attend on the kernel unless a layer has a sliding window (the kernel's window is
         # over the context only, not a node's scattered ancestors).
         self._native_trees = model.attention_windows == frozenset({None})
-        self.keep_hidden = False
         if device.type == "cpu":
             keep_freed_memory()
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput, want_chunk_logits: set[int]) -> StepLogits:
+    def execute(self, sched: SchedulerOutput, want_chunk_logits: set[int], keep_hidden: bool = False) -> StepLogits:
+        """Logits of each sequence's last row and of the chunks in `want_chunk_logits`; with `keep_hidden`
+        (Medusa's heads read them) the final hidden states of those rows too."""
         if sched.block_copies:
             src, dst = zip(*sched.block_copies)
             self.cache.copy_blocks(self._long(src), self._long(dst))
@@ -81,14 +82,14 @@ class ModelRunner:
         num_last = batch.last_rows.numel()
         last_hidden = hidden[:num_last]
         last = self.model.compute_logits(last_hidden).float()                               # [N, vocab]
-        out = StepLogits(last, batch.last_seq_ids, {}, last_hidden if self.keep_hidden else None,
-                         {} if self.keep_hidden else None)
+        out = StepLogits(last, batch.last_seq_ids, {}, last_hidden if keep_hidden else None,
+                         {} if keep_hidden else None)
         offset = num_last
         for seq_id, _, n in chunks:
             rows = hidden[offset : offset + n]
             offset += n
             out.chunk[seq_id] = self.model.compute_logits(rows).float()
-            if self.keep_hidden:
+            if keep_hidden:
                 out.chunk_hidden[seq_id] = rows
         return out
 

@@ -81,9 +81,23 @@ class SpeculativeDecoding:
             chains.append(chain)
         return chains
 
-    def observe(self, seq: Sequence, hidden: torch.Tensor) -> None:
-        if self.proposer.wants_hidden_states:
-            self.proposer.observe(seq, hidden)
+    @property
+    def wants_hidden(self) -> bool:
+        """Whether the proposer reads the target's final hidden states (Medusa's heads do)."""
+        return self.proposer.wants_hidden_states
+
+    def observe(self, sampled: list[Sequence], rows: list[int], chains: list[ScheduledSeq],
+                verdicts: list[Verdict], logits: StepLogits) -> None:
+        """Hand the proposer each unfinished sequence's hidden state at its newest token: the sampled
+        ones' logits rows, and each verified chain's last kept row."""
+        if not self.wants_hidden:
+            return
+        for seq, row in zip(sampled, rows):
+            if not seq.is_finished:
+                self.proposer.observe(seq, logits.last_hidden[row])
+        for chain, verdict in zip(chains, verdicts):
+            if not chain.seq.is_finished:
+                self.proposer.observe(chain.seq, logits.chunk_hidden[chain.seq.seq_id][verdict.last_row])
 
     def verify(self, chains: list[ScheduledSeq], logits: StepLogits) -> list[Verdict]:
         seqs = [chain.seq for chain in chains]
