@@ -51,6 +51,13 @@ class EngineConfig:
             # measured 5.1 ms at 16 tokens, 4.7 at 64 and 4.5 at 128 (AMD EPYC, 141 MB of keys and
             # values); 64 keeps a group's copy-on-write of a partial block small.
             object.__setattr__(self, "block_size", 64 if str(self.device).startswith("cpu") else 16)
+        self._check_cache_and_batch()
+        self._check_speculation()
+        self._check_structured_output()
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+
+    def _check_cache_and_batch(self) -> None:
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
@@ -63,6 +70,8 @@ class EngineConfig:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError("max_num_batched_tokens must be >= max_num_seqs")
+
+    def _check_speculation(self) -> None:
         if self.speculative not in (None, "draft", "ngram", "medusa"):
             raise ValueError(f"speculative must be 'draft', 'ngram', 'medusa' or None, got {self.speculative!r}")
         if self.medusa_acceptance not in ("typical", "lossless"):
@@ -75,6 +84,8 @@ class EngineConfig:
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
             raise ValueError("prompt lookup needs 1 <= prompt_lookup_min <= prompt_lookup_max, got "
                              f"{self.prompt_lookup_min} and {self.prompt_lookup_max}")
+
+    def _check_structured_output(self) -> None:
         if not (self.grammar_cpu_budget_s > 0 and self.grammar_memory_gb > 0 and self.grammar_workers >= 1):
             raise ValueError("grammar compiles need grammar_cpu_budget_s > 0, grammar_memory_gb > 0 and "
                              "grammar_workers >= 1")
@@ -89,5 +100,3 @@ class EngineConfig:
         if missing:
             raise ValueError(f"the {missing[0]} structured-output backend is not installed: "
                              f"pip install 'gorgon[{EXTRAS[missing[0]]}]'")
-        if self.max_model_len is not None and self.max_model_len < 2:
-            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
