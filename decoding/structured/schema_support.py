@@ -69,12 +69,29 @@ def unsupported_construct(schema, root=None, path: str = "#", refs: tuple[str, .
 
 
 def _each(schemas, root, path, refs) -> str | None:
+    return first_problem(schemas, path, lambda branch, where: unsupported_construct(branch, root, where, refs))
+
+
+def first_problem(schemas, path: str, check) -> str | None:
+    """The first problem `check(branch, its path)` finds among a non-empty list of schemas."""
     if not isinstance(schemas, list) or not schemas:
         return f"{path}: must be a non-empty list"
     for i, branch in enumerate(schemas):
-        if (problem := unsupported_construct(branch, root, f"{path}/{i}", refs)) is not None:
+        if (problem := check(branch, f"{path}/{i}")) is not None:
             return problem
     return None
+
+
+def ref_target(root, target: str):
+    """The schema a local `$ref` ("#" or "#/a/b", JSON-pointer escapes undone) points at; None when it
+    points nowhere."""
+    node = root
+    for part in filter(None, target[1:].split("/")):
+        part = part.replace("~1", "/").replace("~0", "~")
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
 
 
 def _ref(schema, keys, root, path, refs) -> str | None:
@@ -85,21 +102,26 @@ def _ref(schema, keys, root, path, refs) -> str | None:
         return f"{path}: external $ref {target!r}"
     if target in refs:
         return f"{path}: recursive $ref {target!r}"
-    node = root
-    for part in filter(None, target[1:].split("/")):
-        if not isinstance(node, dict) or part not in node:
-            return f"{path}: $ref {target!r} points nowhere"
-        node = node[part]
+    node = ref_target(root, target)
+    if node is None:
+        return f"{path}: $ref {target!r} points nowhere"
     return unsupported_construct(node, root, target, refs + (target,))
 
 
-def _literals(schema, keys, path) -> str | None:
+def literals_problem(schema, keys, path) -> str | None:
+    """What no backend takes in an enum/const: an empty enum, or other keywords than `type` beside it."""
     values = schema["enum"] if "enum" in keys else [schema.get("const")]
     if not isinstance(values, list) or not values:
         return f"{path}: enum must be a non-empty list"
     if keys - {"enum", "const", "type"} or ("enum" in keys and "const" in keys):
         return f"{path}: {sorted(keys - {'type'})[-1]} beside enum/const"
-    for value in values:
+    return None
+
+
+def _literals(schema, keys, path) -> str | None:
+    if (problem := literals_problem(schema, keys, path)) is not None:
+        return problem
+    for value in schema["enum"] if "enum" in keys else [schema.get("const")]:
         if isinstance(value, (dict, list)):
             return f"{path}: an object or array in enum/const"
         if "type" in keys and not _matches_type(value, schema["type"]):

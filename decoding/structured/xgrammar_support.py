@@ -18,7 +18,8 @@ from __future__ import annotations
 import re
 
 from decoding.structured.schema_rewrites import map_subschemas
-from decoding.structured.schema_support import ANNOTATIONS, JSON_SCHEMA_KEYWORDS, _matches_type
+from decoding.structured.schema_support import (ANNOTATIONS, JSON_SCHEMA_KEYWORDS, _matches_type, first_problem,
+                                                 literals_problem, ref_target)
 
 # content* are annotations in 2020-12 (not assertions), like title or description.
 IGNORED = ANNOTATIONS | {"contentEncoding", "contentMediaType", "contentSchema"}
@@ -94,12 +95,7 @@ def _implied_type(keys: set[str]) -> str | None:
 
 
 def _each(schemas, root, path, refs) -> str | None:
-    if not isinstance(schemas, list) or not schemas:
-        return f"{path}: must be a non-empty list"
-    for i, branch in enumerate(schemas):
-        if (problem := unsupported_construct(branch, root, f"{path}/{i}", refs)) is not None:
-            return problem
-    return None
+    return first_problem(schemas, path, lambda branch, where: unsupported_construct(branch, root, where, refs))
 
 
 def _ref(target, root, path, refs) -> str | None:
@@ -109,21 +105,16 @@ def _ref(target, root, path, refs) -> str | None:
         return f"{path}: $ref to an anchor {target!r}"
     if target in refs:
         return None                              # being checked further up: xgrammar recurses
-    node = root
-    for part in filter(None, target[1:].split("/")):
-        part = part.replace("~1", "/").replace("~0", "~")
-        if not isinstance(node, dict) or part not in node:
-            return f"{path}: $ref {target!r} points nowhere"
-        node = node[part]
+    node = ref_target(root, target)
+    if node is None:
+        return f"{path}: $ref {target!r} points nowhere"
     return unsupported_construct(node, root, target, refs + (target,))
 
 
 def _literals(schema, keys, path) -> str | None:
+    if (problem := literals_problem(schema, keys, path)) is not None:
+        return problem
     values = schema["enum"] if "enum" in keys else [schema.get("const")]
-    if not isinstance(values, list) or not values:
-        return f"{path}: enum must be a non-empty list"
-    if keys - {"enum", "const", "type"} or ("enum" in keys and "const" in keys):
-        return f"{path}: {sorted(keys - {'type'})[-1]} beside enum/const"
     # xgrammar emits the literals whatever the type says.
     if "type" in keys and not all(_matches_type(value, schema["type"]) or (
             isinstance(value, dict) and _type_allows(schema["type"], "object")) or (

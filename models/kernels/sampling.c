@@ -48,6 +48,30 @@ static float log_sum_exp(const float *restrict x, int64_t n, float max) {
     return logf(sum);
 }
 
+/* The first token whose cumulative mass exceeds target (the inverse CDF, right-closed, so a token of
+ * zero mass is never chosen): whole chunks are skipped by their (vectorised) sums, then the chunk that
+ * crosses the target is walked. */
+static int64_t walk_to(const float *restrict e, int64_t vocab, float target) {
+    float mass = 0.0f;
+    for (int64_t start = 0; start < vocab; start += WALK_CHUNK) {
+        const int64_t end = start + WALK_CHUNK < vocab ? start + WALK_CHUNK : vocab;
+        float chunk = 0.0f;
+#pragma omp simd reduction(+ : chunk)
+        for (int64_t i = start; i < end; ++i) chunk += e[i];
+        if (mass + chunk <= target) {
+            mass += chunk;
+            continue;
+        }
+        for (int64_t i = start; i < end; ++i) {
+            mass += e[i];
+            if (mass > target) return i;
+        }
+    }
+    int64_t last = vocab - 1;   /* target rounded above the walked total: the last token with any mass */
+    while (last > 0 && e[last] == 0.0f) --last;
+    return last;
+}
+
 static void sample_row(const float *restrict x, int64_t vocab, float temperature, float uniform, uint8_t greedy,
                        uint8_t want_raw, int64_t *token, float *logprob, float *raw_logprob) {
     float max = -INFINITY;
@@ -68,26 +92,7 @@ static void sample_row(const float *restrict x, int64_t vocab, float temperature
         e[i] = exp_poly((x[i] - max) * inverse_temperature);
         sum += e[i];
     }
-    const float target = uniform * sum;
-    int64_t chosen = -1;
-    float mass = 0.0f;
-    /* Skip whole chunks by their (vectorised) sums, then walk the chunk that crosses the target. */
-    for (int64_t start = 0; start < vocab && chosen < 0; start += WALK_CHUNK) {
-        const int64_t end = start + WALK_CHUNK < vocab ? start + WALK_CHUNK : vocab;
-        float chunk = 0.0f;
-#pragma omp simd reduction(+ : chunk)
-        for (int64_t i = start; i < end; ++i) chunk += e[i];
-        if (mass + chunk <= target) {
-            mass += chunk;
-            continue;
-        }
-        for (int64_t i = start; i < end; ++i) {
-            mass += e[i];
-            if (mass > target) { chosen = i; break; }
-        }
-    }
-    if (chosen < 0)   /* u * sum rounded above the walked total: the last token that has any mass */
-        for (chosen = vocab - 1; chosen > 0 && e[chosen] == 0.0f; --chosen) {}
+    const int64_t chosen = walk_to(e, vocab, uniform * sum);
     *token = chosen;
     *logprob = (x[chosen] - max) * inverse_temperature - logf(sum);
     *raw_logprob = want_raw ? x[chosen] - max - log_sum_exp(x, vocab, max) : 0.0f;
@@ -131,24 +136,7 @@ static void sample_row_masked(const float *restrict x, const uint32_t *restrict 
         chosen = 0;   /* the first allowed maximum, as torch.argmax over the masked row picks */
         while (chosen < vocab - 1 && !(allowed[chosen] != 0.0f && x[chosen] == max)) ++chosen;
     } else {
-        const float target = uniform * sum;
-        float mass = 0.0f;
-        for (int64_t start = 0; start < vocab && chosen < 0; start += WALK_CHUNK) {
-            const int64_t end = start + WALK_CHUNK < vocab ? start + WALK_CHUNK : vocab;
-            float chunk = 0.0f;
-#pragma omp simd reduction(+ : chunk)
-            for (int64_t i = start; i < end; ++i) chunk += e[i];
-            if (mass + chunk <= target) {
-                mass += chunk;
-                continue;
-            }
-            for (int64_t i = start; i < end; ++i) {
-                mass += e[i];
-                if (mass > target) { chosen = i; break; }
-            }
-        }
-        if (chosen < 0)
-            for (chosen = vocab - 1; chosen > 0 && e[chosen] == 0.0f; --chosen) {}
+        chosen = walk_to(e, vocab, uniform * sum);
     }
     *token = chosen;
     *logprob = (x[chosen] - max) * inverse_temperature - logf(sum);
