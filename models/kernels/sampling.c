@@ -114,8 +114,11 @@ static void sample_row_masked(const float *restrict x, const uint32_t *restrict 
     float *allowed = row_buffer(2 * vocab), *e = allowed + vocab;
     expand_bits(word, vocab, allowed);
     float max = -INFINITY;
-    for (int64_t i = 0; i < vocab; ++i)
-        if (allowed[i] != 0.0f && x[i] > max) max = x[i];
+#pragma omp simd reduction(max : max)
+    for (int64_t i = 0; i < vocab; ++i) {
+        const float v = allowed[i] != 0.0f ? x[i] : -INFINITY;
+        max = v > max ? v : max;
+    }
     *dead = max == -INFINITY;
     if (*dead) {
         *token = -1;
