@@ -1,0 +1,128 @@
+"""ctypes bindings of decoder.c: every layer of a Llama-family stack over decode rows in one native call
+(`decoder_forward`), and greedy drafting of a chain of tokens in one call (`decoder_greedy_chain`)."""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+
+import torch
+
+from models.kernels import _library
+
+
+class DecoderShape(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_int64) for name in
+                ("hidden", "intermediate", "num_heads", "num_kv_heads", "head_dim", "block_size")]
+    _fields_ += [("eps", ctypes.c_float), ("scale", ctypes.c_float)]
+
+
+class DecoderLayer(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_void_p) for name in
+                ("input_norm", "post_norm", "qkv", "qkv_bias", "o_proj", "o_bias", "gate_up", "gate_up_bias",
+                 "down", "down_bias", "key_cache", "value_cache")]
+    _fields_ += [("window", ctypes.c_int64)]
+
+
+class DecodeRows(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_void_p) for name in
+                ("slots", "block_tables", "context_lens", "extra_positions", "extra_counts")]
+    _fields_ += [("max_blocks", ctypes.c_int64), ("max_extra", ctypes.c_int64)]
+
+
+def _address(tensor: torch.Tensor | None) -> int | None:
+    return None if tensor is None else tensor.data_ptr()
+
+
+def decoder_layers(layers: list[dict[str, torch.Tensor | int | None]]) -> ctypes.Array:
+    """The layer table decoder_forward reads: per layer its norms, packed projections (pack_panels),
+    biases (None for none), cache tensors and window (0 for none). The tensors must outlive the table."""
+    table = (DecoderLayer * len(layers))()
+    for entry, layer in zip(table, layers):
+        for name, _ in DecoderLayer._fields_[:-1]:
+            tensor = layer[name]
+            assert tensor is None or (tensor.dtype == torch.float32 and tensor.is_contiguous()), name
+            setattr(entry, name, _address(tensor))
+        entry.window = layer["window"] or 0
+    return table
+
+
+def decoder_forward(shape: DecoderShape, layers: ctypes.Array, x: torch.Tensor, cos: torch.Tensor,
+                    signed_sin: torch.Tensor, slots: torch.Tensor, block_tables: torch.Tensor,
+                    context_lens: torch.Tensor, extra_positions: torch.Tensor | None,
+                    extra_counts: torch.Tensor | None, final_norm: torch.Tensor,
+                    keep: torch.Tensor | None) -> torch.Tensor:
+    """Every layer and the final norm over x [T, hidden] (overwritten), each token a decode row of the
+    paged kernel (its slot, block table, context length and extra positions as paged_decode_attention
+    reads them). -> [len(keep) or T, hidden]."""
+    tokens = x.shape[0]
+    assert x.is_contiguous() and cos.is_contiguous() and signed_sin.is_contiguous()
+    rows = DecodeRows(slots.data_ptr(), block_tables.data_ptr(), context_lens.data_ptr(),
+                      _address(extra_positions), _address(extra_counts), block_tables.shape[1],
+                      0 if extra_positions is None else extra_positions.shape[1])
+    library = _library()
+    scratch = torch.empty(library.decoder_scratch_floats(ctypes.byref(shape), tokens), dtype=torch.float32)
+    if keep is not None:
+        keep = keep.contiguous()
+    out = torch.empty(tokens if keep is None else keep.numel(), shape.hidden, dtype=torch.float32)
+    library.decoder_forward(ctypes.byref(shape), layers, len(layers), ctypes.byref(rows), cos.data_ptr(),
+                            signed_sin.data_ptr(), x.data_ptr(), tokens, _address(keep),
+                            0 if keep is None else keep.numel(), final_norm.data_ptr(), scratch.data_ptr(),
+                            out.data_ptr())
+    return out
+
+
+class ChainFeed(ctypes.Structure):
+    _fields_ = [("tokens", ctypes.c_void_p), ("last", ctypes.c_void_p), ("rows", DecodeRows),
+                ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p), ("count", ctypes.c_int64)]
+
+
+@dataclass
+class GreedyChain:
+    """What decoder_greedy_chain reads (int64 tensors, contiguous). Step 0 runs the stack over
+    feed_tokens [F], what each of the R rows' caches lacks (feed_last [R]: each row's final one), as
+    decode rows with feed_slots [F], feed_tables [F, max_blocks], feed_context [F]; each later step over
+    one token per row, the row's newest draft, with slots [steps - 1, R], tables [R, max_blocks] and
+    context [R] of step 1. cos/signed_sin [F + (steps - 1) * R, head_dim]: the feed's rows, then the later
+    steps'. Row r's stop tokens banned [R, max_banned] (-1 padded) are -inf in its first banned_steps[r]
+    steps."""
+
+    feed_tokens: torch.Tensor
+    feed_last: torch.Tensor
+    feed_slots: torch.Tensor
+    feed_tables: torch.Tensor
+    feed_context: torch.Tensor
+    slots: torch.Tensor
+    tables: torch.Tensor
+    context: torch.Tensor
+    cos: torch.Tensor
+    signed_sin: torch.Tensor
+    banned: torch.Tensor
+    banned_steps: torch.Tensor
+
+
+def decoder_greedy_chain(shape: DecoderShape, layers: ctypes.Array, embed: torch.Tensor, final_norm: torch.Tensor,
+                         lm_head_packed: torch.Tensor, vocab: int, chain: GreedyChain) -> torch.Tensor:
+    """Greedy drafting of chain.slots.shape[0] + 1 tokens for each row in one call: every step the stack
+    (see GreedyChain), the output head (packed by pack_panels) and the argmax. -> tokens [steps, R]."""
+    later_steps, rows = chain.slots.shape
+    num_feed = chain.feed_tokens.numel()
+    assert chain.feed_last.numel() == rows and chain.cos.shape[0] == num_feed + later_steps * rows
+    assert chain.cos.is_contiguous() and chain.signed_sin.is_contiguous() and embed.is_contiguous()
+    feed_cos, feed_sin = chain.cos.data_ptr(), chain.signed_sin.data_ptr()
+    offset = num_feed * chain.cos.stride(0) * chain.cos.element_size()
+    feed = ChainFeed(chain.feed_tokens.data_ptr(), chain.feed_last.data_ptr(),
+                     DecodeRows(chain.feed_slots.data_ptr(), chain.feed_tables.data_ptr(), chain.feed_context.data_ptr(),
+                                None, None, chain.feed_tables.shape[1], 0),
+                     feed_cos, feed_sin, num_feed)
+    later = DecodeRows(chain.slots.data_ptr(), chain.tables.data_ptr(), chain.context.data_ptr(), None, None,
+                       chain.tables.shape[1], 0)
+    library = _library()
+    scratch = torch.empty(library.decoder_greedy_chain_scratch_floats(ctypes.byref(shape), rows, num_feed, vocab),
+                          dtype=torch.float32)
+    out = torch.empty(later_steps + 1, rows, dtype=torch.int64)
+    library.decoder_greedy_chain(ctypes.byref(shape), layers, len(layers), ctypes.byref(feed), ctypes.byref(later),
+                                 feed_cos + offset, feed_sin + offset, embed.data_ptr(), final_norm.data_ptr(),
+                                 lm_head_packed.data_ptr(), vocab, rows, later_steps + 1, chain.banned.data_ptr(),
+                                 chain.banned.shape[1], chain.banned_steps.data_ptr(), scratch.data_ptr(), out.data_ptr())
+    return out
