@@ -81,6 +81,31 @@ def _build(compiler: str) -> Path:
     return library
 
 
+_I64, _F32, _PTR = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+# Each exported C function's (argument types, return type).
+SIGNATURES = {
+    "set_kernel_threads": ([ctypes.c_int], None),
+    "kernel_threads": ([], ctypes.c_int),
+    "paged_decode_attention": ([_PTR, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _PTR, _PTR,
+                                _I64, _I64, _I64, _I64, _I64, _I64, _F32], None),
+    "paged_prefill_attention": ([_PTR, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _PTR,
+                                 _I64, _I64, _I64, _I64, _I64, _F32], None),
+    "rms_norm": ([_PTR, _I64, _PTR, _F32, _PTR, _I64, _I64], None),
+    "rotary_write_kv": ([_PTR, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64], None),
+    "silu_mul": ([_PTR, _PTR, _I64, _I64], None),
+    "sample_rows": ([_PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR], None),
+    "sample_rows_masked": ([_PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _PTR], None),
+    "mask_rows_by_bits": ([_PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR], None),
+    "pack_panels": ([_PTR, _I64, _I64, _PTR], None),
+    "gemm_panels": ([_PTR, _I64, _I64, _I64, _PTR, _I64, _PTR, _PTR, _PTR], None),
+    "decoder_scratch_floats": ([_PTR, _I64], _I64),
+    "decoder_forward": ([_PTR, _PTR, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _PTR], None),
+    "decoder_greedy_chain_scratch_floats": ([_PTR, _I64, _I64, _I64], _I64),
+    "decoder_greedy_chain": ([_PTR, _PTR, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _PTR,
+                              _I64, _PTR, _PTR, _PTR], None),
+}
+
+
 @cache
 def _library() -> ctypes.CDLL | None:
     if os.environ.get("GORGON_NATIVE_KERNELS", "1") == "0":
@@ -95,36 +120,9 @@ def _library() -> ctypes.CDLL | None:
         detail = getattr(exc, "stderr", "") or exc
         logger.warning("native kernels unavailable (%s): decode attention runs on the pure-torch path", detail)
         return None
-    i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
-    library.set_kernel_threads.argtypes = [ctypes.c_int]
-    library.set_kernel_threads.restype = None
-    library.kernel_threads.restype = ctypes.c_int
-    library.paged_decode_attention.argtypes = [ptr, i64, ptr, ptr, ptr, i64, ptr, ptr, i64, ptr, ptr,
-                                               i64, i64, i64, i64, i64, i64, f32]
-    library.paged_decode_attention.restype = None
-    library.paged_prefill_attention.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, ptr,
-                                                i64, i64, i64, i64, i64, f32]
-    library.paged_prefill_attention.restype = None
-    library.rms_norm.argtypes = [ptr, i64, ptr, f32, ptr, i64, i64]
-    library.rotary_write_kv.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64]
-    library.silu_mul.argtypes = [ptr, ptr, i64, i64]
-    library.sample_rows.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
-    library.mask_rows_by_bits.argtypes = [ptr, i64, ptr, i64, ptr, i64, ptr]
-    library.sample_rows_masked.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr]
-    library.pack_panels.argtypes = [ptr, i64, i64, ptr]
-    library.gemm_panels.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, ptr, ptr]
-    library.decoder_scratch_floats.argtypes = [ptr, i64]
-    library.decoder_scratch_floats.restype = i64
-    library.decoder_forward.argtypes = [ptr, ptr, i64, ptr, ptr, ptr, ptr, i64, ptr, i64, ptr, ptr, ptr]
-    library.decoder_greedy_chain_scratch_floats.argtypes = [ptr, i64, i64, i64]
-    library.decoder_greedy_chain_scratch_floats.restype = i64
-    library.decoder_greedy_chain.argtypes = [ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, ptr,
-                                             i64, ptr, ptr, ptr]
-    for function in (library.rms_norm, library.rotary_write_kv, library.silu_mul, library.sample_rows,
-                     library.sample_rows_masked,
-                     library.mask_rows_by_bits, library.pack_panels, library.gemm_panels, library.decoder_forward,
-                     library.decoder_greedy_chain):
-        function.restype = None
+    for name, (argtypes, restype) in SIGNATURES.items():
+        function = getattr(library, name)
+        function.argtypes, function.restype = argtypes, restype
     return library
 
 
