@@ -215,34 +215,39 @@ def _add_openai_routes(app: FastAPI, server: Server) -> None:
             raise APIError(400, str(err)) from err
         streams = await server.submit(prompts, params, stream=body.stream)
         view = responses.CompletionView(engine.tokenizer, config.served_model_name, body, streams)
-        if body.stream:
-            return StreamingResponse(stream_events(server, streams, view), media_type="text/event-stream")
-        return view.final(await collect(server, streams, request))
+        return await _respond(server, streams, view, body.stream, request)
 
     @app.post("/v1/chat/completions", responses=GENERATION_ERRORS)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         server.check_model(body.model)
-
-        def prompt_and_params():            # the chat template is CPU work: off the event loop
-            prompt_ids = responses.chat_prompt_ids(engine.tokenizer, body.messages, body.tools)
-            max_tokens = next((value for value in (body.max_completion_tokens, body.max_tokens) if value is not None),
-                              engine.max_model_len - len(prompt_ids))
-            if body.top_logprobs is not None and not body.logprobs:
-                raise ValueError("top_logprobs requires logprobs: true")
-            params = body.sampling_params(max_tokens, (body.top_logprobs or 0) if body.logprobs else None)
-            if tool_schema := body.tool_constraint():
-                params = replace(params, **tool_schema)
-            return prompt_ids, params
-
-        try:
-            prompt_ids, params = await asyncio.to_thread(prompt_and_params)
+        try:           # the chat template is CPU work: off the event loop
+            prompt_ids, params = await asyncio.to_thread(_chat_prompt_and_params, engine, body)
         except ValueError as err:
             raise APIError(400, str(err)) from err
         streams = await server.submit([prompt_ids], params, stream=body.stream)
         view = responses.ChatView(engine.tokenizer, config.served_model_name, body, streams)
-        if body.stream:
-            return StreamingResponse(stream_events(server, streams, view), media_type="text/event-stream")
-        return view.final(await collect(server, streams, request))
+        return await _respond(server, streams, view, body.stream, request)
+
+
+def _chat_prompt_and_params(engine: Engine, body: ChatCompletionRequest) -> tuple[list[int], SamplingParams]:
+    """The chat's prompt token ids (its template applied, tools included) and its sampling parameters
+    (max_tokens defaults to the rest of the context; tools constrain the output)."""
+    prompt_ids = responses.chat_prompt_ids(engine.tokenizer, body.messages, body.tools)
+    max_tokens = next((value for value in (body.max_completion_tokens, body.max_tokens) if value is not None),
+                      engine.max_model_len - len(prompt_ids))
+    if body.top_logprobs is not None and not body.logprobs:
+        raise ValueError("top_logprobs requires logprobs: true")
+    params = body.sampling_params(max_tokens, (body.top_logprobs or 0) if body.logprobs else None)
+    if tool_schema := body.tool_constraint():
+        params = replace(params, **tool_schema)
+    return prompt_ids, params
+
+
+async def _respond(server: Server, streams: list[RequestStream], view, stream: bool, request: Request):
+    """An SSE stream of the view's chunks, or its final body once every request has finished."""
+    if stream:
+        return StreamingResponse(stream_events(server, streams, view), media_type="text/event-stream")
+    return view.final(await collect(server, streams, request))
 
 
 async def stream_events(server: Server, streams: list[RequestStream], view) -> AsyncIterator[str]:
