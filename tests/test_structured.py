@@ -281,10 +281,13 @@ CLOCK = {"type": "function", "function": {"name": "get_time", "parameters": {
     "type": "object", "properties": {"zone": {"type": "string", "enum": ["UTC", "CET"]}}, "required": ["zone"]}}}
 
 
-def test_tool_calls_through_the_openai_client(llama_dir):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tool_calls_through_the_openai_client(llama_dir, backend):
     from live_server import start_server, stop_server
 
-    live = start_server(llama_dir)
+    if backend not in installed_backends():
+        pytest.skip(f"the {backend} backend is not installed (pip install 'gorgon[{EXTRAS[backend]}]')")
+    live = start_server(llama_dir, engine_options={"structured_backends": (backend,)})
     messages = [{"role": "user", "content": "weather in Paris?"}]
     calls_made = 0
     try:
