@@ -20,7 +20,8 @@ from decoding.params import SamplingParams
 from decoding.prompt_logprobs import record_prompt_logprobs
 from decoding.runner import ModelRunner, StepLogits
 from decoding.sampler import Sampler, SamplingBatch
-from decoding.scheduler import Scheduler, SchedulerOutput
+from decoding.scheduler import Scheduler
+from decoding.step_plan import SchedulerOutput
 from decoding.sequence import FinishReason, Request, RequestStatus, Sequence
 from decoding.structured.grammar import GrammarCursor
 from decoding.update import StepUpdate

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from decoding.runner import StepLogits
-from decoding.scheduler import SchedulerOutput
+from decoding.step_plan import SchedulerOutput
 from decoding.sequence import TokenLogprob
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from decoding.scheduler import ScheduledSeq, SchedulerOutput
+from decoding.step_plan import ScheduledSeq, SchedulerOutput
 from models.attention import (NULL_BLOCK, AttentionMetadata, DecodeGroup, NativePrefill, PagedKVCache, Segment,
                               decode_mask, segment_mask)
 from models.base import NativeCausalLM

@@ -15,7 +15,8 @@ from decoding.block_manager import BlockManager
 from decoding.detokenizer import find_stop_string
 from decoding.outputs import RequestOutput
 from decoding.runner import StepLogits
-from decoding.scheduler import Scheduler, SchedulerOutput
+from decoding.scheduler import Scheduler
+from decoding.step_plan import SchedulerOutput
 from decoding.sequence import FinishReason, Request, RequestStatus, Sequence, TokenLogprob
 from decoding.speculative.decoder import SpeculativeDecoding
 from decoding.speculative.rejection import Verdict

@@ -122,7 +122,7 @@ def test_one_call_stack_keeps_only_the_rows_asked_for(llama_dir, monkeypatch):
     """Chains of decode rows whose last rows alone are read (a draft model's catch-up): the stack
     compacts those rows at the last layer, with the same logits as the per-layer path."""
     import models.llama
-    from decoding.scheduler import ScheduledSeq, SchedulerOutput
+    from decoding.step_plan import ScheduledSeq, SchedulerOutput
 
     engine = Engine(model=llama_dir, show_progress=False, num_kv_blocks=64, block_size=4)
     for prompt in PROMPTS[:2]:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from decoding import Engine, SamplingParams
-from decoding.scheduler import TokenTree
+from decoding.step_plan import TokenTree
 from decoding.speculative.medusa import DEFAULT_CHOICES, tree_parents
 from decoding.speculative.proposer import Proposal
 from decoding.speculative.rejection import rejection_sample

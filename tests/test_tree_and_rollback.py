@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from decoding import Engine, SamplingParams
-from decoding.scheduler import ScheduledSeq, SchedulerOutput, TokenTree
+from decoding.step_plan import ScheduledSeq, SchedulerOutput, TokenTree
 from tiny_models import hf_model
 
 PROMPT = [1, 17, 93, 4, 250, 61, 8, 120, 33]

@@ -21,7 +21,7 @@ import torch
 
 from decoding.runner import StepLogits
 from decoding.sampler import Sampler
-from decoding.scheduler import ScheduledSeq, SchedulerOutput, TokenTree
+from decoding.step_plan import ScheduledSeq, SchedulerOutput, TokenTree
 from decoding.sequence import Sequence
 from decoding.speculative.proposer import Proposal, Proposer, SpecCounters
 from decoding.speculative.rejection import Verdict, verify

@@ -23,7 +23,7 @@ import torch
 from decoding.block_manager import BlockManager, NoFreeBlocksError
 from decoding.runner import SHORT_CHAIN, ModelRunner
 from decoding.sampler import Sampler, SamplingBatch
-from decoding.scheduler import ScheduledSeq, SchedulerOutput
+from decoding.step_plan import ScheduledSeq, SchedulerOutput
 from decoding.sequence import Sequence
 from decoding.speculative.proposer import Proposal
 from decoding.speculative.rejection import ExtendedSequence

@@ -1,0 +1,83 @@
+"""A step's plan: which tokens of which sequences the model computes (`ScheduledSeq`, a chain or a
+`TokenTree` of speculative candidates), the block copies to make first, and who was preempted
+(`SchedulerOutput`). The scheduler writes it, speculation extends its entries with drafts, the runner
+executes it and the update phase applies its results."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from decoding.sequence import Request, Sequence
+
+
+@dataclass(frozen=True)
+class TokenTree:
+    """The new tokens of a step as a tree (speculative candidates) instead of a chain.
+
+    `parents[i]` is the index of new token i's parent among the new tokens, or -1 when it follows the
+    cached context directly. Parents come before children. Token i sits at position start + depth(i) and
+    sees only its ancestors and the cache; its key/value is stored at sequence index start + i until the
+    accepted path is compacted.
+    """
+
+    parents: tuple[int, ...]
+
+    def depths(self) -> list[int]:
+        depths: list[int] = []
+        for parent in self.parents:
+            depths.append(0 if parent < 0 else depths[parent] + 1)
+        return depths
+
+    def ancestry(self) -> list[list[int]]:
+        """Per token, its ancestors root first, then itself."""
+        chains: list[list[int]] = []
+        for i, parent in enumerate(self.parents):
+            chains.append((chains[parent] if parent >= 0 else []) + [i])
+        return chains
+
+    def visibility(self) -> list[list[bool]]:
+        """[n, n]: row i is True at i and at each of its ancestors."""
+        n = len(self.parents)
+        rows = [[False] * n for _ in range(n)]
+        for i, parent in enumerate(self.parents):
+            if parent >= 0:
+                rows[i] = list(rows[parent])
+            rows[i][i] = True
+        return rows
+
+
+@dataclass(frozen=True)
+class ScheduledSeq:
+    """Tokens [start, start + num_new_tokens) of `seq` are computed this step."""
+
+    seq: Sequence
+    start: int
+    num_new_tokens: int
+    # The chunk ends at the sequence's last known token, so its logits choose the next token.
+    reaches_end: bool
+    tree: TokenTree | None = None
+    # Speculative decoding: the last len(draft_token_ids) new tokens are proposals that follow the
+    # sequence's known tokens; the target scores all of them for verification.
+    draft_token_ids: tuple[int, ...] = ()
+    # Slots reserved past this step's tokens for the draft tokens a proposer may add.
+    num_lookahead: int = 0
+
+    @classmethod
+    def of(cls, seq: Sequence, num_new_tokens: int, num_lookahead: int = 0) -> ScheduledSeq:
+        end = seq.num_computed + num_new_tokens
+        return cls(seq, seq.num_computed, num_new_tokens, end == len(seq.token_ids), num_lookahead=num_lookahead)
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
