@@ -20,7 +20,8 @@ corpora of the default backend.
 Overhead: per-token time of constrained over unconstrained decoding, 8 held-out prompts x 128 tokens and
 the same prompts one at a time, in turns (bar at batch 8: 0.05): the median of the turns' ratios, and
 each turn's. The schema asks for an array of at least 100 integers, so constrained outputs run to
-max_tokens like unconstrained ones.
+max_tokens like unconstrained ones. `beam_overhead`: the same ratio for beam search (4 beams, greedy,
+300 tokens, one prompt), whose beams each carry a grammar cursor.
 """
 
 from __future__ import annotations
@@ -139,6 +140,16 @@ def overhead(engine: Engine, backend: str, prompts, new_tokens: int, batch: int,
     return round(statistics.median(turns), 3), [round(turn, 3) for turn in turns]
 
 
+def beam_overhead(engine: Engine, backend: str, prompt, new_tokens: int, repeats: int) -> tuple[float, list[float]]:
+    """Constrained over plain beam-search per-token time - 1: the median over turns, and each turn's."""
+    plain = SamplingParams(use_beam_search=True, num_beams=4, temperature=0, max_tokens=new_tokens)
+    constrained = SamplingParams(use_beam_search=True, num_beams=4, temperature=0, max_tokens=new_tokens,
+                                 json_schema=SCHEMA, structured_backend=backend)
+    turns = [per_token_seconds(engine, [prompt], constrained, 1) / per_token_seconds(engine, [prompt], plain, 1) - 1
+             for _ in range(repeats)]
+    return round(statistics.median(turns), 3), [round(turn, 3) for turn in turns]
+
+
 def main() -> None:
     args = parse_args(__doc__, extra=lambda parser: parser.add_argument(
         "--sample", type=int, default=150, help="schemas per real-world corpus for the backends after the default"))
@@ -157,8 +168,9 @@ def main() -> None:
         engine.generate([warmup], SamplingParams(max_tokens=8, json_schema=SCHEMA, structured_backend=backend))
         batch8, batch8_runs = overhead(engine, backend, prompts, new_tokens, 8, repeats)
         batch1, batch1_runs = overhead(engine, backend, prompts[:4], new_tokens, 1, repeats)
+        beams, beam_runs = beam_overhead(engine, backend, prompts[0], 100 if args.quick else 300, 2 if args.quick else 3)
         section = {"overhead": batch8, "overhead_per_turn": batch8_runs, "overhead_batch1": batch1,
-                   "overhead_batch1_per_turn": batch1_runs}
+                   "overhead_batch1_per_turn": batch1_runs, "beam_overhead": beams, "beam_overhead_per_turn": beam_runs}
         for name, schemas in corpora.items():
             if backend != backends[0] and name != "suite":
                 schemas = schemas[:: max(1, len(schemas) // args.sample)]
