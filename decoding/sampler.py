@@ -199,7 +199,7 @@ class Sampler:
         uniforms = uniforms if uniforms is not None else torch.zeros(num_rows)
         tokens, logprobs, dead = kernels.sample_rows_masked(penalised, batch.temperature, uniforms, batch.greedy, bits)
         tokens, logprobs = tokens.tolist(), logprobs.tolist()
-        for row in dead.nonzero().flatten().tolist() if bool(dead.any()) else ():
+        for row in (row for row, is_dead in enumerate(dead.tolist()) if is_dead):
             # The grammar allows only what min_tokens bans: the grammar wins (as in apply_grammar_mask).
             kept = logits[row].masked_fill(~unpack_bits(bits[row : row + 1], logits.shape[1])[0], NEG_INF)
             token, logprob, _ = kernels.sample_rows(kept.unsqueeze(0), batch.temperature[row : row + 1],

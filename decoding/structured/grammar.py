@@ -13,6 +13,7 @@ and so are refusals; a slow compile holds up no other. The engine sees only `Gra
 
 from __future__ import annotations
 
+import copy
 import json
 import threading
 from collections import OrderedDict
@@ -186,6 +187,12 @@ class GrammarCursor:
             return
         self._consume(token)
 
+    def _copy_with(self, **state) -> GrammarCursor:
+        """This cursor with its backend state replaced (the EOS tables are shared, not rebuilt)."""
+        child = copy.copy(self)
+        child.__dict__.update(state)
+        return child
+
     # ---- what a backend supplies -------------------------------------------------------------
     def fork(self) -> GrammarCursor:
         """An independent cursor at the same position (a beam that two children continue)."""
@@ -220,10 +227,11 @@ class OutlinesCoreCursor(GrammarCursor):
     def fork(self) -> OutlinesCoreCursor:
         # A Guide copies only through a serialization of its whole index (0.9 ms for a small schema);
         # walking a fresh one along the tokens costs microseconds each.
-        child = OutlinesCoreCursor(self._index, self._vocab_size, frozenset(self._eos))
+        from outlines_core import Guide
+        guide = Guide(self._index, max_rollback=MAX_DRAFT_TOKENS)
         for token in self._consumed:
-            child._consume(token)
-        return child
+            guide.advance(token, return_tokens=False)
+        return self._copy_with(_guide=guide, _consumed=list(self._consumed))
 
     def _write_mask(self, bits: torch.Tensor, row: int, address: int, num_bytes: int) -> None:
         self._guide.write_mask_into(address, num_bytes // 4, 4)
@@ -247,7 +255,7 @@ class LLGuidanceCursor(GrammarCursor):
         self._matcher = matcher
 
     def fork(self) -> LLGuidanceCursor:
-        return LLGuidanceCursor(self._matcher.deep_copy(), self._vocab_size, frozenset(self._eos))
+        return self._copy_with(_matcher=self._matcher.deep_copy())
 
     def _write_mask(self, bits: torch.Tensor, row: int, address: int, num_bytes: int) -> None:
         self._matcher.unsafe_compute_mask_ptr(address, num_bytes)
@@ -269,7 +277,7 @@ class XGrammarCursor(GrammarCursor):
         self._matcher = matcher
 
     def fork(self) -> XGrammarCursor:
-        return XGrammarCursor(self._matcher.fork(), self._vocab_size, frozenset(self._eos))
+        return self._copy_with(_matcher=self._matcher.fork())
 
     def _write_mask(self, bits: torch.Tensor, row: int, address: int, num_bytes: int) -> None:
         self._matcher.fill_next_token_bitmask(bits, row)

@@ -66,12 +66,13 @@ def _one_of(node: dict) -> dict:
         return node
     rest = {key: value for key, value in node.items() if key != "oneOf"}
     kinds = [_type_kinds(branch) for branch in branches]
-    if all(k is not None for k in kinds):
-        # Types only: exactly the kinds one branch alone admits.
-        alone = [kind for kind in KINDS if sum(kind in k for k in kinds) == 1]
+    outer = _kinds_of(rest["type"]) if "type" in rest else frozenset(KINDS)
+    if all(k is not None for k in kinds) and outer is not None:
+        # Types only: exactly the kinds one branch alone admits (and the schema's own type, if any).
+        alone = [kind for kind in KINDS if sum(kind in k for k in kinds) == 1 and kind in outer]
         types = _type_names(alone)
-        if types is not None:
-            return _merged(rest, {"type": types}) if types else node
+        if types:
+            return {**rest, "type": types}
     values = [_admitted(branch) for branch in branches]
     if all(v is not None for v in values) and all(
             _disjoint(values[i], values[j]) for i in range(len(values)) for j in range(i)):
@@ -79,13 +80,6 @@ def _one_of(node: dict) -> dict:
             return node
         return {**rest, "anyOf": branches}
     return node
-
-
-def _merged(rest: dict, branch: dict) -> dict:
-    """`rest` and `branch` must both hold: one object when they share no keyword, else an allOf."""
-    if set(rest) & set(branch):
-        return {**{k: v for k, v in rest.items() if k not in branch}, "allOf": [branch, {k: v for k, v in rest.items() if k in branch}]}
-    return {**rest, **branch}
 
 
 def _type_kinds(branch) -> frozenset[str] | None:
