@@ -59,12 +59,11 @@ class LLGuidanceGrammars:
                 options = {"whitespace_flexible": False, **({"lenient": True} if constraint.best_effort else {})}
                 schema = {**schema, "x-guidance": {**options, **schema.get("x-guidance", {})}}
             spec = llguidance.grammar_from("json_schema", json.dumps(schema))
-        failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(spec, self.tokenizer, limits=self._limits)
-        if failed:
-            raise GrammarError(self._explain(constraint, messages))
+        # Building the matcher checks the grammar against the tokenizer (one parse, not a validation and
+        # then a build).
         start = llguidance.LLMatcher(self.tokenizer, spec, limits=self._limits)
         if start.is_error():
-            raise GrammarError(f"the constraint cannot be compiled: {start.get_error()}")
+            raise GrammarError(self._explain(constraint, start.get_error().splitlines()))
         return LLGuidanceGrammar(spec, start)
 
     def matcher(self, grammar: LLGuidanceGrammar):
