@@ -5,6 +5,7 @@ step never copies a whole sequence's cache."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -14,6 +15,9 @@ from decoding.sampler import apply_grammar_masks
 from decoding.detokenizer import find_stop_string
 from decoding.sequence import FinishReason, Request, Sequence
 from decoding.structured.grammar import GrammarCursor, unpack_bits
+
+if TYPE_CHECKING:
+    from decoding.update import EngineCounters
 
 
 class BeamRequests:
@@ -34,7 +38,7 @@ class BeamRequests:
             hits_stop_string=(lambda tokens, token: self._completes_stop(tokens, token, stops)) if stops else None)
 
     def take_rows(self, seqs: list[Sequence], rows: torch.Tensor, logits: torch.Tensor,
-                  counters) -> tuple[list[Sequence], torch.Tensor]:
+                  counters: EngineCounters) -> tuple[list[Sequence], torch.Tensor]:
         """Advance every beam-search request whose beams sample this step (their rows of `logits`);
         return the other sequences and their rows, for the sampler."""
         if not any(seq.request.beam is not None for seq in seqs):

@@ -129,8 +129,8 @@ class Engine:
         chains = self.speculation.attach_drafts(sched) if self.speculation else []
         want_prompt = {s.seq.seq_id for s in sched.scheduled
                        if s.seq.request.params.prompt_logprobs is not None and s.start < s.seq.prompt_len - 1}
-        logits = self.runner.execute(sched, want_prompt | {chain.seq.seq_id for chain in chains},
-                                     keep_hidden=bool(self.speculation and self.speculation.wants_hidden))
+        keep_hidden = bool(self.speculation and self.speculation.wants_hidden)
+        logits = self.runner.execute(sched, want_prompt | {chain.seq.seq_id for chain in chains}, keep_hidden)
         record_prompt_logprobs(sched, logits, want_prompt)
         sampling_seqs, rows = self.update.computed(sched, logits)
         sampling_seqs, rows = self.beams.take_rows(sampling_seqs, rows, logits.last, self.counters)
@@ -139,7 +139,7 @@ class Engine:
         verdicts = self.speculation.verify(chains, logits) if chains else []
         for chain, verdict in zip(chains, verdicts):
             self.update.apply_verdict(chain.seq, verdict)
-        if self.speculation:
+        if keep_hidden:
             self.speculation.observe(sampling_seqs, rows.tolist(), chains, verdicts, logits)
         self.counters.num_steps += 1
         touched = {s.seq.request.req_id: s.seq.request for s in sched.scheduled}

@@ -84,15 +84,11 @@ def apply_repetition_penalty(scores: torch.Tensor, history: list[int], penalty: 
     scores[seen] = torch.where(values < 0, values * penalty, values / penalty)
 
 
-def apply_grammar_mask(scores: torch.Tensor, unbanned: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """One row's scores with the tokens a grammar refuses at -inf. When the grammar allows only what
-    min_tokens bans (it is complete and may only end), the grammar wins: `unbanned` (the same row
-    before the ban) is masked instead, so the output stays valid and ends."""
-    return apply_grammar_masks(scores.unsqueeze(0), unbanned.unsqueeze(0), mask.unsqueeze(0))[0]
-
-
 def apply_grammar_masks(scores: torch.Tensor, unbanned: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """apply_grammar_mask over rows at once: scores, unbanned and masks [R, vocab]."""
+    """Rows' scores [R, vocab] with the tokens their grammar refuses (masks [R, vocab], bool) at -inf. When a
+    grammar allows only what min_tokens bans (it is complete and may only end), the grammar wins: that
+    row's `unbanned` scores (the same row before the ban) are masked instead, so the output stays valid
+    and ends."""
     kept = scores.masked_fill(~masks, NEG_INF)
     dead = torch.isinf(kept).all(dim=1)
     if bool(dead.any()):
@@ -200,7 +196,7 @@ class Sampler:
         tokens, logprobs, dead = kernels.sample_rows_masked(penalised, batch.temperature, uniforms, batch.greedy, bits)
         tokens, logprobs = tokens.tolist(), logprobs.tolist()
         for row in (row for row, is_dead in enumerate(dead.tolist()) if is_dead):
-            # The grammar allows only what min_tokens bans: the grammar wins (as in apply_grammar_mask).
+            # The grammar allows only what min_tokens bans: the grammar wins (as in apply_grammar_masks).
             kept = logits[row].masked_fill(~unpack_bits(bits[row : row + 1], logits.shape[1])[0], NEG_INF)
             token, logprob, _ = kernels.sample_rows(kept.unsqueeze(0), batch.temperature[row : row + 1],
                                                     uniforms[row : row + 1], batch.greedy[row : row + 1],
@@ -257,7 +253,7 @@ class Sampler:
         if kernels.native_ops_available(logits.device, logits.dtype) and logits.is_contiguous():
             dead = kernels.mask_rows_by_bits(logits, _row_index(rows), bits)
             for i, is_dead in enumerate(dead.tolist()):
-                if is_dead:    # the grammar wins over min_tokens, as in apply_grammar_mask
+                if is_dead:    # the grammar wins over min_tokens, as in apply_grammar_masks
                     logits[rows[i]] = raw_logits[rows[i]].masked_fill(~unpack_bits(bits[i : i + 1], vocab)[0], NEG_INF)
         else:
             index = torch.tensor(rows, device=logits.device)

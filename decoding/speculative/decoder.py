@@ -89,9 +89,8 @@ class SpeculativeDecoding:
     def observe(self, sampled: list[Sequence], rows: list[int], chains: list[ScheduledSeq],
                 verdicts: list[Verdict], logits: StepLogits) -> None:
         """Hand the proposer each unfinished sequence's hidden state at its newest token: the sampled
-        ones' logits rows, and each verified chain's last kept row."""
-        if not self.wants_hidden:
-            return
+        ones' logits rows, and each verified chain's last kept row. Only for a proposer that wants_hidden
+        (the step then asked the runner for them)."""
         for seq, row in zip(sampled, rows):
             if not seq.is_finished:
                 self.proposer.observe(seq, logits.last_hidden[row])
