@@ -34,6 +34,12 @@ class GrammarError(ValueError):
     """A constraint that cannot be compiled, with what to fix."""
 
 
+def unenforceable(problem: str) -> GrammarError:
+    """The refusal of a strict schema with a construct its backend cannot enforce ("<path>: <what>")."""
+    return GrammarError(f"json_schema uses a construct that constrained decoding cannot enforce ({problem}); "
+                        "remove or rewrite it, or opt into structured_best_effort")
+
+
 @dataclass(frozen=True)
 class Constraint:
     """The constraint fields of a request: the cache key of its compiled grammar, and what a compile
@@ -79,8 +85,7 @@ def constraint_regex(constraint: Constraint) -> str:
         schema = prepared(schema, STRING_FORMATS)
     problem = unsupported_construct(schema)
     if problem is not None and not constraint.best_effort:
-        raise GrammarError(f"json_schema uses a construct that constrained decoding cannot enforce ({problem}); "
-                           "remove or rewrite it, or opt into structured_best_effort")
+        raise unenforceable(problem)
     try:
         # Property order is kept (outlines-core emits properties in the order the text lists them).
         return build_regex_from_schema(json.dumps(schema))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from decoding.structured.constraint import Constraint, GrammarError
+from decoding.structured.constraint import Constraint, GrammarError, unenforceable
 from decoding.structured.schema_rewrites import prepared
 
 # The string formats llguidance enforces (others are annotations: see schema_rewrites).
@@ -78,8 +78,7 @@ class LLGuidanceGrammars:
             if line.startswith(UNIMPLEMENTED):
                 keyword = json.loads(line[len(UNIMPLEMENTED):])[0]
                 where = keyword_path(json.loads(constraint.json_schema), keyword) or "#"
-                return (f"json_schema uses a construct that constrained decoding cannot enforce ({where}: {keyword}); "
-                        "remove or rewrite it, or opt into structured_best_effort")
+                return str(unenforceable(f"{where}: {keyword}"))
         return f"json_schema cannot be compiled: {message}"
 
 

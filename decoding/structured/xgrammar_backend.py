@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from decoding.structured.compile_workers import CompileWorkers, WorkerSetup
-from decoding.structured.constraint import Constraint, GrammarError
+from decoding.structured.constraint import Constraint, GrammarError, unenforceable
 from decoding.structured.schema_rewrites import prepared
 from decoding.structured.xgrammar_support import FORMATS, unsupported_construct, with_counted_strings
 
@@ -69,8 +69,7 @@ def worker_compiler(tokenizer_info_json: str) -> Callable[[Constraint], str]:
             schema = prepared(json.loads(constraint.json_schema), FORMATS)
             problem = unsupported_construct(schema)
             if problem is not None and not constraint.best_effort:
-                raise GrammarError(f"json_schema uses a construct that constrained decoding cannot enforce ({problem}); "
-                                   "remove or rewrite it, or opt into structured_best_effort")
+                raise unenforceable(problem)
             compiled = _checked(lambda text: compiler.compile_json_schema(text, any_whitespace=False, strict_mode=True),
                                 json.dumps(with_counted_strings(schema)), "json_schema")
         return compiled.serialize_json()
