@@ -87,7 +87,10 @@ def compile_worker_pids() -> list[str]:
 
 
 def test_a_compile_past_its_memory_budget_is_refused():
-    engine = Engine(show_progress=False, grammar_memory_gb=0.25, num_kv_blocks=16, block_size=16)
+    # A CPU budget well past the time the compile takes to fill 0.25 GB, so memory is what stops it
+    # (at the default 5 s either limit may come first on a busy machine).
+    engine = Engine(show_progress=False, grammar_memory_gb=0.25, grammar_cpu_budget_s=60, num_kv_blocks=16,
+                    block_size=16)
     with pytest.raises(ValueError, match="memory"):
         engine.make_request("x", SamplingParams(max_tokens=4, json_schema=SLOW_SCHEMA, structured_backend=SLOW_BACKEND))
 
