@@ -179,7 +179,7 @@ def test_keywords_json_schema_does_not_define_are_ignored(engine):
 
 
 @pytest.mark.parametrize("backend, schema, named", [
-    ("llguidance", {"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, "#: uniqueItems"),
+    ("llguidance", {"type": "object", "propertyNames": {"pattern": "^a"}}, "#: propertyNames"),
     ("llguidance", {"type": "object", "properties": {"a": {"not": {"type": "string"}}}}, "#/properties/a: not"),
     ("llguidance", {"type": "object", "properties": {"a": {"type": "integer"}},
                     "unevaluatedProperties": False}, "#: unevaluatedProperties"),
@@ -187,11 +187,10 @@ def test_keywords_json_schema_does_not_define_are_ignored(engine):
     ("llguidance", {"if": {"type": "string"}, "then": {"maxLength": 3}}, "#: if"),
     ("outlines-core", {"type": "integer", "minimum": 3}, "#: minimum"),
     ("outlines-core", {"oneOf": [{"type": "integer"}, {"type": "number"}]}, "#: oneOf"),
-    ("outlines-core", {"type": "object", "properties": {"a": {"type": "array", "uniqueItems": True}}},
-     "#/properties/a: uniqueItems"),
+    ("outlines-core", {"type": "object", "properties": {"a": {"type": "array", "contains": {"type": "integer"}}}},
+     "#/properties/a: contains"),
     ("outlines-core", {"type": "string", "pattern": "a+", "maxLength": 3}, "#: more than one of"),
     ("outlines-core", {"$ref": "https://example.com/s.json"}, "external $ref"),
-    ("xgrammar", {"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, "#: uniqueItems"),
     ("xgrammar", {"type": "object", "properties": {"a": {"not": {"type": "string"}}}}, "#/properties/a: not"),
     ("xgrammar", {"type": "object", "properties": {"a": {"type": "integer"}}, "dependentRequired": {"a": ["b"]}},
      "#: dependentRequired"),

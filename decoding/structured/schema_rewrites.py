@@ -4,6 +4,9 @@ defines them) but that a grammar backend understands better. Applied before a ba
 - `without_unknown_formats`: a `format` the backend does not know is dropped. In JSON Schema 2020-12
   `format` is an annotation unless a validator opts into asserting it, and unknown formats are never
   asserted; so dropping it changes nothing that is valid (the schema's known formats stay enforced).
+- `without_vacuous_keywords`: a keyword written with the value it has when absent (`uniqueItems: false`,
+  `minItems: 0`, `minLength: 0`, `required: []`, ...) is dropped: it asserts nothing. CloudFormation's
+  resource schemas write `uniqueItems: false` on hundreds of arrays.
 - `with_disjoint_one_of`: `oneOf` asks for exactly one branch to match. Where the branches provably admit
   no common value (different types, different literals), that is `anyOf`; where every branch is only a
   set of types, the instances are exactly the types one branch alone admits (a `type` list). Other
@@ -43,9 +46,40 @@ def map_subschemas(schema, rewrite: Callable[[dict], dict]):
     return rewrite(out)
 
 
+def subschemas(schema, path: str = "#"):
+    """(JSON pointer, schema object) of every schema object in `schema`, outermost first."""
+    if not isinstance(schema, dict):
+        return
+    yield path, schema
+    for key in ONE_SCHEMA:
+        if key in schema:
+            yield from subschemas(schema[key], f"{path}/{key}")
+    for key in SCHEMA_LISTS:
+        if isinstance(schema.get(key), list):
+            for index, sub in enumerate(schema[key]):
+                yield from subschemas(sub, f"{path}/{key}/{index}")
+    for key in SCHEMA_MAPS:
+        if isinstance(schema.get(key), dict):
+            for name, sub in schema[key].items():
+                yield from subschemas(sub, f"{path}/{key}/{name}")
+
+
+# Keywords and the value each has when absent (JSON Schema 2020-12, validation vocabulary).
+VACUOUS = {"uniqueItems": False, "minItems": 0, "minLength": 0, "minProperties": 0, "minContains": 1,
+           "required": []}
+
+
 def prepared(schema, known_formats: frozenset[str]):
-    """Both rewrites: what a backend that enforces `known_formats` is given."""
-    return with_disjoint_one_of(without_unknown_formats(schema, known_formats))
+    """Every rewrite: what a backend that enforces `known_formats` is given."""
+    return with_disjoint_one_of(without_vacuous_keywords(without_unknown_formats(schema, known_formats)))
+
+
+def without_vacuous_keywords(schema):
+    def drop(node: dict) -> dict:
+        vacuous = [key for key, value in VACUOUS.items() if key in node and _same(node[key], value)]
+        return {key: value for key, value in node.items() if key not in vacuous} if vacuous else node
+    return map_subschemas(schema, drop)
+
 
 
 def without_unknown_formats(schema, known: frozenset[str]):

@@ -1,0 +1,193 @@
+"""A sequence's position in a compiled grammar: the allowed-token bits at each step, advance, roll back,
+complete. The base class holds what every backend shares (EOS, packed masks, masks along a draft); each
+backend's cursor supplies four steps over its own matcher.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from decoding.structured.constraint import GrammarError
+
+MAX_DRAFT_TOKENS = 64
+
+
+class GrammarCursor:
+    """One sequence's position in a compiled grammar. A backend supplies the four steps at the bottom;
+    the rest (EOS, packed masks, masks along a draft) is the same for every backend."""
+
+    def __init__(self, vocab_size: int, eos_token_ids: frozenset[int]):
+        self._vocab_size = vocab_size
+        self._eos = sorted(i for i in eos_token_ids if i < vocab_size)
+        self._words = (vocab_size + 31) // 32          # int32 words of an allowed-token bitmask
+        # Where a model has several EOS ids, any of them ends the output where one may: their words and
+        # bits, for allowed_bits (built once: it runs every step).
+        self._eos_words = torch.tensor([i // 32 for i in self._eos])
+        self._eos_flags = torch.tensor([1 << (i % 32) for i in self._eos], dtype=torch.int64).to(torch.int32)
+
+    def allowed(self) -> torch.Tensor:
+        """bool [vocab]: the tokens that keep the output inside the grammar (EOS only where it may end)."""
+        return unpack_bits(GrammarCursor.allowed_bits([self]), self._vocab_size)[0]
+
+    @staticmethod
+    def allowed_bits(cursors: list[GrammarCursor]) -> torch.Tensor:
+        """allowed() of each cursor as packed bits, int32 [len(cursors), ceil(vocab / 32)] (token i is bit
+        i % 32 of word i // 32), written for all of them at once; the sampler applies them unpacked."""
+        first = cursors[0]
+        bits = torch.zeros(len(cursors), first._words, dtype=torch.int32)
+        # One row at a time on this thread: llguidance's own thread pool (LLExecutor) measured 4-5x
+        # slower here, its idle threads spinning against the model's OpenMP threads on 2 cores. Rows
+        # are addressed by pointer (a tensor view per row costs as much as an llguidance mask).
+        base, row_bytes = bits.data_ptr(), first._words * 4
+        for row, cursor in enumerate(cursors):
+            cursor._write_mask(bits, row, base + row * row_bytes, row_bytes)
+        if len(first._eos) > 1:
+            words, flags = first._eos_words, first._eos_flags
+            any_eos = ((bits[:, words] & flags) != 0).any(dim=1, keepdim=True)
+            bits[:, words] |= torch.where(any_eos, flags, torch.zeros_like(flags))
+        return bits
+
+    def masks_along(self, draft: list[int]) -> list[torch.Tensor]:
+        """The allowed-token mask at each verified position of a draft chain: row j is the mask after
+        draft[:j]. From the first draft token the grammar refuses, later rows allow everything: the
+        verifier rejects that token (its probability under the masked target is 0), so they are never
+        read. The cursor ends where it started."""
+        masks = [self.allowed()]
+        advanced, valid = 0, True
+        for token in draft:
+            valid = valid and bool(masks[-1][token]) and token not in self._eos
+            if valid:
+                self._consume(token)
+                advanced += 1
+                masks.append(self.allowed())
+            else:
+                masks.append(torch.ones(self._vocab_size, dtype=torch.bool))
+        if advanced:
+            self._rollback(advanced)
+        return masks
+
+    def masks_for(self, proposal) -> list[torch.Tensor]:
+        """The mask at each verified row of a draft chain or tree (row 0: the sequence's last token;
+        row i + 1: after the path to draft token i)."""
+        if proposal.parents is None:
+            return self.masks_along(proposal.token_ids)
+        return [self.allowed()] + [self.masks_along(proposal.path(i))[-1] for i in range(len(proposal.token_ids))]
+
+    def advance(self, token: int) -> None:
+        if token in self._eos:
+            return
+        self._consume(token)
+
+    def _copy_with(self, **state) -> GrammarCursor:
+        """This cursor with its backend state replaced (the EOS tables are shared, not rebuilt)."""
+        child = copy.copy(self)
+        child.__dict__.update(state)
+        return child
+
+    # ---- what a backend supplies -------------------------------------------------------------
+    def fork(self) -> GrammarCursor:
+        """An independent cursor at the same position (a beam that two children continue)."""
+        raise NotImplementedError
+
+    def _write_mask(self, bits: torch.Tensor, row: int, address: int, num_bytes: int) -> None:
+        """The allowed tokens as bits into row `row` of `bits`: the int32 words at `address` (num_bytes
+        of them)."""
+        raise NotImplementedError
+
+    def _consume(self, token: int) -> None:
+        raise NotImplementedError
+
+    def _rollback(self, num_tokens: int) -> None:
+        raise NotImplementedError
+
+    @property
+    def is_complete(self) -> bool:
+        """The output so far is a full match (ending here would be valid)."""
+        raise NotImplementedError
+
+
+class OutlinesCoreCursor(GrammarCursor):
+    def __init__(self, index, vocab_size: int, eos_token_ids: frozenset[int]):
+        from outlines_core import Guide
+        super().__init__(vocab_size, eos_token_ids)
+        self._index = index
+        # Speculative decoding walks drafts forward and back: room for the longest draft.
+        self._guide = Guide(index, max_rollback=MAX_DRAFT_TOKENS)
+        self._consumed: list[int] = []
+
+    def fork(self) -> OutlinesCoreCursor:
+        # A Guide copies only through a serialization of its whole index (0.9 ms for a small schema);
+        # walking a fresh one along the tokens costs microseconds each.
+        from outlines_core import Guide
+        guide = Guide(self._index, max_rollback=MAX_DRAFT_TOKENS)
+        for token in self._consumed:
+            guide.advance(token, return_tokens=False)
+        return self._copy_with(_guide=guide, _consumed=list(self._consumed))
+
+    def _write_mask(self, bits: torch.Tensor, row: int, address: int, num_bytes: int) -> None:
+        self._guide.write_mask_into(address, num_bytes // 4, 4)
+
+    def _consume(self, token: int) -> None:
+        self._guide.advance(token, return_tokens=False)
+        self._consumed.append(token)
+
+    def _rollback(self, num_tokens: int) -> None:
+        self._guide.rollback_state(num_tokens)
+        del self._consumed[len(self._consumed) - num_tokens :]
+
+    @property
+    def is_complete(self) -> bool:
+        return self._guide.is_finished()
+
+
+class LLGuidanceCursor(GrammarCursor):
+    def __init__(self, matcher, vocab_size: int, eos_token_ids: frozenset[int]):
+        super().__init__(vocab_size, eos_token_ids)
+        self._matcher = matcher
+
+    def fork(self) -> LLGuidanceCursor:
+        return self._copy_with(_matcher=self._matcher.deep_copy())
+
+    def _write_mask(self, bits: torch.Tensor, row: int, address: int, num_bytes: int) -> None:
+        self._matcher.unsafe_compute_mask_ptr(address, num_bytes)
+
+    def _consume(self, token: int) -> None:
+        self._matcher.consume_token(token)
+
+    def _rollback(self, num_tokens: int) -> None:
+        self._matcher.rollback(num_tokens)
+
+    @property
+    def is_complete(self) -> bool:
+        return self._matcher.is_accepting()
+
+
+class XGrammarCursor(GrammarCursor):
+    def __init__(self, matcher, vocab_size: int, eos_token_ids: frozenset[int]):
+        super().__init__(vocab_size, eos_token_ids)
+        self._matcher = matcher
+
+    def fork(self) -> XGrammarCursor:
+        return self._copy_with(_matcher=self._matcher.fork())
+
+    def _write_mask(self, bits: torch.Tensor, row: int, address: int, num_bytes: int) -> None:
+        self._matcher.fill_next_token_bitmask(bits, row)
+
+    def _consume(self, token: int) -> None:
+        if not self._matcher.accept_token(token):
+            raise GrammarError(f"token {token} is outside the grammar")
+
+    def _rollback(self, num_tokens: int) -> None:
+        self._matcher.rollback(num_tokens)
+
+    @property
+    def is_complete(self) -> bool:
+        return self._matcher.is_completed()
+
+
+def unpack_bits(bits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """int32 [R, words] allowed-token bits -> bool [R, vocab_size]."""
+    shifts = torch.arange(32, dtype=torch.int32, device=bits.device)
+    return ((bits.unsqueeze(2) >> shifts) & 1).bool().flatten(1)[:, :vocab_size]

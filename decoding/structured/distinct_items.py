@@ -1,0 +1,234 @@
+"""`uniqueItems: true`, enforced beside any backend: no backend's grammar can say "an item unlike the
+earlier ones" (llguidance, outlines-core and xgrammar all refuse the keyword), so the schema goes to the
+backend without it, and each sequence's cursor narrows the backend's allowed tokens further.
+
+Two rules, applied only while the output is inside an array kept distinct that already has an item:
+
+1. A token that would finish an item equal to an earlier one (as JSON compares values: 1 and 1.0 are
+   equal, true and 1 are not, key order is ignored) is not allowed. Found by scanning each allowed
+   token that could finish an item (one with a quote, comma or closing bracket where it matters).
+2. A token that keeps the item spelled exactly like an earlier one, so far, is allowed only if some
+   way on stays clear of rule 1 (an enum item whose values are all used, a `{"Key": .., "Value": ..}`
+   whose last free field is already written as before). Checked by walking the backend's grammar along
+   the earlier items' spellings, within a budget of grammar states per step. A token that leaves every
+   earlier spelling is taken to stay clear: the backends write one spelling per value (fixed property
+   order and whitespace), so a different spelling is a different value. The exceptions are escapes
+   (`"\\u0061"` is `"a"`) and number forms (`1.0` is `1`), which rule 1 still catches when they finish
+   an item; the walk does not follow them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from decoding.structured.cursors import GrammarCursor
+from decoding.structured.json_position import VALUE, JsonPosition, SchemaPlaces, canonical
+from decoding.structured.schema_rewrites import map_subschemas, subschemas
+from decoding.structured.vocabulary import token_bytes
+
+# Grammar states rule 2 may visit per step, and how many tokens ahead: the walk follows earlier items'
+# spellings only, so it is short unless many earlier items share a long spelling.
+LOOKAHEAD_STATES = 256
+LOOKAHEAD_TOKENS = 48
+
+
+def has_unique_items(schema) -> bool:
+    return any(node.get("uniqueItems") is True for _, node in subschemas(schema))
+
+
+def without_unique_items(schema):
+    """The schema a backend is given: `uniqueItems: true` is this module's to enforce."""
+    return map_subschemas(schema, lambda node: {key: value for key, value in node.items()
+                                                if not (key == "uniqueItems" and value is True)})
+
+
+def unmeetable(schema: dict) -> str | None:
+    """Where an array kept distinct needs more items than its items have values (an enum of two and
+    `minItems: 3`), "<path>: <why>": no output could finish, so the schema is refused rather than
+    written into a corner."""
+    places = SchemaPlaces(schema)
+    for path, node in subschemas(schema):
+        needed = node.get("minItems")
+        if node.get("uniqueItems") is True and isinstance(needed, int) and "items" in node \
+                and "prefixItems" not in node:
+            values = _finite_values(places.item_of(places.expanded([node]), 0))
+            if values is not None and needed > values:
+                return f"{path}: minItems {needed} with uniqueItems, but the items have {values} values"
+    return None
+
+
+def _finite_values(item_places: tuple) -> int | None:
+    """At most how many values an item may take, where its schemas list them (enum, const, boolean, null)
+    and all of them apply (no anyOf/oneOf branches)."""
+    if any(key in schema for schema in item_places for key in ("anyOf", "oneOf")):
+        return None
+    counts = []
+    for schema in item_places:
+        if "const" in schema:
+            counts.append(1)
+        elif isinstance(schema.get("enum"), list):
+            counts.append(len({canonical(value) for value in schema["enum"]}))
+        elif schema.get("type") in ("boolean", "null"):
+            counts.append(2 if schema["type"] == "boolean" else 1)
+    return min(counts, default=None)
+
+
+@dataclass(frozen=True)
+class DistinctItemsGrammar:
+    """A backend's grammar of the schema without `uniqueItems`, and where the schema asks for it."""
+
+    inner: object
+    places: SchemaPlaces = field(compare=False, repr=False)
+
+
+class TokenSpellings:
+    """Each token's bytes, looked up both ways, and the tokens with a quote. Built once per vocabulary."""
+
+    def __init__(self, tokenizer, vocab_size: int):
+        spelled = token_bytes(tokenizer)
+        self.bytes = [spelled.get(i, b"") for i in range(vocab_size)]
+        self.by_bytes: dict[bytes, list[int]] = {}
+        for token, text in spelled.items():
+            if text:
+                self.by_bytes.setdefault(text, []).append(token)
+        self.longest = max((len(text) for text in self.by_bytes), default=1)
+        self.with_quote = np.array([i for i, text in enumerate(self.bytes) if b'"' in text], dtype=np.int64)
+        self.every_token = np.arange(vocab_size, dtype=np.int64)
+
+
+def _allowed(words: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    return tokens[((words[tokens >> 5] >> (tokens & 31).astype(np.uint32)) & 1).astype(bool)]
+
+
+def _disallow(words: np.ndarray, token: int) -> None:
+    words[token >> 5] &= np.uint32(~(1 << (token & 31)) & 0xFFFFFFFF)
+
+
+class DistinctItemsCursor(GrammarCursor):
+    """A backend's cursor, its masks narrowed by the module's two rules."""
+
+    def __init__(self, inner: GrammarCursor, places: SchemaPlaces, spellings: TokenSpellings):
+        super().__init__(inner._vocab_size, frozenset(inner._eos))
+        self._inner = inner
+        self._spellings = spellings
+        self._position = JsonPosition(places)
+        self._history: list[JsonPosition] = []         # the position before each consumed token
+        self.repeated_an_item = False
+
+    def fork(self) -> DistinctItemsCursor:
+        return self._copy_with(_inner=self._inner.fork(), _position=self._position.copy(),
+                               _history=list(self._history))
+
+    def _write_mask(self, bits: torch.Tensor, row: int, address: int, num_bytes: int) -> None:
+        self._inner._write_mask(bits, row, address, num_bytes)
+        if self._position.distinct_frames():
+            words = bits[row].numpy().view(np.uint32)
+            backend_words = words.copy()
+            if not self._narrow(words, Lookahead(), every_token=True):
+                # No way on avoids a repeat: reached only past the lookahead's budget (a schema that
+                # cannot be met is refused when compiled). The backend's tokens stay allowed rather than
+                # none, so the step goes on; `repeated_an_item` then tells.
+                words[:] = backend_words
+
+    def _consume(self, token: int) -> None:
+        position = self._position.copy()
+        if not position.feed(self._spellings.bytes[token]):
+            self.repeated_an_item = True
+        self._inner._consume(token)
+        self._history.append(self._position)
+        self._position = position
+
+    def _rollback(self, num_tokens: int) -> None:
+        self._inner._rollback(num_tokens)
+        self._position = self._history[-num_tokens]
+        del self._history[-num_tokens:]
+
+    @property
+    def is_complete(self) -> bool:
+        return self._inner.is_complete
+
+    # ---- the two rules ---------------------------------------------------------------------------
+    def _narrow(self, words: np.ndarray, lookahead: Lookahead, every_token: bool) -> bool:
+        """Disallow, in the allowed-token words of the current position, the tokens rule 1 or rule 2
+        refuses; whether any token is left. With every_token False the caller needs only the answer, so
+        the walk stops at the first token that leaves every earlier spelling."""
+        position, spellings = self._position, self._spellings
+        finishing, following = [], set()
+        for token in _allowed(words, self._worth_scanning(position)).tolist():
+            after = position.copy()
+            if not after.feed(spellings.bytes[token]):
+                finishing.append(token)
+            elif after.tracks_an_earlier_item():
+                following.add(token)
+        for token in finishing:
+            _disallow(words, token)
+        candidates = np.array(sorted(self._following_spellings(position)), dtype=np.int64)
+        following.update(_allowed(words, candidates).tolist() if len(candidates) else ())
+        if not every_token and _count(words) > len(following):
+            return True                        # a token leaves every earlier spelling
+        for token in sorted(following):
+            if not lookahead.clear_after(self, token):
+                _disallow(words, token)
+        return _count(words) > 0
+
+    def _worth_scanning(self, position: JsonPosition) -> np.ndarray:
+        """The tokens to scan for both rules. In a string, those with a quote (a token must end the
+        string before it can finish an item or spell on past it); the string's own letters are matched
+        against the earlier spellings directly (_following_spellings). Outside strings, every token:
+        few are allowed there, and blank space, which spellings leave out, may sit anywhere in one."""
+        return self._spellings.with_quote if position.in_string else self._spellings.every_token
+
+    def _following_spellings(self, position: JsonPosition) -> set[int]:
+        """The tokens that continue an item along an earlier item's spelling, byte for byte (in a string,
+        where every byte counts)."""
+        spellings, found = self._spellings, set()
+        for frame in position.distinct_frames():
+            item = bytes(frame.item) if frame.item is not None else (b"" if frame.awaiting == VALUE else None)
+            if item is None:
+                continue
+            for spelled in frame.spelled:
+                if spelled.startswith(item):
+                    rest = spelled[len(item):]
+                    for end in range(1, min(len(rest), spellings.longest) + 1):
+                        found.update(spellings.by_bytes.get(rest[:end], ()))
+        return found
+
+
+class Lookahead:
+    """Rule 2's walk for one step: the grammar states it visited (by the bytes written since the step's
+    position) and what it found, within LOOKAHEAD_STATES."""
+
+    def __init__(self):
+        self.clear: dict[bytes, bool] = {}
+        self.path = b""
+        self.depth = 0
+
+    def clear_after(self, cursor: DistinctItemsCursor, token: int) -> bool:
+        """Whether some way on from `token` stays clear of repeating an item. Past the budget, yes."""
+        path = self.path + cursor._spellings.bytes[token]
+        if path in self.clear:
+            return self.clear[path]
+        if len(self.clear) >= LOOKAHEAD_STATES or self.depth >= LOOKAHEAD_TOKENS:
+            return True
+        self.clear[path] = True                 # a cycle back here is not a way out
+        scratch = torch.zeros(1, cursor._words, dtype=torch.int32)
+        cursor._consume(token)
+        saved, self.path, self.depth = (self.path, self.depth), path, self.depth + 1
+        try:
+            cursor._inner._write_mask(scratch, 0, scratch.data_ptr(), cursor._words * 4)
+            words = scratch[0].numpy().view(np.uint32)
+            found = cursor._inner.is_complete or (
+                cursor._narrow(words, self, every_token=False) if cursor._position.distinct_frames()
+                else _count(words) > 0)
+        finally:
+            self.path, self.depth = saved
+            cursor._rollback(1)
+        self.clear[path] = found
+        return found
+
+
+def _count(words: np.ndarray) -> int:
+    return int(np.unpackbits(words.view(np.uint8)).sum())
