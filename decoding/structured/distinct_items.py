@@ -19,6 +19,7 @@ Two rules, applied only while the output is inside an array kept distinct that a
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -95,8 +96,46 @@ class TokenSpellings:
             if text:
                 self.by_bytes.setdefault(text, []).append(token)
         self.longest = max((len(text) for text in self.by_bytes), default=1)
-        self.with_quote = np.array([i for i, text in enumerate(self.bytes) if b'"' in text], dtype=np.int64)
-        self.every_token = np.arange(vocab_size, dtype=np.int64)
+        self._following: dict[tuple[int, bytes], tuple[tuple[bytes, ...], frozenset[int]]] = {}
+        # As allowed-token words (bit i of word i // 32), to intersect with a mask word by word.
+        self.with_quote = _words_of([i for i, text in enumerate(self.bytes) if b'"' in text], vocab_size)
+        # Outside a string an item ends at a quote, a bracket, or (a number) at a comma or blank space.
+        self.with_quote_or_delimiter = _words_of(
+            [i for i, text in enumerate(self.bytes) if any(c in text for c in b'",]} \t\n\r')], vocab_size)
+
+
+    def following(self, spelled: tuple[bytes, ...], item: bytes) -> frozenset[int]:
+        """The tokens that spell on from `item` along one of `spelled` (sorted), remembered for the last
+        few arrays (a step asks the same of every token it looks ahead from)."""
+        key = (id(spelled), item)
+        if key not in self._following or self._following[key][0] is not spelled:
+            start = bisect.bisect_left(spelled, item)
+            found = set()
+            for earlier in spelled[start:]:
+                if not earlier.startswith(item):
+                    break
+                rest = earlier[len(item):]
+                for end in range(1, min(len(rest), self.longest) + 1):
+                    found.update(self.by_bytes.get(rest[:end], ()))
+            if len(self._following) >= 4096:
+                self._following.clear()
+            self._following[key] = (spelled, frozenset(found))
+        return self._following[key][1]
+
+
+def _words_of(tokens: list[int], vocab_size: int) -> np.ndarray:
+    words = np.zeros((vocab_size + 31) // 32, dtype=np.uint32)
+    for token in tokens:
+        words[token >> 5] |= np.uint32(1 << (token & 31))
+    return words
+
+
+def _tokens_in(words: np.ndarray) -> np.ndarray:
+    """The token ids whose bits are set."""
+    nonzero = np.flatnonzero(words)
+    bits = np.unpackbits(words[nonzero].view(np.uint8), bitorder="little").reshape(len(nonzero), 32)
+    rows, columns = np.nonzero(bits)
+    return nonzero[rows] * 32 + columns
 
 
 def _allowed(words: np.ndarray, tokens: np.ndarray) -> np.ndarray:
@@ -156,8 +195,13 @@ class DistinctItemsCursor(GrammarCursor):
         refuses; whether any token is left. With every_token False the caller needs only the answer, so
         the walk stops at the first token that leaves every earlier spelling."""
         position, spellings = self._position, self._spellings
-        finishing, following = [], set()
-        for token in _allowed(words, self._worth_scanning(position)).tolist():
+        scanned = _tokens_in(words & self._worth_scanning(position))
+        candidates = np.array(sorted(self._following_spellings(position)), dtype=np.int64)
+        following = set(_allowed(words, candidates).tolist()) if len(candidates) else set()
+        if not every_token and _count(words) > len(following) + len(scanned):
+            return True        # a token that neither follows an earlier spelling nor can finish an item
+        finishing = []
+        for token in scanned.tolist():
             after = position.copy()
             if not after.feed(spellings.bytes[token]):
                 finishing.append(token)
@@ -165,8 +209,6 @@ class DistinctItemsCursor(GrammarCursor):
                 following.add(token)
         for token in finishing:
             _disallow(words, token)
-        candidates = np.array(sorted(self._following_spellings(position)), dtype=np.int64)
-        following.update(_allowed(words, candidates).tolist() if len(candidates) else ())
         if not every_token and _count(words) > len(following):
             return True                        # a token leaves every earlier spelling
         for token in sorted(following):
@@ -175,25 +217,20 @@ class DistinctItemsCursor(GrammarCursor):
         return _count(words) > 0
 
     def _worth_scanning(self, position: JsonPosition) -> np.ndarray:
-        """The tokens to scan for both rules. In a string, those with a quote (a token must end the
-        string before it can finish an item or spell on past it); the string's own letters are matched
-        against the earlier spellings directly (_following_spellings). Outside strings, every token:
-        few are allowed there, and blank space, which spellings leave out, may sit anywhere in one."""
-        return self._spellings.with_quote if position.in_string else self._spellings.every_token
+        """The tokens to scan for both rules: those that could finish an item or hold blank space (which
+        spellings leave out), as the scan must see them. In a string, those with a quote (a token must
+        end the string before it can do either); outside strings, those with a quote, a comma, a
+        closing bracket or blank space. Any other token that follows an earlier spelling does so byte
+        for byte (_following_spellings)."""
+        return self._spellings.with_quote if position.in_string else self._spellings.with_quote_or_delimiter
 
     def _following_spellings(self, position: JsonPosition) -> set[int]:
-        """The tokens that continue an item along an earlier item's spelling, byte for byte (in a string,
-        where every byte counts)."""
-        spellings, found = self._spellings, set()
+        """The tokens that continue an item along an earlier item's spelling byte for byte."""
+        found = set()
         for frame in position.distinct_frames():
             item = bytes(frame.item) if frame.item is not None else (b"" if frame.awaiting == VALUE else None)
-            if item is None:
-                continue
-            for spelled in frame.spelled:
-                if spelled.startswith(item):
-                    rest = spelled[len(item):]
-                    for end in range(1, min(len(rest), spellings.longest) + 1):
-                        found.update(spellings.by_bytes.get(rest[:end], ()))
+            if item is not None:
+                found |= self._spellings.following(frame.spelled, item)
         return found
 
 
@@ -231,4 +268,4 @@ class Lookahead:
 
 
 def _count(words: np.ndarray) -> int:
-    return int(np.unpackbits(words.view(np.uint8)).sum())
+    return int(np.bitwise_count(words).sum())

@@ -10,9 +10,10 @@ branch of an `anyOf`/`oneOf`, both of `then`/`else`. An array is kept distinct w
 
 from __future__ import annotations
 
+import bisect
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 # A place's schemas are capped: a schema whose references fan out further is tracked through the first.
 MAX_SCHEMAS_PER_PLACE = 64
@@ -128,13 +129,22 @@ class Frame:
     awaiting: str = VALUE
     index: int = 0                                   # arrays: the item being written
     key: str | None = None                           # objects: the property being written
-    seen: set[str] = field(default_factory=set)
-    spelled: list[bytes] = field(default_factory=list)
+    # Replaced, never changed in place, so copies of a position share them.
+    seen: frozenset[str] = frozenset()
+    spelled: tuple[bytes, ...] = ()                 # sorted, for the prefix lookups
     item: bytearray | None = None
 
     def copy(self) -> Frame:
         return Frame(self.is_array, self.places, self.distinct, self.awaiting, self.index, self.key,
-                     set(self.seen), list(self.spelled), None if self.item is None else bytearray(self.item))
+                     self.seen, self.spelled, None if self.item is None else bytearray(self.item))
+
+    def spelled_from(self, prefix: bytes) -> list[bytes]:
+        """The earlier items spelled so as to start with `prefix`."""
+        start = bisect.bisect_left(self.spelled, prefix)
+        end = start
+        while end < len(self.spelled) and self.spelled[end].startswith(prefix):
+            end += 1
+        return list(self.spelled[start:end])
 
 
 class JsonPosition:
@@ -166,7 +176,7 @@ class JsonPosition:
         array: it may be forced into repeating one."""
         for frame in self.distinct_frames():
             item = frame.item if frame.item is not None else (b"" if frame.awaiting == VALUE else None)
-            if item is not None and any(spelled.startswith(item) for spelled in frame.spelled):
+            if item is not None and frame.spelled_from(bytes(item)):
                 return True
         return False
 
@@ -246,6 +256,7 @@ class JsonPosition:
         value = canonical(json.loads(spelled.decode("utf-8", "replace")))
         if value in top.seen:
             return False
-        top.seen.add(value)
-        top.spelled.append(spelled)
+        top.seen = top.seen | {value}
+        index = bisect.bisect_left(top.spelled, spelled)
+        top.spelled = top.spelled[:index] + (spelled,) + top.spelled[index:]
         return True
