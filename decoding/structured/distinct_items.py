@@ -235,36 +235,37 @@ class DistinctItemsCursor(GrammarCursor):
 
 
 class Lookahead:
-    """Rule 2's walk for one step: the grammar states it visited (by the bytes written since the step's
-    position) and what it found, within LOOKAHEAD_STATES."""
+    """Rule 2's walk for one step: what it found at each position it reached (positions that differ
+    only in blank space are one), within LOOKAHEAD_STATES."""
 
     def __init__(self):
-        self.clear: dict[bytes, bool] = {}
-        self.path = b""
+        self.clear: dict[tuple, bool] = {}
         self.depth = 0
 
     def clear_after(self, cursor: DistinctItemsCursor, token: int) -> bool:
         """Whether some way on from `token` stays clear of repeating an item. Past the budget, yes."""
-        path = self.path + cursor._spellings.bytes[token]
-        if path in self.clear:
-            return self.clear[path]
         if len(self.clear) >= LOOKAHEAD_STATES or self.depth >= LOOKAHEAD_TOKENS:
             return True
-        self.clear[path] = True                 # a cycle back here is not a way out
-        scratch = torch.zeros(1, cursor._words, dtype=torch.int32)
         cursor._consume(token)
-        saved, self.path, self.depth = (self.path, self.depth), path, self.depth + 1
         try:
+            where = cursor._position.key()
+            if where in self.clear:
+                return self.clear[where]
+            self.clear[where] = False           # coming back here (blank space) is no way out
+            scratch = torch.zeros(1, cursor._words, dtype=torch.int32)
             cursor._inner._write_mask(scratch, 0, scratch.data_ptr(), cursor._words * 4)
             words = scratch[0].numpy().view(np.uint32)
-            found = cursor._inner.is_complete or (
-                cursor._narrow(words, self, every_token=False) if cursor._position.distinct_frames()
-                else _count(words) > 0)
+            self.depth += 1
+            try:
+                found = cursor._inner.is_complete or (
+                    cursor._narrow(words, self, every_token=False) if cursor._position.distinct_frames()
+                    else _count(words) > 0)
+            finally:
+                self.depth -= 1
+            self.clear[where] = found
+            return found
         finally:
-            self.path, self.depth = saved
             cursor._rollback(1)
-        self.clear[path] = found
-        return found
 
 
 def _count(words: np.ndarray) -> int:

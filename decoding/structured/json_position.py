@@ -156,6 +156,7 @@ class JsonPosition:
         self.frames: list[Frame] = []
         self.in_string = self.escaped = self.in_key = self.in_scalar = False
         self.key_bytes = bytearray()
+        self.trailing_blank = 0
 
     def copy(self) -> JsonPosition:
         out = JsonPosition.__new__(JsonPosition)
@@ -164,6 +165,7 @@ class JsonPosition:
         out.in_string, out.escaped, out.in_key, out.in_scalar = (self.in_string, self.escaped, self.in_key,
                                                                  self.in_scalar)
         out.key_bytes = bytearray(self.key_bytes)
+        out.trailing_blank = self.trailing_blank
         return out
 
     # ---- what the cursor asks ------------------------------------------------------------------
@@ -179,6 +181,15 @@ class JsonPosition:
             if item is not None and frame.spelled_from(bytes(item)):
                 return True
         return False
+
+    def key(self) -> tuple:
+        """What tells positions of one output apart, blank space aside: the containers open, what each
+        expects, the items of arrays kept distinct so far, the state inside a string or number, and the
+        blank space since the last other byte (a grammar may ask for exactly one space there)."""
+        frames = tuple((frame.awaiting, len(frame.spelled), None if frame.item is None else bytes(frame.item))
+                       for frame in self.frames)
+        return (frames, self.in_string, self.in_key, self.escaped, self.in_scalar, bytes(self.key_bytes),
+                self.trailing_blank)
 
     # ---- the scan ---------------------------------------------------------------------------------
     def feed(self, data: bytes) -> bool:
@@ -196,7 +207,9 @@ class JsonPosition:
         if (top is not None and top.distinct and top.awaiting == VALUE and not self.in_string
                 and not self.in_scalar and byte not in WHITESPACE and byte != ord("]")):
             top.item = bytearray()              # this byte starts an item
-        if self.in_string or byte not in WHITESPACE:
+        blank = byte in WHITESPACE and not self.in_string
+        self.trailing_blank = self.trailing_blank + 1 if blank else 0
+        if not blank:
             # Items are kept without the blank space between tokens, so two spellings of one value
             # that differ only there compare equal (backends with free whitespace write either).
             for frame in self.frames:
