@@ -20,7 +20,8 @@ corpora of the default backend.
 Overhead: per-token time of constrained over unconstrained decoding, 8 held-out prompts x 128 tokens and
 the same prompts one at a time, in turns (bar at batch 8: 0.05): the median of the turns' ratios, and
 each turn's. The schema asks for an array of at least 100 integers, so constrained outputs run to
-max_tokens like unconstrained ones. `beam_overhead`: the same ratio for beam search (4 beams, greedy,
+max_tokens like unconstrained ones. `unique_overhead`: the same at batch 8 with `uniqueItems: true` (the
+check against every earlier item runs at every step). `beam_overhead`: the same ratio for beam search (4 beams, greedy,
 300 tokens, one prompt), whose beams each carry a grammar cursor.
 """
 
@@ -41,6 +42,8 @@ from decoding.structured.constraint import Constraint, installed_backends
 from decoding.structured.grammar import GrammarCompiler, GrammarError
 
 SCHEMA = {"type": "array", "items": {"type": "integer"}, "minItems": 100}
+# The same with its items kept distinct: every step is inside the array, checked against every earlier item.
+UNIQUE_SCHEMA = {**SCHEMA, "uniqueItems": True}
 SUITE = Path(__file__).resolve().parents[2] / "shared" / "data" / "json-schema-test-suite" / "draft2020-12"
 
 
@@ -127,10 +130,11 @@ def per_token_seconds(engine: Engine, prompts, params, batch: int) -> float:
     return t.seconds / tokens
 
 
-def overhead(engine: Engine, backend: str, prompts, new_tokens: int, batch: int, repeats: int) -> tuple[float, list[float]]:
+def overhead(engine: Engine, backend: str, prompts, new_tokens: int, batch: int, repeats: int,
+             schema: dict = SCHEMA) -> tuple[float, list[float]]:
     """(constrained over plain per-token time - 1: the median over turns, and each turn's)."""
     plain = SamplingParams(temperature=0.8, seed=0, max_tokens=new_tokens)
-    constrained = SamplingParams(temperature=0.8, seed=0, max_tokens=new_tokens, json_schema=SCHEMA,
+    constrained = SamplingParams(temperature=0.8, seed=0, max_tokens=new_tokens, json_schema=schema,
                                  structured_backend=backend)
     plain_s, constrained_s = [], []
     for _ in range(repeats):                 # in turn, so drift on a shared machine hits both alike
@@ -168,9 +172,11 @@ def main() -> None:
         engine.generate([warmup], SamplingParams(max_tokens=8, json_schema=SCHEMA, structured_backend=backend))
         batch8, batch8_runs = overhead(engine, backend, prompts, new_tokens, 8, repeats)
         batch1, batch1_runs = overhead(engine, backend, prompts[:4], new_tokens, 1, repeats)
+        unique, unique_runs = overhead(engine, backend, prompts, new_tokens, 8, max(2, repeats // 3), UNIQUE_SCHEMA)
         beams, beam_runs = beam_overhead(engine, backend, prompts[0], 100 if args.quick else 300, 2 if args.quick else 3)
         section = {"overhead": batch8, "overhead_per_turn": batch8_runs, "overhead_batch1": batch1,
-                   "overhead_batch1_per_turn": batch1_runs, "beam_overhead": beams, "beam_overhead_per_turn": beam_runs}
+                   "overhead_batch1_per_turn": batch1_runs, "unique_overhead": unique,
+                   "unique_overhead_per_turn": unique_runs, "beam_overhead": beams, "beam_overhead_per_turn": beam_runs}
         for name, schemas in corpora.items():
             if backend != backends[0] and name != "suite":
                 schemas = schemas[:: max(1, len(schemas) // args.sample)]

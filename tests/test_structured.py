@@ -471,7 +471,36 @@ REWRITTEN = [
     # A format the backend does not know is an annotation: any string is valid.
     ({"type": "object", "properties": {"k": {"type": "string", "format": "int64", "maxLength": 4}}, "required": ["k"],
       "additionalProperties": False}, [{"k": "ab"}], [{"k": "abcde"}]),
+    # Keywords at the value they have when absent assert nothing (CloudFormation's uniqueItems: false).
+    ({"type": "array", "items": {"type": "integer"}, "uniqueItems": False, "minItems": 0, "maxItems": 3},
+     [[1, 1], []], [["a"], [1, 2, 3, 4]]),
 ]
+
+
+LOOKAHEADS = [r"^(?!aws:)[a-zA-Z+-=._:/]+$", r"^(?=.{1,6})(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$",
+              r"^(?!aws:.*)", r"^(?!\s*$).+$", r"^(?=^[a-z0-9-]+$).{3,8}$", r"^(?!0000-)[0-9a-f]{4}-[0-9a-f]{2}$"]
+
+
+@pytest.mark.parametrize("pattern", LOOKAHEADS)
+def test_patterns_that_open_with_lookaheads_are_split_for_llguidance(llama_dir, pattern):
+    """A pattern's leading lookaheads become patterns of an allOf that llguidance intersects: the same
+    strings match (checked with Python's re on probes), and outputs under the rewritten schema match
+    the original pattern."""
+    from decoding.structured.schema_rewrites import split_lookaheads
+    parts = split_lookaheads(pattern)
+    assert parts and len(parts) >= 2
+    probes = ["aws:x", "awsx", "", "aw", "abc", "  ", " a", "a-b", "-ab", "0000-00", "000a-00", "abcdefghij", "x1"]
+    for probe in probes:
+        assert bool(re.search(pattern, probe)) == all(re.search(part, probe) for part in parts), probe
+    schema = {"type": "object", "properties": {"k": {"type": "string", "pattern": pattern, "maxLength": 10}},
+              "required": ["k"], "additionalProperties": False}
+    engine = Engine(model=llama_dir, show_progress=False, num_kv_blocks=256, block_size=4,
+                    structured_backends=("llguidance",))
+    outputs = engine.generate(PROMPTS[:2], SamplingParams(temperature=1.0, seed=1, n=4, max_tokens=30, json_schema=schema))
+    finished = [c for out in outputs for c in out.outputs if c.finish_reason == "stop"]
+    assert finished
+    for completion in finished:
+        jsonschema.validate(json.loads(completion.text), schema)
 
 
 @pytest.mark.parametrize("schema, valid, invalid", REWRITTEN)

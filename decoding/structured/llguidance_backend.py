@@ -5,7 +5,8 @@ strings), checked against the tokenizer when it is compiled; each sequence walks
 Compiling takes milliseconds and needs no worker process: llguidance bounds its own work with parser
 limits (lexer fuel, Earley items per step, grammar size), so a pathological constraint fails with an
 error instead of running on. Keywords JSON Schema does not define are ignored, as the specification says
-(so are formats llguidance does not know, and a oneOf of disjoint branches is an anyOf: schema_rewrites);
+(so are formats llguidance does not know, a oneOf of disjoint branches is an anyOf, and a pattern that
+opens with lookaheads is an allOf of patterns, which llguidance intersects: schema_rewrites);
 a keyword llguidance cannot enforce is refused, naming it and where it sits, unless the request asked for
 best effort (then llguidance's lenient mode drops it and the finished output reports `schema_valid`).
 """
@@ -16,7 +17,7 @@ import json
 from dataclasses import dataclass, field
 
 from decoding.structured.constraint import Constraint, GrammarError, unenforceable
-from decoding.structured.schema_rewrites import prepared
+from decoding.structured.schema_rewrites import prepared, with_lookaheads_split
 
 # The string formats llguidance enforces (others are annotations: see schema_rewrites).
 FORMATS = frozenset({"date-time", "time", "date", "duration", "email", "hostname", "ipv4", "ipv6", "uri", "uuid"})
@@ -53,7 +54,7 @@ class LLGuidanceGrammars:
         else:
             schema = json.loads(constraint.json_schema)
             if isinstance(schema, dict):
-                schema = prepared(schema, FORMATS)
+                schema = prepared(with_lookaheads_split(schema), FORMATS)
                 # JSON as json.dumps writes it (", " and ": ", no other whitespace): a model is never
                 # free to spend its tokens on blank space; a schema's own x-guidance options win.
                 options = {"whitespace_flexible": False, **({"lenient": True} if constraint.best_effort else {})}

@@ -7,6 +7,11 @@ defines them) but that a grammar backend understands better. Applied before a ba
 - `without_vacuous_keywords`: a keyword written with the value it has when absent (`uniqueItems: false`,
   `minItems: 0`, `minLength: 0`, `required: []`, ...) is dropped: it asserts nothing. CloudFormation's
   resource schemas write `uniqueItems: false` on hundreds of arrays.
+- `with_lookaheads_split` (for backends that intersect the patterns of an `allOf`): a pattern that opens
+  with lookaheads, `^(?=A)(?!B)R` (CloudFormation writes `^(?!aws:)` on hundreds of tag keys), is
+  the patterns `^(?:A)`, "does not start with B" and `^R`, all of which must match. A negative
+  lookahead splits only where B is a literal (or `\\s*$`: "not blank"), whose complement a regex can
+  spell.
 - `with_disjoint_one_of`: `oneOf` asks for exactly one branch to match. Where the branches provably admit
   no common value (different types, different literals), that is `anyOf`; where every branch is only a
   set of types, the instances are exactly the types one branch alone admits (a `type` list). Other
@@ -189,3 +194,102 @@ def _same(x, y) -> bool:
     if isinstance(x, bool) or isinstance(y, bool):
         return isinstance(x, bool) and isinstance(y, bool) and x == y
     return x == y
+
+
+def with_lookaheads_split(schema):
+    def split(node: dict) -> dict:
+        if not isinstance(node.get("pattern"), str) or (parts := split_lookaheads(node["pattern"])) is None:
+            return node
+        rest = {key: value for key, value in node.items() if key != "pattern"}
+        return {**rest, "allOf": [*node.get("allOf", []), *({"pattern": part} for part in parts)]}
+    return map_subschemas(schema, split)
+
+
+REGEX_SPECIAL = frozenset("\\^$.|?*+()[]{}")
+ANYTHING = r"[\s\S]*"
+
+
+def split_lookaheads(pattern: str) -> list[str] | None:
+    """`^(?=A)(?!B)R` as patterns that must all match; None where the pattern opens with no lookahead
+    this can split, or has one elsewhere."""
+    if not pattern.startswith("^(?=") and not pattern.startswith("^(?!"):
+        return None
+    parts, rest = [], pattern[1:]
+    while rest.startswith("(?=") or rest.startswith("(?!"):
+        end = _group_end(rest)
+        if end is None:
+            return None
+        inner = rest[3 : end - 1]
+        part = f"^(?:{inner})" if rest[2] == "=" else _not_starting_with(inner)
+        if part is None:
+            return None
+        parts.append(part)
+        rest = rest[end:]
+    parts.append("^" + rest)
+    return None if any(_has_lookaround(part) for part in parts) else parts
+
+
+def _group_end(text: str) -> int | None:
+    """The index just past the group that opens text[0], escapes and character classes skipped."""
+    depth, index, in_class = 0, 0, False
+    while index < len(text):
+        char = text[index]
+        if char == "\\":
+            index += 2
+            continue
+        if in_class:
+            in_class = char != "]"
+        elif char == "[":
+            in_class = True
+            if text[index + 1 : index + 2] == "]":
+                index += 1
+        elif char == "(":
+            depth += 1
+        elif char == ")":
+            depth -= 1
+            if depth == 0:
+                return index + 1
+        index += 1
+    return None
+
+
+def _has_lookaround(pattern: str) -> bool:
+    return any(marker in pattern.replace("\\\\", "") for marker in ("(?=", "(?!", "(?<=", "(?<!"))
+
+
+def _not_starting_with(inner: str) -> str | None:
+    """A pattern for "does not start with what `inner` matches", where that can be spelled."""
+    if inner in (r"\s*$", r"\s*\z"):
+        return r"\S"                                  # not blank: some byte that is not blank space
+    while inner.endswith(".*"):
+        inner = inner[:-2]                           # (?!L.*) is (?!L)
+    literal = _literal(inner)
+    if not literal:
+        return None
+    # Shorter than the literal and a prefix of it, or leaving it at some character.
+    branches = [_escaped(literal[:k]) for k in range(len(literal))]
+    branches += [f"{_escaped(literal[:k])}[^{_escaped(literal[k])}]{ANYTHING}" for k in range(len(literal))]
+    return "^(?:" + "|".join(branches) + ")$"
+
+
+def _literal(pattern: str) -> str | None:
+    """The string a regex of plain and escaped punctuation characters matches; None for any other."""
+    out, index = [], 0
+    while index < len(pattern):
+        char = pattern[index]
+        if char == "\\":
+            following = pattern[index + 1 : index + 2]
+            if not following or following.isalnum():
+                return None                          # \d, \w, \u....: a class, not a character
+            out.append(following)
+            index += 2
+        elif char in REGEX_SPECIAL:
+            return None
+        else:
+            out.append(char)
+            index += 1
+    return "".join(out)
+
+
+def _escaped(text: str) -> str:
+    return "".join("\\" + char if char in REGEX_SPECIAL or char == "-" else char for char in text)
