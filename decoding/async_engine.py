@@ -30,6 +30,35 @@ class _PendingUpdate:
     done: asyncio.Future
 
 
+class _WeightQueue:
+    """Weight pushes waiting on the engine thread: each applies once no request started under the old
+    weights is in flight (policy "wait" lets them finish, "abort" aborts them on arrival), and while any
+    waits, admission of new requests is paused."""
+
+    def __init__(self, engine: Engine, abort):
+        self._engine = engine
+        self._abort = abort                      # aborts a request and tells its stream
+        self._updates: deque[_PendingUpdate] = deque()
+
+    def add(self, update: _PendingUpdate) -> None:
+        if update.policy == "abort":
+            for request_id in self._engine.weights.started_request_ids():
+                self._abort(request_id)
+        self._updates.append(update)
+        self._engine.pause_admission(True)
+
+    def apply_ready(self) -> None:
+        while self._updates and not self._engine.weights.has_started_requests():
+            update = self._updates.popleft()
+            try:
+                version = self._engine.weights.apply_validated(update.tensors, update.version,
+                                                               update.allow_version_rollback)
+                update.loop.call_soon_threadsafe(update.done.set_result, version)
+            except Exception as err:
+                update.loop.call_soon_threadsafe(update.done.set_exception, err)
+        self._engine.pause_admission(bool(self._updates))
+
+
 class RequestStream:
     """The per-step snapshots of one request. Leaving the iteration early (a client that disconnects)
     aborts the request and frees its cache blocks."""
@@ -64,7 +93,7 @@ class AsyncEngine:
         self.engine = engine
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}
-        self._updates: deque[_PendingUpdate] = deque()
+        self._weights = _WeightQueue(engine, self._abort)
         self._wakeup = threading.Event()
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="gorgon-engine", daemon=True)
@@ -99,12 +128,12 @@ class AsyncEngine:
 
         policy "wait": requests already started finish under the old weights while new ones are held
         back, then the update applies. policy "abort": in-flight requests are aborted (finish_reason
-        "abort") and the update applies at once. A bad payload (see Engine.update_weights) raises
+        "abort") and the update applies at once. A bad payload (see ServedWeights.update) raises
         WeightUpdateError and changes nothing; it is checked in a worker thread, off the event loop.
         """
         if policy not in ("wait", "abort"):
             raise WeightUpdateError(f"policy must be 'wait' or 'abort', got {policy!r}")
-        self.engine.check_weight_version(version, allow_version_rollback)
+        self.engine.weights.check_version(version, allow_version_rollback)
         await asyncio.to_thread(validate_update, self.engine.loaded.model, tensors, require_all, allow_non_finite)
         loop = asyncio.get_running_loop()
         update = _PendingUpdate(tensors, version, policy, allow_version_rollback, loop, loop.create_future())
@@ -134,7 +163,7 @@ class AsyncEngine:
         self.engine.use_threads()
         while not self._stopped:
             self._drain_commands()
-            self._apply_ready_update()
+            self._weights.apply_ready()
             if not self.engine.has_unfinished_requests():
                 self._wakeup.wait(timeout=1.0)
                 self._wakeup.clear()
@@ -158,7 +187,7 @@ class AsyncEngine:
             if kind == "add":
                 self._add(payload)
             elif kind == "weights":
-                self._queue_update(payload)
+                self._weights.add(payload)
             else:
                 self._abort(payload)
 
@@ -167,24 +196,6 @@ class AsyncEngine:
         stream = self._streams.get(request_id)
         if output is not None and stream is not None:   # aborted by the server, not by its client
             stream.put(output)
-
-    def _queue_update(self, update: _PendingUpdate) -> None:
-        if update.policy == "abort":
-            for request_id in self.engine.started_request_ids():
-                self._abort(request_id)
-        self._updates.append(update)
-        self.engine.pause_admission(True)
-
-    def _apply_ready_update(self) -> None:
-        while self._updates and not self.engine.has_started_requests():
-            update = self._updates.popleft()
-            try:
-                version = self.engine.apply_validated_weights(update.tensors, update.version,
-                                                              update.allow_version_rollback)
-                update.loop.call_soon_threadsafe(update.done.set_result, version)
-            except Exception as err:
-                update.loop.call_soon_threadsafe(update.done.set_exception, err)
-        self.engine.pause_admission(bool(self._updates))
 
     def _add(self, request: Request) -> None:
         try:

@@ -25,7 +25,7 @@ from decoding.step_plan import SchedulerOutput
 from decoding.sequence import FinishReason, Request, RequestStatus, Sequence
 from decoding.structured.grammar import GrammarCursor
 from decoding.update import StepUpdate
-from decoding.weights import WeightUpdateError, apply_update, validate_update
+from decoding.weights import ServedWeights
 from models import kernels, load_model
 
 
@@ -60,7 +60,7 @@ class Engine:
         self.update = StepUpdate(self.blocks, self.cache, self.scheduler, self.speculation, self._requests,
                                  self.eos_token_ids, self.max_model_len, self.loaded.device)
         self.counters = self.update.counters
-        self.weight_version = 0
+        self.weights = ServedWeights(self.loaded.model, self._requests)
 
     def use_threads(self) -> None:
         """Apply the `threads` option to the calling thread (whoever steps the engine calls this once)."""
@@ -157,7 +157,7 @@ class Engine:
                     self.speculation.release(seq)
         for item in sched.scheduled:
             if item.seq.request.weight_version is None:
-                item.seq.request.weight_version = self.weight_version
+                item.seq.request.weight_version = self.weights.version
         return sched
 
     def _sample(self, seqs: list[Sequence], rows: torch.Tensor, logits: StepLogits) -> None:
@@ -175,47 +175,6 @@ class Engine:
         sampled = self.sampler(logits.last if in_order else logits.last[rows], batch)
         for seq, token, logprob in zip(seqs, sampled.token_ids, sampled.logprobs):
             self.update.append_token(seq, token, logprob)
-
-    # ---- weights -----------------------------------------------------------------------------
-    def started_request_ids(self) -> list[str]:
-        """Requests admitted under the current weights that have not finished (running or preempted)."""
-        return [r.req_id for r in self._requests.values() if r.weight_version is not None]
-
-    def has_started_requests(self) -> bool:
-        return any(r.weight_version is not None for r in self._requests.values())
-
-    def update_weights(self, tensors: dict[str, torch.Tensor], version: int | None = None,
-                       require_all: bool = False, allow_non_finite: bool = False,
-                       allow_version_rollback: bool = False) -> int:
-        """Validate every tensor (decoding/weights.py: names, shapes, dtypes, and NaN or infinite values
-        unless allow_non_finite), then apply them (apply_validated_weights)."""
-        self.check_weight_version(version, allow_version_rollback)
-        validate_update(self.loaded.model, tensors, require_all, allow_non_finite)
-        return self.apply_validated_weights(tensors, version, allow_version_rollback)
-
-    def apply_validated_weights(self, tensors: dict[str, torch.Tensor], version: int | None = None,
-                                allow_version_rollback: bool = False) -> int:
-        """Copy in tensors that validate_update passed and set (or bump) the weight version.
-
-        A version below the current one is refused unless allow_version_rollback (a trainer that
-        restarted from an older checkpoint says so; anything else is a stale push); it is checked here
-        again, as the version may have moved since the tensors were validated. The caller makes sure no
-        started request is in flight (AsyncEngine.update_weights waits for them or aborts them), so every
-        request is generated wholly under one version. There is no cross-request prefix cache to flush: a
-        group's shared prompt blocks live only as long as its request.
-        """
-        self.check_weight_version(version, allow_version_rollback)
-        if self.has_started_requests():
-            raise RuntimeError("weights cannot change while requests are being generated")
-        apply_update(self.loaded.model, tensors)
-        self.weight_version = self.weight_version + 1 if version is None else version
-        return self.weight_version
-
-    def check_weight_version(self, version: int | None, allow_version_rollback: bool = False) -> None:
-        if version is not None and version < self.weight_version and not allow_version_rollback:
-            raise WeightUpdateError(f"weight_version {version} is lower than the served version {self.weight_version}; "
-                                    "send a newer version, or allow_version_rollback to go back on purpose",
-                                    param="weight_version")
 
     # ---- batch convenience -------------------------------------------------------------------
     def generate(self, prompts: Prompt | list[Prompt], params: SamplingParams | list[SamplingParams] | None = None,

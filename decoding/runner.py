@@ -4,7 +4,7 @@ metadata once, runs the native model over the paged cache and returns the logits
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -95,60 +95,63 @@ class ModelRunner:
 
     # ---- input preparation -------------------------------------------------------------------
     def _prepare(self, scheduled: list[ScheduledSeq]) -> PackedBatch:
-        # Rows that attend like decodes come first, shortest context first: single tokens, and with the
-        # native kernel also each token of a short chain (a draft chain to verify, a draft model's
-        # catch-up), each with its own context length over the same blocks. Prefill chunks attend
-        # in blocks of queries (the native prefill kernel, else SDPA); trees off the decode kernel and
-        # chains without it are masked segments.
+        decode_like, order = self._row_order(scheduled)
+        rows = _Rows()
+        for i in order:
+            self._pack(scheduled[i], decode_like[i], rows)
+        positions = self._long(rows.positions)
+        last_seq_ids = [scheduled[i].seq.seq_id for i in order if scheduled[i].reaches_end]
+        return PackedBatch(self._long(rows.input_ids), positions, self._attention_metadata(rows, positions),
+                           self._long(rows.last_rows), rows.first_row, last_seq_ids)
+
+    def _row_order(self, scheduled: list[ScheduledSeq]) -> tuple[list[bool], list[int]]:
+        """Which sequences attend like decodes, and the order their rows are packed in. Decode-like rows
+        come first, shortest context first: single tokens, and with the native kernel also each token of
+        a short chain (a draft chain to verify, a draft model's catch-up), each with its own context
+        length over the same blocks. Prefill chunks attend in blocks of queries (the native prefill
+        kernel, else SDPA); trees off the decode kernel and chains without it are masked segments."""
         decode_like = [s.num_new_tokens == 1 or (self.native_decode and (
                            self._native_trees if s.tree is not None
                            else bool(s.draft_token_ids) or s.num_new_tokens <= SHORT_CHAIN))
                        for s in scheduled]
         order = sorted(range(len(scheduled)), key=lambda i: (not decode_like[i], scheduled[i].start if decode_like[i] else 0))
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        last_rows: list[int] = []
-        first_row: dict[int, int] = {}
-        # (block table, context length, extra positions) per decode row
-        decode_rows: list[tuple[list[int], int, list[int]]] = []
-        chunks: list[ScheduledSeq] = []
-        for i in order:
-            item = scheduled[i]
-            seq, start, count = item.seq, item.start, item.num_new_tokens
-            first_row[seq.seq_id] = len(input_ids)
-            drafts = list(item.draft_token_ids)
-            input_ids += seq.token_ids[start : start + count - len(drafts)] + drafts
-            if item.tree is None:
-                positions += range(start, start + count)
-            else:
-                positions += [start + depth for depth in item.tree.depths()]
-            table = seq.block_table
-            slots += [table[p // self.block_size] * self.block_size + p % self.block_size
-                      for p in range(start, start + count)]   # BlockManager.slots, inlined: the hot path
-            if item.reaches_end:
-                last_rows.append(len(input_ids) - 1)
-            if decode_like[i] and item.tree is not None:
-                # Node j sees the cache before the tree, then its ancestors and itself.
-                decode_rows += [(table, start, [start + a for a in ancestors]) for ancestors in item.tree.ancestry()]
-            elif decode_like[i]:
-                decode_rows += [(table, start + j + 1, []) for j in range(count)]
-            else:
-                chunks.append(item)
-        position_tensor = self._long(positions)
+        return decode_like, order
+
+    def _pack(self, item: ScheduledSeq, decode_like: bool, rows: _Rows) -> None:
+        """One scheduled sequence's tokens as rows: ids, positions, cache slots, and how they attend."""
+        seq, start, count = item.seq, item.start, item.num_new_tokens
+        rows.first_row[seq.seq_id] = len(rows.input_ids)
+        drafts = list(item.draft_token_ids)
+        rows.input_ids += seq.token_ids[start : start + count - len(drafts)] + drafts
+        if item.tree is None:
+            rows.positions += range(start, start + count)
+        else:
+            rows.positions += [start + depth for depth in item.tree.depths()]
+        table = seq.block_table
+        rows.slots += [table[p // self.block_size] * self.block_size + p % self.block_size
+                       for p in range(start, start + count)]   # BlockManager.slots, inlined: the hot path
+        if item.reaches_end:
+            rows.last_rows.append(len(rows.input_ids) - 1)
+        if decode_like and item.tree is not None:
+            # Node j sees the cache before the tree, then its ancestors and itself.
+            rows.decode_rows += [(table, start, [start + a for a in ancestors]) for ancestors in item.tree.ancestry()]
+        elif decode_like:
+            rows.decode_rows += [(table, start + j + 1, []) for j in range(count)]
+        else:
+            rows.chunks.append(item)
+
+    def _attention_metadata(self, rows: _Rows, positions: torch.Tensor) -> AttentionMetadata:
         # Causal prompt chunks go to the native prefill kernel in one call; trees keep their masks.
-        on_kernel = [self.native_decode and item.tree is None for item in chunks]
-        native_chunks = [item for item, native in zip(chunks, on_kernel) if native]
-        meta = AttentionMetadata(
-            slot_mapping=self._long(slots),
-            num_decode_tokens=len(decode_rows),
-            decode_groups=self._decode_groups(decode_rows),
-            segments=[self._segment(item, first_row[item.seq.seq_id], position_tensor)
-                      for item, native in zip(chunks, on_kernel) if not native],
-            prefill=self._native_prefill(native_chunks, first_row) if native_chunks else None,
+        on_kernel = [self.native_decode and item.tree is None for item in rows.chunks]
+        native_chunks = [item for item, native in zip(rows.chunks, on_kernel) if native]
+        return AttentionMetadata(
+            slot_mapping=self._long(rows.slots),
+            num_decode_tokens=len(rows.decode_rows),
+            decode_groups=self._decode_groups(rows.decode_rows),
+            segments=[self._segment(item, rows.first_row[item.seq.seq_id], positions)
+                      for item, native in zip(rows.chunks, on_kernel) if not native],
+            prefill=self._native_prefill(native_chunks, rows.first_row) if native_chunks else None,
         )
-        last_seq_ids = [scheduled[i].seq.seq_id for i in order if scheduled[i].reaches_end]
-        return PackedBatch(self._long(input_ids), position_tensor, meta, self._long(last_rows), first_row, last_seq_ids)
 
     def _decode_groups(self, rows: list[tuple[list[int], int, list[int]]]) -> list[DecodeGroup]:
         """The native kernel takes every decode row in one call (it reads only each row's own length).
@@ -210,6 +213,20 @@ class ModelRunner:
 
     def _long(self, values) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
+
+
+@dataclass
+class _Rows:
+    """A step's rows as _prepare packs them."""
+
+    input_ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)
+    last_rows: list[int] = field(default_factory=list)
+    first_row: dict[int, int] = field(default_factory=dict)
+    # (block table, context length, extra positions) per decode-like row
+    decode_rows: list[tuple[list[int], int, list[int]]] = field(default_factory=list)
+    chunks: list[ScheduledSeq] = field(default_factory=list)   # prefill chunks and masked segments
 
 
 def _first_of_run(block_table: list[int]) -> int | None:

@@ -25,6 +25,52 @@ class WeightUpdateError(ValueError):
         self.param = param
 
 
+class ServedWeights:
+    """The served model's weights and their version. A validated push is applied only while no started
+    request is in flight (the async front waits for them or aborts them), so every request is generated
+    wholly under one version. There is no cross-request prefix cache to flush: a group's shared prompt
+    blocks live only as long as its request."""
+
+    def __init__(self, model: NativeCausalLM, requests: Mapping):
+        self.model = model
+        self.version = 0
+        self._requests = requests           # the engine's live requests, by id
+
+    def started_request_ids(self) -> list[str]:
+        """Requests admitted under the current weights that have not finished (running or preempted)."""
+        return [r.req_id for r in self._requests.values() if r.weight_version is not None]
+
+    def has_started_requests(self) -> bool:
+        return any(r.weight_version is not None for r in self._requests.values())
+
+    def update(self, tensors: dict[str, torch.Tensor], version: int | None = None, require_all: bool = False,
+               allow_non_finite: bool = False, allow_version_rollback: bool = False) -> int:
+        """Validate every tensor (names, shapes, dtypes, and NaN or infinite values unless
+        allow_non_finite), then apply them (apply_validated)."""
+        self.check_version(version, allow_version_rollback)
+        validate_update(self.model, tensors, require_all, allow_non_finite)
+        return self.apply_validated(tensors, version, allow_version_rollback)
+
+    def apply_validated(self, tensors: dict[str, torch.Tensor], version: int | None = None,
+                        allow_version_rollback: bool = False) -> int:
+        """Copy in tensors that validate_update passed and set (or bump) the version. A version below the
+        current one is refused unless allow_version_rollback (a trainer that restarted from an older
+        checkpoint says so; anything else is a stale push); checked again here, as the version may have
+        moved since the tensors were validated."""
+        self.check_version(version, allow_version_rollback)
+        if self.has_started_requests():
+            raise RuntimeError("weights cannot change while requests are being generated")
+        apply_update(self.model, tensors)
+        self.version = self.version + 1 if version is None else version
+        return self.version
+
+    def check_version(self, version: int | None, allow_version_rollback: bool = False) -> None:
+        if version is not None and version < self.version and not allow_version_rollback:
+            raise WeightUpdateError(f"weight_version {version} is lower than the served version {self.version}; "
+                                    "send a newer version, or allow_version_rollback to go back on purpose",
+                                    param="weight_version")
+
+
 def validate_update(model: NativeCausalLM, tensors: Mapping[str, torch.Tensor], require_all: bool = False,
                     allow_non_finite: bool = False) -> None:
     slots = model.param_slots()

@@ -199,34 +199,11 @@ class LlamaForCausalLM(torch.nn.Module):
         stack does not run."""
         if not self.native_ops:
             return None
-        # Every int the kernel reads, packed into one tensor (one allocation, not twenty: this runs per
-        # drafted round, and each torch call costs as much as a layer of the draft).
-        block_size, rows = cache.block_size, len(feed)
-        feed_rows = [r for r, tokens in enumerate(feed) for _ in tokens]
-        feed_positions = [p + j for p, tokens in zip(positions, feed) for j in range(len(tokens))]
-        step_one = [p + len(tokens) for p, tokens in zip(positions, feed)]
-        later_positions = [p + s for s in range(steps - 1) for p in step_one]
-        every_row = feed_rows + list(range(rows)) * (steps - 1)
-        every_position = feed_positions + later_positions
-        slots = [block_tables[r][p // block_size] * block_size + p % block_size for r, p in zip(every_row, every_position)]
-        last, total = [], 0
-        for tokens in feed:
-            total += len(tokens)
-            last.append(total - 1)
-        width = max(map(len, block_tables))
-        tables = [table + [NULL_BLOCK] * (width - len(table)) for table in block_tables]
-        banned_width = max(1, max(map(len, stop_tokens)))
-        banned = [t for ids in stop_tokens for t in ids + [-1] * (banned_width - len(ids))]
-        parts = ([t for tokens in feed for t in tokens], last, slots, [p + 1 for p in feed_positions],
-                 [p + 1 for p in step_one], banned, banned_steps, every_position,
-                 [t for r in feed_rows for t in tables[r]] + [t for table in tables for t in table])
-        packed = torch.tensor([value for part in parts for value in part], dtype=torch.long)
-        views, offset = [], 0
-        for part in parts:
-            views.append(packed[offset : offset + len(part)])
-            offset += len(part)
-        feed_tokens, last, slots, feed_context, context, banned, banned_steps, every_position, every_table = views
-        num_feed = len(feed_rows)
+        rows = len(feed)
+        parts, num_feed, width, banned_width = _greedy_chain_ints(feed, positions, block_tables, cache.block_size,
+                                                                  stop_tokens, banned_steps, steps)
+        feed_tokens, last, slots, feed_context, context, banned, banned_steps, every_position, every_table = \
+            _packed(parts)
         every_table = every_table.view(-1, width)
         cos, sin = self.rotary.cos_sin(every_position, self.dtype)
         chain = kernels.GreedyChain(feed_tokens, last, slots[:num_feed], every_table[:num_feed], feed_context,
@@ -244,3 +221,40 @@ class LlamaForCausalLM(torch.nn.Module):
         slots |= embedding_slots("model.embed_tokens.weight", self.embed, self.lm_head, self.tied)
         slots["model.norm.weight"] = [ParamSlot(self.final_norm, tuple(self.final_norm.shape))]
         return slots
+
+
+def _greedy_chain_ints(feed: list[list[int]], positions: list[int], block_tables: list[list[int]], block_size: int,
+                       stop_tokens: list[list[int]], banned_steps: list[int], steps: int):
+    """Every int greedy_chain's kernel reads, as lists in the kernel's order; with the number of fed
+    tokens, the block tables' width and the banned lists' width."""
+    rows = len(feed)
+    feed_rows = [r for r, tokens in enumerate(feed) for _ in tokens]
+    feed_positions = [p + j for p, tokens in zip(positions, feed) for j in range(len(tokens))]
+    step_one = [p + len(tokens) for p, tokens in zip(positions, feed)]
+    later_positions = [p + s for s in range(steps - 1) for p in step_one]
+    every_row = feed_rows + list(range(rows)) * (steps - 1)
+    every_position = feed_positions + later_positions
+    slots = [block_tables[r][p // block_size] * block_size + p % block_size for r, p in zip(every_row, every_position)]
+    last, total = [], 0
+    for tokens in feed:
+        total += len(tokens)
+        last.append(total - 1)
+    width = max(map(len, block_tables))
+    tables = [table + [NULL_BLOCK] * (width - len(table)) for table in block_tables]
+    banned_width = max(1, max(map(len, stop_tokens)))
+    banned = [t for ids in stop_tokens for t in ids + [-1] * (banned_width - len(ids))]
+    parts = ([t for tokens in feed for t in tokens], last, slots, [p + 1 for p in feed_positions],
+             [p + 1 for p in step_one], banned, banned_steps, every_position,
+             [t for r in feed_rows for t in tables[r]] + [t for table in tables for t in table])
+    return parts, len(feed_rows), width, banned_width
+
+
+def _packed(parts) -> list[torch.Tensor]:
+    """The lists as views of one int64 tensor (one allocation, not twenty: this runs per drafted round,
+    and each torch call costs as much as a layer of the draft)."""
+    packed = torch.tensor([value for part in parts for value in part], dtype=torch.long)
+    views, offset = [], 0
+    for part in parts:
+        views.append(packed[offset : offset + len(part)])
+        offset += len(part)
+    return views

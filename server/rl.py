@@ -86,7 +86,7 @@ def add_weight_routes(app: FastAPI, server) -> None:
 
     @app.get("/v1/weights/version", responses=AUTH_ERRORS)
     async def weight_version():
-        return {"weight_version": engine.weight_version}
+        return {"weight_version": engine.weights.version}
 
     @app.post("/v1/weights/load", responses=WEIGHT_ERRORS)
     async def load_weights(body: WeightsLoadRequest):

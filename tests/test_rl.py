@@ -115,7 +115,7 @@ def test_updates_never_mix_versions_inside_a_rollout(live, policy):
 
     thread = threading.Thread(target=long_rollout)
     thread.start()
-    while not live.engine.has_started_requests():
+    while not live.engine.weights.has_started_requests():
         time.sleep(0.01)
     version = live.rl.push_weights({"model.norm.weight": torch.ones(64) * 1.01}, policy=policy)
     thread.join()

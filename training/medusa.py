@@ -144,8 +144,7 @@ def train(args: argparse.Namespace) -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(args.device).eval()
     model.requires_grad_(False)
-    config = model.config
-    heads = MedusaHeads(config.hidden_size, config.vocab_size, args.heads, args.layers).to(args.device)
+    heads = MedusaHeads(model.config.hidden_size, model.config.vocab_size, args.heads, args.layers).to(args.device)
     heads.init_projections(model.get_output_embeddings().weight, freeze=not args.train_projections)
     params = [p for p in heads.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -160,7 +159,25 @@ def train(args: argparse.Namespace) -> None:
     log.write(json.dumps({"event": "start", "heads": args.heads, "layers": args.layers, "targets": args.targets,
                           "trainable_params": sum(p.numel() for p in params), "train_tokens": len(stream),
                           "step": step}) + "\n")
-    data = batches(stream, args.batch_size, generator)
+    step, seconds = train_steps(args, model, heads, optimizer, generator, batches(stream, args.batch_size, generator),
+                                log, step, seconds)
+    save_checkpoint(checkpoint, heads, optimizer, generator, step, seconds)
+    heads.eval()
+    heads.save(args.out / "final", str(args.model), getattr(torch, args.save_dtype))
+    heldout = token_stream(read_texts(args.corpus / "heldout.jsonl"), tokenizer)
+    windows = torch.stack([heldout[i : i + SEQ_LEN] for i in range(0, min(len(heldout) - SEQ_LEN, 48 * SEQ_LEN), SEQ_LEN)])
+    accuracy = head_accuracy(model, heads, windows.to(args.device))
+    (args.out / "final" / "evaluation.json").write_text(json.dumps(accuracy, indent=2) + "\n")
+    log.write(json.dumps({"event": "done", "step": step, "minutes": round(seconds / 60, 2), **accuracy}) + "\n")
+    log.close()
+    print(json.dumps(accuracy))
+
+
+def train_steps(args: argparse.Namespace, model, heads: MedusaHeads, optimizer, generator: torch.Generator, data,
+                log, step: int, seconds: float) -> tuple[int, float]:
+    """Optimizer steps until max_steps or the time limit, checkpointing every save_every; (step, seconds)."""
+    params = [p for p in heads.parameters() if p.requires_grad]
+    checkpoint = args.out / "checkpoint.pt"
     progress = tqdm(total=args.max_steps, initial=step, desc="training medusa heads", unit="step")
     heads.train()
     device_type = torch.device(args.device).type
@@ -184,16 +201,7 @@ def train(args: argparse.Namespace) -> None:
                         head_losses=[round(l.item(), 4) for l in losses])
         if step % args.save_every == 0:
             save_checkpoint(checkpoint, heads, optimizer, generator, step, seconds)
-    save_checkpoint(checkpoint, heads, optimizer, generator, step, seconds)
-    heads.eval()
-    heads.save(args.out / "final", str(args.model), getattr(torch, args.save_dtype))
-    heldout = token_stream(read_texts(args.corpus / "heldout.jsonl"), tokenizer)
-    windows = torch.stack([heldout[i : i + SEQ_LEN] for i in range(0, min(len(heldout) - SEQ_LEN, 48 * SEQ_LEN), SEQ_LEN)])
-    accuracy = head_accuracy(model, heads, windows.to(args.device))
-    (args.out / "final" / "evaluation.json").write_text(json.dumps(accuracy, indent=2) + "\n")
-    log.write(json.dumps({"event": "done", "step": step, "minutes": round(seconds / 60, 2), **accuracy}) + "\n")
-    log.close()
-    print(json.dumps(accuracy))
+    return step, seconds
 
 
 if __name__ == "__main__":

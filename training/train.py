@@ -108,7 +108,18 @@ def train(args: argparse.Namespace) -> None:
     num_params = sum(p.numel() for p in model.parameters())
     log.write(json.dumps({"event": "start", "role": args.role, "params": num_params,
                           "train_tokens": len(stream), "step": step}) + "\n")
-    data = batches(stream, args.batch_size, generator)
+    step, seconds = train_steps(args, model, teacher, optimizer, generator,
+                                batches(stream, args.batch_size, generator), log, step, seconds)
+    save_checkpoint(checkpoint, model, optimizer, generator, step, seconds)
+    save_final(args.out / "final", model, tokenizer)
+    log.write(json.dumps({"event": "done", "step": step, "minutes": round(seconds / 60, 2)}) + "\n")
+    log.close()
+
+
+def train_steps(args: argparse.Namespace, model, teacher, optimizer, generator: torch.Generator, data, log,
+                step: int, seconds: float) -> tuple[int, float]:
+    """Optimizer steps until max_steps or the time limit, checkpointing every save_every; (step, seconds)."""
+    checkpoint = args.out / "checkpoint.pt"
     progress = tqdm(total=args.max_steps, initial=step, desc=f"training {args.role}", unit="step")
     model.train()
     while step < args.max_steps and (args.minutes is None or seconds < args.minutes * 60):
@@ -128,10 +139,7 @@ def train(args: argparse.Namespace) -> None:
         report_progress(progress, log, step, loss, optimizer, args.batch_size, seconds)
         if step % args.save_every == 0:
             save_checkpoint(checkpoint, model, optimizer, generator, step, seconds)
-    save_checkpoint(checkpoint, model, optimizer, generator, step, seconds)
-    save_final(args.out / "final", model, tokenizer)
-    log.write(json.dumps({"event": "done", "step": step, "minutes": round(seconds / 60, 2)}) + "\n")
-    log.close()
+    return step, seconds
 
 
 def next_token_loss(logits, targets, teacher_logits=None):

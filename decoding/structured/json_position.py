@@ -219,6 +219,10 @@ class JsonPosition:
             return self._string_byte(byte)
         if self.in_scalar or byte in WHITESPACE:
             return True
+        return self._structural_byte(byte, top)
+
+    def _structural_byte(self, byte: int, top: Frame | None) -> bool:
+        """A byte outside strings and numbers: punctuation, or the first byte of a value."""
         if byte == ord(":"):
             top.awaiting = VALUE
         elif byte == ord(","):
