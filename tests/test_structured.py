@@ -474,7 +474,29 @@ REWRITTEN = [
     # Keywords at the value they have when absent assert nothing (CloudFormation's uniqueItems: false).
     ({"type": "array", "items": {"type": "integer"}, "uniqueItems": False, "minItems": 0, "maxItems": 3},
      [[1, 1], []], [["a"], [1, 2, 3, 4]]),
+    # A pattern whose top level is an alternation; outlines-core sees each branch matched in full.
+    ({"type": "object", "properties": {"s": {"type": "string", "pattern": "^ab|cd$"}},
+      "required": ["s"], "additionalProperties": False}, [{"s": "ab"}, {"s": "cd"}], [{"s": "xy"}, {"s": "ba"}]),
 ]
+
+
+def accepts_text(engine, params, text: str) -> bool:
+    """Whether the grammar lets a model write exactly `text` (as this tokenizer splits it) and end."""
+    cursor = engine.make_request("x", params).seqs[0].grammar
+    for token in engine.tokenizer.encode(text, add_special_tokens=False):
+        if not bool(cursor.allowed()[token]):
+            return False
+        cursor.advance(token)
+    return cursor.is_complete
+
+
+def test_an_alternation_pattern_stays_inside_the_quotes(engine):
+    """`^ab|cd$` between a string's quotes is `"(ab|cd)"`, not `"ab` or `cd"` (text that is not JSON)."""
+    schema = REWRITTEN[-1][0]
+    params = SamplingParams(max_tokens=20, json_schema=schema)
+    assert accepts_text(engine, params, '{"s":"ab"}') or accepts_text(engine, params, '{"s": "ab"}')
+    for broken in ('{"s":"ab}', '{"s":cd"}', '{"s": "ab}', '{"s": cd"}'):
+        assert not accepts_text(engine, params, broken), broken
 
 
 LOOKAHEADS = [r"^(?!aws:)[a-zA-Z+-=._:/]+$", r"^(?=.{1,6})(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$",

@@ -78,6 +78,21 @@ def test_a_schema_no_output_can_meet_is_refused(engine):
         engine.make_request("x", SamplingParams(json_schema=schema))
 
 
+@pytest.mark.parametrize("items, values", [
+    ({"anyOf": [{"const": 1}, {"type": "boolean"}]}, 3),              # a branch or another: the sum
+    ({"$ref": "#/$defs/level"}, 2),                                     # through a reference
+    ({"allOf": [{"enum": [1, 2, 3]}, {"enum": [1, 1.0, 2]}]}, 2),      # every branch: the fewest; 1 == 1.0
+    ({"type": ["null", "boolean"]}, 3),
+])
+def test_how_many_values_items_take_is_counted_through_combinators(items, values):
+    from decoding.structured.distinct_items import unmeetable
+    schema = {"$defs": {"level": {"enum": ["low", "high"]}},
+              "type": "array", "items": items, "uniqueItems": True, "minItems": values + 1}
+    assert unmeetable(schema) == f"#: minItems {values + 1} with uniqueItems, but the items have {values} values"
+    assert unmeetable({**schema, "minItems": values}) is None
+    assert unmeetable({**schema, "items": {"anyOf": [items, {"type": "string"}]}}) is None   # unbounded
+
+
 def test_beams_and_speculation_keep_items_distinct(llama_dir, engine):
     schema = FORCING[0]
     beams = engine.generate(PROMPTS[:2], SamplingParams(use_beam_search=True, num_beams=4, num_return_sequences=4,

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 
 from decoding.params import SamplingParams
-from decoding.structured.schema_rewrites import prepared
+from decoding.structured.schema_rewrites import prepared, with_alternations_grouped
 from decoding.structured.schema_support import STRING_FORMATS, unsupported_construct
 
 
@@ -82,7 +82,7 @@ def constraint_regex(constraint: Constraint) -> str:
     from outlines_core.json_schema import build_regex_from_schema
     schema = json.loads(constraint.json_schema)
     if isinstance(schema, dict):
-        schema = prepared(schema, STRING_FORMATS)
+        schema = with_alternations_grouped(prepared(schema, STRING_FORMATS))
     problem = unsupported_construct(schema)
     if problem is not None and not constraint.best_effort:
         raise unenforceable(problem)

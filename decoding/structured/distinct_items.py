@@ -53,28 +53,39 @@ def unmeetable(schema: dict) -> str | None:
     places = SchemaPlaces(schema)
     for path, node in subschemas(schema):
         needed = node.get("minItems")
-        if node.get("uniqueItems") is True and isinstance(needed, int) and "items" in node \
+        if node.get("uniqueItems") is True and isinstance(needed, int) and isinstance(node.get("items"), dict) \
                 and "prefixItems" not in node:
-            values = _finite_values(places.item_of(places.expanded([node]), 0))
+            values = _most_values(node["items"], places)
             if values is not None and needed > values:
                 return f"{path}: minItems {needed} with uniqueItems, but the items have {values} values"
     return None
 
 
-def _finite_values(item_places: tuple) -> int | None:
-    """At most how many values an item may take, where its schemas list them (enum, const, boolean, null)
-    and all of them apply (no anyOf/oneOf branches)."""
-    if any(key in schema for schema in item_places for key in ("anyOf", "oneOf")):
+def _most_values(schema, places: SchemaPlaces, depth: int = 0) -> int | None:
+    """At most how many values `schema` admits, where it bounds them (enum, const, boolean and null
+    types, references and combinations of those); None where it does not."""
+    if schema is False:
+        return 0
+    if not isinstance(schema, dict) or depth > 16:
         return None
-    counts = []
-    for schema in item_places:
-        if "const" in schema:
-            counts.append(1)
-        elif isinstance(schema.get("enum"), list):
-            counts.append(len({canonical(value) for value in schema["enum"]}))
-        elif schema.get("type") in ("boolean", "null"):
-            counts.append(2 if schema["type"] == "boolean" else 1)
-    return min(counts, default=None)
+    bounds = []
+    if "const" in schema:
+        bounds.append(1)
+    if isinstance(schema.get("enum"), list):
+        bounds.append(len({canonical(value) for value in schema["enum"]}))
+    types = schema.get("type")
+    types = types if isinstance(types, list) else [types] if types else []
+    if types and all(name in ("boolean", "null") for name in types):
+        bounds.append(sum(2 if name == "boolean" else 1 for name in set(types)))
+    if isinstance(schema.get("$ref"), str):
+        bounds.append(_most_values(places.resolve(schema["$ref"]), places, depth + 1))
+    for key in ("anyOf", "oneOf"):               # a value of one branch or another: at most their sum
+        if isinstance(schema.get(key), list):
+            counts = [_most_values(branch, places, depth + 1) for branch in schema[key]]
+            bounds.append(None if None in counts else sum(counts))
+    if isinstance(schema.get("allOf"), list):    # a value of every branch: at most the fewest
+        bounds += [_most_values(branch, places, depth + 1) for branch in schema["allOf"]]
+    return min((bound for bound in bounds if bound is not None), default=None)
 
 
 @dataclass(frozen=True)

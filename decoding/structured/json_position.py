@@ -71,14 +71,14 @@ class SchemaPlaces:
             seen.add(id(schema))
             out.append(schema)
             if isinstance(schema.get("$ref"), str):
-                pending.append(self._resolve(schema["$ref"]))
+                pending.append(self.resolve(schema["$ref"]))
             for key in ("allOf", "anyOf", "oneOf"):
                 if isinstance(schema.get(key), list):
                     pending += schema[key]
             pending += [schema[key] for key in ("then", "else") if key in schema]
         return tuple(out)
 
-    def _resolve(self, ref: str):
+    def resolve(self, ref: str):
         if not ref.startswith("#"):
             return None
         node = self._root
@@ -102,6 +102,16 @@ def canonical(value) -> str:
     """One spelling per JSON value, as uniqueItems compares them: 1 and 1.0 are equal, true and 1 are
     not, object keys in any order."""
     return json.dumps(_normalized(value), sort_keys=True, ensure_ascii=False)
+
+
+def _canonical_item(spelled: bytes) -> str:
+    """canonical() of an item as written. The grammar makes it JSON; should a backend let through
+    something that is not, the spelling stands for the value (this runs inside a step, and must not
+    raise)."""
+    try:
+        return canonical(json.loads(spelled.decode("utf-8", "replace")))
+    except ValueError:
+        return "\0" + spelled.decode("utf-8", "replace")
 
 
 def _normalized(value):
@@ -222,13 +232,18 @@ class JsonPosition:
         return self._structural_byte(byte, top)
 
     def _structural_byte(self, byte: int, top: Frame | None) -> bool:
-        """A byte outside strings and numbers: punctuation, or the first byte of a value."""
+        """A byte outside strings and numbers: punctuation, or the first byte of a value. Output that is
+        not JSON (a backend's bug) must not raise here: punctuation outside any container is passed over."""
+        if byte in b":," and top is None:
+            return True
         if byte == ord(":"):
             top.awaiting = VALUE
         elif byte == ord(","):
             top.awaiting = VALUE if top.is_array else KEY
             top.index += top.is_array
         elif byte in b"}]":
+            if not self.frames:
+                return True
             self.frames.pop()
             return self._value_done()
         elif byte == QUOTE:
@@ -238,7 +253,7 @@ class JsonPosition:
         elif byte in b"{[":
             places = (self.places.root if top is None else
                       self.places.item_of(top.places, top.index) if top.is_array else
-                      self.places.property_of(top.places, top.key))
+                      self.places.property_of(top.places, top.key or ""))
             is_array = byte == ord("[")
             self.frames.append(Frame(is_array, places, is_array and self.places.guarded(places),
                                      VALUE if is_array else KEY))
@@ -258,7 +273,12 @@ class JsonPosition:
             if not self.in_key:
                 return self._value_done()
             self.in_key = False
-            self.frames[-1].key = json.loads(self.key_bytes.decode("utf-8", "replace"))
+            if not self.frames:
+                return True
+            try:
+                self.frames[-1].key = json.loads(self.key_bytes.decode("utf-8", "replace"))
+            except ValueError:                   # never raise on the step's path: keep the spelling
+                self.frames[-1].key = self.key_bytes.decode("utf-8", "replace")
         return True
 
     def _value_done(self) -> bool:
@@ -270,7 +290,7 @@ class JsonPosition:
         if not (top.distinct and top.item is not None):
             return True
         spelled, top.item = bytes(top.item), None
-        value = canonical(json.loads(spelled.decode("utf-8", "replace")))
+        value = _canonical_item(spelled)
         if value in top.seen:
             return False
         top.seen = top.seen | {value}

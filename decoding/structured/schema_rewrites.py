@@ -12,6 +12,10 @@ defines them) but that a grammar backend understands better. Applied before a ba
   the patterns `^(?:A)`, "does not start with B" and `^R`, all of which must match. A negative
   lookahead splits only where B is a literal (or `\\s*$`: "not blank"), whose complement a regex can
   spell.
+- `with_alternations_grouped` (for outlines-core, which puts a pattern between the string's quotes as
+  written, so `^a|b$` would become `"a|b"`, admitting `"a` and `b"`): a pattern whose top level is an
+  alternation is the group of its branches, each matched in full. That admits a subset of what the
+  pattern admits (a branch that was open at one end is now anchored there), never more.
 - `with_disjoint_one_of`: `oneOf` asks for exactly one branch to match. Where the branches provably admit
   no common value (different types, different literals), that is `anyOf`; where every branch is only a
   set of types, the instances are exactly the types one branch alone admits (a `type` list). Other
@@ -293,3 +297,49 @@ def _literal(pattern: str) -> str | None:
 
 def _escaped(text: str) -> str:
     return "".join("\\" + char if char in REGEX_SPECIAL or char == "-" else char for char in text)
+
+
+def with_alternations_grouped(schema):
+    def group(node: dict) -> dict:
+        pattern = node.get("pattern")
+        if not isinstance(pattern, str) or len(branches := _top_level_branches(pattern)) < 2:
+            return node
+        inner = "|".join(_unanchored(branch) for branch in branches)
+        return {**node, "pattern": f"^(?:{inner})$"}
+    return map_subschemas(schema, group)
+
+
+def _unanchored(branch: str) -> str:
+    branch = branch.removeprefix("^")
+    return branch[:-1] if branch.endswith("$") and not _escaped_at(branch, len(branch) - 1) else branch
+
+
+def _escaped_at(text: str, index: int) -> bool:
+    """Whether the character at `index` is escaped (preceded by an odd run of backslashes)."""
+    run = len(text[:index]) - len(text[:index].rstrip("\\"))
+    return run % 2 == 1
+
+
+def _top_level_branches(pattern: str) -> list[str]:
+    """The pattern split at each `|` outside groups and character classes."""
+    branches, start, depth, index, in_class = [], 0, 0, 0, False
+    while index < len(pattern):
+        char = pattern[index]
+        if char == "\\":
+            index += 2
+            continue
+        if in_class:
+            in_class = char != "]"
+        elif char == "[":
+            in_class = True
+            if pattern[index + 1 : index + 2] == "]":
+                index += 1
+        elif char == "(":
+            depth += 1
+        elif char == ")":
+            depth -= 1
+        elif char == "|" and depth == 0:
+            branches.append(pattern[start:index])
+            start = index + 1
+        index += 1
+    return branches + [pattern[start:]]
