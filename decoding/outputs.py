@@ -18,7 +18,8 @@ class CompletionOutput:
     stop_reason: str | int | None = None     # the stop string or stop token id that ended it
     score: float | None = None               # beam search: sum of logprobs / generated_len ** length_penalty
     # Best-effort JSON schema requests: whether the finished output validated (None: not checked; a
-    # strict request's output is valid by construction unless cut by max_tokens).
+    # strict request's output is valid by construction unless cut by max_tokens, or unless the distinct-
+    # items check ran out of lookahead and let an item repeat: then false).
     schema_valid: bool | None = None
 
     @classmethod
@@ -28,6 +29,8 @@ class CompletionOutput:
         valid = None
         if params.structured_best_effort and params.json_schema is not None and seq.is_finished:
             valid = seq.finish_reason is FinishReason.STOP and schema_valid(params.json_schema, seq.text)
+        if seq.grammar is not None and seq.grammar.repeated_an_item:
+            valid = False
         return cls(
             index=seq.index,
             text=seq.text,

@@ -93,6 +93,30 @@ def test_how_many_values_items_take_is_counted_through_combinators(items, values
     assert unmeetable({**schema, "items": {"anyOf": [items, {"type": "string"}]}}) is None   # unbounded
 
 
+def test_a_repeat_let_through_past_the_lookahead_budget_is_reported(engine, monkeypatch):
+    """With no lookahead budget rule 2 cannot see the dead end after `"a` (both "aa" and "ab" used):
+    the backend's tokens stay allowed rather than none, and the completion says schema_valid false."""
+    import decoding.structured.distinct_items as distinct_items
+    from decoding.outputs import CompletionOutput
+    monkeypatch.setattr(distinct_items, "LOOKAHEAD_STATES", 0)
+    schema = {"type": "array", "items": {"enum": ["aa", "ab", "b"]}, "uniqueItems": True, "minItems": 3, "maxItems": 3}
+    for text in ('["aa","ab","a', '["aa", "ab", "a'):
+        seq = engine.make_request("x", SamplingParams(json_schema=schema)).seqs[0]
+        tokens = engine.tokenizer.encode(text, add_special_tokens=False)
+        if all(seq.grammar.allowed()[token] and seq.grammar.advance(token) is None for token in tokens):
+            break
+    else:
+        pytest.fail("neither spacing of the prefix was allowed")
+    for _ in range(3):                                     # the item's last letter and its quote
+        allowed = seq.grammar.allowed()
+        assert allowed.any()                               # never a dead end for the step
+        seq.grammar.advance(int(allowed.nonzero()[0]))
+        if seq.grammar.repeated_an_item:
+            break
+    assert seq.grammar.repeated_an_item
+    assert CompletionOutput.of(seq).schema_valid is False
+
+
 def test_beams_and_speculation_keep_items_distinct(llama_dir, engine):
     schema = FORCING[0]
     beams = engine.generate(PROMPTS[:2], SamplingParams(use_beam_search=True, num_beams=4, num_return_sequences=4,

@@ -18,6 +18,10 @@ class GrammarCursor:
     """One sequence's position in a compiled grammar. A backend supplies the four steps at the bottom;
     the rest (EOS, packed masks, masks along a draft) is the same for every backend."""
 
+    # Set where a check beside the backend (distinct items) had to let the output break the schema;
+    # the completion then reports schema_valid false.
+    repeated_an_item = False
+
     def __init__(self, vocab_size: int, eos_token_ids: frozenset[int]):
         self._vocab_size = vocab_size
         self._eos = sorted(i for i in eos_token_ids if i < vocab_size)
