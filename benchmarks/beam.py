@@ -38,7 +38,7 @@ def main() -> None:
     with torch.inference_mode(), Timer() as baseline:
         hf.generate(input_ids, attention_mask=attention_mask, num_beams=num_beams, do_sample=False,
                     max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad)
-    blocks_for = engine.blocks.blocks_for
+    blocks_for = engine.kv.blocks_for
     unshared = sum(num_beams * blocks_for(n + new_tokens) for n in lengths)
     report({
         "benchmark": "beam", "model": path, "dtype": args.dtype, "prompts": num_prompts, "num_beams": num_beams,

@@ -36,7 +36,7 @@ def main() -> None:
 
     ours, baseline = interleaved(lambda: engine.generate([prompt], params), run_hf, 1 if args.quick else 3)
     total = n * new_tokens
-    unshared_blocks = n * engine.blocks.blocks_for(prompt_len + new_tokens)
+    unshared_blocks = n * engine.kv.blocks_for(prompt_len + new_tokens)
     report({
         "benchmark": "group", "model": path, "dtype": args.dtype, "n": n, "prompt_tokens": prompt_len, "new_tokens": new_tokens,
         "ours_tok_s": round(total / ours, 2), "baseline_tok_s": round(total / baseline, 2),

@@ -5,19 +5,21 @@ from __future__ import annotations
 
 from decoding.block_manager import BlockManager
 from decoding.config import EngineConfig
+from decoding.kv_cache_manager import KVCacheManager
 from decoding.sampler import Sampler
 from decoding.speculative.decoder import SpeculativeDecoding
 from decoding.speculative.draft import DraftModelProposer
 from decoding.speculative.medusa import MedusaProposer
 from decoding.speculative.ngram import NgramProposer
+from decoding.speculative.proposer import AcceptanceRule
 from models import load_model
 from models.attention import PagedKVCache
 from models.loader import DEFAULT_DRAFT_DIR, DEFAULT_MEDUSA_DIR, LoadedModel
 from models.medusa import MedusaHeads
 
 
-def build_cache(loaded: LoadedModel, cfg: EngineConfig) -> tuple[PagedKVCache, BlockManager]:
-    """The KV cache (`num_kv_blocks`, or as many blocks as `kv_cache_memory_gb` holds) and its blocks."""
+def build_cache(loaded: LoadedModel, cfg: EngineConfig) -> KVCacheManager:
+    """The KV cache (`num_kv_blocks`, or as many blocks as `kv_cache_memory_gb` holds) and its manager."""
     model = loaded.model
     num_blocks = cfg.num_kv_blocks
     if num_blocks is None:
@@ -26,23 +28,24 @@ def build_cache(loaded: LoadedModel, cfg: EngineConfig) -> tuple[PagedKVCache, B
         num_blocks = max(2, int(cfg.kv_cache_memory_gb * 2**30) // per_block)
     cache = PagedKVCache(model.num_layers, num_blocks, cfg.block_size, model.num_kv_heads, model.head_dim,
                          model.dtype, loaded.device)
-    return cache, BlockManager(num_blocks, cfg.block_size)
+    return KVCacheManager(BlockManager(num_blocks, cfg.block_size), cache, loaded.device)
 
 
 def build_speculation(cfg: EngineConfig, loaded: LoadedModel, sampler: Sampler,
-                      blocks: BlockManager, max_model_len: int) -> SpeculativeDecoding | None:
+                      num_blocks: int, max_model_len: int) -> SpeculativeDecoding | None:
     """The proposer `cfg.speculative` names (None: no speculation) inside the speculative decoder."""
     if cfg.speculative is None:
         return None
     model = loaded.model
+    acceptance = AcceptanceRule()
     if cfg.speculative == "ngram":
         proposer = NgramProposer(cfg.num_speculative_tokens, cfg.prompt_lookup_max, cfg.prompt_lookup_min)
     elif cfg.speculative == "medusa":
         heads = MedusaHeads.load(cfg.medusa_heads or DEFAULT_MEDUSA_DIR, model.dtype, loaded.device,
                                  hidden_size=model.hidden_size, vocab_size=model.vocab_size)
         heads.use_output_head(model.lm_head)
-        proposer = MedusaProposer(heads, sampler, loaded.eos_token_ids, loaded.device, cfg.medusa_choices,
-                                  cfg.medusa_acceptance, (cfg.typical_epsilon, cfg.typical_delta))
+        acceptance = AcceptanceRule.named(cfg.medusa_acceptance, (cfg.typical_epsilon, cfg.typical_delta))
+        proposer = MedusaProposer(heads, sampler, loaded.eos_token_ids, loaded.device, cfg.medusa_choices, acceptance)
     else:
         draft = load_model(cfg.draft_model or str(DEFAULT_DRAFT_DIR), cfg.dtype, cfg.device,
                            show_progress=cfg.show_progress)
@@ -51,7 +54,7 @@ def build_speculation(cfg: EngineConfig, loaded: LoadedModel, sampler: Sampler,
                              f"target's ({model.vocab_size}); a draft must share the target's tokenizer")
         # As many blocks as the target: the draft never shares a prompt between samples, and a draft
         # that runs out of blocks only stops proposing for the sequences that do not fit.
-        proposer = DraftModelProposer(draft, cfg.num_speculative_tokens, blocks.num_blocks, cfg.block_size,
+        proposer = DraftModelProposer(draft, cfg.num_speculative_tokens, num_blocks, cfg.block_size,
                                       sampler, loaded.eos_token_ids)
     return SpeculativeDecoding(proposer, max_model_len, sampler, model.vocab_size, loaded.eos_token_ids,
-                               loaded.device, cfg.speculative_disable_by_batch_size)
+                               loaded.device, cfg.speculative_disable_by_batch_size, acceptance)

@@ -1,32 +1,41 @@
-"""Engine-side beam search: feed each beam request's logits to its `BeamSearch`, then re-point the
-beams' block tables at their parents' (fork + copy-on-write), so beams share every common block and a
-step never copies a whole sequence's cache."""
+"""Engine-side beam search: feed each beam request's logits to its `BeamSearch` and say, per request,
+which beam each new beam continues (`BeamStep`). The update phase then re-points the beams' block
+tables at their parents' (fork + copy-on-write), so beams share every common block and a step never
+copies a whole sequence's cache."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
 from decoding.beam import BeamSearch, Hypothesis, process_log_probs
-from decoding.block_manager import BlockManager
 from decoding.sampler import apply_grammar_masks
 from decoding.detokenizer import find_stop_string
-from decoding.sequence import FinishReason, Request, Sequence
+from decoding.sequence import Request, Sequence
 from decoding.structured.grammar import GrammarCursor, unpack_bits
+from decoding.structured.step_masks import StepMasks
 
 if TYPE_CHECKING:
     from decoding.update import EngineCounters
 
 
+@dataclass
+class BeamStep:
+    """One beam request's step: new beam i continues `parents[i]` (a sequence of the step before) with
+    grammar cursor `cursors[i]`; `results` once the search is done."""
+
+    request: Request
+    parents: list[Sequence]
+    cursors: list[GrammarCursor | None]
+    results: list[Hypothesis] | None
+
+
 class BeamRequests:
-    def __init__(self, blocks: BlockManager, tokenizer, eos_token_ids: frozenset[int],
-                 new_sequence: Callable[[Request, int], Sequence]):
-        self.blocks = blocks
+    def __init__(self, tokenizer, eos_token_ids: frozenset[int]):
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
-        self.new_sequence = new_sequence
 
     def start(self, request: Request, max_len: int) -> None:
         params = request.params
@@ -37,12 +46,12 @@ class BeamRequests:
             early_stopping=params.early_stopping,
             hits_stop_string=(lambda tokens, token: self._completes_stop(tokens, token, stops)) if stops else None)
 
-    def take_rows(self, seqs: list[Sequence], rows: torch.Tensor, logits: torch.Tensor,
-                  counters: EngineCounters) -> tuple[list[Sequence], torch.Tensor]:
+    def take_rows(self, seqs: list[Sequence], rows: torch.Tensor, logits: torch.Tensor, masks: StepMasks,
+                  counters: EngineCounters) -> tuple[list[Sequence], torch.Tensor, list[BeamStep]]:
         """Advance every beam-search request whose beams sample this step (their rows of `logits`);
-        return the other sequences and their rows, for the sampler."""
+        return the other sequences and their rows, for the sampler, and the beam steps to apply."""
         if not any(seq.request.beam is not None for seq in seqs):
-            return seqs, rows
+            return seqs, rows, []
         ready: dict[str, tuple[Request, dict[int, int]]] = {}
         keep = []
         for i, (seq, row) in enumerate(zip(seqs, rows.tolist())):
@@ -50,12 +59,16 @@ class BeamRequests:
                 ready.setdefault(seq.request.req_id, (seq.request, {}))[1][seq.seq_id] = row
             else:
                 keep.append(i)
+        steps = []
         for request, beam_rows in ready.values():
-            self.advance(request, beam_rows, logits)
+            step = self.advance(request, beam_rows, logits, masks)
+            if step is not None:
+                steps.append(step)
             counters.num_generated_tokens += len(beam_rows)
-        return [seqs[i] for i in keep], rows[keep]
+        return [seqs[i] for i in keep], rows[keep], steps
 
-    def advance(self, request: Request, ready: dict[int, int], logits: torch.Tensor) -> None:
+    def advance(self, request: Request, ready: dict[int, int], logits: torch.Tensor,
+                masks: StepMasks) -> BeamStep | None:
         """`ready` maps the seq_id of each beam whose logits this step computed to its row in `logits`."""
         running = [seq for seq in request.seqs if not seq.is_finished]
         if any(seq.seq_id not in ready for seq in running):
@@ -64,7 +77,7 @@ class BeamRequests:
             for seq in running:
                 if seq.seq_id in ready:
                     seq.num_computed -= 1
-            return
+            return None
         params, beam = request.params, request.beam
         generated = len(running[0].token_ids) - request.prompt_len
         banned = sorted(beam.stop_token_ids) if generated < params.min_tokens else []
@@ -76,30 +89,15 @@ class BeamRequests:
             # has its own cursor (forked from its parent's), so one bitmask serves every beam.
             unbanned = process_log_probs(logits[rows].cpu(), [s.token_ids for s in running],
                                          params.repetition_penalty, []) if banned else log_probs
-            masks = unpack_bits(GrammarCursor.allowed_bits([s.grammar for s in running]), log_probs.shape[1])
-            log_probs = apply_grammar_masks(log_probs, unbanned, masks)
+            _, bits = masks.rows_of(running)
+            log_probs = apply_grammar_masks(log_probs, unbanned, unpack_bits(bits, log_probs.shape[1]))
         if len(running) < beam.num_beams:     # the first step: every beam is the prompt
             log_probs = log_probs[:1].expand(beam.num_beams, -1)
         result = beam.step(log_probs)
-        self._reorder(request, running, result.parents)
-        if result.done:
-            self._finish(request)
-
-    def _reorder(self, request: Request, running: list[Sequence], parents: list[int]) -> None:
-        beam = request.beam
-        parent_seqs = [running[min(p, len(running) - 1)] for p in parents]
-        tables = [self.blocks.fork(p.block_table, p.num_computed) for p in parent_seqs]
-        computed = [p.num_computed for p in parent_seqs]
-        cursors = self._child_cursors(parent_seqs, beam)
-        for seq in running:
-            self.blocks.free(seq.block_table)
-        while len(request.seqs) < beam.num_beams:
-            request.seqs.append(self.new_sequence(request, len(request.seqs)))
-        request.is_forked = True
-        for slot, seq in enumerate(request.seqs):
-            seq.block_table, seq.num_computed = tables[slot], computed[slot]
-            seq.token_ids = request.prompt_token_ids + beam.running_tokens[slot]
-            seq.grammar = cursors[slot]
+        parents = [running[min(p, len(running) - 1)] for p in result.parents]
+        results = ([self._with_text(h, params) for h in beam.best(params.num_return_sequences)]
+                   if result.done else None)
+        return BeamStep(request, parents, self._child_cursors(parents, beam), results)
 
     @staticmethod
     def _child_cursors(parent_seqs: list[Sequence], beam: BeamSearch) -> list[GrammarCursor | None]:
@@ -115,13 +113,6 @@ class BeamRequests:
         for slot, cursor in enumerate(cursors):
             cursor.advance(beam.running_tokens[slot][-1])
         return cursors
-
-    def _finish(self, request: Request) -> None:
-        params = request.params
-        request.beam_results = [self._with_text(h, params) for h in request.beam.best(params.num_return_sequences)]
-        for seq in request.seqs:
-            self.blocks.free(seq.block_table)
-            seq.finish_reason = FinishReason.STOP
 
     def _with_text(self, hypothesis: Hypothesis, params) -> Hypothesis:
         text = self.tokenizer.decode(hypothesis.token_ids, skip_special_tokens=params.skip_special_tokens)

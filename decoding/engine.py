@@ -23,7 +23,7 @@ from decoding.sampler import Sampler, SamplingBatch
 from decoding.scheduler import Scheduler
 from decoding.step_plan import SchedulerOutput
 from decoding.sequence import FinishReason, Request, RequestStatus, Sequence
-from decoding.structured.grammar import GrammarCursor
+from decoding.structured.step_masks import StepMasks
 from decoding.update import StepUpdate
 from decoding.weights import ServedWeights
 from models import kernels, load_model
@@ -47,18 +47,18 @@ class Engine:
         self.tokenizer = self.loaded.tokenizer
         self.eos_token_ids = self.loaded.eos_token_ids
         self.max_model_len = min(self.config.max_model_len or self.loaded.max_model_len, self.loaded.max_model_len)
-        self.cache, self.blocks = build_cache(self.loaded, self.config)
-        self.runner = ModelRunner(self.loaded.model, self.cache, self.loaded.device)
+        self.kv = build_cache(self.loaded, self.config)
+        self.runner = ModelRunner(self.loaded.model, self.kv.cache, self.loaded.device)
         self.sampler = Sampler()
-        self.speculation = build_speculation(self.config, self.loaded, self.sampler, self.blocks, self.max_model_len)
-        self.scheduler = Scheduler(self.blocks, self.config.max_num_seqs, self.config.max_num_batched_tokens,
+        self.speculation = build_speculation(self.config, self.loaded, self.sampler, self.kv.num_blocks, self.max_model_len)
+        self.scheduler = Scheduler(self.kv, self.config.max_num_seqs, self.config.max_num_batched_tokens,
                                    lookahead=self.speculation.lookahead if self.speculation else None)
         self.intake = RequestIntake(self.config, self.tokenizer, self.eos_token_ids, self.loaded.model.vocab_size,
-                                    self.max_model_len, self.blocks)
-        self.beams = BeamRequests(self.blocks, self.tokenizer, self.eos_token_ids, self.intake.new_sequence)
+                                    self.max_model_len, self.kv)
+        self.beams = BeamRequests(self.tokenizer, self.eos_token_ids)
         self._requests: dict[str, Request] = {}
-        self.update = StepUpdate(self.blocks, self.cache, self.scheduler, self.speculation, self._requests,
-                                 self.eos_token_ids, self.max_model_len, self.loaded.device)
+        self.update = StepUpdate(self.kv, self.scheduler, self.speculation, self._requests, self.eos_token_ids,
+                                 self.max_model_len, self.loaded.device, self.intake.new_sequence)
         self.counters = self.update.counters
         self.weights = ServedWeights(self.loaded.model, self._requests)
 
@@ -109,7 +109,7 @@ class Engine:
         return self.scheduler.has_unfinished()
 
     def cache_usage(self) -> CacheUsage:
-        return self.blocks.usage()
+        return self.kv.usage()
 
     def queue_lengths(self) -> tuple[int, int]:
         """(requests being decoded, requests waiting for admission)."""
@@ -127,19 +127,21 @@ class Engine:
         if sched.is_empty:
             return []
         chains = self.speculation.attach_drafts(sched) if self.speculation else []
-        want_prompt = {s.seq.seq_id for s in sched.scheduled
-                       if s.seq.request.params.prompt_logprobs is not None and s.start < s.seq.prompt_len - 1}
-        keep_hidden = bool(self.speculation and self.speculation.wants_hidden)
-        logits = self.runner.execute(sched, want_prompt | {chain.seq.seq_id for chain in chains}, keep_hidden)
+        want_prompt = sched.wanting_prompt_logprobs()
+        sched.chunk_logits_for = want_prompt | {chain.seq.seq_id for chain in chains}
+        sched.wants_hidden = bool(self.speculation and self.speculation.wants_hidden)
+        logits = self.runner.execute(sched)
         record_prompt_logprobs(sched, logits, want_prompt)
         sampling_seqs, rows = self.update.computed(sched, logits)
-        sampling_seqs, rows = self.beams.take_rows(sampling_seqs, rows, logits.last, self.counters)
+        masks = StepMasks.build(sampling_seqs, self.speculation.drafts(chains) if chains else [])
+        sampling_seqs, rows, beam_steps = self.beams.take_rows(sampling_seqs, rows, logits.last, masks, self.counters)
+        self.update.apply_beam_steps(beam_steps)
         if sampling_seqs:
-            self._sample(sampling_seqs, rows, logits)
-        verdicts = self.speculation.verify(chains, logits) if chains else []
+            self._sample(sampling_seqs, rows, logits, masks)
+        verdicts = self.speculation.verify(chains, logits, masks) if chains else []
         for chain, verdict in zip(chains, verdicts):
             self.update.apply_verdict(chain.seq, verdict)
-        if keep_hidden:
+        if sched.wants_hidden:
             self.speculation.observe(sampling_seqs, rows.tolist(), chains, verdicts, logits)
         self.counters.num_steps += 1
         touched = {s.seq.request.req_id: s.seq.request for s in sched.scheduled}
@@ -160,14 +162,12 @@ class Engine:
                 item.seq.request.weight_version = self.weights.version
         return sched
 
-    def _sample(self, seqs: list[Sequence], rows: torch.Tensor, logits: StepLogits) -> None:
-        """Draw one token for each sequence from its logits row (constrained ones through their grammar's
-        bits) and append it."""
-        constrained = [row for row, seq in enumerate(seqs) if seq.grammar is not None]
-        allowed_bits = None
-        if constrained:
-            bits = GrammarCursor.allowed_bits([seqs[row].grammar for row in constrained])
-            allowed_bits = (constrained, bits.to(self.loaded.device))
+    def _sample(self, seqs: list[Sequence], rows: torch.Tensor, logits: StepLogits, masks: StepMasks) -> None:
+        """Draw one token for each sequence from its logits row (constrained ones through their rows of
+        the step's grammar bits) and append it."""
+        allowed_bits = masks.rows_of(seqs)
+        if allowed_bits is not None:
+            allowed_bits = (allowed_bits[0], allowed_bits[1].to(self.loaded.device))
         batch = SamplingBatch.from_sequences(seqs, self.loaded.model.vocab_size, self.eos_token_ids,
                                              self.loaded.device, allowed_bits=allowed_bits)
         # Each row sampling once, in order, is the common case: the logits then need no gather.

@@ -13,7 +13,7 @@ from functools import cached_property
 
 import torch
 
-from decoding.block_manager import BlockManager
+from decoding.kv_cache_manager import KVCacheManager
 from decoding.config import EngineConfig
 from decoding.detokenizer import IncrementalDetokenizer
 from decoding.params import SamplingParams
@@ -26,13 +26,13 @@ Prompt = str | list[int]
 
 class RequestIntake:
     def __init__(self, config: EngineConfig, tokenizer, eos_token_ids: frozenset[int], vocab_size: int,
-                 max_model_len: int, blocks: BlockManager):
+                 max_model_len: int, kv: KVCacheManager):
         self.config = config
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
-        self.blocks = blocks
+        self.kv = kv
         self._grammars: GrammarCompiler | None = None      # built on the first constrained request
         self._grammar_lock = threading.Lock()
         self._request_counter = itertools.count()
@@ -116,10 +116,10 @@ class RequestIntake:
                              f"{self.config.max_num_seqs}")
         # A request must fit the cache alone, or preemption could not guarantee progress. Each sample
         # may copy the shared last prompt block once (copy-on-write), hence the +1.
-        blocks = self.blocks.blocks_for
+        blocks = self.kv.blocks_for
         width = max(params.n, params.num_beams if params.use_beam_search else 1)
         worst = blocks(prompt_len) + width * (blocks(params.max_tokens) + 1)
-        usable = self.blocks.usage().num_blocks
+        usable = self.kv.usage().num_blocks
         if worst > usable:
             raise ValueError(f"the request may need {worst} KV blocks but the cache has {usable}; lower n or "
                              "max_tokens, or start the engine with a larger KV cache")

@@ -61,9 +61,9 @@ class ModelRunner:
             keep_freed_memory()
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput, want_chunk_logits: set[int], keep_hidden: bool = False) -> StepLogits:
-        """Logits of each sequence's last row and of the chunks in `want_chunk_logits`; with `keep_hidden`
-        (Medusa's heads read them) the final hidden states of those rows too."""
+    def execute(self, sched: SchedulerOutput) -> StepLogits:
+        """Logits of each sequence's last row and of the chunks in `sched.chunk_logits_for`; with
+        `sched.wants_hidden` the final hidden states of those rows too."""
         if sched.block_copies:
             src, dst = zip(*sched.block_copies)
             self.cache.copy_blocks(self._long(src), self._long(dst))
@@ -72,7 +72,7 @@ class ModelRunner:
         # logits (prompt logprobs, verification). In a step of prompt chunks that is a few rows of
         # hundreds, and the model skips the last layer's projection and MLP for the others.
         chunks = [(item.seq.seq_id, batch.first_row[item.seq.seq_id], item.num_new_tokens)
-                  for item in sched.scheduled if item.seq.seq_id in want_chunk_logits]
+                  for item in sched.scheduled if item.seq.seq_id in sched.chunk_logits_for]
         wanted = torch.cat([batch.last_rows, *(torch.arange(start, start + n, device=self.device) for _, start, n in chunks)])
         skip = wanted.numel() < batch.input_ids.numel()
         hidden = self.model.forward(batch.input_ids, batch.positions, self.cache, batch.meta,
@@ -82,6 +82,7 @@ class ModelRunner:
         num_last = batch.last_rows.numel()
         last_hidden = hidden[:num_last]
         last = self.model.compute_logits(last_hidden).float()                               # [N, vocab]
+        keep_hidden = sched.wants_hidden
         out = StepLogits(last, batch.last_seq_ids, {}, last_hidden if keep_hidden else None,
                          {} if keep_hidden else None)
         offset = num_last

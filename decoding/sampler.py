@@ -25,9 +25,12 @@ NEG_INF = float("-inf")
 
 @dataclass
 class SamplingBatch:
-    """Per-row sampling inputs, built from the sequences that sample this step."""
+    """Per-row sampling inputs, built from the sequences that sample this step. A row may also stand
+    for a sequence with draft tokens appended (verification, a draft model's own sampling): penalties
+    then see them and min_tokens counts them, as if they had been sampled."""
 
     seqs: list[Sequence]
+    drafted: list[list[int]]             # per row, draft tokens taken as following the sequence's own
     temperature: torch.Tensor            # [N]
     top_k: torch.Tensor                  # [N], vocab size where disabled
     top_p: torch.Tensor                  # [N]
@@ -46,16 +49,20 @@ class SamplingBatch:
     @classmethod
     def from_sequences(cls, seqs: list[Sequence], vocab_size: int, eos_token_ids: frozenset[int],
                        device: torch.device, allowed: dict[int, torch.Tensor] | None = None,
-                       allowed_bits: tuple[list[int], torch.Tensor] | None = None) -> SamplingBatch:
+                       allowed_bits: tuple[list[int], torch.Tensor] | None = None,
+                       drafted: list[list[int]] | None = None) -> SamplingBatch:
         params = [seq.request.params for seq in seqs]
+        drafted = drafted or [[]] * len(seqs)
         banned = [(row, seq.request.banned_before_min_tokens(eos_token_ids, vocab_size))
-                  for row, (seq, p) in enumerate(zip(seqs, params)) if seq.num_output_tokens < p.min_tokens]
+                  for row, (seq, p, extra) in enumerate(zip(seqs, params, drafted))
+                  if seq.num_output_tokens + len(extra) < p.min_tokens]
         wants = [p.logprobs for p in params if p.logprobs is not None]
         # One tensor for the per-row numbers (a tensor from a Python list costs a few microseconds each).
         numbers = torch.tensor([[p.temperature for p in params], [p.top_k if p.top_k > 0 else vocab_size for p in params],
                                 [p.top_p for p in params], [p.min_p for p in params]], dtype=torch.float32, device=device)
         return cls(
             seqs=seqs,
+            drafted=drafted,
             temperature=numbers[0],
             top_k=numbers[1].long(),
             top_p=numbers[2],
@@ -69,6 +76,14 @@ class SamplingBatch:
             all_greedy=all(p.is_greedy for p in params),
             num_top_logprobs=max(wants) if wants else -1,
         )
+
+    def history(self, row: int) -> list[int]:
+        """The tokens row `row` continues: its sequence's, then its draft tokens."""
+        extra = self.drafted[row]
+        return self.seqs[row].token_ids + extra if extra else self.seqs[row].token_ids
+
+    def output_tokens(self, row: int) -> list[int]:
+        return self.history(row)[self.seqs[row].prompt_len :]
 
     @property
     def constrained_rows(self) -> set[int]:
@@ -268,9 +283,10 @@ class Sampler:
             if not p.has_penalties:
                 continue
             if p.repetition_penalty != 1:
-                apply_repetition_penalty(logits[row], seq.token_ids, p.repetition_penalty)
-            if (p.presence_penalty or p.frequency_penalty) and seq.num_output_tokens:
-                out = torch.tensor(seq.output_token_ids, dtype=torch.long, device=logits.device)
+                apply_repetition_penalty(logits[row], batch.history(row), p.repetition_penalty)
+            output_tokens = batch.output_tokens(row)
+            if (p.presence_penalty or p.frequency_penalty) and output_tokens:
+                out = torch.tensor(output_tokens, dtype=torch.long, device=logits.device)
                 counts = torch.zeros(vocab, device=logits.device).scatter_add_(
                     0, out.clamp(max=vocab - 1), torch.ones_like(out, dtype=torch.float32))
                 logits[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()

@@ -11,17 +11,17 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from decoding.block_manager import BlockManager
+from decoding.kv_cache_manager import KVCacheManager
 from decoding.sequence import Request, RequestStatus, Sequence
 from decoding.step_plan import ScheduledSeq, SchedulerOutput
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
                  lookahead: Callable[[Sequence, int], int] | None = None):
         if max_num_batched_tokens < max_num_seqs:
             raise ValueError("max_num_batched_tokens must be >= max_num_seqs so every running sequence can decode")
-        self.blocks = blocks
+        self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         # Speculative decoding: how many draft tokens a decoding sequence may add this step, given how
@@ -45,7 +45,7 @@ class Scheduler:
         elif request in self.waiting:
             self.waiting.remove(request)
         for seq in request.seqs:
-            self.blocks.free(seq.block_table)
+            self.kv.free(seq)
 
     @property
     def num_running_seqs(self) -> int:
@@ -77,12 +77,12 @@ class Scheduler:
                 continue
             extra = [min(self.lookahead(seq, num_decodes), spare_per_seq) if self.lookahead else 0 for seq in decodes]
             needed = sum(self._blocks_needed(seq, 1 + e) for seq, e in zip(decodes, extra))
-            if needed > self.blocks.num_free_blocks and any(extra):
+            if needed > self.kv.num_free_blocks and any(extra):
                 extra = [0] * len(decodes)            # no room to speculate: never preempt for drafts
                 needed = sum(self._blocks_needed(seq, 1) for seq in decodes)
-            while needed > self.blocks.num_free_blocks and self.running[-1] is not request:
+            while needed > self.kv.num_free_blocks and self.running[-1] is not request:
                 self._preempt(self.running[-1], out)
-            if needed > self.blocks.num_free_blocks:
+            if needed > self.kv.num_free_blocks:
                 self._preempt(request, out)
                 break
             for seq, e in zip(decodes, extra):
@@ -101,7 +101,7 @@ class Scheduler:
                 if seq.num_uncomputed <= 1 or wanted <= 0:
                     continue
                 # Make room by preempting later requests that have nothing scheduled this step.
-                while (self._blocks_needed(seq, wanted) > self.blocks.num_free_blocks
+                while (self._blocks_needed(seq, wanted) > self.kv.num_free_blocks
                        and self.running[-1] is not request
                        and self.running[-1].req_id not in scheduled_requests):
                     self._preempt(self.running[-1], out)
@@ -121,7 +121,7 @@ class Scheduler:
                 return
             leader = request.leader
             wanted = min(self._chunk_limit(request, leader), budget)
-            if self._blocks_needed(leader, wanted) > self.blocks.num_free_blocks:
+            if self._blocks_needed(leader, wanted) > self.kv.num_free_blocks:
                 return
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
@@ -137,28 +137,28 @@ class Scheduler:
         return seq.num_uncomputed
 
     def _blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
-        return self.blocks.num_blocks_to_append(seq.block_table, seq.num_computed, num_new_tokens)
+        return self.kv.blocks_needed(seq, num_new_tokens)
 
     def _fitting_tokens(self, seq: Sequence, wanted: int) -> int:
         """The longest prefix of a chunk that fits in the free blocks."""
         low, high = 0, wanted
         while low < high:
             mid = (low + high + 1) // 2
-            if self._blocks_needed(seq, mid) <= self.blocks.num_free_blocks:
+            if self._blocks_needed(seq, mid) <= self.kv.num_free_blocks:
                 low = mid
             else:
                 high = mid - 1
         return low
 
     def _append(self, out: SchedulerOutput, seq: Sequence, num_new_tokens: int, num_lookahead: int = 0) -> None:
-        out.block_copies += self.blocks.append_slots(seq.block_table, seq.num_computed, num_new_tokens + num_lookahead)
+        out.block_copies += self.kv.reserve(seq, num_new_tokens + num_lookahead)
         out.scheduled.append(ScheduledSeq.of(seq, num_new_tokens, num_lookahead))
 
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:
         """Free the request's cache and queue it for recomputation ahead of new arrivals."""
         self.running.remove(request)
         for seq in request.seqs:
-            self.blocks.free(seq.block_table)
+            self.kv.free(seq)
             seq.reset_cache_state()
         request.is_forked = False
         request.status = RequestStatus.WAITING

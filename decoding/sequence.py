@@ -32,26 +32,7 @@ class TokenLogprob:
     top: dict[int, float] | None = None
 
 
-class TokenHistory:
-    """What the sampler reads of a sequence's tokens: its prompt length and its generated part."""
-
-    token_ids: list[int]
-    request: Request
-
-    @property
-    def prompt_len(self) -> int:
-        return self.request.prompt_len
-
-    @property
-    def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.prompt_len :]
-
-    @property
-    def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.prompt_len
-
-
-class Sequence(TokenHistory):
+class Sequence:
     """One completion: the prompt plus its generated tokens, and where their KV lives."""
 
     def __init__(self, seq_id: int, index: int, request: Request, generator: torch.Generator,
@@ -68,6 +49,18 @@ class Sequence(TokenHistory):
         self.generator = generator
         self.detokenizer = detokenizer
         self.grammar = None                      # a GrammarCursor when the request's output is constrained
+
+    @property
+    def prompt_len(self) -> int:
+        return self.request.prompt_len
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_len :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.prompt_len
 
     @property
     def num_uncomputed(self) -> int:

@@ -6,8 +6,19 @@ executes it and the update phase applies its results."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from decoding.sequence import Request, Sequence
+
+
+class CachedTokens(Protocol):
+    """What the runner and the KV-cache manager read of whoever owns a scheduled entry's tokens: a
+    `Sequence`, or a draft model's state for one (its own block table in its own cache)."""
+
+    seq_id: int
+    token_ids: list[int]
+    block_table: list[int]
+    num_computed: int
 
 
 @dataclass(frozen=True)
@@ -73,6 +84,16 @@ class SchedulerOutput:
     scheduled: list[ScheduledSeq] = field(default_factory=list)
     block_copies: list[tuple[int, int]] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    # What the runner returns beyond the logits of each sequence's last row, as the step's phases ask:
+    # the logits of these sequences' whole chunks (prompt logprobs, verification), and the final hidden
+    # states of every returned row (a proposer that reads them, such as Medusa's heads).
+    chunk_logits_for: set[int] = field(default_factory=set)
+    wants_hidden: bool = False
+
+    def wanting_prompt_logprobs(self) -> set[int]:
+        """The sequences whose chunk this step holds prompt positions that score a next prompt token."""
+        return {item.seq.seq_id for item in self.scheduled
+                if item.seq.request.params.prompt_logprobs is not None and item.start < item.seq.prompt_len - 1}
 
     @property
     def is_empty(self) -> bool:

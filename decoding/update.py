@@ -1,26 +1,29 @@
 """The update phase of a step: what the model's output does to the requests. Scheduled tokens become
-computed, groups fork at the end of their shared prompt, sampled and verified tokens are appended, stop
-conditions end sequences, finished sequences free their blocks and finished requests retire. With the
-scheduler, the only code that changes block tables during a step (beam search re-points its beams' own).
+computed, groups fork at the end of their shared prompt, sampled and verified tokens are appended (a
+verified chain's rejected tokens rolled back, a tree's kept path compacted), beams are re-pointed at the
+beams they continue, stop conditions end sequences, finished sequences free their blocks and finished
+requests retire. With the scheduler, the only code that changes block tables, all through the
+KV-cache manager.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from decoding.block_manager import BlockManager
 from decoding.detokenizer import find_stop_string
 from decoding.outputs import RequestOutput
+from decoding.beam_requests import BeamStep
+from decoding.kv_cache_manager import KVCacheManager
 from decoding.runner import StepLogits
 from decoding.scheduler import Scheduler
 from decoding.step_plan import SchedulerOutput
 from decoding.sequence import FinishReason, Request, RequestStatus, Sequence, TokenLogprob
 from decoding.speculative.decoder import SpeculativeDecoding
 from decoding.speculative.rejection import Verdict
-from models.attention import PagedKVCache
 
 
 @dataclass
@@ -34,17 +37,17 @@ class EngineCounters:
 
 
 class StepUpdate:
-    def __init__(self, blocks: BlockManager, cache: PagedKVCache, scheduler: Scheduler,
-                 speculation: SpeculativeDecoding | None, requests: dict[str, Request], eos_token_ids: frozenset[int],
-                 max_model_len: int, device: torch.device):
-        self.blocks = blocks
-        self.cache = cache
+    def __init__(self, kv: KVCacheManager, scheduler: Scheduler, speculation: SpeculativeDecoding | None,
+                 requests: dict[str, Request], eos_token_ids: frozenset[int], max_model_len: int,
+                 device: torch.device, new_sequence: Callable[[Request, int], Sequence]):
+        self.kv = kv
         self.scheduler = scheduler
         self.speculation = speculation
         self.requests = requests              # the engine's live requests, by id (retired ones leave it)
         self.eos_token_ids = eos_token_ids
         self.max_model_len = max_model_len
         self.device = device
+        self.new_sequence = new_sequence          # a beam request's further beams
         self.counters = EngineCounters()
 
     def apply_verdict(self, seq: Sequence, verdict: Verdict) -> None:
@@ -54,10 +57,8 @@ class StepUpdate:
         if verdict.rows != kept_rows:
             # A tree's kept path sits at scattered slots: move it to the positions it now occupies.
             start = base - 1
-            self.cache.move_slots(self._slots(seq, [start + r for r in verdict.rows]),
-                                  self._slots(seq, [start + r for r in kept_rows]))
-        seq.num_computed = base + verdict.num_accepted      # the last emitted token is not computed yet
-        self.blocks.truncate(seq.block_table, seq.num_computed)
+            self.kv.compact(seq, [start + r for r in verdict.rows], [start + r for r in kept_rows])
+        self.kv.roll_back(seq, base + verdict.num_accepted)  # the last emitted token is not computed yet
         for token, logprob in zip(verdict.token_ids, verdict.logprobs):
             self.append_token(seq, token, logprob)
             if seq.is_finished:
@@ -90,10 +91,9 @@ class StepUpdate:
         leader = request.leader
         for seq in request.seqs[1:]:
             if not seq.is_finished:
-                seq.block_table = self.blocks.fork(leader.block_table, request.prompt_len)
-                seq.num_computed = request.prompt_len
+                self.kv.share(seq, leader, request.prompt_len)
         if leader.is_finished:   # recomputed only to rebuild the shared prompt
-            self.blocks.free(leader.block_table)
+            self.kv.free(leader)
         request.is_forked = True
 
     def append_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> None:
@@ -119,17 +119,32 @@ class StepUpdate:
         elif seq.num_output_tokens >= params.max_tokens or len(seq.token_ids) >= self.max_model_len:
             self._finish(seq, FinishReason.LENGTH)
 
-    def _slots(self, seq: Sequence, positions: list[int]) -> torch.Tensor:
-        return torch.tensor(self.blocks.slots(seq.block_table, positions), dtype=torch.long, device=self.device)
-
     def _finish(self, seq: Sequence, reason: FinishReason, stop_reason: str | int | None = None) -> None:
         if not isinstance(stop_reason, str):
             seq.detokenizer.flush()      # a stop string cut the text on purpose; otherwise it is every token's
         seq.finish_reason = reason
         seq.stop_reason = stop_reason
-        self.blocks.free(seq.block_table)
+        self.kv.free(seq)
         if self.speculation:
             self.speculation.release(seq)
+
+    def apply_beam_steps(self, steps: list[BeamStep]) -> None:
+        """Re-point each beam request's beams at the beams they continue (sharing every common block),
+        with their new tokens and grammar cursors; end the search where it is done."""
+        for step in steps:
+            request = step.request
+            while len(request.seqs) < request.beam.num_beams:     # the first step: one beam becomes many
+                request.seqs.append(self.new_sequence(request, len(request.seqs)))
+            request.is_forked = True
+            self.kv.reassign(request.seqs, step.parents, [parent.num_computed for parent in step.parents])
+            for slot, seq in enumerate(request.seqs):
+                seq.token_ids = request.prompt_token_ids + request.beam.running_tokens[slot]
+                seq.grammar = step.cursors[slot]
+            if step.results is not None:
+                request.beam_results = step.results
+                for seq in request.seqs:
+                    self.kv.free(seq)
+                    seq.finish_reason = FinishReason.STOP
 
     def retire(self, request: Request) -> RequestOutput | None:
         """Retire a finished request; its snapshot, unless it is unfinished and not streamed."""

@@ -107,7 +107,7 @@ def test_beams_share_blocks_and_run_with_other_requests(llama_beams):
     other_id = engine.add_request(PROMPTS[0], SamplingParams(max_tokens=NEW_TOKENS, seed=0))
     engine.step()                       # prefill of both
     engine.step()                       # first beam expansion
-    prompt_blocks = engine.blocks.blocks_for(len(PROMPTS[2]))
+    prompt_blocks = engine.kv.blocks_for(len(PROMPTS[2]))
     beam_request = engine._requests[beam_id]
     shared = set(beam_request.seqs[0].block_table[: prompt_blocks - 1])
     assert all(set(seq.block_table[: prompt_blocks - 1]) == shared for seq in beam_request.seqs)

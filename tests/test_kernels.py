@@ -133,12 +133,12 @@ def test_one_call_stack_keeps_only_the_rows_asked_for(llama_dir, monkeypatch):
         seq = request.seqs[0]
         start = seq.num_computed
         seq.token_ids += [5, 7]                                # two more tokens to compute: a 3-token chain
-        engine.blocks.append_slots(seq.block_table, start, 3)
+        engine.kv.reserve(seq, 3)
         items.append(ScheduledSeq(seq, start, 3, reaches_end=True))
-    stack = engine.runner.execute(SchedulerOutput(scheduled=items), set())
-    whole = engine.runner.execute(SchedulerOutput(scheduled=items), {item.seq.seq_id for item in items})
+    stack = engine.runner.execute(SchedulerOutput(scheduled=items))
+    whole = engine.runner.execute(SchedulerOutput(scheduled=items, chunk_logits_for={item.seq.seq_id for item in items}))
     monkeypatch.setattr(models.llama, "_only_decode_group", lambda meta, num_tokens: None)
-    per_layer = engine.runner.execute(SchedulerOutput(scheduled=items), set())
+    per_layer = engine.runner.execute(SchedulerOutput(scheduled=items))
     assert stack.last.shape[0] == 2
     assert torch.equal(stack.last, per_layer.last)
     for item in items:                                         # the chain's last row, read either way

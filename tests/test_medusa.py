@@ -143,11 +143,11 @@ def test_tree_verification_logits_equal_sequential_decoding_of_each_path(llama_d
     captured = []
     verify = engine.speculation.verify
 
-    def capturing(chains, logits):
+    def capturing(chains, logits, masks):
         for chain in chains:
             captured.append((list(chain.seq.token_ids), engine.speculation._proposals[chain.seq.seq_id],
                              logits.chunk[chain.seq.seq_id].clone()))
-        return verify(chains, logits)
+        return verify(chains, logits, masks)
 
     engine.speculation.verify = capturing
     engine.generate(PROMPTS[:2], SamplingParams(temperature=0, max_tokens=10, min_tokens=10))

@@ -3,6 +3,7 @@
 import torch
 
 from decoding.block_manager import BlockManager
+from decoding.kv_cache_manager import KVCacheManager
 from decoding.params import SamplingParams
 from decoding.scheduler import Scheduler
 from decoding.sequence import Request, RequestStatus, Sequence
@@ -24,7 +25,7 @@ def finish_step(out) -> None:
 
 
 def test_decodes_go_first_and_prefill_is_chunked_under_the_budget():
-    scheduler = Scheduler(BlockManager(64, 4), max_num_seqs=8, max_num_batched_tokens=16)
+    scheduler = Scheduler(KVCacheManager(BlockManager(64, 4)), max_num_seqs=8, max_num_batched_tokens=16)
     short = make_request("short", 4)
     scheduler.add(short)
     finish_step(scheduler.schedule())                  # short is now decoding
@@ -42,7 +43,7 @@ def test_decodes_go_first_and_prefill_is_chunked_under_the_budget():
 
 def test_preemption_frees_blocks_and_recomputes_later():
     blocks = BlockManager(9, 4)                        # 8 usable blocks
-    scheduler = Scheduler(blocks, max_num_seqs=8, max_num_batched_tokens=64)
+    scheduler = Scheduler(KVCacheManager(blocks), max_num_seqs=8, max_num_batched_tokens=64)
     first, second = make_request("a", 16), make_request("b", 16)
     scheduler.add(first)
     scheduler.add(second)
@@ -55,7 +56,7 @@ def test_preemption_frees_blocks_and_recomputes_later():
 
 
 def test_group_prefills_only_the_leader_until_it_forks():
-    scheduler = Scheduler(BlockManager(64, 4), max_num_seqs=8, max_num_batched_tokens=64)
+    scheduler = Scheduler(KVCacheManager(BlockManager(64, 4)), max_num_seqs=8, max_num_batched_tokens=64)
     group = make_request("g", 10, n=3)
     scheduler.add(group)
     out = scheduler.schedule()
@@ -64,7 +65,7 @@ def test_group_prefills_only_the_leader_until_it_forks():
 
 
 def test_admission_respects_max_num_seqs():
-    scheduler = Scheduler(BlockManager(64, 4), max_num_seqs=2, max_num_batched_tokens=64)
+    scheduler = Scheduler(KVCacheManager(BlockManager(64, 4)), max_num_seqs=2, max_num_batched_tokens=64)
     for name in "abc":
         scheduler.add(make_request(name, 4))
     out = scheduler.schedule()

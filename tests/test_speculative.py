@@ -156,7 +156,7 @@ def test_eos_inside_accepted_drafts_ends_the_sequence(llama_dir):
     assert engine.update.retire(request).outputs[0].finish_reason == "stop"   # what step() does last
     assert not engine.has_unfinished_requests()
     assert engine.cache_usage().num_used_blocks == 0
-    assert engine.speculation.proposer.blocks.num_free_blocks == engine.speculation.proposer.blocks.num_blocks - 1
+    assert engine.speculation.proposer.kv.num_free_blocks == engine.speculation.proposer.kv.num_blocks - 1
 
 
 # ---- the engine, end to end --------------------------------------------------------------------
@@ -176,7 +176,7 @@ def test_greedy_speculation_is_token_identical_on_a_batch(llama_dir, other_llama
     else:
         assert counters.num_accepted_tokens < counters.num_draft_tokens    # rejections were rolled back
     assert engine.cache_usage().num_used_blocks == 0
-    draft_blocks = engine.speculation.proposer.blocks
+    draft_blocks = engine.speculation.proposer.kv
     assert draft_blocks.num_free_blocks == draft_blocks.num_blocks - 1
 
 
@@ -372,7 +372,7 @@ def test_a_cache_too_small_preempts_speculating_requests_and_still_matches(llama
     assert tight.cache_usage().num_used_blocks == 0
     assert tight.speculation.counters.num_draft_tokens > 0
     if mode == "draft":     # the draft's own cache is released with its sequences, preempted or finished
-        blocks = tight.speculation.proposer.blocks
+        blocks = tight.speculation.proposer.kv
         assert blocks.num_free_blocks == blocks.num_blocks - 1
 
 

@@ -18,8 +18,9 @@ def hf_last_logits(path, token_ids):
 
 def run(engine, item, want_chunk=True):
     seq = item.seq
-    copies = engine.blocks.append_slots(seq.block_table, item.start, item.num_new_tokens)
-    out = engine.runner.execute(SchedulerOutput([item], copies), {seq.seq_id} if want_chunk else set())
+    assert seq.num_computed == item.start
+    copies = engine.kv.reserve(seq, item.num_new_tokens)
+    out = engine.runner.execute(SchedulerOutput([item], copies, chunk_logits_for={seq.seq_id} if want_chunk else set()))
     seq.num_computed = item.start + item.num_new_tokens
     return out
 
@@ -54,16 +55,9 @@ def test_compacting_the_accepted_path_then_rolling_back_matches_a_fresh_prefill(
     seq.token_ids += [40, 41, 42, 43]
     run(engine, ScheduledSeq(seq, start, 4, reaches_end=True, tree=TokenTree(parents=(-1, 0, 0, 2))))
     # Accept the path a -> c -> d (new indices 0, 2, 3): move c and d down to sequence indices start+1, +2.
-    table, size = seq.block_table, engine.blocks.block_size
-
-    def slot(index):
-        return table[index // size] * size + index % size
-
-    engine.cache.move_slots(torch.tensor([slot(start + 2), slot(start + 3)]),
-                            torch.tensor([slot(start + 1), slot(start + 2)]))
+    engine.kv.compact(seq, [start + 2, start + 3], [start + 1, start + 2])
     seq.token_ids[start:] = [40, 42, 43]
-    engine.blocks.truncate(seq.block_table, start + 3)
-    seq.num_computed = start + 3
+    engine.kv.roll_back(seq, start + 3)
     # Decode one more token from the compacted cache; it must see exactly PROMPT + a, c, d.
     seq.token_ids.append(44)
     logits = run(engine, ScheduledSeq.of(seq, 1)).last[0]
@@ -77,8 +71,7 @@ def test_rollback_of_rejected_tokens_matches_a_fresh_prefill(model_dir, prefille
     seq.token_ids += [40, 41, 42, 43, 44, 45]                         # crosses a block boundary
     run(engine, ScheduledSeq.of(seq, 6))
     del seq.token_ids[start + 2 :]                                    # keep 2 of the 6
-    engine.blocks.truncate(seq.block_table, start + 2)
-    seq.num_computed = start + 2
+    engine.kv.roll_back(seq, start + 2)
     seq.token_ids.append(50)
     logits = run(engine, ScheduledSeq.of(seq, 1)).last[0]
     assert torch.allclose(logits, hf_last_logits(model_dir("llama"), PROMPT + [40, 41, 50]), atol=1e-4)

@@ -23,15 +23,17 @@ from decoding.runner import StepLogits
 from decoding.sampler import Sampler
 from decoding.step_plan import ScheduledSeq, SchedulerOutput, TokenTree
 from decoding.sequence import Sequence
-from decoding.speculative.proposer import Proposal, Proposer, SpecCounters
+from decoding.speculative.proposer import AcceptanceRule, Proposal, Proposer, SpecCounters
 from decoding.speculative.rejection import Verdict, verify
+from decoding.structured.step_masks import StepMasks
 
 
 class SpeculativeDecoding:
     def __init__(self, proposer: Proposer, max_model_len: int, sampler: Sampler,
                  vocab_size: int, eos_token_ids: frozenset[int], device: torch.device,
-                 disable_by_batch_size: int | None = None):
+                 disable_by_batch_size: int | None = None, acceptance: AcceptanceRule = AcceptanceRule()):
         self.proposer = proposer
+        self.acceptance = acceptance
         self.disable_by_batch_size = disable_by_batch_size
         self.max_model_len = max_model_len
         self.sampler = sampler
@@ -71,8 +73,6 @@ class SpeculativeDecoding:
             draft = proposal.token_ids
             if not draft:
                 continue
-            if item.seq.grammar is not None:
-                proposal.allowed = item.seq.grammar.masks_for(proposal)
             tree = None if proposal.parents is None else TokenTree((-1, *proposal.parent_rows()))
             chain = replace(item, num_new_tokens=1 + len(draft), reaches_end=False, draft_token_ids=tuple(draft),
                             tree=tree)
@@ -98,11 +98,16 @@ class SpeculativeDecoding:
             if not chain.seq.is_finished:
                 self.proposer.observe(chain.seq, logits.chunk_hidden[chain.seq.seq_id][verdict.last_row])
 
-    def verify(self, chains: list[ScheduledSeq], logits: StepLogits) -> list[Verdict]:
+    def drafts(self, chains: list[ScheduledSeq]) -> list[tuple[Sequence, Proposal]]:
+        """Each chain's sequence and the proposal it carries (for the step's grammar masks)."""
+        return [(chain.seq, self._proposals[chain.seq.seq_id]) for chain in chains]
+
+    def verify(self, chains: list[ScheduledSeq], logits: StepLogits, masks: StepMasks) -> list[Verdict]:
         seqs = [chain.seq for chain in chains]
         proposals = [self._proposals.pop(seq.seq_id) for seq in seqs]
         rows = [logits.chunk[seq.seq_id] for seq in seqs]
-        verdicts = verify(self.sampler, seqs, proposals, rows, self.vocab_size, self.eos_token_ids, self.device)
+        verdicts = verify(self.sampler, seqs, proposals, rows, self.vocab_size, self.eos_token_ids, self.device,
+                          self.acceptance, [masks.draft_bits(seq) for seq in seqs])
         for proposal, verdict in zip(proposals, verdicts):
             self.counters.record(len(proposal.token_ids), verdict.num_accepted)
         return verdicts

@@ -21,19 +21,20 @@ from dataclasses import dataclass, field
 import torch
 
 from decoding.block_manager import BlockManager, NoFreeBlocksError
+from decoding.kv_cache_manager import KVCacheManager
 from decoding.runner import SHORT_CHAIN, ModelRunner
 from decoding.sampler import Sampler, SamplingBatch
 from decoding.step_plan import ScheduledSeq, SchedulerOutput
 from decoding.sequence import Sequence
 from decoding.speculative.proposer import Proposal
-from decoding.speculative.rejection import ExtendedSequence
 from models.attention import PagedKVCache
 from models.loader import LoadedModel
 
 
 @dataclass
 class DraftState:
-    """What the draft's cache holds for one target sequence (duck-types a Sequence for the runner)."""
+    """What the draft's cache holds for one target sequence: a `step_plan.CachedTokens`, as the runner
+    and the KV-cache manager read it."""
 
     seq_id: int
     block_table: list[int] = field(default_factory=list)
@@ -50,10 +51,10 @@ class DraftModelProposer:
         self.max_tokens_per_step = num_tokens
         self.model = model
         self.max_model_len = loaded.max_model_len
-        self.cache = PagedKVCache(model.num_layers, num_blocks, block_size, model.num_kv_heads, model.head_dim,
-                                  model.dtype, loaded.device)
-        self.blocks = BlockManager(num_blocks, block_size)
-        self.runner = ModelRunner(model, self.cache, loaded.device)
+        cache = PagedKVCache(model.num_layers, num_blocks, block_size, model.num_kv_heads, model.head_dim,
+                             model.dtype, loaded.device)
+        self.kv = KVCacheManager(BlockManager(num_blocks, block_size), cache, loaded.device)
+        self.runner = ModelRunner(model, cache, loaded.device)
         self.device = loaded.device
         self.sampler = sampler
         self.eos_token_ids = eos_token_ids
@@ -78,7 +79,7 @@ class DraftModelProposer:
                 items.append(item)
             if not items:
                 break
-            logits = self.runner.execute(SchedulerOutput(scheduled=items), set())
+            logits = self.runner.execute(SchedulerOutput(scheduled=items))
             for item in items:
                 item.seq.num_computed += item.num_new_tokens
             row_of = {seq_id: r for r, seq_id in enumerate(logits.last_seq_ids)}
@@ -114,14 +115,14 @@ class DraftModelProposer:
             return False
         try:
             for state, lacking in zip(states, feed):
-                self.blocks.append_slots(state.block_table, state.num_computed, len(lacking) + steps - 1)
+                self.kv.reserve(state, len(lacking) + steps - 1)
         except NoFreeBlocksError:
             return False        # the per-step loop drafts what fits
         # Stop tokens stay banned while the request is below min_tokens, counting the tokens drafted before.
         banned_steps = [max(0, seqs[i].request.params.min_tokens - seqs[i].num_output_tokens - len(drafted[i]))
                         for i in active]
         chosen = chain(feed, [state.num_computed for state in states], [state.block_table for state in states],
-                       self.cache, [self._stop_tokens(seqs[i]) for i in active], banned_steps, steps)
+                       self.kv.cache, [self._stop_tokens(seqs[i]) for i in active], banned_steps, steps)
         if chosen is None:
             return False
         for i, state, ids, row_tokens in zip(active, states, tokens, chosen.t().tolist()):
@@ -137,7 +138,7 @@ class DraftModelProposer:
         state.token_ids = seq.token_ids + drafted
         count = len(state.token_ids) - state.num_computed
         try:
-            copies = self.blocks.append_slots(state.block_table, state.num_computed, count)
+            copies = self.kv.reserve(state, count)
         except NoFreeBlocksError:
             return None
         assert not copies, "draft blocks are never shared"
@@ -152,8 +153,7 @@ class DraftModelProposer:
                 if self._stop_tokens_banned(seq, len(d)):
                     logits[row, self._stop_tokens(seq)] = float("-inf")
             return logits.argmax(dim=-1).tolist(), [None] * len(seqs)
-        views = [ExtendedSequence(seq, d) for seq, d in zip(seqs, drafted)]
-        batch = SamplingBatch.from_sequences(views, logits.shape[-1], self.eos_token_ids, self.device)
+        batch = SamplingBatch.from_sequences(seqs, logits.shape[-1], self.eos_token_ids, self.device, drafted=drafted)
         processed = self.sampler.process(logits.float(), batch, distribution=not batch.all_greedy)
         tokens = processed.penalised.argmax(dim=-1)
         if batch.all_greedy:
@@ -178,13 +178,12 @@ class DraftModelProposer:
         if state is None:
             return
         base = len(seq.token_ids) - num_accepted - 1        # the sequence's length before this round
-        state.num_computed = min(state.num_computed, base + num_accepted)
-        self.blocks.truncate(state.block_table, state.num_computed)
+        self.kv.roll_back(state, min(state.num_computed, base + num_accepted))
 
     def release(self, seq: Sequence) -> None:
         state = self._states.pop(seq.seq_id, None)
         if state is not None:
-            self.blocks.free(state.block_table)
+            self.kv.free(state)
 
     def observe(self, seq: Sequence, hidden) -> None:
         pass

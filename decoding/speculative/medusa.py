@@ -14,8 +14,7 @@ import torch
 
 from decoding.sampler import Sampler, SamplingBatch
 from decoding.sequence import Sequence
-from decoding.speculative.proposer import Proposal
-from decoding.speculative.rejection import ExtendedSequence
+from decoding.speculative.proposer import AcceptanceRule, Proposal
 from models.medusa import MedusaHeads
 
 # The first 10 nodes grown by `python -m training.medusa_tree` for the embedded model and heads
@@ -44,9 +43,7 @@ class MedusaProposer:
     wants_hidden_states = True
 
     def __init__(self, heads: MedusaHeads, sampler: Sampler, eos_token_ids: frozenset[int], device: torch.device,
-                 choices=None, acceptance: str = "typical", typical: tuple[float, float] = (0.09, 0.3)):
-        if acceptance not in ("typical", "lossless"):
-            raise ValueError(f"medusa_acceptance must be 'typical' or 'lossless', got {acceptance!r}")
+                 choices=None, acceptance: AcceptanceRule = AcceptanceRule((0.09, 0.3))):
         self.choices = tuple(tuple(int(i) for i in path) for path in (choices or DEFAULT_CHOICES))
         if not self.choices or any(len(path) == 0 for path in self.choices):
             raise ValueError("medusa choices must be non-empty paths")
@@ -59,8 +56,7 @@ class MedusaProposer:
         self.sampler = sampler
         self.eos_token_ids = eos_token_ids
         self.device = device
-        self.acceptance = acceptance
-        self.typical = typical
+        self.acceptance = acceptance           # the verifier's: trees for sampled requests only if it takes them
         self.max_tokens_per_step = max(len(self.choices), heads.num_heads)
         self._hidden: dict[int, torch.Tensor] = {}
 
@@ -78,10 +74,9 @@ class MedusaProposer:
         top = logits.topk(self.top_k, dim=-1).indices.tolist()                              # [K][N][top_k]
         for n, i in enumerate(known):
             seq = seqs[i]
-            if seq.request.params.is_greedy or self.acceptance == "typical":
+            if seq.request.params.is_greedy or self.acceptance.takes_trees:
                 tokens = [top[len(path) - 1][n][path[-1]] for path in self.choices]
-                typical = None if seq.request.params.is_greedy else self.typical
-                proposals[i] = Proposal(tokens, parents=self.parents, typical=typical)
+                proposals[i] = Proposal(tokens, parents=self.parents)
             else:
                 proposals[i] = self._sampled_chain(seq, logits[:, n])
         return proposals
@@ -90,8 +85,8 @@ class MedusaProposer:
         """Lossless mode: token k ~ q_k, head k's distribution processed as the request samples."""
         tokens, dists = [], []
         for k in range(head_logits.shape[0]):
-            batch = SamplingBatch.from_sequences([ExtendedSequence(seq, tokens)], head_logits.shape[-1],
-                                                 self.eos_token_ids, self.device)
+            batch = SamplingBatch.from_sequences([seq], head_logits.shape[-1], self.eos_token_ids, self.device,
+                                                 drafted=[list(tokens)])
             q = self.sampler.process(head_logits[k : k + 1], batch).logprobs.exp()
             tokens.append(int(self.sampler.sample(q, batch)[0]))
             dists.append(q[0].cpu())

@@ -24,10 +24,6 @@ class Proposal:
     # A tree instead of a chain (Medusa): parents[i] is the index of token i's parent among the draft
     # tokens, or -1 when it follows the sequence's last token. Parents come before children.
     parents: tuple[int, ...] | None = None
-    # Typical acceptance (Medusa's lossy rule) for sampled requests: (epsilon, delta).
-    typical: tuple[float, float] | None = None
-    # Constrained requests: the grammar's allowed-token mask at each verified row (a chain's rows 0..k).
-    allowed: list[torch.Tensor] | None = None
 
     def parent_rows(self) -> list[int]:
         """Row of each draft token's parent among the verified rows (row 0 is the last known token)."""
@@ -44,11 +40,10 @@ class Proposal:
         if len(keep) == len(self.token_ids):
             return self
         if self.parents is None:
-            return Proposal(self.token_ids[: len(keep)], None if self.probs is None else self.probs[: len(keep)],
-                            typical=self.typical)
+            return Proposal(self.token_ids[: len(keep)], None if self.probs is None else self.probs[: len(keep)])
         new_index = {old: new for new, old in enumerate(keep)}
         return Proposal([self.token_ids[i] for i in keep], None,
-                        tuple(-1 if self.parents[i] < 0 else new_index[self.parents[i]] for i in keep), self.typical)
+                        tuple(-1 if self.parents[i] < 0 else new_index[self.parents[i]] for i in keep))
 
     def path(self, index: int) -> list[int]:
         """The draft tokens from the root down to draft token `index`, inclusive."""
@@ -59,6 +54,27 @@ class Proposal:
             tokens.append(self.token_ids[index])
             index = self.parents[index]
         return tokens[::-1]
+
+
+@dataclass(frozen=True)
+class AcceptanceRule:
+    """How the verifier keeps the draft tokens of sampled requests, configured once for the engine
+    (greedy requests always keep the path of the target's argmax). Lossless: speculative sampling,
+    over chains. Typical (Medusa's lossy rule, `typical` = (epsilon, delta)): a node whose probability
+    under the target is typical enough, over trees too."""
+
+    typical: tuple[float, float] | None = None
+
+    @classmethod
+    def named(cls, name: str, typical: tuple[float, float]) -> AcceptanceRule:
+        if name not in ("typical", "lossless"):
+            raise ValueError(f"the acceptance rule must be 'typical' or 'lossless', got {name!r}")
+        return cls(typical if name == "typical" else None)
+
+    @property
+    def takes_trees(self) -> bool:
+        """Whether a sampled request's proposal may be a tree (lossless verification needs a chain)."""
+        return self.typical is not None
 
 
 class Proposer(Protocol):

@@ -23,20 +23,8 @@ from dataclasses import dataclass, field
 import torch
 
 from decoding.sampler import ProcessedLogits, Sampler, SamplingBatch
-from decoding.sequence import Sequence, TokenHistory, TokenLogprob
-from decoding.speculative.proposer import Proposal
-
-
-class ExtendedSequence(TokenHistory):
-    """A sequence seen as if `extra` draft tokens had already been appended: what the sampler reads
-    (penalty history, output length for min_tokens, the request's parameters, its generator)."""
-
-    __slots__ = ("request", "token_ids", "generator")
-
-    def __init__(self, seq: Sequence, extra: list[int]):
-        self.request = seq.request
-        self.token_ids = seq.token_ids + extra if extra else seq.token_ids
-        self.generator = seq.generator
+from decoding.sequence import Sequence, TokenLogprob
+from decoding.speculative.proposer import AcceptanceRule, Proposal
 
 
 @dataclass
@@ -55,18 +43,25 @@ class Verdict:
 
 
 def verify(sampler: Sampler, seqs: list[Sequence], proposals: list[Proposal], logits: list[torch.Tensor],
-           vocab_size: int, eos_token_ids: frozenset[int], device: torch.device) -> list[Verdict]:
+           vocab_size: int, eos_token_ids: frozenset[int], device: torch.device,
+           rule: AcceptanceRule = AcceptanceRule(), allowed: list[torch.Tensor | None] | None = None) -> list[Verdict]:
     """logits[i] [len(proposals[i].token_ids) + 1, vocab] are the target's rows for sequence i: row 0
-    scored its last known token, row j + 1 its draft token j."""
-    if all(_plainly_greedy(seq, proposal) for seq, proposal in zip(seqs, proposals)):
+    scored its last known token, row j + 1 its draft token j. Sampled requests' drafts are kept under
+    `rule`. allowed[i]: a constrained sequence's grammar bits at each of its rows (StepMasks)."""
+    allowed = allowed or [None] * len(seqs)
+    if all(_plainly_greedy(seq, bits) for seq, bits in zip(seqs, allowed)):
         return _verify_plainly_greedy(seqs, proposals, logits, vocab_size, eos_token_ids)
-    views, allowed = [], {}
-    for seq, proposal in zip(seqs, proposals):
-        if proposal.allowed is not None:
-            allowed |= {len(views) + j: mask.to(device) for j, mask in enumerate(proposal.allowed)}
-        views.append(ExtendedSequence(seq, []))
-        views += [ExtendedSequence(seq, proposal.path(j)) for j in range(len(proposal.token_ids))]
-    batch = SamplingBatch.from_sequences(views, vocab_size, eos_token_ids, device, allowed)
+    # Row j + 1 of a sequence is processed as if the draft's path down to token j had been sampled.
+    row_seqs, drafted, constrained, bits = [], [], [], []
+    for seq, proposal, seq_bits in zip(seqs, proposals, allowed):
+        if seq_bits is not None:
+            constrained += range(len(row_seqs), len(row_seqs) + len(seq_bits))
+            bits.append(seq_bits)
+        row_seqs += [seq] * (len(proposal.token_ids) + 1)
+        drafted += [[]] + [proposal.path(j) for j in range(len(proposal.token_ids))]
+    allowed_bits = (constrained, torch.cat(bits).to(device)) if bits else None
+    batch = SamplingBatch.from_sequences(row_seqs, vocab_size, eos_token_ids, device, allowed_bits=allowed_bits,
+                                         drafted=drafted)
     processed = sampler.process(torch.cat(logits), batch, distribution=not batch.all_greedy or batch.num_top_logprobs >= 0)
     greedy_tokens = processed.penalised.argmax(dim=-1).tolist()
     probs = processed.logprobs.exp() if processed.logprobs is not None else None
@@ -76,8 +71,8 @@ def verify(sampler: Sampler, seqs: list[Sequence], proposals: list[Proposal], lo
         num_rows = len(proposal.token_ids) + 1
         if seq.request.params.is_greedy:
             rows, final = _walk_greedy(proposal, greedy_tokens[base : base + num_rows])
-        elif proposal.typical is not None:
-            rows, final = _walk_typical(proposal, probs[base : base + num_rows], seq.generator)
+        elif rule.typical is not None:
+            rows, final = _walk_typical(proposal, probs[base : base + num_rows], seq.generator, rule.typical)
         else:
             rows, final = _verify_sampled(proposal, probs[base : base + num_rows], seq.generator)
         tokens = [proposal.token_ids[r - 1] for r in rows] + [final]
@@ -87,10 +82,10 @@ def verify(sampler: Sampler, seqs: list[Sequence], proposals: list[Proposal], lo
     return verdicts
 
 
-def _plainly_greedy(seq: Sequence, proposal: Proposal) -> bool:
+def _plainly_greedy(seq: Sequence, allowed: torch.Tensor | None) -> bool:
     """A greedy row whose only processing is min_tokens' ban, and which wants no logprobs."""
     params = seq.request.params
-    return params.is_greedy and not params.has_penalties and params.logprobs is None and proposal.allowed is None
+    return params.is_greedy and not params.has_penalties and params.logprobs is None and allowed is None
 
 
 def _verify_plainly_greedy(seqs: list[Sequence], proposals: list[Proposal], logits: list[torch.Tensor],
@@ -140,10 +135,11 @@ def _walk_greedy(proposal: Proposal, target: list[int]) -> tuple[list[int], int]
         row = match
 
 
-def _walk_typical(proposal: Proposal, p: torch.Tensor, generator: torch.Generator) -> tuple[list[int], int]:
+def _walk_typical(proposal: Proposal, p: torch.Tensor, generator: torch.Generator,
+                  typical: tuple[float, float]) -> tuple[list[int], int]:
     """Medusa's typical acceptance (lossy): keep a child whose probability under the target exceeds
     min(epsilon, delta * exp(-entropy)); the final token is sampled from the target at the last kept node."""
-    epsilon, delta = proposal.typical
+    epsilon, delta = typical
     entropy = -(p * p.clamp_min(1e-30).log()).sum(dim=-1)
     thresholds = torch.minimum(torch.full_like(entropy, epsilon), delta * torch.exp(-entropy)).tolist()
     children, rows, row = _children(proposal), [], 0

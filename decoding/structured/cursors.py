@@ -47,37 +47,46 @@ class GrammarCursor:
         base, row_bytes = bits.data_ptr(), first._words * 4
         for row, cursor in enumerate(cursors):
             cursor._write_mask(bits, row, base + row * row_bytes, row_bytes)
-        if len(first._eos) > 1:
-            words, flags = first._eos_words, first._eos_flags
-            any_eos = ((bits[:, words] & flags) != 0).any(dim=1, keepdim=True)
-            bits[:, words] |= torch.where(any_eos, flags, torch.zeros_like(flags))
+        first.spread_eos(bits)
         return bits
 
-    def masks_along(self, draft: list[int]) -> list[torch.Tensor]:
-        """The allowed-token mask at each verified position of a draft chain: row j is the mask after
-        draft[:j]. From the first draft token the grammar refuses, later rows allow everything: the
-        verifier rejects that token (its probability under the masked target is 0), so they are never
-        read. The cursor ends where it started."""
-        masks = [self.allowed()]
+    @property
+    def num_words(self) -> int:
+        """int32 words of one row of packed allowed-token bits."""
+        return self._words
+
+    def spread_eos(self, bits: torch.Tensor) -> None:
+        """Where a model has several EOS ids, a row that allows one allows them all."""
+        if len(self._eos) > 1:
+            words, flags = self._eos_words, self._eos_flags
+            any_eos = ((bits[:, words] & flags) != 0).any(dim=1, keepdim=True)
+            bits[:, words] |= torch.where(any_eos, flags, torch.zeros_like(flags))
+
+    def write_bits_along(self, bits: torch.Tensor, row: int, path: list[int], every_row: bool) -> int:
+        """Write the allowed-token bits after each prefix of `path` (every_row) or after all of it into
+        rows of `bits` from `row`; return the next free row. From the first token of `path` the grammar
+        refuses, the rows allow everything (see step_masks). The cursor ends where it started."""
+        scratch = None if every_row else torch.zeros(1, self._words, dtype=torch.int32)
         advanced, valid = 0, True
-        for token in draft:
-            valid = valid and bool(masks[-1][token]) and token not in self._eos
+        for index in range(len(path) + 1):
+            last = index == len(path)
+            target, target_row = (bits, row) if every_row or last else (scratch, 0)
+            if valid:
+                self._write_mask(target, target_row, target.data_ptr() + target_row * self._words * 4, self._words * 4)
+            else:
+                target[target_row] = -1
+            if every_row or last:
+                row += 1
+            if last:
+                break
+            token = path[index]
+            valid = valid and token not in self._eos and (int(target[target_row, token // 32]) >> (token % 32)) & 1 == 1
             if valid:
                 self._consume(token)
                 advanced += 1
-                masks.append(self.allowed())
-            else:
-                masks.append(torch.ones(self._vocab_size, dtype=torch.bool))
         if advanced:
             self._rollback(advanced)
-        return masks
-
-    def masks_for(self, proposal) -> list[torch.Tensor]:
-        """The mask at each verified row of a draft chain or tree (row 0: the sequence's last token;
-        row i + 1: after the path to draft token i)."""
-        if proposal.parents is None:
-            return self.masks_along(proposal.token_ids)
-        return [self.allowed()] + [self.masks_along(proposal.path(i))[-1] for i in range(len(proposal.token_ids))]
+        return row
 
     def advance(self, token: int) -> None:
         if token in self._eos:
