@@ -5,7 +5,7 @@ copies a whole sequence's cache."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -24,12 +24,15 @@ if TYPE_CHECKING:
 @dataclass
 class BeamStep:
     """One beam request's step: new beam i continues `parents[i]` (a sequence of the step before) with
-    grammar cursor `cursors[i]`; `results` once the search is done."""
+    grammar cursor `cursors[i]`; `results` once the search is done. Or, where only some beams were
+    computed (after a preemption), no step: those forget their last token's KV (`recompute`) and
+    compute it again with the others."""
 
     request: Request
     parents: list[Sequence]
     cursors: list[GrammarCursor | None]
     results: list[Hypothesis] | None
+    recompute: list[Sequence] = field(default_factory=list)
 
 
 class BeamRequests:
@@ -61,23 +64,18 @@ class BeamRequests:
                 keep.append(i)
         steps = []
         for request, beam_rows in ready.values():
-            step = self.advance(request, beam_rows, logits, masks)
-            if step is not None:
-                steps.append(step)
+            steps.append(self.advance(request, beam_rows, logits, masks))
             counters.num_generated_tokens += len(beam_rows)
         return [seqs[i] for i in keep], rows[keep], steps
 
     def advance(self, request: Request, ready: dict[int, int], logits: torch.Tensor,
-                masks: StepMasks) -> BeamStep | None:
+                masks: StepMasks) -> BeamStep:
         """`ready` maps the seq_id of each beam whose logits this step computed to its row in `logits`."""
         running = [seq for seq in request.seqs if not seq.is_finished]
         if any(seq.seq_id not in ready for seq in running):
             # Beams advance together. After a preemption they are recomputed separately; one that got
             # there first forgets its last token's KV and computes it again with the others.
-            for seq in running:
-                if seq.seq_id in ready:
-                    seq.num_computed -= 1
-            return None
+            return BeamStep(request, [], [], None, [seq for seq in running if seq.seq_id in ready])
         params, beam = request.params, request.beam
         generated = len(running[0].token_ids) - request.prompt_len
         banned = sorted(beam.stop_token_ids) if generated < params.min_tokens else []

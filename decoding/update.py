@@ -133,6 +133,10 @@ class StepUpdate:
         with their new tokens and grammar cursors; end the search where it is done."""
         for step in steps:
             request = step.request
+            for seq in step.recompute:
+                self.kv.roll_back(seq, seq.num_computed - 1)
+            if not step.parents:
+                continue
             while len(request.seqs) < request.beam.num_beams:     # the first step: one beam becomes many
                 request.seqs.append(self.new_sequence(request, len(request.seqs)))
             request.is_forked = True
