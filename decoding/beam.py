@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from decoding.sampler import apply_repetition_penalty
 
 NEG = -1.0e9
 
@@ -135,15 +134,3 @@ class BeamSearch:
 
     def best(self, count: int) -> list[Hypothesis]:
         return self.finished[:count]
-
-
-def process_log_probs(logits: torch.Tensor, token_histories: list[list[int]], repetition_penalty: float,
-                      banned_ids: list[int]) -> torch.Tensor:
-    """HF's order for beam search: log_softmax of float32 logits, then the processors on log-probs."""
-    log_probs = torch.log_softmax(logits.float(), dim=-1)
-    if repetition_penalty != 1.0:
-        for row, history in enumerate(token_histories):
-            apply_repetition_penalty(log_probs[row], history, repetition_penalty)
-    if banned_ids:
-        log_probs[:, banned_ids] = float("-inf")
-    return log_probs

@@ -10,11 +10,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from decoding.beam import BeamSearch, Hypothesis, process_log_probs
-from decoding.sampler import apply_grammar_masks
+from decoding.beam import BeamSearch, Hypothesis
+from decoding.logits_processing import beam_log_probs
 from decoding.detokenizer import find_stop_string
 from decoding.sequence import Request, Sequence
-from decoding.structured.grammar import GrammarCursor, unpack_bits
+from decoding.structured.grammar import GrammarCursor
 from decoding.structured.step_masks import StepMasks
 
 if TYPE_CHECKING:
@@ -80,15 +80,10 @@ class BeamRequests:
         generated = len(running[0].token_ids) - request.prompt_len
         banned = sorted(beam.stop_token_ids) if generated < params.min_tokens else []
         rows = torch.tensor([ready[seq.seq_id] for seq in running], device=logits.device)
-        log_probs = process_log_probs(logits[rows].cpu(), [s.token_ids for s in running],
-                                      params.repetition_penalty, banned)
-        if running[0].grammar is not None:
-            # As HF's prefix-constrained processor: disallowed tokens get -inf on the log-probs. Each beam
-            # has its own cursor (forked from its parent's), so one bitmask serves every beam.
-            unbanned = process_log_probs(logits[rows].cpu(), [s.token_ids for s in running],
-                                         params.repetition_penalty, []) if banned else log_probs
-            _, bits = masks.rows_of(running)
-            log_probs = apply_grammar_masks(log_probs, unbanned, unpack_bits(bits, log_probs.shape[1]))
+        # Each beam has its own grammar cursor (forked from its parent's): its row of the step's bits.
+        constrained = masks.rows_of(running) if running[0].grammar is not None else None
+        log_probs = beam_log_probs(logits[rows].cpu(), [s.token_ids for s in running], params.repetition_penalty,
+                                   banned, None if constrained is None else constrained[1])
         if len(running) < beam.num_beams:     # the first step: every beam is the prompt
             log_probs = log_probs[:1].expand(beam.num_beams, -1)
         result = beam.step(log_probs)

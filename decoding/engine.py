@@ -19,7 +19,8 @@ from decoding.outputs import RequestOutput
 from decoding.params import SamplingParams
 from decoding.prompt_logprobs import record_prompt_logprobs
 from decoding.runner import ModelRunner, StepLogits
-from decoding.sampler import Sampler, SamplingBatch
+from decoding.sampler import Sampler
+from decoding.sampling_metadata import SamplingMetadata
 from decoding.scheduler import Scheduler
 from decoding.step_plan import SchedulerOutput
 from decoding.sequence import FinishReason, Request, RequestStatus, Sequence
@@ -168,7 +169,7 @@ class Engine:
         allowed_bits = masks.rows_of(seqs)
         if allowed_bits is not None:
             allowed_bits = (allowed_bits[0], allowed_bits[1].to(self.loaded.device))
-        batch = SamplingBatch.from_sequences(seqs, self.loaded.model.vocab_size, self.eos_token_ids,
+        batch = SamplingMetadata.from_sequences(seqs, self.loaded.model.vocab_size, self.eos_token_ids,
                                              self.loaded.device, allowed_bits=allowed_bits)
         # Each row sampling once, in order, is the common case: the logits then need no gather.
         in_order = rows.numel() == logits.last.shape[0] and torch.equal(rows, torch.arange(rows.numel(), device=rows.device))

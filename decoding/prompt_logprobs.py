@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from decoding.logits_processing import prompt_log_probs
 from decoding.runner import StepLogits
 from decoding.step_plan import SchedulerOutput
 from decoding.sequence import TokenLogprob
@@ -19,9 +20,7 @@ def record_prompt_logprobs(sched: SchedulerOutput, logits: StepLogits, wanted: s
         if not request.prompt_logprobs:
             request.prompt_logprobs.append(None)   # the first prompt token has no context
         params = request.params
-        if params.logprobs_mode == "processed" and params.temperature > 0:
-            chunk = chunk / params.temperature
-        logprobs = torch.log_softmax(chunk, dim=-1)
+        logprobs = prompt_log_probs(chunk, params)
         end = min(item.start + item.num_new_tokens, request.prompt_len - 1)
         targets = torch.tensor(request.prompt_token_ids[item.start + 1 : end + 1])
         chosen = logprobs[: len(targets)].gather(1, targets.unsqueeze(1)).squeeze(1).tolist()

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from decoding.params import SamplingParams
-from decoding.sampler import Sampler, SamplingBatch
+from decoding.sampler import Sampler
+from decoding.sampling_metadata import SamplingMetadata
 from decoding.sequence import Request, Sequence
 
 VOCAB = 8
@@ -26,7 +27,7 @@ def make_seqs(params_list, output=(), seed=0):
 
 def sample(logits, params_list, output=(), seed=0):
     seqs = make_seqs(params_list, output, seed)
-    batch = SamplingBatch.from_sequences(seqs, VOCAB, frozenset({EOS}), torch.device("cpu"))
+    batch = SamplingMetadata.from_sequences(seqs, VOCAB, frozenset({EOS}), torch.device("cpu"))
     return Sampler()(logits, batch)
 
 
@@ -81,10 +82,10 @@ def test_seeded_rows_reproduce_regardless_of_neighbours():
     draws_alone, draws_batched = [], []
     for trial in range(20):
         [alone] = make_seqs([params], seed=1000 + trial)
-        draws_alone += Sampler()(logits, SamplingBatch.from_sequences(
+        draws_alone += Sampler()(logits, SamplingMetadata.from_sequences(
             [alone], VOCAB, frozenset({EOS}), torch.device("cpu"))).token_ids
         neighbour, same = make_seqs([params, params], seed=999 + trial)   # `same` gets seed 1000 + trial
-        draws_batched += Sampler()(logits.repeat(2, 1), SamplingBatch.from_sequences(
+        draws_batched += Sampler()(logits.repeat(2, 1), SamplingMetadata.from_sequences(
             [neighbour, same], VOCAB, frozenset({EOS}), torch.device("cpu"))).token_ids[1:]
     assert draws_alone == draws_batched
     assert len(set(draws_alone)) > 1
@@ -97,9 +98,9 @@ def test_a_row_draws_the_same_beside_rows_that_take_the_other_sampling_path():
     plain, truncated = SamplingParams(temperature=0.9, logprobs=0), SamplingParams(temperature=0.9, top_k=3, logprobs=0)
     for trial in range(30):
         [alone] = make_seqs([plain], seed=2000 + trial)
-        expected = Sampler()(logits, SamplingBatch.from_sequences([alone], VOCAB, frozenset({EOS}), torch.device("cpu")))
+        expected = Sampler()(logits, SamplingMetadata.from_sequences([alone], VOCAB, frozenset({EOS}), torch.device("cpu")))
         neighbour, same = make_seqs([truncated, plain], seed=1999 + trial)
-        mixed = Sampler()(logits.repeat(2, 1), SamplingBatch.from_sequences(
+        mixed = Sampler()(logits.repeat(2, 1), SamplingMetadata.from_sequences(
             [neighbour, same], VOCAB, frozenset({EOS}), torch.device("cpu")))
         assert mixed.token_ids[1] == expected.token_ids[0]
         assert mixed.logprobs[1].logprob == pytest.approx(expected.logprobs[0].logprob, abs=1e-6)
@@ -131,7 +132,7 @@ def test_allowed_token_masks_constrain_every_mode():
     mask[[0, 4]] = True
     params = [SamplingParams(temperature=0, logprobs=0), SamplingParams(temperature=1.0, logprobs=0)] * 100
     seqs = make_seqs(params)
-    batch = SamplingBatch.from_sequences(seqs, VOCAB, frozenset({EOS}), torch.device("cpu"),
+    batch = SamplingMetadata.from_sequences(seqs, VOCAB, frozenset({EOS}), torch.device("cpu"),
                                          allowed={row: mask for row in range(len(seqs))})
     out = Sampler()(LOGITS.repeat(len(seqs), 1), batch)
     assert set(out.token_ids) <= {0, 4} and out.token_ids[0] == 0
@@ -159,7 +160,7 @@ def test_packed_grammar_bits_act_like_bool_masks():
     for as_bits in (False, True):
         masks = {0: mask, 1: mask, 2: only_eos}
         allowed = {row: bits_of(m) if as_bits else m for row, m in masks.items()}
-        batch = SamplingBatch.from_sequences(make_seqs(params), VOCAB, frozenset({EOS}), torch.device("cpu"), allowed)
+        batch = SamplingMetadata.from_sequences(make_seqs(params), VOCAB, frozenset({EOS}), torch.device("cpu"), allowed)
         outputs.append(Sampler()(LOGITS.repeat(3, 1), batch))
     bool_out, bits_out = outputs
     assert bits_out.token_ids == bool_out.token_ids

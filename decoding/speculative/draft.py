@@ -23,7 +23,9 @@ import torch
 from decoding.block_manager import BlockManager, NoFreeBlocksError
 from decoding.kv_cache_manager import KVCacheManager
 from decoding.runner import SHORT_CHAIN, ModelRunner
-from decoding.sampler import Sampler, SamplingBatch
+from decoding.logits_processing import process_logits
+from decoding.sampler import Sampler
+from decoding.sampling_metadata import SamplingMetadata
 from decoding.step_plan import ScheduledSeq, SchedulerOutput
 from decoding.sequence import Sequence
 from decoding.speculative.proposer import Proposal
@@ -153,8 +155,8 @@ class DraftModelProposer:
                 if self._stop_tokens_banned(seq, len(d)):
                     logits[row, self._stop_tokens(seq)] = float("-inf")
             return logits.argmax(dim=-1).tolist(), [None] * len(seqs)
-        batch = SamplingBatch.from_sequences(seqs, logits.shape[-1], self.eos_token_ids, self.device, drafted=drafted)
-        processed = self.sampler.process(logits.float(), batch, distribution=not batch.all_greedy)
+        batch = SamplingMetadata.from_sequences(seqs, logits.shape[-1], self.eos_token_ids, self.device, drafted=drafted)
+        processed = process_logits(logits.float(), batch, distribution=not batch.all_greedy)
         tokens = processed.penalised.argmax(dim=-1)
         if batch.all_greedy:
             return tokens.tolist(), [None] * len(seqs)

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from decoding.sampler import Sampler, SamplingBatch
+from decoding.logits_processing import process_logits
+from decoding.sampler import Sampler
+from decoding.sampling_metadata import SamplingMetadata
 from decoding.sequence import Sequence
 from decoding.speculative.proposer import AcceptanceRule, Proposal
 from models.medusa import MedusaHeads
@@ -85,9 +87,9 @@ class MedusaProposer:
         """Lossless mode: token k ~ q_k, head k's distribution processed as the request samples."""
         tokens, dists = [], []
         for k in range(head_logits.shape[0]):
-            batch = SamplingBatch.from_sequences([seq], head_logits.shape[-1], self.eos_token_ids, self.device,
+            batch = SamplingMetadata.from_sequences([seq], head_logits.shape[-1], self.eos_token_ids, self.device,
                                                  drafted=[list(tokens)])
-            q = self.sampler.process(head_logits[k : k + 1], batch).logprobs.exp()
+            q = process_logits(head_logits[k : k + 1], batch).logprobs.exp()
             tokens.append(int(self.sampler.sample(q, batch)[0]))
             dists.append(q[0].cpu())
         return Proposal(tokens, torch.stack(dists))

@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from decoding.sampler import ProcessedLogits, Sampler, SamplingBatch
+from decoding.logits_processing import ProcessedLogits, process_logits
+from decoding.sampler import Sampler
+from decoding.sampling_metadata import SamplingMetadata
 from decoding.sequence import Sequence, TokenLogprob
 from decoding.speculative.proposer import AcceptanceRule, Proposal
 
@@ -60,9 +62,9 @@ def verify(sampler: Sampler, seqs: list[Sequence], proposals: list[Proposal], lo
         row_seqs += [seq] * (len(proposal.token_ids) + 1)
         drafted += [[]] + [proposal.path(j) for j in range(len(proposal.token_ids))]
     allowed_bits = (constrained, torch.cat(bits).to(device)) if bits else None
-    batch = SamplingBatch.from_sequences(row_seqs, vocab_size, eos_token_ids, device, allowed_bits=allowed_bits,
+    batch = SamplingMetadata.from_sequences(row_seqs, vocab_size, eos_token_ids, device, allowed_bits=allowed_bits,
                                          drafted=drafted)
-    processed = sampler.process(torch.cat(logits), batch, distribution=not batch.all_greedy or batch.num_top_logprobs >= 0)
+    processed = process_logits(torch.cat(logits), batch, distribution=not batch.all_greedy or batch.num_top_logprobs >= 0)
     greedy_tokens = processed.penalised.argmax(dim=-1).tolist()
     probs = processed.logprobs.exp() if processed.logprobs is not None else None
 
@@ -203,7 +205,7 @@ def rejection_sample(p: torch.Tensor, q: torch.Tensor, draft: torch.Tensor,
     return tokens, num_accepted
 
 
-def _attach_logprobs(sampler: Sampler, processed: ProcessedLogits, batch: SamplingBatch,
+def _attach_logprobs(sampler: Sampler, processed: ProcessedLogits, batch: SamplingMetadata,
                      proposals: list[Proposal], verdicts: list[Verdict], device) -> None:
     """Each emitted token's logprob comes from the row that scored it: row 0 for the first, then the row
     of each kept draft token for the next."""
