@@ -235,9 +235,18 @@ def split_lookaheads(pattern: str) -> list[str] | None:
 
 def _group_end(text: str) -> int | None:
     """The index just past the group that opens text[0], escapes and character classes skipped."""
+    for index, char, depth in _outside_classes(text):
+        if char == ")" and depth == 1:
+            return index + 1
+    return None
+
+
+def _outside_classes(pattern: str):
+    """(index, character, group depth before it) of each character of `pattern` outside escapes and
+    character classes."""
     depth, index, in_class = 0, 0, False
-    while index < len(text):
-        char = text[index]
+    while index < len(pattern):
+        char = pattern[index]
         if char == "\\":
             index += 2
             continue
@@ -245,16 +254,12 @@ def _group_end(text: str) -> int | None:
             in_class = char != "]"
         elif char == "[":
             in_class = True
-            if text[index + 1 : index + 2] == "]":
+            if pattern[index + 1 : index + 2] == "]":
                 index += 1
-        elif char == "(":
-            depth += 1
-        elif char == ")":
-            depth -= 1
-            if depth == 0:
-                return index + 1
+        else:
+            yield index, char, depth
+            depth += (char == "(") - (char == ")")
         index += 1
-    return None
 
 
 def _has_lookaround(pattern: str) -> bool:
@@ -322,24 +327,5 @@ def _escaped_at(text: str, index: int) -> bool:
 
 def _top_level_branches(pattern: str) -> list[str]:
     """The pattern split at each `|` outside groups and character classes."""
-    branches, start, depth, index, in_class = [], 0, 0, 0, False
-    while index < len(pattern):
-        char = pattern[index]
-        if char == "\\":
-            index += 2
-            continue
-        if in_class:
-            in_class = char != "]"
-        elif char == "[":
-            in_class = True
-            if pattern[index + 1 : index + 2] == "]":
-                index += 1
-        elif char == "(":
-            depth += 1
-        elif char == ")":
-            depth -= 1
-        elif char == "|" and depth == 0:
-            branches.append(pattern[start:index])
-            start = index + 1
-        index += 1
-    return branches + [pattern[start:]]
+    cuts = [index for index, char, depth in _outside_classes(pattern) if char == "|" and depth == 0]
+    return [pattern[start + 1 : end] for start, end in zip([-1, *cuts], [*cuts, len(pattern)])]
