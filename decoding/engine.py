@@ -1,13 +1,12 @@
 """The offline engine: add requests, step, collect outputs.
 
-One step is: schedule -> run the model -> sample -> update. Everything else hangs off it.
+One step is its phases: schedule -> propose -> execute -> sample / verify -> update (see `step`).
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
 
-import torch
 from tqdm.auto import tqdm
 
 from decoding.assembly import build_cache, build_speculation
@@ -18,12 +17,11 @@ from decoding.intake import Prompt, RequestIntake
 from decoding.outputs import RequestOutput
 from decoding.params import SamplingParams
 from decoding.prompt_logprobs import record_prompt_logprobs
-from decoding.runner import ModelRunner, StepLogits
+from decoding.runner import ModelRunner
 from decoding.sampler import Sampler
-from decoding.sampling_metadata import SamplingMetadata
 from decoding.scheduler import Scheduler
 from decoding.step_plan import SchedulerOutput
-from decoding.sequence import FinishReason, Request, RequestStatus, Sequence
+from decoding.sequence import FinishReason, Request, RequestStatus
 from decoding.structured.step_masks import StepMasks
 from decoding.update import StepUpdate
 from decoding.weights import ServedWeights
@@ -50,7 +48,7 @@ class Engine:
         self.max_model_len = min(self.config.max_model_len or self.loaded.max_model_len, self.loaded.max_model_len)
         self.kv = build_cache(self.loaded, self.config)
         self.runner = ModelRunner(self.loaded.model, self.kv.cache, self.loaded.device)
-        self.sampler = Sampler()
+        self.sampler = Sampler(self.eos_token_ids)
         self.speculation = build_speculation(self.config, self.loaded, self.sampler, self.kv.num_blocks, self.max_model_len)
         self.scheduler = Scheduler(self.kv, self.config.max_num_seqs, self.config.max_num_batched_tokens,
                                    lookahead=self.speculation.lookahead if self.speculation else None)
@@ -138,7 +136,7 @@ class Engine:
         sampling_seqs, rows, beam_steps = self.beams.take_rows(sampling_seqs, rows, logits.last, masks, self.counters)
         self.update.apply_beam_steps(beam_steps)
         if sampling_seqs:
-            self._sample(sampling_seqs, rows, logits, masks)
+            self.update.append_drawn(sampling_seqs, self.sampler.draw(sampling_seqs, rows, logits.last, masks))
         verdicts = self.speculation.verify(chains, logits, masks) if chains else []
         for chain, verdict in zip(chains, verdicts):
             self.update.apply_verdict(chain.seq, verdict)
@@ -162,20 +160,6 @@ class Engine:
             if item.seq.request.weight_version is None:
                 item.seq.request.weight_version = self.weights.version
         return sched
-
-    def _sample(self, seqs: list[Sequence], rows: torch.Tensor, logits: StepLogits, masks: StepMasks) -> None:
-        """Draw one token for each sequence from its logits row (constrained ones through their rows of
-        the step's grammar bits) and append it."""
-        allowed_bits = masks.rows_of(seqs)
-        if allowed_bits is not None:
-            allowed_bits = (allowed_bits[0], allowed_bits[1].to(self.loaded.device))
-        batch = SamplingMetadata.from_sequences(seqs, self.loaded.model.vocab_size, self.eos_token_ids,
-                                             self.loaded.device, allowed_bits=allowed_bits)
-        # Each row sampling once, in order, is the common case: the logits then need no gather.
-        in_order = rows.numel() == logits.last.shape[0] and torch.equal(rows, torch.arange(rows.numel(), device=rows.device))
-        sampled = self.sampler(logits.last if in_order else logits.last[rows], batch)
-        for seq, token, logprob in zip(seqs, sampled.token_ids, sampled.logprobs):
-            self.update.append_token(seq, token, logprob)
 
     # ---- batch convenience -------------------------------------------------------------------
     def generate(self, prompts: Prompt | list[Prompt], params: SamplingParams | list[SamplingParams] | None = None,

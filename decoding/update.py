@@ -19,6 +19,7 @@ from decoding.outputs import RequestOutput
 from decoding.beam_requests import BeamStep
 from decoding.kv_cache_manager import KVCacheManager
 from decoding.runner import StepLogits
+from decoding.sampler import SamplerOutput
 from decoding.scheduler import Scheduler
 from decoding.step_plan import SchedulerOutput
 from decoding.sequence import FinishReason, Request, RequestStatus, Sequence, TokenLogprob
@@ -95,6 +96,10 @@ class StepUpdate:
         if leader.is_finished:   # recomputed only to rebuild the shared prompt
             self.kv.free(leader)
         request.is_forked = True
+
+    def append_drawn(self, seqs: list[Sequence], drawn: SamplerOutput) -> None:
+        for seq, token, logprob in zip(seqs, drawn.token_ids, drawn.logprobs):
+            self.append_token(seq, token, logprob)
 
     def append_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> None:
         request, params = seq.request, seq.request.params
