@@ -19,6 +19,7 @@ from decoding.params import SamplingParams
 from decoding.prompt_logprobs import record_prompt_logprobs
 from decoding.runner import ModelRunner
 from decoding.sampler import Sampler
+from decoding.sampling_metadata import SamplingMetadata, SamplingRows
 from decoding.scheduler import Scheduler
 from decoding.step_plan import SchedulerOutput
 from decoding.sequence import FinishReason, Request, RequestStatus
@@ -48,7 +49,7 @@ class Engine:
         self.max_model_len = min(self.config.max_model_len or self.loaded.max_model_len, self.loaded.max_model_len)
         self.kv = build_cache(self.loaded, self.config)
         self.runner = ModelRunner(self.loaded.model, self.kv.cache, self.loaded.device)
-        self.sampler = Sampler(self.eos_token_ids)
+        self.sampler = Sampler()
         self.speculation = build_speculation(self.config, self.loaded, self.sampler, self.kv.num_blocks, self.max_model_len)
         self.scheduler = Scheduler(self.kv, self.config.max_num_seqs, self.config.max_num_batched_tokens,
                                    lookahead=self.speculation.lookahead if self.speculation else None)
@@ -135,9 +136,13 @@ class Engine:
         masks = StepMasks.build(sampling_seqs, self.speculation.drafts(chains) if chains else [])
         sampling_seqs, rows, beam_steps = self.beams.take_rows(sampling_seqs, rows, logits.last, masks, self.counters)
         self.update.apply_beam_steps(beam_steps)
-        if sampling_seqs:
-            self.update.append_drawn(sampling_seqs, self.sampler.draw(sampling_seqs, rows, logits.last, masks))
-        verdicts = self.speculation.verify(chains, logits, masks) if chains else []
+        drawing, verifying = SamplingMetadata.for_step(
+            [SamplingRows(sampling_seqs, [[]] * len(sampling_seqs), masks.rows_of(sampling_seqs)),
+             self.speculation.rows_to_verify(chains, masks) if chains else None],
+            self.loaded.model.vocab_size, self.eos_token_ids, self.loaded.device)
+        if drawing is not None:
+            self.update.append_drawn(sampling_seqs, self.sampler.draw(rows, logits.last, drawing))
+        verdicts = self.speculation.verify(chains, logits, verifying) if chains else []
         for chain, verdict in zip(chains, verdicts):
             self.update.apply_verdict(chain.seq, verdict)
         if sched.wants_hidden:

@@ -13,7 +13,6 @@ depends only on its own parameters.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -23,10 +22,6 @@ from decoding.sequence import TokenLogprob
 from decoding.structured.grammar import unpack_bits
 from models import kernels
 
-if TYPE_CHECKING:
-    from decoding.sequence import Sequence
-    from decoding.structured.step_masks import StepMasks
-
 
 @dataclass
 class SamplerOutput:
@@ -35,17 +30,9 @@ class SamplerOutput:
 
 
 class Sampler:
-    def __init__(self, eos_token_ids: frozenset[int] = frozenset()):
-        self.eos_token_ids = eos_token_ids          # what min_tokens bans, for a step's draws
-
-    def draw(self, seqs: list[Sequence], rows: torch.Tensor, logits: torch.Tensor, masks: StepMasks) -> SamplerOutput:
-        """The sampling phase of a step: one token for each sequence from its row of `logits` [R, vocab]
-        (`rows`), constrained ones through their rows of the step's grammar bits."""
-        allowed_bits = masks.rows_of(seqs)
-        if allowed_bits is not None:
-            allowed_bits = (allowed_bits[0], allowed_bits[1].to(logits.device))
-        batch = SamplingMetadata.from_sequences(seqs, logits.shape[1], self.eos_token_ids, logits.device,
-                                                allowed_bits=allowed_bits)
+    def draw(self, rows: torch.Tensor, logits: torch.Tensor, batch: SamplingMetadata) -> SamplerOutput:
+        """The sampling phase of a step: one token for each of the batch's sequences from its row of
+        `logits` [R, vocab] (`rows`)."""
         # Each row sampling once, in order, is the common case: the logits then need no gather.
         in_order = rows.numel() == logits.shape[0] and torch.equal(rows, torch.arange(rows.numel(), device=rows.device))
         return self(logits if in_order else logits[rows], batch)

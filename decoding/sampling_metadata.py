@@ -1,5 +1,7 @@
 """Per-row sampling inputs as tensors, built from the sequences whose logits rows a step processes: what
-the logits pipeline (`logits_processing.py`) and the sampler read."""
+the logits pipeline (`logits_processing.py`) and the sampler read. A step builds them once
+(`SamplingMetadata.for_step`): one pass over its sampled and its verified rows, each part a view of the
+same per-row tensor."""
 
 from __future__ import annotations
 
@@ -8,6 +10,16 @@ from dataclasses import dataclass
 import torch
 
 from decoding.sequence import Sequence
+
+
+@dataclass
+class SamplingRows:
+    """Rows for the logits pipeline: a sequence each, the draft tokens taken as following its own, and
+    the grammar bits of the constrained ones ((positions, int32 [len(positions), words]) or None)."""
+
+    seqs: list[Sequence]
+    drafted: list[list[int]]
+    allowed_bits: tuple[list[int], torch.Tensor] | None = None
 
 
 @dataclass
@@ -38,15 +50,36 @@ class SamplingMetadata:
                        device: torch.device, allowed: dict[int, torch.Tensor] | None = None,
                        allowed_bits: tuple[list[int], torch.Tensor] | None = None,
                        drafted: list[list[int]] | None = None) -> SamplingMetadata:
+        rows = SamplingRows(seqs, drafted or [[]] * len(seqs), allowed_bits)
+        return cls._of(rows, _numbers(rows.seqs, vocab_size, device), vocab_size, eos_token_ids, allowed)
+
+    @classmethod
+    def for_step(cls, parts: list[SamplingRows | None], vocab_size: int, eos_token_ids: frozenset[int],
+                 device: torch.device) -> list[SamplingMetadata | None]:
+        """The metadata of each part of a step's rows (None for an empty or absent part), from one
+        tensor of per-row numbers."""
+        present = [part for part in parts if part is not None and part.seqs]
+        numbers = _numbers([seq for part in present for seq in part.seqs], vocab_size, device) if present else None
+        out, start = [], 0
+        for part in parts:
+            if part is None or not part.seqs:
+                out.append(None)
+                continue
+            bits = part.allowed_bits
+            part = SamplingRows(part.seqs, part.drafted, bits and (bits[0], bits[1].to(device)))
+            out.append(cls._of(part, numbers[:, start : start + len(part.seqs)], vocab_size, eos_token_ids))
+            start += len(part.seqs)
+        return out
+
+    @classmethod
+    def _of(cls, rows: SamplingRows, numbers: torch.Tensor, vocab_size: int, eos_token_ids: frozenset[int],
+            allowed: dict[int, torch.Tensor] | None = None) -> SamplingMetadata:
+        seqs, drafted = rows.seqs, rows.drafted
         params = [seq.request.params for seq in seqs]
-        drafted = drafted or [[]] * len(seqs)
         banned = [(row, seq.request.banned_before_min_tokens(eos_token_ids, vocab_size))
                   for row, (seq, p, extra) in enumerate(zip(seqs, params, drafted))
                   if seq.num_output_tokens + len(extra) < p.min_tokens]
         wants = [p.logprobs for p in params if p.logprobs is not None]
-        # One tensor for the per-row numbers (a tensor from a Python list costs a few microseconds each).
-        numbers = torch.tensor([[p.temperature for p in params], [p.top_k if p.top_k > 0 else vocab_size for p in params],
-                                [p.top_p for p in params], [p.min_p for p in params]], dtype=torch.float32, device=device)
         return cls(
             seqs=seqs,
             drafted=drafted,
@@ -57,7 +90,7 @@ class SamplingMetadata:
             greedy=numbers[0] == 0,
             banned=banned,
             allowed=allowed or {},
-            allowed_bits=allowed_bits,
+            allowed_bits=rows.allowed_bits,
             any_penalty=any(p.has_penalties for p in params),
             any_truncation=any(p.has_truncation for p in params),
             all_greedy=all(p.is_greedy for p in params),
@@ -75,3 +108,11 @@ class SamplingMetadata:
     @property
     def constrained_rows(self) -> set[int]:
         return set(self.allowed) | set(self.allowed_bits[0] if self.allowed_bits else ())
+
+
+def _numbers(seqs: list[Sequence], vocab_size: int, device: torch.device) -> torch.Tensor:
+    """[4, rows]: temperature, top-k (the vocabulary where off), top-p, min-p; one tensor for them all (a
+    tensor from a Python list costs a few microseconds each)."""
+    params = [seq.request.params for seq in seqs]
+    return torch.tensor([[p.temperature for p in params], [p.top_k if p.top_k > 0 else vocab_size for p in params],
+                         [p.top_p for p in params], [p.min_p for p in params]], dtype=torch.float32, device=device)

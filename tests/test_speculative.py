@@ -8,7 +8,8 @@ import torch
 from decoding import Engine, SamplingParams
 from decoding.sequence import FinishReason
 from decoding.speculative.proposer import Proposal
-from decoding.speculative.rejection import Verdict, rejection_sample, verify
+from decoding.sampling_metadata import SamplingMetadata
+from decoding.speculative.rejection import Verdict, rejection_sample, rows_to_verify, verify
 from models.loader import DEFAULT_DRAFT_DIR
 from tiny_models import PROMPTS, hf_greedy, hf_logits, save_tiny_model
 
@@ -97,6 +98,14 @@ def _greedy_rows(argmaxes: list[int], vocab: int) -> torch.Tensor:
     return rows
 
 
+def verify_alone(engine, seqs, proposals, logits):
+    """The verifier as a step runs it: the rows' metadata (None when plainly greedy), then the verdicts."""
+    vocab, cpu = engine.loaded.model.vocab_size, torch.device("cpu")
+    [batch] = SamplingMetadata.for_step([rows_to_verify(seqs, proposals, [None] * len(seqs))], vocab,
+                                        engine.eos_token_ids, cpu)
+    return verify(engine.sampler, seqs, proposals, logits, batch, vocab, engine.eos_token_ids, cpu)
+
+
 @pytest.mark.parametrize("draft,target,emitted,kept", [
     ([7, 8, 9], [7, 8, 9, 10], [7, 8, 9, 10], 3),     # all accepted, plus the bonus token
     ([7, 8, 9], [3, 8, 9, 10], [3], 0),               # rejected at the first position
@@ -107,8 +116,7 @@ def test_greedy_verdicts(llama_engine, draft, target, emitted, kept):
     request = llama_engine.make_request([1, 2, 3], SamplingParams(temperature=0, max_tokens=8, logprobs=0))
     vocab = llama_engine.loaded.model.vocab_size
     seq = request.seqs[0]
-    [verdict] = verify(llama_engine.sampler, [seq], [Proposal(draft)], [_greedy_rows(target, vocab)], vocab,
-                       llama_engine.eos_token_ids, torch.device("cpu"))
+    [verdict] = verify_alone(llama_engine, [seq], [Proposal(draft)], [_greedy_rows(target, vocab)])
     assert verdict.token_ids == emitted and verdict.num_accepted == kept
     expected = torch.log_softmax(_greedy_rows(target, vocab), -1)
     for j, (token, logprob) in enumerate(zip(verdict.token_ids, verdict.logprobs)):
@@ -134,8 +142,7 @@ def test_greedy_verification_without_logprobs_matches_the_sampling_pipeline(llam
     for logprobs in (None, 0):
         request = llama_engine.make_request([1, 2, 3], SamplingParams(temperature=0, max_tokens=16, min_tokens=min_tokens,
                                                                       logprobs=logprobs))
-        [verdict] = verify(llama_engine.sampler, request.seqs, [Proposal(draft, parents=parents)], [rows.clone()], vocab,
-                           llama_engine.eos_token_ids, torch.device("cpu"))
+        [verdict] = verify_alone(llama_engine, request.seqs, [Proposal(draft, parents=parents)], [rows.clone()])
         verdicts.append((verdict.token_ids, verdict.num_accepted, verdict.rows))
     assert verdicts[0] == verdicts[1]
 

@@ -24,7 +24,8 @@ from decoding.sampler import Sampler
 from decoding.step_plan import ScheduledSeq, SchedulerOutput, TokenTree
 from decoding.sequence import Sequence
 from decoding.speculative.proposer import AcceptanceRule, Proposal, Proposer, SpecCounters
-from decoding.speculative.rejection import Verdict, verify
+from decoding.sampling_metadata import SamplingMetadata, SamplingRows
+from decoding.speculative.rejection import Verdict, rows_to_verify, verify
 from decoding.structured.step_masks import StepMasks
 
 
@@ -102,12 +103,19 @@ class SpeculativeDecoding:
         """Each chain's sequence and the proposal it carries (for the step's grammar masks)."""
         return [(chain.seq, self._proposals[chain.seq.seq_id]) for chain in chains]
 
-    def verify(self, chains: list[ScheduledSeq], logits: StepLogits, masks: StepMasks) -> list[Verdict]:
+    def rows_to_verify(self, chains: list[ScheduledSeq], masks: StepMasks) -> SamplingRows | None:
+        """The verified rows for the step's logits pipeline (None: every chain plainly greedy)."""
+        seqs = [chain.seq for chain in chains]
+        return rows_to_verify(seqs, [self._proposals[seq.seq_id] for seq in seqs],
+                              [masks.draft_bits(seq) for seq in seqs])
+
+    def verify(self, chains: list[ScheduledSeq], logits: StepLogits, batch: SamplingMetadata | None) -> list[Verdict]:
+        """Verdicts for the step's chains; `batch` is the metadata of their `rows_to_verify`."""
         seqs = [chain.seq for chain in chains]
         proposals = [self._proposals.pop(seq.seq_id) for seq in seqs]
         rows = [logits.chunk[seq.seq_id] for seq in seqs]
-        verdicts = verify(self.sampler, seqs, proposals, rows, self.vocab_size, self.eos_token_ids, self.device,
-                          self.acceptance, [masks.draft_bits(seq) for seq in seqs])
+        verdicts = verify(self.sampler, seqs, proposals, rows, batch, self.vocab_size, self.eos_token_ids,
+                          self.device, self.acceptance)
         for proposal, verdict in zip(proposals, verdicts):
             self.counters.record(len(proposal.token_ids), verdict.num_accepted)
         return verdicts

@@ -24,7 +24,7 @@ import torch
 
 from decoding.logits_processing import ProcessedLogits, process_logits
 from decoding.sampler import Sampler
-from decoding.sampling_metadata import SamplingMetadata
+from decoding.sampling_metadata import SamplingMetadata, SamplingRows
 from decoding.sequence import Sequence, TokenLogprob
 from decoding.speculative.proposer import AcceptanceRule, Proposal
 
@@ -44,16 +44,14 @@ class Verdict:
         return self.rows[-1] if self.rows else 0
 
 
-def verify(sampler: Sampler, seqs: list[Sequence], proposals: list[Proposal], logits: list[torch.Tensor],
-           vocab_size: int, eos_token_ids: frozenset[int], device: torch.device,
-           rule: AcceptanceRule = AcceptanceRule(), allowed: list[torch.Tensor | None] | None = None) -> list[Verdict]:
-    """logits[i] [len(proposals[i].token_ids) + 1, vocab] are the target's rows for sequence i: row 0
-    scored its last known token, row j + 1 its draft token j. Sampled requests' drafts are kept under
-    `rule`. allowed[i]: a constrained sequence's grammar bits at each of its rows (StepMasks)."""
-    allowed = allowed or [None] * len(seqs)
+def rows_to_verify(seqs: list[Sequence], proposals: list[Proposal],
+                   allowed: list[torch.Tensor | None]) -> SamplingRows | None:
+    """The rows the logits pipeline processes for verification: row j + 1 of a sequence as if the
+    draft's path down to token j had been sampled, with its grammar bits (allowed[i], from StepMasks,
+    for a constrained sequence). None where every chain is plainly greedy: `verify` then takes the
+    argmax without the pipeline."""
     if all(_plainly_greedy(seq, bits) for seq, bits in zip(seqs, allowed)):
-        return _verify_plainly_greedy(seqs, proposals, logits, vocab_size, eos_token_ids)
-    # Row j + 1 of a sequence is processed as if the draft's path down to token j had been sampled.
+        return None
     row_seqs, drafted, constrained, bits = [], [], [], []
     for seq, proposal, seq_bits in zip(seqs, proposals, allowed):
         if seq_bits is not None:
@@ -61,9 +59,17 @@ def verify(sampler: Sampler, seqs: list[Sequence], proposals: list[Proposal], lo
             bits.append(seq_bits)
         row_seqs += [seq] * (len(proposal.token_ids) + 1)
         drafted += [[]] + [proposal.path(j) for j in range(len(proposal.token_ids))]
-    allowed_bits = (constrained, torch.cat(bits).to(device)) if bits else None
-    batch = SamplingMetadata.from_sequences(row_seqs, vocab_size, eos_token_ids, device, allowed_bits=allowed_bits,
-                                         drafted=drafted)
+    return SamplingRows(row_seqs, drafted, (constrained, torch.cat(bits)) if bits else None)
+
+
+def verify(sampler: Sampler, seqs: list[Sequence], proposals: list[Proposal], logits: list[torch.Tensor],
+           batch: SamplingMetadata | None, vocab_size: int, eos_token_ids: frozenset[int], device: torch.device,
+           rule: AcceptanceRule = AcceptanceRule()) -> list[Verdict]:
+    """logits[i] [len(proposals[i].token_ids) + 1, vocab] are the target's rows for sequence i: row 0
+    scored its last known token, row j + 1 its draft token j; `batch` is the metadata of
+    `rows_to_verify` (None: every chain plainly greedy). Sampled requests' drafts are kept under `rule`."""
+    if batch is None:
+        return _verify_plainly_greedy(seqs, proposals, logits, vocab_size, eos_token_ids)
     processed = process_logits(torch.cat(logits), batch, distribution=not batch.all_greedy or batch.num_top_logprobs >= 0)
     greedy_tokens = processed.penalised.argmax(dim=-1).tolist()
     probs = processed.logprobs.exp() if processed.logprobs is not None else None
