@@ -165,7 +165,9 @@ class DistinctItemsCursor(GrammarCursor):
         self._inner = inner
         self._spellings = spellings
         self._position = JsonPosition(places)
-        self._history: list[JsonPosition] = []         # the position before each consumed token
+        # The position before each consumed token, and whether an item had repeated by then: rule 2's
+        # trial walks and a draft's masks consume and roll back, and a repeat on a walk is none.
+        self._history: list[tuple[JsonPosition, bool]] = []
         self.repeated_an_item = False
 
     def fork(self) -> DistinctItemsCursor:
@@ -184,16 +186,16 @@ class DistinctItemsCursor(GrammarCursor):
                 words[:] = backend_words
 
     def _consume(self, token: int) -> None:
-        position = self._position.copy()
+        position, repeated_before = self._position.copy(), self.repeated_an_item
         if not position.feed(self._spellings.bytes[token]):
             self.repeated_an_item = True
         self._inner._consume(token)
-        self._history.append(self._position)
+        self._history.append((self._position, repeated_before))
         self._position = position
 
     def _rollback(self, num_tokens: int) -> None:
         self._inner._rollback(num_tokens)
-        self._position = self._history[-num_tokens]
+        self._position, self.repeated_an_item = self._history[-num_tokens]
         del self._history[-num_tokens:]
 
     @property
