@@ -28,7 +28,7 @@ def build_cache(loaded: LoadedModel, cfg: EngineConfig) -> KVCacheManager:
         num_blocks = max(2, int(cfg.kv_cache_memory_gb * 2**30) // per_block)
     cache = PagedKVCache(model.num_layers, num_blocks, cfg.block_size, model.num_kv_heads, model.head_dim,
                          model.dtype, loaded.device)
-    return KVCacheManager(BlockManager(num_blocks, cfg.block_size), cache, loaded.device)
+    return KVCacheManager(BlockManager(num_blocks, cfg.block_size), cache, loaded.device, cfg.prefix_caching)
 
 
 def build_speculation(cfg: EngineConfig, loaded: LoadedModel, sampler: Sampler,

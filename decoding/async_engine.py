@@ -140,6 +140,13 @@ class AsyncEngine:
         self._submit(("weights", update))
         return await update.done
 
+    async def reset_prefix_cache(self) -> None:
+        """Drop the prefix cache between two steps of the engine thread."""
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        self._submit(("call", (self.engine.reset_prefix_cache, loop, done)))
+        await done
+
     def abort(self, request_id: str) -> None:
         self._submit(("abort", request_id))
 
@@ -188,6 +195,10 @@ class AsyncEngine:
                 self._add(payload)
             elif kind == "weights":
                 self._weights.add(payload)
+            elif kind == "call":
+                function, loop, done = payload
+                function()
+                loop.call_soon_threadsafe(done.set_result, None)
             else:
                 self._abort(payload)
 

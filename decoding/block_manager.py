@@ -8,6 +8,7 @@ tokens). The copies to perform are returned to the caller, which hands them to t
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from models.attention import NULL_BLOCK
@@ -42,14 +43,20 @@ class BlockManager:
         # A stack: the most recently freed block is reused first, so a small working set of blocks stays
         # warm in the CPU caches and TLB instead of the allocator sweeping the whole pre-allocated pool.
         self._free = [b for b in reversed(range(num_blocks)) if b != NULL_BLOCK]
+        # Prefix caching: full blocks known by a key (their tokens and everything before them). One that
+        # no sequence holds stays reusable until the free stack runs out; then the least recently
+        # released is taken first.
+        self._evictable: OrderedDict[int, None] = OrderedDict()
+        self._key_of: dict[int, bytes] = {}
+        self._block_of: dict[bytes, int] = {}
 
     # ---- observation -------------------------------------------------------------------------
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free)
+        return len(self._free) + len(self._evictable)
 
     def usage(self) -> CacheUsage:
-        return CacheUsage(self.num_blocks - 1, len(self._free), self.block_size)
+        return CacheUsage(self.num_blocks - 1, self.num_free_blocks, self.block_size)
 
     def ref_count(self, block: int) -> int:
         return self._ref_counts[block]
@@ -73,7 +80,7 @@ class BlockManager:
     def append_slots(self, block_table: list[int], num_computed: int,
                      num_new_tokens: int) -> list[tuple[int, int]]:
         """Make room for new tokens in place; return the (src, dst) block copies to perform first."""
-        if self.num_blocks_to_append(block_table, num_computed, num_new_tokens) > len(self._free):
+        if self.num_blocks_to_append(block_table, num_computed, num_new_tokens) > self.num_free_blocks:
             raise NoFreeBlocksError("not enough free KV blocks")
         copies = []
         if self._writes_into_shared_block(block_table, num_computed):
@@ -110,12 +117,40 @@ class BlockManager:
             self._release(block)
         del block_table[keep:]
 
+    # ---- prefix caching ----------------------------------------------------------------------
+    def cached_block(self, key: bytes) -> int | None:
+        return self._block_of.get(key)
+
+    def remember(self, block: int, key: bytes) -> None:
+        """Know a full block by its key (a block, and a key, are known once)."""
+        if block not in self._key_of and key not in self._block_of:
+            self._key_of[block], self._block_of[key] = key, block
+
+    def reuse(self, block: int) -> None:
+        """Hold a cached block once more (taking it back from the evictable ones if nobody held it)."""
+        self._evictable.pop(block, None)
+        self._ref_counts[block] += 1
+
+    def forget_keys(self) -> None:
+        """Drop every key (the weights changed): evictable blocks become free."""
+        self._free += list(self._evictable)
+        self._evictable.clear()
+        self._key_of.clear()
+        self._block_of.clear()
+
     def _take(self) -> int:
-        block = self._free.pop()
+        if self._free:
+            block = self._free.pop()
+        else:
+            block, _ = self._evictable.popitem(last=False)
+            del self._block_of[self._key_of.pop(block)]
         self._ref_counts[block] = 1
         return block
 
     def _release(self, block: int) -> None:
         self._ref_counts[block] -= 1
         if self._ref_counts[block] == 0:
-            self._free.append(block)
+            if block in self._key_of:
+                self._evictable[block] = None
+            else:
+                self._free.append(block)

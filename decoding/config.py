@@ -15,6 +15,9 @@ class EngineConfig:
     block_size: int | None = None         # tokens per KV block; None: 64 on the CPU, 16 elsewhere
     num_kv_blocks: int | None = None      # None: as many as kv_cache_memory_gb holds
     kv_cache_memory_gb: float = 1.0
+    # Full KV blocks outlive their request, keyed by their tokens and everything before them; a request
+    # that starts with cached blocks computes only the rest (decoding/kv_cache_manager.py).
+    prefix_caching: bool = True
     max_num_seqs: int = 64                # sequences advanced in one step
     max_num_batched_tokens: int = 512     # token budget of one step (decodes + prefill chunks)
     max_model_len: int | None = None      # None: the model's own context length

@@ -60,7 +60,7 @@ class Engine:
         self.update = StepUpdate(self.kv, self.scheduler, self.speculation, self._requests, self.eos_token_ids,
                                  self.max_model_len, self.loaded.device, self.intake.new_sequence)
         self.counters = self.update.counters
-        self.weights = ServedWeights(self.loaded.model, self._requests)
+        self.weights = ServedWeights(self.loaded.model, self._requests, on_change=self.kv.forget_prefixes)
 
     def use_threads(self) -> None:
         """Apply the `threads` option to the calling thread (whoever steps the engine calls this once)."""
@@ -111,6 +111,14 @@ class Engine:
     def cache_usage(self) -> CacheUsage:
         return self.kv.usage()
 
+    def prefix_cache_stats(self) -> tuple[int, int]:
+        """(prompt tokens looked up in the prefix cache, tokens found), since the engine started."""
+        return self.kv.prefix_queries, self.kv.prefix_hits
+
+    def reset_prefix_cache(self) -> None:
+        """No block cached so far is reused (call between steps)."""
+        self.kv.forget_prefixes()
+
     def queue_lengths(self) -> tuple[int, int]:
         """(requests being decoded, requests waiting for admission)."""
         return len(self.scheduler.running), len(self.scheduler.waiting)
@@ -148,9 +156,7 @@ class Engine:
         if sched.wants_hidden:
             self.speculation.observe(sampling_seqs, rows.tolist(), chains, verdicts, logits)
         self.counters.num_steps += 1
-        touched = {s.seq.request.req_id: s.seq.request for s in sched.scheduled}
-        outputs = (self.update.retire(request) for request in touched.values())
-        return [output for output in outputs if output is not None]
+        return self.update.end_step(sched)
 
     def _schedule(self) -> SchedulerOutput:
         """The scheduler's plan; preempted sequences drop their drafts; newly started requests take the

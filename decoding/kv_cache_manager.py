@@ -11,6 +11,9 @@ Blocks are held by a `step_plan.CachedTokens`: a `Sequence`, or a draft model's 
 
 from __future__ import annotations
 
+import hashlib
+from array import array
+
 import torch
 
 from decoding.block_manager import BlockManager, CacheUsage
@@ -20,9 +23,13 @@ from models.attention import PagedKVCache
 
 class KVCacheManager:
     def __init__(self, blocks: BlockManager, cache: PagedKVCache | None = None,
-                 device: torch.device = torch.device("cpu")):
+                 device: torch.device = torch.device("cpu"), prefix_caching: bool = False):
         # No cache: block bookkeeping alone (the scheduler's tests); compact() then has nothing to move.
         self._blocks = blocks
+        self.prefix_caching = prefix_caching
+        self._keys_of: dict[int, list[bytes]] = {}      # seq_id -> the keys of its full computed blocks
+        self.prefix_queries = 0                         # prompt tokens looked up, and found (vLLM's names)
+        self.prefix_hits = 0
         self.cache = cache
         self.device = device
         self.block_size = blocks.block_size
@@ -75,6 +82,49 @@ class KVCacheManager:
 
     def free(self, holder: CachedTokens) -> None:
         self._blocks.free(holder.block_table)
+        self._keys_of.pop(holder.seq_id, None)
+
+    # ---- prefix caching ----------------------------------------------------------------------
+    # A full block is known by a key that chains its tokens to the key of the block before it, so a
+    # key stands for every token up to the block's end (vLLM's hash chain: a lookup is one dictionary
+    # probe per block, and blocks stay in the block manager's pool, not in a tree to rebalance).
+
+    def match_prefix(self, holder: CachedTokens) -> int:
+        """Before anything is computed: take the longest run of cached full blocks the holder's tokens
+        start with (its last token is always computed, for its logits); the tokens matched."""
+        if not self.prefix_caching or holder.num_computed or holder.block_table:
+            return 0
+        size, keys, blocks = self.block_size, [], []
+        self.prefix_queries += len(holder.token_ids)
+        for index in range((len(holder.token_ids) - 1) // size):
+            keys.append(_chained(keys[-1] if keys else b"", holder.token_ids[index * size : (index + 1) * size]))
+            block = self._blocks.cached_block(keys[-1])
+            if block is None:
+                keys.pop()
+                break
+            blocks.append(block)
+        for block in blocks:
+            self._blocks.reuse(block)
+        holder.block_table, holder.num_computed = blocks, len(blocks) * size
+        self._keys_of[holder.seq_id] = keys
+        self.prefix_hits += holder.num_computed
+        return holder.num_computed
+
+    def remember(self, holder: CachedTokens, num_tokens: int | None = None) -> None:
+        """Key the holder's full blocks computed since the last call (within its first `num_tokens`
+        tokens, if given), so later requests can reuse them."""
+        if not self.prefix_caching:
+            return
+        size, keys = self.block_size, self._keys_of.setdefault(holder.seq_id, [])
+        computed = holder.num_computed if num_tokens is None else min(holder.num_computed, num_tokens)
+        for index in range(len(keys), computed // size):
+            keys.append(_chained(keys[-1] if keys else b"", holder.token_ids[index * size : (index + 1) * size]))
+            self._blocks.remember(holder.block_table[index], keys[-1])
+
+    def forget_prefixes(self) -> None:
+        """No cached block is reused again (the weights changed: its keys and values are stale)."""
+        self._blocks.forget_keys()
+        self._keys_of.clear()
 
     def roll_back(self, holder: CachedTokens, num_tokens: int) -> None:
         """Keep only the first `num_tokens` computed tokens (rejected draft tokens are forgotten)."""
@@ -85,3 +135,8 @@ class KVCacheManager:
         """Move the keys and values at `from_positions` to `to_positions` (a tree's kept path, stored at
         scattered slots, to the positions it now occupies)."""
         self.cache.move_slots(self.slots(holder, from_positions), self.slots(holder, to_positions))
+
+
+def _chained(before: bytes, tokens: list[int]) -> bytes:
+    """A block's key: a digest of the key before it and its tokens."""
+    return hashlib.blake2b(before + array("q", tokens).tobytes(), digest_size=16).digest()

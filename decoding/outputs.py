@@ -51,6 +51,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     weight_version: int | None = None
+    num_cached_tokens: int = 0                 # prompt tokens found in the prefix cache
     # time.monotonic() stamps: arrival, first generated token, finish (None until they happen).
     arrival_time: float | None = None
     first_token_time: float | None = None
@@ -75,6 +76,7 @@ class RequestOutput:
             outputs=outputs,
             finished=request.is_finished,
             weight_version=request.weight_version,
+            num_cached_tokens=request.num_cached_tokens,
             arrival_time=request.arrival_time,
             first_token_time=request.first_token_time,
             finish_time=request.finish_time,

@@ -120,10 +120,15 @@ class Scheduler:
             if self.num_running_seqs + request.num_seqs_needed > self.max_num_seqs:
                 return
             leader = request.leader
+            if request.params.prompt_logprobs is None:      # scoring a prompt computes all of it
+                self.kv.match_prefix(leader)
             wanted = min(self._chunk_limit(request, leader), budget)
             if self._blocks_needed(leader, wanted) > self.kv.num_free_blocks:
+                self.kv.free(leader)                        # lets go of the cached blocks it took
+                leader.reset_cache_state()
                 return
             self.waiting.popleft()
+            request.num_cached_tokens = request.num_cached_tokens or leader.num_computed
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             self._append(out, leader, wanted)

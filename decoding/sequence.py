@@ -99,6 +99,8 @@ class Request:
     stream: bool = True
     # The weights version the request was admitted under; it finishes under the same one.
     weight_version: int | None = None
+    # Prompt tokens whose keys and values came from the prefix cache when the request was admitted.
+    num_cached_tokens: int = 0
     beam: object | None = None                 # BeamSearch state, for use_beam_search requests
     beam_results: list | None = None           # the returned hypotheses once beam search is done
     _banned_before_min: list[int] | None = field(default=None, repr=False)

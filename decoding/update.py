@@ -129,6 +129,7 @@ class StepUpdate:
             seq.detokenizer.flush()      # a stop string cut the text on purpose; otherwise it is every token's
         seq.finish_reason = reason
         seq.stop_reason = stop_reason
+        self._remember(seq)
         self.kv.free(seq)
         if self.speculation:
             self.speculation.release(seq)
@@ -154,6 +155,20 @@ class StepUpdate:
                 for seq in request.seqs:
                     self.kv.free(seq)
                     seq.finish_reason = FinishReason.STOP
+
+    def end_step(self, sched: SchedulerOutput) -> list[RequestOutput]:
+        """Key the full blocks the step computed (prefix caching), then retire or report each request it
+        touched."""
+        for item in sched.scheduled:
+            if not item.seq.is_finished:
+                self._remember(item.seq)
+        touched = {item.seq.request.req_id: item.seq.request for item in sched.scheduled}
+        outputs = (self.retire(request) for request in touched.values())
+        return [output for output in outputs if output is not None]
+
+    def _remember(self, seq: Sequence) -> None:
+        # Beams are re-pointed at other beams' blocks every step: only their shared prompt is offered.
+        self.kv.remember(seq, None if seq.request.beam is None else seq.request.prompt_len)
 
     def retire(self, request: Request) -> RequestOutput | None:
         """Retire a finished request; its snapshot, unless it is unfinished and not streamed."""

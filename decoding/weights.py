@@ -10,7 +10,7 @@ says what is wrong, and a folder's index may name only files inside that folder.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -28,13 +28,14 @@ class WeightUpdateError(ValueError):
 class ServedWeights:
     """The served model's weights and their version. A validated push is applied only while no started
     request is in flight (the async front waits for them or aborts them), so every request is generated
-    wholly under one version. There is no cross-request prefix cache to flush: a group's shared prompt
-    blocks live only as long as its request."""
+    wholly under one version. Applying one calls `on_change` (the engine drops its cached prefixes,
+    whose keys and values the old weights computed)."""
 
-    def __init__(self, model: NativeCausalLM, requests: Mapping):
+    def __init__(self, model: NativeCausalLM, requests: Mapping, on_change: Callable[[], None] = lambda: None):
         self.model = model
         self.version = 0
         self._requests = requests           # the engine's live requests, by id
+        self._on_change = on_change
 
     def started_request_ids(self) -> list[str]:
         """Requests admitted under the current weights that have not finished (running or preempted)."""
@@ -61,6 +62,7 @@ class ServedWeights:
         if self.has_started_requests():
             raise RuntimeError("weights cannot change while requests are being generated")
         apply_update(self.model, tensors)
+        self._on_change()
         self.version = self.version + 1 if version is None else version
         return self.version
 

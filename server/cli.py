@@ -89,7 +89,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         engine = Engine(**_engine_options(args), max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=max(args.max_num_batched_tokens, args.max_num_seqs),
-                        kv_cache_memory_gb=args.kv_cache_memory_gb)
+                        kv_cache_memory_gb=args.kv_cache_memory_gb, prefix_caching=not args.no_prefix_cache)
     except (ModelLoadError, ValueError) as err:
         print(f"gorgon: error: {err}", file=sys.stderr)
         return 2
@@ -138,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-num-seqs", type=int, default=64)
     serve.add_argument("--max-num-batched-tokens", type=int, default=512)
     serve.add_argument("--kv-cache-memory-gb", type=float, default=1.0)
+    serve.add_argument("--no-prefix-cache", action="store_true",
+                       help="compute every prompt whole (by default full KV blocks outlive their request and "
+                       "a request that starts with them computes only the rest)")
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(handler=_serve)
 

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 GENERATION_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/rollouts", "/v1/score"})
 # Weight pushes carry whole checkpoints; they are guarded by the admin key, not by the body limit.
 UNLIMITED_BODY_ROUTES = frozenset({"/v1/weights/update"})
+# Guarded by the admin key like the weight routes.
+ADMIN_ROUTES = frozenset({"/v1/reset_prefix_cache"})
 # A refused request's body is read and dropped up to this much before the answer.
 DRAIN_BYTES = 64 * 2**20
 
@@ -134,7 +136,8 @@ async def _refuse(receive, send, status: int, message: str, type_: str, headers:
 
 
 class KeyCheck:
-    """The API key on every route but /health; the admin key (which also enables them) on weight pushes."""
+    """The API key on every route but /health; the admin key (which also enables them) on weight pushes
+    and cache resets."""
 
     def __init__(self, app, api_key: str | None, admin_key: str | None):
         self.app = app
@@ -146,10 +149,10 @@ class KeyCheck:
             return await self.app(scope, receive, send)
         path = scope["path"]
         token = bearer_token(_header(scope, b"authorization"))
-        if scope["method"] == "POST" and path.startswith("/v1/weights/"):
+        if scope["method"] == "POST" and (path.startswith("/v1/weights/") or path in ADMIN_ROUTES):
             if not self.admin_key:
-                return await _refuse(receive, send, 403, "weight updates are disabled; start the server with --admin-key",
-                                     "permission_error")
+                return await _refuse(receive, send, 403, "admin routes (weight updates, cache resets) are disabled; "
+                                     "start the server with --admin-key", "permission_error")
             if not key_matches(token, self.admin_key):
                 return await _refuse(receive, send, 401, "missing or wrong admin key: send 'Authorization: Bearer <admin key>'",
                                      "authentication_error", code="invalid_api_key")

@@ -29,11 +29,25 @@ class Metrics:
         self.generation_tokens = Counter("gorgon:generation_tokens", "Tokens generated", registry=self.registry)
         self.request_success = Counter("gorgon:request_success", "Finished requests by finish reason",
                                        ["finished_reason"], registry=self.registry)
+        self.registry.register(PrefixCacheCollector(engine))
         if engine.speculation is not None:
             self.registry.register(SpeculationCollector(engine.speculation.counters))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class PrefixCacheCollector:
+    """Prompt tokens looked up in the prefix cache and found there (vLLM's names), read at scrape time."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    def collect(self):
+        queries, hits = self.engine.prefix_cache_stats()
+        yield CounterMetricFamily("gorgon:prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                                  value=queries)
+        yield CounterMetricFamily("gorgon:prefix_cache_hits", "Prompt tokens found in the prefix cache", value=hits)
 
 
 class SpeculationCollector:

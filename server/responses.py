@@ -55,6 +55,7 @@ class _View:
         self.sent_text: dict[int, int] = {}
         self.sent_tokens: dict[int, int] = {}
         self.completion_tokens: dict[int, int] = {}
+        self.cached_tokens: dict[int, int] = {}      # prompt index -> its tokens found in the prefix cache
 
     def choice_index(self, prompt_index: int, completion: CompletionOutput) -> int:
         return prompt_index * self.body.n + completion.index
@@ -65,7 +66,12 @@ class _View:
     def usage(self) -> dict:
         prompt = sum(len(ids) for ids in self.prompt_ids)
         completion = sum(self.completion_tokens.values())
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": sum(self.cached_tokens.values())}}
+
+    def saw(self, prompt_index: int, output: RequestOutput) -> None:
+        """Note what a snapshot says of its prompt (the tokens the prefix cache held)."""
+        self.cached_tokens[prompt_index] = output.num_cached_tokens
 
     def usage_chunk(self) -> dict:
         return {**self.header(), "choices": [], "usage": self.usage()}
@@ -91,6 +97,7 @@ class CompletionView(_View):
     def final(self, outputs: list[RequestOutput]) -> dict:
         choices = []
         for prompt_index, output in enumerate(outputs):
+            self.saw(prompt_index, output)
             for completion in output.outputs:
                 key = self.choice_index(prompt_index, completion)
                 self.completion_tokens[key] = len(completion.token_ids)
@@ -105,6 +112,7 @@ class CompletionView(_View):
         return {**self.header(), "choices": choices, "usage": self.usage()}
 
     def deltas(self, prompt_index: int, output: RequestOutput) -> list[dict]:
+        self.saw(prompt_index, output)
         chunks = []
         for completion in output.outputs:
             key = self.choice_index(prompt_index, completion)
@@ -170,6 +178,7 @@ class ChatView(_View):
 
     def final(self, outputs: list[RequestOutput]) -> dict:
         [output] = outputs
+        self.saw(0, output)
         choices = []
         for completion in output.outputs:
             self.completion_tokens[completion.index] = len(completion.token_ids)
@@ -188,6 +197,7 @@ class ChatView(_View):
         return {**self.header(), "choices": choices, "usage": self.usage()}
 
     def deltas(self, prompt_index: int, output: RequestOutput) -> list[dict]:
+        self.saw(prompt_index, output)
         chunks = []
         for completion in output.outputs:
             key = completion.index

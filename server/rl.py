@@ -88,6 +88,12 @@ def add_weight_routes(app: FastAPI, server) -> None:
     async def weight_version():
         return {"weight_version": engine.weights.version}
 
+    @app.post("/v1/reset_prefix_cache", responses=AUTH_ERRORS)
+    async def reset_prefix_cache():
+        """Drop every cached prefix (vLLM's admin route); requests in flight keep what they hold."""
+        await server.front.reset_prefix_cache()
+        return {"reset": True}
+
     @app.post("/v1/weights/load", responses=WEIGHT_ERRORS)
     async def load_weights(body: WeightsLoadRequest):
         try:
