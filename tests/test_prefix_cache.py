@@ -44,6 +44,36 @@ def test_outputs_equal_the_outputs_without_the_cache(llama_dir, params):
     assert plain.kv.prefix_hits == 0
 
 
+SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"enum": ["x", "yy"]}},
+          "required": ["a", "b"], "additionalProperties": False}
+
+
+@pytest.mark.parametrize("mode", ["draft", "ngram", "medusa", "constrained"])
+def test_speculation_and_constraints_equal_their_outputs_without_the_cache(llama_dir, tmp_path, mode):
+    """The draft model keeps its own cache (not prefix-cached: it catches up on the whole prompt), Medusa
+    reads the target's hidden state of the last prompt row (always computed), and a grammar's cursor
+    does not depend on how the prompt was computed."""
+    options = {"draft": dict(speculative="draft", draft_model=llama_dir),
+               "ngram": dict(speculative="ngram"), "constrained": {}}.get(mode)
+    if mode == "medusa":
+        from models.medusa import MedusaHeads
+        torch.manual_seed(0)
+        heads = MedusaHeads(64, 384, num_heads=3)
+        with torch.no_grad():
+            for param in heads.parameters():
+                param.normal_(0, 0.2)
+        heads.save(tmp_path, llama_dir)
+        options = dict(speculative="medusa", medusa_heads=str(tmp_path))
+    cached, plain = engines(llama_dir, **options)
+    constraint = {"json_schema": SCHEMA} if mode == "constrained" else {}
+    for params in (SamplingParams(temperature=0, max_tokens=12, logprobs=0, **constraint),
+                   SamplingParams(temperature=0.8, seed=5, max_tokens=12, logprobs=0, **constraint)):
+        if mode == "medusa" and params.temperature > 0:
+            continue                      # typical acceptance draws differently from plain sampling
+        assert_same(run_in_turn(cached, TURNS, params), run_in_turn(plain, TURNS, params))
+    assert cached.kv.prefix_hits > 0
+
+
 def test_prompt_logprobs_are_computed_for_every_position(llama_dir):
     cached, plain = engines(llama_dir)
     params = SamplingParams(temperature=0, max_tokens=4, prompt_logprobs=1)
