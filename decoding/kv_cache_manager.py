@@ -121,6 +121,15 @@ class KVCacheManager:
             keys.append(_chained(keys[-1] if keys else b"", holder.token_ids[index * size : (index + 1) * size]))
             self._blocks.remember(holder.block_table[index], keys[-1])
 
+    def block_keys(self, holder: CachedTokens, first: int, end: int) -> list[bytes]:
+        """The keys of the holder's full blocks first..end-1 (their tokens need not be computed yet)."""
+        if not self.prefix_caching:
+            return []
+        size, keys = self.block_size, list(self._keys_of.get(holder.seq_id, []))[:first]
+        for index in range(len(keys), min(end, len(holder.token_ids) // size)):
+            keys.append(_chained(keys[-1] if keys else b"", holder.token_ids[index * size : (index + 1) * size]))
+        return keys[first:end]
+
     def forget_prefixes(self) -> None:
         """No cached block is reused again (the weights changed: its keys and values are stale)."""
         self._blocks.forget_keys()

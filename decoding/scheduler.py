@@ -33,6 +33,7 @@ class Scheduler:
         # While a weight update waits for in-flight requests, new requests are not admitted; preempted
         # ones (already started under the current weights) still are.
         self.admission_paused = False
+        self._computing: set[bytes] = set()       # keys of the full blocks this step's prompt chunks compute
 
     # ---- queue management --------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -57,6 +58,7 @@ class Scheduler:
     # ---- one step ----------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
+        self._computing = set()
         budget = self.max_num_batched_tokens
         budget = self._schedule_decodes(out, budget)
         budget = self._schedule_chunks(out, budget)
@@ -123,7 +125,9 @@ class Scheduler:
             if request.params.prompt_logprobs is None:      # scoring a prompt computes all of it
                 self.kv.match_prefix(leader)
             wanted = min(self._chunk_limit(request, leader), budget)
-            if self._blocks_needed(leader, wanted) > self.kv.num_free_blocks:
+            first_block = leader.num_computed // self.kv.block_size
+            if (self._blocks_needed(leader, wanted) > self.kv.num_free_blocks
+                    or set(self.kv.block_keys(leader, first_block, first_block + 1)) & self._computing):
                 self.kv.free(leader)                        # lets go of the cached blocks it took
                 leader.reset_cache_state()
                 return
@@ -156,6 +160,13 @@ class Scheduler:
         return low
 
     def _append(self, out: SchedulerOutput, seq: Sequence, num_new_tokens: int, num_lookahead: int = 0) -> None:
+        if num_new_tokens > 1:
+            # The full blocks a prompt chunk computes this step: a request whose next block is one of
+            # them waits a step and then finds it cached, so prompts that arrive together with a common
+            # prefix compute it once (the wait lasts as long as that prefix's prefill).
+            size = self.kv.block_size
+            self._computing.update(self.kv.block_keys(seq, seq.num_computed // size,
+                                                      (seq.num_computed + num_new_tokens) // size))
         out.block_copies += self.kv.reserve(seq, num_new_tokens + num_lookahead)
         out.scheduled.append(ScheduledSeq.of(seq, num_new_tokens, num_lookahead))
 

@@ -141,3 +141,17 @@ def test_over_http_usage_metrics_and_the_reset_route(llama_dir):
         assert complete()["prompt_tokens_details"]["cached_tokens"] == 0
     finally:
         stop_server(live)
+
+
+def test_prompts_that_arrive_together_compute_their_common_prefix_once(llama_dir):
+    """Eight requests with one 41-token prompt prefix, added at once: the first computes the prefix and the
+    others wait until it is cached (a step or so), instead of all computing it in the same step."""
+    cached, plain = engines(llama_dir)
+    prompts = [SYSTEM + SYSTEM[:18] + [90 + i] for i in range(8)]
+    params = SamplingParams(temperature=0, max_tokens=6)
+    assert_same([o.outputs for o in cached.generate(prompts, params)],
+                [o.outputs for o in plain.generate(prompts, params)])
+    whole = sum(len(p) for p in prompts)
+    assert plain.counters.num_prompt_tokens_computed == whole
+    # The shared 41 tokens hold 10 full blocks of 4; each later prompt computes only its last 2 tokens.
+    assert cached.counters.num_prompt_tokens_computed == len(prompts[0]) + 7 * 2
