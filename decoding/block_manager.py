@@ -43,17 +43,12 @@ class BlockManager:
         # A stack: the most recently freed block is reused first, so a small working set of blocks stays
         # warm in the CPU caches and TLB instead of the allocator sweeping the whole pre-allocated pool.
         self._free = [b for b in reversed(range(num_blocks)) if b != NULL_BLOCK]
-        # Prefix caching: full blocks known by a key (their tokens and everything before them). One that
-        # no sequence holds stays reusable until the free stack runs out; then the least recently
-        # released is taken first.
-        self._evictable: OrderedDict[int, None] = OrderedDict()
-        self._key_of: dict[int, bytes] = {}
-        self._block_of: dict[bytes, int] = {}
+        self.cached = CachedBlocks()
 
     # ---- observation -------------------------------------------------------------------------
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free) + len(self._evictable)
+        return len(self._free) + len(self.cached)
 
     def usage(self) -> CacheUsage:
         return CacheUsage(self.num_blocks - 1, self.num_free_blocks, self.block_size)
@@ -63,11 +58,6 @@ class BlockManager:
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
-
-    def slots(self, block_table: list[int], positions) -> list[int]:
-        """Flat cache slots (block * block_size + offset) of a sequence's token positions."""
-        size = self.block_size
-        return [block_table[p // size] * size + p % size for p in positions]
 
     # ---- growth ------------------------------------------------------------------------------
     def num_blocks_to_append(self, block_table: list[int], num_computed: int, num_new_tokens: int) -> int:
@@ -118,7 +108,40 @@ class BlockManager:
         del block_table[keep:]
 
     # ---- prefix caching ----------------------------------------------------------------------
-    def cached_block(self, key: bytes) -> int | None:
+    def reuse(self, block: int) -> None:
+        """Hold a cached block once more (taking it back from the evictable ones if nobody held it)."""
+        self.cached.take_back(block)
+        self._ref_counts[block] += 1
+
+    def forget_cached(self) -> None:
+        """Drop every key (the weights changed): evictable blocks become free."""
+        self._free += self.cached.forget()
+
+    def _take(self) -> int:
+        block = self._free.pop() if self._free else self.cached.evict()
+        self._ref_counts[block] = 1
+        return block
+
+    def _release(self, block: int) -> None:
+        self._ref_counts[block] -= 1
+        if self._ref_counts[block] == 0 and not self.cached.keep(block):
+            self._free.append(block)
+
+
+class CachedBlocks:
+    """Prefix caching's side of the pool: full blocks known by a key (their tokens and everything before
+    them). One that no sequence holds stays reusable (evictable) until the free stack runs out; then the
+    least recently released is taken first."""
+
+    def __init__(self):
+        self._evictable: OrderedDict[int, None] = OrderedDict()
+        self._key_of: dict[int, bytes] = {}
+        self._block_of: dict[bytes, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._evictable)
+
+    def lookup(self, key: bytes) -> int | None:
         return self._block_of.get(key)
 
     def remember(self, block: int, key: bytes) -> None:
@@ -126,31 +149,30 @@ class BlockManager:
         if block not in self._key_of and key not in self._block_of:
             self._key_of[block], self._block_of[key] = key, block
 
-    def reuse(self, block: int) -> None:
-        """Hold a cached block once more (taking it back from the evictable ones if nobody held it)."""
-        self._evictable.pop(block, None)
-        self._ref_counts[block] += 1
+    def keep(self, block: int) -> bool:
+        """A block nobody holds any more: kept as evictable if it has a key."""
+        if block in self._key_of:
+            self._evictable[block] = None
+            return True
+        return False
 
-    def forget_keys(self) -> None:
-        """Drop every key (the weights changed): evictable blocks become free."""
-        self._free += list(self._evictable)
+    def take_back(self, block: int) -> None:
+        self._evictable.pop(block, None)
+
+    def evict(self) -> int:
+        block, _ = self._evictable.popitem(last=False)
+        del self._block_of[self._key_of.pop(block)]
+        return block
+
+    def forget(self) -> list[int]:
+        """Drop every key; the blocks that were evictable (now simply free)."""
+        blocks = list(self._evictable)
         self._evictable.clear()
         self._key_of.clear()
         self._block_of.clear()
+        return blocks
 
-    def _take(self) -> int:
-        if self._free:
-            block = self._free.pop()
-        else:
-            block, _ = self._evictable.popitem(last=False)
-            del self._block_of[self._key_of.pop(block)]
-        self._ref_counts[block] = 1
-        return block
 
-    def _release(self, block: int) -> None:
-        self._ref_counts[block] -= 1
-        if self._ref_counts[block] == 0:
-            if block in self._key_of:
-                self._evictable[block] = None
-            else:
-                self._free.append(block)
+def slots(block_table: list[int], positions, block_size: int) -> list[int]:
+    """Flat cache slots (block * block_size + offset) of a sequence's token positions."""
+    return [block_table[p // block_size] * block_size + p % block_size for p in positions]

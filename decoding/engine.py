@@ -60,7 +60,7 @@ class Engine:
         self.update = StepUpdate(self.kv, self.scheduler, self.speculation, self._requests, self.eos_token_ids,
                                  self.max_model_len, self.loaded.device, self.intake.new_sequence)
         self.counters = self.update.counters
-        self.weights = ServedWeights(self.loaded.model, self._requests, on_change=self.kv.forget_prefixes)
+        self.weights = ServedWeights(self.loaded.model, self._requests, on_change=self.kv.prefixes.forget)
 
     def use_threads(self) -> None:
         """Apply the `threads` option to the calling thread (whoever steps the engine calls this once)."""
@@ -113,11 +113,11 @@ class Engine:
 
     def prefix_cache_stats(self) -> tuple[int, int]:
         """(prompt tokens looked up in the prefix cache, tokens found), since the engine started."""
-        return self.kv.prefix_queries, self.kv.prefix_hits
+        return self.kv.prefixes.queries, self.kv.prefixes.hits
 
     def reset_prefix_cache(self) -> None:
         """No block cached so far is reused (call between steps)."""
-        self.kv.forget_prefixes()
+        self.kv.prefixes.forget()
 
     def queue_lengths(self) -> tuple[int, int]:
         """(requests being decoded, requests waiting for admission)."""

@@ -123,11 +123,11 @@ class Scheduler:
                 return
             leader = request.leader
             if request.params.prompt_logprobs is None:      # scoring a prompt computes all of it
-                self.kv.match_prefix(leader)
+                self.kv.prefixes.match(leader)
             wanted = min(self._chunk_limit(request, leader), budget)
             first_block = leader.num_computed // self.kv.block_size
             if (self._blocks_needed(leader, wanted) > self.kv.num_free_blocks
-                    or set(self.kv.block_keys(leader, first_block, first_block + 1)) & self._computing):
+                    or set(self.kv.prefixes.keys(leader, first_block, first_block + 1)) & self._computing):
                 self.kv.free(leader)                        # lets go of the cached blocks it took
                 leader.reset_cache_state()
                 return
@@ -165,7 +165,7 @@ class Scheduler:
             # them waits a step and then finds it cached, so prompts that arrive together with a common
             # prefix compute it once (the wait lasts as long as that prefix's prefill).
             size = self.kv.block_size
-            self._computing.update(self.kv.block_keys(seq, seq.num_computed // size,
+            self._computing.update(self.kv.prefixes.keys(seq, seq.num_computed // size,
                                                       (seq.num_computed + num_new_tokens) // size))
         out.block_copies += self.kv.reserve(seq, num_new_tokens + num_lookahead)
         out.scheduled.append(ScheduledSeq.of(seq, num_new_tokens, num_lookahead))

@@ -168,7 +168,7 @@ class StepUpdate:
 
     def _remember(self, seq: Sequence) -> None:
         # Beams are re-pointed at other beams' blocks every step: only their shared prompt is offered.
-        self.kv.remember(seq, None if seq.request.beam is None else seq.request.prompt_len)
+        self.kv.prefixes.remember(seq, None if seq.request.beam is None else seq.request.prompt_len)
 
     def retire(self, request: Request) -> RequestOutput | None:
         """Retire a finished request; its snapshot, unless it is unfinished and not streamed."""

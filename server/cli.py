@@ -124,6 +124,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the OpenAI-compatible HTTP server")
     _add_engine_args(serve)
+    _add_serve_args(serve)
+    serve.set_defaults(handler=_serve)
+
+    train = commands.add_parser("train", help="train add-ons for a model")
+    kinds = train.add_subparsers(dest="kind", required=True)
+    medusa = kinds.add_parser("medusa", add_help=False, help="Medusa heads for any HF causal LM (backbone frozen)")
+    medusa.set_defaults(handler=_train_medusa)
+    return parser
+
+
+def _add_serve_args(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (all but /health)")
@@ -142,13 +153,6 @@ def build_parser() -> argparse.ArgumentParser:
                        help="compute every prompt whole (by default full KV blocks outlive their request and "
                        "a request that starts with them computes only the rest)")
     serve.add_argument("--log-level", default="info")
-    serve.set_defaults(handler=_serve)
-
-    train = commands.add_parser("train", help="train add-ons for a model")
-    kinds = train.add_subparsers(dest="kind", required=True)
-    medusa = kinds.add_parser("medusa", add_help=False, help="Medusa heads for any HF causal LM (backbone frozen)")
-    medusa.set_defaults(handler=_train_medusa)
-    return parser
 
 
 def _train_medusa(args: argparse.Namespace) -> int:

@@ -79,6 +79,15 @@ def add_rl_routes(app: FastAPI, server, collect) -> None:
                 "weight_versions": [out.weight_version for out in outputs]}
 
     add_weight_routes(app, server)
+    add_cache_routes(app, server)
+
+
+def add_cache_routes(app: FastAPI, server) -> None:
+    @app.post("/v1/reset_prefix_cache", responses=AUTH_ERRORS)
+    async def reset_prefix_cache():
+        """Drop every cached prefix (vLLM's admin route); requests in flight keep what they hold."""
+        await server.front.reset_prefix_cache()
+        return {"reset": True}
 
 
 def add_weight_routes(app: FastAPI, server) -> None:
@@ -87,12 +96,6 @@ def add_weight_routes(app: FastAPI, server) -> None:
     @app.get("/v1/weights/version", responses=AUTH_ERRORS)
     async def weight_version():
         return {"weight_version": engine.weights.version}
-
-    @app.post("/v1/reset_prefix_cache", responses=AUTH_ERRORS)
-    async def reset_prefix_cache():
-        """Drop every cached prefix (vLLM's admin route); requests in flight keep what they hold."""
-        await server.front.reset_prefix_cache()
-        return {"reset": True}
 
     @app.post("/v1/weights/load", responses=WEIGHT_ERRORS)
     async def load_weights(body: WeightsLoadRequest):

@@ -39,9 +39,9 @@ def test_outputs_equal_the_outputs_without_the_cache(llama_dir, params):
     got, expected = run_in_turn(cached, TURNS, params), run_in_turn(plain, TURNS, params)
     assert_same(got, expected)
     # The shared 23-token prefix is 5 full blocks of 4; the later turns find them.
-    assert cached.kv.prefix_hits >= 2 * 20
+    assert cached.kv.prefixes.hits >= 2 * 20
     assert cached.counters.num_prompt_tokens_computed < plain.counters.num_prompt_tokens_computed
-    assert plain.kv.prefix_hits == 0
+    assert plain.kv.prefixes.hits == 0
 
 
 SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"enum": ["x", "yy"]}},
@@ -71,7 +71,7 @@ def test_speculation_and_constraints_equal_their_outputs_without_the_cache(llama
         if mode == "medusa" and params.temperature > 0:
             continue                      # typical acceptance draws differently from plain sampling
         assert_same(run_in_turn(cached, TURNS, params), run_in_turn(plain, TURNS, params))
-    assert cached.kv.prefix_hits > 0
+    assert cached.kv.prefixes.hits > 0
 
 
 def test_prompt_logprobs_are_computed_for_every_position(llama_dir):
@@ -104,9 +104,9 @@ def test_a_weight_update_drops_the_cache(llama_dir):
     name = "model.layers.0.self_attn.k_proj.weight"
     new = {name: torch.randn_like(dict(cached_weights(llama_dir))[name]) * 0.5}
     cached.weights.update(new)
-    hits_before = cached.kv.prefix_hits
+    hits_before = cached.kv.prefixes.hits
     second = cached.generate([TURNS[0]], params)[0].outputs[0]
-    assert cached.kv.prefix_hits == hits_before             # nothing cached survived the update
+    assert cached.kv.prefixes.hits == hits_before             # nothing cached survived the update
     fresh = Engine(model=llama_dir, show_progress=False, block_size=4, num_kv_blocks=128)
     fresh.weights.update(new)
     expected = fresh.generate([TURNS[0]], params)[0].outputs[0]
