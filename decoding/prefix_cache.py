@@ -54,6 +54,8 @@ class PrefixCache:
         computed = holder.num_computed if num_tokens is None else min(holder.num_computed, num_tokens)
         keys = self._keys_of.setdefault(holder.seq_id, [])
         known = len(keys)
+        if computed // self._blocks.block_size <= known:      # the usual decode step: no block filled
+            return
         _extend(keys, holder.token_ids, computed // self._blocks.block_size, self._blocks.block_size)
         for index in range(known, len(keys)):
             self._blocks.cached.remember(holder.block_table[index], keys[index])
