@@ -22,6 +22,7 @@ class PrefixCache:
         self._blocks = blocks
         self.enabled = enabled
         self._keys_of: dict[int, list[bytes]] = {}      # seq_id -> the keys of its full blocks so far
+        self._probes: dict[int, list[bytes]] = {}       # seq_id -> its prompt's keys, while it waits
         self.queries = 0                                # prompt tokens looked up, and found (vLLM's names)
         self.hits = 0
 
@@ -39,6 +40,7 @@ class PrefixCache:
                 break
             keys.append(key)
             blocks.append(block)
+        self._probes.pop(holder.seq_id, None)
         for block in blocks:
             self._blocks.reuse(block)
         holder.block_table, holder.num_computed = blocks, len(blocks) * size
@@ -68,14 +70,30 @@ class PrefixCache:
         _extend(keys, holder.token_ids, end, self._blocks.block_size)
         return keys[first:end]
 
+    def cached_tokens(self, holder: CachedTokens) -> int:
+        """How many of the holder's leading tokens `match` would find cached now (nothing taken)."""
+        if not self.enabled:
+            return 0
+        probe = self._probes.get(holder.seq_id)
+        if probe is None:
+            probe = self._probes[holder.seq_id] = []
+            _extend(probe, holder.token_ids, (len(holder.token_ids) - 1) // self._blocks.block_size,
+                    self._blocks.block_size)
+        found = 0
+        while found < len(probe) and self._blocks.cached.lookup(probe[found]) is not None:
+            found += 1
+        return found * self._blocks.block_size
+
     def drop(self, holder: CachedTokens) -> None:
         """The holder let go of its blocks: what it cached stays, its own bookkeeping goes."""
         self._keys_of.pop(holder.seq_id, None)
+        self._probes.pop(holder.seq_id, None)
 
     def forget(self) -> None:
         """No cached block is reused again (the weights changed: its keys and values are stale)."""
         self._blocks.forget_cached()
         self._keys_of.clear()
+        self._probes.clear()
 
 
 def _extend(keys: list[bytes], token_ids: list[int], num_blocks: int, size: int) -> None:

@@ -9,11 +9,18 @@ as one request alone fits the cache (the engine checks that on arrival).
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from collections.abc import Callable
 from decoding.kv_cache_manager import KVCacheManager
 from decoding.sequence import Request, RequestStatus, Sequence
 from decoding.step_plan import ScheduledSeq, SchedulerOutput
+
+
+# Prefix-aware admission: how far down the waiting queue a cached prefix is looked for, and how often a
+# request may be passed over for one.
+PREFERENCE_WINDOW = 8
+MAX_BYPASSES = 4
 
 
 class Scheduler:
@@ -116,6 +123,7 @@ class Scheduler:
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0:
+            self._cached_first()
             request = self.waiting[0]
             if self.admission_paused and request.weight_version is None:
                 return
@@ -137,6 +145,29 @@ class Scheduler:
             self.running.append(request)
             self._append(out, leader, wanted)
             budget -= wanted
+
+    def _cached_first(self) -> None:
+        """Put first, among the next PREFERENCE_WINDOW waiting requests, the one whose prompt starts with
+        the most cached tokens: it costs the least to admit, and its blocks may be evicted by the time it
+        would come. A request already started (preempted) stays first, and one passed over MAX_BYPASSES
+        times is not passed over again, so none waits unboundedly."""
+        head = self.waiting[0]
+        if not self.kv.prefixes.enabled or head.weight_version is not None or head.num_bypassed >= MAX_BYPASSES:
+            return
+        window = []
+        for request in itertools.islice(self.waiting, PREFERENCE_WINDOW):
+            window.append(request)
+            if request.num_bypassed >= MAX_BYPASSES or request.weight_version is not None:
+                break                                   # nothing behind it goes ahead of it
+        cached = [0 if r.params.prompt_logprobs is not None else self.kv.prefixes.cached_tokens(r.leader)
+                  for r in window]
+        best = max(range(len(window)), key=lambda i: (cached[i], -i))
+        if cached[best] == cached[0]:
+            return
+        for passed in window[:best]:
+            passed.num_bypassed += 1
+        self.waiting.remove(window[best])
+        self.waiting.appendleft(window[best])
 
     # ---- helpers -----------------------------------------------------------------------------
     def _chunk_limit(self, request: Request, seq: Sequence) -> int:

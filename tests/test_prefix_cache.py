@@ -155,3 +155,22 @@ def test_prompts_that_arrive_together_compute_their_common_prefix_once(llama_dir
     assert plain.counters.num_prompt_tokens_computed == whole
     # The shared 41 tokens hold 10 full blocks of 4; each later prompt computes only its last 2 tokens.
     assert cached.counters.num_prompt_tokens_computed == len(prompts[0]) + 7 * 2
+
+
+def test_cached_prefixes_go_first_but_no_request_waits_unboundedly(llama_dir):
+    """One request at a time is admitted (max_num_seqs 1). Behind an uncached request wait eight that
+    start with a cached prefix: they go ahead of it, at most MAX_BYPASSES times."""
+    from decoding.scheduler import MAX_BYPASSES
+    engine = Engine(model=llama_dir, show_progress=False, block_size=4, num_kv_blocks=128, max_num_seqs=1)
+    params = SamplingParams(temperature=0, max_tokens=2)
+    engine.generate([SYSTEM + [60]], params)                       # the system prompt is now cached
+    uncached = engine.add_request([5, 6, 7, 8, 9, 10, 11, 12, 13], params)
+    cached = [engine.add_request(SYSTEM + [70 + i], params) for i in range(8)]
+    order = []
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                order.append(out.request_id)
+    assert order.index(uncached) == MAX_BYPASSES                   # passed over exactly that often
+    assert order[:MAX_BYPASSES] == cached[:MAX_BYPASSES]
+    assert sorted(order) == sorted([uncached, *cached])
