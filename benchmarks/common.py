@@ -85,7 +85,12 @@ def benchmark_model_path(name: str | None) -> str:
     from models.loader import DEFAULT_MODEL_DIR
     if (DEFAULT_MODEL_DIR / "config.json").exists():
         return str(DEFAULT_MODEL_DIR)
-    folder = Path(tempfile.gettempdir()) / "gorgon-bench-random-llama"
+    return random_llama_path()
+
+
+def random_llama_path() -> str:
+    """The fixed random Llama (RANDOM_LLAMA), saved once to the temporary folder."""
+    folder = Path(tempfile.gettempdir()) / "gorgon-bench-random-llama-chat"
     if not (folder / "config.json").exists():
         _save_random_llama(folder)
     return str(folder)
@@ -111,6 +116,8 @@ def _save_random_llama(folder: Path) -> None:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                          "{% if add_generation_prompt %}<assistant>{% endif %}")
     torch.manual_seed(0)
     config = LlamaConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0, **RANDOM_LLAMA)
     LlamaForCausalLM(config).save_pretrained(folder)
