@@ -179,6 +179,16 @@ def report(result: dict, as_json: bool) -> None:
     sys.stdout.flush()
 
 
+async def stream_events(client, url: str, body: dict):
+    """POST a streamed request; its server-sent JSON events, [DONE] aside (a non-200 raises)."""
+    async with client.stream("POST", url, json=body) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:500]!r}")
+        async for line in response.aiter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                yield json.loads(line[6:])
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

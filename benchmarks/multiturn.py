@@ -27,7 +27,7 @@ import httpx
 from transformers import AutoTokenizer
 
 from benchmarks.common import (RANDOM_LLAMA, benchmark_model_path, cpu_description, gorgon_server, parse_args,
-                               random_llama_path, report)
+                               random_llama_path, report, stream_events)
 from client.http import GorgonClient
 
 WORDS = ("function returns value list table row column index search filter sort merge weather city date "
@@ -60,19 +60,13 @@ async def conversation(client: httpx.AsyncClient, url: str, model: str, system: 
         body = {"model": model, "messages": messages, "max_tokens": new_tokens, "temperature": 0.8, "seed": seed + turn,
                 "stream": True, "stream_options": {"include_usage": True}}
         started, first, answer = time.perf_counter(), None, []
-        async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
-            if response.status_code != 200:
-                raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:300]!r}")
-            async for line in response.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                event = json.loads(line[6:])
-                for choice in event.get("choices", []):
-                    if choice["delta"].get("content"):
-                        first = first or time.perf_counter() - started
-                        answer.append(choice["delta"]["content"])
-                if event.get("usage"):
-                    generated += event["usage"]["completion_tokens"]
+        async for event in stream_events(client, f"{url}/v1/chat/completions", body):
+            for choice in event.get("choices", []):
+                if choice["delta"].get("content"):
+                    first = first or time.perf_counter() - started
+                    answer.append(choice["delta"]["content"])
+            if event.get("usage"):
+                generated += event["usage"]["completion_tokens"]
         ttfts.append(first if first is not None else time.perf_counter() - started)
         messages.append({"role": "assistant", "content": "".join(answer)})
     return ttfts, generated

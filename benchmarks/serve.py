@@ -5,7 +5,6 @@ other, both on loopback. Reports generated tokens per second and time-to-first-t
 from __future__ import annotations
 
 import asyncio
-import json
 import shutil
 import statistics
 import sys
@@ -15,7 +14,7 @@ import httpx
 from transformers import AutoConfig, AutoTokenizer
 
 from benchmarks.common import (benchmark_model_path, free_port, parse_args, random_prompts, report, server_process,
-                               user_prompt_lengths)
+                               stream_events, user_prompt_lengths)
 
 
 async def one(client: httpx.AsyncClient, url: str, model: str, prompt: str, new_tokens: int, seed: int):
@@ -23,17 +22,11 @@ async def one(client: httpx.AsyncClient, url: str, model: str, prompt: str, new_
             "seed": seed}
     started = time.perf_counter()
     first, text = None, []
-    async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
-        if response.status_code != 200:
-            raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:500]!r}")
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[6:])
-            for choice in event.get("choices", []):
-                if choice.get("text"):
-                    first = first or time.perf_counter() - started
-                    text.append(choice["text"])
+    async for event in stream_events(client, f"{url}/v1/completions", body):
+        for choice in event.get("choices", []):
+            if choice.get("text"):
+                first = first or time.perf_counter() - started
+                text.append(choice["text"])
     return first, "".join(text)
 
 
