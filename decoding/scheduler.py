@@ -135,7 +135,8 @@ class Scheduler:
             wanted = min(self._chunk_limit(request, leader), budget)
             first_block = leader.num_computed // self.kv.block_size
             if (self._blocks_needed(leader, wanted) > self.kv.num_free_blocks
-                    or set(self.kv.prefixes.keys(leader, first_block, first_block + 1)) & self._computing):
+                    or (self._computing
+                        and set(self.kv.prefixes.keys(leader, first_block, first_block + 1)) & self._computing)):
                 self.kv.free(leader)                        # lets go of the cached blocks it took
                 leader.reset_cache_state()
                 return

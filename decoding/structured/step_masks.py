@@ -63,6 +63,8 @@ class StepMasks:
 
     def rows_of(self, seqs: list[Sequence]) -> tuple[list[int], torch.Tensor] | None:
         """(positions in `seqs` that are constrained, their bits) for the sampler or beam search."""
+        if not self.sample_row:                 # the usual step: nothing constrained draws
+            return None
         positions = [i for i, seq in enumerate(seqs) if seq.seq_id in self.sample_row]
         if not positions:
             return None
