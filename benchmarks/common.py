@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -21,7 +22,7 @@ import torch
 
 # The fixed benchmark model used until a model is named or the embedded default exists.
 RANDOM_LLAMA = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
-                    intermediate_size=1536, vocab_size=8192, max_position_embeddings=2048)
+                    intermediate_size=1536, vocab_size=8192, max_position_embeddings=4096)
 
 
 def parse_args(description: str, extra=None) -> argparse.Namespace:
@@ -90,7 +91,9 @@ def benchmark_model_path(name: str | None) -> str:
 
 def random_llama_path() -> str:
     """The fixed random Llama (RANDOM_LLAMA), saved once to the temporary folder."""
-    folder = Path(tempfile.gettempdir()) / "gorgon-bench-random-llama-chat"
+    # The folder is named by the configuration, so a changed RANDOM_LLAMA never reuses an old save.
+    shape = hashlib.blake2b(json.dumps(RANDOM_LLAMA, sort_keys=True).encode(), digest_size=4).hexdigest()
+    folder = Path(tempfile.gettempdir()) / f"gorgon-bench-random-llama-chat-{shape}"
     if not (folder / "config.json").exists():
         _save_random_llama(folder)
     return str(folder)
@@ -195,11 +198,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_healthy(url: str, process: subprocess.Popen, timeout: float = 600) -> None:
+def wait_healthy(url: str, process: subprocess.Popen, log=None, timeout: float = 600) -> None:
+    """Until the server answers /health; its exit first is an error quoting the end of its `log` file."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}: {process.stdout.read()[-2000:]}")
+            output = ""
+            if log is not None:
+                log.seek(0)
+                output = log.read()[-2000:]
+            raise RuntimeError(f"server exited with {process.returncode}: {output}")
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                 return
@@ -210,18 +218,20 @@ def wait_healthy(url: str, process: subprocess.Popen, timeout: float = 600) -> N
 
 
 @contextmanager
-def server_process(command: list[str], url: str):
-    """Run a server command until the block ends; waits for its /health first."""
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        wait_healthy(url, process)
-        yield url
-    finally:
-        process.terminate()
+def server_process(command: list[str], url: str, env: dict[str, str] | None = None):
+    """Run a server command until the block ends; waits for its /health first. Its output goes to a
+    temporary file (a pipe nobody reads would fill and stall a chatty server)."""
+    with tempfile.TemporaryFile(mode="w+") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
         try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
+            wait_healthy(url, process, log)
+            yield url
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
 
 
 def gorgon_server(model: str, *extra_args: str):
