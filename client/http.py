@@ -29,11 +29,34 @@ class GorgonClient:
         return self._post("/v1/rollouts", json={"prompts": prompts, "n": n, **sampling})
 
     def score(self, sequences: list[list[int]], prompt_lens: list[int], logprobs_mode: str = "raw",
-              temperature: float = 1.0) -> list[list[float]]:
-        """Teacher-forced logprobs of each sequence's tokens after its prompt."""
+              temperature: float = 1.0, reference: bool = False) -> list[list[float]]:
+        """Teacher-forced logprobs of each sequence's tokens after its prompt (under the server's frozen
+        reference model with reference=True)."""
+        return self.score_top(sequences, prompt_lens, 0, logprobs_mode, temperature, reference)["logprobs"]
+
+    def score_top(self, sequences: list[list[int]], prompt_lens: list[int], top_logprobs: int,
+                  logprobs_mode: str = "raw", temperature: float = 1.0, reference: bool = False) -> dict:
+        """As score, with the `top_logprobs` most likely tokens per position: logprobs, top_logprobs,
+        top_logprob_token_ids."""
         body = {"sequences": sequences, "prompt_lens": prompt_lens, "logprobs_mode": logprobs_mode,
-                "temperature": temperature}
-        return self._post("/v1/score", json=body)["logprobs"]
+                "temperature": temperature, "top_logprobs": top_logprobs or None, "reference": reference}
+        return self._post("/v1/score", json=body)
+
+    def pause(self, mode: str = "keep") -> None:
+        """Pause generation: abort, wait (for started requests) or keep (freeze them until resume)."""
+        self._post("/pause", params={"mode": mode}, admin=True)
+
+    def resume(self, recompute_kv: bool = False) -> None:
+        """Resume; recompute_kv: requests kept across a weight update first recompute their cache."""
+        self._post("/resume", params={"recompute_kv": recompute_kv}, admin=True)
+
+    def abort(self, request_ids: list[str] | None = None) -> list[str]:
+        """Abort requests by their callers' ids (all when None); the ids aborted."""
+        return self._post("/abort_requests", json={"request_ids": request_ids}, admin=True)["request_ids"]
+
+    def load(self) -> dict:
+        """Running and waiting requests, KV cache use, pause state and weight version."""
+        return self._get("/v1/load")
 
     def weight_version(self) -> int:
         return self._get("/v1/weights/version")["weight_version"]
@@ -44,10 +67,11 @@ class GorgonClient:
         return self._post("/v1/weights/load", json=body, admin=True)["weight_version"]
 
     def push_weights(self, weights: torch.nn.Module | Mapping[str, torch.Tensor], weight_version: int | None = None,
-                     policy: str = "wait") -> int:
-        """Send all (or some) named parameters as one safetensors body; returns the new weight version."""
+                     policy: str = "wait", allow_version_rollback: bool = False, recompute_kv: bool = False) -> int:
+        """Send all (or some) named parameters as one safetensors body; returns the new weight version.
+        policy: what requests in flight do (wait, abort, keep; ignored while the server is paused)."""
         state = weights.state_dict() if isinstance(weights, torch.nn.Module) else weights
-        params = {"policy": policy}
+        params = {"policy": policy, "allow_version_rollback": allow_version_rollback, "recompute_kv": recompute_kv}
         if weight_version is not None:
             params["weight_version"] = weight_version
         header, tensors = safetensors_header(_without_aliases(state))

@@ -38,12 +38,20 @@ def make_rollout_func(client: GorgonClient, **overrides):
 
 
 class PushWeightsCallback(TrainerCallback):
-    """After every `every_n_steps` optimizer steps, push the model's weights; the version is the step."""
+    """Push the model's weights when training begins (so the first rollouts come from the policy the
+    trainer holds, not from whatever the server loaded) and after every `every_n_steps` optimizer steps;
+    the version is the step. The first push may go back in version: a new run starts the count again."""
 
     def __init__(self, client: GorgonClient, every_n_steps: int = 1, policy: str = "wait"):
         self.client = client
         self.every_n_steps = every_n_steps
         self.policy = policy
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            self.client.push_weights(model, weight_version=state.global_step, policy=self.policy,
+                                     allow_version_rollback=True)
+        return control
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if model is not None and state.global_step % self.every_n_steps == 0:

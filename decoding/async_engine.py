@@ -1,62 +1,22 @@
-"""An asyncio front for the engine, for the HTTP server: streaming results and abort.
+"""An asyncio front for the engine, for the HTTP server: streaming results, abort, pause and resume.
 
-The engine is single-threaded; it runs in a background thread that owns it. Coroutines hand it
-requests and aborts through a command queue and receive per-step snapshots on an asyncio queue.
+The engine is single-threaded; it runs in a background thread that owns it (decoding/engine_thread.py).
+Coroutines hand it requests, aborts and control calls through a command queue and receive per-step
+snapshots on an asyncio queue. Pause modes and weight-update policies: decoding/generation_control.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import queue
-import threading
-from collections import deque
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
 
 from decoding.engine import Engine, Prompt
-from decoding.weights import WeightUpdateError, validate_update
+from decoding.engine_thread import EngineThread
+from decoding.generation_control import PAUSE_MODES, UPDATE_POLICIES, PendingUpdate
+from decoding.weights import WeightUpdateError
 from decoding.outputs import RequestOutput
 from decoding.params import SamplingParams
 from decoding.sequence import Request
-
-
-@dataclass
-class _PendingUpdate:
-    tensors: dict                        # validated already (validate_update)
-    version: int | None
-    policy: str
-    allow_version_rollback: bool
-    loop: asyncio.AbstractEventLoop
-    done: asyncio.Future
-
-
-class _WeightQueue:
-    """Weight pushes waiting on the engine thread: each applies once no request started under the old
-    weights is in flight (policy "wait" lets them finish, "abort" aborts them on arrival), and while any
-    waits, admission of new requests is paused."""
-
-    def __init__(self, engine: Engine, abort):
-        self._engine = engine
-        self._abort = abort                      # aborts a request and tells its stream
-        self._updates: deque[_PendingUpdate] = deque()
-
-    def add(self, update: _PendingUpdate) -> None:
-        if update.policy == "abort":
-            for request_id in self._engine.weights.started_request_ids():
-                self._abort(request_id)
-        self._updates.append(update)
-        self._engine.pause_admission(True)
-
-    def apply_ready(self) -> None:
-        while self._updates and not self._engine.weights.has_started_requests():
-            update = self._updates.popleft()
-            try:
-                version = self._engine.weights.apply_validated(update.tensors, update.version,
-                                                               update.allow_version_rollback)
-                update.loop.call_soon_threadsafe(update.done.set_result, version)
-            except Exception as err:
-                update.loop.call_soon_threadsafe(update.done.set_exception, err)
-        self._engine.pause_admission(bool(self._updates))
 
 
 class RequestStream:
@@ -66,6 +26,7 @@ class RequestStream:
     def __init__(self, front: AsyncEngine, request: Request, loop: asyncio.AbstractEventLoop):
         self.request_id = request.req_id
         self.prompt_token_ids = request.prompt_token_ids
+        self.group: str | None = None             # the caller's id for the call, when it has several
         self._front = front
         self._loop = loop
         self._queue: asyncio.Queue = asyncio.Queue()
@@ -83,21 +44,50 @@ class RequestStream:
                 finished = item.finished
                 yield item
         finally:
-            self._front._streams.pop(self.request_id, None)
+            self._front.ids.forget(self.request_id, self.group)
             if not finished:
                 self._front.abort(self.request_id)
+
+
+class RequestIds:
+    """The requests that have a stream, by engine id, and a caller's id for a call with several prompts
+    -> the engine ids of its requests. Event-loop side only."""
+
+    def __init__(self):
+        self.streams: dict[str, RequestStream] = {}
+        self._groups: dict[str, list[str]] = {}
+
+    def in_use(self, request_id: str) -> bool:
+        return request_id in self.streams or request_id in self._groups
+
+    def add(self, stream: RequestStream, group: str | None) -> None:
+        if self.in_use(stream.request_id):
+            raise ValueError(f"request id {stream.request_id!r} is already in use")
+        self.streams[stream.request_id] = stream
+        if group is not None and group != stream.request_id:
+            self._groups.setdefault(group, []).append(stream.request_id)
+            stream.group = group
+
+    def forget(self, request_id: str, group: str | None) -> None:
+        self.streams.pop(request_id, None)
+        members = self._groups.get(group, [])
+        if request_id in members:
+            members.remove(request_id)
+            if not members:
+                del self._groups[group]
+
+    def engine_ids(self, request_ids: list[str] | None) -> list[str]:
+        """The engine ids the given ids name (a caller's id names all its requests); all when None."""
+        if request_ids is None:
+            return list(self.streams)
+        return [engine_id for request_id in request_ids for engine_id in self._groups.get(request_id, [request_id])]
 
 
 class AsyncEngine:
     def __init__(self, engine: Engine):
         self.engine = engine
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._streams: dict[str, RequestStream] = {}
-        self._weights = _WeightQueue(engine, self._abort)
-        self._wakeup = threading.Event()
-        self._stopped = False
-        self._thread = threading.Thread(target=self._run, name="gorgon-engine", daemon=True)
-        self._thread.start()
+        self.ids = RequestIds()
+        self.thread = EngineThread(engine, self.ids.streams)
 
     async def submit(self, prompt: Prompt, params: SamplingParams | None = None,
                      request_id: str | None = None, stream: bool = True) -> RequestStream:
@@ -107,12 +97,13 @@ class AsyncEngine:
         request = await asyncio.to_thread(self.engine.make_request, prompt, params, request_id)
         return self.start(request, stream)
 
-    def start(self, request: Request, stream: bool = True) -> RequestStream:
-        """Queue a request made by Engine.make_request. Must be called from the running event loop."""
+    def start(self, request: Request, stream: bool = True, group: str | None = None) -> RequestStream:
+        """Queue a request made by Engine.make_request. Must be called from the running event loop.
+        `group`: the caller's id for the call this request is part of, which abort_requests accepts too."""
         request.stream = stream
         request_stream = RequestStream(self, request, asyncio.get_running_loop())
-        self._streams[request.req_id] = request_stream
-        self._submit(("add", request))
+        self.ids.add(request_stream, group)
+        self.thread.send("add", request)
         return request_stream
 
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None,
@@ -123,100 +114,68 @@ class AsyncEngine:
 
     async def update_weights(self, tensors: dict, version: int | None = None, policy: str = "wait",
                              require_all: bool = False, allow_non_finite: bool = False,
-                             allow_version_rollback: bool = False) -> int:
-        """Swap weights between steps; returns the new weight version.
-
-        policy "wait": requests already started finish under the old weights while new ones are held
-        back, then the update applies. policy "abort": in-flight requests are aborted (finish_reason
-        "abort") and the update applies at once. A bad payload (see ServedWeights.update) raises
-        WeightUpdateError and changes nothing; it is checked in a worker thread, off the event loop.
-        """
-        if policy not in ("wait", "abort"):
-            raise WeightUpdateError(f"policy must be 'wait' or 'abort', got {policy!r}")
-        self.engine.weights.check_version(version, allow_version_rollback)
-        await asyncio.to_thread(validate_update, self.engine.loaded.model, tensors, require_all, allow_non_finite)
+                             allow_version_rollback: bool = False, recompute_kv: bool = False) -> int:
+        """Swap weights between steps; returns the new weight version. While paused it applies at once;
+        otherwise `policy` (wait, abort or keep; see generation_control) says what happens to the requests
+        in flight. A bad payload (see ServedWeights.update) raises WeightUpdateError and changes nothing;
+        it is checked in a worker thread, off the event loop."""
+        if policy not in UPDATE_POLICIES:
+            raise WeightUpdateError(f"policy must be one of {', '.join(UPDATE_POLICIES)}; got {policy!r}",
+                                    param="policy")
+        weights = self.engine.weights
+        if weights.changes_outputs(tensors):
+            weights.check_version(version, allow_version_rollback)
+        elif version is not None:
+            raise WeightUpdateError("a push of draft weights alone keeps the served version; drop weight_version",
+                                    param="weight_version")
+        await asyncio.to_thread(weights.validate, tensors, require_all, allow_non_finite)
         loop = asyncio.get_running_loop()
-        update = _PendingUpdate(tensors, version, policy, allow_version_rollback, loop, loop.create_future())
-        self._submit(("weights", update))
+        update = PendingUpdate(tensors, version, policy, allow_version_rollback, recompute_kv, loop, loop.create_future())
+        self.thread.send("weights", update)
         return await update.done
+
+    async def pause(self, mode: str = "abort", recompute_on_resume: bool = False) -> None:
+        """Pause generation (modes: generation_control); returns once the mode's work is done: aborted
+        requests answered, started ones finished ("wait"), or the current step over ("keep").
+        recompute_on_resume: kept requests recompute their cache when generation resumes."""
+        if mode not in PAUSE_MODES:
+            raise ValueError(f"mode must be one of {', '.join(PAUSE_MODES)}; got {mode!r}")
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        self.thread.send("pause", (mode, recompute_on_resume, loop, done))
+        await done
+
+    async def resume(self, recompute_kv: bool = False) -> None:
+        """Resume after a pause; recompute_kv: kept requests first recompute their cache under the
+        current weights."""
+        await self.thread.call(lambda: self.thread.control.resume(recompute_kv))
+
+    @property
+    def paused(self) -> bool:
+        return self.thread.control.mode is not None
+
+    async def abort_requests(self, request_ids: list[str] | None = None) -> list[str]:
+        """Abort the named requests (engine ids, or a caller's id for several), or every request in
+        flight when None; each caller gets its request's partial output with finish_reason "abort".
+        Returns the engine ids aborted; unknown or finished ids are skipped."""
+        targets = self.ids.engine_ids(request_ids)
+        return await self.thread.call(lambda: [request_id for request_id in targets if self.thread.abort(request_id)])
 
     async def reset_prefix_cache(self) -> None:
         """Drop the prefix cache between two steps of the engine thread."""
-        loop = asyncio.get_running_loop()
-        done = loop.create_future()
-        self._submit(("call", (self.engine.reset_prefix_cache, loop, done)))
-        await done
+        await self.thread.call(self.engine.reset_prefix_cache)
+
+    async def call(self, function: Callable[[], object]) -> object:
+        return await self.thread.call(function)
 
     def abort(self, request_id: str) -> None:
-        self._submit(("abort", request_id))
+        self.thread.send("abort", request_id)
 
     def abort_all(self) -> None:
         """Abort every request with a stream; each stream then gets its final output (finish_reason
         "abort"). Call from the event loop that owns the streams."""
-        for request_id in list(self._streams):
+        for request_id in list(self.ids.streams):
             self.abort(request_id)
 
     def shutdown(self) -> None:
-        self._stopped = True
-        self._wakeup.set()
-        self._thread.join(timeout=10)
-
-    # ---- the engine thread -------------------------------------------------------------------
-    def _submit(self, command: tuple) -> None:
-        self._commands.put(command)
-        self._wakeup.set()
-
-    def _run(self) -> None:
-        self.engine.use_threads()
-        while not self._stopped:
-            self._drain_commands()
-            self._weights.apply_ready()
-            if not self.engine.has_unfinished_requests():
-                self._wakeup.wait(timeout=1.0)
-                self._wakeup.clear()
-                continue
-            try:
-                outputs = self.engine.step()
-            except Exception as err:   # never leave clients hanging on a dead engine
-                self._fail_all(err)
-                continue
-            for output in outputs:
-                stream = self._streams.get(output.request_id)
-                if stream is not None:
-                    stream.put(output)
-
-    def _drain_commands(self) -> None:
-        while True:
-            try:
-                kind, payload = self._commands.get_nowait()
-            except queue.Empty:
-                return
-            if kind == "add":
-                self._add(payload)
-            elif kind == "weights":
-                self._weights.add(payload)
-            elif kind == "call":
-                function, loop, done = payload
-                function()
-                loop.call_soon_threadsafe(done.set_result, None)
-            else:
-                self._abort(payload)
-
-    def _abort(self, request_id: str) -> None:
-        output = self.engine.abort(request_id)
-        stream = self._streams.get(request_id)
-        if output is not None and stream is not None:   # aborted by the server, not by its client
-            stream.put(output)
-
-    def _add(self, request: Request) -> None:
-        try:
-            self.engine.add(request)
-        except ValueError as err:
-            stream = self._streams.get(request.req_id)
-            if stream is not None:
-                stream.put(err)
-
-    def _fail_all(self, err: Exception) -> None:
-        for request_id, stream in list(self._streams.items()):
-            self.engine.abort(request_id)
-            stream.put(RuntimeError(f"engine step failed: {err}"))
+        self.thread.shutdown()

@@ -21,7 +21,7 @@ class EngineConfig:
     max_num_seqs: int = 64                # sequences advanced in one step
     max_num_batched_tokens: int = 512     # token budget of one step (decodes + prefill chunks)
     max_model_len: int | None = None      # None: the model's own context length
-    seed: int = 0                         # seeds the generators of requests that bring no seed
+    seed: int = 0                         # seeds the draws of requests that bring no seed
     threads: int | None = None            # threads of torch and the native kernels; None: torch's default
     show_progress: bool = True
     # Speculative decoding: None (off), "draft" (a draft model), "ngram" (prompt lookup) or "medusa".

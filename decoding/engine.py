@@ -5,7 +5,7 @@ One step is its phases: schedule -> propose -> execute -> sample / verify -> upd
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from tqdm.auto import tqdm
 
@@ -28,6 +28,14 @@ from decoding.update import StepUpdate
 from decoding.weights import ServedWeights
 from models import kernels, load_model
 
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int                 # requests being decoded
+    num_waiting: int                 # requests waiting for admission
+    prefix_cache_queries: int        # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int           # of those, tokens found
 
 
 class Engine:
@@ -60,7 +68,10 @@ class Engine:
         self.update = StepUpdate(self.kv, self.scheduler, self.speculation, self._requests, self.eos_token_ids,
                                  self.max_model_len, self.loaded.device, self.intake.new_sequence)
         self.counters = self.update.counters
-        self.weights = ServedWeights(self.loaded.model, self._requests, on_change=self.kv.prefixes.forget)
+        # Pushed "draft." weights go to a draft model's proposer (n-gram and Medusa proposers have none).
+        proposer = self.speculation.proposer if self.speculation else None
+        draft = proposer if hasattr(proposer, "forget_states") else None
+        self.weights = ServedWeights(self.loaded.model, self._requests, on_change=self.kv.prefixes.forget, draft=draft)
 
     def use_threads(self) -> None:
         """Apply the `threads` option to the calling thread (whoever steps the engine calls this once)."""
@@ -111,17 +122,24 @@ class Engine:
     def cache_usage(self) -> CacheUsage:
         return self.kv.usage()
 
-    def prefix_cache_stats(self) -> tuple[int, int]:
-        """(prompt tokens looked up in the prefix cache, tokens found), since the engine started."""
-        return self.kv.prefixes.queries, self.kv.prefixes.hits
+    def stats(self) -> EngineStats:
+        """Requests running and waiting now, and the prefix cache's lookups since the engine started."""
+        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.kv.prefixes.queries,
+                           self.kv.prefixes.hits)
 
     def reset_prefix_cache(self) -> None:
         """No block cached so far is reused (call between steps)."""
         self.kv.prefixes.forget()
 
-    def queue_lengths(self) -> tuple[int, int]:
-        """(requests being decoded, requests waiting for admission)."""
-        return len(self.scheduler.running), len(self.scheduler.waiting)
+    def recompute_started(self) -> None:
+        """Drop the cache of every running request; each recomputes its prompt and tokens so far under
+        the current weights before it goes on (after a weight update that kept them)."""
+        for request in reversed(list(self.scheduler.running)):    # they keep their order at the queue's head
+            self.scheduler.requeue(request)
+            self.counters.num_preemptions += 1
+            if self.speculation:
+                for seq in request.seqs:
+                    self.speculation.release(seq)
 
     def pause_admission(self, paused: bool) -> None:
         """While paused, requests that have not started wait (a weight update is pending); started ones

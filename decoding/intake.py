@@ -11,8 +11,6 @@ import random
 import threading
 from functools import cached_property
 
-import torch
-
 from decoding.kv_cache_manager import KVCacheManager
 from decoding.config import EngineConfig
 from decoding.detokenizer import IncrementalDetokenizer
@@ -51,12 +49,12 @@ class RequestIntake:
         return request
 
     def new_sequence(self, request: Request, index: int) -> Sequence:
-        """A sequence of `request` with its own generator (seeded from the request's seed and its index, so
-        a seeded request draws the same whatever else runs) and incremental detokenizer."""
+        """A sequence of `request` with its own seed (from the request's seed and its index, so a seeded
+        request draws the same whatever else runs) and incremental detokenizer."""
         params = request.params
         seed = self._seed_rng.getrandbits(63) if params.seed is None else (params.seed * 1_000_003 + index) % 2**63
         detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params.skip_special_tokens)
-        return Sequence(next(self._seq_counter), index, request, torch.Generator().manual_seed(seed), detokenizer)
+        return Sequence(next(self._seq_counter), index, request, seed, detokenizer)
 
     def _compile_constraint(self, params: SamplingParams):
         cfg = self.config

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from decoding.sequence import FinishReason, Request, Sequence, TokenLogprob
 from decoding.structured.grammar import schema_valid
@@ -21,6 +21,14 @@ class CompletionOutput:
     # strict request's output is valid by construction unless cut by max_tokens, or unless the distinct-
     # items check ran out of lookahead and let an item repeat: then false).
     schema_valid: bool | None = None
+    # (first output position, weight version) for each version its tokens were sampled under, in order;
+    # more than one only for a request kept across a weight update. Empty before the request starts.
+    version_ranges: list[tuple[int, int]] = field(default_factory=list)
+
+    def token_weight_versions(self) -> list[int]:
+        """The weight version each generated token was sampled under."""
+        ends = [start for start, _ in self.version_ranges[1:]] + [len(self.token_ids)]
+        return [version for (start, version), end in zip(self.version_ranges, ends) for _ in range(start, end)]
 
     @classmethod
     def of(cls, seq: Sequence) -> CompletionOutput:
@@ -39,7 +47,19 @@ class CompletionOutput:
             finish_reason=seq.finish_reason.value if seq.finish_reason else None,
             stop_reason=seq.stop_reason,
             schema_valid=valid,
+            version_ranges=_version_ranges(seq),
         )
+
+
+def _version_ranges(seq: Sequence) -> list[tuple[int, int]]:
+    first = seq.request.weight_version
+    if first is None:
+        return []
+    ranges = [(0, first)] + seq.version_changes
+    if seq.is_finished:             # a change after the last token names no token
+        ranges = [ranges[0]] + [(start, v) for start, v in ranges[1:] if start < seq.num_output_tokens]
+    # Of several changes before one token (updates while it waited), the last is the one that sampled it.
+    return [r for r, after in zip(ranges, ranges[1:] + [None]) if after is None or after[0] != r[0]]
 
 
 @dataclass
@@ -64,7 +84,8 @@ class RequestOutput:
             outputs = [CompletionOutput(index=i, text=h.text, token_ids=h.token_ids,
                                         logprobs=[TokenLogprob(lp) for lp in h.logprobs]
                                         if request.params.logprobs is not None else None,
-                                        finish_reason=h.finish_reason, score=h.score)
+                                        finish_reason=h.finish_reason, score=h.score,
+                                        version_ranges=_beam_version_ranges(request, len(h.token_ids)))
                        for i, h in enumerate(request.beam_results)]
         else:
             outputs = [CompletionOutput.of(seq) for seq in request.seqs]
@@ -81,3 +102,12 @@ class RequestOutput:
             first_token_time=request.first_token_time,
             finish_time=request.finish_time,
         )
+
+
+def _beam_version_ranges(request: Request, num_tokens: int) -> list[tuple[int, int]]:
+    """Beams advance in step, so a change recorded on any beam holds at that position for every
+    hypothesis."""
+    if request.weight_version is None:
+        return []
+    changes = sorted({change for seq in request.seqs for change in seq.version_changes if change[0] < num_tokens})
+    return [(0, request.weight_version)] + changes

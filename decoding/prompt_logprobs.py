@@ -23,8 +23,11 @@ def record_prompt_logprobs(sched: SchedulerOutput, logits: StepLogits, wanted: s
         logprobs = prompt_log_probs(chunk, params)
         end = min(item.start + item.num_new_tokens, request.prompt_len - 1)
         targets = torch.tensor(request.prompt_token_ids[item.start + 1 : end + 1])
-        chosen = logprobs[: len(targets)].gather(1, targets.unsqueeze(1)).squeeze(1).tolist()
-        top = logprobs[: len(targets)].topk(params.prompt_logprobs, dim=-1) if params.prompt_logprobs else None
-        for i, value in enumerate(chosen):
+        rows = logprobs[: len(targets)]
+        chosen = rows.gather(1, targets.unsqueeze(1))
+        # vLLM's rank: 1 + the number of tokens more likely than the prompt's own.
+        ranks = ((rows > chosen).sum(dim=1) + 1).tolist()
+        top = rows.topk(params.prompt_logprobs, dim=-1) if params.prompt_logprobs else None
+        for i, value in enumerate(chosen.squeeze(1).tolist()):
             alternatives = dict(zip(top.indices[i].tolist(), top.values[i].tolist())) if top is not None else None
-            request.prompt_logprobs.append(TokenLogprob(value, alternatives))
+            request.prompt_logprobs.append(TokenLogprob(value, alternatives, ranks[i]))

@@ -2,7 +2,8 @@
 
 The logits go through the one pipeline (`logits_processing.process_logits`); temperature 0 rows take
 the argmax of the penalised logits, the others draw from the processed distribution. Every row draws its
-randomness from its own seeded generator, so a seeded request reproduces regardless of its neighbours.
+randomness from its seed and the position it draws for, so a seeded request reproduces regardless of its
+neighbours, and a request resumed from its partial completion continues as if never stopped.
 
 On the CPU, rows that need no truncation and no top-N alternatives (the usual sampled request and every
 RL rollout) are drawn by a native kernel (models/kernels/sampling.c) from the penalised logits: the
@@ -119,8 +120,8 @@ class Sampler:
 
     @staticmethod
     def uniforms(batch: SamplingMetadata) -> torch.Tensor:
-        """One uniform draw per row from that row's own generator, on the CPU."""
-        return torch.cat([torch.rand(1, generator=seq.generator) for seq in batch.seqs])
+        """One uniform per row, keyed by that row's seed and the position it draws for, on the CPU."""
+        return torch.tensor([seq.uniform() for seq in batch.seqs], dtype=torch.float32)
 
     @classmethod
     def sample(cls, probs: torch.Tensor, batch: SamplingMetadata, uniforms: torch.Tensor | None = None) -> torch.Tensor:

@@ -90,9 +90,9 @@ class Scheduler:
                 extra = [0] * len(decodes)            # no room to speculate: never preempt for drafts
                 needed = sum(self._blocks_needed(seq, 1) for seq in decodes)
             while needed > self.kv.num_free_blocks and self.running[-1] is not request:
-                self._preempt(self.running[-1], out)
+                out.preempted.append(self.requeue(self.running[-1]))
             if needed > self.kv.num_free_blocks:
-                self._preempt(request, out)
+                out.preempted.append(self.requeue(request))
                 break
             for seq, e in zip(decodes, extra):
                 self._append(out, seq, 1, e)
@@ -113,7 +113,7 @@ class Scheduler:
                 while (self._blocks_needed(seq, wanted) > self.kv.num_free_blocks
                        and self.running[-1] is not request
                        and self.running[-1].req_id not in scheduled_requests):
-                    self._preempt(self.running[-1], out)
+                    out.preempted.append(self.requeue(self.running[-1]))
                 fitting = self._fitting_tokens(seq, wanted)
                 if fitting > 0:
                     self._append(out, seq, fitting)
@@ -202,13 +202,14 @@ class Scheduler:
         out.block_copies += self.kv.reserve(seq, num_new_tokens + num_lookahead)
         out.scheduled.append(ScheduledSeq.of(seq, num_new_tokens, num_lookahead))
 
-    def _preempt(self, request: Request, out: SchedulerOutput) -> None:
-        """Free the request's cache and queue it for recomputation ahead of new arrivals."""
+    def requeue(self, request: Request) -> Request:
+        """Preempt a running request: free its cache and queue it for recomputation ahead of new arrivals."""
         self.running.remove(request)
         for seq in request.seqs:
             self.kv.free(seq)
             seq.reset_cache_state()
         request.is_forked = False
+        request.kv_stale = False
         request.status = RequestStatus.WAITING
         self.waiting.appendleft(request)
-        out.preempted.append(request)
+        return request

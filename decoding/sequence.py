@@ -30,13 +30,25 @@ class TokenLogprob:
 
     logprob: float
     top: dict[int, float] | None = None
+    rank: int | None = None       # prompt logprobs: 1 + how many tokens were more likely than this one
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def position_uniform(seed: int, position: int) -> float:
+    """A uniform in [0, 1) from (seed, position) by SplitMix64's finaliser; 24 bits, so it is exact in
+    float32 and never rounds up to 1."""
+    z = (seed + (position + 1) * 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return ((z ^ (z >> 31)) >> 40) * 2.0**-24
 
 
 class Sequence:
     """One completion: the prompt plus its generated tokens, and where their KV lives."""
 
-    def __init__(self, seq_id: int, index: int, request: Request, generator: torch.Generator,
-                 detokenizer: IncrementalDetokenizer):
+    def __init__(self, seq_id: int, index: int, request: Request, seed: int, detokenizer: IncrementalDetokenizer):
         self.seq_id = seq_id
         self.index = index                       # position within the request's n samples
         self.request = request
@@ -46,9 +58,26 @@ class Sequence:
         self.finish_reason: FinishReason | None = None
         self.stop_reason: str | int | None = None
         self.logprobs: list[TokenLogprob] = []
-        self.generator = generator
+        self.seed = seed                         # keys this sequence's random draws (see `uniform`)
+        self._generator: torch.Generator | None = None
         self.detokenizer = detokenizer
         self.grammar = None                      # a GrammarCursor when the request's output is constrained
+        # Weight versions after the request's first, each with the output position its tokens start at
+        # (a request kept across a weight update: pause mode "keep").
+        self.version_changes: list[tuple[int, int]] = []
+
+    def uniform(self) -> float:
+        """The uniform draw that picks the token at the next position: a function of the seed and that
+        position alone (counter-based, as SGLang's seeded sampling), so a request resumed by resending
+        its prompt and partial completion draws exactly what the uninterrupted one would have."""
+        return position_uniform(self.seed, len(self.token_ids))
+
+    @property
+    def generator(self) -> torch.Generator:
+        """A sequential generator from the same seed, for the draws verification makes per step."""
+        if self._generator is None:
+            self._generator = torch.Generator().manual_seed(self.seed)
+        return self._generator
 
     @property
     def prompt_len(self) -> int:
@@ -97,8 +126,12 @@ class Request:
     # False: step() reports the request only once it finishes (offline generate, non-streaming HTTP
     # calls), sparing a snapshot of every running request at every step.
     stream: bool = True
-    # The weights version the request was admitted under; it finishes under the same one.
+    # The weights version the request was admitted under; it finishes under the same one unless it was
+    # kept across an update (then each sequence's version_changes says where the newer ones start).
     weight_version: int | None = None
+    # Its cache holds keys and values computed under older weights (kept across an update without
+    # recomputing): its blocks are never offered to the prefix cache.
+    kv_stale: bool = False
     # Prompt tokens whose keys and values came from the prefix cache when the request was admitted.
     num_cached_tokens: int = 0
     # Times a later request with a cached prefix was admitted ahead of this one (bounded: see scheduler).
@@ -113,6 +146,19 @@ class Request:
             stops = self.params.stop_token_set(eos_token_ids)
             self._banned_before_min = sorted(i for i in stops if i < vocab_size)
         return self._banned_before_min
+
+    def uniform(self) -> float:
+        """The uniform draw that picks the token at the next position: a function of the seed and that
+        position alone (counter-based, as SGLang's seeded sampling), so a request resumed by resending
+        its prompt and partial completion draws exactly what the uninterrupted one would have."""
+        return position_uniform(self.seed, len(self.token_ids))
+
+    @property
+    def generator(self) -> torch.Generator:
+        """A sequential generator from the same seed, for the draws verification makes per step."""
+        if self._generator is None:
+            self._generator = torch.Generator().manual_seed(self.seed)
+        return self._generator
 
     @property
     def prompt_len(self) -> int:

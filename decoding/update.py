@@ -167,6 +167,8 @@ class StepUpdate:
         return [output for output in outputs if output is not None]
 
     def _remember(self, seq: Sequence) -> None:
+        if seq.request.kv_stale:       # attends to keys and values of older weights: not for others
+            return
         # Beams are re-pointed at other beams' blocks every step: only their shared prompt is offered.
         self.kv.prefixes.remember(seq, None if seq.request.beam is None else seq.request.prompt_len)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
+from typing import Protocol
 from pathlib import Path
 
 import torch
@@ -26,16 +27,19 @@ class WeightUpdateError(ValueError):
 
 
 class ServedWeights:
-    """The served model's weights and their version. A validated push is applied only while no started
-    request is in flight (the async front waits for them or aborts them), so every request is generated
-    wholly under one version. Applying one calls `on_change` (the engine drops its cached prefixes,
-    whose keys and values the old weights computed)."""
+    """The served model's weights and their version. A validated push is applied while no started
+    request is in flight (the async front waits for them or aborts them), so each request is generated
+    wholly under one version, unless the caller keeps them (pause mode "keep"): then every token's version
+    is recorded. Applying one calls `on_change` (the engine drops its cached prefixes, whose keys and
+    values the old weights computed)."""
 
-    def __init__(self, model: NativeCausalLM, requests: Mapping, on_change: Callable[[], None] = lambda: None):
+    def __init__(self, model: NativeCausalLM, requests: Mapping, on_change: Callable[[], None] = lambda: None,
+                 draft: DraftWeights | None = None):
         self.model = model
         self.version = 0
         self._requests = requests           # the engine's live requests, by id
         self._on_change = on_change
+        self.draft = draft                  # the draft model's weights, pushed under DRAFT_PREFIX names
 
     def started_request_ids(self) -> list[str]:
         """Requests admitted under the current weights that have not finished (running or preempted)."""
@@ -49,21 +53,59 @@ class ServedWeights:
         """Validate every tensor (names, shapes, dtypes, and NaN or infinite values unless
         allow_non_finite), then apply them (apply_validated)."""
         self.check_version(version, allow_version_rollback)
-        validate_update(self.model, tensors, require_all, allow_non_finite)
+        self.validate(tensors, require_all, allow_non_finite)
         return self.apply_validated(tensors, version, allow_version_rollback)
 
+    def validate(self, tensors: Mapping[str, torch.Tensor], require_all: bool = False,
+                 allow_non_finite: bool = False) -> None:
+        """Check a payload against the model it names: the served one, or the draft for DRAFT_PREFIX
+        names (require_all holds for the served model only)."""
+        target, draft = split_draft(tensors)
+        if draft and self.draft is None:
+            raise WeightUpdateError(f"{DRAFT_PREFIX!r} names need a draft model (serve with --speculative draft)",
+                                    param=DRAFT_PREFIX + next(iter(draft)))
+        if target or require_all:
+            validate_update(self.model, target, require_all, allow_non_finite)
+        if draft:
+            try:
+                validate_update(self.draft.model, draft, False, allow_non_finite)
+            except WeightUpdateError as err:
+                raise WeightUpdateError(f"draft model: {err}", param=DRAFT_PREFIX + (err.param or "")) from err
+
+    @staticmethod
+    def changes_outputs(tensors: Mapping[str, torch.Tensor]) -> bool:
+        """Whether a payload touches the served model (a draft only changes how fast tokens come)."""
+        return bool(split_draft(tensors)[0])
+
     def apply_validated(self, tensors: dict[str, torch.Tensor], version: int | None = None,
-                        allow_version_rollback: bool = False) -> int:
+                        allow_version_rollback: bool = False, keep_started: bool = False) -> int:
         """Copy in tensors that validate_update passed and set (or bump) the version. A version below the
         current one is refused unless allow_version_rollback (a trainer that restarted from an older
         checkpoint says so; anything else is a stale push); checked again here, as the version may have
-        moved since the tensors were validated."""
+        moved since the tensors were validated.
+
+        Started requests are refused unless keep_started: then they continue under the new weights, each
+        unfinished sequence noting where its tokens under the new version start, and a request with
+        cached keys and values from the old weights is marked kv_stale."""
+        target, draft = split_draft(tensors)
+        if draft:            # speculation is lossless: new draft weights never change an output
+            apply_update(self.draft.model, draft)
+            self.draft.forget_states()
+        if not target:
+            return self.version
+        tensors = target
         self.check_version(version, allow_version_rollback)
-        if self.has_started_requests():
+        started = [r for r in self._requests.values() if r.weight_version is not None]
+        if started and not keep_started:
             raise RuntimeError("weights cannot change while requests are being generated")
         apply_update(self.model, tensors)
         self._on_change()
         self.version = self.version + 1 if version is None else version
+        for request in started:
+            request.kv_stale = request.kv_stale or any(seq.num_computed for seq in request.seqs)
+            for seq in request.seqs:
+                if not seq.is_finished:
+                    seq.version_changes.append((seq.num_output_tokens, self.version))
         return self.version
 
     def check_version(self, version: int | None, allow_version_rollback: bool = False) -> None:
@@ -71,6 +113,25 @@ class ServedWeights:
             raise WeightUpdateError(f"weight_version {version} is lower than the served version {self.version}; "
                                     "send a newer version, or allow_version_rollback to go back on purpose",
                                     param="weight_version")
+
+
+# Pushed names under this prefix are the draft model's (speculative decoding), e.g.
+# "draft.model.layers.0.self_attn.q_proj.weight".
+DRAFT_PREFIX = "draft."
+
+
+class DraftWeights(Protocol):
+    model: NativeCausalLM
+
+    def forget_states(self) -> None:
+        """Drop every draft cache (computed under the old draft weights)."""
+
+
+def split_draft(tensors: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
+    """(the served model's tensors, the draft's tensors without the prefix)."""
+    target = {name: t for name, t in tensors.items() if not name.startswith(DRAFT_PREFIX)}
+    draft = {name[len(DRAFT_PREFIX):]: t for name, t in tensors.items() if name.startswith(DRAFT_PREFIX)}
+    return target, draft
 
 
 def validate_update(model: NativeCausalLM, tensors: Mapping[str, torch.Tensor], require_all: bool = False,

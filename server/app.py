@@ -22,6 +22,8 @@ from server.errors import AUTH_ERRORS, GENERATION_ERRORS, APIError, handle_api_e
 from server.metrics import Metrics
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.rl import add_rl_routes
+from server.rl_control import add_control_routes
+from server.sglang import add_sglang_routes
 
 VERSION = "0.1.0"
 
@@ -30,7 +32,9 @@ VERSION = "0.1.0"
 class ServerConfig:
     served_model_name: str
     api_key: str | None = None
-    admin_key: str | None = None     # enables and guards the weight-update routes
+    admin_key: str | None = None     # enables and guards the admin routes (weights, pause, abort, cache)
+    # Admin routes enabled with no key, for trainers that send none (slime, AReaL) on a private network.
+    open_admin: bool = False
     max_queued: int = 256            # requests waiting for a running slot before new ones get 503
     retry_after_s: int = 1
     max_body_bytes: int = 4 * 2**20  # larger bodies get 413 (weight pushes excepted)
@@ -40,9 +44,11 @@ class ServerConfig:
 class Server:
     """Shared state of the routes: the engine front, metrics, configuration."""
 
-    def __init__(self, engine: Engine, config: ServerConfig):
+    def __init__(self, engine: Engine, config: ServerConfig, reference: Engine | None = None):
         self.engine = engine
         self.front = AsyncEngine(engine)
+        # The frozen reference model's own engine thread, for /v1/score (None without --reference-model).
+        self.reference_front = AsyncEngine(reference) if reference is not None else None
         self.metrics = Metrics(engine)
         self.config = config
         self.in_flight = InFlight()
@@ -52,20 +58,47 @@ class Server:
             raise APIError(404, f"model {model!r} does not exist; this server serves "
                                 f"{self.config.served_model_name!r}", param="model", code="model_not_found")
 
-    async def submit(self, prompts: list, params: SamplingParams, stream: bool = True) -> list[RequestStream]:
+    async def submit(self, prompts: list, params: SamplingParams | list[SamplingParams], stream: bool = True,
+                     request_id: str | list[str] | None = None, front: AsyncEngine | None = None) -> list[RequestStream]:
         """Tokenize (and compile a constraint) in a worker thread, then queue every prompt; a bad one is a
         400 and queues none. stream=False: the engine reports each request only when it finishes
         (responses that are not streamed need nothing else, and the engine thread then never waits on
-        the event loop)."""
-        engine = self.front.engine
+        the event loop). request_id: the caller's id for the call (its prompts take "<id>-<index>" when
+        there are several), or one id per prompt."""
+        front = front or self.front
+        engine = front.engine
+        ids, group = self._request_ids(request_id, len(prompts), front)
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
         try:
-            requests = await asyncio.to_thread(lambda: [engine.make_request(prompt, params) for prompt in prompts])
+            requests = await asyncio.to_thread(lambda: [engine.make_request(prompt, p, i)
+                                                        for prompt, p, i in zip(prompts, params_list, ids)])
         except ValueError as err:
             raise APIError(400, str(err)) from err
-        streams = [self.front.start(request, stream) for request in requests]
+        self._request_ids(request_id, len(prompts), front)      # a 400 if another call took an id meanwhile
+        streams = [front.start(request, stream, group) for request in requests]
         for item in streams:
             self.metrics.prompt_tokens.inc(len(item.prompt_token_ids))
         return streams
+
+    @staticmethod
+    def _request_ids(request_id: str | list[str] | None, num_prompts: int, front: AsyncEngine) -> tuple[list, str | None]:
+        """The engine ids for a call's prompts (None: the engine numbers them) and the caller's id for
+        the whole call; an id already in flight is a 400."""
+        if request_id is None:
+            return [None] * num_prompts, None
+        if isinstance(request_id, list):
+            if len(request_id) != num_prompts or len(set(request_id)) != num_prompts:
+                raise APIError(400, f"give one distinct request id per prompt ({num_prompts}), "
+                                    f"got {len(request_id)}", param="rid")
+            ids, group = request_id, None
+        else:
+            ids = [request_id] if num_prompts == 1 else [f"{request_id}-{i}" for i in range(num_prompts)]
+            group = request_id
+        for candidate in {*ids, *([group] if group else [])}:
+            if front.ids.in_use(candidate):
+                raise APIError(400, f"request id {candidate!r} is already in flight; use a new id per call",
+                               param="request_id")
+        return ids, group
 
     async def follow(self, streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Merge the snapshots of several requests, recording latency and token metrics on the way."""
@@ -140,13 +173,15 @@ def sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
 
-def build_app(engine: Engine, config: ServerConfig) -> FastAPI:
-    server = Server(engine, config)
+def build_app(engine: Engine, config: ServerConfig, reference: Engine | None = None) -> FastAPI:
+    server = Server(engine, config, reference)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         yield
         server.front.shutdown()
+        if server.reference_front is not None:
+            server.reference_front.shutdown()
 
     app = FastAPI(title="Gorgon", version=VERSION, lifespan=lifespan)
     app.state.server = server
@@ -156,10 +191,12 @@ def build_app(engine: Engine, config: ServerConfig) -> FastAPI:
     app.add_middleware(EdgeLimits, config=EdgeConfig(engine.config.max_num_seqs + config.max_queued,
                                                      config.max_body_bytes, config.retry_after_s),
                        in_flight=server.in_flight)
-    app.add_middleware(KeyCheck, api_key=config.api_key, admin_key=config.admin_key)
+    app.add_middleware(KeyCheck, api_key=config.api_key, admin_key=config.admin_key, open_admin=config.open_admin)
     _add_info_routes(app, server)
     _add_openai_routes(app, server)
     add_rl_routes(app, server, collect)
+    add_control_routes(app, server)
+    add_sglang_routes(app, server, collect)
     _document_errors_as_400(app)
     return app
 
@@ -213,7 +250,7 @@ def _add_openai_routes(app: FastAPI, server: Server) -> None:
             params = body.completion_params()
         except ValueError as err:
             raise APIError(400, str(err)) from err
-        streams = await server.submit(prompts, params, stream=body.stream)
+        streams = await server.submit(prompts, params, stream=body.stream, request_id=body.request_id)
         view = responses.CompletionView(engine.tokenizer, config.served_model_name, body, streams)
         return await _respond(server, streams, view, body.stream, request)
 
@@ -224,7 +261,7 @@ def _add_openai_routes(app: FastAPI, server: Server) -> None:
             prompt_ids, params = await asyncio.to_thread(_chat_prompt_and_params, engine, body)
         except ValueError as err:
             raise APIError(400, str(err)) from err
-        streams = await server.submit([prompt_ids], params, stream=body.stream)
+        streams = await server.submit([prompt_ids], params, stream=body.stream, request_id=body.request_id)
         view = responses.ChatView(engine.tokenizer, config.served_model_name, body, streams)
         return await _respond(server, streams, view, body.stream, request)
 

@@ -90,13 +90,21 @@ def _serve(args: argparse.Namespace) -> int:
         engine = Engine(**_engine_options(args), max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=max(args.max_num_batched_tokens, args.max_num_seqs),
                         kv_cache_memory_gb=args.kv_cache_memory_gb, prefix_caching=not args.no_prefix_cache)
+        # A frozen reference policy for /v1/score (PPO's KL term): the same model code, no speculation.
+        reference = None if args.reference_model is None else Engine(
+            model=args.reference_model, dtype=args.dtype, device=args.device, threads=args.threads,
+            max_num_seqs=args.max_num_seqs, kv_cache_memory_gb=args.kv_cache_memory_gb)
     except (ModelLoadError, ValueError) as err:
         print(f"gorgon: error: {err}", file=sys.stderr)
         return 2
     name = args.served_model_name or args.model or "gorgon-default"
     config = ServerConfig(served_model_name=name, api_key=args.api_key, admin_key=args.admin_key,
-                          max_queued=args.max_queued, max_body_bytes=int(args.max_body_mb * 2**20))
-    app = build_app(engine, config)
+                          open_admin=args.open_admin, max_queued=args.max_queued,
+                          max_body_bytes=int(args.max_body_mb * 2**20))
+    if args.open_admin:
+        print("gorgon: warning: --open-admin: anyone who reaches this port may push weights, pause and abort",
+              file=sys.stderr)
+    app = build_app(engine, config, reference)
     print(f"Gorgon serving {name!r} on http://{args.host}:{args.port} (OpenAI-compatible, /v1)", flush=True)
     # On SIGTERM the server stops accepting, lets in-flight requests finish for up to --shutdown-timeout,
     # then aborts the rest (server/shutdown.py). Afterwards uvicorn re-raises the signal to whatever
@@ -138,7 +146,12 @@ def _add_serve_args(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (all but /health)")
-    serve.add_argument("--admin-key", default=None, help="enable weight updates, guarded by this key")
+    serve.add_argument("--admin-key", default=None,
+                       help="enable the admin routes (weight updates, pause and resume, aborts, cache resets), "
+                       "guarded by this key")
+    serve.add_argument("--open-admin", action="store_true",
+                       help="enable the admin routes with no key, for trainers that send none (slime, AReaL); "
+                       "only on a private network")
     serve.add_argument("--max-queued", type=int, default=256,
                        help="requests that may wait for a running slot (beyond --max-num-seqs) before new ones get 503")
     serve.add_argument("--max-body-mb", type=float, default=4.0,
@@ -152,6 +165,9 @@ def _add_serve_args(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--no-prefix-cache", action="store_true",
                        help="compute every prompt whole (by default full KV blocks outlive their request and "
                        "a request that starts with them computes only the rest)")
+    serve.add_argument("--reference-model", default=None,
+                       help="an HF folder loaded beside the served model and never updated: /v1/score with "
+                       "\"reference\": true scores under it (PPO's reference logprobs, one server)")
     serve.add_argument("--log-level", default="info")
 
 

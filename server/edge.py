@@ -16,11 +16,16 @@ import json
 from dataclasses import dataclass
 
 # The routes that generate (and so hold a slot); only these are admitted or refused for capacity.
-GENERATION_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/rollouts", "/v1/score"})
+GENERATION_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/rollouts", "/v1/score", "/generate"})
 # Weight pushes carry whole checkpoints; they are guarded by the admin key, not by the body limit.
 UNLIMITED_BODY_ROUTES = frozenset({"/v1/weights/update"})
-# Guarded by the admin key like the weight routes.
-ADMIN_ROUTES = frozenset({"/v1/reset_prefix_cache"})
+# Guarded by the admin key like the weight routes (/v1/weights/*): what changes the generation of others.
+ADMIN_ROUTES = frozenset({
+    "/v1/reset_prefix_cache", "/reset_prefix_cache",                          # Gorgon's, vLLM's
+    "/pause", "/resume", "/abort_requests",                                   # vLLM's RL routes
+    "/abort_request", "/pause_generation", "/continue_generation", "/flush_cache",
+    "/update_weights_from_disk",                                              # SGLang's
+})
 # A refused request's body is read and dropped up to this much before the answer.
 DRAIN_BYTES = 64 * 2**20
 
@@ -136,23 +141,29 @@ async def _refuse(receive, send, status: int, message: str, type_: str, headers:
 
 
 class KeyCheck:
-    """The API key on every route but /health; the admin key (which also enables them) on weight pushes
-    and cache resets."""
+    """The API key on every route but /health; the admin key (which also enables them) on the admin
+    routes: weight updates, pause and resume, aborts by id, cache resets. open_admin enables the admin
+    routes with no key at all (a trainer on a private network that sends none)."""
 
-    def __init__(self, app, api_key: str | None, admin_key: str | None):
+    def __init__(self, app, api_key: str | None, admin_key: str | None, open_admin: bool = False):
         self.app = app
         self.api_key = api_key
         self.admin_key = admin_key
+        self.open_admin = open_admin
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"]
         token = bearer_token(_header(scope, b"authorization"))
-        if scope["method"] == "POST" and (path.startswith("/v1/weights/") or path in ADMIN_ROUTES):
+        admin = path in ADMIN_ROUTES or (scope["method"] == "POST" and path.startswith("/v1/weights/"))
+        if admin and self.open_admin:
+            pass
+        elif admin:
             if not self.admin_key:
-                return await _refuse(receive, send, 403, "admin routes (weight updates, cache resets) are disabled; "
-                                     "start the server with --admin-key", "permission_error")
+                return await _refuse(receive, send, 403, "admin routes (weight updates, pause, abort, cache resets) "
+                                     "are disabled; start the server with --admin-key (or --open-admin on a "
+                                     "private network)", "permission_error")
             if not key_matches(token, self.admin_key):
                 return await _refuse(receive, send, 401, "missing or wrong admin key: send 'Authorization: Bearer <admin key>'",
                                      "authentication_error", code="invalid_api_key")

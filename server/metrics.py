@@ -14,9 +14,9 @@ class Metrics:
     def __init__(self, engine: Engine):
         self.registry = CollectorRegistry()
         Gauge("gorgon:num_requests_running", "Requests being decoded", registry=self.registry).set_function(
-            lambda: engine.queue_lengths()[0])
+            lambda: engine.stats().num_running)
         Gauge("gorgon:num_requests_waiting", "Requests waiting for admission", registry=self.registry).set_function(
-            lambda: engine.queue_lengths()[1])
+            lambda: engine.stats().num_waiting)
         Gauge("gorgon:kv_cache_usage_perc", "Fraction of KV cache blocks in use", registry=self.registry).set_function(
             lambda: engine.cache_usage().usage)
         Gauge("gorgon:kv_cache_used_blocks", "KV cache blocks in use", registry=self.registry).set_function(
@@ -44,7 +44,8 @@ class PrefixCacheCollector:
         self.engine = engine
 
     def collect(self):
-        queries, hits = self.engine.prefix_cache_stats()
+        stats = self.engine.stats()
+        queries, hits = stats.prefix_cache_queries, stats.prefix_cache_hits
         yield CounterMetricFamily("gorgon:prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
                                   value=queries)
         yield CounterMetricFamily("gorgon:prefix_cache_hits", "Prompt tokens found in the prefix cache", value=hits)

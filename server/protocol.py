@@ -104,6 +104,12 @@ class _SamplingFields(StrictModel):
     structured_best_effort: bool = False
     # The grammar engine for the constraint, among those the server enabled (default: its first).
     structured_backend: str | None = None
+    # The caller's id for this call: abort it by this id (POST /abort_requests); one prompt's request
+    # takes it as is, several take "<id>-<index>".
+    request_id: str | None = Field(None, min_length=1, max_length=256)
+    skip_special_tokens: bool = True
+    # vLLM's: tokens in logprobs read "token_id:<id>", so that callers need no detokenizer to map them.
+    return_tokens_as_token_ids: bool = False
 
     def constraint(self) -> dict:
         """The SamplingParams constraint fields these request fields ask for."""
@@ -136,6 +142,7 @@ class _SamplingFields(StrictModel):
             ignore_eos=self.ignore_eos, seed=self.seed, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
             logprobs_mode=self.logprobs_mode, speculative=self.speculative, **self.constraint(),
             structured_best_effort=self.structured_best_effort, structured_backend=self.structured_backend,
+            skip_special_tokens=self.skip_special_tokens,
         )
 
     @property
@@ -152,6 +159,8 @@ class CompletionRequest(_SamplingFields):
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     return_token_ids: bool = False
+    # vLLM's: each prompt position's logprob, rank and top alternatives (the first position has none).
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     # vLLM's convention: with use_beam_search, `n` is the beam width and all n beams are returned.
     use_beam_search: bool = False
     length_penalty: float = 1.0
@@ -159,7 +168,8 @@ class CompletionRequest(_SamplingFields):
 
     def completion_params(self) -> SamplingParams:
         logprobs = self.logprobs
-        prompt_logprobs = self.logprobs if self.echo else None
+        echoed = self.logprobs if self.echo else None
+        prompt_logprobs = self.prompt_logprobs if echoed is None else max(echoed, self.prompt_logprobs or 0)
         if not self.use_beam_search:
             return self.sampling_params(16 if self.max_tokens is None else self.max_tokens, logprobs, prompt_logprobs)
         if self.temperature not in (0, 1.0):
@@ -229,6 +239,7 @@ class ChatCompletionRequest(_SamplingFields):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None    # OpenAI's default (None) is true: "required" may make several
+    return_token_ids: bool = False             # vLLM's: prompt_token_ids in the body, token_ids per choice
 
     def tool_mode(self) -> str:
         """"none", "auto", "required" or "named"."""
@@ -277,15 +288,25 @@ class ScoreRequest(StrictModel):
     """Teacher-forced logprobs of completion tokens given their prompts (PPO's old-policy / reference)."""
 
     model: str | None = None
+    request_id: str | None = Field(None, min_length=1, max_length=256)
     sequences: list[list[int]] = Field(min_length=1)      # prompt + completion token ids
     prompt_lens: list[int]                                 # where each completion starts
     logprobs_mode: Literal["raw", "processed"] = "raw"
     temperature: float = Field(1.0, ge=0, le=MAX_TEMPERATURE)
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)   # also the k most likely tokens per position
+    reference: bool = False                # score under the frozen reference model (--reference-model)
 
 
 class WeightsLoadRequest(StrictModel):
     path: str
     weight_version: int | None = None
-    policy: Literal["wait", "abort"] = "wait"
+    policy: Literal["wait", "abort", "keep"] = "wait"
+    recompute_kv: bool = False              # policy keep: kept requests recompute their cache first
     allow_non_finite: bool = False          # accept NaN / infinite values (refused by default)
     allow_version_rollback: bool = False    # accept a weight_version below the served one
+
+
+class AbortRequestsRequest(StrictModel):
+    """vLLM's /abort_requests: the ids to abort; none or empty aborts every request."""
+
+    request_ids: list[str] | None = None

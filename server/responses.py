@@ -35,6 +35,16 @@ def chat_prompt_ids(tokenizer, messages, tools=None) -> list[int]:
     return tokenizer(text, add_special_tokens=False).input_ids
 
 
+def weight_versions(output: RequestOutput, completion: CompletionOutput) -> dict:
+    """A choice's weight_version: the one its tokens were sampled under (the first, for a request kept
+    across an update, which then also lists [first token index, version] ranges)."""
+    ranges = completion.version_ranges
+    fields = {"weight_version": ranges[0][1] if ranges else output.weight_version}
+    if len(ranges) > 1:
+        fields["weight_version_ranges"] = [list(r) for r in completion.version_ranges]
+    return fields
+
+
 class _View:
     """Bookkeeping shared by completions and chat: ids, usage, what each choice has streamed so far."""
 
@@ -61,6 +71,8 @@ class _View:
         return prompt_index * self.body.n + completion.index
 
     def token_text(self, token_id: int) -> str:
+        if self.body.return_tokens_as_token_ids:
+            return f"token_id:{token_id}"
         return self.tokenizer.decode([token_id])
 
     def usage(self) -> dict:
@@ -93,6 +105,10 @@ class _View:
 class CompletionView(_View):
     object_name = "text_completion"
     id_prefix = "cmpl"
+
+    def __init__(self, tokenizer, model_name: str, body, streams):
+        super().__init__(tokenizer, model_name, body, streams)
+        self.sent_prompt_logprobs: set[int] = set()
 
     def final(self, outputs: list[RequestOutput]) -> dict:
         choices = []
@@ -132,7 +148,7 @@ class CompletionView(_View):
                 token_ids=None) -> dict:
         # The weights each choice ran under, in every response that carries its tokens (chunks too).
         choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": completion.finish_reason,
-                  "stop_reason": completion.stop_reason, "weight_version": output.weight_version}
+                  "stop_reason": completion.stop_reason, **weight_versions(output, completion)}
         if completion.score is not None:
             choice["score"] = wire_logprob(completion.score)
         if completion.schema_valid is not None:
@@ -140,7 +156,27 @@ class CompletionView(_View):
         if self.body.return_token_ids:
             choice["token_ids"] = completion.token_ids if token_ids is None else token_ids
             choice["prompt_token_ids"] = output.prompt_token_ids
+        if self.body.prompt_logprobs is not None and index not in self.sent_prompt_logprobs:
+            self.sent_prompt_logprobs.add(index)        # once per choice, streamed or not
+            choice["prompt_logprobs"] = self._prompt_logprobs(output)
         return choice
+
+    def _prompt_logprobs(self, output: RequestOutput) -> list[dict | None] | None:
+        """vLLM's shape: per prompt position {token id: {logprob, rank, decoded_token}}, the prompt's
+        own token first, then its top alternatives; None for the first position."""
+        if output.prompt_logprobs is None:
+            return None
+        entries: list[dict | None] = []
+        for token_id, lp in zip(output.prompt_token_ids, output.prompt_logprobs):
+            if lp is None:
+                entries.append(None)
+                continue
+            ranked = {token_id: (lp.logprob, lp.rank)}
+            for rank, (alternative, value) in enumerate((lp.top or {}).items(), start=1):
+                ranked.setdefault(alternative, (value, rank))
+            entries.append({str(t): {"logprob": wire_logprob(v), "rank": r, "decoded_token": self.token_text(t)}
+                            for t, (v, r) in ranked.items()})
+        return entries
 
     def _logprobs(self, token_ids: list[int], logprobs: list[TokenLogprob | None] | None) -> dict | None:
         if logprobs is None:
@@ -191,19 +227,25 @@ class ChatView(_View):
                 "message": message,
                 "logprobs": self._logprobs(completion.token_ids, completion.logprobs),
                 "finish_reason": "tool_calls" if calls else completion.finish_reason,
-                "weight_version": output.weight_version,
+                **weight_versions(output, completion),
                 **({"schema_valid": completion.schema_valid} if completion.schema_valid is not None else {}),
+                **({"token_ids": completion.token_ids} if self.body.return_token_ids else {}),
             })
-        return {**self.header(), "choices": choices, "usage": self.usage()}
+        body = {**self.header(), "choices": choices, "usage": self.usage()}
+        if self.body.return_token_ids:
+            body["prompt_token_ids"] = output.prompt_token_ids
+        return body
 
     def deltas(self, prompt_index: int, output: RequestOutput) -> list[dict]:
         self.saw(prompt_index, output)
         chunks = []
         for completion in output.outputs:
             key = completion.index
-            version = output.weight_version
+            version = weight_versions(output, completion)
             if key not in self.sent_tokens:
                 chunks.append(self._chunk(key, {"role": "assistant", "content": ""}, None, None, version))
+                if self.body.return_token_ids:
+                    chunks[-1]["prompt_token_ids"] = output.prompt_token_ids
             if self.tool_mode != "none":
                 chunks += self._tool_deltas(key, completion, output.finished, version)
                 continue
@@ -211,13 +253,15 @@ class ChatView(_View):
             logprobs = None
             if completion.logprobs is not None and tokens:
                 logprobs = self._logprobs(tokens, completion.logprobs[start:])
-            if text or logprobs:
+            if text or logprobs or (tokens and self.body.return_token_ids):
                 chunks.append(self._chunk(key, {"content": text}, logprobs, None, version))
+                if self.body.return_token_ids:
+                    chunks[-1]["choices"][0]["token_ids"] = tokens
             if output.finished and completion.finish_reason:
                 chunks.append(self._chunk(key, {}, None, completion.finish_reason, version))
         return chunks
 
-    def _tool_deltas(self, key: int, completion, finished: bool, version: int) -> list[dict]:
+    def _tool_deltas(self, key: int, completion, finished: bool, version: dict) -> list[dict]:
         """A choice of a request with tools: its calls as OpenAI's tool_calls deltas, or its text."""
         self.completion_tokens[key] = len(completion.token_ids)
         self.sent_tokens[key] = len(completion.token_ids)
@@ -239,9 +283,9 @@ class ChatView(_View):
     def header(self) -> dict:
         return {**super().header(), "object": "chat.completion.chunk" if self.body.stream else "chat.completion"}
 
-    def _chunk(self, index: int, delta: dict, logprobs, finish_reason, weight_version: int) -> dict:
+    def _chunk(self, index: int, delta: dict, logprobs, finish_reason, versions: dict) -> dict:
         return {**self.header(), "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
-                                              "finish_reason": finish_reason, "weight_version": weight_version}]}
+                                              "finish_reason": finish_reason, **versions}]}
 
     def _entry(self, token_id: int, logprob: float) -> dict:
         text = self.token_text(token_id)

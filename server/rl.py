@@ -23,7 +23,7 @@ def _as_prompt(tokenizer, prompt):
 def rollout_body(outputs: list[RequestOutput], top_logprobs: int | None) -> dict:
     """TRL's rollout_func shape: one entry per completion, grouped by prompt, prompts in order."""
     body: dict[str, list] = {"prompt_ids": [], "completion_ids": [], "logprobs": [], "finish_reasons": [],
-                             "texts": [], "weight_versions": []}
+                             "texts": [], "weight_versions": [], "token_weight_versions": []}
     if top_logprobs:
         body["logprob_token_ids"], body["top_logprobs"] = [], []
     for output in outputs:
@@ -34,12 +34,27 @@ def rollout_body(outputs: list[RequestOutput], top_logprobs: int | None) -> dict
             body["finish_reasons"].append(completion.finish_reason)
             body["texts"].append(completion.text)
             body["weight_versions"].append(output.weight_version)
+            body["token_weight_versions"].append(completion.token_weight_versions())
             if top_logprobs:
                 body["logprob_token_ids"].append([list(lp.top) for lp in completion.logprobs])
                 body["top_logprobs"].append([[wire_logprob(v) for v in lp.top.values()] for lp in completion.logprobs])
     versions = set(body["weight_versions"])
     # Each completion is generated wholly under one version; the call's version when they all agree.
     body["weight_version"] = versions.pop() if len(versions) == 1 else None
+    return body
+
+
+def score_body(outputs: list[RequestOutput], prompt_lens: list[int], top_logprobs: int | None,
+               reference: bool) -> dict:
+    """Each sequence's logprobs after its prompt; with top_logprobs, the k most likely tokens and their
+    logprobs at each of those positions (distillation's teacher targets)."""
+    positions = [out.prompt_logprobs[start:] for out, start in zip(outputs, prompt_lens)]
+    body = {"logprobs": [[wire_logprob(lp.logprob) for lp in row] for row in positions],
+            "weight_versions": [None if reference else out.weight_version for out in outputs],
+            "model": "reference" if reference else "policy"}
+    if top_logprobs:
+        body["top_logprob_token_ids"] = [[list(lp.top) for lp in row] for row in positions]
+        body["top_logprobs"] = [[[wire_logprob(v) for v in lp.top.values()] for lp in row] for row in positions]
     return body
 
 
@@ -56,9 +71,16 @@ def add_rl_routes(app: FastAPI, server, collect) -> None:
             params = body.sampling_params(body.max_tokens, body.top_logprobs or 0)
         except ValueError as err:
             raise APIError(400, str(err)) from err
-        outputs = await collect(server, await server.submit(prompts, params, stream=False), request)
+        streams = await server.submit(prompts, params, stream=False, request_id=body.request_id)
+        outputs = await collect(server, streams, request)
         return rollout_body(outputs, body.top_logprobs)
 
+    add_score_route(app, server, collect)
+    add_weight_routes(app, server)
+    add_cache_routes(app, server)
+
+
+def add_score_route(app: FastAPI, server, collect) -> None:
     @app.post("/v1/score", responses=GENERATION_ERRORS)
     async def score(body: ScoreRequest, request: Request):
         server.check_model(body.model)
@@ -68,22 +90,25 @@ def add_rl_routes(app: FastAPI, server, collect) -> None:
             if not 1 <= start < len(sequence):
                 raise APIError(400, f"prompt_lens[{index}] must be between 1 and len(sequences[{index}]) - 1",
                                param="prompt_lens")
+        front = server.front
+        if body.reference:
+            if server.reference_front is None:
+                raise APIError(400, "this server has no reference model; start it with --reference-model PATH",
+                               param="reference")
+            front = server.reference_front
         try:
-            params = SamplingParams(max_tokens=1, prompt_logprobs=0, logprobs_mode=body.logprobs_mode,
-                                    temperature=body.temperature)
+            params = SamplingParams(max_tokens=1, prompt_logprobs=body.top_logprobs or 0,
+                                    logprobs_mode=body.logprobs_mode, temperature=body.temperature)
         except ValueError as err:
             raise APIError(400, str(err)) from err
-        outputs = await collect(server, await server.submit(body.sequences, params, stream=False), request)
-        return {"logprobs": [[wire_logprob(lp.logprob) for lp in out.prompt_logprobs[start:]]
-                             for out, start in zip(outputs, body.prompt_lens)],
-                "weight_versions": [out.weight_version for out in outputs]}
-
-    add_weight_routes(app, server)
-    add_cache_routes(app, server)
+        streams = await server.submit(body.sequences, params, stream=False, request_id=body.request_id, front=front)
+        outputs = await collect(server, streams, request)
+        return score_body(outputs, body.prompt_lens, body.top_logprobs, body.reference)
 
 
 def add_cache_routes(app: FastAPI, server) -> None:
     @app.post("/v1/reset_prefix_cache", responses=AUTH_ERRORS)
+    @app.post("/reset_prefix_cache", responses=AUTH_ERRORS)          # vLLM's path, which TRL calls
     async def reset_prefix_cache():
         """Drop every cached prefix (vLLM's admin route); requests in flight keep what they hold."""
         await server.front.reset_prefix_cache()
@@ -104,11 +129,12 @@ def add_weight_routes(app: FastAPI, server) -> None:
         except (WeightUpdateError, OSError) as err:
             raise APIError(400, f"could not read weights from {body.path!r}: {err}", param="path") from err
         return await apply(tensors, body.weight_version, body.policy, True, body.allow_non_finite,
-                           body.allow_version_rollback)
+                           body.allow_version_rollback, body.recompute_kv)
 
     @app.post("/v1/weights/update", responses=WEIGHT_PUSH_ERRORS)
     async def update_weights(request: Request, weight_version: int | None = None, policy: str = "wait",
-                             allow_non_finite: bool = False, allow_version_rollback: bool = False):
+                             allow_non_finite: bool = False, allow_version_rollback: bool = False,
+                             recompute_kv: bool = False):
         payload = bytearray()
         async for chunk in request.stream():
             payload += chunk
@@ -118,12 +144,14 @@ def add_weight_routes(app: FastAPI, server) -> None:
             raise APIError(400, f"the body is not a valid safetensors payload: {err}") from err
         if not tensors:
             raise APIError(400, "the safetensors payload holds no tensors")
-        return await apply(tensors, weight_version, policy, False, allow_non_finite, allow_version_rollback)
+        return await apply(tensors, weight_version, policy, False, allow_non_finite, allow_version_rollback,
+                           recompute_kv)
 
-    async def apply(tensors, version, policy, require_all, allow_non_finite, allow_version_rollback) -> dict:
+    async def apply(tensors, version, policy, require_all, allow_non_finite, allow_version_rollback,
+                    recompute_kv) -> dict:
         try:
             new_version = await server.front.update_weights(tensors, version, policy, require_all, allow_non_finite,
-                                                            allow_version_rollback)
+                                                            allow_version_rollback, recompute_kv)
         except WeightUpdateError as err:
             raise APIError(400, str(err), param=err.param) from err
         return {"weight_version": new_version, "num_parameters": len(tensors)}

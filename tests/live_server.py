@@ -19,10 +19,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(model_dir: str, engine_options: dict | None = None, **config) -> SimpleNamespace:
+def start_server(model_dir: str, engine_options: dict | None = None, reference_dir: str | None = None,
+                 **config) -> SimpleNamespace:
     options = {"num_kv_blocks": 1024, "block_size": 4, "max_num_seqs": 64, **(engine_options or {})}
     engine = Engine(model=model_dir, show_progress=False, **options)
-    app = build_app(engine, ServerConfig(served_model_name="tiny", **config))
+    reference = None if reference_dir is None else Engine(model=reference_dir, show_progress=False, num_kv_blocks=256,
+                                                          block_size=4)
+    app = build_app(engine, ServerConfig(served_model_name="tiny", **config), reference)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

@@ -18,7 +18,7 @@ def make_seqs(params_list, output=(), seed=0):
     seqs = []
     for i, params in enumerate(params_list):
         request = Request(f"r{i}", None, [1, 2, 3], params)
-        seq = Sequence(i, 0, request, torch.Generator().manual_seed(seed + i), detokenizer=None)
+        seq = Sequence(i, 0, request, seed + i, detokenizer=None)
         seq.token_ids += list(output)
         request.seqs.append(seq)
         seqs.append(seq)

@@ -1,7 +1,5 @@
 """Scheduler behaviour on fake requests: no model, no tensors."""
 
-import torch
-
 from decoding.block_manager import BlockManager
 from decoding.kv_cache_manager import KVCacheManager
 from decoding.params import SamplingParams
@@ -12,7 +10,7 @@ from decoding.sequence import Request, RequestStatus, Sequence
 def make_request(req_id: str, prompt_len: int, n: int = 1) -> Request:
     request = Request(req_id, None, list(range(3, 3 + prompt_len)), SamplingParams(n=n, max_tokens=8))
     for i in range(n):
-        request.seqs.append(Sequence(hash((req_id, i)), i, request, torch.Generator(), detokenizer=None))
+        request.seqs.append(Sequence(hash((req_id, i)), i, request, 0, detokenizer=None))
     return request
 
 

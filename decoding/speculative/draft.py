@@ -187,5 +187,11 @@ class DraftModelProposer:
         if state is not None:
             self.kv.free(state)
 
+    def forget_states(self) -> None:
+        """After new draft weights: every sequence's draft cache is recomputed when it next proposes."""
+        for state in self._states.values():
+            self.kv.free(state)
+        self._states.clear()
+
     def observe(self, seq: Sequence, hidden) -> None:
         pass
