@@ -21,11 +21,10 @@ async def load_figures(server) -> dict:
 
     def read() -> dict:
         stats, usage = engine.stats(), engine.cache_usage()
-        block_size = engine.kv.block_size
         return {"num_running_reqs": stats.num_running, "num_waiting_reqs": stats.num_waiting,
-                "num_used_tokens": usage.num_used_blocks * block_size,
-                "num_total_tokens": usage.num_total_blocks * block_size,
-                "token_usage": round(usage.num_used_blocks / max(1, usage.num_total_blocks), 4),
+                "num_used_tokens": usage.num_used_blocks * usage.block_size,
+                "num_total_tokens": usage.num_blocks * usage.block_size,
+                "token_usage": round(usage.usage, 4),
                 "is_paused": server.front.paused, "weight_version": engine.weights.version}
 
     return await server.front.call(read)

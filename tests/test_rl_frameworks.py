@@ -130,7 +130,7 @@ def test_fields_sglang_has_and_gorgon_cannot_honour_are_refused(live):
 def _long_generate(live, rid: str) -> tuple[threading.Thread, dict]:
     result = {}
     body = {"rid": rid, "input_ids": PROMPT, "return_logprob": True,
-            "sampling_params": {**SLIME_SAMPLING, "max_new_tokens": 300, "ignore_eos": True}}
+            "sampling_params": {**SLIME_SAMPLING, "max_new_tokens": 240, "ignore_eos": True}}
     thread = threading.Thread(target=lambda: result.setdefault("out", _generate(live, body)))
     thread.start()
     deadline = time.time() + 30
@@ -146,7 +146,7 @@ def test_slimes_abort_all_then_load_poll(live):
     thread.join()
     meta = result["out"]["meta_info"]
     assert meta["finish_reason"]["type"] == "abort"
-    assert 0 < len(meta["output_token_logprobs"]) == meta["completion_tokens"] < 300   # partial, resumable
+    assert 0 < len(meta["output_token_logprobs"]) == meta["completion_tokens"] < 240   # partial, resumable
     loads = httpx.get(f"{live.url}/v1/loads", params={"include": "core"}).json()["loads"]
     assert loads[0]["num_running_reqs"] + loads[0]["num_waiting_reqs"] == 0
     assert httpx.get(f"{live.url}/get_load").json()[0]["num_reqs"] == 0
@@ -201,9 +201,12 @@ def test_retract_pause_recomputes_kept_requests_on_continue(live):
 
 # ---- TRL's vLLM client, unmodified -------------------------------------------------------------
 
-def test_trls_vllm_client_generates_chats_and_scores(live, llama_dir):
-    from trl.generation.vllm_client import VLLMClient
-    client = VLLMClient(base_url=live.url)
+def test_trls_vllm_client_generates_chats_and_scores(live, llama_dir, monkeypatch):
+    from trl.generation import vllm_client
+    # The client refuses to start without vLLM installed, which it needs only for its NCCL weight
+    # transfer (Gorgon takes weights over HTTP); every request below is the client's own.
+    monkeypatch.setattr(vllm_client, "is_vllm_available", lambda *args, **kwargs: True)
+    client = vllm_client.VLLMClient(base_url=live.url)
     assert client.model == "tiny"
     out = client.generate([PROMPT, PROMPT[:3]], n=2, max_tokens=6, temperature=1.0, logprobs=2)
     assert out["prompt_ids"] == [PROMPT, PROMPT[:3]] and len(out["completion_ids"]) == 4

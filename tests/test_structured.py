@@ -564,3 +564,43 @@ def test_rollouts_are_constrained_by_every_backend(llama_dir):
                 jsonschema.validate(json.loads(text), SCHEMA)
     finally:
         stop_server(live)
+
+
+def test_the_utf8_guard_accepts_exactly_what_python_decodes():
+    """The decoder states of utf8_guard against Python's UTF-8 decoder, on every 1-2 byte string and on
+    random 3-4 byte strings (overlong forms, surrogates, code points past U+10FFFF included)."""
+    import random
+
+    from decoding.structured.utf8_guard import ACCEPT, _walk
+
+    def well_formed(data: bytes) -> bool:
+        try:
+            data.decode("utf-8")
+            return True
+        except UnicodeDecodeError:
+            return False
+
+    rng = random.Random(0)
+    cases = [bytes([a]) for a in range(256)] + [bytes([a, b]) for a in range(256) for b in range(256)]
+    cases += [bytes(rng.choice([rng.randrange(256), rng.randrange(0x80, 0xC0), rng.randrange(0xE0, 0xF5)])
+                    for _ in range(rng.choice([3, 4]))) for _ in range(200_000)]
+    for data in cases:
+        assert (_walk(ACCEPT, data) == ACCEPT) == well_formed(data), data
+
+
+@pytest.mark.skipif("xgrammar" not in installed_backends(), reason="xgrammar is not installed")
+def test_xgrammar_strings_are_well_formed_utf8(llama_dir):
+    """xgrammar 0.2 lets overlong forms and encoded surrogates into JSON strings; the guard beside it
+    keeps every output decodable, so maxLength counts the characters the schema meant."""
+    engine = Engine(model=llama_dir, show_progress=False, num_kv_blocks=256, block_size=4,
+                    structured_backends=("xgrammar",))
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8}}, "required": ["name"],
+              "additionalProperties": False}
+    outputs = [out for seed in range(4) for out in engine.generate(
+        PROMPTS[:2], SamplingParams(temperature=0.8, seed=seed, n=8, max_tokens=40, json_schema=schema))]
+    tokenizer = engine.tokenizer
+    finished = [c for out in outputs for c in out.outputs if c.finish_reason == "stop"]
+    assert len(finished) > 16
+    for completion in finished:
+        assert "\ufffd" not in tokenizer.decode(completion.token_ids, skip_special_tokens=True)
+        jsonschema.validate(json.loads(completion.text), schema)

@@ -10,6 +10,7 @@ import copy
 import torch
 
 from decoding.structured.constraint import GrammarError
+from decoding.structured.utf8_guard import ACCEPT, REJECT, Utf8Table
 
 MAX_DRAFT_TOKENS = 64
 
@@ -178,22 +179,28 @@ class LLGuidanceCursor(GrammarCursor):
 
 
 class XGrammarCursor(GrammarCursor):
-    def __init__(self, matcher, vocab_size: int, eos_token_ids: frozenset[int]):
+    def __init__(self, matcher, vocab_size: int, eos_token_ids: frozenset[int], utf8: Utf8Table):
         super().__init__(vocab_size, eos_token_ids)
         self._matcher = matcher
+        self._utf8 = utf8
+        self._utf8_states = [ACCEPT]          # the UTF-8 decoder's state before and after each token consumed
 
     def fork(self) -> XGrammarCursor:
-        return self._copy_with(_matcher=self._matcher.fork())
+        return self._copy_with(_matcher=self._matcher.fork(), _utf8_states=list(self._utf8_states))
 
     def _write_mask(self, bits: torch.Tensor, row: int, address: int, num_bytes: int) -> None:
         self._matcher.fill_next_token_bitmask(bits, row)
+        bits[row] &= self._utf8.bits[self._utf8_states[-1]]
 
     def _consume(self, token: int) -> None:
         if not self._matcher.accept_token(token):
             raise GrammarError(f"token {token} is outside the grammar")
+        state = int(self._utf8.after[self._utf8_states[-1], token])
+        self._utf8_states.append(ACCEPT if state == REJECT else state)
 
     def _rollback(self, num_tokens: int) -> None:
         self._matcher.rollback(num_tokens)
+        del self._utf8_states[len(self._utf8_states) - num_tokens:]
 
     @property
     def is_complete(self) -> bool:

@@ -132,7 +132,8 @@ class GrammarCompiler:
         if isinstance(grammar, LLGuidanceGrammar):
             return LLGuidanceCursor(self._compiler("llguidance").matcher(grammar), self.vocab_size, self.eos_token_ids)
         if isinstance(grammar, XGrammarGrammar):
-            return XGrammarCursor(self._compiler("xgrammar").matcher(grammar), self.vocab_size, self.eos_token_ids)
+            compiler = self._compiler("xgrammar")
+            return XGrammarCursor(compiler.matcher(grammar), self.vocab_size, self.eos_token_ids, compiler.utf8)
         return OutlinesCoreCursor(grammar, self.vocab_size, self.eos_token_ids)
 
     def close(self) -> None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from decoding.structured.compile_workers import CompileWorkers, WorkerSetup
 from decoding.structured.constraint import Constraint, GrammarError, unenforceable
 from decoding.structured.schema_rewrites import prepared
+from decoding.structured.utf8_guard import Utf8Table
 from decoding.structured.xgrammar_support import FORMATS, unsupported_construct, with_counted_strings
 
 
@@ -39,6 +40,8 @@ class XGrammarGrammars:
                                                                       stop_token_ids=sorted(eos_token_ids))
         self._workers = CompileWorkers(WorkerSetup("xgrammar", self.tokenizer_info.serialize_json()),
                                        cpu_budget_s, memory_gb, max_workers)
+        # xgrammar's string rules let ill-formed UTF-8 through; its cursors mask it (utf8_guard).
+        self.utf8 = Utf8Table(tokenizer, vocab_size)
 
     def compile(self, constraint: Constraint) -> XGrammarGrammar:
         serialized = self._workers.compile(constraint)
