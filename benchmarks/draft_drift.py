@@ -54,7 +54,7 @@ def train(model, data: list[torch.Tensor]) -> float:
         optimizer.step()
         optimizer.zero_grad()
     model.eval()
-    return float(loss)
+    return loss.item()
 
 
 def acceptance(engine: Engine, prompts: list[list[int]]) -> float:

@@ -242,3 +242,19 @@ def test_draft_weights_pushed_under_their_prefix_change_no_output(llama_dir):
 def test_draft_names_need_a_draft_model(live):
     with pytest.raises(Exception, match="need a draft model"):
         live.rl.push_weights({"draft.model.norm.weight": torch.ones(64)})
+
+
+def test_the_trl_callback_pushes_before_the_first_step():
+    """Step 0's rollouts must come from the policy the trainer holds, not from what the server loaded."""
+    from types import SimpleNamespace
+
+    from client.trl import PushWeightsCallback
+
+    pushes = []
+    client = SimpleNamespace(push_weights=lambda model, **options: pushes.append(options))
+    callback = PushWeightsCallback(client, policy="keep")
+    model = torch.nn.Linear(2, 2)
+    callback.on_train_begin(None, SimpleNamespace(global_step=0), None, model=model)
+    assert pushes == [{"weight_version": 0, "policy": "keep", "allow_version_rollback": True}]
+    callback.on_step_end(None, SimpleNamespace(global_step=1), None, model=model)
+    assert pushes[-1] == {"weight_version": 1, "policy": "keep"}
