@@ -147,19 +147,6 @@ class Request:
             self._banned_before_min = sorted(i for i in stops if i < vocab_size)
         return self._banned_before_min
 
-    def uniform(self) -> float:
-        """The uniform draw that picks the token at the next position: a function of the seed and that
-        position alone (counter-based, as SGLang's seeded sampling), so a request resumed by resending
-        its prompt and partial completion draws exactly what the uninterrupted one would have."""
-        return position_uniform(self.seed, len(self.token_ids))
-
-    @property
-    def generator(self) -> torch.Generator:
-        """A sequential generator from the same seed, for the draws verification makes per step."""
-        if self._generator is None:
-            self._generator = torch.Generator().manual_seed(self.seed)
-        return self._generator
-
     @property
     def prompt_len(self) -> int:
         return len(self.prompt_token_ids)
