@@ -1,1 +1,1 @@
-"""Scale-out: several engine replicas behind one endpoint (the routing policy so far)."""
+"""Scale-out: several engine replicas on Ray behind one endpoint."""

@@ -15,7 +15,7 @@ ALLOWED = {
     "training": {"models", "decoding"},
     "server": {"models", "wire", "decoding", "training"},     # `gorgon train` dispatches to training
     "client": {"wire"},
-    "cluster": {"models", "wire", "decoding", "server", "client"},   # replicas run the server; the front routes
+    "cluster": {"models", "wire", "decoding", "server", "client"},   # a replica runs a whole server
 }
 
 
