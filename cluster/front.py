@@ -14,6 +14,7 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from cluster.metrics import front_lines, labelled
 from cluster.routing import PrefixRouter
 
 # Routes a single replica answers, chosen by the request's prompt.
@@ -87,6 +88,8 @@ class Front:
             return _unavailable(0)
         if path in FAN_OUT:
             return await self.fan_out(request, body)
+        if path == "/metrics":
+            return await self.metrics(request)
         if path == "/v1/rollouts" and request.method == "POST":
             return await self.rollouts(request, body)
         parsed = _json(body)
@@ -131,6 +134,23 @@ class Front:
         answers = await asyncio.gather(*(self.forward(index, request, body, stream=False)
                                          for index in self.replicas.live()))
         return next((answer for answer in answers if answer.status_code >= 400), answers[0])
+
+    async def metrics(self, request: Request) -> Response:
+        """Every live replica's metrics, labelled with its index, and the front's own."""
+        headers = {k: v for k, v in request.headers.items() if k.lower() == "authorization"}
+        live = self.replicas.live()
+        answers = await asyncio.gather(*(self.replicas.http.get(self.replicas.urls[i] + "/metrics", headers=headers)
+                                         for i in live), return_exceptions=True)
+        lines, seen = [], set()
+        for index, answer in zip(live, answers):
+            if isinstance(answer, httpx.Response):
+                if answer.status_code != 200:
+                    return Response(answer.content, status_code=answer.status_code,
+                                    media_type=answer.headers.get("content-type"))
+                lines += labelled(answer.text, index, seen)
+        up = [url is not None for url in self.replicas.urls]
+        lines += front_lines(self.replicas.in_flight, up, self.router.routed, self.router.routed_by_prefix)
+        return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
     async def rollouts(self, request: Request, body: bytes) -> Response:
         parsed = _json(body)
