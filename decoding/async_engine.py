@@ -123,14 +123,16 @@ class AsyncEngine:
             raise WeightUpdateError(f"policy must be one of {', '.join(UPDATE_POLICIES)}; got {policy!r}",
                                     param="policy")
         weights = self.engine.weights
-        if weights.changes_outputs(tensors):
+        changes_outputs = weights.changes_outputs(tensors)
+        if changes_outputs:
             weights.check_version(version, allow_version_rollback)
         elif version is not None:
             raise WeightUpdateError("a push of draft weights alone keeps the served version; drop weight_version",
                                     param="weight_version")
         await asyncio.to_thread(weights.validate, tensors, require_all, allow_non_finite)
         loop = asyncio.get_running_loop()
-        update = PendingUpdate(tensors, version, policy, allow_version_rollback, recompute_kv, loop, loop.create_future())
+        update = PendingUpdate(tensors, version, policy, allow_version_rollback, recompute_kv, changes_outputs, loop,
+                               loop.create_future())
         self.thread.send("weights", update)
         return await update.done
 

@@ -34,6 +34,7 @@ class PendingUpdate:
     policy: str                          # one of UPDATE_POLICIES
     allow_version_rollback: bool
     recompute_kv: bool                   # policy "keep": recompute the kept requests' cache first
+    changes_outputs: bool                # False for draft weights alone, which apply at once
     loop: asyncio.AbstractEventLoop
     done: asyncio.Future
 
@@ -90,7 +91,7 @@ class GenerationControl:
         self._sync_admission()
 
     def add_update(self, update: PendingUpdate) -> None:
-        if update.policy == "abort" and not self.frozen and self._engine.weights.changes_outputs(update.tensors):
+        if update.policy == "abort" and not self.frozen and update.changes_outputs:
             self._abort_started()
         self._updates.append(update)
         self._sync_admission()
@@ -100,10 +101,11 @@ class GenerationControl:
         while self._updates:
             update = self._updates[0]
             # A draft's weights alone never change an output: they apply at once whatever the policy.
-            keep = self.frozen or update.policy == "keep" or not self._engine.weights.changes_outputs(update.tensors)
+            keep = self.frozen or update.policy == "keep" or not update.changes_outputs
             if not keep and self._engine.weights.has_started_requests():
                 break
             self._updates.popleft()
+            self._sync_admission()
             try:
                 version = self._engine.weights.apply_validated(update.tensors, update.version,
                                                                update.allow_version_rollback, keep_started=keep)
@@ -116,7 +118,6 @@ class GenerationControl:
             for loop, done in self._drain_waiters:
                 _resolve(loop, done)
             self._drain_waiters.clear()
-        self._sync_admission()
 
     def _sync_admission(self) -> None:
         self._engine.pause_admission(self.mode is not None or bool(self._updates))

@@ -18,6 +18,14 @@ MAX_STOP_STRINGS = 64
 MAX_STOP_LENGTH = 1024
 
 
+def stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
+    """A request's stop field as a tuple (one string or several), each within MAX_STOP_LENGTH."""
+    strings = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    if any(len(s) > MAX_STOP_LENGTH for s in strings):
+        raise ValueError(f"stop strings must be at most {MAX_STOP_LENGTH} characters long")
+    return strings
+
+
 class StrictModel(BaseModel):
     """Unknown fields, NaN and infinities, and text that is not valid Unicode are refused with a 400 that
     names the field, before any of the request is used."""
@@ -131,13 +139,11 @@ class _SamplingFields(StrictModel):
         return {}
 
     def sampling_params(self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
-        stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
-        if any(len(s) > MAX_STOP_LENGTH for s in stop):
-            raise ValueError(f"stop strings must be at most {MAX_STOP_LENGTH} characters long")
+        stop = stop_strings(self.stop)
         return SamplingParams(
             n=self.n, max_tokens=max_tokens, min_tokens=self.min_tokens, temperature=self.temperature,
             top_p=self.top_p, top_k=self.top_k, min_p=self.min_p, repetition_penalty=self.repetition_penalty,
-            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty, stop=tuple(stop),
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty, stop=stop,
             stop_token_ids=tuple(self.stop_token_ids or ()), include_stop_str_in_output=self.include_stop_str_in_output,
             ignore_eos=self.ignore_eos, seed=self.seed, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
             logprobs_mode=self.logprobs_mode, speculative=self.speculative, **self.constraint(),

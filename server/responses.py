@@ -8,6 +8,7 @@ import uuid
 from decoding import RequestOutput
 from decoding.outputs import CompletionOutput
 from decoding.sequence import TokenLogprob
+from server.protocol import stop_strings
 from server.tool_calls import ToolCallStream, finished_calls
 
 
@@ -59,7 +60,7 @@ class _View:
         self.created = int(time.time())
         self.prompt_ids = [s.prompt_token_ids for s in streams]
         self.include_usage = body.include_usage
-        stops = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
+        stops = stop_strings(body.stop)
         # Text that might be the start of a stop string is held back until it is known not to be one.
         self.holdback = max((len(s) for s in stops), default=1) - 1
         self.sent_text: dict[int, int] = {}

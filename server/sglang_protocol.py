@@ -11,7 +11,7 @@ from pydantic import Field
 
 from decoding import SamplingParams
 from decoding.params import MAX_LOGPROBS, MAX_REPETITION_PENALTY, MAX_TEMPERATURE
-from server.protocol import MAX_STOP_LENGTH, MAX_STOP_STRINGS, StrictModel
+from server.protocol import MAX_STOP_STRINGS, StrictModel, stop_strings
 
 # SGLang's default when a request names no max_new_tokens.
 DEFAULT_MAX_NEW_TOKENS = 128
@@ -49,9 +49,7 @@ class SGLangSamplingParams(StrictModel):
             if getattr(self, name):
                 raise ValueError(f"sampling_params.{name} is not supported by this server; use json_schema or "
                                  "regex for constrained output")
-        stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
-        if any(len(s) > MAX_STOP_LENGTH for s in stop):
-            raise ValueError(f"stop strings must be at most {MAX_STOP_LENGTH} characters long")
+        stop = stop_strings(self.stop)
         constraint = {}
         if self.json_schema is not None:
             try:
@@ -67,7 +65,7 @@ class SGLangSamplingParams(StrictModel):
             temperature=self.temperature, top_p=self.top_p,
             top_k=0 if self.top_k < 0 or self.top_k >= vocab_size else self.top_k, min_p=self.min_p,
             frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty,
-            repetition_penalty=self.repetition_penalty, stop=tuple(stop), stop_token_ids=tuple(self.stop_token_ids or ()),
+            repetition_penalty=self.repetition_penalty, stop=stop, stop_token_ids=tuple(self.stop_token_ids or ()),
             include_stop_str_in_output=self.no_stop_trim, ignore_eos=self.ignore_eos,
             skip_special_tokens=self.skip_special_tokens, seed=self.sampling_seed, logprobs=logprobs,
             prompt_logprobs=prompt_logprobs, **constraint)
