@@ -1,67 +1,43 @@
 """The one endpoint in front of the replicas: each generation request goes to the replica its prompt's
 prefix favours (cluster/routing.py), streamed or not; a rollout call's prompts are spread over the
-replicas, each group whole, and the answers merged in order; admin calls (weights, pause, resume, aborts,
-cache resets) go to every replica. A replica that fails a request is marked down: that request ends with
-a retriable 503 and the others go on; Ray restarts the replica and the front asks it for its new address.
+replicas, each group whole, and the answers merged in order; weight updates go to every replica, all or
+nothing (cluster/weights.py); the other admin calls (pause, resume, aborts, cache resets) go to every
+replica; the load routes and /metrics answer for all of them. A replica that fails a request is marked
+down (cluster/replicas.py): that request ends with a retriable 503 and the others go on; the replica's
+engine is restarted and re-synced before it serves again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hmac
 import json
 
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from cluster.loads import MERGED_LOADS, merge_loads
 from cluster.metrics import front_lines, labelled
+from cluster.replicas import ReplicaDown, Replicas
 from cluster.routing import PrefixRouter
+from cluster.answers import as_response, unavailable
+from cluster.weights import WEIGHT_ROUTES, WeightCoordinator
 
 # Routes a single replica answers, chosen by the request's prompt.
 ROUTED = ("/v1/completions", "/v1/chat/completions", "/v1/score", "/generate")
 # Routes every replica must hear.
-FAN_OUT = ("/v1/weights/update", "/v1/weights/load", "/pause", "/resume", "/abort_requests",
-           "/v1/reset_prefix_cache", "/reset_prefix_cache", "/abort_request", "/pause_generation",
-           "/continue_generation", "/flush_cache", "/update_weights_from_disk")
+# (The weight routes too, all or nothing: cluster/weights.py.)
+FAN_OUT = ("/pause", "/resume", "/abort_requests", "/v1/reset_prefix_cache", "/reset_prefix_cache",
+           "/abort_request", "/pause_generation", "/continue_generation", "/flush_cache")
 ROLLOUT_KEYS = ("prompt_ids", "completion_ids", "logprobs", "finish_reasons", "texts", "weight_versions",
                 "token_weight_versions", "logprob_token_ids", "top_logprobs")
 
 
-class Replicas:
-    """The replicas' actors, their addresses and their requests in flight, as the front sees them."""
-
-    def __init__(self, actors: list, urls: list[str]):
-        self.actors = actors
-        self.urls: list[str | None] = list(urls)
-        self.in_flight = [0] * len(actors)
-        self.http = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10.0))
-
-    def live(self) -> list[int]:
-        return [index for index, url in enumerate(self.urls) if url is not None]
-
-    def loads(self) -> list[int]:
-        """Requests in flight, a down replica counted as full so that nothing is routed to it."""
-        return [load if self.urls[index] else 10**9 for index, load in enumerate(self.in_flight)]
-
-    def mark_down(self, index: int, router: PrefixRouter) -> None:
-        if self.urls[index] is not None:
-            self.urls[index] = None
-            router.forget(index)
-            asyncio.get_running_loop().create_task(self._rejoin(index))
-
-    async def _rejoin(self, index: int) -> None:
-        """Ask the restarted actor for its address until it answers."""
-        while self.urls[index] is None:
-            try:
-                self.urls[index] = await asyncio.wait_for(self.actors[index].url.remote(), timeout=30)
-            except Exception:           # still restarting
-                await asyncio.sleep(1.0)
-
-
-def _unavailable(index: int) -> JSONResponse:
-    return JSONResponse({"error": {"message": f"replica {index} failed while serving this request and is being "
-                                              "replaced; retry it", "type": "server_overloaded", "param": None,
-                                   "code": "replica_unavailable"}}, status_code=503, headers={"retry-after": "2"})
+def _passed_headers(request: Request) -> dict:
+    """What a replica needs of the caller's headers: the key it checks, and the body's type."""
+    return {k: v for k, v in request.headers.items() if k.lower() in ("authorization", "content-type")}
 
 
 def _routing_text(path: str, body: dict) -> str:
@@ -78,41 +54,53 @@ def _routing_text(path: str, body: dict) -> str:
 class Front:
     """The front's handling of one call: route it, spread it, or fan it out."""
 
-    def __init__(self, replicas: Replicas, router: PrefixRouter):
+    def __init__(self, replicas: Replicas, router: PrefixRouter, admin_key: str | None = None):
         self.replicas = replicas
         self.router = router
+        self.weights = WeightCoordinator(replicas, admin_key)
+        self.admin_key = admin_key
+        replicas.on_down = router.forget
 
     async def handle(self, request: Request, path: str) -> Response:
         body = await request.body()
-        if not self.replicas.live():
-            return _unavailable(0)
+        live = self.replicas.live()
+        if path == "/health":
+            return JSONResponse({"replicas_up": len(live)}, status_code=200 if live else 503)
+        if not live:
+            return unavailable("no replica is up; they are being restarted; retry")
+        headers = _passed_headers(request)
+        params = dict(request.query_params)
+        if request.method == "POST" and path in WEIGHT_ROUTES:
+            answer = await self.weights.update(path, params, body, headers)
+            if answer.status_code < 400:
+                self.router.forget_all()          # every cached prefix was computed by the old weights
+            return answer
         if path in FAN_OUT:
-            return await self.fan_out(request, body)
+            return await self.fan_out(request.method, path, params, body, headers)
         if path == "/metrics":
-            return await self.metrics(request)
+            return await self.metrics(headers)
+        if path == "/cluster/replicas":
+            return self.members(headers)
+        if path in MERGED_LOADS:
+            return await self.loads(path, headers)
         if path == "/v1/rollouts" and request.method == "POST":
             return await self.rollouts(request, body)
         parsed = _json(body)
-        live = self.replicas.live()
         index = self.router.choose(_routing_text(path, parsed), self.replicas.loads()) if path in ROUTED else live[0]
         return await self.forward(index, request, body, stream=bool(parsed.get("stream")))
 
     async def forward(self, index: int, request: Request, body: bytes, stream: bool) -> Response:
         replicas = self.replicas
         replicas.in_flight[index] += 1
-        headers = {k: v for k, v in request.headers.items() if k.lower() in ("authorization", "content-type")}
-        upstream = replicas.http.build_request(request.method, replicas.urls[index] + request.url.path,
-                                               params=request.query_params, content=body, headers=headers)
         try:
-            response = await replicas.http.send(upstream, stream=stream)
-        except httpx.TransportError:
+            response = await replicas.call(index, request.method, request.url.path, stream=stream, content=body,
+                                           params=request.query_params, headers=_passed_headers(request))
+        except ReplicaDown:
             replicas.in_flight[index] -= 1
-            replicas.mark_down(index, self.router)
-            return _unavailable(index)
+            return unavailable(f"replica {index} failed while serving this request and is being replaced; retry it")
         if not stream:
             replicas.in_flight[index] -= 1
-            return Response(response.content, status_code=response.status_code,
-                            media_type=response.headers.get("content-type"))
+            return as_response(response)
         return StreamingResponse(self._relay(index, response), status_code=response.status_code,
                                  media_type=response.headers.get("content-type"))
 
@@ -121,7 +109,7 @@ class Front:
             async for chunk in response.aiter_raw():
                 yield chunk
         except httpx.TransportError:
-            self.replicas.mark_down(index, self.router)
+            self.replicas.mark_down(index)
             message = {"error": {"message": f"replica {index} failed mid-stream; retry the request",
                                  "type": "server_overloaded", "code": "replica_unavailable"}}
             yield f"data: {json.dumps(message)}\n\ndata: [DONE]\n\n".encode()
@@ -129,28 +117,61 @@ class Front:
             self.replicas.in_flight[index] -= 1
             await response.aclose()
 
-    async def fan_out(self, request: Request, body: bytes) -> Response:
-        """Every live replica hears the call; the answer is the first failure's, else the first replica's."""
-        answers = await asyncio.gather(*(self.forward(index, request, body, stream=False)
-                                         for index in self.replicas.live()))
-        return next((answer for answer in answers if answer.status_code >= 400), answers[0])
+    async def fan_out(self, method: str, path: str, params: dict, body: bytes, headers: dict) -> Response:
+        """Every live replica hears the call. A replica that died meanwhile is left out: it restarts with
+        nothing in flight and the journal's pause state. The answer is the first refusal, else the first
+        replica's (aborts: every replica's aborted requests together)."""
+        answers = await self.weights.fan_out(path, method, params, body, headers)
+        if path in ("/v1/reset_prefix_cache", "/reset_prefix_cache", "/flush_cache"):
+            self.router.forget_all()
+        replied = [answer for answer in answers if isinstance(answer, httpx.Response)]
+        if not replied:
+            return unavailable("every replica failed during this call; retry")
+        refused = next((answer for answer in replied if answer.status_code >= 400), None)
+        if refused is not None or path != "/abort_requests":
+            return as_response(refused or replied[0])
+        bodies = [answer.json() for answer in replied]
+        return JSONResponse({"status": "aborted", "aborted": sum(b["aborted"] for b in bodies),
+                             "request_ids": [rid for b in bodies for rid in b["request_ids"]]})
 
-    async def metrics(self, request: Request) -> Response:
-        """Every live replica's metrics, labelled with its index, and the front's own."""
-        headers = {k: v for k, v in request.headers.items() if k.lower() == "authorization"}
+    async def loads(self, path: str, headers: dict) -> Response:
+        """The load routes over every live replica: SGLang's list one entry per replica (its dp_rank is the
+        replica's index); counts are summed."""
         live = self.replicas.live()
-        answers = await asyncio.gather(*(self.replicas.http.get(self.replicas.urls[i] + "/metrics", headers=headers)
-                                         for i in live), return_exceptions=True)
+        answers = await asyncio.gather(*(self.replicas.call(i, "GET", path, headers=headers) for i in live),
+                                       return_exceptions=True)
+        replied = [(i, a) for i, a in zip(live, answers) if isinstance(a, httpx.Response)]
+        refused = next((a for _, a in replied if a.status_code >= 400), None)
+        if refused is not None or not replied:
+            return as_response(refused) if refused is not None else unavailable("no replica answered; retry")
+        return JSONResponse(merge_loads(path, [(i, a.json()) for i, a in replied]))
+
+    async def metrics(self, headers: dict) -> Response:
+        """Every live replica's metrics, labelled with its index, and the front's own."""
+        live = self.replicas.live()
+        answers = await asyncio.gather(*(self.replicas.call(i, "GET", "/metrics", headers=headers) for i in live),
+                                       return_exceptions=True)
         lines, seen = [], set()
         for index, answer in zip(live, answers):
             if isinstance(answer, httpx.Response):
                 if answer.status_code != 200:
-                    return Response(answer.content, status_code=answer.status_code,
-                                    media_type=answer.headers.get("content-type"))
+                    return as_response(answer)
                 lines += labelled(answer.text, index, seen)
         up = [url is not None for url in self.replicas.urls]
         lines += front_lines(self.replicas.in_flight, up, self.router.routed, self.router.routed_by_prefix)
         return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+
+    def members(self, headers: dict) -> Response:
+        """Each replica's address, engine process, load and state (SGLang router's /list_workers); it names
+        internal addresses, so it takes the admin key where one is set."""
+        if self.admin_key and not hmac.compare_digest(headers.get("authorization", ""), f"Bearer {self.admin_key}"):
+            return JSONResponse({"error": {"message": "this route needs the admin key: 'Authorization: Bearer KEY'",
+                                           "type": "authentication_error", "param": None, "code": None}},
+                                status_code=401)
+        r = self.replicas
+        return JSONResponse({"replicas": [{"index": i, "url": r.urls[i], "pid": r.pids[i], "up": r.urls[i] is not None,
+                                           "in_flight": r.in_flight[i]} for i in range(len(r.actors))],
+                             "weight_version": self.weights.journal.version, "paused": self.weights.journal.paused})
 
     async def rollouts(self, request: Request, body: bytes) -> Response:
         parsed = _json(body)
@@ -169,9 +190,17 @@ class Front:
         return JSONResponse(_merge_rollouts(prompts, parts, [json.loads(a.body) for a in answers], parsed.get("n", 1)))
 
 
-def build_front(replicas: Replicas, router: PrefixRouter) -> FastAPI:
-    app = FastAPI(title="Gorgon cluster")
-    front = Front(replicas, router)
+def build_front(replicas: Replicas, router: PrefixRouter, admin_key: str | None = None) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        monitor = asyncio.get_running_loop().create_task(replicas.monitor())
+        yield
+        monitor.cancel()
+        await replicas.close()
+
+    app = FastAPI(title="Gorgon cluster", lifespan=lifespan)
+    front = Front(replicas, router, admin_key)
+    app.state.front = front
 
     @app.api_route("/{path:path}", methods=["GET", "POST", "PUT"])
     async def proxy(request: Request, path: str):

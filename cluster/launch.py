@@ -1,24 +1,77 @@
 """`gorgon serve --replicas N`: start (or join, with --address) a Ray cluster, one replica actor per
-engine, and the front on this process's port."""
+engine, each running `gorgon serve` with this command's engine and server options, and the front on this
+process's --host and --port."""
 
 from __future__ import annotations
 
-from cluster.front import Replicas, build_front
+import argparse
+import os
+import sys
+
+from fastapi import FastAPI
+
+from cluster.front import build_front
+from cluster.replicas import Replicas
 from cluster.replica import replica_actor
-from cluster.routing import PrefixRouter
+from cluster.routing import PrefixRouter, RoundRobinRouter
+
+ROUTERS = {"prefix": PrefixRouter, "round-robin": RoundRobinRouter}
+# The options the front keeps for itself; every other option of `gorgon serve` goes to each replica.
+FRONT_ONLY = ("--replicas", "--address", "--routing", "--host", "--port", "--threads")
 
 
-def start_replicas(num_replicas: int, threads: int, model: str | None, engine_options: dict, server_options: dict,
+def replica_args(serve_argv: list[str]) -> list[str]:
+    """`gorgon serve`'s arguments (after the word serve) as each replica gets them."""
+    front_only = argparse.ArgumentParser(add_help=False)
+    for flag in FRONT_ONLY:
+        front_only.add_argument(flag)
+    _, rest = front_only.parse_known_args(serve_argv)
+    return rest
+
+
+def start_replicas(num_replicas: int, threads: int, serve_args: list[str], num_gpus: float = 0.0,
                    address: str | None = None) -> Replicas:
-    """Ray up (a local cluster, or the one at `address`), the replicas started and answering."""
+    """Ray up (a local cluster, or the one at `address`), the replicas started and answering. A replica
+    that cannot start raises, with the end of its log."""
     import ray
 
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
-    actor = replica_actor(threads)
-    actors = [actor.remote(model, engine_options, server_options, threads) for _ in range(num_replicas)]
-    return Replicas(actors, ray.get([a.url.remote() for a in actors]))
+    actor = replica_actor(threads, num_gpus)
+    actors = [actor.remote(index, serve_args, threads) for index in range(num_replicas)]
+    return Replicas(actors, ray.get([a.endpoint.remote() for a in actors]))
 
 
-def cluster_app(replicas: Replicas):
-    return build_front(replicas, PrefixRouter(len(replicas.actors)))
+def stop_replicas(replicas: Replicas) -> None:
+    import ray
+
+    ray.get([actor.stop.remote() for actor in replicas.actors])
+    for actor in replicas.actors:
+        ray.kill(actor, no_restart=True)
+
+
+def cluster_app(replicas: Replicas, routing: str = "prefix", admin_key: str | None = None) -> FastAPI:
+    return build_front(replicas, ROUTERS[routing](len(replicas.actors)), admin_key)
+
+
+def serve_cluster(args: argparse.Namespace, serve_argv: list[str]) -> int:
+    """The command: replicas up, the front serving until SIGINT or SIGTERM, then everything stopped."""
+    import ray
+    import uvicorn
+
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.replicas)
+    num_gpus = 1.0 if args.device.startswith("cuda") else 0.0
+    try:
+        replicas = start_replicas(args.replicas, threads, replica_args(serve_argv), num_gpus, args.address)
+    except (ray.exceptions.RayError, ConnectionError, ValueError) as err:
+        print(f"gorgon: error: the replicas did not start: {err}", file=sys.stderr)
+        return 2
+    print(f"Gorgon serving {args.replicas} replicas ({threads} threads{', 1 GPU' if num_gpus else ''} each) on "
+          f"http://{args.host}:{args.port} (OpenAI-compatible, /v1), routing by {args.routing}", flush=True)
+    app = cluster_app(replicas, args.routing, args.admin_key)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        stop_replicas(replicas)
+        ray.shutdown()
+    return 0

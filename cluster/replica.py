@@ -1,51 +1,139 @@
-"""One engine replica: a whole Gorgon server (every route of the single server) in a Ray actor's process,
-on a free port of its node. Ray restarts the actor when its process dies; the front then asks it for its
-new address."""
+"""One engine replica: a Ray actor that runs `gorgon serve` (every route and option of the single server)
+as its child process on a free port of its node, and starts it again when it dies.
+
+The actor is the replica's supervisor, not its engine: a crashed engine (killed, out of memory) is
+restarted here in seconds, without Ray rescheduling anything, and the front sees a new process id and
+re-syncs the new engine (weights, pause state) before routing to it. If the actor's own process dies, Ray
+restarts the actor (max_restarts=-1), which starts a new engine the same way. The child is tied to the
+actor (PR_SET_PDEATHSIG on Linux), so an engine never outlives its supervisor.
+"""
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import socket
+import subprocess
+import sys
+import tempfile
 import threading
 import time
+import urllib.request
+
+READY_TIMEOUT_S = 600.0        # loading a large model from a cold disk can take minutes
+RESTART_BACKOFF_S = 2.0
 
 
-class ReplicaServer:
-    """The actor's body (wrapped with `ray.remote` by `replica_actor`)."""
+class ReplicaProcess:
+    """The actor's body (wrapped with `ray.remote` by `replica_actor`). `serve_args`: the arguments of
+    `gorgon serve` for this replica, without --host and --port, which the replica picks itself."""
 
-    def __init__(self, model: str | None, engine_options: dict, server_options: dict, threads: int):
-        # The thread count is read by torch and the kernels when the engine starts: set it first.
-        os.environ["OMP_NUM_THREADS"] = str(threads)
-        import uvicorn
+    def __init__(self, index: int, serve_args: list[str], threads: int):
+        self.index = index
+        self.serve_args = list(serve_args)
+        self.threads = threads
+        self.host = _node_address()
+        self.log_path = os.path.join(tempfile.gettempdir(), f"gorgon-replica-{index}-{os.getpid()}.log")
+        self.address: str | None = None
+        self.process: subprocess.Popen | None = None
+        self.starts = 0
+        self._ready = threading.Event()
+        self._stopping = False
+        self._start()                        # a replica that cannot start fails the actor's creation
+        threading.Thread(target=self._supervise, name="gorgon-replica-supervisor", daemon=True).start()
 
-        from decoding import Engine
-        from server.app import ServerConfig, build_app
+    def endpoint(self) -> tuple[str, int]:
+        """(address, engine process id) once the engine answers; blocks while it (re)starts."""
+        while not self._ready.wait(timeout=1.0):
+            if self._stopping:
+                raise RuntimeError(f"replica {self.index} is stopping")
+        return self.address, self.process.pid
 
-        self.engine = Engine(model=model, threads=threads, show_progress=False, **engine_options)
-        app = build_app(self.engine, ServerConfig(**server_options))
-        host = _node_address()
-        self.port = _free_port(host)
-        self.address = f"http://{host}:{self.port}"
-        self._server = uvicorn.Server(uvicorn.Config(app, host=host, port=self.port, log_level="warning"))
-        threading.Thread(target=self._server.run, name="gorgon-replica-http", daemon=True).start()
-        deadline = time.monotonic() + 120
-        while not self._server.started:
-            if time.monotonic() > deadline:
-                raise RuntimeError("the replica's HTTP server did not start within 120 s")
-            time.sleep(0.05)
+    def state(self) -> tuple[str | None, int | None]:
+        """(address, engine process id) now, or (None, None) while the engine is (re)starting."""
+        if not self._ready.is_set():
+            return None, None
+        return self.address, self.process.pid
 
-    def url(self) -> str:
-        return self.address
+    def log_file(self) -> str:
+        return self.log_path
 
-    def pid(self) -> int:
-        return os.getpid()
+    def stop(self) -> None:
+        """Stop the engine gracefully (SIGTERM: it drains, then exits) and do not start it again."""
+        self._stopping = True
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+    def _start(self) -> None:
+        self._ready.clear()
+        port = _free_port(self.host)
+        command = [sys.executable, "-m", "server.cli", "serve", *self.serve_args, "--host", self.host,
+                   "--port", str(port), "--threads", str(self.threads)]
+        # The thread count must be in the environment before torch starts in the child.
+        env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)}
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                            preexec_fn=_die_with_parent)
+        self.starts += 1
+        self.address = f"http://{self.host}:{port}"
+        self._wait_until_ready()
+        self._ready.set()
+
+    def _wait_until_ready(self) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"replica {self.index} exited with code {self.process.returncode} while starting:"
+                                   f"\n{_tail(self.log_path)}")
+            try:
+                with urllib.request.urlopen(self.address + "/health", timeout=2) as answer:
+                    if answer.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        self.process.kill()
+        raise RuntimeError(f"replica {self.index} did not answer within {READY_TIMEOUT_S:.0f} s:\n{_tail(self.log_path)}")
+
+    def _supervise(self) -> None:
+        while not self._stopping:
+            self.process.wait()
+            if self._stopping:
+                return
+            self._ready.clear()
+            try:
+                self._start()
+            except RuntimeError as err:          # e.g. the node is out of memory: try again a bit later
+                print(f"gorgon: {err}", file=sys.stderr, flush=True)
+                time.sleep(RESTART_BACKOFF_S)
 
 
 def replica_actor(threads: int, num_gpus: float = 0.0):
-    """The Ray actor class for replicas of `threads` CPUs each, restarted without limit when they die."""
+    """The Ray actor class for replicas of `threads` CPUs (and `num_gpus` GPUs) each, restarted without
+    limit when their process dies. Several calls run at once: `endpoint` may block while `state` answers."""
     import ray
 
-    return ray.remote(num_cpus=threads, num_gpus=num_gpus, max_restarts=-1, max_task_retries=0)(ReplicaServer)
+    return ray.remote(num_cpus=threads, num_gpus=num_gpus, max_restarts=-1, max_task_retries=0,
+                      max_concurrency=4)(ReplicaProcess)
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: the kernel sends SIGKILL when the supervising actor's process dies."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)     # 1 = PR_SET_PDEATHSIG
+
+
+def _tail(path: str, lines: int = 20) -> str:
+    try:
+        with open(path, errors="replace") as log:
+            return "".join(log.readlines()[-lines:])
+    except OSError:
+        return "(no log)"
 
 
 def _node_address() -> str:

@@ -32,6 +32,10 @@ def prefix_keys(text: str) -> list[bytes]:
     return keys
 
 
+# The load the front reports for a replica that is down, so that no policy routes to it.
+DOWN_LOAD = 10**9
+
+
 @dataclass(frozen=True)
 class RoutingPolicy:
     cache_threshold: float = 0.5
@@ -62,7 +66,7 @@ class PrefixRouter:
         replica = least
         if not self._out_of_balance(loads) and keys:
             matched = [self._matched(r, keys) for r in range(self.num_replicas)]
-            best = max(range(self.num_replicas), key=lambda r: (matched[r], -loads[r], -r))
+            best = max(range(self.num_replicas), key=lambda r: (loads[r] < DOWN_LOAD, matched[r], -loads[r], -r))
             if matched[best] >= self.policy.cache_threshold * len(keys):
                 replica = best
                 self.routed_by_prefix += 1
@@ -91,7 +95,8 @@ class PrefixRouter:
             held.clear()
 
     def _out_of_balance(self, loads: list[int]) -> bool:
-        busiest, idlest = max(loads), min(loads)
+        up = [load for load in loads if load < DOWN_LOAD] or loads
+        busiest, idlest = max(up), min(up)
         return busiest - idlest > self.policy.balance_abs and busiest > self.policy.balance_rel * idlest
 
     def _matched(self, replica: int, keys: list[bytes]) -> int:
@@ -109,3 +114,21 @@ class PrefixRouter:
             held.move_to_end(key)
         while len(held) > self.policy.max_keys_per_replica:
             held.popitem(last=False)
+
+
+class RoundRobinRouter(PrefixRouter):
+    """Each request to the next replica that is up, whatever its prompt: the baseline prefix routing is
+    measured against (benchmarks/cluster.py), and a choice for workloads that share no prefixes."""
+
+    def __init__(self, num_replicas: int):
+        super().__init__(num_replicas)
+        self._next = 0
+
+    def choose(self, text: str, loads: list[int]) -> int:
+        if len(loads) != self.num_replicas:
+            raise ValueError(f"expected {self.num_replicas} loads, got {len(loads)}")
+        up = [r for r in range(self.num_replicas) if loads[r] < DOWN_LOAD] or list(range(self.num_replicas))
+        replica = up[self._next % len(up)]
+        self._next += 1
+        self.routed += 1
+        return replica

@@ -114,11 +114,13 @@ class AsyncEngine:
 
     async def update_weights(self, tensors: dict, version: int | None = None, policy: str = "wait",
                              require_all: bool = False, allow_non_finite: bool = False,
-                             allow_version_rollback: bool = False, recompute_kv: bool = False) -> int:
+                             allow_version_rollback: bool = False, recompute_kv: bool = False,
+                             dry_run: bool = False, keep_previous: bool = False) -> int:
         """Swap weights between steps; returns the new weight version. While paused it applies at once;
         otherwise `policy` (wait, abort or keep; see generation_control) says what happens to the requests
         in flight. A bad payload (see ServedWeights.update) raises WeightUpdateError and changes nothing;
-        it is checked in a worker thread, off the event loop."""
+        it is checked in a worker thread, off the event loop. dry_run: only check it, and return the version
+        it would set. keep_previous: save what it overwrites, for rollback_weights."""
         if policy not in UPDATE_POLICIES:
             raise WeightUpdateError(f"policy must be one of {', '.join(UPDATE_POLICIES)}; got {policy!r}",
                                     param="policy")
@@ -130,11 +132,31 @@ class AsyncEngine:
             raise WeightUpdateError("a push of draft weights alone keeps the served version; drop weight_version",
                                     param="weight_version")
         await asyncio.to_thread(weights.validate, tensors, require_all, allow_non_finite)
+        if dry_run:
+            return weights.version if not changes_outputs else weights.version + 1 if version is None else version
         loop = asyncio.get_running_loop()
         update = PendingUpdate(tensors, version, policy, allow_version_rollback, recompute_kv, changes_outputs, loop,
-                               loop.create_future())
+                               loop.create_future(), keep_previous)
         self.thread.send("weights", update)
         return await update.done
+
+    async def rollback_weights(self, policy: str = "wait") -> int:
+        """Undo the last update made with keep_previous: its overwritten values and version come back
+        (applied like an update, under `policy`). Raises WeightUpdateError when there is none to undo."""
+        weights = self.engine.weights
+        previous = weights.previous
+        if previous is None:
+            raise WeightUpdateError("there is no update to roll back: only the last update made with keep_previous "
+                                    "can be, until it is committed")
+        version = previous.version if weights.changes_outputs(previous.tensors) else None
+        restored = await self.update_weights(previous.tensors, version, policy, allow_version_rollback=True)
+        if weights.previous is previous:
+            weights.previous = None
+        return restored
+
+    def commit_weights(self) -> None:
+        """Forget what the last update saved for a rollback (it is final now)."""
+        self.engine.weights.previous = None
 
     async def pause(self, mode: str = "abort", recompute_on_resume: bool = False) -> None:
         """Pause generation (modes: generation_control); returns once the mode's work is done: aborted

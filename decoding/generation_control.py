@@ -37,6 +37,7 @@ class PendingUpdate:
     changes_outputs: bool                # False for draft weights alone, which apply at once
     loop: asyncio.AbstractEventLoop
     done: asyncio.Future
+    keep_previous: bool = False          # save what it overwrites, for a rollback (ServedWeights.previous)
 
 
 def _resolve(loop: asyncio.AbstractEventLoop, done: asyncio.Future, result=None, error: BaseException | None = None):
@@ -108,7 +109,8 @@ class GenerationControl:
             self._sync_admission()
             try:
                 version = self._engine.weights.apply_validated(update.tensors, update.version,
-                                                               update.allow_version_rollback, keep_started=keep)
+                                                               update.allow_version_rollback, keep_started=keep,
+                                                               keep_previous=update.keep_previous)
                 if keep and update.recompute_kv:
                     self._engine.recompute_started()
                 _resolve(update.loop, update.done, version)

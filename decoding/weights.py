@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Protocol
 from pathlib import Path
 
@@ -24,6 +25,15 @@ class WeightUpdateError(ValueError):
     def __init__(self, message: str, param: str | None = None):
         super().__init__(message)
         self.param = param
+
+
+@dataclass
+class SavedWeights:
+    """What an update replaced: the values it overwrote and the version before it, so that a caller
+    coordinating several servers (cluster/) can undo it when another server failed the same update."""
+
+    tensors: dict[str, torch.Tensor]
+    version: int
 
 
 class ServedWeights:
@@ -40,6 +50,7 @@ class ServedWeights:
         self._requests = requests           # the engine's live requests, by id
         self._on_change = on_change
         self.draft = draft                  # the draft model's weights, pushed under DRAFT_PREFIX names
+        self.previous: SavedWeights | None = None    # what the last update asked to keep replaced
 
     def started_request_ids(self) -> list[str]:
         """Requests admitted under the current weights that have not finished (running or preempted)."""
@@ -78,7 +89,8 @@ class ServedWeights:
         return bool(split_draft(tensors)[0])
 
     def apply_validated(self, tensors: dict[str, torch.Tensor], version: int | None = None,
-                        allow_version_rollback: bool = False, keep_started: bool = False) -> int:
+                        allow_version_rollback: bool = False, keep_started: bool = False,
+                        keep_previous: bool = False) -> int:
         """Copy in tensors that validate_update passed and set (or bump) the version. A version below the
         current one is refused unless allow_version_rollback (a trainer that restarted from an older
         checkpoint says so; anything else is a stale push); checked again here, as the version may have
@@ -86,19 +98,22 @@ class ServedWeights:
 
         Started requests are refused unless keep_started: then they continue under the new weights, each
         unfinished sequence noting where its tokens under the new version start, and a request with
-        cached keys and values from the old weights is marked kv_stale."""
+        cached keys and values from the old weights is marked kv_stale. keep_previous: first save what the
+        update overwrites (`previous`), for a rollback."""
         target, draft = split_draft(tensors)
+        started = [r for r in self._requests.values() if r.weight_version is not None]
+        if target:
+            self.check_version(version, allow_version_rollback)
+            if started and not keep_started:
+                raise RuntimeError("weights cannot change while requests are being generated")
+        if keep_previous:
+            self.previous = SavedWeights(self.current(tensors), self.version)
         if draft:            # speculation is lossless: new draft weights never change an output
             apply_update(self.draft.model, draft)
             self.draft.forget_states()
         if not target:
             return self.version
-        tensors = target
-        self.check_version(version, allow_version_rollback)
-        started = [r for r in self._requests.values() if r.weight_version is not None]
-        if started and not keep_started:
-            raise RuntimeError("weights cannot change while requests are being generated")
-        apply_update(self.model, tensors)
+        apply_update(self.model, target)
         self._on_change()
         self.version = self.version + 1 if version is None else version
         for request in started:
@@ -107,6 +122,16 @@ class ServedWeights:
                 if not seq.is_finished:
                     seq.version_changes.append((seq.num_output_tokens, self.version))
         return self.version
+
+    def current(self, names) -> dict[str, torch.Tensor]:
+        """Copies of the named parameters as they are served now (draft ones under DRAFT_PREFIX)."""
+        target, draft = split_draft(dict.fromkeys(names))
+        served = self.model.param_slots()
+        saved = {name: served[name][0].read() for name in target}
+        if draft:
+            slots = self.draft.model.param_slots()
+            saved.update({DRAFT_PREFIX + name: slots[name][0].read() for name in draft})
+        return saved
 
     def check_version(self, version: int | None, allow_version_rollback: bool = False) -> None:
         if version is not None and version < self.version and not allow_version_rollback:

@@ -55,6 +55,10 @@ class ParamSlot:
         if self.on_write is not None:
             self.on_write()
 
+    def read(self) -> torch.Tensor:
+        """A copy of the slot's current value in the checkpoint's layout (for a later copy_ back)."""
+        return (self.target.t() if self.transpose else self.target).clone(memory_format=torch.contiguous_format)
+
 
 class FusedLinear(torch.nn.Module):
     """One matrix for several projections of the same input, stored as [in, sum(out)]."""

@@ -79,6 +79,10 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    if args.replicas > 1 or args.address:
+        from cluster.launch import serve_cluster     # the cluster extra (Ray); plain serving never imports it
+
+        return serve_cluster(args, args.serve_argv)
     import uvicorn
 
     from decoding import Engine
@@ -169,6 +173,23 @@ def _add_serve_args(serve: argparse.ArgumentParser) -> None:
                        help="an HF folder loaded beside the served model and never updated: /v1/score with "
                        "\"reference\": true scores under it (PPO's reference logprobs, one server)")
     serve.add_argument("--log-level", default="info")
+    cluster = serve.add_argument_group("scale-out on Ray (the gorgon[cluster] extra)")
+    cluster.add_argument("--replicas", type=_positive, default=1,
+                         help="engine replicas behind this one endpoint, each a whole server with these options "
+                         "and --threads threads (default: the cores divided among them)")
+    cluster.add_argument("--address", default=None,
+                         help="join the Ray cluster at this address (e.g. 10.0.0.5:6379, or auto) instead of "
+                         "starting a local one")
+    cluster.add_argument("--routing", choices=["prefix", "round-robin"], default="prefix",
+                         help="prefix: a prompt goes to the replica holding most of its prefix unless the loads "
+                         "are out of balance; round-robin: each request to the next replica")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _train_medusa(args: argparse.Namespace) -> int:
@@ -179,6 +200,9 @@ def _train_medusa(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args, rest = build_parser().parse_known_args(argv)
+    if args.command == "serve":
+        every = sys.argv[1:] if argv is None else list(argv)
+        args.serve_argv = every[every.index("serve") + 1:]       # what the replicas of a cluster get
     if getattr(args, "kind", None) == "medusa":
         args.rest = rest              # the trainer parses (and documents, with --help) its own options
     elif rest:

@@ -310,6 +310,8 @@ class WeightsLoadRequest(StrictModel):
     recompute_kv: bool = False              # policy keep: kept requests recompute their cache first
     allow_non_finite: bool = False          # accept NaN / infinite values (refused by default)
     allow_version_rollback: bool = False    # accept a weight_version below the served one
+    dry_run: bool = False                   # check the checkpoint against the model; change nothing
+    keep_previous: bool = False             # save what the load overwrites, for /v1/weights/rollback
 
 
 class AbortRequestsRequest(StrictModel):

@@ -129,12 +129,12 @@ def add_weight_routes(app: FastAPI, server) -> None:
         except (WeightUpdateError, OSError) as err:
             raise APIError(400, f"could not read weights from {body.path!r}: {err}", param="path") from err
         return await apply(tensors, body.weight_version, body.policy, True, body.allow_non_finite,
-                           body.allow_version_rollback, body.recompute_kv)
+                           body.allow_version_rollback, body.recompute_kv, body.dry_run, body.keep_previous)
 
     @app.post("/v1/weights/update", responses=WEIGHT_PUSH_ERRORS)
     async def update_weights(request: Request, weight_version: int | None = None, policy: str = "wait",
                              allow_non_finite: bool = False, allow_version_rollback: bool = False,
-                             recompute_kv: bool = False):
+                             recompute_kv: bool = False, dry_run: bool = False, keep_previous: bool = False):
         payload = bytearray()
         async for chunk in request.stream():
             payload += chunk
@@ -145,13 +145,28 @@ def add_weight_routes(app: FastAPI, server) -> None:
         if not tensors:
             raise APIError(400, "the safetensors payload holds no tensors")
         return await apply(tensors, weight_version, policy, False, allow_non_finite, allow_version_rollback,
-                           recompute_kv)
+                           recompute_kv, dry_run, keep_previous)
 
     async def apply(tensors, version, policy, require_all, allow_non_finite, allow_version_rollback,
-                    recompute_kv) -> dict:
+                    recompute_kv, dry_run, keep_previous) -> dict:
         try:
             new_version = await server.front.update_weights(tensors, version, policy, require_all, allow_non_finite,
-                                                            allow_version_rollback, recompute_kv)
+                                                            allow_version_rollback, recompute_kv, dry_run=dry_run,
+                                                            keep_previous=keep_previous)
         except WeightUpdateError as err:
             raise APIError(400, str(err), param=err.param) from err
-        return {"weight_version": new_version, "num_parameters": len(tensors)}
+        return {"weight_version": new_version, "num_parameters": len(tensors), **({"dry_run": True} if dry_run else {})}
+
+    # Two-phase updates across replicas (cluster/weights.py): an update made with keep_previous is undone
+    # by a rollback, or made final by a commit, once every replica has answered.
+    @app.post("/v1/weights/rollback", responses=WEIGHT_ERRORS)
+    async def rollback_weights(policy: str = "wait"):
+        try:
+            return {"weight_version": await server.front.rollback_weights(policy)}
+        except WeightUpdateError as err:
+            raise APIError(409 if err.param is None else 400, str(err), param=err.param) from err
+
+    @app.post("/v1/weights/commit", responses=AUTH_ERRORS)
+    async def commit_weights():
+        server.front.commit_weights()
+        return {"weight_version": engine.weights.version}

@@ -159,13 +159,15 @@ def _add_weights(app: FastAPI, server) -> None:
                                         "the server reads safetensors checkpoints")
             tensors = await asyncio.to_thread(read_checkpoint, body.model_path)
             policy = "abort" if body.abort_all_requests else "wait"
-            new_version = await front.update_weights(tensors, version, policy, require_all=True)
+            new_version = await front.update_weights(tensors, version, policy, require_all=True, dry_run=body.dry_run,
+                                                     keep_previous=body.keep_previous)
         except (WeightUpdateError, ValueError, OSError) as err:
             return JSONResponse({"success": False, "message": str(err), "num_paused_requests": 0}, status_code=400)
-        if body.flush_cache:
+        if body.flush_cache and not body.dry_run:
             await front.reset_prefix_cache()           # already dropped by the update; kept for the contract
-        return {"success": True, "message": f"Succeeded to update model weights. weight_version={new_version}",
-                "num_paused_requests": 0}
+        message = (f"The checkpoint fits the model; nothing changed (dry run). weight_version would be {new_version}"
+                   if body.dry_run else f"Succeeded to update model weights. weight_version={new_version}")
+        return {"success": True, "message": message, "num_paused_requests": 0}
 
     @app.get("/get_weight_version", responses=AUTH_ERRORS)
     async def get_weight_version():

@@ -141,6 +141,8 @@ class UpdateWeightsFromDiskRequest(StrictModel):
     flush_cache: bool = True
     recapture_cuda_graph: bool = False
     token_step: int = 0
+    dry_run: bool = False            # Gorgon's, as on /v1/weights/load: check only (the cluster's first phase)
+    keep_previous: bool = False      # Gorgon's: save what the load overwrites, for /v1/weights/rollback
 
     def version(self) -> int | None:
         """SGLang's versions are strings; Gorgon's are integers (slime sends str(step))."""

@@ -1,103 +1,178 @@
-"""Two replicas of a tiny model behind one front, on a local Ray cluster, one thread each."""
+"""`gorgon serve --replicas 2`, as users start it: two replicas of the default model, one thread each, on a
+local Ray cluster, behind one front. Everything goes through HTTP; /cluster/replicas tells the tests
+where the replicas are and which process runs each engine."""
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
 import httpx
 import pytest
 import torch
+from safetensors.torch import save
 
-ray = pytest.importorskip("ray", reason="the cluster extra (ray[serve]) is not installed")
-
-from cluster.launch import cluster_app, start_replicas  # noqa: E402
+pytest.importorskip("ray", reason="the cluster extra (ray[serve]) is not installed")
 from live_server import free_port  # noqa: E402
 
 pytestmark = pytest.mark.cluster
+ADMIN = {"Authorization": "Bearer admin"}
+NORM = "model.norm.weight"
+HIDDEN = 320                   # the default model's hidden size
 
 
 @pytest.fixture(scope="module")
-def front(llama_dir):
-    import uvicorn
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    replicas = start_replicas(2, 1, llama_dir, {"num_kv_blocks": 512, "block_size": 4},
-                              {"served_model_name": "tiny", "admin_key": "admin"})
+def front(tmp_path_factory):
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(cluster_app(replicas), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", replicas
-    server.should_exit = True
-    thread.join(timeout=30)
-    ray.shutdown()
+    log = open(tmp_path_factory.mktemp("cluster") / "front.log", "w+")
+    process = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--replicas", "2", "--threads", "1",
+                                "--port", str(port), "--admin-key", "admin", "--kv-cache-memory-gb", "0.1",
+                                "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 240
+    while True:
+        assert process.poll() is None and time.time() < deadline, _read(log)
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    yield url
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
 
 
-ADMIN = {"Authorization": "Bearer admin"}
+def _read(log) -> str:
+    log.flush()
+    log.seek(0)
+    return log.read()[-3000:]
+
+
+def members(url: str) -> list[dict]:
+    return httpx.get(url + "/cluster/replicas", headers=ADMIN).json()["replicas"]
+
+
+def wait_for_new_engine(url: str, index: int, old_pid: int, timeout: float = 120) -> list[dict]:
+    """The replicas once `index` serves again from another engine process than `old_pid`."""
+    deadline = time.time() + timeout
+    while True:
+        found = members(url)
+        if all(m["up"] for m in found) and found[index]["pid"] != old_pid:
+            return found
+        assert time.time() < deadline, f"replica {index} did not come back: {found}"
+        time.sleep(0.2)
+
+
+def greedy(url: str, prompt: str = "The cat sat on") -> list[int]:
+    body = {"prompts": [prompt], "max_tokens": 8, "min_tokens": 8, "temperature": 0}
+    answer = httpx.post(url + "/v1/rollouts", json=body, timeout=60)
+    assert answer.status_code == 200, answer.text
+    return answer.json()["completion_ids"][0]
 
 
 def test_completions_streams_and_rollouts_through_the_front(front):
-    url, replicas = front
-    body = {"prompt": [1, 5, 9, 33], "max_tokens": 6, "temperature": 0}
-    direct = httpx.post(replicas.urls[0] + "/v1/completions", json=body).json()["choices"][0]["text"]
-    assert httpx.post(url + "/v1/completions", json=body).json()["choices"][0]["text"] == direct
-    with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}) as response:
+    replicas = members(front)
+    assert [m["up"] for m in replicas] == [True, True] and replicas[0]["pid"] != replicas[1]["pid"]
+    body = {"prompt": "Once upon a time", "max_tokens": 6, "temperature": 0}
+    direct = httpx.post(replicas[0]["url"] + "/v1/completions", json=body).json()["choices"][0]["text"]
+    assert httpx.post(front + "/v1/completions", json=body).json()["choices"][0]["text"] == direct
+    chat = httpx.post(front + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}],
+                                                           "max_tokens": 4})
+    assert chat.status_code == 200 and chat.json()["choices"][0]["message"]["role"] == "assistant"
+    with httpx.stream("POST", front + "/v1/completions", json={**body, "stream": True}) as response:
         lines = [line for line in response.iter_lines() if line.startswith("data: ")]
     assert lines[-1] == "data: [DONE]"
-    prompts = [[1, 5, 9, 33 + i] for i in range(6)]
-    out = httpx.post(url + "/v1/rollouts", json={"prompts": prompts, "n": 2, "max_tokens": 4, "seed": 3}).json()
-    assert out["prompt_ids"] == [p for p in prompts for _ in range(2)] and len(out["completion_ids"]) == 12
-    alone = httpx.post(replicas.urls[1] + "/v1/rollouts", json={"prompts": prompts, "n": 2, "max_tokens": 4,
-                                                               "seed": 3}).json()
+    prompts = [f"Question {i}: what is {i} plus {i}?" for i in range(6)]
+    rollout = {"prompts": prompts, "n": 2, "max_tokens": 4, "seed": 3}
+    out = httpx.post(front + "/v1/rollouts", json=rollout).json()
+    assert len(out["completion_ids"]) == 12 and out["weight_version"] == 0
+    alone = httpx.post(replicas[1]["url"] + "/v1/rollouts", json=rollout).json()
     assert alone["completion_ids"] == out["completion_ids"]       # spread over replicas, same samples
+    assert out["prompt_ids"] == alone["prompt_ids"]
+    score = httpx.post(front + "/v1/score", json={"sequences": [out["prompt_ids"][0] + out["completion_ids"][0]],
+                                                  "prompt_lens": [len(out["prompt_ids"][0])]})
+    assert score.status_code == 200
+    assert httpx.post(front + "/v1/completions", json={"prompt": "x", "max_tokens": -1}).status_code == 400
 
 
-def test_metrics_show_every_replica_and_the_router(front):
-    url, _ = front
-    httpx.post(url + "/v1/completions", json={"prompt": [1, 5, 9], "max_tokens": 2})
-    text = httpx.get(url + "/metrics").text
+def test_metrics_and_loads_cover_every_replica(front):
+    httpx.post(front + "/v1/completions", json={"prompt": "Hello", "max_tokens": 2})
+    text = httpx.get(front + "/metrics").text
     for replica in (0, 1):
         assert f'gorgon:replica_up{{replica="{replica}"}} 1' in text
         assert f'gorgon:replica_in_flight{{replica="{replica}"}}' in text
         assert f'replica="{replica}"' in text.split("gorgon:replica_in_flight")[0]     # its own samples
     assert "gorgon:routed_requests_total" in text
+    loads = httpx.get(front + "/v1/loads", headers=ADMIN).json()["loads"]
+    assert [entry["dp_rank"] for entry in loads] == [0, 1]
+    assert httpx.get(front + "/cluster/replicas").status_code == 401
 
 
-def test_weight_pushes_reach_every_replica(front):
-    url, replicas = front
-    from safetensors.torch import save
-    answer = httpx.post(url + "/v1/weights/update", content=save({"model.norm.weight": torch.ones(64) * 1.01}),
+def test_weight_updates_are_all_or_nothing(front):
+    replicas = members(front)
+    before = greedy(front)
+    # Replica 1 alone moves to version 5 (as if it had diverged): a push at version 3 through the front is
+    # refused by it in the first phase, and replica 0 must not have applied it either.
+    payload = save({NORM: torch.ones(HIDDEN) * 1.5})
+    assert httpx.post(replicas[1]["url"] + "/v1/weights/update?weight_version=5", content=payload,
+                      headers=ADMIN).status_code == 200
+    refused = httpx.post(front + "/v1/weights/update?weight_version=3", content=payload, headers=ADMIN)
+    assert refused.status_code == 400 and "lower than the served version 5" in refused.text
+    assert httpx.get(replicas[0]["url"] + "/v1/weights/version").json()["weight_version"] == 0
+    assert greedy(replicas[0]["url"]) == before
+    # A push every replica takes: the same version everywhere, and the same outputs.
+    pushed = httpx.post(front + "/v1/weights/update?weight_version=7", content=save({NORM: torch.ones(HIDDEN) * 3}),
                         headers=ADMIN)
-    assert answer.status_code == 200
-    versions = {httpx.get(u + "/v1/weights/version").json()["weight_version"] for u in replicas.urls}
-    assert versions == {answer.json()["weight_version"]}
+    assert pushed.status_code == 200 and pushed.json()["weight_version"] == 7
+    assert {httpx.get(m["url"] + "/v1/weights/version").json()["weight_version"] for m in replicas} == {7}
+    assert greedy(replicas[0]["url"]) == greedy(replicas[1]["url"])
+    assert httpx.post(front + "/v1/weights/update", content=b"junk", headers=ADMIN).status_code == 400
+    assert httpx.get(front + "/v1/weights/version").json()["weight_version"] == 7
+
+
+def test_a_restarted_replica_is_resynced_before_it_serves(front):
+    """Its engine is killed while the cluster is paused at a pushed version: the new engine comes back at
+    that version, paused, with the same outputs as the other replica, before the front routes to it."""
+    pushed = httpx.post(front + "/v1/weights/update?weight_version=9", content=save({NORM: torch.ones(HIDDEN) * 2}),
+                        headers=ADMIN)
+    assert pushed.status_code == 200
+    assert httpx.post(front + "/pause?mode=abort", headers=ADMIN).status_code == 200
+    victim = members(front)[1]
+    os.kill(victim["pid"], signal.SIGKILL)
+    back = wait_for_new_engine(front, 1, victim["pid"])
+    assert httpx.get(back[1]["url"] + "/v1/weights/version").json()["weight_version"] == 9
+    assert httpx.get(back[1]["url"] + "/is_paused", headers=ADMIN).json() == {"is_paused": True}
+    assert httpx.post(front + "/resume", headers=ADMIN).status_code == 200
+    assert greedy(back[1]["url"]) == greedy(back[0]["url"])
 
 
 def test_a_killed_replica_fails_its_requests_retriably_and_comes_back(front):
-    """A request in flight on a replica whose process dies ends with a retriable 503, never a hang; the
-    other replica keeps serving; Ray restarts the dead one and the front readmits it."""
-    url, replicas = front
+    """A request in flight on a replica whose engine dies ends with a retriable 503, never a hang; the
+    other replica keeps serving; the dead one is restarted and readmitted."""
     result = {}
-    body = {"prompt": [1, 5, 9, 33], "max_tokens": 240, "min_tokens": 240}
-    thread = threading.Thread(target=lambda: result.setdefault("answer", httpx.post(url + "/v1/completions",
+    body = {"prompt": "Tell me a long story", "max_tokens": 400, "min_tokens": 400}
+    thread = threading.Thread(target=lambda: result.setdefault("answer", httpx.post(front + "/v1/completions",
                                                                                       json=body, timeout=120)))
     thread.start()
     deadline = time.time() + 30
-    while not any(replicas.in_flight):
+    found = members(front)
+    while not any(m["in_flight"] for m in found):
         assert time.time() < deadline
         time.sleep(0.01)
-    victim = replicas.in_flight.index(max(replicas.in_flight))
-    os.kill(ray.get(replicas.actors[victim].pid.remote()), signal.SIGKILL)
+        found = members(front)
+    victim = max(found, key=lambda m: m["in_flight"])
+    os.kill(victim["pid"], signal.SIGKILL)
     thread.join(timeout=60)
     answer = result["answer"]
     assert answer.status_code == 503 and answer.headers["retry-after"]
     assert "retry" in answer.json()["error"]["message"]
-    short = {"prompt": [1, 5, 9], "max_tokens": 2}
-    assert httpx.post(url + "/v1/completions", json=short).status_code == 200       # the other one serves
-    deadline = time.time() + 120
-    while replicas.urls[victim] is None:
-        assert time.time() < deadline, "the replica did not come back"
-        time.sleep(0.5)
-    assert httpx.post(replicas.urls[victim] + "/v1/completions", json=short).status_code == 200
+    short = {"prompt": "Hello", "max_tokens": 2}
+    assert httpx.post(front + "/v1/completions", json=short).status_code == 200       # the other one serves
+    back = wait_for_new_engine(front, victim["index"], victim["pid"])
+    assert httpx.post(back[victim["index"]]["url"] + "/v1/completions", json=short).status_code == 200

@@ -13,9 +13,9 @@ ALLOWED = {
     "wire": set(),
     "decoding": {"models", "wire"},
     "training": {"models", "decoding"},
-    "server": {"models", "wire", "decoding", "training"},     # `gorgon train` dispatches to training
+    "server": {"models", "wire", "decoding", "training", "cluster"},  # `gorgon train`, `gorgon serve --replicas`
     "client": {"wire"},
-    "cluster": {"models", "wire", "decoding", "server", "client"},   # a replica runs a whole server
+    "cluster": {"models", "wire", "decoding"},        # a replica runs `gorgon serve` as its own process
 }
 
 

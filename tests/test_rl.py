@@ -106,6 +106,39 @@ def test_weight_routes_need_the_admin_key(live, llama_dir):
                       headers={"Authorization": "Bearer admin"}).status_code == 400
 
 
+def test_a_dry_run_changes_nothing_and_a_kept_update_rolls_back_exactly(live, llama_dir):
+    """The two phases a cluster front runs on every replica: check first, then apply while keeping what was
+    overwritten, so that a failure elsewhere can undo it (or a commit can make it final)."""
+    url, admin = live.url, {"Authorization": "Bearer admin"}
+    greedy = dict(max_tokens=10, temperature=0, min_tokens=10)
+    before = live.rl.rollouts([PROMPTS[0]], **greedy)["completion_ids"][0]
+    norm = live.engine.weights.current(["model.norm.weight"])["model.norm.weight"]
+    payload = save_safetensors({"model.norm.weight": torch.randn(64), "model.layers.0.mlp.up_proj.weight":
+                                torch.randn_like(live.engine.weights.current(["model.layers.0.mlp.up_proj.weight"])
+                                                 ["model.layers.0.mlp.up_proj.weight"])})
+    dry = httpx.post(f"{url}/v1/weights/update?dry_run=true&weight_version=5", content=payload, headers=admin)
+    assert dry.json() == {"weight_version": 5, "num_parameters": 2, "dry_run": True}
+    assert live.rl.weight_version() == 0 and live.engine.weights.previous is None
+    bad = save_safetensors({"model.norm.weight": torch.randn(3)})
+    assert httpx.post(f"{url}/v1/weights/update?dry_run=true", content=bad, headers=admin).status_code == 400
+    assert httpx.post(f"{url}/v1/weights/load", json={"path": llama_dir, "dry_run": True, "weight_version": 9},
+                      headers=admin).json()["weight_version"] == 9
+
+    kept = httpx.post(f"{url}/v1/weights/update?weight_version=5&keep_previous=true", content=payload, headers=admin)
+    assert kept.json()["weight_version"] == 5
+    assert live.rl.rollouts([PROMPTS[0]], **greedy)["completion_ids"][0] != before
+    assert httpx.post(f"{url}/v1/weights/rollback", headers=admin).json() == {"weight_version": 0}
+    assert torch.equal(live.engine.weights.current(["model.norm.weight"])["model.norm.weight"], norm)
+    assert live.rl.rollouts([PROMPTS[0]], **greedy)["completion_ids"][0] == before
+    again = httpx.post(f"{url}/v1/weights/rollback", headers=admin)     # only one update is kept, once
+    assert again.status_code == 409 and "no update to roll back" in again.json()["error"]["message"]
+
+    httpx.post(f"{url}/v1/weights/update?weight_version=6&keep_previous=true", content=payload, headers=admin)
+    assert httpx.post(f"{url}/v1/weights/commit", headers=admin).json() == {"weight_version": 6}
+    assert httpx.post(f"{url}/v1/weights/rollback", headers=admin).status_code == 409
+    assert httpx.post(f"{url}/v1/weights/commit").status_code == 401
+
+
 @pytest.mark.parametrize("policy", ["wait", "abort"])
 def test_updates_never_mix_versions_inside_a_rollout(live, policy):
     results = {}

@@ -88,3 +88,10 @@ def safetensors_header(tensors: Mapping[str, torch.Tensor]) -> tuple[bytes, list
     header = json.dumps(entries, separators=(",", ":")).encode()
     header += b" " * (-len(header) % 8)
     return struct.pack("<Q", len(header)) + header, ordered
+
+
+def encode_payload(tensors: Mapping[str, torch.Tensor]) -> bytes:
+    """A whole safetensors body in memory (for a payload that is kept and sent again)."""
+    header, ordered = safetensors_header(tensors)
+    return header + b"".join(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+                             for t in ordered)

@@ -1,0 +1,20 @@
+"""The answers the front makes itself: a replica's answer passed on, and the retriable 503 of a call that a
+replica could not finish (it died, or none is up)."""
+
+from __future__ import annotations
+
+import httpx
+from fastapi.responses import JSONResponse, Response
+
+RETRY_AFTER_S = 2         # about how long a replica's engine takes to restart and re-sync
+
+
+def as_response(answer: httpx.Response) -> Response:
+    return Response(answer.content, status_code=answer.status_code, media_type=answer.headers.get("content-type"))
+
+
+def unavailable(message: str) -> JSONResponse:
+    """OpenAI's overloaded error (clients retry it), with Retry-After."""
+    return JSONResponse({"error": {"message": message, "type": "server_overloaded", "param": None,
+                                   "code": "replica_unavailable"}}, status_code=503,
+                        headers={"retry-after": str(RETRY_AFTER_S)})

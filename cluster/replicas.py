@@ -1,0 +1,97 @@
+"""The replicas as the front sees them: each one's actor, address, engine process and requests in flight,
+and whether it is up.
+
+A replica is down from the moment a request to it fails at the transport level, or the monitor sees its
+engine process gone or replaced (`ReplicaProcess` restarts engines on its own, so a quick restart is
+noticed by its new process id, not by an error). A down replica gets no requests. It is readmitted once
+its new engine answers and `resync` has brought it to what the cluster serves (weights, pause state), so
+no request ever reaches a replica that serves other weights than the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Awaitable, Callable
+
+import httpx
+
+MONITOR_INTERVAL_S = 1.0
+ACTOR_CALL_TIMEOUT_S = 10.0
+
+
+class ReplicaDown(Exception):
+    def __init__(self, index: int):
+        super().__init__(f"replica {index} is down")
+        self.index = index
+
+
+class Replicas:
+    def __init__(self, actors: list, endpoints: list[tuple[str, int]]):
+        self.actors = actors
+        self.urls: list[str | None] = [url for url, _ in endpoints]
+        self.pids: list[int | None] = [pid for _, pid in endpoints]
+        self.in_flight = [0] * len(actors)
+        self.http = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10.0))
+        self.resync: Callable[[int, str], Awaitable[bool]] | None = None    # set by the weight coordinator
+        self.on_down: Callable[[int], None] = lambda index: None             # the router forgets what it held
+        self._rejoining: set[int] = set()
+
+    def live(self) -> list[int]:
+        return [index for index, url in enumerate(self.urls) if url is not None]
+
+    def loads(self) -> list[int]:
+        """Requests in flight, a down replica counted as full so that nothing is routed to it."""
+        return [load if self.urls[index] else 10**9 for index, load in enumerate(self.in_flight)]
+
+    async def call(self, index: int, method: str, path: str, *, stream: bool = False, **kwargs) -> httpx.Response:
+        """One HTTP call to a replica; ReplicaDown (and the replica marked down) if it cannot answer."""
+        url = self.urls[index]
+        if url is None:
+            raise ReplicaDown(index)
+        try:
+            return await self.http.send(self.http.build_request(method, url + path, **kwargs), stream=stream)
+        except httpx.TransportError:
+            self.mark_down(index)
+            raise ReplicaDown(index) from None
+
+    def mark_down(self, index: int) -> None:
+        if self.urls[index] is not None:
+            self.urls[index] = None
+            self.on_down(index)
+        if index not in self._rejoining:
+            self._rejoining.add(index)
+            asyncio.get_running_loop().create_task(self._rejoin(index))
+
+    async def _rejoin(self, index: int) -> None:
+        """Wait for the replica's next engine, bring it in line, then route to it again."""
+        try:
+            while True:
+                try:
+                    url, pid = await asyncio.wait_for(self.actors[index].endpoint.remote(), timeout=60)
+                except Exception:                 # the actor itself is being restarted by Ray
+                    await asyncio.sleep(MONITOR_INTERVAL_S)
+                    continue
+                if self.resync is None or await self.resync(index, url):
+                    self.urls[index], self.pids[index] = url, pid
+                    return
+                await asyncio.sleep(MONITOR_INTERVAL_S)
+        finally:
+            self._rejoining.discard(index)
+
+    async def monitor(self) -> None:
+        """Notice engines that died or were restarted between requests (runs for the front's lifetime)."""
+        while True:
+            await asyncio.sleep(MONITOR_INTERVAL_S)
+            for index in self.live():
+                try:
+                    url, pid = await asyncio.wait_for(self.actors[index].state.remote(), ACTOR_CALL_TIMEOUT_S)
+                except Exception:
+                    url, pid = None, None
+                if pid is None or pid != self.pids[index] or url != self.urls[index]:
+                    print(f"gorgon: replica {index} restarted; re-syncing it before it serves again",
+                          file=sys.stderr, flush=True)
+                    self.mark_down(index)
+
+    async def close(self) -> None:
+        await self.http.aclose()

@@ -1,0 +1,168 @@
+"""Weights across replicas: every update is all or nothing, and a replica that restarts is brought back to
+what the others serve before it gets a request.
+
+An update (a push, a load from disk, SGLang's update_weights_from_disk) runs in two phases on every live
+replica. First a dry run: each replica checks the payload against its model and the version, changing
+nothing; one refusal ends the update there, with that replica's answer. Then the update itself, each
+replica keeping what it overwrote; if any replica fails it (an error, or its process dies), the ones that
+applied it roll back to the previous values and version, and the caller gets the failure. Only when every
+replica has applied it is it committed (the kept values dropped), and only then is it recorded in the
+journal. Updates are serialized, and none runs while a replica is being re-synced.
+
+The journal is the cluster's served state: the last full load (a checkpoint path and the version it set)
+and every tensor pushed since, merged by name (at most one copy of the model, held by the front), the
+served version, and whether generation is paused. A restarted replica replays it: the load, then one push
+of the merged tensors at the served version, then the pause.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import torch
+from fastapi.responses import Response
+
+from cluster.answers import as_response, unavailable
+from cluster.replicas import ReplicaDown, Replicas
+from decoding.weights import DRAFT_PREFIX      # the draft model's names, which a load keeps
+from wire.safetensors import encode_payload, read_payload
+
+PUSH = "/v1/weights/update"
+LOADS = ("/v1/weights/load", "/update_weights_from_disk")
+WEIGHT_ROUTES = (PUSH, *LOADS)
+PAUSES = {"/pause": True, "/pause_generation": True, "/resume": False, "/continue_generation": False}
+
+
+class WeightJournal:
+    def __init__(self):
+        self.loaded: tuple[str, int] | None = None       # (checkpoint path, the version it set)
+        self.pushed: dict[str, torch.Tensor] = {}
+        self.version = 0
+        self.paused = False
+
+    def record(self, path: str, body: bytes, version: int) -> None:
+        """A committed update (its route and body) and the version every replica reported."""
+        if path == PUSH:
+            tensors = read_payload(bytearray(body))
+            self.pushed.update({name: tensor.clone() for name, tensor in tensors.items()})
+        else:
+            fields = json.loads(body)
+            self.loaded = (fields.get("path") or fields.get("model_path"), version)
+            self.pushed = {name: t for name, t in self.pushed.items() if name.startswith(DRAFT_PREFIX)}
+        self.version = version
+
+    def replay(self) -> list[tuple[str, str, dict, bytes]]:
+        """The calls (method, route, query, body) that bring a fresh replica to the served state."""
+        calls = []
+        if self.loaded is not None:
+            path, version = self.loaded
+            body = {"path": path, "weight_version": version, "allow_version_rollback": True}
+            calls.append(("POST", LOADS[0], {}, json.dumps(body).encode()))
+        if self.pushed:
+            served = any(not name.startswith(DRAFT_PREFIX) for name in self.pushed)
+            query = {"weight_version": self.version, "allow_version_rollback": "true"} if served else {}
+            calls.append(("POST", PUSH, query, encode_payload(self.pushed)))
+        if self.paused:
+            calls.append(("POST", "/pause", {"mode": "abort", "clear_cache": "false"}, b""))
+        return calls
+
+
+class WeightCoordinator:
+    def __init__(self, replicas: Replicas, admin_key: str | None):
+        self.replicas = replicas
+        self.journal = WeightJournal()
+        self.lock = asyncio.Lock()
+        self._admin = {"authorization": f"Bearer {admin_key}"} if admin_key else {}
+        replicas.resync = self.resync
+
+    async def update(self, path: str, params: dict, body: bytes, headers: dict) -> Response:
+        async with self.lock:
+            live = self.replicas.live()
+            checked = await self._everywhere(live, path, _flagged(path, params, body, "dry_run"), headers)
+            refusal = _first_failure(checked)
+            if refusal is not None:
+                return refusal
+            applied = await self._everywhere(live, path, _flagged(path, params, body, "keep_previous"), headers)
+            failure = _first_failure(applied)
+            if failure is not None:
+                await self._roll_back([i for i, a in zip(live, applied) if _succeeded(a)], headers)
+                return failure
+            committed = await self._everywhere(live, "/v1/weights/commit", ({}, b""), headers)
+            reported = [a.json()["weight_version"] if _succeeded(a) else None for a in committed]
+            if all(seen is None for seen in reported):
+                return unavailable("every replica failed right after the weight update; they restart with the "
+                                    "weights served before it; retry")
+            version = max(set(reported) - {None}, key=reported.count)
+            for index, seen in zip(live, reported):
+                if seen != version:                   # re-synced from the journal before it serves again
+                    self.replicas.mark_down(index)
+            self.journal.record(path, body, version)
+            return as_response(applied[0])
+
+    async def fan_out(self, path: str, method: str, params: dict, body: bytes, headers: dict) -> list:
+        """A control call on every live replica (pause, resume, aborts, cache resets); a pause or resume
+        that every live replica took is recorded, for replicas that restart."""
+        async with self.lock:
+            live = self.replicas.live()
+            answers = await self._everywhere(live, path, (params, body), headers, method)
+            if path in PAUSES and all(_succeeded(a) or isinstance(a, ReplicaDown) for a in answers):
+                self.journal.paused = PAUSES[path]
+            return answers
+
+    async def resync(self, index: int, url: str) -> bool:
+        """Bring a restarted replica (not routed to yet) to the journal's state; False to try again later."""
+        async with self.lock:
+            client = self.replicas.http
+            try:
+                for method, path, params, body in self.journal.replay():
+                    answer = await client.request(method, url + path, params=params, content=body, headers=self._admin)
+                    if answer.status_code >= 400:
+                        print(f"gorgon: re-syncing replica {index}: {path} answered {answer.status_code}: "
+                              f"{answer.text[:300]}", flush=True)
+                        return False
+                version = (await client.get(url + "/v1/weights/version", headers=self._admin)).json()
+            except (httpx.TransportError, ValueError):
+                return False
+            return version.get("weight_version") == self.journal.version
+
+    async def _everywhere(self, live: list[int], path: str, call: tuple[dict, bytes], headers: dict,
+                          method: str = "POST") -> list:
+        params, body = call
+        return await asyncio.gather(*(self.replicas.call(index, method, path, params=params, content=body,
+                                                         headers=headers) for index in live),
+                                    return_exceptions=True)
+
+    async def _roll_back(self, indices: list[int], headers: dict) -> None:
+        answers = await self._everywhere(indices, "/v1/weights/rollback", ({}, b""), headers)
+        for index, answer in zip(indices, answers):
+            if not _succeeded(answer):               # cannot undo it: re-sync it from the journal instead
+                self.replicas.mark_down(index)
+
+
+def _flagged(path: str, params: dict, body: bytes, flag: str) -> tuple[dict, bytes]:
+    """The call with a dry_run or keep_previous flag: in the query for a push, in the JSON body for loads."""
+    if path == PUSH:
+        return {**params, flag: "true"}, body
+    try:
+        fields = json.loads(body)
+    except ValueError:
+        return params, body                   # the replica says what is wrong with it
+    return params, json.dumps({**fields, flag: True} if isinstance(fields, dict) else fields).encode()
+
+
+def _succeeded(answer) -> bool:
+    return isinstance(answer, httpx.Response) and answer.status_code < 400
+
+
+def _first_failure(answers: list) -> Response | None:
+    for answer in answers:
+        if isinstance(answer, ReplicaDown):
+            return unavailable(f"replica {answer.index} failed during the weight update; no replica changed its "
+                                "weights; retry once it is back")
+        if isinstance(answer, BaseException):
+            raise answer
+        if answer.status_code >= 400:
+            return as_response(answer)
+    return None
