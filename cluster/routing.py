@@ -1,5 +1,6 @@
-"""Which replica takes a request: the one whose prefix cache most likely holds its prompt, unless the
-replicas' loads are out of balance (the policy of SGLang's router, "cache-aware" routing).
+"""Which replica takes a request: the one whose prefix cache most likely holds its prompt, among the
+replicas that are not much busier than the idlest (cache-aware routing, as SGLang's router does it, with
+the balance decided per replica rather than all or nothing).
 
 Each replica keeps the keys of the prompts it was sent: a prompt is cut into chunks of CHUNK_CHARS
 characters and each chunk is keyed by a digest of itself and every chunk before it (a hash chain, as the
@@ -7,11 +8,17 @@ engine keys its KV blocks), so two prompts share their first k keys exactly when
 k chunks. The router cannot see a replica's cache, so the keys stand in for it: bounded per replica,
 least recently used first out, as the cache itself evicts.
 
-- Out of balance (the busiest replica has more than `balance_abs` requests over the idlest, and more than
-  `balance_rel` times as many): the least-loaded replica, whatever it holds.
-- Otherwise the replica holding the longest run of the prompt's leading keys, if that run covers at least
+- Candidates: the replicas with at most `balance_abs` requests in flight over the idlest one, or at most
+  `balance_rel` times as many (whichever allows more). A busier replica gets nothing, whatever it holds.
+- Among them, the one holding the longest run of the prompt's leading keys, if that run covers at least
   `cache_threshold` of the prompt; else the least-loaded one (ties: the one holding fewest keys, which has
   the most room).
+
+Why per replica: prompts that share a long system prompt all match the first replica that saw it; with
+SGLang's all-or-nothing balance (its thresholds are sized for GPU batches of hundreds) every conversation
+went to that replica while the other idled (benchmarks/cluster.py measured a 1.0 / 0.0 split). Here the
+second replica gets a conversation as soon as the first is two requests ahead, prefills the system prompt
+once, and from then on both hold it and each conversation returns to the replica with its history.
 """
 
 from __future__ import annotations
@@ -39,8 +46,8 @@ DOWN_LOAD = 10**9
 @dataclass(frozen=True)
 class RoutingPolicy:
     cache_threshold: float = 0.5
-    balance_abs: int = 8
-    balance_rel: float = 1.5
+    balance_abs: int = 2
+    balance_rel: float = 1.25
     max_keys_per_replica: int = 200_000
 
 
@@ -62,11 +69,11 @@ class PrefixRouter:
         if len(loads) != self.num_replicas:
             raise ValueError(f"expected {self.num_replicas} loads, got {len(loads)}")
         keys = prefix_keys(text)
-        least = min(range(self.num_replicas), key=lambda r: (loads[r], len(self._held[r]), r))
-        replica = least
-        if not self._out_of_balance(loads) and keys:
-            matched = [self._matched(r, keys) for r in range(self.num_replicas)]
-            best = max(range(self.num_replicas), key=lambda r: (loads[r] < DOWN_LOAD, matched[r], -loads[r], -r))
+        candidates = self._not_busy(loads)
+        replica = min(candidates, key=lambda r: (loads[r], len(self._held[r]), r))
+        if keys:
+            matched = {r: self._matched(r, keys) for r in candidates}
+            best = max(candidates, key=lambda r: (matched[r], -loads[r], -r))
             if matched[best] >= self.policy.cache_threshold * len(keys):
                 replica = best
                 self.routed_by_prefix += 1
@@ -94,10 +101,11 @@ class PrefixRouter:
         for held in self._held:
             held.clear()
 
-    def _out_of_balance(self, loads: list[int]) -> bool:
-        up = [load for load in loads if load < DOWN_LOAD] or loads
-        busiest, idlest = max(up), min(up)
-        return busiest - idlest > self.policy.balance_abs and busiest > self.policy.balance_rel * idlest
+    def _not_busy(self, loads: list[int]) -> list[int]:
+        up = [r for r in range(self.num_replicas) if loads[r] < DOWN_LOAD] or list(range(self.num_replicas))
+        idlest = min(loads[r] for r in up)
+        room = max(idlest + self.policy.balance_abs, idlest * self.policy.balance_rel)
+        return [r for r in up if loads[r] <= room]
 
     def _matched(self, replica: int, keys: list[bytes]) -> int:
         held, count = self._held[replica], 0

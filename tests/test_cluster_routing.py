@@ -72,3 +72,17 @@ def test_forgetting_a_replica_and_bad_loads():
         router.choose(text, [0])
     with pytest.raises(ValueError):
         PrefixRouter(0)
+
+
+def test_a_few_conversations_sharing_a_system_prompt_use_both_replicas():
+    """With SGLang's all-or-nothing balance, six conversations in flight all matched the replica that saw
+    the system prompt first and the other one idled; here they split, and each stays where it started."""
+    router = PrefixRouter(2)
+    homes = {}
+    for turn in range(1, 4):
+        loads = [0, 0]
+        for index in range(6):
+            replica = router.choose(conversation(index, turn), loads)
+            loads[replica] += 1
+            assert homes.setdefault(index, replica) == replica
+        assert sorted(loads) == [3, 3]

@@ -1,0 +1,111 @@
+"""The weight coordinator's decisions, against fake replicas (no Ray): which calls each replica gets when
+an update is refused, when one replica fails it after others applied it, and when all take it; and what a
+restarted replica is sent to catch up."""
+
+import asyncio
+import json
+
+import httpx
+import pytest
+import torch
+from safetensors.torch import load, save
+
+from cluster.replicas import Replicas
+from cluster.weights import WeightCoordinator, WeightJournal
+
+ADMIN = {"authorization": "Bearer admin"}
+
+
+class FakeReplica:
+    """A replica's weight routes: a version, and the calls it got."""
+
+    def __init__(self, refuse_dry_run=False, fail_apply=False, die_on_apply=False):
+        self.version, self.kept = 0, None
+        self.refuse_dry_run, self.fail_apply, self.die_on_apply = refuse_dry_run, fail_apply, die_on_apply
+        self.calls = []
+
+    def handle(self, request: httpx.Request) -> httpx.Response:
+        path, query = request.url.path, dict(request.url.params)
+        self.calls.append((path, query.get("dry_run") or query.get("keep_previous") and "keep"))
+        if path == "/v1/weights/update":
+            if query.get("dry_run"):
+                return httpx.Response(400 if self.refuse_dry_run else 200, json={"weight_version": 1})
+            if self.die_on_apply:
+                raise httpx.ConnectError("the replica's process died")
+            if self.fail_apply:
+                return httpx.Response(400, json={"error": {"message": "boom"}})
+            self.kept, self.version = self.version, int(query.get("weight_version", self.version + 1))
+            return httpx.Response(200, json={"weight_version": self.version, "num_parameters": 1})
+        if path == "/v1/weights/rollback":
+            self.version, self.kept = self.kept, None
+            return httpx.Response(200, json={"weight_version": self.version})
+        if path == "/v1/weights/commit":
+            self.kept = None
+            return httpx.Response(200, json={"weight_version": self.version})
+        return httpx.Response(200, json={})
+
+
+def coordinator(*fakes: FakeReplica) -> tuple[WeightCoordinator, Replicas]:
+    by_host = {f"r{i}": fake for i, fake in enumerate(fakes)}
+    replicas = Replicas([None] * len(fakes), [(f"http://r{i}", i) for i in range(len(fakes))])
+    replicas.http = httpx.AsyncClient(transport=httpx.MockTransport(lambda r: by_host[r.url.host].handle(r)))
+    replicas.mark_down = lambda index: replicas.urls.__setitem__(index, None)      # no actor to rejoin
+    return WeightCoordinator(replicas, "admin"), replicas
+
+
+PAYLOAD = save({"model.norm.weight": torch.ones(4)})
+
+
+def push(coord: WeightCoordinator, query: dict | None = None):
+    return asyncio.run(coord.update("/v1/weights/update", query or {}, PAYLOAD, ADMIN))
+
+
+def test_a_refusal_in_the_dry_run_changes_no_replica():
+    good, bad = FakeReplica(), FakeReplica(refuse_dry_run=True)
+    coord, _ = coordinator(good, bad)
+    assert push(coord).status_code == 400
+    assert [c for c in good.calls if c[1] != "true"] == [] and good.version == 0
+    assert coord.journal.version == 0 and not coord.journal.pushed
+
+
+@pytest.mark.parametrize("failure", ["fail_apply", "die_on_apply"])
+def test_a_replica_that_fails_the_update_rolls_the_others_back(failure):
+    first, failing, third = FakeReplica(), FakeReplica(**{failure: True}), FakeReplica()
+    coord, replicas = coordinator(first, failing, third)
+    answer = push(coord, {"weight_version": "4"})
+    assert answer.status_code == (400 if failure == "fail_apply" else 503)
+    for fake in (first, third):
+        assert ("/v1/weights/rollback", None) in fake.calls and fake.version == 0
+        assert ("/v1/weights/commit", None) not in fake.calls
+    assert ("/v1/weights/rollback", None) not in failing.calls
+    assert coord.journal.version == 0 and not coord.journal.pushed
+    if failure == "die_on_apply":
+        assert replicas.urls[1] is None and "no replica changed its weights" in answer.body.decode()
+
+
+def test_an_update_every_replica_takes_is_committed_and_journalled():
+    fakes = [FakeReplica(), FakeReplica()]
+    coord, _ = coordinator(*fakes)
+    answer = push(coord, {"weight_version": "6"})
+    assert answer.status_code == 200 and json.loads(answer.body)["weight_version"] == 6
+    for fake in fakes:
+        assert [c for c in fake.calls] == [("/v1/weights/update", "true"), ("/v1/weights/update", "keep"),
+                                           ("/v1/weights/commit", None)]
+    assert coord.journal.version == 6 and list(coord.journal.pushed) == ["model.norm.weight"]
+
+
+def test_the_journal_replays_a_load_then_the_merged_pushes_then_the_pause():
+    journal = WeightJournal()
+    journal.record("/v1/weights/update", save({"a": torch.zeros(2), "draft.b": torch.zeros(1)}), 1)
+    journal.record("/v1/weights/load", json.dumps({"path": "/ckpt/step2"}).encode(), 2)
+    journal.record("/v1/weights/update", save({"a": torch.ones(2)}), 3)
+    journal.record("/v1/weights/update", save({"c": torch.full((3,), 7.0)}), 4)
+    journal.paused = True
+    calls = journal.replay()
+    assert [(path, query) for _, path, query, _ in calls] == [
+        ("/v1/weights/load", {}), ("/v1/weights/update", {"weight_version": 4, "allow_version_rollback": "true"}),
+        ("/pause", {"mode": "abort", "clear_cache": "false"})]
+    assert json.loads(calls[0][3]) == {"path": "/ckpt/step2", "weight_version": 2, "allow_version_rollback": True}
+    merged = load(calls[1][3])
+    assert sorted(merged) == ["a", "c", "draft.b"]            # the load kept the draft's, replaced the rest
+    assert torch.equal(merged["a"], torch.ones(2)) and torch.equal(merged["c"], torch.full((3,), 7.0))
