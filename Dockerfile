@@ -13,7 +13,18 @@ COPY models models
 COPY wire wire
 COPY server server
 COPY training training
-RUN pip install --no-cache-dir .
+COPY client client
+COPY cluster cluster
+# The cluster extra (Ray, pinned) by default, so that the image is also a Ray node for
+# `gorgon serve --replicas N --address HEAD:6379`: every node of a Ray cluster needs the same Ray and
+# Python versions, and Gorgon itself, which a replica runs. Build with --build-arg EXTRAS= to leave Ray out.
+ARG EXTRAS=cluster
+RUN pip install --no-cache-dir ".[${EXTRAS}]"
 EXPOSE 8000
+# Serving:          docker run -p 8000:8000 IMAGE
+# A Ray head:       docker run --network host --entrypoint ray IMAGE start --head --port 6379 --block
+# A Ray worker:     docker run --network host --entrypoint ray IMAGE start --address HEAD:6379 --block
+# Then, anywhere with the image or the cluster extra:
+#                   gorgon serve --replicas 4 --threads 4 --address HEAD:6379 --host 0.0.0.0
 ENTRYPOINT ["gorgon"]
 CMD ["serve", "--host", "0.0.0.0"]
