@@ -31,8 +31,25 @@ ROUTED = ("/v1/completions", "/v1/chat/completions", "/v1/score", "/generate")
 # (The weight routes too, all or nothing: cluster/weights.py.)
 FAN_OUT = ("/pause", "/resume", "/abort_requests", "/v1/reset_prefix_cache", "/reset_prefix_cache",
            "/abort_request", "/pause_generation", "/continue_generation", "/flush_cache")
+DRAIN_BYTES = 64 * 2**20
 ROLLOUT_KEYS = ("prompt_ids", "completion_ids", "logprobs", "finish_reasons", "texts", "weight_versions",
                 "token_weight_versions", "logprob_token_ids", "top_logprobs")
+
+
+async def _bounded_body(request: Request, limit: int | None) -> bytes | None:
+    """The whole body, or None if it is larger than `limit` (the rest read and dropped, up to DRAIN_BYTES,
+    so that the client can read the 413 instead of failing on its write)."""
+    declared = request.headers.get("content-length", "")
+    body, size = bytearray(), 0
+    too_large = limit is not None and declared.isdigit() and int(declared) > limit
+    async for chunk in request.stream():
+        size += len(chunk)
+        too_large = too_large or (limit is not None and size > limit)
+        if too_large and size > DRAIN_BYTES:
+            break
+        if not too_large:
+            body += chunk
+    return None if too_large else bytes(body)
 
 
 def _passed_headers(request: Request) -> dict:
@@ -54,7 +71,9 @@ def _routing_text(path: str, body: dict) -> str:
 class Front:
     """The front's handling of one call: route it, spread it, or fan it out."""
 
-    def __init__(self, replicas: Replicas, router: PrefixRouter, admin_key: str | None = None):
+    def __init__(self, replicas: Replicas, router: PrefixRouter, admin_key: str | None = None,
+                 max_body_bytes: int = 4 * 2**20):
+        self.max_body_bytes = max_body_bytes          # the replicas' --max-body-mb: the front buffers no more
         self.replicas = replicas
         self.router = router
         self.weights = WeightCoordinator(replicas, admin_key)
@@ -62,7 +81,12 @@ class Front:
         replicas.on_down = router.forget
 
     async def handle(self, request: Request, path: str) -> Response:
-        body = await request.body()
+        body = await _bounded_body(request, None if path in WEIGHT_ROUTES else self.max_body_bytes)
+        if body is None:
+            return JSONResponse({"error": {"message": f"the request body is larger than this server accepts "
+                                           f"({self.max_body_bytes} bytes; see --max-body-mb)",
+                                           "type": "invalid_request_error", "param": None, "code": None}},
+                                status_code=413)
         live = self.replicas.live()
         if path == "/health":
             return JSONResponse({"replicas_up": len(live)}, status_code=200 if live else 503)
@@ -190,7 +214,8 @@ class Front:
         return JSONResponse(_merge_rollouts(prompts, parts, [json.loads(a.body) for a in answers], parsed.get("n", 1)))
 
 
-def build_front(replicas: Replicas, router: PrefixRouter, admin_key: str | None = None) -> FastAPI:
+def build_front(replicas: Replicas, router: PrefixRouter, admin_key: str | None = None,
+                max_body_bytes: int = 4 * 2**20) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
         monitor = asyncio.get_running_loop().create_task(replicas.monitor())
@@ -199,7 +224,7 @@ def build_front(replicas: Replicas, router: PrefixRouter, admin_key: str | None 
         await replicas.close()
 
     app = FastAPI(title="Gorgon cluster", lifespan=lifespan)
-    front = Front(replicas, router, admin_key)
+    front = Front(replicas, router, admin_key, max_body_bytes)
     app.state.front = front
 
     @app.api_route("/{path:path}", methods=["GET", "POST", "PUT"])

@@ -39,7 +39,17 @@ def start_replicas(num_replicas: int, threads: int, serve_args: list[str], num_g
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
     actor = replica_actor(threads, num_gpus)
     actors = [actor.remote(index, serve_args, threads) for index in range(num_replicas)]
-    return Replicas(actors, ray.get([a.endpoint.remote() for a in actors]))
+    endpoints, errors = [], []
+    for pending in [a.endpoint.remote() for a in actors]:       # every answer read: none reported twice
+        try:
+            endpoints.append(ray.get(pending))
+        except ray.exceptions.RayError as err:
+            errors.append(err)
+    if errors:
+        for started in actors:
+            ray.kill(started, no_restart=True)
+        raise errors[0]
+    return Replicas(actors, endpoints)
 
 
 def stop_replicas(replicas: Replicas) -> None:
@@ -50,8 +60,16 @@ def stop_replicas(replicas: Replicas) -> None:
         ray.kill(actor, no_restart=True)
 
 
-def cluster_app(replicas: Replicas, routing: str = "prefix", admin_key: str | None = None) -> FastAPI:
-    return build_front(replicas, ROUTERS[routing](len(replicas.actors)), admin_key)
+def _cause(err: BaseException) -> str:
+    """The replica's own error under Ray's wrapping (a failed actor creation), else Ray's message."""
+    while getattr(err, "cause", None) is not None and err.cause is not err:
+        err = err.cause
+    return str(err).strip()
+
+
+def cluster_app(replicas: Replicas, routing: str = "prefix", admin_key: str | None = None,
+                max_body_bytes: int = 4 * 2**20) -> FastAPI:
+    return build_front(replicas, ROUTERS[routing](len(replicas.actors)), admin_key, max_body_bytes)
 
 
 def serve_cluster(args: argparse.Namespace, serve_argv: list[str]) -> int:
@@ -64,11 +82,11 @@ def serve_cluster(args: argparse.Namespace, serve_argv: list[str]) -> int:
     try:
         replicas = start_replicas(args.replicas, threads, replica_args(serve_argv), num_gpus, args.address)
     except (ray.exceptions.RayError, ConnectionError, ValueError) as err:
-        print(f"gorgon: error: the replicas did not start: {err}", file=sys.stderr)
+        print(f"gorgon: error: the replicas did not start: {_cause(err)}", file=sys.stderr)
         return 2
     print(f"Gorgon serving {args.replicas} replicas ({threads} threads{', 1 GPU' if num_gpus else ''} each) on "
           f"http://{args.host}:{args.port} (OpenAI-compatible, /v1), routing by {args.routing}", flush=True)
-    app = cluster_app(replicas, args.routing, args.admin_key)
+    app = cluster_app(replicas, args.routing, args.admin_key, int(args.max_body_mb * 2**20))
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     finally:

@@ -40,11 +40,19 @@ class ReplicaProcess:
         self.starts = 0
         self._ready = threading.Event()
         self._stopping = False
-        self._start()                        # a replica that cannot start fails the actor's creation
+        self.start_error: str | None = None
+        try:
+            self._start()
+        except RuntimeError as err:          # reported by endpoint(), as the replica's own error
+            self.start_error = str(err)
+            return
         threading.Thread(target=self._supervise, name="gorgon-replica-supervisor", daemon=True).start()
 
     def endpoint(self) -> tuple[str, int]:
-        """(address, engine process id) once the engine answers; blocks while it (re)starts."""
+        """(address, engine process id) once the engine answers; blocks while it (re)starts. Raises
+        RuntimeError with the engine's error if it could not start the first time."""
+        if self.start_error is not None:
+            raise RuntimeError(self.start_error)
         while not self._ready.wait(timeout=1.0):
             if self._stopping:
                 raise RuntimeError(f"replica {self.index} is stopping")
@@ -129,11 +137,14 @@ def _die_with_parent() -> None:
 
 
 def _tail(path: str, lines: int = 20) -> str:
+    """The engine's own error if it printed one (`gorgon: error: ...`), else the end of its log."""
     try:
         with open(path, errors="replace") as log:
-            return "".join(log.readlines()[-lines:])
+            text = log.read()
     except OSError:
         return "(no log)"
+    errors = [line[line.index("gorgon: error:"):] for line in text.splitlines() if "gorgon: error:" in line]
+    return "\n".join(errors) if errors else "\n".join(text.splitlines()[-lines:]) + f"\n(log: {path})"
 
 
 def _node_address() -> str:
