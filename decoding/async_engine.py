@@ -154,10 +154,6 @@ class AsyncEngine:
             weights.previous = None
         return restored
 
-    def commit_weights(self) -> None:
-        """Forget what the last update saved for a rollback (it is final now)."""
-        self.engine.weights.previous = None
-
     async def pause(self, mode: str = "abort", recompute_on_resume: bool = False) -> None:
         """Pause generation (modes: generation_control); returns once the mode's work is done: aborted
         requests answered, started ones finished ("wait"), or the current step over ("keep").

@@ -123,6 +123,10 @@ class ServedWeights:
                     seq.version_changes.append((seq.num_output_tokens, self.version))
         return self.version
 
+    def forget_previous(self) -> None:
+        """The last update is final: drop what it saved for a rollback."""
+        self.previous = None
+
     def current(self, names) -> dict[str, torch.Tensor]:
         """Copies of the named parameters as they are served now (draft ones under DRAFT_PREFIX)."""
         target, draft = split_draft(dict.fromkeys(names))

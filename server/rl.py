@@ -77,6 +77,7 @@ def add_rl_routes(app: FastAPI, server, collect) -> None:
 
     add_score_route(app, server, collect)
     add_weight_routes(app, server)
+    add_weight_state_routes(app, server)
     add_cache_routes(app, server)
 
 
@@ -115,13 +116,28 @@ def add_cache_routes(app: FastAPI, server) -> None:
         return {"reset": True}
 
 
-def add_weight_routes(app: FastAPI, server) -> None:
-    engine = server.engine
+def add_weight_state_routes(app: FastAPI, server) -> None:
+    """The served version; and for two-phase updates across replicas (cluster/weights.py), an update made
+    with keep_previous is undone by a rollback, or made final by a commit, once every replica answered."""
 
     @app.get("/v1/weights/version", responses=AUTH_ERRORS)
     async def weight_version():
-        return {"weight_version": engine.weights.version}
+        return {"weight_version": server.engine.weights.version}
 
+    @app.post("/v1/weights/rollback", responses=WEIGHT_ERRORS)
+    async def rollback_weights(policy: str = "wait"):
+        try:
+            return {"weight_version": await server.front.rollback_weights(policy)}
+        except WeightUpdateError as err:
+            raise APIError(409 if err.param is None else 400, str(err), param=err.param) from err
+
+    @app.post("/v1/weights/commit", responses=AUTH_ERRORS)
+    async def commit_weights():
+        server.engine.weights.forget_previous()
+        return {"weight_version": server.engine.weights.version}
+
+
+def add_weight_routes(app: FastAPI, server) -> None:
     @app.post("/v1/weights/load", responses=WEIGHT_ERRORS)
     async def load_weights(body: WeightsLoadRequest):
         try:
@@ -157,16 +173,3 @@ def add_weight_routes(app: FastAPI, server) -> None:
             raise APIError(400, str(err), param=err.param) from err
         return {"weight_version": new_version, "num_parameters": len(tensors), **({"dry_run": True} if dry_run else {})}
 
-    # Two-phase updates across replicas (cluster/weights.py): an update made with keep_previous is undone
-    # by a rollback, or made final by a commit, once every replica has answered.
-    @app.post("/v1/weights/rollback", responses=WEIGHT_ERRORS)
-    async def rollback_weights(policy: str = "wait"):
-        try:
-            return {"weight_version": await server.front.rollback_weights(policy)}
-        except WeightUpdateError as err:
-            raise APIError(409 if err.param is None else 400, str(err), param=err.param) from err
-
-    @app.post("/v1/weights/commit", responses=AUTH_ERRORS)
-    async def commit_weights():
-        server.front.commit_weights()
-        return {"weight_version": engine.weights.version}
