@@ -84,7 +84,8 @@ def serve_cluster(args: argparse.Namespace, serve_argv: list[str]) -> int:
     except (ray.exceptions.RayError, ConnectionError, ValueError) as err:
         print(f"gorgon: error: the replicas did not start: {_cause(err)}", file=sys.stderr)
         return 2
-    print(f"Gorgon serving {args.replicas} replicas ({threads} threads{', 1 GPU' if num_gpus else ''} each) on "
+    each = f"{threads} thread{'s' if threads > 1 else ''}{', 1 GPU' if num_gpus else ''} each"
+    print(f"Gorgon serving {args.replicas} replicas ({each}) on "
           f"http://{args.host}:{args.port} (OpenAI-compatible, /v1), routing by {args.routing}", flush=True)
     app = cluster_app(replicas, args.routing, args.admin_key, int(args.max_body_mb * 2**20))
     try:
