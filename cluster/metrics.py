@@ -30,7 +30,7 @@ def front_lines(in_flight: list[int], up: list[bool], routed: int, routed_by_pre
     lines = ["# HELP gorgon:replica_in_flight Requests the front has in flight on each replica",
              "# TYPE gorgon:replica_in_flight gauge"]
     lines += [f'gorgon:replica_in_flight{{replica="{i}"}} {n}' for i, n in enumerate(in_flight)]
-    lines += ["# HELP gorgon:replica_up Whether the front reaches the replica (0 while its engine restarts and is re-synced)",
+    lines += ["# HELP gorgon:replica_up Whether the replica serves (0 while its engine restarts and is re-synced)",
               "# TYPE gorgon:replica_up gauge"]
     lines += [f'gorgon:replica_up{{replica="{i}"}} {int(u)}' for i, u in enumerate(up)]
     lines += ["# HELP gorgon:routed_requests_total Requests the front routed by prompt",

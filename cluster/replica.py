@@ -106,7 +106,8 @@ class ReplicaProcess:
                 pass
             time.sleep(0.1)
         self.process.kill()
-        raise RuntimeError(f"replica {self.index} did not answer within {READY_TIMEOUT_S:.0f} s:\n{_tail(self.log_path)}")
+        raise RuntimeError(f"replica {self.index} did not answer within {READY_TIMEOUT_S:.0f} s:\n"
+                           f"{_tail(self.log_path)}")
 
     def _supervise(self) -> None:
         while not self._stopping:
