@@ -8,14 +8,16 @@
 (b) routing overhead: a one-token completion through the front and straight to a replica, in alternation;
     `routing_overhead_ms` is the median of the per-pair differences (the bar is 5 ms).
 (c) routing and the prefix cache on multi-turn chat: concurrent conversations sharing a system prompt, each
-    turn resending the history; once through the front (prefix-aware routing), once spread round-robin
-    over the replicas' own addresses, the caches reset before each; and on the single server, where every
+    turn resending the history; through the front (prefix-aware routing) and spread round-robin over the
+    replicas' own addresses, in turn for `chat_rounds` rounds, the caches reset before each run (medians
+    and ranges over the rounds); and once on the single server, where every
     turn finds its history (the ceiling). `hit_rate_*` is cached prompt tokens over those looked up, summed
     over the replicas (/metrics); `chat_tokens_per_s_*` the throughput; `chat_replica_shares_*` each
     replica's share of the prompt tokens (0.5 each is an even split).
 
-Full: 16 prompts x 8 samples x 64 tokens, 5 rounds; 40 overhead pairs; 12 conversations x 6 turns.
-`--quick`: 8 x 4 x 32, 3 rounds; 20 pairs; 6 conversations x 4 turns. The embedded model unless --model.
+Full: 16 prompts x 8 samples x 64 tokens, 5 rounds; 40 overhead pairs; 12 conversations x 6 turns, 3 rounds.
+`--quick`: 8 x 4 x 32, 3 rounds; 20 pairs; 6 conversations x 4 turns, 2 rounds. The embedded model unless
+--model; `--cluster-args` passes routing options (`--balance-abs`, `--balance-rel`, `--cache-threshold`).
 """
 
 from __future__ import annotations
@@ -112,13 +114,18 @@ def chat_run(front: str, urls: list[str], system: str, sizes: dict) -> dict:
             "replica_shares": [round(queries[key] / max(1.0, sum(queries.values())), 3) for key in sorted(queries)]}
 
 
+def _median_and_range(values: list[float]) -> dict:
+    return {"median": round(statistics.median(values), 3), "range": [round(min(values), 3), round(max(values), 3)]}
+
+
 def main() -> None:
-    args = parse_args(__doc__.split("\n\n")[0])
+    args = parse_args(__doc__.split("\n\n")[0], lambda parser: parser.add_argument(
+        "--cluster-args", default="", help="more options for the cluster's gorgon serve, e.g. '--balance-abs 1'"))
     model = benchmark_model_path(args.model)
     sizes = (dict(prompts=8, n=4, new_tokens=32, rounds=3, pairs=20, conversations=6, turns=4, chat_tokens=16,
-                  system=300) if args.quick else
+                  system=300, chat_rounds=2) if args.quick else
              dict(prompts=16, n=8, new_tokens=64, rounds=5, pairs=40, conversations=12, turns=6, chat_tokens=24,
-                  system=300))
+                  system=300, chat_rounds=3))
     tokenizer = AutoTokenizer.from_pretrained(model)
     rng = random.Random(0)
     instruction = "Solve the problem and give the answer in a box. " + text(rng, 40)
@@ -126,7 +133,7 @@ def main() -> None:
     system = system_prompt(tokenizer, sizes["system"])
     common = ("--admin-key", ADMIN_KEY, "--kv-cache-memory-gb", "1")
     with gorgon_server(model, "--threads", "2", *common) as single, \
-            gorgon_server(model, "--replicas", "2", "--threads", "1", *common) as front:
+            gorgon_server(model, "--replicas", "2", "--threads", "1", *common, *args.cluster_args.split()) as front:
         replicas = [m["url"] for m in httpx.get(front + "/cluster/replicas", headers=ADMIN).json()["replicas"]]
         for url in (single, front):                         # warm-up: first calls compile and allocate
             rollout_tokens_per_s(url, prompts[:2], 2, 4)
@@ -138,20 +145,22 @@ def main() -> None:
             per_side["single"].append(single_rate)
             ratios.append(cluster_rate / single_rate)
         overhead = routing_overhead_ms(front, replicas[0], sizes["pairs"])
-        prefix = chat_run(front, [front], system, sizes)
-        round_robin = chat_run(front, replicas, system, sizes)
+        chats = {"prefix": [], "round_robin": []}
+        for _ in range(sizes["chat_rounds"]):                 # the two policies in turn, from empty caches
+            chats["prefix"].append(chat_run(front, [front], system, sizes))
+            chats["round_robin"].append(chat_run(front, replicas, system, sizes))
         one_server = chat_run(single, [single], system, sizes)      # every turn finds its history: the ceiling
+        times_down = [m["times_down"] for m in httpx.get(front + "/cluster/replicas", headers=ADMIN).json()["replicas"]]
     report({"benchmark": "cluster", "model": model, "cpu": cpu_description(), "sizes": sizes,
             "rollout_throughput_ratio": round(statistics.median(ratios), 3),
             "rollout_throughput_ratio_range": [round(min(ratios), 3), round(max(ratios), 3)],
             "rollout_tokens_per_s": {side: round(statistics.median(v), 1) for side, v in per_side.items()},
             **overhead, "routing_overhead_bar_ms": 5.0,
-            "hit_rate_prefix": prefix["hit_rate"], "hit_rate_round_robin": round_robin["hit_rate"],
-            "hit_rate_one_server": one_server["hit_rate"],
-            "chat_tokens_per_s_prefix": prefix["tokens_per_s"],
-            "chat_tokens_per_s_round_robin": round_robin["tokens_per_s"],
-            "chat_replica_shares_prefix": prefix["replica_shares"],
-            "chat_replica_shares_round_robin": round_robin["replica_shares"]}, args.json)
+            **{f"{figure}_{policy}": _median_and_range([run[key] for run in runs])
+               for policy, runs in chats.items() for figure, key in (("hit_rate", "hit_rate"),
+                                                                      ("chat_tokens_per_s", "tokens_per_s"))},
+            "hit_rate_one_server": one_server["hit_rate"], "replica_times_down": times_down,
+            "chat_replica_shares": {policy: [run["replica_shares"] for run in runs] for policy, runs in chats.items()}}, args.json)
 
 
 if __name__ == "__main__":

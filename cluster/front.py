@@ -115,18 +115,21 @@ class Front:
 
     async def forward(self, index: int, request: Request, body: bytes, stream: bool) -> Response:
         replicas = self.replicas
-        replicas.in_flight[index] += 1
+        replicas.started(index)
         try:
             response = await replicas.call(index, request.method, request.url.path, stream=stream, content=body,
                                            params=request.query_params, headers=_passed_headers(request))
         except ReplicaDown:
-            replicas.in_flight[index] -= 1
+            replicas.finished(index)
             return unavailable(f"replica {index} failed while serving this request and is being replaced; retry it")
+        served_by = {"x-gorgon-replica": str(index)}          # which replica answered, for operators
         if not stream:
-            replicas.in_flight[index] -= 1
-            return as_response(response)
+            replicas.finished(index)
+            answer = as_response(response)
+            answer.headers.update(served_by)
+            return answer
         return StreamingResponse(self._relay(index, response), status_code=response.status_code,
-                                 media_type=response.headers.get("content-type"))
+                                 media_type=response.headers.get("content-type"), headers=served_by)
 
     async def _relay(self, index: int, response: httpx.Response):
         try:
@@ -138,7 +141,7 @@ class Front:
                                  "type": "server_overloaded", "code": "replica_unavailable"}}
             yield f"data: {json.dumps(message)}\n\ndata: [DONE]\n\n".encode()
         finally:
-            self.replicas.in_flight[index] -= 1
+            self.replicas.finished(index)
             await response.aclose()
 
     async def fan_out(self, method: str, path: str, params: dict, body: bytes, headers: dict) -> Response:
@@ -182,7 +185,8 @@ class Front:
                     return as_response(answer)
                 lines += labelled(answer.text, index, seen)
         up = [url is not None for url in self.replicas.urls]
-        lines += front_lines(self.replicas.in_flight, up, self.router.routed, self.router.routed_by_prefix)
+        lines += front_lines(self.replicas.in_flight, up, self.replicas.times_down, self.router.routed,
+                             self.router.routed_by_prefix)
         return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
     def members(self, headers: dict) -> Response:
@@ -194,7 +198,8 @@ class Front:
                                 status_code=401)
         r = self.replicas
         return JSONResponse({"replicas": [{"index": i, "url": r.urls[i], "pid": r.pids[i], "up": r.urls[i] is not None,
-                                           "in_flight": r.in_flight[i]} for i in range(len(r.actors))],
+                                           "in_flight": r.in_flight[i], "times_down": r.times_down[i]}
+                                          for i in range(len(r.actors))],
                              "weight_version": self.weights.journal.version, "paused": self.weights.journal.paused})
 
     async def rollouts(self, request: Request, body: bytes) -> Response:

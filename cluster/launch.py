@@ -13,11 +13,11 @@ from fastapi import FastAPI
 from cluster.front import build_front
 from cluster.replicas import Replicas
 from cluster.replica import replica_actor
-from cluster.routing import PrefixRouter, RoundRobinRouter
+from cluster.routing import PrefixRouter, RoundRobinRouter, RoutingPolicy
 
-ROUTERS = {"prefix": PrefixRouter, "round-robin": RoundRobinRouter}
 # The options the front keeps for itself; every other option of `gorgon serve` goes to each replica.
-FRONT_ONLY = ("--replicas", "--address", "--routing", "--host", "--port", "--threads")
+FRONT_ONLY = ("--replicas", "--address", "--routing", "--balance-abs", "--balance-rel", "--cache-threshold",
+              "--host", "--port", "--threads")
 
 
 def replica_args(serve_argv: list[str]) -> list[str]:
@@ -68,8 +68,10 @@ def _cause(err: BaseException) -> str:
 
 
 def cluster_app(replicas: Replicas, routing: str = "prefix", admin_key: str | None = None,
-                max_body_bytes: int = 4 * 2**20) -> FastAPI:
-    return build_front(replicas, ROUTERS[routing](len(replicas.actors)), admin_key, max_body_bytes)
+                max_body_bytes: int = 4 * 2**20, policy: RoutingPolicy = RoutingPolicy()) -> FastAPI:
+    count = len(replicas.actors)
+    router = RoundRobinRouter(count) if routing == "round-robin" else PrefixRouter(count, policy)
+    return build_front(replicas, router, admin_key, max_body_bytes)
 
 
 def serve_cluster(args: argparse.Namespace, serve_argv: list[str]) -> int:
@@ -80,6 +82,12 @@ def serve_cluster(args: argparse.Namespace, serve_argv: list[str]) -> int:
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.replicas)
     num_gpus = 1.0 if args.device.startswith("cuda") else 0.0
     try:
+        policy = RoutingPolicy(cache_threshold=args.cache_threshold, balance_abs=args.balance_abs,
+                               balance_rel=args.balance_rel)
+    except ValueError as err:
+        print(f"gorgon: error: {err}", file=sys.stderr)
+        return 2
+    try:
         replicas = start_replicas(args.replicas, threads, replica_args(serve_argv), num_gpus, args.address)
     except (ray.exceptions.RayError, ConnectionError, ValueError) as err:
         print(f"gorgon: error: the replicas did not start: {_cause(err)}", file=sys.stderr)
@@ -87,7 +95,7 @@ def serve_cluster(args: argparse.Namespace, serve_argv: list[str]) -> int:
     each = f"{threads} thread{'s' if threads > 1 else ''}{', 1 GPU' if num_gpus else ''} each"
     print(f"Gorgon serving {args.replicas} replicas ({each}) on "
           f"http://{args.host}:{args.port} (OpenAI-compatible, /v1), routing by {args.routing}", flush=True)
-    app = cluster_app(replicas, args.routing, args.admin_key, int(args.max_body_mb * 2**20))
+    app = cluster_app(replicas, args.routing, args.admin_key, int(args.max_body_mb * 2**20), policy)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     finally:

@@ -50,6 +50,13 @@ class RoutingPolicy:
     balance_rel: float = 1.25
     max_keys_per_replica: int = 200_000
 
+    def __post_init__(self):
+        if not 0.0 <= self.cache_threshold <= 1.0:
+            raise ValueError(f"the cache threshold must be between 0 and 1, got {self.cache_threshold}")
+        if self.balance_abs < 0 or self.balance_rel < 1.0:
+            raise ValueError(f"the balance thresholds must be at least 0 (absolute) and 1 (relative), got "
+                             f"{self.balance_abs} and {self.balance_rel}")
+
 
 class PrefixRouter:
     def __init__(self, num_replicas: int, policy: RoutingPolicy = RoutingPolicy()):

@@ -181,8 +181,15 @@ def _add_serve_args(serve: argparse.ArgumentParser) -> None:
                          help="join the Ray cluster at this address (e.g. 10.0.0.5:6379, or auto) instead of "
                          "starting a local one")
     cluster.add_argument("--routing", choices=["prefix", "round-robin"], default="prefix",
-                         help="prefix: a prompt goes to the replica holding most of its prefix unless the loads "
-                         "are out of balance; round-robin: each request to the next replica")
+                         help="prefix: a prompt goes to the replica holding most of its prefix, among those not "
+                         "much busier than the idlest; round-robin: each request to the next replica")
+    cluster.add_argument("--balance-abs", type=int, default=2,
+                         help="prefix routing: a replica with more requests in flight than the idlest one plus this "
+                         "(and more than --balance-rel times as many) gets no new request")
+    cluster.add_argument("--balance-rel", type=float, default=1.25, help="prefix routing: see --balance-abs")
+    cluster.add_argument("--cache-threshold", type=float, default=0.5,
+                         help="prefix routing: the share of a prompt a replica must hold to be chosen for it; "
+                         "below it the least-loaded replica is")
 
 
 def _positive(text: str) -> int:
