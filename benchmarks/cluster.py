@@ -160,7 +160,8 @@ def main() -> None:
                for policy, runs in chats.items() for figure, key in (("hit_rate", "hit_rate"),
                                                                       ("chat_tokens_per_s", "tokens_per_s"))},
             "hit_rate_one_server": one_server["hit_rate"], "replica_times_down": times_down,
-            "chat_replica_shares": {policy: [run["replica_shares"] for run in runs] for policy, runs in chats.items()}}, args.json)
+            "chat_replica_shares": {policy: [run["replica_shares"] for run in runs]
+                                    for policy, runs in chats.items()}}, args.json)
 
 
 if __name__ == "__main__":

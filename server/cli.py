@@ -173,6 +173,10 @@ def _add_serve_args(serve: argparse.ArgumentParser) -> None:
                        help="an HF folder loaded beside the served model and never updated: /v1/score with "
                        "\"reference\": true scores under it (PPO's reference logprobs, one server)")
     serve.add_argument("--log-level", default="info")
+    _add_cluster_args(serve)
+
+
+def _add_cluster_args(serve: argparse.ArgumentParser) -> None:
     cluster = serve.add_argument_group("scale-out on Ray (the gorgon[cluster] extra)")
     cluster.add_argument("--replicas", type=_positive, default=1,
                          help="engine replicas behind this one endpoint, each a whole server with these options "
