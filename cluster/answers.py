@@ -13,8 +13,13 @@ def as_response(answer: httpx.Response) -> Response:
     return Response(answer.content, status_code=answer.status_code, media_type=answer.headers.get("content-type"))
 
 
+def error(status: int, message: str, type_: str, code: str | None = None,
+          headers: dict[str, str] | None = None) -> JSONResponse:
+    """An error in the OpenAI shape the replicas answer with."""
+    return JSONResponse({"error": {"message": message, "type": type_, "param": None, "code": code}},
+                        status_code=status, headers=headers)
+
+
 def unavailable(message: str) -> JSONResponse:
     """OpenAI's overloaded error (clients retry it), with Retry-After."""
-    return JSONResponse({"error": {"message": message, "type": "server_overloaded", "param": None,
-                                   "code": "replica_unavailable"}}, status_code=503,
-                        headers={"retry-after": str(RETRY_AFTER_S)})
+    return error(503, message, "server_overloaded", "replica_unavailable", {"retry-after": str(RETRY_AFTER_S)})

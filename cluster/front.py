@@ -22,7 +22,7 @@ from cluster.loads import MERGED_LOADS, merge_loads
 from cluster.metrics import front_lines, labelled
 from cluster.replicas import ReplicaDown, Replicas
 from cluster.routing import PrefixRouter
-from cluster.answers import as_response, unavailable
+from cluster.answers import as_response, error, unavailable
 from cluster.weights import WEIGHT_ROUTES, WeightCoordinator
 
 # Routes a single replica answers, chosen by the request's prompt.
@@ -83,10 +83,8 @@ class Front:
     async def handle(self, request: Request, path: str) -> Response:
         body = await _bounded_body(request, None if path in WEIGHT_ROUTES else self.max_body_bytes)
         if body is None:
-            return JSONResponse({"error": {"message": f"the request body is larger than this server accepts "
-                                           f"({self.max_body_bytes} bytes; see --max-body-mb)",
-                                           "type": "invalid_request_error", "param": None, "code": None}},
-                                status_code=413)
+            return error(413, f"the request body is larger than this server accepts ({self.max_body_bytes} bytes; "
+                         "see --max-body-mb)", "invalid_request_error")
         live = self.replicas.live()
         if path == "/health":
             return JSONResponse({"replicas_up": len(live)}, status_code=200 if live else 503)
@@ -193,9 +191,7 @@ class Front:
         """Each replica's address, engine process, load and state (SGLang router's /list_workers); it names
         internal addresses, so it takes the admin key where one is set."""
         if self.admin_key and not hmac.compare_digest(headers.get("authorization", ""), f"Bearer {self.admin_key}"):
-            return JSONResponse({"error": {"message": "this route needs the admin key: 'Authorization: Bearer KEY'",
-                                           "type": "authentication_error", "param": None, "code": None}},
-                                status_code=401)
+            return error(401, "this route needs the admin key: 'Authorization: Bearer KEY'", "authentication_error")
         r = self.replicas
         return JSONResponse({"replicas": [{"index": i, "url": r.urls[i], "pid": r.pids[i], "up": r.urls[i] is not None,
                                            "in_flight": r.in_flight[i], "times_down": r.times_down[i]}
