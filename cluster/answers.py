@@ -13,11 +13,14 @@ def as_response(answer: httpx.Response) -> Response:
     return Response(answer.content, status_code=answer.status_code, media_type=answer.headers.get("content-type"))
 
 
+def error_body(message: str, type_: str, code: str | None = None) -> dict:
+    """An error in the OpenAI shape the replicas answer with (a response body, or a stream's event)."""
+    return {"error": {"message": message, "type": type_, "param": None, "code": code}}
+
+
 def error(status: int, message: str, type_: str, code: str | None = None,
           headers: dict[str, str] | None = None) -> JSONResponse:
-    """An error in the OpenAI shape the replicas answer with."""
-    return JSONResponse({"error": {"message": message, "type": type_, "param": None, "code": code}},
-                        status_code=status, headers=headers)
+    return JSONResponse(error_body(message, type_, code), status_code=status, headers=headers)
 
 
 def unavailable(message: str) -> JSONResponse:

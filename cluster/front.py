@@ -22,7 +22,7 @@ from cluster.loads import MERGED_LOADS, merge_loads
 from cluster.metrics import front_lines, labelled
 from cluster.replicas import ReplicaDown, Replicas
 from cluster.routing import PrefixRouter
-from cluster.answers import as_response, error, unavailable
+from cluster.answers import as_response, error, error_body, unavailable
 from cluster.weights import WEIGHT_ROUTES, WeightCoordinator
 
 # Routes a single replica answers, chosen by the request's prompt.
@@ -72,11 +72,11 @@ class Front:
     """The front's handling of one call: route it, spread it, or fan it out."""
 
     def __init__(self, replicas: Replicas, router: PrefixRouter, admin_key: str | None = None,
-                 max_body_bytes: int = 4 * 2**20):
+                 max_body_bytes: int = 4 * 2**20, api_key: str | None = None):
         self.max_body_bytes = max_body_bytes          # the replicas' --max-body-mb: the front buffers no more
         self.replicas = replicas
         self.router = router
-        self.weights = WeightCoordinator(replicas, admin_key)
+        self.weights = WeightCoordinator(replicas, admin_key, api_key)
         self.admin_key = admin_key
         replicas.on_down = router.forget
 
@@ -135,8 +135,8 @@ class Front:
                 yield chunk
         except httpx.TransportError:
             self.replicas.mark_down(index)
-            message = {"error": {"message": f"replica {index} failed mid-stream; retry the request",
-                                 "type": "server_overloaded", "code": "replica_unavailable"}}
+            message = error_body(f"replica {index} failed mid-stream; retry the request", "server_overloaded",
+                                 "replica_unavailable")
             yield f"data: {json.dumps(message)}\n\ndata: [DONE]\n\n".encode()
         finally:
             self.replicas.finished(index)
@@ -216,7 +216,7 @@ class Front:
 
 
 def build_front(replicas: Replicas, router: PrefixRouter, admin_key: str | None = None,
-                max_body_bytes: int = 4 * 2**20) -> FastAPI:
+                max_body_bytes: int = 4 * 2**20, api_key: str | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
         monitor = asyncio.get_running_loop().create_task(replicas.monitor())
@@ -225,7 +225,7 @@ def build_front(replicas: Replicas, router: PrefixRouter, admin_key: str | None 
         await replicas.close()
 
     app = FastAPI(title="Gorgon cluster", lifespan=lifespan)
-    front = Front(replicas, router, admin_key, max_body_bytes)
+    front = Front(replicas, router, admin_key, max_body_bytes, api_key)
     app.state.front = front
 
     @app.api_route("/{path:path}", methods=["GET", "POST", "PUT"])

@@ -67,11 +67,12 @@ def _cause(err: BaseException) -> str:
     return str(err).strip()
 
 
-def cluster_app(replicas: Replicas, routing: str = "prefix", admin_key: str | None = None,
-                max_body_bytes: int = 4 * 2**20, policy: RoutingPolicy = RoutingPolicy()) -> FastAPI:
+def cluster_app(replicas: Replicas, routing: str = "prefix", policy: RoutingPolicy = RoutingPolicy(),
+                **front_options) -> FastAPI:
+    """The front over `replicas`; `front_options`: build_front's keys and body limit."""
     count = len(replicas.actors)
     router = RoundRobinRouter(count) if routing == "round-robin" else PrefixRouter(count, policy)
-    return build_front(replicas, router, admin_key, max_body_bytes)
+    return build_front(replicas, router, **front_options)
 
 
 def serve_cluster(args: argparse.Namespace, serve_argv: list[str]) -> int:
@@ -95,7 +96,8 @@ def serve_cluster(args: argparse.Namespace, serve_argv: list[str]) -> int:
     each = f"{threads} thread{'s' if threads > 1 else ''}{', 1 GPU' if num_gpus else ''} each"
     print(f"Gorgon serving {args.replicas} replicas ({each}) on "
           f"http://{args.host}:{args.port} (OpenAI-compatible, /v1), routing by {args.routing}", flush=True)
-    app = cluster_app(replicas, args.routing, args.admin_key, int(args.max_body_mb * 2**20), policy)
+    app = cluster_app(replicas, args.routing, policy, admin_key=args.admin_key, api_key=args.api_key,
+                      max_body_bytes=int(args.max_body_mb * 2**20))
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     finally:

@@ -70,11 +70,13 @@ class WeightJournal:
 
 
 class WeightCoordinator:
-    def __init__(self, replicas: Replicas, admin_key: str | None):
+    def __init__(self, replicas: Replicas, admin_key: str | None, api_key: str | None = None):
         self.replicas = replicas
         self.journal = WeightJournal()
         self.lock = asyncio.Lock()
+        # The replicas' keys: the admin key for the replayed updates, the API key to read the version.
         self._admin = {"authorization": f"Bearer {admin_key}"} if admin_key else {}
+        self._api = {"authorization": f"Bearer {api_key}"} if api_key else {}
         replicas.resync = self.resync
 
     async def update(self, path: str, params: dict, body: bytes, headers: dict) -> Response:
@@ -122,7 +124,7 @@ class WeightCoordinator:
                         print(f"gorgon: re-syncing replica {index}: {path} answered {answer.status_code}: "
                               f"{answer.text[:300]}", flush=True)
                         return False
-                version = (await client.get(url + "/v1/weights/version", headers=self._admin)).json()
+                version = (await client.get(url + "/v1/weights/version", headers=self._api)).json()
             except (httpx.TransportError, ValueError):
                 return False
             return version.get("weight_version") == self.journal.version

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from decoding.engine import Engine, Prompt
 from decoding.engine_thread import EngineThread
 from decoding.generation_control import PAUSE_MODES, UPDATE_POLICIES, PendingUpdate
-from decoding.weights import WeightUpdateError
+from decoding.weights import NothingToRollBack, WeightUpdateError
 from decoding.outputs import RequestOutput
 from decoding.params import SamplingParams
 from decoding.sequence import Request
@@ -132,8 +132,10 @@ class AsyncEngine:
             raise WeightUpdateError("a push of draft weights alone keeps the served version; drop weight_version",
                                     param="weight_version")
         await asyncio.to_thread(weights.validate, tensors, require_all, allow_non_finite)
-        if dry_run:
-            return weights.version if not changes_outputs else weights.version + 1 if version is None else version
+        if dry_run:                  # the version it would set (a draft alone keeps the served one)
+            if not changes_outputs:
+                return weights.version
+            return weights.version + 1 if version is None else version
         loop = asyncio.get_running_loop()
         update = PendingUpdate(tensors, version, policy, allow_version_rollback, recompute_kv, changes_outputs, loop,
                                loop.create_future(), keep_previous)
@@ -146,12 +148,12 @@ class AsyncEngine:
         weights = self.engine.weights
         previous = weights.previous
         if previous is None:
-            raise WeightUpdateError("there is no update to roll back: only the last update made with keep_previous "
+            raise NothingToRollBack("there is no update to roll back: only the last update made with keep_previous "
                                     "can be, until it is committed")
         version = previous.version if weights.changes_outputs(previous.tensors) else None
         restored = await self.update_weights(previous.tensors, version, policy, allow_version_rollback=True)
         if weights.previous is previous:
-            weights.previous = None
+            weights.forget_previous()
         return restored
 
     async def pause(self, mode: str = "abort", recompute_on_resume: bool = False) -> None:

@@ -27,6 +27,10 @@ class WeightUpdateError(ValueError):
         self.param = param
 
 
+class NothingToRollBack(WeightUpdateError):
+    """No update was kept for a rollback (none made with keep_previous, or it was committed)."""
+
+
 @dataclass
 class SavedWeights:
     """What an update replaced: the values it overwrote and the version before it, so that a caller

@@ -7,6 +7,7 @@ import json
 import signal
 import sys
 
+from cluster.routing import RoutingPolicy       # plain Python: the cluster's Ray parts load only with --replicas
 from decoding.structured.constraint import BACKENDS
 
 
@@ -187,11 +188,12 @@ def _add_cluster_args(serve: argparse.ArgumentParser) -> None:
     cluster.add_argument("--routing", choices=["prefix", "round-robin"], default="prefix",
                          help="prefix: a prompt goes to the replica holding most of its prefix, among those not "
                          "much busier than the idlest; round-robin: each request to the next replica")
-    cluster.add_argument("--balance-abs", type=int, default=2,
+    cluster.add_argument("--balance-abs", type=int, default=RoutingPolicy.balance_abs,
                          help="prefix routing: a replica with more requests in flight than the idlest one plus this "
                          "(and more than --balance-rel times as many) gets no new request")
-    cluster.add_argument("--balance-rel", type=float, default=1.25, help="prefix routing: see --balance-abs")
-    cluster.add_argument("--cache-threshold", type=float, default=0.5,
+    cluster.add_argument("--balance-rel", type=float, default=RoutingPolicy.balance_rel,
+                         help="prefix routing: see --balance-abs")
+    cluster.add_argument("--cache-threshold", type=float, default=RoutingPolicy.cache_threshold,
                          help="prefix routing: the share of a prompt a replica must hold to be chosen for it; "
                          "below it the least-loaded replica is")
 

@@ -7,7 +7,7 @@ import asyncio
 from fastapi import FastAPI, Request
 
 from decoding import RequestOutput, SamplingParams
-from decoding.weights import WeightUpdateError, read_checkpoint, read_payload
+from decoding.weights import NothingToRollBack, WeightUpdateError, read_checkpoint, read_payload
 from server.errors import AUTH_ERRORS, GENERATION_ERRORS, WEIGHT_ERRORS, WEIGHT_PUSH_ERRORS, APIError
 from server.protocol import RolloutRequest, ScoreRequest, WeightsLoadRequest
 from server.responses import chat_prompt_ids, wire_logprob
@@ -128,8 +128,10 @@ def add_weight_state_routes(app: FastAPI, server) -> None:
     async def rollback_weights(policy: str = "wait"):
         try:
             return {"weight_version": await server.front.rollback_weights(policy)}
+        except NothingToRollBack as err:
+            raise APIError(409, str(err)) from err
         except WeightUpdateError as err:
-            raise APIError(409 if err.param is None else 400, str(err), param=err.param) from err
+            raise APIError(400, str(err), param=err.param) from err
 
     @app.post("/v1/weights/commit", responses=AUTH_ERRORS)
     async def commit_weights():

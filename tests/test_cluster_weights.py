@@ -42,15 +42,19 @@ class FakeReplica:
         if path == "/v1/weights/commit":
             self.kept = None
             return httpx.Response(200, json={"weight_version": self.version})
+        if path == "/v1/weights/version":            # a replica serving with --api-key api
+            if request.headers.get("authorization") != "Bearer api":
+                return httpx.Response(401, json={"error": {"message": "missing or wrong API key"}})
+            return httpx.Response(200, json={"weight_version": self.version})
         return httpx.Response(200, json={})
 
 
-def coordinator(*fakes: FakeReplica) -> tuple[WeightCoordinator, Replicas]:
+def coordinator(*fakes: FakeReplica, api_key: str | None = "api") -> tuple[WeightCoordinator, Replicas]:
     by_host = {f"r{i}": fake for i, fake in enumerate(fakes)}
     replicas = Replicas([None] * len(fakes), [(f"http://r{i}", i) for i in range(len(fakes))])
     replicas.http = httpx.AsyncClient(transport=httpx.MockTransport(lambda r: by_host[r.url.host].handle(r)))
     replicas.mark_down = lambda index: replicas.urls.__setitem__(index, None)      # no actor to rejoin
-    return WeightCoordinator(replicas, "admin"), replicas
+    return WeightCoordinator(replicas, "admin", api_key), replicas
 
 
 PAYLOAD = save({"model.norm.weight": torch.ones(4)})
@@ -109,3 +113,16 @@ def test_the_journal_replays_a_load_then_the_merged_pushes_then_the_pause():
     merged = load(calls[1][3])
     assert sorted(merged) == ["a", "c", "draft.b"]            # the load kept the draft's, replaced the rest
     assert torch.equal(merged["a"], torch.ones(2)) and torch.equal(merged["c"], torch.full((3,), 7.0))
+
+
+def test_a_restarted_replica_is_resynced_with_the_keys_each_route_needs():
+    """The replayed push takes the admin key; reading the version back takes the API key (a replica with
+    --api-key refuses the admin key there), and only a replica at the served version is readmitted."""
+    serving, fresh = FakeReplica(), FakeReplica()
+    coord, _ = coordinator(serving, fresh)
+    assert push(coord, {"weight_version": "3"}).status_code == 200
+    fresh.version, fresh.calls = 0, []
+    assert asyncio.run(coord.resync(1, "http://r1")) is True
+    assert fresh.version == 3 and [path for path, _ in fresh.calls] == ["/v1/weights/update", "/v1/weights/version"]
+    without_api_key, _ = coordinator(FakeReplica(), FakeReplica(), api_key=None)
+    assert asyncio.run(without_api_key.resync(1, "http://r1")) is False
