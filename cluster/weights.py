@@ -41,16 +41,20 @@ class WeightJournal:
         self.pushed: dict[str, torch.Tensor] = {}
         self.version = 0
         self.paused = False
+        self.non_finite = False        # an update was let through with NaN or infinities (allow_non_finite)
 
-    def record(self, path: str, body: bytes, version: int) -> None:
-        """A committed update (its route and body) and the version every replica reported."""
+    def record(self, path: str, params: dict, body: bytes, version: int) -> None:
+        """A committed update (its route, query and body) and the version every replica reported."""
         if path == PUSH:
             tensors = read_payload(bytearray(body))
             self.pushed.update({name: tensor.clone() for name, tensor in tensors.items()})
+            allowed = params.get("allow_non_finite", "false").lower() == "true"
         else:
             fields = json.loads(body)
             self.loaded = (fields.get("path") or fields.get("model_path"), version)
             self.pushed = {name: t for name, t in self.pushed.items() if name.startswith(DRAFT_PREFIX)}
+            allowed = bool(fields.get("allow_non_finite"))
+        self.non_finite = self.non_finite or allowed
         self.version = version
 
     def replay(self) -> list[tuple[str, str, dict, bytes]]:
@@ -58,11 +62,13 @@ class WeightJournal:
         calls = []
         if self.loaded is not None:
             path, version = self.loaded
-            body = {"path": path, "weight_version": version, "allow_version_rollback": True}
+            body = {"path": path, "weight_version": version, "allow_version_rollback": True,
+                    "allow_non_finite": self.non_finite}
             calls.append(("POST", LOADS[0], {}, json.dumps(body).encode()))
         if self.pushed:
             served = any(not name.startswith(DRAFT_PREFIX) for name in self.pushed)
             query = {"weight_version": self.version, "allow_version_rollback": "true"} if served else {}
+            query["allow_non_finite"] = str(self.non_finite).lower()
             calls.append(("POST", PUSH, query, encode_payload(self.pushed)))
         if self.paused:
             calls.append(("POST", "/pause", {"mode": "abort", "clear_cache": "false"}, b""))
@@ -100,7 +106,7 @@ class WeightCoordinator:
             for index, seen in zip(live, reported):
                 if seen != version:                   # re-synced from the journal before it serves again
                     self.replicas.mark_down(index)
-            self.journal.record(path, body, version)
+            self.journal.record(path, params, body, version)
             return as_response(applied[0])
 
     async def fan_out(self, path: str, method: str, params: dict, body: bytes, headers: dict) -> list:
