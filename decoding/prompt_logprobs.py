@@ -12,17 +12,23 @@ from decoding.sequence import TokenLogprob
 
 
 def record_prompt_logprobs(sched: SchedulerOutput, logits: StepLogits, wanted: set[int]) -> None:
+    """Append each wanted chunk's prompt logprobs to its request's list, where entry i is token i's
+    (entry 0 is None: the first token has no context). A chunk's row j predicts token start + j + 1;
+    rows whose entry is already there (a chunk recomputed after preemption) are skipped."""
     for item in sched.scheduled:
         chunk = logits.chunk.get(item.seq.seq_id) if item.seq.seq_id in wanted else None
+        if chunk is None:
+            continue
         request = item.seq.request
-        if chunk is None or len(request.prompt_logprobs) > item.start:
-            continue   # recomputation after preemption: already recorded
         if not request.prompt_logprobs:
             request.prompt_logprobs.append(None)   # the first prompt token has no context
-        params = request.params
-        logprobs = prompt_log_probs(chunk, params)
+        first = len(request.prompt_logprobs) - 1   # the first prompt position without an entry
         end = min(item.start + item.num_new_tokens, request.prompt_len - 1)
-        targets = torch.tensor(request.prompt_token_ids[item.start + 1 : end + 1])
+        if first >= end:
+            continue
+        params = request.params
+        logprobs = prompt_log_probs(chunk[first - item.start :], params)
+        targets = torch.tensor(request.prompt_token_ids[first + 1 : end + 1])
         rows = logprobs[: len(targets)]
         chosen = rows.gather(1, targets.unsqueeze(1))
         # vLLM's rank: 1 + the number of tokens more likely than the prompt's own.

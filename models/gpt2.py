@@ -58,7 +58,7 @@ class GPT2Layer(torch.nn.Module):
         num_tokens = x.shape[0]
         qkv = self.c_attn(self.ln_1(x)).view(num_tokens, 3, self.num_heads, self.head_dim)
         attn = paged_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], self.layer_idx, cache, meta, self.scale)
-        if keep_rows is not None:   # the rest only wrote their keys and values (see LlamaLayer.forward)
+        if keep_rows is not None:   # the rest only wrote their keys and values (see DecoderLayer.forward)
             x, attn = x[keep_rows], attn[keep_rows]
         x = x + self.attn_proj(attn)
         return x + self.mlp_proj(self.act(self.c_fc(self.ln_2(x))))

@@ -133,13 +133,21 @@ class FusedLinear(torch.nn.Module):
 
     def slots(self, names: list[str], bias_names: list[str | None]) -> dict[str, ParamSlot]:
         """Map the HF names of the fused parts (weight [out, in], bias [out]) onto slices of this matrix."""
+        return self.slots_by_width(names, bias_names, self.out_features)
+
+    def slots_by_width(self, names: list[str], bias_names: list[str | None], widths: list[int]) -> dict[str, ParamSlot]:
+        """slots() for checkpoint tensors of the given widths, one of which may cover several fused parts
+        (a checkpoint that stores [q; k; v] or [gate; up] as one tensor)."""
+        assert sum(widths) == self.weight_t.shape[1], (widths, self.out_features)
+        part_ends = [sum(self.out_features[: i + 1]) for i in range(len(self.out_features))]
         slots: dict[str, ParamSlot] = {}
         start = 0
-        for name, bias_name, width, has_bias in zip(names, bias_names, self.out_features, self._has_bias):
+        for name, bias_name, width in zip(names, bias_names, widths):
             view = self.weight_t[:, start : start + width]
             slots[name] = ParamSlot(view, (width, self.weight_t.shape[0]), transpose=True,
                                     on_write=self.weights_changed)
-            if has_bias and bias_name is not None:
+            covered = [has for has, end in zip(self._has_bias, part_ends) if start < end <= start + width]
+            if any(covered) and bias_name is not None:
                 slots[bias_name] = ParamSlot(self.bias[start : start + width], (width,))
             start += width
         return slots

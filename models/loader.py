@@ -10,12 +10,13 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from models.base import NativeCausalLM, load_state_dict
+from models.decoder import DecoderForCausalLM
+from models.families import FAMILIES, UnsupportedModelError, decoder_spec
 from models.gpt2 import GPT2LMHeadModel
 from models.layers import RotaryEmbedding
-from models.llama import LlamaForCausalLM
 
-LLAMA_FAMILY = ("llama", "qwen2", "mistral")
-SUPPORTED_MODEL_TYPES = (*LLAMA_FAMILY, "gpt2")
+# The model types served natively: every family of models/families.py, and GPT-2.
+SUPPORTED_MODEL_TYPES = (*sorted(FAMILIES), "gpt2")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # The embedded default model (models/default), used when no model is named.
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default" / "target"
@@ -103,15 +104,37 @@ def _eos_token_ids(name: str, tokenizer, config) -> frozenset[int]:
     return frozenset(ids)
 
 
+def _rotary(hf_model, config) -> RotaryEmbedding:
+    """HF's own RoPE frequencies and attention scaling (whatever scaling kind computed them). A model
+    with one table per layer type (OLMo 3) is served when the tables are equal."""
+    module = hf_model.model.rotary_emb
+    if hasattr(module, "inv_freq"):
+        return RotaryEmbedding(module.inv_freq.detach().clone(), float(module.attention_scaling))
+    kinds = sorted(set(config.layer_types))
+    tables = [(getattr(module, f"{kind}_inv_freq"), float(getattr(module, f"{kind}_attention_scaling"))) for kind in kinds]
+    if any(not torch.equal(table, tables[0][0]) or scaling != tables[0][1] for table, scaling in tables):
+        raise UnsupportedModelError(f"{config.model_type} with different RoPE frequencies per layer type "
+                                    f"({', '.join(kinds)}) is not supported yet")
+    return RotaryEmbedding(tables[0][0].detach().clone(), tables[0][1])
+
+
 def _build_native(hf_model, config, dtype, device) -> NativeCausalLM:
-    if config.model_type in LLAMA_FAMILY:
-        rotary_module = hf_model.model.rotary_emb
-        rotary = RotaryEmbedding(rotary_module.inv_freq.detach().clone(), float(rotary_module.attention_scaling))
-        native = LlamaForCausalLM(config, rotary, dtype, device)
-    else:
+    if config.model_type == "gpt2":
         native = GPT2LMHeadModel(config, dtype, device)
+    else:
+        native = DecoderForCausalLM(decoder_spec(config), _rotary(hf_model, config), dtype, device)
     load_state_dict(native, hf_model.state_dict())
     return native.eval()
+
+
+def _check_supported(name: str, config) -> None:
+    """Refuse, before any weight is read, a model whose architecture or options are not implemented."""
+    if config.model_type == "gpt2":
+        return
+    try:
+        decoder_spec(config)
+    except UnsupportedModelError as err:
+        raise ModelLoadError(f"{name!r}: {err}; served model types: {', '.join(SUPPORTED_MODEL_TYPES)}") from err
 
 
 def load_model(model: str | None = None, dtype: str | torch.dtype = "float32",
@@ -121,10 +144,7 @@ def load_model(model: str | None = None, dtype: str | torch.dtype = "float32",
     torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
     steps = tqdm(total=4, desc=f"loading {Path(name).name or name}", disable=not show_progress, unit="step")
     config = _load_config(name)
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise ModelLoadError(
-            f"architecture {config.model_type!r} of {name!r} is not supported; supported model types: "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    _check_supported(name, config)
     steps.update()
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
@@ -135,7 +155,10 @@ def load_model(model: str | None = None, dtype: str | torch.dtype = "float32",
     hf_model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
     steps.update()
     with torch.inference_mode():
-        native = _build_native(hf_model, config, torch_dtype, torch_device)
+        try:
+            native = _build_native(hf_model, config, torch_dtype, torch_device)
+        except UnsupportedModelError as err:
+            raise ModelLoadError(f"{name!r}: {err}") from err
     del hf_model
     steps.update()
     steps.close()

@@ -92,12 +92,12 @@ def test_both_decode_paths_give_the_same_logprobs(llama_dir):
 
 
 @needs_kernel
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral-sliding"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral-sliding", "qwen3"])
 def test_one_call_decoder_stack_matches_the_per_layer_kernels(model_dir, arch, monkeypatch):
     """Decode steps run the whole stack in one native call (models/kernels/decoder.c); the per-layer
     path runs the same kernels one by one, so tokens and logprobs agree exactly. The models cover a
-    q/k/v bias (Qwen2) and a sliding window (Mistral)."""
-    import models.llama
+    q/k/v bias (Qwen2), a sliding window (Mistral) and per-head q/k norms (Qwen3)."""
+    import models.decoder
 
     path = model_dir(arch)
     params = SamplingParams(temperature=0.8, max_tokens=12, logprobs=3, seed=5, n=2)
@@ -108,7 +108,7 @@ def test_one_call_decoder_stack_matches_the_per_layer_kernels(model_dir, arch, m
     monkeypatch.setattr(kernels, "decoder_forward", lambda *a, **k: calls.append(1) or stack(*a, **k))
     engine.generate(PROMPTS[:1], SamplingParams(max_tokens=3))
     assert calls, "decode steps should run on the one-call stack"
-    monkeypatch.setattr(models.llama, "_only_decode_group", lambda meta, num_tokens: None)
+    monkeypatch.setattr(models.decoder, "_only_decode_group", lambda meta, num_tokens: None)
     per_layer = Engine(model=path, show_progress=False, num_kv_blocks=128, block_size=4).generate(PROMPTS, params)
     for a, b in zip(fused, per_layer):
         for x, y in zip(a.outputs, b.outputs):
@@ -121,7 +121,7 @@ def test_one_call_decoder_stack_matches_the_per_layer_kernels(model_dir, arch, m
 def test_one_call_stack_keeps_only_the_rows_asked_for(llama_dir, monkeypatch):
     """Chains of decode rows whose last rows alone are read (a draft model's catch-up): the stack
     compacts those rows at the last layer, with the same logits as the per-layer path."""
-    import models.llama
+    import models.decoder
     from decoding.step_plan import ScheduledSeq, SchedulerOutput
 
     engine = Engine(model=llama_dir, show_progress=False, num_kv_blocks=64, block_size=4)
@@ -137,7 +137,7 @@ def test_one_call_stack_keeps_only_the_rows_asked_for(llama_dir, monkeypatch):
         items.append(ScheduledSeq(seq, start, 3, reaches_end=True))
     stack = engine.runner.execute(SchedulerOutput(scheduled=items))
     whole = engine.runner.execute(SchedulerOutput(scheduled=items, chunk_logits_for={item.seq.seq_id for item in items}))
-    monkeypatch.setattr(models.llama, "_only_decode_group", lambda meta, num_tokens: None)
+    monkeypatch.setattr(models.decoder, "_only_decode_group", lambda meta, num_tokens: None)
     per_layer = engine.runner.execute(SchedulerOutput(scheduled=items))
     assert stack.last.shape[0] == 2
     assert torch.equal(stack.last, per_layer.last)

@@ -20,7 +20,7 @@ def test_unreachable_hub_id_is_a_clear_error(monkeypatch):
 
 def test_unsupported_architecture_names_the_supported_ones(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "vocab_size": 100}))
-    with pytest.raises(ModelLoadError, match="not supported; supported model types: llama"):
+    with pytest.raises(ModelLoadError, match="is not supported; served model types: .*llama"):
         load_model(str(tmp_path), show_progress=False)
 
 

@@ -91,6 +91,7 @@ SIGNATURES = {
     "paged_prefill_attention": ([_PTR, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _PTR,
                                  _I64, _I64, _I64, _I64, _I64, _F32], None),
     "rms_norm": ([_PTR, _I64, _PTR, _F32, _PTR, _I64, _I64], None),
+    "rms_norm_heads": ([_PTR, _I64, _PTR, _F32, _I64, _I64, _I64], None),
     "rotary_write_kv": ([_PTR, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64], None),
     "silu_mul": ([_PTR, _PTR, _I64, _I64], None),
     "sample_rows": ([_PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR], None),
@@ -204,6 +205,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     out = torch.empty(rows, dim, dtype=x.dtype)
     _library().rms_norm(x.data_ptr(), x.stride(0), weight.data_ptr(), eps, out.data_ptr(), rows, dim)
     return out
+
+
+def rms_norm_heads(x: torch.Tensor, weight: torch.Tensor, eps: float, num_heads: int) -> None:
+    """In place on the first num_heads heads of each row of x [T, >= num_heads * d] (rows may be strided,
+    a row's heads contiguous): each head [d] gets rms_norm with weight [d] (Qwen3's q_norm, k_norm)."""
+    rows, dim = x.shape[0], weight.numel()
+    assert x.stride(1) == 1 and x.shape[1] >= num_heads * dim and weight.is_contiguous()
+    _library().rms_norm_heads(x.data_ptr(), x.stride(0), weight.data_ptr(), eps, rows, num_heads, dim)
 
 
 def rotary_write_kv(qkv: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, slots: torch.Tensor,

@@ -6,7 +6,7 @@
  * one call, in the same order, on the same buffers, so the results are those of the per-layer path
  * bit for bit.
  *
- * Per layer: x += o_proj(attention(rope(qkv(norm(x))))); x += down(silu(gate) * up(norm(x))). At the
+ * Per layer: x += o_proj(attention(rope(qk_norm(qkv(norm(x)))))); x += down(silu(gate) * up(norm(x))). At the
  * last layer only the `keep` rows go on past attention (the others only had to write their keys and
  * values). The result is the final norm of the kept rows.
  */
@@ -19,6 +19,8 @@ void rms_norm(const float *x, int64_t x_row_stride, const float *weight, float e
 void rotary_write_kv(float *qkv, int64_t row_stride, const float *cos, const float *signed_sin, const int64_t *slots,
                      float *key_cache, float *value_cache, int64_t rows, int64_t num_heads, int64_t num_kv_heads,
                      int64_t head_dim);
+void rms_norm_heads(float *x, int64_t row_stride, const float *weight, float eps, int64_t rows, int64_t heads,
+                    int64_t dim);
 void silu_mul(const float *gate_up, float *out, int64_t rows, int64_t dim);
 void gemm_panels(const float *x, int64_t M, int64_t K, int64_t ldx, const float *packed, int64_t N, const float *bias,
                  const float *residual, float *y);
@@ -28,9 +30,10 @@ void paged_decode_attention(const float *query, int64_t query_row_stride, const 
                             const int64_t *extra_counts, float *out, int64_t batch, int64_t num_heads,
                             int64_t num_kv_heads, int64_t head_dim, int64_t block_size, int64_t window, float scale);
 
-/* The weights of one layer: norms as vectors, projections packed by pack_panels; a NULL bias is none. */
+/* The weights of one layer: norms as vectors, projections packed by pack_panels; a NULL bias is none, and
+ * so are NULL q_norm and k_norm (per-head norms of the queries and keys before RoPE, as in Qwen3). */
 typedef struct {
-    const float *input_norm, *post_norm;
+    const float *input_norm, *post_norm, *q_norm, *k_norm;
     const float *qkv, *qkv_bias, *o_proj, *o_bias, *gate_up, *gate_up_bias, *down, *down_bias;
     float *key_cache, *value_cache;   /* [num_blocks * block_size, num_kv_heads, head_dim] */
     int64_t window;                   /* sliding window, 0 for none */
@@ -72,6 +75,10 @@ void decoder_forward(const DecoderShape *s, const DecoderLayer *layers, int64_t 
         const DecoderLayer *l = &layers[i];
         rms_norm(x, hidden, l->input_norm, s->eps, normed, tokens, hidden);
         gemm_panels(normed, tokens, hidden, hidden, l->qkv, qkv_width, l->qkv_bias, NULL, qkv);
+        if (l->q_norm != NULL) {
+            rms_norm_heads(qkv, qkv_width, l->q_norm, s->eps, tokens, s->num_heads, d);
+            rms_norm_heads(qkv + q_width, qkv_width, l->k_norm, s->eps, tokens, s->num_kv_heads, d);
+        }
         rotary_write_kv(qkv, qkv_width, cos, sin, rows->slots, l->key_cache, l->value_cache, tokens, s->num_heads,
                         s->num_kv_heads, d);
         paged_decode_attention(qkv, qkv_width, l->key_cache, l->value_cache, rows->block_tables, rows->max_blocks,

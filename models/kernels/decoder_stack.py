@@ -19,7 +19,7 @@ class DecoderShape(ctypes.Structure):
 
 class DecoderLayer(ctypes.Structure):
     _fields_ = [(name, ctypes.c_void_p) for name in
-                ("input_norm", "post_norm", "qkv", "qkv_bias", "o_proj", "o_bias", "gate_up", "gate_up_bias",
+                ("input_norm", "post_norm", "q_norm", "k_norm", "qkv", "qkv_bias", "o_proj", "o_bias", "gate_up", "gate_up_bias",
                  "down", "down_bias", "key_cache", "value_cache")]
     _fields_ += [("window", ctypes.c_int64)]
 

@@ -33,6 +33,22 @@ void rms_norm(const float *x, int64_t x_row_stride, const float *weight, float e
     }
 }
 
+/* In place, per head: each of the `heads` vectors of `dim` floats in row r (at x + r * row_stride) gets
+ * rms_norm with the same weight [dim] (Qwen3's q_norm and k_norm). The arithmetic is rms_norm's. */
+void rms_norm_heads(float *x, int64_t row_stride, const float *weight, float eps, int64_t rows, int64_t heads,
+                    int64_t dim) {
+#pragma omp parallel for num_threads(kernel_threads()) if (rows * heads * dim >= PARALLEL_MIN_ELEMENTS) schedule(static)
+    for (int64_t rh = 0; rh < rows * heads; ++rh) {
+        float *restrict v = x + (rh / heads) * row_stride + (rh % heads) * dim;
+        float squares = 0.0f;
+#pragma omp simd reduction(+ : squares)
+        for (int64_t i = 0; i < dim; ++i) squares += v[i] * v[i];
+        const float inv = 1.0f / sqrtf(squares / (float)dim + eps);
+#pragma omp simd
+        for (int64_t i = 0; i < dim; ++i) v[i] = (v[i] * inv) * weight[i];
+    }
+}
+
 /* Rotate one head in place: x * cos + rotate_half(x) * sin, with sin's first half negated by the
  * caller (so rotate_half becomes a plain swap of halves). */
 static inline void rotate(float *restrict x, const float *restrict cos, const float *restrict signed_sin,

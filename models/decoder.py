@@ -1,0 +1,151 @@
+"""The one native decoder of every served family (Llama, Qwen2/3, Mistral, Gemma, OLMo 2/3, Granite, ...),
+shaped by the family's DecoderSpec (models/families.py), over the paged KV cache.
+
+A step whose every token attends as a decode row (decodes, draft chains, Medusa trees) of a model whose
+spec is the plain stack runs the whole stack in one native call (models/kernels/decoder.c): the same
+kernels in the same order as the per-layer path, without a Python round trip between them.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from models import kernels
+from models.attention import AttentionMetadata, PagedKVCache
+from models.decoder_layer import DecoderLayer
+from models.families import DecoderSpec
+from models.greedy_chain import greedy_chain_ints, packed_views
+from models.layers import FusedLinear, ParamSlot, RotaryEmbedding, embedding_slots, layer_slots, rms_norm
+
+
+class _NativeStack(NamedTuple):
+    """What decoder_forward reads for one cache: the shapes and the layer table of raw pointers, with
+    the tensors it points into (`layers`) kept referenced beside it."""
+
+    cache: PagedKVCache
+    shape: kernels.DecoderShape
+    table: object
+    layers: list[dict]
+
+
+def _only_decode_group(meta: AttentionMetadata, num_tokens: int):
+    """The native decode group when it holds every token of the step, else None."""
+    if meta.segments or meta.prefill is not None or len(meta.decode_groups) != 1:
+        return None
+    group = meta.decode_groups[0]
+    return group if group.native and group.q_start == 0 and group.q_end == num_tokens else None
+
+
+class DecoderForCausalLM(torch.nn.Module):
+    def __init__(self, spec: DecoderSpec, rotary: RotaryEmbedding, dtype: torch.dtype, device):
+        super().__init__()
+        self.spec = spec
+        self.dtype = dtype
+        self.num_layers = spec.num_layers
+        self.hidden_size = spec.hidden_size
+        self.vocab_size = spec.vocab_size
+        self.native_ops = kernels.native_ops_available(torch.device(device), dtype)
+        # The one-call stack and the plain per-layer path it mirrors (DecoderSpec.is_plain_stack).
+        self.plain_stack = self.native_ops and spec.is_plain_stack
+        self.layers = torch.nn.ModuleList(
+            DecoderLayer(spec, i, dtype, device, self.native_ops) for i in range(self.num_layers))
+        self.num_kv_heads = spec.num_kv_heads
+        self.head_dim = spec.head_dim
+        self.attention_windows = frozenset(spec.layer_windows)
+        self.embed = torch.nn.Parameter(
+            torch.empty(spec.vocab_size, spec.hidden_size, dtype=dtype, device=device), requires_grad=False)
+        self.final_norm = torch.nn.Parameter(torch.ones(spec.hidden_size, dtype=dtype, device=device), requires_grad=False)
+        self.lm_head = FusedLinear(spec.hidden_size, [spec.vocab_size], [False], dtype, device)
+        self.tied = spec.tied_embeddings
+        self.optional_param_names = frozenset({"lm_head.weight"}) if self.tied else frozenset()
+        self.rotary = rotary
+        self.eps = spec.eps
+        # The one-call decoder stack's table, built on first use and again after a weight update repacks
+        # a projection.
+        self._decoder_table: _NativeStack | None = None
+        for layer in self.layers:
+            for linear in (layer.qkv, layer.o_proj, layer.gate_up, layer.down):
+                linear.on_change.append(self._forget_decoder_table)
+
+    def forward(self, input_ids, positions, cache, meta, output_rows=None):
+        x = self.embed.index_select(0, input_ids)
+        if self.spec.embedding_multiplier != 1.0:
+            x = x * self.spec.embedding_multiplier
+        cos, sin = self.rotary.cos_sin(positions, self.dtype)
+        if self.plain_stack:
+            cos, sin = cos.squeeze(1), sin.squeeze(1)      # [T, head_dim], as the kernel reads them
+            group = _only_decode_group(meta, x.shape[0])
+            if group is not None:
+                shape, layers = self._native_stack(cache)
+                return kernels.decoder_forward(
+                    shape, layers, x, cos, sin, meta.slot_mapping,
+                    group.block_tables, group.context_lens, group.extra_positions, group.extra_counts,
+                    self.final_norm, output_rows)
+        last = self.num_layers - 1
+        for i, layer in enumerate(self.layers):
+            x = layer.forward(x, cos, sin, cache, meta, output_rows if i == last else None)
+        return self._final_norm(x)
+
+    def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        if self.spec.norm_weight_offset:
+            return rms_norm(x, self.final_norm + self.spec.norm_weight_offset, self.eps)
+        return kernels.rms_norm(x, self.final_norm, self.eps) if self.native_ops else rms_norm(x, self.final_norm, self.eps)
+
+    def _forget_decoder_table(self) -> None:
+        self._decoder_table = None
+
+    def _native_stack(self, cache: PagedKVCache) -> tuple[kernels.DecoderShape, object]:
+        """The shape and layer table decoder_forward reads, for this cache and the current weights."""
+        built = self._decoder_table
+        if built is not None and built.cache is cache:
+            return built.shape, built.table
+        spec = self.spec
+        shape = kernels.DecoderShape(spec.hidden_size, spec.intermediate_size, spec.num_heads, spec.num_kv_heads,
+                                     spec.head_dim, cache.block_size, spec.eps, spec.attention_scale)
+        layers = [dict(input_norm=layer.norms["attn_in_norm"], post_norm=layer.norms["mlp_in_norm"],
+                       q_norm=layer.q_norm, k_norm=layer.k_norm,
+                       qkv=layer.qkv.packed_panels(), qkv_bias=layer.qkv.bias,
+                       o_proj=layer.o_proj.packed_panels(), o_bias=layer.o_proj.bias,
+                       gate_up=layer.gate_up.packed_panels(), gate_up_bias=layer.gate_up.bias,
+                       down=layer.down.packed_panels(), down_bias=layer.down.bias,
+                       key_cache=cache.keys[i], value_cache=cache.values[i], window=layer.window)
+                  for i, layer in enumerate(self.layers)]
+        self._decoder_table = _NativeStack(cache, shape, kernels.decoder_layers(layers), layers)
+        return shape, self._decoder_table.table
+
+    def greedy_chain(self, feed: list[list[int]], positions: list[int], block_tables: list[list[int]],
+                     cache: PagedKVCache, stop_tokens: list[list[int]], banned_steps: list[int],
+                     steps: int) -> torch.Tensor | None:
+        """Draft `steps` tokens greedily for each row in one native call: row r's cache lacks the tokens
+        feed[r] (its newest token at least), the first at positions[r], and its slots for those and the
+        drafts are reserved in block_tables[r]. Each step's argmax, with the row's stop_tokens at -inf in
+        its first banned_steps[r] steps, is the next step's input. -> [steps, R]; None where the one-call
+        stack does not run."""
+        if not self.plain_stack or self.spec.logits_divisor != 1.0:
+            return None
+        rows = len(feed)
+        parts, num_feed, width, banned_width = greedy_chain_ints(feed, positions, block_tables, cache.block_size,
+                                                                 stop_tokens, banned_steps, steps)
+        feed_tokens, last, slots, feed_context, context, banned, banned_steps, every_position, every_table = \
+            packed_views(parts)
+        every_table = every_table.view(-1, width)
+        cos, sin = self.rotary.cos_sin(every_position, self.dtype)
+        chain = kernels.GreedyChain(feed_tokens, last, slots[:num_feed], every_table[:num_feed], feed_context,
+                                    slots[num_feed:].view(steps - 1, rows), every_table[num_feed:], context,
+                                    cos.squeeze(1), sin.squeeze(1), banned.view(rows, banned_width), banned_steps)
+        shape, layers = self._native_stack(cache)
+        return kernels.decoder_greedy_chain(shape, layers, self.embed, self.final_norm, self.lm_head.packed_panels(),
+                                            self.vocab_size, chain)
+
+    def compute_logits(self, hidden):
+        logits = self.lm_head(hidden)
+        return logits if self.spec.logits_divisor == 1.0 else logits / self.spec.logits_divisor
+
+    def param_slots(self) -> dict[str, list[ParamSlot]]:
+        spec = self.spec
+        slots = layer_slots(self.layers, spec.layer_prefix)
+        slots |= embedding_slots(spec.embed_name, self.embed, self.lm_head, self.tied)
+        slots[spec.final_norm_name] = [ParamSlot(self.final_norm, tuple(self.final_norm.shape))]
+        return slots

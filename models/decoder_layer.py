@@ -1,0 +1,157 @@
+"""One layer of the generic decoder, shaped by a DecoderSpec (models/families.py).
+
+Numerics follow HF's modeling code op for op (RMSNorm in float32, rotate-half RoPE, SDPA attention);
+only the matrix layout differs (see models/layers.py). On the CPU in float32 the small per-token ops
+(RMSNorm, per-head q/k norms, RoPE with the cache write, SiLU-and-multiply) run as fused native kernels
+(models/kernels): the same arithmetic in a few calls instead of some twenty torch ops per layer.
+
+A layer whose spec is the plain stack (DecoderSpec.is_plain_stack) takes `_forward_plain`, the per-layer
+twin of the one-call native stack (models/kernels/decoder.c), kernel for kernel; every other shape takes
+`_forward_general`, which reads each option of the spec.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.activations import ACT2FN
+
+from models import kernels
+from models.attention import AttentionMetadata, PagedKVCache, paged_attention
+from models.families import DecoderSpec
+from models.layers import FusedLinear, ParamSlot, apply_rotary, rms_norm
+
+# The four places a layer may normalize (DecoderSpec.names says which a family has and their HF names).
+NORM_PLACES = ("attn_in_norm", "attn_out_norm", "mlp_in_norm", "mlp_out_norm")
+
+
+class DecoderLayer(torch.nn.Module):
+    def __init__(self, spec: DecoderSpec, layer_idx: int, dtype, device, native: bool):
+        super().__init__()
+        self.spec = spec
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        self.window = spec.layer_windows[layer_idx]
+        self.use_rope = spec.rope_layers[layer_idx]
+        self.eps = spec.eps
+        self.scale = spec.attention_scale
+        self.intermediate_size = inter = spec.intermediate_size
+        self.native = native
+        self.plain = native and spec.is_plain_stack
+        hidden = spec.hidden_size
+        self.q_width, self.kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv = FusedLinear(hidden, [self.q_width, self.kv_width, self.kv_width], [spec.qkv_bias] * 3, dtype, device)
+        self.o_proj = FusedLinear(self.q_width, [hidden], [spec.o_bias], dtype, device)
+        gate_up = [inter, inter] if spec.gated_mlp else [inter]
+        self.gate_up = FusedLinear(hidden, gate_up, [spec.mlp_bias] * len(gate_up), dtype, device)
+        self.down = FusedLinear(inter, [hidden], [spec.mlp_bias], dtype, device)
+        ones = lambda size: torch.nn.Parameter(torch.ones(size, dtype=dtype, device=device), requires_grad=False)  # noqa: E731
+        self.norms = {place: ones(hidden) for place in NORM_PLACES if getattr(spec.names, place) is not None}
+        self.q_norm = self.k_norm = None
+        if spec.qk_norm is not None:
+            per_head = spec.qk_norm == "head"
+            self.q_norm = ones(self.head_dim if per_head else self.q_width)
+            self.k_norm = ones(self.head_dim if per_head else self.kv_width)
+        self.act = ACT2FN[spec.activation]
+
+    def forward(self, x, cos, sin, cache: PagedKVCache, meta: AttentionMetadata, keep_rows: torch.Tensor | None = None):
+        """`keep_rows`: only these rows go on past attention (the last layer of a step whose other rows
+        are prompt tokens nobody reads the output of: they only had to write their keys and values)."""
+        if self.plain:
+            return self._forward_plain(x, cos, sin, cache, meta, keep_rows)
+        return self._forward_general(x, cos, sin, cache, meta, keep_rows)
+
+    def _forward_plain(self, x, cos, sin, cache: PagedKVCache, meta: AttentionMetadata, keep_rows):
+        num_tokens, layer = x.shape[0], self.layer_idx
+        # Module calls skipped (.forward directly): nn.Module's hook dispatch costs more than these ops.
+        qkv = self.qkv.forward(kernels.rms_norm(x, self.norms["attn_in_norm"], self.eps))
+        if self.q_norm is not None:
+            kernels.rms_norm_heads(qkv, self.q_norm, self.eps, self.num_heads)
+            kernels.rms_norm_heads(qkv[:, self.q_width :], self.k_norm, self.eps, self.num_kv_heads)
+        # Rotates q and k in place and writes k and v to their slots: paged_attention skips its write.
+        kernels.rotary_write_kv(qkv, cos, sin, meta.slot_mapping, cache.keys[layer], cache.values[layer], self.num_heads)
+        query, key, value = self._heads(qkv)
+        attn = paged_attention(query, key, value, layer, cache, meta, self.scale, self.window, kv_written=True)
+        if keep_rows is not None:
+            x, attn = x[keep_rows], attn[keep_rows]
+        x = self.o_proj.forward_residual(attn, x)
+        mlp = kernels.silu_mul(self.gate_up.forward(kernels.rms_norm(x, self.norms["mlp_in_norm"], self.eps)))
+        return self.down.forward_residual(mlp, x)
+
+    def _forward_general(self, x, cos, sin, cache: PagedKVCache, meta: AttentionMetadata, keep_rows):
+        qkv = self.qkv(self._norm(x, "attn_in_norm"))
+        if self.q_norm is not None and not self.spec.qk_norm_after_rope:
+            qkv = self._qk_norm(qkv)
+        if self.use_rope:
+            qk = apply_rotary(qkv[:, : self.q_width + self.kv_width].view(x.shape[0], -1, self.head_dim), cos, sin)
+            qkv = torch.cat((qk.flatten(1), qkv[:, self.q_width + self.kv_width :]), dim=1)
+        if self.q_norm is not None and self.spec.qk_norm_after_rope:
+            qkv = self._qk_norm(qkv)
+        query, key, value = self._heads(qkv)
+        attn = paged_attention(query, key, value, self.layer_idx, cache, meta, self.scale, self.window)
+        if keep_rows is not None:
+            x, attn = x[keep_rows], attn[keep_rows]
+        x = self._residual(x, self._norm(self.o_proj(attn), "attn_out_norm"))
+        gate_up = self.gate_up(self._norm(x, "mlp_in_norm"))
+        if self.spec.gated_mlp:
+            mlp = self.act(gate_up[:, : self.intermediate_size]) * gate_up[:, self.intermediate_size :]
+        else:
+            mlp = self.act(gate_up)
+        return self._residual(x, self._norm(self.down(mlp), "mlp_out_norm"))
+
+    def _heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        heads = qkv.view(qkv.shape[0], -1, self.head_dim)
+        query = heads[:, : self.num_heads]
+        key = heads[:, self.num_heads : self.num_heads + self.num_kv_heads]
+        return query, key, heads[:, self.num_heads + self.num_kv_heads :]
+
+    def _norm(self, x: torch.Tensor, place: str) -> torch.Tensor:
+        weight = self.norms.get(place)
+        if weight is None:
+            return x
+        if self.spec.norm_weight_offset:
+            return rms_norm(x, weight + self.spec.norm_weight_offset, self.eps)
+        return kernels.rms_norm(x, weight, self.eps) if self.native else rms_norm(x, weight, self.eps)
+
+    def _qk_norm(self, qkv: torch.Tensor) -> torch.Tensor:
+        """q and k normalized (per head or over all heads, as the spec says); v as it was."""
+        num_tokens, d = qkv.shape[0], self.head_dim
+        q, k, v = qkv.split([self.q_width, self.kv_width, self.kv_width], dim=1)
+        if self.spec.qk_norm == "head":
+            q = rms_norm(q.reshape(num_tokens, -1, d), self.q_norm, self.eps).flatten(1)
+            k = rms_norm(k.reshape(num_tokens, -1, d), self.k_norm, self.eps).flatten(1)
+        else:
+            q, k = rms_norm(q, self.q_norm, self.eps), rms_norm(k, self.k_norm, self.eps)
+        return torch.cat((q, k, v), dim=1)
+
+    def _residual(self, x: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+        multiplier = self.spec.residual_multiplier
+        return x + update if multiplier == 1.0 else x + update * multiplier
+
+    def param_slots(self, prefix: str) -> dict[str, ParamSlot]:
+        names = self.spec.names
+        qkv_parts = _parts(names.qkv, [self.q_width, self.kv_width, self.kv_width])
+        slots = self.qkv.slots_by_width(*_weights_and_biases(prefix, qkv_parts))
+        slots |= self.o_proj.slots([f"{prefix}.{names.o_proj}.weight"], [f"{prefix}.{names.o_proj}.bias"])
+        gate_up_parts = _parts(names.gate_up, self.gate_up.out_features)
+        slots |= self.gate_up.slots_by_width(*_weights_and_biases(prefix, gate_up_parts))
+        slots |= self.down.slots([f"{prefix}.{names.down}.weight"], [f"{prefix}.{names.down}.bias"])
+        for place, weight in self.norms.items():
+            slots[f"{prefix}.{getattr(names, place)}.weight"] = ParamSlot(weight, tuple(weight.shape))
+        if self.q_norm is not None:
+            slots[f"{prefix}.{names.q_norm}.weight"] = ParamSlot(self.q_norm, tuple(self.q_norm.shape))
+            slots[f"{prefix}.{names.k_norm}.weight"] = ParamSlot(self.k_norm, tuple(self.k_norm.shape))
+        return slots
+
+
+def _parts(names: tuple[str, ...], widths: list[int]) -> list[tuple[str, int]]:
+    """The checkpoint tensors of a fused matrix with their widths: one per part, or one for all of them
+    where the checkpoint fused them already."""
+    if len(names) == len(widths):
+        return list(zip(names, widths))
+    assert len(names) == 1, names
+    return [(names[0], sum(widths))]
+
+
+def _weights_and_biases(prefix: str, parts: list[tuple[str, int]]):
+    return ([f"{prefix}.{name}.weight" for name, _ in parts], [f"{prefix}.{name}.bias" for name, _ in parts],
+            [width for _, width in parts])

@@ -1,0 +1,209 @@
+"""Model families as data: what one generic decoder (models/decoder.py) needs to know of an HF config.
+
+A family is a function from an HF config to a `DecoderSpec`; nothing else about it lives in code. The
+decoder reads the spec once when it is built, and a family whose spec is the plain pre-norm Llama shape
+(with or without per-head q/k norms) runs the whole one-call native stack; any other shape runs the same
+layer code per layer, with the native kernels wherever they apply (products, attention, norms).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+
+class UnsupportedModelError(ValueError):
+    """A model whose architecture or options this decoder does not implement, with what is missing."""
+
+
+@dataclass(frozen=True)
+class LayerNames:
+    """HF names of one decoder layer's tensors, relative to `{layer_prefix}.{i}`. A norm named None is
+    absent; a projection tuple of one name is already fused in the checkpoint ([q; k; v] or [gate; up])."""
+
+    attn_in_norm: str | None = "input_layernorm"         # before attention (pre-norm)
+    attn_out_norm: str | None = None                     # on attention's output, before the residual add
+    mlp_in_norm: str | None = "post_attention_layernorm"
+    mlp_out_norm: str | None = None
+    qkv: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+    o_proj: str = "self_attn.o_proj"
+    gate_up: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj")    # ("mlp.up_proj",) when not gated
+    down: str = "mlp.down_proj"
+    q_norm: str = "self_attn.q_norm"
+    k_norm: str = "self_attn.k_norm"
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """One decoder-only family's shape and options, read from an HF config."""
+
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    eps: float
+    activation: str                                     # a transformers ACT2FN name
+    layer_windows: tuple[int | None, ...]               # per layer: sliding window or None (full)
+    rope_layers: tuple[bool, ...]                       # per layer: False where the layer has no RoPE
+    attention_scale: float
+    tied_embeddings: bool
+    names: LayerNames = field(default_factory=LayerNames)
+    norm_weight_offset: float = 0.0                     # Gemma's RMSNorm scales by (1 + weight)
+    qk_norm: str | None = None                          # None, "head" (per head) or "full" (over all heads)
+    qk_norm_after_rope: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    gated_mlp: bool = True
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    logits_divisor: float = 1.0
+    embed_name: str = "model.embed_tokens.weight"
+    layer_prefix: str = "model.layers"
+    final_norm_name: str = "model.norm.weight"
+
+    @property
+    def is_plain_stack(self) -> bool:
+        """The shape the one-call native stack computes: pre-norm RMSNorm, (per-head q/k norms before
+        RoPE,) RoPE on every layer, SiLU-gated MLP, no multipliers."""
+        names = self.names
+        return (names.attn_out_norm is None and names.mlp_out_norm is None and names.attn_in_norm is not None
+                and names.mlp_in_norm is not None and self.norm_weight_offset == 0.0
+                and self.qk_norm in (None, "head") and not self.qk_norm_after_rope and all(self.rope_layers)
+                and self.gated_mlp and self.activation == "silu" and self.embedding_multiplier == 1.0
+                and self.residual_multiplier == 1.0)
+
+
+def _get(config, *names, default=None):
+    for name in names:
+        value = getattr(config, name, None)
+        if value is not None:
+            return value
+    return default
+
+
+def _head_dim(config) -> int:
+    return _get(config, "head_dim", default=config.hidden_size // config.num_attention_heads)
+
+
+def _layer_windows(config) -> tuple[int | None, ...]:
+    window = getattr(config, "sliding_window", None)
+    if window is not None and getattr(config, "use_sliding_window", True) is False:
+        window = None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        unknown = set(layer_types) - {"sliding_attention", "full_attention"}
+        if unknown:
+            raise UnsupportedModelError(f"layer types {sorted(unknown)} are not supported (only attention layers)")
+        return tuple(window if kind == "sliding_attention" else None for kind in layer_types)
+    return (window,) * config.num_hidden_layers
+
+
+def _base(config, **options) -> DecoderSpec:
+    """The Llama shape from a config's standard fields; a family overrides what differs."""
+    head_dim = _head_dim(config)
+    spec = DecoderSpec(
+        model_type=config.model_type, num_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size, num_heads=config.num_attention_heads,
+        num_kv_heads=_get(config, "num_key_value_heads", default=config.num_attention_heads), head_dim=head_dim,
+        vocab_size=config.vocab_size, eps=_get(config, "rms_norm_eps", "layer_norm_eps"),
+        activation=_get(config, "hidden_act", "hidden_activation", default="silu"),
+        layer_windows=_layer_windows(config), rope_layers=(True,) * config.num_hidden_layers,
+        attention_scale=head_dim ** -0.5, tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        qkv_bias=bool(getattr(config, "attention_bias", False)), o_bias=bool(getattr(config, "attention_bias", False)),
+        mlp_bias=bool(getattr(config, "mlp_bias", False)))
+    return replace(spec, **options)
+
+
+def _llama(config) -> DecoderSpec:
+    return _base(config)
+
+
+def _qwen2(config) -> DecoderSpec:
+    return _base(config, qkv_bias=True, o_bias=False)
+
+
+def _qwen3(config) -> DecoderSpec:
+    return _base(config, qk_norm="head")
+
+
+def _seed_oss(config) -> DecoderSpec:
+    return _base(config, o_bias=bool(getattr(config, "attention_out_bias", False)))
+
+
+def _smollm3(config) -> DecoderSpec:
+    return _base(config, rope_layers=tuple(bool(flag) for flag in config.no_rope_layers))
+
+
+def _granite(config) -> DecoderSpec:
+    return _base(config, attention_scale=float(config.attention_multiplier),
+                 embedding_multiplier=float(config.embedding_multiplier),
+                 residual_multiplier=float(config.residual_multiplier), logits_divisor=float(config.logits_scaling))
+
+
+_POST_NORMS = LayerNames(attn_in_norm=None, attn_out_norm="post_attention_layernorm", mlp_in_norm=None,
+                         mlp_out_norm="post_feedforward_layernorm")
+
+
+def _olmo2(config) -> DecoderSpec:
+    return _base(config, names=_POST_NORMS, qk_norm="full")
+
+
+def _exaone4(config) -> DecoderSpec:
+    # With sliding windows, only the sliding layers rotate (the full-attention layers have no RoPE).
+    windows = _layer_windows(config)
+    rope_layers = tuple(window is not None for window in windows) if any(windows) else (True,) * len(windows)
+    return _base(config, names=_POST_NORMS, qk_norm="head", rope_layers=rope_layers)
+
+
+def _phi3(config) -> DecoderSpec:
+    if _get(config, "partial_rotary_factor", default=1.0) != 1.0:
+        raise UnsupportedModelError("phi3 with partial_rotary_factor below 1 is not supported yet")
+    return _base(config, names=LayerNames(qkv=("self_attn.qkv_proj",), gate_up=("mlp.gate_up_proj",)))
+
+
+def _gemma(config) -> DecoderSpec:
+    # Gemma scales the embeddings by sqrt(hidden) rounded to the compute dtype (float32 here).
+    import numpy as np
+    return _base(config, norm_weight_offset=1.0, embedding_multiplier=float(np.float32(config.hidden_size ** 0.5)),
+                 tied_embeddings=True)
+
+
+def _arcee(config) -> DecoderSpec:
+    return _base(config, gated_mlp=False, names=LayerNames(gate_up=("mlp.up_proj",)))
+
+
+def _hunyuan_v1_dense(config) -> DecoderSpec:
+    return _base(config, qk_norm="head", qk_norm_after_rope=True,
+                 names=LayerNames(q_norm="self_attn.query_layernorm", k_norm="self_attn.key_layernorm"))
+
+
+FAMILIES: dict[str, Callable[[object], DecoderSpec]] = {
+    "llama": _llama, "mistral": _llama, "ministral": _llama, "qwen2": _qwen2, "qwen3": _qwen3,
+    "seed_oss": _seed_oss, "smollm3": _smollm3, "granite": _granite, "olmo2": _olmo2, "olmo3": _olmo2,
+    "exaone4": _exaone4, "phi3": _phi3, "gemma": _gemma, "arcee": _arcee, "hunyuan_v1_dense": _hunyuan_v1_dense,
+}
+
+# RoPE kinds whose frequencies do not depend on the sequence length: the table is computed once.
+_STATIC_ROPE = {None, "default", "linear", "llama3", "yarn", "ntk", "dynamic_ntk_alpha"}
+
+
+def _check_rope(config) -> None:
+    parameters = _get(config, "rope_parameters", "rope_scaling", default={}) or {}
+    kind = parameters.get("rope_type", parameters.get("type"))
+    if kind not in _STATIC_ROPE:
+        raise UnsupportedModelError(f"RoPE scaling {kind!r} is not supported yet (its frequencies depend on the "
+                                    "sequence length); supported: default, linear, llama3, yarn")
+
+
+def decoder_spec(config) -> DecoderSpec:
+    """The spec of an HF config; UnsupportedModelError naming what is missing for any other."""
+    family = FAMILIES.get(config.model_type)
+    if family is None:
+        raise UnsupportedModelError(f"architecture {config.model_type!r} is not supported")
+    _check_rope(config)
+    return family(config)
