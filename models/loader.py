@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,11 +14,14 @@ from models import catalog
 from models.base import NativeCausalLM, load_state_dict
 from models.decoder import DecoderForCausalLM
 from models.families import FAMILIES, UnsupportedModelError, decoder_spec
+from models.fallback import ATTENTION_IMPLEMENTATION, TransformersCausalLM, check_fallback_config
 from models.gpt2 import GPT2LMHeadModel
 from models.layers import RotaryEmbedding
 
-# The model types served natively: every family of models/families.py, and GPT-2.
+# The model types served natively: every family of models/families.py, and GPT-2. Every other decoder-only
+# causal LM of transformers is served through the transformers fallback (models/fallback.py).
 SUPPORTED_MODEL_TYPES = (*sorted(FAMILIES), "gpt2")
+NATIVE, FALLBACK = "native", "transformers"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # The embedded default model (models/default), used when no model is named.
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default" / "target"
@@ -25,6 +29,9 @@ DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default" / "target"
 DEFAULT_DRAFT_DIR = DEFAULT_MODEL_DIR.parent / "draft"
 # Its Medusa heads (published Medusa format).
 DEFAULT_MEDUSA_DIR = DEFAULT_MODEL_DIR.parent / "medusa"
+
+
+logger = logging.getLogger(__name__)
 
 
 class ModelLoadError(ValueError):
@@ -41,6 +48,7 @@ class LoadedModel:
     eos_token_ids: frozenset[int]
     max_model_len: int
     device: torch.device
+    backend: str = NATIVE       # NATIVE: the native decoder; FALLBACK: HF's modules (models/fallback.py)
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -146,7 +154,13 @@ def _rotary(hf_model, config) -> RotaryEmbedding:
     return RotaryEmbedding(tables[0][0].detach().clone(), tables[0][1])
 
 
-def _build_native(hf_model, config, dtype, device) -> NativeCausalLM:
+def backend_of(config) -> str:
+    return NATIVE if config.model_type in SUPPORTED_MODEL_TYPES else FALLBACK
+
+
+def _build_model(hf_model, config, dtype, device) -> NativeCausalLM:
+    if backend_of(config) == FALLBACK:
+        return TransformersCausalLM(hf_model, dtype, device).eval()
     if config.model_type == "gpt2":
         native = GPT2LMHeadModel(config, dtype, device)
     else:
@@ -157,12 +171,14 @@ def _build_native(hf_model, config, dtype, device) -> NativeCausalLM:
 
 def _check_supported(name: str, config) -> None:
     """Refuse, before any weight is read, a model whose architecture or options are not implemented."""
-    if config.model_type == "gpt2":
-        return
     try:
-        decoder_spec(config)
+        if backend_of(config) == FALLBACK:
+            check_fallback_config(config)
+        elif config.model_type != "gpt2":
+            decoder_spec(config)
     except UnsupportedModelError as err:
-        raise ModelLoadError(f"{name!r}: {err}; served model types: {', '.join(SUPPORTED_MODEL_TYPES)}") from err
+        raise ModelLoadError(f"{name!r}: {err}; natively served model types: "
+                             f"{', '.join(SUPPORTED_MODEL_TYPES)}") from err
 
 
 def load_model(model: str | None = None, dtype: str | torch.dtype = "float32",
@@ -185,16 +201,27 @@ def load_model(model: str | None = None, dtype: str | torch.dtype = "float32",
         raise ModelLoadError(f"could not load the tokenizer of {name!r}: {str(err).splitlines()[0]}") from err
     eos_token_ids = _eos_token_ids(name, source, tokenizer, config)
     steps.update()
-    hf_model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch_dtype, **source.kwargs)
+    backend = backend_of(config)
+    attention = {"attn_implementation": ATTENTION_IMPLEMENTATION} if backend == FALLBACK else {}
+    try:
+        hf_model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch_dtype, **source.kwargs, **attention)
+    except ValueError as err:     # not a causal LM, or an architecture transformers does not know
+        raise ModelLoadError(f"could not load {name!r} as a causal LM: {str(err).splitlines()[0]}") from err
     steps.update()
     with torch.inference_mode():
         try:
-            native = _build_native(hf_model, config, torch_dtype, torch_device)
+            native = _build_model(hf_model, config, torch_dtype, torch_device)
         except UnsupportedModelError as err:
             raise ModelLoadError(f"{name!r}: {err}") from err
+    if backend == FALLBACK:
+        logger.warning("%s (%s) is not a native family: it runs on the transformers fallback (HF's modules with "
+                       "Gorgon's paged attention), slower than the native decoder", name, config.model_type)
     del hf_model
     steps.update()
     steps.close()
-    max_len = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions")
+    max_len = next((getattr(config, key) for key in ("max_position_embeddings", "n_positions", "max_sequence_length",
+                                                      "seq_length") if getattr(config, key, None)), None)
+    if max_len is None:
+        raise ModelLoadError(f"the config of {name!r} names no context length (max_position_embeddings)")
     return LoadedModel(name=name, path=name, model=native, tokenizer=tokenizer, config=config,
-                       eos_token_ids=eos_token_ids, max_model_len=int(max_len), device=torch_device)
+                       eos_token_ids=eos_token_ids, max_model_len=int(max_len), device=torch_device, backend=backend)

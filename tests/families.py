@@ -37,6 +37,26 @@ FAMILY_OPTIONS: dict[str, dict] = {
 }
 
 
+# Served through the transformers fallback (models/fallback.py): mixture-of-experts routing, MLA, parallel
+# attention and MLP, partial and interleaved RoPE, LayerNorm with biases, sandwich norms.
+FALLBACK_OPTIONS: dict[str, dict] = {
+    "qwen3_moe": dict(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=6),
+    "deepseek_v3": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, q_lora_rank=32,
+                        kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+                        first_k_dense_replace=1, n_group=1, topk_group=1, num_key_value_heads=4),
+    "starcoder2": dict(),
+    "gpt_neox": dict(num_key_value_heads=4),
+    "phi": dict(num_key_value_heads=4),
+    "cohere": dict(),
+    "stablelm": dict(num_key_value_heads=4),
+    "glm4": dict(head_dim=16),
+    "gemma3_text": dict(head_dim=16, sliding_window=6),
+    "apertus": dict(head_dim=16),
+}
+FAMILY_OPTIONS |= FALLBACK_OPTIONS
+
+
 def save_tiny_family(name: str, folder: Path, seed: int = 0) -> Path:
     """A random checkpoint of family `name` (a key of FAMILY_OPTIONS) with the tests' tokenizer."""
     options = dict(FAMILY_OPTIONS[name])

@@ -1,0 +1,162 @@
+"""The transformers fallback: any other decoder-only causal LM of transformers, served with Gorgon's paged
+KV cache. HF's own modules run unchanged; only attention is routed, through transformers' attention
+interface, to Gorgon's paged attention (the kernels the native decoder uses), so continuous batching,
+prefix caching, groups, beams, speculation, constraints and weight pushes work on it as on a native
+family, only slower. The step's cache and metadata reach the attention function through a thread-local
+binding set around each forward: the engine steps one model at a time on its own thread.
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+from models.attention import AttentionMetadata, PagedKVCache, Segment, paged_attention
+from models.families import UnsupportedModelError
+from models.layers import FusedLinear, ParamSlot
+
+ATTENTION_IMPLEMENTATION = "gorgon_paged"
+_bound = threading.local()
+
+
+def paged_attention_interface(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                              sliding_window=None, softcap=None, s_aux=None, **kwargs):
+    """transformers' attention-interface contract: query [1, heads, T, d], key/value [1, kv_heads, T, d]
+    of the step's packed tokens -> ([1, T, heads, d_v], None). The HF mask is never built (a custom
+    implementation has none); each token's visibility comes from the step's metadata."""
+    if softcap is not None or s_aux is not None:
+        raise UnsupportedModelError("attention soft-capping and attention sinks are not supported by the fallback")
+    cache, meta = _bound.step
+    _bound.calls += 1
+    cache_dim = cache.keys[0].shape[-1]
+    q, k, v = (tensor[0].transpose(0, 1) for tensor in (query, key, value))          # [T, heads, d]
+    value_dim = v.shape[-1]
+    if value_dim < cache_dim:       # MLA: values narrower than keys share the keys' cache width
+        v = F.pad(v, (0, cache_dim - value_dim))
+    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+    out = paged_attention(q.contiguous(), k.contiguous(), v.contiguous(), module.layer_idx, cache, meta, scale,
+                          sliding_window)
+    out = out.view(q.shape[0], q.shape[1], cache_dim)[..., :value_dim]
+    return out.unsqueeze(0), None
+
+
+AttentionInterface.register(ATTENTION_IMPLEMENTATION, paged_attention_interface)
+
+
+@contextmanager
+def _bind(cache: PagedKVCache, meta: AttentionMetadata):
+    _bound.step, _bound.calls = (cache, meta), 0
+    try:
+        yield
+    finally:
+        _bound.step = None
+
+
+def check_fallback_config(config) -> None:
+    """Refuse, from the config alone, what the fallback cannot serve, saying why."""
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedModelError(f"{config.model_type} is an encoder-decoder model; Gorgon serves decoder-only LMs")
+    kinds = set(getattr(config, "layer_types", None) or ())
+    other = kinds - {"full_attention", "sliding_attention"}
+    if other:
+        raise UnsupportedModelError(f"{config.model_type} has layers with recurrent state ({', '.join(sorted(other))}), "
+                                    "which the paged KV cache cannot hold")
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        raise UnsupportedModelError(f"{config.model_type} soft-caps its attention logits, which Gorgon's attention "
+                                    "does not implement yet")
+
+
+def attention_shape(config) -> tuple[int, int]:
+    """(cache heads, cache head width): MLA caches one key per query head, as wide as the wider of its
+    keys and values."""
+    if getattr(config, "qk_nope_head_dim", None) is not None:
+        key_dim = config.qk_nope_head_dim + config.qk_rope_head_dim
+        return config.num_attention_heads, max(key_dim, config.v_head_dim)
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return heads, getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _attention_windows(config) -> frozenset[int | None]:
+    window = getattr(config, "sliding_window", None)
+    if window is None or getattr(config, "use_sliding_window", True) is False:
+        return frozenset({None})
+    return frozenset({None, window})
+
+
+class TransformersCausalLM(torch.nn.Module):
+    """An HF causal LM behind the NativeCausalLM contract (models/base.py)."""
+
+    def __init__(self, hf_model, dtype: torch.dtype, device):
+        super().__init__()
+        config = hf_model.config
+        if any(name.endswith("sinks") for name, _ in hf_model.named_parameters()):
+            raise UnsupportedModelError(f"{config.model_type} uses attention sinks, which Gorgon's attention does "
+                                        "not implement yet")
+        self.config = config
+        self.dtype = dtype
+        self.decoder = hf_model.base_model.to(device)
+        self.num_layers = config.num_hidden_layers
+        self.num_kv_heads, self.head_dim = attention_shape(config)
+        self.hidden_size = config.hidden_size
+        self.vocab_size = config.vocab_size
+        self.attention_windows = _attention_windows(config)
+        head = hf_model.get_output_embeddings().weight
+        self.lm_head = FusedLinear(self.hidden_size, [self.vocab_size], [False], dtype, device)
+        self.lm_head.slots(["lm_head.weight"], [None])["lm_head.weight"].copy_(head.detach())
+        self.embed_name = next(name for name, param in hf_model.named_parameters()
+                               if param is hf_model.get_input_embeddings().weight)
+        self.tied = head is hf_model.get_input_embeddings().weight
+        self.optional_param_names = frozenset({"lm_head.weight"}) if self.tied else frozenset()
+        self._prefix = hf_model.base_model_prefix
+        self._check_attention_is_routed(device)
+
+    def _check_attention_is_routed(self, device) -> None:
+        """One token through the model: every layer must attend through the attention interface. A model
+        whose modules compute attention themselves (older modeling code) would read no cache at all and
+        answer wrongly; it is refused instead."""
+        cache = PagedKVCache(self.num_layers, 2, 1, self.num_kv_heads, self.head_dim, self.dtype, device)
+        one = torch.tensor([1], device=device)
+        meta = AttentionMetadata(slot_mapping=one, num_decode_tokens=0, decode_groups=[], segments=[
+            Segment(0, 1, one, 1, 1, True, {window: None for window in self.attention_windows})])
+        with torch.inference_mode(), _bind(cache, meta):
+            self.decoder(input_ids=torch.tensor([[0]], device=device), position_ids=torch.tensor([[0]], device=device),
+                         use_cache=False)
+            calls = _bound.calls
+        if calls != self.num_layers:
+            raise UnsupportedModelError(
+                f"{self.config.model_type} computes attention in its own modules ({calls} of {self.num_layers} layers "
+                "go through transformers' attention interface), so Gorgon's paged cache cannot serve it")
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: PagedKVCache,
+                meta: AttentionMetadata, output_rows: torch.Tensor | None = None) -> torch.Tensor:
+        with _bind(cache, meta):
+            hidden = self.decoder(input_ids=input_ids[None], position_ids=positions[None], use_cache=False)
+        hidden = hidden.last_hidden_state[0]                                                   # [T, hidden]
+        return hidden if output_rows is None else hidden[output_rows]
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The head, then the logit transforms the families' CausalLM heads apply."""
+        logits = self.lm_head(hidden)
+        config = self.config
+        if getattr(config, "logit_scale", None) is not None:
+            logits = logits * config.logit_scale
+        if getattr(config, "logits_scaling", None) not in (None, 1, 1.0):
+            logits = logits / config.logits_scaling
+        cap = getattr(config, "final_logit_softcapping", None)
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def param_slots(self) -> dict[str, list[ParamSlot]]:
+        """HF's own parameters in place (the modules compute with them), and the head's packed copy."""
+        slots = {f"{self._prefix}.{name}": [ParamSlot(param.data, tuple(param.shape))]
+                 for name, param in self.decoder.named_parameters()}
+        head = self.lm_head.slots(["lm_head.weight"], [None])["lm_head.weight"]
+        if self.tied:
+            slots[self.embed_name].append(head)
+        slots["lm_head.weight"] = [head]
+        return slots

@@ -1,0 +1,61 @@
+"""The transformers fallback (models/fallback.py) as users reach it: a mixture-of-experts model served over
+HTTP with groups, beam search and a JSON schema; and the models it cannot serve, refused with the reason.
+(Exactness against HF on every fallback family is in test_families.py.)"""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from decoding import Engine
+from live_server import start_server, stop_server
+from models import ModelLoadError
+from tiny_models import build_tokenizer
+
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8}, "age": {"type": "integer"}},
+          "required": ["name", "age"], "additionalProperties": False}
+
+
+@pytest.fixture(scope="module")
+def live(model_dir):
+    server = start_server(model_dir("qwen3_moe"))
+    yield server
+    stop_server(server)
+
+
+def test_a_fallback_model_serves_groups_beams_and_schemas_over_http(live):
+    assert live.engine.loaded.backend == "transformers"
+    group = live.client.completions.create(model="tiny", prompt="def fibonacci(n):", max_tokens=8, n=4,
+                                           temperature=1.0, seed=3)
+    assert len(group.choices) == 4 and len({c.text for c in group.choices}) > 1
+    beams = live.client.completions.create(model="tiny", prompt=[1, 5, 9, 33], max_tokens=6, n=3,
+                                           extra_body={"use_beam_search": True})
+    scores = [c.model_extra["score"] for c in beams.choices]
+    assert len(beams.choices) == 3 and scores == sorted(scores, reverse=True)
+    chat = live.client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "a person"}], max_tokens=48, temperature=0.8, seed=1,
+        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA}})
+    person = json.loads(chat.choices[0].message.content)
+    assert set(person) == {"name", "age"} and isinstance(person["age"], int)
+
+
+def _save(tmp_path, model_type: str, **options) -> str:
+    tokenizer = build_tokenizer()
+    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), **options)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    return str(tmp_path)
+
+
+@pytest.mark.parametrize("model_type,options,reason", [
+    ("bloom", dict(hidden_size=32, n_layer=1, n_head=2), "computes attention in its own modules"),
+    ("gemma2", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                    num_key_value_heads=1, head_dim=16), "soft-caps its attention logits"),
+    ("lfm2", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, full_attn_idxs=[1]), r"recurrent state \(conv\)"),
+])
+def test_what_the_fallback_cannot_serve_is_refused_with_the_reason(tmp_path, model_type, options, reason):
+    with pytest.raises(ModelLoadError, match=reason):
+        Engine(model=_save(tmp_path, model_type, **options), show_progress=False)
