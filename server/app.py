@@ -236,7 +236,9 @@ def _add_info_routes(app: FastAPI, server: Server) -> None:
     async def models():
         return {"object": "list", "data": [{"id": config.served_model_name, "object": "model",
                                             "created": int(time.time()), "owned_by": "gorgon",
-                                            "max_model_len": engine.max_model_len}]}
+                                            "max_model_len": engine.max_model_len,
+                                            "model_type": engine.loaded.config.model_type,
+                                            "backend": engine.loaded.backend}]}
 
 
 def _add_openai_routes(app: FastAPI, server: Server) -> None:

@@ -122,6 +122,23 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _models(args: argparse.Namespace) -> int:
+    from models import catalog
+    from models.loader import SUPPORTED_MODEL_TYPES
+    listing = {"native_families": list(SUPPORTED_MODEL_TYPES),
+               "fallback": "any other decoder-only causal LM of transformers whose attention goes through its "
+                           "attention interface (HF's modules with Gorgon's paged attention; slower)",
+               "catalog": {name: entry.description for name, entry in catalog.CATALOG.items()}}
+    if args.json:
+        print(json.dumps(listing))
+        return 0
+    print("native families: " + ", ".join(listing["native_families"]))
+    print("fallback: " + listing["fallback"])
+    for name, description in listing["catalog"].items():
+        print(f"--model {name}: {description}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gorgon", description="Gorgon: decoding engine and inference server")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -140,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(serve)
     _add_serve_args(serve)
     serve.set_defaults(handler=_serve)
+
+    models = commands.add_parser("models", help="list the natively served model families and the catalog")
+    models.add_argument("--json", action="store_true", help="one JSON object")
+    models.set_defaults(handler=_models)
 
     train = commands.add_parser("train", help="train add-ons for a model")
     kinds = train.add_subparsers(dest="kind", required=True)

@@ -4,6 +4,10 @@ HTTP with groups, beam search and a JSON schema; and the models it cannot serve,
 
 import json
 
+import subprocess
+import sys
+
+import httpx
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -25,7 +29,8 @@ def live(model_dir):
 
 
 def test_a_fallback_model_serves_groups_beams_and_schemas_over_http(live):
-    assert live.engine.loaded.backend == "transformers"
+    [listed] = httpx.get(f"{live.url}/v1/models").json()["data"]
+    assert listed["backend"] == "transformers" and listed["model_type"] == "qwen3_moe"
     group = live.client.completions.create(model="tiny", prompt="def fibonacci(n):", max_tokens=8, n=4,
                                            temperature=1.0, seed=3)
     assert len(group.choices) == 4 and len({c.text for c in group.choices}) > 1
@@ -59,3 +64,10 @@ def _save(tmp_path, model_type: str, **options) -> str:
 def test_what_the_fallback_cannot_serve_is_refused_with_the_reason(tmp_path, model_type, options, reason):
     with pytest.raises(ModelLoadError, match=reason):
         Engine(model=_save(tmp_path, model_type, **options), show_progress=False)
+
+
+def test_gorgon_models_lists_the_native_families_and_the_catalog():
+    listing = json.loads(subprocess.run([sys.executable, "-m", "server.cli", "models", "--json"], check=True,
+                                        capture_output=True, text=True, timeout=120).stdout)
+    assert {"llama", "qwen3", "gemma", "olmo2", "gpt2"} <= set(listing["native_families"])
+    assert "qwen3_moe" not in listing["native_families"] and "smollm2" in listing["catalog"]
