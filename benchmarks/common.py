@@ -27,8 +27,8 @@ RANDOM_LLAMA = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
 
 def parse_args(description: str, extra=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--model", default=None, help="HF folder or hub id (default: the embedded model, "
-                        "or a fixed random Llama when none is shipped)")
+    parser.add_argument("--model", default=None, help="HF folder, hub id or catalog name such as smollm2 (default: "
+                        "the embedded model, or a fixed random Llama when none is shipped)")
     parser.add_argument("--quick", action="store_true", help="a shorter run (under a minute on 2 cores)")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
@@ -80,13 +80,38 @@ def cpu_description() -> dict:
 
 
 def benchmark_model_path(name: str | None) -> str:
-    """The model to measure: the one named, else the embedded default, else the fixed random Llama."""
+    """The model to measure: the one named (a catalog name such as smollm2 as an HF folder of its weights,
+    so that HF baselines load it as they load any folder), else the embedded default, else the fixed
+    random Llama."""
+    from models import catalog
+    if name in catalog.CATALOG:
+        return catalog_model_folder(name)
     if name:
         return name
     from models.loader import DEFAULT_MODEL_DIR
     if (DEFAULT_MODEL_DIR / "config.json").exists():
         return str(DEFAULT_MODEL_DIR)
     return random_llama_path()
+
+
+def catalog_model_folder(name: str) -> str:
+    """A catalog model's GGUF converted once to an HF folder (float32 weights, as the GGUF dequantizes)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from models import catalog
+
+    gguf = Path(catalog.resolve(name))
+    folder = catalog.cache_dir() / f"{gguf.stem}-hf"
+    if not (folder / "config.json").exists():
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # The weights are plain float32 now; transformers only refuses to save what it read from a GGUF.
+        model.hf_quantizer = None
+        vars(model.config).pop("quantization_config", None)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        partial = folder.with_suffix(".partial")
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        partial.replace(folder)
+    return str(folder)
 
 
 def random_llama_path() -> str:
@@ -99,11 +124,12 @@ def random_llama_path() -> str:
     return str(folder)
 
 
-def _save_random_llama(folder: Path) -> None:
+def random_tokenizer(vocab_size: int):
+    """A byte-level BPE tokenizer of `vocab_size` tokens (token identity does not matter for timing), with
+    a chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    # A byte-level vocabulary of the right size; token identity does not matter for timing.
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
     for ch in sorted(alphabet):
@@ -111,7 +137,7 @@ def _save_random_llama(folder: Path) -> None:
     merges = []
     for a in sorted(alphabet):
         for b in sorted(alphabet):
-            if len(vocab) >= RANDOM_LLAMA["vocab_size"]:
+            if len(vocab) >= vocab_size:
                 break
             vocab[a + b] = len(vocab)
             merges.append((a, b))
@@ -121,10 +147,16 @@ def _save_random_llama(folder: Path) -> None:
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     fast.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
                           "{% if add_generation_prompt %}<assistant>{% endif %}")
+    return fast
+
+
+def _save_random_llama(folder: Path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(0)
     config = LlamaConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0, **RANDOM_LLAMA)
     LlamaForCausalLM(config).save_pretrained(folder)
-    fast.save_pretrained(folder)
+    random_tokenizer(RANDOM_LLAMA["vocab_size"]).save_pretrained(folder)
 
 
 def random_prompts(num: int, lengths: list[int] | int, vocab_size: int, seed: int = 0) -> list[list[int]]:

@@ -12,6 +12,9 @@ class EngineConfig:
     model: str | None = None              # local folder or hub id; None = the embedded default model
     dtype: str = "float32"
     device: str = "cpu"
+    # "auto": the native decoder for a native family, else the transformers fallback; "transformers": the
+    # fallback for any model (vLLM's --model-impl transformers)
+    model_impl: str = "auto"
     block_size: int | None = None         # tokens per KV block; None: 64 on the CPU, 16 elsewhere
     num_kv_blocks: int | None = None      # None: as many as kv_cache_memory_gb holds
     kv_cache_memory_gb: float = 1.0
@@ -57,6 +60,8 @@ class EngineConfig:
         self._check_cache_and_batch()
         self._check_speculation()
         self._check_structured_output()
+        if self.model_impl not in ("auto", "transformers"):
+            raise ValueError(f"model_impl must be 'auto' or 'transformers', got {self.model_impl!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
 

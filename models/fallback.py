@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
+from models import kernels
 from models.attention import AttentionMetadata, PagedKVCache, Segment, paged_attention
 from models.families import UnsupportedModelError
 from models.layers import FusedLinear, ParamSlot
@@ -87,6 +88,35 @@ def _attention_windows(config) -> frozenset[int | None]:
     return frozenset({None, window})
 
 
+class PackedLinear(torch.nn.Module):
+    """An HF nn.Linear computed by Gorgon's packed product (models/layers.FusedLinear): the same product in
+    the layout that streams fastest on the CPU; HF's [out, in] weight is not kept beside it."""
+
+    def __init__(self, linear: torch.nn.Linear, dtype, device):
+        super().__init__()
+        self.fused = FusedLinear(linear.in_features, [linear.out_features], [linear.bias is not None], dtype, device)
+        for slot, tensor in zip(self.slots("").values(), (linear.weight, linear.bias)):
+            slot.copy_(tensor.detach())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:                    # [..., in] -> [..., out]
+        return self.fused.forward(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)
+
+    def slots(self, name: str) -> dict[str, ParamSlot]:
+        prefix = f"{name}." if name else ""
+        return self.fused.slots([f"{prefix}weight"], [f"{prefix}bias"])
+
+
+def _pack_linears(decoder: torch.nn.Module, dtype, device) -> dict[str, PackedLinear]:
+    """Every nn.Linear of the decoder replaced in place by a PackedLinear, by its qualified name."""
+    packed = {}
+    for name, module in list(decoder.named_modules()):
+        if isinstance(module, torch.nn.Linear):
+            parent_name, _, child = name.rpartition(".")
+            packed[name] = PackedLinear(module, dtype, device)
+            setattr(decoder.get_submodule(parent_name), child, packed[name])
+    return packed
+
+
 class TransformersCausalLM(torch.nn.Module):
     """An HF causal LM behind the NativeCausalLM contract (models/base.py)."""
 
@@ -99,6 +129,9 @@ class TransformersCausalLM(torch.nn.Module):
         self.config = config
         self.dtype = dtype
         self.decoder = hf_model.base_model.to(device)
+        # Where Gorgon's packed product runs (the CPU in float32) it replaces HF's linear layers.
+        native = kernels.native_ops_available(torch.device(device), dtype)
+        self._packed = _pack_linears(self.decoder, dtype, device) if native else {}
         self.num_layers = config.num_hidden_layers
         self.num_kv_heads, self.head_dim = attention_shape(config)
         self.hidden_size = config.hidden_size
@@ -154,7 +187,10 @@ class TransformersCausalLM(torch.nn.Module):
     def param_slots(self) -> dict[str, list[ParamSlot]]:
         """HF's own parameters in place (the modules compute with them), and the head's packed copy."""
         slots = {f"{self._prefix}.{name}": [ParamSlot(param.data, tuple(param.shape))]
-                 for name, param in self.decoder.named_parameters()}
+                 for name, param in self.decoder.named_parameters() if not name.endswith(".fused.weight_t")
+                 and not name.endswith(".fused.bias")}
+        for name, linear in self._packed.items():
+            slots |= {key: [slot] for key, slot in linear.slots(f"{self._prefix}.{name}").items()}
         head = self.lm_head.slots(["lm_head.weight"], [None])["lm_head.weight"]
         if self.tied:
             slots[self.embed_name].append(head)

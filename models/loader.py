@@ -154,12 +154,13 @@ def _rotary(hf_model, config) -> RotaryEmbedding:
     return RotaryEmbedding(tables[0][0].detach().clone(), tables[0][1])
 
 
-def backend_of(config) -> str:
-    return NATIVE if config.model_type in SUPPORTED_MODEL_TYPES else FALLBACK
+def backend_of(config, impl: str = "auto") -> str:
+    """NATIVE for a native family unless impl is "transformers", else FALLBACK."""
+    return NATIVE if impl == "auto" and config.model_type in SUPPORTED_MODEL_TYPES else FALLBACK
 
 
-def _build_model(hf_model, config, dtype, device) -> NativeCausalLM:
-    if backend_of(config) == FALLBACK:
+def _build_model(hf_model, config, dtype, device, backend: str) -> NativeCausalLM:
+    if backend == FALLBACK:
         return TransformersCausalLM(hf_model, dtype, device).eval()
     if config.model_type == "gpt2":
         native = GPT2LMHeadModel(config, dtype, device)
@@ -169,10 +170,10 @@ def _build_model(hf_model, config, dtype, device) -> NativeCausalLM:
     return native.eval()
 
 
-def _check_supported(name: str, config) -> None:
+def _check_supported(name: str, config, backend: str) -> None:
     """Refuse, before any weight is read, a model whose architecture or options are not implemented."""
     try:
-        if backend_of(config) == FALLBACK:
+        if backend == FALLBACK:
             check_fallback_config(config)
         elif config.model_type != "gpt2":
             decoder_spec(config)
@@ -182,7 +183,7 @@ def _check_supported(name: str, config) -> None:
 
 
 def load_model(model: str | None = None, dtype: str | torch.dtype = "float32",
-               device: str | torch.device = "cpu", show_progress: bool = True) -> LoadedModel:
+               device: str | torch.device = "cpu", show_progress: bool = True, impl: str = "auto") -> LoadedModel:
     """Load tokenizer and weights of an HF causal LM; raise ModelLoadError with a fix on any problem."""
     name = model or default_model_path()
     try:
@@ -193,7 +194,8 @@ def load_model(model: str | None = None, dtype: str | torch.dtype = "float32",
     steps = tqdm(total=4, desc=f"loading {Path(name).name or name}", disable=not show_progress, unit="step")
     source = ModelSource.of(name)
     config = _load_config(name, source)
-    _check_supported(name, config)
+    backend = backend_of(config, impl)
+    _check_supported(name, config, backend)
     steps.update()
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.location, **source.kwargs)
@@ -201,7 +203,6 @@ def load_model(model: str | None = None, dtype: str | torch.dtype = "float32",
         raise ModelLoadError(f"could not load the tokenizer of {name!r}: {str(err).splitlines()[0]}") from err
     eos_token_ids = _eos_token_ids(name, source, tokenizer, config)
     steps.update()
-    backend = backend_of(config)
     attention = {"attn_implementation": ATTENTION_IMPLEMENTATION} if backend == FALLBACK else {}
     try:
         hf_model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch_dtype, **source.kwargs, **attention)
@@ -210,12 +211,12 @@ def load_model(model: str | None = None, dtype: str | torch.dtype = "float32",
     steps.update()
     with torch.inference_mode():
         try:
-            native = _build_model(hf_model, config, torch_dtype, torch_device)
+            native = _build_model(hf_model, config, torch_dtype, torch_device, backend)
         except UnsupportedModelError as err:
             raise ModelLoadError(f"{name!r}: {err}") from err
     if backend == FALLBACK:
-        logger.warning("%s (%s) is not a native family: it runs on the transformers fallback (HF's modules with "
-                       "Gorgon's paged attention), slower than the native decoder", name, config.model_type)
+        logger.warning("%s (%s) runs on the transformers fallback (HF's modules with Gorgon's paged attention), "
+                       "slower than the native decoder", name, config.model_type)
     del hf_model
     steps.update()
     steps.close()

