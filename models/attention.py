@@ -145,9 +145,25 @@ def segment_mask(num_cached: int, query_positions: torch.Tensor, new_visibility:
     return mask
 
 
+@dataclass(frozen=True, eq=False)
+class ScoreOptions:
+    """What a layer does to its attention scores beyond scaling and masking."""
+
+    softcap: float | None = None               # scores -> softcap * tanh(score / softcap) (Gemma 2)
+    sinks: torch.Tensor | None = None          # [heads] float32: a logit per head in every softmax's denominator
+
+    @property
+    def plain(self) -> bool:
+        return self.softcap is None and self.sinks is None
+
+
+PLAIN_SCORES = ScoreOptions()
+
+
 def paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int,
                     cache: PagedKVCache, meta: AttentionMetadata, scale: float,
-                    window: int | None = None, kv_written: bool = False) -> torch.Tensor:
+                    window: int | None = None, kv_written: bool = False,
+                    scores: ScoreOptions = PLAIN_SCORES) -> torch.Tensor:
     """query [T, heads, d]; key/value [T, kv_heads, d] of the new tokens -> [T, heads * d].
     `kv_written`: the caller already wrote key/value to meta.slot_mapping (the fused native path)."""
     if not kv_written:
@@ -155,52 +171,72 @@ def paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     num_tokens, num_heads, head_dim = query.shape
     groups = meta.decode_groups
     if len(groups) == 1 and not meta.segments and meta.prefill is None:
-        return _decode_attention(query, layer, cache, groups[0], scale, window).reshape(num_tokens, -1)
+        return _decode_attention(query, layer, cache, groups[0], scale, window, scores).reshape(num_tokens, -1)
     out = torch.empty(num_tokens, num_heads, head_dim, dtype=query.dtype, device=query.device)
     if meta.prefill is not None:
         chunks = meta.prefill
         paged_prefill_attention(query, cache.keys[layer], cache.values[layer], chunks.q_starts, chunks.counts,
-                                chunks.cached, chunks.block_tables, scale, window, out)
+                                chunks.cached, chunks.block_tables, scale, window, out, scores.softcap, scores.sinks)
     for group in groups:
         out[group.q_start : group.q_end] = _decode_attention(
-            query[group.q_start : group.q_end], layer, cache, group, scale, window)
+            query[group.q_start : group.q_end], layer, cache, group, scale, window, scores)
     for seg in meta.segments:
-        out[seg.q_start : seg.q_end] = _segment_attention(query, key, value, layer, cache, seg, scale, window)
+        out[seg.q_start : seg.q_end] = _segment_attention(query, key, value, layer, cache, seg, scale, window, scores)
     return out.view(num_tokens, num_heads * head_dim)
 
 
-def _decode_attention(query, layer, cache, group: DecodeGroup, scale, window):
+def _decode_attention(query, layer, cache, group: DecodeGroup, scale, window, scores: ScoreOptions):
     if group.native:
         return paged_decode_attention(query, cache.keys[layer], cache.values[layer], group.block_tables,
-                                      group.context_lens, scale, window, group.extra_positions, group.extra_counts)
+                                      group.context_lens, scale, window, group.extra_positions, group.extra_counts,
+                                      scores.softcap, scores.sinks)
     batch, num_blocks = group.block_tables.shape
     width = num_blocks * cache.block_size
     keys = _gather_blocks(cache.keys[layer], group.block_tables, group.first_block).view(batch, width, -1, query.shape[-1])
     values = _gather_blocks(cache.values[layer], group.block_tables, group.first_block).view(batch, width, -1, query.shape[-1])
-    out = F.scaled_dot_product_attention(
-        query.unsqueeze(2),                                       # [B, heads, 1, d]
-        keys.transpose(1, 2), values.transpose(1, 2),             # [B, kv_heads, C, d]
-        attn_mask=group.masks[window], scale=scale, enable_gqa=True,
-    )
-    return out.squeeze(2)                                         # [B, heads, d]
+    out = _attend(query.unsqueeze(2),                                    # [B, heads, 1, d]
+                  keys.transpose(1, 2), values.transpose(1, 2),          # [B, kv_heads, C, d]
+                  group.masks[window], scale, scores)
+    return out.squeeze(2)                                                # [B, heads, d]
 
 
-def _segment_attention(query, key, value, layer, cache, seg: Segment, scale, window):
+def _segment_attention(query, key, value, layer, cache, seg: Segment, scale, window, scores: ScoreOptions):
     q = query[seg.q_start : seg.q_end].transpose(0, 1).unsqueeze(0)  # [1, heads, n, d]
     mask = seg.masks[window]
     if seg.fresh_causal and mask is None:
         k = key[seg.q_start : seg.q_end].transpose(0, 1).unsqueeze(0)
         v = value[seg.q_start : seg.q_end].transpose(0, 1).unsqueeze(0)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        if scores.plain:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            n = q.shape[2]
+            out = _attend(q, k, v, torch.ones(n, n, dtype=torch.bool, device=q.device).tril(), scale, scores)
     else:
         kv_shape = cache.keys[layer].shape[2:]
         k = _gather_blocks(cache.keys[layer], seg.block_table, seg.first_block).view(-1, *kv_shape)[: seg.context_len]
         v = _gather_blocks(cache.values[layer], seg.block_table, seg.first_block).view(-1, *kv_shape)[: seg.context_len]
-        out = F.scaled_dot_product_attention(
-            q, k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
-            attn_mask=mask, scale=scale, enable_gqa=True,
-        )
+        out = _attend(q, k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0), mask, scale, scores)
     return out.squeeze(0).transpose(0, 1)                          # [n, heads, d]
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+            scores: ScoreOptions) -> torch.Tensor:
+    """q [B, heads, n, d], k/v [B, kv_heads, C, d], mask broadcast to [B, heads, n, C] -> [B, heads, n, d]:
+    SDPA, or the same softmax written out where the scores are soft-capped or joined by sinks."""
+    if scores.plain:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    logits = (q @ k.transpose(-1, -2)) * scale                      # [B, heads, n, C]
+    if scores.softcap is not None:
+        logits = torch.tanh(logits / scores.softcap) * scores.softcap
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf"))
+    if scores.sinks is None:
+        return torch.softmax(logits, dim=-1) @ v
+    sinks = scores.sinks.view(1, -1, 1, 1).expand(*logits.shape[:-1], 1)
+    probs = torch.softmax(torch.cat((logits, sinks), dim=-1), dim=-1)[..., :-1]
+    return probs @ v
 
 
 def _gather_blocks(layer_cache: torch.Tensor, block_table: torch.Tensor, first_block: int | None) -> torch.Tensor:

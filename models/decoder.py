@@ -39,7 +39,8 @@ def _only_decode_group(meta: AttentionMetadata, num_tokens: int):
 
 
 class DecoderForCausalLM(torch.nn.Module):
-    def __init__(self, spec: DecoderSpec, rotary: RotaryEmbedding, dtype: torch.dtype, device):
+    def __init__(self, spec: DecoderSpec, rotaries: dict[str, RotaryEmbedding], dtype: torch.dtype, device):
+        """rotaries: the RoPE tables by the kinds spec.rope_kinds names."""
         super().__init__()
         self.spec = spec
         self.dtype = dtype
@@ -60,19 +61,23 @@ class DecoderForCausalLM(torch.nn.Module):
         self.lm_head = FusedLinear(spec.hidden_size, [spec.vocab_size], [False], dtype, device)
         self.tied = spec.tied_embeddings
         self.optional_param_names = frozenset({"lm_head.weight"}) if self.tied else frozenset()
-        self.rotary = rotary
+        self.rotaries = rotaries
+        self.rotary = rotaries[spec.rope_kinds[0]]       # the one table of a plain stack
         self.eps = spec.eps
         # The one-call decoder stack's table, built on first use and again after a weight update repacks
         # a projection.
         self._decoder_table: _NativeStack | None = None
         for layer in self.layers:
             for linear in (layer.qkv, layer.o_proj, layer.gate_up, layer.down):
-                linear.on_change.append(self._forget_decoder_table)
+                if linear is not None:
+                    linear.on_change.append(self._forget_decoder_table)
 
     def forward(self, input_ids, positions, cache, meta, output_rows=None):
         x = self.embed.index_select(0, input_ids)
         if self.spec.embedding_multiplier != 1.0:
             x = x * self.spec.embedding_multiplier
+        if len(self.rotaries) > 1:
+            return self._forward_per_rope_kind(x, positions, cache, meta, output_rows)
         cos, sin = self.rotary.cos_sin(positions, self.dtype)
         if self.plain_stack:
             cos, sin = cos.squeeze(1), sin.squeeze(1)      # [T, head_dim], as the kernel reads them
@@ -86,6 +91,14 @@ class DecoderForCausalLM(torch.nn.Module):
         last = self.num_layers - 1
         for i, layer in enumerate(self.layers):
             x = layer.forward(x, cos, sin, cache, meta, output_rows if i == last else None)
+        return self._final_norm(x)
+
+    def _forward_per_rope_kind(self, x, positions, cache, meta, output_rows):
+        """The layers of a model whose layer kinds rotate with tables of their own (Gemma 3)."""
+        tables = {kind: rotary.cos_sin(positions, self.dtype) for kind, rotary in self.rotaries.items()}
+        last = self.num_layers - 1
+        for i, (layer, kind) in enumerate(zip(self.layers, self.spec.rope_kinds)):
+            x = layer.forward(x, *tables[kind], cache, meta, output_rows if i == last else None)
         return self._final_norm(x)
 
     def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
@@ -123,7 +136,7 @@ class DecoderForCausalLM(torch.nn.Module):
         drafts are reserved in block_tables[r]. Each step's argmax, with the row's stop_tokens at -inf in
         its first banned_steps[r] steps, is the next step's input. -> [steps, R]; None where the one-call
         stack does not run."""
-        if not self.plain_stack or self.spec.logits_divisor != 1.0:
+        if not self.plain_stack or self.spec.logits_divisor != 1.0 or self.spec.final_softcap is not None:
             return None
         rows = len(feed)
         parts, num_feed, width, banned_width = greedy_chain_ints(feed, positions, block_tables, cache.block_size,
@@ -141,7 +154,10 @@ class DecoderForCausalLM(torch.nn.Module):
 
     def compute_logits(self, hidden):
         logits = self.lm_head(hidden)
-        return logits if self.spec.logits_divisor == 1.0 else logits / self.spec.logits_divisor
+        if self.spec.logits_divisor != 1.0:
+            logits = logits / self.spec.logits_divisor
+        cap = self.spec.final_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def param_slots(self) -> dict[str, list[ParamSlot]]:
         spec = self.spec

@@ -16,9 +16,10 @@ import torch
 from transformers.activations import ACT2FN
 
 from models import kernels
-from models.attention import AttentionMetadata, PagedKVCache, paged_attention
+from models.attention import AttentionMetadata, PagedKVCache, ScoreOptions, paged_attention
 from models.families import DecoderSpec
 from models.layers import FusedLinear, ParamSlot, apply_rotary, rms_norm
+from models.moe import MoeMLP
 
 # The four places a layer may normalize (DecoderSpec.names says which a family has and their HF names).
 NORM_PLACES = ("attn_in_norm", "attn_out_norm", "mlp_in_norm", "mlp_out_norm")
@@ -41,9 +42,13 @@ class DecoderLayer(torch.nn.Module):
         self.q_width, self.kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.qkv = FusedLinear(hidden, [self.q_width, self.kv_width, self.kv_width], [spec.qkv_bias] * 3, dtype, device)
         self.o_proj = FusedLinear(self.q_width, [hidden], [spec.o_bias], dtype, device)
-        gate_up = [inter, inter] if spec.gated_mlp else [inter]
-        self.gate_up = FusedLinear(hidden, gate_up, [spec.mlp_bias] * len(gate_up), dtype, device)
-        self.down = FusedLinear(inter, [hidden], [spec.mlp_bias], dtype, device)
+        self.experts = self.gate_up = self.down = None
+        if spec.moe is not None and spec.moe.sparse_layers[layer_idx]:
+            self.experts = MoeMLP(hidden, spec.moe, spec.activation, dtype, device)
+        else:
+            gate_up = [inter, inter] if spec.gated_mlp else [inter]
+            self.gate_up = FusedLinear(hidden, gate_up, [spec.mlp_bias] * len(gate_up), dtype, device)
+            self.down = FusedLinear(inter, [hidden], [spec.mlp_bias], dtype, device)
         ones = lambda size: torch.nn.Parameter(torch.ones(size, dtype=dtype, device=device), requires_grad=False)  # noqa: E731
         self.norms = {place: ones(hidden) for place in NORM_PLACES if getattr(spec.names, place) is not None}
         self.q_norm = self.k_norm = None
@@ -52,6 +57,7 @@ class DecoderLayer(torch.nn.Module):
             self.q_norm = ones(self.head_dim if per_head else self.q_width)
             self.k_norm = ones(self.head_dim if per_head else self.kv_width)
         self.act = ACT2FN[spec.activation]
+        self.scores = ScoreOptions(softcap=spec.attn_softcap)
 
     def forward(self, x, cos, sin, cache: PagedKVCache, meta: AttentionMetadata, keep_rows: torch.Tensor | None = None):
         """`keep_rows`: only these rows go on past attention (the last layer of a step whose other rows
@@ -87,16 +93,20 @@ class DecoderLayer(torch.nn.Module):
         if self.q_norm is not None and self.spec.qk_norm_after_rope:
             qkv = self._qk_norm(qkv)
         query, key, value = self._heads(qkv)
-        attn = paged_attention(query, key, value, self.layer_idx, cache, meta, self.scale, self.window)
+        attn = paged_attention(query, key, value, self.layer_idx, cache, meta, self.scale, self.window,
+                               scores=self.scores)
         if keep_rows is not None:
             x, attn = x[keep_rows], attn[keep_rows]
         x = self._residual(x, self._norm(self.o_proj(attn), "attn_out_norm"))
-        gate_up = self.gate_up(self._norm(x, "mlp_in_norm"))
+        return self._residual(x, self._norm(self._mlp(self._norm(x, "mlp_in_norm")), "mlp_out_norm"))
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        if self.experts is not None:
+            return self.experts(x)
+        gate_up = self.gate_up(x)
         if self.spec.gated_mlp:
-            mlp = self.act(gate_up[:, : self.intermediate_size]) * gate_up[:, self.intermediate_size :]
-        else:
-            mlp = self.act(gate_up)
-        return self._residual(x, self._norm(self.down(mlp), "mlp_out_norm"))
+            return self.down(self.act(gate_up[:, : self.intermediate_size]) * gate_up[:, self.intermediate_size :])
+        return self.down(self.act(gate_up))
 
     def _heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         heads = qkv.view(qkv.shape[0], -1, self.head_dim)
@@ -116,11 +126,13 @@ class DecoderLayer(torch.nn.Module):
         """q and k normalized (per head or over all heads, as the spec says); v as it was."""
         num_tokens, d = qkv.shape[0], self.head_dim
         q, k, v = qkv.split([self.q_width, self.kv_width, self.kv_width], dim=1)
+        offset = self.spec.norm_weight_offset
+        q_weight, k_weight = (self.q_norm + offset, self.k_norm + offset) if offset else (self.q_norm, self.k_norm)
         if self.spec.qk_norm == "head":
-            q = rms_norm(q.reshape(num_tokens, -1, d), self.q_norm, self.eps).flatten(1)
-            k = rms_norm(k.reshape(num_tokens, -1, d), self.k_norm, self.eps).flatten(1)
+            q = rms_norm(q.reshape(num_tokens, -1, d), q_weight, self.eps).flatten(1)
+            k = rms_norm(k.reshape(num_tokens, -1, d), k_weight, self.eps).flatten(1)
         else:
-            q, k = rms_norm(q, self.q_norm, self.eps), rms_norm(k, self.k_norm, self.eps)
+            q, k = rms_norm(q, q_weight, self.eps), rms_norm(k, k_weight, self.eps)
         return torch.cat((q, k, v), dim=1)
 
     def _residual(self, x: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
@@ -132,9 +144,12 @@ class DecoderLayer(torch.nn.Module):
         qkv_parts = _parts(names.qkv, [self.q_width, self.kv_width, self.kv_width])
         slots = self.qkv.slots_by_width(*_weights_and_biases(prefix, qkv_parts))
         slots |= self.o_proj.slots([f"{prefix}.{names.o_proj}.weight"], [f"{prefix}.{names.o_proj}.bias"])
-        gate_up_parts = _parts(names.gate_up, self.gate_up.out_features)
-        slots |= self.gate_up.slots_by_width(*_weights_and_biases(prefix, gate_up_parts))
-        slots |= self.down.slots([f"{prefix}.{names.down}.weight"], [f"{prefix}.{names.down}.bias"])
+        if self.experts is not None:
+            slots |= self.experts.slots(f"{prefix}.mlp")
+        else:
+            gate_up_parts = _parts(names.gate_up, self.gate_up.out_features)
+            slots |= self.gate_up.slots_by_width(*_weights_and_biases(prefix, gate_up_parts))
+            slots |= self.down.slots([f"{prefix}.{names.down}.weight"], [f"{prefix}.{names.down}.bias"])
         for place, weight in self.norms.items():
             slots[f"{prefix}.{getattr(names, place)}.weight"] = ParamSlot(weight, tuple(weight.shape))
         if self.q_norm is not None:

@@ -14,9 +14,10 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from models import kernels
-from models.attention import AttentionMetadata, PagedKVCache, Segment, paged_attention
+from models.attention import AttentionMetadata, PagedKVCache, ScoreOptions, Segment, paged_attention
 from models.families import UnsupportedModelError
 from models.layers import FusedLinear, ParamSlot
 
@@ -29,18 +30,18 @@ def paged_attention_interface(module, query, key, value, attention_mask, scaling
     """transformers' attention-interface contract: query [1, heads, T, d], key/value [1, kv_heads, T, d]
     of the step's packed tokens -> ([1, T, heads, d_v], None). The HF mask is never built (a custom
     implementation has none); each token's visibility comes from the step's metadata."""
-    if softcap is not None or s_aux is not None:
-        raise UnsupportedModelError("attention soft-capping and attention sinks are not supported by the fallback")
     cache, meta = _bound.step
     _bound.calls += 1
+    _bound.bidirectional |= getattr(module, "is_causal", True) is False
     cache_dim = cache.keys[0].shape[-1]
     q, k, v = (tensor[0].transpose(0, 1) for tensor in (query, key, value))          # [T, heads, d]
     value_dim = v.shape[-1]
     if value_dim < cache_dim:       # MLA: values narrower than keys share the keys' cache width
         v = F.pad(v, (0, cache_dim - value_dim))
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+    sinks = None if s_aux is None else s_aux.detach().float().contiguous()
     out = paged_attention(q.contiguous(), k.contiguous(), v.contiguous(), module.layer_idx, cache, meta, scale,
-                          sliding_window)
+                          sliding_window, scores=ScoreOptions(softcap, sinks))
     out = out.view(q.shape[0], q.shape[1], cache_dim)[..., :value_dim]
     return out.unsqueeze(0), None
 
@@ -50,7 +51,7 @@ AttentionInterface.register(ATTENTION_IMPLEMENTATION, paged_attention_interface)
 
 @contextmanager
 def _bind(cache: PagedKVCache, meta: AttentionMetadata):
-    _bound.step, _bound.calls = (cache, meta), 0
+    _bound.step, _bound.calls, _bound.bidirectional = (cache, meta), 0, False
     try:
         yield
     finally:
@@ -61,14 +62,16 @@ def check_fallback_config(config) -> None:
     """Refuse, from the config alone, what the fallback cannot serve, saying why."""
     if getattr(config, "is_encoder_decoder", False):
         raise UnsupportedModelError(f"{config.model_type} is an encoder-decoder model; Gorgon serves decoder-only LMs")
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise UnsupportedModelError(f"{config.model_type} is not a causal LM architecture of transformers")
+    if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
+        raise UnsupportedModelError(f"{config.model_type} is an encoder (it attends bidirectionally); Gorgon serves "
+                                    "decoder-only causal LMs")
     kinds = set(getattr(config, "layer_types", None) or ())
     other = kinds - {"full_attention", "sliding_attention"}
     if other:
         raise UnsupportedModelError(f"{config.model_type} has layers with recurrent state ({', '.join(sorted(other))}), "
                                     "which the paged KV cache cannot hold")
-    if getattr(config, "attn_logit_softcapping", None) is not None:
-        raise UnsupportedModelError(f"{config.model_type} soft-caps its attention logits, which Gorgon's attention "
-                                    "does not implement yet")
 
 
 def attention_shape(config) -> tuple[int, int]:
@@ -123,9 +126,6 @@ class TransformersCausalLM(torch.nn.Module):
     def __init__(self, hf_model, dtype: torch.dtype, device):
         super().__init__()
         config = hf_model.config
-        if any(name.endswith("sinks") for name, _ in hf_model.named_parameters()):
-            raise UnsupportedModelError(f"{config.model_type} uses attention sinks, which Gorgon's attention does "
-                                        "not implement yet")
         self.config = config
         self.dtype = dtype
         self.decoder = hf_model.base_model.to(device)
@@ -158,7 +158,10 @@ class TransformersCausalLM(torch.nn.Module):
         with torch.inference_mode(), _bind(cache, meta):
             self.decoder(input_ids=torch.tensor([[0]], device=device), position_ids=torch.tensor([[0]], device=device),
                          use_cache=False)
-            calls = _bound.calls
+            calls, bidirectional = _bound.calls, _bound.bidirectional
+        if bidirectional:
+            raise UnsupportedModelError(f"{self.config.model_type} attends bidirectionally (an encoder); Gorgon "
+                                        "serves decoder-only causal LMs")
         if calls != self.num_layers:
             raise UnsupportedModelError(
                 f"{self.config.model_type} computes attention in its own modules ({calls} of {self.num_layers} layers "

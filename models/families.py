@@ -34,6 +34,17 @@ class LayerNames:
 
 
 @dataclass(frozen=True)
+class MoeSpec:
+    """A mixture-of-experts MLP (models/moe.py): softmax router, top-k experts, SiLU-gated experts."""
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int
+    renormalize: bool                     # the top-k weights rescaled to sum to 1
+    sparse_layers: tuple[bool, ...]       # per layer: experts (True) or the dense MLP
+
+
+@dataclass(frozen=True)
 class DecoderSpec:
     """One decoder-only family's shape and options, read from an HF config."""
 
@@ -52,6 +63,9 @@ class DecoderSpec:
     attention_scale: float
     tied_embeddings: bool
     names: LayerNames = field(default_factory=LayerNames)
+    # Per layer, which RoPE table it reads (the model's rotary tables are keyed alike): one "default"
+    # table, or one per layer type where a family rotates sliding and full layers differently (Gemma 3).
+    rope_kinds: tuple[str, ...] = ()
     norm_weight_offset: float = 0.0                     # Gemma's RMSNorm scales by (1 + weight)
     qk_norm: str | None = None                          # None, "head" (per head) or "full" (over all heads)
     qk_norm_after_rope: bool = False
@@ -62,6 +76,9 @@ class DecoderSpec:
     embedding_multiplier: float = 1.0
     residual_multiplier: float = 1.0
     logits_divisor: float = 1.0
+    attn_softcap: float | None = None                   # attention scores soft-capped (Gemma 2)
+    final_softcap: float | None = None                  # output logits soft-capped (Gemma 2)
+    moe: MoeSpec | None = None                          # experts in place of the MLP (on its sparse layers)
     embed_name: str = "model.embed_tokens.weight"
     layer_prefix: str = "model.layers"
     final_norm_name: str = "model.norm.weight"
@@ -75,7 +92,8 @@ class DecoderSpec:
                 and names.mlp_in_norm is not None and self.norm_weight_offset == 0.0
                 and self.qk_norm in (None, "head") and not self.qk_norm_after_rope and all(self.rope_layers)
                 and self.gated_mlp and self.activation == "silu" and self.embedding_multiplier == 1.0
-                and self.residual_multiplier == 1.0)
+                and self.residual_multiplier == 1.0 and self.attn_softcap is None and len(set(self.rope_kinds)) == 1
+                and self.moe is None)
 
 
 def _get(config, *names, default=None):
@@ -113,6 +131,7 @@ def _base(config, **options) -> DecoderSpec:
         vocab_size=config.vocab_size, eps=_get(config, "rms_norm_eps", "layer_norm_eps"),
         activation=_get(config, "hidden_act", "hidden_activation", default="silu"),
         layer_windows=_layer_windows(config), rope_layers=(True,) * config.num_hidden_layers,
+        rope_kinds=("default",) * config.num_hidden_layers,
         attention_scale=head_dim ** -0.5, tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
         qkv_bias=bool(getattr(config, "attention_bias", False)), o_bias=bool(getattr(config, "attention_bias", False)),
         mlp_bias=bool(getattr(config, "mlp_bias", False)))
@@ -129,6 +148,19 @@ def _qwen2(config) -> DecoderSpec:
 
 def _qwen3(config) -> DecoderSpec:
     return _base(config, qk_norm="head")
+
+
+def _qwen3_moe(config) -> DecoderSpec:
+    dense = set(getattr(config, "mlp_only_layers", None) or ())
+    sparse = tuple(i not in dense and config.num_experts > 0 and (i + 1) % config.decoder_sparse_step == 0
+                   for i in range(config.num_hidden_layers))
+    return _base(config, qk_norm="head", moe=MoeSpec(config.num_experts, config.num_experts_per_tok,
+                                                     config.moe_intermediate_size, bool(config.norm_topk_prob), sparse))
+
+
+def _mixtral(config) -> DecoderSpec:
+    return _base(config, moe=MoeSpec(config.num_local_experts, config.num_experts_per_tok, config.intermediate_size,
+                                     True, (True,) * config.num_hidden_layers))
 
 
 def _seed_oss(config) -> DecoderSpec:
@@ -173,6 +205,20 @@ def _gemma(config) -> DecoderSpec:
                  tied_embeddings=True)
 
 
+_SANDWICH_NORMS = LayerNames(attn_out_norm="post_attention_layernorm", mlp_in_norm="pre_feedforward_layernorm",
+                             mlp_out_norm="post_feedforward_layernorm")
+
+
+def _gemma2(config) -> DecoderSpec:
+    return replace(_gemma(config), names=_SANDWICH_NORMS, attention_scale=config.query_pre_attn_scalar ** -0.5,
+                   attn_softcap=config.attn_logit_softcapping, final_softcap=config.final_logit_softcapping)
+
+
+def _gemma3_text(config) -> DecoderSpec:
+    # Sliding and full layers rotate with tables of their own (a local and a global RoPE base).
+    return replace(_gemma2(config), qk_norm="head", rope_kinds=tuple(config.layer_types))
+
+
 def _arcee(config) -> DecoderSpec:
     return _base(config, gated_mlp=False, names=LayerNames(gate_up=("mlp.up_proj",)))
 
@@ -184,8 +230,10 @@ def _hunyuan_v1_dense(config) -> DecoderSpec:
 
 FAMILIES: dict[str, Callable[[object], DecoderSpec]] = {
     "llama": _llama, "mistral": _llama, "ministral": _llama, "qwen2": _qwen2, "qwen3": _qwen3,
+    "qwen3_moe": _qwen3_moe, "mixtral": _mixtral,
     "seed_oss": _seed_oss, "smollm3": _smollm3, "granite": _granite, "olmo2": _olmo2, "olmo3": _olmo2,
-    "exaone4": _exaone4, "phi3": _phi3, "gemma": _gemma, "arcee": _arcee, "hunyuan_v1_dense": _hunyuan_v1_dense,
+    "exaone4": _exaone4, "phi3": _phi3, "gemma": _gemma, "gemma2": _gemma2, "gemma3_text": _gemma3_text,
+    "arcee": _arcee, "hunyuan_v1_dense": _hunyuan_v1_dense,
 }
 
 # RoPE kinds whose frequencies do not depend on the sequence length: the table is computed once.

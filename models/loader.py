@@ -140,18 +140,24 @@ def _eos_token_ids(name: str, source: ModelSource, tokenizer, config) -> frozens
     return frozenset(ids)
 
 
-def _rotary(hf_model, config) -> RotaryEmbedding:
-    """HF's own RoPE frequencies and attention scaling (whatever scaling kind computed them). A model
-    with one table per layer type (OLMo 3) is served when the tables are equal."""
+def _rotaries(hf_model, spec) -> dict[str, RotaryEmbedding]:
+    """HF's own RoPE frequencies and attention scaling (whatever scaling kind computed them): one table, or
+    one per layer type where the model keeps several (OLMo 3, Gemma 3), merged where they are equal."""
     module = hf_model.model.rotary_emb
     if hasattr(module, "inv_freq"):
-        return RotaryEmbedding(module.inv_freq.detach().clone(), float(module.attention_scaling))
-    kinds = sorted(set(config.layer_types))
-    tables = [(getattr(module, f"{kind}_inv_freq"), float(getattr(module, f"{kind}_attention_scaling"))) for kind in kinds]
-    if any(not torch.equal(table, tables[0][0]) or scaling != tables[0][1] for table, scaling in tables):
-        raise UnsupportedModelError(f"{config.model_type} with different RoPE frequencies per layer type "
-                                    f"({', '.join(kinds)}) is not supported yet")
-    return RotaryEmbedding(tables[0][0].detach().clone(), tables[0][1])
+        table = RotaryEmbedding(module.inv_freq.detach().clone(), float(module.attention_scaling))
+        return {kind: table for kind in set(spec.rope_kinds)}
+    kinds = sorted(set(hf_model.config.layer_types))
+    tables = {kind: (getattr(module, f"{kind}_inv_freq"), float(getattr(module, f"{kind}_attention_scaling")))
+              for kind in kinds}
+    first = tables[kinds[0]]
+    if all(torch.equal(freq, first[0]) and scaling == first[1] for freq, scaling in tables.values()):
+        table = RotaryEmbedding(first[0].detach().clone(), first[1])
+        return {kind: table for kind in set(spec.rope_kinds)}
+    if set(spec.rope_kinds) != set(kinds):
+        raise UnsupportedModelError(f"{hf_model.config.model_type} rotates its layer types ({', '.join(kinds)}) "
+                                    "with different RoPE tables, which its native spec does not read")
+    return {kind: RotaryEmbedding(freq.detach().clone(), scaling) for kind, (freq, scaling) in tables.items()}
 
 
 def backend_of(config, impl: str = "auto") -> str:
@@ -165,7 +171,8 @@ def _build_model(hf_model, config, dtype, device, backend: str) -> NativeCausalL
     if config.model_type == "gpt2":
         native = GPT2LMHeadModel(config, dtype, device)
     else:
-        native = DecoderForCausalLM(decoder_spec(config), _rotary(hf_model, config), dtype, device)
+        spec = decoder_spec(config)
+        native = DecoderForCausalLM(spec, _rotaries(hf_model, spec), dtype, device)
     load_state_dict(native, hf_model.state_dict())
     return native.eval()
 

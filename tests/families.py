@@ -31,17 +31,22 @@ FAMILY_OPTIONS: dict[str, dict] = {
                     layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"]),
     "phi3": dict(),
     "gemma": dict(head_dim=16),
+    "gemma2": dict(head_dim=16, sliding_window=6, query_pre_attn_scalar=24, attn_logit_softcapping=3.0,
+                   final_logit_softcapping=5.0),
+    "gemma3_text": dict(head_dim=16, sliding_window=6, query_pre_attn_scalar=24, final_logit_softcapping=5.0,
+                        layer_types=["sliding_attention", "full_attention"]),
     "arcee": dict(head_dim=16),
     "hunyuan_v1_dense": dict(head_dim=16),
+    "qwen3_moe": dict(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                      num_hidden_layers=3, mlp_only_layers=[1]),
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=6),
     "ministral": dict(head_dim=16, sliding_window=6, layer_types=["sliding_attention", "full_attention"]),
 }
 
 
-# Served through the transformers fallback (models/fallback.py): mixture-of-experts routing, MLA, parallel
-# attention and MLP, partial and interleaved RoPE, LayerNorm with biases, sandwich norms.
+# Served through the transformers fallback (models/fallback.py): MLA, attention sinks and gpt-oss's experts,
+# parallel attention and MLP, partial and interleaved RoPE, LayerNorm with biases.
 FALLBACK_OPTIONS: dict[str, dict] = {
-    "qwen3_moe": dict(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
-    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=6),
     "deepseek_v3": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, q_lora_rank=32,
                         kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
                         first_k_dense_replace=1, n_group=1, topk_group=1, num_key_value_heads=4),
@@ -51,8 +56,9 @@ FALLBACK_OPTIONS: dict[str, dict] = {
     "cohere": dict(),
     "stablelm": dict(num_key_value_heads=4),
     "glm4": dict(head_dim=16),
-    "gemma3_text": dict(head_dim=16, sliding_window=6),
     "apertus": dict(head_dim=16),
+    "gpt_oss": dict(head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=6,
+                    layer_types=["sliding_attention", "full_attention"]),
 }
 FAMILY_OPTIONS |= FALLBACK_OPTIONS
 

@@ -4,6 +4,7 @@ and the logprobs of sampled tokens and of the prompt within 1e-4 of a full HF fo
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from decoding import Engine, SamplingParams
 from families import FALLBACK_OPTIONS, FAMILY_OPTIONS
@@ -49,3 +50,24 @@ def test_qwen3_runs_the_one_call_native_stack(model_dir):
     if not model.native_ops:
         pytest.skip("the native kernels do not build here")
     assert model.plain_stack and model.spec.qk_norm == "head"
+
+
+def test_moe_routing_ties_pick_as_hf_does_and_rows_do_not_depend_on_the_batch(model_dir, tmp_path):
+    """Two experts with the same router row tie on every token: the choice is HF's (torch.topk's), and a
+    prompt's logprobs are bit-identical alone and beside other prompts."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(model_dir("qwen3_moe"), dtype=torch.float32)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            if hasattr(layer.mlp, "gate"):
+                layer.mlp.gate.weight[1] = layer.mlp.gate.weight[0]
+    model.save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(model_dir("qwen3_moe")).save_pretrained(tmp_path)
+    path = str(tmp_path)
+    engine = _engine(path)
+    params = SamplingParams(temperature=0, max_tokens=12, min_tokens=12, logprobs=0)
+    batch = engine.generate(PROMPTS, params)
+    for prompt, output in zip(PROMPTS, batch):
+        assert output.outputs[0].token_ids == hf_greedy(path, prompt, 12)
+    [alone] = _engine(path).generate([PROMPTS[2]], params)
+    assert [t.logprob for t in alone.outputs[0].logprobs] == [t.logprob for t in batch[2].outputs[0].logprobs]

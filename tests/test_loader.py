@@ -18,9 +18,9 @@ def test_unreachable_hub_id_is_a_clear_error(monkeypatch):
         load_model("some-org/some-model-that-is-not-here", show_progress=False)
 
 
-def test_unsupported_architecture_names_the_supported_ones(tmp_path):
+def test_an_encoder_is_refused_naming_the_native_families(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "vocab_size": 100}))
-    with pytest.raises(ModelLoadError, match="is not supported; served model types: .*llama"):
+    with pytest.raises(ModelLoadError, match="bert is an encoder.*natively served model types: .*llama"):
         load_model(str(tmp_path), show_progress=False)
 
 

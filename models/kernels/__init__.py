@@ -87,9 +87,9 @@ SIGNATURES = {
     "set_kernel_threads": ([ctypes.c_int], None),
     "kernel_threads": ([], ctypes.c_int),
     "paged_decode_attention": ([_PTR, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _PTR, _PTR,
-                                _I64, _I64, _I64, _I64, _I64, _I64, _F32], None),
+                                _I64, _I64, _I64, _I64, _I64, _I64, _F32, _F32, _PTR], None),
     "paged_prefill_attention": ([_PTR, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _PTR,
-                                 _I64, _I64, _I64, _I64, _I64, _F32], None),
+                                 _I64, _I64, _I64, _I64, _I64, _F32, _F32, _PTR], None),
     "rms_norm": ([_PTR, _I64, _PTR, _F32, _PTR, _I64, _I64], None),
     "rms_norm_heads": ([_PTR, _I64, _PTR, _F32, _I64, _I64, _I64], None),
     "rotary_write_kv": ([_PTR, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64], None),
@@ -156,7 +156,8 @@ native_ops_available = native_decode_available
 def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                            window: int | None, extra_positions: torch.Tensor | None = None,
-                           extra_counts: torch.Tensor | None = None) -> torch.Tensor:
+                           extra_counts: torch.Tensor | None = None, softcap: float | None = None,
+                           sinks: torch.Tensor | None = None) -> torch.Tensor:
     """query [B, heads, d] (rows may be strided, heads and d contiguous); key/value cache
     [num_blocks, block_size, kv_heads, d]; block_tables [B, max_blocks] and context_lens [B] int64
     -> [B, heads, d]. Row b reads the first context_lens[b] positions of its table, then the first
@@ -175,17 +176,26 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_c
         block_tables.data_ptr(), block_tables.shape[1], context_lens.data_ptr(),
         extra_positions.data_ptr() if extras else None, extra_positions.shape[1] if extras else 0,
         extra_counts.data_ptr() if extras else None, out.data_ptr(),
-        batch, num_heads, num_kv_heads, head_dim, block_size, window or 0, scale)
+        batch, num_heads, num_kv_heads, head_dim, block_size, window or 0, scale, softcap or 0.0,
+        _sinks(sinks, num_heads))
     return out
+
+
+def _sinks(sinks: torch.Tensor | None, num_heads: int) -> int | None:
+    if sinks is None:
+        return None
+    assert sinks.dtype == torch.float32 and sinks.is_contiguous() and sinks.numel() == num_heads
+    return sinks.data_ptr()
 
 
 def paged_prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                             q_starts: torch.Tensor, counts: torch.Tensor, cached: torch.Tensor,
-                            block_tables: torch.Tensor, scale: float, window: int | None, out: torch.Tensor) -> None:
+                            block_tables: torch.Tensor, scale: float, window: int | None, out: torch.Tensor,
+                            softcap: float | None = None, sinks: torch.Tensor | None = None) -> None:
     """Causal attention of prompt chunks whose keys and values are already in the cache, into out [T, heads,
     d] (contiguous; only the chunks' rows are written). query [T, heads, d] (rows may be strided); chunk s
     is rows [q_starts[s], q_starts[s] + counts[s]), its first token at position cached[s], its blocks
-    block_tables[s] ([S, max_blocks]); all int64."""
+    block_tables[s] ([S, max_blocks]); all int64. softcap, sinks as paged_decode_attention's."""
     num_heads, head_dim = query.shape[1:]
     _, block_size, num_kv_heads, _ = key_cache.shape
     assert query.stride(2) == 1 and query.stride(1) == head_dim and out.is_contiguous()
@@ -195,7 +205,8 @@ def paged_prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_
     _library().paged_prefill_attention(
         query.data_ptr(), query.stride(0), key_cache.data_ptr(), value_cache.data_ptr(), q_starts.data_ptr(),
         counts.data_ptr(), cached.data_ptr(), block_tables.data_ptr(), block_tables.shape[1], q_starts.numel(),
-        out.data_ptr(), num_heads, num_kv_heads, head_dim, block_size, window or 0, scale)
+        out.data_ptr(), num_heads, num_kv_heads, head_dim, block_size, window or 0, scale, softcap or 0.0,
+        _sinks(sinks, num_heads))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

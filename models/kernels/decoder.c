@@ -28,7 +28,8 @@ void paged_decode_attention(const float *query, int64_t query_row_stride, const 
                             const float *value_cache, const int64_t *block_tables, int64_t max_blocks,
                             const int64_t *context_lens, const int64_t *extra_positions, int64_t max_extra,
                             const int64_t *extra_counts, float *out, int64_t batch, int64_t num_heads,
-                            int64_t num_kv_heads, int64_t head_dim, int64_t block_size, int64_t window, float scale);
+                            int64_t num_kv_heads, int64_t head_dim, int64_t block_size, int64_t window, float scale,
+                            float softcap, const float *sinks);
 
 /* The weights of one layer: norms as vectors, projections packed by pack_panels; a NULL bias is none, and
  * so are NULL q_norm and k_norm (per-head norms of the queries and keys before RoPE, as in Qwen3). */
@@ -83,7 +84,8 @@ void decoder_forward(const DecoderShape *s, const DecoderLayer *layers, int64_t 
                         s->num_kv_heads, d);
         paged_decode_attention(qkv, qkv_width, l->key_cache, l->value_cache, rows->block_tables, rows->max_blocks,
                                rows->context_lens, rows->extra_positions, rows->max_extra, rows->extra_counts, attn,
-                               tokens, s->num_heads, s->num_kv_heads, d, s->block_size, l->window, s->scale);
+                               tokens, s->num_heads, s->num_kv_heads, d, s->block_size, l->window, s->scale, 0.0f,
+                               NULL);
         float *h = x, *a = attn;
         int64_t m = tokens;
         if (keep != NULL && i == num_layers - 1) {

@@ -11,6 +11,9 @@
  *   extra_positions [batch, max_extra] int64 and extra_counts [batch] (both NULL when no row has any):
  *                positions a row sees beyond its context, for the nodes of a speculative tree
  *   out          [batch, num_heads, head_dim], contiguous
+ *   softcap      > 0: each score becomes softcap * tanh(score / softcap) (Gemma 2); 0: none
+ *   sinks        [num_heads] or NULL: a logit per head that joins every softmax's denominator and no
+ *                output (gpt-oss's attention sinks)
  *
  * A work item is one sequence and a range of its KV heads: all of them when the batch alone keeps every
  * thread busy (each token's keys are then one contiguous read, which is what a memory-bound kernel
@@ -39,7 +42,8 @@ typedef struct {
     const int64_t *extra_counts;      /* [batch] or NULL */
     float *out;
     int64_t num_heads, num_kv_heads, block_size, window;
-    float scale;
+    float scale, softcap;
+    const float *sinks;
 } Problem;
 
 /* A run of tokens stays inside one block and holds at most this many, which bounds the scratch. */
@@ -69,6 +73,9 @@ static inline __attribute__((always_inline)) void attend_run(const Problem *p, c
             s[h * MAX_RUN + t] = dot * p->scale;
         }
     }
+    if (p->softcap > 0.0f)
+        for (int64_t h = 0; h < heads; ++h)
+            for (int64_t t = 0; t < run; ++t) s[h * MAX_RUN + t] = p->softcap * tanhf(s[h * MAX_RUN + t] / p->softcap);
     /* Online softmax: rescale what was accumulated when this run raises a head's max. */
     for (int64_t h = 0; h < heads; ++h) {
         float m = st->max_score[h];
@@ -119,7 +126,11 @@ static inline __attribute__((always_inline)) void attend(const Problem *p, int64
     float max_score[heads], denom[heads];
     float scores[heads * MAX_RUN];
     for (int64_t i = 0; i < heads * head_dim; ++i) acc[i] = 0.0f;
-    for (int64_t h = 0; h < heads; ++h) { max_score[h] = -INFINITY; denom[h] = 0.0f; }
+    /* A sink starts each head's softmax as one more score, whose exponential is 1 at its own max. */
+    for (int64_t h = 0; h < heads; ++h) {
+        max_score[h] = p->sinks ? p->sinks[kv_begin * group + h] : -INFINITY;
+        denom[h] = p->sinks ? 1.0f : 0.0f;
+    }
     const Softmax st = {acc, max_score, denom, scores, heads, group, token_stride};
     for (int64_t pos = first; pos < context;) {
         const int64_t offset = pos % p->block_size;
@@ -156,10 +167,10 @@ void paged_decode_attention(const float *query, int64_t query_row_stride, const 
                             const int64_t *context_lens, const int64_t *extra_positions, int64_t max_extra,
                             const int64_t *extra_counts, float *out, int64_t batch, int64_t num_heads,
                             int64_t num_kv_heads, int64_t head_dim, int64_t block_size, int64_t window,
-                            float scale) {
+                            float scale, float softcap, const float *sinks) {
     const Problem p = {query, query_row_stride, key_cache, value_cache, block_tables, max_blocks,
                        context_lens, extra_positions, max_extra, extra_counts, out, num_heads, num_kv_heads,
-                       block_size, window, scale};
+                       block_size, window, scale, softcap, sinks};
     if (batch >= 4 * omp_get_max_threads()) {
 #pragma omp parallel for num_threads(kernel_threads()) schedule(dynamic, 1)
         for (int64_t b = 0; b < batch; ++b) attend_any(&p, b, 0, num_kv_heads, head_dim);

@@ -14,6 +14,7 @@
  *   per segment s: rows [q_starts[s], q_starts[s] + counts[s]) of query and out, whose first token is
  *                at position cached[s]; block_tables [segments, max_blocks] int64
  *   out          [tokens, num_heads, head_dim], contiguous (only the segments' rows are written)
+ *   softcap, sinks as in paged_attention.c
  */
 #include <math.h>
 #include <omp.h>
@@ -43,7 +44,8 @@ typedef struct {
     int64_t max_blocks;
     float *out;
     int64_t num_heads, num_kv_heads, head_dim, block_size, window;
-    float scale;
+    float scale, softcap;
+    const float *sinks;
 } Prefill;
 
 /* Queries [first, first + rows) of segment s (rows <= QUERY_BLOCK), query head `head` (KV head kvh).
@@ -64,7 +66,8 @@ static inline __attribute__((always_inline)) void attend_block(const Prefill *p,
     }
     float acc[QUERY_BLOCK][d];
     memset(acc, 0, sizeof acc);
-    v8f max_score = (v8f){0} - INFINITY, denom = (v8f){0};
+    /* A sink starts the softmax as one more score, whose exponential is 1 at its own max. */
+    v8f max_score = (v8f){0} + (p->sinks ? p->sinks[head] : -INFINITY), denom = (v8f){0} + (p->sinks ? 1.0f : 0.0f);
     v8f query_pos;
     for (int64_t r = 0; r < QUERY_BLOCK; ++r) query_pos[r] = (float)(first_pos + r);
     for (int64_t pos = lo; pos <= last_pos;) {
@@ -88,6 +91,9 @@ static inline __attribute__((always_inline)) void attend_block(const Prefill *p,
             memcpy(&q, queries + i * QUERY_BLOCK, sizeof q);
             for (int64_t t = 0; t < KEY_CHUNK; ++t) scores[t] += key_rows[t][i] * q;
         }
+        if (p->softcap > 0.0f)
+            for (int64_t t = 0; t < chunk; ++t)
+                for (int64_t r = 0; r < QUERY_BLOCK; ++r) scores[t][r] = p->softcap * tanhf(scores[t][r] / p->softcap);
         v8f chunk_max = (v8f){0} - INFINITY;
         for (int64_t t = 0; t < chunk; ++t) {
             if (!all_visible) {
@@ -149,9 +155,10 @@ void paged_prefill_attention(const float *query, int64_t query_row_stride, const
                              const float *value_cache, const int64_t *q_starts, const int64_t *counts,
                              const int64_t *cached, const int64_t *block_tables, int64_t max_blocks,
                              int64_t segments, float *out, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-                             int64_t block_size, int64_t window, float scale) {
+                             int64_t block_size, int64_t window, float scale, float softcap, const float *sinks) {
     const Prefill p = {query, query_row_stride, key_cache, value_cache, q_starts, counts, cached, block_tables,
-                       max_blocks, out, num_heads, num_kv_heads, head_dim, block_size, window, scale};
+                       max_blocks, out, num_heads, num_kv_heads, head_dim, block_size, window, scale, softcap,
+                       sinks};
     /* Work items (segment, query head, query block), numbered segment by segment. */
     int64_t items = 0;
     for (int64_t s = 0; s < segments; ++s) items += num_heads * ((counts[s] + QUERY_BLOCK - 1) / QUERY_BLOCK);
