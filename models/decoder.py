@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from models import kernels
 from models.attention import AttentionMetadata, PagedKVCache
@@ -39,8 +40,10 @@ def _only_decode_group(meta: AttentionMetadata, num_tokens: int):
 
 
 class DecoderForCausalLM(torch.nn.Module):
-    def __init__(self, spec: DecoderSpec, rotaries: dict[str, RotaryEmbedding], dtype: torch.dtype, device):
-        """rotaries: the RoPE tables by the kinds spec.rope_kinds names."""
+    def __init__(self, spec: DecoderSpec, rotaries: dict[str, RotaryEmbedding | None], dtype: torch.dtype, device,
+                 max_positions: int = 0):
+        """rotaries: the RoPE tables by the kinds spec.rope_kinds names (None where no layer rotates);
+        max_positions: the learned position table's length, for a spec with one."""
         super().__init__()
         self.spec = spec
         self.dtype = dtype
@@ -57,8 +60,14 @@ class DecoderForCausalLM(torch.nn.Module):
         self.attention_windows = frozenset(spec.layer_windows)
         self.embed = torch.nn.Parameter(
             torch.empty(spec.vocab_size, spec.hidden_size, dtype=dtype, device=device), requires_grad=False)
+        self.position_embed = None
+        if spec.position_embedding_name is not None:
+            self.position_embed = torch.nn.Parameter(
+                torch.empty(max_positions, spec.hidden_size, dtype=dtype, device=device), requires_grad=False)
         self.final_norm = torch.nn.Parameter(torch.ones(spec.hidden_size, dtype=dtype, device=device), requires_grad=False)
-        self.lm_head = FusedLinear(spec.hidden_size, [spec.vocab_size], [False], dtype, device)
+        self.final_norm_bias = (torch.nn.Parameter(torch.zeros(spec.hidden_size, dtype=dtype, device=device),
+                                                   requires_grad=False) if spec.norm_bias else None)
+        self.lm_head = FusedLinear(spec.hidden_size, [spec.vocab_size], [spec.lm_head_bias], dtype, device)
         self.tied = spec.tied_embeddings
         self.optional_param_names = frozenset({"lm_head.weight"}) if self.tied else frozenset()
         self.rotaries = rotaries
@@ -76,6 +85,10 @@ class DecoderForCausalLM(torch.nn.Module):
         x = self.embed.index_select(0, input_ids)
         if self.spec.embedding_multiplier != 1.0:
             x = x * self.spec.embedding_multiplier
+        if self.position_embed is not None:
+            x = x + self.position_embed.index_select(0, positions)
+        if self.rotary is None:        # no layer rotates: GPT-2
+            return self._forward_layers(x, None, None, cache, meta, output_rows)
         if len(self.rotaries) > 1:
             return self._forward_per_rope_kind(x, positions, cache, meta, output_rows)
         cos, sin = self.rotary.cos_sin(positions, self.dtype)
@@ -88,6 +101,9 @@ class DecoderForCausalLM(torch.nn.Module):
                     shape, layers, x, cos, sin, meta.slot_mapping,
                     group.block_tables, group.context_lens, group.extra_positions, group.extra_counts,
                     self.final_norm, output_rows)
+        return self._forward_layers(x, cos, sin, cache, meta, output_rows)
+
+    def _forward_layers(self, x, cos, sin, cache, meta, output_rows):
         last = self.num_layers - 1
         for i, layer in enumerate(self.layers):
             x = layer.forward(x, cos, sin, cache, meta, output_rows if i == last else None)
@@ -102,6 +118,8 @@ class DecoderForCausalLM(torch.nn.Module):
         return self._final_norm(x)
 
     def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        if self.spec.norm_kind == "layer":
+            return F.layer_norm(x, self.final_norm.shape, self.final_norm, self.final_norm_bias, self.eps)
         if self.spec.norm_weight_offset:
             return rms_norm(x, self.final_norm + self.spec.norm_weight_offset, self.eps)
         return kernels.rms_norm(x, self.final_norm, self.eps) if self.native_ops else rms_norm(x, self.final_norm, self.eps)
@@ -164,4 +182,11 @@ class DecoderForCausalLM(torch.nn.Module):
         slots = layer_slots(self.layers, spec.layer_prefix)
         slots |= embedding_slots(spec.embed_name, self.embed, self.lm_head, self.tied)
         slots[spec.final_norm_name] = [ParamSlot(self.final_norm, tuple(self.final_norm.shape))]
+        if self.final_norm_bias is not None:
+            slots[spec.final_norm_name.replace(".weight", ".bias")] = [ParamSlot(self.final_norm_bias,
+                                                                                 tuple(self.final_norm_bias.shape))]
+        if self.position_embed is not None:
+            slots[spec.position_embedding_name] = [ParamSlot(self.position_embed, tuple(self.position_embed.shape))]
+        if spec.lm_head_bias:
+            slots["lm_head.bias"] = [ParamSlot(self.lm_head.bias, tuple(self.lm_head.bias.shape))]
         return slots

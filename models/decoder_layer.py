@@ -13,6 +13,7 @@ twin of the one-call native stack (models/kernels/decoder.c), kernel for kernel;
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
 from models import kernels
@@ -34,7 +35,7 @@ class DecoderLayer(torch.nn.Module):
         self.window = spec.layer_windows[layer_idx]
         self.use_rope = spec.rope_layers[layer_idx]
         self.eps = spec.eps
-        self.scale = spec.attention_scale
+        self.scale = spec.attention_scale / (layer_idx + 1) if spec.inverse_layer_scale else spec.attention_scale
         self.intermediate_size = inter = spec.intermediate_size
         self.native = native
         self.plain = native and spec.is_plain_stack
@@ -51,6 +52,9 @@ class DecoderLayer(torch.nn.Module):
             self.down = FusedLinear(inter, [hidden], [spec.mlp_bias], dtype, device)
         ones = lambda size: torch.nn.Parameter(torch.ones(size, dtype=dtype, device=device), requires_grad=False)  # noqa: E731
         self.norms = {place: ones(hidden) for place in NORM_PLACES if getattr(spec.names, place) is not None}
+        zeros = lambda size: torch.nn.Parameter(torch.zeros(size, dtype=dtype, device=device), requires_grad=False)  # noqa: E731
+        self.norm_biases = {place: zeros(hidden) for place in self.norms} if spec.norm_bias else {}
+        self.rotary_dim = spec.rotary_dim or self.head_dim
         self.q_norm = self.k_norm = None
         if spec.qk_norm is not None:
             per_head = spec.qk_norm == "head"
@@ -84,21 +88,36 @@ class DecoderLayer(torch.nn.Module):
         return self.down.forward_residual(mlp, x)
 
     def _forward_general(self, x, cos, sin, cache: PagedKVCache, meta: AttentionMetadata, keep_rows):
-        qkv = self.qkv(self._norm(x, "attn_in_norm"))
+        normed = self._norm(x, "attn_in_norm")
+        qkv = self.qkv(normed)
         if self.q_norm is not None and not self.spec.qk_norm_after_rope:
             qkv = self._qk_norm(qkv)
         if self.use_rope:
-            qk = apply_rotary(qkv[:, : self.q_width + self.kv_width].view(x.shape[0], -1, self.head_dim), cos, sin)
-            qkv = torch.cat((qk.flatten(1), qkv[:, self.q_width + self.kv_width :]), dim=1)
+            qkv = self._rotate(qkv, cos, sin)
         if self.q_norm is not None and self.spec.qk_norm_after_rope:
             qkv = self._qk_norm(qkv)
         query, key, value = self._heads(qkv)
         attn = paged_attention(query, key, value, self.layer_idx, cache, meta, self.scale, self.window,
                                scores=self.scores)
         if keep_rows is not None:
-            x, attn = x[keep_rows], attn[keep_rows]
-        x = self._residual(x, self._norm(self.o_proj(attn), "attn_out_norm"))
+            x, attn, normed = x[keep_rows], attn[keep_rows], normed[keep_rows]
+        attn_out = self._norm(self.o_proj(attn), "attn_out_norm")
+        if self.spec.parallel_block:     # attention and MLP both read the layer's input
+            mlp_in = self._norm(x, "mlp_in_norm") if "mlp_in_norm" in self.norms else normed
+            return x + attn_out + self._mlp(mlp_in)
+        x = self._residual(x, attn_out)
         return self._residual(x, self._norm(self._mlp(self._norm(x, "mlp_in_norm")), "mlp_out_norm"))
+
+    def _rotate(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """RoPE on the query and key heads (their first rotary_dim channels where the rotation is partial)."""
+        qk_width = self.q_width + self.kv_width
+        heads = qkv[:, :qk_width].view(qkv.shape[0], -1, self.head_dim)
+        if self.rotary_dim == self.head_dim:
+            rotated = apply_rotary(heads, cos, sin)
+        else:
+            rotated = torch.cat((apply_rotary(heads[..., : self.rotary_dim], cos, sin),
+                                 heads[..., self.rotary_dim :]), dim=-1)
+        return torch.cat((rotated.flatten(1), qkv[:, qk_width:]), dim=1)
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         if self.experts is not None:
@@ -118,6 +137,8 @@ class DecoderLayer(torch.nn.Module):
         weight = self.norms.get(place)
         if weight is None:
             return x
+        if self.spec.norm_kind == "layer":
+            return F.layer_norm(x, weight.shape, weight, self.norm_biases.get(place), self.eps)
         if self.spec.norm_weight_offset:
             return rms_norm(x, weight + self.spec.norm_weight_offset, self.eps)
         return kernels.rms_norm(x, weight, self.eps) if self.native else rms_norm(x, weight, self.eps)
@@ -142,16 +163,21 @@ class DecoderLayer(torch.nn.Module):
     def param_slots(self, prefix: str) -> dict[str, ParamSlot]:
         names = self.spec.names
         qkv_parts = _parts(names.qkv, [self.q_width, self.kv_width, self.kv_width])
-        slots = self.qkv.slots_by_width(*_weights_and_biases(prefix, qkv_parts))
-        slots |= self.o_proj.slots([f"{prefix}.{names.o_proj}.weight"], [f"{prefix}.{names.o_proj}.bias"])
+        in_out = self.spec.checkpoint_in_out
+        slots = self.qkv.slots_by_width(*_weights_and_biases(prefix, qkv_parts), in_out)
+        slots |= self.o_proj.slots_by_width(*_weights_and_biases(prefix, [(names.o_proj, self.spec.hidden_size)]),
+                                            in_out)
         if self.experts is not None:
             slots |= self.experts.slots(f"{prefix}.mlp")
         else:
             gate_up_parts = _parts(names.gate_up, self.gate_up.out_features)
-            slots |= self.gate_up.slots_by_width(*_weights_and_biases(prefix, gate_up_parts))
-            slots |= self.down.slots([f"{prefix}.{names.down}.weight"], [f"{prefix}.{names.down}.bias"])
+            slots |= self.gate_up.slots_by_width(*_weights_and_biases(prefix, gate_up_parts), in_out)
+            slots |= self.down.slots_by_width(*_weights_and_biases(prefix, [(names.down, self.spec.hidden_size)]),
+                                              in_out)
         for place, weight in self.norms.items():
             slots[f"{prefix}.{getattr(names, place)}.weight"] = ParamSlot(weight, tuple(weight.shape))
+        for place, bias in self.norm_biases.items():
+            slots[f"{prefix}.{getattr(names, place)}.bias"] = ParamSlot(bias, tuple(bias.shape))
         if self.q_norm is not None:
             slots[f"{prefix}.{names.q_norm}.weight"] = ParamSlot(self.q_norm, tuple(self.q_norm.shape))
             slots[f"{prefix}.{names.k_norm}.weight"] = ParamSlot(self.k_norm, tuple(self.k_norm.shape))

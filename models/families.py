@@ -66,7 +66,16 @@ class DecoderSpec:
     # Per layer, which RoPE table it reads (the model's rotary tables are keyed alike): one "default"
     # table, or one per layer type where a family rotates sliding and full layers differently (Gemma 3).
     rope_kinds: tuple[str, ...] = ()
+    norm_kind: str = "rms"                              # "rms" or "layer" (LayerNorm)
+    norm_bias: bool = False                             # LayerNorm with a bias
     norm_weight_offset: float = 0.0                     # Gemma's RMSNorm scales by (1 + weight)
+    parallel_block: bool = False                        # x + attn(norm(x)) + mlp(norm'(x)) (Phi, StableLM)
+    rotary_dim: int | None = None                       # RoPE on the first rotary_dim of each head (None: all)
+    lm_head_bias: bool = False
+    # Learned absolute positions added to the embeddings (GPT-2), by their checkpoint name; None for none.
+    position_embedding_name: str | None = None
+    checkpoint_in_out: bool = False                     # projections stored [in, out] (GPT-2's Conv1D)
+    inverse_layer_scale: bool = False                   # layer i's attention scale divided by i + 1
     qk_norm: str | None = None                          # None, "head" (per head) or "full" (over all heads)
     qk_norm_after_rope: bool = False
     qkv_bias: bool = False
@@ -89,7 +98,9 @@ class DecoderSpec:
         RoPE,) RoPE on every layer, SiLU-gated MLP, no multipliers."""
         names = self.names
         return (names.attn_out_norm is None and names.mlp_out_norm is None and names.attn_in_norm is not None
-                and names.mlp_in_norm is not None and self.norm_weight_offset == 0.0
+                and names.mlp_in_norm is not None and self.norm_weight_offset == 0.0 and self.norm_kind == "rms"
+                and not self.parallel_block and self.rotary_dim in (None, self.head_dim) and not self.lm_head_bias
+                and self.position_embedding_name is None
                 and self.qk_norm in (None, "head") and not self.qk_norm_after_rope and all(self.rope_layers)
                 and self.gated_mlp and self.activation == "silu" and self.embedding_multiplier == 1.0
                 and self.residual_multiplier == 1.0 and self.attn_softcap is None and len(set(self.rope_kinds)) == 1
@@ -128,7 +139,7 @@ def _base(config, **options) -> DecoderSpec:
         model_type=config.model_type, num_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
         intermediate_size=config.intermediate_size, num_heads=config.num_attention_heads,
         num_kv_heads=_get(config, "num_key_value_heads", default=config.num_attention_heads), head_dim=head_dim,
-        vocab_size=config.vocab_size, eps=_get(config, "rms_norm_eps", "layer_norm_eps"),
+        vocab_size=config.vocab_size, eps=_get(config, "rms_norm_eps", "layer_norm_eps", "norm_epsilon"),
         activation=_get(config, "hidden_act", "hidden_activation", default="silu"),
         layer_windows=_layer_windows(config), rope_layers=(True,) * config.num_hidden_layers,
         rope_kinds=("default",) * config.num_hidden_layers,
@@ -192,10 +203,43 @@ def _exaone4(config) -> DecoderSpec:
     return _base(config, names=_POST_NORMS, qk_norm="head", rope_layers=rope_layers)
 
 
+def _rotary_dim(config) -> int:
+    factor = _get(config, "partial_rotary_factor", default=None)
+    if factor is None:
+        factor = (getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0)
+    return int(_head_dim(config) * factor)
+
+
 def _phi3(config) -> DecoderSpec:
-    if _get(config, "partial_rotary_factor", default=1.0) != 1.0:
-        raise UnsupportedModelError("phi3 with partial_rotary_factor below 1 is not supported yet")
-    return _base(config, names=LayerNames(qkv=("self_attn.qkv_proj",), gate_up=("mlp.gate_up_proj",)))
+    return _base(config, names=LayerNames(qkv=("self_attn.qkv_proj",), gate_up=("mlp.gate_up_proj",)),
+                 rotary_dim=_rotary_dim(config))
+
+
+def _no_qk_layernorm(config) -> None:
+    if getattr(config, "qk_layernorm", False):
+        raise UnsupportedModelError(f"{config.model_type} with qk_layernorm has no native spec yet")
+
+
+def _phi(config) -> DecoderSpec:
+    _no_qk_layernorm(config)
+    names = LayerNames(mlp_in_norm=None, o_proj="self_attn.dense", gate_up=("mlp.fc1",), down="mlp.fc2")
+    return _base(config, names=names, norm_kind="layer", norm_bias=True, parallel_block=True, qkv_bias=True,
+                 o_bias=True, mlp_bias=True, gated_mlp=False, rotary_dim=_rotary_dim(config), lm_head_bias=True,
+                 final_norm_name="model.final_layernorm.weight")
+
+
+def _stablelm(config) -> DecoderSpec:
+    _no_qk_layernorm(config)
+    parallel = bool(config.use_parallel_residual)
+    names = LayerNames(mlp_in_norm=None) if parallel else LayerNames()
+    return _base(config, names=names, norm_kind="layer", norm_bias=True, parallel_block=parallel,
+                 qkv_bias=bool(config.use_qkv_bias), o_bias=False, rotary_dim=_rotary_dim(config))
+
+
+def _starcoder2(config) -> DecoderSpec:
+    bias = bool(config.use_bias)
+    return _base(config, names=LayerNames(gate_up=("mlp.c_fc",), down="mlp.c_proj"), norm_kind="layer",
+                 norm_bias=True, qkv_bias=bias, o_bias=bias, mlp_bias=bias, gated_mlp=False)
 
 
 def _gemma(config) -> DecoderSpec:
@@ -228,12 +272,31 @@ def _hunyuan_v1_dense(config) -> DecoderSpec:
                  names=LayerNames(q_norm="self_attn.query_layernorm", k_norm="self_attn.key_layernorm"))
 
 
+def _gpt2(config) -> DecoderSpec:
+    hidden, heads = config.n_embd, config.n_head
+    names = LayerNames(attn_in_norm="ln_1", mlp_in_norm="ln_2", qkv=("attn.c_attn",), o_proj="attn.c_proj",
+                       gate_up=("mlp.c_fc",), down="mlp.c_proj")
+    layers = config.n_layer
+    return DecoderSpec(
+        model_type="gpt2", num_layers=layers, hidden_size=hidden, intermediate_size=config.n_inner or 4 * hidden,
+        num_heads=heads, num_kv_heads=heads, head_dim=hidden // heads, vocab_size=config.vocab_size,
+        eps=config.layer_norm_epsilon, activation=config.activation_function, layer_windows=(None,) * layers,
+        rope_layers=(False,) * layers, rope_kinds=("default",) * layers,
+        attention_scale=(hidden // heads) ** -0.5 if config.scale_attn_weights else 1.0,
+        tied_embeddings=bool(getattr(config, "tie_word_embeddings", True)), names=names, norm_kind="layer",
+        norm_bias=True, qkv_bias=True, o_bias=True, mlp_bias=True, gated_mlp=False,
+        embed_name="transformer.wte.weight", layer_prefix="transformer.h", final_norm_name="transformer.ln_f.weight",
+        position_embedding_name="transformer.wpe.weight", checkpoint_in_out=True,
+        inverse_layer_scale=bool(config.scale_attn_by_inverse_layer_idx))
+
+
 FAMILIES: dict[str, Callable[[object], DecoderSpec]] = {
     "llama": _llama, "mistral": _llama, "ministral": _llama, "qwen2": _qwen2, "qwen3": _qwen3,
     "qwen3_moe": _qwen3_moe, "mixtral": _mixtral,
     "seed_oss": _seed_oss, "smollm3": _smollm3, "granite": _granite, "olmo2": _olmo2, "olmo3": _olmo2,
     "exaone4": _exaone4, "phi3": _phi3, "gemma": _gemma, "gemma2": _gemma2, "gemma3_text": _gemma3_text,
-    "arcee": _arcee, "hunyuan_v1_dense": _hunyuan_v1_dense,
+    "arcee": _arcee, "hunyuan_v1_dense": _hunyuan_v1_dense, "phi": _phi, "stablelm": _stablelm,
+    "starcoder2": _starcoder2, "gpt2": _gpt2,
 }
 
 # RoPE kinds whose frequencies do not depend on the sequence length: the table is computed once.

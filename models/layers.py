@@ -135,17 +135,19 @@ class FusedLinear(torch.nn.Module):
         """Map the HF names of the fused parts (weight [out, in], bias [out]) onto slices of this matrix."""
         return self.slots_by_width(names, bias_names, self.out_features)
 
-    def slots_by_width(self, names: list[str], bias_names: list[str | None], widths: list[int]) -> dict[str, ParamSlot]:
+    def slots_by_width(self, names: list[str], bias_names: list[str | None], widths: list[int],
+                       in_out: bool = False) -> dict[str, ParamSlot]:
         """slots() for checkpoint tensors of the given widths, one of which may cover several fused parts
-        (a checkpoint that stores [q; k; v] or [gate; up] as one tensor)."""
+        (a checkpoint that stores [q; k; v] or [gate; up] as one tensor); `in_out`: the checkpoint stores
+        them [in, out] already (GPT-2's Conv1D)."""
         assert sum(widths) == self.weight_t.shape[1], (widths, self.out_features)
         part_ends = [sum(self.out_features[: i + 1]) for i in range(len(self.out_features))]
         slots: dict[str, ParamSlot] = {}
         start = 0
         for name, bias_name, width in zip(names, bias_names, widths):
             view = self.weight_t[:, start : start + width]
-            slots[name] = ParamSlot(view, (width, self.weight_t.shape[0]), transpose=True,
-                                    on_write=self.weights_changed)
+            shape = (self.weight_t.shape[0], width) if in_out else (width, self.weight_t.shape[0])
+            slots[name] = ParamSlot(view, shape, transpose=not in_out, on_write=self.weights_changed)
             covered = [has for has, end in zip(self._has_bias, part_ends) if start < end <= start + width]
             if any(covered) and bias_name is not None:
                 slots[bias_name] = ParamSlot(self.bias[start : start + width], (width,))

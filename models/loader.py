@@ -15,12 +15,11 @@ from models.base import NativeCausalLM, load_state_dict
 from models.decoder import DecoderForCausalLM
 from models.families import FAMILIES, UnsupportedModelError, decoder_spec
 from models.fallback import ATTENTION_IMPLEMENTATION, TransformersCausalLM, check_fallback_config
-from models.gpt2 import GPT2LMHeadModel
 from models.layers import RotaryEmbedding
 
-# The model types served natively: every family of models/families.py, and GPT-2. Every other decoder-only
-# causal LM of transformers is served through the transformers fallback (models/fallback.py).
-SUPPORTED_MODEL_TYPES = (*sorted(FAMILIES), "gpt2")
+# The model types served natively: every family of models/families.py. Every other decoder-only causal LM
+# of transformers is served through the transformers fallback (models/fallback.py).
+SUPPORTED_MODEL_TYPES = tuple(sorted(FAMILIES))
 NATIVE, FALLBACK = "native", "transformers"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # The embedded default model (models/default), used when no model is named.
@@ -143,6 +142,8 @@ def _eos_token_ids(name: str, source: ModelSource, tokenizer, config) -> frozens
 def _rotaries(hf_model, spec) -> dict[str, RotaryEmbedding]:
     """HF's own RoPE frequencies and attention scaling (whatever scaling kind computed them): one table, or
     one per layer type where the model keeps several (OLMo 3, Gemma 3), merged where they are equal."""
+    if not any(spec.rope_layers):
+        return {kind: None for kind in set(spec.rope_kinds)}
     module = hf_model.model.rotary_emb
     if hasattr(module, "inv_freq"):
         table = RotaryEmbedding(module.inv_freq.detach().clone(), float(module.attention_scaling))
@@ -161,18 +162,24 @@ def _rotaries(hf_model, spec) -> dict[str, RotaryEmbedding]:
 
 
 def backend_of(config, impl: str = "auto") -> str:
-    """NATIVE for a native family unless impl is "transformers", else FALLBACK."""
-    return NATIVE if impl == "auto" and config.model_type in SUPPORTED_MODEL_TYPES else FALLBACK
+    """NATIVE for a native family whose options its spec reads, unless impl is "transformers"; else
+    FALLBACK (a native family with an option its spec does not read yet runs there, and says why)."""
+    if impl != "auto" or config.model_type not in SUPPORTED_MODEL_TYPES:
+        return FALLBACK
+    try:
+        decoder_spec(config)
+    except UnsupportedModelError as err:
+        logger.warning("%s: %s; it runs on the transformers fallback", config.model_type, err)
+        return FALLBACK
+    return NATIVE
 
 
 def _build_model(hf_model, config, dtype, device, backend: str) -> NativeCausalLM:
     if backend == FALLBACK:
         return TransformersCausalLM(hf_model, dtype, device).eval()
-    if config.model_type == "gpt2":
-        native = GPT2LMHeadModel(config, dtype, device)
-    else:
-        spec = decoder_spec(config)
-        native = DecoderForCausalLM(spec, _rotaries(hf_model, spec), dtype, device)
+    spec = decoder_spec(config)
+    positions = getattr(config, "n_positions", 0) if spec.position_embedding_name else 0
+    native = DecoderForCausalLM(spec, _rotaries(hf_model, spec), dtype, device, positions)
     load_state_dict(native, hf_model.state_dict())
     return native.eval()
 
@@ -182,7 +189,7 @@ def _check_supported(name: str, config, backend: str) -> None:
     try:
         if backend == FALLBACK:
             check_fallback_config(config)
-        elif config.model_type != "gpt2":
+        else:
             decoder_spec(config)
     except UnsupportedModelError as err:
         raise ModelLoadError(f"{name!r}: {err}; natively served model types: "
