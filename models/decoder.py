@@ -154,7 +154,8 @@ class DecoderForCausalLM(torch.nn.Module):
         drafts are reserved in block_tables[r]. Each step's argmax, with the row's stop_tokens at -inf in
         its first banned_steps[r] steps, is the next step's input. -> [steps, R]; None where the one-call
         stack does not run."""
-        if not self.plain_stack or self.spec.logits_divisor != 1.0 or self.spec.final_softcap is not None:
+        if not self.plain_stack or self.spec.logits_divisor != 1.0 or self.spec.logits_multiplier != 1.0 \
+                or self.spec.final_softcap is not None:
             return None
         rows = len(feed)
         parts, num_feed, width, banned_width = greedy_chain_ints(feed, positions, block_tables, cache.block_size,
@@ -174,6 +175,8 @@ class DecoderForCausalLM(torch.nn.Module):
         logits = self.lm_head(hidden)
         if self.spec.logits_divisor != 1.0:
             logits = logits / self.spec.logits_divisor
+        if self.spec.logits_multiplier != 1.0:
+            logits = logits * self.spec.logits_multiplier
         cap = self.spec.final_softcap
         return logits if cap is None else torch.tanh(logits / cap) * cap
 

@@ -12,6 +12,8 @@ twin of the one-call native stack (models/kernels/decoder.c), kernel for kernel;
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
@@ -156,6 +158,31 @@ class DecoderLayer(torch.nn.Module):
             q, k = rms_norm(q, q_weight, self.eps), rms_norm(k, k_weight, self.eps)
         return torch.cat((q, k, v), dim=1)
 
+    def _qkv_row_orders(self, num_parts: int) -> list[torch.Tensor | None]:
+        """Per checkpoint tensor of the q/k/v matrix (3 apart, or 1 fused): its rows in the native order
+        ([q heads; k heads; v heads], rotate-half channels), or None where they already are. A per-head
+        fused tensor ([heads, 3, head_dim], GPT-NeoX) is regrouped; interleaved RoPE channels (2i, 2i + 1)
+        become (i, i + half) in q and k alike, which leaves every q.k product unchanged (Cohere, GLM-4)."""
+        spec, d = self.spec, self.head_dim
+        if not (spec.rotary_interleaved or spec.qkv_per_head):
+            return [None] * num_parts
+        plain = torch.arange(d)
+        rotated = plain
+        if spec.rotary_interleaved:
+            rot = self.rotary_dim
+            rotated = torch.cat((torch.arange(0, rot, 2), torch.arange(1, rot, 2), torch.arange(rot, d)))
+        heads = {"q": self.num_heads, "k": self.num_kv_heads, "v": self.num_kv_heads}
+        channels = {"q": rotated, "k": rotated, "v": plain}
+        if num_parts == 3:
+            return [torch.cat([h * d + channels[kind] for h in range(heads[kind])]) if kind != "v" else None
+                    for kind in "qkv"]
+        if spec.qkv_per_head:
+            first_row = lambda kind, h: (h * 3 + "qkv".index(kind)) * d      # noqa: E731
+        else:
+            offsets = {"q": 0, "k": self.q_width, "v": self.q_width + self.kv_width}
+            first_row = lambda kind, h: offsets[kind] + h * d                # noqa: E731
+        return [torch.cat([first_row(kind, h) + channels[kind] for kind in "qkv" for h in range(heads[kind])])]
+
     def _residual(self, x: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
         multiplier = self.spec.residual_multiplier
         return x + update if multiplier == 1.0 else x + update * multiplier
@@ -165,6 +192,10 @@ class DecoderLayer(torch.nn.Module):
         qkv_parts = _parts(names.qkv, [self.q_width, self.kv_width, self.kv_width])
         in_out = self.spec.checkpoint_in_out
         slots = self.qkv.slots_by_width(*_weights_and_biases(prefix, qkv_parts), in_out)
+        for (part, _), order in zip(qkv_parts, self._qkv_row_orders(len(qkv_parts))):
+            for key in (f"{prefix}.{part}.weight", f"{prefix}.{part}.bias"):
+                if order is not None and key in slots:
+                    slots[key] = replace(slots[key], row_order=order)
         slots |= self.o_proj.slots_by_width(*_weights_and_biases(prefix, [(names.o_proj, self.spec.hidden_size)]),
                                             in_out)
         if self.experts is not None:

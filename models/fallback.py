@@ -188,10 +188,12 @@ class TransformersCausalLM(torch.nn.Module):
         return logits
 
     def param_slots(self) -> dict[str, list[ParamSlot]]:
-        """HF's own parameters in place (the modules compute with them), and the head's packed copy."""
-        slots = {f"{self._prefix}.{name}": [ParamSlot(param.data, tuple(param.shape))]
-                 for name, param in self.decoder.named_parameters() if not name.endswith(".fused.weight_t")
-                 and not name.endswith(".fused.bias")}
+        """HF's own tensors in place (the modules compute with them), and the head's packed copy."""
+        # Every tensor of the state dict (persistent buffers too, DeepSeek's router bias), except the
+        # packed products' own, which the checkpoint names map onto below.
+        slots = {f"{self._prefix}.{name}": [ParamSlot(tensor.data, tuple(tensor.shape))]
+                 for name, tensor in self.decoder.state_dict(keep_vars=True).items()
+                 if not name.endswith((".fused.weight_t", ".fused.bias"))}
         for name, linear in self._packed.items():
             slots |= {key: [slot] for key, slot in linear.slots(f"{self._prefix}.{name}").items()}
         head = self.lm_head.slots(["lm_head.weight"], [None])["lm_head.weight"]

@@ -72,6 +72,9 @@ class DecoderSpec:
     parallel_block: bool = False                        # x + attn(norm(x)) + mlp(norm'(x)) (Phi, StableLM)
     rotary_dim: int | None = None                       # RoPE on the first rotary_dim of each head (None: all)
     lm_head_bias: bool = False
+    rotary_interleaved: bool = False                    # RoPE on channel pairs (2i, 2i + 1) (Cohere, GLM-4)
+    qkv_per_head: bool = False                          # a fused checkpoint qkv laid out [heads, 3, head_dim]
+    logits_multiplier: float = 1.0                      # Cohere's logit_scale
     # Learned absolute positions added to the embeddings (GPT-2), by their checkpoint name; None for none.
     position_embedding_name: str | None = None
     checkpoint_in_out: bool = False                     # projections stored [in, out] (GPT-2's Conv1D)
@@ -100,7 +103,7 @@ class DecoderSpec:
         return (names.attn_out_norm is None and names.mlp_out_norm is None and names.attn_in_norm is not None
                 and names.mlp_in_norm is not None and self.norm_weight_offset == 0.0 and self.norm_kind == "rms"
                 and not self.parallel_block and self.rotary_dim in (None, self.head_dim) and not self.lm_head_bias
-                and self.position_embedding_name is None
+                and self.position_embedding_name is None and not self.rotary_interleaved
                 and self.qk_norm in (None, "head") and not self.qk_norm_after_rope and all(self.rope_layers)
                 and self.gated_mlp and self.activation == "silu" and self.embedding_multiplier == 1.0
                 and self.residual_multiplier == 1.0 and self.attn_softcap is None and len(set(self.rope_kinds)) == 1
@@ -204,9 +207,10 @@ def _exaone4(config) -> DecoderSpec:
 
 
 def _rotary_dim(config) -> int:
-    factor = _get(config, "partial_rotary_factor", default=None)
+    """The rotated channels per head: HF's modeling code reads the factor from rope_parameters first."""
+    factor = (getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor")
     if factor is None:
-        factor = (getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0)
+        factor = _get(config, "partial_rotary_factor", "rotary_pct", default=1.0)
     return int(_head_dim(config) * factor)
 
 
@@ -272,6 +276,31 @@ def _hunyuan_v1_dense(config) -> DecoderSpec:
                  names=LayerNames(q_norm="self_attn.query_layernorm", k_norm="self_attn.key_layernorm"))
 
 
+def _cohere(config) -> DecoderSpec:
+    if getattr(config, "use_qk_norm", False):
+        raise UnsupportedModelError("cohere with use_qk_norm has no native spec yet")
+    return _base(config, names=LayerNames(mlp_in_norm=None), norm_kind="layer", parallel_block=True,
+                 rotary_interleaved=True, logits_multiplier=float(config.logit_scale), tied_embeddings=True)
+
+
+def _glm4(config) -> DecoderSpec:
+    names = LayerNames(attn_out_norm="post_self_attn_layernorm", mlp_out_norm="post_mlp_layernorm",
+                       gate_up=("mlp.gate_up_proj",))
+    return _base(config, names=names, qkv_bias=bool(config.attention_bias), o_bias=False,
+                 rotary_dim=_rotary_dim(config), rotary_interleaved=True)
+
+
+def _gpt_neox(config) -> DecoderSpec:
+    parallel = bool(config.use_parallel_residual)
+    names = LayerNames(qkv=("attention.query_key_value",), o_proj="attention.dense", gate_up=("mlp.dense_h_to_4h",),
+                       down="mlp.dense_4h_to_h")
+    bias = bool(getattr(config, "attention_bias", True))
+    return _base(config, names=names, norm_kind="layer", norm_bias=True, parallel_block=parallel, qkv_bias=bias,
+                 o_bias=bias, mlp_bias=True, gated_mlp=False, rotary_dim=_rotary_dim(config), qkv_per_head=True,
+                 embed_name="gpt_neox.embed_in.weight", layer_prefix="gpt_neox.layers",
+                 final_norm_name="gpt_neox.final_layer_norm.weight")
+
+
 def _gpt2(config) -> DecoderSpec:
     hidden, heads = config.n_embd, config.n_head
     names = LayerNames(attn_in_norm="ln_1", mlp_in_norm="ln_2", qkv=("attn.c_attn",), o_proj="attn.c_proj",
@@ -296,7 +325,7 @@ FAMILIES: dict[str, Callable[[object], DecoderSpec]] = {
     "seed_oss": _seed_oss, "smollm3": _smollm3, "granite": _granite, "olmo2": _olmo2, "olmo3": _olmo2,
     "exaone4": _exaone4, "phi3": _phi3, "gemma": _gemma, "gemma2": _gemma2, "gemma3_text": _gemma3_text,
     "arcee": _arcee, "hunyuan_v1_dense": _hunyuan_v1_dense, "phi": _phi, "stablelm": _stablelm,
-    "starcoder2": _starcoder2, "gpt2": _gpt2,
+    "starcoder2": _starcoder2, "gpt2": _gpt2, "cohere": _cohere, "glm4": _glm4, "gpt_neox": _gpt_neox,
 }
 
 # RoPE kinds whose frequencies do not depend on the sequence length: the table is computed once.

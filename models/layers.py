@@ -48,8 +48,13 @@ class ParamSlot:
     hf_shape: tuple[int, ...]
     transpose: bool = False
     on_write: Callable[[], None] | None = None    # told after every write (a packed copy goes stale)
+    # The checkpoint's rows (dim 0) in the order the native storage keeps them: a fused [q, k, v] per head
+    # (GPT-NeoX), or the interleaved RoPE channels of q and k (Cohere, GLM-4) as rotate-half expects them.
+    row_order: torch.Tensor | None = None
 
     def copy_(self, tensor: torch.Tensor) -> None:
+        if self.row_order is not None:
+            tensor = tensor.index_select(0, self.row_order.to(tensor.device))
         source = tensor.t() if self.transpose else tensor
         self.target.copy_(source.to(self.target.dtype))
         if self.on_write is not None:
@@ -57,7 +62,12 @@ class ParamSlot:
 
     def read(self) -> torch.Tensor:
         """A copy of the slot's current value in the checkpoint's layout (for a later copy_ back)."""
-        return (self.target.t() if self.transpose else self.target).clone(memory_format=torch.contiguous_format)
+        value = (self.target.t() if self.transpose else self.target).clone(memory_format=torch.contiguous_format)
+        if self.row_order is None:
+            return value
+        restored = torch.empty_like(value)
+        restored[self.row_order.to(value.device)] = value
+        return restored
 
 
 class FusedLinear(torch.nn.Module):

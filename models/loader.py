@@ -144,7 +144,7 @@ def _rotaries(hf_model, spec) -> dict[str, RotaryEmbedding]:
     one per layer type where the model keeps several (OLMo 3, Gemma 3), merged where they are equal."""
     if not any(spec.rope_layers):
         return {kind: None for kind in set(spec.rope_kinds)}
-    module = hf_model.model.rotary_emb
+    module = hf_model.base_model.rotary_emb
     if hasattr(module, "inv_freq"):
         table = RotaryEmbedding(module.inv_freq.detach().clone(), float(module.attention_scaling))
         return {kind: table for kind in set(spec.rope_kinds)}

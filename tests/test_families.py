@@ -71,3 +71,30 @@ def test_moe_routing_ties_pick_as_hf_does_and_rows_do_not_depend_on_the_batch(mo
         assert output.outputs[0].token_ids == hf_greedy(path, prompt, 12)
     [alone] = _engine(path).generate([PROMPTS[2]], params)
     assert [t.logprob for t in alone.outputs[0].logprobs] == [t.logprob for t in batch[2].outputs[0].logprobs]
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "cohere", "qwen3_moe", "gpt2-layer-scaled", "deepseek_v3"])
+def test_a_weight_push_serves_what_a_fresh_load_of_the_pushed_weights_serves(model_dir, family, tmp_path):
+    """Checkpoint tensors that the native storage regroups (GPT-NeoX's per-head q/k/v, Cohere's
+    interleaved RoPE channels, stacked experts, GPT-2's [in, out] projections) or the fallback keeps as
+    HF's: a push of a trainer's state dict, and reading the served weights back, in the checkpoint's layout."""
+    from transformers import AutoModelForCausalLM
+    path = model_dir(family)
+    trained = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    with torch.no_grad():
+        for param in trained.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    trained.save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(path).save_pretrained(tmp_path)
+    state = trained.state_dict()
+    served = _engine(path)
+    served.weights.update(dict(state), version=1)
+    fresh = _engine(str(tmp_path))
+    params = SamplingParams(temperature=0, max_tokens=10, min_tokens=10, logprobs=0)
+    for a, b in zip(served.generate(PROMPTS, params), fresh.generate(PROMPTS, params)):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert [t.logprob for t in a.outputs[0].logprobs] == pytest.approx([t.logprob for t in b.outputs[0].logprobs],
+                                                                           abs=1e-5)
+    read = served.weights.current(list(state))
+    for name, tensor in state.items():
+        assert torch.equal(read[name], tensor), name
