@@ -16,7 +16,7 @@ from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
-from transformers.activations import ACT2FN
+from transformers.activations import ACT2CLS, ACT2FN
 
 from models import kernels
 from models.attention import AttentionMetadata, PagedKVCache, ScoreOptions, paged_attention
@@ -62,8 +62,10 @@ class DecoderLayer(torch.nn.Module):
             per_head = spec.qk_norm == "head"
             self.q_norm = ones(self.head_dim if per_head else self.q_width)
             self.k_norm = ones(self.head_dim if per_head else self.kv_width)
-        self.act = ACT2FN[spec.activation]
-        self.scores = ScoreOptions(softcap=spec.attn_softcap)
+        # A learned activation (Apertus's xIELU) is a module with tensors of its own, in the layer's dtype.
+        self.act = ACT2CLS["xielu"](dtype=dtype) if spec.activation == "xielu" else ACT2FN[spec.activation]
+        self.sinks = zeros(self.num_heads) if spec.attention_sinks else None
+        self.scores = ScoreOptions(softcap=spec.attn_softcap, sinks=self.sinks)
 
     def forward(self, x, cos, sin, cache: PagedKVCache, meta: AttentionMetadata, keep_rows: torch.Tensor | None = None):
         """`keep_rows`: only these rows go on past attention (the last layer of a step whose other rows
@@ -205,10 +207,15 @@ class DecoderLayer(torch.nn.Module):
             slots |= self.gate_up.slots_by_width(*_weights_and_biases(prefix, gate_up_parts), in_out)
             slots |= self.down.slots_by_width(*_weights_and_biases(prefix, [(names.down, self.spec.hidden_size)]),
                                               in_out)
+            if isinstance(self.act, torch.nn.Module):
+                for name, tensor in self.act.state_dict(keep_vars=True).items():
+                    slots[f"{prefix}.mlp.act_fn.{name}"] = ParamSlot(tensor.data, tuple(tensor.shape))
         for place, weight in self.norms.items():
             slots[f"{prefix}.{getattr(names, place)}.weight"] = ParamSlot(weight, tuple(weight.shape))
         for place, bias in self.norm_biases.items():
             slots[f"{prefix}.{getattr(names, place)}.bias"] = ParamSlot(bias, tuple(bias.shape))
+        if self.sinks is not None:
+            slots[f"{prefix}.self_attn.sinks"] = ParamSlot(self.sinks, tuple(self.sinks.shape))
         if self.q_norm is not None:
             slots[f"{prefix}.{names.q_norm}.weight"] = ParamSlot(self.q_norm, tuple(self.q_norm.shape))
             slots[f"{prefix}.{names.k_norm}.weight"] = ParamSlot(self.k_norm, tuple(self.k_norm.shape))

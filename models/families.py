@@ -35,13 +35,22 @@ class LayerNames:
 
 @dataclass(frozen=True)
 class MoeSpec:
-    """A mixture-of-experts MLP (models/moe.py): softmax router, top-k experts, SiLU-gated experts."""
+    """A mixture-of-experts MLP (models/moe.py): a router picks top-k experts, each a gated MLP."""
 
     num_experts: int
     top_k: int
     intermediate_size: int
-    renormalize: bool                     # the top-k weights rescaled to sum to 1
+    renormalize: bool                     # softmax first: the top-k weights rescaled to sum to 1
     sparse_layers: tuple[bool, ...]       # per layer: experts (True) or the dense MLP
+    # "softmax_topk": softmax over all experts, then the top k (Qwen3-MoE, Mixtral); "topk_softmax": the top
+    # k logits, then a softmax over them (gpt-oss)
+    routing: str = "softmax_topk"
+    router_name: str = "gate"             # under the layer's "mlp."
+    biases: bool = False                  # router and expert biases (gpt-oss)
+    # gpt-oss's experts: [in, out] matrices, gate and up columns interleaved, and a clamped SwiGLU
+    gpt_oss_experts: bool = False
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
 
 
 @dataclass(frozen=True)
@@ -91,6 +100,7 @@ class DecoderSpec:
     attn_softcap: float | None = None                   # attention scores soft-capped (Gemma 2)
     final_softcap: float | None = None                  # output logits soft-capped (Gemma 2)
     moe: MoeSpec | None = None                          # experts in place of the MLP (on its sparse layers)
+    attention_sinks: bool = False                       # a learned sink logit per head (gpt-oss)
     embed_name: str = "model.embed_tokens.weight"
     layer_prefix: str = "model.layers"
     final_norm_name: str = "model.norm.weight"
@@ -107,7 +117,7 @@ class DecoderSpec:
                 and self.qk_norm in (None, "head") and not self.qk_norm_after_rope and all(self.rope_layers)
                 and self.gated_mlp and self.activation == "silu" and self.embedding_multiplier == 1.0
                 and self.residual_multiplier == 1.0 and self.attn_softcap is None and len(set(self.rope_kinds)) == 1
-                and self.moe is None)
+                and self.moe is None and not self.attention_sinks)
 
 
 def _get(config, *names, default=None):
@@ -175,6 +185,13 @@ def _qwen3_moe(config) -> DecoderSpec:
 def _mixtral(config) -> DecoderSpec:
     return _base(config, moe=MoeSpec(config.num_local_experts, config.num_experts_per_tok, config.intermediate_size,
                                      True, (True,) * config.num_hidden_layers))
+
+
+def _gpt_oss(config) -> DecoderSpec:
+    moe = MoeSpec(config.num_local_experts, config.num_experts_per_tok, config.intermediate_size, False,
+                  (True,) * config.num_hidden_layers, routing="topk_softmax", router_name="router", biases=True,
+                  gpt_oss_experts=True, swiglu_alpha=float(config.swiglu_alpha), swiglu_limit=float(config.swiglu_limit))
+    return _base(config, moe=moe, attention_sinks=True)
 
 
 def _seed_oss(config) -> DecoderSpec:
@@ -301,6 +318,12 @@ def _gpt_neox(config) -> DecoderSpec:
                  final_norm_name="gpt_neox.final_layer_norm.weight")
 
 
+def _apertus(config) -> DecoderSpec:
+    names = LayerNames(attn_in_norm="attention_layernorm", mlp_in_norm="feedforward_layernorm",
+                       gate_up=("mlp.up_proj",))
+    return _base(config, names=names, qk_norm="head", gated_mlp=False)
+
+
 def _gpt2(config) -> DecoderSpec:
     hidden, heads = config.n_embd, config.n_head
     names = LayerNames(attn_in_norm="ln_1", mlp_in_norm="ln_2", qkv=("attn.c_attn",), o_proj="attn.c_proj",
@@ -321,11 +344,12 @@ def _gpt2(config) -> DecoderSpec:
 
 FAMILIES: dict[str, Callable[[object], DecoderSpec]] = {
     "llama": _llama, "mistral": _llama, "ministral": _llama, "qwen2": _qwen2, "qwen3": _qwen3,
-    "qwen3_moe": _qwen3_moe, "mixtral": _mixtral,
+    "qwen3_moe": _qwen3_moe, "mixtral": _mixtral, "gpt_oss": _gpt_oss,
     "seed_oss": _seed_oss, "smollm3": _smollm3, "granite": _granite, "olmo2": _olmo2, "olmo3": _olmo2,
     "exaone4": _exaone4, "phi3": _phi3, "gemma": _gemma, "gemma2": _gemma2, "gemma3_text": _gemma3_text,
     "arcee": _arcee, "hunyuan_v1_dense": _hunyuan_v1_dense, "phi": _phi, "stablelm": _stablelm,
     "starcoder2": _starcoder2, "gpt2": _gpt2, "cohere": _cohere, "glm4": _glm4, "gpt_neox": _gpt_neox,
+    "apertus": _apertus,
 }
 
 # RoPE kinds whose frequencies do not depend on the sequence length: the table is computed once.

@@ -44,6 +44,9 @@ FAMILY_OPTIONS: dict[str, dict] = {
     "phi": dict(num_key_value_heads=4, partial_rotary_factor=0.5),
     "stablelm": dict(num_key_value_heads=4, use_qkv_bias=True),
     "stablelm-parallel": dict(model_type="stablelm", num_key_value_heads=4, use_parallel_residual=True),
+    "gpt_oss": dict(head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=6, swiglu_limit=2.0,
+                    layer_types=["sliding_attention", "full_attention"]),
+    "apertus": dict(head_dim=16),
     "cohere": dict(logit_scale=0.5),
     "glm4": dict(head_dim=16, attention_bias=True),
     "gpt_neox": dict(num_key_value_heads=4, rotary_pct=0.5),
@@ -54,17 +57,15 @@ FAMILY_OPTIONS: dict[str, dict] = {
 }
 
 
-# Served through the transformers fallback (models/fallback.py): MLA, attention sinks and gpt-oss's experts,
-# parallel attention and MLP, partial and interleaved RoPE, LayerNorm with biases.
+# Served through the transformers fallback (models/fallback.py): MLA, and native families with an option
+# their spec does not read yet.
 FALLBACK_OPTIONS: dict[str, dict] = {
     "deepseek_v3": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, q_lora_rank=32,
                         kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
                         first_k_dense_replace=1, n_group=1, topk_group=1, num_key_value_heads=4),
     "cohere-qk-norm": dict(model_type="cohere", use_qk_norm=True),
     "phi-qk-layernorm": dict(model_type="phi", num_key_value_heads=4, qk_layernorm=True),
-    "apertus": dict(head_dim=16),
-    "gpt_oss": dict(head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=6,
-                    layer_types=["sliding_attention", "full_attention"]),
+
 }
 FAMILY_OPTIONS |= FALLBACK_OPTIONS
 

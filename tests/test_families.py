@@ -73,11 +73,13 @@ def test_moe_routing_ties_pick_as_hf_does_and_rows_do_not_depend_on_the_batch(mo
     assert [t.logprob for t in alone.outputs[0].logprobs] == [t.logprob for t in batch[2].outputs[0].logprobs]
 
 
-@pytest.mark.parametrize("family", ["gpt_neox", "cohere", "qwen3_moe", "gpt2-layer-scaled", "deepseek_v3"])
+@pytest.mark.parametrize("family", ["gpt_neox", "cohere", "qwen3_moe", "gpt_oss", "apertus", "gpt2-layer-scaled",
+                                    "deepseek_v3"])
 def test_a_weight_push_serves_what_a_fresh_load_of_the_pushed_weights_serves(model_dir, family, tmp_path):
     """Checkpoint tensors that the native storage regroups (GPT-NeoX's per-head q/k/v, Cohere's
-    interleaved RoPE channels, stacked experts, GPT-2's [in, out] projections) or the fallback keeps as
-    HF's: a push of a trainer's state dict, and reading the served weights back, in the checkpoint's layout."""
+    interleaved RoPE channels, stacked and interleaved experts, GPT-2's [in, out] projections, a learned
+    activation's parameters) or the fallback keeps as HF's: a push of a trainer's state dict, and reading
+    the served weights back, in the checkpoint's layout."""
     from transformers import AutoModelForCausalLM
     path = model_dir(family)
     trained = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
