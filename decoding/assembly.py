@@ -18,16 +18,21 @@ from models.loader import DEFAULT_DRAFT_DIR, DEFAULT_MEDUSA_DIR, LoadedModel
 from models.medusa import MedusaHeads
 
 
+def history_layers(model) -> dict[int, int]:
+    """The layers that keep their inputs per token instead of keys and values (models/base.py)."""
+    return getattr(model, "history_layers", None) or {}
+
+
 def build_cache(loaded: LoadedModel, cfg: EngineConfig) -> KVCacheManager:
     """The KV cache (`num_kv_blocks`, or as many blocks as `kv_cache_memory_gb` holds) and its manager."""
     model = loaded.model
     num_blocks = cfg.num_kv_blocks
     if num_blocks is None:
         per_block = PagedKVCache.bytes_per_block(model.num_layers, cfg.block_size, model.num_kv_heads,
-                                                 model.head_dim, model.dtype)
+                                                 model.head_dim, model.dtype, history_layers(model))
         num_blocks = max(2, int(cfg.kv_cache_memory_gb * 2**30) // per_block)
     cache = PagedKVCache(model.num_layers, num_blocks, cfg.block_size, model.num_kv_heads, model.head_dim,
-                         model.dtype, loaded.device)
+                         model.dtype, loaded.device, history_layers(model))
     return KVCacheManager(BlockManager(num_blocks, cfg.block_size), cache, loaded.device, cfg.prefix_caching)
 
 

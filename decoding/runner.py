@@ -57,6 +57,8 @@ class ModelRunner:
         # Tree nodes attend on the kernel unless a layer has a sliding window (the kernel's window is
         # over the context only, not a node's scattered ancestors).
         self._native_trees = model.attention_windows == frozenset({None})
+        # Layers that read back their own earlier inputs (models/base.py) need each token's previous slots.
+        self.history_length = getattr(model, "history_length", 0)
         if device.type == "cpu":
             keep_freed_memory()
 
@@ -131,6 +133,8 @@ class ModelRunner:
         table = seq.block_table
         rows.slots += [table[p // self.block_size] * self.block_size + p % self.block_size
                        for p in range(start, start + count)]   # BlockManager.slots, inlined: the hot path
+        if self.history_length:
+            rows.history += self._history_slots(item, table)
         if item.reaches_end:
             rows.last_rows.append(len(rows.input_ids) - 1)
         if decode_like and item.tree is not None:
@@ -140,6 +144,17 @@ class ModelRunner:
             rows.decode_rows += [(table, start + j + 1, []) for j in range(count)]
         else:
             rows.chunks.append(item)
+
+    def _history_slots(self, item: ScheduledSeq, table: list[int]) -> list[list[int]]:
+        """Per new token, the slots of its previous history_length tokens, nearest first (-1 before the
+        sequence): the positions before it, or for a tree node its ancestors, then the cache."""
+        start, count, length, size = item.start, item.num_new_tokens, self.history_length, self.block_size
+        if item.tree is None:
+            before = [[p - j for j in range(1, length + 1)] for p in range(start, start + count)]
+        else:
+            before = [[start + a for a in reversed(chain[:-1])][:length] for chain in item.tree.ancestry()]
+            before = [b + [start - 1 - j for j in range(length - len(b))] for b in before]
+        return [[table[q // size] * size + q % size if q >= 0 else -1 for q in b] for b in before]
 
     def _attention_metadata(self, rows: _Rows, positions: torch.Tensor) -> AttentionMetadata:
         # Causal prompt chunks go to the native prefill kernel in one call; trees keep their masks.
@@ -152,6 +167,7 @@ class ModelRunner:
             segments=[self._segment(item, rows.first_row[item.seq.seq_id], positions)
                       for item, native in zip(rows.chunks, on_kernel) if not native],
             prefill=self._native_prefill(native_chunks, rows.first_row) if native_chunks else None,
+            history_slots=self._long(rows.history) if self.history_length else None,
         )
 
     def _decode_groups(self, rows: list[tuple[list[int], int, list[int]]]) -> list[DecodeGroup]:
@@ -228,6 +244,7 @@ class _Rows:
     # (block table, context length, extra positions) per decode-like row
     decode_rows: list[tuple[list[int], int, list[int]]] = field(default_factory=list)
     chunks: list[ScheduledSeq] = field(default_factory=list)   # prefill chunks and masked segments
+    history: list[list[int]] = field(default_factory=list)     # per row, its previous slots (history_length)
 
 
 def _first_of_run(block_table: list[int]) -> int | None:

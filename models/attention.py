@@ -27,38 +27,60 @@ NULL_BLOCK = 0
 
 
 class PagedKVCache:
-    """Pre-allocated keys and values: per layer [num_blocks, block_size, num_kv_heads, head_dim]."""
+    """Pre-allocated keys and values: per layer [num_blocks, block_size, num_kv_heads, head_dim].
+
+    A layer in `history_layers` (layer -> channels) keeps instead one vector per token, [num_blocks,
+    block_size, 1, channels], as `keys[layer]` (and `values[layer]`, the same tensor): the inputs a
+    short convolution (LFM2) reads back over its previous positions. Paged like keys, it is shared,
+    forked, copied and rolled back with them."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
-                 head_dim: int, dtype: torch.dtype, device: torch.device | str):
+                 head_dim: int, dtype: torch.dtype, device: torch.device | str,
+                 history_layers: dict[int, int] | None = None):
         self.num_blocks = num_blocks
         self.block_size = block_size
+        history_layers = history_layers or {}
+
+        def zeros(shape):
+            if torch.device(device).type == "cpu":
+                return zeros_on_huge_pages(shape, dtype)
+            return torch.zeros(shape, dtype=dtype, device=device)
+
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
-        if torch.device(device).type == "cpu":
-            zeros = lambda: zeros_on_huge_pages(shape, dtype)      # noqa: E731
-        else:
-            zeros = lambda: torch.zeros(shape, dtype=dtype, device=device)      # noqa: E731
-        self.keys = [zeros() for _ in range(num_layers)]
-        self.values = [zeros() for _ in range(num_layers)]
+        self.keys, self.values = [], []
+        for layer in range(num_layers):
+            if layer in history_layers:
+                history = zeros((num_blocks, block_size, 1, history_layers[layer]))
+                self.keys.append(history)
+                self.values.append(history)
+            else:
+                self.keys.append(zeros(shape))
+                self.values.append(zeros(shape))
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
-                        dtype: torch.dtype) -> int:
-        return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
+                        dtype: torch.dtype, history_layers: dict[int, int] | None = None) -> int:
+        history_layers = history_layers or {}
+        floats = sum(history_layers.get(layer, 2 * num_kv_heads * head_dim) for layer in range(num_layers))
+        return block_size * floats * torch.tensor([], dtype=dtype).element_size()
 
     def write(self, layer: int, slots: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
         """slots [T] flat slot ids (block * block_size + offset); key/value [T, kv_heads, head_dim]."""
         self.keys[layer].view(-1, *key.shape[1:]).index_copy_(0, slots, key)
         self.values[layer].view(-1, *value.shape[1:]).index_copy_(0, slots, value)
 
+    def _tensors(self) -> list[torch.Tensor]:
+        """Every distinct cache tensor (a history layer's keys and values are one)."""
+        return list({id(t): t for t in (*self.keys, *self.values)}.values())
+
     def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy-on-write: duplicate whole blocks src[i] -> dst[i] in every layer."""
-        for cache in (*self.keys, *self.values):
+        for cache in self._tensors():
             cache.index_copy_(0, dst, cache.index_select(0, src))
 
     def move_slots(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Move single token slots (the accepted path of a verified tree) in every layer."""
-        for cache in (*self.keys, *self.values):
+        for cache in self._tensors():
             flat = cache.view(-1, *cache.shape[2:])
             flat.index_copy_(0, dst, flat.index_select(0, src))
 
@@ -115,6 +137,9 @@ class AttentionMetadata:
     decode_groups: list[DecodeGroup]
     segments: list[Segment]
     prefill: NativePrefill | None = None       # the causal chunks, when the native kernels run
+    # For a model whose layers read back their own inputs (a short convolution): per token, the cache
+    # slots of its previous positions, nearest first, -1 before the sequence start. [T, history_length]
+    history_slots: torch.Tensor | None = None
 
 
 def decode_mask(context_lens: torch.Tensor, width: int, window: int | None) -> torch.Tensor | None:

@@ -29,6 +29,10 @@ class NativeCausalLM(Protocol):
     lm_head: FusedLinear
     # Names a checkpoint may leave out (the head of a model whose head is tied to its embedding).
     optional_param_names: frozenset[str]
+    # Optional, for layers that read back their own earlier inputs (LFM2's short convolutions): those
+    # layers' channels per token (the cache keeps them in place of keys and values), and how many
+    # previous positions a token reads (AttentionMetadata.history_slots). Absent: none.
+    # history_layers: dict[int, int]; history_length: int
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: PagedKVCache,
                 meta: AttentionMetadata, output_rows: torch.Tensor | None = None) -> torch.Tensor:

@@ -33,7 +33,7 @@ def paged_attention_interface(module, query, key, value, attention_mask, scaling
     cache, meta = _bound.step
     _bound.calls += 1
     _bound.bidirectional |= getattr(module, "is_causal", True) is False
-    cache_dim = cache.keys[0].shape[-1]
+    cache_dim = cache.keys[module.layer_idx].shape[-1]
     q, k, v = (tensor[0].transpose(0, 1) for tensor in (query, key, value))          # [T, heads, d]
     value_dim = v.shape[-1]
     if value_dim < cache_dim:       # MLA: values narrower than keys share the keys' cache width
@@ -47,6 +47,37 @@ def paged_attention_interface(module, query, key, value, attention_mask, scaling
 
 
 AttentionInterface.register(ATTENTION_IMPLEMENTATION, paged_attention_interface)
+
+
+def short_conv_forward(module, hidden_states, past_key_values=None, attention_mask=None, **kwargs):
+    """LFM2's short convolution over the paged cache, in place of its own forward: each token's B * x is
+    written at its cache slot, and the depthwise convolution reads the previous kernel - 1 of them back
+    through the step's history slots (AttentionMetadata.history_slots), so prefix caching, forks and
+    rollbacks hold for it as for keys and values."""
+    cache, meta = _bound.step
+    _bound.calls += 1
+    gate_in, gate_out, x = module.in_proj(hidden_states[0]).chunk(3, dim=-1)    # [T, hidden] each
+    inputs = gate_in * x
+    stored = cache.keys[module.layer_idx].view(-1, inputs.shape[-1])
+    stored.index_copy_(0, meta.slot_mapping, inputs)
+    history = meta.history_slots                                                # [T, kernel - 1], nearest first
+    past = stored.index_select(0, history.clamp(min=0).view(-1)).view(*history.shape, -1)
+    past = past * (history >= 0).unsqueeze(-1).to(past.dtype)
+    window = torch.cat((past.flip(1), inputs.unsqueeze(1)), dim=1)             # [T, kernel, hidden], oldest first
+    out = (window * module.conv.weight.squeeze(1).t()).sum(dim=1)
+    if module.conv.bias is not None:
+        out = out + module.conv.bias
+    return module.out_proj(gate_out * out).unsqueeze(0)
+
+
+def _route_short_convolutions(decoder: torch.nn.Module) -> dict[int, torch.nn.Module]:
+    """Every short-convolution module (LFM2's), by layer, made to run over the paged cache."""
+    convs = {}
+    for module in decoder.modules():
+        if type(module).__name__.endswith("ShortConv") and isinstance(getattr(module, "conv", None), torch.nn.Conv1d):
+            module.forward = short_conv_forward.__get__(module)
+            convs[module.layer_idx] = module
+    return convs
 
 
 @contextmanager
@@ -68,7 +99,7 @@ def check_fallback_config(config) -> None:
         raise UnsupportedModelError(f"{config.model_type} is an encoder (it attends bidirectionally); Gorgon serves "
                                     "decoder-only causal LMs")
     kinds = set(getattr(config, "layer_types", None) or ())
-    other = kinds - {"full_attention", "sliding_attention"}
+    other = kinds - {"full_attention", "sliding_attention", "conv"}
     if other:
         raise UnsupportedModelError(f"{config.model_type} has layers with recurrent state ({', '.join(sorted(other))}), "
                                     "which the paged KV cache cannot hold")
@@ -130,6 +161,9 @@ class TransformersCausalLM(torch.nn.Module):
         self.dtype = dtype
         self.decoder = hf_model.base_model.to(device)
         # Where Gorgon's packed product runs (the CPU in float32) it replaces HF's linear layers.
+        convs = _route_short_convolutions(self.decoder)
+        self.history_layers = {layer: config.hidden_size for layer in convs}
+        self.history_length = max((conv.conv.kernel_size[0] - 1 for conv in convs.values()), default=0)
         native = kernels.native_ops_available(torch.device(device), dtype)
         self._packed = _pack_linears(self.decoder, dtype, device) if native else {}
         self.num_layers = config.num_hidden_layers
@@ -151,10 +185,12 @@ class TransformersCausalLM(torch.nn.Module):
         """One token through the model: every layer must attend through the attention interface. A model
         whose modules compute attention themselves (older modeling code) would read no cache at all and
         answer wrongly; it is refused instead."""
-        cache = PagedKVCache(self.num_layers, 2, 1, self.num_kv_heads, self.head_dim, self.dtype, device)
+        cache = PagedKVCache(self.num_layers, 2, 1, self.num_kv_heads, self.head_dim, self.dtype, device,
+                             self.history_layers)
         one = torch.tensor([1], device=device)
         meta = AttentionMetadata(slot_mapping=one, num_decode_tokens=0, decode_groups=[], segments=[
-            Segment(0, 1, one, 1, 1, True, {window: None for window in self.attention_windows})])
+            Segment(0, 1, one, 1, 1, True, {window: None for window in self.attention_windows})],
+            history_slots=torch.full((1, self.history_length), -1, device=device) if self.history_length else None)
         with torch.inference_mode(), _bind(cache, meta):
             self.decoder(input_ids=torch.tensor([[0]], device=device), position_ids=torch.tensor([[0]], device=device),
                          use_cache=False)
@@ -164,8 +200,9 @@ class TransformersCausalLM(torch.nn.Module):
                                         "serves decoder-only causal LMs")
         if calls != self.num_layers:
             raise UnsupportedModelError(
-                f"{self.config.model_type} computes attention in its own modules ({calls} of {self.num_layers} layers "
-                "go through transformers' attention interface), so Gorgon's paged cache cannot serve it")
+                f"{self.config.model_type} computes attention in its own modules, or has layers with state Gorgon "
+                f"does not know ({calls} of {self.num_layers} layers go through transformers' attention interface "
+                "or a known short convolution), so Gorgon's paged cache cannot serve it")
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: PagedKVCache,
                 meta: AttentionMetadata, output_rows: torch.Tensor | None = None) -> torch.Tensor:

@@ -60,6 +60,8 @@ FAMILY_OPTIONS: dict[str, dict] = {
 # Served through the transformers fallback (models/fallback.py): MLA, and native families with an option
 # their spec does not read yet.
 FALLBACK_OPTIONS: dict[str, dict] = {
+    # short-convolution layers between attention layers, prompts longer than the convolution
+    "lfm2": dict(num_hidden_layers=4, full_attn_idxs=[1, 3], conv_L_cache=3),
     "deepseek_v3": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, q_lora_rank=32,
                         kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
                         first_k_dense_replace=1, n_group=1, topk_group=1, num_key_value_heads=4),

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from decoding import Engine
+from decoding import Engine, SamplingParams
 from live_server import start_server, stop_server
 from models import ModelLoadError
 from tiny_models import build_tokenizer
@@ -56,8 +56,6 @@ def _save(tmp_path, model_type: str, **options) -> str:
 
 @pytest.mark.parametrize("model_type,options,reason", [
     ("bloom", dict(hidden_size=32, n_layer=1, n_head=2), "computes attention in its own modules"),
-    ("lfm2", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                  num_key_value_heads=1, full_attn_idxs=[1]), r"recurrent state \(conv\)"),
 ])
 def test_what_the_fallback_cannot_serve_is_refused_with_the_reason(tmp_path, model_type, options, reason):
     with pytest.raises(ModelLoadError, match=reason):
@@ -69,3 +67,22 @@ def test_gorgon_models_lists_the_native_families_and_the_catalog():
                                         capture_output=True, text=True, timeout=120).stdout)
     assert {"llama", "qwen3", "gemma", "olmo2", "gpt2"} <= set(listing["native_families"])
     assert "deepseek_v3" not in listing["native_families"] and "smollm2" in listing["catalog"]
+
+
+def test_short_convolutions_keep_their_history_across_prefix_hits_forks_and_speculation(model_dir):
+    """LFM2's convolution inputs live in the paged cache: a prompt served again from the prefix cache, a
+    group forked from one prompt, and prompt-lookup speculation (drafts verified, then rolled back) give
+    the tokens of a plain run."""
+    path = model_dir("lfm2")
+    repetitive = [1, 5, 9, 33, 70, 5, 9, 33, 70, 5, 9, 33, 70, 5, 9, 33, 70, 5, 9]
+    greedy = SamplingParams(temperature=0, max_tokens=16, min_tokens=16)
+    plain = Engine(model=path, show_progress=False, num_kv_blocks=128, block_size=4)
+    expected = plain.generate([repetitive], greedy)[0].outputs[0].token_ids
+    computed = plain.counters.num_prompt_tokens_computed
+    again = plain.generate([repetitive], greedy)[0]
+    assert plain.counters.num_prompt_tokens_computed - computed < len(repetitive)     # a prefix cache hit
+    assert again.outputs[0].token_ids == expected
+    group = plain.generate([repetitive], SamplingParams(n=3, temperature=0, max_tokens=16, min_tokens=16))[0]
+    assert [c.token_ids for c in group.outputs] == [expected] * 3
+    speculative = Engine(model=path, show_progress=False, num_kv_blocks=128, block_size=4, speculative="ngram")
+    assert speculative.generate([repetitive], greedy)[0].outputs[0].token_ids == expected
