@@ -17,35 +17,32 @@
 
 #define PARALLEL_MIN_ELEMENTS (1 << 12)
 
-/* out[r] = x[r] * rsqrt(mean(x[r]^2) + eps) * weight, HF's Llama RMSNorm in float32. */
+/* One vector: out[i] = (in[i] * rsqrt(mean(in^2) + eps)) * weight[i], HF's Llama RMSNorm in float32; `in`
+ * may be `out` (every element is read before it is written). */
+static inline void rms_norm_vector(const float *in, const float *weight, float eps, float *out, int64_t dim) {
+    float squares = 0.0f;
+#pragma omp simd reduction(+ : squares)
+    for (int64_t i = 0; i < dim; ++i) squares += in[i] * in[i];
+    const float inv = 1.0f / sqrtf(squares / (float)dim + eps);
+#pragma omp simd
+    for (int64_t i = 0; i < dim; ++i) out[i] = (in[i] * inv) * weight[i];
+}
+
+/* out[r] = rms_norm(x[r]) for each of `rows` rows, x's rows x_row_stride floats apart. */
 void rms_norm(const float *x, int64_t x_row_stride, const float *weight, float eps, float *out,
               int64_t rows, int64_t dim) {
 #pragma omp parallel for num_threads(kernel_threads()) if (rows * dim >= PARALLEL_MIN_ELEMENTS) schedule(static)
-    for (int64_t r = 0; r < rows; ++r) {
-        const float *restrict in = x + r * x_row_stride;
-        float *restrict o = out + r * dim;
-        float squares = 0.0f;
-#pragma omp simd reduction(+ : squares)
-        for (int64_t i = 0; i < dim; ++i) squares += in[i] * in[i];
-        const float inv = 1.0f / sqrtf(squares / (float)dim + eps);
-#pragma omp simd
-        for (int64_t i = 0; i < dim; ++i) o[i] = (in[i] * inv) * weight[i];
-    }
+    for (int64_t r = 0; r < rows; ++r) rms_norm_vector(x + r * x_row_stride, weight, eps, out + r * dim, dim);
 }
 
 /* In place, per head: each of the `heads` vectors of `dim` floats in row r (at x + r * row_stride) gets
- * rms_norm with the same weight [dim] (Qwen3's q_norm and k_norm). The arithmetic is rms_norm's. */
+ * rms_norm with the same weight [dim] (Qwen3's q_norm and k_norm). */
 void rms_norm_heads(float *x, int64_t row_stride, const float *weight, float eps, int64_t rows, int64_t heads,
                     int64_t dim) {
 #pragma omp parallel for num_threads(kernel_threads()) if (rows * heads * dim >= PARALLEL_MIN_ELEMENTS) schedule(static)
     for (int64_t rh = 0; rh < rows * heads; ++rh) {
-        float *restrict v = x + (rh / heads) * row_stride + (rh % heads) * dim;
-        float squares = 0.0f;
-#pragma omp simd reduction(+ : squares)
-        for (int64_t i = 0; i < dim; ++i) squares += v[i] * v[i];
-        const float inv = 1.0f / sqrtf(squares / (float)dim + eps);
-#pragma omp simd
-        for (int64_t i = 0; i < dim; ++i) v[i] = (v[i] * inv) * weight[i];
+        float *v = x + (rh / heads) * row_stride + (rh % heads) * dim;
+        rms_norm_vector(v, weight, eps, v, dim);
     }
 }
 
