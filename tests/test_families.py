@@ -100,3 +100,35 @@ def test_a_weight_push_serves_what_a_fresh_load_of_the_pushed_weights_serves(mod
     read = served.weights.current(list(state))
     for name, tensor in state.items():
         assert torch.equal(read[name], tensor), name
+
+
+# The structurally different native shapes: RoPE tables per layer kind and sandwich norms, experts,
+# sinks, a parallel LayerNorm block with partial RoPE, regrouped q/k/v, learned positions.
+FEATURE_FAMILIES = ["gemma3_text", "qwen3_moe", "gpt_oss", "phi", "gpt_neox", "gpt2-layer-scaled"]
+
+
+@pytest.mark.parametrize("family", FEATURE_FAMILIES)
+def test_beams_speculation_and_schemas_work_on_every_shape(model_dir, family):
+    """Beam search gives HF generate's beams; prompt-lookup speculation gives plain greedy's tokens; a JSON
+    schema is obeyed."""
+    import json
+
+    import jsonschema
+    from test_beam_search import hf_beams
+
+    path = model_dir(family)
+    prompt = [1, 5, 9, 33, 70, 5, 9, 33, 70, 5, 9, 33, 70, 5, 9]
+    engine = _engine(path)
+    beams = engine.generate([prompt], SamplingParams(use_beam_search=True, num_beams=3, temperature=0,
+                                                     max_tokens=12, num_return_sequences=3))[0]
+    expected = hf_beams(path, prompt, 3, 1.0, False, 3)
+    assert [c.token_ids for c in beams.outputs] == [tokens for tokens, _ in expected]
+    greedy = SamplingParams(temperature=0, max_tokens=16, min_tokens=16)
+    plain = engine.generate([prompt], greedy)[0].outputs[0].token_ids
+    speculative = _engine(path, speculative="ngram").generate([prompt], greedy)[0].outputs[0].token_ids
+    assert speculative == plain
+    schema = {"type": "object", "properties": {"n": {"enum": [1, 2, 3]}, "ok": {"type": "boolean"}},
+              "required": ["n", "ok"], "additionalProperties": False}
+    [out] = engine.generate(["answer:"], SamplingParams(temperature=0.8, seed=2, max_tokens=48, json_schema=schema))
+    assert out.outputs[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(out.outputs[0].text), schema)
