@@ -217,26 +217,37 @@ def load_model(model: str | None = None, dtype: str | torch.dtype = "float32",
         raise ModelLoadError(f"could not load the tokenizer of {name!r}: {str(err).splitlines()[0]}") from err
     eos_token_ids = _eos_token_ids(name, source, tokenizer, config)
     steps.update()
+    native = _load_weights(name, source, config, backend, torch_dtype, torch_device)
+    steps.update()
+    steps.update()
+    steps.close()
+    return LoadedModel(name=name, path=name, model=native, tokenizer=tokenizer, config=config,
+                       eos_token_ids=eos_token_ids, max_model_len=_context_length(name, config), device=torch_device,
+                       backend=backend)
+
+
+def _load_weights(name: str, source: ModelSource, config, backend: str, dtype: torch.dtype,
+                  device: torch.device) -> NativeCausalLM:
+    """The HF model read from `source`, turned into the backend's model (HF's own modules are dropped
+    unless the fallback runs them)."""
     attention = {"attn_implementation": ATTENTION_IMPLEMENTATION} if backend == FALLBACK else {}
     try:
-        hf_model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch_dtype, **source.kwargs, **attention)
+        hf_model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, **source.kwargs, **attention)
     except ValueError as err:     # not a causal LM, or an architecture transformers does not know
         raise ModelLoadError(f"could not load {name!r} as a causal LM: {str(err).splitlines()[0]}") from err
-    steps.update()
     with torch.inference_mode():
         try:
-            native = _build_model(hf_model, config, torch_dtype, torch_device, backend)
+            model = _build_model(hf_model, config, dtype, device, backend)
         except UnsupportedModelError as err:
             raise ModelLoadError(f"{name!r}: {err}") from err
     if backend == FALLBACK:
         logger.warning("%s (%s) runs on the transformers fallback (HF's modules with Gorgon's paged attention), "
                        "slower than the native decoder", name, config.model_type)
-    del hf_model
-    steps.update()
-    steps.close()
-    max_len = next((getattr(config, key) for key in ("max_position_embeddings", "n_positions", "max_sequence_length",
-                                                      "seq_length") if getattr(config, key, None)), None)
-    if max_len is None:
-        raise ModelLoadError(f"the config of {name!r} names no context length (max_position_embeddings)")
-    return LoadedModel(name=name, path=name, model=native, tokenizer=tokenizer, config=config,
-                       eos_token_ids=eos_token_ids, max_model_len=int(max_len), device=torch_device, backend=backend)
+    return model
+
+
+def _context_length(name: str, config) -> int:
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        if getattr(config, key, None):
+            return int(getattr(config, key))
+    raise ModelLoadError(f"the config of {name!r} names no context length (max_position_embeddings)")
