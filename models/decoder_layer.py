@@ -75,7 +75,7 @@ class DecoderLayer(torch.nn.Module):
         return self._forward_general(x, cos, sin, cache, meta, keep_rows)
 
     def _forward_plain(self, x, cos, sin, cache: PagedKVCache, meta: AttentionMetadata, keep_rows):
-        num_tokens, layer = x.shape[0], self.layer_idx
+        layer = self.layer_idx
         # Module calls skipped (.forward directly): nn.Module's hook dispatch costs more than these ops.
         qkv = self.qkv.forward(kernels.rms_norm(x, self.norms["attn_in_norm"], self.eps))
         if self.q_norm is not None:
