@@ -18,7 +18,8 @@ from models.attention import AttentionMetadata, PagedKVCache
 from models.decoder_layer import DecoderLayer
 from models.families import DecoderSpec
 from models.greedy_chain import greedy_chain_ints, packed_views
-from models.layers import FusedLinear, ParamSlot, RotaryEmbedding, embedding_slots, layer_slots, rms_norm
+from models.layers import (FusedLinear, ParamSlot, RotaryEmbedding, embedding_slots, layer_slots, rms_norm,
+                           scale_logits)
 
 
 class _NativeStack(NamedTuple):
@@ -87,12 +88,8 @@ class DecoderForCausalLM(torch.nn.Module):
             x = x * self.spec.embedding_multiplier
         if self.position_embed is not None:
             x = x + self.position_embed.index_select(0, positions)
-        if self.rotary is None:        # no layer rotates: GPT-2
-            return self._forward_layers(x, None, None, cache, meta, output_rows)
-        if len(self.rotaries) > 1:
-            return self._forward_per_rope_kind(x, positions, cache, meta, output_rows)
-        cos, sin = self.rotary.cos_sin(positions, self.dtype)
         if self.plain_stack:
+            cos, sin = self.rotary.cos_sin(positions, self.dtype)
             cos, sin = cos.squeeze(1), sin.squeeze(1)      # [T, head_dim], as the kernel reads them
             group = _only_decode_group(meta, x.shape[0])
             if group is not None:
@@ -101,21 +98,28 @@ class DecoderForCausalLM(torch.nn.Module):
                     shape, layers, x, cos, sin, meta.slot_mapping,
                     group.block_tables, group.context_lens, group.extra_positions, group.extra_counts,
                     self.final_norm, output_rows)
-        return self._forward_layers(x, cos, sin, cache, meta, output_rows)
-
-    def _forward_layers(self, x, cos, sin, cache, meta, output_rows):
+            tables = [(cos, sin)] * self.num_layers
+        else:
+            tables = self._rope_tables(positions)
         last = self.num_layers - 1
-        for i, layer in enumerate(self.layers):
+        for i, (layer, (cos, sin)) in enumerate(zip(self.layers, tables)):
             x = layer.forward(x, cos, sin, cache, meta, output_rows if i == last else None)
         return self._final_norm(x)
 
-    def _forward_per_rope_kind(self, x, positions, cache, meta, output_rows):
-        """The layers of a model whose layer kinds rotate with tables of their own (Gemma 3)."""
-        tables = {kind: rotary.cos_sin(positions, self.dtype) for kind, rotary in self.rotaries.items()}
-        last = self.num_layers - 1
-        for i, (layer, kind) in enumerate(zip(self.layers, self.spec.rope_kinds)):
-            x = layer.forward(x, *tables[kind], cache, meta, output_rows if i == last else None)
-        return self._final_norm(x)
+    def _rope_tables(self, positions: torch.Tensor) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
+        """Per layer, the (cos, sin) of its RoPE table at these positions, each table computed once; (None,
+        None) where the model rotates nothing (GPT-2)."""
+        computed: dict[int, tuple] = {}
+        tables = []
+        for kind in self.spec.rope_kinds:
+            rotary = self.rotaries[kind]
+            if rotary is None:
+                tables.append((None, None))
+                continue
+            if id(rotary) not in computed:
+                computed[id(rotary)] = rotary.cos_sin(positions, self.dtype)
+            tables.append(computed[id(rotary)])
+        return tables
 
     def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
         if self.spec.norm_kind == "layer":
@@ -172,13 +176,8 @@ class DecoderForCausalLM(torch.nn.Module):
                                             self.vocab_size, chain)
 
     def compute_logits(self, hidden):
-        logits = self.lm_head(hidden)
-        if self.spec.logits_divisor != 1.0:
-            logits = logits / self.spec.logits_divisor
-        if self.spec.logits_multiplier != 1.0:
-            logits = logits * self.spec.logits_multiplier
-        cap = self.spec.final_softcap
-        return logits if cap is None else torch.tanh(logits / cap) * cap
+        spec = self.spec
+        return scale_logits(self.lm_head(hidden), spec.logits_multiplier, spec.logits_divisor, spec.final_softcap)
 
     def param_slots(self) -> dict[str, list[ParamSlot]]:
         spec = self.spec

@@ -19,7 +19,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from models import kernels
 from models.attention import AttentionMetadata, PagedKVCache, ScoreOptions, Segment, paged_attention
 from models.families import UnsupportedModelError
-from models.layers import FusedLinear, ParamSlot
+from models.layers import FusedLinear, ParamSlot, scale_logits
 
 ATTENTION_IMPLEMENTATION = "gorgon_paged"
 _bound = threading.local()
@@ -213,16 +213,9 @@ class TransformersCausalLM(torch.nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The head, then the logit transforms the families' CausalLM heads apply."""
-        logits = self.lm_head(hidden)
         config = self.config
-        if getattr(config, "logit_scale", None) is not None:
-            logits = logits * config.logit_scale
-        if getattr(config, "logits_scaling", None) not in (None, 1, 1.0):
-            logits = logits / config.logits_scaling
-        cap = getattr(config, "final_logit_softcapping", None)
-        if cap is not None:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+        return scale_logits(self.lm_head(hidden), getattr(config, "logit_scale", None),
+                            getattr(config, "logits_scaling", None), getattr(config, "final_logit_softcapping", None))
 
     def param_slots(self) -> dict[str, list[ParamSlot]]:
         """HF's own tensors in place (the modules compute with them), and the head's packed copy."""

@@ -165,6 +165,17 @@ class FusedLinear(torch.nn.Module):
         return slots
 
 
+def scale_logits(logits: torch.Tensor, multiplier: float | None = None, divisor: float | None = None,
+                 softcap: float | None = None) -> torch.Tensor:
+    """The transforms families' output heads apply after the product, in HF's order: Cohere's logit_scale
+    (multiplier), Granite's logits_scaling (divisor), Gemma 2's final soft-capping."""
+    if multiplier not in (None, 1.0):
+        logits = logits * multiplier
+    if divisor not in (None, 1.0):
+        logits = logits / divisor
+    return logits if softcap is None else torch.tanh(logits / softcap) * softcap
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm computed exactly as HF's Llama/Qwen2/Mistral (float32 statistics, weight after the cast)."""
     dtype = x.dtype

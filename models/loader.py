@@ -185,12 +185,12 @@ def _build_model(hf_model, config, dtype, device, backend: str) -> NativeCausalL
 
 
 def _check_supported(name: str, config, backend: str) -> None:
-    """Refuse, before any weight is read, a model whose architecture or options are not implemented."""
+    """Refuse, before any weight is read, a model the fallback cannot serve (a native backend was chosen
+    by backend_of only for a spec it could read)."""
+    if backend == NATIVE:
+        return
     try:
-        if backend == FALLBACK:
-            check_fallback_config(config)
-        else:
-            decoder_spec(config)
+        check_fallback_config(config)
     except UnsupportedModelError as err:
         raise ModelLoadError(f"{name!r}: {err}; natively served model types: "
                              f"{', '.join(SUPPORTED_MODEL_TYPES)}") from err
