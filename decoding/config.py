@@ -15,6 +15,9 @@ class EngineConfig:
     # "auto": the native decoder for a native family, else the transformers fallback; "transformers": the
     # fallback for any model (vLLM's --model-impl transformers)
     model_impl: str = "auto"
+    # Weights in quantized blocks (models/quantized_model.py): "auto" keeps a GGUF file's own; "none" runs
+    # float32; "int8" (or q8_0, q4_0, q4_1) quantizes a float checkpoint at load.
+    quantization: str = "auto"
     block_size: int | None = None         # tokens per KV block; None: 64 on the CPU, 16 elsewhere
     num_kv_blocks: int | None = None      # None: as many as kv_cache_memory_gb holds
     kv_cache_memory_gb: float = 1.0

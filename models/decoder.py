@@ -141,10 +141,10 @@ class DecoderForCausalLM(torch.nn.Module):
                                      spec.head_dim, cache.block_size, spec.eps, spec.attention_scale)
         layers = [dict(input_norm=layer.norms["attn_in_norm"], post_norm=layer.norms["mlp_in_norm"],
                        q_norm=layer.q_norm, k_norm=layer.k_norm,
-                       qkv=layer.qkv.packed_panels(), qkv_bias=layer.qkv.bias,
-                       o_proj=layer.o_proj.packed_panels(), o_bias=layer.o_proj.bias,
-                       gate_up=layer.gate_up.packed_panels(), gate_up_bias=layer.gate_up.bias,
-                       down=layer.down.packed_panels(), down_bias=layer.down.bias,
+                       qkv=layer.qkv.linear_weights(), qkv_bias=layer.qkv.bias,
+                       o_proj=layer.o_proj.linear_weights(), o_bias=layer.o_proj.bias,
+                       gate_up=layer.gate_up.linear_weights(), gate_up_bias=layer.gate_up.bias,
+                       down=layer.down.linear_weights(), down_bias=layer.down.bias,
                        key_cache=cache.keys[i], value_cache=cache.values[i], window=layer.window)
                   for i, layer in enumerate(self.layers)]
         self._decoder_table = _NativeStack(cache, shape, kernels.decoder_layers(layers), layers)
@@ -172,7 +172,7 @@ class DecoderForCausalLM(torch.nn.Module):
                                     slots[num_feed:].view(steps - 1, rows), every_table[num_feed:], context,
                                     cos.squeeze(1), sin.squeeze(1), banned.view(rows, banned_width), banned_steps)
         shape, layers = self._native_stack(cache)
-        return kernels.decoder_greedy_chain(shape, layers, self.embed, self.final_norm, self.lm_head.packed_panels(),
+        return kernels.decoder_greedy_chain(shape, layers, self.embed, self.final_norm, self.lm_head.linear_weights(),
                                             self.vocab_size, chain)
 
     def compute_logits(self, hidden):

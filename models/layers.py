@@ -17,10 +17,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
-from models import kernels
+from models import kernels, quantization
+from models.quantization import BlockFormat, QuantizedBlocks
 
 # oneDNN's fused linear and weight packing (the ops inductor lowers CPU linears to); absent from builds
 # without oneDNN.
@@ -87,13 +89,21 @@ class FusedLinear(torch.nn.Module):
         self._has_bias = list(bias)
         self._packed: torch.Tensor | None = None     # weight_t packed for the CPU product, built on first use
         self._native: bool | None = None
+        # Quantized weights (models/quantization.py): per part its block format (None: float32), and the
+        # blocks a GGUF file stored, used until a write replaces them (then weight_t is quantized again).
+        self.block_formats: list[BlockFormat | None] = [None] * len(out_features)
+        self._file_blocks: list[QuantizedBlocks | None] = [None] * len(out_features)
+        self._linear: kernels.LinearWeights | None = None    # what linear_product reads, built on first use
+        self._linear_storage: list[torch.Tensor] = []
+        # The checkpoint names of the parts: name -> (the parts it covers, its slot).
+        self.checkpoint_parts: dict[str, tuple[list[int], ParamSlot]] = {}
         # Told after every weight write, for whoever keeps pointers to the packed copy (the one-call
         # decoder stack's layer table).
         self.on_change: list[Callable[[], None]] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, sum(out)]
         if self._native_panels(x):
-            return kernels.gemm_panels(x, self._pack(), self.weight_t.shape[1], self.bias)
+            return kernels.linear_product(x, self.linear_weights(), self.weight_t.shape[1], self.bias)
         if self._use_onednn(x):
             return _ONEDNN_LINEAR(x.contiguous(), self._pack(), self.bias, "none", [], "")
         if self.bias is None:
@@ -103,7 +113,7 @@ class FusedLinear(torch.nn.Module):
     def forward_residual(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """residual + x @ W (+ bias): the residual add rides in the product, one op instead of two."""
         if self._native_panels(x):
-            return kernels.gemm_panels(x, self._pack(), self.weight_t.shape[1], self.bias, residual)
+            return kernels.linear_product(x, self.linear_weights(), self.weight_t.shape[1], self.bias, residual)
         if self._use_onednn(x):
             return _ONEDNN_LINEAR.binary(x.contiguous(), residual, self._pack(), self.bias, "add")
         out = torch.addmm(residual, x, self.weight_t)
@@ -119,11 +129,51 @@ class FusedLinear(torch.nn.Module):
             return False
         return x.shape[0] > 1 or self.weight_t.numel() >= _ONEDNN_MIN_WEIGHTS_ONE_ROW
 
-    def packed_panels(self) -> torch.Tensor:
-        """The weights in the native panel layout (models/kernels/gemm.c), packed on first use; only where
-        the native kernels run."""
+    @property
+    def quantized(self) -> bool:
+        return any(fmt is not None for fmt in self.block_formats)
+
+    def quantize(self, formats: list[BlockFormat], file_blocks: list[QuantizedBlocks | None] | None = None) -> None:
+        """Keep the parts in these block formats from now on: the file's blocks where given, else weight_t
+        quantized (round to nearest), as after every later write."""
+        self.block_formats = list(formats)
+        self._file_blocks = list(file_blocks) if file_blocks else [None] * len(formats)
+        self._forget_packed()
+
+    def linear_weights(self) -> kernels.LinearWeights:
+        """The weights as the native product reads them (models/kernels/linear.h): float32 panels, or the
+        quantized parts as segments of consecutive parts of one format. Built on first use; only where the
+        native kernels run."""
         assert self._native_panels(self.weight_t), "the native kernels do not run on these weights"
-        return self._pack()
+        if self._linear is None:
+            self._linear = kernels.LinearWeights()
+            if not self.quantized:
+                self._linear_storage = [self._pack()]
+                self._linear.panels = self._linear_storage[0].data_ptr()
+            else:
+                self._linear_storage = self._quantized_segments(self._linear)
+        return self._linear
+
+    def _quantized_segments(self, linear: kernels.LinearWeights) -> list[torch.Tensor]:
+        starts = [sum(self.out_features[:i]) for i in range(len(self.out_features))]
+        runs: list[list[int]] = []
+        for part, fmt in enumerate(self.block_formats):
+            if runs and self.block_formats[runs[-1][-1]] == fmt:
+                runs[-1].append(part)
+            else:
+                runs.append([part])
+        assert len(runs) <= kernels.QUANT_MAX_SEGMENTS, runs
+        storage = []
+        for index, run in enumerate(runs):
+            fmt = self.block_formats[run[0]]
+            blocks = [self._file_blocks[part] or quantization.quantize(
+                self.weight_t[:, starts[part]:starts[part] + self.out_features[part]].t(), fmt) for part in run]
+            storage.append(quantization.pack(quantization.concatenate(blocks)))
+            linear.segment[index] = kernels.QuantSegment(storage[-1].data_ptr(), fmt.kind, fmt.block,
+                                                         fmt.scale_dtype.itemsize,
+                                                         sum(self.out_features[part] for part in run))
+        linear.segments = len(runs)
+        return storage
 
     def _pack(self) -> torch.Tensor:
         """The packed copy for whichever CPU path runs (one of the two ever exists for a device); called
@@ -135,9 +185,15 @@ class FusedLinear(torch.nn.Module):
                 self._packed = _ONEDNN_PACK(self.weight_t.t().contiguous(), _PACK_FOR_ROWS)
         return self._packed
 
-    def weights_changed(self) -> None:
-        """Drop the packed copy after a write to weight_t; the next product packs again."""
-        self._packed = None
+    def weights_changed(self, parts: list[int] | None = None) -> None:
+        """Drop the packed copy after a write to weight_t (to `parts`, or all); the next product packs again,
+        quantizing the written parts of a quantized matrix from their new values."""
+        for part in range(len(self.out_features)) if parts is None else parts:
+            self._file_blocks[part] = None
+        self._forget_packed()
+
+    def _forget_packed(self) -> None:
+        self._packed, self._linear, self._linear_storage = None, None, []
         for listener in self.on_change:
             listener()
 
@@ -157,8 +213,10 @@ class FusedLinear(torch.nn.Module):
         for name, bias_name, width in zip(names, bias_names, widths):
             view = self.weight_t[:, start : start + width]
             shape = (self.weight_t.shape[0], width) if in_out else (width, self.weight_t.shape[0])
-            slots[name] = ParamSlot(view, shape, transpose=not in_out, on_write=self.weights_changed)
-            covered = [has for has, end in zip(self._has_bias, part_ends) if start < end <= start + width]
+            parts = [part for part, end in enumerate(part_ends) if start < end <= start + width]
+            slots[name] = ParamSlot(view, shape, transpose=not in_out, on_write=partial(self.weights_changed, parts))
+            self.checkpoint_parts[name] = (parts, slots[name])
+            covered = [self._has_bias[part] for part in parts]
             if any(covered) and bias_name is not None:
                 slots[bias_name] = ParamSlot(self.bias[start : start + width], (width,))
             start += width

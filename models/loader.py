@@ -16,6 +16,7 @@ from models.decoder import DecoderForCausalLM
 from models.families import FAMILIES, UnsupportedModelError, decoder_spec
 from models.fallback import ATTENTION_IMPLEMENTATION, TransformersCausalLM, check_fallback_config
 from models.layers import RotaryEmbedding
+from models.quantized_model import SCHEMES, quantize_linears
 
 # The model types served natively: every family of models/families.py. Every other decoder-only causal LM
 # of transformers is served through the transformers fallback (models/fallback.py).
@@ -48,6 +49,7 @@ class LoadedModel:
     max_model_len: int
     device: torch.device
     backend: str = NATIVE       # NATIVE: the native decoder; FALLBACK: HF's modules (models/fallback.py)
+    quantization: str | None = None   # the weights' block formats (models/quantized_model.py); None: float
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -197,7 +199,8 @@ def _check_supported(name: str, config, backend: str) -> None:
 
 
 def load_model(model: str | None = None, dtype: str | torch.dtype = "float32",
-               device: str | torch.device = "cpu", show_progress: bool = True, impl: str = "auto") -> LoadedModel:
+               device: str | torch.device = "cpu", show_progress: bool = True, impl: str = "auto",
+               quantization: str = "auto") -> LoadedModel:
     """Load tokenizer and weights of an HF causal LM; raise ModelLoadError with a fix on any problem."""
     name = model or default_model_path()
     try:
@@ -205,6 +208,8 @@ def load_model(model: str | None = None, dtype: str | torch.dtype = "float32",
     except catalog.CatalogError as err:
         raise ModelLoadError(str(err)) from err
     torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
+    if quantization not in SCHEMES:
+        raise ModelLoadError(f"quantization {quantization!r} is not supported; use one of {', '.join(SCHEMES)}")
     steps = tqdm(total=4, desc=f"loading {Path(name).name or name}", disable=not show_progress, unit="step")
     source = ModelSource.of(name)
     config = _load_config(name, source)
@@ -217,19 +222,20 @@ def load_model(model: str | None = None, dtype: str | torch.dtype = "float32",
         raise ModelLoadError(f"could not load the tokenizer of {name!r}: {str(err).splitlines()[0]}") from err
     eos_token_ids = _eos_token_ids(name, source, tokenizer, config)
     steps.update()
-    native = _load_weights(name, source, config, backend, torch_dtype, torch_device)
+    native, quantized = _load_weights(name, source, config, backend, torch_dtype, torch_device, quantization)
     steps.update()
     steps.update()
     steps.close()
     return LoadedModel(name=name, path=name, model=native, tokenizer=tokenizer, config=config,
                        eos_token_ids=eos_token_ids, max_model_len=_context_length(name, config), device=torch_device,
-                       backend=backend)
+                       backend=backend, quantization=quantized)
 
 
 def _load_weights(name: str, source: ModelSource, config, backend: str, dtype: torch.dtype,
-                  device: torch.device) -> NativeCausalLM:
+                  device: torch.device, quantization: str) -> tuple[NativeCausalLM, str | None]:
     """The HF model read from `source`, turned into the backend's model (HF's own modules are dropped
-    unless the fallback runs them)."""
+    unless the fallback runs them), with its weights quantized as `quantization` says; and what they run
+    in (None: float)."""
     attention = {"attn_implementation": ATTENTION_IMPLEMENTATION} if backend == FALLBACK else {}
     try:
         hf_model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, **source.kwargs, **attention)
@@ -243,7 +249,34 @@ def _load_weights(name: str, source: ModelSource, config, backend: str, dtype: t
     if backend == FALLBACK:
         logger.warning("%s (%s) runs on the transformers fallback (HF's modules with Gorgon's paged attention), "
                        "slower than the native decoder", name, config.model_type)
-    return model
+    return model, _quantize(name, source, hf_model, model, backend, dtype, device, quantization)
+
+
+def _quantize(name: str, source: ModelSource, hf_model, model, backend: str, dtype: torch.dtype,
+              device: torch.device, quantization: str) -> str | None:
+    """Keep the weights in block formats: a GGUF file's own blocks (auto), or quantized at load (int8, ...).
+    Quantized products are native CPU kernels of the native decoder, in float32 activations."""
+    if quantization == "none" or (quantization == "auto" and not source.gguf_file):
+        return None
+    from models import kernels
+    from models.gguf_blocks import read_gguf_blocks
+
+    reason = None
+    if backend == FALLBACK:
+        reason = "it runs on the transformers fallback"
+    elif not kernels.native_ops_available(device, dtype):
+        reason = "quantized products run on the native CPU kernels, in float32 (--device cpu --dtype float32)"
+    if reason is not None:
+        if quantization != "auto":
+            raise ModelLoadError(f"{name!r} cannot run with --quantization {quantization}: {reason}")
+        logger.warning("%s: the GGUF weights run dequantized to %s: %s", name, dtype, reason)
+        return None
+    file_blocks = read_gguf_blocks(str(Path(source.location) / source.gguf_file), hf_model) if source.gguf_file else {}
+    with torch.inference_mode():
+        quantized = quantize_linears(model, quantization, file_blocks)
+    if quantized:
+        logger.info("%s: weights kept quantized (%s)", name, quantized)
+    return quantized
 
 
 def _context_length(name: str, config) -> int:

@@ -238,7 +238,8 @@ def _add_info_routes(app: FastAPI, server: Server) -> None:
                                             "created": int(time.time()), "owned_by": "gorgon",
                                             "max_model_len": engine.max_model_len,
                                             "model_type": engine.loaded.config.model_type,
-                                            "backend": engine.loaded.backend}]}
+                                            "backend": engine.loaded.backend,
+                                            "quantization": engine.loaded.quantization}]}
 
 
 def _add_openai_routes(app: FastAPI, server: Server) -> None:

@@ -31,8 +31,8 @@ logger = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(name)
            for name in ("paged_attention.c", "prefill_attention.c", "fused_ops.c", "sampling.c", "gemm.c",
-                        "decoder.c", "threads.c")]
-HEADERS = [Path(__file__).with_name(name) for name in ("vector_math.h", "threads.h")]
+                        "quant_gemm.c", "decoder.c", "threads.c")]
+HEADERS = [Path(__file__).with_name(name) for name in ("vector_math.h", "threads.h", "linear.h")]
 # -ffp-contract=fast lets the compiler fuse multiply-adds: ISO C mode (-std=c11) otherwise forbids it,
 # which halves the arithmetic rate of every dot product and matrix tile.
 BASE_FLAGS = ["-O3", "-ffp-contract=fast", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
@@ -99,6 +99,7 @@ SIGNATURES = {
     "mask_rows_by_bits": ([_PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR], None),
     "pack_panels": ([_PTR, _I64, _I64, _PTR], None),
     "gemm_panels": ([_PTR, _I64, _I64, _I64, _PTR, _I64, _PTR, _PTR, _PTR], None),
+    "linear_product": ([_PTR, _I64, _I64, _I64, _PTR, _I64, _PTR, _PTR, _PTR], None),
     "decoder_scratch_floats": ([_PTR, _I64], _I64),
     "decoder_forward": ([_PTR, _PTR, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _PTR], None),
     "decoder_greedy_chain_scratch_floats": ([_PTR, _I64, _I64, _I64], _I64),
@@ -318,6 +319,37 @@ def gemm_panels(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: 
     _library().gemm_panels(x.data_ptr(), rows, in_features, x.stride(0), packed.data_ptr(), out_features,
                            bias.data_ptr() if bias is not None else None,
                            residual.data_ptr() if residual is not None else None, out.data_ptr())
+    return out
+
+
+class QuantSegment(ctypes.Structure):
+    _fields_ = [("data", ctypes.c_void_p), ("kind", ctypes.c_int64), ("block", ctypes.c_int64),
+                ("scale_bytes", ctypes.c_int64), ("columns", ctypes.c_int64)]
+
+
+QUANT_MAX_SEGMENTS = 4
+
+
+class LinearWeights(ctypes.Structure):
+    """One linear layer as linear_product reads it (models/kernels/linear.h): float32 panels, or segments
+    of columns in quantized blocks. The tensors it points into must outlive it."""
+
+    _fields_ = [("panels", ctypes.c_void_p), ("segments", ctypes.c_int64),
+                ("segment", QuantSegment * QUANT_MAX_SEGMENTS)]
+
+
+def linear_product(x: torch.Tensor, weights: LinearWeights, out_features: int, bias: torch.Tensor | None = None,
+                   residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, in] (rows may be strided) @ the weights (+ bias [out]) (+ residual [M, out]) -> [M, out]."""
+    rows, in_features = x.shape
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    if residual is not None and not residual.is_contiguous():
+        residual = residual.contiguous()
+    out = torch.empty(rows, out_features, dtype=torch.float32)
+    _library().linear_product(x.data_ptr(), rows, in_features, x.stride(0), ctypes.byref(weights), out_features,
+                              bias.data_ptr() if bias is not None else None,
+                              residual.data_ptr() if residual is not None else None, out.data_ptr())
     return out
 
 

@@ -14,6 +14,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "linear.h"
+
 void rms_norm(const float *x, int64_t x_row_stride, const float *weight, float eps, float *out, int64_t rows,
               int64_t dim);
 void rotary_write_kv(float *qkv, int64_t row_stride, const float *cos, const float *signed_sin, const int64_t *slots,
@@ -22,8 +24,6 @@ void rotary_write_kv(float *qkv, int64_t row_stride, const float *cos, const flo
 void rms_norm_heads(float *x, int64_t row_stride, const float *weight, float eps, int64_t rows, int64_t heads,
                     int64_t dim);
 void silu_mul(const float *gate_up, float *out, int64_t rows, int64_t dim);
-void gemm_panels(const float *x, int64_t M, int64_t K, int64_t ldx, const float *packed, int64_t N, const float *bias,
-                 const float *residual, float *y);
 void paged_decode_attention(const float *query, int64_t query_row_stride, const float *key_cache,
                             const float *value_cache, const int64_t *block_tables, int64_t max_blocks,
                             const int64_t *context_lens, const int64_t *extra_positions, int64_t max_extra,
@@ -31,11 +31,12 @@ void paged_decode_attention(const float *query, int64_t query_row_stride, const 
                             int64_t num_kv_heads, int64_t head_dim, int64_t block_size, int64_t window, float scale,
                             float softcap, const float *sinks);
 
-/* The weights of one layer: norms as vectors, projections packed by pack_panels; a NULL bias is none, and
+/* The weights of one layer: norms as vectors, projections as linear_product reads them; a NULL bias is none, and
  * so are NULL q_norm and k_norm (per-head norms of the queries and keys before RoPE, as in Qwen3). */
 typedef struct {
     const float *input_norm, *post_norm, *q_norm, *k_norm;
-    const float *qkv, *qkv_bias, *o_proj, *o_bias, *gate_up, *gate_up_bias, *down, *down_bias;
+    const LinearWeights *qkv, *o_proj, *gate_up, *down;
+    const float *qkv_bias, *o_bias, *gate_up_bias, *down_bias;
     float *key_cache, *value_cache;   /* [num_blocks * block_size, num_kv_heads, head_dim] */
     int64_t window;                   /* sliding window, 0 for none */
 } DecoderLayer;
@@ -75,7 +76,7 @@ void decoder_forward(const DecoderShape *s, const DecoderLayer *layers, int64_t 
     for (int64_t i = 0; i < num_layers; ++i) {
         const DecoderLayer *l = &layers[i];
         rms_norm(x, hidden, l->input_norm, s->eps, normed, tokens, hidden);
-        gemm_panels(normed, tokens, hidden, hidden, l->qkv, qkv_width, l->qkv_bias, NULL, qkv);
+        linear_product(normed, tokens, hidden, hidden, l->qkv, qkv_width, l->qkv_bias, NULL, qkv);
         if (l->q_norm != NULL) {
             rms_norm_heads(qkv, qkv_width, l->q_norm, s->eps, tokens, s->num_heads, d);
             rms_norm_heads(qkv + q_width, qkv_width, l->k_norm, s->eps, tokens, s->num_kv_heads, d);
@@ -95,11 +96,11 @@ void decoder_forward(const DecoderShape *s, const DecoderLayer *layers, int64_t 
             }
             h = kept_x, a = kept_attn, m = num_keep;
         }
-        gemm_panels(a, m, q_width, q_width, l->o_proj, hidden, l->o_bias, h, h);   /* h += attn @ Wo */
+        linear_product(a, m, q_width, q_width, l->o_proj, hidden, l->o_bias, h, h);   /* h += attn @ Wo */
         rms_norm(h, hidden, l->post_norm, s->eps, normed, m, hidden);
-        gemm_panels(normed, m, hidden, hidden, l->gate_up, 2 * inter, l->gate_up_bias, NULL, gate_up);
+        linear_product(normed, m, hidden, hidden, l->gate_up, 2 * inter, l->gate_up_bias, NULL, gate_up);
         silu_mul(gate_up, mlp, m, inter);
-        gemm_panels(mlp, m, inter, inter, l->down, hidden, l->down_bias, h, h);     /* h += mlp @ Wd */
+        linear_product(mlp, m, inter, inter, l->down, hidden, l->down_bias, h, h);     /* h += mlp @ Wd */
         if (i == num_layers - 1) rms_norm(h, hidden, final_norm, s->eps, out, m, hidden);
     }
 }
@@ -129,7 +130,7 @@ typedef struct {
  *   out           [steps, rows] the drafted tokens */
 void decoder_greedy_chain(const DecoderShape *s, const DecoderLayer *layers, int64_t num_layers, const ChainFeed *feed,
                           const DecodeRows *rows_meta, const float *cos, const float *sin, const float *embed,
-                          const float *final_norm, const float *lm_head, int64_t vocab, int64_t rows, int64_t steps,
+                          const float *final_norm, const LinearWeights *lm_head, int64_t vocab, int64_t rows, int64_t steps,
                           const int64_t *banned, int64_t max_banned, const int64_t *banned_steps, float *scratch,
                           int64_t *out) {
     const int64_t hidden = s->hidden, d = s->head_dim;
@@ -156,7 +157,7 @@ void decoder_greedy_chain(const DecoderShape *s, const DecoderLayer *layers, int
                             sin + (step - 1) * rows * d, x, rows, NULL, 0, final_norm, stack_scratch, h);
             for (int64_t r = 0; r < rows; ++r) context[r] += 1;
         }
-        gemm_panels(h, rows, hidden, hidden, lm_head, vocab, NULL, NULL, logits);
+        linear_product(h, rows, hidden, hidden, lm_head, vocab, NULL, NULL, logits);
         int64_t *chosen = out + step * rows;
         for (int64_t r = 0; r < rows; ++r) {
             float *row = logits + r * vocab;

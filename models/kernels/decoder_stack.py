@@ -17,10 +17,14 @@ class DecoderShape(ctypes.Structure):
     _fields_ += [("eps", ctypes.c_float), ("scale", ctypes.c_float)]
 
 
+# The projections of a layer, each a LinearWeights (models/kernels/linear.h) that the table points to.
+PROJECTIONS = ("qkv", "o_proj", "gate_up", "down")
+
+
 class DecoderLayer(ctypes.Structure):
     _fields_ = [(name, ctypes.c_void_p) for name in
-                ("input_norm", "post_norm", "q_norm", "k_norm", "qkv", "qkv_bias", "o_proj", "o_bias", "gate_up", "gate_up_bias",
-                 "down", "down_bias", "key_cache", "value_cache")]
+                ("input_norm", "post_norm", "q_norm", "k_norm", *PROJECTIONS, "qkv_bias", "o_bias", "gate_up_bias",
+                 "down_bias", "key_cache", "value_cache")]
     _fields_ += [("window", ctypes.c_int64)]
 
 
@@ -35,14 +39,17 @@ def _address(tensor: torch.Tensor | None) -> int | None:
 
 
 def decoder_layers(layers: list[dict[str, torch.Tensor | int | None]]) -> ctypes.Array:
-    """The layer table decoder_forward reads: per layer its norms, packed projections (pack_panels),
-    biases (None for none), cache tensors and window (0 for none). The tensors must outlive the table."""
+    """The layer table decoder_forward reads: per layer its norms, projections (LinearWeights), biases
+    (None for none), cache tensors and window (0 for none). The tensors and weights must outlive the table."""
     table = (DecoderLayer * len(layers))()
     for entry, layer in zip(table, layers):
         for name, _ in DecoderLayer._fields_[:-1]:
-            tensor = layer[name]
-            assert tensor is None or (tensor.dtype == torch.float32 and tensor.is_contiguous()), name
-            setattr(entry, name, _address(tensor))
+            value = layer[name]
+            if name in PROJECTIONS:
+                setattr(entry, name, ctypes.addressof(value))
+                continue
+            assert value is None or (value.dtype == torch.float32 and value.is_contiguous()), name
+            setattr(entry, name, _address(value))
         entry.window = layer["window"] or 0
     return table
 
@@ -102,9 +109,9 @@ class GreedyChain:
 
 
 def decoder_greedy_chain(shape: DecoderShape, layers: ctypes.Array, embed: torch.Tensor, final_norm: torch.Tensor,
-                         lm_head_packed: torch.Tensor, vocab: int, chain: GreedyChain) -> torch.Tensor:
+                         lm_head: ctypes.Structure, vocab: int, chain: GreedyChain) -> torch.Tensor:
     """Greedy drafting of chain.slots.shape[0] + 1 tokens for each row in one call: every step the stack
-    (see GreedyChain), the output head (packed by pack_panels) and the argmax. -> tokens [steps, R]."""
+    (see GreedyChain), the output head (a LinearWeights) and the argmax. -> tokens [steps, R]."""
     later_steps, rows = chain.slots.shape
     num_feed = chain.feed_tokens.numel()
     assert chain.feed_last.numel() == rows and chain.cos.shape[0] == num_feed + later_steps * rows
@@ -123,6 +130,6 @@ def decoder_greedy_chain(shape: DecoderShape, layers: ctypes.Array, embed: torch
     out = torch.empty(later_steps + 1, rows, dtype=torch.int64)
     library.decoder_greedy_chain(ctypes.byref(shape), layers, len(layers), ctypes.byref(feed), ctypes.byref(later),
                                  feed_cos + offset, feed_sin + offset, embed.data_ptr(), final_norm.data_ptr(),
-                                 lm_head_packed.data_ptr(), vocab, rows, later_steps + 1, chain.banned.data_ptr(),
+                                 ctypes.byref(lm_head), vocab, rows, later_steps + 1, chain.banned.data_ptr(),
                                  chain.banned.shape[1], chain.banned_steps.data_ptr(), scratch.data_ptr(), out.data_ptr())
     return out

@@ -1,0 +1,414 @@
+/* y = x @ W for weights kept in quantized blocks (GGUF's Q8_0, Q4_0, Q4_1, Q4_K, Q6_K; int8 at load).
+ *
+ * A batch-1 decode step reads every weight once, so its speed is the bytes per weight: 8.5 bits at Q8_0
+ * and 5 at Q4_1 against 32 in float32. The weights therefore stay in their blocks and the product reads
+ * them directly, with integer dot products as llama.cpp does: each row of x is quantized to signed 8 bits
+ * per block of 32 inputs (scale = max |x| / 127, round to nearest even), and each block's product is an
+ * exact integer sum (AVX-512 VNNI `vpdpbusd`, AVX2 `vpmaddubsw`, plain C elsewhere), scaled into a float
+ * running sum per output in block order. Decoding the weights to float instead costs about three vector
+ * ops per eight weights on AVX2, which held batch-1 decode of SmolLM2-135M below the memory bandwidth.
+ *
+ * Layout (packed by models/quantization.py): per panel of 16 output columns, per block of `block` inputs:
+ *   scales [16] (float16 or float32), then for QUANT_U4 mins [16] of the same type, then the values:
+ *   QUANT_I8: block/4 quads, each [16 columns][4 consecutive inputs] int8 (64 bytes)
+ *   QUANT_U4: block/8 octets, each [16 columns][4 bytes]: the low nibble of byte (c, j) is input j of the
+ *             octet, the high nibble input 4 + j (64 bytes)
+ * so a 64-byte load holds four inputs of all 16 columns, and one dot instruction adds them into the 16
+ * columns' lanes (AVX2 takes the 8-column halves in turn).
+ *
+ * Every output element is the same sequence of operations whatever the row count, the tile or the CPU
+ * class: per block, sum = the exact integer dot; acc = fma((float)sum, scale * x_scale, acc); for U4 then
+ * acc = fma(min, x_scale * (float)sum(x_block), acc); finally + bias, + residual. A row's result does not
+ * depend on the other rows of the product (batch invariance).
+ */
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "linear.h"
+#include "threads.h"
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#define QPANEL 16
+#define XBLOCK 32   /* inputs per scale of the quantized x; weight blocks are 16 or 32 */
+
+/* ---- per-class vector primitives: QV columns per vector, QMAX_ROWS rows per tile ---- */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define QV 16
+#define QMAX_ROWS 8
+typedef __m512i ivec;
+typedef __m512 fvec;
+static inline ivec izero(void) { return _mm512_setzero_si512(); }
+static inline ivec iload(const uint8_t *p) { return _mm512_loadu_si512((const void *)p); }
+static inline ivec isub_scalar(ivec a, int32_t b) { return _mm512_sub_epi32(a, _mm512_set1_epi32(b)); }
+static inline fvec fzero(void) { return _mm512_setzero_ps(); }
+static inline fvec fset1(float v) { return _mm512_set1_ps(v); }
+static inline fvec fmul(fvec a, fvec b) { return _mm512_mul_ps(a, b); }
+static inline fvec ffma(fvec a, fvec b, fvec c) { return _mm512_fmadd_ps(a, b, c); }
+static inline fvec fcvt(ivec a) { return _mm512_cvtepi32_ps(a); }
+static inline void fstore(float *p, fvec v) { _mm512_storeu_ps(p, v); }
+static inline fvec load_scales(const uint8_t *p, int64_t bytes) {
+    return bytes == 2 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)) : _mm512_loadu_ps((const float *)p);
+}
+/* vpdpbusd multiplies unsigned by signed bytes: the weights go in offset by 128 (w ^ 0x80 = w + 128), and
+ * the 128 * sum(x) that adds is taken off the integer sum afterwards (I8_OFFSET). */
+#define I8_OFFSET 128
+typedef ivec i8prep;
+static inline i8prep prep_i8(ivec w) { return _mm512_xor_si512(w, _mm512_set1_epi8((char)0x80)); }
+static inline ivec dot_i8(ivec acc, i8prep w, int32_t x4) { return _mm512_dpbusd_epi32(acc, w, _mm512_set1_epi32(x4)); }
+static inline ivec lo_nibbles(ivec v) { return _mm512_and_si512(v, _mm512_set1_epi8(0x0F)); }
+static inline ivec hi_nibbles(ivec v) { return _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(0x0F)); }
+static inline ivec dot_u4(ivec acc, ivec w, int32_t x4) { return _mm512_dpbusd_epi32(acc, w, _mm512_set1_epi32(x4)); }
+
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define QV 8
+#define QMAX_ROWS 4
+typedef __m256i ivec;
+typedef __m256 fvec;
+static inline ivec izero(void) { return _mm256_setzero_si256(); }
+static inline ivec iload(const uint8_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
+static inline ivec isub_scalar(ivec a, int32_t b) { return _mm256_sub_epi32(a, _mm256_set1_epi32(b)); }
+static inline fvec fzero(void) { return _mm256_setzero_ps(); }
+static inline fvec fset1(float v) { return _mm256_set1_ps(v); }
+static inline fvec fmul(fvec a, fvec b) { return _mm256_mul_ps(a, b); }
+static inline fvec ffma(fvec a, fvec b, fvec c) { return _mm256_fmadd_ps(a, b, c); }
+static inline fvec fcvt(ivec a) { return _mm256_cvtepi32_ps(a); }
+static inline void fstore(float *p, fvec v) { _mm256_storeu_ps(p, v); }
+static inline fvec load_scales(const uint8_t *p, int64_t bytes) {
+    return bytes == 2 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)) : _mm256_loadu_ps((const float *)p);
+}
+/* vpmaddubsw multiplies unsigned by signed bytes and adds pairs into saturating int16: |w| times x with
+ * w's sign keeps every pair within 2 * 128 * 127 (llama.cpp's trick), so nothing saturates. */
+#define I8_OFFSET 0
+typedef struct { ivec magnitude, sign; } i8prep;
+static inline i8prep prep_i8(ivec w) { return (i8prep){_mm256_sign_epi8(w, w), w}; }
+static inline ivec madd_pairs(ivec unsigned_bytes, ivec signed_bytes) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(unsigned_bytes, signed_bytes), _mm256_set1_epi16(1));
+}
+static inline ivec dot_i8(ivec acc, i8prep w, int32_t x4) {
+    return _mm256_add_epi32(acc, madd_pairs(w.magnitude, _mm256_sign_epi8(_mm256_set1_epi32(x4), w.sign)));
+}
+static inline ivec lo_nibbles(ivec v) { return _mm256_and_si256(v, _mm256_set1_epi8(0x0F)); }
+static inline ivec hi_nibbles(ivec v) { return _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(0x0F)); }
+static inline ivec dot_u4(ivec acc, ivec w, int32_t x4) { return _mm256_add_epi32(acc, madd_pairs(w, _mm256_set1_epi32(x4))); }
+
+#else /* plain C (NEON and others): the same integers and the same float operations, lane by lane */
+#define QV 4
+#define QMAX_ROWS 4
+typedef struct { int32_t v[QV]; } ivec;
+typedef struct { float v[QV]; } fvec;
+typedef struct { int8_t b[QV * 4]; } i8prep;
+static inline ivec izero(void) { return (ivec){{0}}; }
+static inline ivec iload(const uint8_t *p) {
+    ivec r;
+    memcpy(&r, p, sizeof r);
+    return r;
+}
+static inline ivec isub_scalar(ivec a, int32_t b) {
+    for (int i = 0; i < QV; ++i) a.v[i] -= b;
+    return a;
+}
+static inline fvec fzero(void) { return (fvec){{0}}; }
+static inline fvec fset1(float s) {
+    fvec r;
+    for (int i = 0; i < QV; ++i) r.v[i] = s;
+    return r;
+}
+static inline fvec fmul(fvec a, fvec b) {
+    for (int i = 0; i < QV; ++i) a.v[i] *= b.v[i];
+    return a;
+}
+static inline fvec ffma(fvec a, fvec b, fvec c) {
+    for (int i = 0; i < QV; ++i) c.v[i] = fmaf(a.v[i], b.v[i], c.v[i]);
+    return c;
+}
+static inline fvec fcvt(ivec a) {
+    fvec r;
+    for (int i = 0; i < QV; ++i) r.v[i] = (float)a.v[i];
+    return r;
+}
+static inline void fstore(float *p, fvec v) { memcpy(p, &v, sizeof v); }
+static inline float half_to_float(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 0x1F, mantissa = h & 0x3FF;
+    float magnitude;
+    if (exponent == 0) magnitude = ldexpf((float)mantissa, -24);
+    else if (exponent == 31) magnitude = mantissa ? NAN : INFINITY;
+    else magnitude = ldexpf((float)(mantissa | 0x400), (int)exponent - 25);
+    uint32_t bits;
+    memcpy(&bits, &magnitude, sizeof bits);
+    bits |= sign;
+    memcpy(&magnitude, &bits, sizeof bits);
+    return magnitude;
+}
+static inline fvec load_scales(const uint8_t *p, int64_t bytes) {
+    fvec r;
+    for (int i = 0; i < QV; ++i) {
+        if (bytes == 2) {
+            uint16_t h;
+            memcpy(&h, p + 2 * i, 2);
+            r.v[i] = half_to_float(h);
+        } else {
+            memcpy(&r.v[i], p + 4 * i, 4);
+        }
+    }
+    return r;
+}
+#define I8_OFFSET 0
+static inline i8prep prep_i8(ivec w) {
+    i8prep r;
+    memcpy(&r, &w, sizeof r);
+    return r;
+}
+static inline ivec dot_bytes(ivec acc, const uint8_t *w, int is_signed, int32_t x4) {
+    int8_t x[4];
+    memcpy(x, &x4, 4);
+    for (int c = 0; c < QV; ++c)
+        for (int j = 0; j < 4; ++j)
+            acc.v[c] += (is_signed ? (int32_t)(int8_t)w[4 * c + j] : (int32_t)w[4 * c + j]) * x[j];
+    return acc;
+}
+static inline ivec dot_i8(ivec acc, i8prep w, int32_t x4) { return dot_bytes(acc, (const uint8_t *)w.b, 1, x4); }
+static inline ivec lo_nibbles(ivec v) {
+    uint8_t *b = (uint8_t *)v.v;
+    for (int i = 0; i < QV * 4; ++i) b[i] &= 0x0F;
+    return v;
+}
+static inline ivec hi_nibbles(ivec v) {
+    uint8_t *b = (uint8_t *)v.v;
+    for (int i = 0; i < QV * 4; ++i) b[i] >>= 4;
+    return v;
+}
+static inline ivec dot_u4(ivec acc, ivec w, int32_t x4) { return dot_bytes(acc, (const uint8_t *)w.v, 0, x4); }
+#endif
+
+#define HALVES (QPANEL / QV)
+
+/* x quantized per row: values [M][Kp] int8, scales [M][Kp / 32], sums of the values per 16 inputs. */
+typedef struct {
+    const int8_t *values;
+    const float *scales;
+    const int32_t *sums16;
+    int64_t Kp;
+} QuantRows;
+
+static inline int32_t x_quad(const QuantRows *x, int64_t row, int64_t k) {
+    int32_t v;
+    memcpy(&v, x->values + row * x->Kp + k, 4);
+    return v;
+}
+
+static inline int32_t x_block_sum(const QuantRows *x, int64_t row, int64_t k0, int64_t block) {
+    const int32_t *s = x->sums16 + row * (x->Kp / 16) + k0 / 16;
+    return block == 32 ? s[0] + s[1] : s[0];
+}
+
+static inline int64_t block_bytes(const QuantSegment *s) {
+    const int64_t scale_sets = s->kind == QUANT_U4 ? 2 : 1;
+    return QPANEL * s->scale_bytes * scale_sets + (s->kind == QUANT_U4 ? QPANEL * s->block / 2 : QPANEL * s->block);
+}
+
+/* Rows [m, m + R) against columns [QV * half, QV * half + QV) of one panel, over every block; the float
+ * sums land in out [R][QV]. kind and R are constants where it is inlined. */
+static inline __attribute__((always_inline)) void quant_tile(const QuantRows *x, const QuantSegment *s,
+                                                             const uint8_t *panel, int64_t half, int64_t m,
+                                                             const int R, const int kind, float *out) {
+    fvec acc[QMAX_ROWS];
+    for (int r = 0; r < R; ++r) acc[r] = fzero();
+    const int64_t bytes = block_bytes(s), blocks = x->Kp / s->block, sb = s->scale_bytes;
+    for (int64_t b = 0; b < blocks; ++b) {
+        const uint8_t *block = panel + b * bytes;
+        const int64_t k0 = b * s->block;
+        const fvec scale = load_scales(block + half * QV * sb, sb);
+        ivec sum[QMAX_ROWS];
+        for (int r = 0; r < R; ++r) sum[r] = izero();
+        if (kind == QUANT_I8) {
+            const uint8_t *values = block + QPANEL * sb + half * QV * 4;
+            for (int64_t q = 0; q < s->block / 4; ++q) {
+                const i8prep w = prep_i8(iload(values + q * 64));
+                for (int r = 0; r < R; ++r) sum[r] = dot_i8(sum[r], w, x_quad(x, m + r, k0 + 4 * q));
+            }
+            for (int r = 0; r < R; ++r) {
+                if (I8_OFFSET) sum[r] = isub_scalar(sum[r], I8_OFFSET * x_block_sum(x, m + r, k0, s->block));
+                const float x_scale = x->scales[(m + r) * (x->Kp / XBLOCK) + k0 / XBLOCK];
+                acc[r] = ffma(fcvt(sum[r]), fmul(scale, fset1(x_scale)), acc[r]);
+            }
+        } else {
+            const fvec mins = load_scales(block + QPANEL * sb + half * QV * sb, sb);
+            const uint8_t *values = block + 2 * QPANEL * sb + half * QV * 4;
+            for (int64_t o = 0; o < s->block / 8; ++o) {
+                const ivec packed = iload(values + o * 64);
+                const ivec low = lo_nibbles(packed), high = hi_nibbles(packed);
+                for (int r = 0; r < R; ++r)
+                    sum[r] = dot_u4(dot_u4(sum[r], low, x_quad(x, m + r, k0 + 8 * o)), high,
+                                    x_quad(x, m + r, k0 + 8 * o + 4));
+            }
+            for (int r = 0; r < R; ++r) {
+                const float x_scale = x->scales[(m + r) * (x->Kp / XBLOCK) + k0 / XBLOCK];
+                const float x_sum = (float)x_block_sum(x, m + r, k0, s->block);
+                acc[r] = ffma(fcvt(sum[r]), fmul(scale, fset1(x_scale)), acc[r]);
+                acc[r] = ffma(mins, fset1(x_scale * x_sum), acc[r]);
+            }
+        }
+    }
+    for (int r = 0; r < R; ++r) fstore(out + r * QV, acc[r]);
+}
+
+#define DEFINE_QUANT_TILE(R)                                                                                    \
+    static void quant_tile_i8_##R(const QuantRows *x, const QuantSegment *s, const uint8_t *panel, int64_t half, \
+                                  int64_t m, float *out) {                                                     \
+        quant_tile(x, s, panel, half, m, R, QUANT_I8, out);                                                    \
+    }                                                                                                          \
+    static void quant_tile_u4_##R(const QuantRows *x, const QuantSegment *s, const uint8_t *panel, int64_t half, \
+                                  int64_t m, float *out) {                                                     \
+        quant_tile(x, s, panel, half, m, R, QUANT_U4, out);                                                    \
+    }
+DEFINE_QUANT_TILE(1)
+DEFINE_QUANT_TILE(2)
+DEFINE_QUANT_TILE(3)
+DEFINE_QUANT_TILE(4)
+#if QMAX_ROWS > 4
+DEFINE_QUANT_TILE(5)
+DEFINE_QUANT_TILE(6)
+DEFINE_QUANT_TILE(7)
+DEFINE_QUANT_TILE(8)
+#endif
+
+typedef void (*QuantTile)(const QuantRows *, const QuantSegment *, const uint8_t *, int64_t, int64_t, float *);
+static const QuantTile I8_TILES[] = {NULL, quant_tile_i8_1, quant_tile_i8_2, quant_tile_i8_3, quant_tile_i8_4,
+#if QMAX_ROWS > 4
+                                     quant_tile_i8_5, quant_tile_i8_6, quant_tile_i8_7, quant_tile_i8_8,
+#endif
+};
+static const QuantTile U4_TILES[] = {NULL, quant_tile_u4_1, quant_tile_u4_2, quant_tile_u4_3, quant_tile_u4_4,
+#if QMAX_ROWS > 4
+                                     quant_tile_u4_5, quant_tile_u4_6, quant_tile_u4_7, quant_tile_u4_8,
+#endif
+};
+
+/* Quantize rows [m0, m1) of x: per block of 32 inputs (zero past K) scale = max |x| / 127, values =
+ * round(x * 127 / max |x|). */
+static void quantize_rows(const float *x, int64_t K, int64_t ldx, int64_t m0, int64_t m1, int8_t *values,
+                          float *scales, int32_t *sums16, int64_t Kp) {
+    for (int64_t m = m0; m < m1; ++m) {
+        const float *row = x + m * ldx;
+        for (int64_t k0 = 0; k0 < Kp; k0 += XBLOCK) {
+            float block[XBLOCK], amax = 0.0f;
+            for (int64_t j = 0; j < XBLOCK; ++j) {
+                block[j] = k0 + j < K ? row[k0 + j] : 0.0f;
+                amax = fmaxf(amax, fabsf(block[j]));
+            }
+            const float inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
+            int8_t *out = values + m * Kp + k0;
+            int32_t first = 0, second = 0;
+            for (int64_t j = 0; j < XBLOCK; ++j) {
+                out[j] = (int8_t)__builtin_rintf(block[j] * inverse);
+                if (j < 16) first += out[j];
+                else second += out[j];
+            }
+            scales[m * (Kp / XBLOCK) + k0 / XBLOCK] = amax / 127.0f;
+            sums16[m * (Kp / 16) + k0 / 16] = first;
+            sums16[m * (Kp / 16) + k0 / 16 + 1] = second;
+        }
+    }
+}
+
+/* The quantized x of a product: one buffer per calling thread, grown as needed. */
+static _Thread_local uint8_t *rows_buffer;
+static _Thread_local int64_t rows_capacity;
+
+static uint8_t *rows_memory(int64_t bytes) {
+    if (bytes > rows_capacity) {
+        free(rows_buffer);
+        rows_buffer = malloc((size_t)bytes);
+        rows_capacity = rows_buffer ? bytes : 0;
+    }
+    return rows_buffer;
+}
+
+/* Store one tile's columns [col, col + cols) of rows [m, m + R): + bias, + residual. */
+static void finish_tile(const float *lanes, int64_t R, int64_t m, int64_t col, int64_t cols, int64_t N,
+                        const float *bias, const float *residual, float *y) {
+    for (int64_t r = 0; r < R; ++r) {
+        float *out = y + (m + r) * N + col;
+        const float *res = residual ? residual + (m + r) * N + col : NULL;
+        for (int64_t j = 0; j < cols; ++j)
+            out[j] = lanes[r * QV + j] + (bias ? bias[col + j] : 0.0f) + (res ? res[j] : 0.0f);
+    }
+}
+
+/* Rows per block of the product: the block's quantized x stays in L2 while the panels pass. */
+#define QUANT_ROW_BLOCK 64
+
+/* A unit of work: one panel of one segment (its first column in y). */
+typedef struct {
+    const QuantSegment *segment;
+    const uint8_t *panel;
+    int64_t col, cols;
+} PanelWork;
+
+static void quant_product(const LinearWeights *w, const float *x, int64_t M, int64_t K, int64_t ldx, int64_t N,
+                          const float *bias, const float *residual, float *y) {
+    const int64_t Kp = (K + XBLOCK - 1) / XBLOCK * XBLOCK;
+    uint8_t *memory = rows_memory(M * Kp + M * (Kp / XBLOCK) * 4 + M * (Kp / 16) * 4 + 64);
+    if (memory == NULL) abort();   /* out of memory for a few KB per row: nothing sensible to continue with */
+    const QuantRows rows = {(const int8_t *)memory, (const float *)(memory + M * Kp),
+                            (const int32_t *)(memory + M * Kp + M * (Kp / XBLOCK) * 4), Kp};
+    int64_t total_panels = 0;
+    for (int64_t s = 0; s < w->segments; ++s) total_panels += (w->segment[s].columns + QPANEL - 1) / QPANEL;
+    PanelWork *work = malloc(sizeof(PanelWork) * (size_t)total_panels);
+    if (work == NULL) abort();
+    for (int64_t s = 0, i = 0, col = 0; s < w->segments; ++s) {
+        const QuantSegment *seg = &w->segment[s];
+        const int64_t panels = (seg->columns + QPANEL - 1) / QPANEL, panel_bytes = Kp / seg->block * block_bytes(seg);
+        for (int64_t p = 0; p < panels; ++p, ++i) {
+            const int64_t first = col + p * QPANEL, last = col + seg->columns;
+            work[i] = (PanelWork){seg, seg->data + p * panel_bytes, first, last - first < QPANEL ? last - first : QPANEL};
+        }
+        col += seg->columns;
+    }
+    const int threads = M * K * N >= (1 << 15) ? kernel_threads() : 1;
+#pragma omp parallel num_threads(threads)
+    {
+        const int64_t count = omp_get_num_threads(), me = omp_get_thread_num();
+        const int64_t r0 = M * me / count, r1 = M * (me + 1) / count;
+        quantize_rows(x, K, ldx, r0, r1, (int8_t *)rows.values, (float *)rows.scales, (int32_t *)rows.sums16, Kp);
+#pragma omp barrier
+        const int64_t p0 = total_panels * me / count, p1 = total_panels * (me + 1) / count;
+        float lanes[QMAX_ROWS * QV];
+        for (int64_t m0 = 0; m0 < M; m0 += QUANT_ROW_BLOCK) {
+            const int64_t m1 = m0 + QUANT_ROW_BLOCK < M ? m0 + QUANT_ROW_BLOCK : M;
+            for (int64_t p = p0; p < p1; ++p) {
+                const PanelWork *unit = &work[p];
+                const QuantTile *tiles = unit->segment->kind == QUANT_U4 ? U4_TILES : I8_TILES;
+                for (int64_t half = 0; half < HALVES && half * QV < unit->cols; ++half) {
+                    const int64_t col = unit->col + half * QV;
+                    const int64_t cols = unit->cols - half * QV < QV ? unit->cols - half * QV : QV;
+                    for (int64_t m = m0; m < m1; m += QMAX_ROWS) {
+                        const int64_t R = m1 - m < QMAX_ROWS ? m1 - m : QMAX_ROWS;
+                        tiles[R](&rows, unit->segment, unit->panel, half, m, lanes);
+                        finish_tile(lanes, R, m, col, cols, N, bias, residual, y);
+                    }
+                }
+            }
+        }
+    }
+    free(work);
+}
+
+void gemm_panels(const float *x, int64_t M, int64_t K, int64_t ldx, const float *packed, int64_t N,
+                 const float *bias, const float *residual, float *y);
+
+void linear_product(const float *x, int64_t M, int64_t K, int64_t ldx, const LinearWeights *w, int64_t N,
+                    const float *bias, const float *residual, float *y) {
+    if (M <= 0) return;
+    if (w->panels != NULL) {
+        gemm_panels(x, M, K, ldx, w->panels, N, bias, residual, y);
+        return;
+    }
+    quant_product(w, x, M, K, ldx, N, bias, residual, y);
+}

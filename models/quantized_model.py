@@ -1,0 +1,62 @@
+"""Which linear layers of a native model keep quantized weights, and in which block format.
+
+`--quantization` (engine option `quantization`):
+  auto   a GGUF file's quantized tensors stay in the file's blocks; a float checkpoint stays float32
+  none   every weight float32 (a GGUF file dequantized, as transformers reads it)
+  int8   every projection and the output head quantized at load: Q8_0's blocks (32 inputs per float16
+         scale, round to nearest); q8_0, q4_0 and q4_1 name those formats the same way
+A weight written later (a pushed update) is quantized into its part's format again, round to nearest.
+The input embedding stays float32: a lookup reads one row per token, not the matrix.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from models.layers import FusedLinear
+from models.quantization import FORMATS, LOAD_SCHEMES, QuantizedBlocks
+
+SCHEMES = ("auto", "none", *LOAD_SCHEMES)
+
+
+def quantize_linears(model, scheme: str, file_blocks: dict[str, QuantizedBlocks] | None = None) -> str | None:
+    """Set the block formats of every FusedLinear of `model`: LOAD_SCHEMES' format everywhere, or the
+    file's blocks where it has them (a part of a fused matrix the file stores in float takes the format of
+    the matrix's first quantized part). -> what the model now runs, e.g. "gguf: q4_1 x 210, q8_0 x 1", or
+    None for float32 throughout."""
+    counts: Counter[str] = Counter()
+    for linear in (module for module in model.modules() if isinstance(module, FusedLinear)):
+        if scheme in LOAD_SCHEMES:
+            fmt = FORMATS[LOAD_SCHEMES[scheme]]
+            linear.quantize([fmt] * len(linear.out_features))
+            counts[fmt.name] += 1
+            continue
+        parts = _file_parts(model, linear, file_blocks or {})
+        known = [blocks.format for blocks in parts if blocks is not None]
+        if not known:
+            continue
+        linear.quantize([blocks.format if blocks is not None else known[0] for blocks in parts], parts)
+        counts.update(fmt.name for fmt in known)
+    if not counts:
+        return None
+    label = "gguf" if scheme == "auto" else scheme
+    return f"{label}: " + ", ".join(f"{name} x {count}" for name, count in sorted(counts.items()))
+
+
+def _file_parts(model, linear: FusedLinear, file_blocks: dict[str, QuantizedBlocks]) -> list[QuantizedBlocks | None]:
+    """Per part of `linear`, the file's blocks for it (in the native row order), or None."""
+    parts: list[QuantizedBlocks | None] = [None] * len(linear.out_features)
+    for name, (covered, slot) in linear.checkpoint_parts.items():
+        blocks = file_blocks.get(name)
+        if blocks is None and name == "lm_head.weight" and getattr(model, "tied", False):
+            blocks = file_blocks.get(model.spec.embed_name)   # the output head is the tied embedding
+        if blocks is None or blocks.shape != slot.hf_shape:
+            continue
+        if slot.row_order is not None:
+            blocks = blocks.rows(slot.row_order)
+        start = 0
+        for part in covered:
+            width = linear.out_features[part]
+            parts[part] = blocks.rows(slice(start, start + width))
+            start += width
+    return parts
