@@ -173,5 +173,8 @@ def add_weight_routes(app: FastAPI, server) -> None:
                                                             keep_previous=keep_previous)
         except WeightUpdateError as err:
             raise APIError(400, str(err), param=err.param) from err
-        return {"weight_version": new_version, "num_parameters": len(tensors), **({"dry_run": True} if dry_run else {})}
+        # A quantized engine keeps the pushed weights in its block formats (quantized to nearest): it says so.
+        quantized = server.engine.loaded.quantization
+        return {"weight_version": new_version, "num_parameters": len(tensors), **({"dry_run": True} if dry_run else {}),
+                **({"quantized_as": quantized} if quantized else {})}
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from test_kernels import needs_kernel
 
@@ -41,6 +42,40 @@ def test_kernels_pass_when_built_for_a_lower_cpu_class(march, tmp_path):
     env = {**os.environ, "GORGON_KERNEL_MARCH": march}
     # Exit status 0 means the kernel tests ran and passed (5 would mean none ran).
     result = subprocess.run([sys.executable, "-m", "pytest", "-x", "-p", "no:cacheprovider",
-                             str(Path(__file__).with_name("test_kernels.py"))],
+                             str(Path(__file__).with_name("test_kernels.py")),
+                             str(Path(__file__).with_name("test_quantization.py")), "-k", "not engine and not gguf_runs "
+                             "and not speculation and not pushed and not quantization_on and not unknown"],
                             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+
+_QUANTIZED_PRODUCT = """
+import sys, torch
+from models import kernels, quantization as Q
+torch.manual_seed(0)
+x = torch.randn(9, 160)
+outputs = []
+for name in sorted(Q.FORMATS):
+    blocks = Q.quantize(torch.randn(40, 160), Q.FORMATS[name])
+    packed, weights = Q.pack(blocks), kernels.LinearWeights()
+    weights.segments = 1
+    weights.segment[0] = kernels.QuantSegment(packed.data_ptr(), blocks.format.kind, blocks.format.block,
+                                              blocks.format.scale_dtype.itemsize, 40)
+    outputs.append(kernels.linear_product(x, weights, 40))
+torch.save(torch.stack(outputs), sys.argv[1])
+"""
+
+
+@needs_kernel
+@pytest.mark.skipif(os.environ.get("GORGON_KERNEL_MARCH") is not None, reason="already a run for one CPU class")
+def test_quantized_products_are_the_same_bits_on_every_cpu_class(tmp_path):
+    """Integer block sums and one fixed sequence of float operations: AVX-512 VNNI, AVX2 and plain C agree."""
+    results = {}
+    for march in [None, *lower_classes()]:
+        env = {**os.environ, **({"GORGON_KERNEL_MARCH": march} if march else {})}
+        target = tmp_path / f"{march or 'native'}.pt"
+        subprocess.run([sys.executable, "-c", _QUANTIZED_PRODUCT, str(target)], env=env, check=True,
+                       cwd=Path(__file__).resolve().parents[1], timeout=600)
+        results[march or "native"] = torch.load(target)
+    for march, result in results.items():
+        assert torch.equal(result, results["native"]), march

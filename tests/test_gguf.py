@@ -49,9 +49,9 @@ def test_an_f32_gguf_serves_the_model_it_was_written_from(gguf_files, llama_dir)
     assert engine.eos_token_ids == frozenset({original.eos_token_id})
 
 
-def test_a_q8_0_gguf_decodes_as_transformers_reads_it(gguf_files):
-    path = gguf_files["Q8_0"]
-    engine = Engine(model=path, show_progress=False, num_kv_blocks=128, block_size=4)
+def test_a_q8_0_gguf_dequantized_decodes_as_transformers_reads_it(gguf_files):
+    path = gguf_files["Q8_0"]      # its own blocks run by default: tests/test_quantization.py
+    engine = Engine(model=path, show_progress=False, num_kv_blocks=128, block_size=4, quantization="none")
     assert _greedy(engine, PROMPTS) == [_hf_greedy_from_gguf(path, prompt, 16) for prompt in PROMPTS]
 
 
