@@ -168,10 +168,14 @@ def random_prompts(num: int, lengths: list[int] | int, vocab_size: int, seed: in
 
 def streamed_weight_bytes(model) -> int:
     """Bytes a batch-1 decode step reads: every parameter of the native model, counting a tied embedding
-    once (its transposed output-head copy is what streams)."""
+    once (its transposed output-head copy is what streams), and a quantized matrix as its packed blocks."""
+    from models.layers import FusedLinear
+
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     if getattr(model, "tied", False):
         total -= model.vocab_size * model.hidden_size * next(model.parameters()).element_size()
+    for linear in (module for module in model.modules() if isinstance(module, FusedLinear) and module.quantized):
+        total += linear.streamed_bytes() - linear.weight_t.numel() * linear.weight_t.element_size()
     return total
 
 

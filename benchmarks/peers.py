@@ -1,7 +1,10 @@
 """Gorgon against the CPU engines users would otherwise pick, on the same HF folder, prompts and threads.
 
-Peers: CTranslate2 (the `peers` extra; the benchmark converts the folder itself), and vLLM's CPU build and
-llama.cpp (`llama_cpp`) when they are importable; a peer that is not is reported as skipped, with why.
+Peers: CTranslate2 (the `peers` extra; the benchmark converts the folder itself; float32, and int8 against
+Gorgon's `--quantization int8` on the 0.5B-class model), and llama.cpp (the `xllamacpp` wheel in a virtual
+environment of its own, benchmarks/llamacpp_peer.py) on the real SmolLM2-135M-Instruct at F32, Q8_0 and
+Q4_1: one GGUF file per format (benchmarks/gguf_requantize.py; Q4_1 is the file as shipped), read by
+both engines. A peer that cannot run is reported as skipped, with why.
 Workloads, each run in turn on both sides (Gorgon, peer, Gorgon, ...) with fresh prompts per run so that
 no cache carries over, medians and the spread (min-max) reported:
 
@@ -39,6 +42,8 @@ import torch
 
 from benchmarks.common import Timer, cpu_description, parse_args, random_prompts, report, streamed_weight_bytes
 from benchmarks.decode import measure_read_bandwidth
+from benchmarks.gguf_requantize import requantized
+from benchmarks.llamacpp_peer import LlamaCppProcess, find_llamacpp
 from decoding import Engine, SamplingParams
 from models.loader import DEFAULT_MODEL_DIR
 
@@ -66,8 +71,9 @@ QUICK = Workloads(repeats=1, num_batch_prompts=8, batch_lengths=(16, 1024), new_
 class GorgonSide:
     """Gorgon's offline engine, in the benchmark's own process."""
 
-    def __init__(self, path: str, threads: int):
-        self.engine = Engine(model=path, threads=threads, show_progress=False, kv_cache_memory_gb=2.0)
+    def __init__(self, path: str, threads: int, quantization: str = "auto"):
+        self.engine = Engine(model=path, threads=threads, show_progress=False, kv_cache_memory_gb=2.0,
+                             quantization=quantization)
 
     def first_token(self, prompt: list[int]) -> None:
         self.engine.generate([prompt], SamplingParams(max_tokens=1, temperature=0))
@@ -100,12 +106,13 @@ class GorgonSide:
 class CTranslate2Side:
     """A CTranslate2 generator over the converted folder (run it through PeerProcess)."""
 
-    def __init__(self, path: str, threads: int):
+    def __init__(self, path: str, threads: int, compute_type: str = "float32"):
         import ctranslate2
         from transformers import AutoTokenizer
 
         self.version = ctranslate2.__version__
-        self.generator = ctranslate2.Generator(str(_converted(path)), device="cpu", compute_type="float32",
+        # int8: CTranslate2 quantizes the float32 conversion's weights at load (int8 weights, per row)
+        self.generator = ctranslate2.Generator(str(_converted(path)), device="cpu", compute_type=compute_type,
                                                intra_threads=threads, inter_threads=1)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
 
@@ -145,10 +152,10 @@ class PeerProcess:
     In one process with Gorgon, CTranslate2's own copy of the OpenMP runtime (a second thread pool on
     the same cores) made Gorgon's batch-1 decode 2.1x slower, even with CTranslate2 idle for 0.5 s."""
 
-    def __init__(self, peer: str, path: str, threads: int):
+    def __init__(self, peer: str, path: str, threads: int, *options):
         context = multiprocessing.get_context("spawn")
         self._conn, child = context.Pipe()
-        self._process = context.Process(target=_serve_peer, args=(child, peer, path, threads), daemon=True)
+        self._process = context.Process(target=_serve_peer, args=(child, peer, path, threads, *options), daemon=True)
         self._process.start()
         _, self.version = self._conn.recv()     # sent once the peer has loaded
 
@@ -167,8 +174,8 @@ class PeerProcess:
         self._process.join(timeout=60)
 
 
-def _serve_peer(conn, peer: str, path: str, threads: int) -> None:
-    side = PEERS[peer](path, threads)
+def _serve_peer(conn, peer: str, path: str, threads: int, *options) -> None:
+    side = PEERS[peer](path, threads, *options)
     conn.send((True, side.version))   # the handshake PeerProcess waits for
     while (message := conn.recv()) is not None:
         method, args = message
@@ -200,8 +207,6 @@ def peers_available() -> dict[str, str | None]:
         "not installed (pip install -e '.[peers]')",
         "vllm": "vLLM's CPU build is not importable here" if importlib.util.find_spec("vllm") is None else
         "importable, but not driven by this benchmark yet",
-        "llama_cpp": "llama-cpp-python is not importable here (and needs a GGUF conversion)"
-        if importlib.util.find_spec("llama_cpp") is None else "importable, but not driven by this benchmark yet",
     }
 
 
@@ -258,10 +263,21 @@ def measure(ours: GorgonSide, peer: PeerProcess, vocab: int, max_len: int, work:
 def _decode(ours: GorgonSide, peer: PeerProcess, vocab: int, work: Workloads) -> dict:
     new = work.new_tokens
     decode_prompts = random_prompts(work.repeats, 64, vocab, seed=64)
-    identical = ours.timed("greedy", decode_prompts[0], new)[0] == peer.timed("greedy", decode_prompts[0], new)[0]
+    agreement = _greedy_agreement(ours, peer, decode_prompts[0], new)
     timing = _interleaved(lambda i: seconds(ours, "greedy", decode_prompts[i], new),
                           lambda i: seconds(peer, "greedy", decode_prompts[i], new), work.repeats)
-    return _throughput(timing, new, identical_tokens=identical)
+    return _throughput(timing, new, **agreement)
+
+
+def _greedy_agreement(ours: GorgonSide, peer, prompt: list[int], new: int) -> dict:
+    """Whether both sides' greedy tokens are the same, and for how many leading tokens (llama.cpp's server
+    answers text: its tokens are that text encoded)."""
+    mine = ours.timed("greedy", prompt, new)[0]
+    theirs = peer.timed("greedy", prompt, new)[0]
+    if isinstance(theirs, str):
+        theirs = ours.engine.tokenizer.encode(theirs, add_special_tokens=False)
+    leading = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), min(len(mine), len(theirs)))
+    return {"identical_tokens": mine == theirs, "agreeing_leading_tokens": leading}
 
 
 def _batch(ours: GorgonSide, peer: PeerProcess, vocab: int, max_len: int, work: Workloads) -> dict:
@@ -320,62 +336,111 @@ def qwen2_0p5b_path() -> str:
 
 
 def run_model(label: str, path: str, threads: int, work: Workloads, skipped: dict[str, str | None],
-              selected: tuple[str, ...]) -> dict:
-    ours = GorgonSide(path, threads)
+              selected: tuple[str, ...], quantization: str = "auto") -> dict:
+    ours = GorgonSide(path, threads, quantization)
     vocab, max_len = ours.engine.loaded.model.vocab_size, ours.engine.max_model_len
-    section: dict = {"model": label, "path": path}
+    section: dict = {"model": label, "path": path, "quantization": ours.engine.loaded.quantization}
     if skipped["ctranslate2"] is None:
-        peer = PeerProcess("ctranslate2", path, threads)
+        peer = PeerProcess("ctranslate2", path, threads, "int8" if quantization == "int8" else "float32")
         try:
             section["ctranslate2"] = {"version": peer.version, **measure(ours, peer, vocab, max_len, work, selected)}
         finally:
             peer.close()
+    section.update(_roofline(ours, vocab, work))
+    return section
+
+
+def run_gguf(label: str, gguf: str, threads: int, work: Workloads, llamacpp: tuple[str, str],
+             selected: tuple[str, ...]) -> dict:
+    """Gorgon and llama.cpp on the same GGUF file (TTFT, decode and the n = 16 group)."""
+    ours = GorgonSide(gguf, threads)
+    vocab, max_len = ours.engine.loaded.model.vocab_size, ours.engine.max_model_len
+    section: dict = {"model": label, "path": gguf, "quantization": ours.engine.loaded.quantization}
+    peer = LlamaCppProcess(llamacpp[0], gguf, threads, llamacpp[1])
+    try:
+        chosen = tuple(w for w in selected if w != "batch")
+        section["llamacpp"] = {"version": peer.version, **measure(ours, peer, vocab, max_len, work, chosen)}
+    finally:
+        peer.close()
+    section.update(_roofline(ours, vocab, work))
+    return section
+
+
+def _roofline(ours: GorgonSide, vocab: int, work: Workloads) -> dict:
     prompt = random_prompts(1, 64, vocab, seed=65)[0]
     ours.greedy(prompt, 8)
     decode_tok_s = statistics.median(ours.steady_decode_rate(prompt, work.new_tokens) for _ in range(work.repeats))
     weight_bytes = streamed_weight_bytes(ours.engine.loaded.model)
     bandwidth = measure_read_bandwidth()
-    section.update(steady_decode_tok_s=round(decode_tok_s, 2), weight_mb=round(weight_bytes / 1e6, 1),
-                   bandwidth_gb_s=round(bandwidth / 1e9, 2),
-                   decode_roofline_frac=round(decode_tok_s / (bandwidth / weight_bytes), 3))
-    return section
+    return dict(steady_decode_tok_s=round(decode_tok_s, 2), weight_mb=round(weight_bytes / 1e6, 1),
+                bandwidth_gb_s=round(bandwidth / 1e9, 2), decode_roofline_frac=round(decode_tok_s / (bandwidth / weight_bytes), 3))
+
+
+MODELS = ("default", "0p5b", "0p5b_int8", "smollm2_f32", "smollm2_q8_0", "smollm2_q4_1")
 
 
 def main() -> None:
     def extra(parser):
         parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                             help="threads for Gorgon and every peer alike (default: torch's, one per core)")
-        parser.add_argument("--models", default=None,
-                            help="comma-separated from default,0p5b (default: both; --quick: default only)")
+        parser.add_argument("--models", default=None, help=f"comma-separated from {','.join(MODELS)} (default: "
+                            "all; --quick: default only)")
         parser.add_argument("--workloads", default=",".join(WORKLOADS),
                             help=f"comma-separated from {','.join(WORKLOADS)} (default: all)")
+        parser.add_argument("--llamacpp-python", default=None,
+                            help="the interpreter of a virtual environment with xllamacpp (or GORGON_LLAMACPP_PYTHON)")
 
     args = parse_args(__doc__, extra)
     work = QUICK if args.quick else FULL
-    models = (args.models or ("default" if args.quick else "default,0p5b")).split(",")
+    models = (args.models or ("default" if args.quick else ",".join(MODELS))).split(",")
     selected = tuple(args.workloads.split(","))
     if unknown := set(selected) - set(WORKLOADS):
         raise SystemExit(f"unknown workloads {sorted(unknown)}; choose from {', '.join(WORKLOADS)}")
+    if unknown := set(models) - set(MODELS):
+        raise SystemExit(f"unknown models {sorted(unknown)}; choose from {', '.join(MODELS)}")
     skipped = peers_available()
-    result: dict = {"benchmark": "peers", "dtype": "float32", "quick": args.quick, **cpu_description(),
+    llamacpp_python, llamacpp_version = find_llamacpp(args.llamacpp_python)
+    if llamacpp_python is None:
+        skipped["llamacpp"] = llamacpp_version
+    result: dict = {"benchmark": "peers", "quick": args.quick, **cpu_description(),
                     "threads": args.threads, "workloads": work.__dict__,
                     "skipped": {name: why for name, why in skipped.items() if why is not None}}
-    paths = {"default": str(DEFAULT_MODEL_DIR), "0p5b": None}
     for label in models:
-        path = paths[label] or qwen2_0p5b_path()
-        section = run_model(label, path, args.threads, work, skipped, selected)
+        if label.startswith("smollm2"):
+            if llamacpp_python is None:
+                continue
+            section = run_gguf(label, _smollm2_gguf(label.split("_", 1)[1].upper()), args.threads, work,
+                               (llamacpp_python, llamacpp_version), selected)
+        else:
+            path = str(DEFAULT_MODEL_DIR) if label == "default" else qwen2_0p5b_path()
+            section = run_model(label, path, args.threads, work, skipped, selected,
+                                "int8" if label.endswith("int8") else "auto")
         print(json.dumps(section), file=sys.stderr, flush=True)   # each model's figures as soon as they exist
         result[label] = section
-        suffix = "" if label == "default" else f"_{label}"
-        peer = section.get("ctranslate2")
-        if peer:
-            if "ttft_512" in peer:
-                result[f"ttft_512_ratio{suffix}"] = peer["ttft_512"].get("ratio")
-            for workload in ("decode", "batch", "group"):
-                if workload in peer:
-                    result[f"{workload}_ratio{suffix}"] = peer[workload]["ratio"]
-        result[f"decode_roofline_frac{suffix}"] = section["decode_roofline_frac"]
+        result.update(_ratio_keys(label, section))
     report(result, args.json)
+
+
+def _smollm2_gguf(type_name: str) -> str:
+    from models import catalog
+
+    shipped = catalog.resolve("smollm2")
+    return shipped if shipped.endswith(f".{type_name}.gguf") else str(requantized(shipped, type_name))
+
+
+def _ratio_keys(label: str, section: dict) -> dict:
+    """The headline keys: ttft_512_ratio, decode_ratio, batch_ratio, group_ratio (suffixed by the model
+    unless it is the default), and the decode's roofline fraction."""
+    suffix = "" if label == "default" else f"_{label}"
+    keys = {f"decode_roofline_frac{suffix}": section["decode_roofline_frac"]}
+    peer = section.get("ctranslate2") or section.get("llamacpp")
+    if peer:
+        if "ttft_512" in peer:
+            keys[f"ttft_512_ratio{suffix}"] = peer["ttft_512"].get("ratio")
+        for workload in ("decode", "batch", "group"):
+            if workload in peer:
+                keys[f"{workload}_ratio{suffix}"] = peer[workload]["ratio"]
+    return keys
 
 
 if __name__ == "__main__":

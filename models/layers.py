@@ -154,6 +154,11 @@ class FusedLinear(torch.nn.Module):
                 self._linear_storage = self._quantized_segments(self._linear)
         return self._linear
 
+    def streamed_bytes(self) -> int:
+        """Bytes one product reads of the weights as the native kernels hold them."""
+        self.linear_weights()
+        return sum(t.numel() * t.element_size() for t in self._linear_storage)
+
     def _quantized_segments(self, linear: kernels.LinearWeights) -> list[torch.Tensor]:
         starts = [sum(self.out_features[:i]) for i in range(len(self.out_features))]
         runs: list[list[int]] = []
