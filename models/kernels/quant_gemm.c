@@ -344,60 +344,88 @@ static void finish_tile(const float *lanes, int64_t R, int64_t m, int64_t col, i
 /* Rows per block of the product: the block's quantized x stays in L2 while the panels pass. */
 #define QUANT_ROW_BLOCK 64
 
-/* A unit of work: one panel of one segment (its first column in y). */
+/* The panel units of a product: every panel of every segment, in order, each thread taking a contiguous
+ * range; unit u's segment and panel come from the segments' first units. */
 typedef struct {
-    const QuantSegment *segment;
-    const uint8_t *panel;
-    int64_t col, cols;
-} PanelWork;
+    int64_t first_unit[QUANT_MAX_SEGMENTS + 1], first_col[QUANT_MAX_SEGMENTS], panel_bytes[QUANT_MAX_SEGMENTS];
+} Units;
+
+static Units units_of(const LinearWeights *w, int64_t Kp) {
+    Units u = {{0}, {0}, {0}};
+    for (int64_t s = 0, col = 0; s < w->segments; ++s) {
+        const QuantSegment *seg = &w->segment[s];
+        u.first_col[s] = col;
+        u.panel_bytes[s] = Kp / seg->block * block_bytes(seg);
+        u.first_unit[s + 1] = u.first_unit[s] + (seg->columns + QPANEL - 1) / QPANEL;
+        col += seg->columns;
+    }
+    return u;
+}
+
+/* Rows [m0, m1) against units [u0, u1): each unit's column halves, QMAX_ROWS rows at a time. */
+static void multiply_units(const LinearWeights *w, const Units *u, const QuantRows *rows, int64_t u0, int64_t u1,
+                           int64_t m0, int64_t m1, int64_t N, const float *bias, const float *residual, float *y) {
+    float lanes[QMAX_ROWS * QV];
+    int64_t s = 0;
+    for (int64_t unit = u0; unit < u1; ++unit) {
+        while (unit >= u->first_unit[s + 1]) ++s;
+        const QuantSegment *seg = &w->segment[s];
+        const int64_t p = unit - u->first_unit[s], col0 = u->first_col[s] + p * QPANEL;
+        const int64_t valid = seg->columns - p * QPANEL < QPANEL ? seg->columns - p * QPANEL : QPANEL;
+        const uint8_t *panel = seg->data + p * u->panel_bytes[s];
+        const QuantTile *tiles = seg->kind == QUANT_U4 ? U4_TILES : I8_TILES;
+        for (int64_t half = 0; half < HALVES && half * QV < valid; ++half) {
+            const int64_t cols = valid - half * QV < QV ? valid - half * QV : QV;
+            for (int64_t m = m0; m < m1; m += QMAX_ROWS) {
+                const int64_t R = m1 - m < QMAX_ROWS ? m1 - m : QMAX_ROWS;
+                tiles[R](rows, seg, panel, half, m, lanes);
+                finish_tile(lanes, R, m, col0 + half * QV, cols, N, bias, residual, y);
+            }
+        }
+    }
+}
+
+static QuantRows rows_in(uint8_t *memory, int64_t M, int64_t Kp) {
+    return (QuantRows){(const int8_t *)memory, (const float *)(memory + M * Kp),
+                       (const int32_t *)(memory + M * Kp + M * (Kp / XBLOCK) * 4), Kp};
+}
+
+static void quantize_into(const QuantRows *rows, const float *x, int64_t K, int64_t ldx, int64_t m0, int64_t m1) {
+    quantize_rows(x, K, ldx, m0, m1, (int8_t *)rows->values, (float *)rows->scales, (int32_t *)rows->sums16, rows->Kp);
+}
 
 static void quant_product(const LinearWeights *w, const float *x, int64_t M, int64_t K, int64_t ldx, int64_t N,
                           const float *bias, const float *residual, float *y) {
     const int64_t Kp = (K + XBLOCK - 1) / XBLOCK * XBLOCK;
-    uint8_t *memory = rows_memory(M * Kp + M * (Kp / XBLOCK) * 4 + M * (Kp / 16) * 4 + 64);
-    if (memory == NULL) abort();   /* out of memory for a few KB per row: nothing sensible to continue with */
-    const QuantRows rows = {(const int8_t *)memory, (const float *)(memory + M * Kp),
-                            (const int32_t *)(memory + M * Kp + M * (Kp / XBLOCK) * 4), Kp};
-    int64_t total_panels = 0;
-    for (int64_t s = 0; s < w->segments; ++s) total_panels += (w->segment[s].columns + QPANEL - 1) / QPANEL;
-    PanelWork *work = malloc(sizeof(PanelWork) * (size_t)total_panels);
-    if (work == NULL) abort();
-    for (int64_t s = 0, i = 0, col = 0; s < w->segments; ++s) {
-        const QuantSegment *seg = &w->segment[s];
-        const int64_t panels = (seg->columns + QPANEL - 1) / QPANEL, panel_bytes = Kp / seg->block * block_bytes(seg);
-        for (int64_t p = 0; p < panels; ++p, ++i) {
-            const int64_t first = col + p * QPANEL, last = col + seg->columns;
-            work[i] = (PanelWork){seg, seg->data + p * panel_bytes, first, last - first < QPANEL ? last - first : QPANEL};
-        }
-        col += seg->columns;
-    }
+    const int64_t row_bytes = Kp + (Kp / XBLOCK) * 4 + (Kp / 16) * 4;
+    const Units u = units_of(w, Kp);
+    const int64_t total = u.first_unit[w->segments];
     const int threads = M * K * N >= (1 << 15) ? kernel_threads() : 1;
+    /* A few rows: each thread quantizes them itself (a few microseconds less than one thread quantizing
+     * while the others wait at a barrier, in each of a decode step's products). */
+    const int own_rows = M <= QMAX_ROWS;
+    uint8_t *shared = own_rows ? NULL : rows_memory(M * row_bytes + 64);
+    if (!own_rows && shared == NULL) abort();   /* no memory for a few KB per row: nothing sensible to do */
 #pragma omp parallel num_threads(threads)
     {
         const int64_t count = omp_get_num_threads(), me = omp_get_thread_num();
-        const int64_t r0 = M * me / count, r1 = M * (me + 1) / count;
-        quantize_rows(x, K, ldx, r0, r1, (int8_t *)rows.values, (float *)rows.scales, (int32_t *)rows.sums16, Kp);
+        QuantRows rows;
+        if (own_rows) {
+            uint8_t *mine = rows_memory(M * row_bytes + 64);
+            if (mine == NULL) abort();
+            rows = rows_in(mine, M, Kp);
+            quantize_into(&rows, x, K, ldx, 0, M);
+        } else {
+            rows = rows_in(shared, M, Kp);
+            quantize_into(&rows, x, K, ldx, M * me / count, M * (me + 1) / count);
 #pragma omp barrier
-        const int64_t p0 = total_panels * me / count, p1 = total_panels * (me + 1) / count;
-        float lanes[QMAX_ROWS * QV];
+        }
+        const int64_t u0 = total * me / count, u1 = total * (me + 1) / count;
         for (int64_t m0 = 0; m0 < M; m0 += QUANT_ROW_BLOCK) {
             const int64_t m1 = m0 + QUANT_ROW_BLOCK < M ? m0 + QUANT_ROW_BLOCK : M;
-            for (int64_t p = p0; p < p1; ++p) {
-                const PanelWork *unit = &work[p];
-                const QuantTile *tiles = unit->segment->kind == QUANT_U4 ? U4_TILES : I8_TILES;
-                for (int64_t half = 0; half < HALVES && half * QV < unit->cols; ++half) {
-                    const int64_t col = unit->col + half * QV;
-                    const int64_t cols = unit->cols - half * QV < QV ? unit->cols - half * QV : QV;
-                    for (int64_t m = m0; m < m1; m += QMAX_ROWS) {
-                        const int64_t R = m1 - m < QMAX_ROWS ? m1 - m : QMAX_ROWS;
-                        tiles[R](&rows, unit->segment, unit->panel, half, m, lanes);
-                        finish_tile(lanes, R, m, col, cols, N, bias, residual, y);
-                    }
-                }
-            }
+            multiply_units(w, &u, &rows, u0, u1, m0, m1, N, bias, residual, y);
         }
     }
-    free(work);
 }
 
 void gemm_panels(const float *x, int64_t M, int64_t K, int64_t ldx, const float *packed, int64_t N,
