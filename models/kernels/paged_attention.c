@@ -22,6 +22,8 @@
  * raises the max, then the run's values while its keys are still in cache. The same math as SDPA up to
  * float32 summation order and a polynomial exp (vector_math.h).
  */
+/* Without -ftrapping-math: the softmax's selects and exp_poly vectorise on AVX2 too (see fused_ops.c). */
+#pragma GCC optimize("no-trapping-math")
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>

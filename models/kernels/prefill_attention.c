@@ -16,6 +16,8 @@
  *   out          [tokens, num_heads, head_dim], contiguous (only the segments' rows are written)
  *   softcap, sinks as in paged_attention.c
  */
+/* Without -ftrapping-math: the softmax's selects and exp_poly vectorise on AVX2 too (see fused_ops.c). */
+#pragma GCC optimize("no-trapping-math")
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
