@@ -170,3 +170,23 @@ def test_an_unknown_quantization_is_a_clear_error(llama_dir):
 def test_quantization_on_the_transformers_fallback_is_refused(llama_dir):
     with pytest.raises(ModelLoadError, match="cannot run with --quantization int8: it runs on the transformers"):
         Engine(model=llama_dir, show_progress=False, quantization="int8", model_impl="transformers")
+
+
+@needs_kernel
+def test_a_push_into_a_quantized_server_says_how_it_was_kept(llama_dir):
+    import httpx
+
+    from live_server import start_server, stop_server
+    from wire.safetensors import encode_payload
+
+    live = start_server(llama_dir, engine_options={"quantization": "int8"}, admin_key="admin")
+    try:
+        models = httpx.get(f"{live.url}/v1/models").json()["data"][0]
+        assert models["quantization"].startswith("int8: q8_0 x ")
+        weight = live.engine.weights.current(["model.layers.0.mlp.down_proj.weight"])
+        pushed = {name: tensor * 1.5 for name, tensor in weight.items()}
+        answer = httpx.post(f"{live.url}/v1/weights/update", content=encode_payload(pushed),
+                            headers={"Authorization": "Bearer admin", "Content-Type": "application/octet-stream"})
+        assert answer.status_code == 200 and answer.json()["quantized_as"] == models["quantization"]
+    finally:
+        stop_server(live)
