@@ -98,7 +98,6 @@ SIGNATURES = {
     "sample_rows_masked": ([_PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _PTR], None),
     "mask_rows_by_bits": ([_PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR], None),
     "pack_panels": ([_PTR, _I64, _I64, _PTR], None),
-    "gemm_panels": ([_PTR, _I64, _I64, _I64, _PTR, _I64, _PTR, _PTR, _PTR], None),
     "linear_product": ([_PTR, _I64, _I64, _I64, _PTR, _I64, _PTR, _PTR, _PTR], None),
     "decoder_scratch_floats": ([_PTR, _I64], _I64),
     "decoder_forward": ([_PTR, _PTR, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _PTR], None),
@@ -307,21 +306,6 @@ def pack_panels(weight_t: torch.Tensor) -> torch.Tensor:
     return packed
 
 
-def gemm_panels(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None = None,
-                residual: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, in] (rows may be strided) @ the packed weight (+ bias [out]) (+ residual [M, out]) -> [M, out]."""
-    rows, in_features = x.shape
-    if x.stride(1) != 1:
-        x = x.contiguous()
-    if residual is not None and not residual.is_contiguous():
-        residual = residual.contiguous()
-    out = torch.empty(rows, out_features, dtype=torch.float32)
-    _library().gemm_panels(x.data_ptr(), rows, in_features, x.stride(0), packed.data_ptr(), out_features,
-                           bias.data_ptr() if bias is not None else None,
-                           residual.data_ptr() if residual is not None else None, out.data_ptr())
-    return out
-
-
 class QuantSegment(ctypes.Structure):
     _fields_ = [("data", ctypes.c_void_p), ("kind", ctypes.c_int64), ("block", ctypes.c_int64),
                 ("scale_bytes", ctypes.c_int64), ("columns", ctypes.c_int64)]
@@ -351,6 +335,14 @@ def linear_product(x: torch.Tensor, weights: LinearWeights, out_features: int, b
                               bias.data_ptr() if bias is not None else None,
                               residual.data_ptr() if residual is not None else None, out.data_ptr())
     return out
+
+
+def gemm_panels(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+    """linear_product over float32 panels packed by pack_panels."""
+    weights = LinearWeights()
+    weights.panels = packed.data_ptr()
+    return linear_product(x, weights, out_features, bias, residual)
 
 
 # The whole decoder stack in one call (decoder.c): its bindings live in decoder_stack.py.
