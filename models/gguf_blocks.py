@@ -30,10 +30,14 @@ def read_gguf_blocks(path: str, hf_model) -> dict[str, QuantizedBlocks]:
     processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=hf_model.config.to_dict())
     names = get_gguf_hf_weights_map(hf_model, processor)
     found: dict[str, QuantizedBlocks] = {}
+    unkept: dict[str, int] = {}
     for tensor in reader.tensors:
         type_name = tensor.tensor_type.name
         hf_name = names.get(tensor.name)
-        if type_name not in GGUF_TYPES or hf_name is None or len(tensor.shape) != 2:
+        if hf_name is None or len(tensor.shape) != 2 or type_name in ("F32", "F16", "BF16"):
+            continue
+        if type_name not in GGUF_TYPES:
+            unkept[type_name] = unkept.get(type_name, 0) + 1
             continue
         in_features, out_features = (int(n) for n in tensor.shape)
         order = _row_order(processor, tensor.name, out_features)
@@ -43,6 +47,9 @@ def read_gguf_blocks(path: str, hf_model) -> dict[str, QuantizedBlocks]:
         raw = torch.from_numpy(np.array(tensor.data, copy=True)).view(torch.uint8).reshape(out_features, -1)
         blocks = from_gguf(raw, type_name, in_features)
         found[hf_name] = blocks if order is ... else blocks.rows(order)
+    if unkept:
+        logger.warning("%s: %s matrices run dequantized to float32 (kept in their blocks: %s)", path,
+                       ", ".join(f"{count} {name}" for name, count in sorted(unkept.items())), ", ".join(GGUF_TYPES))
     return found
 
 
