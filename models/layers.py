@@ -174,8 +174,8 @@ class FusedLinear(torch.nn.Module):
             blocks = [self._file_blocks[part] or quantization.quantize(
                 self.weight_t[:, starts[part]:starts[part] + self.out_features[part]].t(), fmt) for part in run]
             storage.append(quantization.pack(quantization.concatenate(blocks)))
-            linear.segment[index] = kernels.QuantSegment(storage[-1].data_ptr(), fmt.kind, fmt.block,
-                                                         fmt.scale_dtype.itemsize,
+            scale_bytes = 0 if fmt.kind == quantization.BF16 else fmt.scale_dtype.itemsize
+            linear.segment[index] = kernels.QuantSegment(storage[-1].data_ptr(), fmt.kind, fmt.block, scale_bytes,
                                                          sum(self.out_features[part] for part in run))
         linear.segments = len(runs)
         return storage

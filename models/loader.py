@@ -266,6 +266,8 @@ def _quantize(name: str, source: ModelSource, hf_model, model, backend: str, dty
         reason = "it runs on the transformers fallback"
     elif not kernels.native_ops_available(device, dtype):
         reason = "quantized products run on the native CPU kernels, in float32 (--device cpu --dtype float32)"
+    elif quantization == "bf16" and not kernels.bf16_products_supported():
+        reason = "bfloat16 weights run on CPUs with AVX512_BF16 only (elsewhere float32 is the faster choice)"
     if reason is not None:
         if quantization != "auto":
             raise ModelLoadError(f"{name!r} cannot run with --quantization {quantization}: {reason}")

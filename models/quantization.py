@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-I8, U4 = 0, 1          # QUANT_I8, QUANT_U4 of models/kernels/linear.h
+I8, U4, BF16 = 0, 1, 2  # QUANT_I8, QUANT_U4, QUANT_BF16 of models/kernels/linear.h
 PANEL = 16             # output columns per packed panel
 INPUT_BLOCK = 32       # inputs per scale of the quantized activations: the packed k is padded to it
 
@@ -29,6 +29,8 @@ class BlockFormat:
 
     @property
     def bits_per_weight(self) -> float:
+        if self.kind == BF16:
+            return 16.0
         value_bits = 8 if self.kind == I8 else 4
         scale_bits = torch.finfo(self.scale_dtype).bits * (2 if self.kind == U4 else 1)
         return value_bits + scale_bits / self.block
@@ -40,10 +42,12 @@ FORMATS = {
     "q4_0": BlockFormat("q4_0", U4, 32, torch.float16),
     "q4_1": BlockFormat("q4_1", U4, 32, torch.float16),
     "q4_k": BlockFormat("q4_k", U4, 32, torch.float32),
+    # bfloat16 values without scales (models/kernels/bf16_gemm.c; AVX512_BF16 only); `block` pads the inputs
+    "bf16": BlockFormat("bf16", BF16, 32, torch.bfloat16),
 }
 # `--quantization` names for a float checkpoint quantized at load; int8 is Q8_0's blocks (per block of 32
 # inputs, a float16 scale, round to nearest).
-LOAD_SCHEMES = {"int8": "q8_0", "q8_0": "q8_0", "q4_0": "q4_0", "q4_1": "q4_1"}
+LOAD_SCHEMES = {"int8": "q8_0", "q8_0": "q8_0", "q4_0": "q4_0", "q4_1": "q4_1", "bf16": "bf16"}
 
 
 @dataclass
@@ -68,6 +72,8 @@ class QuantizedBlocks:
     def dequantize(self) -> torch.Tensor:
         """The float32 matrix the blocks stand for."""
         out_features, in_features = self.shape
+        if self.format.kind == BF16:
+            return self.values.float()
         values = self.values.float().view(out_features, -1, self.format.block)
         out = values * self.scales.float().unsqueeze(-1)
         if self.mins is not None:
@@ -91,6 +97,8 @@ def quantize(weight: torch.Tensor, fmt: BlockFormat) -> QuantizedBlocks:
     if pad:
         weight = torch.nn.functional.pad(weight, (0, pad))
     blocks = weight.view(weight.shape[0], -1, fmt.block)
+    if fmt.kind == BF16:
+        return QuantizedBlocks(fmt, weight.to(torch.bfloat16), weight.new_empty(weight.shape[0], 0))
     if fmt.kind == I8:
         levels = 127.0 if fmt.block == 32 else 31.0
         scale = blocks.abs().amax(-1) / levels
@@ -190,6 +198,9 @@ def pack(blocks: QuantizedBlocks) -> torch.Tensor:
     padded_in = -(-in_features // INPUT_BLOCK) * INPUT_BLOCK
     rows = -(-out_features // PANEL) * PANEL
     values = _pad(blocks.values, rows, padded_in)
+    if fmt.kind == BF16:   # [panels][pairs of inputs][16 columns][2]
+        pairs = values.view(rows // PANEL, PANEL, padded_in // 2, 2).permute(0, 2, 1, 3)
+        return pairs.contiguous().view(torch.uint8).reshape(-1)
     per_row = padded_in // fmt.block
     panels = rows // PANEL
     parts = [_panel_major(_pad(blocks.scales, rows, per_row), panels)]

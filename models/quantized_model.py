@@ -5,6 +5,7 @@
   none   every weight float32 (a GGUF file dequantized, as transformers reads it)
   int8   every projection and the output head quantized at load: Q8_0's blocks (32 inputs per float16
          scale, round to nearest); q8_0, q4_0 and q4_1 name those formats the same way
+  bf16   every projection and the output head in bfloat16 (CPUs with AVX512_BF16)
 A weight written later (a pushed update) is quantized into its part's format again, round to nearest.
 The input embedding stays float32: a lookup reads one row per token, not the matrix.
 """

@@ -17,9 +17,10 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-impl", default="auto", choices=["auto", "transformers"],
                         help="auto: the native decoder for a native family (gorgon models lists them), else the "
                         "transformers fallback; transformers: the fallback for any model")
-    parser.add_argument("--quantization", default="auto", choices=["auto", "none", "int8", "q8_0", "q4_0", "q4_1"],
+    parser.add_argument("--quantization", default="auto", choices=["auto", "none", "int8", "q8_0", "q4_0", "q4_1", "bf16"],
                         help="auto: a GGUF file's quantized weights stay in their blocks (Q8_0, Q4_0, Q4_1, Q4_K, "
-                        "Q6_K); none: float32; int8 (or q8_0, q4_0, q4_1): quantize a float checkpoint at load")
+                        "Q6_K); none: float32; int8 (or q8_0, q4_0, q4_1): quantize a float checkpoint at load; bf16: bfloat16 "
+                        "weights (CPUs with AVX512_BF16)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=int, default=None,

@@ -63,7 +63,7 @@ def test_quantized_product_on_arm_gives_this_machines_bits(tmp_path):
         cases.append(str(case))
     binary = tmp_path / "quant_check"
     subprocess.run([CROSS_CC, *FLAGS, f"-I{KERNELS}", str(CHECK.with_name("quant_check.c")),
-                    *(str(KERNELS / name) for name in ("quant_gemm.c", "gemm.c", "threads.c")),
+                    *(str(KERNELS / name) for name in ("quant_gemm.c", "bf16_gemm.c", "gemm.c", "threads.c")),
                     "-o", str(binary), "-lm"], check=True, capture_output=True, text=True, timeout=300)
     result = subprocess.run([QEMU, "-L", SYSROOT, str(binary), *cases], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout[-2000:] + result.stderr[-1000:]

@@ -14,6 +14,7 @@ from test_kernels import needs_kernel
 from tiny_models import PROMPTS
 
 GGUF_TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K"]
+BLOCK_FORMATS = sorted(name for name, fmt in Q.FORMATS.items() if fmt.kind != Q.BF16)   # the integer-dot ones
 
 
 def _raw_blocks(type_name: str, rows: int, columns: int, seed: int = 0) -> np.ndarray:
@@ -70,7 +71,7 @@ def _quantized_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 @needs_kernel
-@pytest.mark.parametrize("name", sorted(Q.FORMATS))
+@pytest.mark.parametrize("name", BLOCK_FORMATS)
 @pytest.mark.parametrize("rows,in_features,out_features", [(1, 64, 16), (3, 80, 40), (13, 256, 200), (70, 96, 33)])
 def test_quantized_product_matches_its_reference_and_every_row_is_its_own(name, rows, in_features, out_features):
     torch.manual_seed(rows * 7 + in_features)
@@ -190,3 +191,33 @@ def test_a_push_into_a_quantized_server_says_how_it_was_kept(llama_dir):
         assert answer.status_code == 200 and answer.json()["quantized_as"] == models["quantization"]
     finally:
         stop_server(live)
+
+
+needs_bf16 = pytest.mark.skipif(not kernels.bf16_products_supported(),
+                                reason="the kernels are not built for a CPU with AVX512_BF16")
+
+
+@needs_kernel
+@needs_bf16
+@pytest.mark.parametrize("rows,in_features,out_features", [(1, 64, 16), (5, 80, 40), (19, 256, 200)])
+def test_bf16_product_is_bf16_rounded_operands_in_float_and_every_row_is_its_own(rows, in_features, out_features):
+    torch.manual_seed(rows)
+    blocks = Q.quantize(torch.randn(out_features, in_features), Q.FORMATS["bf16"])
+    weights, _storage = _segments([blocks])
+    x, bias = torch.randn(rows, in_features), torch.randn(out_features)
+    y = kernels.linear_product(x, weights, out_features, bias)
+    expected = x.bfloat16().double() @ blocks.values[:, :in_features].double().t() + bias.double()
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-4)
+    alone = torch.cat([kernels.linear_product(x[i : i + 1], weights, out_features, bias) for i in range(rows)])
+    assert torch.equal(alone, y)
+
+
+@needs_kernel
+@needs_bf16
+def test_bf16_weights_decode_close_to_float32_with_exact_batches(llama_dir):
+    engine = Engine(model=llama_dir, show_progress=False, num_kv_blocks=128, block_size=4, quantization="bf16")
+    reference = Engine(model=llama_dir, show_progress=False, num_kv_blocks=128, block_size=4)
+    assert engine.loaded.quantization.startswith("bf16: bf16 x ")
+    prompts = [list(p) for p in PROMPTS]
+    assert _mean_kl(reference, engine, prompts) < 1e-3
+    assert _greedy(engine, prompts) == [_greedy(engine, [prompt])[0] for prompt in prompts]

@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(name)
            for name in ("paged_attention.c", "prefill_attention.c", "fused_ops.c", "sampling.c", "gemm.c",
-                        "quant_gemm.c", "decoder.c", "threads.c")]
+                        "quant_gemm.c", "bf16_gemm.c", "decoder.c", "threads.c")]
 HEADERS = [Path(__file__).with_name(name) for name in ("vector_math.h", "threads.h", "linear.h")]
 # -ffp-contract=fast lets the compiler fuse multiply-adds: ISO C mode (-std=c11) otherwise forbids it,
 # which halves the arithmetic rate of every dot product and matrix tile.
@@ -99,6 +99,7 @@ SIGNATURES = {
     "mask_rows_by_bits": ([_PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR], None),
     "pack_panels": ([_PTR, _I64, _I64, _PTR], None),
     "linear_product": ([_PTR, _I64, _I64, _I64, _PTR, _I64, _PTR, _PTR, _PTR], None),
+    "bf16_products_supported": ([], ctypes.c_int),
     "decoder_scratch_floats": ([_PTR, _I64], _I64),
     "decoder_forward": ([_PTR, _PTR, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _PTR], None),
     "decoder_greedy_chain_scratch_floats": ([_PTR, _I64, _I64, _I64], _I64),
@@ -320,6 +321,12 @@ class LinearWeights(ctypes.Structure):
 
     _fields_ = [("panels", ctypes.c_void_p), ("segments", ctypes.c_int64),
                 ("segment", QuantSegment * QUANT_MAX_SEGMENTS)]
+
+
+def bf16_products_supported() -> bool:
+    """Whether bfloat16 weights run here (the kernels were built for a CPU with AVX512_BF16)."""
+    library = _library()
+    return library is not None and bool(library.bf16_products_supported())
 
 
 def linear_product(x: torch.Tensor, weights: LinearWeights, out_features: int, bias: torch.Tensor | None = None,

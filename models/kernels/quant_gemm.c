@@ -445,5 +445,9 @@ void linear_product(const float *x, int64_t M, int64_t K, int64_t ldx, const Lin
         gemm_panels(x, M, K, ldx, w->panels, N, bias, residual, y);
         return;
     }
+    if (w->segment[0].kind == QUANT_BF16) {
+        bf16_product(w, x, M, K, ldx, N, bias, residual, y);
+        return;
+    }
     quant_product(w, x, M, K, ldx, N, bias, residual, y);
 }
