@@ -358,7 +358,7 @@ def run_gguf(label: str, gguf: str, threads: int, work: Workloads, llamacpp: tup
     section: dict = {"model": label, "path": gguf, "quantization": ours.engine.loaded.quantization}
     peer = LlamaCppProcess(llamacpp[0], gguf, threads, llamacpp[1])
     try:
-        chosen = tuple(w for w in selected if w != "batch")
+        chosen = tuple(w for w in selected if w != "batch")   # the llama.cpp workloads: TTFT, decode, n = 16
         section["llamacpp"] = {"version": peer.version, **measure(ours, peer, vocab, max_len, work, chosen)}
     finally:
         peer.close()

@@ -144,8 +144,8 @@ class FusedLinear(torch.nn.Module):
         """The weights as the native product reads them (models/kernels/linear.h): float32 panels, or the
         quantized parts as segments of consecutive parts of one format. Built on first use; only where the
         native kernels run."""
-        assert self._native_panels(self.weight_t), "the native kernels do not run on these weights"
         if self._linear is None:
+            assert self._native_panels(self.weight_t), "the native kernels do not run on these weights"
             self._linear = kernels.LinearWeights()
             if not self.quantized:
                 self._linear_storage = [self._pack()]

@@ -273,7 +273,9 @@ def _quantize(name: str, source: ModelSource, hf_model, model, backend: str, dty
             raise ModelLoadError(f"{name!r} cannot run with --quantization {quantization}: {reason}")
         logger.warning("%s: the GGUF weights run dequantized to %s: %s", name, dtype, reason)
         return None
-    file_blocks = read_gguf_blocks(str(Path(source.location) / source.gguf_file), hf_model) if source.gguf_file else {}
+    # A load scheme (int8, bf16, ...) quantizes the float weights itself: the file's blocks are read for auto only.
+    file_blocks = read_gguf_blocks(str(Path(source.location) / source.gguf_file), hf_model) \
+        if quantization == "auto" else {}
     with torch.inference_mode():
         quantized = quantize_linears(model, quantization, file_blocks)
     if quantized:
