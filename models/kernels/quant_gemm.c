@@ -72,7 +72,6 @@ typedef __m256i ivec;
 typedef __m256 fvec;
 static inline ivec izero(void) { return _mm256_setzero_si256(); }
 static inline ivec iload(const uint8_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
-static inline ivec isub_scalar(ivec a, int32_t b) { return _mm256_sub_epi32(a, _mm256_set1_epi32(b)); }
 static inline fvec fzero(void) { return _mm256_setzero_ps(); }
 static inline fvec fset1(float v) { return _mm256_set1_ps(v); }
 static inline fvec fmul(fvec a, fvec b) { return _mm256_mul_ps(a, b); }
@@ -108,10 +107,6 @@ static inline ivec iload(const uint8_t *p) {
     ivec r;
     memcpy(&r, p, sizeof r);
     return r;
-}
-static inline ivec isub_scalar(ivec a, int32_t b) {
-    for (int i = 0; i < QV; ++i) a.v[i] -= b;
-    return a;
 }
 static inline fvec fzero(void) { return (fvec){{0}}; }
 static inline fvec fset1(float s) {
@@ -234,7 +229,9 @@ static inline __attribute__((always_inline)) void quant_tile(const QuantRows *x,
                 for (int r = 0; r < R; ++r) sum[r] = dot_i8(sum[r], w, x_quad(x, m + r, k0 + 4 * q));
             }
             for (int r = 0; r < R; ++r) {
-                if (I8_OFFSET) sum[r] = isub_scalar(sum[r], I8_OFFSET * x_block_sum(x, m + r, k0, B));
+#if I8_OFFSET
+                sum[r] = isub_scalar(sum[r], I8_OFFSET * x_block_sum(x, m + r, k0, B));
+#endif
                 const float x_scale = x->scales[(m + r) * (x->Kp / XBLOCK) + k0 / XBLOCK];
                 acc[r] = ffma(fcvt(sum[r]), fmul(scale, fset1(x_scale)), acc[r]);
             }
