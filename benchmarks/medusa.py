@@ -1,7 +1,9 @@
-"""Medusa decoding on the embedded target + its heads: Gorgon's plain decode against Gorgon with the heads.
+"""Medusa decoding: Gorgon's plain decode against Gorgon with the heads, on the embedded target and its
+heads, or a catalog model and the heads shipped for it (`--model smollm2`).
 
-Held-out prompts of the default model's corpus, batch 1 (prompts one after another), 128 new tokens with
-EOS suppressed. Greedy: `identical` (tokens equal to plain greedy), `speedup` over plain decode and
+Held-out prompts, batch 1 (prompts one after another), 128 new tokens with EOS suppressed: windows of
+the default model's held-out corpus, or for a chat model user turns of held-out subjects
+(training/chat_prompts.py) in its chat template. Greedy: `identical` (tokens equal to plain greedy), `speedup` over plain decode and
 `mean_accepted_length` (tokens gained per target forward: 1 + accepted / verifications). Then the same
 at temperature 0.7 with typical acceptance (lossy) and with lossless acceptance, against plain sampling.
 """
@@ -13,7 +15,16 @@ import json
 from benchmarks.common import benchmark_model_path, parse_args, report
 from benchmarks.speculative import PROMPT_TOKENS, heldout_prompts, timed_in_turn
 from decoding import Engine, SamplingParams
+from models.catalog import shipped_heads
 from models.loader import DEFAULT_MEDUSA_DIR
+from training.chat_prompts import chat_prompt_ids, prompts as chat_prompts
+
+
+def benchmark_prompts(tokenizer, count: int) -> list[list[int]]:
+    """Held-out chat turns for a chat model, else held-out corpus windows (see speculative.py)."""
+    if tokenizer.chat_template:
+        return [chat_prompt_ids(tokenizer, text) for text in chat_prompts("heldout")[:count]]
+    return heldout_prompts(tokenizer, count, PROMPT_TOKENS)
 
 
 def main() -> None:
@@ -24,14 +35,14 @@ def main() -> None:
 
     args = parse_args(__doc__, extra)
     target = benchmark_model_path(args.model)
-    heads = args.heads or str(DEFAULT_MEDUSA_DIR)
+    heads = str(args.heads or shipped_heads(args.model, "medusa") or DEFAULT_MEDUSA_DIR)
     new_tokens = 64 if args.quick else 128
     num_prompts = 2 if args.quick else 8
     common = dict(model=target, dtype=args.dtype, show_progress=False)
     plain = Engine(**common)
-    *prompts, warmup_prompt = heldout_prompts(plain.tokenizer, num_prompts + 1, PROMPT_TOKENS)   # see speculative.py
+    *prompts, warmup_prompt = benchmark_prompts(plain.tokenizer, num_prompts + 1)
     result = {"benchmark": "medusa", "model": target, "heads": heads, "dtype": args.dtype, "prompts": len(prompts),
-              "prompt_tokens": PROMPT_TOKENS, "new_tokens": new_tokens}
+              "prompt_tokens": round(sum(map(len, prompts)) / len(prompts), 1), "new_tokens": new_tokens}
     greedy = SamplingParams(temperature=0, max_tokens=new_tokens, min_tokens=new_tokens)
     sampled = SamplingParams(temperature=0.7, max_tokens=new_tokens, min_tokens=new_tokens, seed=0)
     for name, acceptance, params in (("greedy", "typical", greedy), ("typical_t0.7", "typical", sampled),

@@ -14,6 +14,7 @@ from decoding.speculative.ngram import NgramProposer
 from decoding.speculative.proposer import AcceptanceRule
 from models import load_model
 from models.attention import PagedKVCache
+from models import catalog
 from models.loader import DEFAULT_DRAFT_DIR, DEFAULT_MEDUSA_DIR, LoadedModel
 from models.medusa import MedusaHeads
 
@@ -46,8 +47,10 @@ def build_speculation(cfg: EngineConfig, loaded: LoadedModel, sampler: Sampler,
     if cfg.speculative == "ngram":
         proposer = NgramProposer(cfg.num_speculative_tokens, cfg.prompt_lookup_max, cfg.prompt_lookup_min)
     elif cfg.speculative == "medusa":
-        heads = MedusaHeads.load(cfg.medusa_heads or DEFAULT_MEDUSA_DIR, model.dtype, loaded.device,
-                                 hidden_size=model.hidden_size, vocab_size=model.vocab_size)
+        folder = cfg.medusa_heads or catalog.shipped_heads(cfg.model, "medusa") or DEFAULT_MEDUSA_DIR
+        heads = MedusaHeads.load(folder, model.dtype, loaded.device,
+                                 hidden_size=model.hidden_size, vocab_size=model.vocab_size,
+                                 output_head=model.lm_head.weight_t.t())
         heads.use_output_head(model.lm_head)
         acceptance = AcceptanceRule.named(cfg.medusa_acceptance, (cfg.typical_epsilon, cfg.typical_delta))
         proposer = MedusaProposer(heads, sampler, loaded.eos_token_ids, loaded.device, cfg.medusa_choices, acceptance)

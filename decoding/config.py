@@ -39,7 +39,7 @@ class EngineConfig:
     speculative_disable_by_batch_size: int | None = None
     prompt_lookup_max: int = 4            # n-gram sizes prompt lookup tries, longest first
     prompt_lookup_min: int = 2
-    medusa_heads: str | None = None       # None: the embedded default model's heads
+    medusa_heads: str | None = None       # None: the heads shipped for a catalog model, else the embedded model's
     medusa_choices: tuple[tuple[int, ...], ...] | None = None   # the candidate tree; None: the default
     medusa_acceptance: str = "typical"    # sampled requests: "typical" (lossy) or "lossless"
     typical_epsilon: float = 0.09         # typical acceptance: keep if p > min(epsilon, delta * exp(-H))

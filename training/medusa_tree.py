@@ -13,6 +13,10 @@ Which size is fastest depends on what a wider verification costs on the machine:
 tokens per step of every size for benchmarks/medusa.py to confirm.
 
 The prompts skip the held-out files the benchmarks read, so the tree is not tuned on its own test.
+With `--answers A.jsonl` (an instruct model's self-distilled chat answers, training/medusa_distill.py)
+the continuations are instead the greedy answers of the samples the heads were not trained on, read from
+the features cached beside them: no generation, and no benchmark prompt either (those are of held-out
+subjects, training/chat_prompts.py).
 """
 
 from __future__ import annotations
@@ -66,6 +70,35 @@ def rank_vectors(model_path: str, heads_path: str, num_prompts: int, prompt_toke
     return continuations
 
 
+@torch.inference_mode()
+def rank_vectors_from_answers(model_path: str, heads_path: str, answers: Path, top_k: int) -> list[list[tuple[int, ...]]]:
+    """As rank_vectors, over the greedy answers of the samples medusa_distill held out."""
+    from transformers import AutoModelForCausalLM
+
+    from models.medusa import MedusaHeads
+    from training.draft_features import answer_features, read_samples
+    from training.medusa_distill import HELDOUT_EVERY
+
+    samples = read_samples(answers)
+    features = answer_features(model_path, samples, answers.with_suffix(".features.pt"))
+    output_head = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).get_output_embeddings().weight
+    heads = MedusaHeads.load(heads_path, output_head=output_head)
+    continuations = []
+    for index in range(0, len(samples), HELDOUT_EVERY):
+        if samples[index]["temperature"] != 0:
+            continue
+        rows = (features.sample == index).nonzero().squeeze(1)
+        if rows.numel() <= heads.num_heads:
+            continue
+        top = heads.token_ids(heads(features.hidden[rows].float()).topk(top_k, dim=-1).indices)   # [K, T, top_k]
+        truth = features.next_tokens[rows, 1 : 1 + heads.num_heads].t()                          # [K, T]
+        hits = top == truth[..., None]
+        ranks = torch.where(hits.any(-1), hits.int().argmax(-1), top_k)                           # [K, T]
+        usable = (truth >= 0).all(0)
+        continuations.append([tuple(column) for column in ranks.t()[usable].tolist()])
+    return continuations
+
+
 def tokens_per_step(tree: set[tuple[int, ...]], continuations: list[list[tuple[int, ...]]]) -> float:
     """Walk each continuation as greedy Medusa decoding would: a step at t keeps the longest tree path
     matching t's ranks, emits it plus the target's own token, and the next step starts after them."""
@@ -109,8 +142,13 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--max-nodes", type=int, default=32)
     parser.add_argument("--top-k", type=int, default=8)
+    parser.add_argument("--answers", type=Path, default=None, help="tune on these self-distilled answers' held-out part")
     args = parser.parse_args()
-    continuations = rank_vectors(args.model, args.heads, args.prompts, args.prompt_tokens, args.new_tokens, args.top_k)
+    if args.answers is not None:
+        continuations = rank_vectors_from_answers(args.model, args.heads, args.answers, args.top_k)
+    else:
+        continuations = rank_vectors(args.model, args.heads, args.prompts, args.prompt_tokens, args.new_tokens,
+                                     args.top_k)
     rows = [{"nodes": size, "path": list(path), "tokens_per_step": round(score, 3)}
             for size, (path, score) in enumerate(grow_tree(continuations, args.max_nodes, args.top_k), start=1)]
     print(json.dumps({"positions": sum(map(len, continuations)), "tree": rows}))

@@ -72,15 +72,15 @@ class MedusaProposer:
         if not known:
             return proposals
         hidden = torch.stack([self._hidden[seqs[i].seq_id] for i in known])
-        logits = self.heads(hidden.to(self.heads.heads[0][-1].weight.dtype)).float()      # [K, N, vocab]
-        top = logits.topk(self.top_k, dim=-1).indices.tolist()                              # [K][N][top_k]
+        logits = self.heads(hidden.to(self.heads.heads[0][-1].weight.dtype)).float()      # [K, N, V]
+        top = self.heads.token_ids(logits.topk(self.top_k, dim=-1).indices).tolist()        # [K][N][top_k]
         for n, i in enumerate(known):
             seq = seqs[i]
             if seq.request.params.is_greedy or self.acceptance.takes_trees:
                 tokens = [top[len(path) - 1][n][path[-1]] for path in self.choices]
                 proposals[i] = Proposal(tokens, parents=self.parents)
             else:
-                proposals[i] = self._sampled_chain(seq, logits[:, n])
+                proposals[i] = self._sampled_chain(seq, self.heads.vocab_logits(logits[:, n]))
         return proposals
 
     def _sampled_chain(self, seq: Sequence, head_logits: torch.Tensor) -> Proposal:
