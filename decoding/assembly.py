@@ -9,6 +9,7 @@ from decoding.kv_cache_manager import KVCacheManager
 from decoding.sampler import Sampler
 from decoding.speculative.decoder import SpeculativeDecoding
 from decoding.speculative.draft import DraftModelProposer
+from decoding.speculative.governor import SpeculationGovernor
 from decoding.speculative.medusa import MedusaProposer
 from decoding.speculative.ngram import NgramProposer
 from decoding.speculative.proposer import AcceptanceRule
@@ -43,7 +44,7 @@ def build_speculation(cfg: EngineConfig, loaded: LoadedModel, sampler: Sampler,
     if cfg.speculative is None:
         return None
     model = loaded.model
-    acceptance = AcceptanceRule()
+    acceptance = AcceptanceRule.named(cfg.speculative_acceptance, (cfg.typical_epsilon, cfg.typical_delta))
     if cfg.speculative == "ngram":
         proposer = NgramProposer(cfg.num_speculative_tokens, cfg.prompt_lookup_max, cfg.prompt_lookup_min)
     elif cfg.speculative == "medusa":
@@ -64,5 +65,6 @@ def build_speculation(cfg: EngineConfig, loaded: LoadedModel, sampler: Sampler,
         # that runs out of blocks only stops proposing for the sequences that do not fit.
         proposer = DraftModelProposer(draft, cfg.num_speculative_tokens, num_blocks, cfg.block_size,
                                       sampler, loaded.eos_token_ids)
+    governor = SpeculationGovernor() if cfg.speculative_adaptive else None
     return SpeculativeDecoding(proposer, max_model_len, sampler, model.vocab_size, loaded.eos_token_ids,
-                               loaded.device, cfg.speculative_disable_by_batch_size, acceptance)
+                               loaded.device, cfg.speculative_disable_by_batch_size, acceptance, governor)

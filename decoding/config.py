@@ -37,11 +37,18 @@ class EngineConfig:
     # Steps with more decoding sequences than this do not speculate (their batch already keeps the
     # hardware busy, and verifying k more rows each costs more than it saves); None: always speculate.
     speculative_disable_by_batch_size: int | None = None
+    # Per step, speculate only where measured to pay at that batch size (decoding/speculative/governor.py);
+    # False: speculate in every step that can (what the acceptance benchmarks measure).
+    speculative_adaptive: bool = True
     prompt_lookup_max: int = 4            # n-gram sizes prompt lookup tries, longest first
     prompt_lookup_min: int = 2
     medusa_heads: str | None = None       # None: the heads shipped for a catalog model, else the embedded model's
     medusa_choices: tuple[tuple[int, ...], ...] | None = None   # the candidate tree; None: the default
-    medusa_acceptance: str = "typical"    # sampled requests: "typical" (lossy) or "lossless"
+    # How sampled requests keep draft tokens (decoding/speculative/proposer.py, AcceptanceRule): "exact"
+    # (the plain sampled tokens, token for token), "lossless" (the rejection rule: the same distribution),
+    # or, for Medusa only, "typical" (lossy).
+    speculative_acceptance: str = "exact"
+    medusa_acceptance: str = "exact"
     typical_epsilon: float = 0.09         # typical acceptance: keep if p > min(epsilon, delta * exp(-H))
     typical_delta: float = 0.3
     # Each grammar compile (schema -> regex -> token index) runs in a worker process that the kernel stops
@@ -85,8 +92,10 @@ class EngineConfig:
     def _check_speculation(self) -> None:
         if self.speculative not in (None, "draft", "ngram", "medusa"):
             raise ValueError(f"speculative must be 'draft', 'ngram', 'medusa' or None, got {self.speculative!r}")
-        if self.medusa_acceptance not in ("typical", "lossless"):
-            raise ValueError(f"medusa_acceptance must be 'typical' or 'lossless', got {self.medusa_acceptance!r}")
+        if self.medusa_acceptance not in ("exact", "lossless", "typical"):
+            raise ValueError(f"medusa_acceptance must be 'exact', 'lossless' or 'typical', got {self.medusa_acceptance!r}")
+        if self.speculative_acceptance not in ("exact", "lossless"):
+            raise ValueError(f"speculative_acceptance must be 'exact' or 'lossless', got {self.speculative_acceptance!r}")
         if self.speculative_disable_by_batch_size is not None and self.speculative_disable_by_batch_size < 1:
             raise ValueError("speculative_disable_by_batch_size must be >= 1 or None, got "
                              f"{self.speculative_disable_by_batch_size}")

@@ -5,6 +5,8 @@ One step is its phases: schedule -> propose -> execute -> sample / verify -> upd
 
 from __future__ import annotations
 
+import time
+
 from dataclasses import dataclass, replace
 
 from tqdm.auto import tqdm
@@ -150,8 +152,11 @@ class Engine:
     # ---- the engine step ---------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """One step: schedule -> propose -> execute -> sample / verify -> update."""
+        started = time.perf_counter()
         sched = self._schedule()
         if sched.is_empty:
+            if self.speculation:
+                self.speculation.end_step(sched, [], [], 0.0)
             return []
         chains = self.speculation.attach_drafts(sched) if self.speculation else []
         want_prompt = sched.wanting_prompt_logprobs()
@@ -175,7 +180,10 @@ class Engine:
         if sched.wants_hidden:
             self.speculation.observe(sampling_seqs, rows.tolist(), chains, verdicts, logits)
         self.counters.num_steps += 1
-        return self.update.end_step(sched)
+        outputs = self.update.end_step(sched)
+        if self.speculation:
+            self.speculation.end_step(sched, chains, verdicts, time.perf_counter() - started)
+        return outputs
 
     def _schedule(self) -> SchedulerOutput:
         """The scheduler's plan; preempted sequences drop their drafts; newly started requests take the

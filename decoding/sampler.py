@@ -120,8 +120,10 @@ class Sampler:
 
     @staticmethod
     def uniforms(batch: SamplingMetadata) -> torch.Tensor:
-        """One uniform per row, keyed by that row's seed and the position it draws for, on the CPU."""
-        return torch.tensor([seq.uniform() for seq in batch.seqs], dtype=torch.float32)
+        """One uniform per row, keyed by that row's seed and the position it draws for (past the row's
+        draft tokens: a verification or drafting row draws for a later position), on the CPU."""
+        return torch.tensor([seq.uniform(len(drafted)) for seq, drafted in zip(batch.seqs, batch.drafted)],
+                            dtype=torch.float32)
 
     @classmethod
     def sample(cls, probs: torch.Tensor, batch: SamplingMetadata, uniforms: torch.Tensor | None = None) -> torch.Tensor:

@@ -66,11 +66,12 @@ class Sequence:
         # (a request kept across a weight update: pause mode "keep").
         self.version_changes: list[tuple[int, int]] = []
 
-    def uniform(self) -> float:
-        """The uniform draw that picks the token at the next position: a function of the seed and that
-        position alone (counter-based, as SGLang's seeded sampling), so a request resumed by resending
-        its prompt and partial completion draws exactly what the uninterrupted one would have."""
-        return position_uniform(self.seed, len(self.token_ids))
+    def uniform(self, num_drafted: int = 0) -> float:
+        """The uniform draw that picks the token at the next position (past `num_drafted` draft tokens):
+        a function of the seed and that position alone (counter-based, as SGLang's seeded sampling), so
+        a request resumed by resending its prompt and partial completion draws exactly what the
+        uninterrupted one would have, and a verified draft position draws what plain decoding would."""
+        return position_uniform(self.seed, len(self.token_ids) + num_drafted)
 
     @property
     def generator(self) -> torch.Generator:

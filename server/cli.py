@@ -36,8 +36,14 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--medusa-heads", default=None, help="Medusa heads folder (default: the embedded model's)")
     parser.add_argument("--medusa-choices", type=_choices, default=None,
                         help="the candidate tree as JSON, e.g. '[[0], [1], [0, 0]]' (default: a tree tuned here)")
-    parser.add_argument("--medusa-acceptance", choices=["typical", "lossless"], default="typical",
-                        help="how sampled requests accept Medusa candidates (greedy ones are always exact)")
+    parser.add_argument("--medusa-acceptance", choices=["exact", "lossless", "typical"], default="exact",
+                        help="how sampled requests accept Medusa candidates: exact (the plain sampled tokens), "
+                             "lossless (rejection rule) or typical (lossy); greedy ones are always exact")
+    parser.add_argument("--speculative-acceptance", choices=["exact", "lossless"], default="exact",
+                        help="how sampled requests accept draft / n-gram tokens: exact (the plain sampled tokens) "
+                             "or lossless (the rejection rule: the same distribution, other tokens)")
+    parser.add_argument("--no-speculative-adaptive", dest="speculative_adaptive", action="store_false",
+                        help="speculate in every step that can, even where it was measured not to pay")
     parser.add_argument("--grammar-cpu-budget", type=float, default=5.0,
                         help="CPU seconds one constraint's grammar may take to compile before it is refused")
     parser.add_argument("--grammar-memory-gb", type=float, default=4.0,
@@ -63,7 +69,8 @@ def _engine_options(args: argparse.Namespace) -> dict:
                 draft_model=args.draft_model, num_speculative_tokens=args.num_speculative_tokens,
                 prompt_lookup_max=args.prompt_lookup_max, prompt_lookup_min=args.prompt_lookup_min,
                 medusa_heads=args.medusa_heads, medusa_choices=args.medusa_choices,
-                medusa_acceptance=args.medusa_acceptance, grammar_cpu_budget_s=args.grammar_cpu_budget,
+                medusa_acceptance=args.medusa_acceptance, speculative_acceptance=args.speculative_acceptance,
+                speculative_adaptive=args.speculative_adaptive, grammar_cpu_budget_s=args.grammar_cpu_budget,
                 grammar_memory_gb=args.grammar_memory_gb, grammar_workers=args.grammar_workers,
                 **({"structured_backends": tuple(args.structured_backend)} if args.structured_backend else {}),
                 speculative_disable_by_batch_size=args.speculative_disable_by_batch_size)

@@ -34,7 +34,7 @@ def heads_dir(tmp_path_factory, llama_dir):
 
 def medusa_engine(llama_dir, heads_dir, **overrides):
     options = dict(show_progress=False, num_kv_blocks=256, block_size=4, speculative="medusa",
-                   medusa_heads=heads_dir, medusa_choices=CHOICES)
+                   medusa_heads=heads_dir, medusa_choices=CHOICES, speculative_adaptive=False)
     return Engine(model=llama_dir, **(options | overrides))
 
 
@@ -236,7 +236,18 @@ def test_medusa_with_other_traffic_groups_and_stop_strings(llama_dir, heads_dir)
                [(o.token_ids, o.text, o.finish_reason) for o in expected.outputs]
 
 
-@pytest.mark.parametrize("acceptance", ["typical", "lossless"])
+def test_exact_medusa_samples_the_plain_tokens(llama_dir, heads_dir):
+    """The exact rule over Medusa's trees: sampled requests get plain sampling's tokens, token for token."""
+    plain = Engine(model=llama_dir, show_progress=False, num_kv_blocks=256, block_size=4)
+    params = SamplingParams(temperature=0.7, max_tokens=NEW_TOKENS, seed=3, n=2)
+    for adaptive in (False, True):
+        engine = medusa_engine(llama_dir, heads_dir, speculative_adaptive=adaptive)
+        for got, expected in zip(engine.generate(PROMPTS[:3], params), plain.generate(PROMPTS[:3], params)):
+            assert [o.token_ids for o in got.outputs] == [o.token_ids for o in expected.outputs]
+        assert engine.speculation.counters.num_draft_tokens > 0
+
+
+@pytest.mark.parametrize("acceptance", ["typical", "lossless", "exact"])
 def test_sampled_medusa_runs_and_reports_the_targets_logprobs(llama_dir, heads_dir, acceptance):
     engine = medusa_engine(llama_dir, heads_dir, medusa_acceptance=acceptance)
     params = SamplingParams(temperature=0.7, max_tokens=NEW_TOKENS, seed=5, logprobs=1)

@@ -23,7 +23,9 @@ def other_llama_dir(tmp_path_factory):
 
 
 def spec_engine(target, draft=None, **overrides):
-    options = dict(show_progress=False, num_kv_blocks=256, block_size=4)
+    # Every step speculates: these tests check what a speculating step does (the governor that skips
+    # unprofitable ones is tested on its own below).
+    options = dict(show_progress=False, num_kv_blocks=256, block_size=4, speculative_adaptive=False)
     if draft is not None:
         options |= dict(speculative="draft", draft_model=draft)
     return Engine(model=target, **(options | overrides))
@@ -256,7 +258,7 @@ def test_sampled_speculation_returns_the_targets_logprobs_and_is_reproducible(ll
 
 
 def test_sampled_speculation_with_an_identical_draft_accepts_nearly_everything(llama_dir):
-    engine = spec_engine(llama_dir, llama_dir, num_speculative_tokens=4)
+    engine = spec_engine(llama_dir, llama_dir, num_speculative_tokens=4, speculative_acceptance="lossless")
     engine.generate(PROMPTS, SamplingParams(temperature=1.0, max_tokens=NEW_TOKENS, seed=0))
     counters = engine.speculation.counters
     assert counters.num_draft_tokens > 0
@@ -410,3 +412,77 @@ def test_greedy_drafts_in_one_native_call_match_the_per_step_loop(llama_dir, oth
     (chained, chained_out, used), (looped, looped_out, _) = runs
     assert used, "greedy drafting should take the one-call chain"
     assert chained == looped and chained_out == looped_out
+
+
+# ---- exact acceptance and the governor -----------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["same", "other", "ngram"])
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_exact_acceptance_samples_the_plain_tokens(llama_dir, other_llama_dir, mode, adaptive):
+    """Under the exact rule a sampled request's tokens and logprobs are plain sampling's, token for token,
+    whatever the proposer and whichever steps speculated; a draft that equals the target and draws with
+    the same uniforms is accepted every time."""
+    plain = Engine(model=llama_dir, show_progress=False, num_kv_blocks=256, block_size=4)
+    options = dict(speculative="ngram", prompt_lookup_min=1) if mode == "ngram" else \
+        dict(speculative="draft", draft_model=llama_dir if mode == "same" else other_llama_dir)
+    engine = spec_engine(llama_dir, num_speculative_tokens=3, speculative_adaptive=adaptive, **options)
+    params = [SamplingParams(temperature=0.8, max_tokens=NEW_TOKENS, seed=7, logprobs=1, n=2),
+              SamplingParams(temperature=1.0, top_p=0.9, max_tokens=NEW_TOKENS, seed=8),
+              SamplingParams(temperature=0, max_tokens=NEW_TOKENS)]
+    prompts = PROMPTS[:3]
+    for got, expected in zip(engine.generate(prompts, params), plain.generate(prompts, params)):
+        assert [o.token_ids for o in got.outputs] == [o.token_ids for o in expected.outputs]
+        for a, b in zip(got.outputs, expected.outputs):
+            assert [x.logprob for x in a.logprobs or []] == pytest.approx([x.logprob for x in b.logprobs or []], abs=1e-5)
+    counters = engine.speculation.counters
+    assert counters.num_draft_tokens > 0
+    if mode == "same" and not adaptive:
+        assert counters.acceptance_rate > 0.95
+
+
+def test_governor_takes_the_faster_mode_per_batch_size_and_keeps_measuring():
+    from decoding.speculative.governor import EXPLORE_EVERY, MIN_SAMPLES, SpeculationGovernor, batch_bucket
+
+    assert [batch_bucket(b) for b in (1, 2, 8, 9, 16, 17, 32, 33)] == [1, 2, 8, 9, 9, 10, 10, 11]
+    governor = SpeculationGovernor()
+    decisions = []
+    for _ in range(4 * EXPLORE_EVERY):
+        on = governor.speculate(1)
+        decisions.append(on)
+        # batch 1: speculation emits 2.5 tokens in 1.2 units of time, plain 1 token in 1 unit
+        governor.record(1, on, 25 if on else 10, 12.0 if on else 10.0)
+    assert decisions[:MIN_SAMPLES] == [True] * MIN_SAMPLES                  # measure speculation first
+    assert decisions[MIN_SAMPLES : 2 * MIN_SAMPLES] == [False] * MIN_SAMPLES    # then plain decoding
+    steady = decisions[2 * MIN_SAMPLES :]
+    assert sum(steady) >= len(steady) - len(steady) // EXPLORE_EVERY - 1       # speculation, re-checking plain
+    assert not all(steady)
+    decisions = []
+    for _ in range(4 * EXPLORE_EVERY):
+        on = governor.speculate(8)
+        decisions.append(on)
+        # batch 8: verification costs more than it returns
+        governor.record(8, on, 12 if on else 8, 20.0 if on else 10.0)
+    steady = decisions[2 * MIN_SAMPLES :]
+    assert sum(steady) <= len(steady) // EXPLORE_EVERY + 1 and any(steady)
+    summary = governor.summary()
+    assert summary[1]["on_tok_s"] > summary[1]["off_tok_s"] and summary[8]["on_tok_s"] < summary[8]["off_tok_s"]
+
+
+def test_governed_engine_stops_speculating_where_it_does_not_pay(llama_dir, other_llama_dir):
+    """A slow draft that is always rejected costs every step it runs in: the governor measures that and
+    switches speculation off, with outputs unchanged."""
+    import time
+
+    engine = spec_engine(llama_dir, other_llama_dir, num_speculative_tokens=4, speculative_adaptive=True)
+
+    def slow_and_wrong(seqs, k):
+        time.sleep(0.01)
+        return [Proposal([0] * n) for n in k]
+
+    engine.speculation.proposer.propose = slow_and_wrong
+    plain = spec_engine(llama_dir)
+    params = SamplingParams(temperature=0, max_tokens=80, ignore_eos=True)
+    got, expected = engine.generate(PROMPTS[:1], params), plain.generate(PROMPTS[:1], params)
+    assert got[0].outputs[0].token_ids == expected[0].outputs[0].token_ids
+    summary = engine.speculation.governor.summary()[1]
+    assert summary["on_steps"] >= 3 and summary["off_steps"] > summary["on_steps"]

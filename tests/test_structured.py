@@ -389,7 +389,8 @@ def test_constraints_with_speculation(llama_dir, engine, mode):
     plain constrained greedy, sampled outputs stay valid, and drafts are verified (not skipped)."""
     options = dict(draft_model=llama_dir) if mode == "draft" else dict(prompt_lookup_min=1)
     spec = Engine(model=llama_dir, show_progress=False, num_kv_blocks=512, block_size=4, speculative=mode,
-                  num_speculative_tokens=4, structured_backends=engine.config.structured_backends, **options)
+                  num_speculative_tokens=4, structured_backends=engine.config.structured_backends,
+                  speculative_adaptive=False, **options)
     greedy = SamplingParams(temperature=0, max_tokens=60, json_schema=SCHEMA)
     for a, b in zip(spec.generate(PROMPTS, greedy), engine.generate(PROMPTS, greedy)):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids

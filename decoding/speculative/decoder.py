@@ -1,10 +1,11 @@
 """Speculative decoding inside the engine step.
 
-The engine calls three hooks per step:
+The engine calls three hooks per step (and `end_step` with the step's time, for the governor):
 
 1. `lookahead(seq, num_decoding)` while scheduling: how many draft slots a decoding sequence reserves
    (blocks and token budget), so verification can never run out of cache; none in a step with more
-   decoding sequences than `disable_by_batch_size`.
+   decoding sequences than `disable_by_batch_size`, nor in a step where the governor (governor.py)
+   measured speculation not to pay at this batch size.
 2. `attach_drafts(sched)` after scheduling: the proposer drafts tokens for the sequences that reserved
    slots, and their decode entries become chains of 1 + k tokens for the target to score in the same
    forward pass as every other request of the step.
@@ -23,6 +24,7 @@ from decoding.runner import StepLogits
 from decoding.sampler import Sampler
 from decoding.step_plan import ScheduledSeq, SchedulerOutput, TokenTree
 from decoding.sequence import Sequence
+from decoding.speculative.governor import SpeculationGovernor
 from decoding.speculative.proposer import AcceptanceRule, Proposal, Proposer, SpecCounters
 from decoding.sampling_metadata import SamplingMetadata, SamplingRows
 from decoding.speculative.rejection import Verdict, rows_to_verify, verify
@@ -32,8 +34,10 @@ from decoding.structured.step_masks import StepMasks
 class SpeculativeDecoding:
     def __init__(self, proposer: Proposer, max_model_len: int, sampler: Sampler,
                  vocab_size: int, eos_token_ids: frozenset[int], device: torch.device,
-                 disable_by_batch_size: int | None = None, acceptance: AcceptanceRule = AcceptanceRule()):
+                 disable_by_batch_size: int | None = None, acceptance: AcceptanceRule = AcceptanceRule(),
+                 governor: SpeculationGovernor | None = None):
         self.proposer = proposer
+        self.governor = governor                 # None: speculate whenever a sequence can
         self.acceptance = acceptance
         self.disable_by_batch_size = disable_by_batch_size
         self.max_model_len = max_model_len
@@ -43,6 +47,7 @@ class SpeculativeDecoding:
         self.device = device
         self.counters = SpecCounters()
         self._proposals: dict[int, Proposal] = {}
+        self._step_mode: tuple[int, bool] | None = None     # (num_decoding, speculate) of the step being planned
 
     def lookahead(self, seq: Sequence, num_decoding: int) -> int:
         """Draft slots for `seq` in a step where `num_decoding` sequences decode."""
@@ -51,9 +56,31 @@ class SpeculativeDecoding:
             return 0
         if self.disable_by_batch_size is not None and num_decoding > self.disable_by_batch_size:
             return 0
+        if not self._speculating(num_decoding):
+            return 0
         if self._max_depth(seq) <= 0:
             return 0
         return self.proposer.max_tokens_per_step
+
+    def _speculating(self, num_decoding: int) -> bool:
+        """The governor's mode for this step, asked once per step."""
+        if self.governor is None:
+            return True
+        if self._step_mode is None:
+            self._step_mode = (num_decoding, self.governor.speculate(num_decoding))
+        return self._step_mode[1]
+
+    def end_step(self, sched: SchedulerOutput, chains: list[ScheduledSeq], verdicts: list[Verdict],
+                 seconds: float) -> None:
+        """Tell the governor how a pure decode step went: the tokens its decoding sequences gained in
+        `seconds`. Steps with prompt chunks say nothing about decoding speed and are not counted."""
+        mode, self._step_mode = self._step_mode, None
+        if self.governor is None or mode is None or (mode[1] and not chains):
+            return                  # (a step that meant to speculate but drafted nothing says nothing)
+        if not all(item.draft_token_ids or (item.num_new_tokens == 1 and item.reaches_end) for item in sched.scheduled):
+            return
+        gained = len(sched.scheduled) + sum(verdict.num_accepted for verdict in verdicts)
+        self.governor.record(mode[0], mode[1], gained, seconds)
 
     def _max_depth(self, seq: Sequence) -> int:
         """A verified step emits up to depth + 1 tokens: never draft past max_tokens or the context."""

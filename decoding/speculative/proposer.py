@@ -59,22 +59,31 @@ class Proposal:
 @dataclass(frozen=True)
 class AcceptanceRule:
     """How the verifier keeps the draft tokens of sampled requests, configured once for the engine
-    (greedy requests always keep the path of the target's argmax). Lossless: speculative sampling,
-    over chains. Typical (Medusa's lossy rule, `typical` = (epsilon, delta)): a node whose probability
-    under the target is typical enough, over trees too."""
+    (greedy requests always keep the path of the target's argmax).
+
+    Exact (the default): each verified position draws its token exactly as plain decoding would (the
+    same pipeline, the uniform of the request's seed and that position) and the path of matching draft
+    tokens is kept, so the output is the plain sampled output token for token, over chains and trees;
+    a draft drawn with the same uniform (draft models, Medusa's chains do) matches whenever the two
+    distributions put that uniform on the same token. Lossless: speculative sampling (the rejection rule),
+    over chains; the same distribution, other tokens. Typical (Medusa's lossy rule, `typical` =
+    (epsilon, delta)): a node whose probability under the target is typical enough, over trees too."""
 
     typical: tuple[float, float] | None = None
+    exact: bool = True
+
+    NAMES = ("exact", "lossless", "typical")
 
     @classmethod
     def named(cls, name: str, typical: tuple[float, float]) -> AcceptanceRule:
-        if name not in ("typical", "lossless"):
-            raise ValueError(f"the acceptance rule must be 'typical' or 'lossless', got {name!r}")
-        return cls(typical if name == "typical" else None)
+        if name not in cls.NAMES:
+            raise ValueError(f"the acceptance rule must be one of {', '.join(map(repr, cls.NAMES))}, got {name!r}")
+        return cls(typical if name == "typical" else None, exact=name == "exact")
 
     @property
     def takes_trees(self) -> bool:
         """Whether a sampled request's proposal may be a tree (lossless verification needs a chain)."""
-        return self.typical is not None
+        return self.typical is not None or self.exact
 
 
 class Proposer(Protocol):

@@ -8,7 +8,14 @@ sampled one follow the same distribution p_j.
 - Greedy rows keep draft token j while it equals argmax p_j; the first mismatch is replaced by the
   target's argmax, and when all k are kept the target's argmax at row k is a bonus token. The output is
   token-identical to plain greedy decoding.
-- Sampled rows use the speculative sampling rule (Leviathan et al. 2023; Chen et al. 2023): keep draft
+- Sampled rows under the exact rule (the default): row j draws its token as the plain sampler would at
+  that position (the same pipeline and the uniform of the request's seed and position; a row below a
+  draft path counts that path, so it draws for the position the path leads to), and the walk keeps the
+  draft tokens that equal those draws, as the greedy walk does with argmaxes. The output is the plainly
+  sampled output, token for token, so whether a step speculated never shows; over trees too. Proposers
+  that draw with the same uniforms (draft models, Medusa's chains) agree with the target wherever the
+  two inverse CDFs send that uniform to the same token.
+- Sampled rows under the lossless rule use speculative sampling (Leviathan et al. 2023; Chen et al. 2023): keep draft
   token x ~ q_j with probability min(1, p_j(x) / q_j(x)); on the first rejection draw from the residual
   norm(max(0, p_j - q_j)) and stop; when all are kept draw a bonus token from p_k. Each emitted token is
   then distributed exactly as under p. A deterministic proposer has a one-hot q.
@@ -70,9 +77,12 @@ def verify(sampler: Sampler, seqs: list[Sequence], proposals: list[Proposal], lo
     `rows_to_verify` (None: every chain plainly greedy). Sampled requests' drafts are kept under `rule`."""
     if batch is None:
         return _verify_plainly_greedy(seqs, proposals, logits, vocab_size, eos_token_ids)
-    processed = process_logits(torch.cat(logits), batch, distribution=not batch.all_greedy or batch.num_top_logprobs >= 0)
+    rows_logits = torch.cat(logits)
+    processed = process_logits(rows_logits, batch, distribution=not batch.all_greedy or batch.num_top_logprobs >= 0)
     greedy_tokens = processed.penalised.argmax(dim=-1).tolist()
     probs = processed.logprobs.exp() if processed.logprobs is not None else None
+    # Exact acceptance: every row's token as the plain sampler draws it at that row's position.
+    drawn = sampler(rows_logits, batch).token_ids if rule.exact and not batch.all_greedy else None
 
     verdicts, base = [], 0
     for seq, proposal in zip(seqs, proposals):
@@ -81,6 +91,8 @@ def verify(sampler: Sampler, seqs: list[Sequence], proposals: list[Proposal], lo
             rows, final = _walk_greedy(proposal, greedy_tokens[base : base + num_rows])
         elif rule.typical is not None:
             rows, final = _walk_typical(proposal, probs[base : base + num_rows], seq.generator, rule.typical)
+        elif rule.exact:
+            rows, final = _walk_greedy(proposal, drawn[base : base + num_rows])
         else:
             rows, final = _verify_sampled(proposal, probs[base : base + num_rows], seq.generator)
         tokens = [proposal.token_ids[r - 1] for r in rows] + [final]
@@ -133,7 +145,8 @@ def _children(proposal: Proposal) -> dict[int, list[int]]:
 
 
 def _walk_greedy(proposal: Proposal, target: list[int]) -> tuple[list[int], int]:
-    """Follow the child that equals the target's argmax, as deep as the proposal goes."""
+    """Follow the child that equals the target's token of its row (argmax, or the exact rule's draw), as
+    deep as the proposal goes."""
     children, rows, row = _children(proposal), [], 0
     while True:
         match = next((c for c in children.get(row, ()) if proposal.token_ids[c - 1] == target[row]), None)
