@@ -5,7 +5,8 @@ Held-out prompts, batch 1 (prompts one after another), 128 new tokens with EOS s
 the default model's held-out corpus, or for a chat model user turns of held-out subjects
 (training/chat_prompts.py) in its chat template. Greedy: `identical` (tokens equal to plain greedy), `speedup` over plain decode and
 `mean_accepted_length` (tokens gained per target forward: 1 + accepted / verifications). Then the same
-at temperature 0.7 with typical acceptance (lossy) and with lossless acceptance, against plain sampling.
+at temperature 0.7 against plain sampling, with exact acceptance (the default: the plain sampled tokens,
+`identical` checked), typical acceptance (lossy) and lossless acceptance (the rejection rule).
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ def main() -> None:
               "prompt_tokens": round(sum(map(len, prompts)) / len(prompts), 1), "new_tokens": new_tokens}
     greedy = SamplingParams(temperature=0, max_tokens=new_tokens, min_tokens=new_tokens)
     sampled = SamplingParams(temperature=0.7, max_tokens=new_tokens, min_tokens=new_tokens, seed=0)
-    for name, acceptance, params in (("greedy", "typical", greedy), ("typical_t0.7", "typical", sampled),
-                                     ("lossless_t0.7", "lossless", sampled)):
+    for name, acceptance, params in (("greedy", "exact", greedy), ("exact_t0.7", "exact", sampled),
+                                     ("typical_t0.7", "typical", sampled), ("lossless_t0.7", "lossless", sampled)):
         medusa = Engine(speculative="medusa", medusa_heads=heads, medusa_acceptance=acceptance,
                         medusa_choices=args.medusa_choices, **common)
         for engine in (plain, medusa):                      # a full warm-up generation each
@@ -57,7 +58,7 @@ def main() -> None:
         entry = {"plain_tok_s": round(total / plain_seconds, 1), "medusa_tok_s": round(total / medusa_seconds, 1),
                  "speedup": round(plain_seconds / medusa_seconds, 3), "acceptance_rate": stats["acceptance_rate"],
                  "mean_accepted_length": stats["mean_acceptance_length"]}
-        if params.is_greedy:
+        if acceptance == "exact":
             entry["identical"] = medusa_tokens == plain_tokens
         result[name] = entry
     result |= {"identical": result["greedy"]["identical"], "speedup": result["greedy"]["speedup"],

@@ -5,7 +5,9 @@ on input-grounded prompts.
 Greedy, 128 new tokens (EOS suppressed so every run emits the same count), held-out prompts of the
 default model's corpus. Batch 1 runs the prompts one after another; batch 8 submits them together
 (HF's assisted generation takes one sequence at a time, so its batch-8 time is the same sequential run).
-`speedup` is over Gorgon's own plain decode; `ratio_vs_hf` over HF assisted generation with its
+Then batch 1 at temperature 0.7 (seeded) under the default exact acceptance: `identical` to plain
+sampling, and its speedup. The speculating engine runs as served, its governor deciding per step whether
+speculation pays (`batch8.governor` shows what it measured). `speedup` is over Gorgon's own plain decode; `ratio_vs_hf` over HF assisted generation with its
 default schedule for the number of assistant tokens, `ratio_vs_hf_same_k` over HF drafting the same k
 tokens per round as Gorgon (a constant schedule).
 """
@@ -147,6 +149,12 @@ def main() -> None:
             "ratio_vs_hf_same_k": round(hf_k_seconds / spec_seconds, 3),
             **stats,
         }
+    result["batch8"]["governor"] = spec.speculation.governor.summary() if spec.speculation.governor else None
+    sampled = SamplingParams(temperature=0.7, max_tokens=new_tokens, min_tokens=new_tokens, seed=0)
+    plain_seconds, plain_tokens, spec_seconds, spec_tokens, stats = timed_in_turn(
+        plain, spec, prompts, sampled, 1, repeats)
+    result["exact_t0.7_batch1"] = {"identical": spec_tokens == plain_tokens,
+                                   "speedup": round(plain_seconds / spec_seconds, 3), **stats}
     result["hf_assisted_identical"] = hf_tokens == plain_tokens
     grounded = grounded_prompts(plain.tokenizer, num_prompts)
     plain_seconds, plain_tokens, ngram_seconds, ngram_tokens, stats = timed_in_turn(

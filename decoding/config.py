@@ -43,7 +43,7 @@ class EngineConfig:
     prompt_lookup_max: int = 4            # n-gram sizes prompt lookup tries, longest first
     prompt_lookup_min: int = 2
     medusa_heads: str | None = None       # None: the heads shipped for a catalog model, else the embedded model's
-    medusa_choices: tuple[tuple[int, ...], ...] | None = None   # the candidate tree; None: the default
+    medusa_choices: tuple[tuple[int, ...], ...] | None = None   # the candidate tree; None: the heads' own, else the default
     # How sampled requests keep draft tokens (decoding/speculative/proposer.py, AcceptanceRule): "exact"
     # (the plain sampled tokens, token for token), "lossless" (the rejection rule: the same distribution),
     # or, for Medusa only, "typical" (lossy).

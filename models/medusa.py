@@ -17,7 +17,9 @@ draft gets right are the frequent ones). A draft vocabulary (`draft_vocab_size` 
 ids in `draft_vocab.pt`): the projections score only those tokens, and the proposer maps their ranks back
 to the model's ids. And projections that are rows of the model's own output head (`"projection":
 "output_head"`), frozen while training: the file then holds only the ResBlocks and the token ids, and
-the rows are taken from the model when the heads are loaded beside it.
+the rows are taken from the model when the heads are loaded beside it. A config may also carry the
+candidate tree tuned for the heads (`medusa_choices`, as training/medusa_tree.py prints it), which the
+proposer then uses unless the engine names another.
 """
 
 from __future__ import annotations
@@ -72,6 +74,8 @@ class MedusaHeads(torch.nn.Module):
         # [K, 1, hidden], so each layer of all K heads is one batched matmul.
         self._stacked: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.stored_dtype: torch.dtype | None = None     # the precision of the loaded file, when loaded
+        # The candidate tree tuned for these heads (training/medusa_tree.py), when their config names one.
+        self.choices: tuple[tuple[int, ...], ...] | None = None
 
     def init_projections(self, lm_head_weight: torch.Tensor, freeze: bool = True) -> None:
         """Start every head from the target's output head [vocab, hidden] (its draft-vocabulary rows),
@@ -208,6 +212,8 @@ class MedusaHeads(torch.nn.Module):
                              f"unexpected {unexpected[:3]}")
         heads = heads.to(device=device, dtype=dtype).prepare_for_inference()
         heads.stored_dtype = projection.dtype
+        if config.get("medusa_choices"):
+            heads.choices = tuple(tuple(int(rank) for rank in path) for path in config["medusa_choices"])
         return heads
 
 

@@ -150,6 +150,56 @@ def test_draft_vocabulary_heads_save_only_their_blocks_and_score_their_tokens(tm
         MedusaHeads(hidden, vocab, num_heads=1, draft_vocab=torch.tensor([3, 60]))
 
 
+def test_pruned_heads_score_the_same_tokens_as_before(llama_dir, tmp_path):
+    """Heads on the frozen output head, pruned to a draft vocabulary without retraining: on those tokens
+    their logits are the unpruned heads' own; the tree in the config goes along."""
+    from collections import Counter
+
+    from transformers import AutoModelForCausalLM
+
+    from training.medusa_prune import prune
+
+    lm_head = AutoModelForCausalLM.from_pretrained(llama_dir).get_output_embeddings().weight.detach()
+    torch.manual_seed(5)
+    heads = MedusaHeads(64, 384, num_heads=2)
+    heads.init_projections(lm_head)
+    with torch.no_grad():
+        for head in heads.heads:
+            head[0].linear.weight.normal_(0, 0.2)
+    heads.save(tmp_path / "full", llama_dir)
+    config = json.loads((tmp_path / "full" / "config.json").read_text())
+    (tmp_path / "full" / "config.json").write_text(json.dumps(config | {"medusa_choices": [[0], [1]]}))
+    counts = Counter({token: 1000 - token for token in range(300)})
+    figures = prune(llama_dir, tmp_path / "full", tmp_path / "pruned", 50, counts)
+    assert figures["draft_vocab"] == 50 and 0 < figures["coverage"] < 1
+    pruned = MedusaHeads.load(tmp_path / "pruned", output_head=lm_head)
+    assert pruned.choices == ((0,), (1,)) and pruned.draft_vocab.numel() == 50
+    x = torch.randn(3, 64)
+    full = MedusaHeads.load(tmp_path / "full")(x)
+    torch.testing.assert_close(pruned(x), full[..., pruned.draft_vocab])
+    engine = medusa_engine(llama_dir, str(tmp_path / "pruned"))
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS)
+    [out] = engine.generate([PROMPTS[0]], params)
+    assert out.outputs[0].token_ids == hf_greedy(llama_dir, PROMPTS[0], NEW_TOKENS)
+
+
+def test_a_tree_in_the_heads_config_is_the_proposers_default(llama_dir, heads_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "with-tree"
+    shutil.copytree(heads_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["medusa_choices"] = [[0], [0, 0], [1]]
+    (folder / "config.json").write_text(json.dumps(config))
+    assert MedusaHeads.load(folder).choices == ((0,), (0, 0), (1,))
+    engine = Engine(model=llama_dir, show_progress=False, num_kv_blocks=64, block_size=4, speculative="medusa",
+                    medusa_heads=str(folder))
+    assert engine.speculation.proposer.choices == ((0,), (0, 0), (1,))
+    named = Engine(model=llama_dir, show_progress=False, num_kv_blocks=64, block_size=4, speculative="medusa",
+                   medusa_heads=str(folder), medusa_choices=((0,),))
+    assert named.speculation.proposer.choices == ((0,),)
+
+
 # ---- tree buffers --------------------------------------------------------------------------------
 
 def test_tree_buffers():
@@ -443,3 +493,23 @@ def test_heads_trained_on_answers_decode_identically_and_tune_a_tree(llama_dir, 
     assert runs[0][0].outputs[0].token_ids == runs[1][0].outputs[0].token_ids
     continuations = rank_vectors_from_answers(llama_dir, str(out / "final"), answers_file, top_k=4)
     assert continuations and all(len(v) == 3 and max(v) <= 4 for c in continuations for v in c)
+
+
+@pytest.mark.smollm2
+def test_smollm2_with_its_shipped_heads_is_identical_and_accepts():
+    """`Engine(model="smollm2", speculative="medusa")` takes the heads shipped for it (a draft vocabulary,
+    projections from the model's own head): greedy outputs equal plain decoding's, and on held-out chat
+    prompts the heads gain well over one token per forward. (Sampled outputs are not compared: a tree
+    row's logits differ from a single decode row's in the last bits, which moves an inverse CDF over 49k
+    tokens often enough to change a token in a few hundred.)"""
+    from models.catalog import shipped_heads
+    from training.chat_prompts import chat_prompt_ids, prompts
+
+    assert shipped_heads("smollm2", "medusa") is not None
+    plain = Engine(model="smollm2", show_progress=False)
+    medusa = Engine(model="smollm2", show_progress=False, speculative="medusa", speculative_adaptive=False)
+    chats = [chat_prompt_ids(plain.tokenizer, text) for text in prompts("heldout")[:2]]
+    params = SamplingParams(temperature=0, max_tokens=64)
+    for got, expected in zip(medusa.generate(chats, params), plain.generate(chats, params)):
+        assert got.outputs[0].token_ids == expected.outputs[0].token_ids
+    assert medusa.speculation.counters.mean_acceptance_length > 1.4     # 1.68 on the benchmark's 8 prompts

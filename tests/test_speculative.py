@@ -456,6 +456,8 @@ def test_governor_takes_the_faster_mode_per_batch_size_and_keeps_measuring():
     steady = decisions[2 * MIN_SAMPLES :]
     assert sum(steady) >= len(steady) - len(steady) // EXPLORE_EVERY - 1       # speculation, re-checking plain
     assert not all(steady)
+    rechecks = [i for i, on in enumerate(steady) if not on]
+    assert rechecks[0] == EXPLORE_EVERY - 1 and rechecks[1] - rechecks[0] == 2 * EXPLORE_EVERY   # backing off
     decisions = []
     for _ in range(4 * EXPLORE_EVERY):
         on = governor.speculate(8)

@@ -43,7 +43,11 @@ def read_samples(path: Path) -> list[dict]:
 
 def draft_vocabulary(samples: list[dict], size: int, always: tuple[int, ...] = ()) -> torch.Tensor:
     """The `size` most frequent answer tokens (ties by id), `always` included (end-of-sequence ids)."""
-    counts = Counter(token for sample in samples for token in sample["answer"])
+    return most_frequent(Counter(token for sample in samples for token in sample["answer"]), size, always)
+
+
+def most_frequent(counts: Counter, size: int, always: tuple[int, ...] = ()) -> torch.Tensor:
+    """The `size` most counted tokens (ties by id), `always` first among them; sorted ids."""
     chosen = list(dict.fromkeys([*always, *(token for token, _ in sorted(counts.items(), key=lambda c: (-c[1], c[0])))]))
     return torch.tensor(sorted(chosen[:size]), dtype=torch.long)
 

@@ -4,7 +4,9 @@ The path for real instruct models (`gorgon train medusa --model M --answers A.js
 the answers come from `training.self_distill`, the model runs over them once (`training.draft_features`,
 cached beside the answers), and the heads train on the cached hidden states alone, so an epoch costs the
 heads' products, not the model's. Head k's label at position t is the answer's token at t + k + 2; with
-greedy answers that is exactly what greedy verification will accept. The projections are the output
+greedy answers that is exactly what greedy verification will accept. With `--targets model` (the
+default) each head learns instead the model's own distribution for that token, KL(model || head) over
+the draft vocabulary, read off the cached hidden state of the position that predicts it. The projections are the output
 head's rows for the draft vocabulary, frozen unless `--train-projections`, so the saved heads hold only
 their ResBlocks and the token ids (a few MB), and at inference the K projections are one small product.
 
@@ -31,11 +33,23 @@ HELDOUT_EVERY = 20
 ROWS_PER_STEP = 2048
 
 
-def head_loss(heads: MedusaHeads, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
-    """hidden [B, h], labels [B, K] (draft-vocabulary indices, -1 to ignore) -> (weighted loss, per head)."""
+def head_loss(heads: MedusaHeads, hidden: torch.Tensor, labels: torch.Tensor,
+              reference: torch.Tensor | None = None) -> tuple[torch.Tensor, list[float]]:
+    """hidden [B, h], labels [B, K] (draft-vocabulary indices, -1 to ignore) -> (weighted loss, per head).
+    With `reference` [K, B, V'] (the model's own logits for the token each head guesses, over the draft
+    vocabulary) the loss is KL(model || head) instead of cross-entropy on the label: the whole ranking the
+    model would sample from, which a tree of top-k candidates needs, not only its top token."""
     logits = heads(hidden).float()                                                      # [K, B, V']
-    losses = [torch.nn.functional.cross_entropy(logits[k], labels[:, k], ignore_index=-1)
-              for k in range(heads.num_heads)]
+    if reference is None:
+        losses = [torch.nn.functional.cross_entropy(logits[k], labels[:, k], ignore_index=-1)
+                  for k in range(heads.num_heads)]
+    else:
+        losses = []
+        for k in range(heads.num_heads):
+            valid = labels[:, k] >= 0
+            target = torch.log_softmax(reference[k][valid].float(), dim=-1)
+            losses.append(torch.nn.functional.kl_div(torch.log_softmax(logits[k][valid], -1), target, log_target=True,
+                                                     reduction="batchmean"))
     total = sum(HEAD_DECAY ** k * loss for k, loss in enumerate(losses))
     return total, [round(loss.item(), 4) for loss in losses]
 
@@ -80,12 +94,13 @@ def train_on_answers(args: argparse.Namespace) -> None:
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     heads = MedusaHeads(config.hidden_size, config.vocab_size, args.heads, args.layers, vocab)
     heads.init_projections(model.get_output_embeddings().weight.detach(), freeze=not args.train_projections)
+    projection = model.get_output_embeddings().weight.detach()[vocab].clone()             # the model's rows, [V', h]
     del model
     params = [p for p in heads.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     generator = torch.Generator().manual_seed(args.seed)
     steps = args.max_steps
-    log(json.dumps({"event": "start", "samples": len(samples), "rows": int(train_rows.numel()),
+    log(json.dumps({"event": "start", "targets": args.targets, "samples": len(samples), "rows": int(train_rows.numel()),
                     "eval_rows": int(eval_rows.numel()), "draft_vocab": vocab.numel(),
                     "coverage": round(coverage(samples, vocab), 4), "heads": args.heads, "layers": args.layers,
                     "trainable_params": sum(p.numel() for p in params), "steps": steps}))
@@ -98,8 +113,15 @@ def train_on_answers(args: argparse.Namespace) -> None:
         rows = train_rows[torch.randint(train_rows.numel(), (ROWS_PER_STEP,), generator=generator)]
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, steps, args.lr, args.warmup)
+        reference = None
+        if args.targets == "model":
+            # Row r + k + 1 is the position whose prediction head k guesses (same answer wherever the
+            # label exists); the model's logits there, over the draft vocabulary, are the target.
+            later = (rows[None, :] + torch.arange(1, heads.num_heads + 1)[:, None]).clamp_(max=features.hidden.shape[0] - 1)
+            with torch.no_grad():
+                reference = features.hidden[later].float() @ projection.t()                  # [K, B, V']
         with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
-            loss, per_head = head_loss(heads, features.hidden[rows].float(), labels[rows])
+            loss, per_head = head_loss(heads, features.hidden[rows].float(), labels[rows], reference)
         optimizer_step(loss, params, optimizer)
         progress.update()
         progress.set_postfix(loss=f"{loss.item():.3f}")

@@ -143,6 +143,8 @@ def main() -> None:
     parser.add_argument("--max-nodes", type=int, default=32)
     parser.add_argument("--top-k", type=int, default=8)
     parser.add_argument("--answers", type=Path, default=None, help="tune on these self-distilled answers' held-out part")
+    parser.add_argument("--save-nodes", type=int, default=None,
+                        help="write the first N grown nodes into the heads' config.json as their medusa_choices")
     args = parser.parse_args()
     if args.answers is not None:
         continuations = rank_vectors_from_answers(args.model, args.heads, args.answers, args.top_k)
@@ -151,6 +153,11 @@ def main() -> None:
                                      args.top_k)
     rows = [{"nodes": size, "path": list(path), "tokens_per_step": round(score, 3)}
             for size, (path, score) in enumerate(grow_tree(continuations, args.max_nodes, args.top_k), start=1)]
+    if args.save_nodes:
+        config_path = Path(args.heads) / "config.json"
+        config = json.loads(config_path.read_text())
+        config["medusa_choices"] = [row["path"] for row in rows[: args.save_nodes]]
+        config_path.write_text(json.dumps(config, indent=2) + "\n")
     print(json.dumps({"positions": sum(map(len, continuations)), "tree": rows}))
 
 

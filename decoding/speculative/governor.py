@@ -6,8 +6,10 @@ and the extra rows cost about what they return; for sampled RL groups at tempera
 Where the balance lies depends on the model, the CPU, the proposer and the traffic, so it is measured,
 not configured: for each batch size (1-8 apart, then by powers of two), pure decode steps are timed with
 speculation on and off, and each step takes the mode whose recent tokens per second is higher. The mode
-that lost is re-measured every EXPLORE_EVERY steps of its batch size, so a change in acceptance (another
-kind of prompt, a temperature) is noticed; that costs at most one step in EXPLORE_EVERY.
+that lost is re-measured after EXPLORE_EVERY steps of its batch size, so a change in acceptance (another
+kind of prompt, a temperature) is noticed; each time it loses again the wait doubles (up to
+MAX_EXPLORE_EVERY), since a re-measurement costs more than a plain step (a draft model first catches up on
+the tokens it missed), and it returns to EXPLORE_EVERY when the other mode wins.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 MIN_SAMPLES = 3          # steps of a mode before its speed is trusted
-EXPLORE_EVERY = 48       # decisions of a batch size between re-measurements of the mode not taken
+EXPLORE_EVERY = 48       # decisions of a batch size before the mode not taken is re-measured
+MAX_EXPLORE_EVERY = 768
 DECAY = 0.9              # weight of the older steps in a mode's speed, per new step
 
 
@@ -44,7 +47,9 @@ class ModeSpeed:
 class BucketState:
     on: ModeSpeed = field(default_factory=ModeSpeed)
     off: ModeSpeed = field(default_factory=ModeSpeed)
-    decisions: int = 0
+    since_explored: int = 0           # decisions since the mode not taken was last re-measured
+    explore_every: int = EXPLORE_EVERY
+    leader: bool | None = None        # the mode that was ahead at the last re-measurement
 
 
 class SpeculationGovernor:
@@ -54,13 +59,19 @@ class SpeculationGovernor:
     def speculate(self, num_decoding: int) -> bool:
         """The mode for a step where `num_decoding` sequences decode."""
         state = self._buckets.setdefault(batch_bucket(num_decoding), BucketState())
-        state.decisions += 1
         if state.on.samples < MIN_SAMPLES:
             return True
         if state.off.samples < MIN_SAMPLES:
             return False
         better = state.on.tokens_per_second >= state.off.tokens_per_second
-        return (not better) if state.decisions % EXPLORE_EVERY == 0 else better
+        state.since_explored += 1
+        if state.since_explored < state.explore_every:
+            return better
+        # Re-measure the other mode; wait longer next time if the same mode is still ahead.
+        same = state.leader is None or state.leader == better
+        state.explore_every = min(2 * state.explore_every, MAX_EXPLORE_EVERY) if same else EXPLORE_EVERY
+        state.leader, state.since_explored = better, 0
+        return not better
 
     def record(self, num_decoding: int, speculated: bool, tokens: int, seconds: float) -> None:
         """A pure decode step's outcome: `tokens` emitted by its decoding sequences in `seconds`."""

@@ -46,7 +46,7 @@ class MedusaProposer:
 
     def __init__(self, heads: MedusaHeads, sampler: Sampler, eos_token_ids: frozenset[int], device: torch.device,
                  choices=None, acceptance: AcceptanceRule = AcceptanceRule((0.09, 0.3))):
-        self.choices = tuple(tuple(int(i) for i in path) for path in (choices or DEFAULT_CHOICES))
+        self.choices = tuple(tuple(int(i) for i in path) for path in (choices or heads.choices or DEFAULT_CHOICES))
         if not self.choices or any(len(path) == 0 for path in self.choices):
             raise ValueError("medusa choices must be non-empty paths")
         depth = max(len(path) for path in self.choices)

@@ -63,7 +63,8 @@ class AcceptanceRule:
 
     Exact (the default): each verified position draws its token exactly as plain decoding would (the
     same pipeline, the uniform of the request's seed and that position) and the path of matching draft
-    tokens is kept, so the output is the plain sampled output token for token, over chains and trees;
+    tokens is kept, over chains and trees: the plain sampled output token for token where the verified
+    rows' logits equal the decode step's bit for bit;
     a draft drawn with the same uniform (draft models, Medusa's chains do) matches whenever the two
     distributions put that uniform on the same token. Lossless: speculative sampling (the rejection rule),
     over chains; the same distribution, other tokens. Typical (Medusa's lossy rule, `typical` =

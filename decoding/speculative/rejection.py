@@ -11,8 +11,10 @@ sampled one follow the same distribution p_j.
 - Sampled rows under the exact rule (the default): row j draws its token as the plain sampler would at
   that position (the same pipeline and the uniform of the request's seed and position; a row below a
   draft path counts that path, so it draws for the position the path leads to), and the walk keeps the
-  draft tokens that equal those draws, as the greedy walk does with argmaxes. The output is the plainly
-  sampled output, token for token, so whether a step speculated never shows; over trees too. Proposers
+  draft tokens that equal those draws, as the greedy walk does with argmaxes. Every emitted token is the
+  target's own draw (over trees too), and the output is the plainly sampled one token for token wherever
+  the verified rows' logits equal plain decoding's bit for bit (on a large vocabulary, last-bit
+  differences between a tree row and a decode row move the inverse CDF now and then). Proposers
   that draw with the same uniforms (draft models, Medusa's chains) agree with the target wherever the
   two inverse CDFs send that uniform to the same token.
 - Sampled rows under the lossless rule use speculative sampling (Leviathan et al. 2023; Chen et al. 2023): keep draft
