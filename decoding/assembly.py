@@ -48,6 +48,12 @@ def build_speculation(cfg: EngineConfig, loaded: LoadedModel, sampler: Sampler,
     if cfg.speculative == "ngram":
         proposer = NgramProposer(cfg.num_speculative_tokens, cfg.prompt_lookup_max, cfg.prompt_lookup_min)
     elif cfg.speculative == "medusa":
+        if loaded.quantization is not None:
+            # Measured on SmolLM2 at Q8_0: a one-node tree's verification row already differs from the
+            # decode row it stands for, so greedy output would change; refused until that is found.
+            raise ValueError(f"Medusa speculation runs on float weights only, and these are quantized "
+                             f"({loaded.quantization}); load them with quantization='none' "
+                             f"(--quantization none), or use --speculative draft or ngram")
         folder = cfg.medusa_heads or catalog.shipped_heads(cfg.model, "medusa") or DEFAULT_MEDUSA_DIR
         heads = MedusaHeads.load(folder, model.dtype, loaded.device,
                                  hidden_size=model.hidden_size, vocab_size=model.vocab_size,

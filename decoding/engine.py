@@ -52,9 +52,12 @@ class Engine:
         config = config or EngineConfig()
         self.config = replace(config, model=model or config.model, **overrides)
         self.use_threads()
+        quantization = self.config.quantization
+        if self.config.speculative == "medusa" and quantization == "auto":
+            quantization = "none"          # Medusa trees verify exactly only on float weights (assembly.py)
         self.loaded = load_model(self.config.model, self.config.dtype, self.config.device,
                                  show_progress=self.config.show_progress, impl=self.config.model_impl,
-                                 quantization=self.config.quantization)
+                                 quantization=quantization)
         self.tokenizer = self.loaded.tokenizer
         self.eos_token_ids = self.loaded.eos_token_ids
         self.max_model_len = min(self.config.max_model_len or self.loaded.max_model_len, self.loaded.max_model_len)

@@ -161,7 +161,7 @@ def test_pruned_heads_score_the_same_tokens_as_before(llama_dir, tmp_path):
 
     lm_head = AutoModelForCausalLM.from_pretrained(llama_dir).get_output_embeddings().weight.detach()
     torch.manual_seed(5)
-    heads = MedusaHeads(64, 384, num_heads=2)
+    heads = MedusaHeads(64, 384, num_heads=3)
     heads.init_projections(lm_head)
     with torch.no_grad():
         for head in heads.heads:
@@ -336,6 +336,11 @@ def test_lossless_mode_keeps_the_target_distribution(heads_dir):
     assert j >= 2, "too few chains got past the first positions to test them"
 
 
+def test_medusa_is_refused_on_quantized_weights(llama_dir, heads_dir):
+    with pytest.raises(ValueError, match="float weights only.*quantization='none'"):
+        medusa_engine(llama_dir, heads_dir, quantization="int8")
+
+
 def test_configuration_errors(llama_dir, heads_dir, tmp_path):
     with pytest.raises(ValueError, match="medusa_acceptance"):
         medusa_engine(llama_dir, heads_dir, medusa_acceptance="sometimes")
@@ -506,8 +511,9 @@ def test_smollm2_with_its_shipped_heads_is_identical_and_accepts():
     from training.chat_prompts import chat_prompt_ids, prompts
 
     assert shipped_heads("smollm2", "medusa") is not None
-    plain = Engine(model="smollm2", show_progress=False)
+    plain = Engine(model="smollm2", show_progress=False, quantization="none")     # Medusa runs float weights
     medusa = Engine(model="smollm2", show_progress=False, speculative="medusa", speculative_adaptive=False)
+    assert medusa.loaded.quantization is None
     chats = [chat_prompt_ids(plain.tokenizer, text) for text in prompts("heldout")[:2]]
     params = SamplingParams(temperature=0, max_tokens=64)
     for got, expected in zip(medusa.generate(chats, params), plain.generate(chats, params)):
