@@ -13,9 +13,8 @@ from decoding.speculative.governor import SpeculationGovernor
 from decoding.speculative.medusa import MedusaProposer
 from decoding.speculative.ngram import NgramProposer
 from decoding.speculative.proposer import AcceptanceRule
-from models import load_model
+from models import catalog, load_model
 from models.attention import PagedKVCache
-from models import catalog
 from models.loader import DEFAULT_DRAFT_DIR, DEFAULT_MEDUSA_DIR, LoadedModel
 from models.medusa import MedusaHeads
 

@@ -94,7 +94,7 @@ class EngineConfig:
             raise ValueError(f"speculative must be 'draft', 'ngram', 'medusa' or None, got {self.speculative!r}")
         if self.medusa_acceptance not in ("exact", "lossless", "typical"):
             raise ValueError(f"medusa_acceptance must be 'exact', 'lossless' or 'typical', got {self.medusa_acceptance!r}")
-        if self.speculative_acceptance not in ("exact", "lossless"):
+        if self.speculative_acceptance not in ("exact", "lossless"):     # typical needs trees (Medusa's)
             raise ValueError(f"speculative_acceptance must be 'exact' or 'lossless', got {self.speculative_acceptance!r}")
         if self.speculative_disable_by_batch_size is not None and self.speculative_disable_by_batch_size < 1:
             raise ValueError("speculative_disable_by_batch_size must be >= 1 or None, got "

@@ -31,10 +31,6 @@ class AnswerFeatures:
     next_tokens: torch.Tensor     # [P, LOOKAHEAD] int64, -1 past the end of the answer
     sample: torch.Tensor          # [P] index of the sample each row comes from
 
-    def rows_of(self, samples: torch.Tensor) -> torch.Tensor:
-        """Row indices of the given samples."""
-        return torch.isin(self.sample, samples).nonzero().squeeze(1)
-
 
 def read_samples(path: Path) -> list[dict]:
     with open(path) as handle:

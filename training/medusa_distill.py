@@ -71,6 +71,23 @@ def head_accuracy(heads: MedusaHeads, hidden: torch.Tensor, labels: torch.Tensor
             "top8": [round(h / max(c, 1), 4) for h, c in zip(top8, counts)]}
 
 
+def draft_labels(next_tokens: torch.Tensor, vocab: torch.Tensor, vocab_size: int, num_heads: int) -> torch.Tensor:
+    """next_tokens [P, LOOKAHEAD] -> each head's label as a draft-vocabulary index [P, K] (-1: none, or a
+    token outside the draft vocabulary)."""
+    to_draft = torch.full((vocab_size + 1,), -1, dtype=torch.long)                      # index -1 -> -1
+    to_draft[vocab] = torch.arange(vocab.numel())
+    return to_draft[next_tokens[:, 1 : 1 + num_heads]]
+
+
+@torch.no_grad()
+def model_reference(hidden: torch.Tensor, rows: torch.Tensor, projection: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """The model's own logits, over the draft vocabulary, for the token each head guesses at `rows`
+    [K, B, V']: row r + k + 1 is the position that predicts it (the same answer wherever the label
+    exists; past the end the row is clamped and its label ignores it)."""
+    later = (rows[None, :] + torch.arange(1, num_heads + 1)[:, None]).clamp_(max=hidden.shape[0] - 1)
+    return hidden[later].float() @ projection.t()
+
+
 def train_on_answers(args: argparse.Namespace) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     log_file = open(args.out / "train.log", "a")
@@ -85,17 +102,15 @@ def train_on_answers(args: argparse.Namespace) -> None:
     eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
     vocab = draft_vocabulary(samples, args.draft_vocab or config.vocab_size, tuple(i for i in eos if i is not None))
     features = answer_features(args.model, samples, args.answers.with_suffix(".features.pt"), log)
-    to_draft = torch.full((config.vocab_size + 1,), -1, dtype=torch.long)               # index -1 -> -1
-    to_draft[vocab] = torch.arange(vocab.numel())
-    labels = to_draft[features.next_tokens[:, 1 : 1 + args.heads]]                      # [P, K]
+    labels = draft_labels(features.next_tokens, vocab, config.vocab_size, args.heads)    # [P, K]
     heldout = features.sample % HELDOUT_EVERY == 0
     train_rows, eval_rows = (~heldout).nonzero().squeeze(1), heldout.nonzero().squeeze(1)
 
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    output_head = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).get_output_embeddings().weight.detach()
     heads = MedusaHeads(config.hidden_size, config.vocab_size, args.heads, args.layers, vocab)
-    heads.init_projections(model.get_output_embeddings().weight.detach(), freeze=not args.train_projections)
-    projection = model.get_output_embeddings().weight.detach()[vocab].clone()             # the model's rows, [V', h]
-    del model
+    heads.init_projections(output_head, freeze=not args.train_projections)
+    projection = output_head[vocab].clone()                                             # the model's rows, [V', h]
+    del output_head
     params = [p for p in heads.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     generator = torch.Generator().manual_seed(args.seed)
@@ -113,13 +128,7 @@ def train_on_answers(args: argparse.Namespace) -> None:
         rows = train_rows[torch.randint(train_rows.numel(), (ROWS_PER_STEP,), generator=generator)]
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, steps, args.lr, args.warmup)
-        reference = None
-        if args.targets == "model":
-            # Row r + k + 1 is the position whose prediction head k guesses (same answer wherever the
-            # label exists); the model's logits there, over the draft vocabulary, are the target.
-            later = (rows[None, :] + torch.arange(1, heads.num_heads + 1)[:, None]).clamp_(max=features.hidden.shape[0] - 1)
-            with torch.no_grad():
-                reference = features.hidden[later].float() @ projection.t()                  # [K, B, V']
+        reference = model_reference(features.hidden, rows, projection, heads.num_heads) if args.targets == "model" else None
         with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
             loss, per_head = head_loss(heads, features.hidden[rows].float(), labels[rows], reference)
         optimizer_step(loss, params, optimizer)

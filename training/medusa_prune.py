@@ -37,13 +37,14 @@ def token_counts(model: str, corpus: Path | None, answers: Path | None) -> Count
 
 
 def prune(model: str, heads_folder: Path, out: Path, size: int, counts: Counter) -> dict:
-    lm_head = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).get_output_embeddings().weight.detach()
+    loaded = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    lm_head = loaded.get_output_embeddings().weight.detach()
     heads = MedusaHeads.load(heads_folder, output_head=lm_head)
     if heads.draft_vocab is not None:
         raise ValueError(f"the heads in {heads_folder} already have a draft vocabulary")
     if not all(torch.equal(head[-1].weight.to(heads.stored_dtype), lm_head.to(heads.stored_dtype)) for head in heads.heads):
         raise ValueError("only heads whose projections are the model's output head can be pruned without retraining")
-    eos = AutoModelForCausalLM.from_pretrained(model).generation_config.eos_token_id
+    eos = loaded.generation_config.eos_token_id
     always = [eos] if isinstance(eos, int) else list(eos or [])
     vocab = most_frequent(counts, size, tuple(always))
     pruned = MedusaHeads(heads.hidden_size, heads.vocab_size, heads.num_heads, heads.num_layers, vocab)
