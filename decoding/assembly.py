@@ -9,12 +9,14 @@ from decoding.kv_cache_manager import KVCacheManager
 from decoding.sampler import Sampler
 from decoding.speculative.decoder import SpeculativeDecoding
 from decoding.speculative.draft import DraftModelProposer
+from decoding.speculative.eagle import EagleProposer
 from decoding.speculative.governor import SpeculationGovernor
 from decoding.speculative.medusa import MedusaProposer
 from decoding.speculative.ngram import NgramProposer
 from decoding.speculative.proposer import AcceptanceRule
 from models import catalog, load_model
 from models.attention import PagedKVCache
+from models.eagle import EagleDraft, EagleTree
 from models.loader import DEFAULT_DRAFT_DIR, DEFAULT_MEDUSA_DIR, LoadedModel
 from models.medusa import MedusaHeads
 
@@ -60,6 +62,8 @@ def build_speculation(cfg: EngineConfig, loaded: LoadedModel, sampler: Sampler,
         heads.use_output_head(model.lm_head)
         acceptance = AcceptanceRule.named(cfg.medusa_acceptance, (cfg.typical_epsilon, cfg.typical_delta))
         proposer = MedusaProposer(heads, sampler, loaded.eos_token_ids, loaded.device, cfg.medusa_choices, acceptance)
+    elif cfg.speculative == "eagle":
+        proposer = _eagle_proposer(cfg, loaded, sampler, num_blocks, acceptance)
     else:
         draft = load_model(cfg.draft_model or str(DEFAULT_DRAFT_DIR), cfg.dtype, cfg.device,
                            show_progress=cfg.show_progress)
@@ -73,3 +77,20 @@ def build_speculation(cfg: EngineConfig, loaded: LoadedModel, sampler: Sampler,
     governor = SpeculationGovernor() if cfg.speculative_adaptive else None
     return SpeculativeDecoding(proposer, max_model_len, sampler, model.vocab_size, loaded.eos_token_ids,
                                loaded.device, cfg.speculative_disable_by_batch_size, acceptance, governor)
+
+
+def _eagle_proposer(cfg: EngineConfig, loaded: LoadedModel, sampler: Sampler, num_blocks: int,
+                    acceptance: AcceptanceRule) -> EagleProposer:
+    if loaded.quantization is not None:
+        # As for Medusa: tree verification rows must equal the decode rows they stand for (see above).
+        raise ValueError(f"EAGLE speculation runs on float weights only, and these are quantized "
+                         f"({loaded.quantization}); load them with quantization='none' (--quantization none)")
+    folder = cfg.eagle_head or catalog.shipped_heads(cfg.model, "eagle")
+    if folder is None:
+        raise ValueError(f"no EAGLE head is shipped for {cfg.model or 'the embedded model'}: name one with "
+                         "eagle_head (--eagle-head), trained with `gorgon train eagle`")
+    draft = EagleDraft.load(folder, loaded.model, loaded.model.dtype, loaded.device)
+    tree = EagleTree(*cfg.eagle_tree) if cfg.eagle_tree else None
+    # As many blocks as the target's cache (one layer of them): a sequence the draft cannot hold waits.
+    return EagleProposer(draft, num_blocks, cfg.block_size, sampler, loaded.eos_token_ids, loaded.model.vocab_size,
+                         loaded.device, tree, acceptance)

@@ -30,7 +30,7 @@ class EngineConfig:
     seed: int = 0                         # seeds the draws of requests that bring no seed
     threads: int | None = None            # threads of torch and the native kernels; None: torch's default
     show_progress: bool = True
-    # Speculative decoding: None (off), "draft" (a draft model), "ngram" (prompt lookup) or "medusa".
+    # Speculative decoding: None (off), "draft" (a draft model), "ngram" (prompt lookup), "medusa" or "eagle".
     speculative: str | None = None
     draft_model: str | None = None        # None: the embedded default draft
     num_speculative_tokens: int = 4       # draft tokens verified per step (draft, ngram)
@@ -44,9 +44,11 @@ class EngineConfig:
     prompt_lookup_min: int = 2
     medusa_heads: str | None = None       # None: the heads shipped for a catalog model, else the embedded model's
     medusa_choices: tuple[tuple[int, ...], ...] | None = None   # the candidate tree; None: the heads' own, else the default
+    eagle_head: str | None = None         # None: the EAGLE head shipped for a catalog model
+    eagle_tree: tuple[int, int, int] | None = None   # (nodes, depth, top_k) of EAGLE's tree; None: the head's own
     # How sampled requests keep draft tokens (decoding/speculative/proposer.py, AcceptanceRule): "exact"
     # (the plain sampled tokens, token for token), "lossless" (the rejection rule: the same distribution),
-    # or, for Medusa only, "typical" (lossy).
+    # or, for the tree proposers only (Medusa, EAGLE), "typical" (lossy).
     speculative_acceptance: str = "exact"
     medusa_acceptance: str = "exact"
     typical_epsilon: float = 0.09         # typical acceptance: keep if p > min(epsilon, delta * exp(-H))
@@ -90,12 +92,16 @@ class EngineConfig:
             raise ValueError("max_num_batched_tokens must be >= max_num_seqs")
 
     def _check_speculation(self) -> None:
-        if self.speculative not in (None, "draft", "ngram", "medusa"):
-            raise ValueError(f"speculative must be 'draft', 'ngram', 'medusa' or None, got {self.speculative!r}")
+        if self.speculative not in (None, "draft", "ngram", "medusa", "eagle"):
+            raise ValueError(f"speculative must be 'draft', 'ngram', 'medusa', 'eagle' or None, got {self.speculative!r}")
         if self.medusa_acceptance not in ("exact", "lossless", "typical"):
             raise ValueError(f"medusa_acceptance must be 'exact', 'lossless' or 'typical', got {self.medusa_acceptance!r}")
-        if self.speculative_acceptance not in ("exact", "lossless"):     # typical needs trees (Medusa's)
-            raise ValueError(f"speculative_acceptance must be 'exact' or 'lossless', got {self.speculative_acceptance!r}")
+        trees = self.speculative == "eagle"           # typical acceptance needs trees (Medusa's, EAGLE's)
+        if self.speculative_acceptance not in (("exact", "lossless", "typical") if trees else ("exact", "lossless")):
+            raise ValueError(f"speculative_acceptance must be 'exact' or 'lossless'{' or typical' if trees else ''}, "
+                             f"got {self.speculative_acceptance!r}")
+        if self.eagle_tree is not None and (len(self.eagle_tree) != 3 or min(self.eagle_tree) < 1):
+            raise ValueError(f"eagle_tree must be three positive ints (nodes, depth, top_k), got {self.eagle_tree!r}")
         if self.speculative_disable_by_batch_size is not None and self.speculative_disable_by_batch_size < 1:
             raise ValueError("speculative_disable_by_batch_size must be >= 1 or None, got "
                              f"{self.speculative_disable_by_batch_size}")

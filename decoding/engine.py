@@ -53,8 +53,8 @@ class Engine:
         self.config = replace(config, model=model or config.model, **overrides)
         self.use_threads()
         quantization = self.config.quantization
-        if self.config.speculative == "medusa" and quantization == "auto":
-            quantization = "none"          # Medusa trees verify exactly only on float weights (assembly.py)
+        if self.config.speculative in ("medusa", "eagle") and quantization == "auto":
+            quantization = "none"          # trees verify exactly only on float weights (assembly.py)
         self.loaded = load_model(self.config.model, self.config.dtype, self.config.device,
                                  show_progress=self.config.show_progress, impl=self.config.model_impl,
                                  quantization=quantization)

@@ -69,7 +69,7 @@ class ModelRunner:
         if sched.block_copies:
             src, dst = zip(*sched.block_copies)
             self.cache.copy_blocks(self._long(src), self._long(dst))
-        batch = self._prepare(sched.scheduled)
+        batch = self.pack(sched.scheduled)
         # The rows whose hidden states are read: each sequence's last row, then whole chunks that want
         # logits (prompt logprobs, verification). In a step of prompt chunks that is a few rows of
         # hundreds, and the model skips the last layer's projection and MLP for the others.
@@ -97,7 +97,8 @@ class ModelRunner:
         return out
 
     # ---- input preparation -------------------------------------------------------------------
-    def _prepare(self, scheduled: list[ScheduledSeq]) -> PackedBatch:
+    def pack(self, scheduled: list[ScheduledSeq]) -> PackedBatch:
+        """The scheduled tokens as one batch of rows: ids, positions and how each row attends."""
         decode_like, order = self._row_order(scheduled)
         rows = _Rows()
         for i in order:
@@ -234,7 +235,7 @@ class ModelRunner:
 
 @dataclass
 class _Rows:
-    """A step's rows as _prepare packs them."""
+    """A step's rows as pack() lays them out."""
 
     input_ids: list[int] = field(default_factory=list)
     positions: list[int] = field(default_factory=list)

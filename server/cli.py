@@ -25,8 +25,8 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=int, default=None,
                         help="threads of the model's products and kernels (default: one per core)")
-    parser.add_argument("--speculative", choices=["draft", "ngram", "medusa"], default=None,
-                        help="speculative decoding: a draft model, prompt lookup (n-gram) or Medusa heads")
+    parser.add_argument("--speculative", choices=["draft", "ngram", "medusa", "eagle"], default=None,
+                        help="speculative decoding: a draft model, prompt lookup (n-gram), Medusa heads or an EAGLE head")
     parser.add_argument("--draft-model", default=None, help="draft model folder (default: the embedded draft)")
     parser.add_argument("--num-speculative-tokens", type=int, default=4, help="draft tokens verified per step")
     parser.add_argument("--speculative-disable-by-batch-size", type=int, default=None,
@@ -39,9 +39,14 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--medusa-acceptance", choices=["exact", "lossless", "typical"], default="exact",
                         help="how sampled requests accept Medusa candidates: exact (the plain sampled tokens), "
                              "lossless (rejection rule) or typical (lossy); greedy ones are always exact")
-    parser.add_argument("--speculative-acceptance", choices=["exact", "lossless"], default="exact",
-                        help="how sampled requests accept draft / n-gram tokens: exact (the plain sampled tokens) "
-                             "or lossless (the rejection rule: the same distribution, other tokens)")
+    parser.add_argument("--eagle-head", default=None, help="EAGLE head folder (default: the one shipped for a catalog model)")
+    parser.add_argument("--eagle-tree", type=_eagle_tree, default=None,
+                        help="EAGLE's tree as NODES,DEPTH,TOP_K: candidates verified, draft rows, candidates per row "
+                             "(default: the head's own)")
+    parser.add_argument("--speculative-acceptance", choices=["exact", "lossless", "typical"], default="exact",
+                        help="how sampled requests accept draft / n-gram / EAGLE tokens: exact (the plain sampled tokens), "
+                             "lossless (the rejection rule: the same distribution, other tokens) or, for EAGLE, "
+                             "typical (lossy)")
     parser.add_argument("--no-speculative-adaptive", dest="speculative_adaptive", action="store_false",
                         help="speculate in every step that can, even where it was measured not to pay")
     parser.add_argument("--grammar-cpu-budget", type=float, default=5.0,
@@ -63,12 +68,21 @@ def _choices(text: str) -> tuple[tuple[int, ...], ...]:
         raise argparse.ArgumentTypeError(f"expected a JSON list of lists of ints, got {text!r}") from err
 
 
+def _eagle_tree(text: str) -> tuple[int, int, int]:
+    try:
+        nodes, depth, top_k = (int(part) for part in text.split(","))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected NODES,DEPTH,TOP_K (e.g. 8,6,4), got {text!r}") from err
+    return nodes, depth, top_k
+
+
 def _engine_options(args: argparse.Namespace) -> dict:
     return dict(model=args.model, model_impl=args.model_impl, quantization=args.quantization, dtype=args.dtype, device=args.device,
                 threads=args.threads, speculative=args.speculative,
                 draft_model=args.draft_model, num_speculative_tokens=args.num_speculative_tokens,
                 prompt_lookup_max=args.prompt_lookup_max, prompt_lookup_min=args.prompt_lookup_min,
                 medusa_heads=args.medusa_heads, medusa_choices=args.medusa_choices,
+                eagle_head=args.eagle_head, eagle_tree=args.eagle_tree,
                 medusa_acceptance=args.medusa_acceptance, speculative_acceptance=args.speculative_acceptance,
                 speculative_adaptive=args.speculative_adaptive, grammar_cpu_budget_s=args.grammar_cpu_budget,
                 grammar_memory_gb=args.grammar_memory_gb, grammar_workers=args.grammar_workers,
@@ -181,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     kinds = train.add_subparsers(dest="kind", required=True)
     medusa = kinds.add_parser("medusa", add_help=False, help="Medusa heads for any HF causal LM (backbone frozen)")
     medusa.set_defaults(handler=_train_medusa)
+    eagle = kinds.add_parser("eagle", add_help=False, help="an EAGLE draft head for a model, on its own answers")
+    eagle.set_defaults(handler=_train_eagle)
     return parser
 
 
@@ -248,12 +264,18 @@ def _train_medusa(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_eagle(args: argparse.Namespace) -> int:
+    from training.eagle_distill import main as train_eagle
+    train_eagle(args.rest, prog="gorgon train eagle")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args, rest = build_parser().parse_known_args(argv)
     if args.command == "serve":
         every = sys.argv[1:] if argv is None else list(argv)
         args.serve_argv = every[every.index("serve") + 1:]       # what the replicas of a cluster get
-    if getattr(args, "kind", None) == "medusa":
+    if getattr(args, "kind", None) in ("medusa", "eagle"):
         args.rest = rest              # the trainer parses (and documents, with --help) its own options
     elif rest:
         build_parser().parse_args(argv)   # reports the unknown arguments the usual way

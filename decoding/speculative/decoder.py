@@ -111,20 +111,20 @@ class SpeculativeDecoding:
 
     @property
     def wants_hidden(self) -> bool:
-        """Whether the proposer reads the target's final hidden states (Medusa's heads do)."""
+        """Whether the proposer reads the target's final hidden states (Medusa's heads and EAGLE do)."""
         return self.proposer.wants_hidden_states
 
     def observe(self, sampled: list[Sequence], rows: list[int], chains: list[ScheduledSeq],
                 verdicts: list[Verdict], logits: StepLogits) -> None:
-        """Hand the proposer each unfinished sequence's hidden state at its newest token: the sampled
-        ones' logits rows, and each verified chain's last kept row. Only for a proposer that wants_hidden
-        (the step then asked the runner for them)."""
+        """Hand the proposer, for each unfinished sequence, the hidden states before its new tokens: a
+        sampled one's logits row, a verified chain's root row and the rows of its kept draft tokens. Only
+        for a proposer that wants_hidden (the step then asked the runner for them)."""
         for seq, row in zip(sampled, rows):
             if not seq.is_finished:
-                self.proposer.observe(seq, logits.last_hidden[row])
+                self.proposer.observe(seq, logits.last_hidden[row : row + 1])
         for chain, verdict in zip(chains, verdicts):
             if not chain.seq.is_finished:
-                self.proposer.observe(chain.seq, logits.chunk_hidden[chain.seq.seq_id][verdict.last_row])
+                self.proposer.observe(chain.seq, logits.chunk_hidden[chain.seq.seq_id][[0, *verdict.rows]])
 
     def drafts(self, chains: list[ScheduledSeq]) -> list[tuple[Sequence, Proposal]]:
         """Each chain's sequence and the proposal it carries (for the step's grammar masks)."""

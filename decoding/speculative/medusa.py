@@ -63,7 +63,7 @@ class MedusaProposer:
         self._hidden: dict[int, torch.Tensor] = {}
 
     def observe(self, seq: Sequence, hidden: torch.Tensor) -> None:
-        self._hidden[seq.seq_id] = hidden
+        self._hidden[seq.seq_id] = hidden[-1]           # the heads read the newest token's state only
 
     @torch.inference_mode()
     def propose(self, seqs: list[Sequence], max_tokens: list[int]) -> list[Proposal]:

@@ -100,12 +100,13 @@ class Proposer(Protocol):
     def release(self, seq: Sequence) -> None:
         """Forget everything held for `seq` (it finished, was aborted or preempted)."""
 
-    # Proposers that read the target's final hidden state (Medusa) set this; the engine then hands them
-    # the hidden state that produced each sequence's newest token through `observe`.
+    # Proposers that read the target's final hidden states (Medusa, EAGLE) set this; the engine then hands
+    # them, every step, the hidden states that produced each sequence's new tokens through `observe`.
     wants_hidden_states: bool
 
     def observe(self, seq: Sequence, hidden: torch.Tensor) -> None:
-        """hidden [hidden_size]: the target's final hidden state at the position before seq's last token."""
+        """hidden [n, hidden_size]: the target's final hidden states at the positions before seq's n newest
+        tokens, in order (the last one produced its last token)."""
 
 
 @dataclass

@@ -1,0 +1,261 @@
+"""EAGLE proposals: a one-layer draft head runs ahead of the target on the target's own features
+(models/eagle.py) and proposes a tree ranked by its confidence (EAGLE-2).
+
+Per sequence the draft keeps a paged KV cache of its own (one layer, a block table in its own cache,
+managed by a KVCacheManager as the draft model's is) over the sequence's generated tokens, and the
+target's features of the tokens it has not computed yet: the engine hands over, every step, the final
+hidden state before each new token (`observe`). A proposal
+
+1. catches up: the new tokens with their true features, in one draft forward (the rows the last
+   proposal drafted were estimates and were rolled back);
+2. drafts along its best path: each draft row reads the token chosen at the row before and that row's
+   output as its feature, one batched forward per depth for every sequence that drafts; the `top_k`
+   tokens of every row are the tree's candidates, scored by cumulative draft log-probability;
+3. keeps the `nodes` candidates of highest score (a parent always scores at least its children, so
+   the kept set is a tree), and stops drafting early where no deeper node could still be kept.
+
+Greedy requests walk the best path by argmax. Sampled requests under the exact rule take, at each
+depth, the token the request's own pipeline draws from the draft's distribution with the uniform of
+that position (coupled with the target's draw), its siblings being the distribution's next best; under
+the lossless rule they get that drawn chain alone, with its distributions, for the rejection rule.
+The draft's cache rows of a round are rolled back once it is proposed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from decoding.block_manager import BlockManager, NoFreeBlocksError
+from decoding.kv_cache_manager import KVCacheManager
+from decoding.logits_processing import process_logits
+from decoding.runner import ModelRunner
+from decoding.sampler import Sampler
+from decoding.sampling_metadata import SamplingMetadata
+from decoding.sequence import Sequence
+from decoding.speculative.proposer import AcceptanceRule, Proposal
+from decoding.step_plan import ScheduledSeq
+from models.attention import PagedKVCache
+from models.eagle import EagleDraft, EagleTree
+
+# Features waiting for a sequence that does not speculate now (a batch too large, the governor's choice)
+# are kept up to this many; past it the draft's context restarts at the newest token.
+MAX_PENDING = 1024
+
+
+@dataclass
+class EagleState:
+    """The draft's cache for one sequence (a step_plan.CachedTokens): its row 0 is the sequence's token
+    `start`; `features[i]` is the target's feature before token_ids[num_computed + i]."""
+
+    seq_id: int
+    start: int
+    block_table: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    token_ids: list[int] = field(default_factory=list)
+    features: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass
+class _Candidate:
+    token: int
+    score: float              # cumulative draft log-probability
+    depth: int
+    parent: int               # index of the parent candidate, -1 under the root
+    rank: int                 # order among its siblings
+
+
+class EagleProposer:
+    wants_hidden_states = True
+
+    def __init__(self, draft: EagleDraft, num_blocks: int, block_size: int, sampler: Sampler,
+                 eos_token_ids: frozenset[int], vocab_size: int, device: torch.device, tree: EagleTree | None = None,
+                 acceptance: AcceptanceRule = AcceptanceRule()):
+        self.draft = draft
+        self.tree = tree or draft.tree
+        self.max_tokens_per_step = self.tree.nodes
+        cache = PagedKVCache(1, num_blocks, block_size, draft.num_kv_heads, draft.head_dim, draft.dtype, device)
+        self.kv = KVCacheManager(BlockManager(num_blocks, block_size), cache, device)
+        self.runner = ModelRunner(draft, cache, device)
+        self.sampler = sampler
+        self.eos_token_ids = eos_token_ids
+        self.vocab_size = vocab_size
+        self.device = device
+        self.acceptance = acceptance
+        self._states: dict[int, EagleState] = {}
+
+    # ---- features from the target ------------------------------------------------------------
+    def observe(self, seq: Sequence, hidden: torch.Tensor) -> None:
+        """hidden [n, hidden]: the target's features before seq's n newest tokens."""
+        if not seq.request.params.speculative or seq.request.beam is not None:
+            return
+        state = self._states.get(seq.seq_id)
+        known = len(seq.token_ids) - hidden.shape[0]
+        if state is None or state.start + state.num_computed + len(state.features) != known \
+                or len(state.features) + hidden.shape[0] > MAX_PENDING:
+            # A new sequence, or one whose features were missed (recomputed after preemption, too long
+            # without speculating): the draft's context starts at these tokens.
+            if state is not None:
+                self.kv.free(state)
+            state = self._states[seq.seq_id] = EagleState(seq.seq_id, known)
+        state.features.extend(hidden.clone().unbind(0))     # (not views that keep the step's tensor)
+
+    # ---- proposing ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def propose(self, seqs: list[Sequence], max_tokens: list[int]) -> list[Proposal]:
+        proposals = [Proposal([]) for _ in seqs]
+        rows, items, depths = [], [], []
+        for i, seq in enumerate(seqs):
+            state = self._states.get(seq.seq_id)
+            depth = min(self.tree.depth, max_tokens[i])
+            if state is None or not state.features or depth <= 0:
+                continue
+            state.token_ids = seq.token_ids[state.start:]
+            try:
+                self.kv.reserve(state, len(state.features) + depth - 1)
+            except NoFreeBlocksError:
+                continue                # the draft's cache is full: this sequence waits
+            items.append(ScheduledSeq(state, state.num_computed, len(state.features), reaches_end=True))
+            rows.append(i)
+            depths.append(depth)
+        if not items:
+            return proposals
+        hidden = self._forward(items, [torch.stack(item.seq.features) for item in items])
+        computed = []
+        for item in items:
+            item.seq.num_computed += len(item.seq.features)
+            item.seq.features = []
+            computed.append(item.seq.num_computed)
+        candidates: list[list[_Candidate]] = [[] for _ in rows]
+        chain_parent = [-1] * len(rows)
+        chain_score = [0.0] * len(rows)
+        dists: list[list[torch.Tensor]] = [[] for _ in rows]
+        drafting = list(range(len(rows)))
+        for depth in range(1, max(depths) + 1):
+            seqs_now = [seqs[rows[r]] for r in drafting]
+            chosen, ranked, probs = self._choose(seqs_now, [self._drafted(candidates[r], chain_parent[r]) for r in drafting],
+                                                 self.draft.logits(hidden))
+            going, inputs = [], []
+            for n, r in enumerate(drafting):
+                best = self._add_candidates(candidates[r], chain_parent[r], chain_score[r], depth, chosen[n], ranked[n],
+                                            self._takes_tree(seqs[rows[r]]))
+                if probs[n] is not None:
+                    dists[r].append(probs[n])
+                chain_parent[r], chain_score[r] = best, candidates[r][best].score
+                if depth < depths[r] and not self._settled(candidates[r], chain_score[r], max_tokens[rows[r]]):
+                    going.append((n, r))
+            if not going:
+                break
+            next_items = []
+            for n, r in going:
+                state = items[r].seq
+                state.token_ids.append(candidates[r][chain_parent[r]].token)
+                next_items.append(ScheduledSeq(state, state.num_computed, 1, reaches_end=True))
+                inputs.append(hidden[n : n + 1])
+            hidden = self._forward(next_items, inputs)
+            for item in next_items:
+                item.seq.num_computed += 1
+            drafting = [r for _, r in going]
+        for r, (i, item) in enumerate(zip(rows, items)):
+            state = item.seq
+            self.kv.roll_back(state, computed[r])
+            del state.token_ids[computed[r]:]
+            proposals[i] = self._proposal(seqs[i], candidates[r], dists[r], max_tokens[i])
+        return proposals
+
+    def _forward(self, items: list[ScheduledSeq], features: list[torch.Tensor]) -> torch.Tensor:
+        """One draft forward over the items' new tokens with their features (item by item) -> the output
+        at each item's last row, in item order."""
+        batch = self.runner.pack(items)
+        packed = torch.empty(batch.input_ids.numel(), self.draft.hidden_size, dtype=self.draft.dtype, device=self.device)
+        for item, rows in zip(items, features):
+            first = batch.first_row[item.seq.seq_id]
+            packed[first : first + rows.shape[0]] = rows
+        out = self.draft.forward(batch.input_ids, packed, batch.positions, self.runner.cache, batch.meta, batch.last_rows)
+        order = {seq_id: n for n, seq_id in enumerate(batch.last_seq_ids)}
+        return out[[order[item.seq.seq_id] for item in items]]
+
+    def _takes_tree(self, seq: Sequence) -> bool:
+        return seq.request.params.is_greedy or self.acceptance.takes_trees
+
+    @staticmethod
+    def _drafted(candidates: list[_Candidate], parent: int) -> list[int]:
+        """The draft tokens on the path down to `parent`."""
+        path = []
+        while parent >= 0:
+            path.append(candidates[parent].token)
+            parent = candidates[parent].parent
+        return path[::-1]
+
+    def _choose(self, seqs: list[Sequence], drafted: list[list[int]], logits: torch.Tensor):
+        """Per row: the path's next token, the (token, log-prob) candidates best first, and the
+        distribution the token was drawn from (sampled rows under the lossless rule; else None)."""
+        top_k = self.tree.top_k
+        greedy = [seq.request.params.is_greedy for seq in seqs]
+        chosen: list[int] = [0] * len(seqs)
+        ranked: list[list[tuple[int, float]]] = [[] for _ in seqs]
+        probs: list[torch.Tensor | None] = [None] * len(seqs)
+        if any(greedy):
+            rows = [n for n, g in enumerate(greedy) if g]
+            logprobs = torch.log_softmax(logits[rows], dim=-1)
+            values, indices = logprobs.topk(top_k, dim=-1)
+            tokens = self.draft.token_ids(indices).tolist()
+            for n, row_tokens, row_values in zip(rows, tokens, values.tolist()):
+                ranked[n] = list(zip(row_tokens, row_values))
+                chosen[n] = row_tokens[0]
+        sampled = [n for n, g in enumerate(greedy) if not g]
+        if sampled:
+            batch = SamplingMetadata.from_sequences([seqs[n] for n in sampled], self.vocab_size, self.eos_token_ids,
+                                                    self.device, drafted=[drafted[n] for n in sampled])
+            q = process_logits(self.draft.vocab_logits(logits[sampled], self.vocab_size), batch).logprobs.exp()
+            draws = self.sampler.sample(q, batch).tolist()
+            values, indices = q.topk(top_k, dim=-1)
+            for m, n in enumerate(sampled):
+                chosen[n] = draws[m]
+                others = [(t, v) for t, v in zip(indices[m].tolist(), values[m].log().tolist()) if t != draws[m]]
+                ranked[n] = [(draws[m], float(q[m, draws[m]].log()))] + others[: top_k - 1]
+                if not self._takes_tree(seqs[n]):
+                    probs[n] = q[m].cpu()
+        return chosen, ranked, probs
+
+    @staticmethod
+    def _add_candidates(candidates: list[_Candidate], parent: int, score: float, depth: int, chosen: int,
+                        ranked: list[tuple[int, float]], tree: bool) -> int:
+        """Add a row's candidates under `parent`; the index of the chosen one (the path goes on from it)."""
+        best = -1
+        for rank, (token, logprob) in enumerate(ranked if tree else ranked[:1]):
+            candidates.append(_Candidate(token, score + logprob, depth, parent, rank))
+            if token == chosen:
+                best = len(candidates) - 1
+        return best
+
+    def _settled(self, candidates: list[_Candidate], path_score: float, max_tokens: int) -> bool:
+        """Whether no node below the path could still be kept: `nodes` candidates already score above it."""
+        budget = min(self.tree.nodes, max_tokens)
+        return sum(candidate.score >= path_score for candidate in candidates) >= budget
+
+    def _proposal(self, seq: Sequence, candidates: list[_Candidate], dists: list[torch.Tensor], max_tokens: int) -> Proposal:
+        if not self._takes_tree(seq):
+            path = [c for c in candidates if c.rank == 0]
+            return Proposal([c.token for c in path], torch.stack(dists) if dists else None)
+        budget = min(self.tree.nodes, max_tokens)
+        kept: set[int] = set()
+        for index in sorted(range(len(candidates)), key=lambda i: (-candidates[i].score, candidates[i].depth)):
+            if len(kept) == budget:
+                break
+            if candidates[index].parent < 0 or candidates[index].parent in kept:
+                kept.add(index)
+        order = sorted(kept, key=lambda i: (candidates[i].depth, i))
+        new_index = {old: new for new, old in enumerate(order)}
+        return Proposal([candidates[i].token for i in order],
+                        parents=tuple(-1 if candidates[i].parent < 0 else new_index[candidates[i].parent] for i in order))
+
+    # ---- the engine's bookkeeping ------------------------------------------------------------
+    def on_verified(self, seq: Sequence, num_accepted: int) -> None:
+        pass            # the kept tokens' true features come through observe(); the draft's rows were rolled back
+
+    def release(self, seq: Sequence) -> None:
+        state = self._states.pop(seq.seq_id, None)
+        if state is not None:
+            self.kv.free(state)

@@ -1,0 +1,192 @@
+"""EAGLE draft heads (Li et al. 2024): one decoder layer that drafts from the target's own features.
+
+Row q of the draft reads fc([embed(x_q); f_{q-1}]): the embedding of token q and the target's final hidden
+state at position q - 1 (the feature that predicted x_q). The decoder layer, of the target family's own
+kind, attends over the draft's earlier rows in a paged KV cache of its own and outputs g_q, an estimate of
+the target's feature f_q: the target's output-head rows for the draft vocabulary (FR-Spec; EAGLE-3 drafts
+32k of 128k) turn it into logits for token q + 1, and it stands in for f_q in the next draft row, which is
+how the draft runs ahead of the target autoregressively. The embedding and the projection are the
+target's frozen tensors, read from the model at load, so a head file holds the fc and the layer only.
+
+The draft's rows cover a sequence's generated tokens: its first row is the first generated token, whose
+feature is the prompt's last hidden state, and row positions count from there (RoPE sees only offsets
+between rows, so this is the absolute layout shifted). Training sees exactly this: rows over the model's
+own answers (`training.eagle_distill`).
+
+Saved format (the EAGLE repositories' layout): `config.json` is the target's HF config with
+`num_hidden_layers` 1 and an `eagle` entry (`base_model_name_or_path`, `draft_vocab_size`, `projection`
+"output_head", `embedding` "model", the tuned `tree`); `model.safetensors` holds `fc.weight`, `fc.bias`,
+the layer as `layers.0.*` in the family's HF names, and `d2t`, EAGLE-3's map from draft index to target
+id (target id = index + d2t[index]).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from models import kernels
+from models.attention import AttentionMetadata, PagedKVCache
+from models.decoder_layer import DecoderLayer
+from models.families import DecoderSpec
+from models.layers import FusedLinear, ParamSlot, RotaryEmbedding, layer_slots
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+LAYER_PREFIX = "layers"
+
+
+@dataclass(frozen=True)
+class EagleTree:
+    """How the proposer grows its candidate tree (EAGLE-2's dynamic tree, ranked by the draft's confidence):
+    up to `depth` draft rows along the best path, the `top_k` best tokens of each row as candidates, and the
+    `nodes` candidates of highest cumulative draft log-probability kept for verification."""
+
+    nodes: int = 8
+    depth: int = 6
+    top_k: int = 4
+
+    def __post_init__(self):
+        if self.nodes < 1 or self.depth < 1 or self.top_k < 1:
+            raise ValueError(f"an EAGLE tree needs at least one node, row and candidate, got {self}")
+
+    def as_dict(self) -> dict:
+        return {"nodes": self.nodes, "depth": self.depth, "top_k": self.top_k}
+
+
+def one_layer_spec(spec: DecoderSpec) -> DecoderSpec:
+    """The target family's layer, once, attending over its whole context (the draft's context is short)."""
+    if spec.moe is not None:
+        spec = replace(spec, moe=None)
+    return replace(spec, num_layers=1, layer_windows=(None,), rope_layers=(True,),
+                   rope_kinds=(spec.rope_kinds[0],) if spec.rope_kinds else ("default",))
+
+
+def draft_to_target(draft_vocab: torch.Tensor) -> torch.Tensor:
+    """EAGLE-3's d2t: target id minus draft index, per draft index."""
+    return draft_vocab.to(torch.long) - torch.arange(draft_vocab.numel())
+
+
+def save_eagle(folder: str | Path, state: dict[str, torch.Tensor], target_config: dict, base_model: str,
+               draft_vocab: torch.Tensor, tree: EagleTree, dtype: torch.dtype | None = None) -> None:
+    """Write a trained head: `state` holds fc.* and layers.0.* (HF names); the config is the target's."""
+    from safetensors.torch import save_file
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = dict(target_config)
+    config["num_hidden_layers"] = 1
+    config["eagle"] = {"base_model_name_or_path": base_model, "draft_vocab_size": int(draft_vocab.numel()),
+                       "projection": "output_head", "embedding": "model", "tree": tree.as_dict()}
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    tensors = {name: tensor.detach().to(dtype or tensor.dtype).contiguous() for name, tensor in state.items()}
+    tensors["d2t"] = draft_to_target(draft_vocab)
+    save_file(tensors, str(folder / WEIGHTS_NAME))
+
+
+def set_tree(folder: str | Path, tree: EagleTree) -> None:
+    """Record a tuned tree in a head's config (the proposer's default)."""
+    path = Path(folder) / CONFIG_NAME
+    config = json.loads(path.read_text())
+    config["eagle"]["tree"] = tree.as_dict()
+    path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+class EagleDraft(torch.nn.Module):
+    """The draft at inference, on the engine's native layer and kernels, beside its target."""
+
+    def __init__(self, spec: DecoderSpec, rotary: RotaryEmbedding, embed: torch.Tensor, output_rows: torch.Tensor,
+                 draft_vocab: torch.Tensor, tree: EagleTree, dtype: torch.dtype, device):
+        super().__init__()
+        if rotary is None:
+            raise ValueError("EAGLE heads need a model with rotary positions")
+        self.spec = one_layer_spec(spec)
+        self.dtype = dtype
+        self.native_ops = kernels.native_ops_available(torch.device(device), dtype)
+        self.layers = torch.nn.ModuleList([DecoderLayer(self.spec, 0, dtype, device, self.native_ops)])
+        hidden = spec.hidden_size
+        self.hidden_size = hidden
+        self.fc = FusedLinear(2 * hidden, [hidden], [True], dtype, device)
+        self.projection = FusedLinear(hidden, [draft_vocab.numel()], [False], dtype, device)
+        self.projection.slots(["weight"], [None])["weight"].copy_(output_rows)
+        self.embed = embed                          # the target's, shared
+        self.rotary = rotary
+        self.draft_vocab = draft_vocab.to(device=device, dtype=torch.long)
+        self.tree = tree
+        # What the runner's batch packing reads of a model.
+        self.num_layers = 1
+        self.num_kv_heads, self.head_dim = self.spec.num_kv_heads, self.spec.head_dim
+        self.attention_windows = frozenset({None})
+        self.history_length = 0
+
+    def param_slots(self) -> dict[str, list[ParamSlot]]:
+        slots = layer_slots(self.layers, LAYER_PREFIX)
+        slots |= {name: [slot] for name, slot in self.fc.slots(["fc.weight"], ["fc.bias"]).items()}
+        return slots
+
+    def forward(self, input_ids: torch.Tensor, features: torch.Tensor, positions: torch.Tensor,
+                cache: PagedKVCache, meta: AttentionMetadata, output_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids [T], features [T, hidden] (the feature before each token) -> the layer's output, the
+        draft's estimate of each row's own feature ([len(output_rows), hidden] when given)."""
+        x = self.fc.forward(torch.cat([self.embed.index_select(0, input_ids), features.to(self.dtype)], dim=-1))
+        cos, sin = self.rotary.cos_sin(positions, self.dtype)
+        layer = self.layers[0]
+        if layer.plain:
+            cos, sin = cos.squeeze(1), sin.squeeze(1)
+        return layer.forward(x, cos, sin, cache, meta, output_rows)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, hidden] -> logits over the draft vocabulary [N, V']."""
+        return self.projection.forward(hidden).float()
+
+    def token_ids(self, indices: torch.Tensor) -> torch.Tensor:
+        return self.draft_vocab[indices]
+
+    def vocab_logits(self, logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+        """Draft-vocabulary logits [N, V'] -> [N, vocab], -inf off the draft vocabulary."""
+        full = logits.new_full((logits.shape[0], vocab_size), float("-inf"))
+        return full.index_copy_(1, self.draft_vocab, logits)
+
+    @classmethod
+    def load(cls, folder: str | Path, target, dtype: torch.dtype, device) -> EagleDraft:
+        """A head saved by save_eagle, beside its loaded native `target` (DecoderForCausalLM); raises
+        ValueError saying what does not fit."""
+        from safetensors.torch import load_file
+        folder = Path(folder)
+        config_path = folder / CONFIG_NAME
+        if not config_path.exists() or not (folder / WEIGHTS_NAME).exists():
+            raise ValueError(f"{folder} is not an EAGLE head folder (it needs {CONFIG_NAME} and {WEIGHTS_NAME})")
+        config = json.loads(config_path.read_text())
+        eagle = config.get("eagle")
+        if not isinstance(eagle, dict):
+            raise ValueError(f"{config_path} has no 'eagle' entry: not an EAGLE head config")
+        spec = getattr(target, "spec", None)
+        if spec is None:
+            raise ValueError("EAGLE heads run beside a natively served model (this one runs on the transformers fallback)")
+        for key, expected in (("hidden_size", spec.hidden_size), ("vocab_size", spec.vocab_size)):
+            if int(config.get(key, -1)) != expected:
+                raise ValueError(f"the EAGLE head in {folder} has {key} {config.get(key)}, the model has {expected}")
+        state = load_file(str(folder / WEIGHTS_NAME))
+        d2t = state.pop("d2t", None)
+        if d2t is None or d2t.numel() != int(eagle.get("draft_vocab_size", -1)):
+            raise ValueError(f"{folder}: d2t must hold draft_vocab_size = {eagle.get('draft_vocab_size')} offsets")
+        draft_vocab = d2t.to(torch.long) + torch.arange(d2t.numel())
+        if int(draft_vocab.min()) < 0 or int(draft_vocab.max()) >= spec.vocab_size:
+            raise ValueError(f"{folder}: the draft vocabulary names tokens outside the model's {spec.vocab_size}")
+        output_head = target.lm_head.weight_t.t()
+        tree = EagleTree(**eagle.get("tree", {}))
+        with torch.inference_mode():
+            draft = cls(spec, target.rotaries[spec.rope_kinds[0]] if spec.rope_kinds else target.rotary, target.embed,
+                        output_head[draft_vocab.to(output_head.device)], draft_vocab, tree, dtype, device)
+            slots = draft.param_slots()
+            missing = sorted(set(slots) - set(state))
+            unexpected = sorted(set(state) - set(slots))
+            if missing or unexpected:
+                raise ValueError(f"the EAGLE head in {folder} does not fit its model's layer: missing {missing[:3]}, "
+                                 f"unexpected {unexpected[:3]}")
+            for name, places in slots.items():
+                for slot in places:
+                    slot.copy_(state[name])
+        return draft.eval()
