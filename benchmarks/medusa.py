@@ -28,6 +28,30 @@ def benchmark_prompts(tokenizer, count: int) -> list[list[int]]:
     return heldout_prompts(tokenizer, count, PROMPT_TOKENS)
 
 
+def acceptance_modes(plain: Engine, make_engine, prompts, warmup_prompt, new_tokens: int, quick: bool) -> dict:
+    """Plain decode against `make_engine(acceptance)` in turn, greedy then at T = 0.7 under each acceptance
+    rule; the greedy figures are also the result's headline keys."""
+    result = {}
+    greedy = SamplingParams(temperature=0, max_tokens=new_tokens, min_tokens=new_tokens)
+    sampled = SamplingParams(temperature=0.7, max_tokens=new_tokens, min_tokens=new_tokens, seed=0)
+    for name, acceptance, params in (("greedy", "exact", greedy), ("exact_t0.7", "exact", sampled),
+                                     ("typical_t0.7", "typical", sampled), ("lossless_t0.7", "lossless", sampled)):
+        speculative = make_engine(acceptance)
+        for engine in (plain, speculative):                 # a full warm-up generation each
+            engine.generate([warmup_prompt], params)
+        plain_seconds, plain_tokens, spec_seconds, spec_tokens, stats = timed_in_turn(
+            plain, speculative, prompts, params, 1, 1 if quick else 3)
+        total = len(prompts) * new_tokens
+        entry = {"plain_tok_s": round(total / plain_seconds, 1), "speculative_tok_s": round(total / spec_seconds, 1),
+                 "speedup": round(plain_seconds / spec_seconds, 3), "acceptance_rate": stats["acceptance_rate"],
+                 "mean_accepted_length": stats["mean_acceptance_length"]}
+        if acceptance == "exact":
+            entry["identical"] = spec_tokens == plain_tokens
+        result[name] = entry
+    return result | {"identical": result["greedy"]["identical"], "speedup": result["greedy"]["speedup"],
+                     "mean_accepted_length": result["greedy"]["mean_accepted_length"]}
+
+
 def main() -> None:
     def extra(parser):
         parser.add_argument("--heads", default=None, help="Medusa heads folder (default: the embedded heads)")
@@ -44,25 +68,9 @@ def main() -> None:
     *prompts, warmup_prompt = benchmark_prompts(plain.tokenizer, num_prompts + 1)
     result = {"benchmark": "medusa", "model": target, "heads": heads, "dtype": args.dtype, "prompts": len(prompts),
               "prompt_tokens": round(sum(map(len, prompts)) / len(prompts), 1), "new_tokens": new_tokens}
-    greedy = SamplingParams(temperature=0, max_tokens=new_tokens, min_tokens=new_tokens)
-    sampled = SamplingParams(temperature=0.7, max_tokens=new_tokens, min_tokens=new_tokens, seed=0)
-    for name, acceptance, params in (("greedy", "exact", greedy), ("exact_t0.7", "exact", sampled),
-                                     ("typical_t0.7", "typical", sampled), ("lossless_t0.7", "lossless", sampled)):
-        medusa = Engine(speculative="medusa", medusa_heads=heads, medusa_acceptance=acceptance,
-                        medusa_choices=args.medusa_choices, **common)
-        for engine in (plain, medusa):                      # a full warm-up generation each
-            engine.generate([warmup_prompt], params)
-        plain_seconds, plain_tokens, medusa_seconds, medusa_tokens, stats = timed_in_turn(
-            plain, medusa, prompts, params, 1, 1 if args.quick else 3)
-        total = len(prompts) * new_tokens
-        entry = {"plain_tok_s": round(total / plain_seconds, 1), "medusa_tok_s": round(total / medusa_seconds, 1),
-                 "speedup": round(plain_seconds / medusa_seconds, 3), "acceptance_rate": stats["acceptance_rate"],
-                 "mean_accepted_length": stats["mean_acceptance_length"]}
-        if acceptance == "exact":
-            entry["identical"] = medusa_tokens == plain_tokens
-        result[name] = entry
-    result |= {"identical": result["greedy"]["identical"], "speedup": result["greedy"]["speedup"],
-               "mean_accepted_length": result["greedy"]["mean_accepted_length"]}
+    make = lambda acceptance: Engine(speculative="medusa", medusa_heads=heads, medusa_acceptance=acceptance,  # noqa: E731
+                                     medusa_choices=args.medusa_choices, **common)
+    result |= acceptance_modes(plain, make, prompts, warmup_prompt, new_tokens, args.quick)
     report(result, args.json)
 
 

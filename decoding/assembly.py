@@ -89,7 +89,7 @@ def _eagle_proposer(cfg: EngineConfig, loaded: LoadedModel, sampler: Sampler, nu
     if folder is None:
         raise ValueError(f"no EAGLE head is shipped for {cfg.model or 'the embedded model'}: name one with "
                          "eagle_head (--eagle-head), trained with `gorgon train eagle`")
-    draft = EagleDraft.load(folder, loaded.model, loaded.model.dtype, loaded.device)
+    draft = EagleDraft.load(folder, loaded.model, loaded.model.dtype, loaded.device, cfg.eagle_weights)
     tree = EagleTree(*cfg.eagle_tree) if cfg.eagle_tree else None
     # As many blocks as the target's cache (one layer of them): a sequence the draft cannot hold waits.
     return EagleProposer(draft, num_blocks, cfg.block_size, sampler, loaded.eos_token_ids, loaded.model.vocab_size,

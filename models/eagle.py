@@ -33,6 +33,7 @@ from models.attention import AttentionMetadata, PagedKVCache
 from models.decoder_layer import DecoderLayer
 from models.families import DecoderSpec
 from models.layers import FusedLinear, ParamSlot, RotaryEmbedding, layer_slots
+from models.quantized_model import quantize_linears
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -52,6 +53,15 @@ class EagleTree:
     def __post_init__(self):
         if self.nodes < 1 or self.depth < 1 or self.top_k < 1:
             raise ValueError(f"an EAGLE tree needs at least one node, row and candidate, got {self}")
+
+    @classmethod
+    def parse(cls, text: str) -> tuple[int, int, int]:
+        """'NODES,DEPTH,TOP_K' (as the command line gives it) -> the three ints; ValueError otherwise."""
+        try:
+            nodes, depth, top_k = (int(part) for part in text.split(","))
+        except ValueError as err:
+            raise ValueError(f"expected NODES,DEPTH,TOP_K (e.g. 8,6,4), got {text!r}") from err
+        return nodes, depth, top_k
 
     def as_dict(self) -> dict:
         return {"nodes": self.nodes, "depth": self.depth, "top_k": self.top_k}
@@ -150,9 +160,12 @@ class EagleDraft(torch.nn.Module):
         return full.index_copy_(1, self.draft_vocab, logits)
 
     @classmethod
-    def load(cls, folder: str | Path, target, dtype: torch.dtype, device) -> EagleDraft:
+    def load(cls, folder: str | Path, target, dtype: torch.dtype, device, weights: str = "q8_0") -> EagleDraft:
         """A head saved by save_eagle, beside its loaded native `target` (DecoderForCausalLM); raises
-        ValueError saying what does not fit."""
+        ValueError saying what does not fit. `weights`: "float", or a load scheme (q8_0, bf16, ...) the
+        draft's products then run in where the native CPU kernels do (a draft only proposes: its precision
+        never reaches the output, and at batch 1 its products are memory-bound, so Q8_0 drafts ~4x fewer
+        bytes per row than float32)."""
         from safetensors.torch import load_file
         folder = Path(folder)
         config_path = folder / CONFIG_NAME
@@ -189,4 +202,8 @@ class EagleDraft(torch.nn.Module):
             for name, places in slots.items():
                 for slot in places:
                     slot.copy_(state[name])
+            if weights != "float" and draft.native_ops and torch.device(device).type == "cpu" and dtype == torch.float32:
+                if weights == "bf16" and not kernels.bf16_products_supported():
+                    weights = "q8_0"
+                quantize_linears(draft, weights)
         return draft.eval()

@@ -43,6 +43,8 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eagle-tree", type=_eagle_tree, default=None,
                         help="EAGLE's tree as NODES,DEPTH,TOP_K: candidates verified, draft rows, candidates per row "
                              "(default: the head's own)")
+    parser.add_argument("--eagle-weights", choices=["float", "q8_0", "q4_0", "q4_1", "bf16"], default="q8_0",
+                        help="the EAGLE draft's weights (it only proposes; the model verifies in its own precision)")
     parser.add_argument("--speculative-acceptance", choices=["exact", "lossless", "typical"], default="exact",
                         help="how sampled requests accept draft / n-gram / EAGLE tokens: exact (the plain sampled tokens), "
                              "lossless (the rejection rule: the same distribution, other tokens) or, for EAGLE, "
@@ -69,11 +71,11 @@ def _choices(text: str) -> tuple[tuple[int, ...], ...]:
 
 
 def _eagle_tree(text: str) -> tuple[int, int, int]:
+    from models.eagle import EagleTree
     try:
-        nodes, depth, top_k = (int(part) for part in text.split(","))
+        return EagleTree.parse(text)
     except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected NODES,DEPTH,TOP_K (e.g. 8,6,4), got {text!r}") from err
-    return nodes, depth, top_k
+        raise argparse.ArgumentTypeError(str(err)) from err
 
 
 def _engine_options(args: argparse.Namespace) -> dict:
@@ -82,7 +84,7 @@ def _engine_options(args: argparse.Namespace) -> dict:
                 draft_model=args.draft_model, num_speculative_tokens=args.num_speculative_tokens,
                 prompt_lookup_max=args.prompt_lookup_max, prompt_lookup_min=args.prompt_lookup_min,
                 medusa_heads=args.medusa_heads, medusa_choices=args.medusa_choices,
-                eagle_head=args.eagle_head, eagle_tree=args.eagle_tree,
+                eagle_head=args.eagle_head, eagle_tree=args.eagle_tree, eagle_weights=args.eagle_weights,
                 medusa_acceptance=args.medusa_acceptance, speculative_acceptance=args.speculative_acceptance,
                 speculative_adaptive=args.speculative_adaptive, grammar_cpu_budget_s=args.grammar_cpu_budget,
                 grammar_memory_gb=args.grammar_memory_gb, grammar_workers=args.grammar_workers,

@@ -239,3 +239,40 @@ def test_the_tree_keeps_the_most_confident_candidates(llama_dir, eagle_dir):
     assert proposer._proposal(seq, candidates, [], 2).token_ids == [10, 20]      # max_tokens bounds it
     assert proposer._settled(candidates[:4], -0.5, 8) is False
     assert proposer._settled(candidates, -2.5, 8) is True       # 4 nodes at or above -2.5 already
+
+
+def test_lossless_eagle_draws_its_chain_from_the_distributions_it_states(llama_dir, eagle_dir):
+    """What the rejection rule (tested on its own in test_speculative.py) needs of a proposer to keep the
+    target's distribution: each draft token is drawn from the distribution the proposal states for it.
+    Over 3000 proposals from one context with 3000 seeds, the first draft token's frequencies match the
+    stated q within 5 standard errors, and so do the second's, given the most frequent first."""
+    engine = eagle_engine(llama_dir, eagle_dir, speculative_acceptance="lossless")
+    proposer = engine.speculation.proposer
+    engine.add_request(PROMPTS[2], SamplingParams(temperature=0.25, max_tokens=8, seed=0))
+    engine.step()                                       # the prompt, its first token, its feature observed
+    [seq] = engine.scheduler.running[0].seqs
+    state = proposer._states[seq.seq_id]
+    features, computed = list(state.features), state.num_computed
+    firsts, seconds, q_first, q_second = [], {}, None, {}
+    for seed in range(3000):
+        seq.seed = seed
+        state.features = list(features)
+        proposer.kv.roll_back(state, computed)
+        [proposal] = proposer.propose([seq], [2])
+        first, second = proposal.token_ids
+        firsts.append(first)
+        q_first = proposal.probs[0] if q_first is None else q_first
+        torch.testing.assert_close(proposal.probs[0], q_first)            # one context, one distribution
+        seconds.setdefault(first, []).append(second)
+        q_second.setdefault(first, proposal.probs[1])
+
+    def within_bounds(draws, q):
+        n = len(draws)
+        frequencies = torch.bincount(torch.tensor(draws), minlength=q.numel()).double() / n
+        q = q.double()
+        return bool(((frequencies - q).abs() <= 5 * torch.sqrt(q * (1 - q) / n) + 1e-9).all())
+
+    assert within_bounds(firsts, q_first)
+    common = max(seconds, key=lambda token: len(seconds[token]))
+    assert len(seconds[common]) >= 300
+    assert within_bounds(seconds[common], q_second[common])

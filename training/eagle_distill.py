@@ -188,7 +188,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--draft-vocab", type=int, default=8192, help="draft vocabulary: the most frequent answer tokens")
     parser.add_argument("--epochs", type=float, default=3.0)
-    parser.add_argument("--minutes", type=float, default=None, help="stop after this long")
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="stop after this long (the learning-rate schedule then ends with the budget)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--unroll", type=int, choices=[1, 2], default=1)
@@ -237,8 +238,12 @@ def train(args: argparse.Namespace) -> None:
             break
         if not plan:
             plan = batches(train_samples, rows, generator)
+        # With a time budget the schedule runs on whichever is further along, steps or time, so the
+        # learning rate has decayed when the budget ends.
+        elapsed = time.perf_counter() - started
+        at = step if args.minutes is None else max(step, int(steps * elapsed / (args.minutes * 60)))
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, steps, args.lr, args.warmup)
+            group["lr"] = learning_rate(at, steps, args.lr, args.warmup)
         tokens, features, lengths, _, targets, has_target = rows.batch(plan.pop(), FEATURE_NOISE, generator)
         with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
             losses = step_losses(head, tokens, features, lengths, targets, has_target, args.unroll)
