@@ -8,9 +8,12 @@ T = 0.7 under the exact, typical and lossless acceptance rules.
 
 from __future__ import annotations
 
+import json
+
 from benchmarks.common import benchmark_model_path, parse_args, report
 from benchmarks.medusa import acceptance_modes, benchmark_prompts
-from decoding import Engine
+from benchmarks.speculative import timed_in_turn
+from decoding import Engine, SamplingParams
 from models.catalog import shipped_heads
 from models.eagle import EagleTree
 
@@ -20,6 +23,8 @@ def main() -> None:
         parser.add_argument("--head", default=None, help="EAGLE head folder (default: the one shipped for --model)")
         parser.add_argument("--eagle-tree", type=EagleTree.parse, default=None,
                             help="NODES,DEPTH,TOP_K of the candidate tree (default: the head's own)")
+        parser.add_argument("--sweep", type=EagleTree.parse, nargs="+", default=None,
+                            help="greedy only, for each of these trees: how the tree is tuned (see the head's card)")
 
     args = parse_args(__doc__, extra)
     args.model = args.model or "smollm2"
@@ -35,10 +40,30 @@ def main() -> None:
     result = {"benchmark": "eagle", "model": target, "head": str(head), "dtype": args.dtype, "prompts": len(prompts),
               "prompt_tokens": round(sum(map(len, prompts)) / len(prompts), 1), "new_tokens": new_tokens,
               "eagle_tree": args.eagle_tree}
+    if args.sweep:
+        result["sweep"] = sweep(plain, target, str(head), args, prompts, warmup_prompt, new_tokens, common)
+        report(result, args.json)
+        return
     make = lambda acceptance: Engine(speculative="eagle", eagle_head=str(head), speculative_acceptance=acceptance,  # noqa: E731
                                      eagle_tree=args.eagle_tree, **common)
     result |= acceptance_modes(plain, make, prompts, warmup_prompt, new_tokens, args.quick)
     report(result, args.json)
+
+
+def sweep(plain: Engine, target: str, head: str, args, prompts, warmup_prompt, new_tokens: int, common: dict) -> list:
+    """Greedy speedup and accepted length of each tree, each against plain decode in turn."""
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, min_tokens=new_tokens)
+    plain.generate([warmup_prompt], params)
+    rows = []
+    for tree in args.sweep:
+        engine = Engine(speculative="eagle", eagle_head=head, eagle_tree=tree, speculative_adaptive=False, **common)
+        engine.generate([warmup_prompt], params)
+        plain_seconds, plain_tokens, seconds, tokens, stats = timed_in_turn(plain, engine, prompts, params, 1,
+                                                                            1 if args.quick else 3)
+        rows.append({"tree": list(tree), "speedup": round(plain_seconds / seconds, 3),
+                     "mean_accepted_length": stats["mean_acceptance_length"], "identical": tokens == plain_tokens})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 if __name__ == "__main__":

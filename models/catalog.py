@@ -17,7 +17,8 @@ class CatalogError(RuntimeError):
     """A packaged model that could not be fetched, with what to do instead."""
 
 
-# Draft heads trained here for catalog models (training/medusa_distill.py), shipped in the repository.
+# Draft heads trained here for catalog models (training/medusa_distill.py, training/eagle_distill.py), shipped in
+# the repository.
 HEADS_DIR = Path(__file__).resolve().parent / "heads"
 
 
@@ -37,7 +38,7 @@ CATALOG: dict[str, PackagedModel] = {
 
 
 def shipped_heads(name: str | None, kind: str) -> Path | None:
-    """The heads of `kind` ("medusa") shipped for catalog model `name`; None for any other model."""
+    """The heads of `kind` ("medusa", "eagle") shipped for catalog model `name`; None for any other model."""
     entry = CATALOG.get(name or "")
     if entry is None or entry.heads is None:
         return None

@@ -276,3 +276,19 @@ def test_lossless_eagle_draws_its_chain_from_the_distributions_it_states(llama_d
     common = max(seconds, key=lambda token: len(seconds[token]))
     assert len(seconds[common]) >= 300
     assert within_bounds(seconds[common], q_second[common])
+
+
+def test_training_continues_from_a_saved_head(llama_dir, eagle_dir):
+    """--init: the training module takes a saved head's fc and layer as they were saved."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    from training.eagle_distill import EagleTrainingHead
+
+    state = load_file(f"{eagle_dir}/model.safetensors")
+    head = EagleTrainingHead(AutoConfig.from_pretrained(llama_dir), torch.zeros(384, 64), torch.zeros(200, 64))
+    head.load_head_state(state)
+    saved = head.head_state()
+    assert set(saved) == set(state) - {"d2t"}
+    for name, tensor in saved.items():
+        assert torch.equal(tensor, state[name].float()), name

@@ -26,10 +26,11 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from models.eagle import LAYER_PREFIX, EagleTree, save_eagle
+from models.eagle import LAYER_PREFIX, WEIGHTS_NAME, EagleTree, save_eagle
 from training.draft_features import AnswerFeatures, answer_features, coverage, draft_vocabulary, read_samples
 from training.train import learning_rate, optimizer_step
 
@@ -77,6 +78,12 @@ class EagleTrainingHead(torch.nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden @ self.projection.t()
+
+    def load_head_state(self, state: dict[str, torch.Tensor]) -> None:
+        """The fc and layer of a saved head (its d2t is the draft vocabulary, chosen again from the answers)."""
+        self.fc.load_state_dict({name[len("fc."):]: t.float() for name, t in state.items() if name.startswith("fc.")})
+        prefix = f"{LAYER_PREFIX}.0."
+        self.layers[0].load_state_dict({name[len(prefix):]: t.float() for name, t in state.items() if name.startswith(prefix)})
 
     def head_state(self) -> dict[str, torch.Tensor]:
         """What a head file holds, in HF names."""
@@ -193,6 +200,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--unroll", type=int, choices=[1, 2], default=1)
+    parser.add_argument("--init", type=Path, default=None, help="continue from this trained head (its final/ folder)")
     parser.add_argument("--save-dtype", default="bfloat16")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -219,6 +227,8 @@ def train(args: argparse.Namespace) -> None:
     projection = model.get_output_embeddings().weight.detach()[vocab].clone()
     del model
     head = EagleTrainingHead(config, embed, projection)
+    if args.init is not None:
+        head.load_head_state(load_file(str(args.init / WEIGHTS_NAME)))
     train_samples = [s for s in rows.spans if s % HELDOUT_EVERY and rows.spans[s][1] > 1]
     eval_samples = [s for s in rows.spans if s % HELDOUT_EVERY == 0 and rows.spans[s][1] > 1]
     epoch_batches = len(batches(train_samples, rows, torch.Generator().manual_seed(0)))
@@ -227,7 +237,8 @@ def train(args: argparse.Namespace) -> None:
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     log(json.dumps({"event": "start", "samples": len(samples), "train_samples": len(train_samples),
                     "eval_samples": len(eval_samples), "draft_vocab": vocab.numel(),
-                    "coverage": round(coverage(samples, vocab), 4), "unroll": args.unroll,
+                    "coverage": round(coverage(samples, vocab), 4), "unroll": args.unroll, "lr": args.lr,
+                    "init": None if args.init is None else str(args.init), "minutes_budget": args.minutes,
                     "trainable_params": sum(p.numel() for p in params), "steps": steps,
                     "feature_rms": round(float(rows.hidden[:100000].float().pow(2).mean().sqrt()), 4)}))
     progress = tqdm(total=steps, desc="training the EAGLE head", unit="step")
