@@ -80,7 +80,7 @@ def counters_delta(engine: Engine, run):
     result = run()
     c = engine.speculation.counters
     drafts, drafted, accepted = c.num_drafts - before[0], c.num_draft_tokens - before[1], c.num_accepted_tokens - before[2]
-    return result, {"acceptance_rate": round(accepted / max(drafted, 1), 3),
+    return result, {"verifications": drafts, "acceptance_rate": round(accepted / max(drafted, 1), 3),
                     "mean_acceptance_length": round(1 + accepted / max(drafts, 1), 3)}
 
 

@@ -6,8 +6,8 @@ The answers come from `training.self_distill`; the frozen model's final hidden s
 cached once (`training.draft_features`, shared with Medusa's training), and the head trains on the cache
 alone. Row q of an answer reads the answer's token q and the model's feature at q - 1 (EAGLE's input) and
 learns (EAGLE-1's losses) to regress the model's feature at q (smooth L1) and to match the model's own
-distribution for token q + 1 over the draft vocabulary (KL, weight 0.1), the distribution read off that
-feature through the frozen output head. Input features get EAGLE's uniform noise, so the head tolerates
+distribution for token q + 1 over the draft vocabulary (KL; weighted 1 here, EAGLE-1 weighs its token loss
+0.1), the distribution read off that feature through the frozen output head. Input features get EAGLE's uniform noise, so the head tolerates
 its own estimates, which stand in for the model's features when it drafts ahead. `--unroll 2` also trains
 the second draft step on the head's own first-step output (as EAGLE-3's training-time test does).
 
@@ -36,7 +36,7 @@ from training.train import learning_rate, optimizer_step
 
 HELDOUT_EVERY = 20
 ROWS_PER_STEP = 4096            # padded rows per optimizer step
-CLASSIFICATION_WEIGHT = 1.0     # the token loss beside the feature regression (EAGLE-1 weighs it 0.1; see the docstring)
+CLASSIFICATION_WEIGHT = 1.0     # the token loss beside the feature regression (see the docstring)
 FEATURE_NOISE = 0.1             # EAGLE's uniform noise on input features, U(-a, a)
 
 
