@@ -7,7 +7,8 @@ import torch
 
 from decoding import Engine, SamplingParams
 from models.eagle import EagleDraft, EagleTree
-from tiny_models import PROMPTS, hf_greedy, hf_logits
+from tiny_models import (PROMPTS, assert_same_steps_match, assert_seeded_speculation, assert_target_logprobs,
+                         hf_greedy)
 
 NEW_TOKENS = 24
 
@@ -68,7 +69,7 @@ def test_the_native_draft_computes_what_the_training_layer_does(llama_dir, eagle
 
     engine = Engine(model=llama_dir, show_progress=False, num_kv_blocks=64, block_size=4)
     target = engine.loaded.model
-    draft = EagleDraft.load(eagle_dir, target, torch.float32, "cpu")
+    draft = EagleDraft.load(eagle_dir, target, torch.float32, "cpu", weights="float")
     hf = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)
     state = load_file(f"{eagle_dir}/model.safetensors")
     vocab = state.pop("d2t") + torch.arange(200)
@@ -122,9 +123,7 @@ def test_greedy_eagle_is_token_identical_on_a_batch(llama_dir, eagle_dir, tree):
     for prompt, output in zip(PROMPTS, outputs):
         completion = output.outputs[0]
         assert completion.token_ids == hf_greedy(llama_dir, prompt, NEW_TOKENS)
-        reference = torch.log_softmax(hf_logits(llama_dir, prompt + completion.token_ids), -1)
-        for i, (token, logprob) in enumerate(zip(completion.token_ids, completion.logprobs)):
-            assert logprob.logprob == pytest.approx(float(reference[len(prompt) - 1 + i, token]), abs=1e-4)
+        assert_target_logprobs(llama_dir, prompt, completion)
     counters = engine.speculation.counters
     assert counters.num_draft_tokens > 0 and counters.num_accepted_tokens > 0
     assert engine.cache_usage().num_used_blocks == 0
@@ -156,16 +155,7 @@ def test_eagle_with_other_traffic_groups_stop_strings_and_preemption(llama_dir, 
               SamplingParams(temperature=0.8, max_tokens=20, seed=4, n=2)]
     for blocks in (256, 16):           # 16 blocks of 4 tokens: sequences are preempted and recomputed
         engine = eagle_engine(llama_dir, eagle_dir, num_kv_blocks=blocks)
-        actual = [engine.add_request(p, q) for p, q in zip(prompts, params)]     # all in the same steps
-        finished = {}
-        while engine.has_unfinished_requests():
-            for out in engine.step():
-                if out.finished:
-                    finished[out.request_id] = out
-        for request_id, prompt, param in zip(actual, prompts, params):
-            [expected] = plain.generate([prompt], param)
-            assert [(o.token_ids, o.text, o.finish_reason) for o in finished[request_id].outputs] == \
-                   [(o.token_ids, o.text, o.finish_reason) for o in expected.outputs]
+        assert_same_steps_match(engine, plain, prompts, params)
         assert engine.speculation.proposer.kv.usage().num_used_blocks == 0
     assert engine.counters.num_preemptions > 0
 
@@ -182,16 +172,9 @@ def test_exact_eagle_samples_the_plain_tokens(llama_dir, eagle_dir):
 
 @pytest.mark.parametrize("acceptance", ["typical", "lossless", "exact"])
 def test_sampled_eagle_runs_and_reports_the_targets_logprobs(llama_dir, eagle_dir, acceptance):
-    engine = eagle_engine(llama_dir, eagle_dir, speculative_acceptance=acceptance)
     params = SamplingParams(temperature=0.7, max_tokens=NEW_TOKENS, seed=5, logprobs=1)
-    [first] = engine.generate([PROMPTS[0]], params)
-    [again] = eagle_engine(llama_dir, eagle_dir, speculative_acceptance=acceptance).generate([PROMPTS[0]], params)
-    assert first.outputs[0].token_ids == again.outputs[0].token_ids           # seeded: reproducible
-    assert engine.speculation.counters.num_draft_tokens > 0
-    completion = first.outputs[0]
-    reference = torch.log_softmax(hf_logits(llama_dir, PROMPTS[0] + completion.token_ids) / 0.7, -1)
-    for i, (token, logprob) in enumerate(zip(completion.token_ids, completion.logprobs)):
-        assert logprob.logprob == pytest.approx(float(reference[len(PROMPTS[0]) - 1 + i, token]), abs=1e-4)
+    assert_seeded_speculation(llama_dir, lambda: eagle_engine(llama_dir, eagle_dir, speculative_acceptance=acceptance),
+                              PROMPTS[0], params)
 
 
 def test_lossless_eagle_proposes_chains_with_their_distributions(llama_dir, eagle_dir):

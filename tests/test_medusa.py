@@ -13,7 +13,8 @@ from decoding.speculative.proposer import Proposal
 from decoding.speculative.rejection import rejection_sample
 from models.loader import DEFAULT_MEDUSA_DIR
 from models.medusa import MedusaHeads
-from tiny_models import PROMPTS, hf_greedy, hf_logits
+from tiny_models import (PROMPTS, assert_same_steps_match, assert_seeded_speculation, assert_target_logprobs, hf_greedy,
+                         hf_logits)
 
 NEW_TOKENS = 24
 CHOICES = ((0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0))
@@ -258,9 +259,7 @@ def test_greedy_medusa_is_token_identical_on_a_batch(llama_dir, heads_dir):
         completion = output.outputs[0]
         assert completion.token_ids == hf_greedy(llama_dir, prompt, NEW_TOKENS)
         # Logprobs come from the cache after tree compaction and rollback: equal to a fresh forward.
-        reference = torch.log_softmax(hf_logits(llama_dir, prompt + completion.token_ids), -1)
-        for i, (token, logprob) in enumerate(zip(completion.token_ids, completion.logprobs)):
-            assert logprob.logprob == pytest.approx(float(reference[len(prompt) - 1 + i, token]), abs=1e-4)
+        assert_target_logprobs(llama_dir, prompt, completion)
     assert engine.speculation.counters.num_draft_tokens > 0
     assert engine.cache_usage().num_used_blocks == 0
 
@@ -273,17 +272,7 @@ def test_medusa_with_other_traffic_groups_and_stop_strings(llama_dir, heads_dir)
     stop = reference[0].outputs[0].text[4:7]
     params = [SamplingParams(temperature=0, max_tokens=30, stop=[stop]), SamplingParams(temperature=0, max_tokens=9, n=2),
               SamplingParams(temperature=0, max_tokens=12, speculative=False)]
-    actual = [engine.add_request(p, q) for p, q in zip(prompts, params)]   # all in the same steps
-    finished = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                finished[out.request_id] = out
-    for request_id, prompt, param in zip(actual, prompts, params):
-        [expected] = plain.generate([prompt], param)
-        got = finished[request_id]
-        assert [(o.token_ids, o.text, o.finish_reason) for o in got.outputs] == \
-               [(o.token_ids, o.text, o.finish_reason) for o in expected.outputs]
+    assert_same_steps_match(engine, plain, prompts, params)
 
 
 def test_exact_medusa_samples_the_plain_tokens(llama_dir, heads_dir):
@@ -299,16 +288,9 @@ def test_exact_medusa_samples_the_plain_tokens(llama_dir, heads_dir):
 
 @pytest.mark.parametrize("acceptance", ["typical", "lossless", "exact"])
 def test_sampled_medusa_runs_and_reports_the_targets_logprobs(llama_dir, heads_dir, acceptance):
-    engine = medusa_engine(llama_dir, heads_dir, medusa_acceptance=acceptance)
     params = SamplingParams(temperature=0.7, max_tokens=NEW_TOKENS, seed=5, logprobs=1)
-    [first] = engine.generate([PROMPTS[0]], params)
-    [again] = medusa_engine(llama_dir, heads_dir, medusa_acceptance=acceptance).generate([PROMPTS[0]], params)
-    assert first.outputs[0].token_ids == again.outputs[0].token_ids           # seeded: reproducible
-    assert engine.speculation.counters.num_draft_tokens > 0
-    completion = first.outputs[0]
-    reference = torch.log_softmax(hf_logits(llama_dir, PROMPTS[0] + completion.token_ids) / 0.7, -1)
-    for i, (token, logprob) in enumerate(zip(completion.token_ids, completion.logprobs)):
-        assert logprob.logprob == pytest.approx(float(reference[len(PROMPTS[0]) - 1 + i, token]), abs=1e-4)
+    assert_seeded_speculation(llama_dir, lambda: medusa_engine(llama_dir, heads_dir, medusa_acceptance=acceptance),
+                              PROMPTS[0], params)
 
 
 def test_lossless_mode_keeps_the_target_distribution(heads_dir):

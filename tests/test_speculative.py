@@ -11,7 +11,7 @@ from decoding.speculative.proposer import Proposal
 from decoding.sampling_metadata import SamplingMetadata
 from decoding.speculative.rejection import Verdict, rejection_sample, rows_to_verify, verify
 from models.loader import DEFAULT_DRAFT_DIR
-from tiny_models import PROMPTS, hf_greedy, hf_logits, save_tiny_model
+from tiny_models import PROMPTS, assert_target_logprobs, hf_greedy, hf_logits, save_tiny_model
 
 NEW_TOKENS = 24
 
@@ -211,9 +211,7 @@ def test_cache_after_rollback_equals_a_fresh_prefill(llama_dir, other_llama_dir)
     assert counters.num_accepted_tokens < counters.num_draft_tokens
     for prompt, output in zip(PROMPTS[:2], outputs):
         completion = output.outputs[0]
-        reference = torch.log_softmax(hf_logits(llama_dir, prompt + completion.token_ids), -1)
-        for i, (token, logprob) in enumerate(zip(completion.token_ids, completion.logprobs)):
-            assert logprob.logprob == pytest.approx(float(reference[len(prompt) - 1 + i, token]), abs=1e-4)
+        assert_target_logprobs(llama_dir, prompt, completion)
     assert seen
     for tokens, proposal in seen:
         assert proposal == hf_greedy(other_llama_dir, tokens, len(proposal))

@@ -87,6 +87,41 @@ def hf_logits(path: str, token_ids: list[int]) -> torch.Tensor:
         return hf_model(path)(torch.tensor([token_ids])).logits[0].float()
 
 
+def assert_target_logprobs(path: str, prompt: list[int], completion, temperature: float = 1.0) -> None:
+    """Every returned logprob of `completion` (a CompletionOutput) is the model's own at that position,
+    from one fresh forward over prompt + completion (at `temperature`, for processed logprobs)."""
+    reference = torch.log_softmax(hf_logits(path, prompt + completion.token_ids) / temperature, -1)
+    for i, (token, logprob) in enumerate(zip(completion.token_ids, completion.logprobs)):
+        expected = float(reference[len(prompt) - 1 + i, token])
+        assert abs(logprob.logprob - expected) <= 1e-4, (i, logprob.logprob, expected)
+
+
+def assert_seeded_speculation(path: str, make_engine, prompt: list[int], params) -> None:
+    """A seeded sampled request on a speculating engine (`make_engine()`, twice): the same tokens both times,
+    drafts made, and the target's own logprobs at the request's temperature."""
+    engine = make_engine()
+    [first] = engine.generate([prompt], params)
+    [again] = make_engine().generate([prompt], params)
+    assert first.outputs[0].token_ids == again.outputs[0].token_ids           # seeded: reproducible
+    assert engine.speculation.counters.num_draft_tokens > 0
+    assert_target_logprobs(path, prompt, first.outputs[0], params.temperature)
+
+
+def assert_same_steps_match(engine, plain, prompts: list, params: list) -> None:
+    """The requests submitted together to `engine` (sharing its steps) end as each does alone on `plain`:
+    the same tokens, text and finish reason for every sequence."""
+    request_ids = [engine.add_request(prompt, param) for prompt, param in zip(prompts, params)]
+    finished = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out
+    for request_id, prompt, param in zip(request_ids, prompts, params):
+        [expected] = plain.generate([prompt], param)
+        assert [(o.token_ids, o.text, o.finish_reason) for o in finished[request_id].outputs] == \
+               [(o.token_ids, o.text, o.finish_reason) for o in expected.outputs]
+
+
 def hf_greedy(path: str, prompt: list[int], new_tokens: int) -> list[int]:
     ids = hf_model(path).generate(torch.tensor([prompt]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                   do_sample=False, pad_token_id=0)

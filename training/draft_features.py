@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,3 +98,34 @@ def answer_features(model_path: str, samples: list[dict], cache: Path | None = N
         torch.save({"samples": len(samples), "hidden": features.hidden, "next_tokens": features.next_tokens,
                     "sample": features.sample}, cache)
     return features
+
+
+@dataclass
+class AnswersRun:
+    """What a draft head's training on self-distilled answers starts from (Medusa's and EAGLE's alike)."""
+
+    log: Callable[[str], None]        # a JSON line to the run's train.log
+    samples: list[dict]
+    config: object                    # the model's HF config
+    vocab: torch.Tensor               # the draft vocabulary, end-of-sequence ids included
+    features: AnswerFeatures
+
+
+def start_answers_run(model: str, answers: Path, out: Path, draft_vocab: int | None, seed: int) -> AnswersRun:
+    """Open `out`/train.log, seed torch, read the answers, choose the draft vocabulary (`draft_vocab` most
+    frequent answer tokens; None: the whole vocabulary) and read the features (cached beside the answers)."""
+    from transformers import AutoConfig
+
+    out.mkdir(parents=True, exist_ok=True)
+    log_file = open(out / "train.log", "a")
+
+    def log(line: str) -> None:
+        log_file.write(line + "\n")
+        log_file.flush()
+
+    torch.manual_seed(seed)
+    samples = read_samples(answers)
+    config = AutoConfig.from_pretrained(model)
+    eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+    vocab = draft_vocabulary(samples, draft_vocab or config.vocab_size, tuple(i for i in eos if i is not None))
+    return AnswersRun(log, samples, config, vocab, answer_features(model, samples, answers.with_suffix(".features.pt"), log))

@@ -28,10 +28,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 from models.eagle import LAYER_PREFIX, WEIGHTS_NAME, EagleTree, save_eagle
-from training.draft_features import AnswerFeatures, answer_features, coverage, draft_vocabulary, read_samples
+from training.draft_features import AnswerFeatures, coverage, start_answers_run
 from training.train import learning_rate, optimizer_step
 
 HELDOUT_EVERY = 20
@@ -208,20 +208,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
 
 
 def train(args: argparse.Namespace) -> None:
-    args.out.mkdir(parents=True, exist_ok=True)
-    log_file = open(args.out / "train.log", "a")
-
-    def log(line: str) -> None:
-        log_file.write(line + "\n")
-        log_file.flush()
-
-    torch.manual_seed(args.seed)
+    run = start_answers_run(args.model, args.answers, args.out, args.draft_vocab, args.seed)
+    log, samples, config, vocab = run.log, run.samples, run.config, run.vocab
+    rows = AnswerRows(run.features)
     generator = torch.Generator().manual_seed(args.seed)
-    samples = read_samples(args.answers)
-    config = AutoConfig.from_pretrained(args.model)
-    eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
-    vocab = draft_vocabulary(samples, args.draft_vocab, tuple(i for i in eos if i is not None))
-    rows = AnswerRows(answer_features(args.model, samples, args.answers.with_suffix(".features.pt"), log))
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     embed = model.get_input_embeddings().weight.detach().clone()
     projection = model.get_output_embeddings().weight.detach()[vocab].clone()

@@ -22,10 +22,10 @@ import time
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 from models.medusa import MedusaHeads
-from training.draft_features import answer_features, coverage, draft_vocabulary, read_samples
+from training.draft_features import coverage, start_answers_run
 from training.train import learning_rate, optimizer_step
 
 HEAD_DECAY = 0.8
@@ -89,19 +89,8 @@ def model_reference(hidden: torch.Tensor, rows: torch.Tensor, projection: torch.
 
 
 def train_on_answers(args: argparse.Namespace) -> None:
-    args.out.mkdir(parents=True, exist_ok=True)
-    log_file = open(args.out / "train.log", "a")
-
-    def log(line: str) -> None:
-        log_file.write(line + "\n")
-        log_file.flush()
-
-    torch.manual_seed(args.seed)
-    samples = read_samples(args.answers)
-    config = AutoConfig.from_pretrained(args.model)
-    eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
-    vocab = draft_vocabulary(samples, args.draft_vocab or config.vocab_size, tuple(i for i in eos if i is not None))
-    features = answer_features(args.model, samples, args.answers.with_suffix(".features.pt"), log)
+    run = start_answers_run(args.model, args.answers, args.out, args.draft_vocab, args.seed)
+    log, samples, config, vocab, features = run.log, run.samples, run.config, run.vocab, run.features
     labels = draft_labels(features.next_tokens, vocab, config.vocab_size, args.heads)    # [P, K]
     heldout = features.sample % HELDOUT_EVERY == 0
     train_rows, eval_rows = (~heldout).nonzero().squeeze(1), heldout.nonzero().squeeze(1)
