@@ -154,11 +154,6 @@ class EagleDraft(torch.nn.Module):
     def token_ids(self, indices: torch.Tensor) -> torch.Tensor:
         return self.draft_vocab[indices]
 
-    def vocab_logits(self, logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
-        """Draft-vocabulary logits [N, V'] -> [N, vocab], -inf off the draft vocabulary."""
-        full = logits.new_full((logits.shape[0], vocab_size), float("-inf"))
-        return full.index_copy_(1, self.draft_vocab, logits)
-
     @classmethod
     def load(cls, folder: str | Path, target, dtype: torch.dtype, device, weights: str = "q8_0") -> EagleDraft:
         """A head saved by save_eagle, beside its loaded native `target` (DecoderForCausalLM); raises

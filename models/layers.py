@@ -228,6 +228,13 @@ class FusedLinear(torch.nn.Module):
         return slots
 
 
+def spread_over_vocab(logits: torch.Tensor, token_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Logits over a draft vocabulary [..., V'] (token_ids [V'], the model's id of each) -> logits over the
+    model's vocabulary, -inf off the draft vocabulary (a distribution drawn from them is zero there)."""
+    full = logits.new_full((*logits.shape[:-1], vocab_size), float("-inf"))
+    return full.index_copy_(-1, token_ids.to(logits.device), logits)
+
+
 def scale_logits(logits: torch.Tensor, multiplier: float | None = None, divisor: float | None = None,
                  softcap: float | None = None) -> torch.Tensor:
     """The transforms families' output heads apply after the product, in HF's order: Cohere's logit_scale

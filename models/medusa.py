@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from models.layers import FusedLinear
+from models.layers import FusedLinear, spread_over_vocab
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "medusa_lm_head.pt"
@@ -97,10 +97,7 @@ class MedusaHeads(torch.nn.Module):
     def vocab_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """Draft-vocabulary logits [..., V'] -> logits over the model's vocabulary, -inf off the draft
         vocabulary (so a distribution drawn from them is the heads' own, zero where they cannot propose)."""
-        if self.draft_vocab is None:
-            return logits
-        full = logits.new_full((*logits.shape[:-1], self.vocab_size), float("-inf"))
-        return full.index_copy_(-1, self.draft_vocab.to(logits.device), logits)
+        return logits if self.draft_vocab is None else spread_over_vocab(logits, self.draft_vocab, self.vocab_size)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> logits [num_heads, N, V] (V: the draft vocabulary, or the whole one)."""

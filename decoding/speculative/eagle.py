@@ -34,10 +34,12 @@ from decoding.runner import ModelRunner
 from decoding.sampler import Sampler
 from decoding.sampling_metadata import SamplingMetadata
 from decoding.sequence import Sequence
+from decoding.speculative.draft import DraftState
 from decoding.speculative.proposer import AcceptanceRule, Proposal
 from decoding.step_plan import ScheduledSeq
 from models.attention import PagedKVCache
 from models.eagle import EagleDraft, EagleTree
+from models.layers import spread_over_vocab
 
 # Features waiting for a sequence that does not speculate now (a batch too large, the governor's choice)
 # are kept up to this many; past it the draft's context restarts at the newest token.
@@ -45,15 +47,11 @@ MAX_PENDING = 1024
 
 
 @dataclass
-class EagleState:
-    """The draft's cache for one sequence (a step_plan.CachedTokens): its row 0 is the sequence's token
+class EagleState(DraftState):
+    """The draft's cache for one sequence, as a draft model keeps it, whose row 0 is the sequence's token
     `start`; `features[i]` is the target's feature before token_ids[num_computed + i]."""
 
-    seq_id: int
-    start: int
-    block_table: list[int] = field(default_factory=list)
-    num_computed: int = 0
-    token_ids: list[int] = field(default_factory=list)
+    start: int = 0
     features: list[torch.Tensor] = field(default_factory=list)
 
 
@@ -98,7 +96,7 @@ class EagleProposer:
             # without speculating): the draft's context starts at these tokens.
             if state is not None:
                 self.kv.free(state)
-            state = self._states[seq.seq_id] = EagleState(seq.seq_id, known)
+            state = self._states[seq.seq_id] = EagleState(seq.seq_id, start=known)
         state.features.extend(hidden.clone().unbind(0))     # (not views that keep the step's tensor)
 
     # ---- proposing ---------------------------------------------------------------------------
@@ -208,7 +206,8 @@ class EagleProposer:
         if sampled:
             batch = SamplingMetadata.from_sequences([seqs[n] for n in sampled], self.vocab_size, self.eos_token_ids,
                                                     self.device, drafted=[drafted[n] for n in sampled])
-            q = process_logits(self.draft.vocab_logits(logits[sampled], self.vocab_size), batch).logprobs.exp()
+            q = process_logits(spread_over_vocab(logits[sampled], self.draft.draft_vocab, self.vocab_size),
+                               batch).logprobs.exp()
             draws = self.sampler.sample(q, batch).tolist()
             values, indices = q.topk(top_k, dim=-1)
             for m, n in enumerate(sampled):
