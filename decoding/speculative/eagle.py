@@ -103,6 +103,49 @@ class EagleProposer:
     @torch.inference_mode()
     def propose(self, seqs: list[Sequence], max_tokens: list[int]) -> list[Proposal]:
         proposals = [Proposal([]) for _ in seqs]
+        rows, items, depths, hidden = self._catch_up(seqs, max_tokens)
+        if not items:
+            return proposals
+        computed = [item.seq.num_computed for item in items]
+        candidates: list[list[_Candidate]] = [[] for _ in rows]
+        path_end = [-1] * len(rows)                 # the candidate the best path has reached (-1: the root)
+        dists: list[list[torch.Tensor]] = [[] for _ in rows]
+        drafting = list(range(len(rows)))
+        for depth in range(1, max(depths) + 1):
+            drafted = [[] if seqs[rows[r]].request.params.is_greedy else self._drafted(candidates[r], path_end[r])
+                       for r in drafting]
+            chosen, ranked, probs = self._choose([seqs[rows[r]] for r in drafting], drafted, self.draft.logits(hidden))
+            going = []
+            for n, r in enumerate(drafting):
+                score = candidates[r][path_end[r]].score if path_end[r] >= 0 else 0.0
+                path_end[r] = self._add_candidates(candidates[r], path_end[r], score, depth, chosen[n], ranked[n],
+                                                   self._takes_tree(seqs[rows[r]]))
+                if probs[n] is not None:
+                    dists[r].append(probs[n])
+                if depth < depths[r] and not self._settled(candidates[r], candidates[r][path_end[r]].score,
+                                                           max_tokens[rows[r]]):
+                    going.append((n, r))
+            if not going:
+                break
+            next_items = []
+            for _, r in going:
+                state = items[r].seq
+                state.token_ids.append(candidates[r][path_end[r]].token)
+                next_items.append(ScheduledSeq(state, state.num_computed, 1, reaches_end=True))
+            hidden = self._forward(next_items, [hidden[n : n + 1] for n, _ in going])
+            for item in next_items:
+                item.seq.num_computed += 1
+            drafting = [r for _, r in going]
+        for r, (i, item) in enumerate(zip(rows, items)):
+            self.kv.roll_back(item.seq, computed[r])
+            del item.seq.token_ids[computed[r]:]
+            proposals[i] = self._proposal(seqs[i], candidates[r], dists[r], max_tokens[i])
+        return proposals
+
+    def _catch_up(self, seqs: list[Sequence], max_tokens: list[int]):
+        """Compute the rows of the tokens each sequence gained since its last proposal, with their true
+        features, in one forward; reserve its draft rows too. -> (index in seqs, the catch-up item, the
+        depth it may draft, and the output at each item's last row) for the sequences that draft."""
         rows, items, depths = [], [], []
         for i, seq in enumerate(seqs):
             state = self._states.get(seq.seq_id)
@@ -118,49 +161,12 @@ class EagleProposer:
             rows.append(i)
             depths.append(depth)
         if not items:
-            return proposals
+            return rows, items, depths, None
         hidden = self._forward(items, [torch.stack(item.seq.features) for item in items])
-        computed = []
         for item in items:
             item.seq.num_computed += len(item.seq.features)
             item.seq.features = []
-            computed.append(item.seq.num_computed)
-        candidates: list[list[_Candidate]] = [[] for _ in rows]
-        chain_parent = [-1] * len(rows)
-        chain_score = [0.0] * len(rows)
-        dists: list[list[torch.Tensor]] = [[] for _ in rows]
-        drafting = list(range(len(rows)))
-        for depth in range(1, max(depths) + 1):
-            seqs_now = [seqs[rows[r]] for r in drafting]
-            chosen, ranked, probs = self._choose(seqs_now, [self._drafted(candidates[r], chain_parent[r]) for r in drafting],
-                                                 self.draft.logits(hidden))
-            going, inputs = [], []
-            for n, r in enumerate(drafting):
-                best = self._add_candidates(candidates[r], chain_parent[r], chain_score[r], depth, chosen[n], ranked[n],
-                                            self._takes_tree(seqs[rows[r]]))
-                if probs[n] is not None:
-                    dists[r].append(probs[n])
-                chain_parent[r], chain_score[r] = best, candidates[r][best].score
-                if depth < depths[r] and not self._settled(candidates[r], chain_score[r], max_tokens[rows[r]]):
-                    going.append((n, r))
-            if not going:
-                break
-            next_items = []
-            for n, r in going:
-                state = items[r].seq
-                state.token_ids.append(candidates[r][chain_parent[r]].token)
-                next_items.append(ScheduledSeq(state, state.num_computed, 1, reaches_end=True))
-                inputs.append(hidden[n : n + 1])
-            hidden = self._forward(next_items, inputs)
-            for item in next_items:
-                item.seq.num_computed += 1
-            drafting = [r for _, r in going]
-        for r, (i, item) in enumerate(zip(rows, items)):
-            state = item.seq
-            self.kv.roll_back(state, computed[r])
-            del state.token_ids[computed[r]:]
-            proposals[i] = self._proposal(seqs[i], candidates[r], dists[r], max_tokens[i])
-        return proposals
+        return rows, items, depths, hidden
 
     def _forward(self, items: list[ScheduledSeq], features: list[torch.Tensor]) -> torch.Tensor:
         """One draft forward over the items' new tokens with their features (item by item) -> the output
