@@ -86,7 +86,7 @@ class RequestIntake:
             return prompt, self.tokenizer(prompt).input_ids
         if not isinstance(prompt, (list, tuple)):
             raise ValueError("a prompt must be a string or a list of token ids")
-        self._check_prompt_length(len(prompt))
+        self._check_prompt_length(len(prompt), scoring_only=True)   # _check_fits decides on ==
         if not all(isinstance(t, int) for t in prompt):
             raise ValueError("a prompt must be a string or a list of token ids")
         if not prompt:
@@ -97,14 +97,15 @@ class RequestIntake:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
         return None, list(prompt)
 
-    def _check_prompt_length(self, prompt_len: int) -> None:
-        if prompt_len >= self.max_model_len:
+    def _check_prompt_length(self, prompt_len: int, scoring_only: bool = False) -> None:
+        """A prompt leaves room for one generated token, unless the request only scores it (max_tokens 0)."""
+        if prompt_len > self.max_model_len or (prompt_len == self.max_model_len and not scoring_only):
             raise ValueError(f"prompt has {prompt_len} tokens, but the model's context length is "
                              f"{self.max_model_len}; shorten the prompt")
 
     def _check_fits(self, prompt_ids: list[int], params: SamplingParams) -> None:
         prompt_len = len(prompt_ids)
-        self._check_prompt_length(prompt_len)
+        self._check_prompt_length(prompt_len, scoring_only=params.max_tokens == 0)
         if prompt_len + params.max_tokens > self.max_model_len:
             raise ValueError(f"prompt ({prompt_len} tokens) + max_tokens ({params.max_tokens}) exceeds the "
                              f"context length {self.max_model_len}; lower max_tokens to at most "

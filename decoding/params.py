@@ -85,8 +85,12 @@ class SamplingParams:
 
     def _validate(self) -> None:
         _require(isinstance(self.n, int) and self.n >= 1, f"n must be an integer >= 1, got {self.n!r}")
-        _require(isinstance(self.max_tokens, int) and self.max_tokens >= 1,
+        _require(isinstance(self.max_tokens, int) and self.max_tokens >= 0,
                  f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        # Scoring: the prompt's logprobs and nothing generated, so a prompt may fill the whole context.
+        _require(self.max_tokens >= 1 or (self.prompt_logprobs is not None and not self.use_beam_search),
+                 "max_tokens 0 only scores the prompt: ask for prompt_logprobs (or echo with logprobs), "
+                 "without beam search; otherwise set max_tokens >= 1")
         _require(isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens,
                  f"min_tokens must be between 0 and max_tokens ({self.max_tokens}), got {self.min_tokens!r}")
         _require(0 <= self.temperature <= MAX_TEMPERATURE,

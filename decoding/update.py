@@ -83,7 +83,9 @@ class StepUpdate:
                 # Right after a group's shared prefill, every sample draws its first token from this row.
                 targets = [s for s in request.seqs if not s.is_finished] if forked_now else [seq]
                 for target in targets:
-                    if target.num_computed == len(target.token_ids):
+                    if request.params.max_tokens == 0:       # scoring only: the prompt's logprobs are all
+                        self._finish(target, FinishReason.LENGTH)
+                    elif target.num_computed == len(target.token_ids):
                         sampling_seqs.append(target)
                         rows.append(row_of[seq.seq_id])
         return sampling_seqs, torch.tensor(rows, dtype=torch.long, device=self.device)

@@ -156,12 +156,14 @@ class _SamplingFields(StrictModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
-MAX_TOKENS_RULE = "at least 1 (0 is refused with a 400 on every route)"
+MAX_TOKENS_RULE = "at least 1 (only /v1/completions takes 0, to score a prompt)"
 
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1, description=f"default 16; {MAX_TOKENS_RULE}")
+    # 0 scores the prompt and generates nothing (OpenAI's legacy scoring: echo with logprobs).
+    max_tokens: int | None = Field(16, ge=0, description="default 16; 0 only with echo and logprobs, or "
+                                                         "prompt_logprobs: the prompt is scored, nothing generated")
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     return_token_ids: bool = False

@@ -98,7 +98,7 @@ def add_score_route(app: FastAPI, server, collect) -> None:
                                param="reference")
             front = server.reference_front
         try:
-            params = SamplingParams(max_tokens=1, prompt_logprobs=body.top_logprobs or 0,
+            params = SamplingParams(max_tokens=0, prompt_logprobs=body.top_logprobs or 0,
                                     logprobs_mode=body.logprobs_mode, temperature=body.temperature)
         except ValueError as err:
             raise APIError(400, str(err)) from err

@@ -44,6 +44,10 @@ class SGLangSamplingParams(StrictModel):
     custom_params: dict | None = None
     logit_bias: dict | None = None
 
+    def _max_tokens(self, scoring: bool) -> int:
+        requested = DEFAULT_MAX_NEW_TOKENS if self.max_new_tokens is None else self.max_new_tokens
+        return requested if requested or scoring else 1
+
     def to_params(self, vocab_size: int, logprobs: int | None, prompt_logprobs: int | None) -> SamplingParams:
         for name in ("ebnf", "structural_tag", "custom_params", "logit_bias"):
             if getattr(self, name):
@@ -59,8 +63,9 @@ class SGLangSamplingParams(StrictModel):
         if self.regex is not None:
             constraint["regex"] = self.regex
         return SamplingParams(
-            # max_new_tokens 0 (slime's prompt scoring): one token is computed and not returned.
-            n=self.n, max_tokens=max(1, DEFAULT_MAX_NEW_TOKENS if self.max_new_tokens is None else self.max_new_tokens),
+            # max_new_tokens 0 (slime's prompt scoring) scores the prompt and generates nothing; without
+            # input logprobs asked for, one token is computed and not returned.
+            n=self.n, max_tokens=self._max_tokens(prompt_logprobs is not None),
             min_tokens=self.min_new_tokens,
             temperature=self.temperature, top_p=self.top_p,
             top_k=0 if self.top_k < 0 or self.top_k >= vocab_size else self.top_k, min_p=self.min_p,

@@ -72,6 +72,33 @@ def test_score_matches_a_teacher_forced_forward(live, llama_dir):
             assert logprob == pytest.approx(reference[start - 1 + i, sequence[start + i]].item(), abs=1e-4)
 
 
+def test_a_sequence_filling_the_whole_context_is_scored(llama_dir):
+    """Scoring generates nothing, so a sequence exactly as long as the context is scored (max_tokens 0),
+    on /v1/score and as OpenAI's legacy echo scoring; one token longer is a 400 that says so."""
+    live = start_server(llama_dir, engine_options={"max_model_len": 32}, admin_key="admin")
+    try:
+        sequence = [(7 * i) % 90 + 3 for i in range(32)]
+        [logprobs] = GorgonClient(live.url, admin_key="admin").score([sequence], [4])
+        reference = torch.log_softmax(hf_logits(llama_dir, sequence), -1)
+        assert len(logprobs) == 28
+        for i, logprob in enumerate(logprobs):
+            assert logprob == pytest.approx(reference[3 + i, sequence[4 + i]].item(), abs=1e-4)
+        echoed = httpx.post(f"{live.url}/v1/completions", json={"prompt": sequence, "max_tokens": 0, "echo": True,
+                                                               "logprobs": 0}, timeout=30)
+        assert echoed.status_code == 200, echoed.text
+        choice = echoed.json()["choices"][0]
+        assert choice["finish_reason"] == "length"
+        assert choice["logprobs"]["token_logprobs"][1:] == pytest.approx(
+            [reference[i, sequence[i + 1]].item() for i in range(31)], abs=1e-4)
+        too_long = httpx.post(f"{live.url}/v1/score", json={"sequences": [sequence + [5]], "prompt_lens": [4]},
+                              timeout=30)
+        assert too_long.status_code == 400 and "context length is 32" in too_long.json()["error"]["message"]
+        unscored = httpx.post(f"{live.url}/v1/completions", json={"prompt": [5, 6], "max_tokens": 0}, timeout=30)
+        assert unscored.status_code == 400 and "max_tokens 0 only scores" in unscored.json()["error"]["message"]
+    finally:
+        stop_server(live)
+
+
 def test_pushed_weights_change_generation_and_bad_payloads_change_nothing(live, llama_dir, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)
     greedy = dict(max_tokens=10, temperature=0, min_tokens=10)
