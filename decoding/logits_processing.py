@@ -180,5 +180,5 @@ def beam_log_probs(logits: torch.Tensor, histories: list[list[int]], repetition_
 def prompt_log_probs(chunk: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Log-probs of a prompt chunk's rows, in the request's logprobs_mode."""
     if params.logprobs_mode == "processed" and params.temperature > 0:
-        chunk = chunk / params.temperature
-    return torch.log_softmax(chunk, dim=-1)
+        return torch.log_softmax(chunk / params.temperature, dim=-1)
+    return kernels.raw_log_softmax(chunk)

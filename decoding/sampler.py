@@ -144,7 +144,7 @@ class Sampler:
         raw_rows = [i for i, s in enumerate(batch.seqs) if s.request.params.logprobs_mode == "raw"]
         chosen = processed_logprobs
         if raw_rows:
-            raw = torch.log_softmax(raw_logits, dim=-1)
+            raw = kernels.raw_log_softmax(raw_logits)
             use_raw = torch.zeros(len(batch.seqs), 1, dtype=torch.bool, device=raw.device)
             use_raw[raw_rows] = True
             chosen = torch.where(use_raw, raw, processed_logprobs)

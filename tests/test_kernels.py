@@ -64,6 +64,75 @@ def test_kernel_matches_sdpa_over_gathered_blocks(batch, heads, kv_heads, head_d
     torch.testing.assert_close(out, expected, atol=2e-6, rtol=1e-5)
 
 
+def _relaid_cache(keys: torch.Tensor, values: torch.Tensor, block_size: int, generator, spare: int = 0):
+    """Positions [L, kv_heads, d] laid out in a paged cache of this block size over shuffled blocks (block 0
+    the null block), `spare` positions more allocated after them -> (key cache, value cache, table [1, n])."""
+    length = keys.shape[0] + spare
+    used = (length + block_size - 1) // block_size
+    table = torch.randperm(used, generator=generator) + 1
+    key_cache = torch.zeros(used + 1, block_size, *keys.shape[1:])
+    value_cache = torch.zeros_like(key_cache)
+    for pos in range(keys.shape[0]):
+        key_cache[table[pos // block_size], pos % block_size] = keys[pos]
+        value_cache[table[pos // block_size], pos % block_size] = values[pos]
+    return key_cache, value_cache, table.view(1, -1)
+
+
+@needs_kernel
+@pytest.mark.parametrize("heads,kv_heads,head_dim,window,softcap,sinks", [
+    (9, 3, 64, None, None, False),     # SmolLM2's shape
+    (4, 4, 128, None, None, False),
+    (8, 2, 36, 11, None, False),       # a head_dim off the 8-lane grid, a sliding window
+    (6, 2, 64, None, 30.0, True),      # Gemma 2's soft-capping, gpt-oss's sinks
+])
+def test_a_token_attends_alike_whatever_kernel_step_and_block_size(heads, kv_heads, head_dim, window, softcap, sinks):
+    """A token's attention output is the same bits whether its prompt is prefilled whole, in chunks, or the
+    token is a decode row, a speculative tree node (its ancestors at scattered slots), under any block
+    size: what makes rollout logprobs reproducible by a trainer (decoding/matched_forward.py)."""
+    generator = torch.Generator().manual_seed(head_dim + heads)
+    length, scale = 75, head_dim ** -0.5
+    keys = torch.randn(length, kv_heads, head_dim, generator=generator)
+    values = torch.randn(length, kv_heads, head_dim, generator=generator)
+    query = torch.randn(length, heads, head_dim, generator=generator)
+    head_sinks = torch.randn(heads, generator=generator) if sinks else None
+    options = dict(softcap=softcap, sinks=head_sinks)
+
+    def prefill(key_cache, value_cache, table, chunks):
+        out = torch.full((length, heads, head_dim), float("nan"))
+        start = 0
+        for count in chunks:
+            q_starts, counts, cached = (torch.tensor([v]) for v in (start, count, start))
+            kernels.paged_prefill_attention(query, key_cache, value_cache, q_starts, counts, cached, table, scale,
+                                            window, out, **options)
+            start += count
+        return out
+
+    key_cache, value_cache, table = _relaid_cache(keys, values, 16, generator)
+    whole = prefill(key_cache, value_cache, table, [length])
+    if not (softcap or sinks):
+        expected = reference_attention(query, key_cache, value_cache, table.expand(length, -1).contiguous(),
+                                       torch.arange(1, length + 1), scale, window)
+        torch.testing.assert_close(whole, expected, atol=3e-6, rtol=1e-5)
+    assert torch.equal(prefill(key_cache, value_cache, table, [5, 16, 1, 30, 23]), whole)
+    rows = paged_decode_attention(query, key_cache, value_cache, table.expand(length, -1).contiguous(),
+                                  torch.arange(1, length + 1), scale, window, **options)
+    assert torch.equal(rows, whole)
+    for block_size in (4, 64):
+        relaid = _relaid_cache(keys, values, block_size, generator)
+        assert torch.equal(prefill(*relaid, [length - 9, 9]), whole)
+    # Tree nodes: positions [context, p] are ancestors written to spare slots after the sequence.
+    key_cache, value_cache, table = _relaid_cache(keys, values, 16, generator, spare=20)
+    context, ancestors = 60, torch.tensor([80, 71, 90, 77, 84, 93, 88, 79, 72, 91, 85, 74, 82, 75, 89])
+    for extra, pos in zip(ancestors, range(context, length)):
+        block, slot = table[0, int(extra) // 16], int(extra) % 16
+        key_cache[block, slot], value_cache[block, slot] = keys[pos], values[pos]
+    depth = length - context
+    nodes = paged_decode_attention(query[context:], key_cache, value_cache, table.expand(depth, -1).contiguous(),
+                                   torch.full((depth,), context), scale, window, ancestors.expand(depth, -1).contiguous(),
+                                   torch.arange(1, depth + 1), **options)
+    assert torch.equal(nodes, whole[context:])
+
+
 @pytest.mark.parametrize("arch", ["llama", "mistral-sliding", "gpt2"])
 def test_pure_torch_decode_path_matches_hf(model_dir, arch):
     """The path used on CUDA and where no compiler exists: gathered blocks, SDPA per length group."""

@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 SOURCES = [Path(__file__).with_name(name)
            for name in ("paged_attention.c", "prefill_attention.c", "fused_ops.c", "sampling.c", "gemm.c",
                         "quant_gemm.c", "bf16_gemm.c", "decoder.c", "threads.c")]
-HEADERS = [Path(__file__).with_name(name) for name in ("vector_math.h", "threads.h", "linear.h")]
+HEADERS = [Path(__file__).with_name(name) for name in ("vector_math.h", "attention_row.h", "threads.h", "linear.h")]
 # -ffp-contract=fast lets the compiler fuse multiply-adds: ISO C mode (-std=c11) otherwise forbids it,
 # which halves the arithmetic rate of every dot product and matrix tile.
 BASE_FLAGS = ["-O3", "-ffp-contract=fast", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
@@ -97,6 +97,7 @@ SIGNATURES = {
     "sample_rows": ([_PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR], None),
     "sample_rows_masked": ([_PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _PTR], None),
     "mask_rows_by_bits": ([_PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR], None),
+    "log_normalizers": ([_PTR, _I64, _I64, _PTR, _PTR], None),
     "pack_panels": ([_PTR, _I64, _I64, _PTR], None),
     "linear_product": ([_PTR, _I64, _I64, _I64, _PTR, _I64, _PTR, _PTR, _PTR], None),
     "bf16_products_supported": ([], ctypes.c_int),
@@ -265,6 +266,21 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, uniforms: torch
                            greedy.data_ptr(), want_raw.data_ptr(), tokens.data_ptr(), logprobs.data_ptr(),
                            raw_logprobs.data_ptr())
     return tokens, logprobs, raw_logprobs
+
+
+def raw_log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """log_softmax of logits [N, vocab] float32 as every raw logprob the engine reports is computed:
+    x - max - log(sum(exp(x - max))) with sample_rows' own summation (torch's log_softmax where the
+    native kernels do not run). Whichever path reports a raw logprob, and a trainer recomputing it
+    (decoding/matched_forward.py), gets the same bits."""
+    library = _library()
+    if library is None or logits.device.type != "cpu" or logits.dtype != torch.float32:
+        return torch.log_softmax(logits, dim=-1)
+    logits = logits.contiguous()
+    rows, vocab = logits.shape
+    maxima, normalizers = torch.empty(rows), torch.empty(rows)
+    library.log_normalizers(logits.data_ptr(), rows, vocab, maxima.data_ptr(), normalizers.data_ptr())
+    return (logits - maxima.unsqueeze(1)) - normalizers.unsqueeze(1)
 
 
 def sample_rows_masked(logits: torch.Tensor, temperature: torch.Tensor, uniforms: torch.Tensor, greedy: torch.Tensor,

@@ -16,11 +16,10 @@
  *                output (gpt-oss's attention sinks)
  *
  * A work item is one sequence and a range of its KV heads: all of them when the batch alone keeps every
- * thread busy (each token's keys are then one contiguous read, which is what a memory-bound kernel
- * wants), otherwise one KV head. Each item walks its blocks once with an online softmax: the scores of a
- * run of tokens (one block at most), then the running max, sum and output rescaled only when the run
- * raises the max, then the run's values while its keys are still in cache. The same math as SDPA up to
- * float32 summation order and a polynomial exp (vector_math.h).
+ * thread busy, otherwise one KV head. Each item walks its row's keys once, a chunk of the position grid
+ * at a time (attention_row.h): every query head of the KV group scores the chunk's keys, folds them into
+ * its online softmax and adds their values while they are still in cache. A row's arithmetic is the
+ * prefill kernel's for a token at the same position, key for key (attention_row.h says why).
  */
 /* Without -ftrapping-math: the softmax's selects and exp_poly vectorise on AVX2 too (see fused_ops.c). */
 #pragma GCC optimize("no-trapping-math")
@@ -29,8 +28,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "attention_row.h"
 #include "threads.h"
-#include "vector_math.h"
 
 typedef struct {
     const float *query;
@@ -48,111 +47,60 @@ typedef struct {
     const float *sinks;
 } Problem;
 
-/* A run of tokens stays inside one block and holds at most this many, which bounds the scratch. */
-#define MAX_RUN 64
-
-/* The running softmax of one work item: per query head the max score, the sum of exponentials and the
- * unnormalised output, all relative to that max. */
-typedef struct {
-    float *acc, *max_score, *denom, *scores;
-    int64_t heads, group, token_stride;
-} Softmax;
-
-/* Fold `run` consecutive tokens (keys at k, values at v, token_stride apart) into the running softmax. */
-static inline __attribute__((always_inline)) void attend_run(const Problem *p, const Softmax *st, const float *q,
-                                                             const float *k, const float *v, int64_t run,
-                                                             const int64_t head_dim) {
-    const int64_t heads = st->heads, group = st->group, token_stride = st->token_stride;
-    float *s = st->scores, *acc = st->acc;
-    /* Scores of this run, per head. */
-    for (int64_t t = 0; t < run; ++t) {
-        const float *kt = k + t * token_stride;
-        for (int64_t h = 0; h < heads; ++h) {
-            const float *qh = q + h * head_dim, *kh = kt + (h / group) * head_dim;
-            float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-            for (int64_t d = 0; d < head_dim; ++d) dot += qh[d] * kh[d];
-            s[h * MAX_RUN + t] = dot * p->scale;
-        }
-    }
-    if (p->softcap > 0.0f)
-        for (int64_t h = 0; h < heads; ++h)
-            for (int64_t t = 0; t < run; ++t) s[h * MAX_RUN + t] = p->softcap * tanhf(s[h * MAX_RUN + t] / p->softcap);
-    /* Online softmax: rescale what was accumulated when this run raises a head's max. */
-    for (int64_t h = 0; h < heads; ++h) {
-        float m = st->max_score[h];
-        for (int64_t t = 0; t < run; ++t) m = s[h * MAX_RUN + t] > m ? s[h * MAX_RUN + t] : m;
-        if (m > st->max_score[h]) {
-            const float correction = exp_poly(st->max_score[h] - m);
-            st->denom[h] *= correction;
-            for (int64_t d = 0; d < head_dim; ++d) acc[h * head_dim + d] *= correction;
-            st->max_score[h] = m;
-        }
-        float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t t = 0; t < run; ++t) {
-            const float e = exp_poly(s[h * MAX_RUN + t] - m);
-            s[h * MAX_RUN + t] = e;
-            sum += e;
-        }
-        st->denom[h] += sum;
-    }
-    for (int64_t t = 0; t < run; ++t) {
-        const float *vt = v + t * token_stride;
-        for (int64_t h = 0; h < heads; ++h) {
-            const float prob = s[h * MAX_RUN + t];
-            const float *restrict vh = vt + (h / group) * head_dim;
-            float *restrict a = acc + h * head_dim;
-#pragma omp simd
-            for (int64_t d = 0; d < head_dim; ++d) a[d] += prob * vh[d];
-        }
-    }
-}
-
-/* Sequence b, KV heads [kv_begin, kv_end): its first context_lens[b] positions (the last `window` of
- * them with a sliding window), then its extra positions, one at a time (the ancestors of a node of a
- * speculative tree, which sit after the context at scattered positions). Always inlined into a switch on
- * head_dim, so the common sizes get constant trip counts. */
+/* Sequence b, KV heads [kv_begin, kv_end). Its keys, in position order, are its first context_lens[b]
+ * positions, then its extra positions (a speculative tree node's ancestors and itself, scattered after
+ * the context): the row sees them as one run of logical positions, the last `window` of them with a
+ * sliding window, and chunks them on the same grid as a prefill row at its logical position. Always
+ * inlined into a switch on head_dim, so the common sizes get constant trip counts. */
 static inline __attribute__((always_inline)) void attend(const Problem *p, int64_t b, int64_t kv_begin,
                                                          int64_t kv_end, const int64_t head_dim) {
+    const int64_t d = head_dim;
     const int64_t group = p->num_heads / p->num_kv_heads;
-    const int64_t token_stride = p->num_kv_heads * head_dim;
+    const int64_t token_stride = p->num_kv_heads * d;
     const int64_t heads = (kv_end - kv_begin) * group;
     const int64_t context = p->context_lens[b];
-    const int64_t first = (p->window > 0 && context > p->window) ? context - p->window : 0;
-    const int64_t *table = p->block_tables + b * p->max_blocks;
-    const float *q = p->query + b * p->query_row_stride + kv_begin * group * head_dim;
-    float *o = p->out + (b * p->num_heads + kv_begin * group) * head_dim;
-    const float *keys = p->key_cache + kv_begin * head_dim, *values = p->value_cache + kv_begin * head_dim;
-    float acc[heads * head_dim];
-    float max_score[heads], denom[heads];
-    float scores[heads * MAX_RUN];
-    for (int64_t i = 0; i < heads * head_dim; ++i) acc[i] = 0.0f;
-    /* A sink starts each head's softmax as one more score, whose exponential is 1 at its own max. */
-    for (int64_t h = 0; h < heads; ++h) {
-        max_score[h] = p->sinks ? p->sinks[kv_begin * group + h] : -INFINITY;
-        denom[h] = p->sinks ? 1.0f : 0.0f;
-    }
-    const Softmax st = {acc, max_score, denom, scores, heads, group, token_stride};
-    for (int64_t pos = first; pos < context;) {
-        const int64_t offset = pos % p->block_size;
-        const int64_t left = p->block_size - offset;
-        int64_t run = left < context - pos ? left : context - pos;
-        if (run > MAX_RUN) run = MAX_RUN;
-        const int64_t slot = table[pos / p->block_size] * p->block_size + offset;
-        attend_run(p, &st, q, keys + slot * token_stride, values + slot * token_stride, run, head_dim);
-        pos += run;
-    }
     const int64_t extras = p->extra_counts ? p->extra_counts[b] : 0;
-    for (int64_t e = 0; e < extras; ++e) {
-        const int64_t pos = p->extra_positions[b * p->max_extra + e];
-        const int64_t slot = table[pos / p->block_size] * p->block_size + pos % p->block_size;
-        attend_run(p, &st, q, keys + slot * token_stride, values + slot * token_stride, 1, head_dim);
-    }
+    const int64_t *extra = p->extra_positions ? p->extra_positions + b * p->max_extra : NULL;
+    const int64_t end = context + extras;     /* logical positions [first, end) */
+    const int64_t first = (p->window > 0 && end > p->window) ? end - p->window : 0;
+    const int64_t *table = p->block_tables + b * p->max_blocks;
+    const float *q = p->query + b * p->query_row_stride + kv_begin * group * d;
+    float *o = p->out + (b * p->num_heads + kv_begin * group) * d;
+    float acc[heads * d], queries[heads * d];
+    RowSoftmax state[heads];
+    float scores[KEY_CHUNK];
+    for (int64_t i = 0; i < heads * d; ++i) acc[i] = 0.0f;
     for (int64_t h = 0; h < heads; ++h) {
-        const float inv = 1.0f / denom[h];
-        for (int64_t d = 0; d < head_dim; ++d) o[h * head_dim + d] = acc[h * head_dim + d] * inv;
+        state[h] = row_softmax_start(p->sinks ? p->sinks + kv_begin * group + h : NULL);
+        scaled_query(q + h * d, p->scale, queries + h * d, d);
     }
+    for (int64_t chunk = first - first % KEY_CHUNK; chunk < end; chunk += KEY_CHUNK) {
+        const int64_t lo = first > chunk ? first - chunk : 0;
+        const int64_t hi = (end - chunk < KEY_CHUNK ? end - chunk : KEY_CHUNK) - 1;
+        /* The context's part of the chunk, then the extra positions, which sit anywhere. */
+        int64_t offsets[KEY_CHUNK];
+        const int64_t in_context = context - 1 - chunk < hi ? context - 1 - chunk : hi;
+        if (in_context >= lo)
+            chunk_offsets(table, p->block_size, token_stride, chunk, lo, in_context, offsets);
+        for (int64_t t = in_context + 1 > lo ? in_context + 1 : lo; t <= hi; ++t) {
+            const int64_t pos = extra[chunk + t - context];
+            offsets[t] = (table[pos / p->block_size] * p->block_size + pos % p->block_size) * token_stride;
+        }
+        for (int64_t t = 0; t < lo; ++t) offsets[t] = offsets[lo];
+        for (int64_t t = hi + 1; t < KEY_CHUNK; ++t) offsets[t] = offsets[hi];
+        for (int64_t kvh = kv_begin; kvh < kv_end; ++kvh) {
+            const float *key_rows[KEY_CHUNK], *value_rows[KEY_CHUNK];
+            for (int64_t t = 0; t < KEY_CHUNK; ++t) {
+                key_rows[t] = p->key_cache + offsets[t] + kvh * d;
+                value_rows[t] = p->value_cache + offsets[t] + kvh * d;
+            }
+            for (int64_t h = (kvh - kv_begin) * group; h < (kvh - kv_begin + 1) * group; ++h) {
+                chunk_scores(queries + h * d, key_rows, scores, d);
+                fold_chunk(&state[h], acc + h * d, scores, lo, hi, value_rows, p->softcap, d);
+            }
+        }
+    }
+    for (int64_t h = 0; h < heads; ++h) row_output(&state[h], acc + h * d, o + h * d, d);
 }
 
 static void attend_any(const Problem *p, int64_t b, int64_t kv_begin, int64_t kv_end, int64_t head_dim) {

@@ -1,13 +1,12 @@
 /* Causal attention of prompt chunks over the paged KV cache, for the CPU.
  *
  * A prefill chunk's queries attend to everything cached before the chunk and, causally, to the chunk
- * itself, whose keys and values the layer has just written to the cache. A work item is one segment,
- * one KV head and a block of up to 8 consecutive queries; it walks the keys up to its last query in
- * chunks of up to 16 tokens (never across a cache block) with an online softmax: the chunk's keys are
- * transposed once into a [head_dim][16] tile that every query head of the KV group reuses, a query
- * block's 16 scores per row come from one vector accumulator per row, and each row's output stays in
- * registers while the chunk's values stream past it. Keys past a query's own position (and before its
- * sliding window) are masked. Same math as SDPA up to float32 summation order and a polynomial exp.
+ * itself, whose keys and values the layer has just written to the cache. A work item is one segment, one
+ * query head and a block of up to 8 consecutive queries; it walks the keys up to its last query a chunk
+ * of the position grid at a time (attention_row.h), and each query of the block folds the chunk's keys it
+ * sees while they are in cache. A query's arithmetic is the decode kernel's for a token at the same
+ * position, key for key: however a prompt is split into chunks and steps, and whichever kernel a token
+ * meets, its output is the same (attention_row.h says why).
  *
  *   query        [tokens, num_heads, head_dim], rows `query_row_stride` floats apart
  *   key/value    [num_blocks, block_size, num_kv_heads, head_dim]
@@ -23,27 +22,10 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "attention_row.h"
 #include "threads.h"
-#include "vector_math.h"
 
 #define QUERY_BLOCK 8
-#define KEY_CHUNK 16
-/* Score accumulators in flight at once: 16 fit AVX-512's 32 registers; AVX2's 16 hold 8 beside the query
- * and the key (16 spilled to the stack on every multiply-add). */
-#if defined(__AVX512F__) || defined(__aarch64__)
-#define SCORE_GROUP 16
-#else
-#define SCORE_GROUP 8
-#endif
-
-/* One lane per query row of a block. */
-typedef float v8f __attribute__((vector_size(QUERY_BLOCK * sizeof(float))));
-
-static inline v8f max8(v8f a, v8f b) {
-    v8f out;
-    for (int r = 0; r < QUERY_BLOCK; ++r) out[r] = a[r] > b[r] ? a[r] : b[r];
-    return out;
-}
 
 typedef struct {
     const float *query;
@@ -57,108 +39,45 @@ typedef struct {
     const float *sinks;
 } Prefill;
 
-/* Queries [first, first + rows) of segment s (rows <= QUERY_BLOCK), query head `head` (KV head kvh).
- * The block's queries are transposed once, [head_dim][8], so a key's scores for all 8 rows are one
- * vector: scores[t] = sum_i key_t[i] * query_t[i]. The running max, sum and rescaling are vectors over
- * the rows too; each row's output accumulates from the chunk's values in place. */
+/* Queries [first, first + rows) of segment s (rows <= QUERY_BLOCK), query head `head`. */
 static inline __attribute__((always_inline)) void attend_block(const Prefill *p, int64_t s, int64_t head,
                                                                int64_t first, int64_t rows, const int64_t d) {
     const int64_t group = p->num_heads / p->num_kv_heads, kvh = head / group;
     const int64_t token_stride = p->num_kv_heads * d;
     const int64_t *table = p->block_tables + s * p->max_blocks;
     const int64_t first_pos = p->cached[s] + first, last_pos = first_pos + rows - 1;
-    const int64_t lo = (p->window > 0 && first_pos - p->window + 1 > 0) ? first_pos - p->window + 1 : 0;
-    float queries[d * QUERY_BLOCK];          /* [d][8], scaled; rows past `rows` are zero */
-    for (int64_t r = 0; r < QUERY_BLOCK; ++r) {
-        const float *q = p->query + (p->q_starts[s] + first + r) * p->query_row_stride + head * d;
-        for (int64_t i = 0; i < d; ++i) queries[i * QUERY_BLOCK + r] = r < rows ? q[i] * p->scale : 0.0f;
-    }
-    float acc[QUERY_BLOCK][d];
-    memset(acc, 0, sizeof acc);
-    /* A sink starts the softmax as one more score, whose exponential is 1 at its own max. */
-    v8f max_score = (v8f){0} + (p->sinks ? p->sinks[head] : -INFINITY), denom = (v8f){0} + (p->sinks ? 1.0f : 0.0f);
-    v8f query_pos;
-    for (int64_t r = 0; r < QUERY_BLOCK; ++r) query_pos[r] = (float)(first_pos + r);
-    for (int64_t pos = lo; pos <= last_pos;) {
-        const int64_t offset = pos % p->block_size;
-        int64_t chunk = p->block_size - offset;
-        if (chunk > KEY_CHUNK) chunk = KEY_CHUNK;
-        if (chunk > last_pos + 1 - pos) chunk = last_pos + 1 - pos;
-        const int64_t slot = table[pos / p->block_size] * p->block_size + offset;
-        const float *keys = p->key_cache + slot * token_stride + kvh * d;
-        const float *values = p->value_cache + slot * token_stride + kvh * d;
-        /* Every key of the chunk visible to every row of the block: no mask. */
-        const int all_visible = pos + chunk - 1 <= first_pos && (p->window <= 0 || last_pos - pos < p->window);
-        /* All the chunk's keys at once: 16 independent accumulators hide the multiply-add latency.
-         * Lanes past the chunk reread its last key and are masked below. */
-        const float *key_rows[KEY_CHUNK];
-        for (int64_t t = 0; t < KEY_CHUNK; ++t) key_rows[t] = keys + (t < chunk ? t : chunk - 1) * token_stride;
-        v8f scores[KEY_CHUNK];
-        for (int64_t t = 0; t < KEY_CHUNK; ++t) scores[t] = (v8f){0};
-        for (int64_t t0 = 0; t0 < KEY_CHUNK; t0 += SCORE_GROUP)
-            for (int64_t i = 0; i < d; ++i) {
-                v8f q;
-                memcpy(&q, queries + i * QUERY_BLOCK, sizeof q);
-                for (int64_t t = t0; t < t0 + SCORE_GROUP; ++t) scores[t] += key_rows[t][i] * q;
-            }
-        if (p->softcap > 0.0f)
-            for (int64_t t = 0; t < chunk; ++t)
-                for (int64_t r = 0; r < QUERY_BLOCK; ++r) scores[t][r] = p->softcap * tanhf(scores[t][r] / p->softcap);
-        v8f chunk_max = (v8f){0} - INFINITY;
-        for (int64_t t = 0; t < chunk; ++t) {
-            if (!all_visible) {
-                const float key_pos = (float)(pos + t);
-                for (int64_t r = 0; r < QUERY_BLOCK; ++r) {
-                    const int visible = key_pos <= query_pos[r] && (p->window <= 0 || query_pos[r] - key_pos < p->window);
-                    scores[t][r] = visible ? scores[t][r] : -INFINITY;
-                }
-            }
-            chunk_max = max8(chunk_max, scores[t]);
-        }
-        /* Online softmax, all rows at once; a row that sees none of the chunk keeps its state. */
-        const v8f new_max = max8(max_score, chunk_max);
-        v8f correction;
-#pragma omp simd
-        for (int64_t r = 0; r < QUERY_BLOCK; ++r)
-            correction[r] = new_max[r] == -INFINITY ? 1.0f : exp_poly(max_score[r] - new_max[r]);
-        max_score = new_max;
-        denom *= correction;
-        for (int64_t r = 0; r < rows; ++r)
-            if (correction[r] != 1.0f)
-                for (int64_t i = 0; i < d; ++i) acc[r][i] *= correction[r];
-        for (int64_t t = 0; t < chunk; ++t) {
-            v8f prob;
-#pragma omp simd
-            for (int64_t r = 0; r < QUERY_BLOCK; ++r)
-                prob[r] = max_score[r] == -INFINITY ? 0.0f : exp_poly(scores[t][r] - max_score[r]);
-            denom += prob;
-            scores[t] = prob;
-        }
-        /* Two rows at a time: twice the independent multiply-adds per value read. */
-        for (int64_t r = 0; r < rows; r += 2) {
-            const int64_t r2 = r + 1 < rows ? r + 1 : r;
-            float first_acc[d], second_acc[d];
-            memcpy(first_acc, acc[r], sizeof first_acc);
-            memcpy(second_acc, acc[r2], sizeof second_acc);
-            for (int64_t t = 0; t < chunk; ++t) {
-                const float w1 = scores[t][r], w2 = scores[t][r2];
-                const float *restrict v = values + t * token_stride;
-#pragma omp simd
-                for (int64_t i = 0; i < d; ++i) {
-                    first_acc[i] += w1 * v[i];
-                    second_acc[i] += w2 * v[i];
-                }
-            }
-            memcpy(acc[r], first_acc, sizeof first_acc);
-            if (r2 != r) memcpy(acc[r2], second_acc, sizeof second_acc);
-        }
-        pos += chunk;
-    }
+    /* The first position any query of the block sees. */
+    const int64_t lowest = (p->window > 0 && first_pos - p->window + 1 > 0) ? first_pos - p->window + 1 : 0;
+    float queries[QUERY_BLOCK][d], acc[QUERY_BLOCK][d];
+    RowSoftmax state[QUERY_BLOCK];
+    float scores[KEY_CHUNK];
     for (int64_t r = 0; r < rows; ++r) {
-        float *o = p->out + ((p->q_starts[s] + first + r) * p->num_heads + head) * d;
-        const float inv = 1.0f / denom[r];
-        for (int64_t i = 0; i < d; ++i) o[i] = acc[r][i] * inv;
+        const float *q = p->query + (p->q_starts[s] + first + r) * p->query_row_stride + head * d;
+        scaled_query(q, p->scale, queries[r], d);
+        state[r] = row_softmax_start(p->sinks ? p->sinks + head : NULL);
+        for (int64_t i = 0; i < d; ++i) acc[r][i] = 0.0f;
     }
+    for (int64_t chunk = lowest - lowest % KEY_CHUNK; chunk <= last_pos; chunk += KEY_CHUNK) {
+        int64_t offsets[KEY_CHUNK];
+        chunk_offsets(table, p->block_size, token_stride, chunk, lowest > chunk ? lowest - chunk : 0,
+                      last_pos - chunk < KEY_CHUNK - 1 ? last_pos - chunk : KEY_CHUNK - 1, offsets);
+        const float *key_rows[KEY_CHUNK], *value_rows[KEY_CHUNK];
+        for (int64_t t = 0; t < KEY_CHUNK; ++t) {
+            key_rows[t] = p->key_cache + offsets[t] + kvh * d;
+            value_rows[t] = p->value_cache + offsets[t] + kvh * d;
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+            const int64_t pos = first_pos + r;
+            const int64_t seen_from = (p->window > 0 && pos - p->window + 1 > 0) ? pos - p->window + 1 : 0;
+            const int64_t lo = seen_from > chunk ? seen_from - chunk : 0;
+            const int64_t hi = (pos - chunk < KEY_CHUNK - 1 ? pos - chunk : KEY_CHUNK - 1);
+            if (lo > hi) continue;
+            chunk_scores(queries[r], key_rows, scores, d);
+            fold_chunk(&state[r], acc[r], scores, lo, hi, value_rows, p->softcap, d);
+        }
+    }
+    for (int64_t r = 0; r < rows; ++r)
+        row_output(&state[r], acc[r], p->out + ((p->q_starts[s] + first + r) * p->num_heads + head) * d, d);
 }
 
 void paged_prefill_attention(const float *query, int64_t query_row_stride, const float *key_cache,

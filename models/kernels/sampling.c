@@ -40,8 +40,9 @@ static float *row_buffer(int64_t n) {
     return scratch;
 }
 
-/* log(sum(exp(x - max))) over a row. */
-static float log_sum_exp(const float *restrict x, int64_t n, float max) {
+/* log(sum(exp(x - max))) over a row. One instance (not inlined): every raw logprob the engine reports
+ * comes from this summation order, x[token] - max - log_sum_exp, whichever path computed it. */
+static __attribute__((noinline)) float log_sum_exp(const float *restrict x, int64_t n, float max) {
     float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
     for (int64_t i = 0; i < n; ++i) sum += exp_poly(x[i] - max);
@@ -189,5 +190,19 @@ void mask_rows_by_bits(float *logits, int64_t vocab, const int64_t *rows, int64_
             }
         }
         dead[r] = !alive;
+    }
+}
+
+/* Per row, the max and log(sum(exp(x - max))) of the logits: a raw logprob is x[token] - max - lse, the
+ * same arithmetic as sample_rows' raw_logprobs. */
+void log_normalizers(const float *logits, int64_t rows, int64_t vocab, float *max_out, float *lse_out) {
+#pragma omp parallel for num_threads(kernel_threads()) if (rows >= 4) schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+        const float *x = logits + r * vocab;
+        float max = -INFINITY;
+#pragma omp simd reduction(max : max)
+        for (int64_t i = 0; i < vocab; ++i) max = x[i] > max ? x[i] : max;
+        max_out[r] = max;
+        lse_out[r] = log_sum_exp(x, vocab, max);
     }
 }
