@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AutoModelForCausalLM
 
+from decoding.runner import ModelRunner
 from decoding.step_plan import ScheduledSeq
 from decoding.weights import apply_update, validate_update
 from models import kernels
@@ -118,7 +119,6 @@ class MatchedPolicy(torch.nn.Module):
         row's real tokens before it; 0 elsewhere."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        self._sync()
         trained = [p for p in self.hf.parameters() if p.requires_grad]
         return _MatchedLogprobs.apply(self, input_ids, attention_mask.to(torch.long), *trained)
 
@@ -127,8 +127,7 @@ class MatchedPolicy(torch.nn.Module):
         """Per sequence, the raw logprob of each token after the first given those before it [len - 1]:
         the engine's model over packed prefills of at most PACKED_TOKENS tokens (a row's numbers do not
         depend on what it is packed with)."""
-        from decoding.runner import ModelRunner
-
+        self._sync()
         results: list[torch.Tensor] = []
         start = 0
         while start < len(sequences):

@@ -60,7 +60,8 @@ int64_t decoder_scratch_floats(const DecoderShape *s, int64_t tokens) {
 }
 
 /* x [tokens, hidden] (updated in place), cos/sin [tokens, head_dim]; keep [num_keep] rows of the last
- * layer's output, or NULL for all; out [num_keep or tokens, hidden]. */
+ * layer's output, or num_keep -1 for all (0 for none: a step of prompt rows that only write their keys
+ * and values); out [num_keep or tokens, hidden]. */
 void decoder_forward(const DecoderShape *s, const DecoderLayer *layers, int64_t num_layers, const DecodeRows *rows,
                      const float *cos, const float *sin, float *x, int64_t tokens, const int64_t *keep,
                      int64_t num_keep, const float *final_norm, float *scratch, float *out) {
@@ -89,7 +90,7 @@ void decoder_forward(const DecoderShape *s, const DecoderLayer *layers, int64_t 
                                NULL);
         float *h = x, *a = attn;
         int64_t m = tokens;
-        if (keep != NULL && i == num_layers - 1) {
+        if (num_keep >= 0 && i == num_layers - 1) {
             for (int64_t r = 0; r < num_keep; ++r) {
                 memcpy(kept_x + r * hidden, x + keep[r] * hidden, sizeof(float) * hidden);
                 memcpy(kept_attn + r * q_width, attn + keep[r] * q_width, sizeof(float) * q_width);
@@ -154,7 +155,7 @@ void decoder_greedy_chain(const DecoderShape *s, const DecoderLayer *layers, int
             const DecodeRows step_rows = {rows_meta->slots + (step - 1) * rows, rows_meta->block_tables, context, NULL,
                                           NULL, rows_meta->max_blocks, 0};
             decoder_forward(s, layers, num_layers, &step_rows, cos + (step - 1) * rows * d,
-                            sin + (step - 1) * rows * d, x, rows, NULL, 0, final_norm, stack_scratch, h);
+                            sin + (step - 1) * rows * d, x, rows, NULL, -1, final_norm, stack_scratch, h);
             for (int64_t r = 0; r < rows; ++r) context[r] += 1;
         }
         linear_product(h, rows, hidden, hidden, lm_head, vocab, NULL, NULL, logits);

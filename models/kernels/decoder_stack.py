@@ -74,7 +74,7 @@ def decoder_forward(shape: DecoderShape, layers: ctypes.Array, x: torch.Tensor, 
     out = torch.empty(tokens if keep is None else keep.numel(), shape.hidden, dtype=torch.float32)
     library.decoder_forward(ctypes.byref(shape), layers, len(layers), ctypes.byref(rows), cos.data_ptr(),
                             signed_sin.data_ptr(), x.data_ptr(), tokens, _address(keep),
-                            0 if keep is None else keep.numel(), final_norm.data_ptr(), scratch.data_ptr(),
+                            -1 if keep is None else keep.numel(), final_norm.data_ptr(), scratch.data_ptr(),
                             out.data_ptr())
     return out
 
