@@ -45,6 +45,13 @@ class SamplingParams:
     logprobs: int | None = None         # top-N alternatives per generated token (0: the sampled one only)
     prompt_logprobs: int | None = None
     logprobs_mode: LogprobsMode = "processed"
+    # The support each token was sampled from (what top-k / top-p / min-p, bans and a grammar kept):
+    # `kept_mass` adds to each token's logprob the log of the mass the support holds under the raw
+    # distribution (0.0 where nothing was removed), so a trainer can renormalise its full-vocabulary
+    # logprobs onto it; `kept_token_ids` adds the kept ids themselves (vLLM's sampling mask; None where
+    # the support is the whole vocabulary).
+    kept_mass: bool = False
+    kept_token_ids: bool = False
     skip_special_tokens: bool = True
     # Beam search, with HF generate's semantics. Deterministic: temperature must be 0.
     use_beam_search: bool = False
@@ -111,6 +118,10 @@ class SamplingParams:
             value = getattr(self, name)
             _require(value is None or (isinstance(value, int) and 0 <= value <= MAX_LOGPROBS),
                      f"{name} must be an integer between 0 and {MAX_LOGPROBS}, got {value!r}")
+        _require(not (self.kept_mass or self.kept_token_ids) or self.logprobs is not None,
+                 "kept_mass and kept_token_ids describe each token's logprob: ask for logprobs too")
+        _require(not (self.kept_mass or self.kept_token_ids) or not self.use_beam_search,
+                 "kept_mass and kept_token_ids describe sampled tokens; beam search samples none")
         _require(self.logprobs_mode in ("raw", "processed"),
                  f"logprobs_mode must be 'raw' or 'processed', got {self.logprobs_mode!r}")
         _require(self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")

@@ -80,6 +80,8 @@ class Sampler:
                 continue
             if p.logprobs is not None and p.logprobs_mode == "raw" and (p.has_penalties or row in banned or row in constrained):
                 continue
+            if _wants_kept(p) and (row in banned or row in constrained):     # a support short of the vocabulary
+                continue
             rows.append(row)
         return rows
 
@@ -90,7 +92,8 @@ class Sampler:
         tokens, logprobs, raw_logprobs = kernels.sample_rows(
             penalised, batch.temperature, uniforms if uniforms is not None else torch.zeros(num_rows), batch.greedy, want_raw)
         chosen = torch.where(want_raw, raw_logprobs, logprobs).tolist()
-        results = [None if s.request.params.logprobs is None else TokenLogprob(lp, None) for s, lp in zip(batch.seqs, chosen)]
+        results = [None if s.request.params.logprobs is None else _whole_support(TokenLogprob(lp, None), s.request.params)
+                   for s, lp in zip(batch.seqs, chosen)]
         return SamplerOutput(tokens.tolist(), results)
 
     def _sample_native_masked(self, logits: torch.Tensor, batch: SamplingMetadata,
@@ -114,7 +117,7 @@ class Sampler:
                                                     uniforms[row : row + 1], batch.greedy[row : row + 1],
                                                     torch.zeros(1, dtype=torch.bool))
             tokens[row], logprobs[row] = int(token[0]), float(logprob[0])
-        results = [None if s.request.params.logprobs is None else TokenLogprob(lp, None)
+        results = [None if s.request.params.logprobs is None else _whole_support(TokenLogprob(lp, None), s.request.params)
                    for s, lp in zip(batch.seqs, logprobs)]
         return SamplerOutput(tokens, results)
 
@@ -153,6 +156,7 @@ class Sampler:
         if batch.num_top_logprobs > 0:
             top = chosen.topk(batch.num_top_logprobs, dim=-1)
             top_values, top_ids = top.values.tolist(), top.indices.tolist()
+        kept = _kept_supports(processed, batch)
         results: list[TokenLogprob | None] = []
         for row, seq in enumerate(batch.seqs):
             wanted = seq.request.params.logprobs
@@ -162,5 +166,37 @@ class Sampler:
             alternatives = None
             if wanted > 0:
                 alternatives = dict(zip(top_ids[row][:wanted], top_values[row][:wanted]))
-            results.append(TokenLogprob(token_logprobs[row], alternatives))
+            kept_logprob, kept_ids = kept.get(row, (None, None))
+            results.append(TokenLogprob(token_logprobs[row], alternatives, kept_logprob=kept_logprob,
+                                        kept_token_ids=kept_ids))
         return results
+
+
+def _wants_kept(params) -> bool:
+    return params.kept_mass or params.kept_token_ids
+
+
+def _whole_support(logprob: TokenLogprob, params) -> TokenLogprob:
+    """A token drawn from the whole vocabulary (the native kernels' rows): its support keeps all the mass."""
+    if params.kept_mass or params.kept_token_ids:
+        logprob.kept_logprob = 0.0
+    return logprob
+
+
+def _kept_supports(processed: ProcessedLogits, batch: SamplingMetadata) -> dict[int, tuple[float, tuple | None]]:
+    """Per row that asked: (log of the raw-distribution mass of the tokens its processing kept, those ids
+    or None when it kept every token). The kept tokens are those with a finite processed logprob."""
+    rows = [row for row, seq in enumerate(batch.seqs) if _wants_kept(seq.request.params)]
+    if not rows or processed.logprobs is None:
+        return {}
+    index = torch.tensor(rows, device=processed.raw.device)
+    kept = torch.isfinite(processed.logprobs[index])
+    raw = kernels.raw_log_softmax(processed.raw[index])
+    masses = torch.logsumexp(raw.masked_fill(~kept, NEG_INF), dim=-1).tolist()
+    whole = kept.all(dim=-1).tolist()
+    result = {}
+    for i, row in enumerate(rows):
+        params = batch.seqs[row].request.params
+        ids = None if whole[i] or not params.kept_token_ids else tuple(kept[i].nonzero().squeeze(1).tolist())
+        result[row] = (0.0 if whole[i] else masses[i], ids)
+    return result

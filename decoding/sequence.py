@@ -31,6 +31,10 @@ class TokenLogprob:
     logprob: float
     top: dict[int, float] | None = None
     rank: int | None = None       # prompt logprobs: 1 + how many tokens were more likely than this one
+    # With SamplingParams.kept_mass / kept_token_ids: log of the raw-distribution mass of the support the
+    # token was sampled from, and that support's ids (None: the whole vocabulary).
+    kept_logprob: float | None = None
+    kept_token_ids: tuple[int, ...] | None = None
 
 
 _MASK64 = (1 << 64) - 1

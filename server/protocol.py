@@ -101,6 +101,9 @@ class _SamplingFields(StrictModel):
     min_tokens: int = Field(0, ge=0)
     seed: int | None = None
     logprobs_mode: Literal["raw", "processed"] = "processed"
+    # Each sampled token's support (decoding/params.py): the log of its raw-distribution mass, and its ids.
+    kept_mass: bool = False
+    kept_token_ids: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None   # OpenAI's end-user tag: accepted, not used
@@ -146,7 +149,8 @@ class _SamplingFields(StrictModel):
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty, stop=stop,
             stop_token_ids=tuple(self.stop_token_ids or ()), include_stop_str_in_output=self.include_stop_str_in_output,
             ignore_eos=self.ignore_eos, seed=self.seed, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
-            logprobs_mode=self.logprobs_mode, speculative=self.speculative, **self.constraint(),
+            logprobs_mode=self.logprobs_mode, kept_mass=self.kept_mass, kept_token_ids=self.kept_token_ids,
+            speculative=self.speculative, **self.constraint(),
             structured_best_effort=self.structured_best_effort, structured_backend=self.structured_backend,
             skip_special_tokens=self.skip_special_tokens,
         )

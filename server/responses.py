@@ -21,6 +21,19 @@ def wire_logprob(value: float) -> float:
     return value if value >= LOGPROB_FLOOR else LOGPROB_FLOOR     # -inf (and NaN, which fails >=) -> floor
 
 
+KEPT_KEYS = ("kept_logprobs", "kept_token_ids")
+
+
+def kept_support(logprobs: list[TokenLogprob | None]) -> dict:
+    """Per token, the log of its sampling support's raw mass and the support's ids (None: the whole
+    vocabulary), where the request asked (SamplingParams.kept_mass / kept_token_ids); else nothing."""
+    if not any(lp is not None and lp.kept_logprob is not None for lp in logprobs):
+        return {}
+    return {"kept_logprobs": [wire_logprob(lp.kept_logprob) if lp else None for lp in logprobs],
+            "kept_token_ids": [None if lp is None or lp.kept_token_ids is None else list(lp.kept_token_ids)
+                               for lp in logprobs]}
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
@@ -193,12 +206,14 @@ class CompletionView(_View):
             "top_logprobs": [({self.token_text(t): wire_logprob(v) for t, v in lp.top.items()} if lp and lp.top else None)
                              for lp in logprobs],
             "text_offset": offsets,
+            **kept_support(logprobs),
         }
 
     @staticmethod
     def _merge(first: dict, second: dict) -> dict:
         shift = sum(len(t) for t in first["tokens"])
-        merged = {key: first[key] + second[key] for key in ("tokens", "token_logprobs", "top_logprobs")}
+        merged = {key: first[key] + second[key] for key in ("tokens", "token_logprobs", "top_logprobs",
+                                                             *KEPT_KEYS) if key in first}
         merged["text_offset"] = first["text_offset"] + [o + shift for o in second["text_offset"]]
         return merged
 
@@ -299,5 +314,8 @@ class ChatView(_View):
         for token_id, lp in zip(token_ids, logprobs):
             entry = self._entry(token_id, lp.logprob)
             entry["top_logprobs"] = [self._entry(t, v) for t, v in (lp.top or {}).items()]
+            if lp.kept_logprob is not None:
+                entry["kept_logprob"] = wire_logprob(lp.kept_logprob)
+                entry["kept_token_ids"] = None if lp.kept_token_ids is None else list(lp.kept_token_ids)
             content.append(entry)
         return {"content": content}

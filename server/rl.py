@@ -10,7 +10,7 @@ from decoding import RequestOutput, SamplingParams
 from decoding.weights import NothingToRollBack, WeightUpdateError, read_checkpoint, read_payload
 from server.errors import AUTH_ERRORS, GENERATION_ERRORS, WEIGHT_ERRORS, WEIGHT_PUSH_ERRORS, APIError
 from server.protocol import RolloutRequest, ScoreRequest, WeightsLoadRequest
-from server.responses import chat_prompt_ids, wire_logprob
+from server.responses import chat_prompt_ids, kept_support, wire_logprob
 
 
 def _as_prompt(tokenizer, prompt):
@@ -35,6 +35,8 @@ def rollout_body(outputs: list[RequestOutput], top_logprobs: int | None) -> dict
             body["texts"].append(completion.text)
             body["weight_versions"].append(output.weight_version)
             body["token_weight_versions"].append(completion.token_weight_versions())
+            for key, values in kept_support(completion.logprobs).items():
+                body.setdefault(key, []).append(values)
             if top_logprobs:
                 body["logprob_token_ids"].append([list(lp.top) for lp in completion.logprobs])
                 body["top_logprobs"].append([[wire_logprob(v) for v in lp.top.values()] for lp in completion.logprobs])

@@ -24,7 +24,7 @@ from decoding.outputs import CompletionOutput
 from decoding.sequence import TokenLogprob
 from decoding.weights import WeightUpdateError, read_checkpoint
 from server.errors import AUTH_ERRORS, GENERATION_ERRORS, APIError
-from server.responses import wire_logprob
+from server.responses import kept_support, wire_logprob
 from server.rl_control import load_figures
 from server.sglang_protocol import (AbortRequest, ContinueGenerationRequest, GenerateRequest, PauseGenerationRequest,
                                     UpdateWeightsFromDiskRequest)
@@ -60,6 +60,11 @@ class GenerateView:
             meta["output_token_logprobs"] = self._triples(completion.token_ids, completion.logprobs or [])
             if self.body.top_logprobs_num:
                 meta["output_top_logprobs"] = [self._top(lp) for lp in completion.logprobs or []]
+            kept = kept_support(completion.logprobs or [])
+            if kept:
+                meta["output_token_kept_logprobs"] = kept["kept_logprobs"]
+                if self.body.return_kept_token_ids:
+                    meta["output_token_kept_ids"] = kept["kept_token_ids"]
             if self.body.logprob_start_len >= 0 and output.prompt_logprobs is not None:
                 start = self.body.logprob_start_len
                 meta["input_token_logprobs"] = self._triples(output.prompt_token_ids[start:],

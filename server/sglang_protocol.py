@@ -5,6 +5,7 @@ logit processors, routed experts) are refused with a 400 that names them, never 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Literal
 
 from pydantic import Field
@@ -87,6 +88,10 @@ class GenerateRequest(StrictModel):
     logprob_start_len: int = Field(-1, ge=-1)      # -1: no prompt logprobs; k: from prompt position k
     top_logprobs_num: int = Field(0, ge=0, le=MAX_LOGPROBS)
     return_text_in_logprobs: bool = False
+    # Each output token's sampling support (decoding/params.py): meta_info's output_token_kept_logprobs
+    # and output_token_kept_ids; they need return_logprob.
+    return_kept_mass: bool = False
+    return_kept_token_ids: bool = False
     stream: bool = False
     image_data: list | str | None = None
     lora_path: str | list | None = None
@@ -116,7 +121,13 @@ class GenerateRequest(StrictModel):
     def params(self, vocab_size: int) -> SamplingParams:
         logprobs = self.top_logprobs_num if self.return_logprob else None
         prompt_logprobs = self.top_logprobs_num if self.return_logprob and self.logprob_start_len >= 0 else None
-        return self.sampling_params.to_params(vocab_size, logprobs, prompt_logprobs)
+        params = self.sampling_params.to_params(vocab_size, logprobs, prompt_logprobs)
+        if self.return_kept_mass or self.return_kept_token_ids:
+            if not self.return_logprob:
+                raise ValueError("return_kept_mass and return_kept_token_ids describe output logprobs: set "
+                                 "return_logprob too")
+            params = replace(params, kept_mass=True, kept_token_ids=self.return_kept_token_ids)
+        return params
 
 
 class AbortRequest(StrictModel):

@@ -62,6 +62,46 @@ def test_processed_logprobs_with_top_k_are_the_renormalised_truncated_distributi
             assert logprob == pytest.approx(expected.item(), abs=1e-4)
 
 
+def test_each_token_carries_the_support_it_was_sampled_from(live, llama_dir):
+    """kept_mass: the log of the raw-distribution mass top-p / top-k kept for each token, so a trainer's
+    raw logprob minus it is the renormalised (processed, T = 1) logprob; kept_token_ids: that support,
+    which holds the token and is the top-p set of the teacher-forced distribution. On /v1/rollouts,
+    completions, chat and SGLang's /generate."""
+    common = dict(n=2, max_tokens=8, temperature=1.0, top_p=0.8, top_k=40, seed=4)
+    raw = live.rl.rollouts([PROMPTS[1]], logprobs_mode="raw", kept_mass=True, kept_token_ids=True, **common)
+    processed = live.rl.rollouts([PROMPTS[1]], logprobs_mode="processed", **common)
+    assert raw["completion_ids"] == processed["completion_ids"]
+    for prompt, completion, logprobs, kept, ids, renormalised in zip(
+            raw["prompt_ids"], raw["completion_ids"], raw["logprobs"], raw["kept_logprobs"], raw["kept_token_ids"],
+            processed["logprobs"]):
+        logits = hf_logits(llama_dir, prompt + completion)
+        for i, token in enumerate(completion):
+            assert kept[i] < 0 and token in ids[i]
+            assert logprobs[i] - kept[i] == pytest.approx(renormalised[i], abs=1e-5)
+            probs = torch.softmax(logits[len(prompt) - 1 + i], -1)
+            top = probs.topk(40)
+            renormalised_top = top.values / top.values.sum()                 # top-p over top-k's survivors
+            mass_before = renormalised_top.cumsum(0) - renormalised_top
+            expected = sorted(top.indices[mass_before < 0.8].tolist())
+            assert ids[i] == expected
+            assert kept[i] == pytest.approx(torch.log(probs[expected].sum()).item(), abs=1e-4)
+    whole = live.rl.rollouts([PROMPTS[1]], logprobs_mode="raw", kept_mass=True, max_tokens=4, seed=1)
+    assert all(v == 0.0 for row in whole["kept_logprobs"] for v in row)         # nothing removed, nothing lost
+    body = {"prompt": PROMPTS[1], "max_tokens": 4, "top_p": 0.8, "seed": 2, "logprobs": 0, "kept_mass": True}
+    completion = httpx.post(f"{live.url}/v1/completions", json=body, timeout=30).json()["choices"][0]["logprobs"]
+    assert len(completion["kept_logprobs"]) == 4 and all(v < 0 for v in completion["kept_logprobs"])
+    chat = httpx.post(f"{live.url}/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "top_p": 0.8, "logprobs": True,
+        "kept_mass": True, "kept_token_ids": True}, timeout=30).json()["choices"][0]["logprobs"]["content"]
+    assert all(entry["kept_logprob"] < 0 and entry["kept_token_ids"] for entry in chat)
+    generated = httpx.post(f"{live.url}/generate", json={
+        "input_ids": PROMPTS[1], "sampling_params": {"max_new_tokens": 3, "top_p": 0.8}, "return_logprob": True,
+        "return_kept_mass": True}, timeout=30).json()["meta_info"]
+    assert len(generated["output_token_kept_logprobs"]) == 3 and "output_token_kept_ids" not in generated
+    refused = httpx.post(f"{live.url}/v1/completions", json={"prompt": "x", "kept_mass": True}, timeout=30)
+    assert refused.status_code == 400 and "ask for logprobs too" in refused.json()["error"]["message"]
+
+
 def test_score_matches_a_teacher_forced_forward(live, llama_dir):
     sequences = [PROMPTS[0] + [7, 8, 9], PROMPTS[1] + [100, 101]]
     scores = live.rl.score(sequences, [len(PROMPTS[0]), len(PROMPTS[1])])
