@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator, Mapping
 
 import httpx
 import torch
 
 from wire.safetensors import safetensors_header
+from wire.shared_weights import SharedWeightsFile, shared_memory_available
 
 CHUNK_BYTES = 1 << 20
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
 
 
 class GorgonError(RuntimeError):
@@ -22,6 +25,9 @@ class GorgonClient:
         self._http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout)
         self._api_headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._admin_headers = {"Authorization": f"Bearer {admin_key}"} if admin_key else {}
+        self._shared_file = SharedWeightsFile()      # weight pushes to a server on this machine
+        self._shared_refused = False
+        weakref.finalize(self, self._shared_file.close)
 
     def rollouts(self, prompts: list, n: int = 1, **sampling) -> dict:
         """`n` completions per prompt (strings, token-id lists or chat message lists), grouped by prompt:
@@ -67,14 +73,44 @@ class GorgonClient:
         return self._post("/v1/weights/load", json=body, admin=True)["weight_version"]
 
     def push_weights(self, weights: torch.nn.Module | Mapping[str, torch.Tensor], weight_version: int | None = None,
-                     policy: str = "wait", allow_version_rollback: bool = False, recompute_kv: bool = False) -> int:
-        """Send all (or some) named parameters as one safetensors body; returns the new weight version.
-        policy: what requests in flight do (wait, abort, keep; ignored while the server is paused)."""
+                     policy: str = "wait", allow_version_rollback: bool = False, recompute_kv: bool = False,
+                     transport: str = "auto") -> int:
+        """Send all (or some) named parameters; returns the new weight version. policy: what requests in
+        flight do (wait, abort, keep; ignored while the server is paused). transport: "http" (one
+        safetensors body), "shared_memory" (a file in /dev/shm the server reads in place: the trainer on
+        the server's machine), or "auto": shared memory to a server on loopback that takes it, else HTTP."""
+        if transport not in ("auto", "http", "shared_memory"):
+            raise ValueError(f"transport must be 'auto', 'http' or 'shared_memory', got {transport!r}")
         state = weights.state_dict() if isinstance(weights, torch.nn.Module) else weights
         params = {"policy": policy, "allow_version_rollback": allow_version_rollback, "recompute_kv": recompute_kv}
         if weight_version is not None:
             params["weight_version"] = weight_version
-        header, tensors = safetensors_header(_without_aliases(state))
+        tensors = _without_aliases(state)
+        shared = transport == "shared_memory" or (transport == "auto" and self._shared_push_possible())
+        if shared:
+            try:
+                path = self._shared_file.write(tensors)
+                return self._post("/v1/weights/update_shared", json={"path": str(path), **params},
+                                  admin=True)["weight_version"]
+            except GorgonError as err:
+                if transport == "shared_memory" or not _shared_file_refused(err):
+                    raise
+                self._shared_refused = True           # another machine, or a server without the route
+        return self._push_body(tensors, params)
+
+    def share_weights(self, model: torch.nn.Module) -> None:
+        """Place the model's parameters in the shared-memory file pushes go through (each becomes a view of
+        it, values unchanged): the optimizer then trains them there, and a push of the model to a server on
+        this machine copies nothing on the trainer's side."""
+        state = model.state_dict(keep_vars=True)          # the parameters themselves, in push order
+        self._shared_file.adopt({name: state[name] for name in _without_aliases(state)})
+
+    def _shared_push_possible(self) -> bool:
+        return (not self._shared_refused and self._http.base_url.host in LOOPBACK_HOSTS
+                and shared_memory_available())
+
+    def _push_body(self, tensors: dict[str, torch.Tensor], params: dict) -> int:
+        header, tensors = safetensors_header(tensors)
         size = len(header) + sum(t.numel() * t.element_size() for t in tensors)
         # Streamed in 1 MiB pieces straight from the tensors' memory: httpx sends one large bytes body
         # ~5x slower than this over loopback, and no serialized copy of the whole model is made.
@@ -83,6 +119,7 @@ class GorgonClient:
                                    "Content-Length": str(size)})["weight_version"]
 
     def close(self) -> None:
+        self._shared_file.close()
         self._http.close()
 
     # ---- plumbing ----------------------------------------------------------------------------
@@ -102,6 +139,12 @@ class GorgonClient:
                 message = response.text[:500]
             raise GorgonError(f"HTTP {response.status_code}: {message}")
         return response.json()
+
+
+def _shared_file_refused(err: GorgonError) -> bool:
+    """The server could not take a shared-memory push (not on this machine, or no such route): not an
+    error in the weights, so the body goes over HTTP instead."""
+    return str(err).startswith("HTTP 404") or "could not read shared weights" in str(err)
 
 
 def _without_aliases(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from models import kernels
 from models.base import NativeCausalLM
 from wire import safetensors as wire_safetensors
 
@@ -181,7 +182,7 @@ def validate_update(model: NativeCausalLM, tensors: Mapping[str, torch.Tensor], 
         if not tensor.dtype.is_floating_point:
             raise WeightUpdateError(f"parameter {name!r} has dtype {tensor.dtype}, expected a floating-point dtype",
                                     param=name)
-        if not allow_non_finite and not bool(torch.isfinite(tensor).all()):
+        if not allow_non_finite and not kernels.all_finite(tensor):
             raise WeightUpdateError(f"parameter {name!r} holds NaN or infinite values; fix the checkpoint, or allow "
                                     "them explicitly (allow_non_finite)", param=name)
     if require_all:

@@ -57,8 +57,9 @@ class ParamSlot:
     def copy_(self, tensor: torch.Tensor) -> None:
         if self.row_order is not None:
             tensor = tensor.index_select(0, self.row_order.to(tensor.device))
-        source = tensor.t() if self.transpose else tensor
-        self.target.copy_(source.to(self.target.dtype))
+        if not (self.transpose and kernels.copy_transposed(self.target, tensor)):
+            source = tensor.t() if self.transpose else tensor
+            self.target.copy_(source.to(self.target.dtype))
         if self.on_write is not None:
             self.on_write()
 

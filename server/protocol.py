@@ -309,6 +309,20 @@ class ScoreRequest(StrictModel):
     reference: bool = False                # score under the frozen reference model (--reference-model)
 
 
+class SharedWeightsRequest(StrictModel):
+    """A push through shared memory: the safetensors file a trainer on this machine wrote under /dev/shm
+    (client.GorgonClient.push_weights does it), applied as an HTTP body would be."""
+
+    path: str
+    weight_version: int | None = None
+    policy: Literal["wait", "abort", "keep"] = "wait"
+    recompute_kv: bool = False
+    allow_non_finite: bool = False
+    allow_version_rollback: bool = False
+    dry_run: bool = False
+    keep_previous: bool = False
+
+
 class WeightsLoadRequest(StrictModel):
     path: str
     weight_version: int | None = None

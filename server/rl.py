@@ -9,8 +9,9 @@ from fastapi import FastAPI, Request
 from decoding import RequestOutput, SamplingParams
 from decoding.weights import NothingToRollBack, WeightUpdateError, read_checkpoint, read_payload
 from server.errors import AUTH_ERRORS, GENERATION_ERRORS, WEIGHT_ERRORS, WEIGHT_PUSH_ERRORS, APIError
-from server.protocol import RolloutRequest, ScoreRequest, WeightsLoadRequest
+from server.protocol import RolloutRequest, ScoreRequest, SharedWeightsRequest, WeightsLoadRequest
 from server.responses import chat_prompt_ids, kept_support, wire_logprob
+from wire.shared_weights import SHARED_DIRECTORY, in_shared_memory, mapped_weights
 
 
 def _as_prompt(tokenizer, prompt):
@@ -166,6 +167,22 @@ def add_weight_routes(app: FastAPI, server) -> None:
             raise APIError(400, "the safetensors payload holds no tensors")
         return await apply(tensors, weight_version, policy, False, allow_non_finite, allow_version_rollback,
                            recompute_kv, dry_run, keep_previous)
+
+    @app.post("/v1/weights/update_shared", responses=WEIGHT_PUSH_ERRORS)
+    async def update_weights_shared(body: SharedWeightsRequest):
+        """The tensors of a shared-memory file a trainer on this machine wrote, read in place (no body)."""
+        if not in_shared_memory(body.path):
+            raise APIError(400, f"path must be a file under {SHARED_DIRECTORY}/ (shared memory) that the trainer "
+                                "wrote; push over /v1/weights/update otherwise", param="path")
+        try:
+            tensors = mapped_weights(body.path)
+        except (OSError, ValueError) as err:
+            raise APIError(400, f"could not read shared weights from {body.path!r} ({err}); the trainer must run "
+                                "on this machine, else push over /v1/weights/update", param="path") from err
+        if not tensors:
+            raise APIError(400, "the shared safetensors file holds no tensors", param="path")
+        return await apply(tensors, body.weight_version, body.policy, False, body.allow_non_finite,
+                           body.allow_version_rollback, body.recompute_kv, body.dry_run, body.keep_previous)
 
     async def apply(tensors, version, policy, require_all, allow_non_finite, allow_version_rollback,
                     recompute_kv, dry_run, keep_previous) -> dict:

@@ -112,6 +112,47 @@ def test_score_matches_a_teacher_forced_forward(live, llama_dir):
             assert logprob == pytest.approx(reference[start - 1 + i, sequence[start + i]].item(), abs=1e-4)
 
 
+def test_weights_pushed_through_shared_memory_are_served(live, llama_dir):
+    """A trainer on the server's machine pushes through a file in /dev/shm (no HTTP body): copied there,
+    or living there (share_weights: the optimizer trains the parameters in place, a push copies nothing).
+    A bad tensor is refused by name and changes nothing; a path outside shared memory is a 400; the file
+    is gone once the client closes."""
+    from pathlib import Path
+
+    client = GorgonClient(live.url, admin_key="admin")
+    model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.5)
+    assert client.push_weights(model, transport="shared_memory", weight_version=3) == 3
+    greedy = dict(max_tokens=10, temperature=0, min_tokens=10)
+    expected = model.generate(torch.tensor([PROMPTS[0]]), max_new_tokens=10, min_new_tokens=10, do_sample=False,
+                              pad_token_id=0)[0, len(PROMPTS[0]):].tolist()
+    assert client.rollouts([PROMPTS[0]], **greedy)["completion_ids"][0] == expected
+
+    client.share_weights(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(torch.tensor([PROMPTS[1]])).logits.sum().backward()
+    optimizer.step()
+    assert client.push_weights(model) == 4                              # auto: shared memory on loopback
+    served = live.engine.weights.current(["model.layers.0.mlp.up_proj.weight"])["model.layers.0.mlp.up_proj.weight"]
+    assert torch.equal(served, model.model.layers[0].mlp.up_proj.weight.detach())
+
+    with pytest.raises(GorgonError, match="model.layers.0.mlp.up_proj.weight"):
+        client.push_weights({"model.layers.0.mlp.up_proj.weight": torch.zeros(3, 3)}, transport="shared_memory")
+    assert client.weight_version() == 4
+    for path, message in (("/etc/hostname", "must be a file under /dev/shm"),
+                          ("/dev/shm/../etc/hostname", "must be a file under /dev/shm"),
+                          ("/dev/shm/gorgon-nothing-here", "could not read shared weights")):
+        answer = httpx.post(f"{live.url}/v1/weights/update_shared", json={"path": path},
+                            headers={"Authorization": "Bearer admin"}, timeout=30)
+        assert answer.status_code == 400 and message in answer.json()["error"]["message"]
+    shared_files = set(Path("/dev/shm").glob("gorgon-weights-*"))
+    assert shared_files
+    client.close()
+    assert not shared_files & set(Path("/dev/shm").glob("gorgon-weights-*"))
+
+
 def test_a_sequence_filling_the_whole_context_is_scored(llama_dir):
     """Scoring generates nothing, so a sequence exactly as long as the context is scored (max_tokens 0),
     on /v1/score and as OpenAI's legacy echo scoring; one token longer is a 400 that says so."""

@@ -98,6 +98,8 @@ SIGNATURES = {
     "sample_rows_masked": ([_PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _PTR], None),
     "mask_rows_by_bits": ([_PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR], None),
     "log_normalizers": ([_PTR, _I64, _I64, _PTR, _PTR], None),
+    "all_finite": ([_PTR, _I64], ctypes.c_int),
+    "copy_transposed": ([_PTR, _I64, _I64, _I64, _PTR, _I64], None),
     "pack_panels": ([_PTR, _I64, _I64, _PTR], None),
     "linear_product": ([_PTR, _I64, _I64, _I64, _PTR, _I64, _PTR, _PTR, _PTR], None),
     "bf16_products_supported": ([], ctypes.c_int),
@@ -240,6 +242,28 @@ def rotary_write_kv(qkv: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tens
     assert key_cache.is_contiguous() and value_cache.is_contiguous()
     _library().rotary_write_kv(qkv.data_ptr(), qkv.stride(0), cos.data_ptr(), signed_sin.data_ptr(), slots.data_ptr(),
                                key_cache.data_ptr(), value_cache.data_ptr(), rows, num_heads, num_kv_heads, head_dim)
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or infinity in the tensor: one native pass over a contiguous float32 CPU tensor (a pushed
+    weight), torch.isfinite elsewhere."""
+    library = _library()
+    if library is None or tensor.dtype != torch.float32 or tensor.device.type != "cpu" or not tensor.is_contiguous():
+        return bool(torch.isfinite(tensor).all())
+    return bool(library.all_finite(tensor.data_ptr(), tensor.numel()))
+
+
+def copy_transposed(target: torch.Tensor, source: torch.Tensor) -> bool:
+    """target [in, out] (rows may be strided, columns contiguous) = source [out, in] transposed, natively
+    for float32 CPU tensors (-> True); False where it does not apply (the caller copies)."""
+    library = _library()
+    if (library is None or target.dtype != torch.float32 or source.dtype != torch.float32
+            or target.device.type != "cpu" or source.device.type != "cpu" or target.dim() != 2
+            or target.stride(1) != 1 or source.stride(1) != 1 or tuple(target.shape) != tuple(source.shape[::-1])):
+        return False
+    rows, cols = source.shape
+    library.copy_transposed(source.data_ptr(), rows, cols, source.stride(0), target.data_ptr(), target.stride(0))
+    return True
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:

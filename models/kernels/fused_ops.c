@@ -98,3 +98,29 @@ void silu_mul(const float *gate_up, float *out, int64_t rows, int64_t dim) {
         for (int64_t i = 0; i < dim; ++i) o[i] = gate[i] / (1.0f + exp_poly(-gate[i])) * up[i];
     }
 }
+
+/* 1 when every one of the n floats is finite (exponent bits not all set), else 0: one pass over the bits,
+ * no temporary, for validating pushed weights at memory speed. */
+int all_finite(const float *x, int64_t n) {
+    const uint32_t *bits = (const uint32_t *)x;
+    int64_t bad = 0;
+#pragma omp parallel for num_threads(kernel_threads()) if (n >= (1 << 20)) reduction(+ : bad) schedule(static)
+    for (int64_t i = 0; i < n; ++i) bad += (bits[i] & 0x7f800000u) == 0x7f800000u;
+    return bad == 0;
+}
+
+/* dst[k * dst_stride + n] = src[n * src_stride + k] for n < rows, k < cols: a checkpoint's [out, in] matrix
+ * written into a native [in, out] one (a weight update), in 16 x 16 tiles so both sides move whole cache
+ * lines, the tiles spread over the threads. */
+void copy_transposed(const float *src, int64_t rows, int64_t cols, int64_t src_stride, float *dst,
+                     int64_t dst_stride) {
+    const int64_t tile = 16, row_tiles = (rows + tile - 1) / tile, col_tiles = (cols + tile - 1) / tile;
+#pragma omp parallel for num_threads(kernel_threads()) if (rows * cols >= (1 << 16)) collapse(2) schedule(static)
+    for (int64_t rt = 0; rt < row_tiles; ++rt)
+        for (int64_t ct = 0; ct < col_tiles; ++ct) {
+            const int64_t n_end = (rt + 1) * tile < rows ? (rt + 1) * tile : rows;
+            const int64_t k_end = (ct + 1) * tile < cols ? (ct + 1) * tile : cols;
+            for (int64_t k = ct * tile; k < k_end; ++k)
+                for (int64_t n = rt * tile; n < n_end; ++n) dst[k * dst_stride + n] = src[n * src_stride + k];
+        }
+}

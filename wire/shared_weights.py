@@ -1,0 +1,110 @@
+"""Weight pushes between processes of one machine through shared memory, beside the HTTP body.
+
+The trainer writes its tensors into a safetensors file in /dev/shm (a RAM file system) and sends only its
+path; the server maps the file and applies the tensors straight from it. The file is kept and rewritten in
+place for the next push of the same tensors (same names, shapes and dtypes), so after the first push a
+push costs one memory copy on each side: no serialization, no socket, no page faults.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import tempfile
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from wire.safetensors import read_payload, safetensors_header
+
+SHARED_DIRECTORY = Path("/dev/shm")
+
+
+def shared_memory_available() -> bool:
+    return SHARED_DIRECTORY.is_dir() and os.access(SHARED_DIRECTORY, os.W_OK)
+
+
+class SharedWeightsFile:
+    """The trainer's side: one safetensors file in shared memory, mapped once, rewritten per push."""
+
+    def __init__(self):
+        self.path: Path | None = None
+        self._layout: tuple | None = None
+        self._map: mmap.mmap | None = None
+        self._views: dict[str, torch.Tensor] = {}
+        self._adopted = False
+        self._retired: list[tuple[mmap.mmap, Path]] = []      # mappings adopted tensors may still live in
+
+    def write(self, tensors: Mapping[str, torch.Tensor]) -> Path:
+        """Copy the tensors (CPU, contiguous) into the file, creating it when their layout changed; a
+        tensor that already lives in the file (adopt) is not copied."""
+        layout = tuple((name, t.dtype, tuple(t.shape)) for name, t in tensors.items())
+        if layout != self._layout:
+            self._create(tensors, layout)
+        for name, tensor in tensors.items():
+            view = self._views[name]
+            if tensor.data_ptr() != view.data_ptr():
+                view.copy_(tensor)
+        return self.path
+
+    def adopt(self, tensors: Mapping[str, torch.nn.Parameter | torch.Tensor]) -> None:
+        """Move the tensors' storage into the file: each becomes a view of its bytes there (its values
+        kept), so an optimizer updates them in place and a push of the same tensors copies nothing."""
+        self.write({name: t.detach() for name, t in tensors.items()})
+        for name, tensor in tensors.items():
+            tensor.data = self._views[name]
+        self._adopted = True
+
+    def _create(self, tensors: Mapping[str, torch.Tensor], layout: tuple) -> None:
+        if self._adopted:
+            # Tensors still live in the old mapping: keep it (and its file) until close().
+            self._retired.append((self._map, self.path))
+            self._map, self.path, self._views, self._adopted = None, None, {}, False
+        self.close()
+        header, ordered = safetensors_header(tensors)
+        size = len(header) + sum(t.numel() * t.element_size() for t in ordered)
+        descriptor, name = tempfile.mkstemp(prefix="gorgon-weights-", suffix=".safetensors", dir=SHARED_DIRECTORY)
+        try:
+            os.ftruncate(descriptor, size)
+            self._map = mmap.mmap(descriptor, size)
+        finally:
+            os.close(descriptor)
+        self._map[: len(header)] = header
+        self.path, self._layout = Path(name), layout
+        self._views = read_payload(self._map)
+
+    def close(self) -> None:
+        """Delete the file and unmap it, unless tensors were adopted into it: their memory stays mapped for
+        as long as they live (a server reading it keeps its own mapping until it is done)."""
+        self._views = {}
+        if self._map is not None and not self._adopted:
+            self._map.close()
+        self._map = None
+        for _, path in self._retired:
+            path.unlink(missing_ok=True)
+        self._retired = []
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+            self.path = None
+        self._layout, self._adopted = None, False
+
+
+def in_shared_memory(path: str) -> bool:
+    """The path names a file inside the shared-memory directory (after resolving links and '..')."""
+    return Path(os.path.realpath(path)).parent == SHARED_DIRECTORY.resolve()
+
+
+def mapped_weights(path: str) -> dict[str, torch.Tensor]:
+    """The server's side: the tensors of a shared safetensors file as read-only views of its pages (the
+    mapping lives as long as they do; the caller copies them into the model before the trainer writes
+    again)."""
+    with open(path, "rb") as handle:
+        # Every page mapped in one call (MAP_POPULATE, Linux) rather than faulted in one by one as the
+        # update reads them.
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        region = mmap.mmap(handle.fileno(), 0, flags=flags, prot=mmap.PROT_READ)
+    with warnings.catch_warnings():               # read-only views: an update only reads them
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        return read_payload(region)
