@@ -113,22 +113,29 @@ class MatchedPolicy(torch.nn.Module):
         return target.weights.version
 
     # ---- the forward ---------------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                return_entropy: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """input_ids [B, T] (padding anywhere outside each row's run of real tokens, as attention_mask
         [B, T] marks them) -> [B, T]: at each real token after a row's first, its logprob given the
-        row's real tokens before it; 0 elsewhere."""
+        row's real tokens before it; 0 elsewhere. return_entropy: also the entropy of the distribution
+        each of those tokens was drawn from [B, T] (not differentiable)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         trained = [p for p in self.hf.parameters() if p.requires_grad]
-        return _MatchedLogprobs.apply(self, input_ids, attention_mask.to(torch.long), *trained)
+        logprobs, entropies = _MatchedLogprobs.apply(self, input_ids, attention_mask.to(torch.long), *trained)
+        return (logprobs, entropies) if return_entropy else logprobs
 
-    @torch.inference_mode()
     def native_logprobs(self, sequences: list[list[int]]) -> list[torch.Tensor]:
         """Per sequence, the raw logprob of each token after the first given those before it [len - 1]:
         the engine's model over packed prefills of at most PACKED_TOKENS tokens (a row's numbers do not
         depend on what it is packed with)."""
+        return [logprobs for logprobs, _ in self.native_logprobs_and_entropies(sequences)]
+
+    @torch.inference_mode()
+    def native_logprobs_and_entropies(self, sequences: list[list[int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """native_logprobs, each with the entropies of the distributions its tokens were drawn from."""
         self._sync()
-        results: list[torch.Tensor] = []
+        results: list[tuple[torch.Tensor, torch.Tensor]] = []
         start = 0
         while start < len(sequences):
             end, tokens = start, 0
@@ -151,7 +158,9 @@ class MatchedPolicy(torch.nn.Module):
                 first, length = packed.first_row[row.seq_id], len(row.token_ids)
                 logits = model.compute_logits(hidden[first : first + length - 1]).float()
                 targets = torch.tensor(row.token_ids[1:], dtype=torch.long).unsqueeze(1)
-                results.append(kernels.raw_log_softmax(logits).gather(1, targets).squeeze(1))
+                distribution = kernels.raw_log_softmax(logits)
+                entropies = -(distribution.exp() * distribution).sum(-1)
+                results.append((distribution.gather(1, targets).squeeze(1), entropies))
             start = end
         return results
 
@@ -186,15 +195,18 @@ class _MatchedLogprobs(torch.autograd.Function):
         runs = _real_runs(input_ids, attention_mask)
         sequences = [input_ids[row, start:end].tolist() for row, (start, end) in enumerate(runs)]
         out = torch.zeros(input_ids.shape, dtype=torch.float32)
-        for row, ((start, end), logprobs) in enumerate(zip(runs, policy.native_logprobs(sequences))):
+        entropy = torch.zeros(input_ids.shape, dtype=torch.float32)
+        computed = policy.native_logprobs_and_entropies(sequences)
+        for row, ((start, end), (logprobs, entropies)) in enumerate(zip(runs, computed)):
             out[row, start + 1 : end] = logprobs
+            entropy[row, start + 1 : end] = entropies
         ctx.policy = policy
         ctx.save_for_backward(input_ids, attention_mask)
-        ctx.num_trained = len(trained)
-        return out.to(input_ids.device)
+        ctx.mark_non_differentiable(entropy)
+        return out.to(input_ids.device), entropy.to(input_ids.device)
 
     @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):
+    def backward(ctx, grad_output: torch.Tensor, _grad_entropy: torch.Tensor | None = None):
         input_ids, attention_mask = ctx.saved_tensors
         policy: MatchedPolicy = ctx.policy
         trained = [p for p in policy.hf.parameters() if p.requires_grad]
