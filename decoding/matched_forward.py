@@ -38,6 +38,7 @@ from models.loader import LoadedModel, load_model
 # Tokens of one native forward: sequences are packed into calls of about this many tokens.
 PACKED_TOKENS = 2048
 BLOCK_SIZE = 16
+_BITS = {4: torch.int32, 2: torch.int16, 8: torch.int64}
 
 
 @dataclass
@@ -81,8 +82,10 @@ class MatchedPolicy(torch.nn.Module):
 
     # ---- weights ------------------------------------------------------------------------------
     def _versions(self) -> tuple:
-        """Changes whenever a parameter is written in place (an optimizer step) or replaced."""
-        return tuple((p.data_ptr(), p._version) for p in self.hf.parameters())
+        """Changes whenever a parameter's bits change (an optimizer step) or it is replaced: a sum of each
+        parameter's bit patterns, since a fused optimizer writes without bumping tensors' version counters."""
+        return tuple((p.data_ptr(), int(p.detach().view(_BITS[p.element_size()]).sum(dtype=torch.int64)))
+                     for p in self.hf.parameters())
 
     @torch.no_grad()
     def _sync(self) -> None:

@@ -114,3 +114,19 @@ def test_a_mask_with_padding_inside_a_row_is_refused(llama_dir):
     policy = MatchedPolicy.from_pretrained(llama_dir)
     with pytest.raises(ValueError, match="row 0 of attention_mask is not one run"):
         policy(torch.tensor([[5, 6, 7, 8]]), torch.tensor([[1, 0, 1, 1]]))
+
+
+def test_a_fused_optimizer_step_is_seen(llama_dir):
+    """A fused AdamW writes parameters without bumping their version counters; the next forward still
+    runs the new weights (they equal a fresh policy loaded with them)."""
+    policy = MatchedPolicy.from_pretrained(llama_dir)
+    sequence = PROMPTS[0] + [7, 8, 9]
+    before = policy.native_logprobs([sequence])[0]
+    optimizer = torch.optim.AdamW(policy.hf.parameters(), lr=0.05, fused=True)
+    policy(torch.tensor([sequence])).sum().backward()
+    optimizer.step()
+    after = policy.native_logprobs([sequence])[0]
+    assert not torch.equal(after, before)
+    fresh = MatchedPolicy.from_pretrained(llama_dir)
+    fresh.hf.load_state_dict(policy.hf.state_dict())
+    assert torch.equal(fresh.native_logprobs([sequence])[0], after)
