@@ -1,5 +1,6 @@
 """RL routes: group rollouts, logprob fidelity against a teacher-forced HF forward, scoring, weight sync."""
 
+import os
 import threading
 import time
 
@@ -119,12 +120,20 @@ def test_weights_pushed_through_shared_memory_are_served(live, llama_dir):
     is gone once the client closes."""
     from pathlib import Path
 
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = Path(f"/dev/shm/gorgon-weights-{dead.stdout.strip()}-orphan.safetensors")  # a trainer that died
+    orphan.write_bytes(b"x")
+    others = set(Path("/dev/shm").glob("gorgon-weights-*")) - {orphan}   # other trainers' files, left alone
     client = GorgonClient(live.url, admin_key="admin")
     model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)
     with torch.no_grad():
         for param in model.parameters():
             param.add_(torch.randn_like(param) * 0.5)
     assert client.push_weights(model, transport="shared_memory", weight_version=3) == 3
+    assert not orphan.exists() and others <= set(Path("/dev/shm").glob("gorgon-weights-*"))
     greedy = dict(max_tokens=10, temperature=0, min_tokens=10)
     expected = model.generate(torch.tensor([PROMPTS[0]]), max_new_tokens=10, min_new_tokens=10, do_sample=False,
                               pad_token_id=0)[0, len(PROMPTS[0]):].tolist()
@@ -147,10 +156,10 @@ def test_weights_pushed_through_shared_memory_are_served(live, llama_dir):
         answer = httpx.post(f"{live.url}/v1/weights/update_shared", json={"path": path},
                             headers={"Authorization": "Bearer admin"}, timeout=30)
         assert answer.status_code == 400 and message in answer.json()["error"]["message"]
-    shared_files = set(Path("/dev/shm").glob("gorgon-weights-*"))
-    assert shared_files
+    own = set(Path("/dev/shm").glob(f"gorgon-weights-{os.getpid()}-*")) - others
+    assert own
     client.close()
-    assert not shared_files & set(Path("/dev/shm").glob("gorgon-weights-*"))
+    assert not own & set(Path("/dev/shm").glob("gorgon-weights-*"))
 
 
 def test_a_sequence_filling_the_whole_context_is_scored(llama_dir):

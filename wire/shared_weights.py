@@ -22,6 +22,24 @@ from wire.safetensors import read_payload, safetensors_header
 SHARED_DIRECTORY = Path("/dev/shm")
 
 
+PREFIX = "gorgon-weights-"
+
+
+def _remove_orphans() -> None:
+    """Delete the files of trainers that died without closing their client (the pid in the name is gone):
+    shared memory is RAM, and nobody else would free it."""
+    for path in SHARED_DIRECTORY.glob(f"{PREFIX}*"):
+        pid = path.name[len(PREFIX):].split("-")[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            path.unlink(missing_ok=True)
+        except PermissionError:            # alive, another user's
+            pass
+
+
 def shared_memory_available() -> bool:
     return SHARED_DIRECTORY.is_dir() and os.access(SHARED_DIRECTORY, os.W_OK)
 
@@ -65,7 +83,9 @@ class SharedWeightsFile:
         self.close()
         header, ordered = safetensors_header(tensors)
         size = len(header) + sum(t.numel() * t.element_size() for t in ordered)
-        descriptor, name = tempfile.mkstemp(prefix="gorgon-weights-", suffix=".safetensors", dir=SHARED_DIRECTORY)
+        _remove_orphans()
+        descriptor, name = tempfile.mkstemp(prefix=f"{PREFIX}{os.getpid()}-", suffix=".safetensors",
+                                            dir=SHARED_DIRECTORY)
         try:
             os.ftruncate(descriptor, size)
             self._map = mmap.mmap(descriptor, size)
