@@ -89,6 +89,9 @@ class FusedLinear(torch.nn.Module):
             self.bias = torch.nn.Parameter(torch.zeros(total, dtype=dtype, device=device), requires_grad=False)
         self._has_bias = list(bias)
         self._packed: torch.Tensor | None = None     # weight_t packed for the CPU product, built on first use
+        # The native panels a weight update made stale, packed into again on next use: a push then frees
+        # and a forward maps no memory (each a few ms per model on a trainer's every step).
+        self._stale_panels: torch.Tensor | None = None
         self._native: bool | None = None
         # Quantized weights (models/quantization.py): per part its block format (None: float32), and the
         # blocks a GGUF file stored, used until a write replaces them (then weight_t is quantized again).
@@ -186,7 +189,8 @@ class FusedLinear(torch.nn.Module):
         after _native_panels has decided."""
         if self._packed is None:
             if self._native:
-                self._packed = kernels.pack_panels(self.weight_t)
+                self._packed = kernels.pack_panels(self.weight_t, out=self._stale_panels)
+                self._stale_panels = None
             else:
                 self._packed = _ONEDNN_PACK(self.weight_t.t().contiguous(), _PACK_FOR_ROWS)
         return self._packed
@@ -199,6 +203,8 @@ class FusedLinear(torch.nn.Module):
         self._forget_packed()
 
     def _forget_packed(self) -> None:
+        if self._packed is not None and self._native:
+            self._stale_panels = self._packed
         self._packed, self._linear, self._linear_storage = None, None, []
         for listener in self.on_change:
             listener()

@@ -11,7 +11,7 @@ from decoding.weights import NothingToRollBack, WeightUpdateError, read_checkpoi
 from server.errors import AUTH_ERRORS, GENERATION_ERRORS, WEIGHT_ERRORS, WEIGHT_PUSH_ERRORS, APIError
 from server.protocol import RolloutRequest, ScoreRequest, SharedWeightsRequest, WeightsLoadRequest
 from server.responses import chat_prompt_ids, kept_support, wire_logprob
-from wire.shared_weights import SHARED_DIRECTORY, in_shared_memory, mapped_weights
+from wire.shared_weights import SHARED_DIRECTORY, SharedWeightsReader, in_shared_memory
 
 
 def _as_prompt(tokenizer, prompt):
@@ -143,6 +143,8 @@ def add_weight_state_routes(app: FastAPI, server) -> None:
 
 
 def add_weight_routes(app: FastAPI, server) -> None:
+    shared_files = SharedWeightsReader()
+
     @app.post("/v1/weights/load", responses=WEIGHT_ERRORS)
     async def load_weights(body: WeightsLoadRequest):
         try:
@@ -175,7 +177,7 @@ def add_weight_routes(app: FastAPI, server) -> None:
             raise APIError(400, f"path must be a file under {SHARED_DIRECTORY}/ (shared memory) that the trainer "
                                 "wrote; push over /v1/weights/update otherwise", param="path")
         try:
-            tensors = mapped_weights(body.path)
+            tensors = shared_files.read(body.path)
         except (OSError, ValueError) as err:
             raise APIError(400, f"could not read shared weights from {body.path!r} ({err}); the trainer must run "
                                 "on this machine, else push over /v1/weights/update", param="path") from err

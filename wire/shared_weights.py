@@ -116,10 +116,29 @@ def in_shared_memory(path: str) -> bool:
     return Path(os.path.realpath(path)).parent == SHARED_DIRECTORY.resolve()
 
 
+class SharedWeightsReader:
+    """The server's side: the tensors of the shared file a push names, as read-only views of its pages.
+    The last file stays mapped, so the next push of the same file (rewritten in place by the trainer)
+    costs no mapping and no header parse; another file replaces it, which also frees a file its trainer
+    deleted on exit (one model's size of RAM at most is held that long)."""
+
+    def __init__(self):
+        self._key: tuple | None = None
+        self._tensors: dict[str, torch.Tensor] = {}
+
+    def read(self, path: str) -> dict[str, torch.Tensor]:
+        status = os.stat(path)
+        key = (os.path.realpath(path), status.st_ino, status.st_size)
+        if key != self._key:
+            self._key, self._tensors = None, {}
+            self._tensors = mapped_weights(path)
+            self._key = key
+        return dict(self._tensors)
+
+
 def mapped_weights(path: str) -> dict[str, torch.Tensor]:
-    """The server's side: the tensors of a shared safetensors file as read-only views of its pages (the
-    mapping lives as long as they do; the caller copies them into the model before the trainer writes
-    again)."""
+    """The tensors of a shared safetensors file as read-only views of its pages (the mapping lives as
+    long as they do; the caller copies them into the model before the trainer writes again)."""
     with open(path, "rb") as handle:
         # Every page mapped in one call (MAP_POPULATE, Linux) rather than faulted in one by one as the
         # update reads them.

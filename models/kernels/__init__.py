@@ -338,11 +338,13 @@ def mask_rows_by_bits(logits: torch.Tensor, rows: torch.Tensor, bits: torch.Tens
 PANEL = 16   # columns per packed weight panel (gemm.c)
 
 
-def pack_panels(weight_t: torch.Tensor) -> torch.Tensor:
-    """weight_t [in, out] float32 -> the panel layout gemm_panels reads (flat, zero padded)."""
+def pack_panels(weight_t: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """weight_t [in, out] float32 -> the panel layout gemm_panels reads (flat, zero padded), into `out`
+    when it is a buffer of that size (an earlier packing of the same matrix)."""
     in_features, out_features = weight_t.shape
     weight_t = weight_t.contiguous()
-    packed = torch.empty(-(-out_features // PANEL) * in_features * PANEL, dtype=torch.float32)
+    size = -(-out_features // PANEL) * in_features * PANEL
+    packed = out if out is not None and out.numel() == size else torch.empty(size, dtype=torch.float32)
     _library().pack_panels(weight_t.data_ptr(), in_features, out_features, packed.data_ptr())
     return packed
 

@@ -110,17 +110,46 @@ int all_finite(const float *x, int64_t n) {
 }
 
 /* dst[k * dst_stride + n] = src[n * src_stride + k] for n < rows, k < cols: a checkpoint's [out, in] matrix
- * written into a native [in, out] one (a weight update), in 16 x 16 tiles so both sides move whole cache
- * lines, the tiles spread over the threads. */
+ * written into a native [in, out] one (a weight update). Blocks of 8 x 8 are transposed in registers
+ * (three stages of shuffles that keep to 128-bit lanes but the last), so loads and stores move 8 floats
+ * at a time; the blocks are spread over the threads, the ragged edges copied one by one. */
+typedef float v8f_t __attribute__((vector_size(32)));
+typedef int32_t v8i_t __attribute__((vector_size(32)));
+#if defined(__clang__)
+#define SHUF(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define SHUF(a, b, ...) __builtin_shuffle(a, b, (v8i_t){__VA_ARGS__})
+#endif
+
+static inline void transpose8(const float *src, int64_t src_stride, float *dst, int64_t dst_stride) {
+    v8f_t r[8], t[8], u[8];
+    for (int i = 0; i < 8; ++i) memcpy(&r[i], src + i * src_stride, sizeof r[i]);
+    for (int i = 0; i < 8; i += 2) {      /* pairs of rows interleaved within 128-bit lanes */
+        t[i] = SHUF(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+        t[i + 1] = SHUF(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+    }
+    for (int i = 0; i < 8; i += 4)        /* four rows of two columns per lane */
+        for (int j = 0; j < 2; ++j) {
+            u[i + 2 * j] = SHUF(t[i + j], t[i + j + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+            u[i + 2 * j + 1] = SHUF(t[i + j], t[i + j + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+        }
+    for (int j = 0; j < 4; ++j) {         /* column j from the low lanes, column j + 4 from the high ones */
+        const v8f_t low = SHUF(u[j], u[j + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+        const v8f_t high = SHUF(u[j], u[j + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+        memcpy(dst + j * dst_stride, &low, sizeof low);
+        memcpy(dst + (j + 4) * dst_stride, &high, sizeof high);
+    }
+}
+
 void copy_transposed(const float *src, int64_t rows, int64_t cols, int64_t src_stride, float *dst,
                      int64_t dst_stride) {
-    const int64_t tile = 16, row_tiles = (rows + tile - 1) / tile, col_tiles = (cols + tile - 1) / tile;
-#pragma omp parallel for num_threads(kernel_threads()) if (rows * cols >= (1 << 16)) collapse(2) schedule(static)
-    for (int64_t rt = 0; rt < row_tiles; ++rt)
-        for (int64_t ct = 0; ct < col_tiles; ++ct) {
-            const int64_t n_end = (rt + 1) * tile < rows ? (rt + 1) * tile : rows;
-            const int64_t k_end = (ct + 1) * tile < cols ? (ct + 1) * tile : cols;
-            for (int64_t k = ct * tile; k < k_end; ++k)
-                for (int64_t n = rt * tile; n < n_end; ++n) dst[k * dst_stride + n] = src[n * src_stride + k];
-        }
+    const int64_t full_rows = rows - rows % 8, full_cols = cols - cols % 8;
+#pragma omp parallel for num_threads(kernel_threads()) if (rows * cols >= (1 << 16)) schedule(static)
+    for (int64_t n = 0; n < full_rows; n += 8)
+        for (int64_t k = 0; k < full_cols; k += 8)
+            transpose8(src + n * src_stride + k, src_stride, dst + k * dst_stride + n, dst_stride);
+    for (int64_t n = 0; n < rows; ++n)          /* the columns past the last block of 8 */
+        for (int64_t k = full_cols; k < cols; ++k) dst[k * dst_stride + n] = src[n * src_stride + k];
+    for (int64_t n = full_rows; n < rows; ++n)  /* the rows past the last block of 8 */
+        for (int64_t k = 0; k < full_cols; ++k) dst[k * dst_stride + n] = src[n * src_stride + k];
 }
