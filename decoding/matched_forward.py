@@ -14,7 +14,7 @@ optimizer trains. After an optimizer step changes them, the next forward copies 
 first (one weight update, as a push to a server applies it), so the forward always runs today's weights.
 
     policy = MatchedPolicy.from_pretrained("path/to/hf-folder")
-    logprobs = policy(input_ids, attention_mask)      # [B, T]: log p(token t | the row's tokens before t)
+    logprobs = policy(input_ids, attention_mask)      # [B, T]: log p(token t | its sequence before t)
     loss = -(advantages * logprobs[:, -completion_length:]).mean(); loss.backward(); optimizer.step()
     policy.push_to(client)                            # the server's next rollouts run these weights
 
@@ -117,15 +117,18 @@ class MatchedPolicy(torch.nn.Module):
 
     # ---- the forward ---------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None,
                 return_entropy: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """input_ids [B, T] (padding anywhere outside each row's run of real tokens, as attention_mask
-        [B, T] marks them) -> [B, T]: at each real token after a row's first, its logprob given the
-        row's real tokens before it; 0 elsewhere. return_entropy: also the entropy of the distribution
-        each of those tokens was drawn from [B, T] (not differentiable)."""
+        """input_ids [B, T] -> [B, T]: at each real token after its sequence's first, its logprob given the
+        sequence's tokens before it; 0 elsewhere. Padded: attention_mask [B, T] marks each row's one run of
+        real tokens (padding anywhere outside it). Packed (padding-free, as TRL packs): position_ids [B, T]
+        start each sequence of a row at 0. return_entropy: also the entropy of the distribution each of those
+        tokens was drawn from [B, T] (not differentiable)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        spans = _sequence_spans(attention_mask, position_ids)
         trained = [p for p in self.hf.parameters() if p.requires_grad]
-        logprobs, entropies = _MatchedLogprobs.apply(self, input_ids, attention_mask.to(torch.long), *trained)
+        logprobs, entropies = _MatchedLogprobs.apply(self, input_ids, spans, *trained)
         return (logprobs, entropies) if return_entropy else logprobs
 
     def native_logprobs(self, sequences: list[list[int]]) -> list[torch.Tensor]:
@@ -177,43 +180,53 @@ class MatchedPolicy(torch.nn.Module):
         return torch.nn.functional.pad(logprobs * keep, (1, 0))
 
 
-def _real_runs(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[tuple[int, int]]:
-    """Each row's run of real tokens [start, end); refused where the mask has a hole in it."""
-    runs = []
+def _sequence_spans(attention_mask: torch.Tensor, position_ids: torch.Tensor | None) -> list[tuple[int, int, int]]:
+    """Each sequence as (row, start, end): a row's run of real tokens, cut where position_ids restart at 0
+    (packed rows); refused where the mask has a hole in a row."""
+    spans = []
+    positions = None if position_ids is None else position_ids.tolist()
     for row, mask in enumerate(attention_mask.tolist()):
         ones = [i for i, m in enumerate(mask) if m]
         if not ones:
             raise ValueError(f"row {row} of attention_mask has no real token")
         if ones[-1] - ones[0] + 1 != len(ones):
             raise ValueError(f"row {row} of attention_mask is not one run of real tokens (padding inside it)")
-        runs.append((ones[0], ones[-1] + 1))
-    return runs
+        starts = [ones[0]] if positions is None else \
+            [ones[0]] + [i for i in ones[1:] if positions[row][i] == 0]
+        spans += [(row, begin, end) for begin, end in zip(starts, starts[1:] + [ones[-1] + 1])]
+    return spans
 
 
 class _MatchedLogprobs(torch.autograd.Function):
-    """Forward: the engine's numbers. Backward: transformers' model recomputed on the same tokens."""
+    """Forward: the engine's numbers. Backward: transformers' model recomputed on the same sequences, one
+    per row of a padded batch."""
 
     @staticmethod
-    def forward(ctx, policy: MatchedPolicy, input_ids: torch.Tensor, attention_mask: torch.Tensor, *trained):
-        runs = _real_runs(input_ids, attention_mask)
-        sequences = [input_ids[row, start:end].tolist() for row, (start, end) in enumerate(runs)]
+    def forward(ctx, policy: MatchedPolicy, input_ids: torch.Tensor, spans: list[tuple[int, int, int]], *trained):
+        sequences = [input_ids[row, start:end].tolist() for row, start, end in spans]
         out = torch.zeros(input_ids.shape, dtype=torch.float32)
         entropy = torch.zeros(input_ids.shape, dtype=torch.float32)
-        computed = policy.native_logprobs_and_entropies(sequences)
-        for row, ((start, end), (logprobs, entropies)) in enumerate(zip(runs, computed)):
+        for (row, start, end), (logprobs, entropies) in zip(spans, policy.native_logprobs_and_entropies(sequences)):
             out[row, start + 1 : end] = logprobs
             entropy[row, start + 1 : end] = entropies
-        ctx.policy = policy
-        ctx.save_for_backward(input_ids, attention_mask)
+        ctx.policy, ctx.spans = policy, spans
+        ctx.save_for_backward(input_ids)
         ctx.mark_non_differentiable(entropy)
         return out.to(input_ids.device), entropy.to(input_ids.device)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor, _grad_entropy: torch.Tensor | None = None):
-        input_ids, attention_mask = ctx.saved_tensors
+        (input_ids,) = ctx.saved_tensors
         policy: MatchedPolicy = ctx.policy
+        width = max(end - start for _, start, end in ctx.spans)
+        ids = torch.zeros(len(ctx.spans), width, dtype=input_ids.dtype, device=input_ids.device)
+        mask = torch.zeros_like(ids)
+        grads_out = torch.zeros(len(ctx.spans), width, dtype=grad_output.dtype, device=grad_output.device)
+        for i, (row, start, end) in enumerate(ctx.spans):
+            ids[i, : end - start], mask[i, : end - start] = input_ids[row, start:end], 1
+            grads_out[i, : end - start] = grad_output[row, start:end]
         trained = [p for p in policy.hf.parameters() if p.requires_grad]
         with torch.enable_grad():
-            recomputed = policy.hf_logprobs(input_ids, attention_mask)
-            grads = torch.autograd.grad(recomputed, trained, grad_output, allow_unused=True)
+            recomputed = policy.hf_logprobs(ids, mask)
+            grads = torch.autograd.grad(recomputed, trained, grads_out, allow_unused=True)
         return (None, None, None, *grads)

@@ -110,6 +110,28 @@ def test_gradients_are_transformers_and_a_trained_step_is_served_as_computed(lla
     assert torch.equal(MatchedPolicy.from_engine(engine).native_logprobs([PROMPTS[2] + after.token_ids])[0], recomputed)
 
 
+def test_packed_rows_give_the_padded_batch_numbers_and_gradients(llama_dir):
+    """Padding-free packing (sequences back to back in one row, position_ids restarting at 0) gives each
+    sequence the logprobs and the gradient it has in a padded batch."""
+    policy = MatchedPolicy.from_pretrained(llama_dir)
+    first, second = PROMPTS[0] + [7, 8, 9], PROMPTS[3] + [11, 12]
+    packed = torch.tensor([first + second])
+    positions = torch.tensor([list(range(len(first))) + list(range(len(second)))])
+    width = max(len(first), len(second))
+    padded = torch.tensor([first + [0] * (width - len(first)), second + [0] * (width - len(second))])
+    mask = torch.tensor([[1] * len(first) + [0] * (width - len(first)), [1] * len(second) + [0] * (width - len(second))])
+    weights = torch.randn(len(first) + len(second))
+    (policy(packed, position_ids=positions)[0] * weights).sum().backward()
+    packed_grads = {name: p.grad.clone() for name, p in policy.hf.named_parameters()}
+    policy.hf.zero_grad()
+    out = policy(padded, mask)
+    in_padded = torch.cat([out[0, : len(first)], out[1, : len(second)]])
+    assert torch.equal(policy(packed, position_ids=positions)[0], in_padded)
+    (in_padded * weights).sum().backward()
+    for name, p in policy.hf.named_parameters():
+        torch.testing.assert_close(packed_grads[name], p.grad, msg=name)
+
+
 def test_a_mask_with_padding_inside_a_row_is_refused(llama_dir):
     policy = MatchedPolicy.from_pretrained(llama_dir)
     with pytest.raises(ValueError, match="row 0 of attention_mask is not one run"):
