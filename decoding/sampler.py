@@ -178,7 +178,7 @@ def _wants_kept(params) -> bool:
 
 def _whole_support(logprob: TokenLogprob, params) -> TokenLogprob:
     """A token drawn from the whole vocabulary (the native kernels' rows): its support keeps all the mass."""
-    if params.kept_mass or params.kept_token_ids:
+    if _wants_kept(params):
         logprob.kept_logprob = 0.0
     return logprob
 
