@@ -128,12 +128,21 @@ class SharedWeightsReader:
 
     def read(self, path: str) -> dict[str, torch.Tensor]:
         status = os.stat(path)
-        key = (os.path.realpath(path), status.st_ino, status.st_size)
+        # The header too: a writer that rewrote the same file with other tensors of the same total size
+        # must not be read through the old offsets.
+        key = (os.path.realpath(path), status.st_ino, status.st_size, _header(path))
         if key != self._key:
             self._key, self._tensors = None, {}
             self._tensors = mapped_weights(path)
             self._key = key
         return dict(self._tensors)
+
+
+def _header(path: str) -> bytes:
+    """A safetensors file's length prefix and JSON header, as bytes."""
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        return prefix + handle.read(int.from_bytes(prefix, "little")) if len(prefix) == 8 else prefix
 
 
 def mapped_weights(path: str) -> dict[str, torch.Tensor]:
