@@ -19,6 +19,10 @@ LONG = dict(max_tokens=200, min_tokens=200, temperature=1.0, seed=4)
 @pytest.fixture
 def live(llama_dir):
     live = start_server(llama_dir, admin_key="admin")
+    # The tiny model writes 200 tokens in tens of milliseconds: each step slowed by a few (a model of
+    # realistic size), a request is still in flight when a test's next call reaches the server.
+    step = live.engine.step
+    live.engine.step = lambda: time.sleep(0.003) or step()
     live.admin = {"Authorization": "Bearer admin"}
     live.rl = GorgonClient(live.url, admin_key="admin")
     yield live
