@@ -30,35 +30,6 @@
 
 #define KEY_CHUNK 16
 
-typedef float v8f __attribute__((vector_size(8 * sizeof(float))));
-typedef int32_t v8i __attribute__((vector_size(8 * sizeof(int32_t))));
-
-#if defined(__clang__)
-#define SHUFFLE8(a, b, i0, i1, i2, i3, i4, i5, i6, i7) __builtin_shufflevector(a, b, i0, i1, i2, i3, i4, i5, i6, i7)
-#else
-#define SHUFFLE8(a, b, i0, i1, i2, i3, i4, i5, i6, i7) __builtin_shuffle(a, b, (v8i){i0, i1, i2, i3, i4, i5, i6, i7})
-#endif
-
-static inline v8f load8(const float *p) {
-    v8f v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-
-/* The eight lane partials of q.k: lane j sums q[i] * k[i] over i = j mod 8, in order. */
-static inline __attribute__((always_inline)) v8f dot_partials(const float *q, const float *k, const int64_t d) {
-    v8f acc = {0};
-    int64_t i = 0;
-    for (; i + 8 <= d; i += 8) acc += load8(q + i) * load8(k + i);
-    if (i < d) {
-        v8f qt = {0}, kt = {0};
-        memcpy(&qt, q + i, sizeof(float) * (d - i));
-        memcpy(&kt, k + i, sizeof(float) * (d - i));
-        acc += qt * kt;
-    }
-    return acc;
-}
-
 /* Eight dot products from their partials, lane k of the result from the p that holds key k: each is
  * ((p0 + p4) + (p2 + p6)) + ((p1 + p5) + (p3 + p7)) of its partial's lanes. Every shuffle but the first
  * level's keeps to 128-bit lanes (one instruction each on AVX2). */
@@ -77,19 +48,16 @@ static inline __attribute__((always_inline)) v8f reduce_partials(const v8f p[8])
            SHUFFLE8(quarters[0], quarters[1], 1, 3, 9, 11, 5, 7, 13, 15);
 }
 
-/* scores[t] = q.key_rows[t] for the KEY_CHUNK keys of a chunk (q already scaled). */
+/* scores[t] = q.key_rows[t] for the KEY_CHUNK keys of a chunk (q already scaled): eight keys at a time,
+ * eight independent chains of lane partials fed by one query load (the lanes past head_dim are 0). */
 static inline __attribute__((always_inline)) void chunk_scores(const float *q, const float *const *key_rows,
                                                                float *scores, const int64_t d) {
     for (int g = 0; g < KEY_CHUNK; g += 8) {
         v8f partials[8];
-        if (d % 8 == 0) {       /* eight independent chains: one query load feeds eight keys */
-            for (int t = 0; t < 8; ++t) partials[t] = (v8f){0};
-            for (int64_t i = 0; i < d; i += 8) {
-                const v8f qi = load8(q + i);
-                for (int t = 0; t < 8; ++t) partials[t] += qi * load8(key_rows[g + REDUCE_ORDER[t]] + i);
-            }
-        } else {
-            for (int t = 0; t < 8; ++t) partials[t] = dot_partials(q, key_rows[g + REDUCE_ORDER[t]], d);
+        for (int t = 0; t < 8; ++t) partials[t] = (v8f){0};
+        for (int64_t i = 0; i < d; i += 8) {
+            const v8f qi = load_upto8(q + i, d - i);
+            for (int t = 0; t < 8; ++t) partials[t] += qi * load_upto8(key_rows[g + REDUCE_ORDER[t]] + i, d - i);
         }
         const v8f sums = reduce_partials(partials);
         memcpy(scores + g, &sums, sizeof sums);
@@ -97,8 +65,8 @@ static inline __attribute__((always_inline)) void chunk_scores(const float *q, c
 }
 
 /* offsets[t] = the cache offset (in floats) of position chunk + t for t in [lo, hi], the block walked
- * without a division per slot; the slots before lo and after hi repeat lo's and hi's (read, then left
- * out). Positions are the sequence's own: block table[pos / block_size], slot pos % block_size. */
+ * without a division per slot. Positions are the sequence's own: block table[pos / block_size], slot
+ * pos % block_size. */
 static inline void chunk_offsets(const int64_t *table, int64_t block_size, int64_t token_stride, int64_t chunk,
                                  int64_t lo, int64_t hi, int64_t *offsets) {
     int64_t pos = chunk + lo, block = pos / block_size, slot = pos % block_size;
@@ -106,8 +74,19 @@ static inline void chunk_offsets(const int64_t *table, int64_t block_size, int64
         offsets[t] = (table[block] * block_size + slot) * token_stride;
         if (++slot == block_size) slot = 0, ++block;
     }
-    for (int64_t t = 0; t < lo; ++t) offsets[t] = offsets[lo];
-    for (int64_t t = hi + 1; t < KEY_CHUNK; ++t) offsets[t] = offsets[hi];
+}
+
+/* The rows of a chunk's keys and values for one KV head (head_offset floats into a token), from the
+ * offsets of its slots [lo, hi]; the slots before lo and after hi repeat lo's and hi's (scored, then left
+ * out). */
+static inline void chunk_rows(const float *key_cache, const float *value_cache, const int64_t *offsets,
+                              int64_t lo, int64_t hi, int64_t head_offset, const float **key_rows,
+                              const float **value_rows) {
+    for (int64_t t = 0; t < KEY_CHUNK; ++t) {
+        const int64_t offset = offsets[t < lo ? lo : (t > hi ? hi : t)] + head_offset;
+        key_rows[t] = key_cache + offset;
+        value_rows[t] = value_cache + offset;
+    }
 }
 
 /* A row's running softmax: the max score, the sum of exponentials and the unnormalised output (acc[d]),

@@ -113,29 +113,21 @@ int all_finite(const float *x, int64_t n) {
  * written into a native [in, out] one (a weight update). Blocks of 8 x 8 are transposed in registers
  * (three stages of shuffles that keep to 128-bit lanes but the last), so loads and stores move 8 floats
  * at a time; the blocks are spread over the threads, the ragged edges copied one by one. */
-typedef float v8f_t __attribute__((vector_size(32)));
-typedef int32_t v8i_t __attribute__((vector_size(32)));
-#if defined(__clang__)
-#define SHUF(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
-#else
-#define SHUF(a, b, ...) __builtin_shuffle(a, b, (v8i_t){__VA_ARGS__})
-#endif
-
 static inline void transpose8(const float *src, int64_t src_stride, float *dst, int64_t dst_stride) {
-    v8f_t r[8], t[8], u[8];
+    v8f r[8], t[8], u[8];
     for (int i = 0; i < 8; ++i) memcpy(&r[i], src + i * src_stride, sizeof r[i]);
     for (int i = 0; i < 8; i += 2) {      /* pairs of rows interleaved within 128-bit lanes */
-        t[i] = SHUF(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
-        t[i + 1] = SHUF(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+        t[i] = SHUFFLE8(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+        t[i + 1] = SHUFFLE8(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
     }
     for (int i = 0; i < 8; i += 4)        /* four rows of two columns per lane */
         for (int j = 0; j < 2; ++j) {
-            u[i + 2 * j] = SHUF(t[i + j], t[i + j + 2], 0, 1, 8, 9, 4, 5, 12, 13);
-            u[i + 2 * j + 1] = SHUF(t[i + j], t[i + j + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+            u[i + 2 * j] = SHUFFLE8(t[i + j], t[i + j + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+            u[i + 2 * j + 1] = SHUFFLE8(t[i + j], t[i + j + 2], 2, 3, 10, 11, 6, 7, 14, 15);
         }
     for (int j = 0; j < 4; ++j) {         /* column j from the low lanes, column j + 4 from the high ones */
-        const v8f_t low = SHUF(u[j], u[j + 4], 0, 1, 2, 3, 8, 9, 10, 11);
-        const v8f_t high = SHUF(u[j], u[j + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+        const v8f low = SHUFFLE8(u[j], u[j + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+        const v8f high = SHUFFLE8(u[j], u[j + 4], 4, 5, 6, 7, 12, 13, 14, 15);
         memcpy(dst + j * dst_stride, &low, sizeof low);
         memcpy(dst + (j + 4) * dst_stride, &high, sizeof high);
     }

@@ -80,20 +80,14 @@ static inline __attribute__((always_inline)) void attend(const Problem *p, int64
         /* The context's part of the chunk, then the extra positions, which sit anywhere. */
         int64_t offsets[KEY_CHUNK];
         const int64_t in_context = context - 1 - chunk < hi ? context - 1 - chunk : hi;
-        if (in_context >= lo)
-            chunk_offsets(table, p->block_size, token_stride, chunk, lo, in_context, offsets);
+        chunk_offsets(table, p->block_size, token_stride, chunk, lo, in_context, offsets);
         for (int64_t t = in_context + 1 > lo ? in_context + 1 : lo; t <= hi; ++t) {
             const int64_t pos = extra[chunk + t - context];
             offsets[t] = (table[pos / p->block_size] * p->block_size + pos % p->block_size) * token_stride;
         }
-        for (int64_t t = 0; t < lo; ++t) offsets[t] = offsets[lo];
-        for (int64_t t = hi + 1; t < KEY_CHUNK; ++t) offsets[t] = offsets[hi];
         for (int64_t kvh = kv_begin; kvh < kv_end; ++kvh) {
             const float *key_rows[KEY_CHUNK], *value_rows[KEY_CHUNK];
-            for (int64_t t = 0; t < KEY_CHUNK; ++t) {
-                key_rows[t] = p->key_cache + offsets[t] + kvh * d;
-                value_rows[t] = p->value_cache + offsets[t] + kvh * d;
-            }
+            chunk_rows(p->key_cache, p->value_cache, offsets, lo, hi, kvh * d, key_rows, value_rows);
             for (int64_t h = (kvh - kv_begin) * group; h < (kvh - kv_begin + 1) * group; ++h) {
                 chunk_scores(queries + h * d, key_rows, scores, d);
                 fold_chunk(&state[h], acc + h * d, scores, lo, hi, value_rows, p->softcap, d);

@@ -58,22 +58,20 @@ static inline __attribute__((always_inline)) void attend_block(const Prefill *p,
         for (int64_t i = 0; i < d; ++i) acc[r][i] = 0.0f;
     }
     for (int64_t chunk = lowest - lowest % KEY_CHUNK; chunk <= last_pos; chunk += KEY_CHUNK) {
+        const int64_t lo = lowest > chunk ? lowest - chunk : 0;
+        const int64_t hi = last_pos - chunk < KEY_CHUNK - 1 ? last_pos - chunk : KEY_CHUNK - 1;
         int64_t offsets[KEY_CHUNK];
-        chunk_offsets(table, p->block_size, token_stride, chunk, lowest > chunk ? lowest - chunk : 0,
-                      last_pos - chunk < KEY_CHUNK - 1 ? last_pos - chunk : KEY_CHUNK - 1, offsets);
+        chunk_offsets(table, p->block_size, token_stride, chunk, lo, hi, offsets);
         const float *key_rows[KEY_CHUNK], *value_rows[KEY_CHUNK];
-        for (int64_t t = 0; t < KEY_CHUNK; ++t) {
-            key_rows[t] = p->key_cache + offsets[t] + kvh * d;
-            value_rows[t] = p->value_cache + offsets[t] + kvh * d;
-        }
+        chunk_rows(p->key_cache, p->value_cache, offsets, lo, hi, kvh * d, key_rows, value_rows);
         for (int64_t r = 0; r < rows; ++r) {
             const int64_t pos = first_pos + r;
             const int64_t seen_from = (p->window > 0 && pos - p->window + 1 > 0) ? pos - p->window + 1 : 0;
-            const int64_t lo = seen_from > chunk ? seen_from - chunk : 0;
-            const int64_t hi = (pos - chunk < KEY_CHUNK - 1 ? pos - chunk : KEY_CHUNK - 1);
-            if (lo > hi) continue;
+            const int64_t row_lo = seen_from > chunk ? seen_from - chunk : 0;
+            const int64_t row_hi = pos - chunk < KEY_CHUNK - 1 ? pos - chunk : KEY_CHUNK - 1;
+            if (row_lo > row_hi) continue;
             chunk_scores(queries[r], key_rows, scores, d);
-            fold_chunk(&state[r], acc[r], scores, lo, hi, value_rows, p->softcap, d);
+            fold_chunk(&state[r], acc[r], scores, row_lo, row_hi, value_rows, p->softcap, d);
         }
     }
     for (int64_t r = 0; r < rows; ++r)

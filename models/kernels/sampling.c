@@ -73,11 +73,16 @@ static int64_t walk_to(const float *restrict e, int64_t vocab, float target) {
     return last;
 }
 
-static void sample_row(const float *restrict x, int64_t vocab, float temperature, float uniform, uint8_t greedy,
-                       uint8_t want_raw, int64_t *token, float *logprob, float *raw_logprob) {
+static float row_max(const float *restrict x, int64_t n) {
     float max = -INFINITY;
 #pragma omp simd reduction(max : max)
-    for (int64_t i = 0; i < vocab; ++i) max = x[i] > max ? x[i] : max;
+    for (int64_t i = 0; i < n; ++i) max = x[i] > max ? x[i] : max;
+    return max;
+}
+
+static void sample_row(const float *restrict x, int64_t vocab, float temperature, float uniform, uint8_t greedy,
+                       uint8_t want_raw, int64_t *token, float *logprob, float *raw_logprob) {
+    const float max = row_max(x, vocab);
     if (greedy) {
         int64_t argmax = 0;   /* the first maximum, as torch.argmax picks */
         while (argmax < vocab - 1 && x[argmax] != max) ++argmax;
@@ -199,10 +204,7 @@ void log_normalizers(const float *logits, int64_t rows, int64_t vocab, float *ma
 #pragma omp parallel for num_threads(kernel_threads()) if (rows >= 4) schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
         const float *x = logits + r * vocab;
-        float max = -INFINITY;
-#pragma omp simd reduction(max : max)
-        for (int64_t i = 0; i < vocab; ++i) max = x[i] > max ? x[i] : max;
-        max_out[r] = max;
-        lse_out[r] = log_sum_exp(x, vocab, max);
+        max_out[r] = row_max(x, vocab);
+        lse_out[r] = log_sum_exp(x, vocab, max_out[r]);
     }
 }

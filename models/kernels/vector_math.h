@@ -25,4 +25,29 @@ static inline float exp_poly(float x) {
     return underflow ? 0.0f : p * scale;
 }
 
+/* Eight floats as one generic vector (one AVX2 register, half an AVX-512 one, two NEON ones), its shuffle
+ * (lanes 0-7 from a, 8-15 from b) and an unaligned load. */
+typedef float v8f __attribute__((vector_size(8 * sizeof(float))));
+typedef int32_t v8i __attribute__((vector_size(8 * sizeof(int32_t))));
+
+#if defined(__clang__)
+#define SHUFFLE8(a, b, i0, i1, i2, i3, i4, i5, i6, i7) __builtin_shufflevector(a, b, i0, i1, i2, i3, i4, i5, i6, i7)
+#else
+#define SHUFFLE8(a, b, i0, i1, i2, i3, i4, i5, i6, i7) __builtin_shuffle(a, b, (v8i){i0, i1, i2, i3, i4, i5, i6, i7})
+#endif
+
+static inline v8f load8(const float *p) {
+    v8f v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+/* The first n (< 8 allowed) floats at p, the lanes past them 0. */
+static inline v8f load_upto8(const float *p, int64_t n) {
+    if (n >= 8) return load8(p);
+    v8f v = {0};
+    memcpy(&v, p, sizeof(float) * n);
+    return v;
+}
+
 #endif
