@@ -16,7 +16,12 @@ LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
 
 
 class GorgonError(RuntimeError):
-    """An error answered by the server, with its message."""
+    """An error answered by the server, with its message, HTTP status and the parameter at fault (if named)."""
+
+    def __init__(self, message: str, status: int | None = None, param: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.param = param
 
 
 class GorgonClient:
@@ -134,17 +139,18 @@ class GorgonClient:
     def _check(response: httpx.Response) -> dict:
         if response.status_code >= 400:
             try:
-                message = response.json()["error"]["message"]
-            except (ValueError, KeyError, TypeError):
-                message = response.text[:500]
-            raise GorgonError(f"HTTP {response.status_code}: {message}")
+                error = response.json()["error"]
+                message, param = error["message"], error.get("param")
+            except (ValueError, KeyError, TypeError, AttributeError):
+                message, param = response.text[:500], None
+            raise GorgonError(f"HTTP {response.status_code}: {message}", response.status_code, param)
         return response.json()
 
 
 def _shared_file_refused(err: GorgonError) -> bool:
-    """The server could not take a shared-memory push (not on this machine, or no such route): not an
-    error in the weights, so the body goes over HTTP instead."""
-    return str(err).startswith("HTTP 404") or "could not read shared weights" in str(err)
+    """The server could not take a shared-memory push (no such route, or it cannot reach the file: another
+    machine): not an error in the weights, so the body goes over HTTP instead."""
+    return err.status == 404 or (err.status == 400 and err.param == "path")
 
 
 def _without_aliases(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -61,7 +61,7 @@ class MatchedPolicy(torch.nn.Module):
                              "quantization='none' and dtype float32")
         self.hf = hf
         self._native = native
-        self._synced_versions: tuple | None = None
+        self._synced_fingerprint: tuple | None = None
         self._sync()
 
     @classmethod
@@ -76,12 +76,11 @@ class MatchedPolicy(torch.nn.Module):
         """The weights an in-process engine serves now (after any pushes), on its model's architecture."""
         policy = cls.from_pretrained(engine.loaded.path)
         served = engine.weights.current(list(engine.loaded.model.param_slots()))
-        policy.hf.load_state_dict(served, strict=False)
-        policy._sync()
+        policy.hf.load_state_dict(served, strict=False)      # copied into the native model by the next forward
         return policy
 
     # ---- weights ------------------------------------------------------------------------------
-    def _versions(self) -> tuple:
+    def _fingerprint(self) -> tuple:
         """Changes whenever a parameter's bits change (an optimizer step) or it is replaced: a sum of each
         parameter's bit patterns, since a fused optimizer writes without bumping tensors' version counters."""
         return tuple((p.data_ptr(), int(p.detach().view(_BITS[p.element_size()]).sum(dtype=torch.int64)))
@@ -90,21 +89,18 @@ class MatchedPolicy(torch.nn.Module):
     @torch.no_grad()
     def _sync(self) -> None:
         """Copy the trained parameters into the native model when they changed since the last copy."""
-        versions = self._versions()
-        if versions == self._synced_versions:
+        fingerprint = self._fingerprint()
+        if fingerprint == self._synced_fingerprint:
             return
-        tensors = self._served_tensors()
+        tensors = self.state_for_push()
         validate_update(self._native.model, tensors, allow_non_finite=False)
         apply_update(self._native.model, tensors)
-        self._synced_versions = versions
-
-    def _served_tensors(self) -> dict[str, torch.Tensor]:
-        slots = self._native.model.param_slots()
-        return {name: tensor.detach().float() for name, tensor in self.hf.state_dict().items() if name in slots}
+        self._synced_fingerprint = fingerprint
 
     def state_for_push(self) -> dict[str, torch.Tensor]:
         """The parameters by their HF names, as a server's weight update takes them."""
-        return self._served_tensors()
+        slots = self._native.model.param_slots()
+        return {name: tensor.detach().float() for name, tensor in self.hf.state_dict().items() if name in slots}
 
     def push_to(self, target, weight_version: int | None = None) -> int:
         """Send the current weights to a server (a client.GorgonClient) or an in-process Engine; -> the

@@ -92,7 +92,7 @@ class Sampler:
         tokens, logprobs, raw_logprobs = kernels.sample_rows(
             penalised, batch.temperature, uniforms if uniforms is not None else torch.zeros(num_rows), batch.greedy, want_raw)
         chosen = torch.where(want_raw, raw_logprobs, logprobs).tolist()
-        results = [None if s.request.params.logprobs is None else _whole_support(TokenLogprob(lp, None), s.request.params)
+        results = [None if s.request.params.logprobs is None else _whole_vocabulary(lp, s.request.params)
                    for s, lp in zip(batch.seqs, chosen)]
         return SamplerOutput(tokens.tolist(), results)
 
@@ -117,7 +117,7 @@ class Sampler:
                                                     uniforms[row : row + 1], batch.greedy[row : row + 1],
                                                     torch.zeros(1, dtype=torch.bool))
             tokens[row], logprobs[row] = int(token[0]), float(logprob[0])
-        results = [None if s.request.params.logprobs is None else _whole_support(TokenLogprob(lp, None), s.request.params)
+        results = [None if s.request.params.logprobs is None else _whole_vocabulary(lp, s.request.params)
                    for s, lp in zip(batch.seqs, logprobs)]
         return SamplerOutput(tokens, results)
 
@@ -176,11 +176,9 @@ def _wants_kept(params) -> bool:
     return params.kept_mass or params.kept_token_ids
 
 
-def _whole_support(logprob: TokenLogprob, params) -> TokenLogprob:
-    """A token drawn from the whole vocabulary (the native kernels' rows): its support keeps all the mass."""
-    if _wants_kept(params):
-        logprob.kept_logprob = 0.0
-    return logprob
+def _whole_vocabulary(logprob: float, params) -> TokenLogprob:
+    """A token the native kernels drew from the whole vocabulary: its support keeps all the mass."""
+    return TokenLogprob(logprob, kept_logprob=0.0 if _wants_kept(params) else None)
 
 
 def _kept_supports(processed: ProcessedLogits, batch: SamplingMetadata) -> dict[int, tuple[float, tuple | None]]:

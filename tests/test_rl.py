@@ -156,6 +156,13 @@ def test_weights_pushed_through_shared_memory_are_served(live, llama_dir):
         answer = httpx.post(f"{live.url}/v1/weights/update_shared", json={"path": path},
                             headers={"Authorization": "Bearer admin"}, timeout=30)
         assert answer.status_code == 400 and message in answer.json()["error"]["message"]
+    # A server that cannot read the file (another machine's /dev/shm): "auto" sends the body over HTTP.
+    elsewhere = GorgonClient(live.url, admin_key="admin")
+    elsewhere._shared_file.write = lambda tensors: Path("/dev/shm/gorgon-weights-on-another-machine")
+    with pytest.raises(GorgonError, match="could not read shared weights"):
+        elsewhere.push_weights(model, transport="shared_memory")
+    assert elsewhere.push_weights(model) == 5 and elsewhere._shared_refused
+    elsewhere.close()
     own = set(Path("/dev/shm").glob(f"gorgon-weights-{os.getpid()}-*")) - others
     assert own
     client.close()
