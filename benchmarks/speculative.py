@@ -107,6 +107,33 @@ def sampled_batch1(plain: Engine, spec: Engine, prompts, new_tokens: int, repeat
     return {"identical": spec_tokens == plain_tokens, "speedup": round(plain_seconds / spec_seconds, 3), **stats}
 
 
+def hf_baseline(target: str, draft: str, dtype: torch.dtype, warmup_prompt: list[int], prompts, new_tokens: int,
+                pad: int, k: int) -> tuple[float, float, list[list[int]]]:
+    """HF assisted generation with the same draft after a warm-up: (seconds with its own schedule of draft
+    lengths, seconds with a constant k, the tokens)."""
+    hf_target = AutoModelForCausalLM.from_pretrained(target, dtype=dtype).eval()
+    hf_draft = AutoModelForCausalLM.from_pretrained(draft, dtype=dtype).eval()
+    with torch.inference_mode():                            # HF's warm-up, as for the engines
+        hf_target.generate(torch.tensor([warmup_prompt]), assistant_model=hf_draft, do_sample=False,
+                           max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad)
+    seconds, tokens = hf_assisted(hf_target, hf_draft, prompts, new_tokens, pad)
+    constant_k_seconds, _ = hf_assisted(hf_target, hf_draft, prompts, new_tokens, pad, constant_k=k)
+    return seconds, constant_k_seconds, tokens
+
+
+def draft_batch(plain: Engine, spec: Engine, prompts, params: SamplingParams, batch: int, repeats: int,
+                hf_seconds: float, hf_k_seconds: float) -> dict:
+    """Greedy draft-model speculation at one batch size against plain decoding and HF's assisted generation."""
+    plain_seconds, plain_tokens, spec_seconds, spec_tokens, stats = timed_in_turn(
+        plain, spec, prompts, params, batch, repeats)
+    total = len(prompts) * params.max_tokens
+    return {"identical": spec_tokens == plain_tokens,
+            "plain_tok_s": round(total / plain_seconds, 1), "spec_tok_s": round(total / spec_seconds, 1),
+            "hf_assisted_tok_s": round(total / hf_seconds, 1), "hf_assisted_same_k_tok_s": round(total / hf_k_seconds, 1),
+            "speedup": round(plain_seconds / spec_seconds, 3), "ratio_vs_hf": round(hf_seconds / spec_seconds, 3),
+            "ratio_vs_hf_same_k": round(hf_k_seconds / spec_seconds, 3), **stats}
+
+
 def main() -> None:
     def extra(parser):
         parser.add_argument("--draft", default=None, help="draft model folder (default: the embedded draft)")
@@ -128,38 +155,20 @@ def main() -> None:
     # One more prompt than is timed: a full warm-up generation, so one-time costs (oneDNN builds a kernel
     # the first time it meets a matrix shape, the allocator grows) stay out of every timed run.
     *prompts, warmup_prompt = heldout_prompts(plain.tokenizer, num_prompts + 1, PROMPT_TOKENS)
-    dtype = getattr(torch, args.dtype)
-    hf_target = AutoModelForCausalLM.from_pretrained(target, dtype=dtype).eval()
-    hf_draft = AutoModelForCausalLM.from_pretrained(draft, dtype=dtype).eval()
-    pad = plain.tokenizer.pad_token_id
-
     for engine in (plain, spec, ngram):
         engine.generate([warmup_prompt], params)
     result = {"benchmark": "speculative", "model": target, "draft": draft, "dtype": args.dtype,
               "num_speculative_tokens": args.k, "speculative_disable_by_batch_size": args.disable_by_batch_size,
               "prompts": len(prompts), "prompt_tokens": PROMPT_TOKENS,
               "new_tokens": new_tokens}
-    with torch.inference_mode():                            # HF's warm-up, as for the engines
-        hf_target.generate(torch.tensor([warmup_prompt]), assistant_model=hf_draft, do_sample=False,
-                           max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad)
-    hf_seconds, hf_tokens = hf_assisted(hf_target, hf_draft, prompts, new_tokens, pad)
-    hf_k_seconds, _ = hf_assisted(hf_target, hf_draft, prompts, new_tokens, pad, constant_k=args.k)
+    hf_seconds, hf_k_seconds, hf_tokens = hf_baseline(target, draft, getattr(torch, args.dtype), warmup_prompt,
+                                                      prompts, new_tokens, plain.tokenizer.pad_token_id, args.k)
     repeats = 1 if args.quick else 3
     for batch in (1, 8):
-        plain_seconds, plain_tokens, spec_seconds, spec_tokens, stats = timed_in_turn(
-            plain, spec, prompts, params, batch, repeats)
-        total = len(prompts) * new_tokens
-        result[f"batch{batch}"] = {
-            "identical": spec_tokens == plain_tokens,
-            "plain_tok_s": round(total / plain_seconds, 1), "spec_tok_s": round(total / spec_seconds, 1),
-            "hf_assisted_tok_s": round(total / hf_seconds, 1), "hf_assisted_same_k_tok_s": round(total / hf_k_seconds, 1),
-            "speedup": round(plain_seconds / spec_seconds, 3), "ratio_vs_hf": round(hf_seconds / spec_seconds, 3),
-            "ratio_vs_hf_same_k": round(hf_k_seconds / spec_seconds, 3),
-            **stats,
-        }
+        result[f"batch{batch}"] = draft_batch(plain, spec, prompts, params, batch, repeats, hf_seconds, hf_k_seconds)
     result["batch8"]["governor"] = spec.speculation.governor.summary() if spec.speculation.governor else None
     result["exact_t0.7_batch1"] = sampled_batch1(plain, spec, prompts, new_tokens, repeats)
-    result["hf_assisted_identical"] = hf_tokens == plain_tokens
+    result["hf_assisted_identical"] = hf_tokens == [out.outputs[0].token_ids for out in plain.generate(prompts, params)]
     grounded = grounded_prompts(plain.tokenizer, num_prompts)
     plain_seconds, plain_tokens, ngram_seconds, ngram_tokens, stats = timed_in_turn(
         plain, ngram, grounded, params, 1, repeats)
