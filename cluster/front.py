@@ -3,8 +3,8 @@ prefix favours (cluster/routing.py), streamed or not; a rollout call's prompts a
 replicas, each group whole, and the answers merged in order; weight updates go to every replica, all or
 nothing (cluster/weights.py); the other admin calls (pause, resume, aborts, cache resets) go to every
 replica; the load routes and /metrics answer for all of them. A replica that fails a request is marked
-down (cluster/replicas.py): that request ends with a retriable 503 and the others go on; the replica's
-engine is restarted and re-synced before it serves again.
+down (cluster/replicas.py) and the request fails over to a live replica, a stream resumed where it was
+(cluster/failover.py); the replica's engine is restarted and re-synced before it serves again.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import contextlib
 import hmac
 import json
 
+from dataclasses import dataclass
+
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -22,8 +24,10 @@ from cluster.loads import MERGED_LOADS, merge_loads
 from cluster.metrics import front_lines, labelled
 from cluster.replicas import ReplicaDown, Replicas
 from cluster.routing import PrefixRouter
-from cluster.answers import as_response, error, error_body, unavailable
+from cluster import failover
+from cluster.answers import as_response, error, unavailable
 from cluster.weights import WEIGHT_ROUTES, WeightCoordinator
+from wire import stream_checkpoints
 
 # Routes a single replica answers, chosen by the request's prompt.
 ROUTED = ("/v1/completions", "/v1/chat/completions", "/v1/score", "/generate")
@@ -112,35 +116,107 @@ class Front:
         return await self.forward(index, request, body, stream=bool(parsed.get("stream")))
 
     async def forward(self, index: int, request: Request, body: bytes, stream: bool) -> Response:
-        replicas = self.replicas
-        replicas.started(index)
-        try:
-            response = await replicas.call(index, request.method, request.url.path, stream=stream, content=body,
-                                           params=request.query_params, headers=_passed_headers(request))
-        except ReplicaDown:
-            replicas.finished(index)
-            return unavailable(f"replica {index} failed while serving this request and is being replaced; retry it")
+        """The call answered by replica `index`, or by another live one if it fails (cluster/failover.py)."""
+        journal = self.weights.journal
+        # The weights the call starts under, unless an update is being applied (then it may wait for it).
+        started_under = journal.version if journal.pending_policy is None else None
+        call = _Call.of(request, body, stream, started_under)
+        sent = await self._send(index, call)
+        if sent is None:
+            return unavailable("no replica could serve this request; they are being restarted; retry it")
+        index, response = sent
         served_by = {"x-gorgon-replica": str(index)}          # which replica answered, for operators
-        if not stream:
-            replicas.finished(index)
+        if not stream or response.status_code >= 400:            # a refusal is a body, not a stream
+            if stream:
+                await response.aread()
+                await response.aclose()
+            self.replicas.finished(index)
             answer = as_response(response)
             answer.headers.update(served_by)
             return answer
-        return StreamingResponse(self._relay(index, response), status_code=response.status_code,
+        return StreamingResponse(self._relay(index, response, call), status_code=response.status_code,
                                  media_type=response.headers.get("content-type"), headers=served_by)
 
-    async def _relay(self, index: int, response: httpx.Response):
-        try:
-            async for chunk in response.aiter_raw():
-                yield chunk
-        except httpx.TransportError:
-            self.replicas.mark_down(index)
-            message = error_body(f"replica {index} failed mid-stream; retry the request", "server_overloaded",
-                                 "replica_unavailable")
-            yield f"data: {json.dumps(message)}\n\ndata: [DONE]\n\n".encode()
-        finally:
-            self.replicas.finished(index)
-            await response.aclose()
+    async def _send(self, index: int, call: _Call, body: bytes | None = None) -> tuple[int, httpx.Response] | None:
+        """Send the call to replica `index`, then to other live ones while they fail before answering;
+        (replica, its answer), counted in flight until the caller calls finished; None if none answered.
+        A call not streamed that is sent again says which weights it started under (the replica runs it
+        under them while they are served, as the failed one would have), unless they are gone."""
+        headers = call.headers
+        for _ in range(failover.ATTEMPTS):
+            self.replicas.started(index)
+            try:
+                response = await self.replicas.call(index, call.method, call.path, stream=call.stream,
+                                                    content=call.body if body is None else body,
+                                                    params=call.params, headers=headers)
+            except ReplicaDown:
+                self.replicas.finished(index)
+                if not call.stream and call.started_under is not None:
+                    headers = {**call.headers, stream_checkpoints.STARTED_UNDER: str(call.started_under)}
+                if not await self.replicas.wait_live(failover.WAIT_FOR_REPLICA_S):
+                    return None
+                index = self.router.choose(call.routing_text, self.replicas.loads())
+                continue
+            if headers is not call.headers and failover.weights_changed(response):
+                self.replicas.finished(index)         # its weights are gone: send it as a new call
+                headers = call.headers
+                continue
+            return index, response
+        return None
+
+    async def _relay(self, index: int, response: httpx.Response, call: _Call):
+        """The replica's stream, continued on another replica if it dies (cluster/failover.py)."""
+        state = stream_checkpoints.StreamState.of(call.parsed.get("resume")) if call.resumable else None
+        relayed = False                         # a stream without checkpoints has sent a chunk
+        for _ in range(failover.ATTEMPTS):
+            pending: list[bytes] = []           # chunks not yet covered by a checkpoint
+            try:
+                async for event in failover.events(response):
+                    if state is not None and stream_checkpoints.is_checkpoint(event):
+                        state.apply(stream_checkpoints.parse(event))
+                        for chunk in pending:
+                            yield chunk
+                        pending.clear()
+                    elif event.startswith(b":"):                      # keep-alive
+                        yield event
+                    elif state is not None and event != failover.DONE:
+                        pending.append(event)
+                    else:
+                        for chunk in pending:
+                            yield chunk
+                        yield event
+                        relayed = True
+                        if event == failover.DONE:
+                            return
+            except httpx.TransportError:
+                pass
+            finally:
+                self.replicas.finished(index)
+                await response.aclose()
+            self.replicas.mark_down(index)        # it ended without [DONE]: its engine died
+            if state is not None and state.done:
+                yield failover.DONE
+                return
+            if relayed:
+                yield failover.error_event(f"replica {index} failed mid-stream; retry the request")
+                return
+            body = call.body
+            if state is not None and state.started:
+                keep = self.weights.journal.keeps_since(state.last_weight_version())
+                body = json.dumps({**call.parsed, "resume": state.resume("keep" if keep else "error")}).encode()
+            if not await self.replicas.wait_live(failover.WAIT_FOR_REPLICA_S):
+                break
+            sent = await self._send(self.router.choose(call.routing_text, self.replicas.loads()), call, body)
+            if sent is None:
+                break
+            index, response = sent
+            if response.status_code >= 400:           # e.g. weights_changed: the replica's error, as an event
+                text = (await response.aread()).decode(errors="replace")
+                self.replicas.finished(index)
+                await response.aclose()
+                yield f"data: {text}\n\n".encode() + failover.DONE
+                return
+        yield failover.error_event("no replica could continue this stream; retry the request")
 
     async def fan_out(self, method: str, path: str, params: dict, body: bytes, headers: dict) -> Response:
         """Every live replica hears the call. A replica that died meanwhile is left out: it restarts with
@@ -213,6 +289,35 @@ class Front:
         if failed is not None:
             return failed
         return JSONResponse(_merge_rollouts(prompts, parts, [json.loads(a.body) for a in answers], parsed.get("n", 1)))
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One call as the front sends it to replicas, again if one fails."""
+
+    method: str
+    path: str
+    params: dict
+    headers: dict
+    body: bytes
+    parsed: dict
+    stream: bool
+    routing_text: str
+    started_under: int | None            # the weight version served when it was first sent
+
+    @property
+    def resumable(self) -> bool:
+        """A stream that carries checkpoints (server/resumable.py)."""
+        return self.stream and self.path in failover.RESUMABLE and not self.parsed.get("use_beam_search")
+
+    @classmethod
+    def of(cls, request: Request, body: bytes, stream: bool, started_under: int | None) -> _Call:
+        path, parsed = request.url.path, _json(body)
+        call = cls(request.method, path, dict(request.query_params), _passed_headers(request), body, parsed, stream,
+                   _routing_text(path, parsed), started_under)
+        if call.resumable:
+            call.headers[stream_checkpoints.HEADER] = "1"
+        return call
 
 
 def build_front(replicas: Replicas, router: PrefixRouter, admin_key: str | None = None,

@@ -16,8 +16,9 @@ from cluster.replica import replica_actor
 from cluster.routing import PrefixRouter, RoundRobinRouter, RoutingPolicy
 
 # The options the front keeps for itself; every other option of `gorgon serve` goes to each replica.
-FRONT_ONLY = ("--replicas", "--address", "--routing", "--balance-abs", "--balance-rel", "--cache-threshold",
-              "--host", "--port", "--threads")
+FRONT_ONLY = ("--replicas", "--address", "--replica-host", "--routing", "--balance-abs", "--balance-rel",
+              "--cache-threshold", "--host", "--port", "--threads")
+LOOPBACK = "127.0.0.1"
 
 
 def replica_args(serve_argv: list[str]) -> list[str]:
@@ -30,15 +31,26 @@ def replica_args(serve_argv: list[str]) -> list[str]:
 
 
 def start_replicas(num_replicas: int, threads: int, serve_args: list[str], num_gpus: float = 0.0,
-                   address: str | None = None) -> Replicas:
-    """Ray up (a local cluster, or the one at `address`), the replicas started and answering. A replica
+                   address: str | None = None, replica_host: str | None = None) -> Replicas:
+    """Ray up (a local cluster on loopback, or the one at `address`), the replicas started and answering
+    on `replica_host` (default: loopback for a local cluster, each node's address otherwise). A replica
     that cannot start raises, with the end of its log."""
+    if not address:
+        # A one-machine cluster listens on loopback only: Ray's own servers too. Ray does so where it
+        # supports no multi-machine cluster (macOS, Windows), by this switch, read when ray is imported.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        node = ray.nodes()[0]["NodeManagerAddress"] if not address else LOOPBACK
+        if node != LOOPBACK:
+            print(f"gorgon: warning: the local Ray cluster listens on {node}, not only on loopback (ray was "
+                  "imported before the cluster started)", file=sys.stderr, flush=True)
+    if replica_host is None and not address:
+        replica_host = LOOPBACK
     actor = replica_actor(threads, num_gpus)
-    actors = [actor.remote(index, serve_args, threads) for index in range(num_replicas)]
+    actors = [actor.remote(index, serve_args, threads, replica_host) for index in range(num_replicas)]
     endpoints, errors = [], []
     for pending in [a.endpoint.remote() for a in actors]:       # every answer read: none reported twice
         try:
@@ -89,7 +101,8 @@ def serve_cluster(args: argparse.Namespace, serve_argv: list[str]) -> int:
         print(f"gorgon: error: {err}", file=sys.stderr)
         return 2
     try:
-        replicas = start_replicas(args.replicas, threads, replica_args(serve_argv), num_gpus, args.address)
+        replicas = start_replicas(args.replicas, threads, replica_args(serve_argv), num_gpus, args.address,
+                                  args.replica_host)
     except (ray.exceptions.RayError, ConnectionError, ValueError) as err:
         print(f"gorgon: error: the replicas did not start: {_cause(err)}", file=sys.stderr)
         return 2

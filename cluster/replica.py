@@ -27,13 +27,14 @@ RESTART_BACKOFF_S = 2.0
 
 class ReplicaProcess:
     """The actor's body (wrapped with `ray.remote` by `replica_actor`). `serve_args`: the arguments of
-    `gorgon serve` for this replica, without --host and --port, which the replica picks itself."""
+    `gorgon serve` for this replica, without --host and --port: it listens on `host` (default: its node's
+    address) at a free port."""
 
-    def __init__(self, index: int, serve_args: list[str], threads: int):
+    def __init__(self, index: int, serve_args: list[str], threads: int, host: str | None = None):
         self.index = index
         self.serve_args = list(serve_args)
         self.threads = threads
-        self.host = _node_address()
+        self.host = host or _node_address()
         self.log_path = os.path.join(tempfile.gettempdir(), f"gorgon-replica-{index}-{os.getpid()}.log")
         self.address: str | None = None
         self.process: subprocess.Popen | None = None

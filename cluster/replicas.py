@@ -50,6 +50,15 @@ class Replicas:
     def live(self) -> list[int]:
         return [index for index, url in enumerate(self.urls) if url is not None]
 
+    async def wait_live(self, timeout: float) -> bool:
+        """Whether a replica is up, waiting up to `timeout` seconds for one to come back."""
+        deadline = time.monotonic() + timeout
+        while not self.live():
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
     def loads(self) -> list[float]:
         """Each replica's load as routing sees it: its requests in flight now, or its recent average if
         higher; a down replica counts as full (DOWN_LOAD) so that nothing is routed to it.

@@ -7,7 +7,12 @@ nothing; one refusal ends the update there, with that replica's answer. Then the
 replica keeping what it overwrote; if any replica fails it (an error, or its process dies), the ones that
 applied it roll back to the previous values and version, and the caller gets the failure. Only when every
 replica has applied it is it committed (the kept values dropped), and only then is it recorded in the
-journal. Updates are serialized, and none runs while a replica is being re-synced.
+journal. An update with policy wait (generation not paused) first drains the whole cluster: every replica
+pauses once its started requests have finished, the update applies, then they resume; so no replica
+serves the new weights while requests started under the old ones still run anywhere (a replica that dies
+meanwhile has its streams resumed on another under the weights they started with: cluster/failover.py).
+A replica that dies during an update is left out of it. Updates are serialized, and none runs while a
+replica is being re-synced.
 
 The journal is the cluster's served state: the last full load (a checkpoint path and the version it set)
 and every tensor pushed since, merged by name (at most one copy of the model, held by the front), the
@@ -42,9 +47,21 @@ class WeightJournal:
         self.version = 0
         self.paused = False
         self.non_finite = False        # an update was let through with NaN or infinities (allow_non_finite)
+        self.policies: list[tuple[int, str]] = []      # (version set, policy) of each committed update
+        self.pending_policy: str | None = None          # the policy of the update being applied now
+
+    def keeps_since(self, version: int | None) -> bool:
+        """Whether every update after `version` (the one in progress too) let requests keep running under
+        the new weights (policy keep): a stream resumed from tokens of that version goes on under the
+        served weights, as it would have on its own replica (cluster/failover.py)."""
+        later = [policy for set_version, policy in self.policies if version is None or set_version > version]
+        if self.pending_policy is not None:
+            later.append(self.pending_policy)
+        return all(policy == "keep" for policy in later)
 
     def record(self, path: str, params: dict, body: bytes, version: int) -> None:
         """A committed update (its route, query and body) and the version every replica reported."""
+        self.policies.append((version, _policy(path, params, body)))
         if path == PUSH:
             tensors = read_payload(bytearray(body))
             self.pushed.update({name: tensor.clone() for name, tensor in tensors.items()})
@@ -87,27 +104,60 @@ class WeightCoordinator:
 
     async def update(self, path: str, params: dict, body: bytes, headers: dict) -> Response:
         async with self.lock:
-            live = self.replicas.live()
-            checked = await self._everywhere(live, path, _flagged(path, params, body, "dry_run"), headers)
-            refusal = _first_failure(checked)
-            if refusal is not None:
-                return refusal
-            applied = await self._everywhere(live, path, _flagged(path, params, body, "keep_previous"), headers)
-            failure = _first_failure(applied)
-            if failure is not None:
-                await self._roll_back([i for i, a in zip(live, applied) if _succeeded(a)], headers)
-                return failure
-            committed = await self._everywhere(live, "/v1/weights/commit", ({}, b""), headers)
-            reported = [a.json()["weight_version"] if _succeeded(a) else None for a in committed]
-            if all(seen is None for seen in reported):
-                return unavailable("every replica failed right after the weight update; they restart with the "
-                                    "weights served before it; retry")
-            version = max(set(reported) - {None}, key=reported.count)
-            for index, seen in zip(live, reported):
-                if seen != version:                   # re-synced from the journal before it serves again
-                    self.replicas.mark_down(index)
-            self.journal.record(path, params, body, version)
-            return as_response(applied[0])
+            self.journal.pending_policy = _policy(path, params, body)
+            try:
+                return await self._update(path, params, body, headers)
+            finally:
+                self.journal.pending_policy = None
+
+    async def _update(self, path: str, params: dict, body: bytes, headers: dict) -> Response:
+        """An update under the lock. A replica that dies during it is left out (it is re-synced from the
+        journal before it serves again): losing a replica costs the update nothing while another applies it."""
+        live = self.replicas.live()
+        checked = await self._everywhere(live, path, _flagged(path, params, body, "dry_run"), headers)
+        refusal = _first_failure(checked)
+        if refusal is not None:
+            return refusal
+        live = [index for index, answer in zip(live, checked) if not isinstance(answer, ReplicaDown)]
+        drained = self._drains(path, params, body)
+        if drained:
+            live = await self._drain(live, headers)
+        try:
+            return await self._apply(live, path, params, body, headers)
+        finally:
+            if drained:
+                await self._everywhere(self.replicas.live(), "/resume", ({}, b""), headers)
+
+    def _drains(self, path: str, params: dict, body: bytes) -> bool:
+        """Whether an update waits for the whole cluster's started requests: policy wait, changing outputs,
+        generation not paused. Each replica waiting for its own would let one apply it while requests of
+        a replica that dies are about to resume there, under the weights they started with."""
+        return _policy(path, params, body) == "wait" and not self.journal.paused and _changes_outputs(path, body)
+
+    async def _drain(self, live: list[int], headers: dict) -> list[int]:
+        """Every live replica paused once its started requests have finished (resumed ones included:
+        they count as started); the replicas that are still up."""
+        answers = await self._everywhere(live, "/pause", ({"mode": "wait", "clear_cache": "false"}, b""), headers)
+        return [index for index, answer in zip(live, answers) if _succeeded(answer)]
+
+    async def _apply(self, live: list[int], path: str, params: dict, body: bytes, headers: dict) -> Response:
+        """Apply (keeping what it overwrote), then commit everywhere, or roll back where applied."""
+        applied = await self._everywhere(live, path, _flagged(path, params, body, "keep_previous"), headers)
+        failure = _first_failure(applied)
+        if failure is not None:
+            await self._roll_back([i for i, a in zip(live, applied) if _succeeded(a)], headers)
+            return failure
+        committed = await self._everywhere(live, "/v1/weights/commit", ({}, b""), headers)
+        reported = [a.json()["weight_version"] if _succeeded(a) else None for a in committed]
+        if all(seen is None for seen in reported):
+            return unavailable("every replica failed right after the weight update; they restart with the "
+                                "weights served before it; retry")
+        version = max(set(reported) - {None}, key=reported.count)
+        for index, seen in zip(live, reported):
+            if seen != version:                   # re-synced from the journal before it serves again
+                self.replicas.mark_down(index)
+        self.journal.record(path, params, body, version)
+        return as_response(next(a for a in applied if _succeeded(a)))
 
     async def fan_out(self, path: str, method: str, params: dict, body: bytes, headers: dict) -> list:
         """A control call on every live replica (pause, resume, aborts, cache resets); a pause or resume
@@ -164,11 +214,39 @@ def _succeeded(answer) -> bool:
     return isinstance(answer, httpx.Response) and answer.status_code < 400
 
 
+def _changes_outputs(path: str, body: bytes) -> bool:
+    """Whether an update touches the served model (a push of draft weights alone does not: it applies at
+    once, whatever its policy). Read from the payload's header; a malformed one was refused already."""
+    if path != PUSH:
+        return True
+    try:
+        size = int.from_bytes(body[:8], "little")
+        names = set(json.loads(body[8 : 8 + size])) - {"__metadata__"}
+    except (ValueError, TypeError):
+        return True
+    return any(not name.startswith(DRAFT_PREFIX) for name in names)
+
+
+def _policy(path: str, params: dict, body: bytes) -> str:
+    """An update's policy for the requests in flight (wait, abort or keep; a load's is in its body)."""
+    if path == PUSH:
+        return params.get("policy", "wait")
+    try:
+        fields = json.loads(body)
+    except ValueError:
+        return "wait"
+    return fields.get("policy", "wait") if isinstance(fields, dict) else "wait"
+
+
 def _first_failure(answers: list) -> Response | None:
+    """The first refusal among the replicas' answers; one that died is not a refusal (it is re-synced),
+    unless every replica did."""
+    if answers and all(isinstance(answer, ReplicaDown) for answer in answers):
+        return unavailable("every replica failed during the weight update; no replica changed its weights; "
+                           "retry once they are back")
     for answer in answers:
         if isinstance(answer, ReplicaDown):
-            return unavailable(f"replica {answer.index} failed during the weight update; no replica changed its "
-                                "weights; retry once it is back")
+            continue
         if isinstance(answer, BaseException):
             raise answer
         if answer.status_code >= 400:

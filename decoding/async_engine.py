@@ -26,6 +26,8 @@ class RequestStream:
     def __init__(self, front: AsyncEngine, request: Request, loop: asyncio.AbstractEventLoop):
         self.request_id = request.req_id
         self.prompt_token_ids = request.prompt_token_ids
+        self.prompt_index = 0                     # which of its call's prompts (server.app.Server.submit)
+        self.seeds = [seq.seed for seq in request.seqs]     # each sample's, for a resumable stream
         self.group: str | None = None             # the caller's id for the call, when it has several
         self._front = front
         self._loop = loop

@@ -19,6 +19,7 @@ from decoding.intake import Prompt, RequestIntake
 from decoding.outputs import RequestOutput
 from decoding.params import SamplingParams
 from decoding.prompt_logprobs import record_prompt_logprobs
+from decoding.resume import Resumption, check_weights
 from decoding.runner import ModelRunner
 from decoding.sampler import Sampler
 from decoding.sampling_metadata import SamplingMetadata, SamplingRows
@@ -86,19 +87,24 @@ class Engine:
 
     # ---- requests ----------------------------------------------------------------------------
     def make_request(self, prompt: Prompt, params: SamplingParams | None = None,
-                     request_id: str | None = None) -> Request:
-        """Validate and tokenize; raises ValueError saying what to fix. Does not touch engine state."""
+                     request_id: str | None = None, resumption: Resumption | None = None) -> Request:
+        """Validate and tokenize; raises ValueError saying what to fix. Does not touch engine state.
+        resumption: continue where another engine left the request (decoding/resume.py)."""
         params = params or SamplingParams()
         if request_id is not None and request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        request = self.intake.make_request(prompt, params, request_id)
+        request = self.intake.make_request(prompt, params, request_id, resumption)
         if params.use_beam_search and params.num_beams > 1:
             self.beams.start(request, request.prompt_len + params.max_tokens)
         return request
 
     def add(self, request: Request) -> str:
+        """Queue a request; raises ValueError (WeightsChanged for a resumed request whose weights are no
+        longer served) and queues nothing."""
         if request.req_id in self._requests:
             raise ValueError(f"request id {request.req_id!r} is already in use")
+        if request.resumption is not None:
+            check_weights(request, self.weights.version)
         self._requests[request.req_id] = request
         self.scheduler.add(request)
         return request.req_id

@@ -15,6 +15,7 @@ from decoding.kv_cache_manager import KVCacheManager
 from decoding.config import EngineConfig
 from decoding.detokenizer import IncrementalDetokenizer
 from decoding.params import SamplingParams
+from decoding.resume import Resumption, restore
 from decoding.sequence import Request, Sequence
 from decoding.structured.constraint import Constraint
 from decoding.structured.grammar import GrammarCompiler
@@ -37,7 +38,9 @@ class RequestIntake:
         self._seq_counter = itertools.count()
         self._seed_rng = random.Random(config.seed)
 
-    def make_request(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None) -> Request:
+    def make_request(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None,
+                     resumption: Resumption | None = None) -> Request:
+        """resumption: the request continues where another engine left it (decoding/resume.py)."""
         prompt_text, prompt_ids = self._tokenize(prompt)
         self._check_fits(prompt_ids, params)
         request = Request(request_id or f"req-{next(self._request_counter)}", prompt_text, prompt_ids, params)
@@ -46,6 +49,8 @@ class RequestIntake:
             request.seqs.append(self.new_sequence(request, index))
             if grammar is not None:
                 request.seqs[-1].grammar = self._grammars.cursor(grammar)
+        if resumption is not None:
+            restore(request, resumption, self.eos_token_ids, self.vocab_size, self.max_model_len)
         return request
 
     def new_sequence(self, request: Request, index: int) -> Sequence:

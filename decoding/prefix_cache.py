@@ -26,14 +26,16 @@ class PrefixCache:
         self.queries = 0                                # prompt tokens looked up, and found (vLLM's names)
         self.hits = 0
 
-    def match(self, holder: CachedTokens) -> int:
+    def match(self, holder: CachedTokens, num_tokens: int | None = None) -> int:
         """Before anything is computed: take the longest run of cached full blocks the holder's tokens
-        start with (its last token is always computed, for its logits); the tokens matched."""
+        (its first `num_tokens`, if given) start with; the last of those tokens is always computed, for
+        its logits. The tokens matched."""
         if not self.enabled or holder.num_computed or holder.block_table:
             return 0
         size, keys, blocks = self._blocks.block_size, [], []
-        self.queries += len(holder.token_ids)
-        for index in range((len(holder.token_ids) - 1) // size):
+        tokens = len(holder.token_ids) if num_tokens is None else min(num_tokens, len(holder.token_ids))
+        self.queries += tokens
+        for index in range((tokens - 1) // size):
             key = _chained(keys[-1] if keys else b"", holder.token_ids[index * size : (index + 1) * size])
             block = self._blocks.cached.lookup(key)
             if block is None:

@@ -44,7 +44,13 @@ class Scheduler:
 
     # ---- queue management --------------------------------------------------------------------
     def add(self, request: Request) -> None:
-        self.waiting.append(request)
+        """Queue a new request last; one started elsewhere (resumed: decoding/resume.py) goes after the
+        started ones at the head, ahead of those that have not started, as a preempted one would."""
+        if request.weight_version is None:
+            self.waiting.append(request)
+            return
+        position = next((i for i, queued in enumerate(self.waiting) if queued.weight_version is None), len(self.waiting))
+        self.waiting.insert(position, request)
 
     def remove(self, request: Request) -> None:
         """Take a finished or aborted request out of the queues and free its blocks."""
@@ -131,7 +137,9 @@ class Scheduler:
                 return
             leader = request.leader
             if request.params.prompt_logprobs is None:      # scoring a prompt computes all of it
-                self.kv.prefixes.match(leader)
+                # A group not forked yet (a preempted or resumed one too, whose leader holds more than
+                # the prompt) stops at the prompt's end to fork: it matches the prompt only.
+                self.kv.prefixes.match(leader, request.prompt_len if request.needs_fork else None)
             wanted = min(self._chunk_limit(request, leader), budget)
             first_block = leader.num_computed // self.kv.block_size
             if (self._blocks_needed(leader, wanted) > self.kv.num_free_blocks

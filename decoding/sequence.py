@@ -141,6 +141,8 @@ class Request:
     num_cached_tokens: int = 0
     # Times a later request with a cached prefix was admitted ahead of this one (bounded: see scheduler).
     num_bypassed: int = 0
+    # Set when it continues where another engine left it (decoding/resume.py).
+    resumption: object | None = None
     beam: object | None = None                 # BeamSearch state, for use_beam_search requests
     beam_results: list | None = None           # the returned hypotheses once beam search is done
     _banned_before_min: list[int] | None = field(default=None, repr=False)

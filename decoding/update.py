@@ -37,6 +37,31 @@ class EngineCounters:
     num_preemptions: int = 0
 
 
+def extend(seq: Sequence, token: int, eos_token_ids: frozenset[int],
+           max_model_len: int) -> tuple[FinishReason, str | int | None] | None:
+    """Append `token` to `seq` (its tokens, grammar cursor and text) and say whether it ends the sequence:
+    (finish reason, stop reason), a stop string cut from the text as the request asked; None if it goes
+    on. A function of the sequence's tokens alone, so a resumed sequence (decoding/resume.py) replays
+    its tokens through it and ends up with the same text."""
+    params = seq.request.params
+    seq.token_ids.append(token)
+    if seq.grammar is not None:
+        seq.grammar.advance(token)
+    new_text = seq.detokenizer.append(token)
+    if not params.ignore_eos and token in eos_token_ids:
+        return FinishReason.STOP, None
+    if token in params.stop_token_ids:
+        return FinishReason.STOP, token
+    if params.stop and new_text and seq.num_output_tokens >= params.min_tokens and \
+            (found := find_stop_string(seq.detokenizer.text, len(new_text), params.stop)):
+        index, stop = found
+        seq.detokenizer.text = seq.detokenizer.text[: index + (len(stop) if params.include_stop_str_in_output else 0)]
+        return FinishReason.STOP, stop
+    if seq.num_output_tokens >= params.max_tokens or len(seq.token_ids) >= max_model_len:
+        return FinishReason.LENGTH, None
+    return None
+
+
 class StepUpdate:
     def __init__(self, kv: KVCacheManager, scheduler: Scheduler, speculation: SpeculativeDecoding | None,
                  requests: dict[str, Request], eos_token_ids: frozenset[int], max_model_len: int,
@@ -104,27 +129,15 @@ class StepUpdate:
             self.append_token(seq, token, logprob)
 
     def append_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> None:
-        request, params = seq.request, seq.request.params
-        seq.token_ids.append(token)
+        request = seq.request
         if logprob is not None:
             seq.logprobs.append(logprob)
         if request.first_token_time is None:
             request.first_token_time = time.monotonic()
         self.counters.num_generated_tokens += 1
-        if seq.grammar is not None:
-            seq.grammar.advance(token)
-        new_text = seq.detokenizer.append(token)
-        if not params.ignore_eos and token in self.eos_token_ids:
-            self._finish(seq, FinishReason.STOP)
-        elif token in params.stop_token_ids:
-            self._finish(seq, FinishReason.STOP, token)
-        elif params.stop and new_text and seq.num_output_tokens >= params.min_tokens and \
-                (found := find_stop_string(seq.detokenizer.text, len(new_text), params.stop)):
-            index, stop = found
-            seq.detokenizer.text = seq.detokenizer.text[: index + (len(stop) if params.include_stop_str_in_output else 0)]
-            self._finish(seq, FinishReason.STOP, stop)
-        elif seq.num_output_tokens >= params.max_tokens or len(seq.token_ids) >= self.max_model_len:
-            self._finish(seq, FinishReason.LENGTH)
+        ending = extend(seq, token, self.eos_token_ids, self.max_model_len)
+        if ending is not None:
+            self._finish(seq, *ending)
 
     def _finish(self, seq: Sequence, reason: FinishReason, stop_reason: str | int | None = None) -> None:
         if not isinstance(stop_reason, str):

@@ -16,7 +16,8 @@ from fastapi.responses import Response, StreamingResponse
 
 from decoding import Engine, RequestOutput, SamplingParams
 from decoding.async_engine import AsyncEngine, RequestStream
-from server import responses
+from decoding.resume import WeightsChanged
+from server import responses, resumable
 from server.edge import EdgeConfig, EdgeLimits, InFlight, KeyCheck
 from server.errors import AUTH_ERRORS, GENERATION_ERRORS, APIError, handle_api_error, handle_validation_error
 from server.metrics import Metrics
@@ -59,25 +60,32 @@ class Server:
                                 f"{self.config.served_model_name!r}", param="model", code="model_not_found")
 
     async def submit(self, prompts: list, params: SamplingParams | list[SamplingParams], stream: bool = True,
-                     request_id: str | list[str] | None = None, front: AsyncEngine | None = None) -> list[RequestStream]:
+                     request_id: str | list[str] | None = None, front: AsyncEngine | None = None,
+                     resumptions: list | None = None) -> list[RequestStream]:
         """Tokenize (and compile a constraint) in a worker thread, then queue every prompt; a bad one is a
         400 and queues none. stream=False: the engine reports each request only when it finishes
         (responses that are not streamed need nothing else, and the engine thread then never waits on
         the event loop). request_id: the caller's id for the call (its prompts take "<id>-<index>" when
-        there are several), or one id per prompt."""
+        there are several), or one id per prompt. resumptions: per prompt, where another server left it
+        (decoding/resume.py) or None; a resumed request that had finished is not queued (each stream's
+        prompt_index says which prompt it is)."""
         front = front or self.front
         engine = front.engine
         ids, group = self._request_ids(request_id, len(prompts), front)
         params_list = params if isinstance(params, list) else [params] * len(prompts)
+        resumptions = resumptions or [None] * len(prompts)
         try:
-            requests = await asyncio.to_thread(lambda: [engine.make_request(prompt, p, i)
-                                                        for prompt, p, i in zip(prompts, params_list, ids)])
+            requests = await asyncio.to_thread(lambda: [engine.make_request(*made) for made in
+                                                        zip(prompts, params_list, ids, resumptions)])
         except ValueError as err:
             raise APIError(400, str(err)) from err
         self._request_ids(request_id, len(prompts), front)      # a 400 if another call took an id meanwhile
-        streams = [front.start(request, stream, group) for request in requests]
-        for item in streams:
-            self.metrics.prompt_tokens.inc(len(item.prompt_token_ids))
+        streams = []
+        for prompt_index, request in enumerate(requests):
+            self.metrics.prompt_tokens.inc(request.prompt_len)
+            if not request.is_finished:
+                streams.append(front.start(request, stream, group))
+                streams[-1].prompt_index = prompt_index
         return streams
 
     @staticmethod
@@ -118,6 +126,8 @@ class Server:
         try:
             while remaining:
                 index, item = await queue.get()
+                if isinstance(item, WeightsChanged):     # a resumed request (server/resumable.py)
+                    raise APIError(409, str(item), "server_overloaded", code="weights_changed")
                 if isinstance(item, BaseException):
                     raise APIError(500, f"generation failed: {item}", type_="server_error")
                 self._observe(index, item, started, last_seen)
@@ -251,22 +261,26 @@ def _add_openai_routes(app: FastAPI, server: Server) -> None:
         try:
             prompts = body.prompts()
             params = body.completion_params()
+            resumptions = body.resumptions(len(prompts)) if body.resume else resumable.started_under(request, len(prompts))
         except ValueError as err:
             raise APIError(400, str(err)) from err
-        streams = await server.submit(prompts, params, stream=body.stream, request_id=body.request_id)
+        streams = await server.submit(prompts, params, stream=body.stream, request_id=body.request_id,
+                                      resumptions=resumptions)
         view = responses.CompletionView(engine.tokenizer, config.served_model_name, body, streams)
-        return await _respond(server, streams, view, body.stream, request)
+        return await _respond(server, streams, view, body, request)
 
     @app.post("/v1/chat/completions", responses=GENERATION_ERRORS)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         server.check_model(body.model)
         try:           # the chat template is CPU work: off the event loop
             prompt_ids, params = await asyncio.to_thread(_chat_prompt_and_params, engine, body)
+            resumptions = body.resumptions(1) if body.resume else resumable.started_under(request, 1)
         except ValueError as err:
             raise APIError(400, str(err)) from err
-        streams = await server.submit([prompt_ids], params, stream=body.stream, request_id=body.request_id)
+        streams = await server.submit([prompt_ids], params, stream=body.stream, request_id=body.request_id,
+                                      resumptions=resumptions)
         view = responses.ChatView(engine.tokenizer, config.served_model_name, body, streams)
-        return await _respond(server, streams, view, body.stream, request)
+        return await _respond(server, streams, view, body, request)
 
 
 def _chat_prompt_and_params(engine: Engine, body: ChatCompletionRequest) -> tuple[list[int], SamplingParams]:
@@ -283,14 +297,27 @@ def _chat_prompt_and_params(engine: Engine, body: ChatCompletionRequest) -> tupl
     return prompt_ids, params
 
 
-async def _respond(server: Server, streams: list[RequestStream], view, stream: bool, request: Request):
-    """An SSE stream of the view's chunks, or its final body once every request has finished."""
-    if stream:
-        return StreamingResponse(stream_events(server, streams, view), media_type="text/event-stream")
-    return view.final(await collect(server, streams, request))
+async def _respond(server: Server, streams: list[RequestStream], view, body, request: Request):
+    """An SSE stream of the view's chunks, or its final body once every request has finished. A stream
+    asked for checkpoints (server/resumable.py) carries them as SSE comments; a resumed one takes up
+    where its checkpoints left it."""
+    if not body.stream:
+        return view.final(await collect(server, streams, request))
+    checkpoints = None
+    if request.headers.get(resumable.HEADER) and not getattr(body, "use_beam_search", False):
+        checkpoints = resumable.Checkpoints(view, streams)
+    if body.resume is not None:
+        try:
+            view.restore(body.resume.view, resumable.sent_tokens(body.resume, body.n))
+        except ValueError as err:
+            for item in streams:
+                server.front.abort(item.request_id)
+            raise APIError(400, str(err), param="resume") from err
+    return StreamingResponse(stream_events(server, streams, view, checkpoints), media_type="text/event-stream")
 
 
-async def stream_events(server: Server, streams: list[RequestStream], view) -> AsyncIterator[str]:
+async def stream_events(server: Server, streams: list[RequestStream], view,
+                        checkpoints: resumable.Checkpoints | None = None) -> AsyncIterator[str]:
     """SSE in OpenAI's chunk format, ending with `data: [DONE]`. While a request waits for a slot or
     its next token, an SSE comment every keepalive_s keeps clients and proxies from timing out.
     Leaving early aborts the requests."""
@@ -306,11 +333,16 @@ async def stream_events(server: Server, streams: list[RequestStream], view) -> A
                 index, output = next_output.result()
             except StopAsyncIteration:
                 break
-            for chunk in view.deltas(index, output):
+            prompt_index = streams[index].prompt_index
+            for chunk in view.deltas(prompt_index, output):
                 yield sse(chunk)
+            if checkpoints is not None:
+                yield checkpoints.after(prompt_index, output)
             next_output = asyncio.ensure_future(outputs.__anext__())
         if view.include_usage:
             yield sse(view.usage_chunk())
+        if checkpoints is not None:
+            yield checkpoints.done()
     except APIError as err:
         yield sse({"error": {"message": err.message, "type": err.type, "param": None, "code": err.code}})
     finally:

@@ -239,7 +239,11 @@ def _add_cluster_args(serve: argparse.ArgumentParser) -> None:
                          "and --threads threads (default: the cores divided among them)")
     cluster.add_argument("--address", default=None,
                          help="join the Ray cluster at this address (e.g. 10.0.0.5:6379, or auto) instead of "
-                         "starting a local one")
+                         "starting a local one; without it, Ray and the replicas listen on 127.0.0.1 only (--host "
+                         "decides what the front listens on)")
+    cluster.add_argument("--replica-host", default=None,
+                         help="the address each replica's server binds: default 127.0.0.1 for a local cluster, the "
+                         "node's address when joining one with --address (the front must reach every replica)")
     cluster.add_argument("--routing", choices=["prefix", "round-robin"], default="prefix",
                          help="prefix: a prompt goes to the replica holding most of its prefix, among those not "
                          "much busier than the idlest; round-robin: each request to the next replica")

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from decoding import SamplingParams
 from decoding.params import MAX_LOGPROBS, MAX_REPETITION_PENALTY, MAX_TEMPERATURE
+from decoding.resume import ResumedSample, Resumption
 from server.tool_calls import required_schema
 
 # Bounds that keep one request's work and memory in proportion (stop strings are matched on every token).
@@ -163,7 +164,53 @@ class _SamplingFields(StrictModel):
 MAX_TOKENS_RULE = "at least 1 (only /v1/completions takes 0, to score a prompt)"
 
 
-class CompletionRequest(_SamplingFields):
+class ResumedSampleState(StrictModel):
+    """One sample as a stream's checkpoints left it (server/resumable.py)."""
+
+    index: int = Field(ge=0)
+    seed: int = Field(ge=0, lt=2**63)
+    token_ids: list[int]
+    finish_reason: Literal["stop", "length"] | None = None
+    stop_reason: str | int | None = None
+    version_ranges: list[tuple[int, int]] = []
+
+
+class ResumedRequestState(StrictModel):
+    samples: list[ResumedSampleState]
+
+
+class StreamResume(StrictModel):
+    """Continue a stream where another server left it, from the state its checkpoints gave (sent by the
+    cluster's front when a replica dies mid-stream; server/resumable.py). The stream goes on as the
+    uninterrupted one would have: the same id, no chunk repeated, the same tokens."""
+
+    view: dict                                        # the response's own bookkeeping (server/responses.py)
+    requests: dict[int, ResumedRequestState] = {}     # prompt index -> its samples so far
+    on_weight_change: Literal["error", "keep"] = "error"
+
+    def resumption(self, prompt_index: int) -> Resumption | None:
+        state = self.requests.get(prompt_index)
+        if state is None:
+            return None
+        samples = [ResumedSample(s.index, s.seed, s.token_ids, s.finish_reason, s.stop_reason,
+                                 [tuple(r) for r in s.version_ranges]) for s in state.samples]
+        return Resumption(samples, self.on_weight_change)
+
+
+class _Resumable(StrictModel):
+    resume: StreamResume | None = Field(None, description="continue an interrupted stream (server/resumable.py)")
+
+    def resumptions(self, num_prompts: int) -> list[Resumption | None]:
+        if self.resume is None:
+            return [None] * num_prompts
+        if not self.stream:
+            raise ValueError("resume continues a stream; set stream: true")
+        if any(index >= num_prompts for index in self.resume.requests):
+            raise ValueError(f"resume names a prompt index beyond the {num_prompts} prompts")
+        return [self.resume.resumption(index) for index in range(num_prompts)]
+
+
+class CompletionRequest(_SamplingFields, _Resumable):
     prompt: str | list[str] | list[int] | list[list[int]]
     # 0 scores the prompt and generates nothing (OpenAI's legacy scoring: echo with logprobs).
     max_tokens: int | None = Field(16, ge=0, description="default 16; 0 only with echo and logprobs, or "
@@ -242,7 +289,7 @@ class NamedToolChoice(StrictModel):
     function: NamedFunction
 
 
-class ChatCompletionRequest(_SamplingFields):
+class ChatCompletionRequest(_SamplingFields, _Resumable):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1, description=f"default: the rest of the context; {MAX_TOKENS_RULE}")
     max_completion_tokens: int | None = Field(None, ge=1, description=f"overrides max_tokens; {MAX_TOKENS_RULE}")

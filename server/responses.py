@@ -71,13 +71,17 @@ class _View:
         self.body = body
         self.id = new_id(self.id_prefix)
         self.created = int(time.time())
-        self.prompt_ids = [s.prompt_token_ids for s in streams]
+        self.prompt_tokens = [len(s.prompt_token_ids) for s in streams]
         self.include_usage = body.include_usage
         stops = stop_strings(body.stop)
         # Text that might be the start of a stop string is held back until it is known not to be one.
         self.holdback = max((len(s) for s in stops), default=1) - 1
         self.sent_text: dict[int, int] = {}
         self.sent_tokens: dict[int, int] = {}
+        self.checkpointed: dict[int, int] = {}       # tokens per choice that checkpoints have carried
+        self.sent_prompt_logprobs: set[int] = set()  # choices whose prompt logprobs went out (completions)
+        self.finish_sent: set[int] = set()           # choices whose finish_reason went out
+        self.resumed_prompts: set[int] = set()       # prompts started elsewhere (restore)
         self.completion_tokens: dict[int, int] = {}
         self.cached_tokens: dict[int, int] = {}      # prompt index -> its tokens found in the prefix cache
 
@@ -90,14 +94,54 @@ class _View:
         return self.tokenizer.decode([token_id])
 
     def usage(self) -> dict:
-        prompt = sum(len(ids) for ids in self.prompt_ids)
+        prompt = sum(self.prompt_tokens)
         completion = sum(self.completion_tokens.values())
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
                 "prompt_tokens_details": {"cached_tokens": sum(self.cached_tokens.values())}}
 
     def saw(self, prompt_index: int, output: RequestOutput) -> None:
-        """Note what a snapshot says of its prompt (the tokens the prefix cache held)."""
-        self.cached_tokens[prompt_index] = output.num_cached_tokens
+        """Note what a snapshot says of its prompt (the tokens the prefix cache held where it started)."""
+        if prompt_index not in self.resumed_prompts:
+            self.cached_tokens[prompt_index] = output.num_cached_tokens
+
+    # ---- checkpoints: what continuing this stream elsewhere needs (server/resumable.py) -------------
+    def checkpoint(self, prompt_index: int, output: RequestOutput, seeds: list[int]) -> dict:
+        """The samples' tokens since the last checkpoint and everything this view has sent, once a
+        snapshot's chunks are out."""
+        samples = []
+        for completion in output.outputs:
+            key = self.choice_index(prompt_index, completion)
+            start = self.checkpointed.get(key, 0)
+            self.checkpointed[key] = len(completion.token_ids)
+            samples.append({"index": completion.index, "seed": seeds[completion.index], "from": start,
+                            "token_ids": completion.token_ids[start:], "finish_reason": completion.finish_reason,
+                            "stop_reason": completion.stop_reason,
+                            "version_ranges": [list(r) for r in completion.version_ranges]})
+        return {"prompt": prompt_index, "samples": samples, "view": self.state()}
+
+    def state(self) -> dict:
+        return {"id": self.id, "created": self.created, "prompt_tokens": self.prompt_tokens,
+                "cached_tokens": self.cached_tokens, "sent_text": self.sent_text,
+                "prompt_logprobs_sent": sorted(self.sent_prompt_logprobs), "finish_sent": sorted(self.finish_sent)}
+
+    def restore(self, state: dict, sent_tokens: dict[int, int]) -> None:
+        """Take up a stream where `state` (this view's state() elsewhere) left it; `sent_tokens`: each
+        choice's tokens already streamed. ValueError if the state is not one this view wrote."""
+        try:
+            self.id, self.created = str(state["id"]), int(state["created"])
+            self.prompt_tokens = [int(count) for count in state["prompt_tokens"]]
+            self.cached_tokens = {int(k): int(v) for k, v in state["cached_tokens"].items()}
+            self.resumed_prompts = set(self.cached_tokens)
+            self.sent_text = {int(k): int(v) for k, v in state["sent_text"].items()}
+            self.sent_prompt_logprobs = {int(k) for k in state["prompt_logprobs_sent"]}
+            self.finish_sent = {int(k) for k in state["finish_sent"]}
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise ValueError(f"resume.view is not a state this server wrote ({err!r})") from None
+        if not set(self.sent_text) <= set(sent_tokens):
+            raise ValueError("resume.view and resume.requests name different choices")
+        self.sent_tokens = dict(sent_tokens)
+        self.checkpointed = dict(sent_tokens)
+        self.completion_tokens = dict(sent_tokens)
 
     def usage_chunk(self) -> dict:
         return {**self.header(), "choices": [], "usage": self.usage()}
@@ -105,9 +149,15 @@ class _View:
     def header(self) -> dict:
         return {"id": self.id, "object": self.object_name, "created": self.created, "model": self.model_name}
 
-    def new_part(self, key: int, completion: CompletionOutput, finished: bool) -> tuple[str, list[int], int]:
-        """The text and tokens of `completion` not streamed yet (text held back near a possible stop)."""
+    def announces_finish(self, key: int, completion: CompletionOutput) -> bool:
+        """The choice has finished and no chunk has said so yet."""
+        return completion.finish_reason is not None and key not in self.finish_sent
+
+    def new_part(self, key: int, completion: CompletionOutput) -> tuple[str, list[int], int]:
+        """The text and tokens of `completion` not streamed yet (text held back near a possible stop
+        while it runs)."""
         self.completion_tokens[key] = len(completion.token_ids)
+        finished = completion.finish_reason is not None
         text_end = len(completion.text) if finished else max(0, len(completion.text) - self.holdback)
         text_start = self.sent_text.get(key, 0)
         token_start = self.sent_tokens.get(key, 0)
@@ -119,10 +169,6 @@ class _View:
 class CompletionView(_View):
     object_name = "text_completion"
     id_prefix = "cmpl"
-
-    def __init__(self, tokenizer, model_name: str, body, streams):
-        super().__init__(tokenizer, model_name, body, streams)
-        self.sent_prompt_logprobs: set[int] = set()
 
     def final(self, outputs: list[RequestOutput]) -> dict:
         choices = []
@@ -147,11 +193,12 @@ class CompletionView(_View):
         for completion in output.outputs:
             key = self.choice_index(prompt_index, completion)
             first = key not in self.sent_tokens
-            text, tokens, start = self.new_part(key, completion, output.finished)
+            text, tokens, start = self.new_part(key, completion)
             if self.body.echo and first:
                 text = self.tokenizer.decode(output.prompt_token_ids) + text
-            if not text and not tokens and not (output.finished and completion.finish_reason):
+            if not text and not tokens and not self.announces_finish(key, completion):
                 continue
+            self.finish_sent.update([key] if completion.finish_reason else [])
             logprobs = None
             if completion.logprobs is not None:
                 logprobs = self._logprobs(tokens, completion.logprobs[start:])
@@ -263,9 +310,9 @@ class ChatView(_View):
                 if self.body.return_token_ids:
                     chunks[-1]["prompt_token_ids"] = output.prompt_token_ids
             if self.tool_mode != "none":
-                chunks += self._tool_deltas(key, completion, output.finished, version)
+                chunks += self._tool_deltas(key, completion, version)
                 continue
-            text, tokens, start = self.new_part(key, completion, output.finished)
+            text, tokens, start = self.new_part(key, completion)
             logprobs = None
             if completion.logprobs is not None and tokens:
                 logprobs = self._logprobs(tokens, completion.logprobs[start:])
@@ -273,16 +320,29 @@ class ChatView(_View):
                 chunks.append(self._chunk(key, {"content": text}, logprobs, None, version))
                 if self.body.return_token_ids:
                     chunks[-1]["choices"][0]["token_ids"] = tokens
-            if output.finished and completion.finish_reason:
+            if self.announces_finish(key, completion):
+                self.finish_sent.add(key)
                 chunks.append(self._chunk(key, {}, None, completion.finish_reason, version))
         return chunks
 
-    def _tool_deltas(self, key: int, completion, finished: bool, version: dict) -> list[dict]:
+    def state(self) -> dict:
+        return {**super().state(), "tool_streams": {key: stream.progress() for key, stream in self.tool_streams.items()}}
+
+    def restore(self, state: dict, sent_tokens: dict[int, int]) -> None:
+        super().restore(state, sent_tokens)
+        try:
+            self.tool_streams = {int(key): ToolCallStream.resumed(self.tool_mode, self.functions, progress)
+                                 for key, progress in state.get("tool_streams", {}).items()}
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise ValueError(f"resume.view is not a state this server wrote ({err!r})") from None
+
+    def _tool_deltas(self, key: int, completion, version: dict) -> list[dict]:
         """A choice of a request with tools: its calls as OpenAI's tool_calls deltas, or its text."""
         self.completion_tokens[key] = len(completion.token_ids)
         self.sent_tokens[key] = len(completion.token_ids)
-        stream = self.tool_streams.setdefault(key, ToolCallStream(self.tool_mode, self.functions))
-        stopped = finished and completion.finish_reason == "stop"
+        stream = self.tool_streams.setdefault(key, ToolCallStream(self.tool_mode, self.functions, f"{self.id}:{key}"))
+        finished = completion.finish_reason is not None
+        stopped = completion.finish_reason == "stop"
         content, calls = stream.deltas(completion.text, stopped)
         if finished and not stopped and not content and not stream.made_calls:
             content, _ = stream.flush_content(completion.text)   # cut short: whatever was written is text
@@ -291,7 +351,8 @@ class ChatView(_View):
             chunks.append(self._chunk(key, {"content": content}, None, None, version))
         if calls:
             chunks.append(self._chunk(key, {"tool_calls": calls}, None, None, version))
-        if finished and completion.finish_reason:
+        if self.announces_finish(key, completion):
+            self.finish_sent.add(key)
             reason = "tool_calls" if stream.made_calls and stopped else completion.finish_reason
             chunks.append(self._chunk(key, {}, None, reason, version))
         return chunks

@@ -8,6 +8,7 @@ from fastapi import FastAPI, Request
 
 from decoding import RequestOutput, SamplingParams
 from decoding.weights import NothingToRollBack, WeightUpdateError, read_checkpoint, read_payload
+from server import resumable
 from server.errors import AUTH_ERRORS, GENERATION_ERRORS, WEIGHT_ERRORS, WEIGHT_PUSH_ERRORS, APIError
 from server.protocol import RolloutRequest, ScoreRequest, SharedWeightsRequest, WeightsLoadRequest
 from server.responses import chat_prompt_ids, kept_support, wire_logprob
@@ -74,7 +75,8 @@ def add_rl_routes(app: FastAPI, server, collect) -> None:
             params = body.sampling_params(body.max_tokens, body.top_logprobs or 0)
         except ValueError as err:
             raise APIError(400, str(err)) from err
-        streams = await server.submit(prompts, params, stream=False, request_id=body.request_id)
+        streams = await server.submit(prompts, params, stream=False, request_id=body.request_id,
+                                      resumptions=resumable.started_under(request, len(prompts)))
         outputs = await collect(server, streams, request)
         return rollout_body(outputs, body.top_logprobs)
 

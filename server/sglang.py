@@ -23,6 +23,7 @@ from decoding import RequestOutput
 from decoding.outputs import CompletionOutput
 from decoding.sequence import TokenLogprob
 from decoding.weights import WeightUpdateError, read_checkpoint
+from server import resumable
 from server.errors import AUTH_ERRORS, GENERATION_ERRORS, APIError
 from server.responses import kept_support, wire_logprob
 from server.rl_control import load_figures
@@ -114,7 +115,8 @@ def _add_generate(app: FastAPI, server, collect) -> None:
             params = body.params(engine.loaded.model.vocab_size)
         except ValueError as err:
             raise APIError(400, str(err)) from err
-        streams = await server.submit(prompts, params, stream=body.stream, request_id=body.rid)
+        streams = await server.submit(prompts, params, stream=body.stream, request_id=body.rid,
+                                      resumptions=resumable.started_under(request, len(prompts)))
         view = GenerateView(engine.tokenizer, body, len(prompts))
         if body.stream:
             return StreamingResponse(_stream(server, streams, view), media_type="text/event-stream")

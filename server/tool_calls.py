@@ -12,6 +12,7 @@ The arguments of a call are the exact text the model wrote for them, in the resp
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from dataclasses import dataclass, field
@@ -206,10 +207,22 @@ class ToolCallStream:
 
     mode: str
     functions: dict
+    # Names its calls' ids: "call_" + a hash of it and the call's index, so that a stream resumed on
+    # another server (server/resumable.py) names a call as the uninterrupted stream would have.
+    call_id_prefix: str = field(default_factory=lambda: uuid.uuid4().hex)
     _sent: list[int] = field(default_factory=list)      # argument characters sent, per call
-    _ids: list[str] = field(default_factory=list)
     _content_sent: int = 0
     _is_content: bool = False
+
+    def progress(self) -> dict:
+        """What it has sent, as JSON (a resumed stream goes on from it: `resumed`)."""
+        return {"call_id_prefix": self.call_id_prefix, "sent": self._sent, "content_sent": self._content_sent,
+                "is_content": self._is_content}
+
+    @classmethod
+    def resumed(cls, mode: str, functions: dict, progress: dict) -> ToolCallStream:
+        return cls(mode, functions, str(progress["call_id_prefix"]), [int(n) for n in progress["sent"]],
+                   int(progress["content_sent"]), bool(progress["is_content"]))
 
     def deltas(self, text: str, finished: bool) -> tuple[str, list[dict]]:
         """(content text to send, tool-call deltas to send) for the output so far."""
@@ -251,8 +264,8 @@ class ToolCallStream:
                 break                                   # its name is still being written
             if index == len(self._sent):
                 self._sent.append(0)
-                self._ids.append(new_call_id())
-                deltas.append({"index": index, "id": self._ids[index], "type": "function",
+                call_id = hashlib.sha256(f"{self.call_id_prefix}:{index}".encode()).hexdigest()[:24]
+                deltas.append({"index": index, "id": f"call_{call_id}", "type": "function",
                                "function": {"name": call.name, "arguments": ""}})
             fragment = call.arguments[self._sent[index]:]
             if fragment:

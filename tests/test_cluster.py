@@ -2,6 +2,7 @@
 local Ray cluster, behind one front. Everything goes through HTTP; /cluster/replicas tells the tests
 where the replicas are and which process runs each engine."""
 
+import json
 import os
 import signal
 import subprocess
@@ -79,6 +80,8 @@ def greedy(url: str, prompt: str = "The cat sat on") -> list[int]:
 def test_completions_streams_and_rollouts_through_the_front(front):
     replicas = members(front)
     assert [m["up"] for m in replicas] == [True, True] and replicas[0]["pid"] != replicas[1]["pid"]
+    # A one-machine cluster listens on loopback only (the front on its --host).
+    assert all(m["url"].startswith("http://127.0.0.1:") for m in replicas), replicas
     body = {"prompt": "Once upon a time", "max_tokens": 6, "temperature": 0}
     direct = httpx.post(replicas[0]["url"] + "/v1/completions", json=body).json()["choices"][0]["text"]
     assert httpx.post(front + "/v1/completions", json=body).json()["choices"][0]["text"] == direct
@@ -152,58 +155,150 @@ def test_a_restarted_replica_is_resynced_before_it_serves(front):
     assert greedy(back[1]["url"]) == greedy(back[0]["url"])
 
 
-def _call(front: str, index: int, results: dict) -> None:
-    try:
-        _long_completion(front, index, results)
-    except Exception as err:            # noqa: BLE001 - the test reports it
-        results[index] = repr(err)
+def _workload(count: int) -> list[tuple[str, dict]]:
+    """Long requests as users send them: completions and chat, streamed or not, greedy or seeded, one
+    sample or two; token ids and logprobs asked, so that outcomes compare exactly."""
+    calls = []
+    for index in range(count):
+        sampling = {"temperature": 0} if index % 3 == 0 else {"temperature": 0.9, "seed": 100 + index}
+        common = {"max_tokens": 240, "min_tokens": 240, "stream": index % 4 != 1, "n": 2 if index % 5 == 2 else 1,
+                  **sampling}
+        if index % 4 == 3:
+            calls.append(("/v1/chat/completions", {"messages": [{"role": "user", "content": f"Story {index}, please"}],
+                                                   "logprobs": True, "return_token_ids": True, **common}))
+        else:
+            calls.append(("/v1/completions", {"prompt": f"Tell me a long story, number {index}", "logprobs": 1,
+                                              "return_token_ids": True, **common}))
+    return calls
 
 
-def _long_completion(front: str, index: int, results: dict) -> None:
-    """A long completion, streamed for odd indices: "ok", "retry" (a retriable failure) or what went wrong."""
-    body = {"prompt": f"Tell me a long story, number {index}", "max_tokens": 400, "min_tokens": 400}
-    if index % 2 == 0:
-        answer = httpx.post(front + "/v1/completions", json=body, timeout=120)
-        retriable = answer.status_code == 503 and answer.headers.get("retry-after") and "retry" in answer.text
-        results[index] = "ok" if answer.status_code == 200 else "retry" if retriable else answer.text
-        return
-    with httpx.stream("POST", front + "/v1/completions", json={**body, "stream": True}, timeout=120) as response:
-        if response.status_code != 200:               # sent after the kill, before the front noticed it
-            response.read()
-            retriable = response.status_code == 503 and response.headers.get("retry-after")
-            results[index] = "retry" if retriable else response.text
-            return
-        events = [line for line in response.iter_lines() if line.startswith("data: ")]
-    failed = [e for e in events if '"replica_unavailable"' in e]
-    results[index] = "retry" if failed and events[-1] == "data: [DONE]" else "ok" if events[-1] == "data: [DONE]" \
-        else events[-3:]
+def _outcome(url: str, path: str, body: dict) -> dict:
+    """Per choice: (text, token ids, logprobs, finish reason); "error" if the caller saw any error."""
+    choices: dict = {}
+
+    def add(choice: dict) -> None:
+        text, ids, logprobs, finish = choices.get(choice["index"], ("", [], [], None))
+        part = choice.get("text") or (choice.get("delta") or choice.get("message") or {}).get("content") or ""
+        found = choice.get("logprobs") or {}
+        values = found.get("token_logprobs") or [entry["logprob"] for entry in found.get("content") or []]
+        assert finish is None, f"choice {choice['index']} went on after it finished"
+        choices[choice["index"]] = (text + part, ids + (choice.get("token_ids") or []), logprobs + values,
+                                    choice.get("finish_reason"))
+
+    if not body["stream"]:
+        answer = httpx.post(url + path, json=body, timeout=180)
+        if answer.status_code != 200:
+            return {"error": answer.text}
+        for choice in answer.json()["choices"]:
+            add(choice)
+        return choices
+    with httpx.stream("POST", url + path, json=body, timeout=180) as response:
+        if response.status_code != 200:
+            return {"error": response.read().decode()}
+        events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+    if events.count("[DONE]") != 1 or events[-1] != "[DONE]":
+        return {"error": f"the stream did not end once with [DONE]: {events[-3:]}"}
+    for event in events[:-1]:
+        payload = json.loads(event)
+        if "error" in payload:
+            return {"error": payload}
+        for choice in payload["choices"]:
+            add(choice)
+    return choices
 
 
-def test_a_replica_killed_under_load_fails_its_requests_retriably_and_comes_back(front):
-    """Eight long requests in flight over both replicas, half of them streamed; one replica's engine is
-    killed. Its requests end with a retriable 503 (a stream with an error event), none hangs, the other
-    replica's finish, and the dead replica is restarted and readmitted."""
-    results = {}
-    threads = [threading.Thread(target=_call, args=(front, i, results)) for i in range(8)]
+def _run_all(url: str, calls: list, during=None) -> list[dict]:
+    """Every call at once, from threads; `during(url)` runs beside them once they are all sent."""
+    results: list = [None] * len(calls)
+
+    def one(index: int) -> None:
+        try:
+            results[index] = _outcome(url, *calls[index])
+        except Exception as err:            # noqa: BLE001 - the test reports it
+            results[index] = {"error": repr(err)}
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(calls))]
     for thread in threads:
         thread.start()
-    deadline = time.time() + 30
-    found = members(front)
-    while not all(m["in_flight"] for m in found):
+    if during is not None:
+        during(url)
+    for thread in threads:
+        thread.join(timeout=300)
+        assert not thread.is_alive(), "a request hung"
+    return results
+
+
+def _kill_when_busy(url: str, index: int, min_in_flight: int = 2, others_up: bool = True) -> int:
+    """SIGKILL replica `index`'s engine once it has requests in flight (and the others are up, if asked);
+    its old process id."""
+    deadline = time.time() + 60
+    while True:
+        found = members(url)
+        if found[index]["up"] and found[index]["in_flight"] >= min_in_flight and \
+                (all(m["up"] for m in found) or not others_up):
+            break
         assert time.time() < deadline, found
         time.sleep(0.01)
-        found = members(front)
-    victim = found[0]
-    os.kill(victim["pid"], signal.SIGKILL)
-    for thread in threads:
-        thread.join(timeout=120)
-        assert not thread.is_alive(), "a request hung"
-    assert len(results) == 8 and set(results.values()) <= {"ok", "retry"}, results
-    assert "ok" in results.values() and "retry" in results.values(), results
-    short = {"prompt": "Hello", "max_tokens": 2}
-    assert httpx.post(front + "/v1/completions", json=short).status_code == 200       # the other one serves
-    back = wait_for_new_engine(front, 0, victim["pid"])
-    assert httpx.post(back[0]["url"] + "/v1/completions", json=short).status_code == 200
+    time.sleep(1.0)                          # let the streams deliver a good part of their tokens
+    os.kill(found[index]["pid"], signal.SIGKILL)
+    return found[index]["pid"]
+
+
+def test_a_replica_killed_twice_in_a_row_under_load_costs_no_answer(front):
+    """Long requests over both replicas, streamed and not; one replica's engine is killed, then, while it
+    restarts, the other's, which holds every request by then: the streams it resumed are cut a second
+    time and wait for an engine to come back. No caller sees an error and every output (text, token ids,
+    logprobs) is that of an undisturbed run: requests not answered yet are sent again, streams resume
+    where their client is."""
+    calls = _workload(12)
+    undisturbed = _run_all(front, calls)
+    assert all("error" not in outcome for outcome in undisturbed), undisturbed
+    killed = []
+
+    def kill_twice(url: str) -> None:
+        killed.append(_kill_when_busy(url, 0))
+        killed.append(_kill_when_busy(url, 1, min_in_flight=4, others_up=False))
+
+    disturbed = _run_all(front, calls, kill_twice)
+    assert len(killed) == 2
+    for index, (expected, seen) in enumerate(zip(undisturbed, disturbed)):
+        assert seen == expected, (index, calls[index], seen.get("error"))
+    back = wait_for_new_engine(front, 1, killed[1])
+    assert back[0]["pid"] != killed[0]
+
+
+def test_a_replica_killed_while_a_weight_update_waits_costs_no_answer(front):
+    """A weight update (policy wait) arrives once requests run; one replica dies. The requests finish under
+    the weights they started with, as undisturbed (those sent again run ahead of the waiting update); the
+    update is then applied on the survivor and replayed on the restarted replica, and the caller of the
+    update gets its answer."""
+    calls = _workload(8)
+    undisturbed = _run_all(front, calls)
+    update: dict = {}
+
+    def update_then_kill(url: str) -> None:
+        deadline = time.time() + 60
+        while sum(m["in_flight"] for m in members(url)) < len(calls):      # every call started first
+            assert time.time() < deadline
+            time.sleep(0.01)
+        time.sleep(0.5)
+
+        def push() -> None:
+            update["answer"] = httpx.post(url + "/v1/weights/update?weight_version=20&policy=wait",
+                                          content=save({NORM: torch.ones(HIDDEN) * 1.25}), headers=ADMIN, timeout=300)
+        pusher = threading.Thread(target=push)
+        pusher.start()
+        victim = _kill_when_busy(url, 1)
+        pusher.join(timeout=300)
+        update["victim"] = victim
+
+    disturbed = _run_all(front, calls, update_then_kill)
+    for index, (expected, seen) in enumerate(zip(undisturbed, disturbed)):
+        assert seen == expected, (index, calls[index], seen.get("error"))
+    assert update["answer"].status_code == 200 and update["answer"].json()["weight_version"] == 20, update["answer"].text
+    back = wait_for_new_engine(front, 1, update["victim"])
+    assert {httpx.get(m["url"] + "/v1/weights/version").json()["weight_version"] for m in back} == {20}
+    assert greedy(back[0]["url"]) == greedy(back[1]["url"])
 
 
 def test_bodies_over_the_limit_are_refused_at_the_front(front):

@@ -89,6 +89,12 @@ class GrammarCursor:
             self._rollback(advanced)
         return row
 
+    def allows(self, token: int) -> bool:
+        """Whether the grammar accepts `token` next (a resumed output's tokens are checked with it)."""
+        bits = torch.zeros(1, self._words, dtype=torch.int32)
+        self._write_mask(bits, 0, bits.data_ptr(), self._words * 4)
+        return (int(bits[0, token // 32]) >> (token % 32)) & 1 == 1
+
     def advance(self, token: int) -> None:
         if token in self._eos:
             return
