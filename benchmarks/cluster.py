@@ -178,7 +178,12 @@ def failover(front: str, streams: int, new_tokens: int, kill_after_s: float) -> 
     fields = ("text", "token_ids", "logprobs")
     cut = [o for o in disturbed if o["replica"] == "0" and o["event_times"] and o["event_times"][0] < killed_at
            and o["event_times"][-1] > killed_at]
-    waits = [min(t for t in o["event_times"] if t > killed_at) - killed_at for o in cut]
+    # A cut stream's stall: its longest wait between two chunks from the kill on (chunks made before the
+    # kill may still be in flight after it, so the first chunk after the kill is not the measure).
+    waits = [max(later - earlier for earlier, later in zip([killed_at, *o["event_times"]], o["event_times"])
+                 if later > killed_at) for o in cut]
+    undisturbed_gaps = [max(b - a for a, b in zip(o["event_times"], o["event_times"][1:])) for o in undisturbed
+                        if len(o["event_times"]) > 1]
     deadline = time.time() + 120
     while not all(m["up"] for m in members()) and time.time() < deadline:        # back before the next part
         time.sleep(0.5)
@@ -189,8 +194,12 @@ def failover(front: str, streams: int, new_tokens: int, kill_after_s: float) -> 
             "failover_undisturbed_errors": sum(o["error"] is not None for o in undisturbed),
             "failover_identical": all(all(a[f] == b[f] for f in fields) for a, b in zip(undisturbed, disturbed)),
             "failover_streams_cut": len(cut),
-            "failover_recovery_s": {"max": round(max(waits), 3), "median": round(statistics.median(waits), 3)}
-            if waits else None}
+            "failover_recovery_s": {"max": round(max(waits), 3), "median": round(statistics.median(waits), 3),
+                                    "p90": round(sorted(waits)[int(0.9 * (len(waits) - 1))], 3),
+                                    "over_2s": sum(wait > 2.0 for wait in waits)} if waits else None,
+            # the same stall measure with no kill: each stream's longest wait between two chunks
+            "undisturbed_longest_gap_s": {"max": round(max(undisturbed_gaps), 3),
+                                          "median": round(statistics.median(undisturbed_gaps), 3)}}
 
 
 def _median_and_range(values: list[float]) -> dict:

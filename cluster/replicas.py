@@ -42,7 +42,10 @@ class Replicas:
         self._recent = [0.0] * len(actors)       # in_flight averaged over about LOAD_SMOOTHING_S
         self._settled_at = [time.monotonic()] * len(actors)
         self.times_down = [0] * len(actors)       # how often each was marked down (a restart, a lost call)
-        self.http = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10.0))
+        # No cap on connections: every request in flight holds one (a stream for its whole length), and
+        # httpx's default of 100 would queue the rest in the front, unseen by routing and failover.
+        self.http = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10.0),
+                                      limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
         self.resync: Callable[[int, str], Awaitable[bool]] | None = None    # set by the weight coordinator
         self.on_down: Callable[[int], None] = lambda index: None             # the router forgets what it held
         self._rejoining: set[int] = set()

@@ -46,10 +46,11 @@ class Scheduler:
     def add(self, request: Request) -> None:
         """Queue a new request last; one started elsewhere (resumed: decoding/resume.py) goes after the
         started ones at the head, ahead of those that have not started, as a preempted one would."""
-        if request.weight_version is None:
+        if request.weight_version is None and request.resumption is None:
             self.waiting.append(request)
             return
-        position = next((i for i, queued in enumerate(self.waiting) if queued.weight_version is None), len(self.waiting))
+        position = next((i for i, queued in enumerate(self.waiting)
+                         if queued.weight_version is None and queued.resumption is None), len(self.waiting))
         self.waiting.insert(position, request)
 
     def remove(self, request: Request) -> None:
@@ -133,7 +134,7 @@ class Scheduler:
             request = self.waiting[0]
             if self.admission_paused and request.weight_version is None:
                 return
-            if self.num_running_seqs + request.num_seqs_needed > self.max_num_seqs:
+            if self.num_running_seqs + request.num_seqs_needed > self._seq_limit(request):
                 return
             leader = request.leader
             if request.params.prompt_logprobs is None:      # scoring a prompt computes all of it
@@ -179,6 +180,16 @@ class Scheduler:
         self.waiting.appendleft(window[best])
 
     # ---- helpers -----------------------------------------------------------------------------
+    def _seq_limit(self, request: Request) -> int:
+        """The running sequences `request` may join: max_num_seqs, or up to twice that for a request
+        resumed from a failed replica (decoding/resume.py). It was running already: a replica that dies
+        moves its streams to the others rather than adding any, and they go on at once, sharing the
+        survivors' steps, instead of waiting for the survivors' own requests to finish. Within the step's
+        token budget, so every running sequence still decodes each step."""
+        if request.resumption is None:
+            return self.max_num_seqs
+        return min(2 * self.max_num_seqs, self.max_num_batched_tokens)
+
     def _chunk_limit(self, request: Request, seq: Sequence) -> int:
         if request.needs_fork:
             # The leader stops at the end of the prompt so the group can fork the shared blocks.

@@ -87,3 +87,20 @@ def test_a_resumed_request_whose_weights_changed_is_refused_or_kept_as_asked(lla
     while engine.has_unfinished_requests():
         engine.step()
     assert kept.seqs[0].version_changes == [(2, 2)] and len(kept.seqs[0].output_token_ids) == 6
+
+
+def test_a_resumed_request_joins_a_full_batch_and_a_new_one_waits(llama_dir):
+    """A replica's streams moved to a survivor go on at once (up to twice max_num_seqs): they were
+    running already; a new request still waits for a free slot."""
+    engine = _engine(llama_dir, max_num_seqs=2)
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    for index in range(2):
+        engine.add_request(PROMPTS[index], params, f"running-{index}")
+    engine.step()
+    resumed = engine.make_request(PROMPTS[2], params, "resumed", Resumption([ResumedSample(0, 1, [5, 6])]))
+    engine.add_request(PROMPTS[3], params, "new")
+    engine.add(resumed)
+    engine.step()
+    running = {request.req_id for request in engine.scheduler.running}
+    assert running == {"running-0", "running-1", "resumed"}
+    assert [request.req_id for request in engine.scheduler.waiting] == ["new"]
