@@ -163,7 +163,14 @@ def _workload(count: int) -> list[tuple[str, dict]]:
         sampling = {"temperature": 0} if index % 3 == 0 else {"temperature": 0.9, "seed": 100 + index}
         common = {"max_tokens": 240, "min_tokens": 240, "stream": index % 4 != 1, "n": 2 if index % 5 == 2 else 1,
                   **sampling}
-        if index % 4 == 3:
+        if index % 6 == 5:                 # rollout calls: the front splits their prompts over the replicas
+            calls.append(("/v1/rollouts", {"prompts": [f"Rollout {index}.{i}" for i in range(4)], "n": 2,
+                                           "max_tokens": 200, "min_tokens": 200, "seed": index, "top_logprobs": 1}))
+        elif index % 6 == 4:               # SGLang's /generate, a batch of two
+            calls.append(("/generate", {"text": [f"Generate {index}", f"And {index}"], "return_logprob": True,
+                                        "sampling_params": {"max_new_tokens": 200, "min_new_tokens": 200,
+                                                            "temperature": 0.9, "sampling_seed": index}}))
+        elif index % 4 == 3:
             calls.append(("/v1/chat/completions", {"messages": [{"role": "user", "content": f"Story {index}, please"}],
                                                    "logprobs": True, "return_token_ids": True, **common}))
         else:
@@ -185,11 +192,17 @@ def _outcome(url: str, path: str, body: dict) -> dict:
         choices[choice["index"]] = (text + part, ids + (choice.get("token_ids") or []), logprobs + values,
                                     choice.get("finish_reason"))
 
-    if not body["stream"]:
+    if not body.get("stream"):
         answer = httpx.post(url + path, json=body, timeout=180)
         if answer.status_code != 200:
             return {"error": answer.text}
-        for choice in answer.json()["choices"]:
+        found = answer.json()
+        if path == "/v1/rollouts":
+            return {"rollouts": (found["completion_ids"], found["logprobs"], found["finish_reasons"])}
+        if path == "/generate":
+            return {"generate": [(item["text"], item["output_ids"], item["meta_info"]["output_token_logprobs"])
+                                 for item in found]}
+        for choice in found["choices"]:
             add(choice)
         return choices
     with httpx.stream("POST", url + path, json=body, timeout=180) as response:

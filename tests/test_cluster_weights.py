@@ -72,30 +72,47 @@ def test_a_refusal_in_the_dry_run_changes_no_replica():
     assert coord.journal.version == 0 and not coord.journal.pushed
 
 
-@pytest.mark.parametrize("failure", ["fail_apply", "die_on_apply"])
-def test_a_replica_that_fails_the_update_rolls_the_others_back(failure):
-    first, failing, third = FakeReplica(), FakeReplica(**{failure: True}), FakeReplica()
-    coord, replicas = coordinator(first, failing, third)
+def test_a_replica_that_refuses_the_update_rolls_the_others_back():
+    first, failing, third = FakeReplica(), FakeReplica(fail_apply=True), FakeReplica()
+    coord, _ = coordinator(first, failing, third)
     answer = push(coord, {"weight_version": "4"})
-    assert answer.status_code == (400 if failure == "fail_apply" else 503)
+    assert answer.status_code == 400
     for fake in (first, third):
         assert ("/v1/weights/rollback", None) in fake.calls and fake.version == 0
         assert ("/v1/weights/commit", None) not in fake.calls
     assert ("/v1/weights/rollback", None) not in failing.calls
     assert coord.journal.version == 0 and not coord.journal.pushed
-    if failure == "die_on_apply":
-        assert replicas.urls[1] is None and "no replica changed its weights" in answer.body.decode()
+
+
+def test_a_replica_that_dies_during_the_update_is_left_out_of_it():
+    """Losing a replica costs the update nothing: the others commit it, and the dead one (marked down)
+    is re-synced from the journal before it serves again."""
+    first, dying, third = FakeReplica(), FakeReplica(die_on_apply=True), FakeReplica()
+    coord, replicas = coordinator(first, dying, third)
+    answer = push(coord, {"weight_version": "4"})
+    assert answer.status_code == 200 and json.loads(answer.body)["weight_version"] == 4
+    assert first.version == third.version == 4 and ("/v1/weights/rollback", None) not in first.calls
+    assert replicas.urls[1] is None and coord.journal.version == 4
+    everyone_dies, _ = coordinator(FakeReplica(die_on_apply=True), FakeReplica(die_on_apply=True))
+    assert push(everyone_dies).status_code == 503
 
 
 def test_an_update_every_replica_takes_is_committed_and_journalled():
+    """Policy wait (the default) drains the whole cluster around the update; keep does not."""
     fakes = [FakeReplica(), FakeReplica()]
     coord, _ = coordinator(*fakes)
     answer = push(coord, {"weight_version": "6"})
     assert answer.status_code == 200 and json.loads(answer.body)["weight_version"] == 6
     for fake in fakes:
-        assert [c for c in fake.calls] == [("/v1/weights/update", "true"), ("/v1/weights/update", "keep"),
-                                           ("/v1/weights/commit", None)]
+        assert [c for c in fake.calls] == [("/v1/weights/update", "true"), ("/pause", None),
+                                           ("/v1/weights/update", "keep"), ("/v1/weights/commit", None),
+                                           ("/resume", None)]
     assert coord.journal.version == 6 and list(coord.journal.pushed) == ["model.norm.weight"]
+    for fake in fakes:
+        fake.calls = []
+    assert push(coord, {"weight_version": "7", "policy": "keep"}).status_code == 200
+    assert [path for path, _ in fakes[0].calls] == ["/v1/weights/update", "/v1/weights/update", "/v1/weights/commit"]
+    assert coord.journal.keeps_since(6) and not coord.journal.keeps_since(5)
 
 
 def test_the_journal_replays_a_load_then_the_merged_pushes_then_the_pause():
