@@ -261,7 +261,7 @@ def _add_openai_routes(app: FastAPI, server: Server) -> None:
         try:
             prompts = body.prompts()
             params = body.completion_params()
-            resumptions = body.resumptions(len(prompts)) if body.resume else resumable.started_under(request, len(prompts))
+            resumptions = resumable.resumptions(body, request, len(prompts))
         except ValueError as err:
             raise APIError(400, str(err)) from err
         streams = await server.submit(prompts, params, stream=body.stream, request_id=body.request_id,
@@ -274,7 +274,7 @@ def _add_openai_routes(app: FastAPI, server: Server) -> None:
         server.check_model(body.model)
         try:           # the chat template is CPU work: off the event loop
             prompt_ids, params = await asyncio.to_thread(_chat_prompt_and_params, engine, body)
-            resumptions = body.resumptions(1) if body.resume else resumable.started_under(request, 1)
+            resumptions = resumable.resumptions(body, request, 1)
         except ValueError as err:
             raise APIError(400, str(err)) from err
         streams = await server.submit([prompt_ids], params, stream=body.stream, request_id=body.request_id,

@@ -326,7 +326,8 @@ class ChatView(_View):
         return chunks
 
     def state(self) -> dict:
-        return {**super().state(), "tool_streams": {key: stream.progress() for key, stream in self.tool_streams.items()}}
+        progress = {key: stream.progress() for key, stream in self.tool_streams.items()}
+        return {**super().state(), "tool_streams": progress}
 
     def restore(self, state: dict, sent_tokens: dict[int, int]) -> None:
         super().restore(state, sent_tokens)

@@ -24,7 +24,7 @@ from decoding.resume import Resumption
 from server.errors import APIError
 from wire.stream_checkpoints import HEADER, STARTED_UNDER, comment
 
-__all__ = ["HEADER", "Checkpoints", "sent_tokens", "started_under"]
+__all__ = ["HEADER", "Checkpoints", "resumptions", "sent_tokens", "started_under"]
 
 
 class Checkpoints:
@@ -55,3 +55,11 @@ def started_under(request: Request, num_prompts: int) -> list[Resumption | None]
     if not value.isdigit():
         raise APIError(400, f"{STARTED_UNDER} must be a weight version (a non-negative integer)")
     return [Resumption([], started_under=int(value))] * num_prompts
+
+
+def resumptions(body, request: Request, num_prompts: int) -> list[Resumption | None] | None:
+    """A completions or chat call's resumptions: its `resume` field's (a stream taken up where it was),
+    or the weights it started under (a call sent again whole), or none."""
+    if body.resume is not None:
+        return body.resumptions(num_prompts)
+    return started_under(request, num_prompts)

@@ -78,4 +78,5 @@ class StreamState:
     def resume(self, on_weight_change: str = "error") -> dict:
         """The request's `resume` field (server/protocol.py StreamResume)."""
         return {"view": self.view, "on_weight_change": on_weight_change,
-                "requests": {str(prompt): {"samples": list(samples.values())} for prompt, samples in self.samples.items()}}
+                "requests": {str(prompt): {"samples": list(samples.values())}
+                             for prompt, samples in self.samples.items()}}
