@@ -84,6 +84,7 @@ def _relaid_cache(keys: torch.Tensor, values: torch.Tensor, block_size: int, gen
     (4, 4, 128, None, None, False),
     (8, 2, 36, 11, None, False),       # a head_dim off the 8-lane grid, a sliding window
     (6, 2, 64, None, 30.0, True),      # Gemma 2's soft-capping, gpt-oss's sinks
+    (4, 4, 16, None, None, False),     # the tests' tiny models: a head_dim under a 32-float tile
 ])
 def test_a_token_attends_alike_whatever_kernel_step_and_block_size(heads, kv_heads, head_dim, window, softcap, sinks):
     """A token's attention output is the same bits whether its prompt is prefilled whole, in chunks, or the

@@ -64,6 +64,46 @@ static inline __attribute__((always_inline)) void chunk_scores(const float *q, c
     }
 }
 
+/* Lane partials of keys REDUCE_ORDER[first .. first + 3] of group g for two query rows. */
+static inline __attribute__((always_inline)) void pair_partials(const float *q0, const float *q1,
+                                                                const float *const *key_rows, int g, int first,
+                                                                v8f *partials0, v8f *partials1, const int64_t d) {
+    v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
+    const float *k0 = key_rows[g + REDUCE_ORDER[first]], *k1 = key_rows[g + REDUCE_ORDER[first + 1]];
+    const float *k2 = key_rows[g + REDUCE_ORDER[first + 2]], *k3 = key_rows[g + REDUCE_ORDER[first + 3]];
+    for (int64_t i = 0; i < d; i += 8) {
+        const v8f q0i = load_upto8(q0 + i, d - i), q1i = load_upto8(q1 + i, d - i);
+        v8f k = load_upto8(k0 + i, d - i);
+        a0 += q0i * k, b0 += q1i * k;
+        k = load_upto8(k1 + i, d - i);
+        a1 += q0i * k, b1 += q1i * k;
+        k = load_upto8(k2 + i, d - i);
+        a2 += q0i * k, b2 += q1i * k;
+        k = load_upto8(k3 + i, d - i);
+        a3 += q0i * k, b3 += q1i * k;
+    }
+    partials0[first] = a0, partials0[first + 1] = a1, partials0[first + 2] = a2, partials0[first + 3] = a3;
+    partials1[first] = b0, partials1[first + 1] = b1, partials1[first + 2] = b2, partials1[first + 3] = b3;
+}
+
+/* chunk_scores for two query rows at once (the prefill kernel's pairs of rows): each row's lane partials
+ * are the same chains as chunk_scores', in the same order, so its scores are the same bits; only the key
+ * loads are shared. */
+static inline __attribute__((always_inline)) void chunk_scores_pair(const float *q0, const float *q1,
+                                                                    const float *const *key_rows, float *scores0,
+                                                                    float *scores1, const int64_t d) {
+    for (int g = 0; g < KEY_CHUNK; g += 8) {
+        /* Four keys' chains for both rows at a time: eight chains, two queries and a key fit AVX2's
+         * sixteen registers (all sixteen chains at once spill there, and measured no faster with AVX-512's). */
+        v8f partials0[8], partials1[8];
+        pair_partials(q0, q1, key_rows, g, 0, partials0, partials1, d);
+        pair_partials(q0, q1, key_rows, g, 4, partials0, partials1, d);
+        const v8f sums0 = reduce_partials(partials0), sums1 = reduce_partials(partials1);
+        memcpy(scores0 + g, &sums0, sizeof sums0);
+        memcpy(scores1 + g, &sums1, sizeof sums1);
+    }
+}
+
 /* offsets[t] = the cache offset (in floats) of position chunk + t for t in [lo, hi], the block walked
  * without a division per slot. Positions are the sequence's own: block table[pos / block_size], slot
  * pos % block_size. */
@@ -99,12 +139,12 @@ static inline RowSoftmax row_softmax_start(const float *sink) {
     return sink ? (RowSoftmax){*sink, 1.0f} : (RowSoftmax){-INFINITY, 0.0f};
 }
 
-/* Fold the visible keys [lo, hi] of a chunk (scores from chunk_scores; values through value_rows) into
- * the row's softmax and output. */
-static inline __attribute__((always_inline)) void fold_chunk(RowSoftmax *st, float *restrict acc, float *scores,
-                                                             int64_t lo, int64_t hi,
-                                                             const float *const *value_rows, float softcap,
-                                                             const int64_t d) {
+/* The exponentials e[t] of a chunk's visible scores [lo, hi] (0 elsewhere), relative to the row's running
+ * max, which rises to the chunk's (rescaling the sum and the output acc[d] only when it rises); the sum of
+ * exponentials takes the chunk's by a fixed tree. The values are added next (add_values). */
+static inline __attribute__((always_inline)) void chunk_weights(RowSoftmax *st, float *restrict acc, float *scores,
+                                                                int64_t lo, int64_t hi, float softcap, float *e,
+                                                                const int64_t d) {
     if (softcap > 0.0f)
         for (int64_t t = lo; t <= hi; ++t) scores[t] = softcap * tanhf(scores[t] / softcap);
     /* The max is exact in any order: as a vector, with the slots outside [lo, hi] at -inf. */
@@ -124,7 +164,6 @@ static inline __attribute__((always_inline)) void fold_chunk(RowSoftmax *st, flo
         for (int64_t i = 0; i < d; ++i) acc[i] *= correction;
         st->max = chunk_max;
     }
-    float e[KEY_CHUNK];
     const float max = st->max;
 #pragma omp simd
     for (int64_t t = 0; t < KEY_CHUNK; ++t) e[t] = (t >= lo && t <= hi) ? exp_poly(scores[t] - max) : 0.0f;
@@ -132,10 +171,52 @@ static inline __attribute__((always_inline)) void fold_chunk(RowSoftmax *st, flo
     float pair[8];
     for (int t = 0; t < 8; ++t) pair[t] = e[t] + e[t + 8];
     st->denom += ((pair[0] + pair[4]) + (pair[2] + pair[6])) + ((pair[1] + pair[5]) + (pair[3] + pair[7]));
-    /* Each output element: one fused multiply-add per value, in position order. The output is held in
-     * registers 32 floats at a time while the chunk's values stream past it. */
+}
+
+/* fold_chunk's values for two rows over the same chunk, head_dim a multiple of 32 (the caller folds others
+ * row by row): each row's values added in its own position order, 32 output floats at a time as
+ * fold_chunk does, the loads of the positions both rows see shared. */
+static inline __attribute__((always_inline)) void add_values_pair(float *restrict acc0, const float *e0, int64_t lo0,
+                                                                  int64_t hi0, float *restrict acc1, const float *e1,
+                                                                  int64_t lo1, int64_t hi1,
+                                                                  const float *const *value_rows, const int64_t d) {
+    /* The positions both see, [lo, hi]; the others come before or after them in each row's order. */
+    int64_t lo = lo0 > lo1 ? lo0 : lo1, hi = hi0 < hi1 ? hi0 : hi1;
+    if (lo > hi) lo = hi0 > hi1 ? hi0 + 1 : hi1 + 1, hi = lo - 1;     /* none: each row all "before" */
+    for (int64_t i0 = 0; i0 < d; i0 += 32) {
+        v8f tile0[4], tile1[4];
+        for (int j = 0; j < 4; ++j) tile0[j] = load8(acc0 + i0 + 8 * j), tile1[j] = load8(acc1 + i0 + 8 * j);
+        for (int64_t t = lo0; t < lo && t <= hi0; ++t)    /* before the shared positions: one row sees them */
+            for (int j = 0; j < 4; ++j) tile0[j] += e0[t] * load8(value_rows[t] + i0 + 8 * j);
+        for (int64_t t = lo1; t < lo && t <= hi1; ++t)
+            for (int j = 0; j < 4; ++j) tile1[j] += e1[t] * load8(value_rows[t] + i0 + 8 * j);
+        for (int64_t t = lo; t <= hi; ++t) {
+            const float w0 = e0[t], w1 = e1[t];
+            for (int j = 0; j < 4; ++j) {
+                const v8f v = load8(value_rows[t] + i0 + 8 * j);
+                tile0[j] += w0 * v;
+                tile1[j] += w1 * v;
+            }
+        }
+        for (int64_t t = hi + 1 > lo0 ? hi + 1 : lo0; t <= hi0; ++t)    /* after them */
+            for (int j = 0; j < 4; ++j) tile0[j] += e0[t] * load8(value_rows[t] + i0 + 8 * j);
+        for (int64_t t = hi + 1 > lo1 ? hi + 1 : lo1; t <= hi1; ++t)
+            for (int j = 0; j < 4; ++j) tile1[j] += e1[t] * load8(value_rows[t] + i0 + 8 * j);
+        memcpy(acc0 + i0, tile0, sizeof tile0);
+        memcpy(acc1 + i0, tile1, sizeof tile1);
+    }
+}
+
+/* Fold the visible keys [lo, hi] of a chunk (scores from chunk_scores; values through value_rows) into
+ * the row's softmax and output. */
+static inline __attribute__((always_inline)) void fold_chunk(RowSoftmax *st, float *restrict acc, float *scores,
+                                                             int64_t lo, int64_t hi,
+                                                             const float *const *value_rows, float softcap,
+                                                             const int64_t d) {
+    float e[KEY_CHUNK];
+    chunk_weights(st, acc, scores, lo, hi, softcap, e, d);
     int64_t i0 = 0;
-    for (; i0 + 32 <= d; i0 += 32) {      /* four vectors, which AVX2's 16 registers hold beside the rest */
+    for (; i0 + 32 <= d; i0 += 32) {
         v8f tile[4];
         for (int j = 0; j < 4; ++j) tile[j] = load8(acc + i0 + 8 * j);
         for (int64_t t = lo; t <= hi; ++t) {
@@ -149,7 +230,7 @@ static inline __attribute__((always_inline)) void fold_chunk(RowSoftmax *st, flo
         for (int64_t t = lo; t <= hi; ++t) tile += e[t] * load8(value_rows[t] + i0);
         memcpy(acc + i0, &tile, sizeof tile);
     }
-    for (; i0 < d; ++i0)                   /* a head_dim that is not a multiple of 8 */
+    for (; i0 < d; ++i0)
         for (int64_t t = lo; t <= hi; ++t) acc[i0] += e[t] * value_rows[t][i0];
 }
 

@@ -4,7 +4,9 @@
  * itself, whose keys and values the layer has just written to the cache. A work item is one segment, one
  * query head and a block of up to 8 consecutive queries; it walks the keys up to its last query a chunk
  * of the position grid at a time (attention_row.h), and each query of the block folds the chunk's keys it
- * sees while they are in cache. A query's arithmetic is the decode kernel's for a token at the same
+ * sees while they are in cache, two queries at a time sharing the loads of keys and values (each query's
+ * arithmetic unchanged: measured 15% faster on an AVX2 build, 17% with AVX-512's registers, SmolLM2's
+ * heads at 512 tokens). A query's arithmetic is the decode kernel's for a token at the same
  * position, key for key: however a prompt is split into chunks and steps, and whichever kernel a token
  * meets, its output is the same (attention_row.h says why).
  *
@@ -50,7 +52,7 @@ static inline __attribute__((always_inline)) void attend_block(const Prefill *p,
     const int64_t lowest = (p->window > 0 && first_pos - p->window + 1 > 0) ? first_pos - p->window + 1 : 0;
     float queries[QUERY_BLOCK][d], acc[QUERY_BLOCK][d];
     RowSoftmax state[QUERY_BLOCK];
-    float scores[KEY_CHUNK];
+    float scores[2][KEY_CHUNK];
     for (int64_t r = 0; r < rows; ++r) {
         const float *q = p->query + (p->q_starts[s] + first + r) * p->query_row_stride + head * d;
         scaled_query(q, p->scale, queries[r], d);
@@ -64,14 +66,33 @@ static inline __attribute__((always_inline)) void attend_block(const Prefill *p,
         chunk_offsets(table, p->block_size, token_stride, chunk, lo, hi, offsets);
         const float *key_rows[KEY_CHUNK], *value_rows[KEY_CHUNK];
         chunk_rows(p->key_cache, p->value_cache, offsets, lo, hi, kvh * d, key_rows, value_rows);
-        for (int64_t r = 0; r < rows; ++r) {
-            const int64_t pos = first_pos + r;
-            const int64_t seen_from = (p->window > 0 && pos - p->window + 1 > 0) ? pos - p->window + 1 : 0;
-            const int64_t row_lo = seen_from > chunk ? seen_from - chunk : 0;
-            const int64_t row_hi = pos - chunk < KEY_CHUNK - 1 ? pos - chunk : KEY_CHUNK - 1;
-            if (row_lo > row_hi) continue;
-            chunk_scores(queries[r], key_rows, scores, d);
-            fold_chunk(&state[r], acc[r], scores, row_lo, row_hi, value_rows, p->softcap, d);
+        /* Two rows at a time share the key loads of their scores (a row's arithmetic is its own). */
+        for (int64_t r = 0; r < rows; r += 2) {
+            int64_t row_lo[2], row_hi[2];
+            const int64_t pair = r + 1 < rows ? 2 : 1;
+            for (int64_t j = 0; j < pair; ++j) {
+                const int64_t pos = first_pos + r + j;
+                const int64_t seen_from = (p->window > 0 && pos - p->window + 1 > 0) ? pos - p->window + 1 : 0;
+                row_lo[j] = seen_from > chunk ? seen_from - chunk : 0;
+                row_hi[j] = pos - chunk < KEY_CHUNK - 1 ? pos - chunk : KEY_CHUNK - 1;
+            }
+            const int seen0 = row_lo[0] <= row_hi[0], seen1 = pair == 2 && row_lo[1] <= row_hi[1];
+            if (seen0 && seen1)
+                chunk_scores_pair(queries[r], queries[r + 1], key_rows, scores[0], scores[1], d);
+            else if (seen0 || seen1)
+                chunk_scores(queries[r + (seen0 ? 0 : 1)], key_rows, scores[seen0 ? 0 : 1], d);
+            if (seen0 && seen1 && d % 32 == 0) {       /* and the loads of the values both see */
+                float e[2][KEY_CHUNK];
+                for (int j = 0; j < 2; ++j)
+                    chunk_weights(&state[r + j], acc[r + j], scores[j], row_lo[j], row_hi[j], p->softcap, e[j], d);
+                add_values_pair(acc[r], e[0], row_lo[0], row_hi[0], acc[r + 1], e[1], row_lo[1], row_hi[1],
+                                value_rows, d);
+            } else {
+                for (int64_t j = 0; j < pair; ++j)
+                    if (row_lo[j] <= row_hi[j])
+                        fold_chunk(&state[r + j], acc[r + j], scores[j], row_lo[j], row_hi[j], value_rows,
+                                   p->softcap, d);
+            }
         }
     }
     for (int64_t r = 0; r < rows; ++r)
