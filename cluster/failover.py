@@ -10,8 +10,8 @@ rollout call is split over replicas; each part fails over on its own.
 
 A completions or chat stream is relayed with checkpoints (server/resumable.py): the front holds each
 snapshot's chunks until the checkpoint that follows them, then delivers them and records the checkpoint
-(wire/stream_checkpoints.py), so its state is always exactly what the client has. If the replica dies mid-stream, the
-request goes to a live replica with that state as `resume`; the client's stream goes on with the next
+(wire/stream_checkpoints.py), so its state is always exactly what the client has. If the replica dies
+mid-stream, the request goes to a live replica with that state as `resume`; the client's stream goes on with the next
 chunk, with no gap or duplicate, and the same tokens an uninterrupted stream would have had. Its tokens'
 weights must still be served, or every update since must have had policy keep (then it goes on under the
 new weights, as a request kept across such an update does); otherwise it ends with a retriable

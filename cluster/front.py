@@ -109,18 +109,20 @@ class Front:
             return self.members(headers)
         if path in MERGED_LOADS:
             return await self.loads(path, headers)
-        if path == "/v1/rollouts" and request.method == "POST":
-            return await self.rollouts(request, body)
         parsed = _json(body)
+        if path == "/v1/rollouts" and request.method == "POST":
+            return await self.rollouts(request, body, parsed)
         index = self.router.choose(_routing_text(path, parsed), self.replicas.loads()) if path in ROUTED else live[0]
-        return await self.forward(index, request, body, stream=bool(parsed.get("stream")))
+        return await self.forward(index, request, body, parsed)
 
-    async def forward(self, index: int, request: Request, body: bytes, stream: bool) -> Response:
-        """The call answered by replica `index`, or by another live one if it fails (cluster/failover.py)."""
+    async def forward(self, index: int, request: Request, body: bytes, parsed: dict) -> Response:
+        """The call (`body`, and `parsed` its JSON) answered by replica `index`, or by another live one if it
+        fails (cluster/failover.py)."""
         journal = self.weights.journal
         # The weights the call starts under, unless an update is being applied (then it may wait for it).
         started_under = journal.version if journal.pending_policy is None else None
-        call = _Call.of(request, body, stream, started_under)
+        call = _Call.of(request, body, parsed, started_under)
+        stream = call.stream
         sent = await self._send(index, call)
         if sent is None:
             return unavailable("no replica could serve this request; they are being restarted; retry it")
@@ -274,17 +276,16 @@ class Front:
                                           for i in range(len(r.actors))],
                              "weight_version": self.weights.journal.version, "paused": self.weights.journal.paused})
 
-    async def rollouts(self, request: Request, body: bytes) -> Response:
-        parsed = _json(body)
+    async def rollouts(self, request: Request, body: bytes, parsed: dict) -> Response:
         prompts = parsed.get("prompts")
         if not isinstance(prompts, list) or not prompts:            # the replica says what is wrong
-            return await self.forward(self.replicas.live()[0], request, body, stream=False)
+            return await self.forward(self.replicas.live()[0], request, body, parsed)
         texts = [p if isinstance(p, str) else json.dumps(p) for p in prompts]
         placed = self.router.spread(texts, self.replicas.loads())
         parts = {index: [i for i, chosen in enumerate(placed) if chosen == index] for index in sorted(set(placed))}
-        answers = await asyncio.gather(*(
-            self.forward(index, request, json.dumps({**parsed, "prompts": [prompts[i] for i in members]}).encode(),
-                         stream=False) for index, members in parts.items()))
+        shares = {index: {**parsed, "prompts": [prompts[i] for i in members]} for index, members in parts.items()}
+        answers = await asyncio.gather(*(self.forward(index, request, json.dumps(share).encode(), share)
+                                         for index, share in shares.items()))
         failed = next((answer for answer in answers if answer.status_code >= 400), None)
         if failed is not None:
             return failed
@@ -311,10 +312,10 @@ class _Call:
         return self.stream and self.path in failover.RESUMABLE and not self.parsed.get("use_beam_search")
 
     @classmethod
-    def of(cls, request: Request, body: bytes, stream: bool, started_under: int | None) -> _Call:
-        path, parsed = request.url.path, _json(body)
-        call = cls(request.method, path, dict(request.query_params), _passed_headers(request), body, parsed, stream,
-                   _routing_text(path, parsed), started_under)
+    def of(cls, request: Request, body: bytes, parsed: dict, started_under: int | None) -> _Call:
+        path = request.url.path
+        call = cls(request.method, path, dict(request.query_params), _passed_headers(request), body, parsed,
+                   bool(parsed.get("stream")), _routing_text(path, parsed), started_under)
         if call.resumable:
             call.headers[stream_checkpoints.HEADER] = "1"
         return call

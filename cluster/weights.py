@@ -31,8 +31,8 @@ from fastapi.responses import Response
 
 from cluster.answers import as_response, unavailable
 from cluster.replicas import ReplicaDown, Replicas
-from decoding.weights import DRAFT_PREFIX      # the draft model's names, which a load keeps
-from wire.safetensors import encode_payload, read_payload
+from decoding.weights import DRAFT_PREFIX, ServedWeights     # the draft model's names, which a load keeps
+from wire.safetensors import PayloadError, encode_payload, payload_header, read_payload
 
 PUSH = "/v1/weights/update"
 LOADS = ("/v1/weights/load", "/update_weights_from_disk")
@@ -59,9 +59,9 @@ class WeightJournal:
             later.append(self.pending_policy)
         return all(policy == "keep" for policy in later)
 
-    def record(self, path: str, params: dict, body: bytes, version: int) -> None:
-        """A committed update (its route, query and body) and the version every replica reported."""
-        self.policies.append((version, _policy(path, params, body)))
+    def record(self, path: str, params: dict, body: bytes, version: int, policy: str = "wait") -> None:
+        """A committed update (its route, query and body, its policy) and the version every replica reported."""
+        self.policies.append((version, policy))
         if path == PUSH:
             tensors = read_payload(bytearray(body))
             self.pushed.update({name: tensor.clone() for name, tensor in tensors.items()})
@@ -104,13 +104,13 @@ class WeightCoordinator:
 
     async def update(self, path: str, params: dict, body: bytes, headers: dict) -> Response:
         async with self.lock:
-            self.journal.pending_policy = _policy(path, params, body)
+            self.journal.pending_policy = policy = _policy(path, params, body)
             try:
-                return await self._update(path, params, body, headers)
+                return await self._update(path, params, body, headers, policy)
             finally:
                 self.journal.pending_policy = None
 
-    async def _update(self, path: str, params: dict, body: bytes, headers: dict) -> Response:
+    async def _update(self, path: str, params: dict, body: bytes, headers: dict, policy: str) -> Response:
         """An update under the lock. A replica that dies during it is left out (it is re-synced from the
         journal before it serves again): losing a replica costs the update nothing while another applies it."""
         live = self.replicas.live()
@@ -119,20 +119,17 @@ class WeightCoordinator:
         if refusal is not None:
             return refusal
         live = [index for index, answer in zip(live, checked) if not isinstance(answer, ReplicaDown)]
-        drained = self._drains(path, params, body)
+        # A wait update that changes outputs, generation not paused, waits for the whole cluster's started
+        # requests: each replica waiting for its own would let one apply it while the requests of a
+        # replica that dies are about to resume there, under the weights they started with.
+        drained = policy == "wait" and not self.journal.paused and _changes_outputs(path, body)
         if drained:
             live = await self._drain(live, headers)
         try:
-            return await self._apply(live, path, params, body, headers)
+            return await self._apply(live, path, params, body, headers, policy)
         finally:
             if drained:
                 await self._everywhere(self.replicas.live(), "/resume", ({}, b""), headers)
-
-    def _drains(self, path: str, params: dict, body: bytes) -> bool:
-        """Whether an update waits for the whole cluster's started requests: policy wait, changing outputs,
-        generation not paused. Each replica waiting for its own would let one apply it while requests of
-        a replica that dies are about to resume there, under the weights they started with."""
-        return _policy(path, params, body) == "wait" and not self.journal.paused and _changes_outputs(path, body)
 
     async def _drain(self, live: list[int], headers: dict) -> list[int]:
         """Every live replica paused once its started requests have finished (resumed ones included:
@@ -140,7 +137,8 @@ class WeightCoordinator:
         answers = await self._everywhere(live, "/pause", ({"mode": "wait", "clear_cache": "false"}, b""), headers)
         return [index for index, answer in zip(live, answers) if _succeeded(answer)]
 
-    async def _apply(self, live: list[int], path: str, params: dict, body: bytes, headers: dict) -> Response:
+    async def _apply(self, live: list[int], path: str, params: dict, body: bytes, headers: dict,
+                     policy: str) -> Response:
         """Apply (keeping what it overwrote), then commit everywhere, or roll back where applied."""
         applied = await self._everywhere(live, path, _flagged(path, params, body, "keep_previous"), headers)
         failure = _first_failure(applied)
@@ -156,7 +154,7 @@ class WeightCoordinator:
         for index, seen in zip(live, reported):
             if seen != version:                   # re-synced from the journal before it serves again
                 self.replicas.mark_down(index)
-        self.journal.record(path, params, body, version)
+        self.journal.record(path, params, body, version, policy)
         return as_response(next(a for a in applied if _succeeded(a)))
 
     async def fan_out(self, path: str, method: str, params: dict, body: bytes, headers: dict) -> list:
@@ -220,11 +218,9 @@ def _changes_outputs(path: str, body: bytes) -> bool:
     if path != PUSH:
         return True
     try:
-        size = int.from_bytes(body[:8], "little")
-        names = set(json.loads(body[8 : 8 + size])) - {"__metadata__"}
-    except (ValueError, TypeError):
+        return ServedWeights.changes_outputs(payload_header(body)[0])
+    except PayloadError:
         return True
-    return any(not name.startswith(DRAFT_PREFIX) for name in names)
 
 
 def _policy(path: str, params: dict, body: bytes) -> str:

@@ -120,8 +120,7 @@ class Engine:
             return None
         for seq in request.seqs:
             if not seq.is_finished:
-                seq.detokenizer.flush()
-                seq.finish_reason = FinishReason.ABORT
+                seq.end(FinishReason.ABORT)
             if self.speculation:
                 self.speculation.release(seq)
         self.scheduler.remove(request)

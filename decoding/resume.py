@@ -92,9 +92,7 @@ def restore(request: Request, resumption: Resumption, eos_token_ids: frozenset[i
             raise ValueError(f"sample {seq.index}'s tokens end it with finish_reason {ended!r}, not "
                              f"{sample.finish_reason!r}")
         if ending is not None:
-            if not isinstance(ending[1], str):
-                seq.detokenizer.flush()
-            seq.finish_reason, seq.stop_reason = ending
+            seq.end(*ending)
         if sample.version_ranges:
             seq.version_changes = [tuple(change) for change in sample.version_ranges[1:]]
     request.resumption = resumption

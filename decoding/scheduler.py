@@ -46,11 +46,10 @@ class Scheduler:
     def add(self, request: Request) -> None:
         """Queue a new request last; one started elsewhere (resumed: decoding/resume.py) goes after the
         started ones at the head, ahead of those that have not started, as a preempted one would."""
-        if request.weight_version is None and request.resumption is None:
+        if not request.started:
             self.waiting.append(request)
             return
-        position = next((i for i, queued in enumerate(self.waiting)
-                         if queued.weight_version is None and queued.resumption is None), len(self.waiting))
+        position = next((i for i, queued in enumerate(self.waiting) if not queued.started), len(self.waiting))
         self.waiting.insert(position, request)
 
     def remove(self, request: Request) -> None:
@@ -132,7 +131,7 @@ class Scheduler:
         while self.waiting and budget > 0:
             self._cached_first()
             request = self.waiting[0]
-            if self.admission_paused and request.weight_version is None:
+            if self.admission_paused and not request.started:
                 return
             if self.num_running_seqs + request.num_seqs_needed > self._seq_limit(request):
                 return
@@ -162,12 +161,12 @@ class Scheduler:
         would come. A request already started (preempted) stays first, and one passed over MAX_BYPASSES
         times is not passed over again, so none waits unboundedly."""
         head = self.waiting[0]
-        if not self.kv.prefixes.enabled or head.weight_version is not None or head.num_bypassed >= MAX_BYPASSES:
+        if not self.kv.prefixes.enabled or head.started or head.num_bypassed >= MAX_BYPASSES:
             return
         window = []
         for request in itertools.islice(self.waiting, PREFERENCE_WINDOW):
             window.append(request)
-            if request.num_bypassed >= MAX_BYPASSES or request.weight_version is not None:
+            if request.num_bypassed >= MAX_BYPASSES or request.started:
                 break                                   # nothing behind it goes ahead of it
         cached = [0 if r.params.prompt_logprobs is not None else self.kv.prefixes.cached_tokens(r.leader)
                   for r in window]

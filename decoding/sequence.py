@@ -108,6 +108,13 @@ class Sequence:
     def text(self) -> str:
         return self.detokenizer.text
 
+    def end(self, reason: FinishReason, stop_reason: str | int | None = None) -> None:
+        """Mark it finished; its text flushed, unless a stop string cut it on purpose."""
+        if not isinstance(stop_reason, str):
+            self.detokenizer.flush()
+        self.finish_reason = reason
+        self.stop_reason = stop_reason
+
     def reset_cache_state(self) -> None:
         """Forget the cache (after preemption): every token will be recomputed."""
         self.num_computed = 0
@@ -166,6 +173,12 @@ class Request:
     @property
     def needs_fork(self) -> bool:
         return len(self.seqs) > 1 and not self.is_forked
+
+    @property
+    def started(self) -> bool:
+        """Admitted under some weights here, or resumed from another engine (decoding/resume.py): it runs
+        on while a weight update waits for started requests, and queues ahead of new ones."""
+        return self.weight_version is not None or self.resumption is not None
 
     @property
     def leader(self) -> Sequence:

@@ -140,10 +140,7 @@ class StepUpdate:
             self._finish(seq, *ending)
 
     def _finish(self, seq: Sequence, reason: FinishReason, stop_reason: str | int | None = None) -> None:
-        if not isinstance(stop_reason, str):
-            seq.detokenizer.flush()      # a stop string cut the text on purpose; otherwise it is every token's
-        seq.finish_reason = reason
-        seq.stop_reason = stop_reason
+        seq.end(reason, stop_reason)
         self._remember(seq)
         self.kv.free(seq)
         if self.speculation:

@@ -24,8 +24,9 @@ SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.
                       "U8": torch.uint8, "BOOL": torch.bool}
 
 
-def read_payload(buffer: bytearray) -> dict[str, torch.Tensor]:
-    """Tensors of a safetensors body as views into `buffer` (no copy; keep the buffer alive)."""
+def payload_header(buffer: bytes | bytearray) -> tuple[dict, int]:
+    """A safetensors body's tensor entries (name -> dtype, shape, offsets; no metadata) and where its data
+    starts; PayloadError if the header is malformed. Reads the header only."""
     if len(buffer) < 8:
         raise PayloadError("the body is too short to be a safetensors payload")
     (header_len,) = struct.unpack_from("<Q", buffer, 0)
@@ -38,7 +39,13 @@ def read_payload(buffer: bytearray) -> dict[str, torch.Tensor]:
     if not isinstance(header, dict):
         raise PayloadError("the safetensors header must be a JSON object of tensor entries")
     header.pop("__metadata__", None)
-    base, tensors = 8 + header_len, {}
+    return header, 8 + header_len
+
+
+def read_payload(buffer: bytearray) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors body as views into `buffer` (no copy; keep the buffer alive)."""
+    header, base = payload_header(buffer)
+    tensors = {}
     for name, info in header.items():
         dtype, shape, start, end = _entry(name, info)
         numel = 1
