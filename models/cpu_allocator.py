@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import sys
+import threading
 from functools import cache
 
 import torch
@@ -76,3 +77,59 @@ def zeros_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Ten
     if madvise is not None and end - first >= HUGE_PAGE:
         madvise(first, (end - first) // HUGE_PAGE * HUGE_PAGE, MADV_HUGEPAGE)
     return tensor.zero_()
+
+
+# Batch-1 decode streams every packed weight once per token, as a hundred-odd products of a few hundred
+# kilobytes each. On 4 KiB pages each product's stream starts with TLB misses and page walks every 4 KiB;
+# measured on the AMD EPYC (Zen 4) with SmolLM2-135M's Q8_0 layers (120 products, 113 MB): 3.9 ms per
+# pass on separately allocated tensors, 3.2 ms once the same bytes sit on 2 MiB pages (interleaved, median
+# of 15). A matrix smaller than a huge page only gets one if it shares it, so packed weights are carved
+# out of chunks of huge pages in the order they are packed (a model's layers in order).
+WEIGHT_CHUNK = 64 * 2**20
+_WEIGHT_ALIGN = 64     # a cache line: every panel starts on one
+
+
+def _advised_block(nbytes: int) -> torch.Tensor:
+    """An untouched uint8 CPU tensor of nbytes whose start is 2 MiB aligned and whose pages the kernel is
+    asked to back with huge pages (the pages fault in as the weights are written)."""
+    raw = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)
+    offset = -raw.data_ptr() % HUGE_PAGE
+    block = raw[offset:offset + nbytes]
+    madvise = _madvise()
+    if madvise is not None and nbytes >= HUGE_PAGE:
+        madvise(block.data_ptr(), -(-nbytes // HUGE_PAGE) * HUGE_PAGE, MADV_HUGEPAGE)
+    return block
+
+
+class _WeightArena:
+    """Bump allocation of packed weights from chunks of huge pages. A chunk lives as long as any tensor
+    carved from it (each is a view); a matrix repacked after a weight update takes new room and its old
+    room goes with its chunk, once every other matrix of that chunk has been repacked too."""
+
+    def __init__(self) -> None:
+        self._chunk: torch.Tensor | None = None
+        self._used = 0
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        if nbytes > WEIGHT_CHUNK // 4:        # a large matrix gets chunks of its own
+            return _advised_block(nbytes)
+        with self._lock:
+            start = -(-self._used // _WEIGHT_ALIGN) * _WEIGHT_ALIGN
+            if self._chunk is None or start + nbytes > self._chunk.numel():
+                self._chunk, start = _advised_block(WEIGHT_CHUNK), 0
+            self._used = start + nbytes
+            return self._chunk[start:start + nbytes]
+
+
+_weights = _WeightArena()
+
+
+def weight_storage(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialized flat CPU tensor for packed weights, on huge pages where the system grants them."""
+    return _weights.take(numel * dtype.itemsize).view(dtype)
+
+
+def on_weight_pages(packed: torch.Tensor) -> torch.Tensor:
+    """A copy of a flat packed-weight tensor in weight_storage."""
+    return weight_storage(packed.numel(), packed.dtype).copy_(packed)

@@ -23,6 +23,7 @@ import torch
 
 from models import kernels, quantization
 from models.quantization import BlockFormat, QuantizedBlocks
+from models.cpu_allocator import on_weight_pages
 
 # oneDNN's fused linear and weight packing (the ops inductor lowers CPU linears to); absent from builds
 # without oneDNN.
@@ -177,7 +178,7 @@ class FusedLinear(torch.nn.Module):
             fmt = self.block_formats[run[0]]
             blocks = [self._file_blocks[part] or quantization.quantize(
                 self.weight_t[:, starts[part]:starts[part] + self.out_features[part]].t(), fmt) for part in run]
-            storage.append(quantization.pack(quantization.concatenate(blocks)))
+            storage.append(on_weight_pages(quantization.pack(quantization.concatenate(blocks))))
             scale_bytes = 0 if fmt.kind == quantization.BF16 else fmt.scale_dtype.itemsize
             linear.segment[index] = kernels.QuantSegment(storage[-1].data_ptr(), fmt.kind, fmt.block, scale_bytes,
                                                          sum(self.out_features[part] for part in run))

@@ -27,11 +27,13 @@ from pathlib import Path
 
 import torch
 
+from models.cpu_allocator import weight_storage
+
 logger = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(name)
            for name in ("paged_attention.c", "prefill_attention.c", "fused_ops.c", "sampling.c", "gemm.c",
-                        "quant_gemm.c", "bf16_gemm.c", "decoder.c", "threads.c")]
+                        "quant_gemm.c", "bf16_gemm.c", "decoder.c", "threads.c", "memory_probe.c")]
 HEADERS = [Path(__file__).with_name(name) for name in ("vector_math.h", "attention_row.h", "threads.h", "linear.h")]
 # -ffp-contract=fast lets the compiler fuse multiply-adds: ISO C mode (-std=c11) otherwise forbids it,
 # which halves the arithmetic rate of every dot product and matrix tile.
@@ -86,6 +88,7 @@ _I64, _F32, _PTR = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 SIGNATURES = {
     "set_kernel_threads": ([ctypes.c_int], None),
     "kernel_threads": ([], ctypes.c_int),
+    "read_bandwidth_probe": ([_PTR, _I64], _F32),
     "paged_decode_attention": ([_PTR, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _PTR, _PTR,
                                 _I64, _I64, _I64, _I64, _I64, _I64, _F32, _F32, _PTR], None),
     "paged_prefill_attention": ([_PTR, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _PTR,
@@ -344,7 +347,7 @@ def pack_panels(weight_t: torch.Tensor, out: torch.Tensor | None = None) -> torc
     in_features, out_features = weight_t.shape
     weight_t = weight_t.contiguous()
     size = -(-out_features // PANEL) * in_features * PANEL
-    packed = out if out is not None and out.numel() == size else torch.empty(size, dtype=torch.float32)
+    packed = out if out is not None and out.numel() == size else weight_storage(size, torch.float32)
     _library().pack_panels(weight_t.data_ptr(), in_features, out_features, packed.data_ptr())
     return packed
 
@@ -363,6 +366,13 @@ class LinearWeights(ctypes.Structure):
 
     _fields_ = [("panels", ctypes.c_void_p), ("segments", ctypes.c_int64),
                 ("segment", QuantSegment * QUANT_MAX_SEGMENTS)]
+
+
+def stream_read(buffer: torch.Tensor) -> float:
+    """Read every float of a contiguous float32 buffer once, on the kernels' threads (the sum of its
+    elements): the memory bandwidth probe of the benchmarks' rooflines (memory_probe.c)."""
+    assert buffer.dtype == torch.float32 and buffer.is_contiguous()
+    return _library().read_bandwidth_probe(buffer.data_ptr(), buffer.numel())
 
 
 def bf16_products_supported() -> bool:

@@ -68,7 +68,7 @@ static inline __attribute__((always_inline)) void attend(const Problem *p, int64
     float *o = p->out + (b * p->num_heads + kv_begin * group) * d;
     float acc[heads * d], queries[heads * d];
     RowSoftmax state[heads];
-    float scores[KEY_CHUNK];
+    float scores[2][KEY_CHUNK];
     for (int64_t i = 0; i < heads * d; ++i) acc[i] = 0.0f;
     for (int64_t h = 0; h < heads; ++h) {
         state[h] = row_softmax_start(p->sinks ? p->sinks + kv_begin * group + h : NULL);
@@ -88,9 +88,26 @@ static inline __attribute__((always_inline)) void attend(const Problem *p, int64
         for (int64_t kvh = kv_begin; kvh < kv_end; ++kvh) {
             const float *key_rows[KEY_CHUNK], *value_rows[KEY_CHUNK];
             chunk_rows(p->key_cache, p->value_cache, offsets, lo, hi, kvh * d, key_rows, value_rows);
-            for (int64_t h = (kvh - kv_begin) * group; h < (kvh - kv_begin + 1) * group; ++h) {
-                chunk_scores(queries + h * d, key_rows, scores, d);
-                fold_chunk(&state[h], acc + h * d, scores, lo, hi, value_rows, p->softcap, d);
+            /* Two query heads of the group at a time share the key and value loads (each head's
+             * arithmetic is its own, as for the prefill kernel's pairs of rows). */
+            const int64_t group_end = (kvh - kv_begin + 1) * group;
+            int64_t h = (kvh - kv_begin) * group;
+            for (; h + 1 < group_end; h += 2) {
+                float *acc0 = acc + h * d, *acc1 = acc + (h + 1) * d;
+                chunk_scores_pair(queries + h * d, queries + (h + 1) * d, key_rows, scores[0], scores[1], d);
+                if (d % 32 == 0) {
+                    float e[2][KEY_CHUNK];
+                    chunk_weights(&state[h], acc0, scores[0], lo, hi, p->softcap, e[0], d);
+                    chunk_weights(&state[h + 1], acc1, scores[1], lo, hi, p->softcap, e[1], d);
+                    add_values_pair(acc0, e[0], lo, hi, acc1, e[1], lo, hi, value_rows, d);
+                } else {
+                    fold_chunk(&state[h], acc0, scores[0], lo, hi, value_rows, p->softcap, d);
+                    fold_chunk(&state[h + 1], acc1, scores[1], lo, hi, value_rows, p->softcap, d);
+                }
+            }
+            if (h < group_end) {
+                chunk_scores(queries + h * d, key_rows, scores[0], d);
+                fold_chunk(&state[h], acc + h * d, scores[0], lo, hi, value_rows, p->softcap, d);
             }
         }
     }
