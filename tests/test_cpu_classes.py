@@ -79,3 +79,33 @@ def test_quantized_products_are_the_same_bits_on_every_cpu_class(tmp_path):
         results[march or "native"] = torch.load(target)
     for march, result in results.items():
         assert torch.equal(result, results["native"]), march
+
+
+_QUANTIZED_ENGINE = """
+import sys, torch
+from decoding import Engine, SamplingParams
+engine = Engine(model=sys.argv[1], quantization="int8", show_progress=False, kv_cache_memory_gb=0.05)
+prompts = [[1, 5, 9, 33, 70, 12, 100], list(range(3, 40))]
+greedy = SamplingParams(max_tokens=12, temperature=0, logprobs=2, prompt_logprobs=1)
+sampled = SamplingParams(n=3, max_tokens=12, temperature=1.0, seed=7, logprobs=1, logprobs_mode="raw")
+outputs = engine.generate(prompts, greedy) + engine.generate(prompts, sampled)
+torch.save([(o.prompt_logprobs, [(c.token_ids, c.logprobs) for c in o.outputs]) for o in outputs], sys.argv[2])
+"""
+
+
+@needs_kernel
+@pytest.mark.skipif(os.environ.get("GORGON_KERNEL_MARCH") is not None, reason="already a run for one CPU class")
+@pytest.mark.skipif("x86-64-v3" not in lower_classes(), reason="no AVX2 class below this CPU to build for")
+def test_a_quantized_model_gives_the_same_bits_on_avx2_and_avx512(llama_dir, tmp_path):
+    """With 8-bit activations a last-bit difference anywhere before a product becomes a whole rounding step,
+    so every kernel on the way (the norms' sums among them) must add in one order on every class with FMA:
+    a prompt's logprobs, greedy and seeded sampled tokens and their logprobs come out the same on the AVX2
+    build."""
+    results = {}
+    for march in (None, "x86-64-v3"):
+        env = {**os.environ, **({"GORGON_KERNEL_MARCH": march} if march else {})}
+        target = tmp_path / f"{march or 'native'}.pt"
+        subprocess.run([sys.executable, "-c", _QUANTIZED_ENGINE, llama_dir, str(target)], env=env, check=True,
+                       cwd=Path(__file__).resolve().parents[1], timeout=600)
+        results[march or "native"] = torch.load(target, weights_only=False)
+    assert results["x86-64-v3"] == results["native"]

@@ -25,9 +25,7 @@
 /* One vector: out[i] = (in[i] * rsqrt(mean(in^2) + eps)) * weight[i], HF's Llama RMSNorm in float32; `in`
  * may be `out` (every element is read before it is written). */
 static inline void rms_norm_vector(const float *in, const float *weight, float eps, float *out, int64_t dim) {
-    float squares = 0.0f;
-#pragma omp simd reduction(+ : squares)
-    for (int64_t i = 0; i < dim; ++i) squares += in[i] * in[i];
+    const float squares = canonical_sum_of_squares(in, dim);   /* the same bits on every class */
     const float inv = 1.0f / sqrtf(squares / (float)dim + eps);
 #pragma omp simd
     for (int64_t i = 0; i < dim; ++i) out[i] = (in[i] * inv) * weight[i];

@@ -43,10 +43,10 @@ static float *row_buffer(int64_t n) {
 /* log(sum(exp(x - max))) over a row. One instance (not inlined): every raw logprob the engine reports
  * comes from this summation order, x[token] - max - log_sum_exp, whichever path computed it. */
 static __attribute__((noinline)) float log_sum_exp(const float *restrict x, int64_t n, float max) {
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t i = 0; i < n; ++i) sum += exp_poly(x[i] - max);
-    return logf(sum);
+    float *e = row_buffer(n);
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) e[i] = exp_poly(x[i] - max);
+    return logf(canonical_sum(e, n));
 }
 
 /* The first token whose cumulative mass exceeds target (the inverse CDF, right-closed, so a token of
@@ -56,9 +56,7 @@ static int64_t walk_to(const float *restrict e, int64_t vocab, float target) {
     float mass = 0.0f;
     for (int64_t start = 0; start < vocab; start += WALK_CHUNK) {
         const int64_t end = start + WALK_CHUNK < vocab ? start + WALK_CHUNK : vocab;
-        float chunk = 0.0f;
-#pragma omp simd reduction(+ : chunk)
-        for (int64_t i = start; i < end; ++i) chunk += e[i];
+        const float chunk = canonical_sum(e + start, end - start);
         if (mass + chunk <= target) {
             mass += chunk;
             continue;
@@ -91,13 +89,10 @@ static void sample_row(const float *restrict x, int64_t vocab, float temperature
         return;
     }
     float *e = row_buffer(vocab);
-    float sum = 0.0f;
     const float inverse_temperature = 1.0f / temperature;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t i = 0; i < vocab; ++i) {
-        e[i] = exp_poly((x[i] - max) * inverse_temperature);
-        sum += e[i];
-    }
+#pragma omp simd
+    for (int64_t i = 0; i < vocab; ++i) e[i] = exp_poly((x[i] - max) * inverse_temperature);
+    const float sum = canonical_sum(e, vocab);
     const int64_t chosen = walk_to(e, vocab, uniform * sum);
     *token = chosen;
     *logprob = (x[chosen] - max) * inverse_temperature - logf(sum);
@@ -132,14 +127,13 @@ static void sample_row_masked(const float *restrict x, const uint32_t *restrict 
         return;
     }
     const float inverse_temperature = greedy ? 1.0f : 1.0f / temperature;
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
+#pragma omp simd
     for (int64_t i = 0; i < vocab; ++i) {
         /* exp_poly(-inf) is 0, but a refused token's logit may be anything: select, then exp. */
         const float shifted = allowed[i] != 0.0f ? (x[i] - max) * inverse_temperature : -INFINITY;
         e[i] = exp_poly(shifted);
-        sum += e[i];
     }
+    const float sum = canonical_sum(e, vocab);
     int64_t chosen = -1;
     if (greedy) {
         chosen = 0;   /* the first allowed maximum, as torch.argmax over the masked row picks */

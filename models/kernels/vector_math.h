@@ -50,4 +50,32 @@ static inline v8f load_upto8(const float *p, int64_t n) {
     return v;
 }
 
+/* Sums in one order on every CPU class with fused multiply-add (AVX2, AVX-512, NEON): four 8-lane partials
+ * over consecutive runs of 8 (x[32k + 8j + l] into partial j, lane l), added j by j, then the lanes by the
+ * fixed tree ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)) that the attention's dot products use
+ * (attention_row.h). A reduction left to the compiler adds in the machine's vector width, so AVX2 and
+ * AVX-512 differ in the last bit; with 8-bit activations a quantized model turns such a bit into a whole
+ * rounding step (SmolLM2-135M at Q8_0: logprobs 0.3 nats apart between the two builds), and a sampled
+ * token's cumulative mass moves with it. */
+static inline float lane_tree(v8f v) {
+    return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
+}
+
+static inline float canonical_sum(const float *x, int64_t n) {
+    v8f partial[4] = {{0}, {0}, {0}, {0}};
+    for (int64_t i = 0; i < n; i += 32)
+        for (int j = 0; j < 4 && i + 8 * j < n; ++j) partial[j] += load_upto8(x + i + 8 * j, n - i - 8 * j);
+    return lane_tree((partial[0] + partial[1]) + (partial[2] + partial[3]));
+}
+
+static inline float canonical_sum_of_squares(const float *x, int64_t n) {
+    v8f partial[4] = {{0}, {0}, {0}, {0}};
+    for (int64_t i = 0; i < n; i += 32)
+        for (int j = 0; j < 4 && i + 8 * j < n; ++j) {
+            const v8f v = load_upto8(x + i + 8 * j, n - i - 8 * j);
+            partial[j] += v * v;
+        }
+    return lane_tree((partial[0] + partial[1]) + (partial[2] + partial[3]));
+}
+
 #endif
