@@ -10,6 +10,8 @@ float weights."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 
 import numpy as np
@@ -20,6 +22,23 @@ from models.quantization import GGUF_TYPES, QuantizedBlocks, from_gguf
 logger = logging.getLogger(__name__)
 
 
+@contextlib.contextmanager
+def cached_gguf_name_maps():
+    """While open, gguf-py's get_tensor_name_map(arch, blocks) is built once per argument pair.
+    transformers' get_gguf_hf_weights_map calls it again for every submodule of the model it walks (some
+    450 times for SmolLM2-135M's 30 layers), and each call builds every tensor name of every block: about
+    5 s of a GGUF load, twice (transformers' own load, then read_gguf_blocks). The map is a pure function of
+    its arguments, read only, so sharing one is safe."""
+    import gguf
+
+    original = gguf.get_tensor_name_map
+    gguf.get_tensor_name_map = functools.cache(original)
+    try:
+        yield
+    finally:
+        gguf.get_tensor_name_map = original
+
+
 def read_gguf_blocks(path: str, hf_model) -> dict[str, QuantizedBlocks]:
     """HF name -> the file's blocks, in HF's row order, for every 2-D tensor of a supported block type."""
     import gguf
@@ -28,7 +47,8 @@ def read_gguf_blocks(path: str, hf_model) -> dict[str, QuantizedBlocks]:
     reader = gguf.GGUFReader(path)
     architecture = reader.fields["general.architecture"].contents()
     processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=hf_model.config.to_dict())
-    names = get_gguf_hf_weights_map(hf_model, processor)
+    with cached_gguf_name_maps():
+        names = get_gguf_hf_weights_map(hf_model, processor)
     found: dict[str, QuantizedBlocks] = {}
     unkept: dict[str, int] = {}
     for tensor in reader.tensors:

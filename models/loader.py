@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from models.base import NativeCausalLM, load_state_dict
 from models.decoder import DecoderForCausalLM
 from models.families import FAMILIES, UnsupportedModelError, decoder_spec
 from models.fallback import ATTENTION_IMPLEMENTATION, TransformersCausalLM, check_fallback_config
+from models.gguf_blocks import cached_gguf_name_maps
 from models.layers import RotaryEmbedding
 from models.quantized_model import SCHEMES, quantize_linears
 
@@ -238,7 +240,9 @@ def _load_weights(name: str, source: ModelSource, config, backend: str, dtype: t
     in (None: float)."""
     attention = {"attn_implementation": ATTENTION_IMPLEMENTATION} if backend == FALLBACK else {}
     try:
-        hf_model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, **source.kwargs, **attention)
+        with cached_gguf_name_maps() if source.gguf_file else contextlib.nullcontext():
+            hf_model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, **source.kwargs,
+                                                            **attention)
     except ValueError as err:     # not a causal LM, or an architecture transformers does not know
         raise ModelLoadError(f"could not load {name!r} as a causal LM: {str(err).splitlines()[0]}") from err
     with torch.inference_mode():

@@ -55,6 +55,34 @@ def test_a_q8_0_gguf_dequantized_decodes_as_transformers_reads_it(gguf_files):
     assert _greedy(engine, PROMPTS) == [_hf_greedy_from_gguf(path, prompt, 16) for prompt in PROMPTS]
 
 
+def test_gguf_name_maps_are_built_once_per_load_and_the_same(gguf_files):
+    """transformers' name mapping walks every submodule and asks gguf-py for the whole name map each time:
+    while a GGUF loads, the map is built once, and the mapping it gives is the uncached one."""
+    import gguf
+    from transformers.modeling_gguf_pytorch_utils import TensorProcessor, get_gguf_hf_weights_map
+
+    from models.gguf_blocks import cached_gguf_name_maps
+
+    model = _hf_from_gguf(gguf_files["F32"])
+    original, builds = gguf.get_tensor_name_map, []
+
+    def counting(*args):
+        builds.append(args)
+        return original(*args)
+
+    gguf.get_tensor_name_map = counting
+    try:
+        uncached = get_gguf_hf_weights_map(model, TensorProcessor())
+        walked = len(builds)
+        with cached_gguf_name_maps():
+            cached = get_gguf_hf_weights_map(model, TensorProcessor())
+        assert gguf.get_tensor_name_map is counting          # restored on the way out
+    finally:
+        gguf.get_tensor_name_map = original
+    assert walked > 10 and len(builds) == walked + 1
+    assert cached == uncached and cached
+
+
 def test_a_missing_gguf_file_is_a_clear_error(tmp_path):
     with pytest.raises(ModelLoadError, match="GGUF file .*does not exist"):
         Engine(model=str(tmp_path / "absent.gguf"), show_progress=False)
