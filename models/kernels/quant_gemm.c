@@ -283,6 +283,43 @@ DEFINE_QUANT_TILE(8)
 #define QUANT_TILES(name) {NULL, name##1, name##2, name##3, name##4}
 #endif
 
+#if HALVES == 2
+/* One row against both column halves of a panel in one pass, I8 blocks (AVX2's batch-1 decode, where
+ * the product is bound by its arithmetic, not the memory): the row's four inputs are broadcast once for
+ * the two halves' dot products and the block loop runs once. Each half's operations are quant_tile's, in
+ * its order, so its bits are. The 16 sums land in out [16]. */
+static inline __attribute__((always_inline)) void quant_row_both_halves(const QuantRows *x, const QuantSegment *s,
+                                                                        const uint8_t *panel, int64_t m, const int B,
+                                                                        float *out) {
+    fvec acc[2] = {fzero(), fzero()};
+    const int64_t bytes = block_bytes(s), blocks = x->Kp / B, sb = s->scale_bytes;
+    for (int64_t b = 0; b < blocks; ++b) {
+        const uint8_t *block = panel + b * bytes, *values = block + QPANEL * sb;
+        const int64_t k0 = b * B;
+        ivec sum[2] = {izero(), izero()};
+        for (int q = 0; q < B / 4; ++q) {
+            const int32_t x4 = x_quad(x, m, k0 + 4 * q);
+            for (int half = 0; half < 2; ++half)
+                sum[half] = dot_i8(sum[half], prep_i8(iload(values + q * 64 + half * QV * 4)), x4);
+        }
+        const float x_scale = x->scales[m * (x->Kp / XBLOCK) + k0 / XBLOCK];
+        for (int half = 0; half < 2; ++half)
+            acc[half] = ffma(fcvt(sum[half]), fmul(load_scales(block + half * QV * sb, sb), fset1(x_scale)), acc[half]);
+    }
+    fstore(out, acc[0]);
+    fstore(out + QV, acc[1]);
+}
+
+static void quant_row_i8_both(const QuantRows *x, const QuantSegment *s, const uint8_t *panel, int64_t m, float *out) {
+    quant_row_both_halves(x, s, panel, m, 32, out);
+}
+
+static void quant_row_i8_16_both(const QuantRows *x, const QuantSegment *s, const uint8_t *panel, int64_t m,
+                                 float *out) {
+    quant_row_both_halves(x, s, panel, m, 16, out);
+}
+#endif
+
 typedef void (*QuantTile)(const QuantRows *, const QuantSegment *, const uint8_t *, int64_t, int64_t, float *);
 /* By row count: I8 in blocks of 32 (Q8_0, int8) and 16 (Q6_K), U4 in blocks of 32 (Q4_0, Q4_1, Q4_K). */
 static const QuantTile I8_TILES[] = QUANT_TILES(quant_tile_i8_);
@@ -384,6 +421,15 @@ static void multiply_units(const LinearWeights *w, const Units *u, const QuantRo
         const int64_t valid = seg->columns - p * QPANEL < QPANEL ? seg->columns - p * QPANEL : QPANEL;
         const uint8_t *panel = seg->data + p * u->panel_bytes[s];
         const QuantTile *tiles = tiles_for(seg);
+#if HALVES == 2
+        if (seg->kind == QUANT_I8 && m1 - m0 == 1) {
+            (seg->block == 16 ? quant_row_i8_16_both : quant_row_i8_both)(rows, seg, panel, m0, lanes);
+            for (int64_t half = 0; half < HALVES && half * QV < valid; ++half)
+                finish_tile(lanes + half * QV, 1, m0, col0 + half * QV, valid - half * QV < QV ? valid - half * QV : QV,
+                            N, bias, residual, y);
+            continue;
+        }
+#endif
         for (int64_t half = 0; half < HALVES && half * QV < valid; ++half) {
             const int64_t cols = valid - half * QV < QV ? valid - half * QV : QV;
             for (int64_t m = m0; m < m1; m += QMAX_ROWS) {
