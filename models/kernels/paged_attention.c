@@ -18,7 +18,8 @@
  * A work item is one sequence and a range of its KV heads: all of them when the batch alone keeps every
  * thread busy, otherwise one KV head. Each item walks its row's keys once, a chunk of the position grid
  * at a time (attention_row.h): every query head of the KV group scores the chunk's keys, folds them into
- * its online softmax and adds their values while they are still in cache. A row's arithmetic is the
+ * its online softmax and adds their values while they are still in cache, two heads at a time sharing the
+ * loads (batch 1, SmolLM2's 3 heads per KV head: 3-8% less time). A row's arithmetic is the
  * prefill kernel's for a token at the same position, key for key (attention_row.h says why).
  */
 /* Without -ftrapping-math: the softmax's selects and exp_poly vectorise on AVX2 too (see fused_ops.c). */
