@@ -21,7 +21,7 @@ def measure_read_bandwidth(num_bytes: int = 512 * 2**20, repeats: int = 5) -> fl
     """Bytes per second for reading a buffer far larger than the caches (best of `repeats`), on huge pages
     as the packed weights are: the native kernels' streaming sum on their threads where they run
     (kernels.stream_read, which reads as fast as the weight products stream), else torch's sum."""
-    buffer = zeros_on_huge_pages((num_bytes // 4,), torch.float32).fill_(1.0)
+    buffer = zeros_on_huge_pages((num_bytes // 4,), torch.float32)   # its values do not matter, only reading them
     read = kernels.stream_read if kernels.native_ops_available(buffer.device, buffer.dtype) else torch.sum
     read(buffer)
     best = float("inf")

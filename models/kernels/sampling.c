@@ -40,13 +40,36 @@ static float *row_buffer(int64_t n) {
     return scratch;
 }
 
+#define SUM_TILE 256   /* terms per piece of a fixed-order sum (a multiple of 32), summed while in L1 */
+
+/* e[i] = exp((x[i] - max) * inverse_temperature), 0 where allowed[i] is 0 (allowed NULL: everywhere
+ * allowed), written to e, or only summed when e is NULL; returns their sum in the fixed order of
+ * vector_math.h, each tile of SUM_TILE added right after its exponentials. */
+static float exponentials(const float *restrict x, int64_t n, float max, float inverse_temperature,
+                          const float *restrict allowed, float *restrict e) {
+    FixedSum sum = {{{0}, {0}, {0}, {0}}};
+    float tile[SUM_TILE];
+    for (int64_t start = 0; start < n; start += SUM_TILE) {
+        const int64_t count = n - start < SUM_TILE ? n - start : SUM_TILE;
+        float *out = e ? e + start : tile;
+        const float *row = x + start;
+        if (allowed == NULL) {
+#pragma omp simd
+            for (int64_t i = 0; i < count; ++i) out[i] = exp_poly((row[i] - max) * inverse_temperature);
+        } else {
+#pragma omp simd
+            for (int64_t i = 0; i < count; ++i)   /* a refused token's logit may be anything: select, then exp */
+                out[i] = exp_poly(allowed[start + i] != 0.0f ? (row[i] - max) * inverse_temperature : -INFINITY);
+        }
+        fixed_sum_add(&sum, out, count);
+    }
+    return fixed_sum_total(&sum);
+}
+
 /* log(sum(exp(x - max))) over a row. One instance (not inlined): every raw logprob the engine reports
  * comes from this summation order, x[token] - max - log_sum_exp, whichever path computed it. */
 static __attribute__((noinline)) float log_sum_exp(const float *restrict x, int64_t n, float max) {
-    float *e = row_buffer(n);
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) e[i] = exp_poly(x[i] - max);
-    return logf(canonical_sum(e, n));
+    return logf(exponentials(x, n, max, 1.0f, NULL, NULL));
 }
 
 /* The first token whose cumulative mass exceeds target (the inverse CDF, right-closed, so a token of
@@ -90,9 +113,7 @@ static void sample_row(const float *restrict x, int64_t vocab, float temperature
     }
     float *e = row_buffer(vocab);
     const float inverse_temperature = 1.0f / temperature;
-#pragma omp simd
-    for (int64_t i = 0; i < vocab; ++i) e[i] = exp_poly((x[i] - max) * inverse_temperature);
-    const float sum = canonical_sum(e, vocab);
+    const float sum = exponentials(x, vocab, max, inverse_temperature, NULL, e);
     const int64_t chosen = walk_to(e, vocab, uniform * sum);
     *token = chosen;
     *logprob = (x[chosen] - max) * inverse_temperature - logf(sum);
@@ -127,13 +148,7 @@ static void sample_row_masked(const float *restrict x, const uint32_t *restrict 
         return;
     }
     const float inverse_temperature = greedy ? 1.0f : 1.0f / temperature;
-#pragma omp simd
-    for (int64_t i = 0; i < vocab; ++i) {
-        /* exp_poly(-inf) is 0, but a refused token's logit may be anything: select, then exp. */
-        const float shifted = allowed[i] != 0.0f ? (x[i] - max) * inverse_temperature : -INFINITY;
-        e[i] = exp_poly(shifted);
-    }
-    const float sum = canonical_sum(e, vocab);
+    const float sum = exponentials(x, vocab, max, inverse_temperature, allowed, e);
     int64_t chosen = -1;
     if (greedy) {
         chosen = 0;   /* the first allowed maximum, as torch.argmax over the masked row picks */

@@ -61,11 +61,25 @@ static inline float lane_tree(v8f v) {
     return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
 }
 
-static inline float canonical_sum(const float *x, int64_t n) {
-    v8f partial[4] = {{0}, {0}, {0}, {0}};
+/* A fixed-order sum built up piece by piece: each piece but the last a multiple of 32 terms long, so every
+ * term lands in the partial and lane canonical_sum gives it (a caller can sum tiles while they are in L1). */
+typedef struct {
+    v8f partial[4];
+} FixedSum;
+
+static inline void fixed_sum_add(FixedSum *sum, const float *x, int64_t n) {
     for (int64_t i = 0; i < n; i += 32)
-        for (int j = 0; j < 4 && i + 8 * j < n; ++j) partial[j] += load_upto8(x + i + 8 * j, n - i - 8 * j);
-    return lane_tree((partial[0] + partial[1]) + (partial[2] + partial[3]));
+        for (int j = 0; j < 4 && i + 8 * j < n; ++j) sum->partial[j] += load_upto8(x + i + 8 * j, n - i - 8 * j);
+}
+
+static inline float fixed_sum_total(const FixedSum *sum) {
+    return lane_tree((sum->partial[0] + sum->partial[1]) + (sum->partial[2] + sum->partial[3]));
+}
+
+static inline float canonical_sum(const float *x, int64_t n) {
+    FixedSum sum = {{{0}, {0}, {0}, {0}}};
+    fixed_sum_add(&sum, x, n);
+    return fixed_sum_total(&sum);
 }
 
 static inline float canonical_sum_of_squares(const float *x, int64_t n) {
