@@ -65,7 +65,7 @@ def build_speculation(cfg: EngineConfig, loaded: LoadedModel, sampler: Sampler,
                                  output_head=model.lm_head.weight_t.t())
         heads.use_output_head(model.lm_head)
         acceptance = AcceptanceRule.named(cfg.medusa_acceptance, (cfg.typical_epsilon, cfg.typical_delta))
-        proposer = MedusaProposer(heads, sampler, loaded.eos_token_ids, loaded.device, cfg.medusa_choices, acceptance)
+        proposer = MedusaProposer(heads, cfg.medusa_choices)
     elif cfg.speculative == "eagle":
         proposer = _eagle_proposer(cfg, loaded, sampler, num_blocks, acceptance)
     else:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from models.layers import FusedLinear, spread_over_vocab
+from models.layers import FusedLinear
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "medusa_lm_head.pt"
@@ -93,11 +93,6 @@ class MedusaHeads(torch.nn.Module):
     def token_ids(self, indices: torch.Tensor) -> torch.Tensor:
         """Projection output indices -> the model's token ids."""
         return indices if self.draft_vocab is None else self.draft_vocab.to(indices.device)[indices]
-
-    def vocab_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """Draft-vocabulary logits [..., V'] -> logits over the model's vocabulary, -inf off the draft
-        vocabulary (so a distribution drawn from them is the heads' own, zero where they cannot propose)."""
-        return logits if self.draft_vocab is None else spread_over_vocab(logits, self.draft_vocab, self.vocab_size)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> logits [num_heads, N, V] (V: the draft vocabulary, or the whole one)."""

@@ -7,8 +7,8 @@ import torch
 
 from decoding import Engine, SamplingParams
 from models.eagle import EagleDraft, EagleTree
-from tiny_models import (PROMPTS, assert_same_steps_match, assert_seeded_speculation, assert_target_logprobs,
-                         hf_greedy)
+from tiny_models import (PROMPTS, assert_lossless_sampling_follows_the_target, assert_same_steps_match,
+                         assert_seeded_speculation, assert_target_logprobs, hf_greedy, within_binomial_bounds)
 
 NEW_TOKENS = 24
 
@@ -249,24 +249,15 @@ def test_lossless_eagle_draws_its_chain_from_the_distributions_it_states(llama_d
         seconds.setdefault(first, []).append(second)
         q_second.setdefault(first, proposal.probs[1])
 
-    def within_bounds(draws, q):
-        """Every token's count is plausible under Binomial(n, q) (two-sided tail above 1e-7): the exact
-        test, since a normal approximation misjudges tokens with n * q far below 1 drawn once."""
-        n = len(draws)
-        counts = torch.bincount(torch.tensor(draws), minlength=q.numel()).double()
-        q = q.double().clamp(0, 1).unsqueeze(1)
-        k = torch.arange(n + 1, dtype=torch.float64)
-        log_pmf = (torch.lgamma(torch.tensor(n + 1.0)) - torch.lgamma(k + 1) - torch.lgamma(n - k + 1)
-                   + torch.xlogy(k, q) + torch.xlogy(n - k, 1 - q))                      # [vocab, n + 1]
-        pmf = log_pmf.exp()
-        below = (pmf * (k <= counts.unsqueeze(1))).sum(1)
-        above = (pmf * (k >= counts.unsqueeze(1))).sum(1)
-        return bool((2 * torch.minimum(below, above) > 1e-7).all())
-
-    assert within_bounds(firsts, q_first)
+    assert within_binomial_bounds(firsts, q_first)
     common = max(seconds, key=lambda token: len(seconds[token]))
     assert len(seconds[common]) >= 300
-    assert within_bounds(seconds[common], q_second[common])
+    assert within_binomial_bounds(seconds[common], q_second[common])
+
+
+def test_lossless_eagle_samples_follow_the_targets_distribution(llama_dir, eagle_dir):
+    assert_lossless_sampling_follows_the_target(llama_dir, eagle_engine(llama_dir, eagle_dir,
+                                                                        speculative_acceptance="lossless"))
 
 
 def test_training_continues_from_a_saved_head(llama_dir, eagle_dir):

@@ -9,7 +9,7 @@ from decoding import Engine, SamplingParams
 from decoding.sequence import FinishReason
 from decoding.speculative.proposer import Proposal
 from decoding.sampling_metadata import SamplingMetadata
-from decoding.speculative.rejection import Verdict, rejection_sample, rows_to_verify, verify
+from decoding.speculative.rejection import Verdict, _walk_lossless, rejection_sample, rows_to_verify, verify
 from models.loader import DEFAULT_DRAFT_DIR
 from tiny_models import PROMPTS, assert_target_logprobs, hf_greedy, hf_logits, save_tiny_model
 
@@ -90,6 +90,54 @@ def test_rejection_sampler_marks_the_end_of_each_chain():
     tokens, accepted = rejection_sample(p, q, torch.tensor([[1, 0]]), torch.full((1, 3), 0.5, dtype=torch.float64))
     assert accepted.tolist() == [1]
     assert tokens.tolist() == [[1, 2, -1]]        # kept 1, rejected 0, drew 2 from the residual
+
+
+@pytest.mark.parametrize("case", ["random", "peaked", "candidates-hold-everything"])
+def test_lossless_tree_walk_emits_the_target_distribution_along_every_path(case):
+    """EAGLE's rule for a tree of fixed candidates: whatever the tree, the first emitted token follows the
+    root's p, and the token after each kept node follows that node's p (each within 5 standard errors);
+    a node is kept with the target's whole mass on its children's tokens."""
+    vocab, walks = 5, 40_000
+    generator = torch.Generator().manual_seed(["random", "peaked", "candidates-hold-everything"].index(case))
+    # Root children 2, 0, 4 (rows 1-3); under row 1: 1, 2 (rows 4, 5); under row 4: 3 (row 6).
+    proposal = Proposal([2, 0, 4, 1, 2, 3], parents=(-1, -1, -1, 0, 0, 3))
+    p = torch.rand(7, vocab, generator=generator).pow(6 if case == "peaked" else 1).double()
+    if case == "candidates-hold-everything":
+        p[0, [1, 3]] = 0.0                       # the root's children cover its whole support
+    p[0, 2] += 1.0                               # deep enough paths to test rows 1 and 4 too
+    p[1, 1] += 1.0
+    p /= p.sum(-1, keepdim=True)
+    paths: list[list[int]] = []
+    for _ in range(walks):
+        uniforms = torch.rand(7, generator=generator, dtype=torch.float64).tolist()
+        rows, final = _walk_lossless(proposal, p, uniforms)
+        assert rows == sorted(rows) and all(proposal.parent_rows()[r - 1] == ([0] + rows)[i] for i, r in enumerate(rows))
+        paths.append([0] + rows + [final])       # the rows walked, then the token drawn at the last one
+    token_row = {(parent_row, proposal.token_ids[r - 1]): r for r, parent_row in enumerate(proposal.parent_rows(), 1)}
+
+    def emitted_after(row: int) -> list[int]:
+        """The token emitted at the position row scores, over the walks that reached row."""
+        out = []
+        for path in paths:
+            if row in path[:-1]:
+                at = path.index(row)
+                nxt = path[at + 1]
+                out.append(proposal.token_ids[nxt - 1] if at + 1 < len(path) - 1 else nxt)
+        return out
+
+    for row in range(7):
+        tokens = emitted_after(row)
+        n = len(tokens)
+        if n < 2000:
+            continue
+        frequencies = torch.bincount(torch.tensor(tokens), minlength=vocab).double() / n
+        assert bool(((frequencies - p[row]).abs() <= 5 * torch.sqrt(p[row] * (1 - p[row]) / n) + 1e-9).all()), (row, frequencies, p[row])
+        kept = sum(1 for t in tokens if (row, t) in token_row) / n
+        mass = float(sum(p[row, t] for (parent, t) in token_row if parent == row))
+        assert abs(kept - mass) <= 5 * math.sqrt(max(mass * (1 - mass), 1e-12) / n) + 1e-9
+    assert len(emitted_after(4)) >= 2000, "too few walks got below the root to test a deeper node"
+    if case == "candidates-hold-everything":
+        assert all(len(path) > 2 for path in paths)        # the root's children are never all rejected
 
 
 # ---- hand-built verdicts -----------------------------------------------------------------------

@@ -10,6 +10,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
                           MistralForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM)
 
+from decoding import SamplingParams
+
 TRAINING_TEXT = [
     "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n",
     "The quick brown fox jumps over the lazy dog. The dog sleeps; the fox runs away.",
@@ -94,6 +96,48 @@ def assert_target_logprobs(path: str, prompt: list[int], completion, temperature
     for i, (token, logprob) in enumerate(zip(completion.token_ids, completion.logprobs)):
         expected = float(reference[len(prompt) - 1 + i, token])
         assert abs(logprob.logprob - expected) <= 1e-4, (i, logprob.logprob, expected)
+
+
+def within_binomial_bounds(draws: list[int], q: torch.Tensor) -> bool:
+    """Every token's count among `draws` is plausible under Binomial(len(draws), q[token]) (two-sided tail
+    above 1e-7): the exact test, since a normal approximation misjudges tokens with n * q far below 1
+    drawn once."""
+    n = len(draws)
+    counts = torch.bincount(torch.tensor(draws), minlength=q.numel()).double()
+    q = q.double().clamp(0, 1).unsqueeze(1)
+    k = torch.arange(n + 1, dtype=torch.float64)
+    log_pmf = (torch.lgamma(torch.tensor(n + 1.0)) - torch.lgamma(k + 1) - torch.lgamma(n - k + 1)
+               + torch.xlogy(k, q) + torch.xlogy(n - k, 1 - q))                      # [vocab, n + 1]
+    pmf = log_pmf.exp()
+    below = (pmf * (k <= counts.unsqueeze(1))).sum(1)
+    above = (pmf * (k >= counts.unsqueeze(1))).sum(1)
+    return bool((2 * torch.minimum(below, above) > 1e-7).all())
+
+
+def assert_lossless_sampling_follows_the_target(path: str, engine, prompt: list[int] = PROMPTS[2],
+                                                temperature: float = 0.1, runs: int = 1500,
+                                                min_kept: float = 0.02) -> None:
+    """End to end, a lossless speculating engine's verifier and proposer together: over `runs` seeds from
+    one prompt, the first and second tokens a speculating step emits (the request's second and third)
+    follow the target's own distribution given what came before, by an exact binomial test per token
+    (each given the most frequent tokens before it). T = 0.1 puts most of the tiny model's mass on a
+    few tokens, so a trained draft's candidates are kept often enough (at least `min_kept` per run) to
+    test that path as well as the residual's."""
+    outputs = []
+    for first_seed in range(0, runs, 100):
+        params = [SamplingParams(temperature=temperature, max_tokens=3, seed=seed)
+                  for seed in range(first_seed, first_seed + 100)]
+        outputs += [out.outputs[0].token_ids for out in engine.generate([prompt] * 100, params)]
+    assert engine.speculation.counters.num_draft_tokens > 0
+    assert engine.speculation.counters.num_accepted_tokens >= min_kept * runs, engine.speculation.counters
+    context = list(prompt)
+    for position in (1, 2):
+        previous = [tokens[position - 1] for tokens in outputs if tokens[: position - 1] == context[len(prompt):]]
+        context.append(max(set(previous), key=previous.count))
+        draws = [tokens[position] for tokens in outputs if tokens[:position] == context[len(prompt):]]
+        assert len(draws) >= 200, (position, len(draws))
+        p = torch.softmax(hf_logits(path, context)[-1].double() / temperature, -1)
+        assert within_binomial_bounds(draws, p), (position, context)
 
 
 def assert_seeded_speculation(path: str, make_engine, prompt: list[int], params) -> None:

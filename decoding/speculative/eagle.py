@@ -181,7 +181,11 @@ class EagleProposer:
         return out[[order[item.seq.seq_id] for item in items]]
 
     def _takes_tree(self, seq: Sequence) -> bool:
-        return seq.request.params.is_greedy or self.acceptance.takes_trees
+        """Greedy requests and the exact and typical rules verify trees; the lossless rule verifies the
+        drawn chain with its distributions here: on SmolLM2 at T = 0.7 the draft's distribution is close
+        enough to the target's that the rejection rule keeps more of a 5-deep drawn chain (1.88 tokens
+        per verification) than EAGLE's rule keeps of the 5-node tree of the best candidates (1.59)."""
+        return seq.request.params.is_greedy or not self.acceptance.lossless
 
     @staticmethod
     def _drafted(candidates: list[_Candidate], parent: int) -> list[int]:

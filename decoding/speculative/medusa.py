@@ -3,20 +3,18 @@
 `choices` lists the tree's paths as top-k ranks per head, Medusa's `medusa_choices`: (0,) is head 0's
 top token, (0, 1) head 1's second-best token after it, and so on. All paths are verified in one target
 forward (ancestor-only mask, positions at each node's depth); greedy requests keep the deepest path
-matching the target's argmax (token-identical to plain greedy), sampled requests keep a path by typical
-acceptance (lossy, Medusa's rule) or, in `lossless` mode, draw a chain from the heads' distributions and
-verify it with the speculative sampling rule, which keeps the target's distribution exactly.
+matching the target's argmax (token-identical to plain greedy), sampled requests keep the path of the
+target's own draws (exact), a path by typical acceptance (lossy, Medusa's rule) or, in `lossless` mode, a
+path by EAGLE's rule for trees of fixed candidates, which keeps the target's distribution exactly
+(decoding/speculative/rejection.py).
 """
 
 from __future__ import annotations
 
 import torch
 
-from decoding.logits_processing import process_logits
-from decoding.sampler import Sampler
-from decoding.sampling_metadata import SamplingMetadata
 from decoding.sequence import Sequence
-from decoding.speculative.proposer import AcceptanceRule, Proposal
+from decoding.speculative.proposer import Proposal
 from models.medusa import MedusaHeads
 
 # The first 10 nodes grown by `python -m training.medusa_tree` for the embedded model and heads
@@ -44,8 +42,7 @@ def tree_parents(choices: tuple[tuple[int, ...], ...]) -> tuple[int, ...]:
 class MedusaProposer:
     wants_hidden_states = True
 
-    def __init__(self, heads: MedusaHeads, sampler: Sampler, eos_token_ids: frozenset[int], device: torch.device,
-                 choices=None, acceptance: AcceptanceRule = AcceptanceRule((0.09, 0.3))):
+    def __init__(self, heads: MedusaHeads, choices=None):
         self.choices = tuple(tuple(int(i) for i in path) for path in (choices or heads.choices or DEFAULT_CHOICES))
         if not self.choices or any(len(path) == 0 for path in self.choices):
             raise ValueError("medusa choices must be non-empty paths")
@@ -55,10 +52,6 @@ class MedusaProposer:
         self.parents = tree_parents(self.choices)
         self.top_k = max(max(path) for path in self.choices) + 1
         self.heads = heads
-        self.sampler = sampler
-        self.eos_token_ids = eos_token_ids
-        self.device = device
-        self.acceptance = acceptance           # the verifier's: trees for sampled requests only if it takes them
         self.max_tokens_per_step = max(len(self.choices), heads.num_heads)
         self._hidden: dict[int, torch.Tensor] = {}
 
@@ -75,24 +68,9 @@ class MedusaProposer:
         logits = self.heads(hidden.to(self.heads.heads[0][-1].weight.dtype)).float()      # [K, N, V]
         top = self.heads.token_ids(logits.topk(self.top_k, dim=-1).indices).tolist()        # [K][N][top_k]
         for n, i in enumerate(known):
-            seq = seqs[i]
-            if seq.request.params.is_greedy or self.acceptance.takes_trees:
-                tokens = [top[len(path) - 1][n][path[-1]] for path in self.choices]
-                proposals[i] = Proposal(tokens, parents=self.parents)
-            else:
-                proposals[i] = self._sampled_chain(seq, self.heads.vocab_logits(logits[:, n]))
+            tokens = [top[len(path) - 1][n][path[-1]] for path in self.choices]
+            proposals[i] = Proposal(tokens, parents=self.parents)
         return proposals
-
-    def _sampled_chain(self, seq: Sequence, head_logits: torch.Tensor) -> Proposal:
-        """Lossless mode: token k ~ q_k, head k's distribution processed as the request samples."""
-        tokens, dists = [], []
-        for k in range(head_logits.shape[0]):
-            batch = SamplingMetadata.from_sequences([seq], head_logits.shape[-1], self.eos_token_ids, self.device,
-                                                 drafted=[list(tokens)])
-            q = process_logits(head_logits[k : k + 1], batch).logprobs.exp()
-            tokens.append(int(self.sampler.sample(q, batch)[0]))
-            dists.append(q[0].cpu())
-        return Proposal(tokens, torch.stack(dists))
 
     def on_verified(self, seq: Sequence, num_accepted: int) -> None:
         pass            # the engine hands over the new hidden state through observe()

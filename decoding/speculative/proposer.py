@@ -66,9 +66,11 @@ class AcceptanceRule:
     tokens is kept, over chains and trees: the plain sampled output token for token where the verified
     rows' logits equal the decode step's bit for bit;
     a draft drawn with the same uniform (draft models, Medusa's chains do) matches whenever the two
-    distributions put that uniform on the same token. Lossless: speculative sampling (the rejection rule),
-    over chains; the same distribution, other tokens. Typical (Medusa's lossy rule, `typical` =
-    (epsilon, delta)): a node whose probability under the target is typical enough, over trees too."""
+    distributions put that uniform on the same token. Lossless: speculative sampling (the rejection rule)
+    over a drawn chain with its distributions (draft models, EAGLE), or EAGLE's rule over a tree of
+    deterministic candidates (Medusa); the same distribution, other tokens. Typical (Medusa's
+    lossy rule, `typical` = (epsilon, delta)): a node whose probability under the target is typical
+    enough, over trees too."""
 
     typical: tuple[float, float] | None = None
     exact: bool = True
@@ -82,9 +84,10 @@ class AcceptanceRule:
         return cls(typical if name == "typical" else None, exact=name == "exact")
 
     @property
-    def takes_trees(self) -> bool:
-        """Whether a sampled request's proposal may be a tree (lossless verification needs a chain)."""
-        return self.typical is not None or self.exact
+    def lossless(self) -> bool:
+        """The rejection rule (decoding/speculative/rejection.py): for a chain drawn with its
+        distributions, or for a tree of candidates fixed before the target's draws."""
+        return self.typical is None and not self.exact
 
 
 class Proposer(Protocol):

@@ -21,6 +21,12 @@ sampled one follow the same distribution p_j.
   token x ~ q_j with probability min(1, p_j(x) / q_j(x)); on the first rejection draw from the residual
   norm(max(0, p_j - q_j)) and stop; when all are kept draw a bonus token from p_k. Each emitted token is
   then distributed exactly as under p. A deterministic proposer has a one-hot q.
+  A tree's candidates are deterministic (Medusa's and EAGLE's top-k: chosen before the target's draws),
+  and at each node they are tried in turn as EAGLE verifies its trees at T > 0: keep child c with
+  probability p(c) / (the mass not yet rejected), else zero p(c) and try the next sibling; when every
+  child is rejected draw from what is left of p, and stop. The emitted token is then distributed
+  exactly as p, and a node is kept with the target's whole mass on its candidates, not only on its
+  best one.
 
 Returned logprobs are the target's at each emitted position, in the request's logprobs_mode.
 """
@@ -95,6 +101,8 @@ def verify(sampler: Sampler, seqs: list[Sequence], proposals: list[Proposal], lo
             rows, final = _walk_typical(proposal, probs[base : base + num_rows], seq.generator, rule.typical)
         elif rule.exact:
             rows, final = _walk_greedy(proposal, drawn[base : base + num_rows])
+        elif proposal.parents is not None:
+            rows, final = _walk_lossless(proposal, probs[base : base + num_rows], _uniforms(seq.generator, num_rows))
         else:
             rows, final = _verify_sampled(proposal, probs[base : base + num_rows], seq.generator)
         tokens = [proposal.token_ids[r - 1] for r in rows] + [final]
@@ -178,11 +186,53 @@ def _walk_typical(proposal: Proposal, p: torch.Tensor, generator: torch.Generato
         row = match
 
 
+def _uniforms(generator: torch.Generator, count: int) -> list[float]:
+    """One uniform per verified row, drawn whatever the walk reaches, so a seeded request consumes its
+    generator the same way every run."""
+    return torch.rand(count, generator=generator, dtype=torch.float64).tolist()
+
+
+def _walk_lossless(proposal: Proposal, p: torch.Tensor, uniforms: list[float]) -> tuple[list[int], int]:
+    """The lossless rule over a tree of deterministic candidates. p [k + 1, vocab]: the target's sampling
+    distribution at each verified row; uniforms[c] decides child row c, uniforms[0] the final draw."""
+    children, rows, row = _children(proposal), [], 0
+    while True:
+        remaining = float(p[row].sum(dtype=torch.float64))
+        rejected: list[int] = []
+        match = None
+        for child in children.get(row, ()):
+            token = proposal.token_ids[child - 1]
+            if token in rejected:
+                continue
+            mass = float(p[row, token])
+            if uniforms[child] * remaining < mass:
+                match = child
+                break
+            rejected.append(token)
+            remaining -= mass
+        if match is None:
+            return rows, _draw_excluding(p[row], rejected, uniforms[0])
+        rows.append(match)
+        row = match
+
+
+def _draw_excluding(p: torch.Tensor, excluded: list[int], uniform: float) -> int:
+    """Inverse-CDF draw from p with `excluded` tokens zeroed (all of p where that leaves nothing, which
+    only rounding can cause: the excluded mass was 1 yet each of them was rejected)."""
+    residual = p.double()
+    if excluded:
+        residual = residual.clone()
+        residual[excluded] = 0.0
+        if float(residual.sum()) <= 0.0:
+            residual = p.double()
+    cdf = residual.cumsum(dim=0)
+    drawn = int(torch.searchsorted(cdf, torch.tensor([uniform * float(cdf[-1])], dtype=torch.float64), right=True))
+    return min(drawn, p.shape[-1] - 1)
+
+
 def _verify_sampled(proposal: Proposal, p: torch.Tensor, generator: torch.Generator) -> tuple[list[int], int]:
-    """Speculative sampling over a chain. p [k + 1, vocab]: the target's sampling distributions. Draws
+    """Speculative sampling over a chain (drawn from q, or deterministic with probs None). p [k + 1, vocab]: the target's sampling distributions. Draws
     k + 1 uniforms whatever happens, so a seeded request consumes its generator the same way every run."""
-    if proposal.parents is not None:
-        raise ValueError("lossless verification needs a chain proposal; trees use greedy or typical acceptance")
     draft = torch.tensor(proposal.token_ids, dtype=torch.long, device=p.device)
     k, vocab = len(proposal.token_ids), p.shape[-1]
     if proposal.probs is None:
