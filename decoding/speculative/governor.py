@@ -8,15 +8,20 @@ not configured: for each batch size (1-8 apart, then by powers of two), pure dec
 speculation on and off, and each step takes the mode whose recent tokens per second is higher. The mode
 that lost is re-measured after EXPLORE_EVERY steps of its batch size, so a change in acceptance (another
 kind of prompt, a temperature) is noticed; each time it loses again the wait doubles (up to
-MAX_EXPLORE_EVERY), since a re-measurement costs more than a plain step (a draft model first catches up on
-the tokens it missed), and it returns to EXPLORE_EVERY when the other mode wins.
+MAX_EXPLORE_EVERY), and it returns to EXPLORE_EVERY when the other mode wins.
+
+A re-measurement starts that mode's figures afresh (the old ones are stale by then) and takes
+MIN_SAMPLES steps, since one sampled step's tokens vary from 1 to the whole tree. The first step after
+each switch of mode is not timed: it pays for the switch, not for the mode (switching speculation on, a
+draft model or an EAGLE head first catches up on every token it missed), which would otherwise make
+speculation look slower after every re-measurement than it runs.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-MIN_SAMPLES = 3          # steps of a mode before its speed is trusted
+MIN_SAMPLES = 6          # timed steps of a mode before its speed is trusted, at first and per re-measurement
 EXPLORE_EVERY = 48       # decisions of a batch size before the mode not taken is re-measured
 MAX_EXPLORE_EVERY = 768
 DECAY = 0.9              # weight of the older steps in a mode's speed, per new step
@@ -50,6 +55,7 @@ class BucketState:
     since_explored: int = 0           # decisions since the mode not taken was last re-measured
     explore_every: int = EXPLORE_EVERY
     leader: bool | None = None        # the mode that was ahead at the last re-measurement
+    last_mode: bool | None = None     # the mode of this batch size's last timed-or-skipped step
 
 
 class SpeculationGovernor:
@@ -67,16 +73,24 @@ class SpeculationGovernor:
         state.since_explored += 1
         if state.since_explored < state.explore_every:
             return better
-        # Re-measure the other mode; wait longer next time if the same mode is still ahead.
+        # Re-measure the other mode from scratch (the early returns above then keep it for MIN_SAMPLES
+        # timed steps); wait longer next time if the same mode is still ahead.
         same = state.leader is None or state.leader == better
         state.explore_every = min(2 * state.explore_every, MAX_EXPLORE_EVERY) if same else EXPLORE_EVERY
         state.leader, state.since_explored = better, 0
+        if better:
+            state.off = ModeSpeed()
+        else:
+            state.on = ModeSpeed()
         return not better
 
     def record(self, num_decoding: int, speculated: bool, tokens: int, seconds: float) -> None:
         """A pure decode step's outcome: `tokens` emitted by its decoding sequences in `seconds`."""
         state = self._buckets.setdefault(batch_bucket(num_decoding), BucketState())
-        (state.on if speculated else state.off).add(tokens, seconds)
+        switched = state.last_mode is not None and state.last_mode != speculated
+        state.last_mode = speculated
+        if not switched:
+            (state.on if speculated else state.off).add(tokens, seconds)
 
     def summary(self) -> dict[int, dict[str, float]]:
         """Per batch bucket, each mode's measured tokens per second (for metrics and benchmarks)."""
