@@ -8,7 +8,8 @@ import torch
 from decoding import Engine, SamplingParams
 from models.eagle import EagleDraft, EagleTree
 from tiny_models import (PROMPTS, assert_lossless_sampling_follows_the_target, assert_same_steps_match,
-                         assert_seeded_speculation, assert_target_logprobs, hf_greedy, within_binomial_bounds)
+                         assert_seeded_speculation, assert_target_logprobs, hf_greedy, recorded_proposals,
+                         within_binomial_bounds)
 
 NEW_TOKENS = 24
 
@@ -182,15 +183,7 @@ def test_lossless_eagle_proposes_chains_with_their_distributions(llama_dir, eagl
     (processed as the request samples), zero off the draft vocabulary, summing to one."""
     engine = eagle_engine(llama_dir, eagle_dir, speculative_acceptance="lossless")
     proposer = engine.speculation.proposer
-    seen = []
-    propose = proposer.propose
-
-    def spy(seqs, max_tokens):
-        proposals = propose(seqs, max_tokens)
-        seen.extend(proposals)
-        return proposals
-
-    proposer.propose = spy
+    seen = recorded_proposals(engine)
     engine.generate([PROMPTS[1]], SamplingParams(temperature=0.9, max_tokens=16, seed=1))
     drafted = [p for p in seen if p.token_ids]
     assert drafted

@@ -13,7 +13,8 @@ from decoding.speculative.proposer import Proposal
 from models.loader import DEFAULT_MEDUSA_DIR
 from models.medusa import MedusaHeads
 from tiny_models import (PROMPTS, assert_lossless_sampling_follows_the_target, assert_same_steps_match,
-                         assert_seeded_speculation, assert_target_logprobs, hf_greedy, hf_logits)
+                         assert_seeded_speculation, assert_target_logprobs, hf_greedy, hf_logits,
+                         recorded_proposals)
 
 NEW_TOKENS = 24
 CHOICES = ((0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0))
@@ -290,16 +291,7 @@ def test_lossless_medusa_verifies_its_tree_and_keeps_the_targets_distribution(ll
     """Lossless sampled requests get the same tree of the heads' best candidates as greedy ones, verified
     by the tree rule (tested alone in test_speculative.py); the samples follow the target's distribution."""
     engine = medusa_engine(llama_dir, heads_dir, medusa_acceptance="lossless")
-    proposer = engine.speculation.proposer
-    seen = []
-    propose = proposer.propose
-
-    def spy(seqs, max_tokens):
-        proposals = propose(seqs, max_tokens)
-        seen.extend(proposals)
-        return proposals
-
-    proposer.propose = spy
+    seen = recorded_proposals(engine)
     assert_lossless_sampling_follows_the_target(llama_dir, engine, min_kept=0.0)
     assert seen and all(p.parents == tree_parents(CHOICES) and p.probs is None for p in seen if p.token_ids)
 

@@ -140,6 +140,20 @@ def assert_lossless_sampling_follows_the_target(path: str, engine, prompt: list[
         assert within_binomial_bounds(draws, p), (position, context)
 
 
+def recorded_proposals(engine) -> list:
+    """A list that every proposal the engine's proposer makes from now on is appended to."""
+    proposer, seen = engine.speculation.proposer, []
+    propose = proposer.propose
+
+    def recording(seqs, max_tokens):
+        proposals = propose(seqs, max_tokens)
+        seen.extend(proposals)
+        return proposals
+
+    proposer.propose = recording
+    return seen
+
+
 def assert_seeded_speculation(path: str, make_engine, prompt: list[int], params) -> None:
     """A seeded sampled request on a speculating engine (`make_engine()`, twice): the same tokens both times,
     drafts made, and the target's own logprobs at the request's temperature."""
