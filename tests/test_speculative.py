@@ -111,7 +111,8 @@ def test_lossless_tree_walk_emits_the_target_distribution_along_every_path(case)
     for _ in range(walks):
         uniforms = torch.rand(7, generator=generator, dtype=torch.float64).tolist()
         rows, final = _walk_lossless(proposal, p, uniforms)
-        assert rows == sorted(rows) and all(proposal.parent_rows()[r - 1] == ([0] + rows)[i] for i, r in enumerate(rows))
+        walked = [0] + rows                      # each kept row is a child of the row before it
+        assert rows == sorted(rows) and all(proposal.parent_rows()[r - 1] == walked[i] for i, r in enumerate(rows))
         paths.append([0] + rows + [final])       # the rows walked, then the token drawn at the last one
     token_row = {(parent_row, proposal.token_ids[r - 1]): r for r, parent_row in enumerate(proposal.parent_rows(), 1)}
 
@@ -131,7 +132,8 @@ def test_lossless_tree_walk_emits_the_target_distribution_along_every_path(case)
         if n < 2000:
             continue
         frequencies = torch.bincount(torch.tensor(tokens), minlength=vocab).double() / n
-        assert bool(((frequencies - p[row]).abs() <= 5 * torch.sqrt(p[row] * (1 - p[row]) / n) + 1e-9).all()), (row, frequencies, p[row])
+        tolerance = 5 * torch.sqrt(p[row] * (1 - p[row]) / n) + 1e-9
+        assert bool(((frequencies - p[row]).abs() <= tolerance).all()), (row, frequencies, p[row])
         kept = sum(1 for t in tokens if (row, t) in token_row) / n
         mass = float(sum(p[row, t] for (parent, t) in token_row if parent == row))
         assert abs(kept - mass) <= 5 * math.sqrt(max(mass * (1 - mass), 1e-12) / n) + 1e-9

@@ -20,13 +20,13 @@ sampled one follow the same distribution p_j.
 - Sampled rows under the lossless rule use speculative sampling (Leviathan et al. 2023; Chen et al. 2023): keep draft
   token x ~ q_j with probability min(1, p_j(x) / q_j(x)); on the first rejection draw from the residual
   norm(max(0, p_j - q_j)) and stop; when all are kept draw a bonus token from p_k. Each emitted token is
-  then distributed exactly as under p. A deterministic proposer has a one-hot q.
-  A tree's candidates are deterministic (Medusa's and EAGLE's top-k: chosen before the target's draws),
-  and at each node they are tried in turn as EAGLE verifies its trees at T > 0: keep child c with
-  probability p(c) / (the mass not yet rejected), else zero p(c) and try the next sibling; when every
-  child is rejected draw from what is left of p, and stop. The emitted token is then distributed
-  exactly as p, and a node is kept with the target's whole mass on its candidates, not only on its
-  best one.
+  then distributed exactly as under p. Deterministic proposals (prompt lookup's chains, Medusa's top-k
+  trees: candidates chosen before the target's draws, no q) are walked node by node as EAGLE verifies
+  its trees at T > 0: keep child c with probability p(c) / (the mass not yet rejected), else zero p(c)
+  and try the next sibling; when every child is rejected draw from what is left of p, and stop. The
+  emitted token is then distributed exactly as p, and a node is kept with the target's whole mass on
+  its candidates, not only on its best one. Over a chain this is the rule above with a one-hot q, the
+  same uniforms deciding the same way.
 
 Returned logprobs are the target's at each emitted position, in the request's logprobs_mode.
 """
@@ -101,10 +101,10 @@ def verify(sampler: Sampler, seqs: list[Sequence], proposals: list[Proposal], lo
             rows, final = _walk_typical(proposal, probs[base : base + num_rows], seq.generator, rule.typical)
         elif rule.exact:
             rows, final = _walk_greedy(proposal, drawn[base : base + num_rows])
-        elif proposal.parents is not None:
+        elif proposal.probs is None:
             rows, final = _walk_lossless(proposal, probs[base : base + num_rows], _uniforms(seq.generator, num_rows))
         else:
-            rows, final = _verify_sampled(proposal, probs[base : base + num_rows], seq.generator)
+            rows, final = _verify_sampled(proposal, probs[base : base + num_rows], _uniforms(seq.generator, num_rows))
         tokens = [proposal.token_ids[r - 1] for r in rows] + [final]
         verdicts.append(Verdict(tokens, [], len(rows), rows))
         base += num_rows
@@ -179,22 +179,20 @@ def _walk_typical(proposal: Proposal, p: torch.Tensor, generator: torch.Generato
         match = next((c for c in children.get(row, ()) if float(p[row, proposal.token_ids[c - 1]]) > thresholds[row]),
                      None)
         if match is None:
-            cdf = p[row].double().cumsum(dim=0)
-            final = int(torch.searchsorted(cdf, torch.tensor([uniform * float(cdf[-1])], dtype=torch.float64), right=True))
-            return rows, min(final, p.shape[-1] - 1)
+            return rows, _draw(p[row], uniform)
         rows.append(match)
         row = match
 
 
 def _uniforms(generator: torch.Generator, count: int) -> list[float]:
     """One uniform per verified row, drawn whatever the walk reaches, so a seeded request consumes its
-    generator the same way every run."""
+    generator the same way every run: uniforms[c - 1] decides draft row c, the last one the final draw."""
     return torch.rand(count, generator=generator, dtype=torch.float64).tolist()
 
 
 def _walk_lossless(proposal: Proposal, p: torch.Tensor, uniforms: list[float]) -> tuple[list[int], int]:
-    """The lossless rule over a tree of deterministic candidates. p [k + 1, vocab]: the target's sampling
-    distribution at each verified row; uniforms[c] decides child row c, uniforms[0] the final draw."""
+    """The lossless rule over deterministic candidates, a chain or a tree. p [k + 1, vocab]: the target's
+    sampling distribution at each verified row; uniforms as `_uniforms` lays them out."""
     children, rows, row = _children(proposal), [], 0
     while True:
         remaining = float(p[row].sum(dtype=torch.float64))
@@ -205,18 +203,18 @@ def _walk_lossless(proposal: Proposal, p: torch.Tensor, uniforms: list[float]) -
             if token in rejected:
                 continue
             mass = float(p[row, token])
-            if uniforms[child] * remaining < mass:
+            if uniforms[child - 1] * remaining < mass:
                 match = child
                 break
             rejected.append(token)
             remaining -= mass
         if match is None:
-            return rows, _draw_excluding(p[row], rejected, uniforms[0])
+            return rows, _draw(p[row], uniforms[-1], rejected)
         rows.append(match)
         row = match
 
 
-def _draw_excluding(p: torch.Tensor, excluded: list[int], uniform: float) -> int:
+def _draw(p: torch.Tensor, uniform: float, excluded: list[int] | None = None) -> int:
     """Inverse-CDF draw from p with `excluded` tokens zeroed (all of p where that leaves nothing, which
     only rounding can cause: the excluded mass was 1 yet each of them was rejected)."""
     residual = p.double()
@@ -230,17 +228,13 @@ def _draw_excluding(p: torch.Tensor, excluded: list[int], uniform: float) -> int
     return min(drawn, p.shape[-1] - 1)
 
 
-def _verify_sampled(proposal: Proposal, p: torch.Tensor, generator: torch.Generator) -> tuple[list[int], int]:
-    """Speculative sampling over a chain (drawn from q, or deterministic with probs None). p [k + 1, vocab]: the target's sampling distributions. Draws
-    k + 1 uniforms whatever happens, so a seeded request consumes its generator the same way every run."""
+def _verify_sampled(proposal: Proposal, p: torch.Tensor, uniforms: list[float]) -> tuple[list[int], int]:
+    """Speculative sampling over a chain drawn from the proposal's q. p [k + 1, vocab]: the target's
+    sampling distributions; uniforms as `_uniforms` lays them out."""
     draft = torch.tensor(proposal.token_ids, dtype=torch.long, device=p.device)
-    k, vocab = len(proposal.token_ids), p.shape[-1]
-    if proposal.probs is None:
-        q = torch.zeros(k, vocab, dtype=p.dtype, device=p.device).scatter_(1, draft[:, None], 1.0)
-    else:
-        q = proposal.probs.to(device=p.device, dtype=p.dtype)
-    uniforms = torch.rand(1, k + 1, generator=generator, dtype=torch.float64).to(p.device)
-    tokens, num_accepted = rejection_sample(p[None], q[None], draft[None], uniforms)
+    q = proposal.probs.to(device=p.device, dtype=p.dtype)
+    tokens, num_accepted = rejection_sample(p[None], q[None], draft[None],
+                                            torch.tensor([uniforms], dtype=torch.float64, device=p.device))
     kept = int(num_accepted[0])
     return list(range(1, kept + 1)), int(tokens[0, kept])
 
