@@ -22,7 +22,7 @@ def main() -> None:
     def extra(parser):
         parser.add_argument("--head", default=None, help="EAGLE head folder (default: the one shipped for --model)")
         parser.add_argument("--eagle-tree", type=EagleTree.parse, default=None,
-                            help="NODES,DEPTH,TOP_K of the candidate tree (default: the head's own)")
+                            help="NODES,DEPTH,TOP_K[,WIDTH] of the candidate tree (default: the head's own)")
         parser.add_argument("--sweep", type=EagleTree.parse, nargs="+", default=None,
                             help="greedy only, for each of these trees: how the tree is tuned (see the head's card)")
 

@@ -114,12 +114,16 @@ class ModelRunner:
         a short chain (a draft chain to verify, a draft model's catch-up), each with its own context
         length over the same blocks. Prefill chunks attend in blocks of queries (the native prefill
         kernel, else SDPA); trees off the decode kernel and chains without it are masked segments."""
-        decode_like = [s.num_new_tokens == 1 or (self.native_decode and (
-                           self._native_trees if s.tree is not None
-                           else bool(s.draft_token_ids) or s.num_new_tokens <= SHORT_CHAIN))
-                       for s in scheduled]
+        decode_like = [self._attends_like_decodes(s) for s in scheduled]
         order = sorted(range(len(scheduled)), key=lambda i: (not decode_like[i], scheduled[i].start if decode_like[i] else 0))
         return decode_like, order
+
+    def _attends_like_decodes(self, item: ScheduledSeq) -> bool:
+        if item.tree is not None and (item.tree.computed or item.num_new_tokens > 1):
+            # Nodes whose ancestors are scattered over the cache: the native kernel's extra positions.
+            return self.native_decode and self._native_trees
+        return item.num_new_tokens == 1 or (self.native_decode and (bool(item.draft_token_ids)
+                                                                    or item.num_new_tokens <= SHORT_CHAIN))
 
     def _pack(self, item: ScheduledSeq, decode_like: bool, rows: _Rows) -> None:
         """One scheduled sequence's tokens as rows: ids, positions, cache slots, and how they attend."""
@@ -130,7 +134,8 @@ class ModelRunner:
         if item.tree is None:
             rows.positions += range(start, start + count)
         else:
-            rows.positions += [start + depth for depth in item.tree.depths()]
+            base = start - item.tree.computed
+            rows.positions += [base + depth for depth in item.tree.depths()[item.tree.computed:]]
         table = seq.block_table
         rows.slots += [table[p // self.block_size] * self.block_size + p % self.block_size
                        for p in range(start, start + count)]   # BlockManager.slots, inlined: the hot path
@@ -138,9 +143,12 @@ class ModelRunner:
             rows.history += self._history_slots(item, table)
         if item.reaches_end:
             rows.last_rows.append(len(rows.input_ids) - 1)
-        if decode_like and item.tree is not None:
-            # Node j sees the cache before the tree, then its ancestors and itself.
-            rows.decode_rows += [(table, start, [start + a for a in ancestors]) for ancestors in item.tree.ancestry()]
+        if decode_like and item.tree is not None and self.native_decode:
+            # Node j sees the cache before the tree, then its ancestors and itself (off the native kernel
+            # a tree is decode-like only as one first-level node, which is a one-token chain).
+            base = start - item.tree.computed
+            rows.decode_rows += [(table, base, [base + a for a in ancestors])
+                                 for ancestors in item.tree.ancestry()[item.tree.computed:]]
         elif decode_like:
             rows.decode_rows += [(table, start + j + 1, []) for j in range(count)]
         else:
@@ -153,8 +161,10 @@ class ModelRunner:
         if item.tree is None:
             before = [[p - j for j in range(1, length + 1)] for p in range(start, start + count)]
         else:
-            before = [[start + a for a in reversed(chain[:-1])][:length] for chain in item.tree.ancestry()]
-            before = [b + [start - 1 - j for j in range(length - len(b))] for b in before]
+            base = start - item.tree.computed
+            before = [[base + a for a in reversed(chain[:-1])][:length]
+                      for chain in item.tree.ancestry()[item.tree.computed:]]
+            before = [b + [base - 1 - j for j in range(length - len(b))] for b in before]
         return [[table[q // size] * size + q % size if q >= 0 else -1 for q in b] for b in before]
 
     def _attention_metadata(self, rows: _Rows, positions: torch.Tensor) -> AttentionMetadata:
@@ -214,6 +224,10 @@ class ModelRunner:
 
     def _segment(self, item: ScheduledSeq, row: int, positions: torch.Tensor) -> Segment:
         start, count = item.start, item.num_new_tokens
+        computed = item.tree.computed if item.tree is not None else 0
+        if computed and self.model.attention_windows != frozenset({None}):
+            # The window below counts keys by query position; a tree's earlier nodes are not queries here.
+            raise ValueError("a tree grown a level at a time needs a model without sliding windows")
         seg = Segment(q_start=row, q_end=row + count, block_table=self._long(item.seq.block_table),
                       context_len=start + count, first_block=_first_of_run(item.seq.block_table),
                       fresh_causal=start == 0 and item.tree is None)
@@ -225,8 +239,8 @@ class ModelRunner:
             if visibility is None:
                 visibility = (torch.ones(count, count, dtype=torch.bool, device=self.device).tril_()
                               if item.tree is None else
-                              torch.tensor(item.tree.visibility(), dtype=torch.bool, device=self.device))
-            seg.masks[window] = segment_mask(start, positions[row : row + count], visibility, window)
+                              torch.tensor(item.tree.visibility()[computed:], dtype=torch.bool, device=self.device))
+            seg.masks[window] = segment_mask(start - computed, positions[row : row + count], visibility, window)
         return seg
 
     def _long(self, values) -> torch.Tensor:

@@ -29,9 +29,14 @@ class TokenTree:
     cached context directly. Parents come before children. Token i sits at position start + depth(i) and
     sees only its ancestors and the cache; its key/value is stored at sequence index start + i until the
     accepted path is compacted.
+
+    A tree grown a level at a time (EAGLE's draft) computes only its newest nodes: the first `computed`
+    are already in the cache, and the step's tokens are nodes computed.. (the scheduled entry's start is
+    then node `computed`'s index, start - computed the tree's).
     """
 
     parents: tuple[int, ...]
+    computed: int = 0
 
     def depths(self) -> list[int]:
         depths: list[int] = []

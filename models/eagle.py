@@ -43,28 +43,32 @@ LAYER_PREFIX = "layers"
 @dataclass(frozen=True)
 class EagleTree:
     """How the proposer grows its candidate tree (EAGLE-2's dynamic tree, ranked by the draft's confidence):
-    up to `depth` draft rows along the best path, the `top_k` best tokens of each row as candidates, and the
-    `nodes` candidates of highest cumulative draft log-probability kept for verification."""
+    up to `depth` levels; at each level the `width` candidates of highest cumulative draft log-probability
+    get a draft row, whose `top_k` best tokens are the next level's candidates; the `nodes` candidates of
+    highest score are kept for verification. Width 1 drafts along the best path only."""
 
     nodes: int = 8
     depth: int = 6
     top_k: int = 4
+    width: int = 1
 
     def __post_init__(self):
-        if self.nodes < 1 or self.depth < 1 or self.top_k < 1:
-            raise ValueError(f"an EAGLE tree needs at least one node, row and candidate, got {self}")
+        if min(self.nodes, self.depth, self.top_k, self.width) < 1:
+            raise ValueError(f"an EAGLE tree needs at least one node, level, candidate and expansion, got {self}")
 
     @classmethod
-    def parse(cls, text: str) -> tuple[int, int, int]:
-        """'NODES,DEPTH,TOP_K' (as the command line gives it) -> the three ints; ValueError otherwise."""
+    def parse(cls, text: str) -> tuple[int, ...]:
+        """'NODES,DEPTH,TOP_K[,WIDTH]' (as the command line gives it) -> the ints; ValueError otherwise."""
         try:
-            nodes, depth, top_k = (int(part) for part in text.split(","))
+            numbers = tuple(int(part) for part in text.split(","))
         except ValueError as err:
-            raise ValueError(f"expected NODES,DEPTH,TOP_K (e.g. 8,6,4), got {text!r}") from err
-        return nodes, depth, top_k
+            raise ValueError(f"expected NODES,DEPTH,TOP_K[,WIDTH] (e.g. 8,6,4,2), got {text!r}") from err
+        if len(numbers) not in (3, 4):
+            raise ValueError(f"expected NODES,DEPTH,TOP_K[,WIDTH] (e.g. 8,6,4,2), got {text!r}")
+        return numbers
 
     def as_dict(self) -> dict:
-        return {"nodes": self.nodes, "depth": self.depth, "top_k": self.top_k}
+        return {"nodes": self.nodes, "depth": self.depth, "top_k": self.top_k, "width": self.width}
 
 
 def one_layer_spec(spec: DecoderSpec) -> DecoderSpec:
@@ -124,6 +128,11 @@ class EagleDraft(torch.nn.Module):
         self.embed = embed                          # the target's, shared
         self.rotary = rotary
         self.draft_vocab = draft_vocab.to(device=device, dtype=torch.long)
+        if bool((self.draft_vocab[1:] <= self.draft_vocab[:-1]).any()):
+            raise ValueError("the draft vocabulary must be sorted by token id (EagleDraft.load sorts it)")
+        # Each model token's column in the draft's logits, -1 off the draft vocabulary.
+        self._column = torch.full((spec.vocab_size,), -1, dtype=torch.long)
+        self._column[self.draft_vocab.cpu()] = torch.arange(self.draft_vocab.numel())
         self.tree = tree
         # What the runner's batch packing reads of a model.
         self.num_layers = 1
@@ -154,6 +163,11 @@ class EagleDraft(torch.nn.Module):
     def token_ids(self, indices: torch.Tensor) -> torch.Tensor:
         return self.draft_vocab[indices]
 
+    def columns_of(self, token_ids: list[int]) -> list[int]:
+        """The draft-logit columns of those of `token_ids` the draft vocabulary holds."""
+        columns = self._column[torch.tensor(token_ids, dtype=torch.long)].tolist() if token_ids else []
+        return [c for c in columns if c >= 0]
+
     @classmethod
     def load(cls, folder: str | Path, target, dtype: torch.dtype, device, weights: str = "q8_0") -> EagleDraft:
         """A head saved by save_eagle, beside its loaded native `target` (DecoderForCausalLM); raises
@@ -180,7 +194,11 @@ class EagleDraft(torch.nn.Module):
         d2t = state.pop("d2t", None)
         if d2t is None or d2t.numel() != int(eagle.get("draft_vocab_size", -1)):
             raise ValueError(f"{folder}: d2t must hold draft_vocab_size = {eagle.get('draft_vocab_size')} offsets")
-        draft_vocab = d2t.to(torch.long) + torch.arange(d2t.numel())
+        # Sorted by id (EAGLE-3's d2t is; a head's own order means nothing): a draw over the draft's
+        # columns is then the draw over the whole vocabulary (EagleProposer._sampling_distribution).
+        draft_vocab = (d2t.to(torch.long) + torch.arange(d2t.numel())).sort().values
+        if bool((draft_vocab[1:] == draft_vocab[:-1]).any()):
+            raise ValueError(f"{folder}: d2t names a token twice")
         if int(draft_vocab.min()) < 0 or int(draft_vocab.max()) >= spec.vocab_size:
             raise ValueError(f"{folder}: the draft vocabulary names tokens outside the model's {spec.vocab_size}")
         output_head = target.lm_head.weight_t.t()

@@ -41,8 +41,8 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
                              "lossless (rejection rule) or typical (lossy); greedy ones are always exact")
     parser.add_argument("--eagle-head", default=None, help="EAGLE head folder (default: the one shipped for a catalog model)")
     parser.add_argument("--eagle-tree", type=_eagle_tree, default=None,
-                        help="EAGLE's tree as NODES,DEPTH,TOP_K: candidates verified, draft rows, candidates per row "
-                             "(default: the head's own)")
+                        help="EAGLE's tree as NODES,DEPTH,TOP_K[,WIDTH]: candidates verified, levels drafted, "
+                             "candidates per draft row, rows drafted per level (default: the head's own)")
     parser.add_argument("--eagle-weights", choices=["float", "q8_0", "q4_0", "q4_1", "bf16"], default="q8_0",
                         help="the EAGLE draft's weights (it only proposes; the model verifies in its own precision)")
     parser.add_argument("--speculative-acceptance", choices=["exact", "lossless", "typical"], default="exact",
@@ -70,7 +70,7 @@ def _choices(text: str) -> tuple[tuple[int, ...], ...]:
         raise argparse.ArgumentTypeError(f"expected a JSON list of lists of ints, got {text!r}") from err
 
 
-def _eagle_tree(text: str) -> tuple[int, int, int]:
+def _eagle_tree(text: str) -> tuple[int, ...]:
     from models.eagle import EagleTree
     try:
         return EagleTree.parse(text)

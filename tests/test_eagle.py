@@ -116,7 +116,7 @@ def test_a_head_that_does_not_fit_is_refused(llama_dir, eagle_dir, tmp_path):
 
 # ---- decoding ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("tree", [None, (1, 1, 1), (3, 2, 3), (12, 8, 4)])
+@pytest.mark.parametrize("tree", [None, (1, 1, 1), (3, 2, 3), (12, 8, 4), (6, 4, 3, 2), (12, 6, 4, 4)])
 def test_greedy_eagle_is_token_identical_on_a_batch(llama_dir, eagle_dir, tree):
     engine = eagle_engine(llama_dir, eagle_dir, eagle_tree=tree)
     outputs = engine.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS,
@@ -196,6 +196,42 @@ def test_lossless_eagle_proposes_chains_with_their_distributions(llama_dir, eagl
         assert all(float(proposal.probs[j, t]) > 0 for j, t in enumerate(proposal.token_ids))
 
 
+def test_sampled_drafts_over_the_draft_vocabulary_draw_what_the_whole_vocabulary_would(llama_dir, eagle_dir):
+    """A sampled row's draft distribution runs over the draft's 200 columns where the request's pipeline
+    only scales, truncates and bans: the same distribution and, from the same uniform, the same token as
+    the pipeline over all 384 ids with the others at -inf; a penalised row takes the whole vocabulary."""
+    from decoding.logits_processing import process_logits
+    from decoding.sampling_metadata import SamplingMetadata
+    from models.layers import spread_over_vocab
+
+    engine = eagle_engine(llama_dir, eagle_dir)
+    proposer = engine.speculation.proposer
+    vocab = proposer.draft.draft_vocab
+    eos = int(vocab[5])                                # an end token the draft can propose, banned below
+    options = [dict(temperature=0.8, top_p=0.7), dict(temperature=1.3, top_k=7), dict(temperature=0.5, min_p=0.1),
+               dict(temperature=1.0, min_tokens=4)]
+    seqs = []
+    for n, extra in enumerate(options):
+        engine.add_request(PROMPTS[n % len(PROMPTS)], SamplingParams(max_tokens=8, seed=n, **extra))
+        seqs += engine.scheduler.waiting[-1].seqs
+    logits = torch.randn(len(seqs), vocab.numel(), generator=torch.Generator().manual_seed(0)) * 3
+    for seed in range(20):
+        for seq in seqs:
+            seq.seed = seed
+        batch = SamplingMetadata.from_sequences(seqs, 384, frozenset({eos}), torch.device("cpu"), drafted=[[]] * 4)
+        assert batch.banned
+        narrow, columns = proposer._sampling_distribution(logits, batch)
+        assert narrow.shape == (4, vocab.numel()) and torch.equal(columns, vocab)
+        wide = process_logits(spread_over_vocab(logits, vocab, 384), batch).logprobs.exp()
+        torch.testing.assert_close(torch.zeros_like(wide).index_copy_(1, vocab, narrow), wide)
+        assert float(narrow[3, 5]) == 0.0                                       # the ban reached its column
+        assert torch.equal(vocab[proposer.sampler.sample(narrow, batch)], proposer.sampler.sample(wide, batch))
+    engine.add_request(PROMPTS[0], SamplingParams(temperature=1.0, repetition_penalty=1.3, max_tokens=8))
+    penalised = SamplingMetadata.from_sequences(engine.scheduler.waiting[-1].seqs, 384, frozenset({eos}),
+                                                torch.device("cpu"))
+    assert proposer._sampling_distribution(logits[:1], penalised)[1] is None
+
+
 def test_the_tree_keeps_the_most_confident_candidates(llama_dir, eagle_dir):
     """Of the candidates a proposal grew, the `nodes` of highest cumulative draft log-probability are kept,
     parents before children; a tie goes to the shallower node (its parent is kept first)."""
@@ -213,8 +249,28 @@ def test_the_tree_keeps_the_most_confident_candidates(llama_dir, eagle_dir):
     proposal = proposer._proposal(seq, candidates, [], 8)
     assert proposal.token_ids == [10, 11, 20, 30] and proposal.parents == (-1, -1, 0, 2)
     assert proposer._proposal(seq, candidates, [], 2).token_ids == [10, 20]      # max_tokens bounds it
-    assert proposer._settled(candidates[:4], -0.5, 8) is False
-    assert proposer._settled(candidates, -2.5, 8) is True       # 4 nodes at or above -2.5 already
+
+
+
+def test_each_level_expands_its_most_confident_candidates_that_could_still_be_kept(llama_dir, eagle_dir):
+    """EAGLE-2's expansion: a level's `width` best candidates get draft rows, except those whose
+    descendants could no longer be kept (the tree's `nodes` best already score at least as high)."""
+    from decoding.speculative.eagle import _Candidate, _Growth
+
+    engine = eagle_engine(llama_dir, eagle_dir, eagle_tree=(4, 3, 3, 2))
+    proposer = engine.speculation.proposer
+    engine.add_request(PROMPTS[0], SamplingParams(temperature=0, max_tokens=8))
+    [seq] = engine.scheduler.waiting[0].seqs
+    candidates = [_Candidate(10, -0.1, 1, -1, 0), _Candidate(11, -2.0, 1, -1, 1), _Candidate(12, -3.0, 1, -1, 2),
+                  _Candidate(20, -0.5, 2, 0, 0), _Candidate(21, -2.0, 2, 0, 1), _Candidate(22, -4.0, 2, 0, 2)]
+    grown = lambda n: _Growth(frontier=[], outputs=torch.zeros(1, 1), candidates=candidates[:n])  # noqa: E731
+    assert proposer._expansions(grown(3), 1, seq, 8) == [0, 1]            # the level's two best
+    # With level 2 drafted, 11 (-2.0) has 10, 20 and 21 at or above it: a child of it would be 5th.
+    assert proposer._expansions(grown(6), 1, seq, 8) == [0]
+    assert proposer._expansions(grown(6), 2, seq, 8) == [3]
+    assert proposer._expansions(grown(6), 2, seq, 2) == []                # max_tokens 2: 10 and 20 fill it
+    proposer.tree = EagleTree(4, 3, 3)                                      # width 1: the best path only
+    assert proposer._expansions(grown(3), 1, seq, 8) == [0]
 
 
 def test_lossless_eagle_draws_its_chain_from_the_distributions_it_states(llama_dir, eagle_dir):

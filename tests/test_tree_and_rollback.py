@@ -49,6 +49,27 @@ def test_tree_verification_logits_equal_sequential_decoding_of_each_path(model_d
         assert torch.allclose(logits[node], expected, atol=1e-4), node
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_a_tree_grown_a_level_at_a_time_sees_the_same_ancestors(model_dir, prefilled, native):
+    """EAGLE's draft grows its tree one level per forward: the levels before are in the cache
+    (`TokenTree.computed`) and each new node still sees exactly the context and its own ancestors."""
+    engine, seq = prefilled("llama")
+    engine.runner.native_decode = native and engine.runner.native_decode      # off: the masked segment path
+    parents = (-1, -1, 0, 1, 1, 2)            # a, b; a -> c; b -> d, e; c -> f
+    tokens = [40, 41, 42, 43, 44, 45]
+    start = len(PROMPT)
+    levels = [(0, 2), (2, 5), (5, 6)]
+    logits = []
+    for first, end in levels:
+        seq.token_ids += tokens[first:end]
+        item = ScheduledSeq(seq, start + first, end - first, reaches_end=True, tree=TokenTree(parents[:end], first))
+        logits += list(run(engine, item).chunk[seq.seq_id])
+    paths = {0: [40], 1: [41], 2: [40, 42], 3: [41, 43], 4: [41, 44], 5: [40, 42, 45]}
+    for node, path in paths.items():
+        expected = hf_last_logits(model_dir("llama"), PROMPT + path)
+        assert torch.allclose(logits[node], expected, atol=1e-4), node
+
+
 def test_compacting_the_accepted_path_then_rolling_back_matches_a_fresh_prefill(model_dir, prefilled):
     engine, seq = prefilled("llama")
     start = len(PROMPT)

@@ -8,22 +8,25 @@ hidden state before each new token (`observe`). A proposal
 
 1. catches up: the new tokens with their true features, in one draft forward (the rows the last
    proposal drafted were estimates and were rolled back);
-2. drafts along its best path: each draft row reads the token chosen at the row before and that row's
-   output as its feature, one batched forward per depth for every sequence that drafts; the `top_k`
-   tokens of every row are the tree's candidates, scored by cumulative draft log-probability;
+2. grows the tree a level at a time (EAGLE-2's expansion): the `width` candidates of highest
+   cumulative draft log-probability at a level each get a draft row, which reads the candidate's token
+   and its parent row's output as the feature and attends over the context and its own ancestors' rows
+   (a `TokenTree` whose earlier levels are already in the draft's cache); the `top_k` tokens of every
+   row are the next level's candidates; one batched forward per level for every sequence that drafts;
 3. keeps the `nodes` candidates of highest score (a parent always scores at least its children, so
-   the kept set is a tree), and stops drafting early where no deeper node could still be kept.
+   the kept set is a tree), and expands no candidate whose descendants could no longer be kept.
 
-Greedy requests walk the best path by argmax. Sampled requests under the exact rule take, at each
-depth, the token the request's own pipeline draws from the draft's distribution with the uniform of
-that position (coupled with the target's draw), its siblings being the distribution's next best; under
-the lossless rule they get that drawn chain alone, with its distributions, for the rejection rule.
+Greedy requests grow the tree from the draft's argmax ranking. Sampled requests draft one row per
+level: under the exact rule the token the request's own pipeline draws from the draft's distribution
+with the uniform of that position (coupled with the target's draw), its siblings being the
+distribution's next best; under the lossless rule that drawn chain alone, with its distributions, for
+the rejection rule.
 The draft's cache rows of a round are rolled back once it is proposed.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -36,7 +39,7 @@ from decoding.sampling_metadata import SamplingMetadata
 from decoding.sequence import Sequence
 from decoding.speculative.draft import DraftState
 from decoding.speculative.proposer import AcceptanceRule, Proposal
-from decoding.step_plan import ScheduledSeq
+from decoding.step_plan import ScheduledSeq, TokenTree
 from models.attention import PagedKVCache
 from models.eagle import EagleDraft, EagleTree
 from models.layers import spread_over_vocab
@@ -62,6 +65,35 @@ class _Candidate:
     depth: int
     parent: int               # index of the parent candidate, -1 under the root
     rank: int                 # order among its siblings
+
+
+@dataclass
+class _Growth:
+    """One sequence's tree while the draft grows it: every candidate so far; the candidates that got a
+    draft row (`expanded`, in the order of their rows in the draft's cache); the level's rows being scored
+    (`frontier`, -1 for the root) with their outputs; the chosen candidate of each scored row; the draws'
+    distributions (a sampled chain under the lossless rule)."""
+
+    frontier: list[int]
+    outputs: torch.Tensor
+    candidates: list[_Candidate] = field(default_factory=list)
+    expanded: list[int] = field(default_factory=list)
+    chosen: list[int] = field(default_factory=list)
+    dists: list[torch.Tensor] = field(default_factory=list)
+    _output_of: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self._output_of[-1] = self.outputs
+
+    def parent_outputs(self, expand: list[int]) -> torch.Tensor:
+        """The feature each new row reads: its parent's draft output (the root's: the catch-up's)."""
+        return torch.cat([self._output_of[self.candidates[c].parent] for c in expand])
+
+    def record_outputs(self, outputs: torch.Tensor) -> None:
+        """The draft's outputs at the frontier's rows, in order: the next level's logits and features."""
+        for c, row in zip(self.frontier, outputs.split(1)):
+            self._output_of[c] = row
+        self.outputs = outputs
 
 
 class EagleProposer:
@@ -107,40 +139,68 @@ class EagleProposer:
         if not items:
             return proposals
         computed = [item.seq.num_computed for item in items]
-        candidates: list[list[_Candidate]] = [[] for _ in rows]
-        path_end = [-1] * len(rows)                 # the candidate the best path has reached (-1: the root)
-        dists: list[list[torch.Tensor]] = [[] for _ in rows]
+        growths = [_Growth(frontier=[-1], outputs=hidden[r : r + 1]) for r in range(len(rows))]
         drafting = list(range(len(rows)))
         for depth in range(1, max(depths) + 1):
-            drafted = [[] if seqs[rows[r]].request.params.is_greedy else self._drafted(candidates[r], path_end[r])
-                       for r in drafting]
-            chosen, ranked, probs = self._choose([seqs[rows[r]] for r in drafting], drafted, self.draft.logits(hidden))
-            going = []
-            for n, r in enumerate(drafting):
-                score = candidates[r][path_end[r]].score if path_end[r] >= 0 else 0.0
-                path_end[r] = self._add_candidates(candidates[r], path_end[r], score, depth, chosen[n], ranked[n],
-                                                   self._takes_tree(seqs[rows[r]]))
+            # Score the frontier's rows: each one's top_k tokens become the level's candidates.
+            owners = [r for r in drafting for _ in growths[r].frontier]
+            parents = [parent for r in drafting for parent in growths[r].frontier]
+            row_seqs = [seqs[rows[r]] for r in owners]
+            drafted = [[] if seq.request.params.is_greedy else self._drafted(growths[r].candidates, parent)
+                       for seq, r, parent in zip(row_seqs, owners, parents)]
+            logits = self.draft.logits(torch.cat([growths[r].outputs for r in drafting]))
+            chosen, ranked, probs = self._choose(row_seqs, drafted, logits)
+            for n, (r, parent) in enumerate(zip(owners, parents)):
+                growth = growths[r]
+                score = growth.candidates[parent].score if parent >= 0 else 0.0
+                growth.chosen.append(self._add_candidates(growth.candidates, parent, score, depth, chosen[n],
+                                                          ranked[n], self._takes_tree(row_seqs[n])))
                 if probs[n] is not None:
-                    dists[r].append(probs[n])
-                if depth < depths[r] and not self._settled(candidates[r], candidates[r][path_end[r]].score,
-                                                           max_tokens[rows[r]]):
-                    going.append((n, r))
+                    growth.dists.append(probs[n])
+            # The next level's rows: the best candidates of this level that could still be kept.
+            next_items, features, going = [], [], []
+            for r in drafting:
+                growth = growths[r]
+                seq = seqs[rows[r]]
+                expand = [] if depth >= depths[r] else self._expansions(growth, depth, seq, max_tokens[rows[r]])
+                growth.chosen = []
+                if not expand:
+                    continue
+                state = items[r].seq
+                state.token_ids += [growth.candidates[c].token for c in expand]
+                earlier = len(growth.expanded)
+                growth.expanded += expand
+                row_of = {c: i for i, c in enumerate(growth.expanded)}
+                tree = TokenTree(tuple(row_of.get(growth.candidates[c].parent, -1) for c in growth.expanded), earlier)
+                next_items.append(ScheduledSeq(state, state.num_computed, len(expand), reaches_end=True, tree=tree))
+                features.append(growth.parent_outputs(expand))
+                growth.frontier = expand
+                going.append(r)
             if not going:
                 break
-            next_items = []
-            for _, r in going:
-                state = items[r].seq
-                state.token_ids.append(candidates[r][path_end[r]].token)
-                next_items.append(ScheduledSeq(state, state.num_computed, 1, reaches_end=True))
-            hidden = self._forward(next_items, [hidden[n : n + 1] for n, _ in going])
-            for item in next_items:
-                item.seq.num_computed += 1
-            drafting = [r for _, r in going]
+            outputs = self._forward(next_items, features, every_row=True)
+            for r, item, out in zip(going, next_items, outputs):
+                item.seq.num_computed += item.num_new_tokens
+                growths[r].record_outputs(out)
+            drafting = going
         for r, (i, item) in enumerate(zip(rows, items)):
             self.kv.roll_back(item.seq, computed[r])
             del item.seq.token_ids[computed[r]:]
-            proposals[i] = self._proposal(seqs[i], candidates[r], dists[r], max_tokens[i])
+            proposals[i] = self._proposal(seqs[i], growths[r].candidates, growths[r].dists, max_tokens[i])
         return proposals
+
+    def _expansions(self, growth: _Growth, depth: int, seq: Sequence, max_tokens: int) -> list[int]:
+        """The candidates of level `depth` that get a draft row: a sampled request's drawn token (its path
+        follows its own draws); for greedy ones the tree's `width` best of the level (EAGLE-2's expansion).
+        A candidate none of whose descendants could be kept (the `nodes` best already score at least as
+        high) is not expanded."""
+        if seq.request.params.is_greedy:
+            level = sorted((c for c in range(len(growth.candidates)) if growth.candidates[c].depth == depth),
+                           key=lambda c: -growth.candidates[c].score)[: self.tree.width]
+        else:
+            level = [c for c in growth.chosen if c >= 0][:1]
+        budget = min(self.tree.nodes, max_tokens)
+        return [c for c in level if sum(other.score >= growth.candidates[c].score for other in growth.candidates) < budget]
 
     def _catch_up(self, seqs: list[Sequence], max_tokens: list[int]):
         """Compute the rows of the tokens each sequence gained since its last proposal, with their true
@@ -153,8 +213,9 @@ class EagleProposer:
             if state is None or not state.features or depth <= 0:
                 continue
             state.token_ids = seq.token_ids[state.start:]
+            width = self.tree.width if seq.request.params.is_greedy else 1
             try:
-                self.kv.reserve(state, len(state.features) + depth - 1)
+                self.kv.reserve(state, len(state.features) + (depth - 1) * width)
             except NoFreeBlocksError:
                 continue                # the draft's cache is full: this sequence waits
             items.append(ScheduledSeq(state, state.num_computed, len(state.features), reaches_end=True))
@@ -168,14 +229,19 @@ class EagleProposer:
             item.seq.features = []
         return rows, items, depths, hidden
 
-    def _forward(self, items: list[ScheduledSeq], features: list[torch.Tensor]) -> torch.Tensor:
+    def _forward(self, items: list[ScheduledSeq], features: list[torch.Tensor], every_row: bool = False):
         """One draft forward over the items' new tokens with their features (item by item) -> the output
-        at each item's last row, in item order."""
+        at each item's last row, in item order ([items, hidden]); with `every_row`, a list of each item's
+        outputs at all its rows."""
         batch = self.runner.pack(items)
         packed = torch.empty(batch.input_ids.numel(), self.draft.hidden_size, dtype=self.draft.dtype, device=self.device)
         for item, rows in zip(items, features):
             first = batch.first_row[item.seq.seq_id]
             packed[first : first + rows.shape[0]] = rows
+        if every_row:
+            out = self.draft.forward(batch.input_ids, packed, batch.positions, self.runner.cache, batch.meta)
+            return [out[batch.first_row[item.seq.seq_id] : batch.first_row[item.seq.seq_id] + item.num_new_tokens]
+                    for item in items]
         out = self.draft.forward(batch.input_ids, packed, batch.positions, self.runner.cache, batch.meta, batch.last_rows)
         order = {seq_id: n for n, seq_id in enumerate(batch.last_seq_ids)}
         return out[[order[item.seq.seq_id] for item in items]]
@@ -216,33 +282,44 @@ class EagleProposer:
         if sampled:
             batch = SamplingMetadata.from_sequences([seqs[n] for n in sampled], self.vocab_size, self.eos_token_ids,
                                                     self.device, drafted=[drafted[n] for n in sampled])
-            q = process_logits(spread_over_vocab(logits[sampled], self.draft.draft_vocab, self.vocab_size),
-                               batch).logprobs.exp()
-            draws = self.sampler.sample(q, batch).tolist()
-            values, indices = q.topk(top_k, dim=-1)
+            q, columns = self._sampling_distribution(logits[sampled], batch)
+            drawn = self.sampler.sample(q, batch)
+            values, indices = q.topk(min(top_k, q.shape[-1]), dim=-1)
+            draws, tops = (drawn, indices) if columns is None else (columns[drawn], columns[indices])
+            draws, tops, drawn = draws.tolist(), tops.tolist(), drawn.tolist()
             for m, n in enumerate(sampled):
                 chosen[n] = draws[m]
-                others = [(t, v) for t, v in zip(indices[m].tolist(), values[m].log().tolist()) if t != draws[m]]
-                ranked[n] = [(draws[m], float(q[m, draws[m]].log()))] + others[: top_k - 1]
+                others = [(t, v) for t, v in zip(tops[m], values[m].log().tolist()) if t != draws[m]]
+                ranked[n] = [(draws[m], float(q[m, drawn[m]].log()))] + others[: top_k - 1]
                 if not self._takes_tree(seqs[n]):
-                    probs[n] = q[m].cpu()
+                    probs[n] = (q[m] if columns is None else
+                                q.new_zeros(self.vocab_size).index_copy_(0, columns, q[m])).cpu()
         return chosen, ranked, probs
+
+    def _sampling_distribution(self, logits: torch.Tensor, batch: SamplingMetadata):
+        """The sampled rows' draft distributions, through the requests' own logits pipeline -> (probs, the
+        token id of each column, or None where the columns are the whole vocabulary). Where that pipeline
+        only scales, truncates and bans, it runs over the draft vocabulary itself, 6x narrower on SmolLM2:
+        the same distribution as over the whole vocabulary with the other tokens at -inf (truncation ranks
+        and compares values; bans are moved to their columns), and, the draft vocabulary being sorted by
+        id, the same inverse-CDF draw from the same uniform. Penalties and grammars index the whole
+        vocabulary: those rows are spread over it first."""
+        if batch.any_penalty or batch.allowed or batch.allowed_bits:
+            spread = spread_over_vocab(logits, self.draft.draft_vocab, self.vocab_size)
+            return process_logits(spread, batch).logprobs.exp(), None
+        banned = [(row, columns) for row, ids in batch.banned if (columns := self.draft.columns_of(ids))]
+        return process_logits(logits, replace(batch, banned=banned)).logprobs.exp(), self.draft.draft_vocab
 
     @staticmethod
     def _add_candidates(candidates: list[_Candidate], parent: int, score: float, depth: int, chosen: int,
                         ranked: list[tuple[int, float]], tree: bool) -> int:
-        """Add a row's candidates under `parent`; the index of the chosen one (the path goes on from it)."""
+        """Add a row's candidates under `parent`; the index of the chosen one (a sampled path goes on from it)."""
         best = -1
         for rank, (token, logprob) in enumerate(ranked if tree else ranked[:1]):
             candidates.append(_Candidate(token, score + logprob, depth, parent, rank))
             if token == chosen:
                 best = len(candidates) - 1
         return best
-
-    def _settled(self, candidates: list[_Candidate], path_score: float, max_tokens: int) -> bool:
-        """Whether no node below the path could still be kept: `nodes` candidates already score above it."""
-        budget = min(self.tree.nodes, max_tokens)
-        return sum(candidate.score >= path_score for candidate in candidates) >= budget
 
     def _proposal(self, seq: Sequence, candidates: list[_Candidate], dists: list[torch.Tensor], max_tokens: int) -> Proposal:
         if not self._takes_tree(seq):
