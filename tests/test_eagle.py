@@ -335,7 +335,7 @@ def test_smollm2_with_its_shipped_head_is_identical_and_accepts():
     assert shipped_heads("smollm2", "eagle") is not None
     plain = Engine(model="smollm2", show_progress=False, quantization="none")      # EAGLE runs float weights
     eagle = Engine(model="smollm2", show_progress=False, speculative="eagle", speculative_adaptive=False)
-    assert eagle.loaded.quantization is None and eagle.speculation.proposer.tree == EagleTree(5, 5, 2)
+    assert eagle.loaded.quantization is None and eagle.speculation.proposer.tree == EagleTree(5, 5, 2, 2)
     chats = [chat_prompt_ids(plain.tokenizer, text) for text in prompts("heldout")[:2]]
     params = SamplingParams(temperature=0, max_tokens=64)
     for got, expected in zip(eagle.generate(chats, params), plain.generate(chats, params)):
