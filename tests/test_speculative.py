@@ -490,7 +490,7 @@ def test_exact_acceptance_samples_the_plain_tokens(llama_dir, other_llama_dir, m
 
 def test_governor_takes_the_faster_mode_per_batch_size_and_keeps_measuring():
     from decoding.speculative.governor import (EXPLORE_EVERY, PLAIN_SAMPLES, SPECULATING_SAMPLES, SpeculationGovernor,
-                                               batch_bucket)
+                                               batch_bucket, speculating_samples)
 
     assert [batch_bucket(b) for b in (1, 2, 8, 9, 16, 17, 32, 33)] == [1, 2, 8, 9, 9, 10, 10, 11]
     governor = SpeculationGovernor()
@@ -501,7 +501,7 @@ def test_governor_takes_the_faster_mode_per_batch_size_and_keeps_measuring():
         # batch 1: speculation emits 2.5 tokens in 1.2 units of time, plain 1 token in 1 unit
         governor.record(1, on, 25 if on else 10, 12.0 if on else 10.0)
     plain = PLAIN_SAMPLES + 1                         # plain's timed steps, after the untimed switch
-    first = SPECULATING_SAMPLES
+    first = SPECULATING_SAMPLES + 1                   # (the very first step is not timed either)
     assert decisions[:first] == [True] * first                              # measure speculation first
     assert decisions[first : first + plain] == [False] * plain              # then plain decoding
     steady = decisions[first + plain :]
@@ -516,8 +516,10 @@ def test_governor_takes_the_faster_mode_per_batch_size_and_keeps_measuring():
         decisions.append(on)
         # batch 8: verification costs more than it returns
         governor.record(8, on, 12 if on else 8, 20.0 if on else 10.0)
-    steady = decisions[first + plain :]
-    assert sum(steady) <= (len(steady) // EXPLORE_EVERY + 1) * (SPECULATING_SAMPLES + 1) and any(steady)
+    at_8 = speculating_samples(8) + 1
+    assert at_8 == PLAIN_SAMPLES + 1 < SPECULATING_SAMPLES and decisions[:at_8] == [True] * at_8
+    steady = decisions[at_8 + plain :]
+    assert sum(steady) <= (len(steady) // EXPLORE_EVERY + 1) * (at_8 + 1) and any(steady)
     summary = governor.summary()
     assert summary[1]["on_tok_s"] > summary[1]["off_tok_s"] and summary[8]["on_tok_s"] < summary[8]["off_tok_s"]
 

@@ -19,14 +19,17 @@ average over a couple of dozen steps: with 6 samples and a 10-step memory a gove
 spent a third of its steps plain while speculating was measured 27% faster. The first step after
 each switch of mode is not timed: it pays for the switch, not for the mode (switching speculation on, a
 draft model or an EAGLE head first catches up on every token it missed), which would otherwise make
-speculation look slower after every re-measurement than it runs.
+speculation look slower after every re-measurement than it runs. Nor is the first step of a batch size,
+which pays for the engine's first use of its buffers (a fresh EAGLE engine's first speculating steps made
+plain decoding win its warm-up generation: 51 plain steps to 37).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-# Timed steps of a mode before its speed is trusted, at first and per re-measurement.
+# Timed steps of a mode before its speed is trusted, at first and per re-measurement (speculation's at
+# batch 1; fewer for larger batches, `speculating_samples`).
 SPECULATING_SAMPLES = 12
 PLAIN_SAMPLES = 3
 EXPLORE_EVERY = 48       # decisions of a batch size before the mode not taken is re-measured
@@ -38,6 +41,13 @@ SWITCH_MARGIN = 0.1      # how much faster the other mode must measure to be swi
 def batch_bucket(num_decoding: int) -> int:
     """Batch sizes measured apart: 1..8 each, then 9-16, 17-32, ..."""
     return num_decoding if num_decoding <= 8 else 8 + (num_decoding - 1).bit_length() - 3
+
+
+def speculating_samples(num_decoding: int) -> int:
+    """A speculating step's tokens are summed over its sequences, so their spread relative to the mean
+    shrinks with the batch, and so does the count of steps that measure it (a speculating step at batch 8
+    is the expensive one to measure: it usually loses)."""
+    return max(PLAIN_SAMPLES, -(-SPECULATING_SAMPLES // num_decoding))
 
 
 @dataclass
@@ -74,7 +84,7 @@ class SpeculationGovernor:
     def speculate(self, num_decoding: int) -> bool:
         """The mode for a step where `num_decoding` sequences decode."""
         state = self._buckets.setdefault(batch_bucket(num_decoding), BucketState())
-        if state.on.samples < SPECULATING_SAMPLES:
+        if state.on.samples < speculating_samples(num_decoding):
             return True
         if state.off.samples < PLAIN_SAMPLES:
             return False
@@ -112,7 +122,7 @@ class SpeculationGovernor:
     def record(self, num_decoding: int, speculated: bool, tokens: int, seconds: float) -> None:
         """A pure decode step's outcome: `tokens` emitted by its decoding sequences in `seconds`."""
         state = self._buckets.setdefault(batch_bucket(num_decoding), BucketState())
-        switched = state.last_mode is not None and state.last_mode != speculated
+        switched = state.last_mode != speculated       # (the first step of a batch size counts as one)
         state.last_mode = speculated
         if not switched:
             (state.on if speculated else state.off).add(tokens, seconds)
