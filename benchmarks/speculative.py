@@ -70,14 +70,15 @@ def timed_in_turn(plain: Engine, other: Engine, prompts, params, batch: int, rep
     def run():
         plain_runs, other_runs = [], []
         for repeat in range(repeats):
-            totals = {id(plain): [0.0, []], id(other): [0.0, []]}
+            plain_run, other_run = [0.0, []], [0.0, []]
             for n, start in enumerate(range(0, len(prompts), batch)):
-                for engine in ((plain, other) if (n + repeat) % 2 == 0 else (other, plain)):
+                pair = [(plain, plain_run), (other, other_run)]
+                for engine, totals in (pair if (n + repeat) % 2 == 0 else pair[::-1]):
                     seconds, tokens = timed_tokens(engine, prompts[start : start + batch], params, batch)
-                    totals[id(engine)][0] += seconds
-                    totals[id(engine)][1] += tokens
-            plain_runs.append(totals[id(plain)])
-            other_runs.append(totals[id(other)])
+                    totals[0] += seconds
+                    totals[1] += tokens
+            plain_runs.append(plain_run)
+            other_runs.append(other_run)
         return plain_runs, other_runs
 
     (plain_runs, other_runs), stats = counters_delta(other, run)

@@ -285,12 +285,13 @@ class EagleProposer:
             q, columns = self._sampling_distribution(logits[sampled], batch)
             drawn = self.sampler.sample(q, batch)
             values, indices = q.topk(min(top_k, q.shape[-1]), dim=-1)
+            drawn_logprobs = q.gather(1, drawn[:, None]).log().squeeze(1).tolist()
             draws, tops = (drawn, indices) if columns is None else (columns[drawn], columns[indices])
-            draws, tops, drawn = draws.tolist(), tops.tolist(), drawn.tolist()
+            draws, tops, top_logprobs = draws.tolist(), tops.tolist(), values.log().tolist()
             for m, n in enumerate(sampled):
                 chosen[n] = draws[m]
-                others = [(t, v) for t, v in zip(tops[m], values[m].log().tolist()) if t != draws[m]]
-                ranked[n] = [(draws[m], float(q[m, drawn[m]].log()))] + others[: top_k - 1]
+                others = [(t, v) for t, v in zip(tops[m], top_logprobs[m]) if t != draws[m]]
+                ranked[n] = [(draws[m], drawn_logprobs[m])] + others[: top_k - 1]
                 if not self._takes_tree(seqs[n]):
                     probs[n] = (q[m] if columns is None else
                                 q.new_zeros(self.vocab_size).index_copy_(0, columns, q[m])).cpu()
