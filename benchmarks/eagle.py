@@ -25,6 +25,10 @@ def main() -> None:
                             help="NODES,DEPTH,TOP_K[,WIDTH] of the candidate tree (default: the head's own)")
         parser.add_argument("--sweep", type=EagleTree.parse, nargs="+", default=None,
                             help="greedy only, for each of these trees: how the tree is tuned (see the head's card)")
+        parser.add_argument("--eagle-drawn", type=EagleTree.parse_drawn, default=None,
+                            help="N1,N2,... candidates per level of the drawn tree, lossless rule (default: the head's)")
+        parser.add_argument("--sweep-drawn", type=EagleTree.parse_drawn, nargs="+", default=None,
+                            help="lossless at T = 0.7 only, for each of these drawn trees: how it is tuned")
 
     args = parse_args(__doc__, extra)
     args.model = args.model or "smollm2"
@@ -39,13 +43,16 @@ def main() -> None:
     *prompts, warmup_prompt = benchmark_prompts(plain.tokenizer, num_prompts + 1)
     result = {"benchmark": "eagle", "model": target, "head": str(head), "dtype": args.dtype, "prompts": len(prompts),
               "prompt_tokens": round(sum(map(len, prompts)) / len(prompts), 1), "new_tokens": new_tokens,
-              "eagle_tree": args.eagle_tree}
-    if args.sweep:
-        result["sweep"] = sweep(plain, target, str(head), args, prompts, warmup_prompt, new_tokens, common)
+              "eagle_tree": args.eagle_tree, "eagle_drawn": args.eagle_drawn}
+    if args.sweep or args.sweep_drawn:
+        if args.sweep:
+            result["sweep"] = sweep(plain, target, str(head), args, prompts, warmup_prompt, new_tokens, common)
+        if args.sweep_drawn:
+            result["sweep_drawn"] = sweep_drawn(plain, str(head), args, prompts, warmup_prompt, new_tokens, common)
         report(result, args.json)
         return
     make = lambda acceptance: Engine(speculative="eagle", eagle_head=str(head), speculative_acceptance=acceptance,  # noqa: E731
-                                     eagle_tree=args.eagle_tree, **common)
+                                     eagle_tree=args.eagle_tree, eagle_drawn=args.eagle_drawn, **common)
     result |= acceptance_modes(plain, make, prompts, warmup_prompt, new_tokens, args.quick)
     report(result, args.json)
 
@@ -62,6 +69,22 @@ def sweep(plain: Engine, target: str, head: str, args, prompts, warmup_prompt, n
                                                                             1 if args.quick else 3)
         rows.append({"tree": list(tree), "speedup": round(plain_seconds / seconds, 3),
                      "mean_accepted_length": stats["mean_acceptance_length"], "identical": tokens == plain_tokens})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def sweep_drawn(plain: Engine, head: str, args, prompts, warmup_prompt, new_tokens: int, common: dict) -> list:
+    """Lossless speedup and accepted length at T = 0.7 of each drawn tree, each against plain decode in turn."""
+    params = SamplingParams(temperature=0.7, max_tokens=new_tokens, min_tokens=new_tokens, seed=0)
+    plain.generate([warmup_prompt], params)
+    rows = []
+    for drawn in args.sweep_drawn:
+        engine = Engine(speculative="eagle", eagle_head=head, eagle_drawn=drawn, speculative_acceptance="lossless",
+                        speculative_adaptive=False, **common)
+        engine.generate([warmup_prompt], params)
+        plain_seconds, _, seconds, _, stats = timed_in_turn(plain, engine, prompts, params, 1, 1 if args.quick else 3)
+        rows.append({"drawn": list(drawn), "speedup": round(plain_seconds / seconds, 3),
+                     "mean_accepted_length": stats["mean_acceptance_length"]})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 

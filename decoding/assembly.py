@@ -3,6 +3,8 @@ and the speculative decoding the configuration asks for."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from decoding.block_manager import BlockManager
 from decoding.config import EngineConfig
 from decoding.kv_cache_manager import KVCacheManager
@@ -90,7 +92,11 @@ def _eagle_proposer(cfg: EngineConfig, loaded: LoadedModel, sampler: Sampler, nu
         raise ValueError(f"no EAGLE head is shipped for {cfg.model or 'the embedded model'}: name one with "
                          "eagle_head (--eagle-head), trained with `gorgon train eagle`")
     draft = EagleDraft.load(folder, loaded.model, loaded.model.dtype, loaded.device, cfg.eagle_weights)
-    tree = EagleTree(*cfg.eagle_tree) if cfg.eagle_tree else None
+    tree = draft.tree
+    if cfg.eagle_tree:
+        tree = EagleTree(*cfg.eagle_tree, drawn=tree.drawn)
+    if cfg.eagle_drawn:
+        tree = replace(tree, drawn=tuple(cfg.eagle_drawn))
     # As many blocks as the target's cache (one layer of them): a sequence the draft cannot hold waits.
     return EagleProposer(draft, num_blocks, cfg.block_size, sampler, loaded.eos_token_ids, loaded.model.vocab_size,
                          loaded.device, tree, acceptance)

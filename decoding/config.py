@@ -46,6 +46,8 @@ class EngineConfig:
     medusa_choices: tuple[tuple[int, ...], ...] | None = None   # the candidate tree; None: the heads' own, else the default
     eagle_head: str | None = None         # None: the EAGLE head shipped for a catalog model
     eagle_tree: tuple[int, ...] | None = None   # (nodes, depth, top_k[, width]) of EAGLE's tree; None: the head's own
+    # Candidates per level of EAGLE's drawn tree (sampled requests, lossless rule); None: the head's own
+    eagle_drawn: tuple[int, ...] | None = None
     eagle_weights: str = "q8_0"           # the EAGLE draft's products: "float", or q8_0 / bf16 / q4_0 (it only proposes)
     # How sampled requests keep draft tokens (decoding/speculative/proposer.py, AcceptanceRule): "exact"
     # (the plain sampled tokens, token for token), "lossless" (the rejection rule: the same distribution),
@@ -106,6 +108,8 @@ class EngineConfig:
         if self.eagle_tree is not None and (len(self.eagle_tree) not in (3, 4) or min(self.eagle_tree) < 1):
             raise ValueError("eagle_tree must be three or four positive ints (nodes, depth, top_k[, width]), "
                              f"got {self.eagle_tree!r}")
+        if self.eagle_drawn is not None and (not self.eagle_drawn or min(self.eagle_drawn) < 1):
+            raise ValueError(f"eagle_drawn must be positive ints, candidates per level, got {self.eagle_drawn!r}")
         if self.speculative_disable_by_batch_size is not None and self.speculative_disable_by_batch_size < 1:
             raise ValueError("speculative_disable_by_batch_size must be >= 1 or None, got "
                              f"{self.speculative_disable_by_batch_size}")

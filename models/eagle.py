@@ -45,16 +45,35 @@ class EagleTree:
     """How the proposer grows its candidate tree (EAGLE-2's dynamic tree, ranked by the draft's confidence):
     up to `depth` levels; at each level the `width` candidates of highest cumulative draft log-probability
     get a draft row, whose `top_k` best tokens are the next level's candidates; the `nodes` candidates of
-    highest score are kept for verification. Width 1 drafts along the best path only."""
+    highest score are kept for verification. Width 1 drafts along the best path only.
+
+    Sampled requests under the lossless rule grow a drawn tree instead: `drawn[i]` candidates at level
+    i + 1, drawn without replacement from the draft's distribution at the path's node, the first drawn
+    drafted on and the others leaves (the rejection rule tries them in turn where the first is
+    rejected). Empty: a chain `depth` deep."""
 
     nodes: int = 8
     depth: int = 6
     top_k: int = 4
     width: int = 1
+    drawn: tuple[int, ...] = ()
 
     def __post_init__(self):
         if min(self.nodes, self.depth, self.top_k, self.width) < 1:
             raise ValueError(f"an EAGLE tree needs at least one node, level, candidate and expansion, got {self}")
+        object.__setattr__(self, "drawn", tuple(self.drawn))
+        if self.drawn and min(self.drawn) < 1:
+            raise ValueError(f"every level of a drawn tree needs a candidate, got drawn={self.drawn}")
+
+    @property
+    def drawn_levels(self) -> tuple[int, ...]:
+        """Candidates per level of the drawn tree."""
+        return self.drawn or (1,) * self.depth
+
+    @property
+    def max_nodes(self) -> int:
+        """The most candidates either tree verifies."""
+        return max(self.nodes, sum(self.drawn_levels))
 
     @classmethod
     def parse(cls, text: str) -> tuple[int, ...]:
@@ -67,8 +86,20 @@ class EagleTree:
             raise ValueError(f"expected NODES,DEPTH,TOP_K[,WIDTH] (e.g. 8,6,4,2), got {text!r}")
         return numbers
 
+    @staticmethod
+    def parse_drawn(text: str) -> tuple[int, ...]:
+        """'N1,N2,...' candidates per level of the drawn tree -> the ints; ValueError otherwise."""
+        try:
+            numbers = tuple(int(part) for part in text.split(","))
+        except ValueError as err:
+            raise ValueError(f"expected candidates per level as N1,N2,... (e.g. 2,2,1,1), got {text!r}") from err
+        if not numbers or min(numbers) < 1:
+            raise ValueError(f"expected positive candidates per level as N1,N2,... (e.g. 2,2,1,1), got {text!r}")
+        return numbers
+
     def as_dict(self) -> dict:
-        return {"nodes": self.nodes, "depth": self.depth, "top_k": self.top_k, "width": self.width}
+        tree = {"nodes": self.nodes, "depth": self.depth, "top_k": self.top_k, "width": self.width}
+        return tree | ({"drawn": list(self.drawn)} if self.drawn else {})
 
 
 def one_layer_spec(spec: DecoderSpec) -> DecoderSpec:

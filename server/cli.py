@@ -43,6 +43,9 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eagle-tree", type=_eagle_tree, default=None,
                         help="EAGLE's tree as NODES,DEPTH,TOP_K[,WIDTH]: candidates verified, levels drafted, "
                              "candidates per draft row, rows drafted per level (default: the head's own)")
+    parser.add_argument("--eagle-drawn", type=_eagle_drawn, default=None,
+                        help="EAGLE's drawn tree for lossless sampling as N1,N2,...: candidates drawn at each level "
+                             "without replacement, the first drafted on (default: the head's own)")
     parser.add_argument("--eagle-weights", choices=["float", "q8_0", "q4_0", "q4_1", "bf16"], default="q8_0",
                         help="the EAGLE draft's weights (it only proposes; the model verifies in its own precision)")
     parser.add_argument("--speculative-acceptance", choices=["exact", "lossless", "typical"], default="exact",
@@ -70,6 +73,14 @@ def _choices(text: str) -> tuple[tuple[int, ...], ...]:
         raise argparse.ArgumentTypeError(f"expected a JSON list of lists of ints, got {text!r}") from err
 
 
+def _eagle_drawn(text: str) -> tuple[int, ...]:
+    from models.eagle import EagleTree
+    try:
+        return EagleTree.parse_drawn(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+
+
 def _eagle_tree(text: str) -> tuple[int, ...]:
     from models.eagle import EagleTree
     try:
@@ -84,7 +95,8 @@ def _engine_options(args: argparse.Namespace) -> dict:
                 draft_model=args.draft_model, num_speculative_tokens=args.num_speculative_tokens,
                 prompt_lookup_max=args.prompt_lookup_max, prompt_lookup_min=args.prompt_lookup_min,
                 medusa_heads=args.medusa_heads, medusa_choices=args.medusa_choices,
-                eagle_head=args.eagle_head, eagle_tree=args.eagle_tree, eagle_weights=args.eagle_weights,
+                eagle_head=args.eagle_head, eagle_tree=args.eagle_tree, eagle_drawn=args.eagle_drawn,
+                eagle_weights=args.eagle_weights,
                 medusa_acceptance=args.medusa_acceptance, speculative_acceptance=args.speculative_acceptance,
                 speculative_adaptive=args.speculative_adaptive, grammar_cpu_budget_s=args.grammar_cpu_budget,
                 grammar_memory_gb=args.grammar_memory_gb, grammar_workers=args.grammar_workers,

@@ -178,10 +178,13 @@ def test_sampled_eagle_runs_and_reports_the_targets_logprobs(llama_dir, eagle_di
                               PROMPTS[0], params)
 
 
-def test_lossless_eagle_proposes_chains_with_their_distributions(llama_dir, eagle_dir):
-    """The rejection rule needs a chain and the distribution each token was drawn from: the draft's own
-    (processed as the request samples), zero off the draft vocabulary, summing to one."""
-    engine = eagle_engine(llama_dir, eagle_dir, speculative_acceptance="lossless")
+@pytest.mark.parametrize("drawn", [None, (3, 2, 1)])
+def test_lossless_eagle_proposes_drawn_candidates_with_their_distributions(llama_dir, eagle_dir, drawn):
+    """The rejection rule needs each token's distribution: the draft's own (processed as the request
+    samples), zero off the draft vocabulary, summing to one. By default a chain; a drawn tree (3, 2, 1)
+    has 3 candidates under the root and 2 under the first, the path drafted on from the first, siblings
+    distinct, each later sibling's distribution the first's without the earlier ones, renormalised."""
+    engine = eagle_engine(llama_dir, eagle_dir, speculative_acceptance="lossless", eagle_drawn=drawn)
     proposer = engine.speculation.proposer
     seen = recorded_proposals(engine)
     engine.generate([PROMPTS[1]], SamplingParams(temperature=0.9, max_tokens=16, seed=1))
@@ -190,10 +193,26 @@ def test_lossless_eagle_proposes_chains_with_their_distributions(llama_dir, eagl
     off_vocab = torch.ones(384, dtype=torch.bool)
     off_vocab[proposer.draft.draft_vocab] = False
     for proposal in drafted:
-        assert proposal.parents is None and proposal.probs.shape == (len(proposal.token_ids), 384)
+        assert proposal.probs.shape == (len(proposal.token_ids), 384)
         torch.testing.assert_close(proposal.probs.sum(-1), torch.ones(len(proposal.token_ids)))
         assert float(proposal.probs[:, off_vocab].sum()) == 0.0
         assert all(float(proposal.probs[j, t]) > 0 for j, t in enumerate(proposal.token_ids))
+        if drawn is None:
+            assert proposal.parents is None
+            continue
+        full = len(proposal.token_ids) == 6
+        assert proposal.parents == (-1, -1, -1, 0, 0, 3) or not full
+        for first, siblings in ((0, (1, 2)), (3, (4,))):
+            if max(siblings) >= len(proposal.token_ids):
+                continue
+            earlier = [proposal.token_ids[first]]
+            for sibling in siblings:
+                expected = proposal.probs[first].clone()
+                expected[earlier] = 0.0
+                torch.testing.assert_close(proposal.probs[sibling], expected / expected.sum())
+                assert proposal.token_ids[sibling] not in earlier
+                earlier.append(proposal.token_ids[sibling])
+    assert any(len(p.token_ids) == 6 for p in drafted)
 
 
 def test_sampled_drafts_over_the_draft_vocabulary_draw_what_the_whole_vocabulary_would(llama_dir, eagle_dir):
@@ -246,9 +265,9 @@ def test_the_tree_keeps_the_most_confident_candidates(llama_dir, eagle_dir):
     candidates = [_Candidate(10, -0.1, 1, -1, 0), _Candidate(11, -2.0, 1, -1, 1), _Candidate(12, -3.0, 1, -1, 2),
                   _Candidate(20, -0.5, 2, 0, 0), _Candidate(21, -2.0, 2, 0, 1), _Candidate(22, -4.0, 2, 0, 2),
                   _Candidate(30, -1.5, 3, 3, 0), _Candidate(31, -2.5, 3, 3, 1), _Candidate(32, -5.0, 3, 3, 2)]
-    proposal = proposer._proposal(seq, candidates, [], 8)
+    proposal = proposer._proposal(seq, candidates, 8)
     assert proposal.token_ids == [10, 11, 20, 30] and proposal.parents == (-1, -1, 0, 2)
-    assert proposer._proposal(seq, candidates, [], 2).token_ids == [10, 20]      # max_tokens bounds it
+    assert proposer._proposal(seq, candidates, 2).token_ids == [10, 20]      # max_tokens bounds it
 
 
 
@@ -304,8 +323,9 @@ def test_lossless_eagle_draws_its_chain_from_the_distributions_it_states(llama_d
     assert within_binomial_bounds(seconds[common], q_second[common])
 
 
-def test_lossless_eagle_samples_follow_the_targets_distribution(llama_dir, eagle_dir):
-    assert_lossless_sampling_follows_the_target(llama_dir, eagle_engine(llama_dir, eagle_dir,
+@pytest.mark.parametrize("drawn", [None, (3, 2, 1)])
+def test_lossless_eagle_samples_follow_the_targets_distribution(llama_dir, eagle_dir, drawn):
+    assert_lossless_sampling_follows_the_target(llama_dir, eagle_engine(llama_dir, eagle_dir, eagle_drawn=drawn,
                                                                         speculative_acceptance="lossless"))
 
 

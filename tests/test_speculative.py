@@ -9,7 +9,7 @@ from decoding import Engine, SamplingParams
 from decoding.sequence import FinishReason
 from decoding.speculative.proposer import Proposal
 from decoding.sampling_metadata import SamplingMetadata
-from decoding.speculative.rejection import Verdict, _walk_lossless, rejection_sample, rows_to_verify, verify
+from decoding.speculative.rejection import Verdict, _walk_drawn, _walk_lossless, rows_to_verify, verify
 from models.loader import DEFAULT_DRAFT_DIR
 from tiny_models import PROMPTS, assert_target_logprobs, hf_greedy, hf_logits, save_tiny_model
 
@@ -57,14 +57,19 @@ def test_rejection_sampler_emits_the_target_distribution_at_every_position(case)
     """With N chains, each emitted position's token frequencies must match p_j within 5 standard errors
     (sqrt(p (1 - p) / n_j) for the n_j chains that reach position j), and the acceptance rate at each
     position must match sum_x min(p_j(x), q_j(x))."""
-    num_chains, k, vocab = 200_000, 3, 5
+    num_chains, k, vocab = 30_000, 3, 5
     generator = torch.Generator().manual_seed(["equal", "disjoint", "one-hot", "random"].index(case))
     p, q = _distributions(case, k, vocab, generator)
     draft = torch.stack([torch.multinomial(q[j].float(), num_chains, replacement=True, generator=generator)
-                         for j in range(k)], dim=1)                                  # [N, k], x_j ~ q_j
-    uniforms = torch.rand(num_chains, k + 1, generator=generator, dtype=torch.float64)
-    tokens, num_accepted = rejection_sample(p.expand(num_chains, -1, -1), q.expand(num_chains, -1, -1),
-                                            draft, uniforms)
+                         for j in range(k)], dim=1).tolist()                         # [N, k], x_j ~ q_j
+    uniforms = torch.rand(num_chains, k + 1, generator=generator, dtype=torch.float64).tolist()
+    tokens, num_accepted = [], []
+    for chain, chain_uniforms in zip(draft, uniforms):
+        rows, final = _walk_drawn(Proposal(chain, q), p, chain_uniforms)
+        assert rows == list(range(1, len(rows) + 1))
+        tokens.append(chain[: len(rows)] + [final] + [-1] * (k - len(rows)))
+        num_accepted.append(len(rows))
+    tokens, num_accepted = torch.tensor(tokens), torch.tensor(num_accepted)
     acceptance = torch.minimum(p[:k], q).sum(-1)                # P(keep draft j | reached j)
     for j in range(k + 1):        # position k is the bonus token
         reached = num_accepted >= j
@@ -85,11 +90,57 @@ def test_rejection_sampler_emits_the_target_distribution_at_every_position(case)
 
 
 def test_rejection_sampler_marks_the_end_of_each_chain():
-    p = torch.tensor([[[0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]]]).double()
-    q = torch.tensor([[[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]]).double()
-    tokens, accepted = rejection_sample(p, q, torch.tensor([[1, 0]]), torch.full((1, 3), 0.5, dtype=torch.float64))
-    assert accepted.tolist() == [1]
-    assert tokens.tolist() == [[1, 2, -1]]        # kept 1, rejected 0, drew 2 from the residual
+    p = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]]).double()
+    q = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]).double()
+    rows, final = _walk_drawn(Proposal([1, 0], q), p, [0.5, 0.5, 0.5])
+    assert rows == [1] and final == 2             # kept 1, rejected 0, drew 2 from the residual
+
+
+@pytest.mark.parametrize("case", ["random", "peaked", "draft-equals-target"])
+def test_drawn_tree_walk_emits_the_target_distribution_along_every_path(case):
+    """Recursive rejection sampling over a tree drawn without replacement (EAGLE's drawn tree under the
+    lossless rule): the root's children are three draws from q_0, the first one's children two draws from
+    q_1, and the first of those has one child from q_2, redrawn every walk (the proposer's own
+    `_drawn_without_replacement`). The token emitted after each node follows that node's p (5 standard
+    errors), and the root keeps its first child as often as sum(min(p_0, q_0))."""
+    from decoding.speculative.eagle import _drawn_without_replacement
+
+    vocab, walks = 6, 20_000
+    generator = torch.Generator().manual_seed(["random", "peaked", "draft-equals-target"].index(case))
+    parents = (-1, -1, -1, 0, 0, 3)                # rows 1-3 under the root, 4-5 under row 1, 6 under row 4
+    p = torch.rand(7, vocab, generator=generator).pow(4 if case == "peaked" else 1).double()
+    p /= p.sum(-1, keepdim=True)
+    q = p[[0, 1, 4]].clone() if case == "draft-equals-target" else torch.rand(3, vocab, generator=generator).double()
+    q /= q.sum(-1, keepdim=True)
+    emitted: dict[int, list[int]] = {row: [] for row in range(7)}
+    first_kept = 0
+    for _ in range(walks):
+        tokens, dists = [], []
+        for node_q, count in zip(q, (3, 2, 1)):
+            first = int(torch.multinomial(node_q, 1, generator=generator))
+            for token, _, dist in _drawn_without_replacement(node_q, first, count, generator):
+                tokens.append(token)
+                dists.append(dist)
+        assert len(set(tokens[:3])) == 3 and len(set(tokens[3:5])) == 2      # without replacement
+        uniforms = torch.rand(7, generator=generator, dtype=torch.float64).tolist()
+        rows, final = _walk_drawn(Proposal(tokens, torch.stack(dists), parents), p, uniforms)
+        walked = [0] + rows
+        assert all(parents[r - 1] + 1 == walked[i] for i, r in enumerate(rows))
+        for at, row in enumerate(walked):
+            emitted[row].append(tokens[walked[at + 1] - 1] if at + 1 < len(walked) else final)
+        first_kept += bool(rows) and rows[0] == 1
+    for row, row_tokens in emitted.items():
+        n = len(row_tokens)
+        if n < 2000:
+            continue
+        frequencies = torch.bincount(torch.tensor(row_tokens), minlength=vocab).double() / n
+        tolerance = 5 * torch.sqrt(p[row] * (1 - p[row]) / n) + 1e-9
+        assert bool(((frequencies - p[row]).abs() <= tolerance).all()), (row, frequencies, p[row])
+    assert len(emitted[1]) >= 2000 and len(emitted[4]) >= 2000, "too few walks got below the root"
+    expected = float(torch.minimum(p[0], q[0]).sum())
+    assert abs(first_kept / walks - expected) <= 5 * math.sqrt(expected * (1 - expected) / walks) + 1e-9
+    if case == "draft-equals-target":
+        assert first_kept == walks                 # q == p: the first draw is always kept
 
 
 @pytest.mark.parametrize("case", ["random", "peaked", "candidates-hold-everything"])

@@ -19,13 +19,15 @@ hidden state before each new token (`observe`). A proposal
 Greedy requests grow the tree from the draft's argmax ranking. Sampled requests draft one row per
 level: under the exact rule the token the request's own pipeline draws from the draft's distribution
 with the uniform of that position (coupled with the target's draw), its siblings being the
-distribution's next best; under the lossless rule that drawn chain alone, with its distributions, for
-the rejection rule.
+distribution's next best; under the lossless rule the tree's `drawn` candidates per level, drawn
+without replacement (the first with that position's uniform, the others with the request's
+generator), the first drafted on, each with the distribution it was drawn from for the rejection rule.
 The draft's cache rows of a round are rolled back once it is proposed.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -65,21 +67,20 @@ class _Candidate:
     depth: int
     parent: int               # index of the parent candidate, -1 under the root
     rank: int                 # order among its siblings
+    dist: torch.Tensor | None = None    # drawn under the lossless rule: the distribution it was drawn from
 
 
 @dataclass
 class _Growth:
     """One sequence's tree while the draft grows it: every candidate so far; the candidates that got a
     draft row (`expanded`, in the order of their rows in the draft's cache); the level's rows being scored
-    (`frontier`, -1 for the root) with their outputs; the chosen candidate of each scored row; the draws'
-    distributions (a sampled chain under the lossless rule)."""
+    (`frontier`, -1 for the root) with their outputs; the chosen candidate of each scored row."""
 
     frontier: list[int]
     outputs: torch.Tensor
     candidates: list[_Candidate] = field(default_factory=list)
     expanded: list[int] = field(default_factory=list)
     chosen: list[int] = field(default_factory=list)
-    dists: list[torch.Tensor] = field(default_factory=list)
     _output_of: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -104,7 +105,7 @@ class EagleProposer:
                  acceptance: AcceptanceRule = AcceptanceRule()):
         self.draft = draft
         self.tree = tree or draft.tree
-        self.max_tokens_per_step = self.tree.nodes
+        self.max_tokens_per_step = self.tree.max_nodes
         cache = PagedKVCache(1, num_blocks, block_size, draft.num_kv_heads, draft.head_dim, draft.dtype, device)
         self.kv = KVCacheManager(BlockManager(num_blocks, block_size), cache, device)
         self.runner = ModelRunner(draft, cache, device)
@@ -149,14 +150,12 @@ class EagleProposer:
             drafted = [[] if seq.request.params.is_greedy else self._drafted(growths[r].candidates, parent)
                        for seq, r, parent in zip(row_seqs, owners, parents)]
             logits = self.draft.logits(torch.cat([growths[r].outputs for r in drafting]))
-            chosen, ranked, probs = self._choose(row_seqs, drafted, logits)
+            chosen, ranked = self._choose(row_seqs, drafted, logits)
             for n, (r, parent) in enumerate(zip(owners, parents)):
                 growth = growths[r]
                 score = growth.candidates[parent].score if parent >= 0 else 0.0
                 growth.chosen.append(self._add_candidates(growth.candidates, parent, score, depth, chosen[n],
-                                                          ranked[n], self._takes_tree(row_seqs[n])))
-                if probs[n] is not None:
-                    growth.dists.append(probs[n])
+                                                          ranked[n]))
             # The next level's rows: the best candidates of this level that could still be kept.
             next_items, features, going = [], [], []
             for r in drafting:
@@ -186,19 +185,21 @@ class EagleProposer:
         for r, (i, item) in enumerate(zip(rows, items)):
             self.kv.roll_back(item.seq, computed[r])
             del item.seq.token_ids[computed[r]:]
-            proposals[i] = self._proposal(seqs[i], growths[r].candidates, growths[r].dists, max_tokens[i])
+            proposals[i] = self._proposal(seqs[i], growths[r].candidates, max_tokens[i])
         return proposals
 
     def _expansions(self, growth: _Growth, depth: int, seq: Sequence, max_tokens: int) -> list[int]:
         """The candidates of level `depth` that get a draft row: a sampled request's drawn token (its path
         follows its own draws); for greedy ones the tree's `width` best of the level (EAGLE-2's expansion).
         A candidate none of whose descendants could be kept (the `nodes` best already score at least as
-        high) is not expanded."""
+        high) is not expanded; a drawn tree keeps its path first."""
         if seq.request.params.is_greedy:
             level = sorted((c for c in range(len(growth.candidates)) if growth.candidates[c].depth == depth),
                            key=lambda c: -growth.candidates[c].score)[: self.tree.width]
         else:
             level = [c for c in growth.chosen if c >= 0][:1]
+            if not self._takes_tree(seq):
+                return level
         budget = min(self.tree.nodes, max_tokens)
         return [c for c in level if sum(other.score >= growth.candidates[c].score for other in growth.candidates) < budget]
 
@@ -209,7 +210,7 @@ class EagleProposer:
         rows, items, depths = [], [], []
         for i, seq in enumerate(seqs):
             state = self._states.get(seq.seq_id)
-            depth = min(self.tree.depth, max_tokens[i])
+            depth = min(self.tree.depth if self._takes_tree(seq) else len(self.tree.drawn_levels), max_tokens[i])
             if state is None or not state.features or depth <= 0:
                 continue
             state.token_ids = seq.token_ids[state.start:]
@@ -247,10 +248,11 @@ class EagleProposer:
         return out[[order[item.seq.seq_id] for item in items]]
 
     def _takes_tree(self, seq: Sequence) -> bool:
-        """Greedy requests and the exact and typical rules verify trees; the lossless rule verifies the
-        drawn chain with its distributions here: on SmolLM2 at T = 0.7 the draft's distribution is close
-        enough to the target's that the rejection rule keeps more of a 5-deep drawn chain (1.88 tokens
-        per verification) than EAGLE's rule keeps of the 5-node tree of the best candidates (1.59)."""
+        """Greedy requests and the exact and typical rules verify the tree of the draft's best candidates;
+        the lossless rule verifies a tree drawn from the draft's distributions (`EagleTree.drawn`) with
+        them: on SmolLM2 at T = 0.7 the draft's distribution is close enough to the target's that the
+        rejection rule keeps more of a 5-deep drawn chain (1.88 tokens per verification) than EAGLE's
+        rule keeps of the 5-node tree of the best candidates (1.59)."""
         return seq.request.params.is_greedy or not self.acceptance.lossless
 
     @staticmethod
@@ -263,13 +265,12 @@ class EagleProposer:
         return path[::-1]
 
     def _choose(self, seqs: list[Sequence], drafted: list[list[int]], logits: torch.Tensor):
-        """Per row: the path's next token, the (token, log-prob) candidates best first, and the
-        distribution the token was drawn from (sampled rows under the lossless rule; else None)."""
+        """Per row: the path's next token and the candidates, (token, log-prob) best first or, for a drawn
+        tree, (token, log-prob, the distribution it was drawn from) in drawing order."""
         top_k = self.tree.top_k
         greedy = [seq.request.params.is_greedy for seq in seqs]
         chosen: list[int] = [0] * len(seqs)
-        ranked: list[list[tuple[int, float]]] = [[] for _ in seqs]
-        probs: list[torch.Tensor | None] = [None] * len(seqs)
+        ranked: list[list[tuple]] = [[] for _ in seqs]
         if any(greedy):
             rows = [n for n, g in enumerate(greedy) if g]
             logprobs = torch.log_softmax(logits[rows], dim=-1)
@@ -290,12 +291,16 @@ class EagleProposer:
             draws, tops, top_logprobs = draws.tolist(), tops.tolist(), values.log().tolist()
             for m, n in enumerate(sampled):
                 chosen[n] = draws[m]
-                others = [(t, v) for t, v in zip(tops[m], top_logprobs[m]) if t != draws[m]]
-                ranked[n] = [(draws[m], drawn_logprobs[m])] + others[: top_k - 1]
-                if not self._takes_tree(seqs[n]):
-                    probs[n] = (q[m] if columns is None else
-                                q.new_zeros(self.vocab_size).index_copy_(0, columns, q[m])).cpu()
-        return chosen, ranked, probs
+                if self._takes_tree(seqs[n]):
+                    others = [(t, v) for t, v in zip(tops[m], top_logprobs[m]) if t != draws[m]]
+                    ranked[n] = [(draws[m], drawn_logprobs[m])] + others[: top_k - 1]
+                    continue
+                count = self.tree.drawn_levels[len(drafted[n])]
+                ranked[n] = [(token if columns is None else int(columns[token]), logprob,
+                              dist if columns is None else dist.new_zeros(self.vocab_size).index_copy_(0, columns, dist))
+                             for token, logprob, dist in _drawn_without_replacement(q[m], int(drawn[m]), count,
+                                                                                    seqs[n].generator)]
+        return chosen, ranked
 
     def _sampling_distribution(self, logits: torch.Tensor, batch: SamplingMetadata):
         """The sampled rows' draft distributions, through the requests' own logits pipeline -> (probs, the
@@ -313,19 +318,18 @@ class EagleProposer:
 
     @staticmethod
     def _add_candidates(candidates: list[_Candidate], parent: int, score: float, depth: int, chosen: int,
-                        ranked: list[tuple[int, float]], tree: bool) -> int:
+                        ranked: list[tuple]) -> int:
         """Add a row's candidates under `parent`; the index of the chosen one (a sampled path goes on from it)."""
         best = -1
-        for rank, (token, logprob) in enumerate(ranked if tree else ranked[:1]):
-            candidates.append(_Candidate(token, score + logprob, depth, parent, rank))
-            if token == chosen:
+        for rank, (token, logprob, *dist) in enumerate(ranked):
+            candidates.append(_Candidate(token, score + logprob, depth, parent, rank, dist[0] if dist else None))
+            if token == chosen and best < 0:
                 best = len(candidates) - 1
         return best
 
-    def _proposal(self, seq: Sequence, candidates: list[_Candidate], dists: list[torch.Tensor], max_tokens: int) -> Proposal:
+    def _proposal(self, seq: Sequence, candidates: list[_Candidate], max_tokens: int) -> Proposal:
         if not self._takes_tree(seq):
-            path = [c for c in candidates if c.rank == 0]
-            return Proposal([c.token for c in path], torch.stack(dists) if dists else None)
+            return self._drawn_proposal(candidates, max_tokens)
         budget = min(self.tree.nodes, max_tokens)
         kept: set[int] = set()
         for index in sorted(range(len(candidates)), key=lambda i: (-candidates[i].score, candidates[i].depth)):
@@ -338,6 +342,21 @@ class EagleProposer:
         return Proposal([candidates[i].token for i in order],
                         parents=tuple(-1 if candidates[i].parent < 0 else new_index[candidates[i].parent] for i in order))
 
+    @staticmethod
+    def _drawn_proposal(candidates: list[_Candidate], max_tokens: int) -> Proposal:
+        """A drawn tree with its distributions: the path first, then the siblings of the shallowest levels
+        (each node's first draws) while max_tokens allows; a chain where no sibling is kept."""
+        kept = sorted(range(len(candidates)), key=lambda i: (candidates[i].rank > 0, candidates[i].depth, i))
+        order = sorted(kept[:max_tokens], key=lambda i: (candidates[i].depth, i))
+        if not order:
+            return Proposal([])
+        probs = torch.stack([candidates[i].dist for i in order])
+        if all(candidates[i].rank == 0 for i in order):
+            return Proposal([candidates[i].token for i in order], probs)
+        new_index = {old: new for new, old in enumerate(order)}
+        return Proposal([candidates[i].token for i in order], probs,
+                        tuple(-1 if candidates[i].parent < 0 else new_index[candidates[i].parent] for i in order))
+
     # ---- the engine's bookkeeping ------------------------------------------------------------
     def on_verified(self, seq: Sequence, num_accepted: int) -> None:
         pass            # the kept tokens' true features come through observe(); the draft's rows were rolled back
@@ -346,3 +365,25 @@ class EagleProposer:
         state = self._states.pop(seq.seq_id, None)
         if state is not None:
             self.kv.free(state)
+
+
+def _drawn_without_replacement(q: torch.Tensor, first: int, count: int,
+                               generator: torch.Generator) -> list[tuple[int, float, torch.Tensor]]:
+    """`first` (drawn from q) and up to count - 1 more columns of q drawn without replacement, each from q
+    without the earlier ones, renormalised (inverse CDF with the generator's uniforms) -> (column, its
+    log-probability there, that distribution) in drawing order; fewer where q's support runs out."""
+    drawn = [(first, float(q[first]), q.cpu())]
+    remaining = q.double()
+    for _ in range(count - 1):
+        remaining = remaining.clone()
+        remaining[drawn[-1][0]] = 0.0
+        total = float(remaining.sum())
+        if total <= 0.0:
+            break
+        dist = remaining / total
+        cdf = dist.cumsum(dim=0)
+        uniform = float(torch.rand(1, generator=generator, dtype=torch.float64))
+        column = min(int(torch.searchsorted(cdf, torch.tensor([uniform * float(cdf[-1])], dtype=torch.float64),
+                                            right=True)), q.shape[-1] - 1)
+        drawn.append((column, float(dist[column]), dist.to(q.dtype).cpu()))
+    return [(column, math.log(p) if p > 0 else float("-inf"), dist) for column, p, dist in drawn]

@@ -15,8 +15,9 @@ class Proposal:
     """Draft tokens for one sequence, to follow its last token.
 
     `probs` [len(token_ids), vocab] is the distribution each token was drawn from, which lossless
-    verification of a sampled request needs; None means the proposer is deterministic (the distribution
-    is one-hot on the proposed token), as for prompt lookup or a greedy draft.
+    verification of a sampled request needs (a sibling drawn after others: its parent's q without them,
+    renormalised; siblings come in drawing order); None means the proposer is deterministic (the
+    distribution is one-hot on the proposed token), as for prompt lookup or a greedy draft.
     """
 
     token_ids: list[int]
@@ -39,10 +40,13 @@ class Proposal:
         keep = [i for i in range(len(self.token_ids)) if self.depth(i) <= max_depth][:max_tokens]
         if len(keep) == len(self.token_ids):
             return self
+        # Siblings come in drawing order: what a prefix keeps of a node's draws are its first ones, as the
+        # rule for drawn trees needs.
+        probs = None if self.probs is None else self.probs[keep]
         if self.parents is None:
-            return Proposal(self.token_ids[: len(keep)], None if self.probs is None else self.probs[: len(keep)])
+            return Proposal(self.token_ids[: len(keep)], probs)
         new_index = {old: new for new, old in enumerate(keep)}
-        return Proposal([self.token_ids[i] for i in keep], None,
+        return Proposal([self.token_ids[i] for i in keep], probs,
                         tuple(-1 if self.parents[i] < 0 else new_index[self.parents[i]] for i in keep))
 
     def path(self, index: int) -> list[int]:
@@ -67,8 +71,8 @@ class AcceptanceRule:
     rows' logits equal the decode step's bit for bit;
     a draft drawn with the same uniform (draft models, Medusa's chains do) matches whenever the two
     distributions put that uniform on the same token. Lossless: speculative sampling (the rejection rule)
-    over a drawn chain with its distributions (draft models, EAGLE), or EAGLE's rule over a tree of
-    deterministic candidates (Medusa); the same distribution, other tokens. Typical (Medusa's
+    over a chain or tree drawn with its distributions (draft models, EAGLE), or EAGLE's rule over a tree
+    of deterministic candidates (Medusa); the same distribution, other tokens. Typical (Medusa's
     lossy rule, `typical` = (epsilon, delta)): a node whose probability under the target is typical
     enough, over trees too."""
 
@@ -85,7 +89,7 @@ class AcceptanceRule:
 
     @property
     def lossless(self) -> bool:
-        """The rejection rule (decoding/speculative/rejection.py): for a chain drawn with its
+        """The rejection rule (decoding/speculative/rejection.py): for a chain or tree drawn with its
         distributions, or for a tree of candidates fixed before the target's draws."""
         return self.typical is None and not self.exact
 

@@ -20,13 +20,17 @@ sampled one follow the same distribution p_j.
 - Sampled rows under the lossless rule use speculative sampling (Leviathan et al. 2023; Chen et al. 2023): keep draft
   token x ~ q_j with probability min(1, p_j(x) / q_j(x)); on the first rejection draw from the residual
   norm(max(0, p_j - q_j)) and stop; when all are kept draw a bonus token from p_k. Each emitted token is
-  then distributed exactly as under p. Deterministic proposals (prompt lookup's chains, Medusa's top-k
-  trees: candidates chosen before the target's draws, no q) are walked node by node as EAGLE verifies
-  its trees at T > 0: keep child c with probability p(c) / (the mass not yet rejected), else zero p(c)
-  and try the next sibling; when every child is rejected draw from what is left of p, and stop. The
-  emitted token is then distributed exactly as p, and a node is kept with the target's whole mass on
-  its candidates, not only on its best one. Over a chain this is the rule above with a one-hot q, the
-  same uniforms deciding the same way.
+  then distributed exactly as under p. A drawn tree (EAGLE's under this rule) gives a node several
+  children drawn from its q without replacement, each with the distribution it was drawn from (q without
+  the earlier ones, renormalised): they are tried in drawing order, each rejection replacing p by that
+  residual, and only when all are rejected is the token drawn from what is left (recursive rejection
+  sampling, Jeon et al. 2024; over a chain, the rule above). Deterministic proposals (prompt lookup's
+  chains, Medusa's top-k trees: candidates chosen before the target's draws, no q) are walked node by
+  node as EAGLE verifies its trees at T > 0: keep child c with probability p(c) / (the mass not yet
+  rejected), else zero p(c) and try the next sibling; when every child is rejected draw from what is
+  left of p, and stop. The emitted token is then distributed exactly as p, and a node is kept with the
+  target's whole mass on its candidates, not only on its best one. Over a chain this is the rule above
+  with a one-hot q, the same uniforms deciding the same way.
 
 Returned logprobs are the target's at each emitted position, in the request's logprobs_mode.
 """
@@ -104,7 +108,7 @@ def verify(sampler: Sampler, seqs: list[Sequence], proposals: list[Proposal], lo
         elif proposal.probs is None:
             rows, final = _walk_lossless(proposal, probs[base : base + num_rows], _uniforms(seq.generator, num_rows))
         else:
-            rows, final = _verify_sampled(proposal, probs[base : base + num_rows], _uniforms(seq.generator, num_rows))
+            rows, final = _walk_drawn(proposal, probs[base : base + num_rows], _uniforms(seq.generator, num_rows))
         tokens = [proposal.token_ids[r - 1] for r in rows] + [final]
         verdicts.append(Verdict(tokens, [], len(rows), rows))
         base += num_rows
@@ -228,46 +232,36 @@ def _draw(p: torch.Tensor, uniform: float, excluded: list[int] | None = None) ->
     return min(drawn, p.shape[-1] - 1)
 
 
-def _verify_sampled(proposal: Proposal, p: torch.Tensor, uniforms: list[float]) -> tuple[list[int], int]:
-    """Speculative sampling over a chain drawn from the proposal's q. p [k + 1, vocab]: the target's
-    sampling distributions; uniforms as `_uniforms` lays them out."""
-    draft = torch.tensor(proposal.token_ids, dtype=torch.long, device=p.device)
-    q = proposal.probs.to(device=p.device, dtype=p.dtype)
-    tokens, num_accepted = rejection_sample(p[None], q[None], draft[None],
-                                            torch.tensor([uniforms], dtype=torch.float64, device=p.device))
-    kept = int(num_accepted[0])
-    return list(range(1, kept + 1)), int(tokens[0, kept])
+def _walk_drawn(proposal: Proposal, p: torch.Tensor, uniforms: list[float]) -> tuple[list[int], int]:
+    """Recursive rejection sampling over candidates drawn from the proposal's distributions, a chain or a
+    tree. p [k + 1, vocab]: the target's sampling distribution at each verified row; proposal.probs[c - 1]
+    the distribution draft row c was drawn from; uniforms as `_uniforms` lays them out.
 
-
-def rejection_sample(p: torch.Tensor, q: torch.Tensor, draft: torch.Tensor,
-                     uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The speculative sampling rule over a batch of independent chains.
-
-    p [B, k + 1, V] target distributions, q [B, k, V] draft distributions, draft [B, k] tokens drawn
-    from q, uniforms [B, k + 1] in [0, 1). Returns tokens [B, k + 1] (the kept drafts, then the final
-    token, then -1) and the number of drafts kept [B].
-    """
-    batch, k = draft.shape
-    rows = torch.arange(batch, device=p.device)
-    p_draft = p[:, :k].gather(2, draft[..., None]).squeeze(2).double()
-    q_draft = q.gather(2, draft[..., None]).squeeze(2).double()
-    rejected = uniforms[:, :k] * q_draft >= p_draft           # keep with probability min(1, p / q)
-    num_accepted = torch.where(rejected.any(dim=1), rejected.double().argmax(dim=1), torch.full_like(rows, k))
-    # The final token: from the residual max(0, p - q) at the first rejection, or from p_k (the bonus):
-    # a zero q after the last draft makes both one expression.
-    q_padded = torch.cat((q, torch.zeros_like(q[:, :1])), dim=1)
-    p_final = p[rows, num_accepted].double()
-    residual = (p_final - q_padded[rows, num_accepted].double()).clamp_(min=0.0)
-    empty = residual.sum(dim=1, keepdim=True) <= 0            # p == q up to rounding
-    residual = torch.where(empty, p_final, residual)
-    cdf = residual.cumsum(dim=1)
-    final = torch.searchsorted(cdf, (uniforms[:, k] * cdf[:, -1])[:, None], right=True).squeeze(1)
-    final = final.clamp_(max=p.shape[-1] - 1)
-    positions = torch.arange(k + 1, device=p.device)[None, :]
-    tokens = torch.cat((draft, torch.full_like(draft[:, :1], -1)), dim=1)
-    tokens = torch.where(positions < num_accepted[:, None], tokens, torch.full_like(tokens, -1))
-    tokens[rows, num_accepted] = final
-    return tokens, num_accepted
+    Why each emitted token follows p: at a node whose (remaining) target distribution is r, a child x drawn
+    from q is kept with probability min(1, r(x) / q(x)), which emits x with probability min(r(x), q(x));
+    a rejection happens with probability sum(max(0, r - q)) and passes on norm(max(0, r - q)), so if what
+    follows a rejection emits that residual, the node emits min(r, q) + max(0, r - q) = r. The next
+    sibling is drawn, given everything before it, from its own stated q, so the same holds for it, down
+    to the last one, after which the residual is drawn from directly."""
+    children, rows, row = _children(proposal), [], 0
+    while True:
+        residual = p[row].double()
+        total = float(residual.sum())
+        match = None
+        for child in children.get(row, ()):
+            token = proposal.token_ids[child - 1]
+            q = proposal.probs[child - 1].to(residual)
+            if uniforms[child - 1] * float(q[token]) * total < float(residual[token]):
+                match = child
+                break
+            left = (residual / total - q).clamp_(min=0.0)
+            left_total = float(left.sum())
+            if left_total > 0.0:          # else r == q up to rounding: a rejection that could not happen
+                residual, total = left, left_total
+        if match is None:
+            return rows, _draw(residual, uniforms[-1])
+        rows.append(match)
+        row = match
 
 
 def _attach_logprobs(sampler: Sampler, processed: ProcessedLogits, batch: SamplingMetadata,
