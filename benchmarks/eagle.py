@@ -82,7 +82,8 @@ def sweep_drawn(plain: Engine, head: str, args, prompts, warmup_prompt, new_toke
         engine = Engine(speculative="eagle", eagle_head=head, eagle_drawn=drawn, speculative_acceptance="lossless",
                         speculative_adaptive=False, **common)
         engine.generate([warmup_prompt], params)
-        plain_seconds, _, seconds, _, stats = timed_in_turn(plain, engine, prompts, params, 1, 1 if args.quick else 3)
+        plain_seconds, _, seconds, _, stats = timed_in_turn(plain, engine, prompts, params, 1, 1 if args.quick else 3,
+                                                            reseed=True)
         rows.append({"drawn": list(drawn), "speedup": round(plain_seconds / seconds, 3),
                      "mean_accepted_length": stats["mean_acceptance_length"]})
         print(json.dumps(rows[-1]), flush=True)

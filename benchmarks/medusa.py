@@ -40,7 +40,7 @@ def acceptance_modes(plain: Engine, make_engine, prompts, warmup_prompt, new_tok
         for engine in (plain, speculative):                 # a full warm-up generation each
             engine.generate([warmup_prompt], params)
         plain_seconds, plain_tokens, spec_seconds, spec_tokens, stats = timed_in_turn(
-            plain, speculative, prompts, params, 1, 1 if quick else 3)
+            plain, speculative, prompts, params, 1, 1 if quick else 3, reseed=params.temperature > 0)
         total = len(prompts) * new_tokens
         entry = {"plain_tok_s": round(total / plain_seconds, 1), "speculative_tok_s": round(total / spec_seconds, 1),
                  "speedup": round(plain_seconds / spec_seconds, 3), "acceptance_rate": stats["acceptance_rate"],

@@ -15,6 +15,7 @@ tokens per round as Gorgon (a constant schedule).
 from __future__ import annotations
 
 import statistics
+from dataclasses import replace
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -60,21 +61,25 @@ def timed_tokens(engine: Engine, prompts, params, batch: int):
     return t.seconds, tokens
 
 
-def timed_in_turn(plain: Engine, other: Engine, prompts, params, batch: int, repeats: int):
+def timed_in_turn(plain: Engine, other: Engine, prompts, params, batch: int, repeats: int, reseed: bool = False):
     """(plain seconds, plain tokens, other seconds, other tokens, the other's acceptance figures): each
     submission (`batch` prompts) runs on both engines back to back, in alternating order, `repeats` times
-    over the prompts; the seconds are the medians of the repeats' totals. Interleaving by submission, not
-    by whole passes over the prompts, matters on a shared machine whose memory bandwidth drifts from
-    minute to minute: EAGLE's lossless speedup at T = 0.7 measured 1.12-1.17 with whole passes in turn
-    and 1.43 (per-prompt ratios 1.26-1.84) interleaved per prompt, in the same hour."""
+    over the prompts; the seconds are the medians of the repeats' totals, the tokens the first repeat's.
+    Interleaving by submission, not by whole passes over the prompts, matters on a shared machine whose
+    memory bandwidth drifts from minute to minute: EAGLE's lossless speedup at T = 0.7 measured 1.12-1.17
+    with whole passes in turn and 1.43 (per-prompt ratios 1.26-1.84) interleaved per prompt, in the same
+    hour. With `reseed`, repeat r samples with seed params.seed + r: a lossless engine's accepted length
+    depends on the text it happens to draw (on SmolLM2 at T = 0.7, one seed's eight answers gave 1.76
+    tokens per verification where four seeds' gave 1.94), so repeats over one seed measure one sample."""
     def run():
         plain_runs, other_runs = [], []
         for repeat in range(repeats):
             plain_run, other_run = [0.0, []], [0.0, []]
+            repeat_params = replace(params, seed=params.seed + repeat) if reseed else params
             for n, start in enumerate(range(0, len(prompts), batch)):
                 pair = [(plain, plain_run), (other, other_run)]
                 for engine, totals in (pair if (n + repeat) % 2 == 0 else pair[::-1]):
-                    seconds, tokens = timed_tokens(engine, prompts[start : start + batch], params, batch)
+                    seconds, tokens = timed_tokens(engine, prompts[start : start + batch], repeat_params, batch)
                     totals[0] += seconds
                     totals[1] += tokens
             plain_runs.append(plain_run)

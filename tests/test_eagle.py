@@ -112,6 +112,21 @@ def test_a_head_that_does_not_fit_is_refused(llama_dir, eagle_dir, tmp_path):
         eagle_engine(llama_dir, eagle_dir, quantization="int8")
     with pytest.raises(ValueError, match="eagle_tree"):
         eagle_engine(llama_dir, eagle_dir, eagle_tree=(0, 4, 2))
+    with pytest.raises(ValueError, match="eagle_drawn"):
+        eagle_engine(llama_dir, eagle_dir, eagle_drawn=(2, 0))
+    with pytest.raises(ValueError, match="candidates per level"):
+        EagleTree.parse_drawn("2,x")
+    with pytest.raises(ValueError, match="every level of a drawn tree"):
+        EagleTree(drawn=(1, 0))
+    # A head's drawn tree is its default; eagle_tree replaces the other numbers and keeps it.
+    config = json.loads((folder / "config.json").read_text())
+    config["hidden_size"] = 64
+    config["eagle"]["tree"]["drawn"] = [2, 1]
+    (folder / "config.json").write_text(json.dumps(config))
+    assert eagle_engine(llama_dir, str(folder)).speculation.proposer.tree.drawn == (2, 1)
+    proposer = eagle_engine(llama_dir, str(folder), eagle_tree=(4, 3, 2)).speculation.proposer
+    assert proposer.tree == EagleTree(4, 3, 2, drawn=(2, 1)) and proposer.max_tokens_per_step == 4
+    assert eagle_engine(llama_dir, str(folder), eagle_drawn=(6, 3, 2)).speculation.proposer.max_tokens_per_step == 11
 
 
 # ---- decoding ------------------------------------------------------------------------------------
