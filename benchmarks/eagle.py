@@ -46,7 +46,7 @@ def main() -> None:
               "eagle_tree": args.eagle_tree, "eagle_drawn": args.eagle_drawn}
     if args.sweep or args.sweep_drawn:
         if args.sweep:
-            result["sweep"] = sweep(plain, target, str(head), args, prompts, warmup_prompt, new_tokens, common)
+            result["sweep"] = sweep(plain, str(head), args, prompts, warmup_prompt, new_tokens, common)
         if args.sweep_drawn:
             result["sweep_drawn"] = sweep_drawn(plain, str(head), args, prompts, warmup_prompt, new_tokens, common)
         report(result, args.json)
@@ -57,38 +57,38 @@ def main() -> None:
     report(result, args.json)
 
 
-def sweep(plain: Engine, target: str, head: str, args, prompts, warmup_prompt, new_tokens: int, common: dict) -> list:
+def sweep(plain: Engine, head: str, args, prompts, warmup_prompt, new_tokens: int, common: dict) -> list:
     """Greedy speedup and accepted length of each tree, each against plain decode in turn."""
     params = SamplingParams(temperature=0, max_tokens=new_tokens, min_tokens=new_tokens)
-    plain.generate([warmup_prompt], params)
-    rows = []
-    for tree in args.sweep:
-        engine = Engine(speculative="eagle", eagle_head=head, eagle_tree=tree, speculative_adaptive=False, **common)
-        engine.generate([warmup_prompt], params)
-        plain_seconds, plain_tokens, seconds, tokens, stats = timed_in_turn(plain, engine, prompts, params, 1,
-                                                                            1 if args.quick else 3)
-        rows.append({"tree": list(tree), "speedup": round(plain_seconds / seconds, 3),
-                     "mean_accepted_length": stats["mean_acceptance_length"], "identical": tokens == plain_tokens})
-        print(json.dumps(rows[-1]), flush=True)
-    return rows
+    return _each_against_plain(plain, "tree", args.sweep, lambda tree: dict(eagle_tree=tree), params, args, prompts,
+                               warmup_prompt, head, common)
 
 
 def sweep_drawn(plain: Engine, head: str, args, prompts, warmup_prompt, new_tokens: int, common: dict) -> list:
-    """Lossless speedup and accepted length at T = 0.7 of each drawn tree, each against plain decode in turn."""
+    """Lossless speedup and accepted length at T = 0.7 of each drawn tree, each against plain decode in turn,
+    each repeat with its own seed."""
     params = SamplingParams(temperature=0.7, max_tokens=new_tokens, min_tokens=new_tokens, seed=0)
+    return _each_against_plain(plain, "drawn", args.sweep_drawn,
+                               lambda drawn: dict(eagle_drawn=drawn, speculative_acceptance="lossless"), params, args,
+                               prompts, warmup_prompt, head, common)
+
+
+def _each_against_plain(plain: Engine, key: str, shapes, options, params, args, prompts, warmup_prompt, head: str,
+                        common: dict) -> list:
+    """One row per shape: an always-speculating engine with options(shape) against plain decode in turn
+    (`identical` where greedy), printed as it finishes."""
     plain.generate([warmup_prompt], params)
     rows = []
-    for drawn in args.sweep_drawn:
-        engine = Engine(speculative="eagle", eagle_head=head, eagle_drawn=drawn, speculative_acceptance="lossless",
-                        speculative_adaptive=False, **common)
+    for shape in shapes:
+        engine = Engine(speculative="eagle", eagle_head=head, speculative_adaptive=False, **options(shape), **common)
         engine.generate([warmup_prompt], params)
-        plain_seconds, _, seconds, _, stats = timed_in_turn(plain, engine, prompts, params, 1, 1 if args.quick else 3,
-                                                            reseed=True)
-        rows.append({"drawn": list(drawn), "speedup": round(plain_seconds / seconds, 3),
-                     "mean_accepted_length": stats["mean_acceptance_length"]})
+        plain_seconds, plain_tokens, seconds, tokens, stats = timed_in_turn(
+            plain, engine, prompts, params, 1, 1 if args.quick else 3, reseed=params.temperature > 0)
+        row = {key: list(shape), "speedup": round(plain_seconds / seconds, 3),
+               "mean_accepted_length": stats["mean_acceptance_length"]}
+        rows.append(row | ({"identical": tokens == plain_tokens} if params.temperature == 0 else {}))
         print(json.dumps(rows[-1]), flush=True)
     return rows
-
 
 if __name__ == "__main__":
     main()

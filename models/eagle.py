@@ -75,31 +75,29 @@ class EagleTree:
         """The most candidates either tree verifies."""
         return max(self.nodes, sum(self.drawn_levels))
 
-    @classmethod
-    def parse(cls, text: str) -> tuple[int, ...]:
+    @staticmethod
+    def parse(text: str) -> tuple[int, ...]:
         """'NODES,DEPTH,TOP_K[,WIDTH]' (as the command line gives it) -> the ints; ValueError otherwise."""
-        try:
-            numbers = tuple(int(part) for part in text.split(","))
-        except ValueError as err:
-            raise ValueError(f"expected NODES,DEPTH,TOP_K[,WIDTH] (e.g. 8,6,4,2), got {text!r}") from err
-        if len(numbers) not in (3, 4):
-            raise ValueError(f"expected NODES,DEPTH,TOP_K[,WIDTH] (e.g. 8,6,4,2), got {text!r}")
-        return numbers
+        return _positive_ints(text, "NODES,DEPTH,TOP_K[,WIDTH] (e.g. 8,6,4,2)", lambda n: n in (3, 4))
 
     @staticmethod
     def parse_drawn(text: str) -> tuple[int, ...]:
         """'N1,N2,...' candidates per level of the drawn tree -> the ints; ValueError otherwise."""
-        try:
-            numbers = tuple(int(part) for part in text.split(","))
-        except ValueError as err:
-            raise ValueError(f"expected candidates per level as N1,N2,... (e.g. 2,2,1,1), got {text!r}") from err
-        if not numbers or min(numbers) < 1:
-            raise ValueError(f"expected positive candidates per level as N1,N2,... (e.g. 2,2,1,1), got {text!r}")
-        return numbers
+        return _positive_ints(text, "candidates per level as N1,N2,... (e.g. 2,2,1,1)", lambda n: n > 0)
 
     def as_dict(self) -> dict:
         tree = {"nodes": self.nodes, "depth": self.depth, "top_k": self.top_k, "width": self.width}
         return tree | ({"drawn": list(self.drawn)} if self.drawn else {})
+
+
+def _positive_ints(text: str, expected: str, count_fits) -> tuple[int, ...]:
+    try:
+        numbers = tuple(int(part) for part in text.split(","))
+    except ValueError as err:
+        raise ValueError(f"expected {expected}, got {text!r}") from err
+    if not count_fits(len(numbers)) or min(numbers) < 1:
+        raise ValueError(f"expected {expected}, positive, got {text!r}")
+    return numbers
 
 
 def one_layer_spec(spec: DecoderSpec) -> DecoderSpec:

@@ -40,10 +40,10 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="how sampled requests accept Medusa candidates: exact (the plain sampled tokens), "
                              "lossless (rejection rule) or typical (lossy); greedy ones are always exact")
     parser.add_argument("--eagle-head", default=None, help="EAGLE head folder (default: the one shipped for a catalog model)")
-    parser.add_argument("--eagle-tree", type=_eagle_tree, default=None,
+    parser.add_argument("--eagle-tree", type=_eagle_tree_option("parse"), default=None,
                         help="EAGLE's tree as NODES,DEPTH,TOP_K[,WIDTH]: candidates verified, levels drafted, "
                              "candidates per draft row, rows drafted per level (default: the head's own)")
-    parser.add_argument("--eagle-drawn", type=_eagle_drawn, default=None,
+    parser.add_argument("--eagle-drawn", type=_eagle_tree_option("parse_drawn"), default=None,
                         help="EAGLE's drawn tree for lossless sampling as N1,N2,...: candidates drawn at each level "
                              "without replacement, the first drafted on (default: the head's own)")
     parser.add_argument("--eagle-weights", choices=["float", "q8_0", "q4_0", "q4_1", "bf16"], default="q8_0",
@@ -73,20 +73,15 @@ def _choices(text: str) -> tuple[tuple[int, ...], ...]:
         raise argparse.ArgumentTypeError(f"expected a JSON list of lists of ints, got {text!r}") from err
 
 
-def _eagle_drawn(text: str) -> tuple[int, ...]:
-    from models.eagle import EagleTree
-    try:
-        return EagleTree.parse_drawn(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from err
-
-
-def _eagle_tree(text: str) -> tuple[int, ...]:
-    from models.eagle import EagleTree
-    try:
-        return EagleTree.parse(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from err
+def _eagle_tree_option(parser_name: str):
+    """An argparse type for EagleTree.<parser_name>, its message kept (argparse drops a ValueError's)."""
+    def parse(text: str) -> tuple[int, ...]:
+        from models.eagle import EagleTree
+        try:
+            return getattr(EagleTree, parser_name)(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from err
+    return parse
 
 
 def _engine_options(args: argparse.Namespace) -> dict:

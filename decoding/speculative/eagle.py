@@ -41,6 +41,7 @@ from decoding.sampling_metadata import SamplingMetadata
 from decoding.sequence import Sequence
 from decoding.speculative.draft import DraftState
 from decoding.speculative.proposer import AcceptanceRule, Proposal
+from decoding.speculative.rejection import inverse_cdf_draw
 from decoding.step_plan import ScheduledSeq, TokenTree
 from models.attention import PagedKVCache
 from models.eagle import EagleDraft, EagleTree
@@ -265,19 +266,19 @@ class EagleProposer:
         return path[::-1]
 
     def _choose(self, seqs: list[Sequence], drafted: list[list[int]], logits: torch.Tensor):
-        """Per row: the path's next token and the candidates, (token, log-prob) best first or, for a drawn
-        tree, (token, log-prob, the distribution it was drawn from) in drawing order."""
+        """Per row: the path's next token and the candidates as (token, log-prob, the distribution it was
+        drawn from or None), best first or, for a drawn tree, in drawing order."""
         top_k = self.tree.top_k
         greedy = [seq.request.params.is_greedy for seq in seqs]
         chosen: list[int] = [0] * len(seqs)
-        ranked: list[list[tuple]] = [[] for _ in seqs]
+        ranked: list[list[tuple[int, float, torch.Tensor | None]]] = [[] for _ in seqs]
         if any(greedy):
             rows = [n for n, g in enumerate(greedy) if g]
             logprobs = torch.log_softmax(logits[rows], dim=-1)
             values, indices = logprobs.topk(top_k, dim=-1)
             tokens = self.draft.token_ids(indices).tolist()
             for n, row_tokens, row_values in zip(rows, tokens, values.tolist()):
-                ranked[n] = list(zip(row_tokens, row_values))
+                ranked[n] = [(token, value, None) for token, value in zip(row_tokens, row_values)]
                 chosen[n] = row_tokens[0]
         sampled = [n for n, g in enumerate(greedy) if not g]
         if sampled:
@@ -292,8 +293,8 @@ class EagleProposer:
             for m, n in enumerate(sampled):
                 chosen[n] = draws[m]
                 if self._takes_tree(seqs[n]):
-                    others = [(t, v) for t, v in zip(tops[m], top_logprobs[m]) if t != draws[m]]
-                    ranked[n] = [(draws[m], drawn_logprobs[m])] + others[: top_k - 1]
+                    others = [(t, v, None) for t, v in zip(tops[m], top_logprobs[m]) if t != draws[m]]
+                    ranked[n] = [(draws[m], drawn_logprobs[m], None)] + others[: top_k - 1]
                     continue
                 count = self.tree.drawn_levels[len(drafted[n])]
                 ranked[n] = [(token if columns is None else int(columns[token]), logprob,
@@ -318,11 +319,11 @@ class EagleProposer:
 
     @staticmethod
     def _add_candidates(candidates: list[_Candidate], parent: int, score: float, depth: int, chosen: int,
-                        ranked: list[tuple]) -> int:
+                        ranked: list[tuple[int, float, torch.Tensor | None]]) -> int:
         """Add a row's candidates under `parent`; the index of the chosen one (a sampled path goes on from it)."""
         best = -1
-        for rank, (token, logprob, *dist) in enumerate(ranked):
-            candidates.append(_Candidate(token, score + logprob, depth, parent, rank, dist[0] if dist else None))
+        for rank, (token, logprob, dist) in enumerate(ranked):
+            candidates.append(_Candidate(token, score + logprob, depth, parent, rank, dist))
             if token == chosen and best < 0:
                 best = len(candidates) - 1
         return best
@@ -372,18 +373,15 @@ def _drawn_without_replacement(q: torch.Tensor, first: int, count: int,
     """`first` (drawn from q) and up to count - 1 more columns of q drawn without replacement, each from q
     without the earlier ones, renormalised (inverse CDF with the generator's uniforms) -> (column, its
     log-probability there, that distribution) in drawing order; fewer where q's support runs out."""
-    drawn = [(first, float(q[first]), q.cpu())]
+    columns, dists = [first], [q.cpu()]
     remaining = q.double()
-    for _ in range(count - 1):
+    while len(columns) < count:
         remaining = remaining.clone()
-        remaining[drawn[-1][0]] = 0.0
+        remaining[columns[-1]] = 0.0
         total = float(remaining.sum())
         if total <= 0.0:
             break
-        dist = remaining / total
-        cdf = dist.cumsum(dim=0)
-        uniform = float(torch.rand(1, generator=generator, dtype=torch.float64))
-        column = min(int(torch.searchsorted(cdf, torch.tensor([uniform * float(cdf[-1])], dtype=torch.float64),
-                                            right=True)), q.shape[-1] - 1)
-        drawn.append((column, float(dist[column]), dist.to(q.dtype).cpu()))
-    return [(column, math.log(p) if p > 0 else float("-inf"), dist) for column, p, dist in drawn]
+        dists.append((remaining / total).to(q.dtype).cpu())
+        columns.append(inverse_cdf_draw(remaining, float(torch.rand(1, generator=generator, dtype=torch.float64))))
+    return [(column, math.log(p) if (p := float(dist[column])) > 0 else float("-inf"), dist)
+            for column, dist in zip(columns, dists)]

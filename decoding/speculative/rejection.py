@@ -183,7 +183,7 @@ def _walk_typical(proposal: Proposal, p: torch.Tensor, generator: torch.Generato
         match = next((c for c in children.get(row, ()) if float(p[row, proposal.token_ids[c - 1]]) > thresholds[row]),
                      None)
         if match is None:
-            return rows, _draw(p[row], uniform)
+            return rows, inverse_cdf_draw(p[row], uniform)
         rows.append(match)
         row = match
 
@@ -213,12 +213,12 @@ def _walk_lossless(proposal: Proposal, p: torch.Tensor, uniforms: list[float]) -
             rejected.append(token)
             remaining -= mass
         if match is None:
-            return rows, _draw(p[row], uniforms[-1], rejected)
+            return rows, inverse_cdf_draw(p[row], uniforms[-1], rejected)
         rows.append(match)
         row = match
 
 
-def _draw(p: torch.Tensor, uniform: float, excluded: list[int] | None = None) -> int:
+def inverse_cdf_draw(p: torch.Tensor, uniform: float, excluded: list[int] | None = None) -> int:
     """Inverse-CDF draw from p with `excluded` tokens zeroed (all of p where that leaves nothing, which
     only rounding can cause: the excluded mass was 1 yet each of them was rejected)."""
     residual = p.double()
@@ -259,7 +259,7 @@ def _walk_drawn(proposal: Proposal, p: torch.Tensor, uniforms: list[float]) -> t
             if left_total > 0.0:          # else r == q up to rounding: a rejection that could not happen
                 residual, total = left, left_total
         if match is None:
-            return rows, _draw(residual, uniforms[-1])
+            return rows, inverse_cdf_draw(residual, uniforms[-1])
         rows.append(match)
         row = match
 
