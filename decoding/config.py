@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 
 from decoding.structured.constraint import BACKENDS, EXTRAS, installed_backends
 
+# What a draft head's (EAGLE's, Medusa's) products may run in: float32 panels, or a block format.
+DRAFT_HEAD_WEIGHTS = ("float", "q8_0", "q4_0", "q4_1", "bf16")
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -48,12 +51,13 @@ class EngineConfig:
     eagle_tree: tuple[int, ...] | None = None   # (nodes, depth, top_k[, width]) of EAGLE's tree; None: the head's own
     # Candidates per level of EAGLE's drawn tree (sampled requests, lossless rule); None: the head's own
     eagle_drawn: tuple[int, ...] | None = None
-    eagle_weights: str = "q8_0"           # the EAGLE draft's products: "float", or q8_0 / bf16 / q4_0 (it only proposes)
+    eagle_weights: str = "q8_0"           # the EAGLE draft's products, one of DRAFT_HEAD_WEIGHTS (it only proposes)
     # How sampled requests keep draft tokens (decoding/speculative/proposer.py, AcceptanceRule): "exact"
     # (the plain sampled tokens, token for token), "lossless" (the rejection rule: the same distribution),
     # or, for the tree proposers only (Medusa, EAGLE), "typical" (lossy).
     speculative_acceptance: str = "exact"
     medusa_acceptance: str = "exact"
+    medusa_weights: str = "q8_0"          # the Medusa heads' products, likewise (models/medusa_native.py)
     typical_epsilon: float = 0.09         # typical acceptance: keep if p > min(epsilon, delta * exp(-H))
     typical_delta: float = 0.3
     # Each grammar compile (schema -> regex -> token index) runs in a worker process that the kernel stops
@@ -103,8 +107,9 @@ class EngineConfig:
         if self.speculative_acceptance not in (("exact", "lossless", "typical") if trees else ("exact", "lossless")):
             raise ValueError(f"speculative_acceptance must be 'exact' or 'lossless'{' or typical' if trees else ''}, "
                              f"got {self.speculative_acceptance!r}")
-        if self.eagle_weights not in ("float", "q8_0", "q4_0", "q4_1", "bf16"):
-            raise ValueError(f"eagle_weights must be 'float', 'q8_0', 'q4_0', 'q4_1' or 'bf16', got {self.eagle_weights!r}")
+        for name in ("eagle_weights", "medusa_weights"):
+            if getattr(self, name) not in DRAFT_HEAD_WEIGHTS:
+                raise ValueError(f"{name} must be 'float', 'q8_0', 'q4_0', 'q4_1' or 'bf16', got {getattr(self, name)!r}")
         if self.eagle_tree is not None and (len(self.eagle_tree) not in (3, 4) or min(self.eagle_tree) < 1):
             raise ValueError("eagle_tree must be three or four positive ints (nodes, depth, top_k[, width]), "
                              f"got {self.eagle_tree!r}")

@@ -122,6 +122,11 @@ class MedusaHeads(torch.nn.Module):
             self._shared_projection = projection
         return self
 
+    @property
+    def shared_projection(self) -> FusedLinear | None:
+        """The one product all heads project through (None: each head has its own projection)."""
+        return self._shared_projection
+
     def use_output_head(self, output_head: FusedLinear) -> bool:
         """Project through the target's own output head when that is what the heads' shared projection
         is: equal to it after rounding to the precision the heads were stored in (heads trained on the

@@ -8,6 +8,7 @@ import signal
 import sys
 
 from cluster.routing import RoutingPolicy       # plain Python: the cluster's Ray parts load only with --replicas
+from decoding.config import DRAFT_HEAD_WEIGHTS
 from decoding.structured.constraint import BACKENDS
 
 
@@ -46,8 +47,10 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eagle-drawn", type=_eagle_tree_option("parse_drawn"), default=None,
                         help="EAGLE's drawn tree for lossless sampling as N1,N2,...: candidates drawn at each level "
                              "without replacement, the first drafted on (default: the head's own)")
-    parser.add_argument("--eagle-weights", choices=["float", "q8_0", "q4_0", "q4_1", "bf16"], default="q8_0",
+    parser.add_argument("--eagle-weights", choices=DRAFT_HEAD_WEIGHTS, default="q8_0",
                         help="the EAGLE draft's weights (it only proposes; the model verifies in its own precision)")
+    parser.add_argument("--medusa-weights", choices=DRAFT_HEAD_WEIGHTS, default="q8_0",
+                        help="the Medusa heads' weights (they only propose; the model verifies in its own precision)")
     parser.add_argument("--speculative-acceptance", choices=["exact", "lossless", "typical"], default="exact",
                         help="how sampled requests accept draft / n-gram / EAGLE tokens: exact (the plain sampled tokens), "
                              "lossless (the rejection rule: the same distribution, other tokens) or, for EAGLE, "
@@ -91,7 +94,7 @@ def _engine_options(args: argparse.Namespace) -> dict:
                 prompt_lookup_max=args.prompt_lookup_max, prompt_lookup_min=args.prompt_lookup_min,
                 medusa_heads=args.medusa_heads, medusa_choices=args.medusa_choices,
                 eagle_head=args.eagle_head, eagle_tree=args.eagle_tree, eagle_drawn=args.eagle_drawn,
-                eagle_weights=args.eagle_weights,
+                eagle_weights=args.eagle_weights, medusa_weights=args.medusa_weights,
                 medusa_acceptance=args.medusa_acceptance, speculative_acceptance=args.speculative_acceptance,
                 speculative_adaptive=args.speculative_adaptive, grammar_cpu_budget_s=args.grammar_cpu_budget,
                 grammar_memory_gb=args.grammar_memory_gb, grammar_workers=args.grammar_workers,

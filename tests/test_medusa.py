@@ -10,6 +10,7 @@ from decoding import Engine, SamplingParams
 from decoding.step_plan import TokenTree
 from decoding.speculative.medusa import DEFAULT_CHOICES, tree_parents
 from decoding.speculative.proposer import Proposal
+from models import kernels
 from models.loader import DEFAULT_MEDUSA_DIR
 from models.medusa import MedusaHeads
 from tiny_models import (PROMPTS, assert_lossless_sampling_follows_the_target, assert_same_steps_match,
@@ -178,6 +179,43 @@ def test_pruned_heads_score_the_same_tokens_as_before(llama_dir, tmp_path):
     assert out.outputs[0].token_ids == hf_greedy(llama_dir, PROMPTS[0], NEW_TOKENS)
 
 
+@pytest.mark.skipif(not kernels.native_ops_available(torch.device("cpu"), torch.float32),
+                    reason="the native CPU kernels did not build")
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-projection", "own-projections"])
+def test_native_heads_compute_the_used_heads_as_the_module_does(shared):
+    """The proposer's heads on the native products: in float32 the first `used` heads' logits are the
+    module's; in Q8_0 (the default) they stay close, and rank the same token first where the module's
+    margin is clear; bad weight names are refused."""
+    from models.medusa_native import NativeMedusaHeads
+
+    torch.manual_seed(6)
+    hidden, vocab = 64, 200
+    heads = MedusaHeads(hidden, vocab, num_heads=4, num_layers=2)
+    with torch.no_grad():
+        for param in heads.parameters():
+            param.normal_(0, 0.2)
+        if shared:
+            heads.init_projections(torch.randn(vocab, hidden))
+    heads.prepare_for_inference()
+    assert (heads.shared_projection is not None) == shared
+    x = torch.randn(5, hidden)
+    with torch.inference_mode():
+        expected = heads(x)
+        for used in (1, 3):
+            torch.testing.assert_close(NativeMedusaHeads(heads, used, "float")(x), expected[:used], atol=1e-4, rtol=1e-4)
+        quantized = NativeMedusaHeads(heads, 4, "q8_0")(x)
+    scale = expected.abs().max()
+    assert (quantized - expected).abs().max() < 0.05 * scale
+    top2 = expected.topk(2, dim=-1).values
+    clear = (top2[..., 0] - top2[..., 1]) > 0.1 * scale
+    assert clear.sum() > 5
+    assert torch.equal(quantized.argmax(-1)[clear], expected.argmax(-1)[clear])
+    with pytest.raises(ValueError, match="'float' or one of"):
+        NativeMedusaHeads(heads, 2, "fp4")
+    with pytest.raises(ValueError, match="5 heads asked of 4"):
+        NativeMedusaHeads(heads, 5)
+
+
 def test_a_tree_in_the_heads_config_is_the_proposers_default(llama_dir, heads_dir, tmp_path):
     import shutil
 
@@ -245,8 +283,9 @@ def test_tree_verification_logits_equal_sequential_decoding_of_each_path(llama_d
             assert torch.allclose(rows[node + 1], expected, atol=1e-4)
 
 
-def test_greedy_medusa_is_token_identical_on_a_batch(llama_dir, heads_dir):
-    engine = medusa_engine(llama_dir, heads_dir)
+@pytest.mark.parametrize("weights", ["q8_0", "float"])
+def test_greedy_medusa_is_token_identical_on_a_batch(llama_dir, heads_dir, weights):
+    engine = medusa_engine(llama_dir, heads_dir, medusa_weights=weights)
     outputs = engine.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS,
                                                       logprobs=0, logprobs_mode="raw"))
     for prompt, output in zip(PROMPTS, outputs):
@@ -304,6 +343,8 @@ def test_medusa_is_refused_on_quantized_weights(llama_dir, heads_dir):
 def test_configuration_errors(llama_dir, heads_dir, tmp_path):
     with pytest.raises(ValueError, match="medusa_acceptance"):
         medusa_engine(llama_dir, heads_dir, medusa_acceptance="sometimes")
+    with pytest.raises(ValueError, match="medusa_weights must be 'float', 'q8_0'"):
+        medusa_engine(llama_dir, heads_dir, medusa_weights="fp4")
     with pytest.raises(ValueError, match="only 3 heads"):
         medusa_engine(llama_dir, heads_dir, medusa_choices=((0,), (0, 0), (0, 0, 0), (0, 0, 0, 0)))
     (tmp_path / "config.json").write_text("{}")

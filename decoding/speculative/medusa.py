@@ -16,6 +16,7 @@ import torch
 from decoding.sequence import Sequence
 from decoding.speculative.proposer import Proposal
 from models.medusa import MedusaHeads
+from models.medusa_native import NativeMedusaHeads, native_heads_available
 
 # The first 10 nodes grown by `python -m training.medusa_tree` for the embedded model and heads
 # (64 held-out prompts that the benchmarks do not use), in growth order: the heads' ranks 0-5 for the
@@ -42,7 +43,7 @@ def tree_parents(choices: tuple[tuple[int, ...], ...]) -> tuple[int, ...]:
 class MedusaProposer:
     wants_hidden_states = True
 
-    def __init__(self, heads: MedusaHeads, choices=None):
+    def __init__(self, heads: MedusaHeads, choices=None, weights: str = "q8_0"):
         self.choices = tuple(tuple(int(i) for i in path) for path in (choices or heads.choices or DEFAULT_CHOICES))
         if not self.choices or any(len(path) == 0 for path in self.choices):
             raise ValueError("medusa choices must be non-empty paths")
@@ -52,6 +53,9 @@ class MedusaProposer:
         self.parents = tree_parents(self.choices)
         self.top_k = max(max(path) for path in self.choices) + 1
         self.heads = heads
+        # Only the heads the tree reaches run, on the native products in `weights` where those run.
+        self.depth = depth
+        self._native = NativeMedusaHeads(heads, depth, weights) if native_heads_available(heads) else None
         self.max_tokens_per_step = max(len(self.choices), heads.num_heads)
         self._hidden: dict[int, torch.Tensor] = {}
 
@@ -65,7 +69,10 @@ class MedusaProposer:
         if not known:
             return proposals
         hidden = torch.stack([self._hidden[seqs[i].seq_id] for i in known])
-        logits = self.heads(hidden.to(self.heads.heads[0][-1].weight.dtype)).float()      # [K, N, V]
+        if self._native is not None:
+            logits = self._native(hidden.float())                                           # [depth, N, V]
+        else:
+            logits = self.heads(hidden.to(self.heads.heads[0][-1].weight.dtype))[: self.depth].float()
         top = self.heads.token_ids(logits.topk(self.top_k, dim=-1).indices).tolist()        # [K][N][top_k]
         for n, i in enumerate(known):
             tokens = [top[len(path) - 1][n][path[-1]] for path in self.choices]
