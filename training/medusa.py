@@ -59,6 +59,12 @@ def head_losses(heads: MedusaHeads, hidden: torch.Tensor, model_logits: torch.Te
     return losses
 
 
+def heldout_windows(corpus: Path, tokenizer, count: int = 48) -> torch.Tensor:
+    """The first `count` consecutive windows of SEQ_LEN tokens of the corpus's held-out texts [count, SEQ_LEN]."""
+    heldout = token_stream(read_texts(corpus / "heldout.jsonl"), tokenizer)
+    return torch.stack([heldout[i : i + SEQ_LEN] for i in range(0, min(len(heldout) - SEQ_LEN, count * SEQ_LEN), SEQ_LEN)])
+
+
 @torch.no_grad()
 def head_accuracy(model, heads: MedusaHeads, windows: torch.Tensor) -> dict[str, list[float]]:
     """Per head, on held-out windows [N, T]: top-1 accuracy against the text (`text_top1`) and agreement
@@ -70,7 +76,7 @@ def head_accuracy(model, heads: MedusaHeads, windows: torch.Tensor) -> dict[str,
         all_logits = heads(hidden.flatten(0, 1)).view(heads.num_heads, *batch.shape, -1)
         for k in range(heads.num_heads):
             span = batch.shape[1] - k - 2
-            predicted = all_logits[k, :, :span].argmax(-1)
+            predicted = heads.token_ids(all_logits[k, :, :span].argmax(-1))     # a draft vocabulary's ranks -> ids
             text_hits[k] += int((predicted == batch[:, k + 2 : k + 2 + span]).sum())
             model_hits[k] += int((predicted == greedy[:, k + 1 : k + 1 + span]).sum())
             counts[k] += predicted.numel()
@@ -174,9 +180,7 @@ def train(args: argparse.Namespace) -> None:
     save_checkpoint(checkpoint, heads, optimizer, generator, step, seconds)
     heads.eval()
     heads.save(args.out / "final", str(args.model), getattr(torch, args.save_dtype))
-    heldout = token_stream(read_texts(args.corpus / "heldout.jsonl"), tokenizer)
-    windows = torch.stack([heldout[i : i + SEQ_LEN] for i in range(0, min(len(heldout) - SEQ_LEN, 48 * SEQ_LEN), SEQ_LEN)])
-    accuracy = head_accuracy(model, heads, windows.to(args.device))
+    accuracy = head_accuracy(model, heads, heldout_windows(args.corpus, tokenizer).to(args.device))
     (args.out / "final" / "evaluation.json").write_text(json.dumps(accuracy, indent=2) + "\n")
     log.write(json.dumps({"event": "done", "step": step, "minutes": round(seconds / 60, 2), **accuracy}) + "\n")
     log.close()

@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from models.medusa import MedusaHeads
 from training.corpus import read_texts
 from training.draft_features import most_frequent, read_samples
+from training.medusa import head_accuracy, heldout_windows
 
 
 def token_counts(model: str, corpus: Path | None, answers: Path | None) -> Counter:
@@ -36,7 +37,8 @@ def token_counts(model: str, corpus: Path | None, answers: Path | None) -> Count
     return counts
 
 
-def prune(model: str, heads_folder: Path, out: Path, size: int, counts: Counter) -> dict:
+def prune(model: str, heads_folder: Path, out: Path, size: int, counts: Counter, corpus: Path | None = None) -> dict:
+    """Prune into `out`; with a `corpus`, the pruned heads' held-out accuracy replaces evaluation.json's."""
     loaded = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
     lm_head = loaded.get_output_embeddings().weight.detach()
     heads = MedusaHeads.load(heads_folder, output_head=lm_head)
@@ -57,10 +59,16 @@ def prune(model: str, heads_folder: Path, out: Path, size: int, counts: Counter)
         saved = json.loads((out / "config.json").read_text())
         (out / "config.json").write_text(json.dumps(saved | {"medusa_choices": config["medusa_choices"]}, indent=2) + "\n")
     for extra in ("train.log", "evaluation.json"):
-        if (heads_folder / extra).exists():
+        if (heads_folder / extra).exists() and heads_folder.resolve() != out.resolve():
             shutil.copy(heads_folder / extra, out / extra)
     total = sum(counts.values())
-    return {"draft_vocab": vocab.numel(), "coverage": round(sum(counts[t] for t in vocab.tolist()) / max(total, 1), 4)}
+    figures = {"draft_vocab": vocab.numel(), "coverage": round(sum(counts[t] for t in vocab.tolist()) / max(total, 1), 4)}
+    if corpus is not None:
+        pruned.prepare_for_inference()
+        windows = heldout_windows(corpus, AutoTokenizer.from_pretrained(model))
+        figures |= head_accuracy(loaded.eval(), pruned, windows)
+        (out / "evaluation.json").write_text(json.dumps(figures, indent=2) + "\n")
+    return figures
 
 
 def main() -> None:
@@ -72,8 +80,9 @@ def main() -> None:
     parser.add_argument("--corpus", type=Path, default=Path.home() / ".cache" / "gorgon" / "corpus")
     parser.add_argument("--answers", type=Path, default=None, help="count tokens over these answers instead")
     args = parser.parse_args()
-    print(json.dumps(prune(args.model, args.heads, args.out, args.draft_vocab,
-                           token_counts(args.model, args.corpus, args.answers))))
+    counts = token_counts(args.model, args.corpus, args.answers)
+    print(json.dumps(prune(args.model, args.heads, args.out, args.draft_vocab, counts,
+                           args.corpus if args.answers is None else None)))
 
 
 if __name__ == "__main__":
