@@ -130,8 +130,9 @@ class MedusaHeads(torch.nn.Module):
     def use_output_head(self, output_head: FusedLinear) -> bool:
         """Project through the target's own output head when that is what the heads' shared projection
         is: equal to it after rounding to the precision the heads were stored in (heads trained on the
-        frozen output head). The product then reads weights the target's logits have just brought into
-        the CPU cache, at the head's full precision, and the heads' copy is dropped."""
+        frozen output head). The product then runs at the head's full precision, follows weight pushes
+        to the target, and the heads' copy is dropped (float32 heads, `medusa_weights="float"`; in a block
+        format the proposer quantizes a copy, models/medusa_native.py)."""
         if self._shared_projection is None or self.draft_vocab is not None:
             return False
         mine, target = self._shared_projection.weight_t, output_head.weight_t

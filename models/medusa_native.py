@@ -41,8 +41,6 @@ class NativeMedusaHeads:
         if weights == "bf16" and not kernels.bf16_products_supported():
             weights = "q8_0"
         self.used, self.weights = used, weights
-        self.token_ids = heads.token_ids
-        size = heads.hidden_size
         chosen = heads.heads[:used]
         with torch.inference_mode():
             self.first = _linear([head[0].linear.weight for head in chosen], [head[0].linear.bias for head in chosen])
@@ -58,7 +56,6 @@ class NativeMedusaHeads:
         if weights != "float":
             for linear in (self.first, *(lin for layer in self.later for lin in layer), *self.projections):
                 linear.quantize([FORMATS[LOAD_SCHEMES[weights]]] * len(linear.out_features))
-        self.hidden_size = size
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] (float32) -> logits [used, N, V]."""

@@ -72,7 +72,7 @@ class MedusaProposer:
             logits = self._native(hidden.float())                                           # [depth, N, V]
         else:
             logits = self.heads(hidden.to(self.heads.heads[0][-1].weight.dtype))[: self.depth].float()
-        top = self.heads.token_ids(logits.topk(self.top_k, dim=-1).indices).tolist()        # [K][N][top_k]
+        top = self.heads.token_ids(logits.topk(self.top_k, dim=-1).indices).tolist()        # [depth][N][top_k]
         for n, i in enumerate(known):
             tokens = [top[len(path) - 1][n][path[-1]] for path in self.choices]
             proposals[i] = Proposal(tokens, parents=self.parents)
