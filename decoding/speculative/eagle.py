@@ -286,10 +286,11 @@ class EagleProposer:
                                                     self.device, drafted=[drafted[n] for n in sampled])
             q, columns = self._sampling_distribution(logits[sampled], batch)
             drawn = self.sampler.sample(q, batch)
-            values, indices = q.topk(min(top_k, q.shape[-1]), dim=-1)
             drawn_logprobs = q.gather(1, drawn[:, None]).log().squeeze(1).tolist()
-            draws, tops = (drawn, indices) if columns is None else (columns[drawn], columns[indices])
-            draws, tops, top_logprobs = draws.tolist(), tops.tolist(), values.log().tolist()
+            draws = (drawn if columns is None else columns[drawn]).tolist()
+            if any(self._takes_tree(seqs[n]) for n in sampled):          # (a drawn tree reads no top-k)
+                values, indices = q.topk(min(top_k, q.shape[-1]), dim=-1)
+                tops, top_logprobs = (indices if columns is None else columns[indices]).tolist(), values.log().tolist()
             for m, n in enumerate(sampled):
                 chosen[n] = draws[m]
                 if self._takes_tree(seqs[n]):

@@ -89,9 +89,11 @@ def verify(sampler: Sampler, seqs: list[Sequence], proposals: list[Proposal], lo
     `rows_to_verify` (None: every chain plainly greedy). Sampled requests' drafts are kept under `rule`."""
     if batch is None:
         return _verify_plainly_greedy(seqs, proposals, logits, vocab_size, eos_token_ids)
-    rows_logits = torch.cat(logits)
+    rows_logits = logits[0] if len(logits) == 1 else torch.cat(logits)
     processed = process_logits(rows_logits, batch, distribution=not batch.all_greedy or batch.num_top_logprobs >= 0)
-    greedy_tokens = processed.penalised.argmax(dim=-1).tolist()
+    # (an argmax over every row of the whole vocabulary costs a quarter of a sampled walk: only for greedy rows)
+    any_greedy = any(seq.request.params.is_greedy for seq in seqs)
+    greedy_tokens = processed.penalised.argmax(dim=-1).tolist() if any_greedy else None
     probs = processed.logprobs.exp() if processed.logprobs is not None else None
     # Exact acceptance: every row's token as the plain sampler draws it at that row's position.
     drawn = sampler(rows_logits, batch).token_ids if rule.exact and not batch.all_greedy else None
@@ -245,16 +247,18 @@ def _walk_drawn(proposal: Proposal, p: torch.Tensor, uniforms: list[float]) -> t
     to the last one, after which the residual is drawn from directly."""
     children, rows, row = _children(proposal), [], 0
     while True:
-        residual = p[row].double()
-        total = float(residual.sum())
+        # The target's row as it is until a rejection: a kept first child (the common case) then costs
+        # one sum over the vocabulary, not copies of p and q in float64 (the test reads two entries).
+        residual = p[row]
+        total = float(residual.sum(dtype=torch.float64))
         match = None
         for child in children.get(row, ()):
             token = proposal.token_ids[child - 1]
-            q = proposal.probs[child - 1].to(residual)
+            q = proposal.probs[child - 1]
             if uniforms[child - 1] * float(q[token]) * total < float(residual[token]):
                 match = child
                 break
-            left = (residual / total - q).clamp_(min=0.0)
+            left = (residual.double() / total - q.double()).clamp_(min=0.0)
             left_total = float(left.sum())
             if left_total > 0.0:          # else r == q up to rounding: a rejection that could not happen
                 residual, total = left, left_total
