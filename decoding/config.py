@@ -109,7 +109,7 @@ class EngineConfig:
                              f"got {self.speculative_acceptance!r}")
         for name in ("eagle_weights", "medusa_weights"):
             if getattr(self, name) not in DRAFT_HEAD_WEIGHTS:
-                raise ValueError(f"{name} must be 'float', 'q8_0', 'q4_0', 'q4_1' or 'bf16', got {getattr(self, name)!r}")
+                raise ValueError(f"{name} must be one of {', '.join(DRAFT_HEAD_WEIGHTS)}, got {getattr(self, name)!r}")
         if self.eagle_tree is not None and (len(self.eagle_tree) not in (3, 4) or min(self.eagle_tree) < 1):
             raise ValueError("eagle_tree must be three or four positive ints (nodes, depth, top_k[, width]), "
                              f"got {self.eagle_tree!r}")

@@ -33,7 +33,7 @@ from models.attention import AttentionMetadata, PagedKVCache
 from models.decoder_layer import DecoderLayer
 from models.families import DecoderSpec
 from models.layers import FusedLinear, ParamSlot, RotaryEmbedding, layer_slots
-from models.quantized_model import quantize_linears
+from models.quantized_model import quantize_draft_products
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -244,8 +244,6 @@ class EagleDraft(torch.nn.Module):
             for name, places in slots.items():
                 for slot in places:
                     slot.copy_(state[name])
-            if weights != "float" and draft.native_ops and torch.device(device).type == "cpu" and dtype == torch.float32:
-                if weights == "bf16" and not kernels.bf16_products_supported():
-                    weights = "q8_0"
-                quantize_linears(draft, weights)
+            if draft.native_ops and torch.device(device).type == "cpu" and dtype == torch.float32:
+                quantize_draft_products(draft, weights)
         return draft.eval()

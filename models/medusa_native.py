@@ -21,7 +21,7 @@ import torch
 from models import kernels
 from models.layers import FusedLinear
 from models.medusa import MedusaHeads
-from models.quantization import FORMATS, LOAD_SCHEMES
+from models.quantized_model import quantize_draft_products
 
 
 def native_heads_available(heads: MedusaHeads) -> bool:
@@ -29,33 +29,28 @@ def native_heads_available(heads: MedusaHeads) -> bool:
     return kernels.native_ops_available(weight.device, weight.dtype)
 
 
-class NativeMedusaHeads:
-    """The first `used` heads of `heads`, their products in `weights`: "float" (float32 panels) or a
-    load scheme of a quantized model (bf16 runs as Q8_0 where the CPU has no bf16 products)."""
+class NativeMedusaHeads(torch.nn.Module):
+    """The first `used` heads of `heads`, their products in `weights` ("float", or a load scheme of a
+    quantized model: models/quantized_model.quantize_draft_products)."""
 
     def __init__(self, heads: MedusaHeads, used: int, weights: str = "q8_0"):
-        if weights != "float" and weights not in LOAD_SCHEMES:
-            raise ValueError(f"Medusa head weights must be 'float' or one of {', '.join(LOAD_SCHEMES)}, got {weights!r}")
+        super().__init__()
         if not 1 <= used <= heads.num_heads:
             raise ValueError(f"{used} heads asked of {heads.num_heads}")
-        if weights == "bf16" and not kernels.bf16_products_supported():
-            weights = "q8_0"
-        self.used, self.weights = used, weights
+        self.used = used
         chosen = heads.heads[:used]
         with torch.inference_mode():
             self.first = _linear([head[0].linear.weight for head in chosen], [head[0].linear.bias for head in chosen])
-            self.later = [[_linear([head[layer].linear.weight], [head[layer].linear.bias]) for head in chosen]
-                          for layer in range(1, heads.num_layers)]
+            self.later = torch.nn.ModuleList(
+                torch.nn.ModuleList(_linear([head[layer].linear.weight], [head[layer].linear.bias]) for head in chosen)
+                for layer in range(1, heads.num_layers))
             projections = [head[-1].weight for head in chosen]
             if weights == "float" and heads.shared_projection is not None:
                 self.projections = [heads.shared_projection]      # maybe the target's own output head: no copy
-            elif all(torch.equal(p, projections[0]) for p in projections[1:]):
-                self.projections = [_linear([projections[0]])]
             else:
-                self.projections = [_linear([p]) for p in projections]
-        if weights != "float":
-            for linear in (self.first, *(lin for layer in self.later for lin in layer), *self.projections):
-                linear.quantize([FORMATS[LOAD_SCHEMES[weights]]] * len(linear.out_features))
+                shared = all(torch.equal(p, projections[0]) for p in projections[1:])
+                self.projections = torch.nn.ModuleList(_linear([p]) for p in (projections[:1] if shared else projections))
+        quantize_draft_products(self, weights)
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] (float32) -> logits [used, N, V]."""

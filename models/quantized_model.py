@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+from models import kernels
 from models.layers import FusedLinear
 from models.quantization import FORMATS, LOAD_SCHEMES, QuantizedBlocks
 
@@ -42,6 +43,19 @@ def quantize_linears(model, scheme: str, file_blocks: dict[str, QuantizedBlocks]
         return None
     label = "gguf" if scheme == "auto" else scheme
     return f"{label}: " + ", ".join(f"{name} x {count}" for name, count in sorted(counts.items()))
+
+
+def quantize_draft_products(module, weights: str) -> None:
+    """A draft's (an EAGLE head's, Medusa heads') FusedLinears in `weights`: "float" keeps them float32,
+    else a load scheme, bf16 running as Q8_0 where the CPU has no bf16 products. A draft only proposes, so
+    its precision never reaches the output, and at batch 1 its products are bound by the bytes they read."""
+    if weights != "float" and weights not in LOAD_SCHEMES:
+        raise ValueError(f"a draft's weights must be 'float' or one of {', '.join(LOAD_SCHEMES)}, got {weights!r}")
+    if weights == "float":
+        return
+    if weights == "bf16" and not kernels.bf16_products_supported():
+        weights = "q8_0"
+    quantize_linears(module, weights)
 
 
 def _file_parts(model, linear: FusedLinear, file_blocks: dict[str, QuantizedBlocks]) -> list[QuantizedBlocks | None]:

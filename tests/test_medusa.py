@@ -343,7 +343,7 @@ def test_medusa_is_refused_on_quantized_weights(llama_dir, heads_dir):
 def test_configuration_errors(llama_dir, heads_dir, tmp_path):
     with pytest.raises(ValueError, match="medusa_acceptance"):
         medusa_engine(llama_dir, heads_dir, medusa_acceptance="sometimes")
-    with pytest.raises(ValueError, match="medusa_weights must be 'float', 'q8_0'"):
+    with pytest.raises(ValueError, match="medusa_weights must be one of float, q8_0"):
         medusa_engine(llama_dir, heads_dir, medusa_weights="fp4")
     with pytest.raises(ValueError, match="only 3 heads"):
         medusa_engine(llama_dir, heads_dir, medusa_choices=((0,), (0, 0), (0, 0, 0), (0, 0, 0, 0)))
