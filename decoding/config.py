@@ -31,6 +31,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 512     # token budget of one step (decodes + prefill chunks)
     max_model_len: int | None = None      # None: the model's own context length
     seed: int = 0                         # seeds the draws of requests that bring no seed
+    # Greedy decode steps run in one native call when every sequence of a step is a plain greedy decode
+    # (decoding/multi_step.py); 1: one call per step.
+    decode_steps: int = 8
     threads: int | None = None            # threads of torch and the native kernels; None: torch's default
     show_progress: bool = True
     # Speculative decoding: None (off), "draft" (a draft model), "ngram" (prompt lookup), "medusa" or "eagle".
@@ -93,6 +96,8 @@ class EngineConfig:
             raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.decode_steps < 1:
+            raise ValueError(f"decode_steps must be >= 1, got {self.decode_steps}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < self.max_num_seqs:

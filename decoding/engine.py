@@ -16,6 +16,7 @@ from decoding.beam_requests import BeamRequests
 from decoding.block_manager import CacheUsage
 from decoding.config import EngineConfig
 from decoding.intake import Prompt, RequestIntake
+from decoding.multi_step import MultiStepDecode
 from decoding.outputs import RequestOutput
 from decoding.params import SamplingParams
 from decoding.prompt_logprobs import record_prompt_logprobs
@@ -75,6 +76,9 @@ class Engine:
         self.update = StepUpdate(self.kv, self.scheduler, self.speculation, self._requests, self.eos_token_ids,
                                  self.max_model_len, self.loaded.device, self.intake.new_sequence)
         self.counters = self.update.counters
+        # Speculation has its own multi-token steps; without it plain greedy decodes may chain.
+        self.multi_step = None if self.speculation else MultiStepDecode(
+            self.loaded.model, self.kv, self.config.decode_steps, self.eos_token_ids, self.max_model_len)
         # Pushed "draft." weights go to a draft model's proposer (n-gram and Medusa proposers have none).
         proposer = self.speculation.proposer if self.speculation else None
         draft = proposer if hasattr(proposer, "forget_states") else None
@@ -166,6 +170,9 @@ class Engine:
             if self.speculation:
                 self.speculation.end_step(sched, [], [], 0.0)
             return []
+        steps = self.multi_step.steps_for(sched) if self.multi_step else 1
+        if steps > 1:
+            return self._chained_steps(sched, steps)
         chains = self.speculation.attach_drafts(sched) if self.speculation else []
         want_prompt = sched.wanting_prompt_logprobs()
         sched.chunk_logits_for = want_prompt | {chain.seq.seq_id for chain in chains}
@@ -192,6 +199,13 @@ class Engine:
         if self.speculation:
             self.speculation.end_step(sched, chains, verdicts, time.perf_counter() - started)
         return outputs
+
+    def _chained_steps(self, sched: SchedulerOutput, steps: int) -> list[RequestOutput]:
+        """`steps` greedy decode steps in one native call (decoding/multi_step.py)."""
+        self.runner.copy_blocks(sched)
+        self.update.apply_chained(sched, self.multi_step.run(sched, steps))
+        self.counters.num_steps += steps
+        return self.update.end_step(sched)
 
     def _schedule(self) -> SchedulerOutput:
         """The scheduler's plan; preempted sequences drop their drafts; newly started requests take the

@@ -66,9 +66,7 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> StepLogits:
         """Logits of each sequence's last row and of the chunks in `sched.chunk_logits_for`; with
         `sched.wants_hidden` the final hidden states of those rows too."""
-        if sched.block_copies:
-            src, dst = zip(*sched.block_copies)
-            self.cache.copy_blocks(self._long(src), self._long(dst))
+        self.copy_blocks(sched)
         batch = self.pack(sched.scheduled)
         # The rows whose hidden states are read: each sequence's last row, then whole chunks that want
         # logits (prompt logprobs, verification). In a step of prompt chunks that is a few rows of
@@ -95,6 +93,12 @@ class ModelRunner:
             if keep_hidden:
                 out.chunk_hidden[seq_id] = rows
         return out
+
+    def copy_blocks(self, sched: SchedulerOutput) -> None:
+        """The step's copies-on-write of shared blocks, made before anything writes to them."""
+        if sched.block_copies:
+            src, dst = zip(*sched.block_copies)
+            self.cache.copy_blocks(self._long(src), self._long(dst))
 
     # ---- input preparation -------------------------------------------------------------------
     def pack(self, scheduled: list[ScheduledSeq]) -> PackedBatch:

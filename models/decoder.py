@@ -150,6 +150,12 @@ class DecoderForCausalLM(torch.nn.Module):
         self._decoder_table = _NativeStack(cache, shape, kernels.decoder_layers(layers), layers)
         return shape, self._decoder_table.table
 
+    def greedy_chain_available(self) -> bool:
+        """Whether greedy_chain runs for this model: a plain stack whose logits are the output head's own."""
+        spec = self.spec
+        return (self.plain_stack and spec.logits_divisor == 1.0 and spec.logits_multiplier == 1.0
+                and spec.final_softcap is None)
+
     def greedy_chain(self, feed: list[list[int]], positions: list[int], block_tables: list[list[int]],
                      cache: PagedKVCache, stop_tokens: list[list[int]], banned_steps: list[int],
                      steps: int) -> torch.Tensor | None:
@@ -158,8 +164,7 @@ class DecoderForCausalLM(torch.nn.Module):
         drafts are reserved in block_tables[r]. Each step's argmax, with the row's stop_tokens at -inf in
         its first banned_steps[r] steps, is the next step's input. -> [steps, R]; None where the one-call
         stack does not run."""
-        if not self.plain_stack or self.spec.logits_divisor != 1.0 or self.spec.logits_multiplier != 1.0 \
-                or self.spec.final_softcap is not None:
+        if not self.greedy_chain_available():
             return None
         rows = len(feed)
         parts, num_feed, width, banned_width = greedy_chain_ints(feed, positions, block_tables, cache.block_size,

@@ -1,0 +1,92 @@
+"""Greedy decode steps chained in one native call (decoding/multi_step.py): the same tokens, text, finish
+reasons and stop reasons as one step per call, wherever sequences end inside a chain."""
+
+import pytest
+import torch
+
+from decoding import Engine, SamplingParams
+from models import kernels
+from tiny_models import PROMPTS, hf_greedy
+
+needs_kernel = pytest.mark.skipif(not kernels.native_ops_available(torch.device("cpu"), torch.float32),
+                                  reason="the native kernels do not build here")
+
+
+def _engine(path: str, decode_steps: int, **options) -> Engine:
+    options = {"num_kv_blocks": 256, "block_size": 4, **options}
+    return Engine(model=path, show_progress=False, decode_steps=decode_steps, **options)
+
+
+def _finished(engine: Engine, prompts: list, params: list) -> list:
+    """Every request submitted at once, stepped to the end: per request its sequences' results."""
+    ids = [engine.add_request(prompt, param) for prompt, param in zip(prompts, params)]
+    finished = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out
+    return [[(o.token_ids, o.text, o.finish_reason, o.stop_reason) for o in finished[i].outputs] for i in ids]
+
+
+def _greedy_batch(engine: Engine) -> tuple[list, list]:
+    """Greedy requests that end at different points of a chain: by length, a stop token past min_tokens,
+    a stop string, EOS held back by min_tokens, and a group of two."""
+    plain = _engine(engine.config.model, 1, quantization=engine.config.quantization)
+    [free] = plain.generate([PROMPTS[0]], SamplingParams(max_tokens=20, temperature=0))
+    generated = free.outputs[0].token_ids
+    text = free.outputs[0].text
+    stop_string = text[len(text) // 2 : len(text) // 2 + 2] if len(text) > 4 else "zz"
+    params = [SamplingParams(max_tokens=13, temperature=0),
+              SamplingParams(max_tokens=40, temperature=0, stop_token_ids=(generated[9],), min_tokens=4),
+              SamplingParams(max_tokens=30, temperature=0, stop=(stop_string,)),
+              SamplingParams(max_tokens=25, min_tokens=25, temperature=0),
+              SamplingParams(n=2, max_tokens=11, temperature=0)]
+    prompts = [PROMPTS[0], PROMPTS[0], PROMPTS[0], PROMPTS[1], PROMPTS[2]]
+    return prompts, params
+
+
+@needs_kernel
+@pytest.mark.parametrize("quantization", ["none", "int8"])
+def test_chained_greedy_steps_end_as_single_steps_do(llama_dir, quantization):
+    chained = _engine(llama_dir, 8, quantization=quantization)
+    prompts, params = _greedy_batch(chained)
+    results = _finished(chained, prompts, params)
+    assert chained.multi_step.num_calls > 0 and chained.multi_step.num_chained_steps > 2 * chained.multi_step.num_calls
+    assert results == _finished(_engine(llama_dir, 1, quantization=quantization), prompts, params)
+    if quantization == "none":   # and they are HF's greedy tokens
+        assert results[3][0][0] == hf_greedy(llama_dir, PROMPTS[1], 25)
+
+
+@needs_kernel
+def test_a_request_that_cannot_chain_keeps_its_steps_single(llama_dir):
+    """Sampled, logprob-reporting or penalised requests sample in Python: while one is in the batch, no
+    step chains, and every request ends as it does alone."""
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[2], PROMPTS[0]]
+    params = [SamplingParams(max_tokens=30, temperature=0),
+              SamplingParams(max_tokens=6, temperature=0.8, seed=3),
+              SamplingParams(max_tokens=6, temperature=0, logprobs=0),
+              SamplingParams(max_tokens=6, temperature=0, repetition_penalty=1.3)]
+    for prompt, param in zip(prompts[1:], params[1:]):
+        engine = _engine(llama_dir, 8)
+        engine.generate([prompt], param)
+        assert engine.multi_step.num_calls == 0
+    mixed = _engine(llama_dir, 8)
+    assert _finished(mixed, prompts, params) == _finished(_engine(llama_dir, 1), prompts, params)
+    assert mixed.multi_step.num_calls > 0    # the greedy request chains once it is alone
+
+
+@needs_kernel
+def test_chains_shrink_to_the_free_blocks(llama_dir):
+    """With too few blocks for every request at once, chains take only what is free (never preempting
+    for it), requests are preempted and recomputed as the scheduler decides, and all end as with single
+    steps."""
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[2]]
+    chained, single = _engine(llama_dir, 8, num_kv_blocks=24), _engine(llama_dir, 1, num_kv_blocks=24)
+    assert _finished(chained, prompts, [params] * 3) == _finished(single, prompts, [params] * 3)
+    assert single.counters.num_preemptions > 0 and chained.multi_step.num_calls > 0
+
+
+def test_decode_steps_must_be_positive():
+    with pytest.raises(ValueError, match="decode_steps must be >= 1"):
+        Engine(decode_steps=0, show_progress=False)
