@@ -26,6 +26,9 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=int, default=None,
                         help="threads of the model's products and kernels (default: one per core)")
+    parser.add_argument("--decode-steps", type=int, default=8,
+                        help="greedy decode steps run in one native call while every sequence decodes greedily "
+                             "without logprobs or penalties (1: one call per step; streams then get a token at a time)")
     parser.add_argument("--speculative", choices=["draft", "ngram", "medusa", "eagle"], default=None,
                         help="speculative decoding: a draft model, prompt lookup (n-gram), Medusa heads or an EAGLE head")
     parser.add_argument("--draft-model", default=None, help="draft model folder (default: the embedded draft)")
@@ -89,7 +92,7 @@ def _eagle_tree_option(parser_name: str):
 
 def _engine_options(args: argparse.Namespace) -> dict:
     return dict(model=args.model, model_impl=args.model_impl, quantization=args.quantization, dtype=args.dtype, device=args.device,
-                threads=args.threads, speculative=args.speculative,
+                threads=args.threads, decode_steps=args.decode_steps, speculative=args.speculative,
                 draft_model=args.draft_model, num_speculative_tokens=args.num_speculative_tokens,
                 prompt_lookup_max=args.prompt_lookup_max, prompt_lookup_min=args.prompt_lookup_min,
                 medusa_heads=args.medusa_heads, medusa_choices=args.medusa_choices,
