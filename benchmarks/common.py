@@ -20,6 +20,8 @@ from pathlib import Path
 import httpx
 import torch
 
+from decoding.config import EngineConfig
+
 # The fixed benchmark model used until a model is named or the embedded default exists.
 RANDOM_LLAMA = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
                     intermediate_size=1536, vocab_size=8192, max_position_embeddings=4096)
@@ -42,6 +44,14 @@ def parse_args(description: str, extra=None) -> argparse.Namespace:
     if args.cpu_class == "avx2":
         _rerun_as_avx2()
     return args
+
+
+def add_plain_decode_steps(parser: argparse.ArgumentParser) -> None:
+    """A speculation benchmark's baseline: the plain engine as served (greedy decode steps chained,
+    decoding/multi_step.py) unless told to take one step per call."""
+    parser.add_argument("--plain-decode-steps", type=int, default=EngineConfig.decode_steps,
+                        help="decode_steps of the plain engine compared against (default: the engine's default; "
+                             "1: one decode step per call, as the speculating engines step)")
 
 
 # What holds each library to AVX2: read when the library loads, so they are set before the process starts.

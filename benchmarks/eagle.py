@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 
-from benchmarks.common import benchmark_model_path, parse_args, report
+from benchmarks.common import add_plain_decode_steps, benchmark_model_path, parse_args, report
 from benchmarks.medusa import acceptance_modes, benchmark_prompts
 from benchmarks.speculative import timed_in_turn
 from decoding import Engine, SamplingParams
@@ -20,6 +20,7 @@ from models.eagle import EagleTree
 
 def main() -> None:
     def extra(parser):
+        add_plain_decode_steps(parser)
         parser.add_argument("--head", default=None, help="EAGLE head folder (default: the one shipped for --model)")
         parser.add_argument("--eagle-tree", type=EagleTree.parse, default=None,
                             help="NODES,DEPTH,TOP_K[,WIDTH] of the candidate tree (default: the head's own)")
@@ -39,9 +40,10 @@ def main() -> None:
     new_tokens = 64 if args.quick else 128
     num_prompts = 2 if args.quick else 8
     common = dict(model=target, dtype=args.dtype, show_progress=False)
-    plain = Engine(**common)
+    plain = Engine(decode_steps=args.plain_decode_steps, **common)
     *prompts, warmup_prompt = benchmark_prompts(plain.tokenizer, num_prompts + 1)
     result = {"benchmark": "eagle", "model": target, "head": str(head), "dtype": args.dtype, "prompts": len(prompts),
+              "plain_decode_steps": args.plain_decode_steps,
               "prompt_tokens": round(sum(map(len, prompts)) / len(prompts), 1), "new_tokens": new_tokens,
               "eagle_tree": args.eagle_tree, "eagle_drawn": args.eagle_drawn}
     if args.sweep or args.sweep_drawn:

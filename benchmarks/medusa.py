@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 
-from benchmarks.common import benchmark_model_path, parse_args, report
+from benchmarks.common import add_plain_decode_steps, benchmark_model_path, parse_args, report
 from benchmarks.speculative import PROMPT_TOKENS, heldout_prompts, timed_in_turn
 from decoding import Engine, SamplingParams
 from models.catalog import shipped_heads
@@ -54,6 +54,7 @@ def acceptance_modes(plain: Engine, make_engine, prompts, warmup_prompt, new_tok
 
 def main() -> None:
     def extra(parser):
+        add_plain_decode_steps(parser)
         parser.add_argument("--heads", default=None, help="Medusa heads folder (default: the embedded heads)")
         parser.add_argument("--medusa-choices", type=json.loads, default=None,
                             help="the candidate tree as a JSON list of paths (default: the engine's)")
@@ -64,9 +65,10 @@ def main() -> None:
     new_tokens = 64 if args.quick else 128
     num_prompts = 2 if args.quick else 8
     common = dict(model=target, dtype=args.dtype, show_progress=False)
-    plain = Engine(**common)
+    plain = Engine(decode_steps=args.plain_decode_steps, **common)
     *prompts, warmup_prompt = benchmark_prompts(plain.tokenizer, num_prompts + 1)
     result = {"benchmark": "medusa", "model": target, "heads": heads, "dtype": args.dtype, "prompts": len(prompts),
+              "plain_decode_steps": args.plain_decode_steps,
               "prompt_tokens": round(sum(map(len, prompts)) / len(prompts), 1), "new_tokens": new_tokens}
     make = lambda acceptance: Engine(speculative="medusa", medusa_heads=heads, medusa_acceptance=acceptance,  # noqa: E731
                                      medusa_choices=args.medusa_choices, **common)

@@ -20,7 +20,7 @@ from dataclasses import replace
 import torch
 from transformers import AutoModelForCausalLM
 
-from benchmarks.common import Timer, benchmark_model_path, parse_args, report
+from benchmarks.common import Timer, add_plain_decode_steps, benchmark_model_path, parse_args, report
 from decoding import Engine, SamplingParams
 from training.evaluate import heldout_texts
 from models.loader import DEFAULT_DRAFT_DIR
@@ -154,6 +154,7 @@ def draft_batch(plain: Engine, spec: Engine, prompts, params: SamplingParams, ba
 
 def main() -> None:
     def extra(parser):
+        add_plain_decode_steps(parser)
         parser.add_argument("--draft", default=None, help="draft model folder (default: the embedded draft)")
         parser.add_argument("--k", type=int, default=4, help="draft tokens per verification")
         parser.add_argument("--disable-by-batch-size", type=int, default=None,
@@ -166,7 +167,7 @@ def main() -> None:
     num_prompts = 2 if args.quick else 8
     params = SamplingParams(temperature=0, max_tokens=new_tokens, min_tokens=new_tokens)
     common = dict(dtype=args.dtype, show_progress=False)
-    plain = Engine(model=target, **common)
+    plain = Engine(model=target, decode_steps=args.plain_decode_steps, **common)
     spec = Engine(model=target, speculative="draft", draft_model=draft, num_speculative_tokens=args.k,
                   speculative_disable_by_batch_size=args.disable_by_batch_size, **common)
     ngram = Engine(model=target, speculative="ngram", num_speculative_tokens=args.k, **common)
@@ -176,6 +177,7 @@ def main() -> None:
     for engine in (plain, spec, ngram):
         engine.generate([warmup_prompt], params)
     result = {"benchmark": "speculative", "model": target, "draft": draft, "dtype": args.dtype,
+              "plain_decode_steps": args.plain_decode_steps,
               "num_speculative_tokens": args.k, "speculative_disable_by_batch_size": args.disable_by_batch_size,
               "prompts": len(prompts), "prompt_tokens": PROMPT_TOKENS,
               "new_tokens": new_tokens}
