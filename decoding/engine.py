@@ -201,9 +201,9 @@ class Engine:
         return outputs
 
     def _chained_steps(self, sched: SchedulerOutput, steps: int) -> list[RequestOutput]:
-        """`steps` greedy decode steps in one native call (decoding/multi_step.py)."""
+        """`steps` decode steps in one native call (decoding/multi_step.py)."""
         self.runner.copy_blocks(sched)
-        self.update.apply_chained(sched, self.multi_step.run(sched, steps))
+        self.update.apply_chained(sched, *self.multi_step.run(sched, steps))
         self.counters.num_steps += steps
         return self.update.end_step(sched)
 

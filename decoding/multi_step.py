@@ -1,28 +1,37 @@
-"""Several greedy decode steps in one native call.
+"""Several decode steps in one native call.
 
 A batch-1 decode step of a small model spends a sixth to a quarter of its time in Python: scheduling,
 packing the step's rows, the sampling metadata and the update (SmolLM2-135M at Q8_0: about 1 ms of a
-5-7 ms step; the embedded model: 0.6 of 2). When every sequence of a step is a plain greedy decode, the
-next tokens depend on nothing Python decides between steps, so the model's native greedy chain
-(`DecoderForCausalLM.greedy_chain`, models/kernels/decoder.c) runs up to `decode_steps` of them in one
-call: each step the stack over one token per sequence, the output head and the argmax, with the
-sequence's stop tokens banned while it is below min_tokens. Every token attends as a decode row, as in
-the per-step path, and each row's result is independent of the others, so the tokens are the per-step
-path's bit for bit. The update phase then appends them one step at a time, so stop strings, EOS,
-max_tokens and the model's context end a sequence exactly where the per-step path would; what the call
-computed past that end is dropped with the sequence's blocks.
+5-7 ms step; the embedded model: 0.6 of 2). When every sequence of a step decodes without anything that
+Python decides per token (a grammar, penalties, top-N logprobs, truncation of a sampled distribution),
+the model's native chain (`DecoderForCausalLM.greedy_chain`, models/kernels/decoder.c) runs up to
+`decode_steps` steps in one call: each step the stack over one token per sequence, the output head, and
+the argmax or the native sampler's draw (`sample_rows`' rule, with the uniform of the position drawn
+for: a function of the seed and the position alone), with the sequence's stop tokens banned while it is
+below min_tokens. Every token attends as a decode row, as in the per-step path, and each row's result is
+independent of the others, so tokens and logprobs are the per-step path's bit for bit. The update phase
+then appends them one step at a time, so stop strings, EOS, max_tokens and the model's context end a
+sequence exactly where the per-step path would; what the call computed past that end is dropped with the
+sequence's blocks.
 
 Eligible: the engine does not speculate; every scheduled entry is one decoding token past the prompt
-(no prompt chunk, draft, tree or lookahead) of a request that samples greedily, without penalties,
-logprobs, prompt logprobs, a grammar or beam search. A step is capped by the fewest tokens any of its
+(no prompt chunk, draft, tree or lookahead) of a request without penalties, prompt logprobs, a grammar,
+beam search or top-N alternatives (`logprobs` None or 0), and, unless it is greedy without logprobs,
+without top-k / top-p / min-p and without reported logprobs or kept supports while min_tokens bans its
+stop tokens (the rows the per-step path draws natively). A step is capped by the fewest tokens any of its
 sequences may still generate, and by the free blocks (it never preempts to run ahead). Streams then
 receive their tokens a few at a time, as with vLLM's multi-step scheduling.
 """
 
 from __future__ import annotations
 
+import torch
+
 from decoding.kv_cache_manager import KVCacheManager
+from decoding.sampler import whole_vocabulary_logprob
+from decoding.sequence import Sequence, TokenLogprob
 from decoding.step_plan import ScheduledSeq, SchedulerOutput
+from models import kernels
 
 
 class MultiStepDecode:
@@ -59,23 +68,52 @@ class MultiStepDecode:
     @staticmethod
     def _eligible(item: ScheduledSeq) -> bool:
         seq, params = item.seq, item.seq.request.params
-        return (item.num_new_tokens == 1 and item.reaches_end and item.tree is None and not item.draft_token_ids
+        if not (item.num_new_tokens == 1 and item.reaches_end and item.tree is None and not item.draft_token_ids
                 and not item.num_lookahead and item.start >= seq.request.prompt_len and seq.grammar is None
-                and seq.request.beam is None and params.is_greedy and params.logprobs is None
-                and not params.has_penalties)
+                and seq.request.beam is None and not params.has_penalties and params.logprobs in (None, 0)):
+            return False
+        if params.is_greedy and params.logprobs is None:
+            return True
+        # What the per-step sampler draws natively (Sampler._native_rows) with a row's bans in place.
+        banned = seq.num_output_tokens < params.min_tokens
+        return not params.has_truncation and not (banned and (params.logprobs is not None or params.kept_mass
+                                                              or params.kept_token_ids))
 
-    def run(self, sched: SchedulerOutput, steps: int) -> list[list[int]]:
+    def run(self, sched: SchedulerOutput, steps: int) -> tuple[list[list[int]], list[list[TokenLogprob | None]]]:
         """Reserve every sequence's slots for `steps` tokens (steps_for checked they fit) and run the chain,
-        after the step's copies-on-write: tokens [steps][entries], in the entries' order."""
+        after the step's copies-on-write: tokens and their logprobs (None where not asked for), [steps][entries]
+        in the entries' order."""
         seqs = [item.seq for item in sched.scheduled]
-        for seq in seqs:
-            # Past the block the scheduler made the sequence's own, its blocks are new: nothing to copy.
-            assert not self.kv.reserve(seq, steps)
+        # Past the block the scheduler made each sequence's own, its blocks are new: nothing to copy.
+        copies = [copy for seq in seqs for copy in self.kv.reserve(seq, steps)]
+        assert not copies, copies
         stop_tokens = [seq.request.banned_before_min_tokens(self.eos_token_ids, self.model.vocab_size) for seq in seqs]
         banned_steps = [max(0, seq.request.params.min_tokens - seq.num_output_tokens) for seq in seqs]
+        argmax = all(seq.request.params.is_greedy and seq.request.params.logprobs is None for seq in seqs)
+        draws = None if argmax else self._draws(seqs, steps)
         chosen = self.model.greedy_chain([[seq.token_ids[-1]] for seq in seqs], [seq.num_computed for seq in seqs],
                                          [seq.block_table for seq in seqs], self.kv.cache, stop_tokens, banned_steps,
-                                         steps)
+                                         steps, draws)
         self.num_calls += 1
         self.num_chained_steps += steps
-        return chosen.tolist()
+        return chosen.tolist(), self._logprobs(seqs, draws, steps)
+
+    @staticmethod
+    def _draws(seqs: list[Sequence], steps: int) -> kernels.ChainDraws:
+        params = [seq.request.params for seq in seqs]
+        uniforms = [[0.0 if p.is_greedy else seq.uniform(step) for seq, p in zip(seqs, params)] for step in range(steps)]
+        return kernels.ChainDraws(
+            temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32),
+            greedy=torch.tensor([p.is_greedy for p in params], dtype=torch.uint8),
+            want_raw=torch.tensor([p.logprobs_mode == "raw" for p in params], dtype=torch.uint8),
+            uniforms=torch.tensor(uniforms, dtype=torch.float32),
+            logprobs=torch.empty(steps, len(seqs)), raw_logprobs=torch.empty(steps, len(seqs)))
+
+    @staticmethod
+    def _logprobs(seqs: list[Sequence], draws: kernels.ChainDraws | None, steps: int) -> list[list[TokenLogprob | None]]:
+        params = [seq.request.params for seq in seqs]
+        if draws is None or all(p.logprobs is None for p in params):
+            return [[None] * len(seqs)] * steps
+        chosen = torch.where(draws.want_raw.bool(), draws.raw_logprobs, draws.logprobs).tolist()
+        return [[None if p.logprobs is None else whole_vocabulary_logprob(lp, p) for p, lp in zip(params, row)]
+                for row in chosen]

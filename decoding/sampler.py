@@ -92,7 +92,7 @@ class Sampler:
         tokens, logprobs, raw_logprobs = kernels.sample_rows(
             penalised, batch.temperature, uniforms if uniforms is not None else torch.zeros(num_rows), batch.greedy, want_raw)
         chosen = torch.where(want_raw, raw_logprobs, logprobs).tolist()
-        results = [None if s.request.params.logprobs is None else _whole_vocabulary(lp, s.request.params)
+        results = [None if s.request.params.logprobs is None else whole_vocabulary_logprob(lp, s.request.params)
                    for s, lp in zip(batch.seqs, chosen)]
         return SamplerOutput(tokens.tolist(), results)
 
@@ -117,7 +117,7 @@ class Sampler:
                                                     uniforms[row : row + 1], batch.greedy[row : row + 1],
                                                     torch.zeros(1, dtype=torch.bool))
             tokens[row], logprobs[row] = int(token[0]), float(logprob[0])
-        results = [None if s.request.params.logprobs is None else _whole_vocabulary(lp, s.request.params)
+        results = [None if s.request.params.logprobs is None else whole_vocabulary_logprob(lp, s.request.params)
                    for s, lp in zip(batch.seqs, logprobs)]
         return SamplerOutput(tokens, results)
 
@@ -176,7 +176,7 @@ def _wants_kept(params) -> bool:
     return params.kept_mass or params.kept_token_ids
 
 
-def _whole_vocabulary(logprob: float, params) -> TokenLogprob:
+def whole_vocabulary_logprob(logprob: float, params) -> TokenLogprob:
     """A token the native kernels drew from the whole vocabulary: its support keeps all the mass."""
     return TokenLogprob(logprob, kept_logprob=0.0 if _wants_kept(params) else None)
 

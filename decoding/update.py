@@ -124,16 +124,17 @@ class StepUpdate:
             self.kv.free(leader)
         request.is_forked = True
 
-    def apply_chained(self, sched: SchedulerOutput, tokens: list[list[int]]) -> None:
+    def apply_chained(self, sched: SchedulerOutput, tokens: list[list[int]],
+                      logprobs: list[list[TokenLogprob | None]]) -> None:
         """The tokens of several decode steps run in one call (decoding/multi_step.py), applied one step at a
-        time as the per-step path would: the step's input token becomes computed and its greedy token is
+        time as the per-step path would: the step's input token becomes computed and its drawn token is
         appended, until the sequence ends (what the call computed past that is dropped with its blocks)."""
         seqs = [item.seq for item in sched.scheduled]
-        for step_tokens in tokens:
-            for seq, token in zip(seqs, step_tokens):
+        for step_tokens, step_logprobs in zip(tokens, logprobs):
+            for seq, token, logprob in zip(seqs, step_tokens, step_logprobs):
                 if not seq.is_finished:
                     seq.num_computed += 1
-                    self.append_token(seq, token, None)
+                    self.append_token(seq, token, logprob)
 
     def append_drawn(self, seqs: list[Sequence], drawn: SamplerOutput) -> None:
         for seq, token, logprob in zip(seqs, drawn.token_ids, drawn.logprobs):

@@ -1,5 +1,5 @@
-"""Greedy decode steps chained in one native call (decoding/multi_step.py): the same tokens, text, finish
-reasons and stop reasons as one step per call, wherever sequences end inside a chain."""
+"""Decode steps chained in one native call (decoding/multi_step.py): the same tokens, logprobs, text,
+finish reasons and stop reasons as one step per call, wherever sequences end inside a chain."""
 
 import pytest
 import torch
@@ -58,13 +58,40 @@ def test_chained_greedy_steps_end_as_single_steps_do(llama_dir, quantization):
 
 
 @needs_kernel
+@pytest.mark.parametrize("quantization", ["none", "int8"])
+def test_chained_sampled_steps_draw_and_report_as_single_steps_do(llama_dir, quantization):
+    """Seeded sampling draws each position's token from its own uniform, so a chain draws what single steps
+    do: the same tokens, and the same logprobs in either mode, in a group, with min_tokens' bans, beside a
+    greedy request reporting its logprobs."""
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[2], PROMPTS[3], PROMPTS[0]]
+    params = [SamplingParams(max_tokens=24, temperature=0.8, seed=11, logprobs=0),
+              SamplingParams(n=3, max_tokens=17, temperature=1.0, seed=5, logprobs=0, logprobs_mode="raw"),
+              SamplingParams(max_tokens=20, min_tokens=20, temperature=1.2, seed=7),
+              SamplingParams(max_tokens=19, temperature=0, logprobs=0, kept_mass=True),
+              SamplingParams(max_tokens=15, temperature=0.7, seed=2, stop_token_ids=(5, 9, 33))]
+
+    def run(decode_steps: int) -> tuple[Engine, list]:
+        engine = _engine(llama_dir, decode_steps, quantization=quantization)
+        ids = [engine.add_request(prompt, param) for prompt, param in zip(prompts, params)]
+        finished = {}
+        while engine.has_unfinished_requests():
+            finished |= {out.request_id: out for out in engine.step() if out.finished}
+        return engine, [[(o.token_ids, o.finish_reason, o.logprobs) for o in finished[i].outputs] for i in ids]
+
+    chained, chained_results = run(8)
+    assert chained.multi_step.num_calls > 0
+    assert chained_results == run(1)[1]
+    assert all(len(o[2]) == len(o[0]) for result in chained_results[:2] + chained_results[3:4] for o in result)
+
+
+@needs_kernel
 def test_a_request_that_cannot_chain_keeps_its_steps_single(llama_dir):
-    """Sampled, logprob-reporting or penalised requests sample in Python: while one is in the batch, no
-    step chains, and every request ends as it does alone."""
+    """Truncated sampling, top-N logprobs and penalties are applied in Python: while such a request is in
+    the batch, no step chains, and every request ends as it does alone."""
     prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[2], PROMPTS[0]]
     params = [SamplingParams(max_tokens=30, temperature=0),
-              SamplingParams(max_tokens=6, temperature=0.8, seed=3),
-              SamplingParams(max_tokens=6, temperature=0, logprobs=0),
+              SamplingParams(max_tokens=6, temperature=0.8, top_p=0.9, seed=3),
+              SamplingParams(max_tokens=6, temperature=0, logprobs=2),
               SamplingParams(max_tokens=6, temperature=0, repetition_penalty=1.3)]
     for prompt, param in zip(prompts[1:], params[1:]):
         engine = _engine(llama_dir, 8)

@@ -110,7 +110,7 @@ SIGNATURES = {
     "decoder_forward": ([_PTR, _PTR, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _PTR], None),
     "decoder_greedy_chain_scratch_floats": ([_PTR, _I64, _I64, _I64], _I64),
     "decoder_greedy_chain": ([_PTR, _PTR, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _PTR,
-                              _I64, _PTR, _PTR, _PTR], None),
+                              _I64, _PTR, _PTR, _PTR, _PTR], None),
 }
 
 
@@ -406,5 +406,5 @@ def gemm_panels(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: 
 
 # The whole decoder stack in one call (decoder.c): its bindings live in decoder_stack.py.
 from models.kernels.decoder_stack import (  # noqa: E402, F401  (re-exported; they call _library above)
-    ChainFeed, DecodeRows, DecoderLayer, DecoderShape, GreedyChain, decoder_forward, decoder_greedy_chain,
+    ChainDraws, ChainFeed, DecodeRows, DecoderLayer, DecoderShape, GreedyChain, decoder_forward, decoder_greedy_chain,
     decoder_layers)

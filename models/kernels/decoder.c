@@ -15,6 +15,7 @@
 #include <string.h>
 
 #include "linear.h"
+#include "threads.h"
 
 void rms_norm(const float *x, int64_t x_row_stride, const float *weight, float eps, float *out, int64_t rows,
               int64_t dim);
@@ -106,6 +107,19 @@ void decoder_forward(const DecoderShape *s, const DecoderLayer *layers, int64_t 
     }
 }
 
+void sample_one_row(const float *x, int64_t vocab, float temperature, float uniform, uint8_t greedy, uint8_t want_raw,
+                    int64_t *token, float *logprob, float *raw_logprob);
+
+/* How a chain draws each step's tokens when it does not take the argmax: per row its temperature, whether it
+ * is greedy and whether it wants the raw logprob, and per step and row the uniform of the position drawn for;
+ * out: the chosen tokens' logprobs under the sampled distribution and under temperature 1 (sample_rows'). */
+typedef struct {
+    const float *temperature;             /* [rows] */
+    const uint8_t *greedy, *want_raw;     /* [rows] */
+    const float *uniforms;                /* [steps, rows] */
+    float *logprobs, *raw_logprobs;       /* [steps, rows] */
+} ChainSampling;
+
 /* The first step of a greedy chain: the tokens each row's draft cache lacks (its newest token at least: after
  * a verification, the bonus token and perhaps the last accepted draft), each a decode row of its own with its
  * slot, block table and context length; last[r] is row r's final one, whose logits draft its first token. */
@@ -122,8 +136,9 @@ typedef struct {
  * over one token per row at the row's next position. Every step projects through the output head (packed,
  * as compute_logits does) and takes the argmax, the first index of the maximum as torch's argmax does,
  * after setting the row's banned tokens to -inf in its first banned_steps[row] steps (a request's stop
- * tokens below its min_tokens). Every token attends as a decode row, as the per-step path's short chains do, so the
- * logits are those of the per-step path bit for bit, and so are the tokens.
+ * tokens below its min_tokens); with `sampling` (not NULL) each row draws instead as sample_rows does, from the
+ * banned logits. Every token attends as a decode row, as the per-step path's short chains do, so the logits are
+ * those of the per-step path bit for bit, and so are the tokens and logprobs.
  *   feed          step 0's tokens and rows (above)
  *   rows_meta     slots [steps - 1, rows], block tables [rows, max_blocks], context_lens [rows] at step 1
  *   cos, sin      [steps - 1, rows, head_dim]
@@ -132,8 +147,8 @@ typedef struct {
 void decoder_greedy_chain(const DecoderShape *s, const DecoderLayer *layers, int64_t num_layers, const ChainFeed *feed,
                           const DecodeRows *rows_meta, const float *cos, const float *sin, const float *embed,
                           const float *final_norm, const LinearWeights *lm_head, int64_t vocab, int64_t rows, int64_t steps,
-                          const int64_t *banned, int64_t max_banned, const int64_t *banned_steps, float *scratch,
-                          int64_t *out) {
+                          const int64_t *banned, int64_t max_banned, const int64_t *banned_steps,
+                          const ChainSampling *sampling, float *scratch, int64_t *out) {
     const int64_t hidden = s->hidden, d = s->head_dim;
     const int64_t width = feed->count > rows ? feed->count : rows;
     int64_t *context = (int64_t *)scratch;           /* first: 8-byte aligned like the buffer */
@@ -160,11 +175,19 @@ void decoder_greedy_chain(const DecoderShape *s, const DecoderLayer *layers, int
         }
         linear_product(h, rows, hidden, hidden, lm_head, vocab, NULL, NULL, logits);
         int64_t *chosen = out + step * rows;
+        /* Drawing reads a row twice or three times, as sample_rows does; it spreads the rows over the threads likewise. */
+#pragma omp parallel for num_threads(kernel_threads()) if (sampling != NULL && rows >= 4) schedule(static)
         for (int64_t r = 0; r < rows; ++r) {
             float *row = logits + r * vocab;
             if (step < banned_steps[r])
                 for (int64_t b = 0; b < max_banned && banned[r * max_banned + b] >= 0; ++b)
                     row[banned[r * max_banned + b]] = -INFINITY;
+            if (sampling != NULL) {
+                const int64_t at = step * rows + r;
+                sample_one_row(row, vocab, sampling->temperature[r], sampling->uniforms[at], sampling->greedy[r],
+                               sampling->want_raw[r], chosen + r, sampling->logprobs + at, sampling->raw_logprobs + at);
+                continue;
+            }
             int64_t best = 0;
             for (int64_t v = 1; v < vocab; ++v)
                 if (row[v] > row[best]) best = v;

@@ -1,5 +1,6 @@
 """ctypes bindings of decoder.c: every layer of a Llama-family stack over decode rows in one native call
-(`decoder_forward`), and greedy drafting of a chain of tokens in one call (`decoder_greedy_chain`)."""
+(`decoder_forward`), and a chain of greedy or drawn tokens in one call (`decoder_greedy_chain`: a draft
+model's greedy drafts, the engine's chained decode steps)."""
 
 from __future__ import annotations
 
@@ -108,10 +109,32 @@ class GreedyChain:
     banned_steps: torch.Tensor
 
 
+class _ChainSampling(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_void_p) for name in
+                ("temperature", "greedy", "want_raw", "uniforms", "logprobs", "raw_logprobs")]
+
+
+@dataclass
+class ChainDraws:
+    """How decoder_greedy_chain draws each step's tokens instead of taking the argmax: sample_rows' rule, per
+    row its temperature [R] float32, greedy and want_raw [R] uint8, and per step and row the uniform of the
+    position drawn for, uniforms [steps, R] float32. The call fills logprobs and raw_logprobs [steps, R]: the
+    chosen tokens' logprobs under the sampled distribution and under temperature 1 (where want_raw)."""
+
+    temperature: torch.Tensor
+    greedy: torch.Tensor
+    want_raw: torch.Tensor
+    uniforms: torch.Tensor
+    logprobs: torch.Tensor
+    raw_logprobs: torch.Tensor
+
+
 def decoder_greedy_chain(shape: DecoderShape, layers: ctypes.Array, embed: torch.Tensor, final_norm: torch.Tensor,
-                         lm_head: ctypes.Structure, vocab: int, chain: GreedyChain) -> torch.Tensor:
-    """Greedy drafting of chain.slots.shape[0] + 1 tokens for each row in one call: every step the stack
-    (see GreedyChain), the output head (a LinearWeights) and the argmax. -> tokens [steps, R]."""
+                         lm_head: ctypes.Structure, vocab: int, chain: GreedyChain,
+                         draws: ChainDraws | None = None) -> torch.Tensor:
+    """chain.slots.shape[0] + 1 tokens for each row in one call: every step the stack (see GreedyChain), the
+    output head (a LinearWeights) and the argmax, or with `draws` each row's draw as sample_rows makes it.
+    -> tokens [steps, R]."""
     later_steps, rows = chain.slots.shape
     num_feed = chain.feed_tokens.numel()
     assert chain.feed_last.numel() == rows and chain.cos.shape[0] == num_feed + later_steps * rows
@@ -128,8 +151,15 @@ def decoder_greedy_chain(shape: DecoderShape, layers: ctypes.Array, embed: torch
     scratch = torch.empty(library.decoder_greedy_chain_scratch_floats(ctypes.byref(shape), rows, num_feed, vocab),
                           dtype=torch.float32)
     out = torch.empty(later_steps + 1, rows, dtype=torch.int64)
+    sampling = None
+    if draws is not None:
+        assert draws.uniforms.shape == draws.logprobs.shape == draws.raw_logprobs.shape == out.shape
+        assert draws.temperature.dtype == draws.uniforms.dtype == torch.float32 and draws.greedy.dtype == torch.uint8
+        sampling = ctypes.byref(_ChainSampling(*(tensor.data_ptr() for tensor in (
+            draws.temperature, draws.greedy, draws.want_raw, draws.uniforms, draws.logprobs, draws.raw_logprobs))))
     library.decoder_greedy_chain(ctypes.byref(shape), layers, len(layers), ctypes.byref(feed), ctypes.byref(later),
                                  feed_cos + offset, feed_sin + offset, embed.data_ptr(), final_norm.data_ptr(),
                                  ctypes.byref(lm_head), vocab, rows, later_steps + 1, chain.banned.data_ptr(),
-                                 chain.banned.shape[1], chain.banned_steps.data_ptr(), scratch.data_ptr(), out.data_ptr())
+                                 chain.banned.shape[1], chain.banned_steps.data_ptr(), sampling, scratch.data_ptr(),
+                                 out.data_ptr())
     return out

@@ -120,6 +120,13 @@ static void sample_row(const float *restrict x, int64_t vocab, float temperature
     *raw_logprob = want_raw ? x[chosen] - max - log_sum_exp(x, vocab, max) : 0.0f;
 }
 
+/* One row's draw, as sample_rows makes it: for the decoder's chains (decoder.c), which draw each step's
+ * tokens without a return to Python. */
+void sample_one_row(const float *x, int64_t vocab, float temperature, float uniform, uint8_t greedy, uint8_t want_raw,
+                    int64_t *token, float *logprob, float *raw_logprob) {
+    sample_row(x, vocab, temperature, uniform, greedy, want_raw, token, logprob, raw_logprob);
+}
+
 /* The allowed tokens of a row as 0 / 1 floats, from its bits: the vector loops below multiply by them. */
 static void expand_bits(const uint32_t *restrict word, int64_t vocab, float *restrict allowed) {
     for (int64_t w = 0; w * 32 < vocab; ++w) {
