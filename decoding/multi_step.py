@@ -17,8 +17,8 @@ sequence's blocks.
 Eligible: the engine does not speculate; every scheduled entry is one decoding token past the prompt
 (no prompt chunk, draft, tree or lookahead) of a request without penalties, prompt logprobs, a grammar,
 beam search or top-N alternatives (`logprobs` None or 0), and, unless it is greedy without logprobs,
-without top-k / top-p / min-p and without reported logprobs or kept supports while min_tokens bans its
-stop tokens (the rows the per-step path draws natively). A step is capped by the fewest tokens any of its
+without top-k / top-p / min-p and without raw logprobs or kept supports while min_tokens bans its stop
+tokens (the rows the per-step path draws natively). A step is capped by the fewest tokens any of its
 sequences may still generate, and by the free blocks (it never preempts to run ahead). Streams then
 receive their tokens a few at a time, as with vLLM's multi-step scheduling.
 """
@@ -74,10 +74,11 @@ class MultiStepDecode:
             return False
         if params.is_greedy and params.logprobs is None:
             return True
-        # What the per-step sampler draws natively (Sampler._native_rows) with a row's bans in place.
+        # What the per-step sampler draws natively (Sampler._native_rows): with min_tokens' bans in place, a raw
+        # logprob or a kept support would be of the unbanned row, which the native draw does not compute.
         banned = seq.num_output_tokens < params.min_tokens
-        return not params.has_truncation and not (banned and (params.logprobs is not None or params.kept_mass
-                                                              or params.kept_token_ids))
+        raw = params.logprobs is not None and params.logprobs_mode == "raw"
+        return not params.has_truncation and not (banned and (raw or params.kept_mass or params.kept_token_ids))
 
     def run(self, sched: SchedulerOutput, steps: int) -> tuple[list[list[int]], list[list[TokenLogprob | None]]]:
         """Reserve every sequence's slots for `steps` tokens (steps_for checked they fit) and run the chain,
