@@ -76,9 +76,10 @@ class Engine:
         self.update = StepUpdate(self.kv, self.scheduler, self.speculation, self._requests, self.eos_token_ids,
                                  self.max_model_len, self.loaded.device, self.intake.new_sequence)
         self.counters = self.update.counters
-        # Speculation has its own multi-token steps; without it plain greedy decodes may chain.
-        self.multi_step = None if self.speculation else MultiStepDecode(
-            self.loaded.model, self.kv, self.config.decode_steps, self.eos_token_ids, self.max_model_len)
+        # Plain decode steps chain, in a speculating engine too where its proposer keeps up with them.
+        chaining = self.speculation is None or self.speculation.follows_chained_steps
+        self.multi_step = MultiStepDecode(self.loaded.model, self.kv, self.config.decode_steps, self.eos_token_ids,
+                                          self.max_model_len) if chaining else None
         # Pushed "draft." weights go to a draft model's proposer (n-gram and Medusa proposers have none).
         proposer = self.speculation.proposer if self.speculation else None
         draft = proposer if hasattr(proposer, "forget_states") else None
@@ -172,7 +173,7 @@ class Engine:
             return []
         steps = self.multi_step.steps_for(sched) if self.multi_step else 1
         if steps > 1:
-            return self._chained_steps(sched, steps)
+            return self._chained_steps(sched, steps, started)
         chains = self.speculation.attach_drafts(sched) if self.speculation else []
         want_prompt = sched.wanting_prompt_logprobs()
         sched.chunk_logits_for = want_prompt | {chain.seq.seq_id for chain in chains}
@@ -200,12 +201,20 @@ class Engine:
             self.speculation.end_step(sched, chains, verdicts, time.perf_counter() - started)
         return outputs
 
-    def _chained_steps(self, sched: SchedulerOutput, steps: int) -> list[RequestOutput]:
-        """`steps` decode steps in one native call (decoding/multi_step.py)."""
+    def _chained_steps(self, sched: SchedulerOutput, steps: int, started: float) -> list[RequestOutput]:
+        """`steps` plain decode steps in one native call (decoding/multi_step.py); a speculating engine's
+        proposer is shown the newest hidden states and its governor the step's speed."""
         self.runner.copy_blocks(sched)
-        self.update.apply_chained(sched, *self.multi_step.run(sched, steps))
+        wants_hidden = bool(self.speculation and self.speculation.wants_hidden)
+        chained = self.multi_step.run(sched, steps, wants_hidden)
+        gained = self.update.apply_chained(sched, chained)
+        if chained.last_hidden is not None:
+            self.speculation.observe_chained([item.seq for item in sched.scheduled], chained.last_hidden)
         self.counters.num_steps += steps
-        return self.update.end_step(sched)
+        outputs = self.update.end_step(sched)
+        if self.speculation:
+            self.speculation.end_step(sched, [], [], time.perf_counter() - started, gained)
+        return outputs
 
     def _schedule(self) -> SchedulerOutput:
         """The scheduler's plan; preempted sequences drop their drafts; newly started requests take the

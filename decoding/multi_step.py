@@ -14,7 +14,8 @@ then appends them one step at a time, so stop strings, EOS, max_tokens and the m
 sequence exactly where the per-step path would; what the call computed past that end is dropped with the
 sequence's blocks.
 
-Eligible: the engine does not speculate; every scheduled entry is one decoding token past the prompt
+Eligible: a step that does not speculate (an engine without speculation, or one whose proposer keeps up
+with chained steps, `Proposer.follows_chained_steps`, in a step its governor keeps plain); every scheduled entry is one decoding token past the prompt
 (no prompt chunk, draft, tree or lookahead) of a request without penalties, prompt logprobs, a grammar,
 beam search or top-N alternatives (`logprobs` None or 0), and, unless it is greedy without logprobs,
 without top-k / top-p / min-p and without raw logprobs or kept supports while min_tokens bans its stop
@@ -25,6 +26,8 @@ receive their tokens a few at a time, as with vLLM's multi-step scheduling.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from decoding.kv_cache_manager import KVCacheManager
@@ -32,6 +35,16 @@ from decoding.sampler import whole_vocabulary_logprob
 from decoding.sequence import Sequence, TokenLogprob
 from decoding.step_plan import ScheduledSeq, SchedulerOutput
 from models import kernels
+
+
+@dataclass
+class ChainedSteps:
+    """What one call gave, [steps][entries] in the scheduled entries' order: each step's tokens, their logprobs
+    (None where not asked for), and when asked the last step's final hidden states [entries, hidden]."""
+
+    tokens: list[list[int]]
+    logprobs: list[list[TokenLogprob | None]]
+    last_hidden: torch.Tensor | None = None
 
 
 class MultiStepDecode:
@@ -80,10 +93,9 @@ class MultiStepDecode:
         raw = params.logprobs is not None and params.logprobs_mode == "raw"
         return not params.has_truncation and not (banned and (raw or params.kept_mass or params.kept_token_ids))
 
-    def run(self, sched: SchedulerOutput, steps: int) -> tuple[list[list[int]], list[list[TokenLogprob | None]]]:
+    def run(self, sched: SchedulerOutput, steps: int, want_hidden: bool = False) -> ChainedSteps:
         """Reserve every sequence's slots for `steps` tokens (steps_for checked they fit) and run the chain,
-        after the step's copies-on-write: tokens and their logprobs (None where not asked for), [steps][entries]
-        in the entries' order."""
+        after the step's copies-on-write."""
         seqs = [item.seq for item in sched.scheduled]
         # Past the block the scheduler made each sequence's own, its blocks are new: nothing to copy.
         copies = [copy for seq in seqs for copy in self.kv.reserve(seq, steps)]
@@ -92,12 +104,13 @@ class MultiStepDecode:
         banned_steps = [max(0, seq.request.params.min_tokens - seq.num_output_tokens) for seq in seqs]
         argmax = all(seq.request.params.is_greedy and seq.request.params.logprobs is None for seq in seqs)
         draws = None if argmax else self._draws(seqs, steps)
+        hidden = torch.empty(len(seqs), self.model.spec.hidden_size) if want_hidden else None
         chosen = self.model.greedy_chain([[seq.token_ids[-1]] for seq in seqs], [seq.num_computed for seq in seqs],
                                          [seq.block_table for seq in seqs], self.kv.cache, stop_tokens, banned_steps,
-                                         steps, draws)
+                                         steps, draws, hidden)
         self.num_calls += 1
         self.num_chained_steps += steps
-        return chosen.tolist(), self._logprobs(seqs, draws, steps)
+        return ChainedSteps(chosen.tolist(), self._logprobs(seqs, draws, steps), hidden)
 
     @staticmethod
     def _draws(seqs: list[Sequence], steps: int) -> kernels.ChainDraws:

@@ -18,6 +18,7 @@ from decoding.detokenizer import find_stop_string
 from decoding.outputs import RequestOutput
 from decoding.beam_requests import BeamStep
 from decoding.kv_cache_manager import KVCacheManager
+from decoding.multi_step import ChainedSteps
 from decoding.runner import StepLogits
 from decoding.sampler import SamplerOutput
 from decoding.scheduler import Scheduler
@@ -124,17 +125,20 @@ class StepUpdate:
             self.kv.free(leader)
         request.is_forked = True
 
-    def apply_chained(self, sched: SchedulerOutput, tokens: list[list[int]],
-                      logprobs: list[list[TokenLogprob | None]]) -> None:
+    def apply_chained(self, sched: SchedulerOutput, chained: ChainedSteps) -> int:
         """The tokens of several decode steps run in one call (decoding/multi_step.py), applied one step at a
         time as the per-step path would: the step's input token becomes computed and its drawn token is
-        appended, until the sequence ends (what the call computed past that is dropped with its blocks)."""
+        appended, until the sequence ends (what the call computed past that is dropped with its blocks).
+        -> the tokens appended."""
         seqs = [item.seq for item in sched.scheduled]
-        for step_tokens, step_logprobs in zip(tokens, logprobs):
+        appended = 0
+        for step_tokens, step_logprobs in zip(chained.tokens, chained.logprobs):
             for seq, token, logprob in zip(seqs, step_tokens, step_logprobs):
                 if not seq.is_finished:
                     seq.num_computed += 1
                     self.append_token(seq, token, logprob)
+                    appended += 1
+        return appended
 
     def append_drawn(self, seqs: list[Sequence], drawn: SamplerOutput) -> None:
         for seq, token, logprob in zip(seqs, drawn.token_ids, drawn.logprobs):

@@ -391,3 +391,15 @@ def test_smollm2_with_its_shipped_head_is_identical_and_accepts():
     lossless.generate(chats, SamplingParams(temperature=0.7, max_tokens=64, seed=0))
     assert lossless.speculation.counters.mean_acceptance_length > 1.5
     assert any(verdict.rows[:1] in ([2], [3]) for verdict in verdicts)     # a second or third draw kept
+
+
+def test_an_eagle_engine_never_chains_its_plain_steps(llama_dir, eagle_dir):
+    """EAGLE's draft reads the target's features of every token, which steps chained in one call
+    (decoding/multi_step.py) do not produce: an EAGLE engine's plain steps stay single, its tokens plain
+    decoding's."""
+    engine = eagle_engine(llama_dir, eagle_dir, speculative_disable_by_batch_size=1)
+    assert engine.multi_step is None
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    plain = Engine(model=llama_dir, show_progress=False, num_kv_blocks=256, block_size=4, decode_steps=1)
+    assert [o.outputs[0].token_ids for o in engine.generate(PROMPTS[:2], params)] == \
+           [o.outputs[0].token_ids for o in plain.generate(PROMPTS[:2], params)]

@@ -520,3 +520,22 @@ def test_smollm2_with_its_shipped_heads_is_identical_and_accepts():
     for got, expected in zip(medusa.generate(chats, params), plain.generate(chats, params)):
         assert got.outputs[0].token_ids == expected.outputs[0].token_ids
     assert medusa.speculation.counters.mean_acceptance_length > 1.4     # 1.68 on the benchmark's 8 prompts
+
+
+@pytest.mark.skipif(not kernels.native_ops_available(torch.device("cpu"), torch.float32),
+                    reason="the native kernels do not build here")
+def test_steps_chained_while_medusa_is_off_leave_the_heads_the_newest_state(llama_dir, heads_dir):
+    """Above speculative_disable_by_batch_size the engine chains plain decode steps (decoding/multi_step.py)
+    and hands the heads each sequence's newest hidden state: once the batch shrinks and Medusa proposes
+    again, its proposals are those of an engine that took every step singly, and so are the tokens."""
+    params = [SamplingParams(max_tokens=9, temperature=0, ignore_eos=True),
+              SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)]
+    runs = []
+    for decode_steps in (8, 1):
+        engine = medusa_engine(llama_dir, heads_dir, speculative_disable_by_batch_size=1, decode_steps=decode_steps)
+        proposals = recorded_proposals(engine)
+        outputs = engine.generate([PROMPTS[0], PROMPTS[1]], params)
+        runs.append((engine, [o.outputs[0].token_ids for o in outputs], [p.token_ids for p in proposals]))
+    (chained, tokens, proposals), (single, single_tokens, single_proposals) = runs
+    assert chained.multi_step.num_calls > 0 and proposals
+    assert (tokens, proposals) == (single_tokens, single_proposals)

@@ -117,3 +117,17 @@ def test_chains_shrink_to_the_free_blocks(llama_dir):
 def test_decode_steps_must_be_positive():
     with pytest.raises(ValueError, match="decode_steps must be >= 1"):
         Engine(decode_steps=0, show_progress=False)
+
+
+@needs_kernel
+def test_a_speculating_engine_chains_the_steps_it_keeps_plain(llama_dir):
+    """Where speculation is off for a step (here: more sequences than speculative_disable_by_batch_size),
+    prompt lookup's engine chains plain steps and speculates again once the batch shrinks, every request
+    ending as on a plain engine."""
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[2]]
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (10, 18, 40)]
+    engine = _engine(llama_dir, 8, speculative="ngram", speculative_disable_by_batch_size=1,
+                     prompt_lookup_min=1, speculative_adaptive=False)
+    assert _finished(engine, prompts, params) == _finished(_engine(llama_dir, 1), prompts, params)
+    assert engine.multi_step.num_calls > 0 and engine.speculation.counters.num_drafts > 0
+

@@ -631,4 +631,7 @@ def test_governed_engine_stops_speculating_where_it_does_not_pay(llama_dir, othe
     got, expected = engine.generate(PROMPTS[:1], params), plain.generate(PROMPTS[:1], params)
     assert got[0].outputs[0].token_ids == expected[0].outputs[0].token_ids
     summary = engine.speculation.governor.summary()[1]
-    assert summary["on_steps"] >= 3 and summary["off_steps"] > summary["on_steps"]
+    # Measured, then left: plain steps (several decode steps per call, decoding/multi_step.py) ran faster and
+    # made most of the tokens.
+    assert summary["on_steps"] >= 3 and summary["off_tok_s"] > summary["on_tok_s"]
+    assert engine.speculation.counters.num_drafts < params.max_tokens // 2

@@ -71,15 +71,17 @@ class SpeculativeDecoding:
         return self._step_mode[1]
 
     def end_step(self, sched: SchedulerOutput, chains: list[ScheduledSeq], verdicts: list[Verdict],
-                 seconds: float) -> None:
+                 seconds: float, gained: int | None = None) -> None:
         """Tell the governor how a pure decode step went: the tokens its decoding sequences gained in
-        `seconds`. Steps with prompt chunks say nothing about decoding speed and are not counted."""
+        `seconds` (`gained`, else one each plus the accepted drafts). Steps with prompt chunks say nothing
+        about decoding speed and are not counted."""
         mode, self._step_mode = self._step_mode, None
         if self.governor is None or mode is None or (mode[1] and not chains):
             return                  # (a step that meant to speculate but drafted nothing says nothing)
         if not all(item.draft_token_ids or (item.num_new_tokens == 1 and item.reaches_end) for item in sched.scheduled):
             return
-        gained = len(sched.scheduled) + sum(verdict.num_accepted for verdict in verdicts)
+        if gained is None:
+            gained = len(sched.scheduled) + sum(verdict.num_accepted for verdict in verdicts)
         self.governor.record(mode[0], mode[1], gained, seconds)
 
     def _max_depth(self, seq: Sequence) -> int:
@@ -125,6 +127,17 @@ class SpeculativeDecoding:
         for chain, verdict in zip(chains, verdicts):
             if not chain.seq.is_finished:
                 self.proposer.observe(chain.seq, logits.chunk_hidden[chain.seq.seq_id][[0, *verdict.rows]])
+
+    def observe_chained(self, seqs: list[Sequence], last_hidden: torch.Tensor) -> None:
+        """After several plain steps in one call, hand the proposer each unfinished sequence's newest hidden
+        state (the one that produced its last token)."""
+        for row, seq in enumerate(seqs):
+            if not seq.is_finished:
+                self.proposer.observe(seq, last_hidden[row : row + 1])
+
+    @property
+    def follows_chained_steps(self) -> bool:
+        return self.proposer.follows_chained_steps
 
     def drafts(self, chains: list[ScheduledSeq]) -> list[tuple[Sequence, Proposal]]:
         """Each chain's sequence and the proposal it carries (for the step's grammar masks)."""

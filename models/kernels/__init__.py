@@ -110,7 +110,7 @@ SIGNATURES = {
     "decoder_forward": ([_PTR, _PTR, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _PTR], None),
     "decoder_greedy_chain_scratch_floats": ([_PTR, _I64, _I64, _I64], _I64),
     "decoder_greedy_chain": ([_PTR, _PTR, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _PTR,
-                              _I64, _PTR, _PTR, _PTR, _PTR], None),
+                              _I64, _PTR, _PTR, _PTR, _PTR, _PTR], None),
 }
 
 

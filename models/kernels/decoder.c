@@ -138,7 +138,8 @@ typedef struct {
  * after setting the row's banned tokens to -inf in its first banned_steps[row] steps (a request's stop
  * tokens below its min_tokens); with `sampling` (not NULL) each row draws instead as sample_rows does, from the
  * banned logits. Every token attends as a decode row, as the per-step path's short chains do, so the logits are
- * those of the per-step path bit for bit, and so are the tokens and logprobs.
+ * those of the per-step path bit for bit, and so are the tokens and logprobs. last_hidden (not NULL) [rows,
+ * hidden] receives the last step's final hidden states (what a Medusa proposer reads next).
  *   feed          step 0's tokens and rows (above)
  *   rows_meta     slots [steps - 1, rows], block tables [rows, max_blocks], context_lens [rows] at step 1
  *   cos, sin      [steps - 1, rows, head_dim]
@@ -148,7 +149,7 @@ void decoder_greedy_chain(const DecoderShape *s, const DecoderLayer *layers, int
                           const DecodeRows *rows_meta, const float *cos, const float *sin, const float *embed,
                           const float *final_norm, const LinearWeights *lm_head, int64_t vocab, int64_t rows, int64_t steps,
                           const int64_t *banned, int64_t max_banned, const int64_t *banned_steps,
-                          const ChainSampling *sampling, float *scratch, int64_t *out) {
+                          const ChainSampling *sampling, float *last_hidden, float *scratch, int64_t *out) {
     const int64_t hidden = s->hidden, d = s->head_dim;
     const int64_t width = feed->count > rows ? feed->count : rows;
     int64_t *context = (int64_t *)scratch;           /* first: 8-byte aligned like the buffer */
@@ -194,6 +195,7 @@ void decoder_greedy_chain(const DecoderShape *s, const DecoderLayer *layers, int
             chosen[r] = best;
         }
     }
+    if (last_hidden != NULL) memcpy(last_hidden, h, sizeof(float) * rows * hidden);
 }
 
 /* Floats of scratch decoder_greedy_chain needs. */
