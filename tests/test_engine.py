@@ -50,7 +50,8 @@ def test_logprobs_match_a_full_hf_forward(model_dir, arch, mode):
 
 
 def test_group_shares_prompt_blocks_and_prefills_once(llama_dir):
-    engine = Engine(model=llama_dir, show_progress=False, num_kv_blocks=256, block_size=4)
+    # One decode step per call, so the blocks can be counted after each (chained steps would finish here).
+    engine = Engine(model=llama_dir, show_progress=False, num_kv_blocks=256, block_size=4, decode_steps=1)
     prompt = list(range(3, 43))                                   # 40 tokens = 10 full blocks
     engine.add_request(prompt, SamplingParams(n=8, temperature=1.0, max_tokens=6, seed=3))
     engine.step()                                                 # prefill + fork + first tokens
