@@ -207,11 +207,11 @@ class Engine:
         self.runner.copy_blocks(sched)
         wants_hidden = bool(self.speculation and self.speculation.wants_hidden)
         chained = self.multi_step.run(sched, steps, wants_hidden)
-        gained = self.update.apply_chained(sched, chained)
+        gained, streamed = self.update.apply_chained(sched, chained)
         if chained.last_hidden is not None:
             self.speculation.observe_chained([item.seq for item in sched.scheduled], chained.last_hidden)
         self.counters.num_steps += steps
-        outputs = self.update.end_step(sched)
+        outputs = streamed + self.update.end_step(sched)
         if self.speculation:
             self.speculation.end_step(sched, [], [], time.perf_counter() - started, gained)
         return outputs

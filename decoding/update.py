@@ -125,20 +125,25 @@ class StepUpdate:
             self.kv.free(leader)
         request.is_forked = True
 
-    def apply_chained(self, sched: SchedulerOutput, chained: ChainedSteps) -> int:
+    def apply_chained(self, sched: SchedulerOutput, chained: ChainedSteps) -> tuple[int, list[RequestOutput]]:
         """The tokens of several decode steps run in one call (decoding/multi_step.py), applied one step at a
         time as the per-step path would: the step's input token becomes computed and its drawn token is
         appended, until the sequence ends (what the call computed past that is dropped with its blocks).
-        -> the tokens appended."""
+        A streamed request is reported after each step but the last (end_step reports that one), so its
+        stream gets the chunks single steps would give it. -> the tokens appended, and those reports."""
         seqs = [item.seq for item in sched.scheduled]
-        appended = 0
-        for step_tokens, step_logprobs in zip(chained.tokens, chained.logprobs):
+        appended, reports = 0, []
+        for step, (step_tokens, step_logprobs) in enumerate(zip(chained.tokens, chained.logprobs)):
+            grown: dict[str, Request] = {}
             for seq, token, logprob in zip(seqs, step_tokens, step_logprobs):
                 if not seq.is_finished:
                     seq.num_computed += 1
                     self.append_token(seq, token, logprob)
                     appended += 1
-        return appended
+                    grown[seq.request.req_id] = seq.request
+            if step < len(chained.tokens) - 1:
+                reports += [RequestOutput.of(r) for r in grown.values() if r.stream and not r.is_finished]
+        return appended, reports
 
     def append_drawn(self, seqs: list[Sequence], drawn: SamplerOutput) -> None:
         for seq, token, logprob in zip(seqs, drawn.token_ids, drawn.logprobs):

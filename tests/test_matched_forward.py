@@ -32,8 +32,10 @@ def test_rollout_logprobs_do_not_depend_on_how_the_prompt_was_computed(llama_dir
         if mid_generation is None:
             return engine, engine.generate(prompts, [params] * len(prompts))[0]
         engine.add_request(prompts[0], params, request_id="probe")
-        for _ in range(6):
+        probe = engine.scheduler.waiting[-1]
+        while probe.seqs[0].num_output_tokens < 5:        # mid-generation (a chained step makes up to 8)
             engine.step()
+        assert not probe.is_finished
         mid_generation(engine)
         while engine.has_unfinished_requests():
             for out in engine.step():

@@ -131,3 +131,23 @@ def test_a_speculating_engine_chains_the_steps_it_keeps_plain(llama_dir):
     assert _finished(engine, prompts, params) == _finished(_engine(llama_dir, 1), prompts, params)
     assert engine.multi_step.num_calls > 0 and engine.speculation.counters.num_drafts > 0
 
+
+
+@needs_kernel
+def test_a_stream_gets_the_snapshots_single_steps_give(llama_dir):
+    """A streamed request is reported after every token of a chain (several reports from one engine step),
+    so its chunks are those of single steps, only sooner."""
+    params = [SamplingParams(max_tokens=21, temperature=0.8, seed=3), SamplingParams(n=2, max_tokens=13, temperature=0)]
+
+    def snapshots(decode_steps: int) -> tuple[Engine, list]:
+        engine = _engine(llama_dir, decode_steps)
+        ids = [engine.add_request(prompt, param) for prompt, param in zip(PROMPTS[:2], params)]
+        seen = {request_id: [] for request_id in ids}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                seen[out.request_id].append([(o.token_ids, o.text, o.finish_reason) for o in out.outputs])
+        return engine, [seen[request_id] for request_id in ids]
+
+    chained, chained_snapshots = snapshots(8)
+    assert chained.multi_step.num_calls > 0
+    assert chained_snapshots == snapshots(1)[1]

@@ -25,7 +25,9 @@ AREAL_SAMPLING = {"top_p": 1.0, "top_k": 100000000, "max_new_tokens": 12, "tempe
 
 @pytest.fixture
 def live(llama_dir):
-    live = start_server(llama_dir, open_admin=True)       # slime and AReaL send no key
+    # slime and AReaL send no key. One decode step per call: the tiny model's chained steps finish a
+    # 240-token rollout before an abort or a pause sent after its third token reaches the engine.
+    live = start_server(llama_dir, {"decode_steps": 1}, open_admin=True)
     yield live
     stop_server(live)
 

@@ -151,7 +151,8 @@ def test_200_concurrent_streams_finish_without_error_and_free_every_block(live):
 
 
 def test_api_key_and_backpressure(llama_dir):
-    guarded = start_server(llama_dir, {"max_num_seqs": 1}, api_key="secret", max_queued=0)
+    # One decode step per call keeps the tiny model's 200-token stream running while the next request comes.
+    guarded = start_server(llama_dir, {"max_num_seqs": 1, "decode_steps": 1}, api_key="secret", max_queued=0)
     key = {"Authorization": "Bearer secret"}
     try:
         assert httpx.get(f"{guarded.url}/health").status_code == 200
