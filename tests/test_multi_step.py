@@ -6,7 +6,7 @@ import torch
 
 from decoding import Engine, SamplingParams
 from models import kernels
-from tiny_models import PROMPTS, hf_greedy
+from tiny_models import PROMPTS, finished_together, hf_greedy
 
 needs_kernel = pytest.mark.skipif(not kernels.native_ops_available(torch.device("cpu"), torch.float32),
                                   reason="the native kernels do not build here")
@@ -19,13 +19,8 @@ def _engine(path: str, decode_steps: int, **options) -> Engine:
 
 def _finished(engine: Engine, prompts: list, params: list) -> list:
     """Every request submitted at once, stepped to the end: per request its sequences' results."""
-    ids = [engine.add_request(prompt, param) for prompt, param in zip(prompts, params)]
-    finished = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                finished[out.request_id] = out
-    return [[(o.token_ids, o.text, o.finish_reason, o.stop_reason) for o in finished[i].outputs] for i in ids]
+    return [[(o.token_ids, o.text, o.finish_reason, o.stop_reason) for o in output.outputs]
+            for output in finished_together(engine, prompts, params)]
 
 
 def _greedy_batch(engine: Engine) -> tuple[list, list]:
@@ -72,11 +67,8 @@ def test_chained_sampled_steps_draw_and_report_as_single_steps_do(llama_dir, qua
 
     def run(decode_steps: int) -> tuple[Engine, list]:
         engine = _engine(llama_dir, decode_steps, quantization=quantization)
-        ids = [engine.add_request(prompt, param) for prompt, param in zip(prompts, params)]
-        finished = {}
-        while engine.has_unfinished_requests():
-            finished |= {out.request_id: out for out in engine.step() if out.finished}
-        return engine, [[(o.token_ids, o.finish_reason, o.logprobs) for o in finished[i].outputs] for i in ids]
+        return engine, [[(o.token_ids, o.finish_reason, o.logprobs) for o in output.outputs]
+                        for output in finished_together(engine, prompts, params)]
 
     chained, chained_results = run(8)
     assert chained.multi_step.num_calls > 0

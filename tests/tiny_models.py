@@ -165,18 +165,22 @@ def assert_seeded_speculation(path: str, make_engine, prompt: list[int], params)
     assert_target_logprobs(path, prompt, first.outputs[0], params.temperature)
 
 
-def assert_same_steps_match(engine, plain, prompts: list, params: list) -> None:
-    """The requests submitted together to `engine` (sharing its steps) end as each does alone on `plain`:
-    the same tokens, text and finish reason for every sequence."""
+def finished_together(engine, prompts: list, params: list) -> list:
+    """Every request submitted at once (sharing the engine's steps), stepped to the end: their final
+    RequestOutputs, in order."""
     request_ids = [engine.add_request(prompt, param) for prompt, param in zip(prompts, params)]
     finished = {}
     while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                finished[out.request_id] = out
-    for request_id, prompt, param in zip(request_ids, prompts, params):
+        finished |= {out.request_id: out for out in engine.step() if out.finished}
+    return [finished[request_id] for request_id in request_ids]
+
+
+def assert_same_steps_match(engine, plain, prompts: list, params: list) -> None:
+    """The requests submitted together to `engine` (sharing its steps) end as each does alone on `plain`:
+    the same tokens, text and finish reason for every sequence."""
+    for output, prompt, param in zip(finished_together(engine, prompts, params), prompts, params):
         [expected] = plain.generate([prompt], param)
-        assert [(o.token_ids, o.text, o.finish_reason) for o in finished[request_id].outputs] == \
+        assert [(o.token_ids, o.text, o.finish_reason) for o in output.outputs] == \
                [(o.token_ids, o.text, o.finish_reason) for o in expected.outputs]
 
 
