@@ -130,8 +130,9 @@ typedef struct {
     int64_t count;
 } ChainFeed;
 
-/* Greedy drafting, `steps` tokens per row in one call: the catch-up the draft's cache lacks and every
- * drafted token after it, without a return to Python per token. Step 0 runs the stack over the feed and
+/* A chain of `steps` tokens per row in one call, without a return to Python per token: a draft model's
+ * greedy drafts (the catch-up the draft's cache lacks and every drafted token after it) and the engine's
+ * chained decode steps (decoding/multi_step.py: one token fed per row). Step 0 runs the stack over the feed and
  * keeps each row's last token; each later step embeds every row's newest drafted token and runs the stack
  * over one token per row at the row's next position. Every step projects through the output head (packed,
  * as compute_logits does) and takes the argmax, the first index of the maximum as torch's argmax does,
@@ -176,7 +177,7 @@ void decoder_greedy_chain(const DecoderShape *s, const DecoderLayer *layers, int
         }
         linear_product(h, rows, hidden, hidden, lm_head, vocab, NULL, NULL, logits);
         int64_t *chosen = out + step * rows;
-        /* Drawing reads a row twice or three times, as sample_rows does; it spreads the rows over the threads likewise. */
+        /* A draw passes over its row two or three times (sample_rows spreads rows over the threads likewise). */
 #pragma omp parallel for num_threads(kernel_threads()) if (sampling != NULL && rows >= 4) schedule(static)
         for (int64_t r = 0; r < rows; ++r) {
             float *row = logits + r * vocab;
