@@ -47,7 +47,7 @@ def parse_args(description: str, extra=None) -> argparse.Namespace:
 
 
 def add_plain_decode_steps(parser: argparse.ArgumentParser) -> None:
-    """A speculation benchmark's baseline: the plain engine as served (greedy decode steps chained,
+    """A speculation benchmark's baseline: the plain engine as served (decode steps chained,
     decoding/multi_step.py) unless told to take one step per call."""
     parser.add_argument("--plain-decode-steps", type=int, default=EngineConfig.decode_steps,
                         help="decode_steps of the plain engine compared against (default: the engine's default; "

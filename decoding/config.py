@@ -31,8 +31,8 @@ class EngineConfig:
     max_num_batched_tokens: int = 512     # token budget of one step (decodes + prefill chunks)
     max_model_len: int | None = None      # None: the model's own context length
     seed: int = 0                         # seeds the draws of requests that bring no seed
-    # Greedy decode steps run in one native call when every sequence of a step is a plain greedy decode
-    # (decoding/multi_step.py); 1: one call per step.
+    # Decode steps run in one native call while no sequence of a step needs Python per token (penalties,
+    # a grammar, beams, top-N logprobs, truncated sampling: decoding/multi_step.py); 1: one call per step.
     decode_steps: int = 8
     threads: int | None = None            # threads of torch and the native kernels; None: torch's default
     show_progress: bool = True

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from decoding.kv_cache_manager import KVCacheManager
-from decoding.sampler import whole_vocabulary_logprob
+from decoding.sampler import draws_natively, whole_vocabulary_logprob
 from decoding.sequence import Sequence, TokenLogprob
 from decoding.step_plan import ScheduledSeq, SchedulerOutput
 from models import kernels
@@ -85,13 +85,10 @@ class MultiStepDecode:
                 and not item.num_lookahead and item.start >= seq.request.prompt_len and seq.grammar is None
                 and seq.request.beam is None and not params.has_penalties and params.logprobs in (None, 0)):
             return False
-        if params.is_greedy and params.logprobs is None:
-            return True
-        # What the per-step sampler draws natively (Sampler._native_rows): with min_tokens' bans in place, a raw
-        # logprob or a kept support would be of the unbanned row, which the native draw does not compute.
-        banned = seq.num_output_tokens < params.min_tokens
-        raw = params.logprobs is not None and params.logprobs_mode == "raw"
-        return not params.has_truncation and not (banned and (raw or params.kept_mass or params.kept_token_ids))
+        # A greedy row without logprobs is the argmax whatever truncates it; others as the per-step sampler
+        # draws them natively, with min_tokens' bans in place.
+        return (params.is_greedy and params.logprobs is None) or draws_natively(
+            params, limited=seq.num_output_tokens < params.min_tokens)
 
     def run(self, sched: SchedulerOutput, steps: int, want_hidden: bool = False) -> ChainedSteps:
         """Reserve every sequence's slots for `steps` tokens (steps_for checked they fit) and run the chain,

@@ -71,19 +71,8 @@ class Sampler:
         that makes the penalised logits differ from the model's."""
         if not kernels.native_ops_available(logits.device, logits.dtype):
             return []
-        banned = {row for row, _ in batch.banned}
-        constrained = batch.constrained_rows
-        rows = []
-        for row, seq in enumerate(batch.seqs):
-            p = seq.request.params
-            if p.has_truncation or (p.logprobs or 0) > 0:
-                continue
-            if p.logprobs is not None and p.logprobs_mode == "raw" and (p.has_penalties or row in banned or row in constrained):
-                continue
-            if _wants_kept(p) and (row in banned or row in constrained):     # a support short of the vocabulary
-                continue
-            rows.append(row)
-        return rows
+        limited = {row for row, _ in batch.banned} | batch.constrained_rows
+        return [row for row, seq in enumerate(batch.seqs) if draws_natively(seq.request.params, row in limited)]
 
     @staticmethod
     def _sample_native(penalised: torch.Tensor, batch: SamplingMetadata, uniforms: torch.Tensor | None) -> SamplerOutput:
@@ -170,6 +159,17 @@ class Sampler:
             results.append(TokenLogprob(token_logprobs[row], alternatives, kept_logprob=kept_logprob,
                                         kept_token_ids=kept_ids))
         return results
+
+
+def draws_natively(params, limited: bool) -> bool:
+    """Whether the native kernel draws a row with these parameters, from its penalised logits (`limited`:
+    min_tokens' bans or a grammar leave it short of the vocabulary): no truncation, no top-N alternatives,
+    and no raw logprob or kept support that would have to come from other logits than those drawn from."""
+    if params.has_truncation or (params.logprobs or 0) > 0:
+        return False
+    if params.logprobs is not None and params.logprobs_mode == "raw" and (params.has_penalties or limited):
+        return False
+    return not (_wants_kept(params) and limited)     # a support short of the vocabulary
 
 
 def _wants_kept(params) -> bool:

@@ -27,8 +27,8 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="threads of the model's products and kernels (default: one per core)")
     parser.add_argument("--decode-steps", type=int, default=8,
-                        help="greedy decode steps run in one native call while every sequence decodes greedily "
-                             "without logprobs or penalties (1: one call per step; streams then get a token at a time)")
+                        help="decode steps run in one native call while no sequence needs Python per token "
+                             "(penalties, grammars, beams, top-N logprobs, top-k/top-p/min-p sampling); 1: one per call")
     parser.add_argument("--speculative", choices=["draft", "ngram", "medusa", "eagle"], default=None,
                         help="speculative decoding: a draft model, prompt lookup (n-gram), Medusa heads or an EAGLE head")
     parser.add_argument("--draft-model", default=None, help="draft model folder (default: the embedded draft)")
