@@ -39,6 +39,7 @@ def test_the_kernel_builds_on_this_machine():
 @needs_kernel
 @pytest.mark.parametrize("batch,heads,kv_heads,head_dim,block_size,window", [
     (1, 4, 4, 64, 16, None),      # one sequence: work split by KV head
+    (1, 9, 3, 64, 16, None),      # one sequence of SmolLM2's shape: query heads shared out among the threads
     (5, 8, 2, 32, 4, 7),          # GQA with a sliding window, per-head items
     (40, 6, 3, 48, 8, None),      # enough sequences for per-sequence items, odd head_dim
     (40, 8, 2, 128, 16, 9),       # per-sequence items, GQA, window
@@ -118,6 +119,17 @@ def test_a_token_attends_alike_whatever_kernel_step_and_block_size(heads, kv_hea
     rows = paged_decode_attention(query, key_cache, value_cache, table.expand(length, -1).contiguous(),
                                   torch.arange(1, length + 1), scale, window, **options)
     assert torch.equal(rows, whole)
+    # One row alone: its query heads shared out among the threads where its KV heads cannot be evenly
+    threads = kernels.num_threads()
+    try:
+        for count in (2, 3):
+            kernels.set_num_threads(count)
+            for pos in (0, 16, 40, length - 1):
+                alone = paged_decode_attention(query[pos : pos + 1], key_cache, value_cache, table,
+                                               torch.tensor([pos + 1]), scale, window, **options)
+                assert torch.equal(alone, whole[pos : pos + 1])
+    finally:
+        kernels.set_num_threads(threads)
     for block_size in (4, 64):
         relaid = _relaid_cache(keys, values, block_size, generator)
         assert torch.equal(prefill(*relaid, [length - 9, 9]), whole)

@@ -15,8 +15,11 @@
  *   sinks        [num_heads] or NULL: a logit per head that joins every softmax's denominator and no
  *                output (gpt-oss's attention sinks)
  *
- * A work item is one sequence and a range of its KV heads: all of them when the batch alone keeps every
- * thread busy, otherwise one KV head. Each item walks its row's keys once, a chunk of the position grid
+ * A work item is one sequence and a range of its query heads: all of them when the batch alone keeps every
+ * thread busy, otherwise one KV head's group, or, where the KV heads cannot be shared out evenly (batch 1 of
+ * SmolLM2's 3 KV heads on 2 threads), one thread's share of the row's query heads (cold cache, 30 layers:
+ * 20 -> 16 us a layer at 128 positions, 104 -> 81 at 512). Each item walks its row's keys once per KV head
+ * it touches, a chunk of the position grid
  * at a time (attention_row.h): every query head of the KV group scores the chunk's keys, folds them into
  * its online softmax and adds their values while they are still in cache, two heads at a time sharing the
  * loads (batch 1, SmolLM2's 3 heads per KV head: 3-8% less time). A row's arithmetic is the
@@ -48,31 +51,34 @@ typedef struct {
     const float *sinks;
 } Problem;
 
-/* Sequence b, KV heads [kv_begin, kv_end). Its keys, in position order, are its first context_lens[b]
+/* Sequence b, query heads [h_begin, h_end). Its keys, in position order, are its first context_lens[b]
  * positions, then its extra positions (a speculative tree node's ancestors and itself, scattered after
  * the context): the row sees them as one run of logical positions, the last `window` of them with a
- * sliding window, and chunks them on the same grid as a prefill row at its logical position. Always
- * inlined into a switch on head_dim, so the common sizes get constant trip counts. */
-static inline __attribute__((always_inline)) void attend(const Problem *p, int64_t b, int64_t kv_begin,
-                                                         int64_t kv_end, const int64_t head_dim) {
+ * sliding window, and chunks them on the same grid as a prefill row at its logical position. Each KV head
+ * the range touches is read once for the range's heads of its group. Every head's arithmetic is its own
+ * whichever heads share an item or a pair, so the split changes no bit. Always inlined into a switch on
+ * head_dim, so the common sizes get constant trip counts. */
+static inline __attribute__((always_inline)) void attend(const Problem *p, int64_t b, int64_t h_begin,
+                                                         int64_t h_end, const int64_t head_dim) {
     const int64_t d = head_dim;
     const int64_t group = p->num_heads / p->num_kv_heads;
     const int64_t token_stride = p->num_kv_heads * d;
-    const int64_t heads = (kv_end - kv_begin) * group;
+    const int64_t heads = h_end - h_begin;
+    const int64_t kv_begin = h_begin / group, kv_end = (h_end - 1) / group + 1;
     const int64_t context = p->context_lens[b];
     const int64_t extras = p->extra_counts ? p->extra_counts[b] : 0;
     const int64_t *extra = p->extra_positions ? p->extra_positions + b * p->max_extra : NULL;
     const int64_t end = context + extras;     /* logical positions [first, end) */
     const int64_t first = (p->window > 0 && end > p->window) ? end - p->window : 0;
     const int64_t *table = p->block_tables + b * p->max_blocks;
-    const float *q = p->query + b * p->query_row_stride + kv_begin * group * d;
-    float *o = p->out + (b * p->num_heads + kv_begin * group) * d;
+    const float *q = p->query + b * p->query_row_stride + h_begin * d;
+    float *o = p->out + (b * p->num_heads + h_begin) * d;
     float acc[heads * d], queries[heads * d];
     RowSoftmax state[heads];
     float scores[2][KEY_CHUNK];
     for (int64_t i = 0; i < heads * d; ++i) acc[i] = 0.0f;
     for (int64_t h = 0; h < heads; ++h) {
-        state[h] = row_softmax_start(p->sinks ? p->sinks + kv_begin * group + h : NULL);
+        state[h] = row_softmax_start(p->sinks ? p->sinks + h_begin + h : NULL);
         scaled_query(q + h * d, p->scale, queries + h * d, d);
     }
     for (int64_t chunk = first - first % KEY_CHUNK; chunk < end; chunk += KEY_CHUNK) {
@@ -89,10 +95,11 @@ static inline __attribute__((always_inline)) void attend(const Problem *p, int64
         for (int64_t kvh = kv_begin; kvh < kv_end; ++kvh) {
             const float *key_rows[KEY_CHUNK], *value_rows[KEY_CHUNK];
             chunk_rows(p->key_cache, p->value_cache, offsets, lo, hi, kvh * d, key_rows, value_rows);
-            /* Two query heads of the group at a time share the key and value loads (each head's
-             * arithmetic is its own, as for the prefill kernel's pairs of rows). */
-            const int64_t group_end = (kvh - kv_begin + 1) * group;
-            int64_t h = (kvh - kv_begin) * group;
+            /* This KV head's query heads in the range, two at a time sharing the key and value loads (each
+             * head's arithmetic is its own, as for the prefill kernel's pairs of rows). */
+            const int64_t group_begin = kvh * group > h_begin ? kvh * group : h_begin;
+            const int64_t group_end = ((kvh + 1) * group < h_end ? (kvh + 1) * group : h_end) - h_begin;
+            int64_t h = group_begin - h_begin;
             for (; h + 1 < group_end; h += 2) {
                 float *acc0 = acc + h * d, *acc1 = acc + (h + 1) * d;
                 chunk_scores_pair(queries + h * d, queries + (h + 1) * d, key_rows, scores[0], scores[1], d);
@@ -115,12 +122,12 @@ static inline __attribute__((always_inline)) void attend(const Problem *p, int64
     for (int64_t h = 0; h < heads; ++h) row_output(&state[h], acc + h * d, o + h * d, d);
 }
 
-static void attend_any(const Problem *p, int64_t b, int64_t kv_begin, int64_t kv_end, int64_t head_dim) {
+static void attend_any(const Problem *p, int64_t b, int64_t h_begin, int64_t h_end, int64_t head_dim) {
     switch (head_dim) {
-        case 64: attend(p, b, kv_begin, kv_end, 64); break;
-        case 128: attend(p, b, kv_begin, kv_end, 128); break;
-        case 32: attend(p, b, kv_begin, kv_end, 32); break;
-        default: attend(p, b, kv_begin, kv_end, head_dim);
+        case 64: attend(p, b, h_begin, h_end, 64); break;
+        case 128: attend(p, b, h_begin, h_end, 128); break;
+        case 32: attend(p, b, h_begin, h_end, 32); break;
+        default: attend(p, b, h_begin, h_end, head_dim);
     }
 }
 
@@ -133,12 +140,23 @@ void paged_decode_attention(const float *query, int64_t query_row_stride, const 
     const Problem p = {query, query_row_stride, key_cache, value_cache, block_tables, max_blocks,
                        context_lens, extra_positions, max_extra, extra_counts, out, num_heads, num_kv_heads,
                        block_size, window, scale, softcap, sinks};
-    if (batch >= 4 * omp_get_max_threads()) {
-#pragma omp parallel for num_threads(kernel_threads()) schedule(dynamic, 1)
-        for (int64_t b = 0; b < batch; ++b) attend_any(&p, b, 0, num_kv_heads, head_dim);
-    } else {
-#pragma omp parallel for num_threads(kernel_threads()) collapse(2) schedule(dynamic, 1)
+    const int threads = kernel_threads();
+    if (batch >= 4 * threads) {
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+        for (int64_t b = 0; b < batch; ++b) attend_any(&p, b, 0, num_heads, head_dim);
+    } else if (batch * num_kv_heads >= 4 * threads || (batch * num_kv_heads) % threads == 0) {
+#pragma omp parallel for num_threads(threads) collapse(2) schedule(dynamic, 1)
         for (int64_t b = 0; b < batch; ++b)
-            for (int64_t kvh = 0; kvh < num_kv_heads; ++kvh) attend_any(&p, b, kvh, kvh + 1, head_dim);
+            for (int64_t kvh = 0; kvh < num_kv_heads; ++kvh)
+                attend_any(&p, b, kvh * (num_heads / num_kv_heads), (kvh + 1) * (num_heads / num_kv_heads), head_dim);
+    } else {
+        /* Too few KV heads to share out evenly (batch 1 of SmolLM2's 3 on 2 threads left one thread idle
+         * for a third of the time): each row's query heads in `threads` near-equal ranges, one per thread. */
+        const int64_t parts = threads < num_heads ? threads : num_heads;
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t item = 0; item < batch * parts; ++item) {
+            const int64_t b = item / parts, part = item % parts;
+            attend_any(&p, b, num_heads * part / parts, num_heads * (part + 1) / parts, head_dim);
+        }
     }
 }
