@@ -23,9 +23,6 @@ from models.loader import DEFAULT_DRAFT_DIR, DEFAULT_MEDUSA_DIR, LoadedModel
 from models.medusa import MedusaHeads
 
 
-# The proposers whose candidates are trees (verified only on float weights; Engine loads `auto` as float).
-TREE_PROPOSERS = {"medusa": "Medusa", "eagle": "EAGLE"}
-
 
 def history_layers(model) -> dict[int, int]:
     """The layers that keep their inputs per token instead of keys and values (models/base.py)."""
@@ -51,12 +48,6 @@ def build_speculation(cfg: EngineConfig, loaded: LoadedModel, sampler: Sampler,
     if cfg.speculative is None:
         return None
     model = loaded.model
-    if cfg.speculative in TREE_PROPOSERS and loaded.quantization is not None:
-        # Measured on SmolLM2 at Q8_0: a one-node tree's verification row already differs from the decode
-        # row it stands for, so greedy output would change; refused until that is found.
-        raise ValueError(f"{TREE_PROPOSERS[cfg.speculative]} speculation runs on float weights only, and these are "
-                         f"quantized ({loaded.quantization}); load them with quantization='none' "
-                         f"(--quantization none), or use --speculative draft or ngram")
     acceptance = AcceptanceRule.named(cfg.speculative_acceptance, (cfg.typical_epsilon, cfg.typical_delta))
     if cfg.speculative == "ngram":
         proposer = NgramProposer(cfg.num_speculative_tokens, cfg.prompt_lookup_max, cfg.prompt_lookup_min)

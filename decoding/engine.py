@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 
 from tqdm.auto import tqdm
 
-from decoding.assembly import TREE_PROPOSERS, build_cache, build_speculation
+from decoding.assembly import build_cache, build_speculation
 from decoding.beam_requests import BeamRequests
 from decoding.block_manager import CacheUsage
 from decoding.config import EngineConfig
@@ -54,12 +54,9 @@ class Engine:
         config = config or EngineConfig()
         self.config = replace(config, model=model or config.model, **overrides)
         self.use_threads()
-        quantization = self.config.quantization
-        if self.config.speculative in TREE_PROPOSERS and quantization == "auto":
-            quantization = "none"          # trees verify exactly only on float weights (assembly.py)
         self.loaded = load_model(self.config.model, self.config.dtype, self.config.device,
                                  show_progress=self.config.show_progress, impl=self.config.model_impl,
-                                 quantization=quantization)
+                                 quantization=self.config.quantization)
         self.tokenizer = self.loaded.tokenizer
         self.eos_token_ids = self.loaded.eos_token_ids
         self.max_model_len = min(self.config.max_model_len or self.loaded.max_model_len, self.loaded.max_model_len)

@@ -89,10 +89,20 @@ def process_logits(logits: torch.Tensor, batch: SamplingMetadata, distribution: 
             _apply_allowed(logits, raw_logits, batch.allowed)
     if not distribution:
         return ProcessedLogits(raw_logits, logits, None)
-    scaled = logits / torch.where(batch.greedy, 1.0, batch.temperature).unsqueeze(1)
-    if batch.any_truncation:
-        scaled = _truncate(scaled, batch)
-    return ProcessedLogits(raw_logits, logits, torch.log_softmax(scaled, dim=-1))
+    temperature = torch.where(batch.greedy, 1.0, batch.temperature)
+    # The native draw's arithmetic where a row is not truncated (the rows the sampler draws natively):
+    # a position verified by speculation, or scored for top-N alternatives, reports the bits plain
+    # sampling reports for it.
+    log_probs = kernels.log_softmax_at(logits, temperature)
+    if log_probs is None or batch.any_truncation:
+        scaled = logits / temperature.unsqueeze(1)
+        truncated = torch.log_softmax(_truncate(scaled, batch) if batch.any_truncation else scaled, dim=-1)
+        if log_probs is None:
+            log_probs = truncated
+        else:
+            rows = [row for row, seq in enumerate(batch.seqs) if seq.request.params.has_truncation]
+            log_probs[rows] = truncated[rows]
+    return ProcessedLogits(raw_logits, logits, log_probs)
 
 
 def _apply_allowed(logits: torch.Tensor, raw_logits: torch.Tensor, allowed: dict[int, torch.Tensor]) -> None:

@@ -7,7 +7,8 @@ import torch
 
 from decoding import Engine, SamplingParams
 from models.eagle import EagleDraft, EagleTree
-from tiny_models import (PROMPTS, assert_lossless_sampling_follows_the_target, assert_same_steps_match,
+from tiny_models import (PROMPTS, assert_lossless_sampling_follows_the_target,
+                         assert_quantized_speculation_is_plain_decoding, assert_same_steps_match,
                          assert_seeded_speculation, assert_target_logprobs, hf_greedy, recorded_proposals,
                          within_binomial_bounds)
 
@@ -94,6 +95,11 @@ def test_the_native_draft_computes_what_the_training_layer_does(llama_dir, eagle
     torch.testing.assert_close(draft.logits(got), head.logits(expected[8:]), atol=1e-3, rtol=1e-4)
 
 
+def test_eagle_over_quantized_weights_decodes_as_plain_decoding(llama_dir, eagle_dir):
+    assert_quantized_speculation_is_plain_decoding(llama_dir, lambda **options: eagle_engine(llama_dir, eagle_dir,
+                                                                                            **options))
+
+
 def test_a_head_that_does_not_fit_is_refused(llama_dir, eagle_dir, tmp_path):
     import shutil
 
@@ -108,8 +114,6 @@ def test_a_head_that_does_not_fit_is_refused(llama_dir, eagle_dir, tmp_path):
         eagle_engine(llama_dir, str(tmp_path))
     with pytest.raises(ValueError, match="no EAGLE head is shipped"):
         eagle_engine(llama_dir, None)
-    with pytest.raises(ValueError, match="float weights only"):
-        eagle_engine(llama_dir, eagle_dir, quantization="int8")
     with pytest.raises(ValueError, match="eagle_tree"):
         eagle_engine(llama_dir, eagle_dir, eagle_tree=(0, 4, 2))
     with pytest.raises(ValueError, match="eagle_drawn"):
@@ -362,15 +366,16 @@ def test_training_continues_from_a_saved_head(llama_dir, eagle_dir):
 
 @pytest.mark.smollm2
 def test_smollm2_with_its_shipped_head_is_identical_and_accepts():
-    """`Engine(model="smollm2", speculative="eagle")` takes the head shipped for it: greedy outputs equal
-    plain decoding's, and on held-out chat prompts the head gains well over one token per forward."""
+    """`Engine(model="smollm2", speculative="eagle")` takes the head shipped for it, over the GGUF's own blocks
+    as plain decoding runs them: greedy outputs equal plain decoding's, and on held-out chat prompts the head
+    gains well over one token per forward."""
     from models.catalog import shipped_heads
     from training.chat_prompts import chat_prompt_ids, prompts
 
     assert shipped_heads("smollm2", "eagle") is not None
-    plain = Engine(model="smollm2", show_progress=False, quantization="none")      # EAGLE runs float weights
+    plain = Engine(model="smollm2", show_progress=False)
     eagle = Engine(model="smollm2", show_progress=False, speculative="eagle", speculative_adaptive=False)
-    assert eagle.loaded.quantization is None
+    assert eagle.loaded.quantization == plain.loaded.quantization is not None      # the GGUF's own blocks
     assert eagle.speculation.proposer.tree == EagleTree(5, 5, 2, 2, drawn=(3, 1, 1))
     chats = [chat_prompt_ids(plain.tokenizer, text) for text in prompts("heldout")[:2]]
     params = SamplingParams(temperature=0, max_tokens=64)

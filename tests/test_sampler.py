@@ -107,6 +107,17 @@ def test_a_row_draws_the_same_beside_rows_that_take_the_other_sampling_path():
         assert mixed.token_ids[0] in (1, 3, 6)
 
 
+def test_a_rows_logprob_is_the_same_bits_whichever_path_scores_it():
+    """The native draw reports the chosen token's logprob; a row asking for alternatives (or verified by
+    speculation) is scored by process_logits instead: the same bits either way, greedy or sampled."""
+    logits = torch.randn(64, 1000, generator=torch.Generator().manual_seed(4)) * 3
+    for temperature in (0, 0.7, 1.0, 1.3):
+        native = sample(logits, [SamplingParams(temperature=temperature, logprobs=0, seed=9)] * 64, seed=50)
+        scored = sample(logits, [SamplingParams(temperature=temperature, logprobs=2, seed=9)] * 64, seed=50)
+        assert native.token_ids == scored.token_ids
+        assert [lp.logprob for lp in native.logprobs] == [lp.logprob for lp in scored.logprobs]
+
+
 def test_min_tokens_bans_eos_and_stop_ids():
     logits = torch.full((1, VOCAB), -5.0)
     logits[0, EOS] = 10.0

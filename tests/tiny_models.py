@@ -10,7 +10,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
                           MistralForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM)
 
-from decoding import SamplingParams
+from decoding import Engine, SamplingParams
 
 TRAINING_TEXT = [
     "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n",
@@ -188,3 +188,20 @@ def hf_greedy(path: str, prompt: list[int], new_tokens: int) -> list[int]:
     ids = hf_model(path).generate(torch.tensor([prompt]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                   do_sample=False, pad_token_id=0)
     return ids[0, len(prompt):].tolist()
+
+
+def assert_quantized_speculation_is_plain_decoding(path: str, make_engine) -> None:
+    """A tree proposer over int8 weights (`make_engine(quantization="int8")`) verifies with rows that are the
+    plain int8 engine's decode rows bit for bit: greedy and seeded sampled requests (exact acceptance) get
+    plain decoding's tokens and the very same logprobs."""
+    plain = Engine(model=path, show_progress=False, num_kv_blocks=256, block_size=4, quantization="int8",
+                   decode_steps=1)
+    engine = make_engine(quantization="int8")
+    assert engine.loaded.quantization is not None
+    for params in (SamplingParams(temperature=0, max_tokens=24, min_tokens=24, logprobs=0, logprobs_mode="raw"),
+                   SamplingParams(temperature=0.7, max_tokens=24, min_tokens=24, seed=5, n=2, logprobs=0)):
+        for got, expected in zip(engine.generate(PROMPTS[:3], params), plain.generate(PROMPTS[:3], params)):
+            for completion, reference in zip(got.outputs, expected.outputs):
+                assert completion.token_ids == reference.token_ids
+                assert [lp.logprob for lp in completion.logprobs] == [lp.logprob for lp in reference.logprobs]
+    assert engine.speculation.counters.num_accepted_tokens > 0

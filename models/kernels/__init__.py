@@ -101,6 +101,7 @@ SIGNATURES = {
     "sample_rows_masked": ([_PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _PTR], None),
     "mask_rows_by_bits": ([_PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR], None),
     "log_normalizers": ([_PTR, _I64, _I64, _PTR, _PTR], None),
+    "log_softmax_rows": ([_PTR, _I64, _I64, _PTR, _PTR], None),
     "all_finite": ([_PTR, _I64], ctypes.c_int),
     "copy_transposed": ([_PTR, _I64, _I64, _I64, _PTR, _I64], None),
     "pack_panels": ([_PTR, _I64, _I64, _PTR], None),
@@ -308,6 +309,21 @@ def raw_log_softmax(logits: torch.Tensor) -> torch.Tensor:
     maxima, normalizers = torch.empty(rows), torch.empty(rows)
     library.log_normalizers(logits.data_ptr(), rows, vocab, maxima.data_ptr(), normalizers.data_ptr())
     return (logits - maxima.unsqueeze(1)) - normalizers.unsqueeze(1)
+
+
+def log_softmax_at(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor | None:
+    """log_softmax(logits / temperature[r]) per row [N, vocab] (float32, CPU) with the arithmetic of
+    sample_rows' reported logprobs, so a row scored here gets the bits a natively drawn row reports;
+    None where the native kernels do not run."""
+    library = _library()
+    if library is None or logits.device.type != "cpu" or logits.dtype != torch.float32:
+        return None
+    logits = logits.contiguous()
+    rows, vocab = logits.shape
+    inverse = (1.0 / temperature.to(torch.float32)).contiguous()
+    out = torch.empty_like(logits)
+    library.log_softmax_rows(logits.data_ptr(), rows, vocab, inverse.data_ptr(), out.data_ptr())
+    return out
 
 
 def sample_rows_masked(logits: torch.Tensor, temperature: torch.Tensor, uniforms: torch.Tensor, greedy: torch.Tensor,

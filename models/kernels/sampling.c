@@ -72,6 +72,13 @@ static __attribute__((noinline)) float log_sum_exp(const float *restrict x, int6
     return logf(exponentials(x, n, max, 1.0f, NULL, NULL));
 }
 
+/* A token's logprob under softmax(x / temperature): (x - max) / temperature - log(sum), with one rounding
+ * after the multiply-add whether or not the compiler would have fused it, so that the draws below and
+ * log_softmax_rows give the same bits. At temperature 1 it is the raw formula's x - max - lse. */
+static inline float scaled_logprob(float x, float max, float inverse_temperature, float log_sum) {
+    return fmaf(x - max, inverse_temperature, -log_sum);
+}
+
 /* The first token whose cumulative mass exceeds target (the inverse CDF, right-closed, so a token of
  * zero mass is never chosen): whole chunks are skipped by their (vectorised) sums, then the chunk that
  * crosses the target is walked. */
@@ -116,7 +123,7 @@ static void sample_row(const float *restrict x, int64_t vocab, float temperature
     const float sum = exponentials(x, vocab, max, inverse_temperature, NULL, e);
     const int64_t chosen = walk_to(e, vocab, uniform * sum);
     *token = chosen;
-    *logprob = (x[chosen] - max) * inverse_temperature - logf(sum);
+    *logprob = scaled_logprob(x[chosen], max, inverse_temperature, logf(sum));
     *raw_logprob = want_raw ? x[chosen] - max - log_sum_exp(x, vocab, max) : 0.0f;
 }
 
@@ -164,7 +171,7 @@ static void sample_row_masked(const float *restrict x, const uint32_t *restrict 
         chosen = walk_to(e, vocab, uniform * sum);
     }
     *token = chosen;
-    *logprob = (x[chosen] - max) * inverse_temperature - logf(sum);
+    *logprob = scaled_logprob(x[chosen], max, inverse_temperature, logf(sum));
 }
 
 void sample_rows_masked(const float *logits, int64_t rows, int64_t vocab, const float *temperature,
@@ -222,5 +229,21 @@ void log_normalizers(const float *logits, int64_t rows, int64_t vocab, float *ma
         const float *x = logits + r * vocab;
         max_out[r] = row_max(x, vocab);
         lse_out[r] = log_sum_exp(x, vocab, max_out[r]);
+    }
+}
+
+/* out [rows, vocab]: every token's logprob under softmax(logits / temperature), per row at 1 /
+ * inverse_temperature[r], as the draws above report the chosen token's (max, fixed-order sum of
+ * exponentials, scaled_logprob), so a row scored here (speculative verification, top-N alternatives)
+ * reports the bits a natively drawn row would. -inf logits (bans, refused tokens) stay -inf. */
+void log_softmax_rows(const float *logits, int64_t rows, int64_t vocab, const float *inverse_temperature, float *out) {
+#pragma omp parallel for num_threads(kernel_threads()) if (rows >= 4) schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+        const float *x = logits + r * vocab;
+        float *y = out + r * vocab;
+        const float max = row_max(x, vocab), inverse = inverse_temperature[r];
+        const float log_sum = logf(exponentials(x, vocab, max, inverse, NULL, NULL));
+#pragma omp simd
+        for (int64_t i = 0; i < vocab; ++i) y[i] = scaled_logprob(x[i], max, inverse, log_sum);
     }
 }
