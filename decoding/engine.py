@@ -73,10 +73,9 @@ class Engine:
         self.update = StepUpdate(self.kv, self.scheduler, self.speculation, self._requests, self.eos_token_ids,
                                  self.max_model_len, self.loaded.device, self.intake.new_sequence)
         self.counters = self.update.counters
-        # Plain decode steps chain, in a speculating engine too where its proposer keeps up with them.
-        chaining = self.speculation is None or self.speculation.follows_chained_steps
+        # Plain decode steps chain, in a speculating engine too (in the steps its governor keeps plain).
         self.multi_step = MultiStepDecode(self.loaded.model, self.kv, self.config.decode_steps, self.eos_token_ids,
-                                          self.max_model_len) if chaining else None
+                                          self.max_model_len)
         # Pushed "draft." weights go to a draft model's proposer (n-gram and Medusa proposers have none).
         proposer = self.speculation.proposer if self.speculation else None
         draft = proposer if hasattr(proposer, "forget_states") else None
@@ -168,7 +167,7 @@ class Engine:
             if self.speculation:
                 self.speculation.end_step(sched, [], [], 0.0)
             return []
-        steps = self.multi_step.steps_for(sched) if self.multi_step else 1
+        steps = self.multi_step.steps_for(sched)
         if steps > 1:
             return self._chained_steps(sched, steps, started)
         chains = self.speculation.attach_drafts(sched) if self.speculation else []
@@ -200,13 +199,13 @@ class Engine:
 
     def _chained_steps(self, sched: SchedulerOutput, steps: int, started: float) -> list[RequestOutput]:
         """`steps` plain decode steps in one native call (decoding/multi_step.py); a speculating engine's
-        proposer is shown the newest hidden states and its governor the step's speed."""
+        proposer is shown every step's hidden states and its governor the step's speed."""
         self.runner.copy_blocks(sched)
         wants_hidden = bool(self.speculation and self.speculation.wants_hidden)
         chained = self.multi_step.run(sched, steps, wants_hidden)
         gained, streamed = self.update.apply_chained(sched, chained)
-        if chained.last_hidden is not None:
-            self.speculation.observe_chained([item.seq for item in sched.scheduled], chained.last_hidden)
+        if chained.hidden is not None:
+            self.speculation.observe_chained([item.seq for item in sched.scheduled], chained.hidden)
         self.counters.num_steps += steps
         outputs = streamed + self.update.end_step(sched)
         if self.speculation:

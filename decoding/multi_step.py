@@ -14,8 +14,9 @@ then appends them one step at a time, so stop strings, EOS, max_tokens and the m
 sequence exactly where the per-step path would; what the call computed past that end is dropped with the
 sequence's blocks.
 
-Eligible: a step that does not speculate (an engine without speculation, or one whose proposer keeps up
-with chained steps, `Proposer.follows_chained_steps`, in a step its governor keeps plain); every scheduled entry is one decoding token past the prompt
+Eligible: a step that does not speculate (an engine without speculation, or a step a speculating engine's
+governor keeps plain: a proposer that reads hidden states gets every step's through `observe`, and a draft
+model or prompt lookup reads the new tokens); every scheduled entry is one decoding token past the prompt
 (no prompt chunk, draft, tree or lookahead) of a request without penalties, prompt logprobs, a grammar,
 beam search or top-N alternatives (`logprobs` None or 0), and, unless it is greedy without logprobs,
 without top-k / top-p / min-p and without raw logprobs or kept supports while min_tokens bans its stop
@@ -40,11 +41,11 @@ from models import kernels
 @dataclass
 class ChainedSteps:
     """What one call gave, [steps][entries] in the scheduled entries' order: each step's tokens, their logprobs
-    (None where not asked for), and when asked the last step's final hidden states [entries, hidden]."""
+    (None where not asked for), and when asked every step's final hidden states [steps, entries, hidden]."""
 
     tokens: list[list[int]]
     logprobs: list[list[TokenLogprob | None]]
-    last_hidden: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
 
 
 class MultiStepDecode:
@@ -101,7 +102,7 @@ class MultiStepDecode:
         banned_steps = [max(0, seq.request.params.min_tokens - seq.num_output_tokens) for seq in seqs]
         argmax = all(seq.request.params.is_greedy and seq.request.params.logprobs is None for seq in seqs)
         draws = None if argmax else self._draws(seqs, steps)
-        hidden = torch.empty(len(seqs), self.model.spec.hidden_size) if want_hidden else None
+        hidden = torch.empty(steps, len(seqs), self.model.spec.hidden_size) if want_hidden else None
         chosen = self.model.greedy_chain([[seq.token_ids[-1]] for seq in seqs], [seq.num_computed for seq in seqs],
                                          [seq.block_table for seq in seqs], self.kv.cache, stop_tokens, banned_steps,
                                          steps, draws, hidden)

@@ -159,12 +159,12 @@ class DecoderForCausalLM(torch.nn.Module):
     def greedy_chain(self, feed: list[list[int]], positions: list[int], block_tables: list[list[int]],
                      cache: PagedKVCache, stop_tokens: list[list[int]], banned_steps: list[int],
                      steps: int, draws: kernels.ChainDraws | None = None,
-                     last_hidden: torch.Tensor | None = None) -> torch.Tensor | None:
+                     step_hidden: torch.Tensor | None = None) -> torch.Tensor | None:
         """Draft `steps` tokens greedily for each row in one native call: row r's cache lacks the tokens
         feed[r] (its newest token at least), the first at positions[r], and its slots for those and the
         drafts are reserved in block_tables[r]. Each step's argmax, with the row's stop_tokens at -inf in
         its first banned_steps[r] steps, is the next step's input (with `draws`, each row's draw as the sampler
-        makes it, their logprobs written there; last_hidden [R, hidden] receives the last step's final hidden
+        makes it, their logprobs written there; step_hidden [steps, R, hidden] receives every step's final hidden
         states). -> [steps, R]; None where the one-call stack does not run."""
         if not self.greedy_chain_available():
             return None
@@ -180,7 +180,7 @@ class DecoderForCausalLM(torch.nn.Module):
                                     cos.squeeze(1), sin.squeeze(1), banned.view(rows, banned_width), banned_steps)
         shape, layers = self._native_stack(cache)
         return kernels.decoder_greedy_chain(shape, layers, self.embed, self.final_norm, self.lm_head.linear_weights(),
-                                            self.vocab_size, chain, draws, last_hidden)
+                                            self.vocab_size, chain, draws, step_hidden)
 
     def compute_logits(self, hidden):
         spec = self.spec

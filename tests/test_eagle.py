@@ -398,13 +398,21 @@ def test_smollm2_with_its_shipped_head_is_identical_and_accepts():
     assert any(verdict.rows[:1] in ([2], [3]) for verdict in verdicts)     # a second or third draw kept
 
 
-def test_an_eagle_engine_never_chains_its_plain_steps(llama_dir, eagle_dir):
-    """EAGLE's draft reads the target's features of every token, which steps chained in one call
-    (decoding/multi_step.py) do not produce: an EAGLE engine's plain steps stay single, its tokens plain
-    decoding's."""
-    engine = eagle_engine(llama_dir, eagle_dir, speculative_disable_by_batch_size=1)
-    assert engine.multi_step is None
-    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+def test_steps_chained_while_eagle_is_off_give_its_draft_every_feature(llama_dir, eagle_dir):
+    """Above speculative_disable_by_batch_size the engine chains plain decode steps (decoding/multi_step.py)
+    and hands the draft the target's features of every token they made: once the batch shrinks and EAGLE
+    proposes again, its proposals are those of an engine that took every step singly, and so are the
+    tokens."""
+    params = [SamplingParams(max_tokens=9, temperature=0, ignore_eos=True),
+              SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)]
+    runs = []
+    for decode_steps in (8, 1):
+        engine = eagle_engine(llama_dir, eagle_dir, speculative_disable_by_batch_size=1, decode_steps=decode_steps)
+        proposals = recorded_proposals(engine)
+        outputs = engine.generate([PROMPTS[0], PROMPTS[1]], params)
+        runs.append((engine, [o.outputs[0].token_ids for o in outputs], [p.token_ids for p in proposals]))
+    (chained, tokens, proposals), (single, single_tokens, single_proposals) = runs
+    assert chained.multi_step.num_calls > 0 and proposals
+    assert (tokens, proposals) == (single_tokens, single_proposals)
     plain = Engine(model=llama_dir, show_progress=False, num_kv_blocks=256, block_size=4, decode_steps=1)
-    assert [o.outputs[0].token_ids for o in engine.generate(PROMPTS[:2], params)] == \
-           [o.outputs[0].token_ids for o in plain.generate(PROMPTS[:2], params)]
+    assert tokens == [o.outputs[0].token_ids for o in plain.generate([PROMPTS[0], PROMPTS[1]], params)]

@@ -128,16 +128,12 @@ class SpeculativeDecoding:
             if not chain.seq.is_finished:
                 self.proposer.observe(chain.seq, logits.chunk_hidden[chain.seq.seq_id][[0, *verdict.rows]])
 
-    def observe_chained(self, seqs: list[Sequence], last_hidden: torch.Tensor) -> None:
-        """After several plain steps in one call, hand the proposer each unfinished sequence's newest hidden
-        state (the one that produced its last token)."""
+    def observe_chained(self, seqs: list[Sequence], hidden: torch.Tensor) -> None:
+        """After several plain steps in one call, hand the proposer each unfinished sequence's hidden states
+        [steps, hidden] before its `steps` newest tokens (an unfinished sequence took every step's token)."""
         for row, seq in enumerate(seqs):
             if not seq.is_finished:
-                self.proposer.observe(seq, last_hidden[row : row + 1])
-
-    @property
-    def follows_chained_steps(self) -> bool:
-        return self.proposer.follows_chained_steps
+                self.proposer.observe(seq, hidden[:, row])
 
     def drafts(self, chains: list[ScheduledSeq]) -> list[tuple[Sequence, Proposal]]:
         """Each chain's sequence and the proposal it carries (for the step's grammar masks)."""

@@ -46,7 +46,6 @@ class DraftState:
 
 class DraftModelProposer:
     wants_hidden_states = False
-    follows_chained_steps = True
 
     def __init__(self, loaded: LoadedModel, num_tokens: int, num_blocks: int, block_size: int, sampler: Sampler,
                  eos_token_ids: frozenset[int]):

@@ -100,7 +100,6 @@ class _Growth:
 
 class EagleProposer:
     wants_hidden_states = True
-    follows_chained_steps = False
 
     def __init__(self, draft: EagleDraft, num_blocks: int, block_size: int, sampler: Sampler,
                  eos_token_ids: frozenset[int], vocab_size: int, device: torch.device, tree: EagleTree | None = None,

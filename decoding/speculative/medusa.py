@@ -41,7 +41,6 @@ def tree_parents(choices: tuple[tuple[int, ...], ...]) -> tuple[int, ...]:
 
 class MedusaProposer:
     wants_hidden_states = True
-    follows_chained_steps = True
 
     def __init__(self, heads: MedusaHeads, choices=None, weights: str = "q8_0"):
         self.choices = tuple(tuple(int(i) for i in path) for path in (choices or heads.choices or DEFAULT_CHOICES))

@@ -12,7 +12,6 @@ from decoding.speculative.proposer import Proposal
 
 class NgramProposer:
     wants_hidden_states = False
-    follows_chained_steps = True
 
     def __init__(self, num_tokens: int, max_ngram: int = 4, min_ngram: int = 2):
         if not 1 <= min_ngram <= max_ngram:

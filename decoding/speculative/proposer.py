@@ -108,14 +108,9 @@ class Proposer(Protocol):
         """Forget everything held for `seq` (it finished, was aborted or preempted)."""
 
     # Proposers that read the target's final hidden states (Medusa, EAGLE) set this; the engine then hands
-    # them, every step, the hidden states that produced each sequence's new tokens through `observe`.
+    # them, every step, the hidden states that produced each sequence's new tokens through `observe`, those
+    # of plain steps chained in one call (decoding/multi_step.py) included.
     wants_hidden_states: bool
-
-    # Whether the proposer keeps up when the engine runs several plain decode steps in one call
-    # (decoding/multi_step.py) in steps it does not speculate: it then sees the new tokens, and at most the
-    # newest hidden state through `observe`. A draft model catches up on the tokens, prompt lookup reads
-    # them, Medusa's heads read the newest state only; EAGLE's draft reads every token's features.
-    follows_chained_steps: bool
 
     def observe(self, seq: Sequence, hidden: torch.Tensor) -> None:
         """hidden [n, hidden_size]: the target's final hidden states at the positions before seq's n newest

@@ -139,8 +139,8 @@ typedef struct {
  * after setting the row's banned tokens to -inf in its first banned_steps[row] steps (a request's stop
  * tokens below its min_tokens); with `sampling` (not NULL) each row draws instead as sample_rows does, from the
  * banned logits. Every token attends as a decode row, as the per-step path's short chains do, so the logits are
- * those of the per-step path bit for bit, and so are the tokens and logprobs. last_hidden (not NULL) [rows,
- * hidden] receives the last step's final hidden states (what a Medusa proposer reads next).
+ * those of the per-step path bit for bit, and so are the tokens and logprobs. step_hidden (not NULL) [steps,
+ * rows, hidden] receives every step's final hidden states (what Medusa's heads and an EAGLE draft read).
  *   feed          step 0's tokens and rows (above)
  *   rows_meta     slots [steps - 1, rows], block tables [rows, max_blocks], context_lens [rows] at step 1
  *   cos, sin      [steps - 1, rows, head_dim]
@@ -150,7 +150,7 @@ void decoder_greedy_chain(const DecoderShape *s, const DecoderLayer *layers, int
                           const DecodeRows *rows_meta, const float *cos, const float *sin, const float *embed,
                           const float *final_norm, const LinearWeights *lm_head, int64_t vocab, int64_t rows, int64_t steps,
                           const int64_t *banned, int64_t max_banned, const int64_t *banned_steps,
-                          const ChainSampling *sampling, float *last_hidden, float *scratch, int64_t *out) {
+                          const ChainSampling *sampling, float *step_hidden, float *scratch, int64_t *out) {
     const int64_t hidden = s->hidden, d = s->head_dim;
     const int64_t width = feed->count > rows ? feed->count : rows;
     int64_t *context = (int64_t *)scratch;           /* first: 8-byte aligned like the buffer */
@@ -175,6 +175,7 @@ void decoder_greedy_chain(const DecoderShape *s, const DecoderLayer *layers, int
                             sin + (step - 1) * rows * d, x, rows, NULL, -1, final_norm, stack_scratch, h);
             for (int64_t r = 0; r < rows; ++r) context[r] += 1;
         }
+        if (step_hidden != NULL) memcpy(step_hidden + step * rows * hidden, h, sizeof(float) * rows * hidden);
         linear_product(h, rows, hidden, hidden, lm_head, vocab, NULL, NULL, logits);
         int64_t *chosen = out + step * rows;
         /* A draw passes over its row two or three times (sample_rows spreads rows over the threads likewise). */
@@ -196,7 +197,6 @@ void decoder_greedy_chain(const DecoderShape *s, const DecoderLayer *layers, int
             chosen[r] = best;
         }
     }
-    if (last_hidden != NULL) memcpy(last_hidden, h, sizeof(float) * rows * hidden);
 }
 
 /* Floats of scratch decoder_greedy_chain needs. */

@@ -131,10 +131,10 @@ class ChainDraws:
 
 def decoder_greedy_chain(shape: DecoderShape, layers: ctypes.Array, embed: torch.Tensor, final_norm: torch.Tensor,
                          lm_head: ctypes.Structure, vocab: int, chain: GreedyChain,
-                         draws: ChainDraws | None = None, last_hidden: torch.Tensor | None = None) -> torch.Tensor:
+                         draws: ChainDraws | None = None, step_hidden: torch.Tensor | None = None) -> torch.Tensor:
     """chain.slots.shape[0] + 1 tokens for each row in one call: every step the stack (see GreedyChain), the
     output head (a LinearWeights) and the argmax, or with `draws` each row's draw as sample_rows makes it;
-    last_hidden [R, hidden] (contiguous float32), when given, receives the last step's final hidden states.
+    step_hidden [steps, R, hidden] (contiguous float32), when given, receives every step's final hidden states.
     -> tokens [steps, R]."""
     later_steps, rows = chain.slots.shape
     num_feed = chain.feed_tokens.numel()
@@ -152,7 +152,8 @@ def decoder_greedy_chain(shape: DecoderShape, layers: ctypes.Array, embed: torch
     scratch = torch.empty(library.decoder_greedy_chain_scratch_floats(ctypes.byref(shape), rows, num_feed, vocab),
                           dtype=torch.float32)
     out = torch.empty(later_steps + 1, rows, dtype=torch.int64)
-    assert last_hidden is None or (last_hidden.shape == (rows, shape.hidden) and last_hidden.is_contiguous())
+    assert step_hidden is None or (step_hidden.shape == (later_steps + 1, rows, shape.hidden)
+                                   and step_hidden.is_contiguous())
     sampling = None
     if draws is not None:
         assert draws.uniforms.shape == draws.logprobs.shape == draws.raw_logprobs.shape == out.shape
@@ -162,6 +163,6 @@ def decoder_greedy_chain(shape: DecoderShape, layers: ctypes.Array, embed: torch
     library.decoder_greedy_chain(ctypes.byref(shape), layers, len(layers), ctypes.byref(feed), ctypes.byref(later),
                                  feed_cos + offset, feed_sin + offset, embed.data_ptr(), final_norm.data_ptr(),
                                  ctypes.byref(lm_head), vocab, rows, later_steps + 1, chain.banned.data_ptr(),
-                                 chain.banned.shape[1], chain.banned_steps.data_ptr(), sampling, _address(last_hidden),
+                                 chain.banned.shape[1], chain.banned_steps.data_ptr(), sampling, _address(step_hidden),
                                  scratch.data_ptr(), out.data_ptr())
     return out
