@@ -7,10 +7,10 @@ import torch
 
 from decoding import Engine, SamplingParams
 from models.eagle import EagleDraft, EagleTree
-from tiny_models import (PROMPTS, assert_lossless_sampling_follows_the_target,
-                         assert_quantized_speculation_is_plain_decoding, assert_same_steps_match,
-                         assert_seeded_speculation, assert_target_logprobs, hf_greedy, recorded_proposals,
-                         within_binomial_bounds)
+from tiny_models import (PROMPTS, assert_chained_steps_keep_the_proposer_in_step,
+                         assert_lossless_sampling_follows_the_target, assert_quantized_speculation_is_plain_decoding,
+                         assert_same_steps_match, assert_seeded_speculation, assert_target_logprobs, hf_greedy,
+                         recorded_proposals, within_binomial_bounds)
 
 NEW_TOKENS = 24
 
@@ -403,16 +403,4 @@ def test_steps_chained_while_eagle_is_off_give_its_draft_every_feature(llama_dir
     and hands the draft the target's features of every token they made: once the batch shrinks and EAGLE
     proposes again, its proposals are those of an engine that took every step singly, and so are the
     tokens."""
-    params = [SamplingParams(max_tokens=9, temperature=0, ignore_eos=True),
-              SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)]
-    runs = []
-    for decode_steps in (8, 1):
-        engine = eagle_engine(llama_dir, eagle_dir, speculative_disable_by_batch_size=1, decode_steps=decode_steps)
-        proposals = recorded_proposals(engine)
-        outputs = engine.generate([PROMPTS[0], PROMPTS[1]], params)
-        runs.append((engine, [o.outputs[0].token_ids for o in outputs], [p.token_ids for p in proposals]))
-    (chained, tokens, proposals), (single, single_tokens, single_proposals) = runs
-    assert chained.multi_step.num_calls > 0 and proposals
-    assert (tokens, proposals) == (single_tokens, single_proposals)
-    plain = Engine(model=llama_dir, show_progress=False, num_kv_blocks=256, block_size=4, decode_steps=1)
-    assert tokens == [o.outputs[0].token_ids for o in plain.generate([PROMPTS[0], PROMPTS[1]], params)]
+    assert_chained_steps_keep_the_proposer_in_step(lambda **options: eagle_engine(llama_dir, eagle_dir, **options))

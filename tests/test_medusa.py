@@ -13,10 +13,10 @@ from decoding.speculative.proposer import Proposal
 from models import kernels
 from models.loader import DEFAULT_MEDUSA_DIR
 from models.medusa import MedusaHeads
-from tiny_models import (PROMPTS, assert_lossless_sampling_follows_the_target,
-                         assert_quantized_speculation_is_plain_decoding, assert_same_steps_match,
-                         assert_seeded_speculation, assert_target_logprobs, hf_greedy, hf_logits,
-                         recorded_proposals)
+from tiny_models import (PROMPTS, assert_chained_steps_keep_the_proposer_in_step,
+                         assert_lossless_sampling_follows_the_target, assert_quantized_speculation_is_plain_decoding,
+                         assert_same_steps_match, assert_seeded_speculation, assert_target_logprobs, hf_greedy,
+                         hf_logits, recorded_proposals)
 
 NEW_TOKENS = 24
 CHOICES = ((0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0))
@@ -529,14 +529,4 @@ def test_steps_chained_while_medusa_is_off_leave_the_heads_the_newest_state(llam
     """Above speculative_disable_by_batch_size the engine chains plain decode steps (decoding/multi_step.py)
     and hands the heads each sequence's newest hidden state: once the batch shrinks and Medusa proposes
     again, its proposals are those of an engine that took every step singly, and so are the tokens."""
-    params = [SamplingParams(max_tokens=9, temperature=0, ignore_eos=True),
-              SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)]
-    runs = []
-    for decode_steps in (8, 1):
-        engine = medusa_engine(llama_dir, heads_dir, speculative_disable_by_batch_size=1, decode_steps=decode_steps)
-        proposals = recorded_proposals(engine)
-        outputs = engine.generate([PROMPTS[0], PROMPTS[1]], params)
-        runs.append((engine, [o.outputs[0].token_ids for o in outputs], [p.token_ids for p in proposals]))
-    (chained, tokens, proposals), (single, single_tokens, single_proposals) = runs
-    assert chained.multi_step.num_calls > 0 and proposals
-    assert (tokens, proposals) == (single_tokens, single_proposals)
+    assert_chained_steps_keep_the_proposer_in_step(lambda **options: medusa_engine(llama_dir, heads_dir, **options))

@@ -165,6 +165,24 @@ def assert_seeded_speculation(path: str, make_engine, prompt: list[int], params)
     assert_target_logprobs(path, prompt, first.outputs[0], params.temperature)
 
 
+def assert_chained_steps_keep_the_proposer_in_step(make_engine) -> None:
+    """Two requests on `make_engine(decode_steps=N)` with speculation off while both run
+    (speculative_disable_by_batch_size 1): chained plain steps (N = 8) leave the proposer where single
+    steps (N = 1) do, so once the shorter request ends and it proposes again, its proposals and the tokens
+    are the single-stepping engine's."""
+    params = [SamplingParams(max_tokens=9, temperature=0, ignore_eos=True),
+              SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)]
+    runs = []
+    for decode_steps in (8, 1):
+        engine = make_engine(speculative_disable_by_batch_size=1, decode_steps=decode_steps)
+        proposals = recorded_proposals(engine)
+        outputs = engine.generate([PROMPTS[0], PROMPTS[1]], params)
+        runs.append((engine, [o.outputs[0].token_ids for o in outputs], [p.token_ids for p in proposals]))
+    (chained, tokens, proposals), (_, single_tokens, single_proposals) = runs
+    assert chained.multi_step.num_calls > 0 and proposals
+    assert (tokens, proposals) == (single_tokens, single_proposals)
+
+
 def finished_together(engine, prompts: list, params: list) -> list:
     """Every request submitted at once (sharing the engine's steps), stepped to the end: their final
     RequestOutputs, in order."""
