@@ -84,6 +84,10 @@ def _eagle_proposer(cfg: EngineConfig, loaded: LoadedModel, sampler: Sampler, nu
                          "eagle_head (--eagle-head), trained with `gorgon train eagle`")
     draft = EagleDraft.load(folder, loaded.model, loaded.model.dtype, loaded.device, cfg.eagle_weights)
     tree = draft.tree
+    if loaded.quantization is not None and draft.quantized_tree is not None:
+        # Over quantized weights each verified row costs arithmetic, not only the weights' bytes (a 6-row
+        # verification of SmolLM2 at Q8_0 took 1.6x one row): the head's smaller tree for such targets.
+        tree = replace(draft.quantized_tree, drawn=tree.drawn)
     if cfg.eagle_tree:
         tree = EagleTree(*cfg.eagle_tree, drawn=tree.drawn)
     if cfg.eagle_drawn:

@@ -15,7 +15,9 @@ own answers (`training.eagle_distill`).
 
 Saved format (the EAGLE repositories' layout): `config.json` is the target's HF config with
 `num_hidden_layers` 1 and an `eagle` entry (`base_model_name_or_path`, `draft_vocab_size`, `projection`
-"output_head", `embedding` "model", the tuned `tree`); `model.safetensors` holds `fc.weight`, `fc.bias`,
+"output_head", `embedding` "model", the tuned `tree`, and optionally `quantized_tree`, the tree tuned for a
+target whose weights are quantized, where a verification row costs arithmetic as well as bytes);
+`model.safetensors` holds `fc.weight`, `fc.bias`,
 the layer as `layers.0.*` in the family's HF names, and `d2t`, EAGLE-3's map from draft index to target
 id (target id = index + d2t[index]).
 """
@@ -163,6 +165,7 @@ class EagleDraft(torch.nn.Module):
         self._column = torch.full((spec.vocab_size,), -1, dtype=torch.long)
         self._column[self.draft_vocab.cpu()] = torch.arange(self.draft_vocab.numel())
         self.tree = tree
+        self.quantized_tree: EagleTree | None = None     # the tree for a quantized target, where the head has one
         # What the runner's batch packing reads of a model.
         self.num_layers = 1
         self.num_kv_heads, self.head_dim = self.spec.num_kv_heads, self.spec.head_dim
@@ -232,6 +235,7 @@ class EagleDraft(torch.nn.Module):
             raise ValueError(f"{folder}: the draft vocabulary names tokens outside the model's {spec.vocab_size}")
         output_head = target.lm_head.weight_t.t()
         tree = EagleTree(**eagle.get("tree", {}))
+        quantized_tree = EagleTree(**eagle["quantized_tree"]) if "quantized_tree" in eagle else None
         with torch.inference_mode():
             draft = cls(spec, target.rotaries[spec.rope_kinds[0]] if spec.rope_kinds else target.rotary, target.embed,
                         output_head[draft_vocab.to(output_head.device)], draft_vocab, tree, dtype, device)
@@ -246,4 +250,5 @@ class EagleDraft(torch.nn.Module):
                     slot.copy_(state[name])
             if draft.native_ops and torch.device(device).type == "cpu" and dtype == torch.float32:
                 quantize_draft_products(draft, weights)
+        draft.quantized_tree = quantized_tree
         return draft.eval()

@@ -131,6 +131,15 @@ def test_a_head_that_does_not_fit_is_refused(llama_dir, eagle_dir, tmp_path):
     proposer = eagle_engine(llama_dir, str(folder), eagle_tree=(4, 3, 2)).speculation.proposer
     assert proposer.tree == EagleTree(4, 3, 2, drawn=(2, 1)) and proposer.max_tokens_per_step == 4
     assert eagle_engine(llama_dir, str(folder), eagle_drawn=(6, 3, 2)).speculation.proposer.max_tokens_per_step == 11
+    # A head's quantized_tree is the default over quantized weights only (keeping the drawn tree); eagle_tree
+    # still wins.
+    config["eagle"]["quantized_tree"] = {"nodes": 2, "depth": 2, "top_k": 1}
+    (folder / "config.json").write_text(json.dumps(config))
+    assert eagle_engine(llama_dir, str(folder)).speculation.proposer.tree == EagleTree(**config["eagle"]["tree"])
+    quantized = eagle_engine(llama_dir, str(folder), quantization="int8").speculation.proposer
+    assert quantized.tree == EagleTree(2, 2, 1, drawn=(2, 1))
+    assert eagle_engine(llama_dir, str(folder), quantization="int8", eagle_tree=(4, 3, 2)).speculation.proposer.tree \
+        == EagleTree(4, 3, 2, drawn=(2, 1))
 
 
 # ---- decoding ------------------------------------------------------------------------------------
@@ -376,7 +385,7 @@ def test_smollm2_with_its_shipped_head_is_identical_and_accepts():
     plain = Engine(model="smollm2", show_progress=False)
     eagle = Engine(model="smollm2", show_progress=False, speculative="eagle", speculative_adaptive=False)
     assert eagle.loaded.quantization == plain.loaded.quantization is not None      # the GGUF's own blocks
-    assert eagle.speculation.proposer.tree == EagleTree(5, 5, 2, 2, drawn=(3, 1, 1))
+    assert eagle.speculation.proposer.tree == EagleTree(3, 3, 2, 1, drawn=(3, 1, 1))     # the head's quantized_tree
     chats = [chat_prompt_ids(plain.tokenizer, text) for text in prompts("heldout")[:2]]
     params = SamplingParams(temperature=0, max_tokens=64)
     for got, expected in zip(eagle.generate(chats, params), plain.generate(chats, params)):
