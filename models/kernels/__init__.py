@@ -100,7 +100,6 @@ SIGNATURES = {
     "sample_rows": ([_PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR], None),
     "sample_rows_masked": ([_PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _PTR], None),
     "mask_rows_by_bits": ([_PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR], None),
-    "log_normalizers": ([_PTR, _I64, _I64, _PTR, _PTR], None),
     "log_softmax_rows": ([_PTR, _I64, _I64, _PTR, _PTR], None),
     "all_finite": ([_PTR, _I64], ctypes.c_int),
     "copy_transposed": ([_PTR, _I64, _I64, _I64, _PTR, _I64], None),
@@ -304,11 +303,7 @@ def raw_log_softmax(logits: torch.Tensor) -> torch.Tensor:
     library = _library()
     if library is None or logits.device.type != "cpu" or logits.dtype != torch.float32:
         return torch.log_softmax(logits, dim=-1)
-    logits = logits.contiguous()
-    rows, vocab = logits.shape
-    maxima, normalizers = torch.empty(rows), torch.empty(rows)
-    library.log_normalizers(logits.data_ptr(), rows, vocab, maxima.data_ptr(), normalizers.data_ptr())
-    return (logits - maxima.unsqueeze(1)) - normalizers.unsqueeze(1)
+    return log_softmax_at(logits, torch.ones(logits.shape[0]))
 
 
 def log_softmax_at(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor | None:

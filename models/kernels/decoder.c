@@ -10,8 +10,6 @@
  * last layer only the `keep` rows go on past attention (the others only had to write their keys and
  * values). The result is the final norm of the kept rows.
  */
-/* Without -ftrapping-math: first_argmax's max reduction vectorises on AVX2 too (see fused_ops.c). */
-#pragma GCC optimize("no-trapping-math")
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -109,18 +107,8 @@ void decoder_forward(const DecoderShape *s, const DecoderLayer *layers, int64_t 
     }
 }
 
-/* The first index of the row's maximum, as torch.argmax and the sampler's greedy rows pick it: the max as a
- * vector reduction, then the walk to its first occurrence (a scalar compare-and-index loop does not
- * vectorise: 45 us of a SmolLM2 step's 49,152 logits). */
-static int64_t first_argmax(const float *row, int64_t vocab) {
-    float max = -INFINITY;
-#pragma omp simd reduction(max : max)
-    for (int64_t v = 0; v < vocab; ++v) max = row[v] > max ? row[v] : max;
-    int64_t best = 0;
-    while (best < vocab - 1 && row[best] != max) ++best;
-    return best;
-}
-
+/* The first index of the row's maximum (sampling.c), as torch.argmax and the sampler's greedy rows pick it. */
+int64_t first_argmax(const float *x, int64_t vocab);
 void sample_one_row(const float *x, int64_t vocab, float temperature, float uniform, uint8_t greedy, uint8_t want_raw,
                     int64_t *token, float *logprob, float *raw_logprob);
 

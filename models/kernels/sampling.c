@@ -108,13 +108,20 @@ static float row_max(const float *restrict x, int64_t n) {
     return max;
 }
 
+/* The first index of the maximum, as torch.argmax picks: the greedy rows here and the decoder's greedy chains. */
+static int64_t first_maximum(const float *restrict x, int64_t vocab, float max) {
+    int64_t argmax = 0;
+    while (argmax < vocab - 1 && x[argmax] != max) ++argmax;
+    return argmax;
+}
+
+int64_t first_argmax(const float *x, int64_t vocab) { return first_maximum(x, vocab, row_max(x, vocab)); }
+
 static void sample_row(const float *restrict x, int64_t vocab, float temperature, float uniform, uint8_t greedy,
                        uint8_t want_raw, int64_t *token, float *logprob, float *raw_logprob) {
     const float max = row_max(x, vocab);
     if (greedy) {
-        int64_t argmax = 0;   /* the first maximum, as torch.argmax picks */
-        while (argmax < vocab - 1 && x[argmax] != max) ++argmax;
-        *token = argmax;
+        *token = first_maximum(x, vocab, max);
         *logprob = *raw_logprob = -log_sum_exp(x, vocab, max);
         return;
     }
@@ -221,21 +228,11 @@ void mask_rows_by_bits(float *logits, int64_t vocab, const int64_t *rows, int64_
     }
 }
 
-/* Per row, the max and log(sum(exp(x - max))) of the logits: a raw logprob is x[token] - max - lse, the
- * same arithmetic as sample_rows' raw_logprobs. */
-void log_normalizers(const float *logits, int64_t rows, int64_t vocab, float *max_out, float *lse_out) {
-#pragma omp parallel for num_threads(kernel_threads()) if (rows >= 4) schedule(static)
-    for (int64_t r = 0; r < rows; ++r) {
-        const float *x = logits + r * vocab;
-        max_out[r] = row_max(x, vocab);
-        lse_out[r] = log_sum_exp(x, vocab, max_out[r]);
-    }
-}
-
 /* out [rows, vocab]: every token's logprob under softmax(logits / temperature), per row at 1 /
  * inverse_temperature[r], as the draws above report the chosen token's (max, fixed-order sum of
  * exponentials, scaled_logprob), so a row scored here (speculative verification, top-N alternatives)
- * reports the bits a natively drawn row would. -inf logits (bans, refused tokens) stay -inf. */
+ * reports the bits a natively drawn row would; at temperature 1, every raw logprob the engine reports
+ * (x - max - log_sum_exp). -inf logits (bans, refused tokens) stay -inf. */
 void log_softmax_rows(const float *logits, int64_t rows, int64_t vocab, const float *inverse_temperature, float *out) {
 #pragma omp parallel for num_threads(kernel_threads()) if (rows >= 4) schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
