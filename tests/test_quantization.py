@@ -72,7 +72,8 @@ def _quantized_rows(x: torch.Tensor) -> torch.Tensor:
 
 @needs_kernel
 @pytest.mark.parametrize("name", BLOCK_FORMATS)
-@pytest.mark.parametrize("rows,in_features,out_features", [(1, 64, 16), (3, 80, 40), (13, 256, 200), (70, 96, 33)])
+@pytest.mark.parametrize("rows,in_features,out_features", [(1, 64, 16), (3, 80, 40), (13, 256, 200), (70, 96, 33),
+                                                         (133, 64, 24)])
 def test_quantized_product_matches_its_reference_and_every_row_is_its_own(name, rows, in_features, out_features):
     torch.manual_seed(rows * 7 + in_features)
     fmt = Q.FORMATS[name]

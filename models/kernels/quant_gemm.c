@@ -45,7 +45,7 @@ typedef __m512i ivec;
 typedef __m512 fvec;
 static inline ivec izero(void) { return _mm512_setzero_si512(); }
 static inline ivec iload(const uint8_t *p) { return _mm512_loadu_si512((const void *)p); }
-static inline ivec isub_scalar(ivec a, int32_t b) { return _mm512_sub_epi32(a, _mm512_set1_epi32(b)); }
+static inline ivec iset1(int32_t v) { return _mm512_set1_epi32(v); }
 static inline fvec fzero(void) { return _mm512_setzero_ps(); }
 static inline fvec fset1(float v) { return _mm512_set1_ps(v); }
 static inline fvec fmul(fvec a, fvec b) { return _mm512_mul_ps(a, b); }
@@ -56,7 +56,7 @@ static inline fvec load_scales(const uint8_t *p, int64_t bytes) {
     return bytes == 2 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)) : _mm512_loadu_ps((const float *)p);
 }
 /* vpdpbusd multiplies unsigned by signed bytes: the weights go in offset by 128 (w ^ 0x80 = w + 128), and
- * the 128 * sum(x) that adds is taken off the integer sum afterwards (I8_OFFSET). */
+ * the 128 * sum(x) that adds is taken off: the block's integer sum starts at -128 * sum(x) (I8_OFFSET). */
 #define I8_OFFSET 128
 typedef ivec i8prep;
 static inline i8prep prep_i8(ivec w) { return _mm512_xor_si512(w, _mm512_set1_epi8((char)0x80)); }
@@ -89,8 +89,12 @@ static inline i8prep prep_i8(ivec w) { return (i8prep){_mm256_sign_epi8(w, w), w
 static inline ivec madd_pairs(ivec unsigned_bytes, ivec signed_bytes) {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(unsigned_bytes, signed_bytes), _mm256_set1_epi16(1));
 }
+/* The empty asm keeps each sum one register added to in turn: left free, GCC reassociates a block's
+ * unrolled adds into a tree and spills every product to the stack first. */
 static inline ivec dot_i8(ivec acc, i8prep w, int32_t x4) {
-    return _mm256_add_epi32(acc, madd_pairs(w.magnitude, _mm256_sign_epi8(_mm256_set1_epi32(x4), w.sign)));
+    ivec sum = _mm256_add_epi32(acc, madd_pairs(w.magnitude, _mm256_sign_epi8(_mm256_set1_epi32(x4), w.sign)));
+    __asm__("" : "+x"(sum));
+    return sum;
 }
 /* One row against many weight vectors (batch-1 decode) turns the trick around: the row's |x| is the
  * unsigned operand and each weight takes x's sign, so the quad's magnitudes are made once for every
@@ -196,23 +200,46 @@ static inline ivec dot_u4(ivec acc, ivec w, int32_t x4) { return dot_bytes(acc, 
 
 #define HALVES (QPANEL / QV)
 
-/* x quantized per row: values [M][Kp] int8, scales [M][Kp / 32], sums of the values per 16 inputs. */
+/* x quantized per row (values int8 per input, a scale per 32 inputs, the values' sums per 16 inputs, and
+ * -I8_OFFSET times the sums per 16 and per 32 inputs), stored by groups of QMAX_ROWS rows, the rows a tile
+ * takes (the last group may hold fewer: `n` below): within a group every array runs input by input with
+ * the group's rows side by side (values [Kp / 4][n][4 bytes], scales [Kp / 32][n], ...). A tile then
+ * reaches all its rows' x through one pointer per array and constant offsets: with a pointer per row,
+ * eight rows kept more addresses than there are registers, and AVX-512's 8-row tile spent more
+ * instructions moving them in and out of vector registers than on its dot products. */
 typedef struct {
     const int8_t *values;
     const float *scales;
-    const int32_t *sums16;
-    int64_t Kp;
+    const int32_t *sums16, *offsets16, *offsets32;
+    int64_t Kp, M;
 } QuantRows;
 
-static inline int32_t x_quad(const QuantRows *x, int64_t row, int64_t k) {
+/* The rows of the group from row m on (m a group's first row). */
+static inline int64_t group_rows(const QuantRows *x, int64_t m) {
+    return x->M - m < QMAX_ROWS ? x->M - m : QMAX_ROWS;
+}
+
+/* Inputs [k, k + 4) of row m + r (k a multiple of 4), for the group from row m of n rows. Shifts, not
+ * divisions, of the non-negative indices: a signed division by a power of two costs a sign fix-up. */
+static inline int32_t x_quad(const QuantRows *x, int64_t m, int64_t n, int64_t r, int64_t k) {
     int32_t v;
-    memcpy(&v, x->values + row * x->Kp + k, 4);
+    memcpy(&v, x->values + m * x->Kp + k * n + 4 * r, 4);
     return v;
 }
 
-static inline int32_t x_block_sum(const QuantRows *x, int64_t row, int64_t k0, int64_t block) {
-    const int32_t *s = x->sums16 + row * (x->Kp / 16) + k0 / 16;
-    return block == 32 ? s[0] + s[1] : s[0];
+static inline float x_scale_at(const QuantRows *x, int64_t m, int64_t n, int64_t r, int64_t k0) {
+    return x->scales[m * (x->Kp >> 5) + (k0 >> 5) * n + r];
+}
+
+/* Per block of `block` (16 or 32) inputs from k0: the values' sum, and -I8_OFFSET times it. */
+static inline int32_t x_block_sum(const QuantRows *x, int64_t m, int64_t n, int64_t r, int64_t k0, int64_t block) {
+    const int32_t *s = x->sums16 + m * (x->Kp >> 4) + (k0 >> 4) * n + r;
+    return block == 32 ? s[0] + s[n] : s[0];
+}
+
+static inline int32_t x_block_offset(const QuantRows *x, int64_t m, int64_t n, int64_t r, int64_t k0, int64_t block) {
+    return block == 32 ? x->offsets32[m * (x->Kp >> 5) + (k0 >> 5) * n + r]
+                       : x->offsets16[m * (x->Kp >> 4) + (k0 >> 4) * n + r];
 }
 
 static inline int64_t block_bytes(const QuantSegment *s) {
@@ -234,33 +261,36 @@ static inline __attribute__((always_inline)) void quant_tile(const QuantRows *x,
         const int64_t k0 = b * B;
         const fvec scale = load_scales(block + half * QV * sb, sb);
         ivec sum[QMAX_ROWS];
-        for (int r = 0; r < R; ++r) sum[r] = izero();
         if (kind == QUANT_I8) {
-            const uint8_t *values = block + QPANEL * sb + half * QV * 4;
-            for (int q = 0; q < B / 4; ++q) {
-                const i8prep w = prep_i8(iload(values + q * 64));
-                for (int r = 0; r < R; ++r) sum[r] = dot_i8(sum[r], w, x_quad(x, m + r, k0 + 4 * q));
-            }
             for (int r = 0; r < R; ++r) {
 #if I8_OFFSET
-                sum[r] = isub_scalar(sum[r], I8_OFFSET * x_block_sum(x, m + r, k0, B));
+                sum[r] = iset1(x_block_offset(x, m, R, r, k0, B));
+#else
+                sum[r] = izero();
 #endif
-                const float x_scale = x->scales[(m + r) * (x->Kp / XBLOCK) + k0 / XBLOCK];
-                acc[r] = ffma(fcvt(sum[r]), fmul(scale, fset1(x_scale)), acc[r]);
             }
+            const uint8_t *values = block + QPANEL * sb + half * QV * 4;
+#pragma GCC unroll 8
+            for (int q = 0; q < B / 4; ++q) {
+                const i8prep w = prep_i8(iload(values + q * 64));
+                for (int r = 0; r < R; ++r) sum[r] = dot_i8(sum[r], w, x_quad(x, m, R, r, k0 + 4 * q));
+            }
+            for (int r = 0; r < R; ++r)
+                acc[r] = ffma(fcvt(sum[r]), fmul(scale, fset1(x_scale_at(x, m, R, r, k0))), acc[r]);
         } else {
+            for (int r = 0; r < R; ++r) sum[r] = izero();
             const fvec mins = load_scales(block + QPANEL * sb + half * QV * sb, sb);
             const uint8_t *values = block + 2 * QPANEL * sb + half * QV * 4;
             for (int o = 0; o < B / 8; ++o) {
                 const ivec packed = iload(values + o * 64);
                 const ivec low = lo_nibbles(packed), high = hi_nibbles(packed);
                 for (int r = 0; r < R; ++r)
-                    sum[r] = dot_u4(dot_u4(sum[r], low, x_quad(x, m + r, k0 + 8 * o)), high,
-                                    x_quad(x, m + r, k0 + 8 * o + 4));
+                    sum[r] = dot_u4(dot_u4(sum[r], low, x_quad(x, m, R, r, k0 + 8 * o)), high,
+                                    x_quad(x, m, R, r, k0 + 8 * o + 4));
             }
             for (int r = 0; r < R; ++r) {
-                const float x_scale = x->scales[(m + r) * (x->Kp / XBLOCK) + k0 / XBLOCK];
-                const float x_sum = (float)x_block_sum(x, m + r, k0, B);
+                const float x_scale = x_scale_at(x, m, R, r, k0);
+                const float x_sum = (float)x_block_sum(x, m, R, r, k0, B);
                 acc[r] = ffma(fcvt(sum[r]), fmul(scale, fset1(x_scale)), acc[r]);
                 acc[r] = ffma(mins, fset1(x_scale * x_sum), acc[r]);
             }
@@ -312,11 +342,11 @@ static inline __attribute__((always_inline)) void quant_row_both_halves(const Qu
         const int64_t k0 = b * B;
         ivec sum[2] = {izero(), izero()};
         for (int q = 0; q < B / 4; ++q) {
-            const XQuad x4 = x_quad_broadcast(x_quad(x, m, k0 + 4 * q));
+            const XQuad x4 = x_quad_broadcast(x_quad(x, m, 1, 0, k0 + 4 * q));
             for (int half = 0; half < 2; ++half)
                 sum[half] = dot_i8_signed_by_x(sum[half], iload(values + q * 64 + half * QV * 4), x4);
         }
-        const float x_scale = x->scales[m * (x->Kp / XBLOCK) + k0 / XBLOCK];
+        const float x_scale = x_scale_at(x, m, 1, 0, k0);
         for (int half = 0; half < 2; ++half)
             acc[half] = ffma(fcvt(sum[half]), fmul(load_scales(block + half * QV * sb, sb), fset1(x_scale)), acc[half]);
     }
@@ -345,12 +375,20 @@ static const QuantTile *tiles_for(const QuantSegment *s) {
     return s->block == 16 ? I8_16_TILES : I8_TILES;
 }
 
-/* Quantize rows [m0, m1) of x: per block of 32 inputs (zero past K) scale = max |x| / 127, values =
- * round(x * 127 / max |x|). */
-static void quantize_rows(const float *x, int64_t K, int64_t ldx, int64_t m0, int64_t m1, int8_t *values,
-                          float *scales, int32_t *sums16, int64_t Kp) {
+/* Quantize rows [m0, m1) of x into `rows` (its layout above): per block of 32 inputs (zero past K)
+ * scale = max |x| / 127, values = round(x * 127 / max |x|). */
+static void quantize_rows(const float *x, int64_t K, int64_t ldx, int64_t m0, int64_t m1, const QuantRows *rows) {
+    const int64_t Kp = rows->Kp;
     for (int64_t m = m0; m < m1; ++m) {
         const float *row = x + m * ldx;
+        const int64_t first_row = m - m % QMAX_ROWS, n = group_rows(rows, first_row), r = m - first_row;
+        int8_t *values = (int8_t *)rows->values + first_row * Kp;
+        float *scales = (float *)rows->scales + first_row * (Kp / XBLOCK);
+        int32_t *sums16 = (int32_t *)rows->sums16 + first_row * (Kp / 16);
+#if I8_OFFSET
+        int32_t *offsets16 = (int32_t *)rows->offsets16 + first_row * (Kp / 16);
+        int32_t *offsets32 = (int32_t *)rows->offsets32 + first_row * (Kp / 32);
+#endif
         for (int64_t k0 = 0; k0 < Kp; k0 += XBLOCK) {
             float block[XBLOCK], amax = 0.0f;
             for (int64_t j = 0; j < XBLOCK; ++j) block[j] = k0 + j < K ? row[k0 + j] : 0.0f;
@@ -363,7 +401,8 @@ static void quantize_rows(const float *x, int64_t K, int64_t ldx, int64_t m0, in
                 amax = magnitude > amax ? magnitude : amax;
             }
             const float inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
-            int8_t *out = values + m * Kp + k0;
+            /* A group of one row is the row's values in order: written in place. */
+            int8_t spread[XBLOCK], *out = n == 1 ? values + k0 : spread;
             int32_t first = 0, second = 0;
 #pragma omp simd
             for (int64_t j = 0; j < XBLOCK; ++j) out[j] = (int8_t)__builtin_rintf(block[j] * inverse);
@@ -371,9 +410,16 @@ static void quantize_rows(const float *x, int64_t K, int64_t ldx, int64_t m0, in
                 if (j < 16) first += out[j];
                 else second += out[j];
             }
-            scales[m * (Kp / XBLOCK) + k0 / XBLOCK] = amax / 127.0f;
-            sums16[m * (Kp / 16) + k0 / 16] = first;
-            sums16[m * (Kp / 16) + k0 / 16 + 1] = second;
+            if (n > 1)
+                for (int64_t q = 0; q < XBLOCK / 4; ++q) memcpy(values + ((k0 / 4 + q) * n + r) * 4, out + 4 * q, 4);
+            scales[k0 / XBLOCK * n + r] = amax / 127.0f;
+            sums16[k0 / 16 * n + r] = first;
+            sums16[(k0 / 16 + 1) * n + r] = second;
+#if I8_OFFSET
+            offsets16[k0 / 16 * n + r] = -I8_OFFSET * first;
+            offsets16[(k0 / 16 + 1) * n + r] = -I8_OFFSET * second;
+            offsets32[k0 / 32 * n + r] = -I8_OFFSET * (first + second);
+#endif
         }
     }
 }
@@ -404,6 +450,8 @@ static void finish_tile(const float *lanes, int64_t R, int64_t m, int64_t col, i
 
 /* Rows per block of the product: the block's quantized x stays in L2 while the panels pass. */
 #define QUANT_ROW_BLOCK 64
+/* Tiles start at the first row of x's groups (quantize_rows) and take the group's rows. */
+_Static_assert(QUANT_ROW_BLOCK % QMAX_ROWS == 0, "a row block is whole groups of rows");
 
 /* The panel units of a product: every panel of every segment, in order, each thread taking a contiguous
  * range; unit u's segment and panel come from the segments' first units. */
@@ -455,19 +503,21 @@ static void multiply_units(const LinearWeights *w, const Units *u, const QuantRo
     }
 }
 
-static QuantRows rows_in(uint8_t *memory, int64_t M, int64_t Kp) {
-    return (QuantRows){(const int8_t *)memory, (const float *)(memory + M * Kp),
-                       (const int32_t *)(memory + M * Kp + M * (Kp / XBLOCK) * 4), Kp};
-}
+/* The arrays of M rows' quantized x in one buffer of M * quant_row_bytes(Kp) bytes. */
+static int64_t quant_row_bytes(int64_t Kp) { return Kp + (Kp / XBLOCK) * 4 + 2 * (Kp / 16) * 4 + (Kp / 32) * 4; }
 
-static void quantize_into(const QuantRows *rows, const float *x, int64_t K, int64_t ldx, int64_t m0, int64_t m1) {
-    quantize_rows(x, K, ldx, m0, m1, (int8_t *)rows->values, (float *)rows->scales, (int32_t *)rows->sums16, rows->Kp);
+static QuantRows rows_in(uint8_t *memory, int64_t M, int64_t Kp) {
+    const int8_t *values = (const int8_t *)memory;
+    const float *scales = (const float *)(memory + M * Kp);
+    const int32_t *sums16 = (const int32_t *)(scales + M * (Kp / XBLOCK));
+    const int32_t *offsets16 = sums16 + M * (Kp / 16), *offsets32 = offsets16 + M * (Kp / 16);
+    return (QuantRows){values, scales, sums16, offsets16, offsets32, Kp, M};
 }
 
 static void quant_product(const LinearWeights *w, const float *x, int64_t M, int64_t K, int64_t ldx, int64_t N,
                           const float *bias, const float *residual, float *y) {
     const int64_t Kp = (K + XBLOCK - 1) / XBLOCK * XBLOCK;
-    const int64_t row_bytes = Kp + (Kp / XBLOCK) * 4 + (Kp / 16) * 4;
+    const int64_t row_bytes = quant_row_bytes(Kp);
     const Units u = units_of(w, Kp);
     const int64_t total = u.first_unit[w->segments];
     const int threads = M * K * N >= (1 << 15) ? kernel_threads() : 1;
@@ -484,10 +534,10 @@ static void quant_product(const LinearWeights *w, const float *x, int64_t M, int
             uint8_t *mine = rows_memory(M * row_bytes + 64);
             if (mine == NULL) abort();
             rows = rows_in(mine, M, Kp);
-            quantize_into(&rows, x, K, ldx, 0, M);
+            quantize_rows(x, K, ldx, 0, M, &rows);
         } else {
             rows = rows_in(shared, M, Kp);
-            quantize_into(&rows, x, K, ldx, M * me / count, M * (me + 1) / count);
+            quantize_rows(x, K, ldx, M * me / count, M * (me + 1) / count, &rows);
 #pragma omp barrier
         }
         const int64_t u0 = total * me / count, u1 = total * (me + 1) / count;
