@@ -89,8 +89,16 @@ class LlamaCppServer:
         self._complete(prompt, 1, 0.0, 0)
 
     def greedy(self, prompt: list[int], new_tokens: int) -> str:
-        """The text of new_tokens greedy tokens (the server answers text; the parent compares texts)."""
+        """The text of new_tokens greedy tokens (what the timed runs ask for)."""
         return self._complete(prompt, new_tokens, 0.0, 0)["choices"][0]["text"]
+
+    def greedy_ids(self, prompt: list[int], new_tokens: int) -> list[int]:
+        """The token ids of new_tokens greedy tokens, read from the answer's logprobs (text re-encoded is
+        not always the same tokens), for the agreement check only: asking for logprobs costs time."""
+        answer = self.server.handle_completions({"prompt": prompt, "n_predict": new_tokens, "temperature": 0.0,
+                                                 "ignore_eos": True, "cache_prompt": False, "top_k": 0,
+                                                 "top_p": 1.0, "min_p": 0.0, "n_probs": 1})
+        return [entry["id"] for entry in answer["choices"][0]["logprobs"]["content"]]
 
     def sample(self, prompts: list[list[int]], new_tokens: int, n: int, seed: int) -> int:
         """n samples of every prompt, all in flight together (the server batches its slots)."""
