@@ -44,3 +44,19 @@ def test_a_peer_in_its_own_process_answers_timed_calls(llama_dir):
             peer.timed("greedy", [10**9], 4)     # a token id outside the vocabulary
     finally:
         peer.close()
+
+
+def test_greedy_agreement_reads_first_tokens_and_leading_runs(llama_dir):
+    """The decode entry's agreement report: two engines that compute the same tokens agree on every first
+    token and on whole chat answers (the report's own arithmetic, with a peer that does)."""
+    from benchmarks.peers import (AGREEMENT_CHAT_PROMPTS, AGREEMENT_RANDOM_PROMPTS, GorgonSide, PeerProcess,
+                                  _greedy_agreement)
+
+    ours = GorgonSide(llama_dir, torch.get_num_threads())
+    peer = PeerProcess("ctranslate2", llama_dir, torch.get_num_threads())
+    try:
+        agreement = _greedy_agreement(ours, peer, ours.engine.loaded.model.vocab_size, 6)
+    finally:
+        peer.close()
+    assert agreement["first_token_agreement"] == f"{AGREEMENT_RANDOM_PROMPTS}/{AGREEMENT_RANDOM_PROMPTS}"
+    assert agreement["chat_leading_tokens"] == [6] * AGREEMENT_CHAT_PROMPTS     # the tiny tokenizer has a chat template
