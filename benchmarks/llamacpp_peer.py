@@ -79,11 +79,11 @@ class LlamaCppServer:
         params.verbosity = -1
         self.server = xllamacpp.Server(params)
 
-    def _complete(self, prompt: list[int], new_tokens: int, temperature: float, seed: int) -> dict:
+    def _complete(self, prompt: list[int], new_tokens: int, temperature: float, seed: int, **extra) -> dict:
         # cache_prompt off: each call computes its prompt, as each of Gorgon's does with fresh prompts
         return self.server.handle_completions({"prompt": prompt, "n_predict": new_tokens, "temperature": temperature,
                                                "seed": seed, "ignore_eos": True, "cache_prompt": False,
-                                               "top_k": 0, "top_p": 1.0, "min_p": 0.0})
+                                               "top_k": 0, "top_p": 1.0, "min_p": 0.0, **extra})
 
     def first_token(self, prompt: list[int]) -> None:
         self._complete(prompt, 1, 0.0, 0)
@@ -95,9 +95,7 @@ class LlamaCppServer:
     def greedy_ids(self, prompt: list[int], new_tokens: int) -> list[int]:
         """The token ids of new_tokens greedy tokens, read from the answer's logprobs (text re-encoded is
         not always the same tokens), for the agreement check only: asking for logprobs costs time."""
-        answer = self.server.handle_completions({"prompt": prompt, "n_predict": new_tokens, "temperature": 0.0,
-                                                 "ignore_eos": True, "cache_prompt": False, "top_k": 0,
-                                                 "top_p": 1.0, "min_p": 0.0, "n_probs": 1})
+        answer = self._complete(prompt, new_tokens, 0.0, 0, n_probs=1)
         return [entry["id"] for entry in answer["choices"][0]["logprobs"]["content"]]
 
     def sample(self, prompts: list[list[int]], new_tokens: int, n: int, seed: int) -> int:

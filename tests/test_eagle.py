@@ -412,4 +412,4 @@ def test_steps_chained_while_eagle_is_off_give_its_draft_every_feature(llama_dir
     and hands the draft the target's features of every token they made: once the batch shrinks and EAGLE
     proposes again, its proposals are those of an engine that took every step singly, and so are the
     tokens."""
-    assert_chained_steps_keep_the_proposer_in_step(lambda **options: eagle_engine(llama_dir, eagle_dir, **options))
+    assert_chained_steps_keep_the_proposer_in_step(llama_dir, lambda **options: eagle_engine(llama_dir, eagle_dir, **options))

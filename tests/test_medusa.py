@@ -529,4 +529,4 @@ def test_steps_chained_while_medusa_is_off_leave_the_heads_the_newest_state(llam
     """Above speculative_disable_by_batch_size the engine chains plain decode steps (decoding/multi_step.py)
     and hands the heads each sequence's newest hidden state: once the batch shrinks and Medusa proposes
     again, its proposals are those of an engine that took every step singly, and so are the tokens."""
-    assert_chained_steps_keep_the_proposer_in_step(lambda **options: medusa_engine(llama_dir, heads_dir, **options))
+    assert_chained_steps_keep_the_proposer_in_step(llama_dir, lambda **options: medusa_engine(llama_dir, heads_dir, **options))

@@ -165,11 +165,11 @@ def assert_seeded_speculation(path: str, make_engine, prompt: list[int], params)
     assert_target_logprobs(path, prompt, first.outputs[0], params.temperature)
 
 
-def assert_chained_steps_keep_the_proposer_in_step(make_engine) -> None:
+def assert_chained_steps_keep_the_proposer_in_step(path: str, make_engine) -> None:
     """Two requests on `make_engine(decode_steps=N)` with speculation off while both run
     (speculative_disable_by_batch_size 1): chained plain steps (N = 8) leave the proposer where single
     steps (N = 1) do, so once the shorter request ends and it proposes again, its proposals and the tokens
-    are the single-stepping engine's."""
+    are the single-stepping engine's, and the tokens plain greedy decoding's of the model at `path`."""
     params = [SamplingParams(max_tokens=9, temperature=0, ignore_eos=True),
               SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)]
     runs = []
@@ -181,6 +181,8 @@ def assert_chained_steps_keep_the_proposer_in_step(make_engine) -> None:
     (chained, tokens, proposals), (_, single_tokens, single_proposals) = runs
     assert chained.multi_step.num_calls > 0 and proposals
     assert (tokens, proposals) == (single_tokens, single_proposals)
+    plain = Engine(model=path, show_progress=False, num_kv_blocks=256, block_size=4, decode_steps=1)
+    assert tokens == [o.outputs[0].token_ids for o in plain.generate([PROMPTS[0], PROMPTS[1]], params)]
 
 
 def finished_together(engine, prompts: list, params: list) -> list:

@@ -300,10 +300,8 @@ def raw_log_softmax(logits: torch.Tensor) -> torch.Tensor:
     x - max - log(sum(exp(x - max))) with sample_rows' own summation (torch's log_softmax where the
     native kernels do not run). Whichever path reports a raw logprob, and a trainer recomputing it
     (decoding/matched_forward.py), gets the same bits."""
-    library = _library()
-    if library is None or logits.device.type != "cpu" or logits.dtype != torch.float32:
-        return torch.log_softmax(logits, dim=-1)
-    return log_softmax_at(logits, torch.ones(logits.shape[0]))
+    native = log_softmax_at(logits, torch.ones(logits.shape[0]))
+    return native if native is not None else torch.log_softmax(logits, dim=-1)
 
 
 def log_softmax_at(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor | None:
