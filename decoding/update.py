@@ -18,6 +18,7 @@ from decoding.detokenizer import find_stop_string
 from decoding.outputs import RequestOutput
 from decoding.beam_requests import BeamStep
 from decoding.kv_cache_manager import KVCacheManager
+from models.kernels import MedusaChained
 from decoding.multi_step import ChainedSteps
 from decoding.runner import StepLogits
 from decoding.sampler import SamplerOutput
@@ -143,6 +144,27 @@ class StepUpdate:
                     grown[seq.request.req_id] = seq.request
             if step < len(chained.tokens) - 1:
                 reports += [RequestOutput.of(r) for r in grown.values() if r.stream and not r.is_finished]
+        return appended, reports
+
+    def apply_speculated_chain(self, seq: Sequence, chained: MedusaChained,
+                               logprobs: list[TokenLogprob | None]) -> tuple[int, list[RequestOutput]]:
+        """The tokens of several speculating rounds run in one call (decoding/speculative/medusa_chain.py):
+        the cache already holds every emitted token but the last, as after a verified step; they are
+        appended one by one (with their logprobs, None where not asked for) as the rounds' verdicts would
+        append them, until the sequence ends. A streamed
+        request is reported after each round but the last (end_step reports that one). -> the tokens
+        appended, and those reports."""
+        self.kv.roll_back(seq, seq.num_computed + len(chained.tokens))
+        appended, reports, first = 0, [], 0
+        for round_index, accepted in enumerate(chained.accepted):
+            for token, logprob in zip(chained.tokens[first : first + accepted + 1], logprobs[first : first + accepted + 1]):
+                self.append_token(seq, token, logprob)
+                appended += 1
+                if seq.is_finished:
+                    return appended, reports
+            first += accepted + 1
+            if round_index < len(chained.accepted) - 1 and seq.request.stream:
+                reports.append(RequestOutput.of(seq.request))
         return appended, reports
 
     def append_drawn(self, seqs: list[Sequence], drawn: SamplerOutput) -> None:

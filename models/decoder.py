@@ -182,6 +182,26 @@ class DecoderForCausalLM(torch.nn.Module):
         return kernels.decoder_greedy_chain(shape, layers, self.embed, self.final_norm, self.lm_head.linear_weights(),
                                             self.vocab_size, chain, draws, step_hidden)
 
+    def medusa_chain(self, heads: kernels.MedusaChainHeads, token: int, position: int, block_table: list[int],
+                     hidden: torch.Tensor, cache: PagedKVCache, stop_tokens: list[int], banned_tokens: int,
+                     max_tokens: int, max_rounds: int,
+                     draws: kernels.ChainDraws | None = None) -> kernels.MedusaChained | None:
+        """Up to max_rounds of Medusa's greedy speculating steps for one sequence in one native call
+        (models/kernels/medusa_chain.c): its newest token `token`, not in the cache yet, at `position`, the
+        final hidden state it came from, its block table with slots reserved for max_tokens plus the tree's
+        nodes past position; its stop_tokens at -inf while fewer than banned_tokens are emitted; with `draws`
+        (one row's, uniforms per token from here) each row draws as the sampler does instead of taking the
+        argmax. None where the one-call stack does not run."""
+        if not self.greedy_chain_available():
+            return None
+        cos, sin = self.rotary.tables(position + max_tokens + heads.max_depth + 1, self.dtype)
+        run = kernels.MedusaChainRun(token, position, torch.tensor(block_table, dtype=torch.int64), hidden.float(),
+                                     cos, sin, torch.tensor(stop_tokens, dtype=torch.int64), banned_tokens, max_tokens,
+                                     max_rounds, draws)
+        shape, layers = self._native_stack(cache)
+        return kernels.decoder_medusa_chain(shape, layers, self.embed, self.final_norm, self.lm_head.linear_weights(),
+                                            self.vocab_size, heads, run)
+
     def compute_logits(self, hidden):
         spec = self.spec
         return scale_logits(self.lm_head(hidden), spec.logits_multiplier, spec.logits_divisor, spec.final_softcap)

@@ -289,6 +289,12 @@ class RotaryEmbedding:
             self._tables[key] = cos, sin
         return cos.index_select(0, positions).unsqueeze(1), sin.index_select(0, positions).unsqueeze(1)
 
+    def tables(self, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin [L >= length, head_dim] of positions [0, L) on the CPU, whole (a native call
+        looks its rows up itself): the rows cos_sin selects, bit for bit."""
+        self.cos_sin(torch.tensor([length - 1]), dtype)
+        return self._tables[(torch.device("cpu"), dtype)]
+
     def _compute(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """[T, head_dim] each, the same arithmetic as HF's rotary embedding in float32."""
         freqs = positions.to(torch.float32)[:, None] * self.inv_freq.to(positions.device)[None, :]

@@ -529,4 +529,104 @@ def test_steps_chained_while_medusa_is_off_leave_the_heads_the_newest_state(llam
     """Above speculative_disable_by_batch_size the engine chains plain decode steps (decoding/multi_step.py)
     and hands the heads each sequence's newest hidden state: once the batch shrinks and Medusa proposes
     again, its proposals are those of an engine that took every step singly, and so are the tokens."""
-    assert_chained_steps_keep_the_proposer_in_step(llama_dir, lambda **options: medusa_engine(llama_dir, heads_dir, **options))
+    # About the Python proposer after chained plain steps: the native Medusa chain, which would take the
+    # lone request's speculating steps once the other ends, is off here (its own tests are below).
+    assert_chained_steps_keep_the_proposer_in_step(
+        llama_dir, lambda **options: without_native_chain(medusa_engine(llama_dir, heads_dir, **options)))
+
+
+def without_native_chain(engine: Engine) -> Engine:
+    engine.medusa_chain.available = False
+    return engine
+
+
+# ---- the native Medusa chain (decoding/speculative/medusa_chain.py) --------------------------------
+
+def test_native_chain_decodes_plain_greedy_with_the_python_steps_proposals(llama_dir, heads_dir):
+    """A lone greedy request's speculating steps run several to a call: the tokens are HF's greedy ones, the
+    rounds propose and keep what the engine's Python steps propose and keep (the same acceptance counts at
+    every depth), and every block comes back."""
+    runs = []
+    for native in (True, False):
+        engine = medusa_engine(llama_dir, heads_dir)
+        if not native:
+            without_native_chain(engine)
+        tokens = [engine.generate([prompt], SamplingParams(temperature=0, max_tokens=NEW_TOKENS,
+                                                           min_tokens=NEW_TOKENS))[0].outputs[0].token_ids
+                  for prompt in PROMPTS[:3]]
+        counters = engine.speculation.counters
+        runs.append((tokens, counters.num_drafts, counters.accepted_per_position))
+        assert engine.cache_usage().num_used_blocks == 0
+        if native:
+            assert engine.medusa_chain.num_calls > 0 and engine.medusa_chain.num_rounds > engine.medusa_chain.num_calls
+    assert runs[0] == runs[1]
+    assert runs[0][0] == [hf_greedy(llama_dir, prompt, NEW_TOKENS) for prompt in PROMPTS[:3]]
+
+
+@pytest.mark.skipif(not (DEFAULT_MEDUSA_DIR / "config.json").exists(), reason="the default heads are not built")
+def test_native_chain_keeps_what_the_python_steps_keep_with_trained_heads():
+    """With heads that guess right (the embedded model's), the rounds keep paths deeper than one node, so
+    the kept nodes' keys and values move in the cache; tokens and acceptance at every depth are the
+    Python steps', and the tokens plain greedy's."""
+    prompts = ["def fibonacci(n):", "import os\n\ndef main():\n", "The capital of France"]
+    params = SamplingParams(temperature=0, max_tokens=48, min_tokens=48)
+    runs = []
+    for native in (True, False):
+        engine = Engine(show_progress=False, speculative="medusa", speculative_adaptive=False)
+        if not native:
+            without_native_chain(engine)
+        tokens = [engine.generate([prompt], params)[0].outputs[0].token_ids for prompt in prompts]
+        counters = engine.speculation.counters
+        runs.append((tokens, counters.num_drafts, counters.accepted_per_position))
+    assert runs[0] == runs[1] and runs[0][2][1] > 0     # kept paths two nodes deep and more
+    plain = Engine(show_progress=False)
+    assert runs[0][0] == [plain.generate([prompt], params)[0].outputs[0].token_ids for prompt in prompts]
+
+
+@pytest.mark.parametrize("mode", ["processed", "raw"])
+def test_native_chain_samples_the_plain_tokens_and_logprobs(llama_dir, heads_dir, mode):
+    """A lone sampled request under exact acceptance: each round's rows draw as plain sampling draws at
+    their positions, so the chain emits plain sampling's tokens and logprobs, and keeps what the Python
+    steps keep."""
+    # ignore_eos rather than min_tokens: raw logprobs of rows with banned tokens are not drawn natively.
+    params = SamplingParams(temperature=0.8, seed=7, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=0,
+                            logprobs_mode=mode)
+    plain = Engine(model=llama_dir, show_progress=False, num_kv_blocks=256, block_size=4)
+    expected = [plain.generate([prompt], params)[0].outputs[0] for prompt in PROMPTS[:3]]
+    runs = []
+    for native in (True, False):
+        engine = medusa_engine(llama_dir, heads_dir)
+        if not native:
+            without_native_chain(engine)
+        outputs = [engine.generate([prompt], params)[0].outputs[0] for prompt in PROMPTS[:3]]
+        assert [o.token_ids for o in outputs] == [o.token_ids for o in expected]
+        assert [[lp.logprob for lp in o.logprobs] for o in outputs] == [[lp.logprob for lp in o.logprobs] for o in expected]
+        assert (engine.medusa_chain.num_calls > 0) == native
+        runs.append((engine.speculation.counters.num_drafts, engine.speculation.counters.accepted_per_position))
+    assert runs[0] == runs[1]
+
+
+def test_native_chain_ends_where_single_steps_end(llama_dir, heads_dir):
+    """Stop strings, stop tokens held back by min_tokens, and max_tokens reached inside a round end the
+    request where the Python steps end it, with the same text and finish reason; a streamed request gets
+    its tokens round by round."""
+    plain = Engine(model=llama_dir, show_progress=False, num_kv_blocks=256, block_size=4)
+    engine = medusa_engine(llama_dir, heads_dir)
+    greedy = plain.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=30))[0].outputs[0]
+    stop_token, stop_text = greedy.token_ids[5], greedy.text[6:9]
+    cases = [SamplingParams(temperature=0, max_tokens=30, stop=[stop_text]),
+             SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[stop_token], min_tokens=9),
+             SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[stop_token]),
+             SamplingParams(temperature=0, max_tokens=7)]
+    for params in cases:
+        [expected] = plain.generate([PROMPTS[0]], params)
+        [output] = engine.generate([PROMPTS[0]], params)
+        assert [(o.token_ids, o.text, o.finish_reason) for o in output.outputs] == \
+               [(o.token_ids, o.text, o.finish_reason) for o in expected.outputs]
+    assert engine.medusa_chain.num_calls > 0
+    assert engine.cache_usage().num_used_blocks == 0
+    request_id = engine.add_request(PROMPTS[1], SamplingParams(temperature=0, max_tokens=40, min_tokens=40))
+    chunks = []
+    while engine.has_unfinished_requests():
+        chunks += [len(out.outputs[0].token_ids) for out in engine.step() if out.request_id == request_id]
+    assert chunks[-1] == 40 and len(chunks) > 3 and chunks == sorted(chunks)

@@ -73,10 +73,10 @@ class SpeculativeDecoding:
     def end_step(self, sched: SchedulerOutput, chains: list[ScheduledSeq], verdicts: list[Verdict],
                  seconds: float, gained: int | None = None) -> None:
         """Tell the governor how a pure decode step went: the tokens its decoding sequences gained in
-        `seconds` (`gained`, else one each plus the accepted drafts). Steps with prompt chunks say nothing
-        about decoding speed and are not counted."""
+        `seconds` (`gained`, else one each plus the accepted drafts; given for chained steps, which verify
+        no chains here). Steps with prompt chunks say nothing about decoding speed and are not counted."""
         mode, self._step_mode = self._step_mode, None
-        if self.governor is None or mode is None or (mode[1] and not chains):
+        if self.governor is None or mode is None or (mode[1] and not chains and gained is None):
             return                  # (a step that meant to speculate but drafted nothing says nothing)
         if not all(item.draft_token_ids or (item.num_new_tokens == 1 and item.reaches_end) for item in sched.scheduled):
             return

@@ -58,6 +58,15 @@ class MedusaProposer:
         self.max_tokens_per_step = max(len(self.choices), heads.num_heads)
         self._hidden: dict[int, torch.Tensor] = {}
 
+    @property
+    def native_heads(self) -> NativeMedusaHeads | None:
+        """The heads on the native products, where those run (the native Medusa chain reads them)."""
+        return self._native
+
+    def hidden_of(self, seq: Sequence) -> torch.Tensor | None:
+        """The final hidden state the sequence's newest token came from, once observed."""
+        return self._hidden.get(seq.seq_id)
+
     def observe(self, seq: Sequence, hidden: torch.Tensor) -> None:
         self._hidden[seq.seq_id] = hidden[-1]           # the heads read the newest token's state only
 

@@ -14,7 +14,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#include "linear.h"
+#include "decoder.h"
 #include "threads.h"
 
 void rms_norm(const float *x, int64_t x_row_stride, const float *weight, float eps, float *out, int64_t rows,
@@ -31,27 +31,6 @@ void paged_decode_attention(const float *query, int64_t query_row_stride, const 
                             const int64_t *extra_counts, float *out, int64_t batch, int64_t num_heads,
                             int64_t num_kv_heads, int64_t head_dim, int64_t block_size, int64_t window, float scale,
                             float softcap, const float *sinks);
-
-/* The weights of one layer: norms as vectors, projections as linear_product reads them; a NULL bias is none, and
- * so are NULL q_norm and k_norm (per-head norms of the queries and keys before RoPE, as in Qwen3). */
-typedef struct {
-    const float *input_norm, *post_norm, *q_norm, *k_norm;
-    const LinearWeights *qkv, *o_proj, *gate_up, *down;
-    const float *qkv_bias, *o_bias, *gate_up_bias, *down_bias;
-    float *key_cache, *value_cache;   /* [num_blocks * block_size, num_kv_heads, head_dim] */
-    int64_t window;                   /* sliding window, 0 for none */
-} DecoderLayer;
-
-typedef struct {
-    int64_t hidden, intermediate, num_heads, num_kv_heads, head_dim, block_size;
-    float eps, scale;
-} DecoderShape;
-
-/* Where each token writes its key and value, and what it attends to (see paged_decode_attention). */
-typedef struct {
-    const int64_t *slots, *block_tables, *context_lens, *extra_positions, *extra_counts;
-    int64_t max_blocks, max_extra;
-} DecodeRows;
 
 /* Floats of scratch decoder_forward needs for `tokens` rows. */
 int64_t decoder_scratch_floats(const DecoderShape *s, int64_t tokens) {
@@ -107,8 +86,6 @@ void decoder_forward(const DecoderShape *s, const DecoderLayer *layers, int64_t 
     }
 }
 
-/* The first index of the row's maximum (sampling.c), as torch.argmax and the sampler's greedy rows pick it. */
-int64_t first_argmax(const float *x, int64_t vocab);
 void sample_one_row(const float *x, int64_t vocab, float temperature, float uniform, uint8_t greedy, uint8_t want_raw,
                     int64_t *token, float *logprob, float *raw_logprob);
 

@@ -166,3 +166,134 @@ def decoder_greedy_chain(shape: DecoderShape, layers: ctypes.Array, embed: torch
                                  chain.banned.shape[1], chain.banned_steps.data_ptr(), sampling, _address(step_hidden),
                                  scratch.data_ptr(), out.data_ptr())
     return out
+
+
+class _MedusaNativeHeads(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_void_p) for name in
+                ("first", "first_bias", "later", "later_bias", "projections", "vocab_map")]
+    _fields_ += [(name, ctypes.c_int64) for name in ("used", "layers", "num_projections", "draft_vocab")]
+
+
+class _MedusaTree(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_void_p) for name in ("parents", "depths", "ranks")]
+    _fields_ += [(name, ctypes.c_int64) for name in ("nodes", "top_k", "max_depth")]
+
+
+class _MedusaRun(ctypes.Structure):
+    _fields_ = [("token", ctypes.c_int64), ("position", ctypes.c_int64), ("block_table", ctypes.c_void_p),
+                ("max_blocks", ctypes.c_int64), ("hidden", ctypes.c_void_p), ("cos", ctypes.c_void_p),
+                ("sin", ctypes.c_void_p), ("banned", ctypes.c_void_p)]
+    _fields_ += [(name, ctypes.c_int64) for name in ("num_banned", "banned_tokens", "max_tokens", "max_rounds")]
+    _fields_ += [("uniforms", ctypes.c_void_p), ("temperature", ctypes.c_float), ("greedy", ctypes.c_uint8),
+                 ("want_raw", ctypes.c_uint8)]
+
+
+class _MedusaOutcome(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_void_p) for name in ("tokens", "accepted", "logprobs", "raw_logprobs", "hidden")]
+    _fields_ += [("emitted", ctypes.c_int64), ("rounds", ctypes.c_int64)]
+
+
+class MedusaChainHeads:
+    """Medusa's heads and candidate tree as decoder_medusa_chain reads them (medusa_chain.c), built once:
+    `first` the first ResBlock layer of every used head as one product (bias [used * hidden]), `later`
+    [layer - 1][head] the others (LinearWeights, bias or None), `projections` one shared or one per head,
+    `vocab_map` the projection rows' token ids (None: the rows are token ids); the tree as `parents` (-1:
+    the newest token), depths (1..) and ranks per node. The weights' tensors must outlive it."""
+
+    def __init__(self, first: ctypes.Structure, first_bias: torch.Tensor, later: list[list[tuple]],
+                 projections: list[ctypes.Structure], vocab_map: torch.Tensor | None, draft_vocab: int,
+                 parents: list[int], depths: list[int], ranks: list[int]):
+        self._first = first
+        self._first_bias = first_bias.contiguous()
+        flat = [entry for layer in later for entry in layer]
+        self._later = (type(first) * max(len(flat), 1))(*(weights for weights, _ in flat))
+        self._later_bias = (ctypes.c_void_p * max(len(flat), 1))(*(_address(bias) for _, bias in flat))
+        self._projections = (type(first) * len(projections))(*projections)
+        self._vocab_map = None if vocab_map is None else vocab_map.to(torch.int64).contiguous()
+        self.top_k = max(ranks) + 1
+        if self.top_k > 64:
+            raise ValueError(f"the native Medusa chain takes ranks below 64, the tree asks for {self.top_k}")
+        self._tree = torch.tensor([parents, depths, ranks], dtype=torch.int64)
+        self.max_depth = max(depths)
+        used = self.max_depth       # the heads the tree reaches, as many as the first product's parts
+        self.heads = _MedusaNativeHeads(ctypes.addressof(self._first), self._first_bias.data_ptr(),
+                                        ctypes.addressof(self._later), ctypes.addressof(self._later_bias),
+                                        ctypes.addressof(self._projections), _address(self._vocab_map),
+                                        used, len(later) + 1, len(projections), draft_vocab)
+        self.tree = _MedusaTree(self._tree[0].data_ptr(), self._tree[1].data_ptr(), self._tree[2].data_ptr(),
+                                len(parents), self.top_k, self.max_depth)
+
+
+@dataclass
+class MedusaChainRun:
+    """One greedy sequence for decoder_medusa_chain: its newest token (not in the cache yet) at `position`,
+    its block table (int64, slots reserved for max_tokens + the tree's nodes past position), the final hidden
+    state [hidden] its newest token came from, the rotary tables cos / signed_sin [positions, head_dim]
+    (past position + max_tokens + the tree's depth), its stop tokens (int64) at -inf while fewer than
+    banned_tokens have been emitted, and how many tokens and rounds at most. With `draws`, each row draws as
+    sample_rows does (ChainDraws' rule for one row: temperature [1], greedy and want_raw [1], uniforms
+    [max_tokens + the tree's depth] the uniform of each token from here on) instead of taking the argmax."""
+
+    token: int
+    position: int
+    block_table: torch.Tensor
+    hidden: torch.Tensor
+    cos: torch.Tensor
+    signed_sin: torch.Tensor
+    banned: torch.Tensor
+    banned_tokens: int
+    max_tokens: int
+    max_rounds: int
+    draws: ChainDraws | None = None
+
+
+@dataclass
+class MedusaChained:
+    """What decoder_medusa_chain did: the tokens emitted, the draft tokens kept in each round, and the final
+    hidden state of the newest computed token (the next proposal's input); with draws, each token's logprobs
+    under the sampled distribution and under temperature 1."""
+
+    tokens: list[int]
+    accepted: list[int]
+    hidden: torch.Tensor
+    logprobs: list[float] | None = None
+    raw_logprobs: list[float] | None = None
+
+
+def decoder_medusa_chain(shape: DecoderShape, layers: ctypes.Array, embed: torch.Tensor, final_norm: torch.Tensor,
+                         lm_head: ctypes.Structure, vocab: int, heads: MedusaChainHeads,
+                         run: MedusaChainRun) -> MedusaChained:
+    """Up to run.max_rounds of Medusa's speculating steps for one greedy sequence in one call, stopping once
+    max_tokens are emitted (medusa_chain.c)."""
+    for table in (run.cos, run.signed_sin):
+        assert table.is_contiguous() and table.dtype == torch.float32 and table.shape[1] == shape.head_dim
+    hidden = run.hidden.contiguous()
+    table = run.block_table.to(torch.int64).contiguous()
+    banned = run.banned.to(torch.int64).contiguous()
+    library = _library()
+    scratch = torch.empty(library.decoder_medusa_chain_scratch_floats(
+        ctypes.byref(shape), ctypes.byref(heads.heads), ctypes.byref(heads.tree), vocab, table.numel()),
+        dtype=torch.float32)
+    length = run.max_tokens + heads.max_depth
+    tokens = torch.empty(length, dtype=torch.int64)
+    accepted = torch.empty(run.max_rounds, dtype=torch.int64)
+    final_hidden = torch.empty(shape.hidden, dtype=torch.float32)
+    logprobs = torch.empty(2, length, dtype=torch.float32)
+    draws = run.draws
+    if draws is not None:
+        assert draws.uniforms.dtype == torch.float32 and draws.uniforms.is_contiguous() and draws.uniforms.numel() >= length
+    spec = _MedusaRun(run.token, run.position, table.data_ptr(), table.numel(), hidden.data_ptr(), run.cos.data_ptr(),
+                      run.signed_sin.data_ptr(), banned.data_ptr(), banned.numel(), run.banned_tokens, run.max_tokens,
+                      run.max_rounds, None if draws is None else draws.uniforms.data_ptr(),
+                      1.0 if draws is None else float(draws.temperature[0]),
+                      0 if draws is None else int(draws.greedy[0]), 0 if draws is None else int(draws.want_raw[0]))
+    outcome = _MedusaOutcome(tokens.data_ptr(), accepted.data_ptr(), logprobs[0].data_ptr(), logprobs[1].data_ptr(),
+                             final_hidden.data_ptr(), 0, 0)
+    library.decoder_medusa_chain(ctypes.byref(shape), layers, len(layers), embed.data_ptr(), final_norm.data_ptr(),
+                                 ctypes.byref(lm_head), vocab, ctypes.byref(heads.heads), ctypes.byref(heads.tree),
+                                 ctypes.byref(spec), scratch.data_ptr(), ctypes.byref(outcome))
+    emitted = outcome.emitted
+    if draws is None:
+        return MedusaChained(tokens[:emitted].tolist(), accepted[: outcome.rounds].tolist(), final_hidden)
+    return MedusaChained(tokens[:emitted].tolist(), accepted[: outcome.rounds].tolist(), final_hidden,
+                         logprobs[0, :emitted].tolist(), logprobs[1, :emitted].tolist())
