@@ -64,15 +64,18 @@ class MedusaChainDecode:
         if not self._eligible(item):
             return 0
         seq, params = item.seq, item.seq.request.params
-        # Rounds start while fewer than `tokens` are emitted; each emits one to depth + 1 tokens, and its rows
-        # reach `nodes` past its first position. The request's last `depth` tokens are left to single steps,
-        # which trim the tree to what may still be emitted (so every round here verifies the whole tree).
-        depth = self.proposer.depth
-        tokens = min(params.max_tokens - seq.num_output_tokens - depth, self.max_rounds * (depth + 1),
-                     self.max_model_len - len(seq.token_ids) - self._nodes - depth)
-        if tokens < 2 or self.kv.blocks_needed(seq, tokens + self._nodes) > self.kv.num_free_blocks:
+        # Rounds start while fewer than `tokens` are emitted; each emits one to depth + 1 tokens (no more
+        # than may still come: the chain trims the tree as single steps do), and its rows reach `nodes` past
+        # its first position.
+        tokens = min(params.max_tokens - seq.num_output_tokens, self.max_model_len - len(seq.token_ids),
+                     self.max_rounds * (self.proposer.depth + 1))
+        if self._depth_room(seq) < 1 or self.kv.blocks_needed(seq, tokens + self._nodes) > self.kv.num_free_blocks:
             return 0
         return tokens
+
+    def _depth_room(self, seq: Sequence) -> int:
+        """How deep a tree may go before the chain's first round (SpeculativeDecoding._max_depth's rule)."""
+        return min(seq.request.params.max_tokens - seq.num_output_tokens - 1, self.max_model_len - len(seq.token_ids) - 1)
 
     def _eligible(self, item: ScheduledSeq) -> bool:
         seq, params = item.seq, item.seq.request.params
@@ -100,9 +103,9 @@ class MedusaChainDecode:
         chained = self.model.medusa_chain(heads, seq.token_ids[-1], seq.num_computed, seq.block_table,
                                           self.proposer.hidden_of(seq), self.kv.cache,
                                           seq.request.banned_before_min_tokens(self.eos_token_ids, self.model.vocab_size),
-                                          banned, tokens, self.max_rounds, draws)
-        for accepted in chained.accepted:
-            self.speculation.counters.record(self._nodes, accepted)
+                                          banned, tokens, self.max_rounds, self._depth_room(seq), draws)
+        for verified, accepted in zip(chained.verified, chained.accepted):
+            self.speculation.counters.record(verified, accepted)
         self.num_calls += 1
         self.num_rounds += len(chained.accepted)
         return chained

@@ -1,6 +1,7 @@
 """ctypes bindings of decoder.c: every layer of a Llama-family stack over decode rows in one native call
 (`decoder_forward`), and a chain of greedy or drawn tokens in one call (`decoder_greedy_chain`: a draft
-model's greedy drafts, the engine's chained decode steps)."""
+model's greedy drafts, the engine's chained decode steps); and of medusa_chain.c, Medusa's speculating
+rounds for one sequence in one call (`decoder_medusa_chain`)."""
 
 from __future__ import annotations
 
@@ -183,13 +184,15 @@ class _MedusaRun(ctypes.Structure):
     _fields_ = [("token", ctypes.c_int64), ("position", ctypes.c_int64), ("block_table", ctypes.c_void_p),
                 ("max_blocks", ctypes.c_int64), ("hidden", ctypes.c_void_p), ("cos", ctypes.c_void_p),
                 ("sin", ctypes.c_void_p), ("banned", ctypes.c_void_p)]
-    _fields_ += [(name, ctypes.c_int64) for name in ("num_banned", "banned_tokens", "max_tokens", "max_rounds")]
+    _fields_ += [(name, ctypes.c_int64) for name in
+                 ("num_banned", "banned_tokens", "max_tokens", "max_rounds", "depth_room")]
     _fields_ += [("uniforms", ctypes.c_void_p), ("temperature", ctypes.c_float), ("greedy", ctypes.c_uint8),
                  ("want_raw", ctypes.c_uint8)]
 
 
 class _MedusaOutcome(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_void_p) for name in ("tokens", "accepted", "logprobs", "raw_logprobs", "hidden")]
+    _fields_ = [(name, ctypes.c_void_p) for name in
+                ("tokens", "verified", "accepted", "logprobs", "raw_logprobs", "hidden")]
     _fields_ += [("emitted", ctypes.c_int64), ("rounds", ctypes.c_int64)]
 
 
@@ -230,7 +233,9 @@ class MedusaChainRun:
     its block table (int64, slots reserved for max_tokens + the tree's nodes past position), the final hidden
     state [hidden] its newest token came from, the rotary tables cos / signed_sin [positions, head_dim]
     (past position + max_tokens + the tree's depth), its stop tokens (int64) at -inf while fewer than
-    banned_tokens have been emitted, and how many tokens and rounds at most. With `draws`, each row draws as
+    banned_tokens have been emitted, rounds started while fewer than max_tokens are emitted (max_rounds at
+    most), and depth_room: after e tokens a round verifies no node deeper than depth_room - e (none: the call
+    ends), as Proposal.trimmed cuts a tree near the request's end. With `draws`, each row draws as
     sample_rows does (ChainDraws' rule for one row: temperature [1], greedy and want_raw [1], uniforms
     [max_tokens + the tree's depth] the uniform of each token from here on) instead of taking the argmax."""
 
@@ -244,16 +249,18 @@ class MedusaChainRun:
     banned_tokens: int
     max_tokens: int
     max_rounds: int
+    depth_room: int
     draws: ChainDraws | None = None
 
 
 @dataclass
 class MedusaChained:
-    """What decoder_medusa_chain did: the tokens emitted, the draft tokens kept in each round, and the final
-    hidden state of the newest computed token (the next proposal's input); with draws, each token's logprobs
-    under the sampled distribution and under temperature 1."""
+    """What decoder_medusa_chain did: the tokens emitted, per round the nodes verified and the draft tokens
+    kept, and the final hidden state of the newest computed token (the next proposal's input); with draws,
+    each token's logprobs under the sampled distribution and under temperature 1."""
 
     tokens: list[int]
+    verified: list[int]
     accepted: list[int]
     hidden: torch.Tensor
     logprobs: list[float] | None = None
@@ -276,7 +283,7 @@ def decoder_medusa_chain(shape: DecoderShape, layers: ctypes.Array, embed: torch
         dtype=torch.float32)
     length = run.max_tokens + heads.max_depth
     tokens = torch.empty(length, dtype=torch.int64)
-    accepted = torch.empty(run.max_rounds, dtype=torch.int64)
+    rounds = torch.empty(2, run.max_rounds, dtype=torch.int64)      # verified, accepted
     final_hidden = torch.empty(shape.hidden, dtype=torch.float32)
     logprobs = torch.empty(2, length, dtype=torch.float32)
     draws = run.draws
@@ -284,16 +291,16 @@ def decoder_medusa_chain(shape: DecoderShape, layers: ctypes.Array, embed: torch
         assert draws.uniforms.dtype == torch.float32 and draws.uniforms.is_contiguous() and draws.uniforms.numel() >= length
     spec = _MedusaRun(run.token, run.position, table.data_ptr(), table.numel(), hidden.data_ptr(), run.cos.data_ptr(),
                       run.signed_sin.data_ptr(), banned.data_ptr(), banned.numel(), run.banned_tokens, run.max_tokens,
-                      run.max_rounds, None if draws is None else draws.uniforms.data_ptr(),
+                      run.max_rounds, run.depth_room, None if draws is None else draws.uniforms.data_ptr(),
                       1.0 if draws is None else float(draws.temperature[0]),
                       0 if draws is None else int(draws.greedy[0]), 0 if draws is None else int(draws.want_raw[0]))
-    outcome = _MedusaOutcome(tokens.data_ptr(), accepted.data_ptr(), logprobs[0].data_ptr(), logprobs[1].data_ptr(),
-                             final_hidden.data_ptr(), 0, 0)
+    outcome = _MedusaOutcome(tokens.data_ptr(), rounds[0].data_ptr(), rounds[1].data_ptr(), logprobs[0].data_ptr(),
+                             logprobs[1].data_ptr(), final_hidden.data_ptr(), 0, 0)
     library.decoder_medusa_chain(ctypes.byref(shape), layers, len(layers), embed.data_ptr(), final_norm.data_ptr(),
                                  ctypes.byref(lm_head), vocab, ctypes.byref(heads.heads), ctypes.byref(heads.tree),
                                  ctypes.byref(spec), scratch.data_ptr(), ctypes.byref(outcome))
-    emitted = outcome.emitted
+    emitted, (verified, accepted) = outcome.emitted, rounds[:, : outcome.rounds].tolist()
     if draws is None:
-        return MedusaChained(tokens[:emitted].tolist(), accepted[: outcome.rounds].tolist(), final_hidden)
-    return MedusaChained(tokens[:emitted].tolist(), accepted[: outcome.rounds].tolist(), final_hidden,
-                         logprobs[0, :emitted].tolist(), logprobs[1, :emitted].tolist())
+        return MedusaChained(tokens[:emitted].tolist(), verified, accepted, final_hidden)
+    return MedusaChained(tokens[:emitted].tolist(), verified, accepted, final_hidden, logprobs[0, :emitted].tolist(),
+                         logprobs[1, :emitted].tolist())

@@ -18,6 +18,10 @@
  *    last node's token is the bonus one.
  * 4. The kept nodes' keys and values move to the positions they now occupy.
  *
+ * Near the request's end the tree is trimmed as the per-step path trims it (Proposal.trimmed): no node
+ * deeper than the tokens that may still follow the bonus one, the others renumbered in order; with none
+ * left, the call ends (a plain step follows).
+ *
  * Every row's logits are those of the per-step path (the same kernels over the same rows), so the tokens
  * are plain greedy's bit for bit; only the heads' proposals may differ from the Python heads' in the last
  * bit (silu here, torch's there), which changes what is accepted, never what is emitted.
@@ -49,8 +53,10 @@ typedef struct {
 /* One sequence: its newest token, not in the cache yet, at `position`; its block table (slots reserved
  * for max_tokens + nodes tokens past position); the final hidden state the newest token came from; the
  * rotary tables [positions, head_dim]; its stop tokens, -inf while fewer than banned_tokens have been
- * emitted; uniforms [max_tokens + max_depth] (NULL: take the argmax), the uniform of the i-th token from
- * here, drawn as sample_rows does at `temperature` (greedy: the argmax, with its logprobs). */
+ * emitted; the deepest node a round may verify after emitting e tokens, depth_room - e; uniforms
+ * [max_tokens + max_depth] (NULL: take the argmax), the uniform of the i-th token from here, drawn as
+ * sample_rows does at `temperature` (greedy: the argmax, with its logprobs). Rounds start while fewer than
+ * max_tokens are emitted, max_rounds at most. */
 typedef struct {
     int64_t token, position;
     const int64_t *block_table;
@@ -59,17 +65,18 @@ typedef struct {
     const float *cos, *sin;
     const int64_t *banned;
     int64_t num_banned, banned_tokens;
-    int64_t max_tokens, max_rounds;
+    int64_t max_tokens, max_rounds, depth_room;
     const float *uniforms;
     float temperature;
     uint8_t greedy, want_raw;
 } MedusaRun;
 
 /* What a call did: tokens [max_tokens + max_depth] emitted in order (with uniforms, their logprobs under
- * the sampled distribution and under temperature 1, likewise), accepted [max_rounds] draft tokens kept per
- * round, the final hidden state of the newest computed token (the next proposal's input). */
+ * the sampled distribution and under temperature 1, likewise), per round [max_rounds] the nodes verified
+ * and the draft tokens kept, the final hidden state of the newest computed token (the next proposal's
+ * input). */
 typedef struct {
-    int64_t *tokens, *accepted;
+    int64_t *tokens, *verified, *accepted;
     float *logprobs, *raw_logprobs;
     float *hidden;
     int64_t emitted, rounds;
@@ -157,28 +164,40 @@ void decoder_medusa_chain(const DecoderShape *s, const DecoderLayer *layers, int
     float *logits = h + rows * size, *cos = logits + rows * vocab, *sin = cos + rows * d, *work = sin + rows * d;
     float *row_logprob = work + (2 * heads->used + 1) * size + heads->used * heads->draft_vocab;
     float *row_raw = row_logprob + rows, *stack = row_raw + rows;
-    /* Row j's ancestry (itself last) as tree rows, and its depth: fixed for the call. */
-    int64_t depth[rows], chain[rows][width];
-    depth[0] = 0, chain[0][0] = 0;
-    for (int64_t i = 0; i < tree->nodes; ++i) {
-        const int64_t parent = tree->parents[i] + 1;
-        depth[i + 1] = depth[parent] + 1;
-        memcpy(chain[i + 1], chain[parent], sizeof(int64_t) * depth[parent] + sizeof(int64_t));
-        chain[i + 1][depth[i + 1]] = i + 1;
-    }
-    for (int64_t j = 0; j < rows; ++j) {
-        memcpy(tables + j * run->max_blocks, run->block_table, sizeof(int64_t) * run->max_blocks);
-        counts[j] = depth[j] + 1;
-    }
+    /* Each node's depth, for the trimming below. */
+    int64_t node_depth[tree->nodes > 0 ? tree->nodes : 1], row_node[rows], parent_row[rows], depth[rows];
+    int64_t chain[rows][width], row_of_node[tree->nodes > 0 ? tree->nodes : 1];
+    for (int64_t i = 0; i < tree->nodes; ++i)
+        node_depth[i] = tree->parents[i] < 0 ? 1 : node_depth[tree->parents[i]] + 1;
+    for (int64_t j = 0; j < rows; ++j) memcpy(tables + j * run->max_blocks, run->block_table, sizeof(int64_t) * run->max_blocks);
     const DecodeRows tree_rows = {slots, tables, context, extra, counts, run->max_blocks, width};
-    int64_t root = run->token, position = run->position, emitted = 0, round = 0;
+    int64_t root = run->token, position = run->position, emitted = 0, round = 0, built_limit = 0, active = 0;
     memcpy(out->hidden, run->hidden, sizeof(float) * size);
     while (round < run->max_rounds && emitted < run->max_tokens) {
+        const int64_t room = run->depth_room - emitted, limit = room < tree->max_depth ? room : tree->max_depth;
+        if (limit <= 0) break;
+        if (limit != built_limit) {
+            /* The rows of the nodes no deeper than limit, in order (row 0 the newest token): their parents'
+             * rows, depths and ancestries (themselves last). */
+            active = 1, depth[0] = 0, chain[0][0] = 0, row_node[0] = -1, parent_row[0] = -1;
+            for (int64_t i = 0; i < tree->nodes; ++i) {
+                row_of_node[i] = -1;
+                if (node_depth[i] > limit) continue;
+                const int64_t r = active++, parent = tree->parents[i] < 0 ? 0 : row_of_node[tree->parents[i]];
+                row_of_node[i] = r, row_node[r] = i, parent_row[r] = parent, depth[r] = depth[parent] + 1;
+                memcpy(chain[r], chain[parent], sizeof(int64_t) * (depth[parent] + 1));
+                chain[r][depth[r]] = r;
+            }
+            for (int64_t j = 0; j < active; ++j) counts[j] = depth[j] + 1;
+            built_limit = limit;
+        }
         propose(heads, tree, out->hidden, size, work, top);
         tokens[0] = root;
-        for (int64_t i = 0; i < tree->nodes; ++i)
-            tokens[i + 1] = top[(tree->depths[i] - 1) * tree->top_k + tree->ranks[i]];
-        for (int64_t j = 0; j < rows; ++j) {
+        for (int64_t j = 1; j < active; ++j) {
+            const int64_t i = row_node[j];
+            tokens[j] = top[(tree->depths[i] - 1) * tree->top_k + tree->ranks[i]];
+        }
+        for (int64_t j = 0; j < active; ++j) {
             memcpy(x + j * size, embed + tokens[j] * size, sizeof(float) * size);
             memcpy(cos + j * d, run->cos + (position + depth[j]) * d, sizeof(float) * d);
             memcpy(sin + j * d, run->sin + (position + depth[j]) * d, sizeof(float) * d);
@@ -186,9 +205,9 @@ void decoder_medusa_chain(const DecoderShape *s, const DecoderLayer *layers, int
             context[j] = position;
             for (int64_t a = 0; a <= depth[j]; ++a) extra[j * width + a] = position + chain[j][a];
         }
-        decoder_forward(s, layers, num_layers, &tree_rows, cos, sin, x, rows, NULL, -1, final_norm, stack, h);
-        linear_product(h, rows, size, size, lm_head, vocab, NULL, NULL, logits);
-        for (int64_t j = 0; j < rows; ++j) {
+        decoder_forward(s, layers, num_layers, &tree_rows, cos, sin, x, active, NULL, -1, final_norm, stack, h);
+        linear_product(h, active, size, size, lm_head, vocab, NULL, NULL, logits);
+        for (int64_t j = 0; j < active; ++j) {
             float *row = logits + j * vocab;
             if (emitted + depth[j] < run->banned_tokens)
                 for (int64_t b = 0; b < run->num_banned; ++b) row[run->banned[b]] = -INFINITY;
@@ -200,8 +219,8 @@ void decoder_medusa_chain(const DecoderShape *s, const DecoderLayer *layers, int
         }
         /* The deepest path of matches: siblings hold distinct tokens, so at most one child matches. */
         int64_t kept = 0, current = 0;
-        for (int64_t j = 1; j < rows; ++j)
-            if (tree->parents[j - 1] + 1 == current && tokens[j] == argmax[current]) path[kept++] = j, current = j;
+        for (int64_t j = 1; j < active; ++j)
+            if (parent_row[j] == current && tokens[j] == argmax[current]) path[kept++] = j, current = j;
         for (int64_t k = 0; k < kept; ++k) out->tokens[emitted + k] = tokens[path[k]];
         out->tokens[emitted + kept] = argmax[current];
         if (run->uniforms != NULL)   /* each token's logprobs are those of the row that chose it */
@@ -224,6 +243,7 @@ void decoder_medusa_chain(const DecoderShape *s, const DecoderLayer *layers, int
             }
         }
         memcpy(out->hidden, h + current * size, sizeof(float) * size);
+        out->verified[round] = active - 1;
         out->accepted[round++] = kept;
         root = argmax[current];
         position += kept + 1;
