@@ -58,7 +58,12 @@ def build_speculation(cfg: EngineConfig, loaded: LoadedModel, sampler: Sampler,
                                  output_head=model.lm_head.weight_t.t())
         heads.use_output_head(model.lm_head)
         acceptance = AcceptanceRule.named(cfg.medusa_acceptance, (cfg.typical_epsilon, cfg.typical_delta))
-        proposer = MedusaProposer(heads, cfg.medusa_choices, cfg.medusa_weights)
+        choices = cfg.medusa_choices
+        if choices is None and loaded.quantization is not None:
+            # Over quantized weights a verified row costs arithmetic, not only the weights' bytes: the heads'
+            # smaller tree for such targets, where they carry one.
+            choices = heads.quantized_choices
+        proposer = MedusaProposer(heads, choices, cfg.medusa_weights)
     elif cfg.speculative == "eagle":
         proposer = _eagle_proposer(cfg, loaded, sampler, num_blocks, acceptance)
     else:

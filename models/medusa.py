@@ -19,7 +19,8 @@ to the model's ids. And projections that are rows of the model's own output head
 "output_head"`), frozen while training: the file then holds only the ResBlocks and the token ids, and
 the rows are taken from the model when the heads are loaded beside it. A config may also carry the
 candidate tree tuned for the heads (`medusa_choices`, as training/medusa_tree.py prints it), which the
-proposer then uses unless the engine names another.
+proposer then uses unless the engine names another, and a smaller one for a quantized target
+(`quantized_medusa_choices`: there each verified row costs arithmetic, not only the weights' bytes).
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ class MedusaHeads(torch.nn.Module):
         self.stored_dtype: torch.dtype | None = None     # the precision of the loaded file, when loaded
         # The candidate tree tuned for these heads (training/medusa_tree.py), when their config names one.
         self.choices: tuple[tuple[int, ...], ...] | None = None
+        self.quantized_choices: tuple[tuple[int, ...], ...] | None = None     # the tree for a quantized target
 
     def init_projections(self, lm_head_weight: torch.Tensor, freeze: bool = True) -> None:
         """Start every head from the target's output head [vocab, hidden] (its draft-vocabulary rows),
@@ -212,6 +214,9 @@ class MedusaHeads(torch.nn.Module):
         heads.stored_dtype = projection.dtype
         if config.get("medusa_choices"):
             heads.choices = tuple(tuple(int(rank) for rank in path) for path in config["medusa_choices"])
+        if config.get("quantized_medusa_choices"):
+            heads.quantized_choices = tuple(tuple(int(rank) for rank in path)
+                                            for path in config["quantized_medusa_choices"])
         return heads
 
 

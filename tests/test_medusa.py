@@ -232,6 +232,14 @@ def test_a_tree_in_the_heads_config_is_the_proposers_default(llama_dir, heads_di
     named = Engine(model=llama_dir, show_progress=False, num_kv_blocks=64, block_size=4, speculative="medusa",
                    medusa_heads=str(folder), medusa_choices=((0,),))
     assert named.speculation.proposer.choices == ((0,),)
+    # The heads' quantized tree is the default over quantized weights only; medusa_choices still wins.
+    config["quantized_medusa_choices"] = [[0], [1]]
+    (folder / "config.json").write_text(json.dumps(config))
+    options = dict(model=llama_dir, show_progress=False, num_kv_blocks=64, block_size=4, speculative="medusa",
+                   medusa_heads=str(folder))
+    assert Engine(**options).speculation.proposer.choices == ((0,), (0, 0), (1,))
+    assert Engine(**options, quantization="int8").speculation.proposer.choices == ((0,), (1,))
+    assert Engine(**options, quantization="int8", medusa_choices=((0,),)).speculation.proposer.choices == ((0,),)
 
 
 # ---- tree buffers --------------------------------------------------------------------------------
