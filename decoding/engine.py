@@ -215,7 +215,7 @@ class Engine:
         self.counters.num_steps += steps
         outputs = streamed + self.update.end_step(sched)
         if self.speculation:
-            self.speculation.end_step(sched, [], [], time.perf_counter() - started, gained)
+            self.speculation.end_step(sched, [], [], time.perf_counter() - started, gained, steps)
         return outputs
 
     def _medusa_chained(self, sched: SchedulerOutput, tokens: int, started: float) -> list[RequestOutput]:
@@ -230,7 +230,7 @@ class Engine:
             self.speculation.proposer.observe(seq, chained.hidden.unsqueeze(0))
         self.counters.num_steps += len(chained.accepted)
         outputs = streamed + self.update.end_step(sched)
-        self.speculation.end_step(sched, [], [], time.perf_counter() - started, gained)
+        self.speculation.end_step(sched, [], [], time.perf_counter() - started, gained, len(chained.accepted))
         return outputs
 
     def _schedule(self) -> SchedulerOutput:

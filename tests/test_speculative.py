@@ -575,6 +575,28 @@ def test_governor_takes_the_faster_mode_per_batch_size_and_keeps_measuring():
     assert summary[1]["on_tok_s"] > summary[1]["off_tok_s"] and summary[8]["on_tok_s"] < summary[8]["off_tok_s"]
 
 
+def test_governor_counts_a_chained_call_as_its_steps():
+    """A native call that ran several steps or speculating rounds measures its mode as that many single
+    steps: the samples a mode needs come from fewer calls, and its speed is the calls' tokens over their time."""
+    from decoding.speculative.governor import PLAIN_SAMPLES, SPECULATING_SAMPLES, SpeculationGovernor
+
+    governor = SpeculationGovernor()
+    decisions = []
+    for call in range(8):
+        on = governor.speculate(1)
+        decisions.append(on)
+        # eight rounds (or steps) a call: speculation 2.5 tokens a round in 1.5 units, plain 1 token in 1 unit
+        governor.record(1, on, 20 if on else 8, 12.0 if on else 8.0, steps=8)
+        if call == 4:
+            summary = governor.summary()[1]
+    assert SPECULATING_SAMPLES > 8 and PLAIN_SAMPLES <= 8
+    # The untimed first call, two timed speculating calls (16 rounds), the untimed switch, one timed plain
+    # call: both measured in five calls (one step a call would take 18), and speculation runs from then on.
+    assert decisions == [True, True, True, False, False, True, True, True]
+    assert summary["on_steps"] == 16 and summary["off_steps"] == 8
+    assert summary["on_tok_s"] == pytest.approx(20 / 12, abs=0.05) and summary["off_tok_s"] == 1.0
+
+
 def test_governor_keeps_a_noisy_winner():
     """Sampled speculation emits 1 to 6 tokens a step: its figure must average enough steps that a mode
     45% faster on average is not lost to a run of short steps (the old 6-sample, 10-step-memory governor

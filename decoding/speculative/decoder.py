@@ -71,10 +71,11 @@ class SpeculativeDecoding:
         return self._step_mode[1]
 
     def end_step(self, sched: SchedulerOutput, chains: list[ScheduledSeq], verdicts: list[Verdict],
-                 seconds: float, gained: int | None = None) -> None:
+                 seconds: float, gained: int | None = None, steps: int = 1) -> None:
         """Tell the governor how a pure decode step went: the tokens its decoding sequences gained in
         `seconds` (`gained`, else one each plus the accepted drafts; given for chained steps, which verify
-        no chains here). Steps with prompt chunks say nothing about decoding speed and are not counted."""
+        no chains here; `steps`: the steps or speculating rounds such a call ran). Steps with prompt chunks
+        say nothing about decoding speed and are not counted."""
         mode, self._step_mode = self._step_mode, None
         if self.governor is None or mode is None or (mode[1] and not chains and gained is None):
             return                  # (a step that meant to speculate but drafted nothing says nothing)
@@ -82,7 +83,7 @@ class SpeculativeDecoding:
             return
         if gained is None:
             gained = len(sched.scheduled) + sum(verdict.num_accepted for verdict in verdicts)
-        self.governor.record(mode[0], mode[1], gained, seconds)
+        self.governor.record(mode[0], mode[1], gained, seconds, steps)
 
     def _max_depth(self, seq: Sequence) -> int:
         """A verified step emits up to depth + 1 tokens: never draft past max_tokens or the context."""

@@ -56,10 +56,13 @@ class ModeSpeed:
     seconds: float = 0.0
     samples: int = 0
 
-    def add(self, tokens: int, seconds: float) -> None:
-        self.tokens = DECAY * self.tokens + tokens
-        self.seconds = DECAY * self.seconds + seconds
-        self.samples += 1
+    def add(self, tokens: int, seconds: float, steps: int = 1) -> None:
+        """`steps` decode steps (or speculating rounds) run in one call: they weigh, decay and count as that
+        many steps."""
+        decay = DECAY ** steps
+        self.tokens = decay * self.tokens + tokens
+        self.seconds = decay * self.seconds + seconds
+        self.samples += steps
 
     @property
     def tokens_per_second(self) -> float:
@@ -119,13 +122,17 @@ class SpeculationGovernor:
             state.current = not state.current
         return state.current
 
-    def record(self, num_decoding: int, speculated: bool, tokens: int, seconds: float) -> None:
-        """A pure decode step's outcome: `tokens` emitted by its decoding sequences in `seconds`."""
+    def record(self, num_decoding: int, speculated: bool, tokens: int, seconds: float, steps: int = 1) -> None:
+        """A pure decode step's outcome: `tokens` emitted by its decoding sequences in `seconds`; `steps` steps
+        or speculating rounds when one native call ran several (decoding/multi_step.py,
+        decoding/speculative/medusa_chain.py): a call of eight rounds measures the mode as eight single
+        steps would, so it counts as eight of the samples a mode needs before it is trusted, and a losing
+        mode's re-measurement costs a call or two instead of a dozen."""
         state = self._buckets.setdefault(batch_bucket(num_decoding), BucketState())
         switched = state.last_mode != speculated       # (the first step of a batch size counts as one)
         state.last_mode = speculated
         if not switched:
-            (state.on if speculated else state.off).add(tokens, seconds)
+            (state.on if speculated else state.off).add(tokens, seconds, steps)
 
     def summary(self) -> dict[int, dict[str, float]]:
         """Per batch bucket, each mode's measured tokens per second (for metrics and benchmarks)."""
