@@ -57,11 +57,11 @@ class ModeSpeed:
     samples: int = 0
 
     def add(self, tokens: int, seconds: float, steps: int = 1) -> None:
-        """`steps` decode steps (or speculating rounds) run in one call: they weigh, decay and count as that
-        many steps."""
-        decay = DECAY ** steps
-        self.tokens = decay * self.tokens + tokens
-        self.seconds = decay * self.seconds + seconds
+        """`steps` decode steps (or speculating rounds) run in one call count as that many samples; the
+        figures still decay per call: decayed per step, a figure over calls of eight rounds remembered about
+        three calls, and one noisy call on this shared machine decided the mode."""
+        self.tokens = DECAY * self.tokens + tokens
+        self.seconds = DECAY * self.seconds + seconds
         self.samples += steps
 
     @property
@@ -125,9 +125,8 @@ class SpeculationGovernor:
     def record(self, num_decoding: int, speculated: bool, tokens: int, seconds: float, steps: int = 1) -> None:
         """A pure decode step's outcome: `tokens` emitted by its decoding sequences in `seconds`; `steps` steps
         or speculating rounds when one native call ran several (decoding/multi_step.py,
-        decoding/speculative/medusa_chain.py): a call of eight rounds measures the mode as eight single
-        steps would, so it counts as eight of the samples a mode needs before it is trusted, and a losing
-        mode's re-measurement costs a call or two instead of a dozen."""
+        decoding/speculative/medusa_chain.py): a call of eight rounds counts as eight of the samples a mode
+        needs before it is trusted, so a losing mode's re-measurement costs a call or two, not a dozen."""
         state = self._buckets.setdefault(batch_bucket(num_decoding), BucketState())
         switched = state.last_mode != speculated       # (the first step of a batch size counts as one)
         state.last_mode = speculated
