@@ -101,7 +101,7 @@ class MultiStepDecode:
         stop_tokens = [seq.request.banned_before_min_tokens(self.eos_token_ids, self.model.vocab_size) for seq in seqs]
         banned_steps = [max(0, seq.request.params.min_tokens - seq.num_output_tokens) for seq in seqs]
         argmax = all(seq.request.params.is_greedy and seq.request.params.logprobs is None for seq in seqs)
-        draws = None if argmax else self._draws(seqs, steps)
+        draws = None if argmax else chain_draws(seqs, steps)
         hidden = torch.empty(steps, len(seqs), self.model.spec.hidden_size) if want_hidden else None
         chosen = self.model.greedy_chain([[seq.token_ids[-1]] for seq in seqs], [seq.num_computed for seq in seqs],
                                          [seq.block_table for seq in seqs], self.kv.cache, stop_tokens, banned_steps,
@@ -111,17 +111,6 @@ class MultiStepDecode:
         return ChainedSteps(chosen.tolist(), self._logprobs(seqs, draws, steps), hidden)
 
     @staticmethod
-    def _draws(seqs: list[Sequence], steps: int) -> kernels.ChainDraws:
-        params = [seq.request.params for seq in seqs]
-        uniforms = [[0.0 if p.is_greedy else seq.uniform(step) for seq, p in zip(seqs, params)] for step in range(steps)]
-        return kernels.ChainDraws(
-            temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32),
-            greedy=torch.tensor([p.is_greedy for p in params], dtype=torch.uint8),
-            want_raw=torch.tensor([p.logprobs_mode == "raw" for p in params], dtype=torch.uint8),
-            uniforms=torch.tensor(uniforms, dtype=torch.float32),
-            logprobs=torch.empty(steps, len(seqs)), raw_logprobs=torch.empty(steps, len(seqs)))
-
-    @staticmethod
     def _logprobs(seqs: list[Sequence], draws: kernels.ChainDraws | None, steps: int) -> list[list[TokenLogprob | None]]:
         params = [seq.request.params for seq in seqs]
         if draws is None or all(p.logprobs is None for p in params):
@@ -129,3 +118,17 @@ class MultiStepDecode:
         chosen = torch.where(draws.want_raw.bool(), draws.raw_logprobs, draws.logprobs).tolist()
         return [[None if p.logprobs is None else whole_vocabulary_logprob(lp, p) for p, lp in zip(params, row)]
                 for row in chosen]
+
+
+def chain_draws(seqs: list[Sequence], steps: int) -> kernels.ChainDraws:
+    """How a native chain draws the next `steps` tokens of each sequence instead of taking the argmax: per
+    row its temperature, whether greedy and whether it wants raw logprobs, and per step and row the uniform
+    of that position (a function of the seed and the position alone: what single steps draw with)."""
+    params = [seq.request.params for seq in seqs]
+    uniforms = [[0.0 if p.is_greedy else seq.uniform(step) for seq, p in zip(seqs, params)] for step in range(steps)]
+    return kernels.ChainDraws(
+        temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32),
+        greedy=torch.tensor([p.is_greedy for p in params], dtype=torch.uint8),
+        want_raw=torch.tensor([p.logprobs_mode == "raw" for p in params], dtype=torch.uint8),
+        uniforms=torch.tensor(uniforms, dtype=torch.float32),
+        logprobs=torch.empty(steps, len(seqs)), raw_logprobs=torch.empty(steps, len(seqs)))

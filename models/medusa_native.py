@@ -70,16 +70,16 @@ class NativeMedusaHeads(torch.nn.Module):
             return self.projections[0].forward(states.reshape(-1, size)).view(self.used, rows, -1)
         return torch.stack([projection.forward(states[k]) for k, projection in enumerate(self.projections)])
 
-    def chain_heads(self, parents: list[int], depths: list[int], ranks: list[int],
+    def chain_heads(self, parents: list[int], ranks: list[int], max_depth: int,
                     vocab_map: torch.Tensor | None) -> kernels.MedusaChainHeads:
         """These heads and a candidate tree as the native Medusa chain reads them (parents -1 for the newest
-        token, depths from 1, each node's rank in its head's top tokens; vocab_map: the projection rows'
+        token, each node's rank in its head's top tokens, the tree's depth; vocab_map: the projection rows'
         token ids, None where they are the token ids). Built per call: a weight push may re-pack the
         target's output head, which float heads share."""
         later = [[(linear.linear_weights(), linear.bias) for linear in layer] for layer in self.later]
         projections = [projection.linear_weights() for projection in self.projections]
         return kernels.MedusaChainHeads(self.first.linear_weights(), self.first.bias, later, projections, vocab_map,
-                                        sum(self.projections[0].out_features), parents, depths, ranks)
+                                        sum(self.projections[0].out_features), parents, ranks, max_depth)
 
 
 def _linear(weights: list[torch.Tensor], biases: list[torch.Tensor] | None = None) -> FusedLinear:

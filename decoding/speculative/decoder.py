@@ -58,7 +58,7 @@ class SpeculativeDecoding:
             return 0
         if not self._speculating(num_decoding):
             return 0
-        if self._max_depth(seq) <= 0:
+        if self.max_depth(seq) <= 0:
             return 0
         return self.proposer.max_tokens_per_step
 
@@ -85,7 +85,7 @@ class SpeculativeDecoding:
             gained = len(sched.scheduled) + sum(verdict.num_accepted for verdict in verdicts)
         self.governor.record(mode[0], mode[1], gained, seconds, steps)
 
-    def _max_depth(self, seq: Sequence) -> int:
+    def max_depth(self, seq: Sequence) -> int:
         """A verified step emits up to depth + 1 tokens: never draft past max_tokens or the context."""
         remaining = seq.request.params.max_tokens - seq.num_output_tokens - 1
         room = self.max_model_len - len(seq.token_ids) - 1
@@ -100,7 +100,7 @@ class SpeculativeDecoding:
         proposals = self.proposer.propose([item.seq for item in items], [item.num_lookahead for item in items])
         chains = []
         for i, item, proposal in zip(positions, items, proposals):
-            proposal = proposal.trimmed(item.num_lookahead, self._max_depth(item.seq))
+            proposal = proposal.trimmed(item.num_lookahead, self.max_depth(item.seq))
             draft = proposal.token_ids
             if not draft:
                 continue

@@ -25,10 +25,9 @@ preempts to run ahead).
 
 from __future__ import annotations
 
-import torch
-
 from models import kernels
 from decoding.kv_cache_manager import KVCacheManager
+from decoding.multi_step import chain_draws
 from decoding.sampler import draws_natively, whole_vocabulary_logprob
 from decoding.sequence import Sequence, TokenLogprob
 from decoding.speculative.decoder import SpeculativeDecoding
@@ -52,9 +51,7 @@ class MedusaChainDecode:
         self.available = (self.proposer is not None and max_rounds > 1
                           and bool(getattr(model, "greedy_chain_available", lambda: False)()))
         if self.available:
-            depths = [len(path) for path in self.proposer.choices]
-            self._tree = ([parent for parent in self.proposer.parents], depths, [path[-1] for path in self.proposer.choices])
-            self._nodes = len(depths)
+            self._nodes = len(self.proposer.choices)
 
     def tokens_for(self, sched: SchedulerOutput) -> int:
         """How many tokens this step's one entry may emit in one call; 0: run the step the usual way."""
@@ -69,13 +66,11 @@ class MedusaChainDecode:
         # its first position.
         tokens = min(params.max_tokens - seq.num_output_tokens, self.max_model_len - len(seq.token_ids),
                      self.max_rounds * (self.proposer.depth + 1))
-        if self._depth_room(seq) < 1 or self.kv.blocks_needed(seq, tokens + self._nodes) > self.kv.num_free_blocks:
+        if self.speculation.max_depth(seq) < 1:
+            return 0
+        if self.kv.blocks_needed(seq, tokens + self._nodes) > self.kv.num_free_blocks:
             return 0
         return tokens
-
-    def _depth_room(self, seq: Sequence) -> int:
-        """How deep a tree may go before the chain's first round (SpeculativeDecoding._max_depth's rule)."""
-        return min(seq.request.params.max_tokens - seq.num_output_tokens - 1, self.max_model_len - len(seq.token_ids) - 1)
 
     def _eligible(self, item: ScheduledSeq) -> bool:
         seq, params = item.seq, item.seq.request.params
@@ -95,31 +90,20 @@ class MedusaChainDecode:
         seq = sched.scheduled[0].seq
         copies = self.kv.reserve(seq, tokens + self._nodes)
         assert not copies, copies   # past the block the scheduler made the sequence's own, its blocks are new
-        parents, depths, ranks = self._tree
-        heads = self.proposer.native_heads.chain_heads(parents, depths, ranks, self.proposer.heads.draft_vocab)
-        params = seq.request.params
+        proposer, params = self.proposer, seq.request.params
+        heads = proposer.native_heads.chain_heads(list(proposer.parents), [path[-1] for path in proposer.choices],
+                                                  proposer.depth, proposer.heads.draft_vocab)
         banned = max(0, params.min_tokens - seq.num_output_tokens)
-        draws = None if params.is_greedy and params.logprobs is None else self._draws(seq, tokens + self.proposer.depth)
+        stop_tokens = seq.request.banned_before_min_tokens(self.eos_token_ids, self.model.vocab_size)
+        draws = None if params.is_greedy and params.logprobs is None else chain_draws([seq], tokens + proposer.depth)
         chained = self.model.medusa_chain(heads, seq.token_ids[-1], seq.num_computed, seq.block_table,
-                                          self.proposer.hidden_of(seq), self.kv.cache,
-                                          seq.request.banned_before_min_tokens(self.eos_token_ids, self.model.vocab_size),
-                                          banned, tokens, self.max_rounds, self._depth_room(seq), draws)
+                                          proposer.hidden_of(seq), self.kv.cache, stop_tokens, banned, tokens,
+                                          self.max_rounds, self.speculation.max_depth(seq), draws)
         for verified, accepted in zip(chained.verified, chained.accepted):
             self.speculation.counters.record(verified, accepted)
         self.num_calls += 1
         self.num_rounds += len(chained.accepted)
         return chained
-
-    @staticmethod
-    def _draws(seq: Sequence, length: int) -> kernels.ChainDraws:
-        """One row's draws for the chain: the uniform of each of the next `length` tokens (a function of the
-        seed and the position alone: what plain sampling draws with there)."""
-        params = seq.request.params
-        uniforms = torch.tensor([0.0 if params.is_greedy else seq.uniform(i) for i in range(length)], dtype=torch.float32)
-        return kernels.ChainDraws(temperature=torch.tensor([params.temperature], dtype=torch.float32),
-                                  greedy=torch.tensor([params.is_greedy], dtype=torch.uint8),
-                                  want_raw=torch.tensor([params.logprobs_mode == "raw"], dtype=torch.uint8),
-                                  uniforms=uniforms, logprobs=torch.empty(0), raw_logprobs=torch.empty(0))
 
     @staticmethod
     def token_logprobs(seq: Sequence, chained: kernels.MedusaChained) -> list[TokenLogprob | None]:

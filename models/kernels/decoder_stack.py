@@ -176,7 +176,7 @@ class _MedusaNativeHeads(ctypes.Structure):
 
 
 class _MedusaTree(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_void_p) for name in ("parents", "depths", "ranks")]
+    _fields_ = [(name, ctypes.c_void_p) for name in ("parents", "ranks")]
     _fields_ += [(name, ctypes.c_int64) for name in ("nodes", "top_k", "max_depth")]
 
 
@@ -201,11 +201,11 @@ class MedusaChainHeads:
     `first` the first ResBlock layer of every used head as one product (bias [used * hidden]), `later`
     [layer - 1][head] the others (LinearWeights, bias or None), `projections` one shared or one per head,
     `vocab_map` the projection rows' token ids (None: the rows are token ids); the tree as `parents` (-1:
-    the newest token), depths (1..) and ranks per node. The weights' tensors must outlive it."""
+    the newest token) and ranks per node, and its depth. The weights' tensors must outlive it."""
 
     def __init__(self, first: ctypes.Structure, first_bias: torch.Tensor, later: list[list[tuple]],
                  projections: list[ctypes.Structure], vocab_map: torch.Tensor | None, draft_vocab: int,
-                 parents: list[int], depths: list[int], ranks: list[int]):
+                 parents: list[int], ranks: list[int], max_depth: int):
         self._first = first
         self._first_bias = first_bias.contiguous()
         flat = [entry for layer in later for entry in layer]
@@ -216,15 +216,15 @@ class MedusaChainHeads:
         self.top_k = max(ranks) + 1
         if self.top_k > 64:
             raise ValueError(f"the native Medusa chain takes ranks below 64, the tree asks for {self.top_k}")
-        self._tree = torch.tensor([parents, depths, ranks], dtype=torch.int64)
-        self.max_depth = max(depths)
+        self._tree = torch.tensor([parents, ranks], dtype=torch.int64)
+        self.max_depth = max_depth
         used = self.max_depth       # the heads the tree reaches, as many as the first product's parts
         self.heads = _MedusaNativeHeads(ctypes.addressof(self._first), self._first_bias.data_ptr(),
                                         ctypes.addressof(self._later), ctypes.addressof(self._later_bias),
                                         ctypes.addressof(self._projections), _address(self._vocab_map),
                                         used, len(later) + 1, len(projections), draft_vocab)
-        self.tree = _MedusaTree(self._tree[0].data_ptr(), self._tree[1].data_ptr(), self._tree[2].data_ptr(),
-                                len(parents), self.top_k, self.max_depth)
+        self.tree = _MedusaTree(self._tree[0].data_ptr(), self._tree[1].data_ptr(), len(parents), self.top_k,
+                                self.max_depth)
 
 
 @dataclass
@@ -288,7 +288,8 @@ def decoder_medusa_chain(shape: DecoderShape, layers: ctypes.Array, embed: torch
     logprobs = torch.empty(2, length, dtype=torch.float32)
     draws = run.draws
     if draws is not None:
-        assert draws.uniforms.dtype == torch.float32 and draws.uniforms.is_contiguous() and draws.uniforms.numel() >= length
+        uniforms = draws.uniforms
+        assert uniforms.dtype == torch.float32 and uniforms.is_contiguous() and uniforms.numel() >= length
     spec = _MedusaRun(run.token, run.position, table.data_ptr(), table.numel(), hidden.data_ptr(), run.cos.data_ptr(),
                       run.signed_sin.data_ptr(), banned.data_ptr(), banned.numel(), run.banned_tokens, run.max_tokens,
                       run.max_rounds, run.depth_room, None if draws is None else draws.uniforms.data_ptr(),

@@ -7,7 +7,7 @@
  *
  * 1. The heads read the final hidden state of the newest computed token: ResBlocks x + silu(W x + b),
  *    then the vocabulary projection, and each node of the candidate tree takes its head's token of its
- *    rank (decoding/speculative/medusa.py's tree: node i is at depth depths[i], after parents[i]).
+ *    rank (decoding/speculative/medusa.py's tree: node i follows parents[i], its depth one past its parent's).
  * 2. The stack runs over the tree's rows as decode rows: row 0 the newest token (position P, not yet in
  *    the cache), node i at position P + depth, its key and value stored at sequence index P + 1 + i, each
  *    row seeing the cache before P and its ancestors (decoder.c, paged_decode_attention's extra positions).
@@ -43,10 +43,11 @@ typedef struct {
     int64_t used, layers, num_projections, draft_vocab;
 } MedusaNativeHeads;
 
-/* The candidate tree: node i follows parents[i] (-1: the newest token), at depth depths[i] >= 1, the
- * ranks[i]-th best token of head depths[i] - 1. Parents come before their children. */
+/* The candidate tree: node i follows parents[i] (-1: the newest token) and is the ranks[i]-th best token
+ * of the head of its depth (depth 1: head 0). Parents come before their children; max_depth is the
+ * deepest node's depth. */
 typedef struct {
-    const int64_t *parents, *depths, *ranks;
+    const int64_t *parents, *ranks;
     int64_t nodes, top_k, max_depth;
 } MedusaTree;
 
@@ -195,7 +196,7 @@ void decoder_medusa_chain(const DecoderShape *s, const DecoderLayer *layers, int
         tokens[0] = root;
         for (int64_t j = 1; j < active; ++j) {
             const int64_t i = row_node[j];
-            tokens[j] = top[(tree->depths[i] - 1) * tree->top_k + tree->ranks[i]];
+            tokens[j] = top[(node_depth[i] - 1) * tree->top_k + tree->ranks[i]];
         }
         for (int64_t j = 0; j < active; ++j) {
             memcpy(x + j * size, embed + tokens[j] * size, sizeof(float) * size);
