@@ -18,7 +18,7 @@ from decoding.detokenizer import find_stop_string
 from decoding.outputs import RequestOutput
 from decoding.beam_requests import BeamStep
 from decoding.kv_cache_manager import KVCacheManager
-from models.kernels import MedusaChained
+from models.kernels import ChainedRounds
 from decoding.multi_step import ChainedSteps
 from decoding.runner import StepLogits
 from decoding.sampler import SamplerOutput
@@ -146,7 +146,7 @@ class StepUpdate:
                 reports += [RequestOutput.of(r) for r in grown.values() if r.stream and not r.is_finished]
         return appended, reports
 
-    def apply_speculated_chain(self, seq: Sequence, chained: MedusaChained,
+    def apply_speculated_chain(self, seq: Sequence, chained: ChainedRounds,
                                logprobs: list[TokenLogprob | None]) -> tuple[int, list[RequestOutput]]:
         """The tokens of several speculating rounds run in one call (decoding/speculative/medusa_chain.py):
         the cache already holds every emitted token but the last, as after a verified step; they are

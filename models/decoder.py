@@ -190,18 +190,18 @@ class DecoderForCausalLM(torch.nn.Module):
         (models/kernels/medusa_chain.c): its newest token `token`, not in the cache yet, at `position`, the
         final hidden state it came from, its block table with slots reserved for max_tokens plus the tree's
         nodes past position; its stop_tokens at -inf while fewer than banned_tokens are emitted; the tree
-        trimmed to depth_room less the tokens emitted (kernels.MedusaChainRun); with `draws`
+        trimmed to depth_room less the tokens emitted (kernels.SpeculatingSequence); with `draws`
         (one row's, uniforms per token from here) each row draws as the sampler does instead of taking the
         argmax. None where the one-call stack does not run."""
         if not self.greedy_chain_available():
             return None
         cos, sin = self.rotary.tables(position + max_tokens + heads.max_depth + 1, self.dtype)
-        run = kernels.MedusaChainRun(token, position, torch.tensor(block_table, dtype=torch.int64), hidden.float(),
-                                     cos, sin, torch.tensor(stop_tokens, dtype=torch.int64), banned_tokens, max_tokens,
-                                     max_rounds, depth_room, draws)
+        sequence = kernels.SpeculatingSequence(token, position, torch.tensor(block_table, dtype=torch.int64), cos, sin,
+                                               torch.tensor(stop_tokens, dtype=torch.int64), banned_tokens, max_tokens,
+                                               max_rounds, depth_room, draws)
         shape, layers = self._native_stack(cache)
         return kernels.decoder_medusa_chain(shape, layers, self.embed, self.final_norm, self.lm_head.linear_weights(),
-                                            self.vocab_size, heads, run)
+                                            self.vocab_size, heads, sequence, hidden)
 
     def compute_logits(self, hidden):
         spec = self.spec

@@ -33,8 +33,8 @@ logger = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(name)
            for name in ("paged_attention.c", "prefill_attention.c", "fused_ops.c", "sampling.c", "gemm.c",
-                        "quant_gemm.c", "bf16_gemm.c", "decoder.c", "medusa_chain.c", "threads.c",
-                         "memory_probe.c")]
+                        "quant_gemm.c", "bf16_gemm.c", "decoder.c", "tree_verify.c", "medusa_chain.c",
+                        "eagle_chain.c", "threads.c", "memory_probe.c")]
 HEADERS = [Path(__file__).with_name(name)
            for name in ("vector_math.h", "attention_row.h", "threads.h", "linear.h", "decoder.h")]
 # -ffp-contract=fast lets the compiler fuse multiply-adds: ISO C mode (-std=c11) otherwise forbids it,
@@ -113,7 +113,7 @@ SIGNATURES = {
     "decoder_greedy_chain_scratch_floats": ([_PTR, _I64, _I64, _I64], _I64),
     "decoder_greedy_chain": ([_PTR, _PTR, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _PTR,
                               _I64, _PTR, _PTR, _PTR, _PTR, _PTR], None),
-    "decoder_medusa_chain_scratch_floats": ([_PTR, _PTR, _PTR, _I64, _I64], _I64),
+    "decoder_medusa_chain_scratch_floats": ([_PTR, _PTR, _PTR, _I64, _PTR], _I64),
     "decoder_medusa_chain": ([_PTR, _PTR, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _PTR, _PTR, _PTR], None),
 }
 
@@ -417,8 +417,10 @@ def gemm_panels(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: 
     return linear_product(x, weights, out_features, bias, residual)
 
 
-# The whole decoder stack in one call (decoder.c) and the chains on it (decoder.c, medusa_chain.c): their
-# bindings live in decoder_stack.py.
+# The whole decoder stack in one call and the chains on it (decoder.c; tree_verify.c, medusa_chain.c,
+# eagle_chain.c): their bindings live in decoder_stack.py and speculating_chains.py.
 from models.kernels.decoder_stack import (  # noqa: E402, F401  (re-exported; they call _library above)
-    ChainDraws, ChainFeed, DecodeRows, DecoderLayer, DecoderShape, GreedyChain, MedusaChained, MedusaChainHeads,
-    MedusaChainRun, decoder_forward, decoder_greedy_chain, decoder_layers, decoder_medusa_chain)
+    ChainDraws, ChainFeed, DecodeRows, DecoderLayer, DecoderShape, GreedyChain, decoder_forward, decoder_greedy_chain,
+    decoder_layers)
+from models.kernels.speculating_chains import (  # noqa: E402, F401
+    ChainedRounds, MedusaChained, MedusaChainHeads, SpeculatingSequence, decoder_medusa_chain)

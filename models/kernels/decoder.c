@@ -8,7 +8,7 @@
  *
  * Per layer: x += o_proj(attention(rope(qk_norm(qkv(norm(x)))))); x += down(silu(gate) * up(norm(x))). At the
  * last layer only the `keep` rows go on past attention (the others only had to write their keys and
- * values). The result is the final norm of the kept rows.
+ * values). The result is the final norm of the kept rows (with final_norm NULL, the kept rows themselves).
  */
 #include <math.h>
 #include <stdint.h>
@@ -82,7 +82,12 @@ void decoder_forward(const DecoderShape *s, const DecoderLayer *layers, int64_t 
         linear_product(normed, m, hidden, hidden, l->gate_up, 2 * inter, l->gate_up_bias, NULL, gate_up);
         silu_mul(gate_up, mlp, m, inter);
         linear_product(mlp, m, inter, inter, l->down, hidden, l->down_bias, h, h);     /* h += mlp @ Wd */
-        if (i == num_layers - 1) rms_norm(h, hidden, final_norm, s->eps, out, m, hidden);
+        if (i == num_layers - 1) {
+            if (final_norm != NULL)
+                rms_norm(h, hidden, final_norm, s->eps, out, m, hidden);
+            else   /* (an EAGLE draft's layer: its output is the residual stream itself) */
+                memcpy(out, h, sizeof(float) * m * hidden);
+        }
     }
 }
 
