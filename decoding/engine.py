@@ -17,7 +17,7 @@ from decoding.block_manager import CacheUsage
 from decoding.config import EngineConfig
 from decoding.intake import Prompt, RequestIntake
 from decoding.multi_step import MultiStepDecode
-from decoding.speculative.medusa_chain import MedusaChainDecode
+from decoding.speculative.chain import speculating_chain
 from decoding.outputs import RequestOutput
 from decoding.params import SamplingParams
 from decoding.prompt_logprobs import record_prompt_logprobs
@@ -77,8 +77,9 @@ class Engine:
         # Plain decode steps chain, in a speculating engine too (in the steps its governor keeps plain).
         self.multi_step = MultiStepDecode(self.loaded.model, self.kv, self.config.decode_steps, self.eos_token_ids,
                                           self.max_model_len)
-        self.medusa_chain = MedusaChainDecode(self.loaded.model, self.kv, self.speculation, self.config.decode_steps,
-                                              self.eos_token_ids, self.max_model_len)
+        # A lone decode's speculating rounds chain too, for proposers that have a native chain.
+        self.speculating_chain = speculating_chain(self.loaded.model, self.kv, self.speculation, self.config.decode_steps,
+                                                   self.eos_token_ids, self.max_model_len)
         # Pushed "draft." weights go to a draft model's proposer (n-gram and Medusa proposers have none).
         proposer = self.speculation.proposer if self.speculation else None
         draft = proposer if hasattr(proposer, "forget_states") else None
@@ -173,9 +174,9 @@ class Engine:
         steps = self.multi_step.steps_for(sched)
         if steps > 1:
             return self._chained_steps(sched, steps, started)
-        medusa_tokens = self.medusa_chain.tokens_for(sched)
-        if medusa_tokens:
-            return self._medusa_chained(sched, medusa_tokens, started)
+        speculated_tokens = self.speculating_chain.tokens_for(sched)
+        if speculated_tokens:
+            return self._speculated_rounds(sched, speculated_tokens, started)
         chains = self.speculation.attach_drafts(sched) if self.speculation else []
         want_prompt = sched.wanting_prompt_logprobs()
         sched.chunk_logits_for = want_prompt | {chain.seq.seq_id for chain in chains}
@@ -218,16 +219,16 @@ class Engine:
             self.speculation.end_step(sched, [], [], time.perf_counter() - started, gained, steps)
         return outputs
 
-    def _medusa_chained(self, sched: SchedulerOutput, tokens: int, started: float) -> list[RequestOutput]:
-        """Several of Medusa's speculating steps for the step's one greedy sequence in one native call
-        (decoding/speculative/medusa_chain.py); the proposer keeps the newest hidden state, the governor
-        the call's speed."""
+    def _speculated_rounds(self, sched: SchedulerOutput, tokens: int, started: float) -> list[RequestOutput]:
+        """Several speculating rounds for the step's one sequence in one native call
+        (decoding/speculative/chain.py); the proposer takes what the call leaves it, the governor the call's
+        speed."""
         self.runner.copy_blocks(sched)
         seq = sched.scheduled[0].seq
-        chained = self.medusa_chain.run(sched, tokens)
-        gained, streamed = self.update.apply_speculated_chain(seq, chained, self.medusa_chain.token_logprobs(seq, chained))
-        if not seq.is_finished:
-            self.speculation.proposer.observe(seq, chained.hidden.unsqueeze(0))
+        chain = self.speculating_chain
+        chained = chain.run(sched, tokens)
+        chain.after(seq, chained)
+        gained, streamed = self.update.apply_speculated_chain(seq, chained, chain.token_logprobs(seq, chained))
         self.counters.num_steps += len(chained.accepted)
         outputs = streamed + self.update.end_step(sched)
         self.speculation.end_step(sched, [], [], time.perf_counter() - started, gained, len(chained.accepted))

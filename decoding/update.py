@@ -148,7 +148,7 @@ class StepUpdate:
 
     def apply_speculated_chain(self, seq: Sequence, chained: ChainedRounds,
                                logprobs: list[TokenLogprob | None]) -> tuple[int, list[RequestOutput]]:
-        """The tokens of several speculating rounds run in one call (decoding/speculative/medusa_chain.py):
+        """The tokens of several speculating rounds run in one call (decoding/speculative/chain.py):
         the cache already holds every emitted token but the last, as after a verified step; they are
         appended one by one (with their logprobs, None where not asked for) as the rounds' verdicts would
         append them, until the sequence ends. A streamed

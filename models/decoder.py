@@ -139,14 +139,7 @@ class DecoderForCausalLM(torch.nn.Module):
         spec = self.spec
         shape = kernels.DecoderShape(spec.hidden_size, spec.intermediate_size, spec.num_heads, spec.num_kv_heads,
                                      spec.head_dim, cache.block_size, spec.eps, spec.attention_scale)
-        layers = [dict(input_norm=layer.norms["attn_in_norm"], post_norm=layer.norms["mlp_in_norm"],
-                       q_norm=layer.q_norm, k_norm=layer.k_norm,
-                       qkv=layer.qkv.linear_weights(), qkv_bias=layer.qkv.bias,
-                       o_proj=layer.o_proj.linear_weights(), o_bias=layer.o_proj.bias,
-                       gate_up=layer.gate_up.linear_weights(), gate_up_bias=layer.gate_up.bias,
-                       down=layer.down.linear_weights(), down_bias=layer.down.bias,
-                       key_cache=cache.keys[i], value_cache=cache.values[i], window=layer.window)
-                  for i, layer in enumerate(self.layers)]
+        layers = [layer.native_entry(cache) for layer in self.layers]
         self._decoder_table = _NativeStack(cache, shape, kernels.decoder_layers(layers), layers)
         return shape, self._decoder_table.table
 
@@ -202,6 +195,22 @@ class DecoderForCausalLM(torch.nn.Module):
         shape, layers = self._native_stack(cache)
         return kernels.decoder_medusa_chain(shape, layers, self.embed, self.final_norm, self.lm_head.linear_weights(),
                                             self.vocab_size, heads, sequence, hidden)
+
+    def eagle_chain(self, draft: kernels.EagleChainDraft, token: int, position: int, block_table: list[int],
+                    cache: PagedKVCache, stop_tokens: list[int], banned_tokens: int, max_tokens: int,
+                    max_rounds: int, depth_room: int, draft_cache: kernels.EagleDraftCache) -> kernels.EagleChained | None:
+        """Up to max_rounds of EAGLE's greedy speculating steps for one sequence in one native call
+        (models/kernels/eagle_chain.c), as medusa_chain runs Medusa's, the draft reading and writing its own
+        cache (`draft_cache`: the rows it holds and lacks). None where the one-call stack does not run."""
+        if not self.greedy_chain_available():
+            return None
+        cos, sin = self.rotary.tables(position + max_tokens + draft.depth + 1, self.dtype)
+        sequence = kernels.SpeculatingSequence(token, position, torch.tensor(block_table, dtype=torch.int64), cos, sin,
+                                               torch.tensor(stop_tokens, dtype=torch.int64), banned_tokens, max_tokens,
+                                               max_rounds, depth_room)
+        shape, layers = self._native_stack(cache)
+        return kernels.decoder_eagle_chain(shape, layers, self.embed, self.final_norm, self.lm_head.linear_weights(),
+                                           self.vocab_size, draft, sequence, draft_cache)
 
     def compute_logits(self, hidden):
         spec = self.spec

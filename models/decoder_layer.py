@@ -67,6 +67,18 @@ class DecoderLayer(torch.nn.Module):
         self.sinks = zeros(self.num_heads) if spec.attention_sinks else None
         self.scores = ScoreOptions(softcap=spec.attn_softcap, sinks=self.sinks)
 
+    def native_entry(self, cache: PagedKVCache) -> dict:
+        """This plain layer as the one-call stack's layer table reads it (kernels.decoder_layers): its norms,
+        projections, biases, its cache tensors in `cache` and its window."""
+        i = self.layer_idx
+        return dict(input_norm=self.norms["attn_in_norm"], post_norm=self.norms["mlp_in_norm"],
+                    q_norm=self.q_norm, k_norm=self.k_norm,
+                    qkv=self.qkv.linear_weights(), qkv_bias=self.qkv.bias,
+                    o_proj=self.o_proj.linear_weights(), o_bias=self.o_proj.bias,
+                    gate_up=self.gate_up.linear_weights(), gate_up_bias=self.gate_up.bias,
+                    down=self.down.linear_weights(), down_bias=self.down.bias,
+                    key_cache=cache.keys[i], value_cache=cache.values[i], window=self.window)
+
     def forward(self, x, cos, sin, cache: PagedKVCache, meta: AttentionMetadata, keep_rows: torch.Tensor | None = None):
         """`keep_rows`: only these rows go on past attention (the last layer of a step whose other rows
         are prompt tokens nobody reads the output of: they only had to write their keys and values)."""

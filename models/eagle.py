@@ -188,6 +188,21 @@ class EagleDraft(torch.nn.Module):
             cos, sin = cos.squeeze(1), sin.squeeze(1)
         return layer.forward(x, cos, sin, cache, meta, output_rows)
 
+    def chain_draft(self, cache: PagedKVCache, tree: EagleTree, depth: int) -> kernels.EagleChainDraft | None:
+        """The draft over its own `cache` and the greedy tree (its `nodes` kept, `depth` levels as the proposer
+        caps them) as the native EAGLE chain reads them (models/kernels/eagle_chain.c); None where its layer
+        does not run on the one-call stack (not a plain float32 layer on the native kernels)."""
+        layer = self.layers[0]
+        if not (layer.plain and self.dtype == torch.float32 and tree.top_k <= 64):
+            return None
+        spec = self.spec
+        shape = kernels.DecoderShape(spec.hidden_size, spec.intermediate_size, spec.num_heads, spec.num_kv_heads,
+                                     spec.head_dim, cache.block_size, spec.eps, spec.attention_scale)
+        entry = layer.native_entry(cache)
+        return kernels.EagleChainDraft(shape, kernels.decoder_layers([entry]), self.fc.linear_weights(), self.fc.bias,
+                                       self.projection.linear_weights(), self.draft_vocab, tree.nodes, depth,
+                                       tree.top_k, tree.width, keep=entry)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> logits over the draft vocabulary [N, V']."""
         return self.projection.forward(hidden).float()

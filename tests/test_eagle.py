@@ -413,3 +413,32 @@ def test_steps_chained_while_eagle_is_off_give_its_draft_every_feature(llama_dir
     proposes again, its proposals are those of an engine that took every step singly, and so are the
     tokens."""
     assert_chained_steps_keep_the_proposer_in_step(llama_dir, lambda **options: eagle_engine(llama_dir, eagle_dir, **options))
+
+# ---- the native EAGLE chain (decoding/speculative/chain.py, eagle_chain.py) ---------------------------
+
+def without_native_chain(engine: Engine) -> Engine:
+    engine.speculating_chain.available = False
+    return engine
+
+
+@pytest.mark.parametrize("tree", [None, (1, 1, 1), (3, 2, 3), (6, 4, 3, 2), (12, 6, 4, 4)])
+def test_native_chain_decodes_plain_greedy_with_the_python_steps_proposals(llama_dir, eagle_dir, tree):
+    """A lone greedy request's speculating rounds run several to a call: the tokens are HF's greedy ones, the
+    rounds propose and keep what the engine's Python steps propose and keep (the same acceptance counts at
+    every depth), and every block of both caches comes back."""
+    runs = []
+    for native in (True, False):
+        engine = eagle_engine(llama_dir, eagle_dir, eagle_tree=tree)
+        if not native:
+            without_native_chain(engine)
+        tokens = [engine.generate([prompt], SamplingParams(temperature=0, max_tokens=NEW_TOKENS,
+                                                           min_tokens=NEW_TOKENS))[0].outputs[0].token_ids
+                  for prompt in PROMPTS[:3]]
+        counters = engine.speculation.counters
+        runs.append((tokens, counters.num_drafts, counters.num_draft_tokens, counters.accepted_per_position))
+        assert engine.cache_usage().num_used_blocks == 0
+        assert engine.speculation.proposer.kv.usage().num_used_blocks == 0
+        chain = engine.speculating_chain
+        assert (chain.num_calls > 0 and chain.num_rounds > chain.num_calls) == native
+    assert runs[0] == runs[1]
+    assert runs[0][0] == [hf_greedy(llama_dir, prompt, NEW_TOKENS) for prompt in PROMPTS[:3]]

@@ -544,11 +544,11 @@ def test_steps_chained_while_medusa_is_off_leave_the_heads_the_newest_state(llam
 
 
 def without_native_chain(engine: Engine) -> Engine:
-    engine.medusa_chain.available = False
+    engine.speculating_chain.available = False
     return engine
 
 
-# ---- the native Medusa chain (decoding/speculative/medusa_chain.py) --------------------------------
+# ---- the native Medusa chain (decoding/speculative/chain.py, medusa_chain.py) ------------------------
 
 def test_native_chain_decodes_plain_greedy_with_the_python_steps_proposals(llama_dir, heads_dir):
     """A lone greedy request's speculating steps run several to a call: the tokens are HF's greedy ones, the
@@ -566,7 +566,8 @@ def test_native_chain_decodes_plain_greedy_with_the_python_steps_proposals(llama
         runs.append((tokens, counters.num_drafts, counters.accepted_per_position))
         assert engine.cache_usage().num_used_blocks == 0
         if native:
-            assert engine.medusa_chain.num_calls > 0 and engine.medusa_chain.num_rounds > engine.medusa_chain.num_calls
+            chain = engine.speculating_chain
+            assert chain.num_calls > 0 and chain.num_rounds > chain.num_calls
     assert runs[0] == runs[1]
     assert runs[0][0] == [hf_greedy(llama_dir, prompt, NEW_TOKENS) for prompt in PROMPTS[:3]]
 
@@ -609,7 +610,7 @@ def test_native_chain_samples_the_plain_tokens_and_logprobs(llama_dir, heads_dir
         outputs = [engine.generate([prompt], params)[0].outputs[0] for prompt in PROMPTS[:3]]
         assert [o.token_ids for o in outputs] == [o.token_ids for o in expected]
         assert [[lp.logprob for lp in o.logprobs] for o in outputs] == [[lp.logprob for lp in o.logprobs] for o in expected]
-        assert (engine.medusa_chain.num_calls > 0) == native
+        assert (engine.speculating_chain.num_calls > 0) == native
         runs.append((engine.speculation.counters.num_drafts, engine.speculation.counters.accepted_per_position))
     assert runs[0] == runs[1]
 
@@ -631,7 +632,7 @@ def test_native_chain_ends_where_single_steps_end(llama_dir, heads_dir):
         [output] = engine.generate([PROMPTS[0]], params)
         assert [(o.token_ids, o.text, o.finish_reason) for o in output.outputs] == \
                [(o.token_ids, o.text, o.finish_reason) for o in expected.outputs]
-    assert engine.medusa_chain.num_calls > 0
+    assert engine.speculating_chain.num_calls > 0
     assert engine.cache_usage().num_used_blocks == 0
     request_id = engine.add_request(PROMPTS[1], SamplingParams(temperature=0, max_tokens=40, min_tokens=40))
     chunks = []

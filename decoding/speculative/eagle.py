@@ -133,6 +133,14 @@ class EagleProposer:
             state = self._states[seq.seq_id] = EagleState(seq.seq_id, start=known)
         state.features.extend(hidden.clone().unbind(0))     # (not views that keep the step's tensor)
 
+    def state_of(self, seq: Sequence) -> EagleState | None:
+        """The draft's cache of `seq`, where it is in step with the sequence: its rows and pending features
+        cover every token."""
+        state = self._states.get(seq.seq_id)
+        if state is None or state.start + state.num_computed + len(state.features) != len(seq.token_ids):
+            return None
+        return state
+
     # ---- proposing ---------------------------------------------------------------------------
     @torch.inference_mode()
     def propose(self, seqs: list[Sequence], max_tokens: list[int]) -> list[Proposal]:

@@ -115,6 +115,8 @@ SIGNATURES = {
                               _I64, _PTR, _PTR, _PTR, _PTR, _PTR], None),
     "decoder_medusa_chain_scratch_floats": ([_PTR, _PTR, _PTR, _I64, _PTR], _I64),
     "decoder_medusa_chain": ([_PTR, _PTR, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _PTR, _PTR, _PTR], None),
+    "decoder_eagle_chain_scratch_floats": ([_PTR, _PTR, _I64, _PTR], _I64),
+    "decoder_eagle_chain": ([_PTR, _PTR, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _PTR, _PTR], None),
 }
 
 
@@ -423,4 +425,5 @@ from models.kernels.decoder_stack import (  # noqa: E402, F401  (re-exported; th
     ChainDraws, ChainFeed, DecodeRows, DecoderLayer, DecoderShape, GreedyChain, decoder_forward, decoder_greedy_chain,
     decoder_layers)
 from models.kernels.speculating_chains import (  # noqa: E402, F401
-    ChainedRounds, MedusaChained, MedusaChainHeads, SpeculatingSequence, decoder_medusa_chain)
+    ChainedRounds, EagleChainDraft, EagleChained, EagleDraftCache, MedusaChained, MedusaChainHeads, SpeculatingSequence,
+    decoder_eagle_chain, decoder_medusa_chain)

@@ -180,3 +180,98 @@ def decoder_medusa_chain(shape: DecoderShape, layers: ctypes.Array, embed: torch
                                  ctypes.byref(run), scratch.data_ptr(), ctypes.byref(outcome))
     rounds.outcome = outcome.rounds
     return MedusaChained(**vars(rounds.result()), hidden=final_hidden)
+
+
+# ---- EAGLE (eagle_chain.c) ---------------------------------------------------------------------------
+
+class _EagleNativeDraft(ctypes.Structure):
+    _fields_ = [("shape", DecoderShape)]
+    _fields_ += [(name, ctypes.c_void_p) for name in ("layer", "fc", "fc_bias", "projection", "token_ids")]
+    _fields_ += [(name, ctypes.c_int64) for name in ("vocab", "nodes", "depth", "top_k", "width")]
+
+
+class _EagleRun(ctypes.Structure):
+    _fields_ = [("run", _SpeculatingRun), ("draft_table", ctypes.c_void_p), ("draft_max_blocks", ctypes.c_int64),
+                ("draft_computed", ctypes.c_int64), ("draft_cos", ctypes.c_void_p), ("draft_sin", ctypes.c_void_p),
+                ("pending_tokens", ctypes.c_void_p), ("pending_features", ctypes.c_void_p),
+                ("num_pending", ctypes.c_int64)]
+
+
+class _EagleOutcome(ctypes.Structure):
+    _fields_ = [("rounds", _SpeculatingOutcome), ("features", ctypes.c_void_p), ("num_pending", ctypes.c_int64),
+                ("draft_computed", ctypes.c_int64)]
+
+
+class EagleChainDraft:
+    """An EAGLE draft and its greedy tree as decoder_eagle_chain reads them (eagle_chain.c), built once per
+    draft cache: `shape` the draft layer's (its cache's block size), `layer` its one-entry layer table over
+    that cache (decoder_layers), fc and projection (LinearWeights, fc's bias), the projection rows' token ids,
+    and the tree: the `nodes` best candidates kept, `depth` levels, `top_k` candidates per scored row, `width`
+    rows per level. The tensors must outlive it (`keep`: what else the layer table points into)."""
+
+    def __init__(self, shape: DecoderShape, layer: ctypes.Array, fc: ctypes.Structure, fc_bias: torch.Tensor,
+                 projection: ctypes.Structure, token_ids: torch.Tensor, nodes: int, depth: int, top_k: int, width: int,
+                 keep: object = None):
+        if top_k > 64:
+            raise ValueError(f"the native EAGLE chain takes top_k up to 64, the tree asks for {top_k}")
+        self._layer, self._fc, self._projection, self._keep = layer, fc, projection, keep
+        self._fc_bias = fc_bias.contiguous()
+        self._token_ids = token_ids.to(torch.int64).contiguous()
+        self.nodes, self.depth = nodes, depth
+        self.draft = _EagleNativeDraft(shape, ctypes.addressof(layer), ctypes.addressof(fc), self._fc_bias.data_ptr(),
+                                       ctypes.addressof(projection), self._token_ids.data_ptr(), self._token_ids.numel(),
+                                       nodes, depth, top_k, width)
+
+
+@dataclass
+class EagleDraftCache:
+    """One sequence's rows in the draft's cache: its block table (int64, slots reserved for the pending rows,
+    max_tokens + the tree's depth more and the tree's rows), the rows it holds, the draft's rotary tables
+    [positions, head_dim], and the tokens it lacks (int64, the sequence's newest last) with the target's
+    feature before each [pending, hidden]."""
+
+    block_table: torch.Tensor
+    computed: int
+    cos: torch.Tensor
+    signed_sin: torch.Tensor
+    pending_tokens: torch.Tensor
+    pending_features: torch.Tensor
+
+
+@dataclass
+class EagleChained(ChainedRounds):
+    """What decoder_eagle_chain did, and the draft's cache after it: the rows it holds and the features
+    [pending, hidden] before the newest `pending` emitted tokens, which it lacks."""
+
+    draft_computed: int = 0
+    pending_features: torch.Tensor | None = None
+
+
+def decoder_eagle_chain(shape: DecoderShape, layers: ctypes.Array, embed: torch.Tensor, final_norm: torch.Tensor,
+                        lm_head: ctypes.Structure, vocab: int, draft: EagleChainDraft, sequence: SpeculatingSequence,
+                        cache: EagleDraftCache) -> EagleChained:
+    """Up to sequence.max_rounds of EAGLE's greedy speculating steps for one sequence in one call, stopping
+    once max_tokens are emitted (eagle_chain.c); at least one round must fit (depth_room >= 1)."""
+    assert sequence.depth_room >= 1 and sequence.max_tokens >= 1 and sequence.max_rounds >= 1
+    rounds = _Rounds(shape, sequence, draft.depth)
+    table = cache.block_table.to(torch.int64).contiguous()
+    tokens = cache.pending_tokens.to(torch.int64).contiguous()
+    features = cache.pending_features.float().contiguous()
+    assert features.shape == (tokens.numel(), shape.hidden) and tokens.numel() >= 1
+    assert int(tokens[-1]) == sequence.token
+    for rotary in (cache.cos, cache.signed_sin):
+        assert rotary.is_contiguous() and rotary.dtype == torch.float32
+    pending = torch.empty(draft.depth + 1, shape.hidden, dtype=torch.float32)
+    run = _EagleRun(rounds.run, table.data_ptr(), table.numel(), cache.computed, cache.cos.data_ptr(),
+                    cache.signed_sin.data_ptr(), tokens.data_ptr(), features.data_ptr(), tokens.numel())
+    outcome = _EagleOutcome(rounds.outcome, pending.data_ptr(), 0, 0)
+    library = _library()
+    scratch = torch.empty(library.decoder_eagle_chain_scratch_floats(
+        ctypes.byref(shape), ctypes.byref(draft.draft), vocab, ctypes.byref(run)), dtype=torch.float32)
+    library.decoder_eagle_chain(ctypes.byref(shape), layers, len(layers), embed.data_ptr(), final_norm.data_ptr(),
+                                ctypes.byref(lm_head), vocab, ctypes.byref(draft.draft), ctypes.byref(run),
+                                scratch.data_ptr(), ctypes.byref(outcome))
+    rounds.outcome = outcome.rounds
+    assert outcome.num_pending >= 1
+    return EagleChained(**vars(rounds.result()), draft_computed=outcome.draft_computed,
+                        pending_features=pending[: outcome.num_pending])
