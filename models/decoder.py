@@ -198,16 +198,18 @@ class DecoderForCausalLM(torch.nn.Module):
 
     def eagle_chain(self, draft: kernels.EagleChainDraft, token: int, position: int, block_table: list[int],
                     cache: PagedKVCache, stop_tokens: list[int], banned_tokens: int, max_tokens: int,
-                    max_rounds: int, depth_room: int, draft_cache: kernels.EagleDraftCache) -> kernels.EagleChained | None:
-        """Up to max_rounds of EAGLE's greedy speculating steps for one sequence in one native call
-        (models/kernels/eagle_chain.c), as medusa_chain runs Medusa's, the draft reading and writing its own
-        cache (`draft_cache`: the rows it holds and lacks). None where the one-call stack does not run."""
+                    max_rounds: int, depth_room: int, draft_cache: kernels.EagleDraftCache,
+                    draws: kernels.ChainDraws | None = None) -> kernels.EagleChained | None:
+        """Up to max_rounds of EAGLE's speculating steps for one sequence in one native call
+        (models/kernels/eagle_chain.c), as medusa_chain runs Medusa's (with `draws`, sampled), the draft reading
+        and writing its own cache (`draft_cache`: the rows it holds and lacks). None where the one-call stack
+        does not run."""
         if not self.greedy_chain_available():
             return None
         cos, sin = self.rotary.tables(position + max_tokens + draft.depth + 1, self.dtype)
         sequence = kernels.SpeculatingSequence(token, position, torch.tensor(block_table, dtype=torch.int64), cos, sin,
                                                torch.tensor(stop_tokens, dtype=torch.int64), banned_tokens, max_tokens,
-                                               max_rounds, depth_room)
+                                               max_rounds, depth_room, draws)
         shape, layers = self._native_stack(cache)
         return kernels.decoder_eagle_chain(shape, layers, self.embed, self.final_norm, self.lm_head.linear_weights(),
                                            self.vocab_size, draft, sequence, draft_cache)

@@ -442,3 +442,56 @@ def test_native_chain_decodes_plain_greedy_with_the_python_steps_proposals(llama
         assert (chain.num_calls > 0 and chain.num_rounds > chain.num_calls) == native
     assert runs[0] == runs[1]
     assert runs[0][0] == [hf_greedy(llama_dir, prompt, NEW_TOKENS) for prompt in PROMPTS[:3]]
+
+
+@pytest.mark.parametrize("mode", ["processed", "raw"])
+def test_native_chain_samples_the_plain_tokens_and_logprobs(llama_dir, eagle_dir, mode):
+    """A lone sampled request under exact acceptance: the draft draws each level's row as the Python proposer
+    draws it and the target's rows draw as plain sampling draws at their positions, so the chain emits plain
+    sampling's tokens and logprobs, and proposes and keeps what the Python steps do."""
+    # ignore_eos rather than min_tokens: raw logprobs of rows with banned tokens are not drawn natively.
+    params = SamplingParams(temperature=0.8, seed=7, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=0,
+                            logprobs_mode=mode)
+    plain = Engine(model=llama_dir, show_progress=False, num_kv_blocks=256, block_size=4)
+    expected = [plain.generate([prompt], params)[0].outputs[0] for prompt in PROMPTS[:3]]
+    runs = []
+    for native in (True, False):
+        engine = eagle_engine(llama_dir, eagle_dir, eagle_tree=(4, 3, 3))
+        if not native:
+            without_native_chain(engine)
+        outputs = [engine.generate([prompt], params)[0].outputs[0] for prompt in PROMPTS[:3]]
+        assert [o.token_ids for o in outputs] == [o.token_ids for o in expected]
+        assert [[lp.logprob for lp in o.logprobs] for o in outputs] == [[lp.logprob for lp in o.logprobs] for o in expected]
+        assert (engine.speculating_chain.num_calls > 0) == native
+        counters = engine.speculation.counters
+        runs.append((counters.num_drafts, counters.num_draft_tokens, counters.accepted_per_position))
+    assert runs[0] == runs[1]
+
+
+def test_native_chain_ends_where_single_steps_end(llama_dir, eagle_dir):
+    """Stop strings, stop tokens held back by min_tokens (banned in the draft's draws too), and max_tokens
+    reached inside a round end the request where plain decoding ends it, with the same text and finish
+    reason; a streamed request gets its tokens round by round; the draft's cache comes back whole."""
+    plain = Engine(model=llama_dir, show_progress=False, num_kv_blocks=256, block_size=4)
+    engine = eagle_engine(llama_dir, eagle_dir)
+    greedy = plain.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=30))[0].outputs[0]
+    stop_token, stop_text = greedy.token_ids[5], greedy.text[6:9]
+    sampled = plain.generate([PROMPTS[0]], SamplingParams(temperature=0.8, seed=2, max_tokens=30))[0].outputs[0]
+    cases = [SamplingParams(temperature=0, max_tokens=30, stop=[stop_text]),
+             SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[stop_token], min_tokens=9),
+             SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[stop_token]),
+             SamplingParams(temperature=0, max_tokens=7),
+             SamplingParams(temperature=0.8, seed=2, max_tokens=30, stop_token_ids=[sampled.token_ids[4]], min_tokens=12)]
+    for params in cases:
+        [expected] = plain.generate([PROMPTS[0]], params)
+        [output] = engine.generate([PROMPTS[0]], params)
+        assert [(o.token_ids, o.text, o.finish_reason) for o in output.outputs] == \
+               [(o.token_ids, o.text, o.finish_reason) for o in expected.outputs]
+    assert engine.speculating_chain.num_calls > 0
+    assert engine.cache_usage().num_used_blocks == 0
+    assert engine.speculation.proposer.kv.usage().num_used_blocks == 0
+    request_id = engine.add_request(PROMPTS[1], SamplingParams(temperature=0, max_tokens=40, min_tokens=40))
+    chunks = []
+    while engine.has_unfinished_requests():
+        chunks += [len(out.outputs[0].token_ids) for out in engine.step() if out.request_id == request_id]
+    assert chunks[-1] == 40 and len(chunks) > 3 and chunks == sorted(chunks)

@@ -6,8 +6,13 @@ verifies it (models/kernels/eagle_chain.c).
 The draft's cache stays the proposer's (its KV-cache manager, the sequence's EagleState): the call
 reserves room for the rows it writes (the pending rows, a catch-up per round and the tree's rows), and
 leaves the state as a single step would, holding the rows it computed and the features of the newest
-tokens, which the next round or step catches up on. Greedy requests without logprobs only: a sampled
-request's draft draws through its logits pipeline in Python.
+tokens, which the next round or step catches up on.
+
+A sampled request under exact acceptance whose rows the native kernels draw (`sampler.draws_natively`)
+chains too: each level's one draft row draws with the uniform of its position as EagleProposer draws it
+(the draft vocabulary is sorted by id, so the draw over its columns is the draw over the whole vocabulary),
+its siblings the draft distribution's next best, and the target's rows draw as plain sampling draws: plain
+sampling's tokens and logprobs.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from __future__ import annotations
 import torch
 
 from models import kernels
+from decoding.multi_step import chain_draws
+from decoding.sampler import draws_natively
 from decoding.sequence import Sequence
 from decoding.speculative.chain import SpeculatingChain
 from decoding.speculative.eagle import EagleProposer
@@ -38,7 +45,9 @@ class EagleChainDecode(SpeculatingChain):
 
     def _draws_for(self, seq: Sequence) -> bool:
         params = seq.request.params
-        return params.is_greedy and params.logprobs is None
+        return (params.is_greedy and params.logprobs is None) or (
+            self.speculation.acceptance.exact and self.speculation.acceptance.typical is None
+            and draws_natively(params, limited=seq.num_output_tokens < params.min_tokens))
 
     def _ready(self, seq: Sequence, tokens: int) -> bool:
         state = self.proposer.state_of(seq)
@@ -59,9 +68,11 @@ class EagleChainDecode(SpeculatingChain):
         cache = kernels.EagleDraftCache(torch.tensor(state.block_table, dtype=torch.int64), state.num_computed, cos, sin,
                                         torch.tensor(seq.token_ids[state.start + state.num_computed:], dtype=torch.int64),
                                         torch.stack(state.features))
+        params = seq.request.params
+        draws = None if params.is_greedy and params.logprobs is None else chain_draws([seq], tokens + self.depth)
         return self.model.eagle_chain(self._draft, seq.token_ids[-1], seq.num_computed, seq.block_table, self.kv.cache,
                                       stop_tokens, banned, tokens, self.max_rounds, self.speculation.max_depth(seq),
-                                      cache)
+                                      cache, draws)
 
     def after(self, seq: Sequence, chained: kernels.EagleChained) -> None:
         """The draft's cache holds the rows the call computed; it lacks the newest tokens, whose features

@@ -76,9 +76,9 @@ typedef struct {
     TreeVerification verification;
     int64_t *slots, *context, *counts, *extra, *tables;
     float *input, *x, *cos, *sin, *root_output, *tree_output, *logits, *stack;
-    int64_t *best, *order, *kept_of, *tokens, *parents, *path;
+    int64_t *best, *order, *kept_of, *tokens, *parents, *path, *banned_columns;
     Candidate *candidates;
-    int64_t rows, tree_rows, max_candidates;
+    int64_t rows, tree_rows, max_candidates, num_banned;
 } EagleScratch;
 
 static void eagle_layout(EagleScratch *e, Arena *arena, const DecoderShape *target, const EagleNativeDraft *draft,
@@ -111,9 +111,20 @@ static void eagle_layout(EagleScratch *e, Arena *arena, const DecoderShape *targ
     e->parents = arena_take(arena, sizeof(int64_t) * (draft->nodes + 1));
     e->path = arena_take(arena, sizeof(int64_t) * (draft->nodes + 1));
     e->candidates = arena_take(arena, sizeof(Candidate) * e->max_candidates);
-    if (arena->base != NULL)
-        for (int64_t j = 0; j < rows; ++j)
-            memcpy(e->tables + j * run->draft_max_blocks, run->draft_table, sizeof(int64_t) * run->draft_max_blocks);
+    e->banned_columns = arena_take(arena, sizeof(int64_t) * (run->run.num_banned + 1));
+    if (arena->base == NULL) return;
+    for (int64_t j = 0; j < rows; ++j)
+        memcpy(e->tables + j * run->draft_max_blocks, run->draft_table, sizeof(int64_t) * run->draft_max_blocks);
+    /* The stop tokens' columns among the draft vocabulary (sorted by id), where it holds them. */
+    e->num_banned = 0;
+    for (int64_t b = 0; b < run->run.num_banned; ++b) {
+        int64_t low = 0, high = draft->vocab;
+        while (low < high) {
+            const int64_t middle = (low + high) / 2;
+            if (draft->token_ids[middle] < run->run.banned[b]) low = middle + 1; else high = middle;
+        }
+        if (low < draft->vocab && draft->token_ids[low] == run->run.banned[b]) e->banned_columns[e->num_banned++] = low;
+    }
 }
 
 /* Floats of scratch decoder_eagle_chain needs. */
@@ -151,25 +162,47 @@ static void draft_rows(const EagleNativeDraft *draft, const EagleRun *run, Eagle
                     NULL, e->stack, out);
 }
 
-/* Score `count` draft outputs: each one's top_k tokens become candidates under parents[j] at `depth`. */
-static int64_t score_rows(const EagleNativeDraft *draft, EagleScratch *e, const float *outputs, int64_t count,
-                          const int64_t *parents, int64_t depth, int64_t num_candidates) {
+/* Whether the request draws (its rows sampled with the uniforms, not greedy). */
+static inline int draws(const SpeculatingRun *run) { return run->uniforms != NULL && !run->greedy; }
+
+/* Score `count` draft outputs at `depth` (the tokens at the call's output index emitted + depth - 1): each
+ * one's top_k tokens become candidates under parents[j], scored by their log-probability under the draft. A
+ * sampled request's one row instead first takes the token its rule draws from the draft's distribution with
+ * that position's uniform (exact acceptance couples it with the target's draw there: EagleProposer._choose),
+ * with the stop tokens banned below min_tokens, then the distribution's next best; *drawn: its candidate. */
+static int64_t score_rows(const EagleNativeDraft *draft, const SpeculatingRun *run, EagleScratch *e,
+                          const float *outputs, int64_t count, const int64_t *parents, int64_t depth, int64_t emitted,
+                          int64_t num_candidates, int64_t *drawn) {
     const int64_t vocab = draft->vocab;
+    const int sampled = draws(run);
+    const float scale = sampled ? 1.0f / run->temperature : 1.0f;
     linear_product(outputs, count, draft->shape.hidden, draft->shape.hidden, draft->projection, vocab, NULL, NULL,
                    e->logits);
     for (int64_t j = 0; j < count; ++j) {
-        const float *row = e->logits + j * vocab;
+        float *row = e->logits + j * vocab;
+        if (sampled && emitted + depth - 1 < run->banned_tokens)
+            for (int64_t b = 0; b < e->num_banned; ++b) row[e->banned_columns[b]] = -INFINITY;
         top_columns(row, vocab, draft->top_k, e->best);
-        /* log_softmax at the best columns: x - max - log(sum(exp(x - max))) */
+        /* log_softmax (at the request's temperature) at the chosen columns: y - max - log(sum(exp(y - max))) */
         const float max = row[e->best[0]];
         float sum = 0.0f;
-        for (int64_t v = 0; v < vocab; ++v) sum += expf(row[v] - max);
+        for (int64_t v = 0; v < vocab; ++v) sum += expf((row[v] - max) * scale);
         const float log_sum = logf(sum);
         const double base = parents[j] < 0 ? 0.0 : e->candidates[parents[j]].score;
-        for (int64_t k = 0; k < draft->top_k; ++k) {
+        int64_t column = -1, taken = 0;
+        float logprob = 0.0f, raw_logprob;
+        if (sampled) {
+            sample_one_row(row, vocab, run->temperature, run->uniforms[emitted + depth - 1], 0, 0, &column, &logprob,
+                           &raw_logprob);
+            *drawn = num_candidates;
+        }
+        for (int64_t k = -1; k < draft->top_k && taken < draft->top_k; ++k) {
+            if (k < 0 ? column < 0 : e->best[k] == column) continue;
+            const int64_t at = k < 0 ? column : e->best[k];
             Candidate *c = &e->candidates[num_candidates++];
-            c->token = draft->token_ids[e->best[k]], c->depth = depth, c->parent = parents[j], c->row = -1;
-            c->score = base + (double)((row[e->best[k]] - max) - log_sum);
+            c->token = draft->token_ids[at], c->depth = depth, c->parent = parents[j], c->row = -1;
+            c->score = base + (double)(k < 0 ? logprob : (row[at] - max) * scale - log_sum);
+            ++taken;
         }
     }
     return num_candidates;
@@ -191,10 +224,10 @@ static void rank(const Candidate *candidates, int64_t from, int64_t to, int64_t 
     }
 }
 
-/* Grow one round's tree from the draft output `root` (the catch-up's last row, at cache row `base` - 1);
- * -> the number of candidates. */
+/* Grow one round's tree from the draft output `root` (the catch-up's last row, at cache row `base` - 1)
+ * after `emitted` tokens of the call; -> the number of candidates. */
 static int64_t grow(const EagleNativeDraft *draft, const EagleRun *run, EagleScratch *e, const float *embed,
-                    int64_t base) {
+                    int64_t base, int64_t emitted) {
     int64_t frontier[draft->width > 0 ? draft->width : 1], positions[draft->width > 0 ? draft->width : 1];
     int64_t tokens[draft->width > 0 ? draft->width : 1];
     const float *features[draft->width > 0 ? draft->width : 1];
@@ -203,12 +236,18 @@ static int64_t grow(const EagleNativeDraft *draft, const EagleRun *run, EagleScr
     frontier[0] = -1;
     for (int64_t depth = 1; depth <= draft->depth; ++depth) {
         level_start = count;
-        count = score_rows(draft, e, frontier_outputs, frontier_size, frontier, depth, count);
+        int64_t drawn = -1;
+        count = score_rows(draft, &run->run, e, frontier_outputs, frontier_size, frontier, depth, emitted, count, &drawn);
         if (depth == draft->depth) break;
-        /* The level's `width` best that could still be kept: fewer than `nodes` candidates score as high. */
-        rank(e->candidates, level_start, count, e->order);
-        int64_t expand = 0;
-        for (int64_t i = 0; i < count - level_start && i < draft->width; ++i) {
+        /* The level's `width` best (a sampled request: its draw) that could still be kept: fewer than `nodes`
+         * candidates score as high. */
+        int64_t expand = 0, choices = draws(&run->run) ? 1 : (count - level_start < draft->width ? count - level_start
+                                                                                                 : draft->width);
+        if (draws(&run->run))
+            e->order[0] = drawn;
+        else
+            rank(e->candidates, level_start, count, e->order);
+        for (int64_t i = 0; i < choices; ++i) {
             const int64_t c = e->order[i];
             int64_t as_high = 0;
             for (int64_t o = 0; o < count; ++o) as_high += e->candidates[o].score >= e->candidates[c].score;
@@ -288,7 +327,7 @@ void decoder_eagle_chain(const DecoderShape *s, const DecoderLayer *layers, int6
         }
         draft_rows(draft, eagle, &e, embed, pending, features, num_pending, computed, positions, 1, e.root_output);
         computed += num_pending;
-        const int64_t count = grow(draft, eagle, &e, embed, computed);
+        const int64_t count = grow(draft, eagle, &e, embed, computed, emitted);
         const int64_t rows = select_tree(draft, &e, count, pending[num_pending - 1], limit);
         kept = verify_tree(s, layers, num_layers, embed, final_norm, lm_head, vocab, run, &e.verification, position,
                            emitted, e.tokens, e.parents, rows, e.path, out);
