@@ -41,6 +41,11 @@ def eagle_engine(llama_dir, eagle_dir, **overrides):
     return Engine(model=llama_dir, **(options | overrides))
 
 
+def without_native_chain(engine: Engine) -> Engine:
+    engine.speculating_chain.available = False
+    return engine
+
+
 # ---- the head ------------------------------------------------------------------------------------
 
 def test_a_trained_head_is_saved_in_the_eagle_layout(eagle_dir):
@@ -411,14 +416,31 @@ def test_steps_chained_while_eagle_is_off_give_its_draft_every_feature(llama_dir
     """Above speculative_disable_by_batch_size the engine chains plain decode steps (decoding/multi_step.py)
     and hands the draft the target's features of every token they made: once the batch shrinks and EAGLE
     proposes again, its proposals are those of an engine that took every step singly, and so are the
-    tokens."""
-    assert_chained_steps_keep_the_proposer_in_step(llama_dir, lambda **options: eagle_engine(llama_dir, eagle_dir, **options))
+    tokens. (About the Python proposer: the native chain, which would take the lone request's speculating
+    steps once the other ends, is off here; with it on, the next test.)"""
+    assert_chained_steps_keep_the_proposer_in_step(
+        llama_dir, lambda **options: without_native_chain(eagle_engine(llama_dir, eagle_dir, **options)))
+
+
+def test_the_native_chain_catches_up_on_the_features_of_chained_plain_steps(llama_dir, eagle_dir):
+    """After plain steps chained while speculation was off, the native chain's first catch-up covers every
+    token they made: its rounds keep what the Python steps keep, and the tokens are plain greedy's."""
+    params = [SamplingParams(max_tokens=9, temperature=0, ignore_eos=True),
+              SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)]
+    runs = []
+    for native in (True, False):
+        engine = eagle_engine(llama_dir, eagle_dir, speculative_disable_by_batch_size=1, decode_steps=8)
+        if not native:
+            without_native_chain(engine)
+        outputs = engine.generate([PROMPTS[0], PROMPTS[1]], params)
+        counters = engine.speculation.counters
+        runs.append(([o.outputs[0].token_ids for o in outputs], counters.num_drafts, counters.accepted_per_position))
+        assert engine.multi_step.num_calls > 0 and (engine.speculating_chain.num_calls > 0) == native
+    assert runs[0] == runs[1] and runs[0][1] > 0
+    plain = Engine(model=llama_dir, show_progress=False, num_kv_blocks=256, block_size=4)
+    assert runs[0][0] == [o.outputs[0].token_ids for o in plain.generate([PROMPTS[0], PROMPTS[1]], params)]
 
 # ---- the native EAGLE chain (decoding/speculative/chain.py, eagle_chain.py) ---------------------------
-
-def without_native_chain(engine: Engine) -> Engine:
-    engine.speculating_chain.available = False
-    return engine
 
 
 @pytest.mark.parametrize("tree", [None, (1, 1, 1), (3, 2, 3), (6, 4, 3, 2), (12, 6, 4, 4)])
