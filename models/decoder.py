@@ -175,41 +175,38 @@ class DecoderForCausalLM(torch.nn.Module):
         return kernels.decoder_greedy_chain(shape, layers, self.embed, self.final_norm, self.lm_head.linear_weights(),
                                             self.vocab_size, chain, draws, step_hidden)
 
-    def medusa_chain(self, heads: kernels.MedusaChainHeads, token: int, position: int, block_table: list[int],
-                     hidden: torch.Tensor, cache: PagedKVCache, stop_tokens: list[int], banned_tokens: int,
-                     max_tokens: int, max_rounds: int, depth_room: int,
-                     draws: kernels.ChainDraws | None = None) -> kernels.MedusaChained | None:
-        """Up to max_rounds of Medusa's greedy speculating steps for one sequence in one native call
-        (models/kernels/medusa_chain.c): its newest token `token`, not in the cache yet, at `position`, the
-        final hidden state it came from, its block table with slots reserved for max_tokens plus the tree's
-        nodes past position; its stop_tokens at -inf while fewer than banned_tokens are emitted; the tree
-        trimmed to depth_room less the tokens emitted (kernels.SpeculatingSequence); with `draws`
-        (one row's, uniforms per token from here) each row draws as the sampler does instead of taking the
-        argmax. None where the one-call stack does not run."""
+    def speculating_sequence(self, token: int, position: int, block_table: list[int], stop_tokens: list[int],
+                             banned_tokens: int, max_tokens: int, max_rounds: int, depth_room: int, max_depth: int,
+                             draws: kernels.ChainDraws | None = None) -> kernels.SpeculatingSequence:
+        """One sequence for a speculating chain (medusa_chain, eagle_chain): its newest token `token`, not in
+        the cache yet, at `position`, its block table with slots reserved for max_tokens plus the tree's nodes
+        past position; its stop_tokens at -inf while fewer than banned_tokens are emitted; rounds up to
+        max_rounds while fewer than max_tokens are emitted, each tree trimmed to depth_room less the tokens
+        emitted (a tree max_depth deep at most); with `draws` (one row's, uniforms per token from here) each
+        row draws as the sampler does instead of taking the argmax (kernels.SpeculatingSequence)."""
+        cos, sin = self.rotary.tables(position + max_tokens + max_depth + 1, self.dtype)
+        return kernels.SpeculatingSequence(token, position, torch.tensor(block_table, dtype=torch.int64), cos, sin,
+                                           torch.tensor(stop_tokens, dtype=torch.int64), banned_tokens, max_tokens,
+                                           max_rounds, depth_room, draws)
+
+    def medusa_chain(self, heads: kernels.MedusaChainHeads, sequence: kernels.SpeculatingSequence,
+                     hidden: torch.Tensor, cache: PagedKVCache) -> kernels.MedusaChained | None:
+        """Medusa's speculating rounds for one sequence in one native call (models/kernels/medusa_chain.c), the
+        heads reading `hidden`, the final hidden state its newest token came from. None where the one-call
+        stack does not run."""
         if not self.greedy_chain_available():
             return None
-        cos, sin = self.rotary.tables(position + max_tokens + heads.max_depth + 1, self.dtype)
-        sequence = kernels.SpeculatingSequence(token, position, torch.tensor(block_table, dtype=torch.int64), cos, sin,
-                                               torch.tensor(stop_tokens, dtype=torch.int64), banned_tokens, max_tokens,
-                                               max_rounds, depth_room, draws)
         shape, layers = self._native_stack(cache)
         return kernels.decoder_medusa_chain(shape, layers, self.embed, self.final_norm, self.lm_head.linear_weights(),
                                             self.vocab_size, heads, sequence, hidden)
 
-    def eagle_chain(self, draft: kernels.EagleChainDraft, token: int, position: int, block_table: list[int],
-                    cache: PagedKVCache, stop_tokens: list[int], banned_tokens: int, max_tokens: int,
-                    max_rounds: int, depth_room: int, draft_cache: kernels.EagleDraftCache,
-                    draws: kernels.ChainDraws | None = None) -> kernels.EagleChained | None:
-        """Up to max_rounds of EAGLE's speculating steps for one sequence in one native call
-        (models/kernels/eagle_chain.c), as medusa_chain runs Medusa's (with `draws`, sampled), the draft reading
-        and writing its own cache (`draft_cache`: the rows it holds and lacks). None where the one-call stack
-        does not run."""
+    def eagle_chain(self, draft: kernels.EagleChainDraft, sequence: kernels.SpeculatingSequence, cache: PagedKVCache,
+                    draft_cache: kernels.EagleDraftCache) -> kernels.EagleChained | None:
+        """EAGLE's speculating rounds for one sequence in one native call (models/kernels/eagle_chain.c), the
+        draft reading and writing its own cache (`draft_cache`: the rows it holds and lacks). None where the
+        one-call stack does not run."""
         if not self.greedy_chain_available():
             return None
-        cos, sin = self.rotary.tables(position + max_tokens + draft.depth + 1, self.dtype)
-        sequence = kernels.SpeculatingSequence(token, position, torch.tensor(block_table, dtype=torch.int64), cos, sin,
-                                               torch.tensor(stop_tokens, dtype=torch.int64), banned_tokens, max_tokens,
-                                               max_rounds, depth_room, draws)
         shape, layers = self._native_stack(cache)
         return kernels.decoder_eagle_chain(shape, layers, self.embed, self.final_norm, self.lm_head.linear_weights(),
                                            self.vocab_size, draft, sequence, draft_cache)

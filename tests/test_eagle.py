@@ -8,6 +8,7 @@ import torch
 from decoding import Engine, SamplingParams
 from models.eagle import EagleDraft, EagleTree
 from tiny_models import (PROMPTS, assert_chained_steps_keep_the_proposer_in_step,
+                         assert_speculating_chain_ends_where_plain_ends,
                          assert_lossless_sampling_follows_the_target, assert_quantized_speculation_is_plain_decoding,
                          assert_same_steps_match, assert_seeded_speculation, assert_target_logprobs, hf_greedy,
                          recorded_proposals, within_binomial_bounds)
@@ -492,28 +493,8 @@ def test_native_chain_samples_the_plain_tokens_and_logprobs(llama_dir, eagle_dir
 
 def test_native_chain_ends_where_single_steps_end(llama_dir, eagle_dir):
     """Stop strings, stop tokens held back by min_tokens (banned in the draft's draws too), and max_tokens
-    reached inside a round end the request where plain decoding ends it, with the same text and finish
-    reason; a streamed request gets its tokens round by round; the draft's cache comes back whole."""
-    plain = Engine(model=llama_dir, show_progress=False, num_kv_blocks=256, block_size=4)
+    reached inside a round end the request where plain decoding ends it; a streamed request gets its tokens
+    round by round; the draft's cache comes back whole."""
     engine = eagle_engine(llama_dir, eagle_dir)
-    greedy = plain.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=30))[0].outputs[0]
-    stop_token, stop_text = greedy.token_ids[5], greedy.text[6:9]
-    sampled = plain.generate([PROMPTS[0]], SamplingParams(temperature=0.8, seed=2, max_tokens=30))[0].outputs[0]
-    cases = [SamplingParams(temperature=0, max_tokens=30, stop=[stop_text]),
-             SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[stop_token], min_tokens=9),
-             SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[stop_token]),
-             SamplingParams(temperature=0, max_tokens=7),
-             SamplingParams(temperature=0.8, seed=2, max_tokens=30, stop_token_ids=[sampled.token_ids[4]], min_tokens=12)]
-    for params in cases:
-        [expected] = plain.generate([PROMPTS[0]], params)
-        [output] = engine.generate([PROMPTS[0]], params)
-        assert [(o.token_ids, o.text, o.finish_reason) for o in output.outputs] == \
-               [(o.token_ids, o.text, o.finish_reason) for o in expected.outputs]
-    assert engine.speculating_chain.num_calls > 0
-    assert engine.cache_usage().num_used_blocks == 0
+    assert_speculating_chain_ends_where_plain_ends(engine, llama_dir, sampled_stop=True)
     assert engine.speculation.proposer.kv.usage().num_used_blocks == 0
-    request_id = engine.add_request(PROMPTS[1], SamplingParams(temperature=0, max_tokens=40, min_tokens=40))
-    chunks = []
-    while engine.has_unfinished_requests():
-        chunks += [len(out.outputs[0].token_ids) for out in engine.step() if out.request_id == request_id]
-    assert chunks[-1] == 40 and len(chunks) > 3 and chunks == sorted(chunks)

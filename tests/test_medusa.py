@@ -14,6 +14,7 @@ from models import kernels
 from models.loader import DEFAULT_MEDUSA_DIR
 from models.medusa import MedusaHeads
 from tiny_models import (PROMPTS, assert_chained_steps_keep_the_proposer_in_step,
+                         assert_speculating_chain_ends_where_plain_ends,
                          assert_lossless_sampling_follows_the_target, assert_quantized_speculation_is_plain_decoding,
                          assert_same_steps_match, assert_seeded_speculation, assert_target_logprobs, hf_greedy,
                          hf_logits, recorded_proposals)
@@ -617,25 +618,5 @@ def test_native_chain_samples_the_plain_tokens_and_logprobs(llama_dir, heads_dir
 
 def test_native_chain_ends_where_single_steps_end(llama_dir, heads_dir):
     """Stop strings, stop tokens held back by min_tokens, and max_tokens reached inside a round end the
-    request where the Python steps end it, with the same text and finish reason; a streamed request gets
-    its tokens round by round."""
-    plain = Engine(model=llama_dir, show_progress=False, num_kv_blocks=256, block_size=4)
-    engine = medusa_engine(llama_dir, heads_dir)
-    greedy = plain.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=30))[0].outputs[0]
-    stop_token, stop_text = greedy.token_ids[5], greedy.text[6:9]
-    cases = [SamplingParams(temperature=0, max_tokens=30, stop=[stop_text]),
-             SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[stop_token], min_tokens=9),
-             SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[stop_token]),
-             SamplingParams(temperature=0, max_tokens=7)]
-    for params in cases:
-        [expected] = plain.generate([PROMPTS[0]], params)
-        [output] = engine.generate([PROMPTS[0]], params)
-        assert [(o.token_ids, o.text, o.finish_reason) for o in output.outputs] == \
-               [(o.token_ids, o.text, o.finish_reason) for o in expected.outputs]
-    assert engine.speculating_chain.num_calls > 0
-    assert engine.cache_usage().num_used_blocks == 0
-    request_id = engine.add_request(PROMPTS[1], SamplingParams(temperature=0, max_tokens=40, min_tokens=40))
-    chunks = []
-    while engine.has_unfinished_requests():
-        chunks += [len(out.outputs[0].token_ids) for out in engine.step() if out.request_id == request_id]
-    assert chunks[-1] == 40 and len(chunks) > 3 and chunks == sorted(chunks)
+    request where single steps end it; a streamed request gets its tokens round by round."""
+    assert_speculating_chain_ends_where_plain_ends(medusa_engine(llama_dir, heads_dir), llama_dir)

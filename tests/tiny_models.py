@@ -185,6 +185,37 @@ def assert_chained_steps_keep_the_proposer_in_step(path: str, make_engine) -> No
     assert tokens == [o.outputs[0].token_ids for o in plain.generate([PROMPTS[0], PROMPTS[1]], params)]
 
 
+def assert_speculating_chain_ends_where_plain_ends(engine, path: str, sampled_stop: bool = False) -> None:
+    """On `engine` (a lone request's speculating rounds chained: decoding/speculative/chain.py): stop
+    strings, stop tokens held back by min_tokens, and max_tokens reached inside a round end the request where
+    plain decoding of the model at `path` ends it, with the same text and finish reason (`sampled_stop`: a
+    sampled request's stop token held back too); the chain ran, every block came back, and a streamed request
+    gets its tokens round by round."""
+    plain = Engine(model=path, show_progress=False, num_kv_blocks=256, block_size=4)
+    greedy = plain.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=30))[0].outputs[0]
+    stop_token, stop_text = greedy.token_ids[5], greedy.text[6:9]
+    cases = [SamplingParams(temperature=0, max_tokens=30, stop=[stop_text]),
+             SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[stop_token], min_tokens=9),
+             SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[stop_token]),
+             SamplingParams(temperature=0, max_tokens=7)]
+    if sampled_stop:
+        sampled = plain.generate([PROMPTS[0]], SamplingParams(temperature=0.8, seed=2, max_tokens=30))[0].outputs[0]
+        cases.append(SamplingParams(temperature=0.8, seed=2, max_tokens=30, stop_token_ids=[sampled.token_ids[4]],
+                                    min_tokens=12))
+    for params in cases:
+        [expected] = plain.generate([PROMPTS[0]], params)
+        [output] = engine.generate([PROMPTS[0]], params)
+        assert [(o.token_ids, o.text, o.finish_reason) for o in output.outputs] == \
+               [(o.token_ids, o.text, o.finish_reason) for o in expected.outputs]
+    assert engine.speculating_chain.num_calls > 0
+    assert engine.cache_usage().num_used_blocks == 0
+    request_id = engine.add_request(PROMPTS[1], SamplingParams(temperature=0, max_tokens=40, min_tokens=40))
+    chunks = []
+    while engine.has_unfinished_requests():
+        chunks += [len(out.outputs[0].token_ids) for out in engine.step() if out.request_id == request_id]
+    assert chunks[-1] == 40 and len(chunks) > 3 and chunks == sorted(chunks)
+
+
 def finished_together(engine, prompts: list, params: list) -> list:
     """Every request submitted at once (sharing the engine's steps), stepped to the end: their final
     RequestOutputs, in order."""

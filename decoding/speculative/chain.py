@@ -25,7 +25,8 @@ from __future__ import annotations
 
 from models import kernels
 from decoding.kv_cache_manager import KVCacheManager
-from decoding.sampler import whole_vocabulary_logprob
+from decoding.multi_step import chain_draws
+from decoding.sampler import draws_natively, whole_vocabulary_logprob
 from decoding.sequence import Sequence, TokenLogprob
 from decoding.speculative.decoder import SpeculativeDecoding
 from decoding.step_plan import ScheduledSeq, SchedulerOutput
@@ -33,7 +34,7 @@ from decoding.step_plan import ScheduledSeq, SchedulerOutput
 
 class SpeculatingChain:
     """The shared part; a proposer's chain sets `available`, `nodes` (the verified rows past the newest token)
-    and `depth` (the deepest node), and implements `_draws_for`, `_ready` and `_call`."""
+    and `depth` (the deepest node), and implements `_ready` and `_call`."""
 
     nodes = depth = 0
 
@@ -79,14 +80,19 @@ class SpeculatingChain:
                 and not params.has_penalties and params.logprobs in (None, 0) and self._draws_for(seq))
 
     def _draws_for(self, seq: Sequence) -> bool:
-        """Whether the chain makes this request's choices as its single steps would."""
-        raise NotImplementedError
+        """Whether the chain makes this request's choices as its single steps would: greedy without
+        logprobs, or drawn as the native kernels draw (`sampler.draws_natively`) under exact acceptance."""
+        params = seq.request.params
+        return (params.is_greedy and params.logprobs is None) or (
+            self.speculation.acceptance.exact and self.speculation.acceptance.typical is None
+            and draws_natively(params, limited=seq.num_output_tokens < params.min_tokens))
 
     def _ready(self, seq: Sequence, tokens: int) -> bool:
         """Whether the proposer holds what the first round reads, and room for what the call writes."""
         raise NotImplementedError
 
-    def _call(self, seq: Sequence, tokens: int, stop_tokens: list[int], banned: int) -> kernels.ChainedRounds:
+    def _call(self, seq: Sequence, sequence: kernels.SpeculatingSequence) -> kernels.ChainedRounds:
+        """Run the model's chain for `seq` (its target side: `sequence`)."""
         raise NotImplementedError
 
     def run(self, sched: SchedulerOutput, tokens: int) -> kernels.ChainedRounds:
@@ -96,9 +102,13 @@ class SpeculatingChain:
         copies = self.kv.reserve(seq, tokens + self.nodes)
         assert not copies, copies   # past the block the scheduler made the sequence's own, its blocks are new
         params = seq.request.params
-        banned = max(0, params.min_tokens - seq.num_output_tokens)
-        stop_tokens = seq.request.banned_before_min_tokens(self.eos_token_ids, self.model.vocab_size)
-        chained = self._call(seq, tokens, stop_tokens, banned)
+        draws = None if params.is_greedy and params.logprobs is None else chain_draws([seq], tokens + self.depth)
+        sequence = self.model.speculating_sequence(
+            seq.token_ids[-1], seq.num_computed, seq.block_table,
+            seq.request.banned_before_min_tokens(self.eos_token_ids, self.model.vocab_size),
+            max(0, params.min_tokens - seq.num_output_tokens), tokens, self.max_rounds, self.speculation.max_depth(seq),
+            self.depth, draws)
+        chained = self._call(seq, sequence)
         for verified, accepted in zip(chained.verified, chained.accepted):
             self.speculation.counters.record(verified, accepted)
         self.num_calls += 1

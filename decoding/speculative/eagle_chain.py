@@ -20,8 +20,6 @@ from __future__ import annotations
 import torch
 
 from models import kernels
-from decoding.multi_step import chain_draws
-from decoding.sampler import draws_natively
 from decoding.sequence import Sequence
 from decoding.speculative.chain import SpeculatingChain
 from decoding.speculative.eagle import EagleProposer
@@ -43,12 +41,6 @@ class EagleChainDecode(SpeculatingChain):
         self._draft = draft.chain_draft(self.proposer.runner.cache, tree, self.depth)
         self.available = self._draft is not None
 
-    def _draws_for(self, seq: Sequence) -> bool:
-        params = seq.request.params
-        return (params.is_greedy and params.logprobs is None) or (
-            self.speculation.acceptance.exact and self.speculation.acceptance.typical is None
-            and draws_natively(params, limited=seq.num_output_tokens < params.min_tokens))
-
     def _ready(self, seq: Sequence, tokens: int) -> bool:
         state = self.proposer.state_of(seq)
         if state is None or not state.features:
@@ -57,22 +49,18 @@ class EagleChainDecode(SpeculatingChain):
         kv = self.proposer.kv
         return kv.blocks_needed(state, rows) <= kv.num_free_blocks
 
-    def _call(self, seq: Sequence, tokens: int, stop_tokens: list[int], banned: int) -> kernels.EagleChained:
+    def _call(self, seq: Sequence, sequence: kernels.SpeculatingSequence) -> kernels.EagleChained:
         proposer = self.proposer
         state = proposer.state_of(seq)
         pending = len(state.features)
-        copies = proposer.kv.reserve(state, pending + tokens + (self.depth - 1) * self._width)
+        copies = proposer.kv.reserve(state, pending + sequence.max_tokens + (self.depth - 1) * self._width)
         assert not copies, copies         # the draft's blocks are the sequence's own
-        draft_positions = state.num_computed + pending + tokens + self.depth + 1
+        draft_positions = state.num_computed + pending + sequence.max_tokens + self.depth + 1
         cos, sin = proposer.draft.rotary.tables(draft_positions, torch.float32)
         cache = kernels.EagleDraftCache(torch.tensor(state.block_table, dtype=torch.int64), state.num_computed, cos, sin,
                                         torch.tensor(seq.token_ids[state.start + state.num_computed:], dtype=torch.int64),
                                         torch.stack(state.features))
-        params = seq.request.params
-        draws = None if params.is_greedy and params.logprobs is None else chain_draws([seq], tokens + self.depth)
-        return self.model.eagle_chain(self._draft, seq.token_ids[-1], seq.num_computed, seq.block_table, self.kv.cache,
-                                      stop_tokens, banned, tokens, self.max_rounds, self.speculation.max_depth(seq),
-                                      cache, draws)
+        return self.model.eagle_chain(self._draft, sequence, self.kv.cache, cache)
 
     def after(self, seq: Sequence, chained: kernels.EagleChained) -> None:
         """The draft's cache holds the rows the call computed; it lacks the newest tokens, whose features
