@@ -7,7 +7,7 @@ import torch
 
 from decoding import Engine, SamplingParams
 from models.eagle import EagleDraft, EagleTree
-from tiny_models import (PROMPTS, assert_chained_steps_keep_the_proposer_in_step,
+from tiny_models import (PROMPTS, assert_chain_runs_as_single_steps, assert_chained_steps_keep_the_proposer_in_step,
                          assert_speculating_chain_ends_where_plain_ends,
                          assert_lossless_sampling_follows_the_target, assert_quantized_speculation_is_plain_decoding,
                          assert_same_steps_match, assert_seeded_speculation, assert_target_logprobs, hf_greedy,
@@ -447,24 +447,12 @@ def test_the_native_chain_catches_up_on_the_features_of_chained_plain_steps(llam
 @pytest.mark.parametrize("tree", [None, (1, 1, 1), (3, 2, 3), (6, 4, 3, 2), (12, 6, 4, 4)])
 def test_native_chain_decodes_plain_greedy_with_the_python_steps_proposals(llama_dir, eagle_dir, tree):
     """A lone greedy request's speculating rounds run several to a call: the tokens are HF's greedy ones, the
-    rounds propose and keep what the engine's Python steps propose and keep (the same acceptance counts at
-    every depth), and every block of both caches comes back."""
-    runs = []
-    for native in (True, False):
-        engine = eagle_engine(llama_dir, eagle_dir, eagle_tree=tree)
-        if not native:
-            without_native_chain(engine)
-        tokens = [engine.generate([prompt], SamplingParams(temperature=0, max_tokens=NEW_TOKENS,
-                                                           min_tokens=NEW_TOKENS))[0].outputs[0].token_ids
-                  for prompt in PROMPTS[:3]]
-        counters = engine.speculation.counters
-        runs.append((tokens, counters.num_drafts, counters.num_draft_tokens, counters.accepted_per_position))
-        assert engine.cache_usage().num_used_blocks == 0
+    rounds propose and keep what the engine's Python steps propose and keep, and the draft's cache comes
+    back whole."""
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS)
+    for engine in assert_chain_runs_as_single_steps(lambda: eagle_engine(llama_dir, eagle_dir, eagle_tree=tree),
+                                                    llama_dir, params):
         assert engine.speculation.proposer.kv.usage().num_used_blocks == 0
-        chain = engine.speculating_chain
-        assert (chain.num_calls > 0 and chain.num_rounds > chain.num_calls) == native
-    assert runs[0] == runs[1]
-    assert runs[0][0] == [hf_greedy(llama_dir, prompt, NEW_TOKENS) for prompt in PROMPTS[:3]]
 
 
 @pytest.mark.parametrize("mode", ["processed", "raw"])
@@ -475,20 +463,8 @@ def test_native_chain_samples_the_plain_tokens_and_logprobs(llama_dir, eagle_dir
     # ignore_eos rather than min_tokens: raw logprobs of rows with banned tokens are not drawn natively.
     params = SamplingParams(temperature=0.8, seed=7, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=0,
                             logprobs_mode=mode)
-    plain = Engine(model=llama_dir, show_progress=False, num_kv_blocks=256, block_size=4)
-    expected = [plain.generate([prompt], params)[0].outputs[0] for prompt in PROMPTS[:3]]
-    runs = []
-    for native in (True, False):
-        engine = eagle_engine(llama_dir, eagle_dir, eagle_tree=(4, 3, 3))
-        if not native:
-            without_native_chain(engine)
-        outputs = [engine.generate([prompt], params)[0].outputs[0] for prompt in PROMPTS[:3]]
-        assert [o.token_ids for o in outputs] == [o.token_ids for o in expected]
-        assert [[lp.logprob for lp in o.logprobs] for o in outputs] == [[lp.logprob for lp in o.logprobs] for o in expected]
-        assert (engine.speculating_chain.num_calls > 0) == native
-        counters = engine.speculation.counters
-        runs.append((counters.num_drafts, counters.num_draft_tokens, counters.accepted_per_position))
-    assert runs[0] == runs[1]
+    assert_chain_runs_as_single_steps(lambda: eagle_engine(llama_dir, eagle_dir, eagle_tree=(4, 3, 3)), llama_dir,
+                                      params)
 
 
 def test_native_chain_ends_where_single_steps_end(llama_dir, eagle_dir):

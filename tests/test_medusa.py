@@ -13,7 +13,7 @@ from decoding.speculative.proposer import Proposal
 from models import kernels
 from models.loader import DEFAULT_MEDUSA_DIR
 from models.medusa import MedusaHeads
-from tiny_models import (PROMPTS, assert_chained_steps_keep_the_proposer_in_step,
+from tiny_models import (PROMPTS, assert_chain_runs_as_single_steps, assert_chained_steps_keep_the_proposer_in_step,
                          assert_speculating_chain_ends_where_plain_ends,
                          assert_lossless_sampling_follows_the_target, assert_quantized_speculation_is_plain_decoding,
                          assert_same_steps_match, assert_seeded_speculation, assert_target_logprobs, hf_greedy,
@@ -552,25 +552,10 @@ def without_native_chain(engine: Engine) -> Engine:
 # ---- the native Medusa chain (decoding/speculative/chain.py, medusa_chain.py) ------------------------
 
 def test_native_chain_decodes_plain_greedy_with_the_python_steps_proposals(llama_dir, heads_dir):
-    """A lone greedy request's speculating steps run several to a call: the tokens are HF's greedy ones, the
-    rounds propose and keep what the engine's Python steps propose and keep (the same acceptance counts at
-    every depth), and every block comes back."""
-    runs = []
-    for native in (True, False):
-        engine = medusa_engine(llama_dir, heads_dir)
-        if not native:
-            without_native_chain(engine)
-        tokens = [engine.generate([prompt], SamplingParams(temperature=0, max_tokens=NEW_TOKENS,
-                                                           min_tokens=NEW_TOKENS))[0].outputs[0].token_ids
-                  for prompt in PROMPTS[:3]]
-        counters = engine.speculation.counters
-        runs.append((tokens, counters.num_drafts, counters.accepted_per_position))
-        assert engine.cache_usage().num_used_blocks == 0
-        if native:
-            chain = engine.speculating_chain
-            assert chain.num_calls > 0 and chain.num_rounds > chain.num_calls
-    assert runs[0] == runs[1]
-    assert runs[0][0] == [hf_greedy(llama_dir, prompt, NEW_TOKENS) for prompt in PROMPTS[:3]]
+    """A lone greedy request's speculating steps run several to a call: the tokens are HF's greedy ones, and
+    the rounds propose and keep what the engine's Python steps propose and keep."""
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS)
+    assert_chain_runs_as_single_steps(lambda: medusa_engine(llama_dir, heads_dir), llama_dir, params)
 
 
 @pytest.mark.skipif(not (DEFAULT_MEDUSA_DIR / "config.json").exists(), reason="the default heads are not built")
@@ -601,19 +586,7 @@ def test_native_chain_samples_the_plain_tokens_and_logprobs(llama_dir, heads_dir
     # ignore_eos rather than min_tokens: raw logprobs of rows with banned tokens are not drawn natively.
     params = SamplingParams(temperature=0.8, seed=7, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=0,
                             logprobs_mode=mode)
-    plain = Engine(model=llama_dir, show_progress=False, num_kv_blocks=256, block_size=4)
-    expected = [plain.generate([prompt], params)[0].outputs[0] for prompt in PROMPTS[:3]]
-    runs = []
-    for native in (True, False):
-        engine = medusa_engine(llama_dir, heads_dir)
-        if not native:
-            without_native_chain(engine)
-        outputs = [engine.generate([prompt], params)[0].outputs[0] for prompt in PROMPTS[:3]]
-        assert [o.token_ids for o in outputs] == [o.token_ids for o in expected]
-        assert [[lp.logprob for lp in o.logprobs] for o in outputs] == [[lp.logprob for lp in o.logprobs] for o in expected]
-        assert (engine.speculating_chain.num_calls > 0) == native
-        runs.append((engine.speculation.counters.num_drafts, engine.speculation.counters.accepted_per_position))
-    assert runs[0] == runs[1]
+    assert_chain_runs_as_single_steps(lambda: medusa_engine(llama_dir, heads_dir), llama_dir, params)
 
 
 def test_native_chain_ends_where_single_steps_end(llama_dir, heads_dir):

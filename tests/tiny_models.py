@@ -185,6 +185,37 @@ def assert_chained_steps_keep_the_proposer_in_step(path: str, make_engine) -> No
     assert tokens == [o.outputs[0].token_ids for o in plain.generate([PROMPTS[0], PROMPTS[1]], params)]
 
 
+def assert_chain_runs_as_single_steps(make_engine, path: str, params, prompts: list | None = None) -> list:
+    """Each prompt alone on `make_engine()` (a lone request's speculating rounds chained:
+    decoding/speculative/chain.py) and on the same engine with the native chain off: the same tokens and
+    logprobs, the same drafts and acceptance counts at every depth, every block of the target's cache back;
+    sampled requests also emit plain sampling's tokens and logprobs on the model at `path` (greedy ones: HF's
+    greedy tokens). -> the chained engine's outputs."""
+    prompts = prompts or PROMPTS[:3]
+    runs, engines = [], []
+    for native in (True, False):
+        engine = make_engine()
+        engine.speculating_chain.available = native and engine.speculating_chain.available
+        outputs = [engine.generate([prompt], params)[0].outputs[0] for prompt in prompts]
+        counters = engine.speculation.counters
+        logprobs = [None if o.logprobs is None else [lp.logprob for lp in o.logprobs] for o in outputs]
+        runs.append(([o.token_ids for o in outputs], logprobs, counters.num_drafts, counters.num_draft_tokens,
+                     counters.accepted_per_position))
+        chain = engine.speculating_chain
+        assert (chain.num_calls > 0 and chain.num_rounds > chain.num_calls) == native
+        assert engine.cache_usage().num_used_blocks == 0
+        engines.append(engine)
+    assert runs[0] == runs[1]
+    if params.temperature == 0:
+        assert runs[0][0] == [hf_greedy(path, prompt, params.max_tokens) for prompt in prompts]
+    else:
+        plain = Engine(model=path, show_progress=False, num_kv_blocks=256, block_size=4)
+        expected = [plain.generate([prompt], params)[0].outputs[0] for prompt in prompts]
+        assert runs[0][0] == [o.token_ids for o in expected]
+        assert runs[0][1] == [None if o.logprobs is None else [lp.logprob for lp in o.logprobs] for o in expected]
+    return engines
+
+
 def assert_speculating_chain_ends_where_plain_ends(engine, path: str, sampled_stop: bool = False) -> None:
     """On `engine` (a lone request's speculating rounds chained: decoding/speculative/chain.py): stop
     strings, stop tokens held back by min_tokens, and max_tokens reached inside a round end the request where
