@@ -1,9 +1,10 @@
-/* EAGLE's speculating steps for one greedy sequence, several in one native call.
+/* EAGLE's speculating steps for one sequence, several in one native call.
  *
  * A speculating step with an EAGLE draft runs the draft's layer once per tree level, each time packed,
  * scored and ranked in Python (decoding/speculative/eagle.py), and then the target's verification; over
  * Q8_0 weights, where a target step takes about 5 ms, that Python costs as much as the tree wins. Here each
- * round does in C what the engine's step does for a greedy sequence:
+ * round does in C what the engine's step does for a greedy sequence, or a sampled one under exact
+ * acceptance:
  *
  * 1. Catch-up: the tokens the draft's cache lacks (after a round: the kept path and the bonus token) run
  *    through the draft with their true features, the target's final hidden state before each: row q reads
@@ -15,16 +16,18 @@
  *    best candidates of a level that could still be kept (fewer than `nodes` candidates score at least as
  *    high) get a draft row each, which reads the candidate's token and its parent row's output and attends
  *    over the cache and its own ancestors (stored past the cache, at the tree's indices), one draft call per
- *    level. The `nodes` best candidates, no child without its parent, are the round's tree, ordered by depth
- *    then by when they were found; near the request's end the deeper ones are trimmed as Proposal.trimmed
- *    trims them.
+ *    level. A sampled request's level has one scored row, whose first candidate is the token its rule draws
+ *    from the draft's distribution with the uniform of that position (the target's rows draw with the same
+ *    uniforms: tree_verify.c), and that candidate is the one expanded. The `nodes` best candidates, no
+ *    child without its parent, are the round's tree, ordered by depth then by when they were found; near
+ *    the request's end the deeper ones are trimmed as Proposal.trimmed trims them.
  * 3. The target verifies the tree (tree_verify.c): the kept path and the bonus token are emitted, and the
  *    target's final hidden states of the rows before each of them are the features the next catch-up reads.
  *    The draft's tree rows are forgotten (the next catch-up overwrites them).
  *
- * This is EagleProposer's greedy tree, candidate for candidate (its ranking, expansion and selection rules,
- * the same kernels for the draft's products and layer); the tokens are plain greedy's bit for bit whatever
- * the draft proposes.
+ * This is EagleProposer's tree, candidate for candidate (its ranking, drawing, expansion and selection
+ * rules, the same kernels for the draft's products and layer); the tokens are plain decoding's bit for bit
+ * whatever the draft proposes.
  */
 #include <math.h>
 #include <stdint.h>
