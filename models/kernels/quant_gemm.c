@@ -376,9 +376,10 @@ static const QuantTile *tiles_for(const QuantSegment *s) {
     return s->block == 16 ? I8_16_TILES : I8_TILES;
 }
 
-/* Quantize rows [m0, m1) of x into `rows` (its layout above): per block of 32 inputs (zero past K)
- * scale = max |x| / 127, values = round(x * 127 / max |x|). */
-static void quantize_rows(const float *x, int64_t K, int64_t ldx, int64_t m0, int64_t m1, const QuantRows *rows) {
+/* Quantize rows [m0, m1) of x, inputs [k_begin, k_end) (multiples of XBLOCK), into `rows` (its layout
+ * above): per block of 32 inputs (zero past K) scale = max |x| / 127, values = round(x * 127 / max |x|). */
+static void quantize_rows(const float *x, int64_t K, int64_t ldx, int64_t m0, int64_t m1, int64_t k_begin,
+                          int64_t k_end, const QuantRows *rows) {
     const int64_t Kp = rows->Kp;
     for (int64_t m = m0; m < m1; ++m) {
         const float *row = x + m * ldx;
@@ -390,7 +391,7 @@ static void quantize_rows(const float *x, int64_t K, int64_t ldx, int64_t m0, in
         int32_t *offsets16 = (int32_t *)rows->offsets16 + first_row * (Kp / 16);
         int32_t *offsets32 = (int32_t *)rows->offsets32 + first_row * (Kp / 32);
 #endif
-        for (int64_t k0 = 0; k0 < Kp; k0 += XBLOCK) {
+        for (int64_t k0 = k_begin; k0 < k_end; k0 += XBLOCK) {
             float block[XBLOCK], amax = 0.0f;
             for (int64_t j = 0; j < XBLOCK; ++j) block[j] = k0 + j < K ? row[k0 + j] : 0.0f;
             /* A select, not fmaxf, which stays a library call per element without -ffast-math: this
@@ -522,9 +523,11 @@ static void quant_product(const LinearWeights *w, const float *x, int64_t M, int
     const Units u = units_of(w, Kp);
     const int64_t total = u.first_unit[w->segments];
     const int threads = M * K * N >= (1 << 15) ? kernel_threads() : 1;
-    /* A few rows: each thread quantizes them itself (a few microseconds less than one thread quantizing
-     * while the others wait at a barrier, in each of a decode step's products). */
-    const int own_rows = M <= QMAX_ROWS;
+    /* One row: each thread quantizes it itself (a few microseconds less than one thread quantizing while
+     * the others wait at a barrier, in each of a decode step's products). More: the threads share the work,
+     * by whole groups of rows (a group's rows lie interleaved, so threads splitting one would write the same
+     * cache lines) or, for one group, by ranges of the inputs (k-major within a group). */
+    const int own_rows = M == 1;
     uint8_t *shared = own_rows ? NULL : rows_memory(M * row_bytes + 64);
     if (!own_rows && shared == NULL) abort();   /* no memory for a few KB per row: nothing sensible to do */
 #pragma omp parallel num_threads(threads)
@@ -535,14 +538,17 @@ static void quant_product(const LinearWeights *w, const float *x, int64_t M, int
             uint8_t *mine = rows_memory(M * row_bytes + 64);
             if (mine == NULL) abort();
             rows = rows_in(mine, M, Kp);
-            quantize_rows(x, K, ldx, 0, M, &rows);
+            quantize_rows(x, K, ldx, 0, M, 0, Kp, &rows);
         } else {
-            /* Whole groups each: a group's rows lie interleaved (quantize_rows), so threads splitting one
-             * write the same cache lines (a 9-row product split 5 / 4: 1.05x the time, interleaved). */
             rows = rows_in(shared, M, Kp);
-            const int64_t groups = (M + QMAX_ROWS - 1) / QMAX_ROWS;
-            const int64_t first = groups * me / count * QMAX_ROWS, last = groups * (me + 1) / count * QMAX_ROWS;
-            quantize_rows(x, K, ldx, first < M ? first : M, last < M ? last : M, &rows);
+            if (M <= QMAX_ROWS) {
+                const int64_t blocks = Kp / XBLOCK;
+                quantize_rows(x, K, ldx, 0, M, blocks * me / count * XBLOCK, blocks * (me + 1) / count * XBLOCK, &rows);
+            } else {
+                const int64_t groups = (M + QMAX_ROWS - 1) / QMAX_ROWS;
+                const int64_t first = groups * me / count * QMAX_ROWS, last = groups * (me + 1) / count * QMAX_ROWS;
+                quantize_rows(x, K, ldx, first < M ? first : M, last < M ? last : M, 0, Kp, &rows);
+            }
 #pragma omp barrier
         }
         const int64_t u0 = total * me / count, u1 = total * (me + 1) / count;
