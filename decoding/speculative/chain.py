@@ -11,8 +11,9 @@ models/kernels/tree_verify.c), so the tokens are plain decoding's bit for bit; s
 max_tokens then end the sequence exactly where single steps would (the update appends the tokens one by
 one), and what the call computed past that end is dropped with the sequence's blocks.
 
-Each proposer's chain (medusa_chain.py, eagle_chain.py) says which requests it draws for, whether it holds
-what the first round proposes from, and how it calls the model; this class owns what they share.
+Each proposer's chain (medusa_chain.py, eagle_chain.py) says whether it holds what the first round proposes
+from and how it calls the model; this class owns what they share (which requests a chain draws for, the
+token cap, the sequence's side of the call, the counters).
 
 Eligible: the governor lets the step speculate (the scheduler reserved its lookahead), the step holds one
 entry, one decoding token past the prompt, of a request without penalties, a grammar, beam search or

@@ -125,7 +125,7 @@ class SpeculationGovernor:
     def record(self, num_decoding: int, speculated: bool, tokens: int, seconds: float, steps: int = 1) -> None:
         """A pure decode step's outcome: `tokens` emitted by its decoding sequences in `seconds`; `steps` steps
         or speculating rounds when one native call ran several (decoding/multi_step.py,
-        decoding/speculative/medusa_chain.py): a call of eight rounds counts as eight of the samples a mode
+        decoding/speculative/chain.py): a call of eight rounds counts as eight of the samples a mode
         needs before it is trusted, so a losing mode's re-measurement costs a call or two, not a dozen."""
         state = self._buckets.setdefault(batch_bucket(num_decoding), BucketState())
         switched = state.last_mode != speculated       # (the first step of a batch size counts as one)

@@ -37,6 +37,8 @@ void decoder_forward(const DecoderShape *s, const DecoderLayer *layers, int64_t 
 int64_t first_argmax(const float *x, int64_t vocab);
 void sample_one_row(const float *x, int64_t vocab, float temperature, float uniform, uint8_t greedy, uint8_t want_raw,
                     int64_t *token, float *logprob, float *raw_logprob);
+/* out [rows, vocab]: every token's logprob under softmax(logits * inverse_temperature[r]) (sampling.c). */
+void log_softmax_rows(const float *logits, int64_t rows, int64_t vocab, const float *inverse_temperature, float *out);
 
 /* The k best columns of row (first index first among equals), best first; k at most 64 (tree_verify.c). */
 void top_columns(const float *row, int64_t n, int64_t k, int64_t *best);

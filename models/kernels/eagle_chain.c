@@ -78,7 +78,7 @@ typedef struct {
 typedef struct {
     TreeVerification verification;
     int64_t *slots, *context, *counts, *extra, *tables;
-    float *input, *x, *cos, *sin, *root_output, *tree_output, *logits, *stack;
+    float *input, *x, *cos, *sin, *root_output, *tree_output, *logits, *logprobs, *inverse_temperature, *stack;
     int64_t *best, *order, *kept_of, *tokens, *parents, *path, *banned_columns;
     Candidate *candidates;
     int64_t rows, tree_rows, max_candidates, num_banned;
@@ -106,6 +106,8 @@ static void eagle_layout(EagleScratch *e, Arena *arena, const DecoderShape *targ
     e->root_output = arena_take(arena, sizeof(float) * hidden);
     e->tree_output = arena_take(arena, sizeof(float) * e->tree_rows * hidden);
     e->logits = arena_take(arena, sizeof(float) * draft->width * draft->vocab);
+    e->logprobs = arena_take(arena, sizeof(float) * draft->width * draft->vocab);
+    e->inverse_temperature = arena_take(arena, sizeof(float) * draft->width);
     e->stack = arena_take(arena, sizeof(float) * decoder_scratch_floats(s, rows));
     e->best = arena_take(arena, sizeof(int64_t) * draft->top_k);
     e->order = arena_take(arena, sizeof(int64_t) * e->max_candidates);
@@ -182,19 +184,19 @@ static int64_t score_rows(const EagleNativeDraft *draft, const SpeculatingRun *r
     linear_product(outputs, count, draft->shape.hidden, draft->shape.hidden, draft->projection, vocab, NULL, NULL,
                    e->logits);
     for (int64_t j = 0; j < count; ++j) {
-        float *row = e->logits + j * vocab;
         if (sampled && emitted + depth - 1 < run->banned_tokens)
-            for (int64_t b = 0; b < e->num_banned; ++b) row[e->banned_columns[b]] = -INFINITY;
+            for (int64_t b = 0; b < e->num_banned; ++b) e->logits[j * vocab + e->banned_columns[b]] = -INFINITY;
+        e->inverse_temperature[j] = scale;
+    }
+    /* Each candidate's log-probability as the sampler reports a drawn token's (sampling.c). */
+    log_softmax_rows(e->logits, count, vocab, e->inverse_temperature, e->logprobs);
+    for (int64_t j = 0; j < count; ++j) {
+        const float *row = e->logits + j * vocab, *logprobs = e->logprobs + j * vocab;
         top_columns(row, vocab, draft->top_k, e->best);
-        /* log_softmax (at the request's temperature) at the chosen columns: y - max - log(sum(exp(y - max))) */
-        const float max = row[e->best[0]];
-        float sum = 0.0f;
-        for (int64_t v = 0; v < vocab; ++v) sum += expf((row[v] - max) * scale);
-        const float log_sum = logf(sum);
         const double base = parents[j] < 0 ? 0.0 : e->candidates[parents[j]].score;
         int64_t column = -1, taken = 0;
-        float logprob = 0.0f, raw_logprob;
         if (sampled) {
+            float logprob, raw_logprob;
             sample_one_row(row, vocab, run->temperature, run->uniforms[emitted + depth - 1], 0, 0, &column, &logprob,
                            &raw_logprob);
             *drawn = num_candidates;
@@ -204,7 +206,7 @@ static int64_t score_rows(const EagleNativeDraft *draft, const SpeculatingRun *r
             const int64_t at = k < 0 ? column : e->best[k];
             Candidate *c = &e->candidates[num_candidates++];
             c->token = draft->token_ids[at], c->depth = depth, c->parent = parents[j], c->row = -1;
-            c->score = base + (double)(k < 0 ? logprob : (row[at] - max) * scale - log_sum);
+            c->score = base + (double)logprobs[at];
             ++taken;
         }
     }
